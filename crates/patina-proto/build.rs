@@ -1,0 +1,23 @@
+//! Compiles `proto/patina/v1/*.proto` with protox (a pure-Rust protobuf compiler: no system
+//! `protoc`), then generates prost types and tonic services from the descriptor set. The
+//! descriptor set is also written to OUT_DIR for gRPC server reflection.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &["patina/v1/machine.proto", "patina/v1/region.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let fds = protox::compile(PROTOS, [&root])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("patina_descriptor.bin"),
+        protox::prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! The change feed: a bounded log of recent changes, and the current revision.
+//!
+//! Every committed change gets the next store revision (a counter of this store alone,
+//! persisted with the change). The log keeps the most recent changes, coalesced per key
+//! where they were rebuilt from SQLite: it holds, for every key changed after `floor`, at
+//! least its latest change. Watchers read it by revision; one that falls below `floor` must
+//! catch up another way (a scan of the index, or a new snapshot).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+
+use crate::Version;
+
+/// One committed change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub rev: u64,
+    pub key: Arc<str>,
+    pub group: Arc<str>,
+    /// The group the key was live in before, when this change moved it elsewhere.
+    pub moved_from: Option<Arc<str>>,
+    /// The new value and routability; `None` for a deletion.
+    pub body: Option<(Arc<[u8]>, bool)>,
+    pub version: Version,
+}
+
+/// The caller's position is older than the log remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind {
+    pub floor: u64,
+}
+
+struct Log {
+    /// Every change with a revision above `floor` is in `changes`, or was superseded by a
+    /// later change of the same key that is.
+    floor: u64,
+    changes: VecDeque<Change>,
+    capacity: usize,
+}
+
+pub struct Feed {
+    log: RwLock<Log>,
+    revision: watch::Sender<u64>,
+}
+
+/// At most this many log entries are examined per read, so a watcher of a quiet app never
+/// holds the log's read lock for long while the region is busy.
+const MAX_SCAN_PER_READ: usize = 8192;
+
+impl Feed {
+    pub(crate) fn new(capacity: usize, floor: u64, revision: u64, recent: Vec<Change>) -> Feed {
+        let capacity = capacity.max(1);
+        let mut log = Log {
+            floor,
+            changes: VecDeque::with_capacity(capacity.min(recent.len() + 1024)),
+            capacity,
+        };
+        for change in recent {
+            log.push(change);
+        }
+        Feed {
+            log: RwLock::new(log),
+            revision: watch::Sender::new(revision),
+        }
+    }
+
+    /// The revision of the latest committed change.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// The oldest revision a reader may resume after.
+    pub fn floor(&self) -> u64 {
+        self.log.read().expect("feed lock poisoned").floor
+    }
+
+    /// A receiver that wakes whenever the revision moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// Changes after revision `after` that `keep` selects, oldest first, at most `max`, and
+    /// the revision read up to (resume from there next time).
+    pub fn read_since(
+        &self,
+        after: u64,
+        max: usize,
+        keep: impl Fn(&Change) -> bool,
+    ) -> Result<(Vec<Change>, u64), Behind> {
+        let log = self.log.read().expect("feed lock poisoned");
+        if after < log.floor {
+            return Err(Behind { floor: log.floor });
+        }
+        // Revisions in the log are increasing, so binary search finds the start.
+        let start = log.changes.partition_point(|c| c.rev <= after);
+        let mut out = Vec::new();
+        let mut upto = after;
+        for change in log.changes.iter().skip(start).take(MAX_SCAN_PER_READ) {
+            if out.len() >= max {
+                break;
+            }
+            upto = change.rev;
+            if keep(change) {
+                out.push(change.clone());
+            }
+        }
+        if start + MAX_SCAN_PER_READ >= log.changes.len() && out.len() < max {
+            // Read to the end: nothing between the last change and the current revision.
+            upto = upto.max(log.changes.back().map_or(after, |c| c.rev));
+        }
+        Ok((out, upto))
+    }
+
+    /// Append committed changes and wake watchers. Writer thread only.
+    pub(crate) fn publish(&self, changes: Vec<Change>) {
+        let Some(last) = changes.last().map(|c| c.rev) else {
+            return;
+        };
+        {
+            let mut log = self.log.write().expect("feed lock poisoned");
+            for change in changes {
+                log.push(change);
+            }
+        }
+        self.revision.send_replace(last);
+    }
+}
+
+impl Log {
+    fn push(&mut self, change: Change) {
+        debug_assert!(self.changes.back().is_none_or(|c| c.rev < change.rev));
+        if self.changes.len() == self.capacity
+            && let Some(old) = self.changes.pop_front()
+        {
+            self.floor = old.rev;
+        }
+        self.changes.push_back(change);
+    }
+}
