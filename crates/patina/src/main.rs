@@ -1,1 +1,262 @@
-fn main() {}
+//! `patina`: the one binary. Runs agents (`patina region`, `patina dev`) and is the
+//! command-line client of any agent.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod config;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use patina_region::AgentIdentity;
+use patina_store::Store;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "patina", version, about = "Routing state for an edge network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Default agent address for client commands.
+const DEFAULT_SERVER: &str = "127.0.0.1:7600";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a region agent.
+    Region {
+        /// TOML configuration file (see docs/configuration.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a development agent on embedded defaults, until Ctrl-C.
+    Dev {
+        /// Keep data here (default: a new temporary directory, removed on exit).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Address of the region API.
+        #[arg(long, default_value = DEFAULT_SERVER)]
+        listen: SocketAddr,
+    },
+    /// Write, read or delete one machine.
+    Machine {
+        #[command(subcommand)]
+        command: MachineCommand,
+    },
+    /// List an app's instances (started and passing only, unless --all).
+    Instances {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        app: String,
+        /// Include machines that are not started or not passing.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream an app's (or the whole region's) machines: a snapshot, then changes.
+    Watch {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        app: Option<String>,
+        /// Resume from a token an earlier watch printed.
+        #[arg(long)]
+        resume: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachineCommand {
+    /// Create or replace a machine.
+    Put {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        id: String,
+        /// ip:port; repeat for several.
+        #[arg(long = "addr")]
+        addrs: Vec<String>,
+        #[arg(long, default_value = "started")]
+        state: String,
+        #[arg(long, default_value = "passing")]
+        health: String,
+        /// Worker host (default: the agent's).
+        #[arg(long)]
+        host: Option<String>,
+        /// KEY=VALUE; repeat for several.
+        #[arg(long)]
+        meta: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one machine.
+    Get {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one machine.
+    Rm {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        id: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("patina: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("patina-rt")
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Region { config } => {
+                let config = Config::load(config.as_deref())?;
+                init_logs(&config.log);
+                run_agent(config, None).await
+            }
+            Command::Dev { data_dir, listen } => {
+                let mut config = Config::load(None)?;
+                config.region = "dev".into();
+                config.listen = listen;
+                init_logs(&config.log);
+                let temp = data_dir.is_none();
+                config.data_dir = data_dir.unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("patina-dev-{}", std::process::id()))
+                });
+                let dir = config.data_dir.clone();
+                let result = run_agent(config, Some(print_dev_banner)).await;
+                if temp {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                result
+            }
+            Command::Machine { command } => match command {
+                MachineCommand::Put {
+                    server,
+                    app,
+                    id,
+                    addrs,
+                    state,
+                    health,
+                    host,
+                    meta,
+                    json,
+                } => {
+                    let args = client::PutArgs {
+                        app,
+                        id,
+                        addrs,
+                        state,
+                        health,
+                        host,
+                        meta,
+                        json,
+                    };
+                    client::machine_put(&server, args).await
+                }
+                MachineCommand::Get { server, id, json } => {
+                    client::machine_get(&server, id, json).await
+                }
+                MachineCommand::Rm { server, id } => client::machine_rm(&server, id).await,
+            },
+            Command::Instances {
+                server,
+                app,
+                all,
+                json,
+            } => client::instances(&server, app, all, json).await,
+            Command::Watch {
+                server,
+                app,
+                resume,
+                json,
+            } => client::watch(&server, app, resume, json).await,
+        }
+    })
+}
+
+fn init_logs(filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn print_dev_banner(config: &Config, addr: SocketAddr) {
+    println!("patina dev: region {:?}, data in {}", config.region, config.data_dir.display());
+    println!("try:");
+    println!("  patina machine put --server {addr} --app web --id web-1 --addr 127.0.0.1:8080");
+    println!("  patina instances --server {addr} web");
+    println!("  patina watch --server {addr} web");
+    println!("Ctrl-C stops.");
+}
+
+/// Open the store, bind, serve until Ctrl-C or SIGTERM, then close the store cleanly.
+async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> anyhow::Result<()> {
+    let dir = config.data_dir.clone();
+    let opts = (&config.store).into();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
+        .await?
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // Scripts and tests read this line to find the agent.
+    println!("region API: http://{addr}");
+    if let Some(banner) = banner {
+        banner(&config, addr);
+    }
+    let id = AgentIdentity {
+        region: config.region.clone(),
+        host: config.host.clone(),
+    };
+    let served = patina_region::serve(listener, store.clone(), &id, shutdown_signal()).await;
+    let closing = store.clone();
+    tokio::task::spawn_blocking(move || closing.close()).await?;
+    tracing::info!("stopped");
+    served.map_err(Into::into)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

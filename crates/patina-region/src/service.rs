@@ -1,0 +1,270 @@
+//! The `patina.v1.Region` gRPC service: the edge where prost types meet the store.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use patina_proto::v1::region_server::Region;
+use patina_proto::v1::{
+    DeleteMachineRequest, DeleteMachineResponse, GetMachineRequest, GetMachineResponse,
+    ListInstancesRequest, ListInstancesResponse, Machine, MachineChange, MachineDeleted,
+    UpsertMachineRequest, UpsertMachineResponse, UpsertMachinesRequest, UpsertMachinesResponse,
+    WatchRequest, WatchResponse, machine_change, watch_response,
+};
+use patina_store::{Change, Entry, Filter, LocalWrite, ResumeToken, Store, StoreError, WatchItem};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::validate::{self, Invalid};
+
+/// Most machines per Watch message: bounds each message (4 KiB records: at most ~2 MiB).
+pub const WATCH_BATCH: usize = 512;
+
+#[derive(Clone)]
+pub struct RegionService {
+    store: Store,
+    region: Arc<str>,
+    host: Arc<str>,
+}
+
+impl RegionService {
+    pub fn new(store: Store, region: &str, host: &str) -> RegionService {
+        RegionService {
+            store,
+            region: Arc::from(region),
+            host: Arc::from(host),
+        }
+    }
+}
+
+pub(crate) fn invalid(e: Invalid) -> Status {
+    match e {
+        Invalid::Argument(m) => Status::invalid_argument(m),
+        Invalid::TooLarge(m) => Status::resource_exhausted(m),
+    }
+}
+
+pub(crate) fn store_error(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(key) => Status::not_found(format!("no machine {key:?}")),
+        StoreError::GroupChange { key, existing } => Status::failed_precondition(format!(
+            "machine {key:?} belongs to app {existing:?}; delete it before reusing its id"
+        )),
+        StoreError::Closed => Status::unavailable("the agent is shutting down"),
+        other => {
+            tracing::error!(error = %other, "store write failed");
+            Status::internal(format!("store: {other}"))
+        }
+    }
+}
+
+fn version(v: &patina_store::Version) -> patina_proto::v1::Version {
+    patina_proto::v1::Version {
+        origin: v.origin.0,
+        seq: v.seq,
+        hlc: v.hlc.0,
+    }
+}
+
+fn timestamp(v: &patina_store::Version) -> prost_types::Timestamp {
+    let ms = v.hlc.physical_ms();
+    prost_types::Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// The stored record as a client sees it: its value plus version and update time.
+pub fn machine_from_entry(value: &[u8], v: &patina_store::Version) -> Result<Machine, Status> {
+    let mut m = Machine::decode(value).map_err(|e| {
+        tracing::error!(error = %e, "undecodable stored machine");
+        Status::internal("a stored machine record could not be decoded")
+    })?;
+    m.version = Some(version(v));
+    m.updated_at = Some(timestamp(v));
+    Ok(m)
+}
+
+fn entry_to_machine(e: &Entry) -> Result<Machine, Status> {
+    machine_from_entry(&e.value, &e.version)
+}
+
+fn change_to_proto(c: &Change) -> Result<MachineChange, Status> {
+    let change = match &c.body {
+        Some((value, _)) => machine_change::Change::Upserted(machine_from_entry(value, &c.version)?),
+        None => machine_change::Change::Deleted(MachineDeleted {
+            id: c.key.to_string(),
+            app: c.group.to_string(),
+            version: Some(version(&c.version)),
+        }),
+    };
+    Ok(MachineChange {
+        change: Some(change),
+    })
+}
+
+/// One cursor item as a Watch message.
+pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
+    use watch_response::Kind;
+    Ok(match item {
+        WatchItem::Snapshot { reset, entries } => WatchResponse {
+            kind: Kind::Snapshot as i32,
+            reset,
+            changes: entries
+                .iter()
+                .map(|e| {
+                    Ok(MachineChange {
+                        change: Some(machine_change::Change::Upserted(entry_to_machine(e)?)),
+                    })
+                })
+                .collect::<Result<_, Status>>()?,
+            resume_token: String::new(),
+        },
+        WatchItem::SnapshotDone { token } => WatchResponse {
+            kind: Kind::SnapshotDone as i32,
+            reset: false,
+            changes: Vec::new(),
+            resume_token: token.to_string(),
+        },
+        WatchItem::Delta { changes, token } => WatchResponse {
+            kind: Kind::Delta as i32,
+            reset: false,
+            changes: changes.iter().map(change_to_proto).collect::<Result<_, _>>()?,
+            resume_token: token.map(|t| t.to_string()).unwrap_or_default(),
+        },
+    })
+}
+
+type WatchStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Region for RegionService {
+    async fn upsert_machine(
+        &self,
+        request: Request<UpsertMachineRequest>,
+    ) -> Result<Response<UpsertMachineResponse>, Status> {
+        let m = request
+            .into_inner()
+            .machine
+            .ok_or_else(|| Status::invalid_argument("machine: required"))?;
+        let valid = validate::machine(&m, &self.region, &self.host).map_err(invalid)?;
+        let versions = self
+            .store
+            .write(vec![LocalWrite::Put {
+                key: Arc::from(valid.id),
+                group: Arc::from(valid.app),
+                value: Arc::from(&valid.encoded[..]),
+                routable: valid.routable,
+            }])
+            .await
+            .map_err(store_error)?;
+        let machine = machine_from_entry(&valid.encoded, &versions[0])?;
+        Ok(Response::new(UpsertMachineResponse {
+            machine: Some(machine),
+        }))
+    }
+
+    async fn upsert_machines(
+        &self,
+        request: Request<UpsertMachinesRequest>,
+    ) -> Result<Response<UpsertMachinesResponse>, Status> {
+        let ms = request.into_inner().machines;
+        let valid = validate::batch(&ms, &self.region, &self.host).map_err(invalid)?;
+        let ops = valid
+            .into_iter()
+            .map(|v| LocalWrite::Put {
+                key: Arc::from(v.id),
+                group: Arc::from(v.app),
+                value: Arc::from(&v.encoded[..]),
+                routable: v.routable,
+            })
+            .collect();
+        let versions = self.store.write(ops).await.map_err(store_error)?;
+        Ok(Response::new(UpsertMachinesResponse {
+            versions: versions.iter().map(version).collect(),
+        }))
+    }
+
+    async fn delete_machine(
+        &self,
+        request: Request<DeleteMachineRequest>,
+    ) -> Result<Response<DeleteMachineResponse>, Status> {
+        let id = request.into_inner().id;
+        validate::machine_id(&id).map_err(invalid)?;
+        let versions = self
+            .store
+            .write(vec![LocalWrite::Delete { key: Arc::from(id) }])
+            .await
+            .map_err(store_error)?;
+        Ok(Response::new(DeleteMachineResponse {
+            version: Some(version(&versions[0])),
+        }))
+    }
+
+    async fn get_machine(
+        &self,
+        request: Request<GetMachineRequest>,
+    ) -> Result<Response<GetMachineResponse>, Status> {
+        let id = request.into_inner().id;
+        validate::machine_id(&id).map_err(invalid)?;
+        let entry = self
+            .store
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no machine {id:?}")))?;
+        Ok(Response::new(GetMachineResponse {
+            machine: Some(entry_to_machine(&entry)?),
+        }))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        let req = request.into_inner();
+        validate::app_name(&req.app).map_err(invalid)?;
+        let filter = if req.include_all {
+            Filter::All
+        } else {
+            Filter::RoutableOnly
+        };
+        let mut entries = self.store.list(&req.app, filter);
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let machines = entries
+            .iter()
+            .map(entry_to_machine)
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(ListInstancesResponse { machines }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = request.into_inner();
+        let scope = if req.app.is_empty() {
+            None
+        } else {
+            validate::app_name(&req.app).map_err(invalid)?;
+            Some(Arc::from(req.app))
+        };
+        let resume = if req.resume_token.is_empty() {
+            None
+        } else {
+            Some(
+                req.resume_token
+                    .parse::<ResumeToken>()
+                    .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))?,
+            )
+        };
+        let cursor = self.store.watch(scope, resume, WATCH_BATCH);
+        // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
+        // client simply stops its cursor; the cursor catches up later without buffering.
+        let stream = futures_util::stream::unfold(cursor, |mut cursor| async move {
+            let item = cursor.next().await?;
+            Some((watch_response(item), cursor))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

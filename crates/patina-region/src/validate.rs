@@ -1,0 +1,325 @@
+//! Input validation for machine records. Every rule here is documented in `docs/api.md`; a
+//! violation becomes `InvalidArgument` (or `ResourceExhausted` for a size limit) with a
+//! message naming the field, and nothing is written.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use patina_proto::v1::{Health, Machine, MachineState};
+use prost::Message;
+
+/// Longest machine id. Fly-style ids are 14 characters; 64 leaves room for UUIDs and prefixes.
+pub const MAX_ID_LEN: usize = 64;
+/// A DNS label's limit (RFC 1035), since apps become DNS names.
+pub const MAX_APP_LEN: usize = 63;
+/// A DNS name's limit (RFC 1035).
+pub const MAX_HOST_LEN: usize = 253;
+/// Addresses per machine: a few IPs times a few ports is plenty; bounds the record.
+pub const MAX_ADDRESSES: usize = 16;
+/// Metadata entries per machine.
+pub const MAX_METADATA_ENTRIES: usize = 32;
+/// Longest metadata key.
+pub const MAX_METADATA_KEY_LEN: usize = 63;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE_LEN: usize = 1024;
+/// Largest encoded machine record, in bytes. Records are replicated to every agent of the
+/// region and held in memory: they must stay small.
+pub const MAX_RECORD_BYTES: usize = 4096;
+/// Most machines in one UpsertMachines call (one transaction, one acknowledgement).
+pub const MAX_BATCH: usize = 1000;
+
+/// What is wrong with the input, and which kind of wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// Malformed or not allowed: maps to `InvalidArgument`.
+    #[error("{0}")]
+    Argument(String),
+    /// Over a size or count limit: maps to `ResourceExhausted`.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl Invalid {
+    /// The same error, with the field path prefixed (e.g. `machines[3].`).
+    pub fn at(self, prefix: &str) -> Invalid {
+        match self {
+            Invalid::Argument(m) => Invalid::Argument(format!("{prefix}{m}")),
+            Invalid::TooLarge(m) => Invalid::TooLarge(format!("{prefix}{m}")),
+        }
+    }
+}
+
+fn arg(msg: impl Into<String>) -> Invalid {
+    Invalid::Argument(msg.into())
+}
+
+fn too_large(msg: impl Into<String>) -> Invalid {
+    Invalid::TooLarge(msg.into())
+}
+
+/// Machine ids: 1 to 64 characters from `[A-Za-z0-9_.-]`, starting with a letter or digit.
+pub fn machine_id(id: &str) -> Result<(), Invalid> {
+    if id.is_empty() {
+        return Err(arg("id: must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(arg(format!("id: {} characters, at most {MAX_ID_LEN} allowed", id.len())));
+    }
+    let first_ok = id.as_bytes()[0].is_ascii_alphanumeric();
+    let rest_ok = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !first_ok || !rest_ok {
+        return Err(arg(format!(
+            "id: {id:?} must be letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// App names are DNS labels: 1 to 63 characters from `[a-z0-9-]`, not starting or ending
+/// with '-'.
+pub fn app_name(app: &str) -> Result<(), Invalid> {
+    dns_label(app).map_err(|why| arg(format!("app: {app:?} is not a DNS label ({why})")))
+}
+
+/// Region codes follow the same rule as app names.
+pub fn region_name(region: &str) -> Result<(), Invalid> {
+    dns_label(region).map_err(|why| arg(format!("region: {region:?} is not a DNS label ({why})")))
+}
+
+fn dns_label(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        return Err("empty");
+    }
+    if s.len() > MAX_APP_LEN {
+        return Err("longer than 63 characters");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err("only a-z, 0-9 and '-' are allowed");
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("must not start or end with '-'");
+    }
+    Ok(())
+}
+
+/// Host names: dot-separated DNS labels, at most 253 characters.
+pub fn host_name(host: &str) -> Result<(), Invalid> {
+    if host.len() > MAX_HOST_LEN {
+        return Err(arg(format!("host: longer than {MAX_HOST_LEN} characters")));
+    }
+    for label in host.split('.') {
+        let lower = label.to_ascii_lowercase();
+        dns_label(&lower)
+            .map_err(|why| arg(format!("host: {host:?} is not a DNS name ({why})")))?;
+    }
+    Ok(())
+}
+
+/// A machine ready to store: validated, normalized, and whether it may be routed to.
+#[derive(Debug, Clone)]
+pub struct ValidMachine {
+    pub id: String,
+    pub app: String,
+    /// The encoded record (version and update time cleared: the store adds those).
+    pub encoded: Vec<u8>,
+    pub routable: bool,
+}
+
+/// Validate a machine from a client and fill in this agent's region and host where empty.
+pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, Invalid> {
+    machine_id(&m.id)?;
+    app_name(&m.app)?;
+    if !m.region.is_empty() && m.region != region {
+        return Err(arg(format!(
+            "region: {:?} is not this agent's region {region:?}; leave it empty or send the write to an agent of that region",
+            m.region
+        )));
+    }
+    if !m.host.is_empty() {
+        host_name(&m.host)?;
+    }
+    let state = MachineState::try_from(m.state)
+        .ok()
+        .filter(|s| *s != MachineState::Unspecified)
+        .ok_or_else(|| arg(format!("state: {} is not a machine state (created, starting, started, stopping, stopped, destroyed)", m.state)))?;
+    let health = Health::try_from(m.health)
+        .ok()
+        .filter(|h| *h != Health::Unspecified)
+        .ok_or_else(|| arg(format!("health: {} is not a health (passing, warning, critical)", m.health)))?;
+    if m.addresses.len() > MAX_ADDRESSES {
+        return Err(too_large(format!(
+            "addresses: {} given, at most {MAX_ADDRESSES} allowed",
+            m.addresses.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    for (i, a) in m.addresses.iter().enumerate() {
+        let addr: SocketAddr = a.parse().map_err(|_| {
+            arg(format!("addresses[{i}]: {a:?} is not ip:port (use [v6]:port for IPv6)"))
+        })?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(arg(format!(
+                "addresses[{i}]: {a:?} is not routable (port 0 or an unspecified address)"
+            )));
+        }
+        if !seen.insert(addr) {
+            return Err(arg(format!("addresses[{i}]: {a:?} is listed twice")));
+        }
+    }
+    if state == MachineState::Started && m.addresses.is_empty() {
+        return Err(arg("addresses: a started machine needs at least one address"));
+    }
+    if m.metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(too_large(format!(
+            "metadata: {} entries, at most {MAX_METADATA_ENTRIES} allowed",
+            m.metadata.len()
+        )));
+    }
+    for (k, v) in &m.metadata {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_METADATA_KEY_LEN
+            && k
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'));
+        if !key_ok {
+            return Err(arg(format!(
+                "metadata: key {k:?} must be 1 to {MAX_METADATA_KEY_LEN} characters from [A-Za-z0-9_./-]"
+            )));
+        }
+        if v.len() > MAX_METADATA_VALUE_LEN {
+            return Err(too_large(format!(
+                "metadata[{k:?}]: value of {} bytes, at most {MAX_METADATA_VALUE_LEN} allowed",
+                v.len()
+            )));
+        }
+    }
+    let stored = Machine {
+        id: m.id.clone(),
+        app: m.app.clone(),
+        region: region.to_owned(),
+        host: if m.host.is_empty() {
+            host.to_owned()
+        } else {
+            m.host.clone()
+        },
+        addresses: m.addresses.clone(),
+        state: state as i32,
+        health: health as i32,
+        metadata: m.metadata.clone(),
+        updated_at: None,
+        version: None,
+    };
+    let encoded = stored.encode_to_vec();
+    if encoded.len() > MAX_RECORD_BYTES {
+        return Err(too_large(format!(
+            "machine: {} bytes encoded, at most {MAX_RECORD_BYTES} allowed",
+            encoded.len()
+        )));
+    }
+    Ok(ValidMachine {
+        id: stored.id,
+        app: stored.app,
+        encoded,
+        routable: state == MachineState::Started && health == Health::Passing,
+    })
+}
+
+/// Validate a batch: its size, distinct ids, and every machine, naming the bad index.
+pub fn batch(ms: &[Machine], region: &str, host: &str) -> Result<Vec<ValidMachine>, Invalid> {
+    if ms.is_empty() {
+        return Err(arg("machines: empty batch"));
+    }
+    if ms.len() > MAX_BATCH {
+        return Err(too_large(format!(
+            "machines: {} in one batch, at most {MAX_BATCH} allowed",
+            ms.len()
+        )));
+    }
+    let mut ids = HashSet::with_capacity(ms.len());
+    let mut out = Vec::with_capacity(ms.len());
+    for (i, m) in ms.iter().enumerate() {
+        let valid = machine(m, region, host).map_err(|e| e.at(&format!("machines[{i}].")))?;
+        if !ids.insert(valid.id.clone()) {
+            return Err(arg(format!("machines[{i}].id: {:?} appears twice in the batch", m.id)));
+        }
+        out.push(valid);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> Machine {
+        Machine {
+            id: "e2865013c99d89".into(),
+            app: "web".into(),
+            addresses: vec!["10.0.0.1:8080".into(), "[fdaa::1]:8080".into()],
+            state: MachineState::Started as i32,
+            health: Health::Passing as i32,
+            ..Machine::default()
+        }
+    }
+
+    #[test]
+    fn a_good_machine_gets_this_agents_region_and_host() {
+        let v = machine(&good(), "ord", "worker-1").unwrap();
+        assert!(v.routable);
+        let m = Machine::decode(&*v.encoded).unwrap();
+        assert_eq!((m.region.as_str(), m.host.as_str()), ("ord", "worker-1"));
+    }
+
+    #[test]
+    fn only_started_and_passing_is_routable() {
+        let mut m = good();
+        m.health = Health::Warning as i32;
+        assert!(!machine(&m, "ord", "h").unwrap().routable);
+        m.health = Health::Passing as i32;
+        m.state = MachineState::Stopping as i32;
+        assert!(!machine(&m, "ord", "h").unwrap().routable);
+    }
+
+    #[test]
+    fn dns_labels_are_enforced() {
+        for bad in ["", "Web", "-web", "web-", "we_b", &"a".repeat(64)] {
+            assert!(app_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for ok in ["web", "a", "my-app-2", &"a".repeat(63)] {
+            assert!(app_name(ok).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    #[test]
+    fn machine_ids_follow_the_documented_format() {
+        for bad in ["", "-x", ".x", "a b", "a/b", &"a".repeat(65)] {
+            assert!(machine_id(bad).is_err(), "{bad:?} accepted");
+        }
+        for ok in ["e2865013c99d89", "A_b.c-d", &"a".repeat(64)] {
+            assert!(machine_id(ok).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    #[test]
+    fn sizes_are_resource_exhausted_and_shapes_are_invalid() {
+        let mut m = good();
+        m.metadata.insert("k".into(), "v".repeat(MAX_METADATA_VALUE_LEN + 1));
+        assert!(matches!(machine(&m, "ord", "h"), Err(Invalid::TooLarge(_))));
+        let mut m = good();
+        m.addresses = (0..17).map(|i| format!("10.0.0.1:{}", 1000 + i)).collect();
+        assert!(matches!(machine(&m, "ord", "h"), Err(Invalid::TooLarge(_))));
+        let mut m = good();
+        m.addresses = vec!["10.0.0.1".into()];
+        assert!(matches!(machine(&m, "ord", "h"), Err(Invalid::Argument(_))));
+        let big: Vec<Machine> = (0..=MAX_BATCH).map(|i| Machine { id: format!("m{i}"), ..good() }).collect();
+        assert!(matches!(batch(&big, "ord", "h"), Err(Invalid::TooLarge(_))));
+        let twice = vec![good(), good()];
+        let err = batch(&twice, "ord", "h").unwrap_err();
+        assert!(err.to_string().contains("machines[1].id"), "{err}");
+    }
+}

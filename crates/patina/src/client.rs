@@ -1,0 +1,346 @@
+//! The command-line client: `patina machine ...`, `patina instances`, `patina watch`.
+//! Human output by default; `--json` prints JSON a program can parse.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use patina_proto::v1::region_client::RegionClient;
+use patina_proto::v1::{
+    DeleteMachineRequest, GetMachineRequest, Health, ListInstancesRequest, Machine,
+    MachineState, UpsertMachineRequest, WatchRequest, machine_change, watch_response,
+};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// Connect to an agent; `ADDR` may be `host:port` or a full `http://` URL.
+pub async fn connect(server: &str) -> anyhow::Result<RegionClient<Channel>> {
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("bad server address {server:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(RegionClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A gRPC error as one readable line: code and message.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+pub fn parse_state(s: &str) -> anyhow::Result<MachineState> {
+    MachineState::from_str_name(&format!("MACHINE_STATE_{}", s.to_ascii_uppercase()))
+        .filter(|s| *s != MachineState::Unspecified)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "unknown state {s:?}: one of created, starting, started, stopping, stopped, destroyed"
+            )
+        })
+}
+
+pub fn parse_health(s: &str) -> anyhow::Result<Health> {
+    Health::from_str_name(&format!("HEALTH_{}", s.to_ascii_uppercase()))
+        .filter(|h| *h != Health::Unspecified)
+        .ok_or_else(|| anyhow::anyhow!("unknown health {s:?}: one of passing, warning, critical"))
+}
+
+fn state_name(v: i32) -> String {
+    MachineState::try_from(v).map_or_else(
+        |_| format!("unknown({v})"),
+        |s| {
+            s.as_str_name()
+                .trim_start_matches("MACHINE_STATE_")
+                .to_ascii_lowercase()
+        },
+    )
+}
+
+fn health_name(v: i32) -> String {
+    Health::try_from(v).map_or_else(
+        |_| format!("unknown({v})"),
+        |h| h.as_str_name().trim_start_matches("HEALTH_").to_ascii_lowercase(),
+    )
+}
+
+/// A machine as JSON.
+#[derive(Serialize)]
+pub struct MachineJson {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub host: String,
+    pub addresses: Vec<String>,
+    pub state: String,
+    pub health: String,
+    pub metadata: BTreeMap<String, String>,
+    pub updated_at: String,
+    pub version: VersionJson,
+}
+
+#[derive(Serialize)]
+pub struct VersionJson {
+    /// Hex, as logs print node ids.
+    pub origin: String,
+    pub seq: u64,
+    pub hlc: u64,
+}
+
+impl From<&Machine> for MachineJson {
+    fn from(m: &Machine) -> Self {
+        let v = m.version.unwrap_or_default();
+        MachineJson {
+            id: m.id.clone(),
+            app: m.app.clone(),
+            region: m.region.clone(),
+            host: m.host.clone(),
+            addresses: m.addresses.clone(),
+            state: state_name(m.state),
+            health: health_name(m.health),
+            metadata: m.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            updated_at: m.updated_at.map(rfc3339).unwrap_or_default(),
+            version: VersionJson {
+                origin: format!("{:016x}", v.origin),
+                seq: v.seq,
+                hlc: v.hlc,
+            },
+        }
+    }
+}
+
+/// A timestamp as RFC 3339 UTC with milliseconds.
+fn rfc3339(t: prost_types::Timestamp) -> String {
+    let secs = t.seconds.max(0) as u64;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        t.nanos.max(0) / 1_000_000
+    )
+}
+
+fn print_machine(m: &Machine) {
+    let j = MachineJson::from(m);
+    println!("id:         {}", j.id);
+    println!("app:        {}", j.app);
+    println!("region:     {}", j.region);
+    println!("host:       {}", j.host);
+    println!("addresses:  {}", j.addresses.join(", "));
+    println!("state:      {}", j.state);
+    println!("health:     {}", j.health);
+    for (k, v) in &j.metadata {
+        println!("metadata:   {k}={v}");
+    }
+    println!("updated_at: {}", j.updated_at);
+    println!(
+        "version:    origin {} seq {} hlc {}",
+        j.version.origin, j.version.seq, j.version.hlc
+    );
+}
+
+pub struct PutArgs {
+    pub app: String,
+    pub id: String,
+    pub addrs: Vec<String>,
+    pub state: String,
+    pub health: String,
+    pub host: Option<String>,
+    pub meta: Vec<String>,
+    pub json: bool,
+}
+
+pub async fn machine_put(server: &str, a: PutArgs) -> anyhow::Result<()> {
+    let mut metadata = std::collections::HashMap::new();
+    for kv in &a.meta {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--meta {kv:?}: expected KEY=VALUE"))?;
+        metadata.insert(k.to_owned(), v.to_owned());
+    }
+    let machine = Machine {
+        id: a.id,
+        app: a.app,
+        host: a.host.unwrap_or_default(),
+        addresses: a.addrs,
+        state: parse_state(&a.state)? as i32,
+        health: parse_health(&a.health)? as i32,
+        metadata,
+        ..Machine::default()
+    };
+    let mut client = connect(server).await?;
+    let stored = client
+        .upsert_machine(UpsertMachineRequest {
+            machine: Some(machine),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .machine
+        .context("the agent answered without the stored machine")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&MachineJson::from(&stored))?);
+    } else {
+        print_machine(&stored);
+    }
+    Ok(())
+}
+
+pub async fn machine_get(server: &str, id: String, json: bool) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let m = client
+        .get_machine(GetMachineRequest { id })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .machine
+        .context("the agent answered without a machine")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&MachineJson::from(&m))?);
+    } else {
+        print_machine(&m);
+    }
+    Ok(())
+}
+
+pub async fn machine_rm(server: &str, id: String) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let v = client
+        .delete_machine(DeleteMachineRequest { id: id.clone() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .version
+        .unwrap_or_default();
+    println!("deleted {id} (seq {})", v.seq);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct InstancesJson {
+    app: String,
+    include_all: bool,
+    machines: Vec<MachineJson>,
+}
+
+pub async fn instances(server: &str, app: String, all: bool, json: bool) -> anyhow::Result<()> {
+    let mut client = connect(server).await?;
+    let machines = client
+        .list_instances(ListInstancesRequest {
+            app: app.clone(),
+            include_all: all,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .machines;
+    if json {
+        let doc = InstancesJson {
+            app,
+            include_all: all,
+            machines: machines.iter().map(MachineJson::from).collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<10} {:<9} {:<20} ADDRESSES",
+        "ID", "STATE", "HEALTH", "HOST"
+    );
+    for m in &machines {
+        let j = MachineJson::from(m);
+        println!(
+            "{:<24} {:<10} {:<9} {:<20} {}",
+            j.id,
+            j.state,
+            j.health,
+            j.host,
+            j.addresses.join(",")
+        );
+    }
+    Ok(())
+}
+
+pub async fn watch(
+    server: &str,
+    app: Option<String>,
+    resume: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use watch_response::Kind;
+    let mut client = connect(server).await?;
+    let mut stream = client
+        .watch(WatchRequest {
+            app: app.unwrap_or_default(),
+            resume_token: resume.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    while let Some(msg) = stream.message().await.map_err(status_error)? {
+        let kind = Kind::try_from(msg.kind).unwrap_or(Kind::Unspecified);
+        if json {
+            let changes: Vec<serde_json::Value> = msg
+                .changes
+                .iter()
+                .filter_map(|c| c.change.as_ref())
+                .map(|c| match c {
+                    machine_change::Change::Upserted(m) => {
+                        serde_json::json!({"upserted": MachineJson::from(m)})
+                    }
+                    machine_change::Change::Deleted(d) => {
+                        serde_json::json!({"deleted": {"id": d.id, "app": d.app}})
+                    }
+                })
+                .collect();
+            let line = serde_json::json!({
+                "kind": kind.as_str_name().trim_start_matches("KIND_").to_ascii_lowercase(),
+                "reset": msg.reset,
+                "changes": changes,
+                "resume_token": msg.resume_token,
+            });
+            println!("{line}");
+            continue;
+        }
+        if msg.reset {
+            println!("-- reset: a new snapshot follows");
+        }
+        for c in msg.changes.iter().filter_map(|c| c.change.as_ref()) {
+            match c {
+                machine_change::Change::Upserted(m) => {
+                    let j = MachineJson::from(m);
+                    println!(
+                        "upsert {} app={} state={} health={} addrs={}",
+                        j.id,
+                        j.app,
+                        j.state,
+                        j.health,
+                        j.addresses.join(",")
+                    );
+                }
+                machine_change::Change::Deleted(d) => println!("delete {} app={}", d.id, d.app),
+            }
+        }
+        if kind == Kind::SnapshotDone {
+            println!("-- snapshot done");
+        }
+        if !msg.resume_token.is_empty() {
+            println!("-- resume token {}", msg.resume_token);
+        }
+    }
+    Ok(())
+}

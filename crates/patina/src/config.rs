@@ -1,0 +1,156 @@
+//! Agent configuration: built-in defaults, then a TOML file, then `PATINA_*` environment
+//! variables (nested keys with `__`, e.g. `PATINA_STORE__WATCH_LOG_CAPACITY`). Every key is
+//! documented in `docs/configuration.md`.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Top-level keys; other `PATINA_*` variables (the CLI's own, such as `PATINA_SERVER`) are
+/// not configuration and are ignored here.
+const KEYS: &[&str] = &["region", "host", "data_dir", "listen", "log", "store"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The region this agent serves: a DNS label.
+    pub region: String,
+    /// This worker host's name, stamped on machines written here without one.
+    pub host: String,
+    /// Where the store keeps its SQLite database.
+    pub data_dir: PathBuf,
+    /// Address of the gRPC API (region service, health, reflection).
+    pub listen: SocketAddr,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` overrides it).
+    pub log: String,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub write_queue: NonZeroUsize,
+    pub max_batch_ops: NonZeroUsize,
+    pub watch_log_capacity: NonZeroUsize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let d = patina_store::StoreOptions::default();
+        StoreConfig {
+            write_queue: d.write_queue,
+            max_batch_ops: d.max_batch_ops,
+            watch_log_capacity: d.watch_log_capacity,
+        }
+    }
+}
+
+impl From<&StoreConfig> for patina_store::StoreOptions {
+    fn from(c: &StoreConfig) -> Self {
+        patina_store::StoreOptions {
+            write_queue: c.write_queue,
+            max_batch_ops: c.max_batch_ops,
+            watch_log_capacity: c.watch_log_capacity,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            region: "local".into(),
+            host: default_host(),
+            data_dir: PathBuf::from("patina-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7600)),
+            log: "info".into(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+/// The machine's host name when it is a valid DNS name, else `localhost`.
+fn default_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| patina_region::validate::host_name(h).is_ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Config {
+    /// Defaults, then `file` (which must exist when given), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(
+            Env::prefixed("PATINA_")
+                .split("__")
+                .filter(|k| KEYS.iter().any(|top| k.as_str().split('.').next() == Some(top))),
+        );
+        let config: Config = figment.extract().context("invalid configuration")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        patina_region::validate::region_name(&self.region)
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        patina_region::validate::host_name(&self.host)
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "patina.toml",
+                r#"
+                region = "ord"
+                listen = "127.0.0.1:9000"
+                [store]
+                watch_log_capacity = 10
+                "#,
+            )?;
+            jail.set_env("PATINA_LISTEN", "127.0.0.1:9100");
+            jail.set_env("PATINA_STORE__MAX_BATCH_OPS", "7");
+            jail.set_env("PATINA_SERVER", "ignored: not a config key");
+            let c = Config::load(Some(Path::new("patina.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.region, "ord");
+            assert_eq!(c.listen, "127.0.0.1:9100".parse().unwrap());
+            assert_eq!(c.store.watch_log_capacity.get(), 10);
+            assert_eq!(c.store.max_batch_ops.get(), 7);
+            assert_eq!(c.data_dir, PathBuf::from("patina-data"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", "regoin = \"ord\"\n")?;
+            assert!(Config::load(Some(Path::new("typo.toml"))).is_err());
+            jail.create_file("bad.toml", "region = \"Not A Label\"\n")?;
+            let err = Config::load(Some(Path::new("bad.toml"))).unwrap_err();
+            assert!(format!("{err:#}").contains("region"), "{err:#}");
+            jail.create_file("zero.toml", "[store]\nwrite_queue = 0\n")?;
+            assert!(Config::load(Some(Path::new("zero.toml"))).is_err());
+            assert!(Config::load(Some(Path::new("missing.toml"))).is_err());
+            Ok(())
+        });
+    }
+}
