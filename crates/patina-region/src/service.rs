@@ -90,7 +90,9 @@ fn entry_to_machine(e: &Entry) -> Result<Machine, Status> {
 
 fn change_to_proto(c: &Change) -> Result<MachineChange, Status> {
     let change = match &c.body {
-        Some((value, _)) => machine_change::Change::Upserted(machine_from_entry(value, &c.version)?),
+        Some((value, _)) => {
+            machine_change::Change::Upserted(machine_from_entry(value, &c.version)?)
+        }
         None => machine_change::Change::Deleted(MachineDeleted {
             id: c.key.to_string(),
             app: c.group.to_string(),
@@ -128,7 +130,10 @@ pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
         WatchItem::Delta { changes, token } => WatchResponse {
             kind: Kind::Delta as i32,
             reset: false,
-            changes: changes.iter().map(change_to_proto).collect::<Result<_, _>>()?,
+            changes: changes
+                .iter()
+                .map(change_to_proto)
+                .collect::<Result<_, _>>()?,
             resume_token: token.map(|t| t.to_string()).unwrap_or_default(),
         },
     })

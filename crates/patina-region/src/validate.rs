@@ -63,7 +63,10 @@ pub fn machine_id(id: &str) -> Result<(), Invalid> {
         return Err(arg("id: must not be empty"));
     }
     if id.len() > MAX_ID_LEN {
-        return Err(arg(format!("id: {} characters, at most {MAX_ID_LEN} allowed", id.len())));
+        return Err(arg(format!(
+            "id: {} characters, at most {MAX_ID_LEN} allowed",
+            id.len()
+        )));
     }
     let first_ok = id.as_bytes()[0].is_ascii_alphanumeric();
     let rest_ok = id
@@ -150,7 +153,12 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
     let health = Health::try_from(m.health)
         .ok()
         .filter(|h| *h != Health::Unspecified)
-        .ok_or_else(|| arg(format!("health: {} is not a health (passing, warning, critical)", m.health)))?;
+        .ok_or_else(|| {
+            arg(format!(
+                "health: {} is not a health (passing, warning, critical)",
+                m.health
+            ))
+        })?;
     if m.addresses.len() > MAX_ADDRESSES {
         return Err(too_large(format!(
             "addresses: {} given, at most {MAX_ADDRESSES} allowed",
@@ -160,7 +168,9 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
     let mut seen = HashSet::new();
     for (i, a) in m.addresses.iter().enumerate() {
         let addr: SocketAddr = a.parse().map_err(|_| {
-            arg(format!("addresses[{i}]: {a:?} is not ip:port (use [v6]:port for IPv6)"))
+            arg(format!(
+                "addresses[{i}]: {a:?} is not ip:port (use [v6]:port for IPv6)"
+            ))
         })?;
         if addr.port() == 0 || addr.ip().is_unspecified() {
             return Err(arg(format!(
@@ -172,7 +182,9 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
         }
     }
     if state == MachineState::Started && m.addresses.is_empty() {
-        return Err(arg("addresses: a started machine needs at least one address"));
+        return Err(arg(
+            "addresses: a started machine needs at least one address",
+        ));
     }
     if m.metadata.len() > MAX_METADATA_ENTRIES {
         return Err(too_large(format!(
@@ -183,8 +195,7 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
     for (k, v) in &m.metadata {
         let key_ok = !k.is_empty()
             && k.len() <= MAX_METADATA_KEY_LEN
-            && k
-                .bytes()
+            && k.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'));
         if !key_ok {
             return Err(arg(format!(
@@ -245,7 +256,10 @@ pub fn batch(ms: &[Machine], region: &str, host: &str) -> Result<Vec<ValidMachin
     for (i, m) in ms.iter().enumerate() {
         let valid = machine(m, region, host).map_err(|e| e.at(&format!("machines[{i}].")))?;
         if !ids.insert(valid.id.clone()) {
-            return Err(arg(format!("machines[{i}].id: {:?} appears twice in the batch", m.id)));
+            return Err(arg(format!(
+                "machines[{i}].id: {:?} appears twice in the batch",
+                m.id
+            )));
         }
         out.push(valid);
     }
@@ -308,7 +322,8 @@ mod tests {
     #[test]
     fn sizes_are_resource_exhausted_and_shapes_are_invalid() {
         let mut m = good();
-        m.metadata.insert("k".into(), "v".repeat(MAX_METADATA_VALUE_LEN + 1));
+        m.metadata
+            .insert("k".into(), "v".repeat(MAX_METADATA_VALUE_LEN + 1));
         assert!(matches!(machine(&m, "ord", "h"), Err(Invalid::TooLarge(_))));
         let mut m = good();
         m.addresses = (0..17).map(|i| format!("10.0.0.1:{}", 1000 + i)).collect();
@@ -316,7 +331,12 @@ mod tests {
         let mut m = good();
         m.addresses = vec!["10.0.0.1".into()];
         assert!(matches!(machine(&m, "ord", "h"), Err(Invalid::Argument(_))));
-        let big: Vec<Machine> = (0..=MAX_BATCH).map(|i| Machine { id: format!("m{i}"), ..good() }).collect();
+        let big: Vec<Machine> = (0..=MAX_BATCH)
+            .map(|i| Machine {
+                id: format!("m{i}"),
+                ..good()
+            })
+            .collect();
         assert!(matches!(batch(&big, "ord", "h"), Err(Invalid::TooLarge(_))));
         let twice = vec![good(), good()];
         let err = batch(&twice, "ord", "h").unwrap_err();

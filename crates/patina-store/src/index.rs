@@ -181,7 +181,8 @@ impl Index {
             None => false,
         };
         if emptied {
-            self.groups.remove_if(group, |_, records| records.is_empty());
+            self.groups
+                .remove_if(group, |_, records| records.is_empty());
         }
     }
 }

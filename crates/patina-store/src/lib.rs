@@ -131,8 +131,7 @@ impl Store {
         let meta = sqlite::load_meta(&conn)?;
         let index = Index::default();
         sqlite::load_index(&conn, &index)?;
-        let (floor, recent) =
-            sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
+        let (floor, recent) = sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
         let feed = Feed::new(opts.watch_log_capacity.get(), floor, meta.revision, recent);
         let state = Arc::new(State {
             node: meta.node,

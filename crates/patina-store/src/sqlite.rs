@@ -57,7 +57,9 @@ pub(crate) fn open(path: &Path) -> Result<Connection, StoreError> {
 
 fn meta_get(conn: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
     Ok(conn
-        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
         .optional()?)
 }
 
@@ -202,7 +204,8 @@ pub(crate) fn put_record(
 
 /// Persist the counters, in the same transaction as the records they cover.
 pub(crate) fn put_meta(tx: &Transaction<'_>, meta: &Meta) -> Result<(), rusqlite::Error> {
-    let mut stmt = tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+    let mut stmt =
+        tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
     stmt.execute(params!["local_seq", meta.local_seq as i64])?;
     stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
     stmt.execute(params!["revision", meta.revision as i64])?;

@@ -150,7 +150,10 @@ impl Cursor {
     /// Coalesced catch-up for a cursor the log has left behind.
     fn catch_up(&mut self) {
         let r0 = self.state.feed.revision();
-        let changed = self.state.index.changed_since(self.pos, self.scope.as_deref());
+        let changed = self
+            .state
+            .index
+            .changed_since(self.pos, self.scope.as_deref());
         let mut changes = Vec::with_capacity(changed.len());
         for (key, ks) in changed {
             let entry = if ks.live {
@@ -214,6 +217,7 @@ impl Cursor {
                         .filter(|c| self.seen.get(&c.key).is_none_or(|&s| c.rev > s))
                         .map(|c| self.scoped(c))
                         .collect();
+                    let changes = coalesce(changes);
                     self.seen.retain(|_, &mut s| s > upto);
                     if !changes.is_empty() {
                         return Some(WatchItem::Delta {
@@ -245,4 +249,17 @@ impl Cursor {
         }
         change
     }
+}
+
+/// Keep only the latest change of each key, in revision order: a reader applying the batch
+/// ends in the same state, with less to send.
+fn coalesce(changes: Vec<Change>) -> Vec<Change> {
+    if changes.len() < 2 {
+        return changes;
+    }
+    let last: HashMap<Arc<str>, u64> = changes.iter().map(|c| (c.key.clone(), c.rev)).collect();
+    changes
+        .into_iter()
+        .filter(|c| last.get(&c.key) == Some(&c.rev))
+        .collect()
 }

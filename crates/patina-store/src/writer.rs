@@ -240,9 +240,8 @@ impl Writer {
                             &version,
                             self.meta.revision,
                         )?;
-                        let moved_from = prev
-                            .filter(|p| p.live && p.group != group)
-                            .map(|p| p.group);
+                        let moved_from =
+                            prev.filter(|p| p.live && p.group != group).map(|p| p.group);
                         pending.insert(
                             key.clone(),
                             Pending {
@@ -282,9 +281,8 @@ impl Writer {
                             &record.version,
                             self.meta.revision,
                         )?;
-                        let moved_from = prev
-                            .filter(|p| p.live && p.group != group)
-                            .map(|p| p.group);
+                        let moved_from =
+                            prev.filter(|p| p.live && p.group != group).map(|p| p.group);
                         pending.insert(
                             key.clone(),
                             Pending {
@@ -313,7 +311,6 @@ impl Writer {
         tx.commit()?;
         Ok(outcomes)
     }
-
 }
 
 fn intern_key(state: &State, key: &Arc<str>) -> Arc<str> {
@@ -321,7 +318,10 @@ fn intern_key(state: &State, key: &Arc<str>) -> Arc<str> {
 }
 
 fn intern_group(state: &State, group: &Arc<str>) -> Arc<str> {
-    state.index.intern_group(group).unwrap_or_else(|| group.clone())
+    state
+        .index
+        .intern_group(group)
+        .unwrap_or_else(|| group.clone())
 }
 
 /// Check a local request against the state it would apply to, all ops in order, before any

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use anyhow::Context;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{
-    DeleteMachineRequest, GetMachineRequest, Health, ListInstancesRequest, Machine,
-    MachineState, UpsertMachineRequest, WatchRequest, machine_change, watch_response,
+    DeleteMachineRequest, GetMachineRequest, Health, ListInstancesRequest, Machine, MachineState,
+    UpsertMachineRequest, WatchRequest, machine_change, watch_response,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -62,7 +62,11 @@ fn state_name(v: i32) -> String {
 fn health_name(v: i32) -> String {
     Health::try_from(v).map_or_else(
         |_| format!("unknown({v})"),
-        |h| h.as_str_name().trim_start_matches("HEALTH_").to_ascii_lowercase(),
+        |h| {
+            h.as_str_name()
+                .trim_start_matches("HEALTH_")
+                .to_ascii_lowercase()
+        },
     )
 }
 
@@ -100,7 +104,11 @@ impl From<&Machine> for MachineJson {
             addresses: m.addresses.clone(),
             state: state_name(m.state),
             health: health_name(m.health),
-            metadata: m.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            metadata: m
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             updated_at: m.updated_at.map(rfc3339).unwrap_or_default(),
             version: VersionJson {
                 origin: format!("{:016x}", v.origin),
@@ -193,7 +201,10 @@ pub async fn machine_put(server: &str, a: PutArgs) -> anyhow::Result<()> {
         .machine
         .context("the agent answered without the stored machine")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&MachineJson::from(&stored))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&MachineJson::from(&stored))?
+        );
     } else {
         print_machine(&stored);
     }

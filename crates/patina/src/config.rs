@@ -88,14 +88,17 @@ impl Config {
     pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
-            anyhow::ensure!(file.exists(), "config file {} does not exist", file.display());
+            anyhow::ensure!(
+                file.exists(),
+                "config file {} does not exist",
+                file.display()
+            );
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(
-            Env::prefixed("PATINA_")
-                .split("__")
-                .filter(|k| KEYS.iter().any(|top| k.as_str().split('.').next() == Some(top))),
-        );
+        figment = figment.merge(Env::prefixed("PATINA_").split("__").filter(|k| {
+            let top = k.as_str().split('.').next().unwrap_or_default();
+            KEYS.iter().any(|known| known.eq_ignore_ascii_case(top))
+        }));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.check()?;
         Ok(config)
@@ -111,6 +114,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error.
 mod tests {
     use super::*;
 

@@ -209,7 +209,11 @@ fn init_logs(filter: &str) {
 }
 
 fn print_dev_banner(config: &Config, addr: SocketAddr) {
-    println!("patina dev: region {:?}, data in {}", config.region, config.data_dir.display());
+    println!(
+        "patina dev: region {:?}, data in {}",
+        config.region,
+        config.data_dir.display()
+    );
     println!("try:");
     println!("  patina machine put --server {addr} --app web --id web-1 --addr 127.0.0.1:8080");
     println!("  patina instances --server {addr} web");
@@ -248,9 +252,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing the SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
