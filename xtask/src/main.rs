@@ -1,1 +1,21 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
+//!
+//! - `cargo xtask bench store [--secs N] [--records N]`: the store benchmark (see
+//!   `docs/benchmarks.md`); prints a table and, last, one JSON line.
+
+mod bench_store;
+mod harness;
+
+use anyhow::bail;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["bench", "store", rest @ ..] => bench_store::run(bench_store::Options::parse(rest)?),
+        _ => bail!(
+            "usage: cargo xtask bench store [--secs N] [--records N]\n\
+             (see docs/benchmarks.md)"
+        ),
+    }
+}

@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use patina_proto::v1::region_server::RegionServer;
 use patina_store::Store;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use service::RegionService;
 
@@ -64,12 +63,14 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?local, region = %id.region, host = %id.host, "serving the region API");
+    // Nagle's algorithm plus delayed ACKs would hold small responses for ~40 ms; the
+    // server's own nodelay setting applies only to listeners it binds, so set it here.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
         .add_service(region)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

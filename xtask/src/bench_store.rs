@@ -1,0 +1,343 @@
+//! `cargo xtask bench store`: what one region agent's store sustains, through its real gRPC
+//! API on loopback, with the client in the same 2-core machine.
+//!
+//! 1. Acknowledged single-machine upserts per second with 1, 16 and 128 concurrent clients.
+//! 2. A fresh agent loaded with batched upserts (1000 per call) to `--records` machines:
+//!    records per second, and resident memory per machine at 100k and at the end (1M).
+//! 3. ListInstances latency through gRPC on the loaded agent.
+//! 4. The agent stopped, its store opened in this process: lookup latency from the index.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patina_proto::v1::region_client::RegionClient;
+use patina_proto::v1::{
+    Health, ListInstancesRequest, Machine, MachineState, UpsertMachineRequest,
+    UpsertMachinesRequest,
+};
+use tonic::transport::Channel;
+
+use crate::harness::{Server, build_patina, percentile_us, rss_of};
+
+/// Machines per app in the loaded store: a typical app runs a handful to a few dozen.
+const INSTANCES_PER_APP: u64 = 20;
+/// Machines per UpsertMachines call.
+const BATCH: u64 = 1000;
+/// Concurrent batch writers while loading.
+const BATCH_WRITERS: u64 = 4;
+/// Connections shared by the concurrent single-upsert clients (HTTP/2 multiplexes the rest).
+const MAX_CONNECTIONS: usize = 16;
+
+pub struct Options {
+    secs: u64,
+    records: u64,
+}
+
+impl Options {
+    pub fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        let mut o = Options {
+            secs: 5,
+            records: 1_000_000,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let v = || -> anyhow::Result<u64> {
+                Ok(it.clone().next().context("missing value")?.parse()?)
+            };
+            match *a {
+                "--secs" => o.secs = v()?,
+                "--records" => o.records = v()?,
+                other => bail!("unknown option {other}"),
+            }
+            it.next();
+        }
+        if o.records < 100_000 {
+            bail!("--records must be at least 100000 (memory is measured at 100k)");
+        }
+        Ok(o)
+    }
+}
+
+fn machine(n: u64) -> Machine {
+    Machine {
+        id: format!("{:014x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 8),
+        app: format!("app-{}", n / INSTANCES_PER_APP),
+        addresses: vec![format!(
+            "10.{}.{}.{}:8080",
+            (n >> 16) & 0xff,
+            (n >> 8) & 0xff,
+            n & 0xff
+        )],
+        state: MachineState::Started as i32,
+        health: Health::Passing as i32,
+        ..Machine::default()
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<RegionClient<Channel>> {
+    let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+    Ok(RegionClient::new(channel))
+}
+
+/// Acknowledged single upserts per second with `clients` concurrent clients for `secs`.
+async fn upserts(url: &str, clients: usize, secs: u64, base: u64) -> anyhow::Result<f64> {
+    let mut conns = Vec::new();
+    for _ in 0..clients.min(MAX_CONNECTIONS) {
+        conns.push(connect(url).await?);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let mut client = conns[c % conns.len()].clone();
+        let (stop, done) = (stop.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut n = base + c as u64 * 10_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                let m = machine(n);
+                n += 1;
+                client
+                    .upsert_machine(UpsertMachineRequest { machine: Some(m) })
+                    .await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = done.load(Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(n as f64 / elapsed)
+}
+
+/// Load machines `from..to` with batched upserts; returns records per second.
+async fn load(url: &str, from: u64, to: u64) -> anyhow::Result<f64> {
+    let next = Arc::new(AtomicU64::new(from));
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for _ in 0..BATCH_WRITERS {
+        let mut client = connect(url).await?;
+        let next = next.clone();
+        tasks.spawn(async move {
+            loop {
+                let first = next.fetch_add(BATCH, Ordering::Relaxed);
+                if first >= to {
+                    break;
+                }
+                let machines = (first..(first + BATCH).min(to)).map(machine).collect();
+                client
+                    .upsert_machines(UpsertMachinesRequest { machines })
+                    .await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok((to - from) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Settle, then read the agent's resident memory.
+async fn rss_settled(server: &Server) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.rss_bytes()
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let bin = build_patina()?;
+    let work = tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut json = serde_json::Map::new();
+    let apps = o.records / INSTANCES_PER_APP;
+
+    // 1. Single upserts.
+    let server = Server::start(&bin, &work.join("upserts"))?;
+    for (i, clients) in [1usize, 16, 128].into_iter().enumerate() {
+        let per_s = rt.block_on(upserts(
+            &server.url,
+            clients,
+            o.secs,
+            i as u64 * 1_000_000_000,
+        ))?;
+        rows.push((
+            format!("acked upserts/s, {clients} clients"),
+            format!("{per_s:.0}"),
+        ));
+        json.insert(
+            format!("upserts_per_s_c{clients}"),
+            (per_s.round() as u64).into(),
+        );
+    }
+    server.stop()?;
+
+    // 2. Load a fresh agent; memory per machine.
+    let dir = work.join("loaded");
+    let server = Server::start(&bin, &dir)?;
+    let base = rt.block_on(rss_settled(&server))?;
+    let batched_100k = rt.block_on(load(&server.url, 0, 100_000))?;
+    let rss_100k = rt.block_on(rss_settled(&server))?;
+    let (batched, rss_end) = if o.records > 100_000 {
+        let batched_rest = rt.block_on(load(&server.url, 100_000, o.records))?;
+        let total_s = 100_000.0 / batched_100k + (o.records - 100_000) as f64 / batched_rest;
+        (
+            o.records as f64 / total_s,
+            rt.block_on(rss_settled(&server))?,
+        )
+    } else {
+        (batched_100k, rss_100k)
+    };
+    let per_100k = (rss_100k - base) as f64 / 100_000.0;
+    let per_end = (rss_end - base) as f64 / o.records as f64;
+    rows.push((
+        "batched records/s (1000 per call)".into(),
+        format!("{batched:.0}"),
+    ));
+    rows.push((
+        "agent RSS at start".into(),
+        format!("{:.1} MiB", base as f64 / 1048576.0),
+    ));
+    rows.push(("bytes/machine at 100k".into(), format!("{per_100k:.0}")));
+    rows.push((
+        format!("bytes/machine at {}", o.records),
+        format!("{per_end:.0}"),
+    ));
+    json.insert(
+        "batched_records_per_s".into(),
+        (batched.round() as u64).into(),
+    );
+    json.insert(
+        "bytes_per_machine_100k".into(),
+        (per_100k.round() as u64).into(),
+    );
+    let key = if o.records == 1_000_000 {
+        "bytes_per_machine_1m".to_owned()
+    } else {
+        format!("bytes_per_machine_{}", o.records)
+    };
+    json.insert(key, (per_end.round() as u64).into());
+
+    // 3. ListInstances over gRPC, one client, random apps.
+    let lat = rt.block_on(async {
+        let mut client = connect(&server.url).await?;
+        let mut rng = Rng(0x5eed);
+        let mut ns = Vec::new();
+        let until = Instant::now() + Duration::from_secs(o.secs);
+        while Instant::now() < until {
+            let app = format!("app-{}", rng.below(apps));
+            let t = Instant::now();
+            let got = client
+                .list_instances(ListInstancesRequest {
+                    app,
+                    include_all: false,
+                })
+                .await?
+                .into_inner();
+            ns.push(t.elapsed().as_nanos() as u64);
+            anyhow::ensure!(
+                got.machines.len() as u64 == INSTANCES_PER_APP,
+                "short listing"
+            );
+        }
+        ns.sort_unstable();
+        anyhow::Ok(ns)
+    })?;
+    let (g50, g99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
+    rows.push((
+        format!("ListInstances gRPC p50 / p99 ({INSTANCES_PER_APP} instances)"),
+        format!("{g50:.0} / {g99:.0} µs"),
+    ));
+    json.insert("list_grpc_p50_us".into(), round2(g50));
+    json.insert("list_grpc_p99_us".into(), round2(g99));
+    server.stop()?;
+
+    // 4. In-process lookups from the index the agent rebuilt from SQLite.
+    let before = rss_of("/proc/self/status")?;
+    let t = Instant::now();
+    let store = patina_store::Store::open(&dir.join("data"), Default::default())?;
+    let open_s = t.elapsed().as_secs_f64();
+    let rebuilt = (rss_of("/proc/self/status")? - before) as f64 / o.records as f64;
+    let mut rng = Rng(0x5eed);
+    let names: Vec<String> = (0..4096)
+        .map(|_| format!("app-{}", rng.below(apps)))
+        .collect();
+    let mut ns = Vec::with_capacity(1_000_000);
+    for i in 0..1_000_000usize {
+        let app = &names[i % names.len()];
+        let t = Instant::now();
+        let got = store.list(app, patina_store::Filter::RoutableOnly);
+        ns.push(t.elapsed().as_nanos() as u64);
+        std::hint::black_box(&got);
+        drop(got);
+    }
+    ns.sort_unstable();
+    let (l50, l99) = (percentile_us(&ns, 50.0), percentile_us(&ns, 99.0));
+    rows.push((
+        format!("in-process lookup p50 / p99 ({INSTANCES_PER_APP} instances)"),
+        format!("{l50:.2} / {l99:.2} µs"),
+    ));
+    rows.push((
+        "store open + index rebuild".into(),
+        format!("{open_s:.1} s"),
+    ));
+    rows.push((
+        "bytes/machine, index rebuilt in-process".into(),
+        format!("{rebuilt:.0}"),
+    ));
+    json.insert("lookup_in_process_p50_us".into(), round2(l50));
+    json.insert("lookup_in_process_p99_us".into(), round2(l99));
+    json.insert(
+        "bytes_per_machine_rebuilt".into(),
+        (rebuilt.round() as u64).into(),
+    );
+    json.insert("instances_per_app".into(), INSTANCES_PER_APP.into());
+    store.close();
+    drop(store);
+    let _ = std::fs::remove_dir_all(&work);
+
+    println!(
+        "\npatina store benchmark ({} s per phase, {} records)",
+        o.secs, o.records
+    );
+    for (k, v) in &rows {
+        println!("  {k:<52} {v:>16}");
+    }
+    println!("{}", serde_json::Value::Object(json));
+    Ok(())
+}
+
+fn round2(x: f64) -> serde_json::Value {
+    serde_json::json!((x * 100.0).round() / 100.0)
+}
+
+/// A scratch directory on disk (not tmpfs: fsync must be real) under the target directory.
+fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+    let base = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::harness::root().join("target"));
+    let dir = base.join(format!("bench-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
