@@ -85,18 +85,20 @@ pub fn machine_from_entry(value: &[u8], v: &patina_store::Version) -> Result<Mac
 }
 
 fn entry_to_machine(e: &Entry) -> Result<Machine, Status> {
-    machine_from_entry(&e.value, &e.version)
+    let value = e
+        .value()
+        .ok_or_else(|| Status::internal("a tombstone was served as a machine"))?;
+    machine_from_entry(value, &e.version())
 }
 
 fn change_to_proto(c: &Change) -> Result<MachineChange, Status> {
-    let change = match &c.body {
-        Some((value, _)) => {
-            machine_change::Change::Upserted(machine_from_entry(value, &c.version)?)
-        }
+    let e = &c.entry;
+    let change = match e.value() {
+        Some(value) => machine_change::Change::Upserted(machine_from_entry(value, &e.version())?),
         None => machine_change::Change::Deleted(MachineDeleted {
-            id: c.key.to_string(),
-            app: c.group.to_string(),
-            version: Some(version(&c.version)),
+            id: e.key().to_owned(),
+            app: e.group().to_owned(),
+            version: Some(version(&e.version())),
         }),
     };
     Ok(MachineChange {
@@ -156,9 +158,9 @@ impl Region for RegionService {
         let versions = self
             .store
             .write(vec![LocalWrite::Put {
-                key: Arc::from(valid.id),
-                group: Arc::from(valid.app),
-                value: Arc::from(&valid.encoded[..]),
+                key: valid.id,
+                group: valid.app,
+                value: valid.encoded.clone(),
                 routable: valid.routable,
             }])
             .await
@@ -178,9 +180,9 @@ impl Region for RegionService {
         let ops = valid
             .into_iter()
             .map(|v| LocalWrite::Put {
-                key: Arc::from(v.id),
-                group: Arc::from(v.app),
-                value: Arc::from(&v.encoded[..]),
+                key: v.id,
+                group: v.app,
+                value: v.encoded,
                 routable: v.routable,
             })
             .collect();
@@ -198,7 +200,7 @@ impl Region for RegionService {
         validate::machine_id(&id).map_err(invalid)?;
         let versions = self
             .store
-            .write(vec![LocalWrite::Delete { key: Arc::from(id) }])
+            .write(vec![LocalWrite::Delete { key: id }])
             .await
             .map_err(store_error)?;
         Ok(Response::new(DeleteMachineResponse {
@@ -233,7 +235,7 @@ impl Region for RegionService {
             Filter::RoutableOnly
         };
         let mut entries = self.store.list(&req.app, filter);
-        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        entries.sort_unstable_by(|a, b| a.key().cmp(b.key()));
         let machines = entries
             .iter()
             .map(entry_to_machine)

@@ -24,6 +24,9 @@ pub enum StoreError {
     /// A delete named a key that has no live record; nothing was written.
     #[error("no record with key {0:?}")]
     NotFound(Arc<str>),
+    /// A key or group is longer than `MAX_KEY_LEN` bytes; nothing was written.
+    #[error("key or group of {0} bytes is too long")]
+    KeyTooLong(usize),
     /// A write would move a live key to another group; nothing was written.
     #[error("key {key:?} belongs to {existing:?}; delete it before reusing it elsewhere")]
     GroupChange { key: Arc<str>, existing: Arc<str> },

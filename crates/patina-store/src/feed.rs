@@ -11,19 +11,20 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-use crate::Version;
+use crate::Entry;
 
-/// One committed change.
+/// One committed change: the key's new state (a tombstone for a deletion).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
-    pub rev: u64,
-    pub key: Arc<str>,
-    pub group: Arc<str>,
+    pub entry: Entry,
     /// The group the key was live in before, when this change moved it elsewhere.
     pub moved_from: Option<Arc<str>>,
-    /// The new value and routability; `None` for a deletion.
-    pub body: Option<(Arc<[u8]>, bool)>,
-    pub version: Version,
+}
+
+impl Change {
+    pub fn rev(&self) -> u64 {
+        self.entry.rev()
+    }
 }
 
 /// The caller's position is older than the log remembers.
@@ -94,28 +95,28 @@ impl Feed {
             return Err(Behind { floor: log.floor });
         }
         // Revisions in the log are increasing, so binary search finds the start.
-        let start = log.changes.partition_point(|c| c.rev <= after);
+        let start = log.changes.partition_point(|c| c.rev() <= after);
         let mut out = Vec::new();
         let mut upto = after;
         for change in log.changes.iter().skip(start).take(MAX_SCAN_PER_READ) {
             if out.len() >= max {
                 break;
             }
-            upto = change.rev;
+            upto = change.rev();
             if keep(change) {
                 out.push(change.clone());
             }
         }
         if start + MAX_SCAN_PER_READ >= log.changes.len() && out.len() < max {
             // Read to the end: nothing between the last change and the current revision.
-            upto = upto.max(log.changes.back().map_or(after, |c| c.rev));
+            upto = upto.max(log.changes.back().map_or(after, Change::rev));
         }
         Ok((out, upto))
     }
 
     /// Append committed changes and wake watchers. Writer thread only.
     pub(crate) fn publish(&self, changes: Vec<Change>) {
-        let Some(last) = changes.last().map(|c| c.rev) else {
+        let Some(last) = changes.last().map(Change::rev) else {
             return;
         };
         {
@@ -130,11 +131,11 @@ impl Feed {
 
 impl Log {
     fn push(&mut self, change: Change) {
-        debug_assert!(self.changes.back().is_none_or(|c| c.rev < change.rev));
+        debug_assert!(self.changes.back().is_none_or(|c| c.rev() < change.rev()));
         if self.changes.len() == self.capacity
             && let Some(old) = self.changes.pop_front()
         {
-            self.floor = old.rev;
+            self.floor = old.rev();
         }
         self.changes.push_back(change);
     }

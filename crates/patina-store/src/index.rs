@@ -1,48 +1,17 @@
-//! The in-memory serving index: every record by key, and every live record by group (an app).
+//! The in-memory serving index: every record by key (tombstones too), and every live record
+//! by group (an app).
 //!
 //! Only the writer thread mutates it, after the change is durable; readers on any thread see
 //! committed state only. Lock scopes are a few lines in plain blocks that cannot hold an
-//! `.await`; readers clone `Arc`s out.
+//! `.await`; readers clone [`Entry`] handles out.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as Slot;
 
-use crate::Version;
-
-/// A live record, as readers get it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Entry {
-    pub key: Arc<str>,
-    pub group: Arc<str>,
-    /// The encoded value (for machines: a `patina.v1.Machine` without version or time).
-    pub value: Arc<[u8]>,
-    pub version: Version,
-    /// Whether the record may be routed to (for machines: started and passing).
-    pub routable: bool,
-    /// The store revision of the write that produced this state.
-    pub rev: u64,
-}
-
-/// What the index holds for every key, live or deleted: enough for the merge rule, for
-/// moving between groups, and for catch-up scans by revision.
-#[derive(Clone, Debug)]
-pub(crate) struct KeyState {
-    pub group: Arc<str>,
-    pub version: Version,
-    pub rev: u64,
-    pub live: bool,
-}
-
-/// A live record inside its group.
-#[derive(Clone, Debug)]
-struct Slot {
-    value: Arc<[u8]>,
-    version: Version,
-    routable: bool,
-    rev: u64,
-}
+use crate::entry::{ByKey, Entry};
 
 /// Which of a group's live records a listing returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,47 +22,29 @@ pub enum Filter {
 
 #[derive(Default)]
 pub(crate) struct Index {
-    keys: DashMap<Arc<str>, KeyState>,
-    groups: DashMap<Arc<str>, HashMap<Arc<str>, Slot>>,
+    keys: DashMap<ByKey, ()>,
+    groups: DashMap<Arc<str>, HashSet<ByKey>>,
 }
 
 impl Index {
-    pub fn key_state(&self, key: &str) -> Option<KeyState> {
-        self.keys.get(key).map(|s| s.clone())
+    /// The current state of `key`, tombstone or live.
+    pub fn state(&self, key: &str) -> Option<Entry> {
+        self.keys.get(key).map(|e| e.key().0.clone())
     }
 
-    /// The interned group name, so that every record of a group shares one allocation.
-    pub fn intern_group(&self, group: &str) -> Option<Arc<str>> {
-        self.groups.get(group).map(|r| r.key().clone())
-    }
-
-    /// The interned key, when the key is known.
-    pub fn intern_key(&self, key: &str) -> Option<Arc<str>> {
-        self.keys.get(key).map(|r| r.key().clone())
-    }
-
+    /// The live record of `key`.
     pub fn get(&self, key: &str) -> Option<Entry> {
-        let group = {
-            let state = self.keys.get(key)?;
-            if !state.live {
-                return None;
-            }
-            state.group.clone()
-        };
-        let groups = self.groups.get(&group)?;
-        let (key, slot) = groups.get_key_value(key)?;
-        Some(entry(key, &group, slot))
+        self.state(key).filter(Entry::is_live)
     }
 
     pub fn list(&self, group: &str, filter: Filter) -> Vec<Entry> {
         let Some(records) = self.groups.get(group) else {
             return Vec::new();
         };
-        let (group, records) = records.pair();
         records
             .iter()
-            .filter(|(_, slot)| filter == Filter::All || slot.routable)
-            .map(|(key, slot)| entry(key, group, slot))
+            .filter(|e| filter == Filter::All || e.0.routable())
+            .map(|e| e.0.clone())
             .collect()
     }
 
@@ -104,24 +55,23 @@ impl Index {
             None => {
                 let mut out = Vec::with_capacity(self.keys.len());
                 for records in self.groups.iter() {
-                    let (group, records) = records.pair();
-                    out.extend(records.iter().map(|(key, slot)| entry(key, group, slot)));
+                    out.extend(records.iter().map(|e| e.0.clone()));
                 }
                 out
             }
         }
     }
 
-    /// Keys of one group (or all groups) whose last change has a revision above `after`,
-    /// with that state, oldest first. Deleted keys come back with `live == false`.
-    pub fn changed_since(&self, after: u64, group: Option<&str>) -> Vec<(Arc<str>, KeyState)> {
-        let mut out: Vec<(Arc<str>, KeyState)> = self
+    /// Keys of one group (or all groups) whose state has a revision above `after`, oldest
+    /// first, tombstones included.
+    pub fn changed_since(&self, after: u64, group: Option<&str>) -> Vec<Entry> {
+        let mut out: Vec<Entry> = self
             .keys
             .iter()
-            .filter(|s| s.rev > after && group.is_none_or(|g| *s.group == *g))
-            .map(|s| (s.key().clone(), s.value().clone()))
+            .map(|e| e.key().0.clone())
+            .filter(|e| e.rev() > after && group.is_none_or(|g| e.group() == g))
             .collect();
-        out.sort_by_key(|(_, s)| s.rev);
+        out.sort_by_key(Entry::rev);
         out
     }
 
@@ -137,39 +87,36 @@ impl Index {
         self.groups.len()
     }
 
-    /// Install a new state for `key`. Called by the writer thread only, after commit.
-    pub fn install(
-        &self,
-        key: Arc<str>,
-        group: Arc<str>,
-        body: Option<(Arc<[u8]>, bool)>,
-        version: Version,
-        rev: u64,
-    ) {
-        let previous = self.keys.insert(
-            key.clone(),
-            KeyState {
-                group: group.clone(),
-                version,
-                rev,
-                live: body.is_some(),
-            },
-        );
-        if let Some(prev) = previous.filter(|p| p.live && p.group != group) {
-            self.remove_from_group(&prev.group, &key);
-        }
-        match body {
-            Some((value, routable)) => {
-                let slot = Slot {
-                    value,
-                    version,
-                    routable,
-                    rev,
-                };
-                self.groups.entry(group).or_default().insert(key, slot);
+    /// Install a key's new state; returns the state it replaced. Writer thread only, after
+    /// commit.
+    pub fn install(&self, entry: Entry) -> Option<Entry> {
+        let previous = match self.keys.entry(ByKey(entry.clone())) {
+            Slot::Occupied(o) => Some(o.replace_entry(()).0.0),
+            Slot::Vacant(v) => {
+                v.insert(());
+                None
             }
-            None => self.remove_from_group(&group, &key),
+        };
+        if let Some(prev) = previous
+            .as_ref()
+            .filter(|p| p.is_live() && p.group() != entry.group())
+        {
+            self.remove_from_group(prev.group(), prev.key());
         }
+        if entry.is_live() {
+            match self.groups.get_mut(entry.group()) {
+                Some(mut records) => {
+                    records.replace(ByKey(entry));
+                }
+                None => {
+                    let group: Arc<str> = Arc::from(entry.group());
+                    self.groups.entry(group).or_default().replace(ByKey(entry));
+                }
+            }
+        } else {
+            self.remove_from_group(entry.group(), entry.key());
+        }
+        previous
     }
 
     fn remove_from_group(&self, group: &str, key: &str) {
@@ -184,16 +131,5 @@ impl Index {
             self.groups
                 .remove_if(group, |_, records| records.is_empty());
         }
-    }
-}
-
-fn entry(key: &Arc<str>, group: &Arc<str>, slot: &Slot) -> Entry {
-    Entry {
-        key: key.clone(),
-        group: group.clone(),
-        value: slot.value.clone(),
-        version: slot.version,
-        routable: slot.routable,
-        rev: slot.rev,
     }
 }

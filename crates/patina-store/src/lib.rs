@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+mod entry;
 mod error;
 mod feed;
 mod index;
@@ -29,9 +30,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use entry::{Entry, MAX_KEY_LEN};
 pub use error::StoreError;
 pub use feed::{Behind, Change, Feed};
-pub use index::{Entry, Filter};
+pub use index::Filter;
 pub use version::{Hlc, HlcClock, NodeId, Version, supersedes};
 pub use watch::{BadToken, Cursor, ResumeToken, WatchItem};
 pub use writer::LocalWrite;
@@ -205,15 +207,14 @@ impl Store {
         self.state.index.list(group, filter)
     }
 
-    /// Every key's current record, tombstones included, for merge checks and tests.
+    /// A key's current record, tombstone included, as it would travel to another node.
     pub fn record(&self, key: &str) -> Option<Record> {
-        let ks = self.state.index.key_state(key)?;
-        let entry = if ks.live { self.get(key) } else { None };
+        let e = self.state.index.state(key)?;
         Some(Record {
-            key: Arc::from(key),
-            group: ks.group,
-            body: entry.map(|e| (e.value, e.routable)),
-            version: ks.version,
+            key: Arc::from(e.key()),
+            group: Arc::from(e.group()),
+            body: e.value().map(|v| (Arc::from(v), e.routable())),
+            version: e.version(),
         })
     }
 

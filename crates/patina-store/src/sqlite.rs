@@ -1,15 +1,13 @@
 //! The SQLite side of the store: schema, opening, loading at start, and the statements the
 //! writer thread runs. Only the writer thread writes; loading happens before it starts.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use crate::feed::Change;
 use crate::index::Index;
-use crate::{Hlc, NodeId, StoreError, Version};
+use crate::{Entry, Hlc, NodeId, StoreError, Version};
 
 /// Bump when the schema changes in a way older code can't read.
 const SCHEMA_VERSION: i64 = 1;
@@ -98,36 +96,32 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(buf)
 }
 
-/// Load every record into the index. Groups and keys are interned as they load.
+/// Load every record into the index.
 pub(crate) fn load_index(conn: &Connection, index: &Index) -> Result<(), StoreError> {
-    let mut groups: HashMap<String, Arc<str>> = HashMap::new();
     let mut stmt = conn.prepare(
         "SELECT key, grp, value, routable, hlc, origin, seq, rev FROM records ORDER BY rev",
     )?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        let key: String = row.get(0)?;
-        let grp: String = row.get(1)?;
-        let group = match groups.get(&grp) {
-            Some(g) => g.clone(),
-            None => {
-                let g: Arc<str> = Arc::from(grp.as_str());
-                groups.insert(grp, g.clone());
-                g
+        let bad = |i: usize| {
+            move |e: rusqlite::types::FromSqlError| {
+                rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
             }
         };
-        let value: Option<Vec<u8>> = row.get(2)?;
+        let key = row.get_ref(0)?.as_str().map_err(bad(0))?;
+        let group = row.get_ref(1)?.as_str().map_err(bad(1))?;
+        let value = row.get_ref(2)?.as_blob_or_null().map_err(bad(2))?;
         let routable: bool = row.get(3)?;
         let version = version_from_row(row.get(4)?, row.get(5)?, row.get(6)?);
         let rev = row.get::<_, i64>(7)? as u64;
-        let body = value.map(|v| (Arc::<[u8]>::from(v), routable));
-        index.install(Arc::from(key), group, body, version, rev);
+        let body = value.map(|v| (v, routable));
+        index.install(Entry::new(key, group, body, version, rev));
     }
     Ok(())
 }
 
 /// The latest `count` changes by revision, oldest first, and the revision below them (the
-/// log floor). Taken from the index, which already holds the values.
+/// log floor). Taken from the index, which already holds the records.
 pub(crate) fn recent_changes(
     conn: &Connection,
     index: &Index,
@@ -146,23 +140,12 @@ pub(crate) fn recent_changes(
             floor = rev;
             break;
         }
-        let Some(state) = index.key_state(&key) else {
-            continue;
-        };
-        let key = index.intern_key(&key).unwrap_or_else(|| Arc::from(key));
-        let body = if state.live {
-            index.get(&key).map(|e| (e.value, e.routable))
-        } else {
-            None
-        };
-        changes.push(Change {
-            rev,
-            key,
-            group: state.group,
-            moved_from: None,
-            body,
-            version: state.version,
-        });
+        if let Some(entry) = index.state(&key) {
+            changes.push(Change {
+                entry,
+                moved_from: None,
+            });
+        }
     }
     changes.reverse();
     Ok((floor, changes))
@@ -177,27 +160,21 @@ fn version_from_row(hlc: i64, origin: i64, seq: i64) -> Version {
 }
 
 /// Write one record's new state. Writer thread only, inside its group-commit transaction.
-pub(crate) fn put_record(
-    tx: &Transaction<'_>,
-    key: &str,
-    group: &str,
-    body: Option<(&[u8], bool)>,
-    version: &Version,
-    rev: u64,
-) -> Result<(), rusqlite::Error> {
+pub(crate) fn put_record(tx: &Transaction<'_>, e: &Entry) -> Result<(), rusqlite::Error> {
     let mut stmt = tx.prepare_cached(
         "INSERT OR REPLACE INTO records (key, grp, value, routable, hlc, origin, seq, rev)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
+    let v = e.version();
     stmt.execute(params![
-        key,
-        group,
-        body.map(|b| b.0),
-        body.is_some_and(|b| b.1),
-        version.hlc.0 as i64,
-        version.origin.0 as i64,
-        version.seq as i64,
-        rev as i64,
+        e.key(),
+        e.group(),
+        e.value(),
+        e.routable(),
+        v.hlc.0 as i64,
+        v.origin.0 as i64,
+        v.seq as i64,
+        e.rev() as i64,
     ])?;
     Ok(())
 }

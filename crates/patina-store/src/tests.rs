@@ -31,17 +31,15 @@ fn rt() -> tokio::runtime::Runtime {
 
 fn put(key: &str, group: &str, value: &str, routable: bool) -> LocalWrite {
     LocalWrite::Put {
-        key: Arc::from(key),
-        group: Arc::from(group),
-        value: Arc::from(value.as_bytes()),
+        key: key.into(),
+        group: group.into(),
+        value: value.as_bytes().to_vec(),
         routable,
     }
 }
 
 fn del(key: &str) -> LocalWrite {
-    LocalWrite::Delete {
-        key: Arc::from(key),
-    }
+    LocalWrite::Delete { key: key.into() }
 }
 
 fn version(hlc: u64, origin: u64, seq: u64) -> Version {
@@ -216,18 +214,18 @@ fn acknowledged_writes_and_counters_survive_reopen() {
         "identity is kept with the data directory"
     );
     assert_eq!(store.stats().revision, rev);
-    assert_eq!(&*store.get("m1").unwrap().value, b"a");
-    assert!(store.get("m1").unwrap().routable);
-    assert!(!store.get("m2").unwrap().routable);
+    assert_eq!(store.get("m1").unwrap().value(), Some(&b"a"[..]));
+    assert!(store.get("m1").unwrap().routable());
+    assert!(!store.get("m2").unwrap().routable());
     assert!(store.get("m3").is_none(), "tombstone survives");
     assert!(store.record("m3").unwrap().body.is_none());
-    let mut web: Vec<_> = store
+    let mut web: Vec<String> = store
         .list("web", Filter::All)
         .into_iter()
-        .map(|e| e.key)
+        .map(|e| e.key().to_owned())
         .collect();
     web.sort();
-    assert_eq!(web, vec![Arc::from("m1"), Arc::from("m2")]);
+    assert_eq!(web, vec!["m1", "m2"]);
     assert_eq!(store.list("web", Filter::RoutableOnly).len(), 1);
     let next = rt
         .block_on(store.write(vec![put("m4", "web", "d", true)]))
@@ -277,12 +275,12 @@ fn a_failing_op_rejects_its_whole_request_and_nothing_changes() {
     // A key can be deleted and then reused in another group.
     rt.block_on(store.write(vec![del("m1"), put("m1", "db", "x", true)]))
         .unwrap();
-    assert_eq!(&*store.get("m1").unwrap().group, "db");
+    assert_eq!(store.get("m1").unwrap().group(), "db");
     assert!(
         store
             .list("web", Filter::All)
             .iter()
-            .all(|e| &*e.key != "m1")
+            .all(|e| e.key() != "m1")
     );
 }
 
@@ -325,7 +323,7 @@ fn concurrent_writers_share_commits_and_every_ack_is_durable() {
     let store = Store::open(dir.path(), opts()).unwrap();
     for (key, v) in &acked {
         let e = store.get(key).unwrap_or_else(|| panic!("{key} lost"));
-        assert_eq!(e.version, *v);
+        assert_eq!(e.version(), *v);
     }
 }
 
@@ -343,7 +341,7 @@ fn delta_keys(item: &WatchItem) -> (Vec<(String, bool)>, Option<ResumeToken>) {
         WatchItem::Delta { changes, token } => (
             changes
                 .iter()
-                .map(|c| (c.key.to_string(), c.body.is_some()))
+                .map(|c| (c.entry.key().to_string(), c.entry.is_live()))
                 .collect(),
             *token,
         ),

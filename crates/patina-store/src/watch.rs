@@ -15,8 +15,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::feed::Change;
-use crate::index::Entry;
-use crate::{NodeId, State};
+use crate::{Entry, NodeId, State};
 
 /// A position in one store's change history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +72,7 @@ pub struct Cursor {
     pos: u64,
     /// Keys yielded by a snapshot or scan at a revision above `pos`: older log entries for
     /// them are stale and are skipped.
-    seen: HashMap<Arc<str>, u64>,
+    seen: HashMap<String, u64>,
     rx: watch::Receiver<u64>,
     queue: VecDeque<WatchItem>,
     max_batch: usize,
@@ -116,15 +115,19 @@ impl Cursor {
         }
     }
 
+    /// Remember entries read from the index at a revision above `r0`.
+    fn note_seen<'a>(&mut self, r0: u64, entries: impl Iterator<Item = &'a Entry>) {
+        for e in entries.filter(|e| e.rev() > r0) {
+            self.seen.insert(e.key().to_owned(), e.rev());
+        }
+    }
+
     fn start_snapshot(&mut self) {
         // Read the revision first: every change after it will also come from the log.
         let r0 = self.state.feed.revision();
         let entries = self.state.index.snapshot(self.scope.as_deref());
-        self.seen = entries
-            .iter()
-            .filter(|e| e.rev > r0)
-            .map(|e| (e.key.clone(), e.rev))
-            .collect();
+        self.seen.clear();
+        self.note_seen(r0, entries.iter());
         let mut reset = true;
         let mut entries = entries.into_iter().peekable();
         loop {
@@ -147,37 +150,22 @@ impl Cursor {
         self.pos = r0;
     }
 
-    /// Coalesced catch-up for a cursor the log has left behind.
+    /// Coalesced catch-up for a cursor the log has left behind: the current state of every
+    /// key changed since its position. A key changed again after the scan still ends up
+    /// right: that change has a revision above `r0` and comes from the log (or is skipped
+    /// there as already seen).
     fn catch_up(&mut self) {
         let r0 = self.state.feed.revision();
         let changed = self
             .state
             .index
             .changed_since(self.pos, self.scope.as_deref());
-        let mut changes = Vec::with_capacity(changed.len());
-        for (key, ks) in changed {
-            let entry = if ks.live {
-                self.state.index.get(&key)
-            } else {
-                None
-            };
-            // A key deleted or changed again since the scan still ends up right: a later
-            // change has a revision above r0 and comes from the log.
-            let rev = entry.as_ref().map_or(ks.rev, |e| e.rev);
-            if rev > r0 {
-                self.seen.insert(key.clone(), rev);
-            }
-            changes.push(Change {
-                rev,
-                key,
-                group: ks.group,
-                moved_from: None,
-                body: entry.as_ref().map(|e| (e.value.clone(), e.routable)),
-                version: entry.map_or(ks.version, |e| e.version),
-            });
-        }
-        let total = changes.len();
-        let mut changes = changes.into_iter();
+        self.note_seen(r0, changed.iter());
+        let total = changed.len();
+        let mut changes = changed.into_iter().map(|entry| Change {
+            entry,
+            moved_from: None,
+        });
         let mut sent = 0;
         while sent < total {
             let chunk: Vec<Change> = changes.by_ref().take(self.max_batch).collect();
@@ -194,7 +182,7 @@ impl Cursor {
     fn in_scope(&self, change: &Change) -> bool {
         match &self.scope {
             None => true,
-            Some(g) => change.group == *g || change.moved_from.as_ref() == Some(g),
+            Some(g) => change.entry.group() == &**g || change.moved_from.as_ref() == Some(g),
         }
     }
 
@@ -214,7 +202,7 @@ impl Cursor {
                     self.pos = upto;
                     let changes: Vec<Change> = changes
                         .into_iter()
-                        .filter(|c| self.seen.get(&c.key).is_none_or(|&s| c.rev > s))
+                        .filter(|c| self.seen.get(c.entry.key()).is_none_or(|&s| c.rev() > s))
                         .map(|c| self.scoped(c))
                         .collect();
                     let changes = coalesce(changes);
@@ -239,15 +227,17 @@ impl Cursor {
     }
 
     /// A change that moved a key out of this cursor's group is, to this cursor, a deletion.
-    fn scoped(&self, mut change: Change) -> Change {
-        if let Some(scope) = &self.scope
-            && change.group != *scope
-        {
-            change.group = scope.clone();
-            change.body = None;
-            change.moved_from = None;
+    fn scoped(&self, change: Change) -> Change {
+        match &self.scope {
+            Some(scope) if change.entry.group() != &**scope => {
+                let e = &change.entry;
+                Change {
+                    entry: Entry::new(e.key(), scope, None, e.version(), e.rev()),
+                    moved_from: None,
+                }
+            }
+            _ => change,
         }
-        change
     }
 }
 
@@ -257,9 +247,14 @@ fn coalesce(changes: Vec<Change>) -> Vec<Change> {
     if changes.len() < 2 {
         return changes;
     }
-    let last: HashMap<Arc<str>, u64> = changes.iter().map(|c| (c.key.clone(), c.rev)).collect();
+    let last: HashMap<&str, u64> = changes.iter().map(|c| (c.entry.key(), c.rev())).collect();
+    let keep: Vec<bool> = changes
+        .iter()
+        .map(|c| last.get(c.entry.key()) == Some(&c.rev()))
+        .collect();
     changes
         .into_iter()
-        .filter(|c| last.get(&c.key) == Some(&c.rev))
+        .zip(keep)
+        .filter_map(|(c, k)| k.then_some(c))
         .collect()
 }

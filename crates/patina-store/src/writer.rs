@@ -5,34 +5,34 @@
 //! does it update the index and the feed and acknowledge each request. When idle, a lone
 //! write commits at once; under load, batches grow by themselves while an fsync is running.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::entry::{ByKey, MAX_KEY_LEN};
 use crate::feed::Change;
-use crate::index::KeyState;
 use crate::sqlite::{self, Meta};
-use crate::{HlcClock, Record, State, StoreError, Version, supersedes};
+use crate::{Entry, HlcClock, Record, State, StoreError, Version, supersedes};
 
 /// A write from this node's own clients.
 #[derive(Clone, Debug)]
 pub enum LocalWrite {
     Put {
-        key: Arc<str>,
-        group: Arc<str>,
-        value: Arc<[u8]>,
+        key: String,
+        group: String,
+        value: Vec<u8>,
         routable: bool,
     },
     Delete {
-        key: Arc<str>,
+        key: String,
     },
 }
 
 impl LocalWrite {
-    fn key(&self) -> &Arc<str> {
+    fn key(&self) -> &str {
         match self {
             LocalWrite::Put { key, .. } | LocalWrite::Delete { key } => key,
         }
@@ -77,22 +77,15 @@ pub(crate) struct Writer {
     pub max_batch_ops: usize,
 }
 
-/// The state a key will have once the current group commits.
-#[derive(Clone)]
-struct Pending {
-    group: Arc<str>,
-    version: Version,
-    live: bool,
-}
+/// States of keys written earlier in the current group, not yet in the index.
+type Pending = HashSet<ByKey>;
 
-impl From<KeyState> for Pending {
-    fn from(s: KeyState) -> Self {
-        Pending {
-            group: s.group,
-            version: s.version,
-            live: s.live,
-        }
-    }
+/// A key's state as of this point in the group: pending, else the index's.
+fn current(state: &State, pending: &Pending, key: &str) -> Option<Entry> {
+    pending
+        .get(key)
+        .map(|e| e.0.clone())
+        .or_else(|| state.index.state(key))
 }
 
 impl Writer {
@@ -159,13 +152,7 @@ impl Writer {
         };
         // Durable: now, and only now, readers may see it.
         for change in &changes {
-            self.state.index.install(
-                change.key.clone(),
-                change.group.clone(),
-                change.body.clone(),
-                change.version,
-                change.rev,
-            );
+            self.state.index.install(change.entry.clone());
         }
         self.state.feed.publish(changes);
         for (req, outcome) in batch.into_iter().zip(outcomes) {
@@ -190,18 +177,12 @@ impl Writer {
     ) -> Result<Vec<Outcome>, rusqlite::Error> {
         let state = self.state.clone();
         let tx = self.conn.transaction()?;
-        let mut pending: HashMap<Arc<str>, Pending> = HashMap::new();
-        let current = |pending: &HashMap<Arc<str>, Pending>, key: &str| -> Option<Pending> {
-            pending
-                .get(key)
-                .cloned()
-                .or_else(|| state.index.key_state(key).map(Pending::from))
-        };
+        let mut pending = Pending::new();
         let mut outcomes = Vec::with_capacity(batch.len());
         for req in batch {
             match req {
                 Request::Local { ops, .. } => {
-                    if let Err(e) = check_local(ops, &pending, &current) {
+                    if let Err(e) = check_local(&state, ops, &pending) {
                         outcomes.push(Outcome::Local(Err(e)));
                         continue;
                     }
@@ -214,91 +195,53 @@ impl Writer {
                             origin: self.meta.node,
                             seq: self.meta.local_seq,
                         };
-                        let prev = current(&pending, op.key());
-                        let (key, group, body) = match op {
+                        let prev = current(&state, &pending, op.key());
+                        let entry = match op {
                             LocalWrite::Put {
                                 key,
                                 group,
                                 value,
                                 routable,
-                            } => (
-                                intern_key(&state, key),
-                                intern_group(&state, group),
-                                Some((value.clone(), *routable)),
+                            } => Entry::new(
+                                key,
+                                group,
+                                Some((value, *routable)),
+                                version,
+                                self.meta.revision,
                             ),
                             LocalWrite::Delete { key } => {
-                                let group = prev.as_ref().map(|p| p.group.clone());
-                                let group = group.expect("checked: deletes name live keys");
-                                (intern_key(&state, key), group, None)
+                                let prev = prev.as_ref().expect("checked: deletes name live keys");
+                                Entry::new(key, prev.group(), None, version, self.meta.revision)
                             }
                         };
-                        sqlite::put_record(
-                            &tx,
-                            &key,
-                            &group,
-                            body.as_ref().map(|(v, r)| (&v[..], *r)),
-                            &version,
-                            self.meta.revision,
-                        )?;
-                        let moved_from =
-                            prev.filter(|p| p.live && p.group != group).map(|p| p.group);
-                        pending.insert(
-                            key.clone(),
-                            Pending {
-                                group: group.clone(),
-                                version,
-                                live: body.is_some(),
-                            },
-                        );
-                        changes.push(Change {
-                            rev: self.meta.revision,
-                            key,
-                            group,
-                            moved_from,
-                            body,
-                            version,
-                        });
+                        sqlite::put_record(&tx, &entry)?;
                         versions.push(version);
+                        stage_change(&mut pending, changes, entry, prev);
                     }
                     outcomes.push(Outcome::Local(Ok(versions)));
                 }
                 Request::Remote { records, .. } => {
                     let mut won = 0;
                     for record in records {
-                        let prev = current(&pending, &record.key);
-                        if !supersedes(&record.version, prev.as_ref().map(|p| &p.version)) {
+                        if record.key.len() > MAX_KEY_LEN || record.group.len() > MAX_KEY_LEN {
+                            continue;
+                        }
+                        let prev = current(&state, &pending, &record.key);
+                        if !supersedes(&record.version, prev.as_ref().map(|p| p.version()).as_ref())
+                        {
                             continue;
                         }
                         self.clock.observe(record.version.hlc);
                         self.meta.revision += 1;
-                        let key = intern_key(&state, &record.key);
-                        let group = intern_group(&state, &record.group);
-                        sqlite::put_record(
-                            &tx,
-                            &key,
-                            &group,
+                        let entry = Entry::new(
+                            &record.key,
+                            &record.group,
                             record.body.as_ref().map(|(v, r)| (&v[..], *r)),
-                            &record.version,
+                            record.version,
                             self.meta.revision,
-                        )?;
-                        let moved_from =
-                            prev.filter(|p| p.live && p.group != group).map(|p| p.group);
-                        pending.insert(
-                            key.clone(),
-                            Pending {
-                                group: group.clone(),
-                                version: record.version,
-                                live: record.body.is_some(),
-                            },
                         );
-                        changes.push(Change {
-                            rev: self.meta.revision,
-                            key,
-                            group,
-                            moved_from,
-                            body: record.body.clone(),
-                            version: record.version,
-                        });
+                        sqlite::put_record(&tx, &entry)?;
+                        stage_change(&mut pending, changes, entry, prev);
                         won += 1;
                     }
                     outcomes.push(Outcome::Remote(Ok(won)));
@@ -313,58 +256,54 @@ impl Writer {
     }
 }
 
-fn intern_key(state: &State, key: &Arc<str>) -> Arc<str> {
-    state.index.intern_key(key).unwrap_or_else(|| key.clone())
-}
-
-fn intern_group(state: &State, group: &Arc<str>) -> Arc<str> {
-    state
-        .index
-        .intern_group(group)
-        .unwrap_or_else(|| group.clone())
+fn stage_change(
+    pending: &mut Pending,
+    changes: &mut Vec<Change>,
+    entry: Entry,
+    prev: Option<Entry>,
+) {
+    let moved_from = prev
+        .filter(|p| p.is_live() && p.group() != entry.group())
+        .map(|p| Arc::from(p.group()));
+    pending.replace(ByKey(entry.clone()));
+    changes.push(Change { entry, moved_from });
 }
 
 /// Check a local request against the state it would apply to, all ops in order, before any
 /// of them is written: one failing op rejects the whole request.
-fn check_local(
-    ops: &[LocalWrite],
-    pending: &HashMap<Arc<str>, Pending>,
-    current: &impl Fn(&HashMap<Arc<str>, Pending>, &str) -> Option<Pending>,
-) -> Result<(), StoreError> {
-    let mut local: HashMap<&str, Pending> = HashMap::new();
+fn check_local(state: &State, ops: &[LocalWrite], pending: &Pending) -> Result<(), StoreError> {
+    // The live group each key will have after the ops checked so far (None: not live).
+    let mut local: HashMap<&str, Option<&str>> = HashMap::new();
     for op in ops {
         let key = op.key();
-        let prev = local.get(&**key).cloned().or_else(|| current(pending, key));
-        let live_group = prev.filter(|p| p.live).map(|p| p.group);
+        if key.len() > MAX_KEY_LEN {
+            return Err(StoreError::KeyTooLong(key.len()));
+        }
+        let prev = current(state, pending, key);
+        let live_group: Option<&str> = match local.get(key) {
+            Some(g) => *g,
+            None => prev.as_ref().filter(|p| p.is_live()).map(|p| p.group()),
+        };
         match op {
             LocalWrite::Put { group, .. } => {
+                if group.len() > MAX_KEY_LEN {
+                    return Err(StoreError::KeyTooLong(group.len()));
+                }
                 if let Some(existing) = live_group.filter(|g| g != group) {
                     return Err(StoreError::GroupChange {
-                        key: key.clone(),
-                        existing,
+                        key: Arc::from(key),
+                        existing: Arc::from(existing),
                     });
                 }
-                local.insert(key, pending_stub(group.clone(), true));
+                local.insert(key, Some(group));
             }
             LocalWrite::Delete { .. } => {
-                let Some(group) = live_group else {
-                    return Err(StoreError::NotFound(key.clone()));
-                };
-                local.insert(key, pending_stub(group, false));
+                if live_group.is_none() {
+                    return Err(StoreError::NotFound(Arc::from(key)));
+                }
+                local.insert(key, None);
             }
         }
     }
     Ok(())
-}
-
-fn pending_stub(group: Arc<str>, live: bool) -> Pending {
-    Pending {
-        group,
-        version: Version {
-            hlc: crate::Hlc(0),
-            origin: crate::NodeId(0),
-            seq: 0,
-        },
-        live,
-    }
 }
