@@ -2,9 +2,11 @@
 //!
 //! - `cargo xtask bench store [--secs N] [--records N]`: the store benchmark (see
 //!   `docs/benchmarks.md`); prints a table and, last, one JSON line.
+//! - tidy checks run as tests of this crate (`tidy.rs`).
 
 mod bench_store;
 mod harness;
+mod tidy;
 
 use anyhow::bail;
 

@@ -132,7 +132,11 @@ impl Store {
         let conn = sqlite::open(&dir.join(DB_FILE))?;
         let meta = sqlite::load_meta(&conn)?;
         let index = Index::default();
-        sqlite::load_index(&conn, &index)?;
+        let stale = sqlite::load_index(&conn, &index)?;
+        if !stale.is_empty() {
+            tracing::warn!(rows = stale.len(), "deleting superseded rows found at load");
+            sqlite::delete_revs(&conn, &stale)?;
+        }
         let (floor, recent) = sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
         let feed = Feed::new(opts.watch_log_capacity.get(), floor, meta.revision, recent);
         let state = Arc::new(State {

@@ -17,17 +17,20 @@ CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- One row per key: its latest state, stored under the revision of the change that made it.
+-- The revision is the rowid, so every write appends at the end of the table; the row it
+-- supersedes is found by the revision the in-memory index holds, not by a key index (keys
+-- arrive in random order, and a B-tree keyed by them dirties a random page per write).
 CREATE TABLE IF NOT EXISTS records (
-    key      TEXT PRIMARY KEY,
+    rev      INTEGER PRIMARY KEY,
+    key      TEXT NOT NULL,
     grp      TEXT NOT NULL,
     value    BLOB,             -- NULL for a tombstone
     routable INTEGER NOT NULL,
     hlc      INTEGER NOT NULL, -- u64 bits stored as i64
     origin   INTEGER NOT NULL, -- u64 bits stored as i64
-    seq      INTEGER NOT NULL,
-    rev      INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS records_by_rev ON records (rev);
+    seq      INTEGER NOT NULL
+);
 ";
 
 /// What the store knows about itself, persisted in `meta` with every commit.
@@ -80,12 +83,11 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         Some(other) => return Err(StoreError::Schema(other)),
     }
     let node = meta_get(conn, "node_id")?.ok_or(StoreError::Schema(-1))?;
-    let max_hlc: Option<i64> = conn.query_row("SELECT max(hlc) FROM records", [], |r| r.get(0))?;
-    let stored_hlc = meta_get(conn, "hlc")?.unwrap_or(0) as u64;
     Ok(Meta {
         node: NodeId(node as u64),
         local_seq: meta_get(conn, "local_seq")?.unwrap_or(0) as u64,
-        hlc: Hlc(stored_hlc.max(max_hlc.unwrap_or(0) as u64)),
+        // Written with every commit, so never below any stored record's timestamp.
+        hlc: Hlc(meta_get(conn, "hlc")?.unwrap_or(0) as u64),
         revision: meta_get(conn, "revision")?.unwrap_or(0) as u64,
     })
 }
@@ -96,8 +98,10 @@ fn random_u64() -> u64 {
     u64::from_le_bytes(buf)
 }
 
-/// Load every record into the index.
-pub(crate) fn load_index(conn: &Connection, index: &Index) -> Result<(), StoreError> {
+/// Load every record into the index, in revision order. Returns the revisions of rows that
+/// a later row of the same key superseded (none, unless an older version left them).
+pub(crate) fn load_index(conn: &Connection, index: &Index) -> Result<Vec<u64>, StoreError> {
+    let mut stale = Vec::new();
     let mut stmt = conn.prepare(
         "SELECT key, grp, value, routable, hlc, origin, seq, rev FROM records ORDER BY rev",
     )?;
@@ -115,7 +119,18 @@ pub(crate) fn load_index(conn: &Connection, index: &Index) -> Result<(), StoreEr
         let version = version_from_row(row.get(4)?, row.get(5)?, row.get(6)?);
         let rev = row.get::<_, i64>(7)? as u64;
         let body = value.map(|v| (v, routable));
-        index.install(Entry::new(key, group, body, version, rev));
+        if let Some(old) = index.install(Entry::new(key, group, body, version, rev)) {
+            stale.push(old.rev());
+        }
+    }
+    Ok(stale)
+}
+
+/// Delete superseded rows found at load.
+pub(crate) fn delete_revs(conn: &Connection, revs: &[u64]) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare("DELETE FROM records WHERE rev = ?1")?;
+    for rev in revs {
+        stmt.execute([*rev as i64])?;
     }
     Ok(())
 }
@@ -159,10 +174,19 @@ fn version_from_row(hlc: i64, origin: i64, seq: i64) -> Version {
     }
 }
 
-/// Write one record's new state. Writer thread only, inside its group-commit transaction.
-pub(crate) fn put_record(tx: &Transaction<'_>, e: &Entry) -> Result<(), rusqlite::Error> {
+/// Write one record's new state, replacing the row of its previous state. Writer thread
+/// only, inside its group-commit transaction.
+pub(crate) fn put_record(
+    tx: &Transaction<'_>,
+    e: &Entry,
+    previous: Option<&Entry>,
+) -> Result<(), rusqlite::Error> {
+    if let Some(previous) = previous {
+        let mut stmt = tx.prepare_cached("DELETE FROM records WHERE rev = ?1")?;
+        stmt.execute([previous.rev() as i64])?;
+    }
     let mut stmt = tx.prepare_cached(
-        "INSERT OR REPLACE INTO records (key, grp, value, routable, hlc, origin, seq, rev)
+        "INSERT INTO records (key, grp, value, routable, hlc, origin, seq, rev)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let v = e.version();

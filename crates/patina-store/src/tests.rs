@@ -487,3 +487,29 @@ fn a_shuffled_batch_of_remote_records_lands_on_the_highest_versions() {
         assert_eq!(store.record(&key).unwrap(), *max);
     }
 }
+
+#[test]
+fn sqlite_keeps_one_row_per_key_however_often_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    for i in 0..5 {
+        rt.block_on(store.write(vec![put("a", "web", &i.to_string(), true)]))
+            .unwrap();
+    }
+    rt.block_on(store.write(vec![put("b", "web", "x", true), put("b", "web", "y", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![del("b")])).unwrap();
+    let older = remote("a", version(1, 1, 1), false);
+    rt.block_on(store.apply(vec![older])).unwrap();
+    store.close();
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let rows: Vec<(String, bool)> = conn
+        .prepare("SELECT key, value IS NULL FROM records ORDER BY key")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows, vec![("a".to_owned(), false), ("b".to_owned(), true)]);
+}

@@ -214,7 +214,7 @@ impl Writer {
                                 Entry::new(key, prev.group(), None, version, self.meta.revision)
                             }
                         };
-                        sqlite::put_record(&tx, &entry)?;
+                        sqlite::put_record(&tx, &entry, prev.as_ref())?;
                         versions.push(version);
                         stage_change(&mut pending, changes, entry, prev);
                     }
@@ -240,7 +240,7 @@ impl Writer {
                             record.version,
                             self.meta.revision,
                         );
-                        sqlite::put_record(&tx, &entry)?;
+                        sqlite::put_record(&tx, &entry, prev.as_ref())?;
                         stage_change(&mut pending, changes, entry, prev);
                         won += 1;
                     }

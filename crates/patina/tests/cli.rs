@@ -1,0 +1,166 @@
+//! The command-line client against a real agent: the documented forms work, `--json` parses,
+//! and errors exit non-zero with the gRPC code. Also: health and reflection are served.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::Agent;
+
+fn patina(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_patina"))
+        .args(args)
+        .env_remove("PATINA_SERVER")
+        .output()
+        .expect("run patina")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = patina(args);
+    assert!(
+        out.status.success(),
+        "patina {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_commands_work_and_json_parses() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let server = agent.addr.trim_start_matches("http://").to_owned();
+    let s = server.as_str();
+
+    ok(&[
+        "machine",
+        "put",
+        "--server",
+        s,
+        "--app",
+        "web",
+        "--id",
+        "web-1",
+        "--addr",
+        "127.0.0.1:8080",
+    ]);
+    ok(&[
+        "machine",
+        "put",
+        "--server",
+        s,
+        "--app",
+        "web",
+        "--id",
+        "web-2",
+        "--addr",
+        "127.0.0.1:8081",
+        "--addr",
+        "[::1]:8081",
+        "--state",
+        "started",
+        "--health",
+        "critical",
+        "--meta",
+        "zone=a",
+    ]);
+
+    let healthy: serde_json::Value =
+        serde_json::from_str(&ok(&["instances", "--server", s, "web", "--json"])).unwrap();
+    let ids: Vec<&str> = healthy["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["web-1"]);
+    assert_eq!(healthy["machines"][0]["region"], "test");
+    assert_eq!(healthy["machines"][0]["host"], "worker-1");
+
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&["instances", "--server", s, "web", "--all", "--json"])).unwrap();
+    assert_eq!(all["machines"].as_array().unwrap().len(), 2);
+
+    let one: serde_json::Value =
+        serde_json::from_str(&ok(&["machine", "get", "--server", s, "web-2", "--json"])).unwrap();
+    assert_eq!(one["health"], "critical");
+    assert_eq!(one["addresses"][1], "[::1]:8081");
+    assert_eq!(one["metadata"]["zone"], "a");
+    assert!(one["version"]["seq"].as_u64().unwrap() >= 2);
+
+    ok(&["machine", "rm", "--server", s, "web-1"]);
+    let out = patina(&["machine", "get", "--server", s, "web-1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+
+    let out = patina(&[
+        "machine",
+        "put",
+        "--server",
+        s,
+        "--app",
+        "Bad_App",
+        "--id",
+        "x",
+        "--addr",
+        "1.2.3.4:5",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("app"),
+        "{err}"
+    );
+    let out = patina(&[
+        "machine", "put", "--server", s, "--app", "web", "--id", "x", "--state", "sleeping",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown state"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let channel = tonic::transport::Channel::from_shared(agent.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "patina.v1.Region".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("expected a service list, got {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"patina.v1.Region".to_owned()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+}
