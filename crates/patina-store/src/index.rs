@@ -41,11 +41,15 @@ impl Index {
         let Some(records) = self.groups.get(group) else {
             return Vec::new();
         };
-        records
-            .iter()
-            .filter(|e| filter == Filter::All || e.0.routable())
-            .map(|e| e.0.clone())
-            .collect()
+        // Sized up front: growing the vector would reallocate several times per lookup.
+        let mut out = Vec::with_capacity(records.len());
+        out.extend(
+            records
+                .iter()
+                .filter(|e| filter == Filter::All || e.0.routable())
+                .map(|e| e.0.clone()),
+        );
+        out
     }
 
     /// Every live record of one group, or of all groups.
