@@ -51,7 +51,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
-    let region = RegionServer::new(RegionService::new(store, &id.region, &id.host))
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let region = RegionServer::new(RegionService::new(store, &id.region, &id.host, stopping))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(usize::MAX);
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -70,7 +71,10 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(region)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            stop_tx.send_replace(true);
+        })
         .await?;
     Ok(())
 }

@@ -24,14 +24,23 @@ pub struct RegionService {
     store: Store,
     region: Arc<str>,
     host: Arc<str>,
+    /// Becomes true when the agent shuts down: open Watch streams end with `UNAVAILABLE`
+    /// (they never end by themselves, and a graceful shutdown waits for open streams).
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RegionService {
-    pub fn new(store: Store, region: &str, host: &str) -> RegionService {
+    pub fn new(
+        store: Store,
+        region: &str,
+        host: &str,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> RegionService {
         RegionService {
             store,
             region: Arc::from(region),
             host: Arc::from(host),
+            stopping,
         }
     }
 }
@@ -268,10 +277,26 @@ impl Region for RegionService {
         let cursor = self.store.watch(scope, resume, WATCH_BATCH);
         // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
         // client simply stops its cursor; the cursor catches up later without buffering.
-        let stream = futures_util::stream::unfold(cursor, |mut cursor| async move {
-            let item = cursor.next().await?;
-            Some((watch_response(item), cursor))
-        });
+        let stopping = self.stopping.clone();
+        let stream = futures_util::stream::unfold(
+            (cursor, stopping, false),
+            |(mut cursor, mut stopping, ended)| async move {
+                if ended {
+                    return None;
+                }
+                let response = tokio::select! {
+                    item = cursor.next() => match item {
+                        Some(item) => watch_response(item),
+                        None => Err(Status::unavailable("the agent's store closed")),
+                    },
+                    _ = stopping.wait_for(|s| *s) => Err(Status::unavailable(
+                        "the agent is shutting down; resume elsewhere",
+                    )),
+                };
+                let ended = response.is_err();
+                Some((response, (cursor, stopping, ended)))
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,0 +1,103 @@
+//! `patina dev`, the README's first command: serves on embedded defaults, prints where, and
+//! stops cleanly on Ctrl-C even with a watch open, removing its temporary data.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use patina_proto::v1::region_client::RegionClient;
+use patina_proto::v1::{Health, Machine, MachineState, UpsertMachineRequest, WatchRequest};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_patina"))
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .env("PATINA_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut url = None;
+    let mut data = None;
+    while url.is_none() || data.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("dev banner");
+        if let Some(u) = line.strip_prefix("region API: ") {
+            url = Some(u.to_owned());
+        }
+        if let Some((_, d)) = line.split_once("data in ") {
+            data = Some(PathBuf::from(d.trim()));
+        }
+    }
+    let (url, data) = (url.unwrap(), data.unwrap());
+    assert!(data.exists(), "dev keeps its data in {}", data.display());
+
+    let mut client = RegionClient::connect(url).await.unwrap();
+    let machine = Machine {
+        id: "web-1".into(),
+        app: "web".into(),
+        addresses: vec!["127.0.0.1:8080".into()],
+        state: MachineState::Started as i32,
+        health: Health::Passing as i32,
+        ..Machine::default()
+    };
+    let stored = client
+        .upsert_machine(UpsertMachineRequest {
+            machine: Some(machine),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .machine
+        .unwrap();
+    assert_eq!(stored.region, "dev");
+    let mut watch = client
+        .watch(WatchRequest {
+            app: "web".into(),
+            resume_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().unwrap().reset);
+
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "patina dev did not stop within 10 s of Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    // The open watch was told, rather than left hanging.
+    loop {
+        match watch.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+                break;
+            }
+        }
+    }
+    assert!(!data.exists(), "the temporary data directory was removed");
+}
