@@ -14,7 +14,7 @@ use patina_store::{Change, Entry, Filter, LocalWrite, ResumeToken, Store, StoreE
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::validate::{self, Invalid};
+use crate::validate::{self, Invalid, ValidMachine};
 
 /// Most machines per Watch message: bounds each message (4 KiB records: at most ~2 MiB).
 pub const WATCH_BATCH: usize = 512;
@@ -63,6 +63,16 @@ pub(crate) fn store_error(e: StoreError) -> Status {
             tracing::error!(error = %other, "store write failed");
             Status::internal(format!("store: {other}"))
         }
+    }
+}
+
+/// A validated machine as a store write: keyed by id, grouped by app.
+fn put(v: ValidMachine) -> LocalWrite {
+    LocalWrite::Put {
+        key: v.id,
+        group: v.app,
+        value: v.encoded,
+        routable: v.routable,
     }
 }
 
@@ -166,12 +176,7 @@ impl Region for RegionService {
         let valid = validate::machine(&m, &self.region, &self.host).map_err(invalid)?;
         let versions = self
             .store
-            .write(vec![LocalWrite::Put {
-                key: valid.id,
-                group: valid.app,
-                value: valid.encoded.clone(),
-                routable: valid.routable,
-            }])
+            .write(vec![put(valid.clone())])
             .await
             .map_err(store_error)?;
         let machine = machine_from_entry(&valid.encoded, &versions[0])?;
@@ -186,15 +191,7 @@ impl Region for RegionService {
     ) -> Result<Response<UpsertMachinesResponse>, Status> {
         let ms = request.into_inner().machines;
         let valid = validate::batch(&ms, &self.region, &self.host).map_err(invalid)?;
-        let ops = valid
-            .into_iter()
-            .map(|v| LocalWrite::Put {
-                key: v.id,
-                group: v.app,
-                value: v.encoded,
-                routable: v.routable,
-            })
-            .collect();
+        let ops = valid.into_iter().map(put).collect();
         let versions = self.store.write(ops).await.map_err(store_error)?;
         Ok(Response::new(UpsertMachinesResponse {
             versions: versions.iter().map(version).collect(),

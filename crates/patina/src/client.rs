@@ -161,14 +161,27 @@ fn print_machine(m: &Machine) {
     );
 }
 
+/// `patina machine put` options, besides `--server`.
+#[derive(clap::Args)]
 pub struct PutArgs {
+    #[arg(long)]
     pub app: String,
+    #[arg(long)]
     pub id: String,
+    /// ip:port; repeat for several.
+    #[arg(long = "addr")]
     pub addrs: Vec<String>,
+    #[arg(long, default_value = "started")]
     pub state: String,
+    #[arg(long, default_value = "passing")]
     pub health: String,
+    /// Worker host (default: the agent's).
+    #[arg(long)]
     pub host: Option<String>,
+    /// KEY=VALUE; repeat for several.
+    #[arg(long)]
     pub meta: Vec<String>,
+    #[arg(long)]
     pub json: bool,
 }
 

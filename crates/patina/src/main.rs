@@ -80,25 +80,8 @@ enum MachineCommand {
     Put {
         #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
         server: String,
-        #[arg(long)]
-        app: String,
-        #[arg(long)]
-        id: String,
-        /// ip:port; repeat for several.
-        #[arg(long = "addr")]
-        addrs: Vec<String>,
-        #[arg(long, default_value = "started")]
-        state: String,
-        #[arg(long, default_value = "passing")]
-        health: String,
-        /// Worker host (default: the agent's).
-        #[arg(long)]
-        host: Option<String>,
-        /// KEY=VALUE; repeat for several.
-        #[arg(long)]
-        meta: Vec<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        args: client::PutArgs,
     },
     /// Show one machine.
     Get {
@@ -155,29 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 result
             }
             Command::Machine { command } => match command {
-                MachineCommand::Put {
-                    server,
-                    app,
-                    id,
-                    addrs,
-                    state,
-                    health,
-                    host,
-                    meta,
-                    json,
-                } => {
-                    let args = client::PutArgs {
-                        app,
-                        id,
-                        addrs,
-                        state,
-                        health,
-                        host,
-                        meta,
-                        json,
-                    };
-                    client::machine_put(&server, args).await
-                }
+                MachineCommand::Put { server, args } => client::machine_put(&server, args).await,
                 MachineCommand::Get { server, id, json } => {
                     client::machine_get(&server, id, json).await
                 }
