@@ -7,6 +7,7 @@
 //! catch up another way (a scan of the index, or a new snapshot).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
@@ -19,6 +20,9 @@ pub struct Change {
     pub entry: Entry,
     /// The group the key was live in before, when this change moved it elsewhere.
     pub moved_from: Option<Arc<str>>,
+    /// Rebuilt from SQLite at start, where the previous state is gone: the key may have
+    /// left any group, so every scoped reader must consider it.
+    pub prior_unknown: bool,
 }
 
 impl Change {
@@ -44,6 +48,8 @@ struct Log {
 pub struct Feed {
     log: RwLock<Log>,
     revision: watch::Sender<u64>,
+    /// Set when the writer thread stops: no change will come again.
+    closed: AtomicBool,
 }
 
 /// At most this many log entries are examined per read, so a watcher of a quiet app never
@@ -64,6 +70,7 @@ impl Feed {
         Feed {
             log: RwLock::new(log),
             revision: watch::Sender::new(revision),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -77,7 +84,18 @@ impl Feed {
         self.log.read().expect("feed lock poisoned").floor
     }
 
-    /// A receiver that wakes whenever the revision moves.
+    /// No change will be published again (the store closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Mark the feed closed and wake every reader. Writer thread only, as it stops.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.revision.send_modify(|_| {});
+    }
+
+    /// A receiver that wakes whenever the revision moves (or the feed closes).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
     }

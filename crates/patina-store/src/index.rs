@@ -61,6 +61,10 @@ impl Index {
                 for records in self.groups.iter() {
                     out.extend(records.iter().map(|e| e.0.clone()));
                 }
+                // Shards are read one at a time, so a key moving between groups meanwhile
+                // can be seen in both: keep its newest state only.
+                out.sort_unstable_by(|a, b| a.key().cmp(b.key()).then(b.rev().cmp(&a.rev())));
+                out.dedup_by(|later, first| later.key() == first.key());
                 out
             }
         }

@@ -159,6 +159,7 @@ pub(crate) fn recent_changes(
             changes.push(Change {
                 entry,
                 moved_from: None,
+                prior_unknown: true,
             });
         }
     }

@@ -513,3 +513,93 @@ fn sqlite_keeps_one_row_per_key_however_often_it_changes() {
         .unwrap();
     assert_eq!(rows, vec![("a".to_owned(), false), ("b".to_owned(), true)]);
 }
+
+#[test]
+fn a_scoped_watch_sees_a_key_leave_its_group_live_after_restart_and_when_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), small_log(8)).unwrap();
+    rt.block_on(store.write(vec![put("m1", "web", "1", true)]))
+        .unwrap();
+    let mut live = store.watch(Some(Arc::from("web")), None, 100);
+    assert!(matches!(
+        next(&rt, &mut live),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+    let WatchItem::SnapshotDone { token } = next(&rt, &mut live) else {
+        panic!()
+    };
+    // Delete, then reuse the id in another app: the tombstone row is superseded.
+    rt.block_on(store.write(vec![del("m1")])).unwrap();
+    rt.block_on(store.write(vec![put("m1", "db", "2", true)]))
+        .unwrap();
+    let (keys, _) = delta_keys(&next(&rt, &mut live));
+    assert_eq!(keys, vec![("m1".into(), false)], "live: m1 left web");
+    drop(live);
+
+    // After a restart the log is rebuilt without the tombstone: still a deletion for web.
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), small_log(8)).unwrap();
+    let mut resumed = store.watch(Some(Arc::from("web")), Some(token), 100);
+    let (keys, _) = delta_keys(&next(&rt, &mut resumed));
+    assert_eq!(
+        keys,
+        vec![("m1".into(), false)],
+        "resumed after restart: m1 left web"
+    );
+
+    // A scoped cursor left behind by the log starts over with a reset snapshot.
+    rt.block_on(store.write(vec![put("w1", "web", "x", true)]))
+        .unwrap();
+    for i in 0..20 {
+        rt.block_on(store.write(vec![put(&format!("d{i}"), "db", "y", true)]))
+            .unwrap();
+    }
+    let WatchItem::Snapshot {
+        reset: true,
+        entries,
+    } = next(&rt, &mut resumed)
+    else {
+        panic!("expected a reset snapshot")
+    };
+    let keys: Vec<&str> = entries.iter().map(Entry::key).collect();
+    assert_eq!(keys, vec!["w1"]);
+}
+
+#[test]
+fn a_cursor_ends_when_the_store_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let mut cursor = store.watch(None, None, 100);
+    assert!(matches!(next(&rt, &mut cursor), WatchItem::Snapshot { .. }));
+    assert!(matches!(
+        next(&rt, &mut cursor),
+        WatchItem::SnapshotDone { .. }
+    ));
+    store.close();
+    let end = rt.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(5), cursor.next()).await
+    });
+    assert_eq!(end, Ok(None));
+}
+
+#[test]
+fn remote_timestamps_far_ahead_of_the_wall_clock_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let future = remote_v("k", version(u64::MAX - 1, 1, 1));
+    assert_eq!(rt.block_on(store.apply(vec![future])).unwrap(), 0);
+    assert!(store.record("k").is_none());
+    // Local writes still get timestamps near the wall clock.
+    let v = rt
+        .block_on(store.write(vec![put("m", "web", "x", true)]))
+        .unwrap()[0];
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(v.hlc.physical_ms().abs_diff(now_ms) < 60_000);
+}

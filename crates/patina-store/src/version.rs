@@ -74,7 +74,7 @@ impl HlcClock {
 
     /// A new timestamp, strictly greater than every earlier one.
     pub fn tick(&mut self, wall_ms: u64) -> Hlc {
-        let next = Hlc::from_physical_ms(wall_ms).max(Hlc(self.last.0 + 1));
+        let next = Hlc::from_physical_ms(wall_ms).max(Hlc(self.last.0.saturating_add(1)));
         self.last = next;
         next
     }

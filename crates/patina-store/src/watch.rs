@@ -150,11 +150,17 @@ impl Cursor {
         self.pos = r0;
     }
 
-    /// Coalesced catch-up for a cursor the log has left behind: the current state of every
-    /// key changed since its position. A key changed again after the scan still ends up
+    /// Catch-up for a cursor the log has left behind. Unscoped: the current state of every
+    /// key changed since its position (coalesced, no reset). Scoped: a new snapshot. A key changed again after the scan still ends up
     /// right: that change has a revision above `r0` and comes from the log (or is skipped
     /// there as already seen).
     fn catch_up(&mut self) {
+        if self.scope.is_some() {
+            // The index only knows where each key is now, not that it left this group while
+            // the cursor lagged: a scoped cursor starts over with a (small) new snapshot.
+            self.start_snapshot();
+            return;
+        }
         let r0 = self.state.feed.revision();
         let changed = self
             .state
@@ -165,6 +171,7 @@ impl Cursor {
         let mut changes = changed.into_iter().map(|entry| Change {
             entry,
             moved_from: None,
+            prior_unknown: false,
         });
         let mut sent = 0;
         while sent < total {
@@ -182,7 +189,11 @@ impl Cursor {
     fn in_scope(&self, change: &Change) -> bool {
         match &self.scope {
             None => true,
-            Some(g) => change.entry.group() == &**g || change.moved_from.as_ref() == Some(g),
+            Some(g) => {
+                change.entry.group() == &**g
+                    || change.moved_from.as_ref() == Some(g)
+                    || change.prior_unknown
+            }
         }
     }
 
@@ -217,6 +228,9 @@ impl Cursor {
                     if current > self.pos {
                         continue;
                     }
+                    if self.state.feed.is_closed() {
+                        return None;
+                    }
                     if self.rx.changed().await.is_err() {
                         return None;
                     }
@@ -234,6 +248,7 @@ impl Cursor {
                 Change {
                     entry: Entry::new(e.key(), scope, None, e.version(), e.rev()),
                     moved_from: None,
+                    prior_unknown: false,
                 }
             }
             _ => change,

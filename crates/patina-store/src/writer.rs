@@ -77,6 +77,11 @@ pub(crate) struct Writer {
     pub max_batch_ops: usize,
 }
 
+/// How far ahead of our wall clock a remote record's timestamp may be. A peer with a clock
+/// (or a bug) far in the future would otherwise drag every later local write with it, up to
+/// an HLC that can no longer advance.
+const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
 /// States of keys written earlier in the current group, not yet in the index.
 type Pending = HashSet<ByKey>;
 
@@ -113,6 +118,7 @@ impl Writer {
             }
             self.commit_group(std::mem::take(&mut batch));
         }
+        self.state.feed.close();
         tracing::debug!("store writer stopped");
     }
 
@@ -223,7 +229,10 @@ impl Writer {
                 Request::Remote { records, .. } => {
                     let mut won = 0;
                     for record in records {
-                        if record.key.len() > MAX_KEY_LEN || record.group.len() > MAX_KEY_LEN {
+                        if record.key.len() > MAX_KEY_LEN
+                            || record.group.len() > MAX_KEY_LEN
+                            || record.version.hlc.physical_ms() > now_ms + MAX_CLOCK_AHEAD_MS
+                        {
                             continue;
                         }
                         let prev = current(&state, &pending, &record.key);
@@ -266,7 +275,11 @@ fn stage_change(
         .filter(|p| p.is_live() && p.group() != entry.group())
         .map(|p| Arc::from(p.group()));
     pending.replace(ByKey(entry.clone()));
-    changes.push(Change { entry, moved_from });
+    changes.push(Change {
+        entry,
+        moved_from,
+        prior_unknown: false,
+    });
 }
 
 /// Check a local request against the state it would apply to, all ops in order, before any
