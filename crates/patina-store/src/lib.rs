@@ -25,7 +25,7 @@ mod tests;
 
 use std::fs::File;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -100,7 +100,6 @@ pub struct Store {
     tx: mpsc::Sender<Request>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
     _lock: Arc<File>,
-    dir: Arc<PathBuf>,
 }
 
 /// Name of the database file inside the data directory.
@@ -168,17 +167,12 @@ impl Store {
             tx,
             writer: Arc::new(Mutex::new(Some(handle))),
             _lock: Arc::new(lock),
-            dir: Arc::new(dir.to_path_buf()),
         })
     }
 
     /// This store's identity: the origin of every local write.
     pub fn node(&self) -> NodeId {
         self.state.node
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Apply local writes, all or nothing, and return once they are durable.
