@@ -276,7 +276,11 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // 4. In-process lookups from the index the agent rebuilt from SQLite.
     let before = rss_of("/proc/self/status")?;
     let t = Instant::now();
-    let store = patina_store::Store::open(&dir.join("data"), Default::default())?;
+    let opts = patina_store::StoreOptions {
+        kind: std::sync::Arc::new(patina_region::MachineKind::new("bench")),
+        ..Default::default()
+    };
+    let store = patina_store::Store::open(&dir.join("data"), opts)?;
     let open_s = t.elapsed().as_secs_f64();
     let rebuilt = (rss_of("/proc/self/status")? - before) as f64 / o.records as f64;
     let mut rng = Rng(0x5eed);

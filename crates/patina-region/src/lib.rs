@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod kind;
 pub mod service;
 pub mod validate;
 
@@ -17,6 +18,7 @@ use patina_proto::v1::region_server::RegionServer;
 use patina_store::Store;
 use tokio::net::TcpListener;
 
+pub use kind::MachineKind;
 pub use service::RegionService;
 
 /// Largest gRPC message accepted: a full UpsertMachines batch (1000 records of at most 4 KiB)
@@ -41,7 +43,15 @@ pub enum ServeError {
     /// The reflection service could not be built (a broken embedded descriptor set).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The store failed for good (a failed fsync, a writer panic): the agent reported
+    /// NOT_SERVING, ended every watch and stopped serving. It must exit.
+    #[error("the store failed: {0}")]
+    StoreFailed(std::sync::Arc<str>),
 }
+
+/// How long a failed agent keeps answering (health NOT_SERVING, writes UNAVAILABLE) before it
+/// stops, so that health checkers and clients see why rather than a refused connection.
+pub const FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serve the region API, health and reflection on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -52,6 +62,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let watched = store.clone();
     let region = RegionServer::new(RegionService::new(store, &id.region, &id.host, stopping))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(usize::MAX);
@@ -67,14 +78,33 @@ pub async fn serve(
     // Nagle's algorithm plus delayed ACKs would hold small responses for ~40 ms; the
     // server's own nodelay setting applies only to listeners it binds, so set it here.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let failure: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>> = Default::default();
+    let failed = failure.clone();
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(region)
         .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
+            tokio::select! {
+                _ = shutdown => {}
+                why = watched.failed() => {
+                    tracing::error!(reason = %why, "the store failed: reporting NOT_SERVING and stopping");
+                    health_reporter.set_not_serving::<RegionServer<RegionService>>().await;
+                    health_reporter
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    let _ = failed.set(why);
+                    // Watches end now (their cursors closed with the store); the rest is
+                    // answered for a moment so that clients learn why.
+                    stop_tx.send_replace(true);
+                    tokio::time::sleep(FAILED_GRACE).await;
+                }
+            }
             stop_tx.send_replace(true);
         })
         .await?;
-    Ok(())
+    match failure.get() {
+        Some(why) => Err(ServeError::StoreFailed(why.clone())),
+        None => Ok(()),
+    }
 }

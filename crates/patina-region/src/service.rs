@@ -59,6 +59,18 @@ pub(crate) fn store_error(e: StoreError) -> Status {
             "machine {key:?} belongs to app {existing:?}; delete it before reusing its id"
         )),
         StoreError::Closed => Status::unavailable("the agent is shutting down"),
+        StoreError::Failed(why) => Status::unavailable(format!(
+            "the agent's store failed and the agent is stopping: {why}"
+        )),
+        StoreError::DiskFull => Status::resource_exhausted(
+            "the agent's disk is full: the write was not applied; retry once space is freed",
+        ),
+        StoreError::Overloaded => {
+            Status::resource_exhausted("the agent's write queue is full: retry later")
+        }
+        StoreError::TooLarge { bytes, limit } => Status::resource_exhausted(format!(
+            "a request of {bytes} bytes exceeds the write queue's {limit} bytes"
+        )),
         other => {
             tracing::error!(error = %other, "store write failed");
             Status::internal(format!("store: {other}"))
@@ -72,7 +84,6 @@ fn put(v: ValidMachine) -> LocalWrite {
         key: v.id,
         group: v.app,
         value: v.encoded,
-        routable: v.routable,
     }
 }
 
@@ -155,7 +166,7 @@ pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
                 .iter()
                 .map(change_to_proto)
                 .collect::<Result<_, _>>()?,
-            resume_token: token.map(|t| t.to_string()).unwrap_or_default(),
+            resume_token: token.to_string(),
         },
     })
 }
@@ -222,7 +233,7 @@ impl Region for RegionService {
         validate::machine_id(&id).map_err(invalid)?;
         let entry = self
             .store
-            .get(&id)
+            .get_live(&id)
             .ok_or_else(|| Status::not_found(format!("no machine {id:?}")))?;
         Ok(Response::new(GetMachineResponse {
             machine: Some(entry_to_machine(&entry)?),
@@ -240,8 +251,7 @@ impl Region for RegionService {
         } else {
             Filter::RoutableOnly
         };
-        let mut entries = self.store.list(&req.app, filter);
-        entries.sort_unstable_by(|a, b| a.key().cmp(b.key()));
+        let entries = self.store.list(&req.app, filter);
         let machines = entries
             .iter()
             .map(entry_to_machine)
@@ -275,23 +285,29 @@ impl Region for RegionService {
         // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
         // client simply stops its cursor; the cursor catches up later without buffering.
         let stopping = self.stopping.clone();
+        let cursor_store = self.store.clone();
         let stream = futures_util::stream::unfold(
-            (cursor, stopping, false),
-            |(mut cursor, mut stopping, ended)| async move {
+            (cursor, stopping, cursor_store, false),
+            |(mut cursor, mut stopping, store, ended)| async move {
                 if ended {
                     return None;
                 }
                 let response = tokio::select! {
                     item = cursor.next() => match item {
                         Some(item) => watch_response(item),
-                        None => Err(Status::unavailable("the agent's store closed")),
+                        None => Err(match store.failure() {
+                            Some(why) => Status::unavailable(format!(
+                                "the agent's store failed and the agent is stopping: {why}"
+                            )),
+                            None => Status::unavailable("the agent's store closed"),
+                        }),
                     },
                     _ = stopping.wait_for(|s| *s) => Err(Status::unavailable(
                         "the agent is shutting down; resume elsewhere",
                     )),
                 };
                 let ended = response.is_err();
-                Some((response, (cursor, stopping, ended)))
+                Some((response, (cursor, stopping, store, ended)))
             },
         );
         Ok(Response::new(Box::pin(stream)))

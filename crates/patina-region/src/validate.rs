@@ -123,14 +123,14 @@ pub fn host_name(host: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// A machine ready to store: validated, normalized, and whether it may be routed to.
+/// A machine ready to store: validated and normalized. (Whether it may be routed to is the
+/// record kind's to say: `MachineKind::flags`.)
 #[derive(Debug, Clone)]
 pub struct ValidMachine {
     pub id: String,
     pub app: String,
     /// The encoded record (version and update time cleared: the store adds those).
     pub encoded: Vec<u8>,
-    pub routable: bool,
 }
 
 /// Validate a machine from a client and fill in this agent's region and host where empty.
@@ -145,6 +145,12 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
     }
     if !m.host.is_empty() {
         host_name(&m.host)?;
+        if m.host != host {
+            return Err(arg(format!(
+                "host: {:?} is not this agent's host {host:?}; leave it empty or write the machine to the agent on its host (that agent owns it: its failure hides the machine)",
+                m.host
+            )));
+        }
     }
     let state = MachineState::try_from(m.state)
         .ok()
@@ -236,7 +242,6 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
         id: stored.id,
         app: stored.app,
         encoded,
-        routable: state == MachineState::Started && health == Health::Passing,
     })
 }
 
@@ -284,19 +289,35 @@ mod tests {
     #[test]
     fn a_good_machine_gets_this_agents_region_and_host() {
         let v = machine(&good(), "ord", "worker-1").unwrap();
-        assert!(v.routable);
         let m = Machine::decode(&*v.encoded).unwrap();
         assert_eq!((m.region.as_str(), m.host.as_str()), ("ord", "worker-1"));
     }
 
     #[test]
     fn only_started_and_passing_is_routable() {
+        use patina_store::Kind;
+        let kind = crate::kind::MachineKind::new("ord");
+        let routable = |m: &Machine| {
+            kind.flags(&machine(m, "ord", "h").unwrap().encoded)
+                .routable
+        };
         let mut m = good();
+        assert!(routable(&m));
         m.health = Health::Warning as i32;
-        assert!(!machine(&m, "ord", "h").unwrap().routable);
+        assert!(!routable(&m));
         m.health = Health::Passing as i32;
         m.state = MachineState::Stopping as i32;
-        assert!(!machine(&m, "ord", "h").unwrap().routable);
+        assert!(!routable(&m));
+    }
+
+    #[test]
+    fn a_machine_of_another_host_is_refused() {
+        let mut m = good();
+        m.host = "worker-2".into();
+        let err = machine(&m, "ord", "worker-1").unwrap_err();
+        assert!(matches!(err, Invalid::Argument(_)) && err.to_string().starts_with("host:"));
+        m.host = "worker-1".into();
+        assert!(machine(&m, "ord", "worker-1").is_ok());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::{Hlc, NodeId, Version};
+use crate::{Flags, Hlc, NodeId, Version};
 
 /// Longest key or group, in bytes. Region keys are at most 64 characters and groups 63; the
 /// bound keeps lengths in a `u16` and records small.
@@ -37,24 +37,27 @@ pub struct Entry(Arc<[u8]>);
 impl Entry {
     /// Build an entry. `key` and `group` must be at most [`MAX_KEY_LEN`] bytes (the writer
     /// checks before it gets here).
+    /// `value` is `None` for a tombstone; `flags` apply to live values only.
     pub fn new(
         key: &str,
         group: &str,
-        body: Option<(&[u8], bool)>,
+        value: Option<&[u8]>,
+        flags: Flags,
         version: Version,
         rev: u64,
     ) -> Entry {
         assert!(key.len() <= MAX_KEY_LEN && group.len() <= MAX_KEY_LEN);
-        let value = body.map_or(&[][..], |(v, _)| v);
+        let live = value.is_some();
+        let value = value.unwrap_or_default();
         let mut buf = Vec::with_capacity(HEADER + key.len() + group.len() + value.len());
         buf.extend_from_slice(&version.hlc.0.to_le_bytes());
         buf.extend_from_slice(&version.origin.0.to_le_bytes());
         buf.extend_from_slice(&version.seq.to_le_bytes());
         buf.extend_from_slice(&rev.to_le_bytes());
-        let flags = match body {
-            None => 0,
-            Some((_, false)) => LIVE,
-            Some((_, true)) => LIVE | ROUTABLE,
+        let flags = match (live, flags.routable) {
+            (false, _) => 0,
+            (true, false) => LIVE,
+            (true, true) => LIVE | ROUTABLE,
         };
         buf.push(flags);
         buf.extend_from_slice(&(key.len() as u16).to_le_bytes());
@@ -63,6 +66,12 @@ impl Entry {
         buf.extend_from_slice(group.as_bytes());
         buf.extend_from_slice(value);
         Entry(Arc::from(buf))
+    }
+
+    /// Heap bytes of this entry's allocation (counted once however many handles share it).
+    pub fn heap_bytes(&self) -> usize {
+        // The Arc's two counters plus the bytes.
+        16 + self.0.len()
     }
 
     fn u64_at(&self, at: usize) -> u64 {
@@ -102,6 +111,19 @@ impl Entry {
         self.0[FLAGS] & ROUTABLE != 0
     }
 
+    pub fn flags(&self) -> Flags {
+        Flags {
+            routable: self.routable(),
+        }
+    }
+
+    /// The agent whose failure hides this record: the origin of its current version, i.e.
+    /// the agent that accepted the write (orchestrators write a host's machines to that
+    /// host's agent). See `docs/replication.md`, "Owners".
+    pub fn owner(&self) -> NodeId {
+        NodeId(self.u64_at(ORIGIN))
+    }
+
     pub fn version(&self) -> Version {
         Version {
             hlc: Hlc(self.u64_at(HLC)),
@@ -129,7 +151,7 @@ impl fmt::Debug for Entry {
     }
 }
 
-/// An entry in a set keyed (hashed, compared, looked up) by its key alone.
+/// An entry in a set keyed (hashed, compared, ordered, looked up) by its key alone.
 #[derive(Clone)]
 pub(crate) struct ByKey(pub Entry);
 
@@ -146,6 +168,18 @@ impl PartialEq for ByKey {
 }
 
 impl Eq for ByKey {}
+
+impl Ord for ByKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.key().cmp(other.0.key())
+    }
+}
+
+impl PartialOrd for ByKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Borrow<str> for ByKey {
     fn borrow(&self) -> &str {
@@ -164,15 +198,16 @@ mod tests {
             origin: NodeId(0x0123_4567_89ab_cdef),
             seq: 42,
         };
-        let e = Entry::new("m-1", "web", Some((b"\x00value\xff", true)), v, 7);
+        let on = Flags { routable: true };
+        let e = Entry::new("m-1", "web", Some(b"\x00value\xff"), on, v, 7);
         assert_eq!((e.key(), e.group()), ("m-1", "web"));
         assert_eq!(e.value(), Some(&b"\x00value\xff"[..]));
         assert!(e.is_live() && e.routable());
         assert_eq!((e.version(), e.rev()), (v, 7));
-        let t = Entry::new("m-1", "web", None, v, 8);
+        let t = Entry::new("m-1", "web", None, on, v, 8);
         assert!(!t.is_live() && !t.routable());
         assert_eq!(t.value(), None);
-        let quiet = Entry::new("", "", Some((b"", false)), v, 0);
+        let quiet = Entry::new("", "", Some(b""), Flags::default(), v, 0);
         assert!(quiet.is_live() && !quiet.routable());
         assert_eq!(quiet.value(), Some(&b""[..]));
     }

@@ -4,8 +4,7 @@ use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// SQLite failed. A failure inside a commit rolls back the whole group: none of its
-    /// writes were applied or acknowledged, and the counters were restored.
+    /// SQLite failed outside a group commit (opening, loading, a read); nothing was written.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// Opening the data directory failed; nothing was written.
@@ -18,9 +17,19 @@ pub enum StoreError {
     /// Another process holds the data directory's lock; nothing was opened.
     #[error("data directory {0} is in use by another process")]
     Locked(String),
-    /// The database exists but is not one this version understands; nothing was changed.
+    /// The database exists but is of a schema version this code can't read (a newer one);
+    /// nothing was changed.
     #[error("unsupported store schema version {0}")]
     Schema(i64),
+    /// The database holds records of another kind; nothing was changed.
+    #[error("the store holds {stored:?} records, not {wanted:?}")]
+    WrongKind {
+        stored: String,
+        wanted: &'static str,
+    },
+    /// Persisted state that can't be read back; nothing was changed.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
     /// A delete named a key that has no live record; nothing was written.
     #[error("no record with key {0:?}")]
     NotFound(Arc<str>),
@@ -30,12 +39,34 @@ pub enum StoreError {
     /// A write would move a live key to another group; nothing was written.
     #[error("key {key:?} belongs to {existing:?}; delete it before reusing it elsewhere")]
     GroupChange { key: Arc<str>, existing: Arc<str> },
-    /// The group commit this write was part of failed and was rolled back: the write was not
-    /// applied, and no counter moved.
-    #[error("commit failed: {0}")]
-    Commit(String),
-    /// The writer thread has stopped (the store is closing or a fatal error stopped it). The
-    /// write was not applied.
+    /// One request is larger than its whole queue's byte budget; nothing was written.
+    #[error("a request of {bytes} bytes exceeds the write queue's {limit} bytes")]
+    TooLarge { bytes: usize, limit: usize },
+    /// The write queue and its waiting room are full; nothing was written. Retry later.
+    #[error("the write queue is full; retry later")]
+    Overloaded,
+    /// The disk is full: the group commit this write was part of was rolled back, nothing of
+    /// it was applied and no counter moved. Writes succeed again once there is space.
+    #[error("the disk is full; the write was not applied")]
+    DiskFull,
+    /// The store hit a fault it cannot recover from (a failed fsync, a writer panic) and
+    /// stopped: this write was not applied and none will be. The message says what failed.
+    #[error("the store failed: {0}")]
+    Failed(Arc<str>),
+    /// The store has been closed (the agent is shutting down). The write was not applied.
     #[error("the store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// The same error for another waiter of the same commit (SQLite's errors are not `Clone`).
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::DiskFull => StoreError::DiskFull,
+            StoreError::Failed(why) => StoreError::Failed(why.clone()),
+            StoreError::Closed => StoreError::Closed,
+            StoreError::Overloaded => StoreError::Overloaded,
+            other => StoreError::Failed(other.to_string().into()),
+        }
+    }
 }

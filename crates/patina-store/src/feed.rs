@@ -43,6 +43,9 @@ struct Log {
     floor: u64,
     changes: VecDeque<Change>,
     capacity: usize,
+    /// Heap bytes of the records `changes` holds, and their bound.
+    bytes: usize,
+    max_bytes: usize,
 }
 
 pub struct Feed {
@@ -57,12 +60,20 @@ pub struct Feed {
 const MAX_SCAN_PER_READ: usize = 8192;
 
 impl Feed {
-    pub(crate) fn new(capacity: usize, floor: u64, revision: u64, recent: Vec<Change>) -> Feed {
+    pub(crate) fn new(
+        capacity: usize,
+        max_bytes: usize,
+        floor: u64,
+        revision: u64,
+        recent: Vec<Change>,
+    ) -> Feed {
         let capacity = capacity.max(1);
         let mut log = Log {
             floor,
             changes: VecDeque::with_capacity(capacity.min(recent.len() + 1024)),
             capacity,
+            bytes: 0,
+            max_bytes,
         };
         for change in recent {
             log.push(change);
@@ -77,6 +88,12 @@ impl Feed {
     /// The revision of the latest committed change.
     pub fn revision(&self) -> u64 {
         *self.revision.borrow()
+    }
+
+    /// Changes held, and the heap bytes of their records.
+    pub fn held(&self) -> (usize, usize) {
+        let log = self.log.read().expect("feed lock poisoned");
+        (log.changes.len(), log.bytes)
     }
 
     /// The oldest revision a reader may resume after.
@@ -148,13 +165,19 @@ impl Feed {
 }
 
 impl Log {
+    /// Append, dropping the oldest changes while the log is over its count or byte bound.
     fn push(&mut self, change: Change) {
         debug_assert!(self.changes.back().is_none_or(|c| c.rev() < change.rev()));
-        if self.changes.len() == self.capacity
-            && let Some(old) = self.changes.pop_front()
+        self.bytes += change.entry.heap_bytes();
+        self.changes.push_back(change);
+        while self.changes.len() > self.capacity
+            || (self.bytes > self.max_bytes && self.changes.len() > 1)
         {
+            let Some(old) = self.changes.pop_front() else {
+                break;
+            };
+            self.bytes -= old.entry.heap_bytes();
             self.floor = old.rev();
         }
-        self.changes.push_back(change);
     }
 }

@@ -1,11 +1,12 @@
 //! The in-memory serving index: every record by key (tombstones too), and every live record
-//! by group (an app).
+//! by group (an app), in key order.
 //!
 //! Only the writer thread mutates it, after the change is durable; readers on any thread see
 //! committed state only. Lock scopes are a few lines in plain blocks that cannot hold an
 //! `.await`; readers clone [`Entry`] handles out.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -23,63 +24,43 @@ pub enum Filter {
 #[derive(Default)]
 pub(crate) struct Index {
     keys: DashMap<ByKey, ()>,
-    groups: DashMap<Arc<str>, HashSet<ByKey>>,
+    /// Live records by group, ordered by key so that listings page and snapshots chunk
+    /// without copying the group.
+    groups: DashMap<Arc<str>, BTreeSet<ByKey>>,
 }
 
 impl Index {
-    /// The current state of `key`, tombstone or live.
-    pub fn state(&self, key: &str) -> Option<Entry> {
+    /// The latest state of `key`, tombstone or live.
+    pub fn latest(&self, key: &str) -> Option<Entry> {
         self.keys.get(key).map(|e| e.key().0.clone())
     }
 
     /// The live record of `key`.
-    pub fn get(&self, key: &str) -> Option<Entry> {
-        self.state(key).filter(Entry::is_live)
+    pub fn live(&self, key: &str) -> Option<Entry> {
+        self.latest(key).filter(Entry::is_live)
     }
 
-    pub fn list(&self, group: &str, filter: Filter) -> Vec<Entry> {
+    /// Up to `limit` live records of `group` with keys after `after`, in key order.
+    pub fn list(
+        &self,
+        group: &str,
+        filter: Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<Entry> {
         let Some(records) = self.groups.get(group) else {
             return Vec::new();
         };
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         // Sized up front: growing the vector would reallocate several times per lookup.
-        let mut out = Vec::with_capacity(records.len());
+        let mut out = Vec::with_capacity(records.len().min(limit));
         out.extend(
             records
-                .iter()
+                .range::<str, _>((lower, Bound::Unbounded))
                 .filter(|e| filter == Filter::All || e.0.routable())
+                .take(limit)
                 .map(|e| e.0.clone()),
         );
-        out
-    }
-
-    /// Every live record of one group, or of all groups.
-    pub fn snapshot(&self, group: Option<&str>) -> Vec<Entry> {
-        match group {
-            Some(group) => self.list(group, Filter::All),
-            None => {
-                let mut out = Vec::with_capacity(self.keys.len());
-                for records in self.groups.iter() {
-                    out.extend(records.iter().map(|e| e.0.clone()));
-                }
-                // Shards are read one at a time, so a key moving between groups meanwhile
-                // can be seen in both: keep its newest state only.
-                out.sort_unstable_by(|a, b| a.key().cmp(b.key()).then(b.rev().cmp(&a.rev())));
-                out.dedup_by(|later, first| later.key() == first.key());
-                out
-            }
-        }
-    }
-
-    /// Keys of one group (or all groups) whose state has a revision above `after`, oldest
-    /// first, tombstones included.
-    pub fn changed_since(&self, after: u64, group: Option<&str>) -> Vec<Entry> {
-        let mut out: Vec<Entry> = self
-            .keys
-            .iter()
-            .map(|e| e.key().0.clone())
-            .filter(|e| e.rev() > after && group.is_none_or(|g| e.group() == g))
-            .collect();
-        out.sort_by_key(Entry::rev);
         out
     }
 

@@ -1,10 +1,12 @@
 //! patina-store: the durable record store and the in-memory serving index.
 //!
-//! Records are small and independent: a key, a group (the app), an opaque encoded value, a
-//! routable flag, and a [`Version`]. SQLite (WAL, `synchronous=FULL`) is written by one
-//! dedicated thread with group commit; nothing is acknowledged, served or published before
-//! it is durable. The serving index ([`dashmap`]) is rebuilt from SQLite at start, and the
-//! change feed gives watchers every change by store revision.
+//! Records are small and independent: a key, a group (the app), an opaque encoded value, and
+//! a [`Version`]. What a value means belongs to the store's [`Kind`]. SQLite (WAL,
+//! `synchronous=FULL`) is written by one dedicated thread with group commit; nothing is
+//! acknowledged, served or published before it is durable. Per-origin knowledge (the digest
+//! anti-entropy exchanges) is persisted with the records. The serving index ([`dashmap`]) is
+//! rebuilt from SQLite at start, and the change feed gives watchers every change by store
+//! revision. [`Store::in_memory`] runs the same rules without SQLite, for simulations.
 //!
 //! Architecture invariant: only this crate opens SQLite, and only its writer thread writes
 //! it. Nothing here knows what a machine is.
@@ -15,6 +17,11 @@ mod entry;
 mod error;
 mod feed;
 mod index;
+mod kind;
+mod knowledge;
+mod mem;
+mod merge;
+mod queue;
 mod sqlite;
 mod version;
 mod watch;
@@ -23,61 +30,286 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use entry::{Entry, MAX_KEY_LEN};
 pub use error::StoreError;
 pub use feed::{Behind, Change, Feed};
 pub use index::Filter;
-pub use version::{Hlc, HlcClock, NodeId, Version, supersedes};
+pub use kind::{Candidate, Flags, GroupChange, Kind, KindRef, OpaqueKind};
+pub use knowledge::{Digest, MAX_GAPS_PER_ORIGIN, OriginKnowledge, SeqRange};
+pub use merge::{
+    ApplyOutcome, ApplyReport, IdSource, LocalWrite, MAX_CLOCK_AHEAD_MS, MAX_ORIGINS, Record,
+    Refusal, RemoteBatch,
+};
+pub use version::{Clock, Hlc, HlcClock, ManualClock, NodeId, SystemClock, Version};
 pub use watch::{BadToken, Cursor, ResumeToken, WatchItem};
-pub use writer::LocalWrite;
 
 use index::Index;
+use mem::{MemBackend, MemRows};
+use merge::{Core, Meta};
+use queue::{Class, Queue};
 use writer::{Request, Writer};
 
-/// A record as it travels between nodes: `body` is `None` for a tombstone.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Record {
-    pub key: Arc<str>,
-    pub group: Arc<str>,
-    pub body: Option<(Arc<[u8]>, bool)>,
-    pub version: Version,
-}
-
 /// Tunables of a store. Every one is bounded: see the field docs for why each default.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreOptions {
-    /// Requests that may wait for the writer thread. Past this, writers wait (backpressure)
-    /// instead of growing memory. 4096 covers many thousands of concurrent clients' bursts.
+    /// Local write requests that may wait for the writer thread. Past this, writers wait
+    /// (backpressure); as many again may wait, and past that a write fails at once with
+    /// [`StoreError::Overloaded`]. 4096 covers many thousands of concurrent clients' bursts.
     pub write_queue: NonZeroUsize,
-    /// Most records in one group commit. Bounds the transaction (and the latency of the
+    /// Bytes of local write requests queued (keys, groups, values, plus 64 bytes per op);
+    /// as many again may wait. 64 MiB holds 8 full 1000-machine batches of 4 KiB records, or
+    /// hundreds of thousands of typical ones.
+    pub write_queue_bytes: NonZeroUsize,
+    /// Most local records in one group commit. Bounds the transaction (and the latency of the
     /// writes at its end); 4096 small records commit in a few milliseconds.
     pub max_batch_ops: NonZeroUsize,
-    /// Changes the feed keeps for watchers to resume from. 65536 changes take a few MiB.
+    /// Batches from peers that may wait for the writer; a separate queue, so that a sync
+    /// flood never delays local writes.
+    pub remote_queue: NonZeroUsize,
+    /// Bytes of batches from peers queued (and as many waiting).
+    pub remote_queue_bytes: NonZeroUsize,
+    /// Most records and covered ranges from peers in one group commit: what a local write
+    /// may have to wait behind. 1024 small records commit in about a millisecond.
+    pub max_remote_batch_ops: NonZeroUsize,
+    /// Changes the feed keeps for watchers to resume from.
     pub watch_log_capacity: NonZeroUsize,
+    /// Bytes of the records the feed keeps (each change holds its record, which may also be
+    /// the index's current one). 32 MiB is 65,536 changes of 500 bytes, or 8,192 of 4 KiB.
+    pub watch_log_bytes: NonZeroUsize,
+    /// The rules of the records this store holds. Persisted: a store is opened with the
+    /// kind it was made with.
+    pub kind: KindRef,
+    /// Where wall-clock time comes from.
+    pub clock: Arc<dyn Clock>,
+    /// Faults to inject, for tests.
+    pub failpoints: Arc<Failpoints>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("write_queue", &self.write_queue)
+            .field("write_queue_bytes", &self.write_queue_bytes)
+            .field("max_batch_ops", &self.max_batch_ops)
+            .field("remote_queue", &self.remote_queue)
+            .field("remote_queue_bytes", &self.remote_queue_bytes)
+            .field("max_remote_batch_ops", &self.max_remote_batch_ops)
+            .field("watch_log_capacity", &self.watch_log_capacity)
+            .field("watch_log_bytes", &self.watch_log_bytes)
+            .field("kind", &self.kind.name())
+            .finish()
+    }
+}
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).expect("nonzero")
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            write_queue: NonZeroUsize::new(4096).expect("nonzero"),
-            max_batch_ops: NonZeroUsize::new(4096).expect("nonzero"),
-            watch_log_capacity: NonZeroUsize::new(65536).expect("nonzero"),
+            write_queue: nz(4096),
+            write_queue_bytes: nz(64 << 20),
+            max_batch_ops: nz(4096),
+            remote_queue: nz(256),
+            remote_queue_bytes: nz(64 << 20),
+            max_remote_batch_ops: nz(1024),
+            watch_log_capacity: nz(65536),
+            watch_log_bytes: nz(32 << 20),
+            kind: Arc::new(OpaqueKind),
+            clock: Arc::new(SystemClock),
+            failpoints: Arc::new(Failpoints::default()),
         }
     }
 }
 
-/// What readers share with the writer thread.
+/// Largest byte budget of a queue: one request's permits are counted in a `u32`.
+const MAX_QUEUE_BYTES: usize = u32::MAX as usize;
+
+impl StoreOptions {
+    fn queue_limits(&self) -> (queue::Limits, queue::Limits) {
+        let limits = |requests: NonZeroUsize, bytes: NonZeroUsize| {
+            let bytes = bytes.get().min(MAX_QUEUE_BYTES);
+            queue::Limits {
+                requests: requests.get(),
+                bytes,
+                waiters: requests.get(),
+                waiting_bytes: bytes,
+            }
+        };
+        (
+            limits(self.write_queue, self.write_queue_bytes),
+            limits(self.remote_queue, self.remote_queue_bytes),
+        )
+    }
+}
+
+/// A fault the next group commit suffers, for tests of the failure paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// The commit fails with `SQLITE_FULL`, as on a full disk.
+    DiskFull,
+    /// The commit fails with `SQLITE_IOERR_FSYNC`, as when fsync reports an I/O error.
+    FsyncError,
+    /// The writer thread panics.
+    Panic,
+}
+
+/// Faults to inject into commits. Production code never arms one; tests do.
+#[derive(Debug, Default)]
+pub struct Failpoints {
+    next_commit: Mutex<Option<InjectedFault>>,
+}
+
+impl Failpoints {
+    /// The next group commit suffers `fault` (once).
+    pub fn arm(&self, fault: InjectedFault) {
+        *self.next_commit.lock().expect("failpoints lock") = Some(fault);
+    }
+
+    pub(crate) fn check_commit(&self) -> Result<(), rusqlite::Error> {
+        let fault = self.next_commit.lock().expect("failpoints lock").take();
+        let code = match fault {
+            None => return Ok(()),
+            Some(InjectedFault::Panic) => panic!("injected fault: writer panic"),
+            Some(InjectedFault::DiskFull) => rusqlite::ffi::SQLITE_FULL,
+            Some(InjectedFault::FsyncError) => rusqlite::ffi::SQLITE_IOERR_FSYNC,
+        };
+        Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            Some(format!("injected fault {fault:?}")),
+        ))
+    }
+}
+
+/// Refused records from one origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusals {
+    pub count: u64,
+    pub last: Refusal,
+}
+
+/// Where readers find rows that memory does not index: by origin and sequence number, and by
+/// revision.
+pub(crate) enum Rows {
+    Sqlite(sqlite::Readers),
+    Memory(Arc<Mutex<MemRows>>),
+}
+
+/// What readers share with the writer.
 pub(crate) struct State {
-    pub node: NodeId,
+    /// This store's origin; changes only when the store moves to a fresh origin.
+    node: AtomicU64,
     pub index: Index,
     pub feed: Feed,
+    pub rows: Rows,
+    /// The digest as of the latest commit.
+    knowledge: RwLock<Digest>,
+    refusals: Mutex<BTreeMap<NodeId, Refusals>>,
+    /// Set once, when the store fails for good.
+    failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
+    commits: AtomicU64,
+}
+
+/// Most origins whose refusals are counted one by one; the rest are counted under origin 0.
+/// Bounds what a peer inventing origins can grow.
+const MAX_REFUSAL_ORIGINS: usize = 1024;
+
+impl State {
+    pub fn node(&self) -> NodeId {
+        NodeId(self.node.load(Ordering::Acquire))
+    }
+
+    fn set_node(&self, node: NodeId) {
+        self.node.store(node.0, Ordering::Release);
+    }
+
+    fn publish_knowledge(&self, changed: BTreeMap<NodeId, OriginKnowledge>) {
+        if changed.is_empty() {
+            return;
+        }
+        let mut k = self.knowledge.write().expect("knowledge lock");
+        for (origin, known) in changed {
+            k.insert(origin, known);
+        }
+    }
+
+    fn count_refusals(&self, refused: Vec<(NodeId, Refusal)>) {
+        if refused.is_empty() {
+            return;
+        }
+        let mut per_origin: BTreeMap<NodeId, (u64, Refusal)> = BTreeMap::new();
+        for (origin, why) in refused {
+            let e = per_origin.entry(origin).or_insert((0, why.clone()));
+            e.0 += 1;
+            e.1 = why;
+        }
+        let mut all = self.refusals.lock().expect("refusals lock");
+        for (origin, (count, last)) in per_origin {
+            tracing::warn!(origin = %origin, count, last = %last, "refused records from a peer");
+            let origin = if all.contains_key(&origin) || all.len() < MAX_REFUSAL_ORIGINS {
+                origin
+            } else {
+                NodeId(0)
+            };
+            let e = all.entry(origin).or_insert(Refusals {
+                count: 0,
+                last: last.clone(),
+            });
+            e.count += count;
+            e.last = last;
+        }
+    }
+
+    fn set_failed(&self, reason: String) {
+        self.failure.send_if_modified(|f| {
+            if f.is_some() {
+                return false;
+            }
+            *f = Some(Arc::from(reason));
+            true
+        });
+    }
+
+    pub fn failure(&self) -> Option<Arc<str>> {
+        self.failure.borrow().clone()
+    }
+
+    fn failure_error(&self) -> StoreError {
+        match self.failure() {
+            Some(why) => StoreError::Failed(why),
+            None => StoreError::Closed,
+        }
+    }
+}
+
+/// How much one range read may return.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadBudget {
+    pub max_records: usize,
+    /// Bytes of keys, groups and values; at least one record is returned when any is left.
+    pub max_bytes: usize,
+}
+
+/// One origin's records in a range of sequence numbers, as anti-entropy sends them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OriginRange {
+    /// Current records of the origin in the part read, highest sequence number first.
+    pub records: Vec<Record>,
+    /// Known sequence numbers of the part read that have no record left (superseded):
+    /// "covered, nothing left".
+    pub covered: Vec<SeqRange>,
+    /// The lower part of the range not read yet, when the budget ran out.
+    pub rest: Option<SeqRange>,
 }
 
 /// Counts, for status pages and tests.
@@ -90,21 +322,59 @@ pub struct StoreStats {
     pub live: usize,
     pub groups: usize,
     pub revision: u64,
+    /// Group commits since the store opened (each one transaction, one fsync).
+    pub commits: u64,
+}
+
+enum Engine {
+    /// The durable store: a writer thread fed through bounded queues.
+    Thread {
+        queue: Arc<Queue>,
+        handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+    },
+    /// The in-memory store: requests commit inline, under one lock, in the caller's task.
+    Inline(Mutex<Inline>),
+}
+
+struct Inline {
+    core: Core,
+    backend: MemBackend,
+}
+
+impl Drop for Engine {
+    /// The last handle is gone: let the writer finish what is queued and stop.
+    fn drop(&mut self) {
+        if let Engine::Thread { queue, .. } = self {
+            queue.close(true);
+        }
+    }
 }
 
 /// A handle on an open store. Cheap to clone; the writer thread stops when [`Store::close`]
-/// is called or every handle is dropped.
+/// is called or the store fails.
 #[derive(Clone)]
 pub struct Store {
     state: Arc<State>,
-    tx: mpsc::Sender<Request>,
-    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
-    _lock: Arc<File>,
+    engine: Arc<Engine>,
+    kind: KindRef,
 }
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "patina.db";
 const LOCK_FILE: &str = "LOCK";
+
+fn new_state(node: NodeId, index: Index, feed: Feed, rows: Rows, knowledge: Digest) -> Arc<State> {
+    Arc::new(State {
+        node: AtomicU64::new(node.0),
+        index,
+        feed,
+        rows,
+        knowledge: RwLock::new(knowledge),
+        refusals: Mutex::new(BTreeMap::new()),
+        failure: tokio::sync::watch::Sender::new(None),
+        commits: AtomicU64::new(0),
+    })
+}
 
 impl Store {
     /// Open (or create) the store in `dir`, load it into memory and start the writer thread.
@@ -128,35 +398,63 @@ impl Store {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
-        let conn = sqlite::open(&dir.join(DB_FILE))?;
+        let path = dir.join(DB_FILE);
+        let mut conn = sqlite::open(&path)?;
+        let mut ids = IdSource::Os;
+        sqlite::prepare(&mut conn, &opts.kind, ids.next())?;
         let meta = sqlite::load_meta(&conn)?;
+        let mut knowledge = sqlite::load_knowledge(&conn)?;
+        // Our own origin is known exactly up to what it issued.
+        knowledge.insert(meta.node, OriginKnowledge::dense(meta.local_seq));
         let index = Index::default();
-        let stale = sqlite::load_index(&conn, &index)?;
+        let stale = sqlite::load_index(&conn, &index, &opts.kind)?;
         if !stale.is_empty() {
             tracing::warn!(rows = stale.len(), "deleting superseded rows found at load");
             sqlite::delete_revs(&conn, &stale)?;
         }
         let (floor, recent) = sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
-        let feed = Feed::new(opts.watch_log_capacity.get(), floor, meta.revision, recent);
-        let state = Arc::new(State {
-            node: meta.node,
+        let feed = Feed::new(
+            opts.watch_log_capacity.get(),
+            opts.watch_log_bytes.get(),
+            floor,
+            meta.revision,
+            recent,
+        );
+        let state = new_state(
+            meta.node,
             index,
             feed,
-        });
-        let (tx, rx) = mpsc::channel(opts.write_queue.get());
+            Rows::Sqlite(sqlite::Readers::new(path)),
+            knowledge.clone(),
+        );
+        let (local, remote) = opts.queue_limits();
+        let queue = Arc::new(Queue::new(local, remote));
         let writer = Writer {
-            conn,
+            backend: sqlite::SqliteBackend {
+                conn,
+                failpoints: opts.failpoints.clone(),
+            },
+            core: Core {
+                meta,
+                clock: HlcClock::starting_after(meta.hlc),
+                knowledge,
+                kind: opts.kind.clone(),
+                wall: opts.clock.clone(),
+                ids,
+            },
             state: state.clone(),
-            meta,
-            clock: HlcClock::starting_after(meta.hlc),
-            max_batch_ops: opts.max_batch_ops.get(),
+            queue: queue.clone(),
+            max_local_ops: opts.max_batch_ops.get(),
+            max_remote_ops: opts.max_remote_batch_ops.get(),
+            _lock: lock,
         };
         let handle = std::thread::Builder::new()
             .name("patina-store-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(io)?;
         tracing::info!(
             node = %meta.node,
+            kind = opts.kind.name(),
             records = state.index.len_live(),
             revision = meta.revision,
             local_seq = meta.local_seq,
@@ -164,56 +462,164 @@ impl Store {
         );
         Ok(Store {
             state,
-            tx,
-            writer: Arc::new(Mutex::new(Some(handle))),
-            _lock: Arc::new(lock),
+            engine: Arc::new(Engine::Thread {
+                queue,
+                handle: Mutex::new(Some(handle)),
+            }),
+            kind: opts.kind,
         })
+    }
+
+    /// A store that keeps everything in memory, with the same rules, index, feed and
+    /// interface as a durable one: for simulations of many nodes in one process. Requests
+    /// commit inline in the caller's task, so a single-threaded simulation is deterministic.
+    /// `seed` chooses the identities of fresh origins, should the store need one.
+    pub fn in_memory(node: NodeId, seed: u64, opts: StoreOptions) -> Store {
+        let meta = Meta {
+            node,
+            local_seq: 0,
+            hlc: Hlc::default(),
+            revision: 0,
+        };
+        let mut knowledge = Digest::new();
+        knowledge.insert(node, OriginKnowledge::dense(0));
+        let rows = Arc::new(Mutex::new(MemRows::default()));
+        let feed = Feed::new(
+            opts.watch_log_capacity.get(),
+            opts.watch_log_bytes.get(),
+            0,
+            0,
+            Vec::new(),
+        );
+        let state = new_state(
+            node,
+            Index::default(),
+            feed,
+            Rows::Memory(rows.clone()),
+            knowledge.clone(),
+        );
+        let inline = Inline {
+            core: Core {
+                meta,
+                clock: HlcClock::default(),
+                knowledge,
+                kind: opts.kind.clone(),
+                wall: opts.clock.clone(),
+                ids: IdSource::Seeded(seed),
+            },
+            backend: MemBackend::new(rows, opts.failpoints.clone()),
+        };
+        Store {
+            state,
+            engine: Arc::new(Engine::Inline(Mutex::new(inline))),
+            kind: opts.kind,
+        }
     }
 
     /// This store's identity: the origin of every local write.
     pub fn node(&self) -> NodeId {
-        self.state.node
+        self.state.node()
+    }
+
+    /// The kind of records this store holds.
+    pub fn kind(&self) -> &KindRef {
+        &self.kind
+    }
+
+    async fn submit(
+        &self,
+        class: Class,
+        request: Request,
+        ops: usize,
+        bytes: usize,
+    ) -> Result<(), StoreError> {
+        if self.state.failure().is_some() {
+            request.fail(&self.state.failure_error());
+            return Ok(());
+        }
+        match &*self.engine {
+            Engine::Thread { queue, .. } => match queue.push(class, request, ops, bytes).await {
+                Ok(()) => Ok(()),
+                Err(StoreError::Closed) => Err(self.state.failure_error()),
+                Err(e) => Err(e),
+            },
+            Engine::Inline(inline) => {
+                let mut inline = inline.lock().expect("inline store lock");
+                let Inline { core, backend } = &mut *inline;
+                let work = [match &request {
+                    Request::Local { ops, .. } => merge::Work::Local(ops),
+                    Request::Remote { batch, .. } => merge::Work::Remote(batch),
+                }];
+                match core.commit_group(&self.state, &work, backend) {
+                    Ok((outcomes, staged)) => {
+                        writer::finish_group(&self.state, core, vec![request], outcomes, staged)
+                    }
+                    Err(e) if writer::is_disk_full(&e) => request.fail(&StoreError::DiskFull),
+                    Err(e) => {
+                        self.state.set_failed(format!("commit failed: {e}"));
+                        self.state.feed.close();
+                        request.fail(&self.state.failure_error());
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The error for a request the writer dropped without an answer: every path that stops
+    /// the writer answers what it holds, except a panic unwinding through it.
+    fn unanswered(&self) -> StoreError {
+        match self.state.failure() {
+            Some(why) => StoreError::Failed(why),
+            None => StoreError::Failed("the store's writer thread panicked".into()),
+        }
     }
 
     /// Apply local writes, all or nothing, and return once they are durable.
     pub async fn write(&self, ops: Vec<LocalWrite>) -> Result<Vec<Version>, StoreError> {
+        let bytes = ops.iter().map(LocalWrite::queued_bytes).sum();
+        let n = ops.len();
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Local { ops, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(Class::Local, Request::Local { ops, reply }, n, bytes)
+            .await?;
+        rx.await.map_err(|_| self.unanswered())?
     }
 
-    /// Merge records from elsewhere; returns how many superseded what was held.
-    pub async fn apply(&self, records: Vec<Record>) -> Result<usize, StoreError> {
+    /// Merge records and covered ranges from a peer. Returns what became of each; refusals
+    /// are also logged and counted per origin ([`Store::refusals`]).
+    pub async fn apply(&self, batch: RemoteBatch) -> Result<ApplyReport, StoreError> {
+        let bytes = batch.queued_bytes();
+        let n = batch.ops();
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Remote { records, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.submit(Class::Remote, Request::Remote { batch, reply }, n, bytes)
+            .await?;
+        rx.await.map_err(|_| self.unanswered())?
     }
 
     /// A live record, from memory.
-    pub fn get(&self, key: &str) -> Option<Entry> {
-        self.state.index.get(key)
+    pub fn get_live(&self, key: &str) -> Option<Entry> {
+        self.state.index.live(key)
     }
 
-    /// A group's live records, from memory, in no particular order.
+    /// A key's latest record, tombstone included, as it would travel to another node.
+    pub fn get_latest(&self, key: &str) -> Option<Record> {
+        self.state.index.latest(key).map(|e| Record::from_entry(&e))
+    }
+
+    /// A group's live records, from memory, in key order.
     pub fn list(&self, group: &str, filter: Filter) -> Vec<Entry> {
-        self.state.index.list(group, filter)
+        self.state.index.list(group, filter, None, usize::MAX)
     }
 
-    /// A key's current record, tombstone included, as it would travel to another node.
-    pub fn record(&self, key: &str) -> Option<Record> {
-        let e = self.state.index.state(key)?;
-        Some(Record {
-            key: Arc::from(e.key()),
-            group: Arc::from(e.group()),
-            body: e.value().map(|v| (Arc::from(v), e.routable())),
-            version: e.version(),
-        })
+    /// Up to `limit` of a group's live records with keys after `after`, in key order.
+    pub fn list_page(
+        &self,
+        group: &str,
+        filter: Filter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<Entry> {
+        self.state.index.list(group, filter, after, limit)
     }
 
     /// The change feed.
@@ -231,26 +637,165 @@ impl Store {
         Cursor::new(self.state.clone(), group, resume, max_batch)
     }
 
+    /// What this store knows, per origin, as of the latest commit.
+    pub fn digest(&self) -> Digest {
+        self.state.knowledge.read().expect("knowledge lock").clone()
+    }
+
+    /// Records refused from peers, per origin, since the store opened.
+    pub fn refusals(&self) -> BTreeMap<NodeId, Refusals> {
+        self.state.refusals.lock().expect("refusals lock").clone()
+    }
+
+    /// Read one origin's records with sequence numbers in `range`, highest first, within
+    /// `budget`, with the known numbers that have nothing left marked covered. Reads SQLite
+    /// on a blocking thread, never the writer's.
+    pub async fn read_origin(
+        &self,
+        origin: NodeId,
+        range: SeqRange,
+        budget: ReadBudget,
+    ) -> Result<OriginRange, StoreError> {
+        let state = self.state.clone();
+        match &self.state.rows {
+            Rows::Sqlite(_) => {
+                tokio::task::spawn_blocking(move || read_origin(&state, origin, range, budget))
+                    .await
+                    .map_err(|e| StoreError::Failed(format!("range read: {e}").into()))?
+            }
+            Rows::Memory(_) => read_origin(&state, origin, range, budget),
+        }
+    }
+
     pub fn stats(&self) -> StoreStats {
         StoreStats {
-            node: self.state.node,
+            node: self.state.node(),
             keys: self.state.index.len_keys(),
             live: self.state.index.len_live(),
             groups: self.state.index.len_groups(),
             revision: self.state.feed.revision(),
+            commits: self.state.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Why the store failed for good, if it did.
+    pub fn failure(&self) -> Option<Arc<str>> {
+        self.state.failure()
+    }
+
+    /// Resolves when the store fails for good (never, for a healthy store), with the reason.
+    pub async fn failed(&self) -> Arc<str> {
+        let mut rx = self.state.failure.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(f) => f.clone().expect("waited for Some"),
+            // The sender lives as long as the state we hold.
+            Err(_) => std::future::pending().await,
         }
     }
 
     /// Finish the writes already queued, stop the writer thread and wait for it. Writes sent
     /// after this fail with [`StoreError::Closed`]. Blocking: call from `spawn_blocking`.
     pub fn close(&self) {
-        // A full queue still takes the shutdown in turn; a closed one means it stopped.
-        let _ = self.tx.blocking_send(Request::Shutdown);
-        let handle = self.writer.lock().expect("writer handle lock").take();
-        if let Some(handle) = handle
-            && handle.join().is_err()
-        {
-            tracing::error!("store writer thread panicked");
+        match &*self.engine {
+            Engine::Thread { queue, handle } => {
+                queue.close(true);
+                let handle = handle.lock().expect("writer handle lock").take();
+                if let Some(handle) = handle
+                    && handle.join().is_err()
+                {
+                    tracing::error!("store writer thread panicked");
+                }
+            }
+            Engine::Inline(_) => self.state.feed.close(),
         }
     }
+}
+
+/// The blocking part of [`Store::read_origin`].
+fn read_origin(
+    state: &State,
+    origin: NodeId,
+    range: SeqRange,
+    budget: ReadBudget,
+) -> Result<OriginRange, StoreError> {
+    // Knowledge first: every number it calls known was durable before the rows are read, so
+    // a known number without a row was superseded, never merely not yet written.
+    let known = state
+        .knowledge
+        .read()
+        .expect("knowledge lock")
+        .get(&origin)
+        .cloned()
+        .unwrap_or_default();
+    let limit = budget.max_records.max(1);
+    let rows: Vec<Record> = match &state.rows {
+        Rows::Sqlite(readers) => readers
+            .with(|conn| sqlite::origin_rows(conn, origin, range, limit))?
+            .into_iter()
+            .map(|r| Record {
+                key: Arc::from(r.key),
+                group: Arc::from(r.group),
+                value: r.value.map(Arc::from),
+                version: r.version,
+            })
+            .collect(),
+        Rows::Memory(rows) => {
+            let keys = rows
+                .lock()
+                .expect("rows lock")
+                .origin_keys(origin, range, limit);
+            keys.iter()
+                .filter_map(|k| state.index.latest(k))
+                .filter(|e| e.version().origin == origin && range.contains(e.version().seq))
+                .map(|e| Record::from_entry(&e))
+                .collect()
+        }
+    };
+    let full = rows.len() >= limit;
+    let mut records = Vec::new();
+    let mut bytes = 0;
+    let mut cut = false;
+    for r in rows {
+        let size = r.key.len() + r.group.len() + r.value.as_ref().map_or(0, |v| v.len());
+        if !records.is_empty() && bytes + size > budget.max_bytes {
+            cut = true;
+            break;
+        }
+        bytes += size;
+        records.push(r);
+    }
+    let lowest = records.last().map(|r| r.version.seq);
+    let (scanned, rest) = match lowest {
+        Some(low) if cut || full => (
+            SeqRange {
+                lo: low,
+                hi: range.hi,
+            },
+            SeqRange::new(range.lo, low - 1),
+        ),
+        _ => (range, None),
+    };
+    let mut held: Vec<u64> = records.iter().map(|r| r.version.seq).collect();
+    held.sort_unstable();
+    let mut covered = Vec::new();
+    for k in known.known_within(scanned) {
+        let mut next = k.lo;
+        for &s in held.iter().filter(|&&s| k.contains(s)) {
+            if s > next {
+                covered.push(SeqRange {
+                    lo: next,
+                    hi: s - 1,
+                });
+            }
+            next = s + 1;
+        }
+        if next <= k.hi {
+            covered.push(SeqRange { lo: next, hi: k.hi });
+        }
+    }
+    Ok(OriginRange {
+        records,
+        covered,
+        rest,
+    })
 }

@@ -1,21 +1,26 @@
-//! The SQLite side of the store: schema, opening, loading at start, and the statements the
-//! writer thread runs. Only the writer thread writes; loading happens before it starts.
+//! The SQLite side of the store: schema and its migrations, opening, loading at start, the
+//! writer's backend, and the readers' pool. Only the writer thread writes; loading happens
+//! before it starts; readers use read-only connections from blocking threads.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::feed::Change;
 use crate::index::Index;
-use crate::{Entry, Hlc, NodeId, StoreError, Version};
+use crate::knowledge::{Digest, OriginKnowledge, SeqRange};
+use crate::merge::{Backend, Meta};
+use crate::{Entry, Flags, Hlc, KindRef, NodeId, StoreError, Version};
 
-/// Bump when the schema changes in a way older code can't read.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this code writes. Older versions are migrated at open (see [`MIGRATIONS`]);
+/// newer ones are refused.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
+    value NOT NULL             -- integers, and the kind's name
 ) WITHOUT ROWID;
 -- One row per key: its latest state, stored under the revision of the change that made it.
 -- The revision is the rowid, so every write appends at the end of the table; the row it
@@ -31,99 +36,225 @@ CREATE TABLE IF NOT EXISTS records (
     origin   INTEGER NOT NULL, -- u64 bits stored as i64
     seq      INTEGER NOT NULL
 );
+-- Anti-entropy reads one origin's sequence numbers in a range. Per origin, sequence numbers
+-- grow, so this index is appended to as well.
+CREATE INDEX IF NOT EXISTS records_by_origin ON records (origin, seq);
+-- Per-origin knowledge (the digest): head and the gaps below it, written in the same
+-- transaction as the records. See knowledge.rs.
+CREATE TABLE IF NOT EXISTS knowledge (
+    origin INTEGER PRIMARY KEY,
+    head   INTEGER NOT NULL,
+    gaps   BLOB NOT NULL       -- (lo, hi) pairs, u64 little endian
+);
 ";
 
-/// What the store knows about itself, persisted in `meta` with every commit.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Meta {
-    pub node: NodeId,
-    /// The highest sequence number this origin ever committed.
-    pub local_seq: u64,
-    /// The highest HLC this store ever issued or stored.
-    pub hlc: Hlc,
-    /// The store revision of the latest committed change.
-    pub revision: u64,
+/// Schema upgrades, by the version they start from: `MIGRATIONS[v - 1]` takes a store at
+/// version `v` to `v + 1`, inside the opening transaction.
+const MIGRATIONS: &[Migration] = &[migrate_1_to_2];
+
+/// One schema upgrade: the connection (inside the opening transaction) and the kind's name.
+type Migration = fn(&Connection, &str) -> Result<(), rusqlite::Error>;
+
+/// Version 1 had no knowledge table, no index by origin, and no kind. Its stores held one
+/// kind (machines) and were written by one node; knowledge is rebuilt conservatively: the
+/// store's own origin is known up to its counter, other origins only at the sequence numbers
+/// it holds (anti-entropy learns the rest).
+fn migrate_1_to_2(conn: &Connection, kind: &str) -> Result<(), rusqlite::Error> {
+    conn.execute_batch(SCHEMA)?;
+    let own = meta_int(conn, "node_id")?.unwrap_or(0) as u64;
+    let local_seq = meta_int(conn, "local_seq")?.unwrap_or(0) as u64;
+    let mut digest = Digest::new();
+    digest.insert(NodeId(own), OriginKnowledge::dense(local_seq));
+    {
+        let mut stmt = conn.prepare("SELECT origin, seq FROM records ORDER BY origin, seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let (origin, seq) = (
+                NodeId(row.get::<_, i64>(0)? as u64),
+                row.get::<_, i64>(1)? as u64,
+            );
+            if origin.0 == own || seq == 0 {
+                continue;
+            }
+            // Past the gap bound a number simply stays unknown: safe, it is fetched again.
+            let _ = digest
+                .entry(origin)
+                .or_default()
+                .learn(SeqRange { lo: seq, hi: seq });
+        }
+    }
+    for (origin, k) in &digest {
+        put_knowledge(conn, *origin, k)?;
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES ('kind', ?1)",
+        [kind],
+    )?;
+    Ok(())
 }
 
 pub(crate) fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // WAL with synchronous=FULL: a commit returns only after the WAL is fsynced, so an
-    // acknowledged write survives power loss; readers (none yet at run time) never block it.
+    // acknowledged write survives power loss; readers never block the writer.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
-    conn.execute_batch(SCHEMA)?;
     Ok(conn)
 }
 
-fn meta_get(conn: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
-    Ok(conn
-        .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
-        .optional()?)
+fn meta_int(conn: &Connection, name: &str) -> Result<Option<i64>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
 }
 
-/// Read (or, for a new store, create) the store's meta.
-pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
-    match meta_get(conn, "schema_version")? {
+fn meta_text(conn: &Connection, name: &str) -> Result<Option<String>, rusqlite::Error> {
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
+fn has_table(conn: &Connection, name: &str) -> Result<bool, rusqlite::Error> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Create a new store, or check and migrate an existing one, for records of `kind`.
+pub(crate) fn prepare(
+    conn: &mut Connection,
+    kind: &KindRef,
+    new_node: NodeId,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let version = if has_table(&tx, "meta")? {
+        meta_int(&tx, "schema_version")?
+    } else {
+        None
+    };
+    match version {
         None => {
-            let node = loop {
-                let id = random_u64();
-                if id != 0 {
-                    break NodeId(id);
-                }
-            };
-            conn.execute(
-                "INSERT INTO meta (name, value) VALUES ('schema_version', ?1), ('node_id', ?2)",
-                params![SCHEMA_VERSION, node.0 as i64],
+            tx.execute_batch(SCHEMA)?;
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES ('schema_version', ?1), ('node_id', ?2), ('kind', ?3)",
+                params![SCHEMA_VERSION, new_node.0 as i64, kind.name()],
             )?;
         }
-        Some(SCHEMA_VERSION) => {}
-        Some(other) => return Err(StoreError::Schema(other)),
+        Some(v) if !(1..=SCHEMA_VERSION).contains(&v) => return Err(StoreError::Schema(v)),
+        Some(mut v) => {
+            while v < SCHEMA_VERSION {
+                tracing::info!(from = v, to = v + 1, "migrating the store's schema");
+                MIGRATIONS[(v - 1) as usize](&tx, kind.name())?;
+                v += 1;
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('schema_version', ?1)",
+                    [v],
+                )?;
+            }
+            let stored = meta_text(&tx, "kind")?.unwrap_or_default();
+            if stored != kind.name() {
+                return Err(StoreError::WrongKind {
+                    stored,
+                    wanted: kind.name(),
+                });
+            }
+        }
     }
-    let node = meta_get(conn, "node_id")?.ok_or(StoreError::Schema(-1))?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Read the store's meta.
+pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
+    let node = meta_int(conn, "node_id")?.ok_or(StoreError::Schema(-1))?;
     Ok(Meta {
         node: NodeId(node as u64),
-        local_seq: meta_get(conn, "local_seq")?.unwrap_or(0) as u64,
+        local_seq: meta_int(conn, "local_seq")?.unwrap_or(0) as u64,
         // Written with every commit, so never below any stored record's timestamp.
-        hlc: Hlc(meta_get(conn, "hlc")?.unwrap_or(0) as u64),
-        revision: meta_get(conn, "revision")?.unwrap_or(0) as u64,
+        hlc: Hlc(meta_int(conn, "hlc")?.unwrap_or(0) as u64),
+        revision: meta_int(conn, "revision")?.unwrap_or(0) as u64,
     })
 }
 
-fn random_u64() -> u64 {
-    let mut buf = [0u8; 8];
-    getrandom::fill(&mut buf).expect("the OS random source failed");
-    u64::from_le_bytes(buf)
+/// Read the digest. Corrupt rows are an error: knowledge that can't be read can't be trusted.
+pub(crate) fn load_knowledge(conn: &Connection) -> Result<Digest, StoreError> {
+    let mut digest = Digest::new();
+    let mut stmt = conn.prepare("SELECT origin, head, gaps FROM knowledge")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let origin = NodeId(row.get::<_, i64>(0)? as u64);
+        let head = row.get::<_, i64>(1)? as u64;
+        let blob: Vec<u8> = row.get(2)?;
+        let gaps: Option<Vec<SeqRange>> = blob.len().is_multiple_of(16).then(|| {
+            blob.chunks_exact(16)
+                .map(|c| SeqRange {
+                    lo: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+                    hi: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
+                })
+                .collect()
+        });
+        let k = gaps
+            .and_then(|g| OriginKnowledge::from_parts(head, &g))
+            .ok_or(StoreError::Corrupt(format!("knowledge of origin {origin}")))?;
+        digest.insert(origin, k);
+    }
+    Ok(digest)
+}
+
+fn put_knowledge(
+    conn: &Connection,
+    origin: NodeId,
+    k: &OriginKnowledge,
+) -> Result<(), rusqlite::Error> {
+    let mut gaps = Vec::with_capacity(k.gap_count() * 16);
+    for g in k.gaps() {
+        gaps.extend_from_slice(&g.lo.to_le_bytes());
+        gaps.extend_from_slice(&g.hi.to_le_bytes());
+    }
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO knowledge (origin, head, gaps) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![origin.0 as i64, k.head() as i64, gaps])?;
+    Ok(())
 }
 
 /// Load every record into the index, in revision order. Returns the revisions of rows that
 /// a later row of the same key superseded (none, unless an older version left them).
-pub(crate) fn load_index(conn: &Connection, index: &Index) -> Result<Vec<u64>, StoreError> {
+pub(crate) fn load_index(
+    conn: &Connection,
+    index: &Index,
+    kind: &KindRef,
+) -> Result<Vec<u64>, StoreError> {
     let mut stale = Vec::new();
     let mut stmt = conn.prepare(
         "SELECT key, grp, value, routable, hlc, origin, seq, rev FROM records ORDER BY rev",
     )?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        let bad = |i: usize| {
-            move |e: rusqlite::types::FromSqlError| {
-                rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
-            }
-        };
         let key = row.get_ref(0)?.as_str().map_err(bad(0))?;
         let group = row.get_ref(1)?.as_str().map_err(bad(1))?;
         let value = row.get_ref(2)?.as_blob_or_null().map_err(bad(2))?;
-        let routable: bool = row.get(3)?;
         let version = version_from_row(row.get(4)?, row.get(5)?, row.get(6)?);
         let rev = row.get::<_, i64>(7)? as u64;
-        let body = value.map(|v| (v, routable));
-        if let Some(old) = index.install(Entry::new(key, group, body, version, rev)) {
+        // Flags are the kind's to derive: a kind whose rules changed re-derives them here.
+        let flags = value.map_or(Flags::default(), |v| kind.flags(v));
+        if let Some(old) = index.install(Entry::new(key, group, value, flags, version, rev)) {
             stale.push(old.rev());
         }
     }
     Ok(stale)
+}
+
+fn bad(i: usize) -> impl Fn(rusqlite::types::FromSqlError) -> rusqlite::Error {
+    move |e| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
 }
 
 /// Delete superseded rows found at load.
@@ -155,7 +286,7 @@ pub(crate) fn recent_changes(
             floor = rev;
             break;
         }
-        if let Some(entry) = index.state(&key) {
+        if let Some(entry) = index.latest(&key) {
             changes.push(Change {
                 entry,
                 moved_from: None,
@@ -175,41 +306,169 @@ fn version_from_row(hlc: i64, origin: i64, seq: i64) -> Version {
     }
 }
 
-/// Write one record's new state, replacing the row of its previous state. Writer thread
-/// only, inside its group-commit transaction.
-pub(crate) fn put_record(
-    tx: &Transaction<'_>,
-    e: &Entry,
-    previous: Option<&Entry>,
-) -> Result<(), rusqlite::Error> {
-    if let Some(previous) = previous {
-        let mut stmt = tx.prepare_cached("DELETE FROM records WHERE rev = ?1")?;
-        stmt.execute([previous.rev() as i64])?;
-    }
-    let mut stmt = tx.prepare_cached(
-        "INSERT INTO records (key, grp, value, routable, hlc, origin, seq, rev)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
-    let v = e.version();
-    stmt.execute(params![
-        e.key(),
-        e.group(),
-        e.value(),
-        e.routable(),
-        v.hlc.0 as i64,
-        v.origin.0 as i64,
-        v.seq as i64,
-        e.rev() as i64,
-    ])?;
-    Ok(())
+/// The writer's backend: one explicit transaction per group commit.
+pub(crate) struct SqliteBackend {
+    pub conn: Connection,
+    pub failpoints: std::sync::Arc<crate::Failpoints>,
 }
 
-/// Persist the counters, in the same transaction as the records they cover.
-pub(crate) fn put_meta(tx: &Transaction<'_>, meta: &Meta) -> Result<(), rusqlite::Error> {
-    let mut stmt =
-        tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
-    stmt.execute(params!["local_seq", meta.local_seq as i64])?;
-    stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
-    stmt.execute(params!["revision", meta.revision as i64])?;
-    Ok(())
+impl Backend for SqliteBackend {
+    fn begin(&mut self) -> Result<(), rusqlite::Error> {
+        self.conn.execute_batch("BEGIN")
+    }
+
+    fn put_record(&mut self, e: &Entry, previous: Option<&Entry>) -> Result<(), rusqlite::Error> {
+        if let Some(previous) = previous {
+            self.conn
+                .prepare_cached("DELETE FROM records WHERE rev = ?1")?
+                .execute([previous.rev() as i64])?;
+        }
+        let v = e.version();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO records (key, grp, value, routable, hlc, origin, seq, rev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                e.key(),
+                e.group(),
+                e.value(),
+                e.routable(),
+                v.hlc.0 as i64,
+                v.origin.0 as i64,
+                v.seq as i64,
+                e.rev() as i64,
+            ])?;
+        Ok(())
+    }
+
+    fn put_knowledge(
+        &mut self,
+        origin: NodeId,
+        k: &OriginKnowledge,
+    ) -> Result<(), rusqlite::Error> {
+        put_knowledge(&self.conn, origin, k)
+    }
+
+    fn put_meta(&mut self, meta: &Meta, _kind: &str) -> Result<(), rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+        stmt.execute(params!["node_id", meta.node.0 as i64])?;
+        stmt.execute(params!["local_seq", meta.local_seq as i64])?;
+        stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
+        stmt.execute(params!["revision", meta.revision as i64])?;
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), rusqlite::Error> {
+        self.failpoints.check_commit()?;
+        self.conn.execute_batch("COMMIT")
+    }
+
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit()
+            && let Err(e) = self.conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "rollback failed");
+        }
+    }
+}
+
+/// Read-only connections for readers that need more than memory holds (anti-entropy's range
+/// reads, chunked whole-store scans). Used from blocking threads only.
+pub(crate) struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// Idle read connections kept open. Readers beyond this open (and close) their own.
+const MAX_IDLE_READERS: usize = 4;
+
+impl Readers {
+    pub fn new(path: PathBuf) -> Readers {
+        Readers {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Run `f` on a read connection. Blocking.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.idle.lock().expect("readers lock").pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?,
+        };
+        let result = f(&conn);
+        let mut idle = self.idle.lock().expect("readers lock");
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        Ok(result?)
+    }
+}
+
+/// One stored row, as readers need it.
+pub(crate) struct Row {
+    pub key: String,
+    pub group: String,
+    pub value: Option<Vec<u8>>,
+    pub version: Version,
+}
+
+fn row_of(r: &rusqlite::Row<'_>) -> Result<Row, rusqlite::Error> {
+    Ok(Row {
+        key: r.get(0)?,
+        group: r.get(1)?,
+        value: r.get(2)?,
+        version: version_from_row(r.get(3)?, r.get(4)?, r.get(5)?),
+    })
+}
+
+/// Rows of one origin with sequence numbers in `range`, highest first, at most `limit`.
+pub(crate) fn origin_rows(
+    conn: &Connection,
+    origin: NodeId,
+    range: SeqRange,
+    limit: usize,
+) -> Result<Vec<Row>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, grp, value, hlc, origin, seq FROM records
+         WHERE origin = ?1 AND seq BETWEEN ?2 AND ?3 ORDER BY seq DESC LIMIT ?4",
+    )?;
+    stmt.query_map(
+        params![
+            origin.0 as i64,
+            range.lo as i64,
+            range.hi as i64,
+            limit as i64
+        ],
+        row_of,
+    )?
+    .collect()
+}
+
+/// Keys of the rows with revisions in `after+1 ..= upto`, with those revisions, lowest first,
+/// at most `limit`. Readers take the record itself from the index (it is installed there
+/// before its revision is published).
+pub(crate) fn keys_by_rev(
+    conn: &Connection,
+    after: u64,
+    upto: u64,
+    limit: usize,
+) -> Result<Vec<(String, u64)>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, rev FROM records WHERE rev > ?1 AND rev <= ?2 ORDER BY rev LIMIT ?3",
+    )?;
+    stmt.query_map(params![after as i64, upto as i64, limit as i64], |r| {
+        Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+    })?
+    .collect()
 }

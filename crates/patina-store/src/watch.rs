@@ -1,13 +1,18 @@
 //! Watch cursors: a snapshot of one group (or all), then every change, with resume tokens.
 //!
 //! A cursor reads the feed by revision. Its position is a revision of this store; a resume
-//! token is that revision plus the store's identity, so a token from another store (or from
-//! before the log's floor) is refused with an explicit reset and a new snapshot, never a
-//! silent skip. A cursor that falls behind the log (a slow reader) is not disconnected and
-//! buffers nothing: it catches up by scanning the index for keys changed since its position,
-//! which coalesces what it missed to one change per key.
+//! token is that revision plus the store's identity and a hash of the cursor's scope, so a
+//! token from another store, another scope, or from before the log's floor is refused with
+//! an explicit reset and a new snapshot, never a silent skip.
+//!
+//! Memory per cursor is bounded by one message, whatever the store's size: snapshots and
+//! catch-ups are read in chunks as the client takes them, never built whole. A group's
+//! snapshot walks the index's ordered group from the last key sent; a whole-store snapshot,
+//! and the catch-up of a whole-store cursor that fell behind the log, walk the stored rows by
+//! revision. Either way a chunk holds only records at or below the revision the walk started
+//! from (`r0`); anything newer comes from the log afterwards.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -15,18 +20,25 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::feed::Change;
-use crate::{Entry, NodeId, State};
+use crate::{Entry, NodeId, Rows, State, StoreError};
 
-/// A position in one store's change history.
+/// A position in one store's change history, for one scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResumeToken {
     pub store: NodeId,
     pub rev: u64,
+    /// A hash of the scope the token was issued for; `None` in tokens of the first format,
+    /// which are honoured by a reset.
+    pub scope: Option<u32>,
 }
 
 impl fmt::Display for ResumeToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}.{}", self.store.0, self.rev)
+        write!(f, "{:016x}.{}", self.store.0, self.rev)?;
+        if let Some(scope) = self.scope {
+            write!(f, ".{scope:08x}")?;
+        }
+        Ok(())
     }
 }
 
@@ -39,15 +51,34 @@ impl FromStr for ResumeToken {
     type Err = BadToken;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (store, rev) = s.split_once('.').ok_or(BadToken)?;
-        if store.len() != 16 {
+        let mut parts = s.split('.');
+        let (Some(store), Some(rev)) = (parts.next(), parts.next()) else {
+            return Err(BadToken);
+        };
+        let scope = match parts.next() {
+            None => None,
+            Some(h) if h.len() == 8 => Some(u32::from_str_radix(h, 16).map_err(|_| BadToken)?),
+            Some(_) => return Err(BadToken),
+        };
+        if store.len() != 16 || parts.next().is_some() || rev.is_empty() || rev.len() > 20 {
             return Err(BadToken);
         }
         Ok(ResumeToken {
             store: NodeId(u64::from_str_radix(store, 16).map_err(|_| BadToken)?),
             rev: rev.parse().map_err(|_| BadToken)?,
+            scope,
         })
     }
+}
+
+/// FNV-1a of a scope ("" for the whole store): tells a token of one scope from another's.
+fn scope_hash(scope: Option<&str>) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in scope.unwrap_or("").bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
 }
 
 /// What a cursor yields next.
@@ -57,24 +88,48 @@ pub enum WatchItem {
     Snapshot { reset: bool, entries: Vec<Entry> },
     /// The snapshot is complete.
     SnapshotDone { token: ResumeToken },
-    /// Changes in revision order, at most one per key. `token` is where to resume after
-    /// them; `None` in the middle of a catch-up, which is only resumable at its end.
+    /// Changes in revision order, at most one per key, and where to resume after them. An
+    /// empty delta is a progress notification: nothing in scope changed up to `token`.
     Delta {
         changes: Vec<Change>,
-        token: Option<ResumeToken>,
+        token: ResumeToken,
     },
+}
+
+/// Where a cursor is.
+#[derive(Debug)]
+enum Phase {
+    /// Sending a group's snapshot from the index, in key order: keys after `after` whose
+    /// state is at or below `r0`.
+    GroupSnapshot {
+        r0: u64,
+        after: Option<String>,
+        first: bool,
+    },
+    /// Walking the stored rows with revisions in `after+1..=r0`, in revision order: as a
+    /// snapshot (live records, `reset` first) or as a catch-up (every change, tombstones
+    /// too, each chunk resumable).
+    Scan {
+        r0: u64,
+        after: u64,
+        snapshot: bool,
+        first: bool,
+    },
+    /// Following the log from `pos`.
+    Live,
 }
 
 pub struct Cursor {
     state: Arc<State>,
     scope: Option<Arc<str>>,
-    /// Every change up to this revision has been yielded (or queued).
+    scope_hash: u32,
+    /// Every change up to this revision has been yielded.
     pos: u64,
-    /// Keys yielded by a snapshot or scan at a revision above `pos`: older log entries for
-    /// them are stale and are skipped.
-    seen: HashMap<String, u64>,
+    /// The revision of the last token yielded: a quiet cursor sends a progress token before
+    /// it falls into the older half of the log.
+    last_token: u64,
+    phase: Phase,
     rx: watch::Receiver<u64>,
-    queue: VecDeque<WatchItem>,
     max_batch: usize,
 }
 
@@ -86,104 +141,76 @@ impl Cursor {
         max_batch: usize,
     ) -> Cursor {
         let rx = state.feed.subscribe();
+        let hash = scope_hash(scope.as_deref());
         let mut cursor = Cursor {
             state,
             scope,
+            scope_hash: hash,
             pos: 0,
-            seen: HashMap::new(),
+            last_token: 0,
+            phase: Phase::Live,
             rx,
-            queue: VecDeque::new(),
             max_batch: max_batch.max(1),
         };
         match resume {
-            Some(t) if cursor.can_resume(t) => cursor.pos = t.rev,
+            Some(t) if cursor.can_resume(t) => {
+                cursor.pos = t.rev;
+                cursor.last_token = t.rev;
+            }
             _ => cursor.start_snapshot(),
         }
         cursor
     }
 
     fn can_resume(&self, t: ResumeToken) -> bool {
-        t.store == self.state.node
+        t.store == self.state.node()
+            && t.scope == Some(self.scope_hash)
             && t.rev <= self.state.feed.revision()
             && t.rev >= self.state.feed.floor()
     }
 
-    fn token(&self, rev: u64) -> ResumeToken {
+    fn token(&mut self, rev: u64) -> ResumeToken {
+        self.last_token = rev;
         ResumeToken {
-            store: self.state.node,
+            store: self.state.node(),
             rev,
-        }
-    }
-
-    /// Remember entries read from the index at a revision above `r0`.
-    fn note_seen<'a>(&mut self, r0: u64, entries: impl Iterator<Item = &'a Entry>) {
-        for e in entries.filter(|e| e.rev() > r0) {
-            self.seen.insert(e.key().to_owned(), e.rev());
+            scope: Some(self.scope_hash),
         }
     }
 
     fn start_snapshot(&mut self) {
         // Read the revision first: every change after it will also come from the log.
         let r0 = self.state.feed.revision();
-        let entries = self.state.index.snapshot(self.scope.as_deref());
-        self.seen.clear();
-        self.note_seen(r0, entries.iter());
-        let mut reset = true;
-        let mut entries = entries.into_iter().peekable();
-        loop {
-            let chunk: Vec<Entry> = entries.by_ref().take(self.max_batch).collect();
-            if chunk.is_empty() && !reset {
-                break;
-            }
-            self.queue.push_back(WatchItem::Snapshot {
-                reset,
-                entries: chunk,
-            });
-            reset = false;
-            if entries.peek().is_none() {
-                break;
-            }
-        }
-        self.queue.push_back(WatchItem::SnapshotDone {
-            token: self.token(r0),
-        });
-        self.pos = r0;
+        self.phase = match self.scope {
+            Some(_) => Phase::GroupSnapshot {
+                r0,
+                after: None,
+                first: true,
+            },
+            None => Phase::Scan {
+                r0,
+                after: 0,
+                snapshot: true,
+                first: true,
+            },
+        };
     }
 
     /// Catch-up for a cursor the log has left behind. Unscoped: the current state of every
-    /// key changed since its position (coalesced, no reset). Scoped: a new snapshot. A key changed again after the scan still ends up
-    /// right: that change has a revision above `r0` and comes from the log (or is skipped
-    /// there as already seen).
+    /// key changed since its position, by revision (coalesced, no reset). Scoped: a new
+    /// snapshot, since the index only knows where each key is now, not that it left this
+    /// group while the cursor lagged.
     fn catch_up(&mut self) {
         if self.scope.is_some() {
-            // The index only knows where each key is now, not that it left this group while
-            // the cursor lagged: a scoped cursor starts over with a (small) new snapshot.
             self.start_snapshot();
             return;
         }
-        let r0 = self.state.feed.revision();
-        let changed = self
-            .state
-            .index
-            .changed_since(self.pos, self.scope.as_deref());
-        self.note_seen(r0, changed.iter());
-        let total = changed.len();
-        let mut changes = changed.into_iter().map(|entry| Change {
-            entry,
-            moved_from: None,
-            prior_unknown: false,
-        });
-        let mut sent = 0;
-        while sent < total {
-            let chunk: Vec<Change> = changes.by_ref().take(self.max_batch).collect();
-            sent += chunk.len();
-            let token = (sent == total).then(|| self.token(r0));
-            self.queue.push_back(WatchItem::Delta {
-                changes: chunk,
-                token,
-            });
-        }
-        self.pos = r0;
+        self.phase = Phase::Scan {
+            r0: self.state.feed.revision(),
+            after: self.pos,
+            snapshot: false,
+            first: false,
+        };
     }
 
     fn in_scope(&self, change: &Change) -> bool {
@@ -197,12 +224,143 @@ impl Cursor {
         }
     }
 
-    /// The next item; waits for a change when there is none. `None` once the store closed.
-    /// Cancel-safe: dropping the future loses nothing.
+    /// Keys of stored rows with revisions in `after+1..=upto`, at most `limit`, lowest first.
+    async fn keys_by_rev(&self, after: u64, upto: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let limit = self.max_batch;
+        match &self.state.rows {
+            Rows::Sqlite(_) => {
+                let state = self.state.clone();
+                tokio::task::spawn_blocking(move || match &state.rows {
+                    Rows::Sqlite(readers) => {
+                        readers.with(|c| crate::sqlite::keys_by_rev(c, after, upto, limit))
+                    }
+                    Rows::Memory(_) => unreachable!("matched above"),
+                })
+                .await
+                .map_err(|e| StoreError::Failed(format!("watch scan: {e}").into()))?
+            }
+            Rows::Memory(rows) => Ok(rows
+                .lock()
+                .expect("rows lock")
+                .keys_by_rev(after, upto, limit)),
+        }
+    }
+
+    /// The next item; waits for a change when there is none. `None` once the store closed
+    /// (or a read of the stored rows failed, which only a failing disk does). Cancel-safe:
+    /// dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<WatchItem> {
         loop {
-            if let Some(item) = self.queue.pop_front() {
-                return Some(item);
+            if self.state.feed.is_closed() && !matches!(self.phase, Phase::Live) {
+                return None;
+            }
+            match &mut self.phase {
+                Phase::GroupSnapshot { r0, after, first } => {
+                    let (r0, was_first) = (*r0, *first);
+                    let scope = self.scope.clone().expect("a group snapshot has a scope");
+                    let raw = self.state.index.list(
+                        &scope,
+                        crate::Filter::All,
+                        after.as_deref(),
+                        self.max_batch,
+                    );
+                    let Some(last) = raw.last() else {
+                        if was_first {
+                            *first = false;
+                            return Some(WatchItem::Snapshot {
+                                reset: true,
+                                entries: Vec::new(),
+                            });
+                        }
+                        self.phase = Phase::Live;
+                        self.pos = r0;
+                        return Some(WatchItem::SnapshotDone {
+                            token: self.token(r0),
+                        });
+                    };
+                    *after = Some(last.key().to_owned());
+                    *first = false;
+                    let entries: Vec<Entry> = raw.into_iter().filter(|e| e.rev() <= r0).collect();
+                    if entries.is_empty() && !was_first {
+                        continue;
+                    }
+                    return Some(WatchItem::Snapshot {
+                        reset: was_first,
+                        entries,
+                    });
+                }
+                Phase::Scan {
+                    r0,
+                    after,
+                    snapshot,
+                    first,
+                } => {
+                    let (r0, from, snapshot, was_first) = (*r0, *after, *snapshot, *first);
+                    let keys = match self.keys_by_rev(from, r0).await {
+                        Ok(keys) => keys,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a watch could not read the store");
+                            return None;
+                        }
+                    };
+                    let Some(&(_, last)) = keys.last() else {
+                        if snapshot && was_first {
+                            self.phase = Phase::Scan {
+                                r0,
+                                after: from,
+                                snapshot,
+                                first: false,
+                            };
+                            return Some(WatchItem::Snapshot {
+                                reset: true,
+                                entries: Vec::new(),
+                            });
+                        }
+                        self.phase = Phase::Live;
+                        self.pos = r0;
+                        if snapshot {
+                            return Some(WatchItem::SnapshotDone {
+                                token: self.token(r0),
+                            });
+                        }
+                        continue;
+                    };
+                    self.phase = Phase::Scan {
+                        r0,
+                        after: last,
+                        snapshot,
+                        first: false,
+                    };
+                    // A row whose key has moved on since is skipped: its newer state comes
+                    // later in this walk, or from the log.
+                    let current = keys.iter().filter_map(|(key, rev)| {
+                        self.state.index.latest(key).filter(|e| e.rev() == *rev)
+                    });
+                    if snapshot {
+                        let entries: Vec<Entry> = current.filter(Entry::is_live).collect();
+                        if entries.is_empty() && !was_first {
+                            continue;
+                        }
+                        return Some(WatchItem::Snapshot {
+                            reset: was_first,
+                            entries,
+                        });
+                    }
+                    let changes: Vec<Change> = current
+                        .map(|entry| Change {
+                            entry,
+                            moved_from: None,
+                            prior_unknown: false,
+                        })
+                        .collect();
+                    self.pos = last;
+                    let token = self.token(last);
+                    if changes.is_empty() {
+                        continue;
+                    }
+                    return Some(WatchItem::Delta { changes, token });
+                }
+                Phase::Live => {}
             }
             let read = self
                 .state
@@ -211,17 +369,13 @@ impl Cursor {
             match read {
                 Ok((changes, upto)) => {
                     self.pos = upto;
-                    let changes: Vec<Change> = changes
-                        .into_iter()
-                        .filter(|c| self.seen.get(c.entry.key()).is_none_or(|&s| c.rev() > s))
-                        .map(|c| self.scoped(c))
-                        .collect();
+                    let changes: Vec<Change> =
+                        changes.into_iter().map(|c| self.scoped(c)).collect();
                     let changes = coalesce(changes);
-                    self.seen.retain(|_, &mut s| s > upto);
-                    if !changes.is_empty() {
+                    if !changes.is_empty() || self.needs_progress(upto) {
                         return Some(WatchItem::Delta {
                             changes,
-                            token: Some(self.token(upto)),
+                            token: self.token(upto),
                         });
                     }
                     let current = *self.rx.borrow_and_update();
@@ -240,13 +394,31 @@ impl Cursor {
         }
     }
 
+    /// Has the last token this cursor gave out fallen into the older half of the log? Then
+    /// a progress notification keeps a quiet cursor resumable.
+    fn needs_progress(&self, upto: u64) -> bool {
+        if upto <= self.last_token {
+            return false;
+        }
+        let floor = self.state.feed.floor();
+        let revision = self.state.feed.revision();
+        self.last_token <= floor + (revision.saturating_sub(floor)) / 2
+    }
+
     /// A change that moved a key out of this cursor's group is, to this cursor, a deletion.
     fn scoped(&self, change: Change) -> Change {
         match &self.scope {
             Some(scope) if change.entry.group() != &**scope => {
                 let e = &change.entry;
                 Change {
-                    entry: Entry::new(e.key(), scope, None, e.version(), e.rev()),
+                    entry: Entry::new(
+                        e.key(),
+                        scope,
+                        None,
+                        crate::Flags::default(),
+                        e.version(),
+                        e.rev(),
+                    ),
                     moved_from: None,
                     prior_unknown: false,
                 }

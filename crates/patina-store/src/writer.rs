@@ -1,43 +1,27 @@
 //! The writer thread: the only code that writes SQLite or the serving index.
 //!
-//! Group commit: the thread blocks for one request, then takes every request already queued
-//! (up to a bound), runs them all in one transaction and commits with one fsync. Only then
+//! Group commit: the thread blocks for work, then takes every request already queued (up to
+//! a bound per queue), runs them all in one transaction and commits with one fsync. Only then
 //! does it update the index and the feed and acknowledge each request. When idle, a lone
 //! write commits at once; under load, batches grow by themselves while an fsync is running.
+//!
+//! A failed commit is one of two things. A full disk (`SQLITE_FULL`) rolls the group back and
+//! fails its requests with [`StoreError::DiskFull`]; the store goes on, and writes succeed
+//! again once there is space. Anything else (an fsync error above all) is fatal: after a
+//! failed fsync the page cache's state is unknown, so it is never retried. The store records
+//! the failure, fails every queued and later request, ends every watch, and the thread stops.
+//! A panic in the thread does the same.
 
-use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use rusqlite::ErrorCode;
+use tokio::sync::oneshot;
 
-use crate::entry::{ByKey, MAX_KEY_LEN};
-use crate::feed::Change;
-use crate::sqlite::{self, Meta};
-use crate::{Entry, HlcClock, Record, State, StoreError, Version, supersedes};
-
-/// A write from this node's own clients.
-#[derive(Clone, Debug)]
-pub enum LocalWrite {
-    Put {
-        key: String,
-        group: String,
-        value: Vec<u8>,
-        routable: bool,
-    },
-    Delete {
-        key: String,
-    },
-}
-
-impl LocalWrite {
-    fn key(&self) -> &str {
-        match self {
-            LocalWrite::Put { key, .. } | LocalWrite::Delete { key } => key,
-        }
-    }
-}
+use crate::merge::{ApplyReport, Core, Outcome, RemoteBatch, Staged, Work};
+use crate::queue::{Queue, Queued};
+use crate::sqlite::SqliteBackend;
+use crate::{LocalWrite, State, StoreError, Version};
 
 pub(crate) enum Request {
     /// Applied all or nothing; acknowledged with the versions given, in order.
@@ -45,278 +29,175 @@ pub(crate) enum Request {
         ops: Vec<LocalWrite>,
         reply: oneshot::Sender<Result<Vec<Version>, StoreError>>,
     },
-    /// Records from other nodes, merged by the merge rule; acknowledged with how many won.
+    /// Records and covered ranges from peers, merged by the kind's rule.
     Remote {
-        records: Vec<Record>,
-        reply: oneshot::Sender<Result<usize, StoreError>>,
+        batch: RemoteBatch,
+        reply: oneshot::Sender<Result<ApplyReport, StoreError>>,
     },
-    /// Stop after the requests already queued before it.
-    Shutdown,
 }
 
 impl Request {
-    fn ops(&self) -> usize {
+    fn work(&self) -> Work<'_> {
         match self {
-            Request::Local { ops, .. } => ops.len(),
-            Request::Remote { records, .. } => records.len(),
-            Request::Shutdown => 0,
+            Request::Local { ops, .. } => Work::Local(ops),
+            Request::Remote { batch, .. } => Work::Remote(batch),
+        }
+    }
+
+    pub(crate) fn fail(self, err: &StoreError) {
+        match self {
+            Request::Local { reply, .. } => {
+                let _ = reply.send(Err(err.duplicate()));
+            }
+            Request::Remote { reply, .. } => {
+                let _ = reply.send(Err(err.duplicate()));
+            }
+        }
+    }
+
+    fn answer(self, outcome: Outcome) {
+        match (self, outcome) {
+            (Request::Local { reply, .. }, Outcome::Local(r)) => {
+                let _ = reply.send(r);
+            }
+            (Request::Remote { reply, .. }, Outcome::Remote(r)) => {
+                let _ = reply.send(Ok(r));
+            }
+            _ => unreachable!("one outcome per request, of its kind"),
         }
     }
 }
 
-enum Outcome {
-    Local(Result<Vec<Version>, StoreError>),
-    Remote(Result<usize, StoreError>),
+/// Is this commit error a full disk (recoverable: nothing was written) rather than a fault
+/// that leaves the database file's state unknown?
+pub(crate) fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(ErrorCode::DiskFull)
+}
+
+/// Install a committed group and answer its requests. Shared by the writer thread and the
+/// in-memory store.
+pub(crate) fn finish_group(
+    state: &State,
+    core: &Core,
+    requests: Vec<Request>,
+    outcomes: Vec<Outcome>,
+    staged: Staged,
+) {
+    // Durable: now, and only now, readers may see it.
+    if let Some(old) = staged.moved_from {
+        state.set_node(core.meta.node);
+        tracing::error!(old = %old, new = %core.meta.node, "this store now writes as a new origin");
+    }
+    state
+        .commits
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state.publish_knowledge(staged.knowledge);
+    state.count_refusals(staged.refusals);
+    for change in &staged.changes {
+        state.index.install(change.entry.clone());
+    }
+    state.feed.publish(staged.changes);
+    for (req, outcome) in requests.into_iter().zip(outcomes) {
+        req.answer(outcome);
+    }
 }
 
 pub(crate) struct Writer {
-    pub conn: Connection,
+    pub backend: SqliteBackend,
+    pub core: Core,
     pub state: Arc<State>,
-    pub meta: Meta,
-    pub clock: HlcClock,
-    pub max_batch_ops: usize,
+    pub queue: Arc<Queue>,
+    pub max_local_ops: usize,
+    pub max_remote_ops: usize,
+    /// The data directory's lock: held as long as this thread runs, so no other process
+    /// opens the directory while a write may still be on its way to disk.
+    pub _lock: File,
 }
 
-/// How far ahead of our wall clock a remote record's timestamp may be. A peer with a clock
-/// (or a bug) far in the future would otherwise drag every later local write with it, up to
-/// an HLC that can no longer advance.
-const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+/// Marks the store failed if the writer thread unwinds, so nobody waits for it forever.
+struct PanicGuard {
+    state: Arc<State>,
+    queue: Arc<Queue>,
+}
 
-/// States of keys written earlier in the current group, not yet in the index.
-type Pending = HashSet<ByKey>;
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            fail_store(
+                &self.state,
+                &self.queue,
+                "the store's writer thread panicked".into(),
+            );
+        }
+    }
+}
 
-/// A key's state as of this point in the group: pending, else the index's.
-fn current(state: &State, pending: &Pending, key: &str) -> Option<Entry> {
-    pending
-        .get(key)
-        .map(|e| e.0.clone())
-        .or_else(|| state.index.state(key))
+/// The fatal path: record why, fail everything queued, end every watch.
+pub(crate) fn fail_store(state: &State, queue: &Queue, reason: String) {
+    tracing::error!(reason = %reason, "the store failed and stops: no write is accepted any more");
+    state.set_failed(reason);
+    let err = state.failure_error();
+    for queued in queue.close(false) {
+        queued.request.fail(&err);
+    }
+    state.feed.close();
 }
 
 impl Writer {
-    pub fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        let mut batch = Vec::new();
-        let mut stop = false;
-        while !stop {
-            let Some(first) = rx.blocking_recv() else {
-                break;
-            };
-            let mut ops = first.ops();
-            batch.push(first);
-            while ops < self.max_batch_ops {
-                match rx.try_recv() {
-                    Ok(next) => {
-                        ops += next.ops();
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
+    pub fn run(mut self) {
+        let _guard = PanicGuard {
+            state: self.state.clone(),
+            queue: self.queue.clone(),
+        };
+        while let Some(group) = self
+            .queue
+            .next_group(self.max_local_ops, self.max_remote_ops)
+        {
+            if let Err(reason) = self.commit_group(group) {
+                fail_store(&self.state, &self.queue, reason);
+                return;
             }
-            if let Some(pos) = batch.iter().position(|r| matches!(r, Request::Shutdown)) {
-                stop = true;
-                batch.truncate(pos);
-            }
-            self.commit_group(std::mem::take(&mut batch));
         }
         self.state.feed.close();
         tracing::debug!("store writer stopped");
     }
 
-    fn commit_group(&mut self, batch: Vec<Request>) {
-        if batch.is_empty() {
-            return;
-        }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let saved_meta = self.meta;
-        let saved_clock = self.clock.last();
-        let mut changes: Vec<Change> = Vec::new();
-        let result = self.stage(&batch, now_ms, &mut changes);
-        let outcomes = match result {
-            Ok(outcomes) => outcomes,
-            Err(err) => {
-                // Nothing of this group is durable: restore the counters so that no sequence
-                // number or revision is skipped, and fail every request in it.
-                self.meta = saved_meta;
-                self.clock.reset_to(saved_clock);
-                tracing::error!(error = %err, requests = batch.len(), "group commit failed");
-                let msg = err.to_string();
-                for req in batch {
-                    match req {
-                        Request::Local { reply, .. } => {
-                            let _ = reply.send(Err(StoreError::Commit(msg.clone())));
-                        }
-                        Request::Remote { reply, .. } => {
-                            let _ = reply.send(Err(StoreError::Commit(msg.clone())));
-                        }
-                        Request::Shutdown => {}
-                    }
-                }
-                return;
+    /// Commit one group. `Err` is fatal: the store must stop.
+    fn commit_group(&mut self, group: Vec<Queued>) -> Result<(), String> {
+        let (requests, permits): (Vec<Request>, Vec<_>) = group
+            .into_iter()
+            .map(|q| {
+                let (request, permits) = q.into_parts();
+                (request, permits)
+            })
+            .unzip();
+        let work: Vec<Work<'_>> = requests.iter().map(Request::work).collect();
+        let result = self
+            .core
+            .commit_group(&self.state, &work, &mut self.backend);
+        drop(work);
+        match result {
+            Ok((outcomes, staged)) => {
+                finish_group(&self.state, &self.core, requests, outcomes, staged);
+                drop(permits);
+                Ok(())
             }
-        };
-        // Durable: now, and only now, readers may see it.
-        for change in &changes {
-            self.state.index.install(change.entry.clone());
-        }
-        self.state.feed.publish(changes);
-        for (req, outcome) in batch.into_iter().zip(outcomes) {
-            match (req, outcome) {
-                (Request::Local { reply, .. }, Outcome::Local(r)) => {
-                    let _ = reply.send(r);
+            Err(e) if is_disk_full(&e) => {
+                tracing::warn!(error = %e, requests = requests.len(), "disk full: group commit rolled back");
+                for req in requests {
+                    req.fail(&StoreError::DiskFull);
                 }
-                (Request::Remote { reply, .. }, Outcome::Remote(r)) => {
-                    let _ = reply.send(r);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("group commit failed: {e}");
+                let err = StoreError::Failed(reason.clone().into());
+                self.state.set_failed(reason.clone());
+                for req in requests {
+                    req.fail(&err);
                 }
-                _ => unreachable!("one outcome per request, in order"),
+                Err(reason)
             }
         }
     }
-
-    /// Run every request of the group in one transaction and commit it.
-    fn stage(
-        &mut self,
-        batch: &[Request],
-        now_ms: u64,
-        changes: &mut Vec<Change>,
-    ) -> Result<Vec<Outcome>, rusqlite::Error> {
-        let state = self.state.clone();
-        let tx = self.conn.transaction()?;
-        let mut pending = Pending::new();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for req in batch {
-            match req {
-                Request::Local { ops, .. } => {
-                    if let Err(e) = check_local(&state, ops, &pending) {
-                        outcomes.push(Outcome::Local(Err(e)));
-                        continue;
-                    }
-                    let mut versions = Vec::with_capacity(ops.len());
-                    for op in ops {
-                        self.meta.local_seq += 1;
-                        self.meta.revision += 1;
-                        let version = Version {
-                            hlc: self.clock.tick(now_ms),
-                            origin: self.meta.node,
-                            seq: self.meta.local_seq,
-                        };
-                        let prev = current(&state, &pending, op.key());
-                        let entry = match op {
-                            LocalWrite::Put {
-                                key,
-                                group,
-                                value,
-                                routable,
-                            } => Entry::new(
-                                key,
-                                group,
-                                Some((value, *routable)),
-                                version,
-                                self.meta.revision,
-                            ),
-                            LocalWrite::Delete { key } => {
-                                let prev = prev.as_ref().expect("checked: deletes name live keys");
-                                Entry::new(key, prev.group(), None, version, self.meta.revision)
-                            }
-                        };
-                        sqlite::put_record(&tx, &entry, prev.as_ref())?;
-                        versions.push(version);
-                        stage_change(&mut pending, changes, entry, prev);
-                    }
-                    outcomes.push(Outcome::Local(Ok(versions)));
-                }
-                Request::Remote { records, .. } => {
-                    let mut won = 0;
-                    for record in records {
-                        if record.key.len() > MAX_KEY_LEN
-                            || record.group.len() > MAX_KEY_LEN
-                            || record.version.hlc.physical_ms() > now_ms + MAX_CLOCK_AHEAD_MS
-                        {
-                            continue;
-                        }
-                        let prev = current(&state, &pending, &record.key);
-                        if !supersedes(&record.version, prev.as_ref().map(|p| p.version()).as_ref())
-                        {
-                            continue;
-                        }
-                        self.clock.observe(record.version.hlc);
-                        self.meta.revision += 1;
-                        let entry = Entry::new(
-                            &record.key,
-                            &record.group,
-                            record.body.as_ref().map(|(v, r)| (&v[..], *r)),
-                            record.version,
-                            self.meta.revision,
-                        );
-                        sqlite::put_record(&tx, &entry, prev.as_ref())?;
-                        stage_change(&mut pending, changes, entry, prev);
-                        won += 1;
-                    }
-                    outcomes.push(Outcome::Remote(Ok(won)));
-                }
-                Request::Shutdown => {}
-            }
-        }
-        self.meta.hlc = self.clock.last();
-        sqlite::put_meta(&tx, &self.meta)?;
-        tx.commit()?;
-        Ok(outcomes)
-    }
-}
-
-fn stage_change(
-    pending: &mut Pending,
-    changes: &mut Vec<Change>,
-    entry: Entry,
-    prev: Option<Entry>,
-) {
-    let moved_from = prev
-        .filter(|p| p.is_live() && p.group() != entry.group())
-        .map(|p| Arc::from(p.group()));
-    pending.replace(ByKey(entry.clone()));
-    changes.push(Change {
-        entry,
-        moved_from,
-        prior_unknown: false,
-    });
-}
-
-/// Check a local request against the state it would apply to, all ops in order, before any
-/// of them is written: one failing op rejects the whole request.
-fn check_local(state: &State, ops: &[LocalWrite], pending: &Pending) -> Result<(), StoreError> {
-    // The live group each key will have after the ops checked so far (None: not live).
-    let mut local: HashMap<&str, Option<&str>> = HashMap::new();
-    for op in ops {
-        let key = op.key();
-        if key.len() > MAX_KEY_LEN {
-            return Err(StoreError::KeyTooLong(key.len()));
-        }
-        let prev = current(state, pending, key);
-        let live_group: Option<&str> = match local.get(key) {
-            Some(g) => *g,
-            None => prev.as_ref().filter(|p| p.is_live()).map(|p| p.group()),
-        };
-        match op {
-            LocalWrite::Put { group, .. } => {
-                if group.len() > MAX_KEY_LEN {
-                    return Err(StoreError::KeyTooLong(group.len()));
-                }
-                if let Some(existing) = live_group.filter(|g| g != group) {
-                    return Err(StoreError::GroupChange {
-                        key: Arc::from(key),
-                        existing: Arc::from(existing),
-                    });
-                }
-                local.insert(key, Some(group));
-            }
-            LocalWrite::Delete { .. } => {
-                if live_group.is_none() {
-                    return Err(StoreError::NotFound(Arc::from(key)));
-                }
-                local.insert(key, None);
-            }
-        }
-    }
-    Ok(())
 }

@@ -35,8 +35,13 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub write_queue: NonZeroUsize,
+    pub write_queue_bytes: NonZeroUsize,
     pub max_batch_ops: NonZeroUsize,
+    pub remote_queue: NonZeroUsize,
+    pub remote_queue_bytes: NonZeroUsize,
+    pub max_remote_batch_ops: NonZeroUsize,
     pub watch_log_capacity: NonZeroUsize,
+    pub watch_log_bytes: NonZeroUsize,
 }
 
 impl Default for StoreConfig {
@@ -44,18 +49,31 @@ impl Default for StoreConfig {
         let d = patina_store::StoreOptions::default();
         StoreConfig {
             write_queue: d.write_queue,
+            write_queue_bytes: d.write_queue_bytes,
             max_batch_ops: d.max_batch_ops,
+            remote_queue: d.remote_queue,
+            remote_queue_bytes: d.remote_queue_bytes,
+            max_remote_batch_ops: d.max_remote_batch_ops,
             watch_log_capacity: d.watch_log_capacity,
+            watch_log_bytes: d.watch_log_bytes,
         }
     }
 }
 
-impl From<&StoreConfig> for patina_store::StoreOptions {
-    fn from(c: &StoreConfig) -> Self {
+impl StoreConfig {
+    /// Store options for a region agent's store of machines.
+    pub fn options(&self, region: &str) -> patina_store::StoreOptions {
         patina_store::StoreOptions {
-            write_queue: c.write_queue,
-            max_batch_ops: c.max_batch_ops,
-            watch_log_capacity: c.watch_log_capacity,
+            write_queue: self.write_queue,
+            write_queue_bytes: self.write_queue_bytes,
+            max_batch_ops: self.max_batch_ops,
+            remote_queue: self.remote_queue,
+            remote_queue_bytes: self.remote_queue_bytes,
+            max_remote_batch_ops: self.max_remote_batch_ops,
+            watch_log_capacity: self.watch_log_capacity,
+            watch_log_bytes: self.watch_log_bytes,
+            kind: std::sync::Arc::new(patina_region::MachineKind::new(region)),
+            ..patina_store::StoreOptions::default()
         }
     }
 }

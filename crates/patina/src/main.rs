@@ -185,7 +185,7 @@ fn print_dev_banner(config: &Config, addr: SocketAddr) {
 /// Open the store, bind, serve until Ctrl-C or SIGTERM, then close the store cleanly.
 async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> anyhow::Result<()> {
     let dir = config.data_dir.clone();
-    let opts = (&config.store).into();
+    let opts = config.store.options(&config.region);
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;

@@ -1,0 +1,85 @@
+//! Record kinds: what a store's records are, as far as the store must know.
+//!
+//! The store is generic: keys, groups, encoded values. What a value means (a machine in a
+//! region, an (app, region) summary in the global tier) belongs to a [`Kind`], which the
+//! store is opened with and which is persisted in its meta, so a store made for one kind is
+//! never opened as another. A kind checks values that arrive from peers, derives the flags
+//! the serving index needs (is it routable?), chooses the merge rule, and says whether a live
+//! key may move to another group.
+
+use std::sync::Arc;
+
+use crate::Version;
+
+/// What the index needs to know of a live value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flags {
+    /// Whether lookups that ask for routable records only return it (a machine that is
+    /// started and passing its checks; a summary with healthy instances).
+    pub routable: bool,
+}
+
+/// One side of a merge: a version and its value (`None`: a tombstone).
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate<'a> {
+    pub version: Version,
+    pub value: Option<&'a [u8]>,
+}
+
+/// Whether a local write may move a live key from one group to another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Refused with [`crate::StoreError::GroupChange`]: delete the key first.
+    Refuse,
+    Allow,
+}
+
+/// The rules of one kind of record. Implementations must be deterministic: every node
+/// applies them to the same inputs and must reach the same answer.
+pub trait Kind: Send + Sync + 'static {
+    /// A stable name, persisted with the store (e.g. `"machine"`).
+    fn name(&self) -> &'static str;
+
+    /// The flags of a live value. Cheap: it runs on the writer thread for every write.
+    fn flags(&self, value: &[u8]) -> Flags;
+
+    /// Check a value from a peer before it is applied. Local writes were validated by the
+    /// service already; a refusal here is counted and logged per origin, never applied. The
+    /// message says what is wrong, briefly.
+    fn check(&self, key: &str, group: &str, value: &[u8]) -> Result<(), String> {
+        let _ = (key, group, value);
+        Ok(())
+    }
+
+    /// The merge rule: does `incoming` replace `current`? It must be a strict total order
+    /// over the candidates of one key (irreflexive, and for two distinct versions exactly
+    /// one wins), so that every order of delivery converges. The default orders by version.
+    fn wins(&self, incoming: &Candidate<'_>, current: &Candidate<'_>) -> bool {
+        incoming.version > current.version
+    }
+
+    /// Whether a local write may move a live key to another group.
+    fn group_change(&self) -> GroupChange {
+        GroupChange::Refuse
+    }
+}
+
+/// A shareable kind.
+pub type KindRef = Arc<dyn Kind>;
+
+/// Records whose values the store takes as they are: routable when the value is non-empty
+/// and starts with `+`. For tests, benchmarks and tools that need a store of opaque bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpaqueKind;
+
+impl Kind for OpaqueKind {
+    fn name(&self) -> &'static str {
+        "opaque"
+    }
+
+    fn flags(&self, value: &[u8]) -> Flags {
+        Flags {
+            routable: value.first() == Some(&b'+'),
+        }
+    }
+}

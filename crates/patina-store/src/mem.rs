@@ -1,0 +1,106 @@
+//! The in-memory backend: the same store, rules and index without SQLite, for simulations
+//! of many nodes in one process. Nothing survives the process; commits never fail (unless a
+//! failpoint says so).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use crate::knowledge::{OriginKnowledge, SeqRange};
+use crate::merge::{Backend, Meta};
+use crate::{Entry, Failpoints, NodeId};
+
+/// What SQLite's tables and indexes give readers, kept in memory: the key of the current
+/// row of every (origin, seq) and of every revision.
+#[derive(Default)]
+pub(crate) struct MemRows {
+    pub by_origin: BTreeMap<(NodeId, u64), Arc<str>>,
+    pub by_rev: BTreeMap<u64, Arc<str>>,
+}
+
+impl MemRows {
+    fn put(&mut self, e: &Entry, previous: Option<&Entry>) {
+        if let Some(p) = previous {
+            let v = p.version();
+            self.by_origin.remove(&(v.origin, v.seq));
+            self.by_rev.remove(&p.rev());
+        }
+        let key: Arc<str> = Arc::from(e.key());
+        let v = e.version();
+        self.by_origin.insert((v.origin, v.seq), key.clone());
+        self.by_rev.insert(e.rev(), key);
+    }
+
+    /// Keys of one origin's rows in `range`, highest sequence number first.
+    pub fn origin_keys(&self, origin: NodeId, range: SeqRange, limit: usize) -> Vec<Arc<str>> {
+        self.by_origin
+            .range((origin, range.lo)..=(origin, range.hi))
+            .rev()
+            .take(limit)
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+
+    pub fn keys_by_rev(&self, after: u64, upto: u64, limit: usize) -> Vec<(String, u64)> {
+        if after >= upto {
+            return Vec::new();
+        }
+        self.by_rev
+            .range(after + 1..=upto)
+            .take(limit)
+            .map(|(rev, k)| (k.to_string(), *rev))
+            .collect()
+    }
+}
+
+pub(crate) struct MemBackend {
+    pub rows: Arc<Mutex<MemRows>>,
+    pub failpoints: Arc<Failpoints>,
+    staged: Vec<(Entry, Option<Entry>)>,
+}
+
+impl MemBackend {
+    pub fn new(rows: Arc<Mutex<MemRows>>, failpoints: Arc<Failpoints>) -> MemBackend {
+        MemBackend {
+            rows,
+            failpoints,
+            staged: Vec::new(),
+        }
+    }
+}
+
+impl Backend for MemBackend {
+    fn begin(&mut self) -> Result<(), rusqlite::Error> {
+        self.staged.clear();
+        Ok(())
+    }
+
+    fn put_record(
+        &mut self,
+        entry: &Entry,
+        previous: Option<&Entry>,
+    ) -> Result<(), rusqlite::Error> {
+        self.staged.push((entry.clone(), previous.cloned()));
+        Ok(())
+    }
+
+    fn put_knowledge(&mut self, _: NodeId, _: &OriginKnowledge) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+
+    fn put_meta(&mut self, _: &Meta, _: &str) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), rusqlite::Error> {
+        self.failpoints.check_commit()?;
+        let mut rows = self.rows.lock().expect("rows lock");
+        for (entry, previous) in self.staged.drain(..) {
+            rows.put(&entry, previous.as_ref());
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self) {
+        self.staged.clear();
+    }
+}

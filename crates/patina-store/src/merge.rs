@@ -1,0 +1,717 @@
+//! The merge: local writes and records from peers, staged against the index and the
+//! per-origin knowledge, one group commit at a time.
+//!
+//! [`Core`] holds everything a commit changes besides the index (counters, clock, knowledge)
+//! and stages a group of requests into a [`Backend`] (SQLite's transaction, or memory). It
+//! does no I/O of its own and reads time from the injected clock, so the durable store and
+//! the in-memory one share every rule. Nothing staged is visible until the caller installs
+//! it after the backend committed ([`Staged`]); on failure the caller restores the core.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::entry::{ByKey, MAX_KEY_LEN};
+use crate::feed::Change;
+use crate::knowledge::{Digest, OriginKnowledge, SeqRange, TooManyGaps};
+use crate::{Candidate, Clock, Entry, HlcClock, KindRef, NodeId, State, StoreError, Version};
+
+/// A write from this node's own clients.
+#[derive(Clone, Debug)]
+pub enum LocalWrite {
+    Put {
+        key: String,
+        group: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+impl LocalWrite {
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            LocalWrite::Put { key, .. } | LocalWrite::Delete { key } => key,
+        }
+    }
+
+    /// Bytes this write holds while queued, for the queue's byte budget.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        OP_OVERHEAD
+            + match self {
+                LocalWrite::Put { key, group, value } => key.len() + group.len() + value.len(),
+                LocalWrite::Delete { key } => key.len(),
+            }
+    }
+}
+
+/// A record as it travels between nodes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub key: Arc<str>,
+    pub group: Arc<str>,
+    /// The encoded value; `None` for a tombstone.
+    pub value: Option<Arc<[u8]>>,
+    pub version: Version,
+}
+
+impl Record {
+    pub(crate) fn queued_bytes(&self) -> usize {
+        OP_OVERHEAD + self.key.len() + self.group.len() + self.value.as_ref().map_or(0, |v| v.len())
+    }
+
+    pub(crate) fn from_entry(e: &Entry) -> Record {
+        Record {
+            key: Arc::from(e.key()),
+            group: Arc::from(e.group()),
+            value: e.value().map(Arc::from),
+            version: e.version(),
+        }
+    }
+}
+
+/// Per-op bookkeeping counted against a queue's byte budget besides keys and values.
+const OP_OVERHEAD: usize = 64;
+
+/// What a peer sends: records, and ranges of an origin's sequence numbers that it knows were
+/// superseded and have nothing left ("covered, nothing left").
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RemoteBatch {
+    pub records: Vec<Record>,
+    pub covered: Vec<(NodeId, SeqRange)>,
+}
+
+impl RemoteBatch {
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.records.iter().map(Record::queued_bytes).sum::<usize>()
+            + self.covered.len() * OP_OVERHEAD
+    }
+
+    pub(crate) fn ops(&self) -> usize {
+        self.records.len() + self.covered.len()
+    }
+}
+
+/// What became of one record (or covered range) from a peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// It superseded what the store held and is now durable and served.
+    Applied,
+    /// The store already knew that version, or holds a newer version of the key; it is now
+    /// known (durably) and nothing else changed.
+    Covered,
+    /// Not applied, and its sequence number stays unknown. Counted and logged per origin.
+    Refused(Refusal),
+}
+
+/// Why a record from a peer was refused. Each is counted per origin (`Store::refusals`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Key or group longer than the store allows.
+    KeyTooLong,
+    /// Sequence number 0, which no origin ever issues.
+    ZeroSeq,
+    /// Its timestamp is further ahead of this node's wall clock than allowed: the origin's
+    /// clock (or a bug) is off, and applying it would drag every later local write along.
+    ClockAhead { ahead_ms: u64 },
+    /// The record kind refused the value (see [`crate::Kind::check`]).
+    Invalid(String),
+    /// The origin already has [`crate::MAX_GAPS_PER_ORIGIN`] gaps here; this record would
+    /// open another. It will come again, in order, through anti-entropy.
+    TooManyGaps,
+    /// The store already tracks [`MAX_ORIGINS`] origins.
+    TooManyOrigins,
+    /// A record of this store's own origin that this store never wrote: a copy of this data
+    /// directory runs elsewhere (or this one was restored from a backup). This store moved
+    /// to a fresh origin.
+    OwnOriginConflict,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::KeyTooLong => write!(f, "key or group too long"),
+            Refusal::ZeroSeq => write!(f, "sequence number 0"),
+            Refusal::ClockAhead { ahead_ms } => {
+                write!(f, "timestamp {ahead_ms} ms ahead of this node's clock")
+            }
+            Refusal::Invalid(why) => write!(f, "invalid value: {why}"),
+            Refusal::TooManyGaps => write!(f, "too many gaps for this origin"),
+            Refusal::TooManyOrigins => write!(f, "too many origins"),
+            Refusal::OwnOriginConflict => {
+                write!(f, "a version of this store's own origin it never wrote")
+            }
+        }
+    }
+}
+
+/// The outcome of applying a [`RemoteBatch`]: one entry per record and per covered range, in
+/// the batch's order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub records: Vec<ApplyOutcome>,
+    pub covered: Vec<ApplyOutcome>,
+}
+
+impl ApplyReport {
+    /// How many records superseded what was held.
+    pub fn applied(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|o| **o == ApplyOutcome::Applied)
+            .count()
+    }
+
+    pub fn refused(&self) -> usize {
+        self.records
+            .iter()
+            .chain(&self.covered)
+            .filter(|o| matches!(o, ApplyOutcome::Refused(_)))
+            .count()
+    }
+}
+
+/// How far ahead of our wall clock a remote record's timestamp may be. A peer with a clock
+/// (or a bug) far in the future would otherwise drag every later local write with it, up to
+/// an HLC that can no longer advance.
+pub const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
+/// Most origins a store tracks. A region has at most a few thousand agents over its life
+/// (each data directory is one origin); a peer inventing origins must not grow the digest
+/// without bound.
+pub const MAX_ORIGINS: usize = 65_536;
+
+/// What a store knows about itself, persisted with every commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Meta {
+    /// This store's origin: the identity of every local write.
+    pub node: NodeId,
+    /// The highest sequence number this origin ever committed.
+    pub local_seq: u64,
+    /// The highest HLC this store ever issued or stored.
+    pub hlc: crate::Hlc,
+    /// The store revision of the latest committed change.
+    pub revision: u64,
+}
+
+/// Where new origin identities come from when a store must move to a fresh one.
+#[derive(Debug)]
+pub enum IdSource {
+    /// The operating system's random source.
+    Os,
+    /// A deterministic sequence (simulations).
+    Seeded(u64),
+}
+
+impl IdSource {
+    pub(crate) fn next(&mut self) -> NodeId {
+        loop {
+            let id = match self {
+                IdSource::Os => {
+                    let mut buf = [0u8; 8];
+                    getrandom::fill(&mut buf).expect("the OS random source failed");
+                    u64::from_le_bytes(buf)
+                }
+                IdSource::Seeded(state) => {
+                    // splitmix64
+                    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    let mut z = *state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    z ^ (z >> 31)
+                }
+            };
+            if id != 0 {
+                return NodeId(id);
+            }
+        }
+    }
+}
+
+/// The storage a group is staged into. Errors are SQLite's, also for the memory backend
+/// (which fails only when a failpoint says so).
+pub(crate) trait Backend {
+    fn begin(&mut self) -> Result<(), rusqlite::Error>;
+    /// A key's new state, replacing `previous`.
+    fn put_record(
+        &mut self,
+        entry: &Entry,
+        previous: Option<&Entry>,
+    ) -> Result<(), rusqlite::Error>;
+    fn put_knowledge(&mut self, origin: NodeId, k: &OriginKnowledge)
+    -> Result<(), rusqlite::Error>;
+    fn put_meta(&mut self, meta: &Meta, kind: &str) -> Result<(), rusqlite::Error>;
+    /// Make everything since `begin` durable.
+    fn commit(&mut self) -> Result<(), rusqlite::Error>;
+    /// Drop everything since `begin`.
+    fn rollback(&mut self);
+}
+
+/// One request of a group, as the core sees it.
+pub(crate) enum Work<'a> {
+    Local(&'a [LocalWrite]),
+    Remote(&'a RemoteBatch),
+}
+
+/// The result of one request of a group.
+pub(crate) enum Outcome {
+    Local(Result<Vec<Version>, StoreError>),
+    Remote(ApplyReport),
+}
+
+/// What a staged group changes once its commit succeeds.
+#[derive(Default)]
+pub(crate) struct Staged {
+    pub changes: Vec<Change>,
+    /// Knowledge of the origins this group touched, as it is after the group.
+    pub knowledge: BTreeMap<NodeId, OriginKnowledge>,
+    pub refusals: Vec<(NodeId, Refusal)>,
+    /// The origin this store left for a fresh one in this group.
+    pub moved_from: Option<NodeId>,
+}
+
+/// What a group may change besides the index: restored as a whole when a commit fails.
+#[derive(Clone)]
+struct Saved {
+    meta: Meta,
+    clock: crate::Hlc,
+    knowledge: BTreeMap<NodeId, Option<OriginKnowledge>>,
+}
+
+pub(crate) struct Core {
+    pub meta: Meta,
+    pub clock: HlcClock,
+    /// The authoritative digest; readers see a copy published after each commit.
+    pub knowledge: Digest,
+    pub kind: KindRef,
+    pub wall: Arc<dyn Clock>,
+    pub ids: IdSource,
+}
+
+/// States of keys written earlier in the current group, not yet in the index.
+type Pending = HashSet<ByKey>;
+
+/// A key's state as of this point in the group: pending, else the index's.
+fn current(state: &State, pending: &Pending, key: &str) -> Option<Entry> {
+    pending
+        .get(key)
+        .map(|e| e.0.clone())
+        .or_else(|| state.index.latest(key))
+}
+
+impl Core {
+    /// Stage every request of a group into `backend` and commit it. On error nothing of the
+    /// group is durable and the core is as it was before.
+    pub fn commit_group(
+        &mut self,
+        state: &State,
+        work: &[Work<'_>],
+        backend: &mut dyn Backend,
+    ) -> Result<(Vec<Outcome>, Staged), rusqlite::Error> {
+        let saved = Saved {
+            meta: self.meta,
+            clock: self.clock.last(),
+            knowledge: BTreeMap::new(),
+        };
+        let mut saved = saved;
+        let mut staged = Staged::default();
+        let result = (|| {
+            backend.begin()?;
+            let outcomes = self.stage(state, work, backend, &mut staged, &mut saved)?;
+            self.meta.hlc = self.clock.last();
+            for (origin, k) in &staged.knowledge {
+                backend.put_knowledge(*origin, k)?;
+            }
+            backend.put_meta(&self.meta, self.kind.name())?;
+            backend.commit()?;
+            Ok(outcomes)
+        })();
+        match result {
+            Ok(outcomes) => Ok((outcomes, staged)),
+            Err(e) => {
+                backend.rollback();
+                self.meta = saved.meta;
+                self.clock.reset_to(saved.clock);
+                for (origin, k) in saved.knowledge {
+                    match k {
+                        Some(k) => self.knowledge.insert(origin, k),
+                        None => self.knowledge.remove(&origin),
+                    };
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Change one origin's knowledge, remembering its state before the group.
+    fn knowledge_mut<'a>(
+        knowledge: &'a mut Digest,
+        saved: &mut Saved,
+        staged: &mut Staged,
+        origin: NodeId,
+    ) -> &'a mut OriginKnowledge {
+        saved
+            .knowledge
+            .entry(origin)
+            .or_insert_with(|| knowledge.get(&origin).cloned());
+        staged.knowledge.entry(origin).or_default();
+        knowledge.entry(origin).or_default()
+    }
+
+    fn stage(
+        &mut self,
+        state: &State,
+        work: &[Work<'_>],
+        backend: &mut dyn Backend,
+        staged: &mut Staged,
+        saved: &mut Saved,
+    ) -> Result<Vec<Outcome>, rusqlite::Error> {
+        let now_ms = self.wall.now_ms();
+        let mut pending = Pending::new();
+        let mut outcomes = Vec::with_capacity(work.len());
+        for w in work {
+            let outcome = match w {
+                Work::Local(ops) => Outcome::Local(self.stage_local(
+                    state,
+                    ops,
+                    now_ms,
+                    backend,
+                    &mut pending,
+                    staged,
+                    saved,
+                )?),
+                Work::Remote(batch) => Outcome::Remote(self.stage_remote(
+                    state,
+                    batch,
+                    now_ms,
+                    backend,
+                    &mut pending,
+                    staged,
+                    saved,
+                )?),
+            };
+            outcomes.push(outcome);
+        }
+        // Publish the final state of every origin touched.
+        for (origin, k) in staged.knowledge.iter_mut() {
+            *k = self.knowledge.get(origin).cloned().unwrap_or_default();
+        }
+        Ok(outcomes)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage_local(
+        &mut self,
+        state: &State,
+        ops: &[LocalWrite],
+        now_ms: u64,
+        backend: &mut dyn Backend,
+        pending: &mut Pending,
+        staged: &mut Staged,
+        saved: &mut Saved,
+    ) -> Result<Result<Vec<Version>, StoreError>, rusqlite::Error> {
+        let flags = match self.check_local(state, ops, pending) {
+            Ok(flags) => flags,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mut versions = Vec::with_capacity(ops.len());
+        for (op, flags) in ops.iter().zip(flags) {
+            self.meta.local_seq += 1;
+            self.meta.revision += 1;
+            let version = Version {
+                hlc: self.clock.tick(now_ms),
+                origin: self.meta.node,
+                seq: self.meta.local_seq,
+            };
+            let prev = current(state, pending, op.key());
+            let entry = match op {
+                LocalWrite::Put { key, group, value } => {
+                    Entry::new(key, group, Some(value), flags, version, self.meta.revision)
+                }
+                LocalWrite::Delete { key } => {
+                    let prev = prev.as_ref().expect("checked: deletes name live keys");
+                    Entry::new(key, prev.group(), None, flags, version, self.meta.revision)
+                }
+            };
+            backend.put_record(&entry, prev.as_ref())?;
+            versions.push(version);
+            stage_change(pending, &mut staged.changes, entry, prev);
+        }
+        let (node, seq) = (self.meta.node, self.meta.local_seq);
+        *Self::knowledge_mut(&mut self.knowledge, saved, staged, node) =
+            OriginKnowledge::dense(seq);
+        Ok(Ok(versions))
+    }
+
+    /// Check a local request against the state it would apply to, all ops in order, before
+    /// any of them is written: one failing op rejects the whole request. Returns each op's
+    /// flags.
+    fn check_local(
+        &self,
+        state: &State,
+        ops: &[LocalWrite],
+        pending: &Pending,
+    ) -> Result<Vec<crate::Flags>, StoreError> {
+        // The live group each key will have after the ops checked so far (None: not live).
+        let mut local: HashMap<&str, Option<&str>> = HashMap::new();
+        let mut flags = Vec::with_capacity(ops.len());
+        for op in ops {
+            let key = op.key();
+            if key.len() > MAX_KEY_LEN {
+                return Err(StoreError::KeyTooLong(key.len()));
+            }
+            let prev = current(state, pending, key);
+            let live_group: Option<&str> = match local.get(key) {
+                Some(g) => *g,
+                None => prev.as_ref().filter(|p| p.is_live()).map(|p| p.group()),
+            };
+            match op {
+                LocalWrite::Put { group, value, .. } => {
+                    if group.len() > MAX_KEY_LEN {
+                        return Err(StoreError::KeyTooLong(group.len()));
+                    }
+                    if self.kind.group_change() == crate::GroupChange::Refuse
+                        && let Some(existing) = live_group.filter(|g| g != group)
+                    {
+                        return Err(StoreError::GroupChange {
+                            key: Arc::from(key),
+                            existing: Arc::from(existing),
+                        });
+                    }
+                    flags.push(self.kind.flags(value));
+                    local.insert(key, Some(group));
+                }
+                LocalWrite::Delete { .. } => {
+                    if live_group.is_none() {
+                        return Err(StoreError::NotFound(Arc::from(key)));
+                    }
+                    flags.push(crate::Flags::default());
+                    local.insert(key, None);
+                }
+            }
+        }
+        Ok(flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage_remote(
+        &mut self,
+        state: &State,
+        batch: &RemoteBatch,
+        now_ms: u64,
+        backend: &mut dyn Backend,
+        pending: &mut Pending,
+        staged: &mut Staged,
+        saved: &mut Saved,
+    ) -> Result<ApplyReport, rusqlite::Error> {
+        let mut report = ApplyReport {
+            records: Vec::with_capacity(batch.records.len()),
+            covered: Vec::with_capacity(batch.covered.len()),
+        };
+        for record in &batch.records {
+            let outcome =
+                self.stage_record(state, record, now_ms, backend, pending, staged, saved)?;
+            if let ApplyOutcome::Refused(why) = &outcome {
+                staged.refusals.push((record.version.origin, why.clone()));
+            }
+            report.records.push(outcome);
+        }
+        for &(origin, range) in &batch.covered {
+            let outcome = self.stage_covered(origin, range, staged, saved);
+            if let ApplyOutcome::Refused(why) = &outcome {
+                staged.refusals.push((origin, why.clone()));
+            }
+            report.covered.push(outcome);
+        }
+        Ok(report)
+    }
+
+    /// Is a version of our own origin one we never issued? Above our head it certainly is.
+    /// At or below it, it is when it would beat what we hold for its key: we hold our own
+    /// write of that number or something newer. A key we hold nothing for proves nothing
+    /// (its tombstone may have been collected), and neither does a tombstone.
+    fn is_foreign_copy(&self, state: &State, pending: &Pending, record: &Record) -> bool {
+        if record.version.seq > self.meta.local_seq {
+            return true;
+        }
+        let Some(value) = record.value.as_deref() else {
+            return false;
+        };
+        let held = current(state, pending, &record.key);
+        let incoming = Candidate {
+            version: record.version,
+            value: Some(value),
+        };
+        held.is_some_and(|h| {
+            h.version() != record.version
+                && self.kind.wins(
+                    &incoming,
+                    &Candidate {
+                        version: h.version(),
+                        value: h.value(),
+                    },
+                )
+        })
+    }
+
+    /// Leave this origin for a fresh one: a copy of this data directory (or the original
+    /// of a restored backup) issues the same sequence numbers, and one `(origin, seq)` must
+    /// never name two records. What we issued under the old origin stays known.
+    fn move_to_fresh_origin(&mut self, staged: &mut Staged, saved: &mut Saved) {
+        let old = self.meta.node;
+        let new = loop {
+            let id = self.ids.next();
+            if id != old && !self.knowledge.contains_key(&id) {
+                break id;
+            }
+        };
+        tracing::error!(
+            old = %old,
+            new = %new,
+            issued = self.meta.local_seq,
+            "a record of this store's own origin arrived that this store never wrote: a copy \
+             of this data directory runs elsewhere, or it was restored from a backup; moving \
+             to a fresh origin"
+        );
+        let issued = self.meta.local_seq;
+        *Self::knowledge_mut(&mut self.knowledge, saved, staged, old) =
+            OriginKnowledge::dense(issued);
+        self.meta.node = new;
+        self.meta.local_seq = 0;
+        *Self::knowledge_mut(&mut self.knowledge, saved, staged, new) = OriginKnowledge::dense(0);
+        staged.moved_from.get_or_insert(old);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage_record(
+        &mut self,
+        state: &State,
+        record: &Record,
+        now_ms: u64,
+        backend: &mut dyn Backend,
+        pending: &mut Pending,
+        staged: &mut Staged,
+        saved: &mut Saved,
+    ) -> Result<ApplyOutcome, rusqlite::Error> {
+        use ApplyOutcome::{Applied, Covered, Refused};
+        let v = record.version;
+        if record.key.len() > MAX_KEY_LEN || record.group.len() > MAX_KEY_LEN {
+            return Ok(Refused(Refusal::KeyTooLong));
+        }
+        if v.seq == 0 {
+            return Ok(Refused(Refusal::ZeroSeq));
+        }
+        if v.origin == self.meta.node {
+            if self.is_foreign_copy(state, pending, record) {
+                self.move_to_fresh_origin(staged, saved);
+                return Ok(Refused(Refusal::OwnOriginConflict));
+            }
+            return Ok(Covered);
+        }
+        if self
+            .knowledge
+            .get(&v.origin)
+            .is_some_and(|k| k.knows(v.seq))
+        {
+            return Ok(Covered);
+        }
+        let ahead_ms = v.hlc.physical_ms().saturating_sub(now_ms);
+        if ahead_ms > MAX_CLOCK_AHEAD_MS {
+            return Ok(Refused(Refusal::ClockAhead { ahead_ms }));
+        }
+        let flags = match &record.value {
+            Some(value) => match self.kind.check(&record.key, &record.group, value) {
+                Ok(()) => self.kind.flags(value),
+                Err(why) => return Ok(Refused(Refusal::Invalid(why))),
+            },
+            None => crate::Flags::default(),
+        };
+        if !self.knowledge.contains_key(&v.origin) && self.knowledge.len() >= MAX_ORIGINS {
+            return Ok(Refused(Refusal::TooManyOrigins));
+        }
+        let range = SeqRange {
+            lo: v.seq,
+            hi: v.seq,
+        };
+        if Self::knowledge_mut(&mut self.knowledge, saved, staged, v.origin)
+            .learn(range)
+            .is_err()
+        {
+            return Ok(Refused(Refusal::TooManyGaps));
+        }
+        self.clock.observe(v.hlc);
+        let prev = current(state, pending, &record.key);
+        let incoming = Candidate {
+            version: v,
+            value: record.value.as_deref(),
+        };
+        let wins = prev.as_ref().is_none_or(|p| {
+            self.kind.wins(
+                &incoming,
+                &Candidate {
+                    version: p.version(),
+                    value: p.value(),
+                },
+            )
+        });
+        if !wins {
+            return Ok(Covered);
+        }
+        self.meta.revision += 1;
+        let entry = Entry::new(
+            &record.key,
+            &record.group,
+            record.value.as_deref(),
+            flags,
+            v,
+            self.meta.revision,
+        );
+        backend.put_record(&entry, prev.as_ref())?;
+        stage_change(pending, &mut staged.changes, entry, prev);
+        Ok(Applied)
+    }
+
+    fn stage_covered(
+        &mut self,
+        origin: NodeId,
+        range: SeqRange,
+        staged: &mut Staged,
+        saved: &mut Saved,
+    ) -> ApplyOutcome {
+        if range.lo == 0 || range.lo > range.hi {
+            return ApplyOutcome::Refused(Refusal::ZeroSeq);
+        }
+        if origin == self.meta.node {
+            if range.hi > self.meta.local_seq {
+                self.move_to_fresh_origin(staged, saved);
+                return ApplyOutcome::Refused(Refusal::OwnOriginConflict);
+            }
+            return ApplyOutcome::Covered;
+        }
+        if !self.knowledge.contains_key(&origin) && self.knowledge.len() >= MAX_ORIGINS {
+            return ApplyOutcome::Refused(Refusal::TooManyOrigins);
+        }
+        match Self::knowledge_mut(&mut self.knowledge, saved, staged, origin).learn(range) {
+            Ok(()) => ApplyOutcome::Covered,
+            Err(TooManyGaps) => ApplyOutcome::Refused(Refusal::TooManyGaps),
+        }
+    }
+}
+
+fn stage_change(
+    pending: &mut Pending,
+    changes: &mut Vec<Change>,
+    entry: Entry,
+    prev: Option<Entry>,
+) {
+    let moved_from = prev
+        .as_ref()
+        .filter(|p| p.is_live() && p.group() != entry.group())
+        .map(|p| Arc::from(p.group()));
+    pending.replace(ByKey(entry.clone()));
+    changes.push(Change {
+        entry,
+        moved_from,
+        prior_unknown: false,
+    });
+}

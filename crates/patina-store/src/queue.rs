@@ -1,0 +1,212 @@
+//! The writer thread's input: two bounded queues, one for local writes and one for records
+//! from peers, each with its own budget in requests and in bytes.
+//!
+//! Separate budgets keep a sync flood from delaying local writes: the writer takes local
+//! requests first and only a bounded number of remote records per group commit. A caller
+//! waits (backpressure) while its queue is full, but the waiting room is bounded too, in
+//! callers and in bytes: past it a write fails at once with [`StoreError::Overloaded`]
+//! instead of parking unbounded memory in waiting tasks.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::StoreError;
+use crate::writer::Request;
+
+/// The bounds of one queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub requests: usize,
+    pub bytes: usize,
+    pub waiters: usize,
+    pub waiting_bytes: usize,
+}
+
+struct Budget {
+    limits: Limits,
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    waiters: AtomicUsize,
+    waiting_bytes: AtomicUsize,
+}
+
+impl Budget {
+    fn new(limits: Limits) -> Budget {
+        Budget {
+            limits,
+            requests: Arc::new(Semaphore::new(limits.requests)),
+            bytes: Arc::new(Semaphore::new(limits.bytes)),
+            waiters: AtomicUsize::new(0),
+            waiting_bytes: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The budget a queued request holds until the writer is done with it.
+pub(crate) type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// A request in a queue, with its budget.
+pub(crate) struct Queued {
+    pub request: Request,
+    pub ops: usize,
+    permits: Permits,
+}
+
+impl Queued {
+    pub fn into_parts(self) -> (Request, Permits) {
+        (self.request, self.permits)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Class {
+    Local,
+    Remote,
+}
+
+#[derive(Default)]
+struct Lists {
+    local: VecDeque<Queued>,
+    remote: VecDeque<Queued>,
+    /// No request is taken any more; the writer drains what is queued, then stops.
+    closed: bool,
+}
+
+pub(crate) struct Queue {
+    lists: Mutex<Lists>,
+    ready: Condvar,
+    local: Budget,
+    remote: Budget,
+}
+
+/// Releases a caller's place in the waiting room.
+struct Waiting<'a> {
+    budget: &'a Budget,
+    bytes: usize,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.budget.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.budget
+            .waiting_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Queue {
+    pub fn new(local: Limits, remote: Limits) -> Queue {
+        Queue {
+            lists: Mutex::new(Lists::default()),
+            ready: Condvar::new(),
+            local: Budget::new(local),
+            remote: Budget::new(remote),
+        }
+    }
+
+    fn budget(&self, class: Class) -> &Budget {
+        match class {
+            Class::Local => &self.local,
+            Class::Remote => &self.remote,
+        }
+    }
+
+    /// Queue a request for the writer, waiting while its queue is full.
+    pub async fn push(
+        &self,
+        class: Class,
+        request: Request,
+        ops: usize,
+        bytes: usize,
+    ) -> Result<(), StoreError> {
+        let budget = self.budget(class);
+        if bytes > budget.limits.bytes {
+            return Err(StoreError::TooLarge {
+                bytes,
+                limit: budget.limits.bytes,
+            });
+        }
+        let permits = {
+            let waiters = budget.waiters.fetch_add(1, Ordering::Relaxed);
+            let waiting = budget.waiting_bytes.fetch_add(bytes, Ordering::Relaxed);
+            let _waiting = Waiting { budget, bytes };
+            if waiters >= budget.limits.waiters || waiting + bytes > budget.limits.waiting_bytes {
+                return Err(StoreError::Overloaded);
+            }
+            let one = budget.requests.clone().acquire_owned().await;
+            // `bytes` fits in u32: it is at most `limits.bytes`, checked at configuration.
+            let many = budget.bytes.clone().acquire_many_owned(bytes as u32).await;
+            match (one, many) {
+                (Ok(one), Ok(many)) => (one, many),
+                _ => return Err(StoreError::Closed),
+            }
+        };
+        let queued = Queued {
+            request,
+            ops,
+            permits,
+        };
+        {
+            let mut lists = self.lists.lock().expect("queue lock");
+            if lists.closed {
+                return Err(StoreError::Closed);
+            }
+            match class {
+                Class::Local => lists.local.push_back(queued),
+                Class::Remote => lists.remote.push_back(queued),
+            }
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Block until there is work, then take local requests up to `max_local_ops` and remote
+    /// ones up to `max_remote_ops` (at least one request when any is queued). `None` once
+    /// the queue is closed and drained.
+    pub fn next_group(&self, max_local_ops: usize, max_remote_ops: usize) -> Option<Vec<Queued>> {
+        let mut lists = self.lists.lock().expect("queue lock");
+        while lists.local.is_empty() && lists.remote.is_empty() {
+            if lists.closed {
+                return None;
+            }
+            lists = self.ready.wait(lists).expect("queue lock");
+        }
+        let mut group = Vec::new();
+        let Lists { local, remote, .. } = &mut *lists;
+        for (list, max) in [(local, max_local_ops), (remote, max_remote_ops)] {
+            let mut ops = 0;
+            while let Some(next) = list.front() {
+                if ops > 0 && ops + next.ops > max {
+                    break;
+                }
+                ops += next.ops;
+                group.push(list.pop_front().expect("front exists"));
+            }
+        }
+        Some(group)
+    }
+
+    /// Take no more requests. With `drain`, the writer still gets what is queued; without,
+    /// what is queued is returned to be failed.
+    pub fn close(&self, drain: bool) -> Vec<Queued> {
+        let mut lists = self.lists.lock().expect("queue lock");
+        lists.closed = true;
+        let dropped = if drain {
+            Vec::new()
+        } else {
+            let mut all: Vec<Queued> = lists.local.drain(..).collect();
+            all.extend(lists.remote.drain(..));
+            all
+        };
+        drop(lists);
+        self.local.requests.close();
+        self.local.bytes.close();
+        self.remote.requests.close();
+        self.remote.bytes.close();
+        self.ready.notify_all();
+        dropped
+    }
+}

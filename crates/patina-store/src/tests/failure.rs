@@ -1,0 +1,147 @@
+//! The failure paths: a full disk refuses writes and recovers; an fsync error or a writer
+//! panic stops the store for good, fails every write and ends every watch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+fn with_failpoints() -> (Arc<Failpoints>, StoreOptions) {
+    let fp = Arc::new(Failpoints::default());
+    let opts = StoreOptions {
+        failpoints: fp.clone(),
+        ..opts()
+    };
+    (fp, opts)
+}
+
+#[test]
+fn a_full_disk_refuses_the_write_changes_nothing_and_writes_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    let before = (store.stats(), store.digest());
+    fp.arm(InjectedFault::DiskFull);
+    let err = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DiskFull), "{err}");
+    let after = store.stats();
+    assert_eq!(
+        (after.live, after.revision),
+        (before.0.live, before.0.revision)
+    );
+    assert_eq!(store.digest(), before.1, "no knowledge moved");
+    assert!(store.get_live("b").is_none());
+    assert!(store.failure().is_none(), "a full disk is not fatal");
+    // Space returns: the next write takes the next sequence number, none skipped.
+    let v = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap()[0];
+    assert_eq!(v.seq, 2);
+    store.close();
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert!(store.get_live("b").is_some());
+}
+
+fn assert_fails_for_good(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    cursor: &mut Cursor,
+    what: &str,
+) {
+    let why = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), store.failed())
+            .await
+            .expect("the failure is reported")
+    });
+    assert!(why.contains(what), "{why}");
+    // Every later write fails, with the reason, and changes nothing.
+    let err = rt
+        .block_on(store.write(vec![put("later", "g", "1", true)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Failed(_)), "{err}");
+    assert!(store.get_live("later").is_none());
+    // Open watches end instead of waiting forever.
+    let end =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), cursor.next()).await });
+    assert_eq!(end, Ok(None));
+    // Reads from memory go on.
+    assert!(store.get_live("a").is_some());
+}
+
+fn watching(rt: &tokio::runtime::Runtime, store: &Store) -> Cursor {
+    let mut cursor = store.watch(None, None, 100);
+    while !matches!(
+        rt.block_on(cursor.next()).expect("open"),
+        WatchItem::SnapshotDone { .. }
+    ) {}
+    cursor
+}
+
+#[test]
+fn an_fsync_error_stops_the_store_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    let mut cursor = watching(&rt, &store);
+    fp.arm(InjectedFault::FsyncError);
+    let err = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Failed(_)), "{err}");
+    assert!(
+        store.get_live("b").is_none(),
+        "never visible: it was not durable"
+    );
+    assert_fails_for_good(&rt, &store, &mut cursor, "group commit failed");
+    // The writer stopped and let the data directory go: it reopens, without the failed write.
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert!(store.get_live("a").is_some() && store.get_live("b").is_none());
+}
+
+#[test]
+fn a_writer_panic_stops_the_store_instead_of_hanging_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts).unwrap();
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    let mut cursor = watching(&rt, &store);
+    fp.arm(InjectedFault::Panic);
+    let err = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Failed(_)), "{err}");
+    assert_fails_for_good(&rt, &store, &mut cursor, "panicked");
+}
+
+#[test]
+fn the_in_memory_store_fails_the_same_way() {
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::in_memory(NodeId(1), 1, opts);
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    let mut cursor = watching(&rt, &store);
+    fp.arm(InjectedFault::DiskFull);
+    let err = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::DiskFull), "{err}");
+    fp.arm(InjectedFault::FsyncError);
+    let err = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Failed(_)), "{err}");
+    assert_fails_for_good(&rt, &store, &mut cursor, "commit failed");
+}

@@ -1,0 +1,473 @@
+//! The surface the gossip layer stands on: apply outcomes and refusals, per-origin knowledge
+//! (persisted, closed by covered ranges), range reads by origin, one `(origin, seq)` naming
+//! one record, kinds, schema migration, and the injected clock.
+
+use std::sync::Arc;
+
+use super::*;
+
+fn clock_at(ms: u64) -> (Arc<ManualClock>, StoreOptions) {
+    let clock = Arc::new(ManualClock::new(ms));
+    let opts = StoreOptions {
+        clock: clock.clone(),
+        ..opts()
+    };
+    (clock, opts)
+}
+
+fn known(store: &Store, origin: u64) -> (u64, Vec<(u64, u64)>) {
+    let d = store.digest();
+    let k = d.get(&NodeId(origin)).cloned().unwrap_or_default();
+    (k.head(), k.gaps().map(|g| (g.lo, g.hi)).collect())
+}
+
+fn range(lo: u64, hi: u64) -> SeqRange {
+    SeqRange::new(lo, hi).unwrap()
+}
+
+#[test]
+fn every_record_gets_an_outcome_and_refusals_are_counted_per_origin() {
+    let rt = rt();
+    let (_clock, opts) = clock_at(10_000_000);
+    let store = Store::in_memory(NodeId(100), 1, opts);
+    let first = remote(
+        "k1",
+        version(Hlc::from_physical_ms(9_000_000).0, 7, 1),
+        false,
+    );
+    let older = remote(
+        "k1",
+        version(Hlc::from_physical_ms(8_000_000).0, 8, 1),
+        false,
+    );
+    let ahead = remote(
+        "k2",
+        version(
+            Hlc::from_physical_ms(10_000_000 + MAX_CLOCK_AHEAD_MS + 1).0,
+            7,
+            2,
+        ),
+        false,
+    );
+    let long = remote(&"x".repeat(MAX_KEY_LEN + 1), version(1, 9, 1), false);
+    let zero = remote("k3", version(1, 9, 0), false);
+    let report = rt
+        .block_on(store.apply(records(vec![
+            first.clone(),
+            first.clone(),
+            older,
+            ahead,
+            long,
+            zero,
+        ])))
+        .unwrap();
+    assert_eq!(
+        report.records,
+        vec![
+            ApplyOutcome::Applied,
+            ApplyOutcome::Covered, // the same version again
+            ApplyOutcome::Covered, // an older version of a key held newer: known, not applied
+            ApplyOutcome::Refused(Refusal::ClockAhead {
+                ahead_ms: MAX_CLOCK_AHEAD_MS + 1
+            }),
+            ApplyOutcome::Refused(Refusal::KeyTooLong),
+            ApplyOutcome::Refused(Refusal::ZeroSeq),
+        ]
+    );
+    assert_eq!(store.get_latest("k1"), Some(first));
+    assert!(store.get_latest("k2").is_none());
+    // Origin 8's version is known although nothing of it is held; origin 7's refused seq 2
+    // stays unknown, so anti-entropy will offer it again.
+    assert_eq!(known(&store, 8), (1, vec![]));
+    assert_eq!(known(&store, 7), (1, vec![]));
+    let refusals = store.refusals();
+    assert_eq!(refusals[&NodeId(7)].count, 1);
+    assert!(matches!(
+        refusals[&NodeId(7)].last,
+        Refusal::ClockAhead { .. }
+    ));
+    assert_eq!(refusals[&NodeId(9)].count, 2);
+    assert!(!refusals.contains_key(&NodeId(8)));
+}
+
+/// A kind that refuses values that are not UTF-8, to see refusals by the kind.
+struct Utf8Kind;
+
+impl Kind for Utf8Kind {
+    fn name(&self) -> &'static str {
+        "utf8"
+    }
+
+    fn flags(&self, _: &[u8]) -> Flags {
+        Flags { routable: true }
+    }
+
+    fn check(&self, _: &str, _: &str, value: &[u8]) -> Result<(), String> {
+        std::str::from_utf8(value).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+#[test]
+fn the_kind_checks_values_from_peers_and_derives_their_flags() {
+    let rt = rt();
+    let opts = StoreOptions {
+        kind: Arc::new(Utf8Kind),
+        ..opts()
+    };
+    let store = Store::in_memory(NodeId(100), 1, opts);
+    let mut bad = remote("k", version(5, 3, 1), false);
+    bad.value = Some(Arc::from(&b"\xff\xfe"[..]));
+    let good = remote("k", version(4, 3, 2), false);
+    let report = rt.block_on(store.apply(records(vec![bad, good]))).unwrap();
+    assert!(matches!(
+        report.records[0],
+        ApplyOutcome::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!(report.records[1], ApplyOutcome::Applied);
+    assert!(
+        store.get_live("k").unwrap().routable(),
+        "flags come from the kind"
+    );
+    // Seq 1 was refused: it stays a gap below the head.
+    assert_eq!(known(&store, 3), (2, vec![(1, 1)]));
+}
+
+#[test]
+fn out_of_order_versions_open_gaps_that_later_versions_and_covered_ranges_close() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(100), 1, opts());
+    let apply = |batch: RemoteBatch| rt.block_on(store.apply(batch)).unwrap();
+    apply(records(vec![remote("a", version(1, 5, 1), false)]));
+    apply(records(vec![remote("b", version(9, 5, 9), false)]));
+    assert_eq!(known(&store, 5), (9, vec![(2, 8)]));
+    apply(records(vec![remote("c", version(4, 5, 4), false)]));
+    assert_eq!(known(&store, 5), (9, vec![(2, 3), (5, 8)]));
+    // "Covered, nothing left": seqs 2..=3 and 5..=8 were superseded at the peer.
+    let report = apply(RemoteBatch {
+        records: vec![],
+        covered: vec![(NodeId(5), range(2, 3)), (NodeId(5), range(5, 8))],
+    });
+    assert_eq!(report.covered, vec![ApplyOutcome::Covered; 2]);
+    assert_eq!(known(&store, 5), (9, vec![]));
+    // A covered range above the head moves the head: those numbers are known to be empty.
+    apply(RemoteBatch {
+        records: vec![],
+        covered: vec![(NodeId(6), range(3, 4))],
+    });
+    assert_eq!(known(&store, 6), (4, vec![(1, 2)]));
+    assert_eq!(store.stats().live, 3, "covered ranges carry no record");
+}
+
+#[test]
+fn knowledge_is_persisted_with_the_records_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    {
+        let store = Store::open(dir.path(), opts()).unwrap();
+        rt.block_on(store.apply(RemoteBatch {
+            records: vec![
+                remote("a", version(1, 5, 1), false),
+                remote("b", version(2, 5, 7), false),
+            ],
+            covered: vec![(NodeId(6), range(1, 3))],
+        }))
+        .unwrap();
+        rt.block_on(store.write(vec![put("m", "web", "x", true)]))
+            .unwrap();
+        store.close();
+    }
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(known(&store, 5), (7, vec![(2, 6)]));
+    assert_eq!(known(&store, 6), (3, vec![]));
+    assert_eq!(known(&store, store.node().0), (1, vec![]));
+}
+
+#[test]
+fn a_range_read_returns_records_newest_first_and_marks_superseded_numbers_covered() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    // Our own origin writes seq 1..=6: a1, b1, a2 (supersedes 1), c1, b2 (supersedes 2), d.
+    for (key, value) in [
+        ("a", "1"),
+        ("b", "1"),
+        ("a", "2"),
+        ("c", "1"),
+        ("b", "2"),
+        ("d", "1"),
+    ] {
+        rt.block_on(store.write(vec![put(key, "g", value, true)]))
+            .unwrap();
+    }
+    let me = store.node();
+    let budget = ReadBudget {
+        max_records: 100,
+        max_bytes: 1 << 20,
+    };
+    let all = rt
+        .block_on(store.read_origin(me, range(1, 6), budget))
+        .unwrap();
+    let seqs: Vec<u64> = all.records.iter().map(|r| r.version.seq).collect();
+    assert_eq!(seqs, vec![6, 5, 4, 3], "current records, newest first");
+    assert_eq!(
+        all.covered,
+        vec![range(1, 2)],
+        "superseded: covered, nothing left"
+    );
+    assert_eq!(all.rest, None);
+    // A budget of two records: the newest two, and the rest of the range to ask for next.
+    let budget = ReadBudget {
+        max_records: 2,
+        max_bytes: 1 << 20,
+    };
+    let part = rt
+        .block_on(store.read_origin(me, range(1, 6), budget))
+        .unwrap();
+    assert_eq!(part.records.len(), 2);
+    assert_eq!(part.covered, vec![]);
+    assert_eq!(part.rest, Some(range(1, 4)));
+    let next = rt
+        .block_on(store.read_origin(me, range(1, 4), budget))
+        .unwrap();
+    let seqs: Vec<u64> = next.records.iter().map(|r| r.version.seq).collect();
+    assert_eq!((seqs, next.rest), (vec![4, 3], Some(range(1, 2))));
+    let last = rt
+        .block_on(store.read_origin(me, range(1, 2), budget))
+        .unwrap();
+    assert_eq!(
+        (last.records.len(), last.covered, last.rest),
+        (0, vec![range(1, 2)], None)
+    );
+    // Numbers not known are never claimed covered.
+    let beyond = rt
+        .block_on(store.read_origin(me, range(5, 50), budget))
+        .unwrap();
+    assert_eq!(beyond.covered, vec![]);
+    // The in-memory store answers the same.
+    let mem = Store::in_memory(NodeId(100), 1, opts());
+    for (key, value) in [
+        ("a", "1"),
+        ("b", "1"),
+        ("a", "2"),
+        ("c", "1"),
+        ("b", "2"),
+        ("d", "1"),
+    ] {
+        rt.block_on(mem.write(vec![put(key, "g", value, true)]))
+            .unwrap();
+    }
+    let budget = ReadBudget {
+        max_records: 100,
+        max_bytes: 1 << 20,
+    };
+    let m = rt
+        .block_on(mem.read_origin(NodeId(100), range(1, 6), budget))
+        .unwrap();
+    assert_eq!(
+        m.records.iter().map(|r| r.version.seq).collect::<Vec<_>>(),
+        vec![6, 5, 4, 3]
+    );
+    assert_eq!(m.covered, vec![range(1, 2)]);
+}
+
+#[test]
+fn a_record_of_our_own_origin_that_we_never_wrote_moves_the_store_to_a_fresh_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    rt.block_on(store.write(vec![put("a", "g", "1", true), put("b", "g", "1", true)]))
+        .unwrap();
+    let old = store.node();
+    // Its copy, elsewhere, wrote seq 3 (and a different b at seq 2).
+    let copy3 = remote("c", version(u64::from(u16::MAX), old.0, 3), false);
+    let report = rt
+        .block_on(store.apply(records(vec![copy3.clone()])))
+        .unwrap();
+    assert_eq!(
+        report.records,
+        vec![ApplyOutcome::Refused(Refusal::OwnOriginConflict)]
+    );
+    let new = store.node();
+    assert_ne!(new, old, "moved to a fresh origin");
+    assert_eq!(store.refusals()[&old].count, 1);
+    // What the old origin issued here stays known; new writes start over under the new one.
+    assert_eq!(known(&store, old.0), (2, vec![]));
+    let v = rt
+        .block_on(store.write(vec![put("d", "g", "1", true)]))
+        .unwrap()[0];
+    assert_eq!((v.origin, v.seq), (new, 1));
+    // The old origin is now just another origin: its copy's record is merged when it comes
+    // again, and a record the old origin did write here is covered.
+    let again = rt.block_on(store.apply(records(vec![copy3]))).unwrap();
+    assert_eq!(again.records, vec![ApplyOutcome::Applied]);
+    // Tokens of the old identity reset: its revisions may have diverged in the copy.
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(store.node(), new, "the move is durable");
+    assert_eq!(known(&store, old.0), (3, vec![]));
+}
+
+#[test]
+fn a_conflicting_version_below_our_head_is_detected_too() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(100), 1, opts());
+    let v = rt
+        .block_on(store.write(vec![put("a", "g", "mine", true)]))
+        .unwrap()[0];
+    // Same (origin, seq), another value and a later timestamp: we never wrote that.
+    let mut theirs = remote(
+        "a",
+        Version {
+            hlc: Hlc(v.hlc.0 + 1),
+            ..v
+        },
+        false,
+    );
+    theirs.value = Some(Arc::from(&b"theirs"[..]));
+    let report = rt.block_on(store.apply(records(vec![theirs]))).unwrap();
+    assert_eq!(
+        report.records,
+        vec![ApplyOutcome::Refused(Refusal::OwnOriginConflict)]
+    );
+    assert_ne!(store.node(), NodeId(100));
+    // Our own write coming back is simply covered.
+    let store = Store::in_memory(NodeId(200), 1, opts());
+    let v = rt
+        .block_on(store.write(vec![put("a", "g", "x", true)]))
+        .unwrap()[0];
+    let back = store.get_latest("a").unwrap();
+    assert_eq!(back.version, v);
+    let report = rt.block_on(store.apply(records(vec![back]))).unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Covered]);
+    assert_eq!(store.node(), NodeId(200));
+}
+
+#[test]
+fn remote_timestamps_far_ahead_of_the_wall_clock_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let future = remote("k", version(u64::MAX - 1, 1, 1), false);
+    let report = rt.block_on(store.apply(records(vec![future]))).unwrap();
+    assert!(matches!(
+        report.records[0],
+        ApplyOutcome::Refused(Refusal::ClockAhead { .. })
+    ));
+    assert!(store.get_latest("k").is_none());
+    assert_eq!(
+        store.refusals()[&NodeId(1)].count,
+        1,
+        "visible in status, not silent"
+    );
+    // Local writes still get timestamps near the wall clock.
+    let v = rt
+        .block_on(store.write(vec![put("m", "web", "x", true)]))
+        .unwrap()[0];
+    let now_ms = SystemClock.now_ms();
+    assert!(v.hlc.physical_ms().abs_diff(now_ms) < 60_000);
+}
+
+#[test]
+fn the_injected_clock_stamps_local_writes() {
+    let rt = rt();
+    let (clock, opts) = clock_at(1_000_000);
+    let store = Store::in_memory(NodeId(1), 1, opts);
+    let a = rt
+        .block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap()[0];
+    clock.advance(5_000);
+    let b = rt
+        .block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap()[0];
+    assert_eq!(
+        (a.hlc.physical_ms(), b.hlc.physical_ms()),
+        (1_000_000, 1_005_000)
+    );
+}
+
+#[test]
+fn a_store_is_opened_only_as_the_kind_it_was_made_with() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path(), opts()).unwrap().close();
+    let as_utf8 = StoreOptions {
+        kind: Arc::new(Utf8Kind),
+        ..opts()
+    };
+    match Store::open(dir.path(), as_utf8) {
+        Err(StoreError::WrongKind { stored, wanted }) => {
+            assert_eq!((stored.as_str(), wanted), ("opaque", "utf8"));
+        }
+        Err(e) => panic!("expected WrongKind, got {e}"),
+        Ok(_) => panic!("expected WrongKind, got a store"),
+    }
+}
+
+#[test]
+fn a_version_1_store_is_migrated_with_conservative_knowledge() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The schema and rows exactly as version 1 wrote them.
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE records (rev INTEGER PRIMARY KEY, key TEXT NOT NULL, grp TEXT NOT NULL,
+                 value BLOB, routable INTEGER NOT NULL, hlc INTEGER NOT NULL,
+                 origin INTEGER NOT NULL, seq INTEGER NOT NULL);
+             INSERT INTO meta VALUES ('schema_version', 1), ('node_id', 77), ('local_seq', 4),
+                 ('hlc', 900), ('revision', 3);
+             INSERT INTO records VALUES (1, 'm1', 'web', X'2b61', 1, 100, 77, 2);
+             INSERT INTO records VALUES (2, 'm2', 'web', NULL, 0, 200, 77, 4);
+             INSERT INTO records VALUES (3, 'r1', 'db', X'62', 0, 300, 9, 5);",
+        )
+        .unwrap();
+    }
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(store.node(), NodeId(77));
+    assert_eq!(store.get_live("m1").unwrap().value(), Some(&b"+a"[..]));
+    assert!(store.get_live("m1").unwrap().routable());
+    assert!(store.get_latest("m2").unwrap().value.is_none());
+    assert_eq!(
+        known(&store, 77),
+        (4, vec![]),
+        "our own origin: everything we issued"
+    );
+    assert_eq!(
+        known(&store, 9),
+        (5, vec![(1, 4)]),
+        "others: only what we hold"
+    );
+    let v = rt
+        .block_on(store.write(vec![put("m3", "web", "x", true)]))
+        .unwrap()[0];
+    assert_eq!(v.seq, 5);
+    store.close();
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let version: i64 = conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, 2);
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path(), opts()).unwrap().close();
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute(
+        "UPDATE meta SET value = 99 WHERE name = 'schema_version'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    assert!(matches!(
+        Store::open(dir.path(), opts()),
+        Err(StoreError::Schema(99))
+    ));
+}
