@@ -29,6 +29,8 @@ const GROUP_LEN: usize = 35;
 const HEADER: usize = 37;
 const LIVE: u8 = 1;
 const ROUTABLE: u8 = 2;
+/// The key was in other groups before this state (its stored row lists them).
+const MOVED: u8 = 4;
 
 /// A record's state: live (with a value) or a tombstone. Cheap to clone.
 #[derive(Clone, PartialEq, Eq)]
@@ -109,6 +111,25 @@ impl Entry {
     /// Whether the record may be routed to (for machines: started and passing).
     pub fn routable(&self) -> bool {
         self.0[FLAGS] & ROUTABLE != 0
+    }
+
+    /// Was the key in another group before this state? (Then its stored row lists the
+    /// groups it left, for watchers resuming after a restart.)
+    pub(crate) fn moved(&self) -> bool {
+        self.0[FLAGS] & MOVED != 0
+    }
+
+    /// The same state, marked as having left other groups.
+    pub(crate) fn with_moved(mut self) -> Entry {
+        match Arc::get_mut(&mut self.0) {
+            Some(bytes) => bytes[FLAGS] |= MOVED,
+            None => {
+                let mut bytes = self.0.to_vec();
+                bytes[FLAGS] |= MOVED;
+                self.0 = Arc::from(bytes);
+            }
+        }
+        self
     }
 
     pub fn flags(&self) -> Flags {

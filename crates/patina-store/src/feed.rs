@@ -18,8 +18,9 @@ use crate::Entry;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
     pub entry: Entry,
-    /// The group the key was live in before, when this change moved it elsewhere.
-    pub moved_from: Option<Arc<str>>,
+    /// Groups the key left with this change (live elsewhere before). After a restart, the
+    /// groups it left since it was last in them, as its stored row lists them.
+    pub moved_from: Vec<Arc<str>>,
     /// Rebuilt from SQLite at start, where the previous state is gone: the key may have
     /// left any group, so every scoped reader must consider it.
     pub prior_unknown: bool,

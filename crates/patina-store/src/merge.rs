@@ -433,6 +433,7 @@ impl Core {
                     Entry::new(key, prev.group(), None, flags, version, self.meta.revision)
                 }
             };
+            let entry = mark_moves(entry, prev.as_ref());
             backend.put_record(&entry, prev.as_ref())?;
             versions.push(version);
             stage_change(pending, &mut staged.changes, entry, prev);
@@ -666,6 +667,7 @@ impl Core {
             v,
             self.meta.revision,
         );
+        let entry = mark_moves(entry, prev.as_ref());
         backend.put_record(&entry, prev.as_ref())?;
         stage_change(pending, &mut staged.changes, entry, prev);
         Ok(Applied)
@@ -707,11 +709,23 @@ fn stage_change(
     let moved_from = prev
         .as_ref()
         .filter(|p| p.is_live() && p.group() != entry.group())
-        .map(|p| Arc::from(p.group()));
+        .map(|p| Arc::from(p.group()))
+        .into_iter()
+        .collect();
     pending.replace(ByKey(entry.clone()));
     changes.push(Change {
         entry,
         moved_from,
         prior_unknown: false,
     });
+}
+
+/// Mark a new state as having left other groups when its key was in another group before
+/// (or its previous state was so marked): its stored row then lists those groups.
+fn mark_moves(entry: Entry, prev: Option<&Entry>) -> Entry {
+    if prev.is_some_and(|p| p.moved() || p.group() != entry.group()) {
+        entry.with_moved()
+    } else {
+        entry
+    }
 }

@@ -34,7 +34,11 @@ CREATE TABLE IF NOT EXISTS records (
     routable INTEGER NOT NULL,
     hlc      INTEGER NOT NULL, -- u64 bits stored as i64
     origin   INTEGER NOT NULL, -- u64 bits stored as i64
-    seq      INTEGER NOT NULL
+    seq      INTEGER NOT NULL,
+    -- The groups the key left before this state, when it was in others (a scoped watcher
+    -- resuming after a restart must see the key leave its group). NULL: none. See
+    -- `encode_left`.
+    left     BLOB
 );
 -- Anti-entropy reads one origin's sequence numbers in a range. Per origin, sequence numbers
 -- grow, so this index is appended to as well.
@@ -60,7 +64,14 @@ type Migration = fn(&Connection, &str) -> Result<(), rusqlite::Error>;
 /// store's own origin is known up to its counter, other origins only at the sequence numbers
 /// it holds (anti-entropy learns the rest).
 fn migrate_1_to_2(conn: &Connection, kind: &str) -> Result<(), rusqlite::Error> {
+    conn.execute_batch("ALTER TABLE records ADD COLUMN left BLOB")?;
     conn.execute_batch(SCHEMA)?;
+    // Version 1 did not record moves: its changes keep "previous group unknown".
+    let revision = meta_int(conn, "revision")?.unwrap_or(0);
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES ('moves_known_after', ?1)",
+        [revision],
+    )?;
     let own = meta_int(conn, "node_id")?.unwrap_or(0) as u64;
     let local_seq = meta_int(conn, "local_seq")?.unwrap_or(0) as u64;
     let mut digest = Digest::new();
@@ -235,18 +246,23 @@ pub(crate) fn load_index(
 ) -> Result<Vec<u64>, StoreError> {
     let mut stale = Vec::new();
     let mut stmt = conn.prepare(
-        "SELECT key, grp, value, routable, hlc, origin, seq, rev FROM records ORDER BY rev",
+        "SELECT key, grp, value, left IS NOT NULL, hlc, origin, seq, rev FROM records ORDER BY rev",
     )?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let key = row.get_ref(0)?.as_str().map_err(bad(0))?;
         let group = row.get_ref(1)?.as_str().map_err(bad(1))?;
         let value = row.get_ref(2)?.as_blob_or_null().map_err(bad(2))?;
+        let moved: bool = row.get(3)?;
         let version = version_from_row(row.get(4)?, row.get(5)?, row.get(6)?);
         let rev = row.get::<_, i64>(7)? as u64;
         // Flags are the kind's to derive: a kind whose rules changed re-derives them here.
         let flags = value.map_or(Flags::default(), |v| kind.flags(v));
-        if let Some(old) = index.install(Entry::new(key, group, value, flags, version, rev)) {
+        let mut entry = Entry::new(key, group, value, flags, version, rev);
+        if moved {
+            entry = entry.with_moved();
+        }
+        if let Some(old) = index.install(entry) {
             stale.push(old.rev());
         }
     }
@@ -273,24 +289,31 @@ pub(crate) fn recent_changes(
     index: &Index,
     count: usize,
 ) -> Result<(u64, Vec<Change>), StoreError> {
-    let mut stmt = conn.prepare("SELECT key, rev FROM records ORDER BY rev DESC LIMIT ?1")?;
+    // Rows at or below this revision were written before moves were recorded.
+    let moves_known_after = meta_int(conn, "moves_known_after")?.unwrap_or(0) as u64;
+    let mut stmt = conn.prepare("SELECT key, rev, left FROM records ORDER BY rev DESC LIMIT ?1")?;
     let rows = stmt
         .query_map([count as i64 + 1], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut floor = 0;
     let mut changes = Vec::with_capacity(rows.len().min(count));
-    for (i, (key, rev)) in rows.into_iter().enumerate() {
+    for (i, (key, rev, left)) in rows.into_iter().enumerate() {
         if i == count {
             floor = rev;
             break;
         }
         if let Some(entry) = index.latest(&key) {
+            let left = left.as_deref().map(decode_left);
             changes.push(Change {
                 entry,
-                moved_from: None,
-                prior_unknown: true,
+                moved_from: left.clone().flatten().unwrap_or_default(),
+                prior_unknown: rev <= moves_known_after || left == Some(None),
             });
         }
     }
@@ -306,10 +329,68 @@ fn version_from_row(hlc: i64, origin: i64, seq: i64) -> Version {
     }
 }
 
+/// Most groups a row lists as left behind. Past it the row says "unknown": a scoped watcher
+/// resuming after a restart then treats the change as possibly leaving its group (at worst
+/// a deletion of a key it does not hold, which clients ignore).
+const MAX_LEFT_GROUPS: usize = 4;
+/// The `left` value that means "too many to list".
+const LEFT_UNKNOWN: &[u8] = &[0xff];
+
+/// Groups as `(u16 length, bytes)*`; [`LEFT_UNKNOWN`] past [`MAX_LEFT_GROUPS`].
+fn encode_left(groups: &[String]) -> Vec<u8> {
+    if groups.len() > MAX_LEFT_GROUPS {
+        return LEFT_UNKNOWN.to_vec();
+    }
+    let mut out = Vec::new();
+    for g in groups {
+        out.extend_from_slice(&(g.len() as u16).to_le_bytes());
+        out.extend_from_slice(g.as_bytes());
+    }
+    out
+}
+
+/// The groups a row lists; `None` when unknown (or unreadable).
+fn decode_left(mut bytes: &[u8]) -> Option<Vec<std::sync::Arc<str>>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let len = u16::from_le_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+        let group = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?;
+        out.push(std::sync::Arc::from(group));
+        bytes = &bytes[2 + len..];
+    }
+    Some(out)
+}
+
 /// The writer's backend: one explicit transaction per group commit.
 pub(crate) struct SqliteBackend {
     pub conn: Connection,
     pub failpoints: std::sync::Arc<crate::Failpoints>,
+}
+
+impl SqliteBackend {
+    /// The groups a key has left once `previous` is replaced: those `previous`'s row lists,
+    /// plus `previous`'s own group.
+    fn left_after(&self, previous: &Entry) -> Result<Vec<u8>, rusqlite::Error> {
+        let mut groups: Vec<String> = Vec::new();
+        if previous.moved() {
+            let stored: Option<Vec<u8>> = self
+                .conn
+                .prepare_cached("SELECT left FROM records WHERE rev = ?1")?
+                .query_row([previous.rev() as i64], |r| r.get(0))
+                .optional()?
+                .flatten();
+            match stored.as_deref().map(decode_left) {
+                Some(Some(listed)) => groups.extend(listed.iter().map(|g| g.to_string())),
+                // Unknown stays unknown.
+                Some(None) => return Ok(LEFT_UNKNOWN.to_vec()),
+                None => {}
+            }
+        }
+        if !groups.iter().any(|g| g == previous.group()) {
+            groups.push(previous.group().to_owned());
+        }
+        Ok(encode_left(&groups))
+    }
 }
 
 impl Backend for SqliteBackend {
@@ -318,6 +399,11 @@ impl Backend for SqliteBackend {
     }
 
     fn put_record(&mut self, e: &Entry, previous: Option<&Entry>) -> Result<(), rusqlite::Error> {
+        // Read what the previous row lists before the row goes.
+        let left = match previous.filter(|_| e.moved()) {
+            Some(p) => Some(self.left_after(p)?),
+            None => None,
+        };
         if let Some(previous) = previous {
             self.conn
                 .prepare_cached("DELETE FROM records WHERE rev = ?1")?
@@ -326,8 +412,8 @@ impl Backend for SqliteBackend {
         let v = e.version();
         self.conn
             .prepare_cached(
-                "INSERT INTO records (key, grp, value, routable, hlc, origin, seq, rev)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO records (key, grp, value, routable, hlc, origin, seq, rev, left)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
             .execute(params![
                 e.key(),
@@ -338,6 +424,7 @@ impl Backend for SqliteBackend {
                 v.origin.0 as i64,
                 v.seq as i64,
                 e.rev() as i64,
+                left,
             ])?;
         Ok(())
     }

@@ -72,7 +72,7 @@ impl FromStr for ResumeToken {
 }
 
 /// FNV-1a of a scope ("" for the whole store): tells a token of one scope from another's.
-fn scope_hash(scope: Option<&str>) -> u32 {
+pub(crate) fn scope_hash(scope: Option<&str>) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in scope.unwrap_or("").bytes() {
         h ^= u32::from(b);
@@ -162,11 +162,16 @@ impl Cursor {
         cursor
     }
 
+    /// Can this cursor go on from `t` without a reset? The token must be of this store and
+    /// scope and not from the future. A scoped cursor also needs the log to reach back to it
+    /// (only the log knows which keys left the group). A whole-store cursor catches up from
+    /// any revision by walking the stored rows: exact as long as no tombstone was collected
+    /// after `t` (none is yet; tombstone collection must reset tokens older than it).
     fn can_resume(&self, t: ResumeToken) -> bool {
         t.store == self.state.node()
             && t.scope == Some(self.scope_hash)
             && t.rev <= self.state.feed.revision()
-            && t.rev >= self.state.feed.floor()
+            && (self.scope.is_none() || t.rev >= self.state.feed.floor())
     }
 
     fn token(&mut self, rev: u64) -> ResumeToken {
@@ -218,7 +223,7 @@ impl Cursor {
             None => true,
             Some(g) => {
                 change.entry.group() == &**g
-                    || change.moved_from.as_ref() == Some(g)
+                    || change.moved_from.iter().any(|m| m == g)
                     || change.prior_unknown
             }
         }
@@ -349,7 +354,7 @@ impl Cursor {
                     let changes: Vec<Change> = current
                         .map(|entry| Change {
                             entry,
-                            moved_from: None,
+                            moved_from: Vec::new(),
                             prior_unknown: false,
                         })
                         .collect();
@@ -419,7 +424,7 @@ impl Cursor {
                         e.version(),
                         e.rev(),
                     ),
-                    moved_from: None,
+                    moved_from: Vec::new(),
                     prior_unknown: false,
                 }
             }

@@ -1,5 +1,6 @@
 //! Watch cursors: snapshots in chunks, deltas, resume tokens, catch-up, scopes, progress.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::*;
@@ -112,16 +113,24 @@ fn a_token_older_than_the_log_gets_a_reset_and_a_slow_cursor_catches_up_coalesce
     expected.sort();
     assert_eq!(names, expected);
     assert!(keys.contains(&("m0".into(), false)));
-    // A resume token from before the floor is refused with a reset.
+    // A whole-store token from before the floor catches up the same way, without a reset.
     let mut resumed = store.watch(None, Some(old), 100);
+    let (keys, _) = delta_keys(&next(&rt, &mut resumed));
+    assert_eq!(keys.len(), 11);
+    // A scoped token from before the floor gets a reset: only the log knows what left.
+    let scoped_old = ResumeToken {
+        scope: Some(crate::watch::scope_hash(Some("web"))),
+        ..old
+    };
+    let mut scoped = store.watch(Some(Arc::from("web")), Some(scoped_old), 100);
     assert!(matches!(
-        next(&rt, &mut resumed),
+        next(&rt, &mut scoped),
         WatchItem::Snapshot { reset: true, .. }
     ));
     // The log survives a restart: a recent token still resumes without a reset.
     let recent = token;
     store.close();
-    drop((slow, resumed, store));
+    drop((slow, resumed, scoped, store));
     let store = Store::open(dir.path(), small_log(4)).unwrap();
     rt.block_on(store.write(vec![put("after", "web", "y", true)]))
         .unwrap();
@@ -199,4 +208,279 @@ fn a_cursor_ends_when_the_store_closes() {
         tokio::time::timeout(std::time::Duration::from_secs(5), cursor.next()).await
     });
     assert_eq!(end, Ok(None));
+}
+
+/// A client's view: what applying a cursor's items gives, keyed by key.
+#[derive(Default)]
+struct View {
+    held: BTreeMap<String, Entry>,
+    token: Option<ResumeToken>,
+    resets: usize,
+}
+
+impl View {
+    fn apply(&mut self, item: WatchItem) {
+        match item {
+            WatchItem::Snapshot { reset, entries } => {
+                if reset {
+                    self.held.clear();
+                    self.resets += 1;
+                }
+                for e in entries {
+                    self.held.insert(e.key().to_owned(), e);
+                }
+            }
+            WatchItem::SnapshotDone { token } => self.token = Some(token),
+            WatchItem::Delta { changes, token } => {
+                for c in changes {
+                    if c.entry.is_live() {
+                        self.held.insert(c.entry.key().to_owned(), c.entry);
+                    } else {
+                        self.held.remove(c.entry.key());
+                    }
+                }
+                self.token = Some(token);
+            }
+        }
+    }
+
+    /// Read items until the view is at `revision`.
+    fn follow(&mut self, rt: &tokio::runtime::Runtime, cursor: &mut Cursor, revision: u64) {
+        for _ in 0..10_000 {
+            if self.token.is_some_and(|t| t.rev >= revision) {
+                return;
+            }
+            self.apply(next(rt, cursor));
+        }
+        panic!("the cursor never reached revision {revision}");
+    }
+
+    fn keys(&self) -> Vec<(String, u64)> {
+        self.held
+            .iter()
+            .map(|(k, e)| (k.clone(), e.rev()))
+            .collect()
+    }
+}
+
+/// What a view of `group` (or everything) must hold: the store's live records.
+fn truth(store: &Store, group: Option<&str>, groups: &[&str]) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = groups
+        .iter()
+        .filter(|g| group.is_none_or(|s| s == **g))
+        .flat_map(|g| store.list(g, Filter::All))
+        .map(|e| (e.key().to_owned(), e.rev()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn snapshots_come_in_chunks_and_writes_racing_them_arrive_as_deltas() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    for i in 0..10 {
+        rt.block_on(store.write(vec![
+            put(&format!("w{i}"), "web", "1", true),
+            put(&format!("d{i}"), "db", "1", true),
+        ]))
+        .unwrap();
+    }
+    for scope in [Some("web"), None] {
+        let mut cursor = store.watch(scope.map(Arc::from), None, 3);
+        let mut view = View::default();
+        let first = next(&rt, &mut cursor);
+        let WatchItem::Snapshot {
+            reset: true,
+            entries,
+        } = &first
+        else {
+            panic!("expected the first chunk, got {first:?}")
+        };
+        assert_eq!(entries.len(), 3, "a chunk is bounded by the batch size");
+        view.apply(first);
+        // Writes while the snapshot is being read: an update of a key not sent yet, a
+        // delete, a new key, and a key moving between groups.
+        rt.block_on(store.write(vec![
+            put("w9", "web", "2", true),
+            del("w5"),
+            put("w10", "web", "1", true),
+            del("d0"),
+        ]))
+        .unwrap();
+        rt.block_on(store.write(vec![put("d0", "web", "moved", true)]))
+            .unwrap();
+        let mut chunks = 1;
+        loop {
+            let item = next(&rt, &mut cursor);
+            let done = matches!(item, WatchItem::SnapshotDone { .. });
+            if let WatchItem::Snapshot { reset, entries } = &item {
+                assert!(!reset && entries.len() <= 3);
+                chunks += 1;
+            }
+            view.apply(item);
+            if done {
+                break;
+            }
+        }
+        assert!(chunks >= 3, "{scope:?}: {chunks} chunks");
+        view.follow(&rt, &mut cursor, store.stats().revision);
+        assert_eq!(
+            view.keys(),
+            truth(&store, scope, &["web", "db"]),
+            "{scope:?}"
+        );
+        assert_eq!(view.resets, 1);
+        // Put it back for the next scope.
+        rt.block_on(store.write(vec![del("d0"), del("w10")]))
+            .unwrap();
+        rt.block_on(store.write(vec![
+            put("d0", "db", "1", true),
+            put("w5", "web", "1", true),
+        ]))
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_catch_up_is_resumable_at_every_chunk_and_converges() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_log(4)).unwrap();
+    let mut cursor = store.watch(None, None, 5);
+    let mut view = View::default();
+    view.follow(&rt, &mut cursor, 0);
+    for i in 0..40 {
+        rt.block_on(store.write(vec![put(&format!("m{i}"), "g", "1", true)]))
+            .unwrap();
+    }
+    rt.block_on(store.write(vec![del("m3"), put("m7", "g", "2", true)]))
+        .unwrap();
+    // Behind the 4-entry log: a catch-up in chunks, each with a token, no reset.
+    let item = next(&rt, &mut cursor);
+    let WatchItem::Delta { changes, token } = &item else {
+        panic!("expected a catch-up delta, got {item:?}")
+    };
+    assert!(changes.len() <= 5);
+    let mid = *token;
+    view.apply(item);
+    drop(cursor);
+    // Resume from the middle of the catch-up: the rest arrives, still without a reset.
+    let mut resumed = store.watch(None, Some(mid), 5);
+    view.follow(&rt, &mut resumed, store.stats().revision);
+    assert_eq!(view.resets, 1, "only the initial snapshot reset");
+    assert_eq!(view.keys(), truth(&store, None, &["g"]));
+}
+
+#[test]
+fn a_token_of_one_scope_used_on_another_gets_a_reset() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(1), 1, opts());
+    rt.block_on(store.write(vec![put("a", "web", "1", true), put("b", "db", "1", true)]))
+        .unwrap();
+    let mut web = store.watch(Some(Arc::from("web")), None, 10);
+    let mut view = View::default();
+    view.follow(&rt, &mut web, 1);
+    let token = view.token.unwrap();
+    for scope in [Some("db"), None] {
+        let mut other = store.watch(scope.map(Arc::from), Some(token), 10);
+        assert!(
+            matches!(
+                next(&rt, &mut other),
+                WatchItem::Snapshot { reset: true, .. }
+            ),
+            "{scope:?}"
+        );
+    }
+    // The first token format (no scope) is honoured with a reset, not refused.
+    let old: ResumeToken = format!("{:016x}.{}", token.store.0, token.rev)
+        .parse()
+        .unwrap();
+    let mut again = store.watch(Some(Arc::from("web")), Some(old), 10);
+    assert!(matches!(
+        next(&rt, &mut again),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+    for bad in [
+        "",
+        "x.1",
+        "0123456789abcdef.",
+        "0123456789abcdef.1.zz",
+        "0123456789abcdef.1.00000000.1",
+    ] {
+        assert!(bad.parse::<ResumeToken>().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_quiet_watcher_gets_progress_tokens_and_never_falls_behind_the_log() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(1), 1, small_log(8));
+    let mut quiet = store.watch(Some(Arc::from("quiet")), None, 10);
+    let mut view = View::default();
+    view.follow(&rt, &mut quiet, 0);
+    let mut progress = 0;
+    for round in 0..10 {
+        for i in 0..4 {
+            rt.block_on(store.write(vec![put(&format!("b{round}-{i}"), "busy", "1", true)]))
+                .unwrap();
+        }
+        // The quiet cursor is read as a client would; nothing in its scope changes.
+        while let Ok(Some(item)) = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_millis(20), quiet.next()).await
+        }) {
+            let WatchItem::Delta { changes, token } = &item else {
+                panic!("expected progress, got {item:?}")
+            };
+            assert!(changes.is_empty());
+            assert!(
+                token.rev >= store.feed().floor(),
+                "the token is still in the log"
+            );
+            progress += 1;
+            view.apply(item);
+        }
+    }
+    assert!(progress >= 5, "{progress} progress notifications");
+    // Its latest token still resumes without a reset.
+    let mut resumed = store.watch(Some(Arc::from("quiet")), view.token, 10);
+    rt.block_on(store.write(vec![put("q", "quiet", "1", true)]))
+        .unwrap();
+    let (keys, _) = delta_keys(&next(&rt, &mut resumed));
+    assert_eq!(keys, vec![("q".into(), true)]);
+}
+
+#[test]
+fn after_a_restart_a_resumed_scoped_watch_gets_no_spurious_deletions() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    rt.block_on(store.write(vec![put("a1", "a", "1", true), put("x", "a", "1", true)]))
+        .unwrap();
+    let mut cursor = store.watch(Some(Arc::from("a")), None, 100);
+    let mut view = View::default();
+    view.follow(&rt, &mut cursor, store.stats().revision);
+    drop(cursor);
+    // Other apps change; x leaves a for b, then b for c (the row of its stay in b is gone).
+    for i in 0..5 {
+        rt.block_on(store.write(vec![put(&format!("other{i}"), "z", "1", true)]))
+            .unwrap();
+    }
+    rt.block_on(store.write(vec![del("x")])).unwrap();
+    rt.block_on(store.write(vec![put("x", "b", "1", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![del("x")])).unwrap();
+    rt.block_on(store.write(vec![put("x", "c", "1", true)]))
+        .unwrap();
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let mut resumed = store.watch(Some(Arc::from("a")), view.token, 100);
+    let (keys, _) = delta_keys(&next(&rt, &mut resumed));
+    assert_eq!(
+        keys,
+        vec![("x".into(), false)],
+        "x left a; nothing else is news to a"
+    );
 }
