@@ -686,10 +686,16 @@ impl Store {
     /// Resolves when the store fails for good (never, for a healthy store), with the reason.
     pub async fn failed(&self) -> Arc<str> {
         let mut rx = self.state.failure.subscribe();
-        match rx.wait_for(Option::is_some).await {
-            Ok(f) => f.clone().expect("waited for Some"),
-            // The sender lives as long as the state we hold.
-            Err(_) => std::future::pending().await,
+        loop {
+            // The borrow ends in this statement: a watch `Ref` is a lock guard.
+            let failure = rx.borrow_and_update().clone();
+            if let Some(why) = failure {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                // The sender lives as long as the state we hold.
+                std::future::pending::<()>().await;
+            }
         }
     }
 

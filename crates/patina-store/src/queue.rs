@@ -210,3 +210,80 @@ impl Queue {
         dropped
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::RemoteBatch;
+    use crate::writer::Request;
+
+    fn limits(requests: usize) -> Limits {
+        Limits {
+            requests,
+            bytes: 1 << 20,
+            waiters: requests,
+            waiting_bytes: 1 << 20,
+        }
+    }
+
+    fn local() -> Request {
+        Request::Local {
+            ops: Vec::new(),
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn remote() -> Request {
+        Request::Remote {
+            batch: RemoteBatch::default(),
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    fn is_local(q: &Queued) -> bool {
+        matches!(q.request, Request::Local { .. })
+    }
+
+    #[tokio::test]
+    async fn a_group_takes_local_writes_first_and_bounds_what_comes_from_peers() {
+        let q = Queue::new(limits(16), limits(16));
+        for _ in 0..3 {
+            q.push(Class::Remote, remote(), 600, 100).await.unwrap();
+        }
+        q.push(Class::Local, local(), 1, 100).await.unwrap();
+        let group = q.next_group(4096, 1024).unwrap();
+        assert!(is_local(&group[0]), "the local write is in the first group");
+        assert_eq!(
+            group.len(),
+            2,
+            "and only as much of the sync flood as 1024 ops allow"
+        );
+        assert_eq!(q.next_group(4096, 1024).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn past_the_waiting_room_a_write_fails_at_once() {
+        let q = Arc::new(Queue::new(limits(1), limits(1)));
+        q.push(Class::Local, local(), 1, 10).await.unwrap();
+        // The queue is full: the next caller waits...
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.push(Class::Local, local(), 1, 10).await }
+        });
+        tokio::task::yield_now().await;
+        while q.local.waiters.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // ...and the waiting room (one caller) is full too: refused, not parked.
+        let third = q.push(Class::Local, local(), 1, 10).await;
+        assert!(matches!(third, Err(StoreError::Overloaded)), "{third:?}");
+        // Remote writes have their own budget.
+        q.push(Class::Remote, remote(), 1, 10).await.unwrap();
+        // The writer takes the first; the waiter gets its place.
+        drop(q.next_group(10, 10).unwrap());
+        waiting.await.unwrap().unwrap();
+        // A request larger than the whole budget is refused outright.
+        let huge = q.push(Class::Local, local(), 1, 2 << 20).await;
+        assert!(matches!(huge, Err(StoreError::TooLarge { .. })), "{huge:?}");
+    }
+}
