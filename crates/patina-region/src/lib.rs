@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod limits;
+pub mod listener;
 pub mod service;
 pub mod validate;
 
@@ -17,6 +19,7 @@ use patina_proto::v1::region_server::RegionServer;
 use patina_store::Store;
 use tokio::net::TcpListener;
 
+pub use limits::Limits;
 pub use service::RegionService;
 
 /// Largest gRPC message accepted: a full UpsertMachines batch (1000 records of at most 4 KiB)
@@ -43,16 +46,20 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// Serve the region API, health and reflection on `listener` until `shutdown` resolves.
+/// Serve the region API, health and reflection on `listener`, within `limits`, until
+/// `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
     id: &AgentIdentity,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
-    let region = RegionServer::new(RegionService::new(store, &id.region, &id.host, stopping))
+    let service = RegionService::new(store, &id.region, &id.host, stopping.clone())
+        .with_max_watches(limits.max_watches);
+    let region = RegionServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(usize::MAX);
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -64,17 +71,23 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?local, region = %id.region, host = %id.host, "serving the region API");
-    // Nagle's algorithm plus delayed ACKs would hold small responses for ~40 ms; the
-    // server's own nodelay setting applies only to listeners it binds, so set it here.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    // Admission sets TCP_NODELAY on each accepted socket: the server's own setting applies
+    // only to listeners it binds.
+    let (incoming, overflow) = listener::admit(listener, &limits);
+    let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection.get())
         .add_service(health)
         .add_service(reflection)
         .add_service(region)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             stop_tx.send_replace(true);
-        })
-        .await?;
+        });
+    let mut stopping = stopping;
+    let refusing = overflow.serve(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
+    let (served, ()) = tokio::join!(served, refusing);
+    served?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `patina.v1.Region` gRPC service: the edge where prost types meet the store.
 
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use patina_proto::v1::{
 };
 use patina_store::{Change, Entry, Filter, LocalWrite, ResumeToken, Store, StoreError, WatchItem};
 use prost::Message;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::validate::{self, Invalid, ValidMachine};
@@ -27,6 +29,9 @@ pub struct RegionService {
     /// Becomes true when the agent shuts down: open Watch streams end with `UNAVAILABLE`
     /// (they never end by themselves, and a graceful shutdown waits for open streams).
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// One permit per open Watch stream, held by the stream: a new Watch is refused with
+    /// `RESOURCE_EXHAUSTED` when none is left.
+    watches: Arc<Semaphore>,
 }
 
 impl RegionService {
@@ -41,7 +46,14 @@ impl RegionService {
             region: Arc::from(region),
             host: Arc::from(host),
             stopping,
+            watches: Arc::new(Semaphore::new(crate::Limits::default().max_watches.get())),
         }
+    }
+
+    /// At most `max` Watch streams open at once.
+    pub fn with_max_watches(mut self, max: NonZeroUsize) -> RegionService {
+        self.watches = Arc::new(Semaphore::new(max.get()));
+        self
     }
 }
 
@@ -271,6 +283,11 @@ impl Region for RegionService {
                     .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))?,
             )
         };
+        let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "too many open Watch streams on this agent (limits.max_watches); retry later",
+            )
+        })?;
         let cursor = self.store.watch(scope, resume, WATCH_BATCH);
         // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
         // client simply stops its cursor; the cursor catches up later without buffering.
@@ -294,6 +311,12 @@ impl Region for RegionService {
                 Some((response, (cursor, stopping, ended)))
             },
         );
+        // The closure owns the permit, so it is released when the stream is dropped: when it
+        // ends or the client goes away.
+        let stream = futures_util::StreamExt::map(stream, move |item| {
+            let _held = &permit;
+            item
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
