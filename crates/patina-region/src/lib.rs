@@ -22,8 +22,8 @@ use tokio::net::TcpListener;
 pub use limits::Limits;
 pub use service::RegionService;
 
-/// Largest gRPC message accepted: a full UpsertMachines batch (1000 records of at most 4 KiB)
-/// plus framing.
+/// Largest gRPC message accepted or sent: a full UpsertMachines batch or ListInstances page
+/// (1000 records of at most 4 KiB) plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Who this agent is, as its records say.
@@ -61,7 +61,7 @@ pub async fn serve(
         .with_max_watches(limits.max_watches);
     let region = RegionServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RegionServer<RegionService>>()

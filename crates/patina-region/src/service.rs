@@ -20,6 +20,13 @@ use crate::validate::{self, Invalid, ValidMachine};
 
 /// Most machines per Watch message: bounds each message (4 KiB records: at most ~2 MiB).
 pub const WATCH_BATCH: usize = 512;
+/// ListInstances page size when the client asks for none: most apps fit in one page.
+pub const DEFAULT_PAGE_SIZE: usize = 500;
+/// Largest ListInstances page: 1000 records of at most 4 KiB fit the 8 MiB response cap.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Prefix of the page tokens this version issues; another prefix is not ours. Changing the
+/// token's contents means a new prefix.
+const PAGE_TOKEN_PREFIX: &str = "p1.";
 
 #[derive(Clone)]
 pub struct RegionService {
@@ -172,6 +179,94 @@ pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
     })
 }
 
+/// Which ListInstances page a request asks for.
+struct PageRequest {
+    /// The page starts after this id (none: from the first).
+    after: Option<String>,
+    /// At most this many machines: the request's size, defaulted and capped.
+    size: usize,
+}
+
+/// Read `page_size` and `page_token`: size 0 is the default, above the maximum is the
+/// maximum, negative is refused; a token must be one [`page`] wrote.
+fn page_request(page_size: i32, page_token: &str) -> Result<PageRequest, Status> {
+    let size = match usize::try_from(page_size) {
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "page_size: {page_size} is negative (0 asks for the default of {DEFAULT_PAGE_SIZE})"
+            )));
+        }
+        Ok(0) => DEFAULT_PAGE_SIZE,
+        Ok(n) => n.min(MAX_PAGE_SIZE),
+    };
+    if page_token.is_empty() {
+        return Ok(PageRequest { after: None, size });
+    }
+    let after = page_token
+        .strip_prefix(PAGE_TOKEN_PREFIX)
+        .and_then(hex_decode)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .filter(|id| validate::machine_id(id).is_ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token: not a token this API issued (send the next_page_token of the previous page, or none)",
+            )
+        })?;
+    Ok(PageRequest {
+        after: Some(after),
+        size,
+    })
+}
+
+/// One ListInstances page.
+struct Page {
+    /// In id order.
+    entries: Vec<Entry>,
+    /// Empty on the last page.
+    next_page_token: String,
+}
+
+/// The page `req` asks for, from all of an app's entries in no order (as the store lists
+/// them): the first `req.size` ids after `req.after`. It selects them in linear time and sorts
+/// only the page; an ordered range read of the store would replace all of this.
+fn page(mut entries: Vec<Entry>, req: &PageRequest) -> Page {
+    let by_id = |a: &Entry, b: &Entry| a.key().cmp(b.key());
+    if let Some(after) = &req.after {
+        entries.retain(|e| e.key() > after.as_str());
+    }
+    let more = entries.len() > req.size;
+    if more {
+        entries.select_nth_unstable_by(req.size, by_id);
+        entries.truncate(req.size);
+    }
+    entries.sort_unstable_by(by_id);
+    let next_page_token = match entries.last() {
+        Some(last) if more => format!("{PAGE_TOKEN_PREFIX}{}", hex_encode(last.key())),
+        _ => String::new(),
+    };
+    Page {
+        entries,
+        next_page_token,
+    }
+}
+
+/// Page tokens carry the last id in hex, so that clients treat them as opaque.
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    // Only what hex_encode writes: `from_str_radix` alone would also take '+' and capitals.
+    let ours = |b: u8| matches!(b, b'0'..=b'9' | b'a'..=b'f');
+    if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(ours) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
 type WatchStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
 
@@ -252,13 +347,17 @@ impl Region for RegionService {
         } else {
             Filter::RoutableOnly
         };
-        let mut entries = self.store.list(&req.app, filter);
-        entries.sort_unstable_by(|a, b| a.key().cmp(b.key()));
-        let machines = entries
+        let wanted = page_request(req.page_size, &req.page_token)?;
+        let page = page(self.store.list(&req.app, filter), &wanted);
+        let machines = page
+            .entries
             .iter()
             .map(entry_to_machine)
             .collect::<Result<_, _>>()?;
-        Ok(Response::new(ListInstancesResponse { machines }))
+        Ok(Response::new(ListInstancesResponse {
+            machines,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     type WatchStream = WatchStream;

@@ -261,17 +261,44 @@ struct InstancesJson {
     machines: Vec<MachineJson>,
 }
 
+/// Largest page the agent serves; fewer round trips for big apps.
+const LIST_PAGE_SIZE: i32 = 1000;
+
+/// Every page of an app's instances, in id order.
+async fn list_all(
+    client: &mut RegionClient<Channel>,
+    app: &str,
+    all: bool,
+) -> anyhow::Result<Vec<Machine>> {
+    let mut machines = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_instances(ListInstancesRequest {
+                app: app.to_owned(),
+                include_all: all,
+                page_size: LIST_PAGE_SIZE,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        machines.extend(page.machines);
+        if page.next_page_token.is_empty() {
+            return Ok(machines);
+        }
+        // Each token moves past the previous page; one that does not would loop for ever.
+        anyhow::ensure!(
+            page.next_page_token != page_token,
+            "the agent returned the same page token twice"
+        );
+        page_token = page.next_page_token;
+    }
+}
+
 pub async fn instances(server: &str, app: String, all: bool, json: bool) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let machines = client
-        .list_instances(ListInstancesRequest {
-            app: app.clone(),
-            include_all: all,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .machines;
+    let machines = list_all(&mut client, &app, all).await?;
     if json {
         let doc = InstancesJson {
             app,
