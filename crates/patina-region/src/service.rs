@@ -16,7 +16,7 @@ use prost::Message;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use crate::validate::{self, Invalid, ValidMachine};
+use crate::validate::{self, Invalid, ValidMachine, echo};
 
 /// Most machines per Watch message: bounds each message (4 KiB records: at most ~2 MiB).
 pub const WATCH_BATCH: usize = 512;
@@ -73,9 +73,11 @@ pub(crate) fn invalid(e: Invalid) -> Status {
 
 pub(crate) fn store_error(e: StoreError) -> Status {
     match e {
-        StoreError::NotFound(key) => Status::not_found(format!("no machine {key:?}")),
+        StoreError::NotFound(key) => Status::not_found(format!("no machine {}", echo(&key))),
         StoreError::GroupChange { key, existing } => Status::failed_precondition(format!(
-            "machine {key:?} belongs to app {existing:?}; delete it before reusing its id"
+            "machine {} belongs to app {}; delete it before reusing its id",
+            echo(&key),
+            echo(&existing)
         )),
         StoreError::Closed => Status::unavailable("the agent is shutting down"),
         other => {
@@ -330,7 +332,7 @@ impl Region for RegionService {
         let entry = self
             .store
             .get(&id)
-            .ok_or_else(|| Status::not_found(format!("no machine {id:?}")))?;
+            .ok_or_else(|| Status::not_found(format!("no machine {}", echo(&id))))?;
         Ok(Response::new(GetMachineResponse {
             machine: Some(entry_to_machine(&entry)?),
         }))
