@@ -252,6 +252,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
                 .list_instances(ListInstancesRequest {
                     app,
                     include_all: false,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod kind;
+pub mod limits;
+pub mod listener;
 pub mod service;
 pub mod validate;
 
@@ -19,10 +21,11 @@ use patina_store::Store;
 use tokio::net::TcpListener;
 
 pub use kind::MachineKind;
+pub use limits::Limits;
 pub use service::RegionService;
 
-/// Largest gRPC message accepted: a full UpsertMachines batch (1000 records of at most 4 KiB)
-/// plus framing.
+/// Largest gRPC message accepted or sent: a full UpsertMachines batch or ListInstances page
+/// (1000 records of at most 4 KiB) plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Who this agent is, as its records say.
@@ -53,19 +56,23 @@ pub enum ServeError {
 /// stops, so that health checkers and clients see why rather than a refused connection.
 pub const FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serve the region API, health and reflection on `listener` until `shutdown` resolves.
+/// Serve the region API, health and reflection on `listener`, within `limits`, until
+/// `shutdown` resolves or the store fails.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
     id: &AgentIdentity,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let watched = store.clone();
-    let region = RegionServer::new(RegionService::new(store, &id.region, &id.host, stopping))
+    let service = RegionService::new(store, &id.region, &id.host, stopping.clone())
+        .with_max_watches(limits.max_watches);
+    let region = RegionServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(usize::MAX);
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RegionServer<RegionService>>()
@@ -75,12 +82,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tracing::info!(addr = ?local, region = %id.region, host = %id.host, "serving the region API");
-    // Nagle's algorithm plus delayed ACKs would hold small responses for ~40 ms; the
-    // server's own nodelay setting applies only to listeners it binds, so set it here.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Admission sets TCP_NODELAY on each accepted socket: the server's own setting applies
+    // only to listeners it binds.
+    let (incoming, overflow) = listener::admit(listener, &limits);
     let failure: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>> = Default::default();
     let failed = failure.clone();
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection.get())
         .add_service(health)
         .add_service(reflection)
         .add_service(region)
@@ -101,8 +109,13 @@ pub async fn serve(
                 }
             }
             stop_tx.send_replace(true);
-        })
-        .await?;
+        });
+    let mut stopping = stopping;
+    let refusing = overflow.serve(async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    });
+    let (served, ()) = tokio::join!(served, refusing);
+    served?;
     match failure.get() {
         Some(why) => Err(ServeError::StoreFailed(why.clone())),
         None => Ok(()),

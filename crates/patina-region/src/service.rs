@@ -1,5 +1,6 @@
 //! The `patina.v1.Region` gRPC service: the edge where prost types meet the store.
 
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -12,12 +13,20 @@ use patina_proto::v1::{
 };
 use patina_store::{Change, Entry, Filter, LocalWrite, ResumeToken, Store, StoreError, WatchItem};
 use prost::Message;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use crate::validate::{self, Invalid, ValidMachine};
+use crate::validate::{self, Invalid, ValidMachine, echo};
 
 /// Most machines per Watch message: bounds each message (4 KiB records: at most ~2 MiB).
 pub const WATCH_BATCH: usize = 512;
+/// ListInstances page size when the client asks for none: most apps fit in one page.
+pub const DEFAULT_PAGE_SIZE: usize = 500;
+/// Largest ListInstances page: 1000 records of at most 4 KiB fit the 8 MiB response cap.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Prefix of the page tokens this version issues; another prefix is not ours. Changing the
+/// token's contents means a new prefix.
+const PAGE_TOKEN_PREFIX: &str = "p1.";
 
 #[derive(Clone)]
 pub struct RegionService {
@@ -27,6 +36,9 @@ pub struct RegionService {
     /// Becomes true when the agent shuts down: open Watch streams end with `UNAVAILABLE`
     /// (they never end by themselves, and a graceful shutdown waits for open streams).
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// One permit per open Watch stream, held by the stream: a new Watch is refused with
+    /// `RESOURCE_EXHAUSTED` when none is left.
+    watches: Arc<Semaphore>,
 }
 
 impl RegionService {
@@ -41,7 +53,14 @@ impl RegionService {
             region: Arc::from(region),
             host: Arc::from(host),
             stopping,
+            watches: Arc::new(Semaphore::new(crate::Limits::default().max_watches.get())),
         }
+    }
+
+    /// At most `max` Watch streams open at once.
+    pub fn with_max_watches(mut self, max: NonZeroUsize) -> RegionService {
+        self.watches = Arc::new(Semaphore::new(max.get()));
+        self
     }
 }
 
@@ -54,9 +73,11 @@ pub(crate) fn invalid(e: Invalid) -> Status {
 
 pub(crate) fn store_error(e: StoreError) -> Status {
     match e {
-        StoreError::NotFound(key) => Status::not_found(format!("no machine {key:?}")),
+        StoreError::NotFound(key) => Status::not_found(format!("no machine {}", echo(&key))),
         StoreError::GroupChange { key, existing } => Status::failed_precondition(format!(
-            "machine {key:?} belongs to app {existing:?}; delete it before reusing its id"
+            "machine {} belongs to app {}; delete it before reusing its id",
+            echo(&key),
+            echo(&existing)
         )),
         StoreError::Closed => Status::unavailable("the agent is shutting down"),
         StoreError::Failed(why) => Status::unavailable(format!(
@@ -171,6 +192,86 @@ pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
     })
 }
 
+/// Which ListInstances page a request asks for.
+struct PageRequest {
+    /// The page starts after this id (none: from the first).
+    after: Option<String>,
+    /// At most this many machines: the request's size, defaulted and capped.
+    size: usize,
+}
+
+/// Read `page_size` and `page_token`: size 0 is the default, above the maximum is the
+/// maximum, negative is refused; a token must be one [`page`] wrote.
+fn page_request(page_size: i32, page_token: &str) -> Result<PageRequest, Status> {
+    let size = match usize::try_from(page_size) {
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "page_size: {page_size} is negative (0 asks for the default of {DEFAULT_PAGE_SIZE})"
+            )));
+        }
+        Ok(0) => DEFAULT_PAGE_SIZE,
+        Ok(n) => n.min(MAX_PAGE_SIZE),
+    };
+    if page_token.is_empty() {
+        return Ok(PageRequest { after: None, size });
+    }
+    let after = page_token
+        .strip_prefix(PAGE_TOKEN_PREFIX)
+        .and_then(hex_decode)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .filter(|id| validate::machine_id(id).is_ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "page_token: not a token this API issued (send the next_page_token of the previous page, or none)",
+            )
+        })?;
+    Ok(PageRequest {
+        after: Some(after),
+        size,
+    })
+}
+
+/// One ListInstances page.
+struct Page {
+    /// In id order.
+    entries: Vec<Entry>,
+    /// Empty on the last page.
+    next_page_token: String,
+}
+
+/// The page `req` asks for: the first `req.size` ids after `req.after`, read in order from
+/// the store's index (the cost is the page's, not the app's).
+fn page(store: &Store, app: &str, filter: Filter, req: &PageRequest) -> Page {
+    let mut entries = store.list_page(app, filter, req.after.as_deref(), req.size + 1);
+    let more = entries.len() > req.size;
+    entries.truncate(req.size);
+    let next_page_token = match entries.last() {
+        Some(last) if more => format!("{PAGE_TOKEN_PREFIX}{}", hex_encode(last.key())),
+        _ => String::new(),
+    };
+    Page {
+        entries,
+        next_page_token,
+    }
+}
+
+/// Page tokens carry the last id in hex, so that clients treat them as opaque.
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    // Only what hex_encode writes: `from_str_radix` alone would also take '+' and capitals.
+    let ours = |b: u8| matches!(b, b'0'..=b'9' | b'a'..=b'f');
+    if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(ours) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
 type WatchStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
 
@@ -234,7 +335,7 @@ impl Region for RegionService {
         let entry = self
             .store
             .get_live(&id)
-            .ok_or_else(|| Status::not_found(format!("no machine {id:?}")))?;
+            .ok_or_else(|| Status::not_found(format!("no machine {}", echo(&id))))?;
         Ok(Response::new(GetMachineResponse {
             machine: Some(entry_to_machine(&entry)?),
         }))
@@ -251,12 +352,17 @@ impl Region for RegionService {
         } else {
             Filter::RoutableOnly
         };
-        let entries = self.store.list(&req.app, filter);
-        let machines = entries
+        let wanted = page_request(req.page_size, &req.page_token)?;
+        let page = page(&self.store, &req.app, filter, &wanted);
+        let machines = page
+            .entries
             .iter()
             .map(entry_to_machine)
             .collect::<Result<_, _>>()?;
-        Ok(Response::new(ListInstancesResponse { machines }))
+        Ok(Response::new(ListInstancesResponse {
+            machines,
+            next_page_token: page.next_page_token,
+        }))
     }
 
     type WatchStream = WatchStream;
@@ -281,6 +387,11 @@ impl Region for RegionService {
                     .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))?,
             )
         };
+        let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(
+                "too many open Watch streams on this agent (limits.max_watches); retry later",
+            )
+        })?;
         let cursor = self.store.watch(scope, resume, WATCH_BATCH);
         // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
         // client simply stops its cursor; the cursor catches up later without buffering.
@@ -310,6 +421,12 @@ impl Region for RegionService {
                 Some((response, (cursor, stopping, store, ended)))
             },
         );
+        // The closure owns the permit, so it is released when the stream is dropped: when it
+        // ends or the client goes away.
+        let stream = futures_util::StreamExt::map(stream, move |item| {
+            let _held = &permit;
+            item
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -27,6 +27,10 @@ pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 pub const MAX_RECORD_BYTES: usize = 4096;
 /// Most machines in one UpsertMachines call (one transaction, one acknowledgement).
 pub const MAX_BATCH: usize = 1000;
+/// Most characters of a client's string that an error message repeats: enough to recognise
+/// it, and a message stays small whatever the client sent (a 1 MiB name must not come back
+/// as a 1 MiB status, nor fill the logs of every proxy that prints it).
+pub const MAX_ECHO_CHARS: usize = 64;
 
 /// What is wrong with the input, and which kind of wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +50,16 @@ impl Invalid {
             Invalid::Argument(m) => Invalid::Argument(format!("{prefix}{m}")),
             Invalid::TooLarge(m) => Invalid::TooLarge(format!("{prefix}{m}")),
         }
+    }
+}
+
+/// A client's string as an error message repeats it: Debug-quoted, so control characters are
+/// escaped, and cut after [`MAX_ECHO_CHARS`] characters (on a character boundary) with an
+/// ellipsis and the full length in bytes.
+pub fn echo(s: &str) -> String {
+    match s.char_indices().nth(MAX_ECHO_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &s[..cut], s.len()),
     }
 }
 
@@ -74,7 +88,8 @@ pub fn machine_id(id: &str) -> Result<(), Invalid> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if !first_ok || !rest_ok {
         return Err(arg(format!(
-            "id: {id:?} must be letters, digits, '_', '.' or '-', starting with a letter or digit"
+            "id: {} must be letters, digits, '_', '.' or '-', starting with a letter or digit",
+            echo(id)
         )));
     }
     Ok(())
@@ -83,12 +98,17 @@ pub fn machine_id(id: &str) -> Result<(), Invalid> {
 /// App names are DNS labels: 1 to 63 characters from `[a-z0-9-]`, not starting or ending
 /// with '-'.
 pub fn app_name(app: &str) -> Result<(), Invalid> {
-    dns_label(app).map_err(|why| arg(format!("app: {app:?} is not a DNS label ({why})")))
+    dns_label(app).map_err(|why| arg(format!("app: {} is not a DNS label ({why})", echo(app))))
 }
 
 /// Region codes follow the same rule as app names.
 pub fn region_name(region: &str) -> Result<(), Invalid> {
-    dns_label(region).map_err(|why| arg(format!("region: {region:?} is not a DNS label ({why})")))
+    dns_label(region).map_err(|why| {
+        arg(format!(
+            "region: {} is not a DNS label ({why})",
+            echo(region)
+        ))
+    })
 }
 
 fn dns_label(s: &str) -> Result<(), &'static str> {
@@ -118,7 +138,7 @@ pub fn host_name(host: &str) -> Result<(), Invalid> {
     for label in host.split('.') {
         let lower = label.to_ascii_lowercase();
         dns_label(&lower)
-            .map_err(|why| arg(format!("host: {host:?} is not a DNS name ({why})")))?;
+            .map_err(|why| arg(format!("host: {} is not a DNS name ({why})", echo(host))))?;
     }
     Ok(())
 }
@@ -139,8 +159,8 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
     app_name(&m.app)?;
     if !m.region.is_empty() && m.region != region {
         return Err(arg(format!(
-            "region: {:?} is not this agent's region {region:?}; leave it empty or send the write to an agent of that region",
-            m.region
+            "region: {} is not this agent's region {region:?}; leave it empty or send the write to an agent of that region",
+            echo(&m.region)
         )));
     }
     if !m.host.is_empty() {
@@ -175,16 +195,18 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
     for (i, a) in m.addresses.iter().enumerate() {
         let addr: SocketAddr = a.parse().map_err(|_| {
             arg(format!(
-                "addresses[{i}]: {a:?} is not ip:port (use [v6]:port for IPv6)"
+                "addresses[{i}]: {} is not ip:port (use [v6]:port for IPv6)",
+                echo(a)
             ))
         })?;
         if addr.port() == 0 || addr.ip().is_unspecified() {
             return Err(arg(format!(
-                "addresses[{i}]: {a:?} is not routable (port 0 or an unspecified address)"
+                "addresses[{i}]: {} is not routable (port 0 or an unspecified address)",
+                echo(a)
             )));
         }
         if !seen.insert(addr) {
-            return Err(arg(format!("addresses[{i}]: {a:?} is listed twice")));
+            return Err(arg(format!("addresses[{i}]: {} is listed twice", echo(a))));
         }
     }
     if state == MachineState::Started && m.addresses.is_empty() {
@@ -205,12 +227,14 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'/'));
         if !key_ok {
             return Err(arg(format!(
-                "metadata: key {k:?} must be 1 to {MAX_METADATA_KEY_LEN} characters from [A-Za-z0-9_./-]"
+                "metadata: key {} must be 1 to {MAX_METADATA_KEY_LEN} characters from [A-Za-z0-9_./-]",
+                echo(k)
             )));
         }
         if v.len() > MAX_METADATA_VALUE_LEN {
             return Err(too_large(format!(
-                "metadata[{k:?}]: value of {} bytes, at most {MAX_METADATA_VALUE_LEN} allowed",
+                "metadata[{}]: value of {} bytes, at most {MAX_METADATA_VALUE_LEN} allowed",
+                echo(k),
                 v.len()
             )));
         }
@@ -262,8 +286,8 @@ pub fn batch(ms: &[Machine], region: &str, host: &str) -> Result<Vec<ValidMachin
         let valid = machine(m, region, host).map_err(|e| e.at(&format!("machines[{i}].")))?;
         if !ids.insert(valid.id.clone()) {
             return Err(arg(format!(
-                "machines[{i}].id: {:?} appears twice in the batch",
-                m.id
+                "machines[{i}].id: {} appears twice in the batch",
+                echo(&m.id)
             )));
         }
         out.push(valid);
@@ -337,6 +361,88 @@ mod tests {
         }
         for ok in ["e2865013c99d89", "A_b.c-d", &"a".repeat(64)] {
             assert!(machine_id(ok).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    #[test]
+    fn messages_echo_a_bounded_prefix_of_what_the_client_sent() {
+        const MIB: usize = 1024 * 1024;
+        // Bounded by MAX_ECHO_CHARS of echo plus the rule's own words.
+        const MAX_MESSAGE: usize = 300;
+        let huge = "x".repeat(MIB);
+        let cases: Vec<(&str, Machine, &str)> = vec![
+            (
+                "app",
+                Machine {
+                    app: huge.clone(),
+                    ..good()
+                },
+                "app: ",
+            ),
+            (
+                "region",
+                Machine {
+                    region: huge.clone(),
+                    ..good()
+                },
+                "region: ",
+            ),
+            (
+                "address",
+                Machine {
+                    addresses: vec![huge.clone()],
+                    ..good()
+                },
+                "addresses[0]: ",
+            ),
+            (
+                "metadata key",
+                Machine {
+                    metadata: [(huge.clone(), "v".to_owned())].into(),
+                    ..good()
+                },
+                "metadata: key ",
+            ),
+            (
+                "id with a bad character past the length check",
+                Machine {
+                    id: format!("{}\u{1b}", "a".repeat(60)),
+                    ..good()
+                },
+                "id: ",
+            ),
+        ];
+        for (name, m, field) in cases {
+            let msg = machine(&m, "ord", "h").unwrap_err().to_string();
+            assert!(msg.len() < MAX_MESSAGE, "{name}: {} bytes", msg.len());
+            assert!(msg.starts_with(field), "{name}: {msg}");
+        }
+        let msg = host_name(&format!("{}.", "a".repeat(MIB)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.len() < MAX_MESSAGE && msg.starts_with("host: "),
+            "{msg}"
+        );
+        let batch_msg = batch(&[good(), good()], "ord", "h")
+            .unwrap_err()
+            .to_string();
+        assert!(batch_msg.contains("machines[1].id"), "{batch_msg}");
+    }
+
+    #[test]
+    fn echo_cuts_on_a_character_boundary_and_escapes_controls() {
+        let cases = [
+            ("web", "\"web\""),
+            ("a\u{1b}[31m\n", "\"a\\u{1b}[31m\\n\""),
+            (
+                &"é".repeat(100),
+                &format!("\"{}\"… (200 bytes)", "é".repeat(64)),
+            ),
+            (&"a".repeat(64), &format!("\"{}\"", "a".repeat(64))),
+        ];
+        for (input, shown) in cases {
+            assert_eq!(echo(input), *shown, "{input:?}");
         }
     }
 

@@ -46,7 +46,14 @@ async fn a_failed_fsync_turns_the_agent_not_serving_ends_watches_and_stops() {
         host: "worker-1".into(),
     };
     let server = tokio::spawn(async move {
-        patina_region::serve(listener, store, &id, std::future::pending()).await
+        patina_region::serve(
+            listener,
+            store,
+            &id,
+            Default::default(),
+            std::future::pending(),
+        )
+        .await
     });
     let channel = tonic::transport::Channel::from_shared(url)
         .unwrap()

@@ -1,7 +1,10 @@
 //! The command-line client: `patina machine ...`, `patina instances`, `patina watch`.
-//! Human output by default; `--json` prints JSON a program can parse.
+//! Human output by default; `--json` prints JSON a program can parse. Stored strings are
+//! printed with their control characters escaped, so a value cannot drive the terminal.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use anyhow::Context;
 use patina_proto::v1::region_client::RegionClient;
@@ -29,7 +32,51 @@ pub async fn connect(server: &str) -> anyhow::Result<RegionClient<Channel>> {
 
 /// A gRPC error as one readable line: code and message.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::anyhow!("{:?}: {}", s.code(), term(s.message()))
+}
+
+/// A string from the agent as it may go to a terminal: every control character (C0, DEL and
+/// C1, e.g. ESC or U+009B, CSI) written as `\u{..}`, so that a stored value cannot move the
+/// cursor, recolour, retitle or clear the terminal. Line breaks are escaped too: one value,
+/// one line.
+pub fn term(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// JSON text that is safe on a terminal and still the same document. serde_json escapes C0
+/// controls but writes DEL and C1 (U+007F to U+009F) raw, and terminals act on C1 (U+009B
+/// starts an escape sequence). Outside strings JSON holds only ASCII punctuation and
+/// whitespace, so these characters can only be inside strings, where `\u00XX` means them.
+pub fn json_safe(json: String) -> String {
+    let raw = |c: char| ('\u{7f}'..='\u{9f}').contains(&c);
+    if !json.chars().any(raw) {
+        return json;
+    }
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if raw(c) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Pretty JSON of `v`, safe on a terminal.
+fn to_json(v: &impl Serialize) -> anyhow::Result<String> {
+    Ok(json_safe(serde_json::to_string_pretty(v)?))
 }
 
 pub fn parse_state(s: &str) -> anyhow::Result<MachineState> {
@@ -144,15 +191,15 @@ fn rfc3339(t: prost_types::Timestamp) -> String {
 
 fn print_machine(m: &Machine) {
     let j = MachineJson::from(m);
-    println!("id:         {}", j.id);
-    println!("app:        {}", j.app);
-    println!("region:     {}", j.region);
-    println!("host:       {}", j.host);
-    println!("addresses:  {}", j.addresses.join(", "));
+    println!("id:         {}", term(&j.id));
+    println!("app:        {}", term(&j.app));
+    println!("region:     {}", term(&j.region));
+    println!("host:       {}", term(&j.host));
+    println!("addresses:  {}", term(&j.addresses.join(", ")));
     println!("state:      {}", j.state);
     println!("health:     {}", j.health);
     for (k, v) in &j.metadata {
-        println!("metadata:   {k}={v}");
+        println!("metadata:   {}={}", term(k), term(v));
     }
     println!("updated_at: {}", j.updated_at);
     println!(
@@ -214,10 +261,7 @@ pub async fn machine_put(server: &str, a: PutArgs) -> anyhow::Result<()> {
         .machine
         .context("the agent answered without the stored machine")?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&MachineJson::from(&stored))?
-        );
+        println!("{}", to_json(&MachineJson::from(&stored))?);
     } else {
         print_machine(&stored);
     }
@@ -234,7 +278,7 @@ pub async fn machine_get(server: &str, id: String, json: bool) -> anyhow::Result
         .machine
         .context("the agent answered without a machine")?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&MachineJson::from(&m))?);
+        println!("{}", to_json(&MachineJson::from(&m))?);
     } else {
         print_machine(&m);
     }
@@ -250,7 +294,7 @@ pub async fn machine_rm(server: &str, id: String) -> anyhow::Result<()> {
         .into_inner()
         .version
         .unwrap_or_default();
-    println!("deleted {id} (seq {})", v.seq);
+    println!("deleted {} (seq {})", term(&id), v.seq);
     Ok(())
 }
 
@@ -261,24 +305,51 @@ struct InstancesJson {
     machines: Vec<MachineJson>,
 }
 
+/// Largest page the agent serves; fewer round trips for big apps.
+const LIST_PAGE_SIZE: i32 = 1000;
+
+/// Every page of an app's instances, in id order.
+async fn list_all(
+    client: &mut RegionClient<Channel>,
+    app: &str,
+    all: bool,
+) -> anyhow::Result<Vec<Machine>> {
+    let mut machines = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_instances(ListInstancesRequest {
+                app: app.to_owned(),
+                include_all: all,
+                page_size: LIST_PAGE_SIZE,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        machines.extend(page.machines);
+        if page.next_page_token.is_empty() {
+            return Ok(machines);
+        }
+        // Each token moves past the previous page; one that does not would loop for ever.
+        anyhow::ensure!(
+            page.next_page_token != page_token,
+            "the agent returned the same page token twice"
+        );
+        page_token = page.next_page_token;
+    }
+}
+
 pub async fn instances(server: &str, app: String, all: bool, json: bool) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let machines = client
-        .list_instances(ListInstancesRequest {
-            app: app.clone(),
-            include_all: all,
-        })
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .machines;
+    let machines = list_all(&mut client, &app, all).await?;
     if json {
         let doc = InstancesJson {
             app,
             include_all: all,
             machines: machines.iter().map(MachineJson::from).collect(),
         };
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        println!("{}", to_json(&doc)?);
         return Ok(());
     }
     println!(
@@ -289,11 +360,11 @@ pub async fn instances(server: &str, app: String, all: bool, json: bool) -> anyh
         let j = MachineJson::from(m);
         println!(
             "{:<24} {:<10} {:<9} {:<20} {}",
-            j.id,
+            term(&j.id),
             j.state,
             j.health,
-            j.host,
-            j.addresses.join(",")
+            term(&j.host),
+            term(&j.addresses.join(","))
         );
     }
     Ok(())
@@ -337,7 +408,7 @@ pub async fn watch(
                 "changes": changes,
                 "resume_token": msg.resume_token,
             });
-            println!("{line}");
+            println!("{}", json_safe(line.to_string()));
             continue;
         }
         if msg.reset {
@@ -349,22 +420,64 @@ pub async fn watch(
                     let j = MachineJson::from(m);
                     println!(
                         "upsert {} app={} state={} health={} addrs={}",
-                        j.id,
-                        j.app,
+                        term(&j.id),
+                        term(&j.app),
                         j.state,
                         j.health,
-                        j.addresses.join(",")
+                        term(&j.addresses.join(","))
                     );
                 }
-                machine_change::Change::Deleted(d) => println!("delete {} app={}", d.id, d.app),
+                machine_change::Change::Deleted(d) => {
+                    println!("delete {} app={}", term(&d.id), term(&d.app))
+                }
             }
         }
         if kind == Kind::SnapshotDone {
             println!("-- snapshot done");
         }
         if !msg.resume_token.is_empty() {
-            println!("-- resume token {}", msg.resume_token);
+            println!("-- resume token {}", term(&msg.resume_token));
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_text_escapes_every_control_character_and_nothing_else() {
+        let cases = [
+            ("plain", "plain"),
+            ("zone=a/b é ✓", "zone=a/b é ✓"),
+            ("\x1b[31mred", "\\u{1b}[31mred"),
+            ("bell\x07", "bell\\u{7}"),
+            ("del\x7f", "del\\u{7f}"),
+            ("csi\u{9b}2J", "csi\\u{9b}2J"),
+            ("two\nlines\r", "two\\u{a}lines\\u{d}"),
+        ];
+        for (raw, shown) in cases {
+            assert_eq!(term(raw), shown, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn json_escapes_del_and_c1_and_still_parses_to_the_same_value() {
+        for value in [
+            "plain",
+            "\x1b[31m",
+            "\u{7f}",
+            "a\u{9b}2J\u{85}b",
+            "\u{a0}\u{9f}",
+        ] {
+            let text = json_safe(serde_json::to_string(&value).unwrap());
+            assert!(
+                !text.chars().any(|c| c.is_control()),
+                "{value:?} printed as {text:?}"
+            );
+            let back: String = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, value);
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! documented in `docs/configuration.md`.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 /// Top-level keys; other `PATINA_*` variables (the CLI's own, such as `PATINA_SERVER`) are
 /// not configuration and are ignored here.
-const KEYS: &[&str] = &["region", "host", "data_dir", "listen", "log", "store"];
+const KEYS: &[&str] = &[
+    "region", "host", "data_dir", "listen", "log", "store", "limits",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +31,7 @@ pub struct Config {
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` overrides it).
     pub log: String,
     pub store: StoreConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,6 +81,40 @@ impl StoreConfig {
     }
 }
 
+/// What clients may hold open; see `patina_region::Limits` for why each default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_connections: NonZeroUsize,
+    pub handshake_timeout_ms: NonZeroU64,
+    pub max_streams_per_connection: NonZeroU32,
+    pub max_watches: NonZeroUsize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = patina_region::Limits::default();
+        LimitsConfig {
+            max_connections: d.max_connections,
+            handshake_timeout_ms: NonZeroU64::new(d.handshake_timeout.as_millis() as u64)
+                .expect("a non-zero default"),
+            max_streams_per_connection: d.max_streams_per_connection,
+            max_watches: d.max_watches,
+        }
+    }
+}
+
+impl From<&LimitsConfig> for patina_region::Limits {
+    fn from(c: &LimitsConfig) -> Self {
+        patina_region::Limits {
+            max_connections: c.max_connections,
+            handshake_timeout: std::time::Duration::from_millis(c.handshake_timeout_ms.get()),
+            max_streams_per_connection: c.max_streams_per_connection,
+            max_watches: c.max_watches,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -87,6 +124,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7600)),
             log: "info".into(),
             store: StoreConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -146,10 +184,14 @@ mod tests {
                 listen = "127.0.0.1:9000"
                 [store]
                 watch_log_capacity = 10
+                [limits]
+                max_connections = 100
+                handshake_timeout_ms = 250
                 "#,
             )?;
             jail.set_env("PATINA_LISTEN", "127.0.0.1:9100");
             jail.set_env("PATINA_STORE__MAX_BATCH_OPS", "7");
+            jail.set_env("PATINA_LIMITS__MAX_WATCHES", "3");
             jail.set_env("PATINA_SERVER", "ignored: not a config key");
             let c = Config::load(Some(Path::new("patina.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.region, "ord");
@@ -157,6 +199,14 @@ mod tests {
             assert_eq!(c.store.watch_log_capacity.get(), 10);
             assert_eq!(c.store.max_batch_ops.get(), 7);
             assert_eq!(c.data_dir, PathBuf::from("patina-data"));
+            let limits = patina_region::Limits::from(&c.limits);
+            assert_eq!(limits.max_connections.get(), 100);
+            assert_eq!(
+                limits.handshake_timeout,
+                std::time::Duration::from_millis(250)
+            );
+            assert_eq!(limits.max_watches.get(), 3);
+            assert_eq!(limits.max_streams_per_connection.get(), 256, "the default");
             Ok(())
         });
     }
@@ -171,6 +221,10 @@ mod tests {
             assert!(format!("{err:#}").contains("region"), "{err:#}");
             jail.create_file("zero.toml", "[store]\nwrite_queue = 0\n")?;
             assert!(Config::load(Some(Path::new("zero.toml"))).is_err());
+            jail.create_file("zero-limit.toml", "[limits]\nmax_watches = 0\n")?;
+            assert!(Config::load(Some(Path::new("zero-limit.toml"))).is_err());
+            jail.create_file("limit-typo.toml", "[limits]\nmax_conections = 5\n")?;
+            assert!(Config::load(Some(Path::new("limit-typo.toml"))).is_err());
             assert!(Config::load(Some(Path::new("missing.toml"))).is_err());
             Ok(())
         });

@@ -182,16 +182,65 @@ fn print_dev_banner(config: &Config, addr: SocketAddr) {
     println!("Ctrl-C stops.");
 }
 
+/// Descriptors the agent needs besides client connections: the store's SQLite files
+/// (database, WAL, shared memory, lock), the listener, stdio, the refused-connection path
+/// (`patina_region::listener::MAX_OVERFLOW_CONNECTIONS`) and headroom.
+const FD_RESERVE: u64 = 256;
+
+/// Raise the soft open-file limit towards the hard one when it cannot hold
+/// `limits.max_connections` connections plus [`FD_RESERVE`]; warn when even that is short,
+/// since connections beyond the limit then fail at accept instead of being refused cleanly.
+fn raise_open_file_limit(config: &Config) {
+    let want = config.limits.max_connections.get() as u64 + FD_RESERVE;
+    let result = rlimit::getrlimit(rlimit::Resource::NOFILE).and_then(|(soft, _)| {
+        if soft >= want {
+            Ok(soft)
+        } else {
+            rlimit::increase_nofile_limit(want).inspect(|now| {
+                tracing::info!(from = soft, to = now, "raised the open-file limit");
+            })
+        }
+    });
+    match result {
+        Ok(now) if now >= want => {}
+        Ok(now) => tracing::warn!(
+            open_file_limit = now,
+            needed = want,
+            "the open-file limit is below limits.max_connections plus a reserve: raise the hard \
+             limit (LimitNOFILE= under systemd) or lower limits.max_connections"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
+}
+
+/// Connections the kernel may hold ready for the agent to accept. The usual 128 overflows when
+/// many clients (re)connect at once, e.g. every proxy of a region after an agent restart: the
+/// kernel then drops their SYNs and each waits a whole second to retry. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`].
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted agent can rebind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Open the store, bind, serve until Ctrl-C or SIGTERM, then close the store cleanly.
 async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> anyhow::Result<()> {
+    raise_open_file_limit(&config);
     let dir = config.data_dir.clone();
     let opts = config.store.options(&config.region);
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Scripts and tests read this line to find the agent.
     println!("region API: http://{addr}");
@@ -202,7 +251,9 @@ async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> a
         region: config.region.clone(),
         host: config.host.clone(),
     };
-    let served = patina_region::serve(listener, store.clone(), &id, shutdown_signal()).await;
+    let limits = (&config.limits).into();
+    let served =
+        patina_region::serve(listener, store.clone(), &id, limits, shutdown_signal()).await;
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("stopped");

@@ -164,3 +164,62 @@ async fn health_and_reflection_are_served() {
         "{names:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_control_characters_never_reach_the_terminal_raw() {
+    use patina_proto::v1::UpsertMachineRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let s = agent.host_port();
+    // Red text, CSI "clear screen" in its one-character C1 form, a bell, DEL, a newline.
+    let hostile = "a\x1b[31mb\u{9b}2Jc\x07d\x7fe\nf";
+    let mut m = common::machine("web-1", "web", 8080);
+    m.metadata.insert("note".into(), hostile.into());
+    agent
+        .client()
+        .await
+        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
+        .await
+        .unwrap();
+
+    let raw_control = |text: &str| -> Vec<char> {
+        text.chars()
+            .filter(|c| c.is_control() && *c != '\n')
+            .collect()
+    };
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        (
+            "machine get",
+            vec!["machine", "get", "--server", s, "web-1"],
+        ),
+        (
+            "machine get --json",
+            vec!["machine", "get", "--server", s, "web-1", "--json"],
+        ),
+        (
+            "instances --json",
+            vec!["instances", "--server", s, "web", "--json"],
+        ),
+    ];
+    for (name, args) in cases {
+        let out = ok(&args);
+        assert_eq!(raw_control(&out), Vec::<char>::new(), "{name}: {out:?}");
+        if name == "machine get" {
+            assert!(
+                out.contains(r"note=a\u{1b}[31mb\u{9b}2Jc\u{7}d\u{7f}e\u{a}f"),
+                "{out}"
+            );
+            assert_eq!(
+                out.lines().filter(|l| l.starts_with("metadata:")).count(),
+                1
+            );
+        }
+    }
+    let one: serde_json::Value =
+        serde_json::from_str(&ok(&["machine", "get", "--server", s, "web-1", "--json"])).unwrap();
+    assert_eq!(one["metadata"]["note"], hostile, "JSON keeps the value");
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&["instances", "--server", s, "web", "--json"])).unwrap();
+    assert_eq!(all["machines"][0]["metadata"]["note"], hostile);
+}

@@ -81,6 +81,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_write() {
             .list_instances(ListInstancesRequest {
                 app: format!("app{app}"),
                 include_all: false,
+                ..Default::default()
             })
             .await
             .unwrap()

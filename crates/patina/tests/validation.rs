@@ -22,6 +22,7 @@ async fn observe(client: &mut RegionClient<Channel>) -> (Vec<Machine>, String) {
                 .list_instances(ListInstancesRequest {
                     app: app.into(),
                     include_all: true,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -291,6 +292,7 @@ async fn every_validation_rule_rejects_with_a_clear_status_and_changes_nothing()
         .list_instances(ListInstancesRequest {
             app: "-bad".into(),
             include_all: true,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -21,12 +21,18 @@ pub struct Agent {
 impl Agent {
     /// Start `patina region` on a fresh port of `ip` with its data in `dir`.
     pub fn start(dir: &Path, ip: &str) -> Agent {
+        Agent::start_with(dir, ip, "")
+    }
+
+    /// [`Agent::start`], with `extra` appended to the config file (TOML after the top-level
+    /// keys, e.g. a `[limits]` table).
+    pub fn start_with(dir: &Path, ip: &str, extra: &str) -> Agent {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("patina.toml");
         std::fs::write(
             &config,
             format!(
-                "region = \"test\"\nhost = \"worker-1\"\nlisten = \"{ip}:0\"\ndata_dir = \"{}\"\nlog = \"warn\"\n",
+                "region = \"test\"\nhost = \"worker-1\"\nlisten = \"{ip}:0\"\ndata_dir = \"{}\"\nlog = \"warn\"\n{extra}",
                 dir.join("data").display()
             ),
         )
@@ -66,6 +72,11 @@ impl Agent {
             .await
             .expect("connect to the agent");
         RegionClient::new(channel)
+    }
+
+    /// `host:port` of the agent, for raw sockets and the CLI's `--server`.
+    pub fn host_port(&self) -> &str {
+        self.addr.trim_start_matches("http://")
     }
 
     /// SIGKILL: no shutdown path runs.

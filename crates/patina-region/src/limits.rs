@@ -1,0 +1,43 @@
+//! What one agent grants its clients: connections, streams per connection and Watch streams.
+//! Each bound keeps what a client (or many) can make the agent hold finite; `docs/api.md`
+//! says what a client sees when it meets one.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+/// Bounds on what clients may hold open at once. The defaults fit one agent per worker host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections. One more is answered `RESOURCE_EXHAUSTED` and closed.
+    /// Every connection costs a file descriptor and a task: the process's descriptor limit
+    /// must be above this.
+    pub max_connections: NonZeroUsize,
+    /// A connection that has not sent a single byte by then is closed: an idle socket must
+    /// not hold a connection slot for ever.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: concurrent calls on one connection.
+    pub max_streams_per_connection: NonZeroU32,
+    /// Open Watch streams across the agent. One more is answered `RESOURCE_EXHAUSTED` at once.
+    pub max_watches: NonZeroUsize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // 16 Ki: far above the proxies and orchestrators of one region, and (with its
+            // descriptor reserve) below the common 65536 hard descriptor limit.
+            max_connections: NonZeroUsize::new(16 * 1024).expect("non-zero"),
+            // A real client sends its HTTP/2 preface right after connecting; 5 s covers a
+            // slow handshake on a congested link.
+            handshake_timeout: Duration::from_secs(5),
+            // What many gRPC servers advertise; a proxy multiplexes its calls on a few
+            // connections, and more streams than this on one is a client bug or an attack.
+            max_streams_per_connection: NonZeroU32::new(256).expect("non-zero"),
+            // A watcher holds at most one message of 512 machines (2 MiB at the 4 KiB record
+            // limit, far less for typical records) plus HTTP/2 buffers. 4096 is far above the
+            // proxies of one region and keeps the worst case (every watcher stalled with a
+            // full message) finite.
+            max_watches: NonZeroUsize::new(4096).expect("non-zero"),
+        }
+    }
+}
