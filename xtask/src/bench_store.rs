@@ -19,7 +19,14 @@ use patina_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::harness::{Server, build_patina, percentile_us, rss_of};
+use patina_testkit::{Agent, rss_of};
+
+use crate::harness::{build_patina, percentile_us};
+
+/// A `patina region` on loopback for the benchmark.
+fn start(bin: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<Agent> {
+    Ok(Agent::start(bin, dir, "127.0.0.1", "")?)
+}
 
 /// Machines per app in the loaded store: a typical app runs a handful to a few dozen.
 const INSTANCES_PER_APP: u64 = 20;
@@ -146,9 +153,9 @@ async fn load(url: &str, from: u64, to: u64) -> anyhow::Result<f64> {
 }
 
 /// Settle, then read the agent's resident memory.
-async fn rss_settled(server: &Server) -> anyhow::Result<u64> {
+async fn rss_settled(server: &Agent) -> anyhow::Result<u64> {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    server.rss_bytes()
+    Ok(server.rss_bytes()?)
 }
 
 struct Rng(u64);
@@ -174,7 +181,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let apps = o.records / INSTANCES_PER_APP;
 
     // 1. Single upserts.
-    let server = Server::start(&bin, &work.join("upserts"))?;
+    let mut server = start(&bin, &work.join("upserts"))?;
     for (i, clients) in [1usize, 16, 128].into_iter().enumerate() {
         let per_s = rt.block_on(upserts(
             &server.url,
@@ -195,7 +202,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
 
     // 2. Load a fresh agent; memory per machine.
     let dir = work.join("loaded");
-    let server = Server::start(&bin, &dir)?;
+    let mut server = start(&bin, &dir)?;
     let base = rt.block_on(rss_settled(&server))?;
     let batched_100k = rt.block_on(load(&server.url, 0, 100_000))?;
     let rss_100k = rt.block_on(rss_settled(&server))?;
@@ -275,15 +282,15 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     server.stop()?;
 
     // 4. In-process lookups from the index the agent rebuilt from SQLite.
-    let before = rss_of("/proc/self/status")?;
+    let before = rss_of(std::process::id())?;
     let t = Instant::now();
     let opts = patina_store::StoreOptions {
-        kind: std::sync::Arc::new(patina_region::MachineKind::new("bench")),
+        kind: std::sync::Arc::new(patina_region::MachineKind::new("test")),
         ..Default::default()
     };
     let store = patina_store::Store::open(&dir.join("data"), opts)?;
     let open_s = t.elapsed().as_secs_f64();
-    let rebuilt = (rss_of("/proc/self/status")? - before) as f64 / o.records as f64;
+    let rebuilt = (rss_of(std::process::id())? - before) as f64 / o.records as f64;
     let mut rng = Rng(0x5eed);
     let names: Vec<String> = (0..4096)
         .map(|_| format!("app-{}", rng.below(apps)))

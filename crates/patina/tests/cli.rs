@@ -5,8 +5,6 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::Agent;
-
 fn patina(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_patina"))
         .args(args)
@@ -28,8 +26,8 @@ fn ok(args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_commands_work_and_json_parses() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
-    let server = agent.addr.trim_start_matches("http://").to_owned();
+    let agent = common::start(dir.path(), "127.0.0.1");
+    let server = agent.url.trim_start_matches("http://").to_owned();
     let s = server.as_str();
 
     ok(&[
@@ -128,8 +126,8 @@ async fn health_and_reflection_are_served() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
-    let channel = tonic::transport::Channel::from_shared(agent.addr.clone())
+    let agent = common::start(dir.path(), "127.0.0.1");
+    let channel = tonic::transport::Channel::from_shared(agent.url.clone())
         .unwrap()
         .connect()
         .await
@@ -170,7 +168,7 @@ async fn stored_control_characters_never_reach_the_terminal_raw() {
     use patina_proto::v1::UpsertMachineRequest;
 
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let s = agent.host_port();
     // Red text, CSI "clear screen" in its one-character C1 form, a bell, DEL, a newline.
     let hostile = "a\x1b[31mb\u{9b}2Jc\x07d\x7fe\nf";

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Agent, machine};
+use common::machine;
 use patina_proto::v1::{GetMachineRequest, ListInstancesRequest, UpsertMachineRequest, Version};
 
 /// Concurrent writers: enough for real group commits.
@@ -19,7 +19,7 @@ const KILL_AFTER: usize = 800;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(dir.path(), "127.0.0.1");
+    let mut agent = common::start(dir.path(), "127.0.0.1");
     let acked_count = Arc::new(AtomicUsize::new(0));
     let mut writers = tokio::task::JoinSet::new();
     for w in 0..WRITERS {
@@ -59,7 +59,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_write() {
     assert!(acked.len() >= KILL_AFTER, "{} acknowledged", acked.len());
     let max_seq = acked.values().map(|v| v.seq).max().unwrap();
 
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     for (id, v) in &acked {
         let got = client

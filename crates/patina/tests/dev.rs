@@ -1,7 +1,6 @@
 //! `patina dev`, the README's first command: serves on embedded defaults, prints where, and
 //! stops cleanly on Ctrl-C even with a watch open, removing its temporary data.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,20 +19,14 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = patina_testkit::stdout_lines(child.stdout.take().unwrap());
     let mut url = None;
     let mut data = None;
     while url.is_none() || data.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("dev banner");
-        if let Some(u) = line.strip_prefix("region API: ") {
+        if let Some(u) = line.strip_prefix(patina_testkit::ANNOUNCE) {
             url = Some(u.to_owned());
         }
         if let Some((_, d)) = line.split_once("data in ") {

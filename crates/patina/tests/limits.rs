@@ -114,7 +114,7 @@ async fn ten_thousand_idle_connections_do_not_block_a_client_and_are_closed_afte
     const HANDSHAKE: Duration = Duration::from_secs(3);
     raise_open_file_limit(IDLE);
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_with(
+    let agent = common::start_with(
         dir.path(),
         "127.0.0.1",
         &format!(
@@ -182,7 +182,7 @@ async fn a_client_over_max_connections_gets_resource_exhausted_until_one_disconn
     const MAX: usize = 8;
     const FLOOD: usize = 100;
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_with(
+    let agent = common::start_with(
         dir.path(),
         "127.0.0.1",
         &format!("[limits]\nmax_connections = {MAX}\n"),
@@ -251,7 +251,7 @@ async fn a_client_over_max_connections_gets_resource_exhausted_until_one_disconn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_over_max_watches_gets_resource_exhausted_until_one_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start_with(dir.path(), "127.0.0.1", "[limits]\nmax_watches = 2\n");
+    let agent = common::start_with(dir.path(), "127.0.0.1", "[limits]\nmax_watches = 2\n");
     let mut client = agent.client().await;
     client
         .upsert_machine(UpsertMachineRequest {

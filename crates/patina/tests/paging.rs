@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Agent, machine};
+use common::machine;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{ListInstancesRequest, Machine, UpsertMachinesRequest};
 use tonic::Code;
@@ -62,7 +62,7 @@ async fn all_pages(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_return_every_machine_once_in_id_order() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     // Written in a scrambled order; ids of mixed lengths so byte order matters.
     let mut expected: Vec<String> = (0..MACHINES).map(|i| format!("m-{i}")).collect();
@@ -89,7 +89,7 @@ async fn pages_return_every_machine_once_in_id_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_page_sizes_and_tokens_are_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     upsert_all(
         &mut client,
@@ -172,7 +172,7 @@ async fn bad_page_sizes_and_tokens_are_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_lists_every_page_and_the_largest_page_fits_the_response_cap() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     let machines = (0..MACHINES)
         .map(|i| machine(&format!("m-{i:05}"), "big", 8080))

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Agent, machine};
+use common::machine;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{
     DeleteMachineRequest, GetMachineRequest, ListInstancesRequest, Machine, UpsertMachineRequest,
@@ -56,7 +56,7 @@ fn with(f: impl FnOnce(&mut Machine)) -> Machine {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_validation_rule_rejects_with_a_clear_status_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     client
         .upsert_machine(UpsertMachineRequest {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Agent, machine};
+use common::machine;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::watch_response::Kind;
 use patina_proto::v1::{
@@ -77,7 +77,7 @@ async fn deltas(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_watch_gets_exactly_the_missed_deltas() {
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(dir.path(), "127.0.0.1");
+    let mut agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     put(&mut client, "web-1", "web", 1).await;
     put(&mut client, "db-1", "db", 2).await;
@@ -123,7 +123,7 @@ async fn a_resumed_watch_gets_exactly_the_missed_deltas() {
     // The token outlives a kill -9 and restart of the agent.
     drop(client);
     agent.kill9();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     put(&mut client, "web-5", "web", 8).await;
     let mut after_restart = watch(&mut client, "web", &token2).await;
@@ -134,7 +134,7 @@ async fn a_resumed_watch_gets_exactly_the_missed_deltas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_or_foreign_tokens_are_refused_or_reset() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "127.0.0.1");
+    let agent = common::start(dir.path(), "127.0.0.1");
     let mut client = agent.client().await;
     put(&mut client, "web-1", "web", 1).await;
     let err = client

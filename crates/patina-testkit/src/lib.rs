@@ -1,0 +1,166 @@
+//! patina-testkit: real `patina` processes for integration tests and benchmarks.
+//!
+//! One harness, shared by `crates/patina/tests` and `xtask`: start `patina region` (or any
+//! subcommand) as a child process on a loopback address, read the address it announces,
+//! talk gRPC to it, read its memory, and stop it with SIGTERM or SIGKILL.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use patina_proto::v1::region_client::RegionClient;
+use patina_proto::v1::{Health, Machine, MachineState};
+use tonic::transport::Channel;
+
+/// The line an agent prints on stdout once it serves, followed by its URL.
+pub const ANNOUNCE: &str = "region API: ";
+
+/// How long an agent may take to announce itself (a debug build opening a large store).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Every line a child prints on stdout, as it prints them.
+pub fn stdout_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A `patina region` child process, killed when dropped.
+pub struct Agent {
+    pub child: Child,
+    /// `http://ip:port` of its API.
+    pub url: String,
+    /// Its directory: the config file and `data/`.
+    pub dir: PathBuf,
+    /// Its stdout, after the announcement.
+    pub stdout: mpsc::Receiver<String>,
+}
+
+impl Agent {
+    /// Start `bin region` on a free port of `ip`, its config and data in `dir`, with `extra`
+    /// appended to the generated config (TOML after the top-level keys, e.g. a `[limits]`
+    /// table).
+    pub fn start(bin: &Path, dir: &Path, ip: &str, extra: &str) -> std::io::Result<Agent> {
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("patina.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "region = \"test\"\nhost = \"worker-1\"\nlisten = \"{ip}:0\"\ndata_dir = \"{}\"\nlog = \"warn\"\n{extra}",
+                dir.join("data").display()
+            ),
+        )?;
+        let mut child = Command::new(bin)
+            .args(["region", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = stdout_lines(child.stdout.take().expect("piped"));
+        let url = wait_for_line(&stdout, ANNOUNCE, START_TIMEOUT).ok_or_else(|| {
+            let _ = child.kill();
+            std::io::Error::other("the agent did not announce its address")
+        })?;
+        Ok(Agent {
+            child,
+            url,
+            dir: dir.to_path_buf(),
+            stdout,
+        })
+    }
+
+    /// A gRPC client of its region API.
+    pub async fn client(&self) -> RegionClient<Channel> {
+        RegionClient::new(self.channel().await)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .expect("a valid URL")
+            .connect()
+            .await
+            .expect("connect to the agent")
+    }
+
+    /// `host:port` of the agent, for raw sockets and the CLI's `--server`.
+    pub fn host_port(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Resident memory of the agent, in bytes.
+    pub fn rss_bytes(&self) -> std::io::Result<u64> {
+        rss_of(self.child.id())
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait: a clean stop. Returns whether it exited successfully.
+    pub fn stop(&mut self) -> std::io::Result<bool> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        Ok(self.child.wait()?.success())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait for a line starting with `prefix`; returns the rest of it.
+pub fn wait_for_line(
+    lines: &mpsc::Receiver<String>,
+    prefix: &str,
+    timeout: Duration,
+) -> Option<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        let line = lines.recv_timeout(left).ok()?;
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return Some(rest.to_owned());
+        }
+    }
+}
+
+/// VmRSS of a process, in bytes.
+pub fn rss_of(pid: u32) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no VmRSS"))?;
+    Ok(kb * 1024)
+}
+
+/// A started, passing machine with one address.
+pub fn machine(id: &str, app: &str, port: u16) -> Machine {
+    Machine {
+        id: id.into(),
+        app: app.into(),
+        addresses: vec![format!("10.1.0.1:{port}")],
+        state: MachineState::Started as i32,
+        health: Health::Passing as i32,
+        ..Machine::default()
+    }
+}
