@@ -345,7 +345,7 @@ fn round2(x: f64) -> serde_json::Value {
 }
 
 /// A scratch directory on disk (not tmpfs: fsync must be real) under the target directory.
-fn tempdir() -> anyhow::Result<std::path::PathBuf> {
+pub fn tempdir() -> anyhow::Result<std::path::PathBuf> {
     let base = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| crate::harness::root().join("target"));

@@ -2,9 +2,12 @@
 //!
 //! - `cargo xtask bench store [--secs N] [--records N]`: the store benchmark (see
 //!   `docs/benchmarks.md`); prints a table and, last, one JSON line.
+//! - `cargo xtask bench watchers [--machines N] [--watchers N]`: memory with stalled
+//!   whole-region watchers, and their convergence.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
 mod bench_store;
+mod bench_watchers;
 mod harness;
 mod tidy;
 
@@ -15,8 +18,12 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         ["bench", "store", rest @ ..] => bench_store::run(bench_store::Options::parse(rest)?),
+        ["bench", "watchers", rest @ ..] => {
+            bench_watchers::run_bench(bench_watchers::Options::parse(rest)?)
+        }
         _ => bail!(
             "usage: cargo xtask bench store [--secs N] [--records N]\n\
+                    cargo xtask bench watchers [--machines N] [--watchers N]\n\
              (see docs/benchmarks.md)"
         ),
     }

@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod watchers;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};

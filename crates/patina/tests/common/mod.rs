@@ -1,7 +1,7 @@
 //! This crate's integration tests run the `patina` binary cargo built for them through the
 //! shared harness, `patina-testkit`.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::Path;
 
