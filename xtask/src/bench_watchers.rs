@@ -1,7 +1,8 @@
 //! `cargo xtask bench watchers [--machines N] [--watchers N]`: the agent's memory with
 //! whole-region watchers that stop reading while every machine is updated twice, and whether
 //! they all converge once they read again (`patina_testkit::watchers`), against the release
-//! binary on loopback. Baseline in the same run: the agent's RSS once loaded, without watchers.
+//! binary on loopback. Baselines in the same run: the agent's RSS once loaded, without
+//! watchers, and a control agent that takes the same load and updates with no watcher.
 
 use anyhow::{Context, bail};
 use patina_testkit::Agent;
@@ -40,12 +41,24 @@ pub fn run_bench(o: Options) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let agent = Agent::start(&bin, &dir.join("watchers"), "127.0.0.1", "")?;
     let spec = Spec {
         machines: o.machines,
         watchers: o.watchers,
         per_app: 20,
     };
+    // A control in the same run: the same load and updates, no watcher.
+    let control = Agent::start(&bin, &dir.join("control"), "127.0.0.1", "")?;
+    let unwatched = rt
+        .block_on(run(
+            &control,
+            Spec {
+                watchers: 0,
+                ..spec
+            },
+        ))
+        .map_err(anyhow::Error::msg)?;
+    drop(control);
+    let agent = Agent::start(&bin, &dir.join("watchers"), "127.0.0.1", "")?;
     let report = rt.block_on(run(&agent, spec)).map_err(anyhow::Error::msg)?;
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
@@ -67,6 +80,21 @@ pub fn run_bench(o: Options) -> anyhow::Result<()> {
         (
             "agent RSS at the end of the stall",
             format!("{:.1} MiB", mib(report.rss_stalled_end)),
+        ),
+        (
+            "control: peak with the same updates, no watcher",
+            format!("{:.1} MiB", mib(unwatched.rss_stalled_peak)),
+        ),
+        (
+            "per stalled watcher, above the control",
+            format!(
+                "{:.0} KiB",
+                report
+                    .rss_stalled_peak
+                    .saturating_sub(unwatched.rss_stalled_peak) as f64
+                    / 1024.0
+                    / o.watchers.max(1) as f64
+            ),
         ),
         (
             "bound: 1.3 × baseline + 32 MiB",
@@ -95,6 +123,7 @@ pub fn run_bench(o: Options) -> anyhow::Result<()> {
             "watchers": o.watchers,
             "rss_loaded_mib": (mib(report.rss_loaded) * 10.0).round() / 10.0,
             "rss_stalled_peak_mib": (mib(report.rss_stalled_peak) * 10.0).round() / 10.0,
+            "rss_control_peak_mib": (mib(unwatched.rss_stalled_peak) * 10.0).round() / 10.0,
             "rss_bound_mib": (mib(report.bound()) * 10.0).round() / 10.0,
             "watchers_converged": report.converged,
         })

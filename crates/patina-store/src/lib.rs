@@ -92,6 +92,10 @@ pub struct StoreOptions {
     pub clock: Arc<dyn Clock>,
     /// Faults to inject, for tests.
     pub failpoints: Arc<Failpoints>,
+    /// Start under a fresh origin: for a data directory restored from a backup (or copied),
+    /// whose origin may already have issued, elsewhere, the sequence numbers it would issue
+    /// next. See `docs/replication.md`.
+    pub renew_origin: bool,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -128,6 +132,7 @@ impl Default for StoreOptions {
             kind: Arc::new(OpaqueKind),
             clock: Arc::new(SystemClock),
             failpoints: Arc::new(Failpoints::default()),
+            renew_origin: false,
         }
     }
 }
@@ -402,10 +407,19 @@ impl Store {
         let mut conn = sqlite::open(&path)?;
         let mut ids = IdSource::Os;
         sqlite::prepare(&mut conn, &opts.kind, ids.next())?;
-        let meta = sqlite::load_meta(&conn)?;
+        let mut meta = sqlite::load_meta(&conn)?;
         let mut knowledge = sqlite::load_knowledge(&conn)?;
         // Our own origin is known exactly up to what it issued.
         knowledge.insert(meta.node, OriginKnowledge::dense(meta.local_seq));
+        if opts.renew_origin {
+            let new = loop {
+                let id = ids.next();
+                if !knowledge.contains_key(&id) {
+                    break id;
+                }
+            };
+            sqlite::renew_origin(&mut conn, &mut meta, &mut knowledge, new)?;
+        }
         let index = Index::default();
         let stale = sqlite::load_index(&conn, &index, &opts.kind)?;
         if !stale.is_empty() {

@@ -195,6 +195,32 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
     })
 }
 
+/// Leave this store's origin for `new`, durably, before the writer starts: what the old
+/// origin issued stays known, and new writes start at sequence number 1 under `new`.
+pub(crate) fn renew_origin(
+    conn: &mut Connection,
+    meta: &mut Meta,
+    knowledge: &mut Digest,
+    new: NodeId,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let old = meta.node;
+    let issued = OriginKnowledge::dense(meta.local_seq);
+    put_knowledge(&tx, old, &issued)?;
+    put_knowledge(&tx, new, &OriginKnowledge::dense(0))?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES ('node_id', ?1), ('local_seq', 0)",
+        [new.0 as i64],
+    )?;
+    tx.commit()?;
+    knowledge.insert(old, issued);
+    knowledge.insert(new, OriginKnowledge::dense(0));
+    tracing::warn!(old = %old, new = %new, "the store starts under a fresh origin, as asked");
+    meta.node = new;
+    meta.local_seq = 0;
+    Ok(())
+}
+
 /// Read the digest. Corrupt rows are an error: knowledge that can't be read can't be trusted.
 pub(crate) fn load_knowledge(conn: &Connection) -> Result<Digest, StoreError> {
     let mut digest = Digest::new();

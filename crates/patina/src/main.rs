@@ -34,6 +34,10 @@ enum Command {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start under a fresh origin identity: once, after restoring the data directory from
+        /// a backup or copying it (docs/replication.md).
+        #[arg(long)]
+        new_origin: bool,
     },
     /// Run a development agent on embedded defaults, until Ctrl-C.
     Dev {
@@ -116,10 +120,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Region { config } => {
+            Command::Region { config, new_origin } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
-                run_agent(config, None).await
+                run_agent(config, new_origin, None).await
             }
             Command::Dev { data_dir, listen } => {
                 let mut config = Config::load(None)?;
@@ -131,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::env::temp_dir().join(format!("patina-dev-{}", std::process::id()))
                 });
                 let dir = config.data_dir.clone();
-                let result = run_agent(config, Some(print_dev_banner)).await;
+                let result = run_agent(config, false, Some(print_dev_banner)).await;
                 if temp {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
@@ -233,10 +237,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Open the store, bind, serve until Ctrl-C or SIGTERM, then close the store cleanly.
-async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> anyhow::Result<()> {
+async fn run_agent(
+    config: Config,
+    new_origin: bool,
+    banner: Option<fn(&Config, SocketAddr)>,
+) -> anyhow::Result<()> {
     raise_open_file_limit(&config);
     let dir = config.data_dir.clone();
-    let opts = config.store.options(&config.region);
+    let opts = patina_store::StoreOptions {
+        renew_origin: new_origin,
+        ..config.store.options(&config.region)
+    };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;

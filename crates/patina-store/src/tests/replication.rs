@@ -471,3 +471,37 @@ fn a_newer_schema_is_refused_and_left_alone() {
         Err(StoreError::Schema(99))
     ));
 }
+
+#[test]
+fn a_restored_store_can_be_started_under_a_fresh_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    rt.block_on(store.write(vec![put("a", "g", "1", true), put("b", "g", "1", true)]))
+        .unwrap();
+    let old = store.node();
+    store.close();
+    drop(store);
+    let renew = StoreOptions {
+        renew_origin: true,
+        ..opts()
+    };
+    let store = Store::open(dir.path(), renew).unwrap();
+    let new = store.node();
+    assert_ne!(new, old);
+    assert_eq!(
+        known(&store, old.0),
+        (2, vec![]),
+        "what the old origin issued stays known"
+    );
+    let v = rt
+        .block_on(store.write(vec![put("c", "g", "1", true)]))
+        .unwrap()[0];
+    assert_eq!((v.origin, v.seq), (new, 1));
+    assert!(store.get_live("a").is_some(), "records are kept");
+    store.close();
+    drop(store);
+    // Durable, and not renewed again unless asked.
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(store.node(), new);
+}
