@@ -33,11 +33,12 @@ impl Default for Limits {
             // What many gRPC servers advertise; a proxy multiplexes its calls on a few
             // connections, and more streams than this on one is a client bug or an attack.
             max_streams_per_connection: NonZeroU32::new(256).expect("non-zero"),
-            // A watcher holds at most one message of 512 machines (2 MiB at the 4 KiB record
-            // limit, far less for typical records) plus HTTP/2 buffers. 4096 is far above the
-            // proxies of one region and keeps the worst case (every watcher stalled with a
-            // full message) finite.
-            max_watches: NonZeroUsize::new(4096).expect("non-zero"),
+            // A stalled watcher costs the agent its HTTP/2 send buffer (hyper's 400 KiB) plus
+            // one message being built: about 350 KiB measured with typical machines
+            // (`cargo xtask bench watchers`), up to ~2.4 MiB with 4 KiB records. 1024 is
+            // several times the proxies and bridges of one region, and bounds the worst case
+            // (every watcher stalled) to a few hundred MiB, not gigabytes.
+            max_watches: NonZeroUsize::new(1024).expect("non-zero"),
         }
     }
 }

@@ -81,16 +81,22 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    // The open watch was told, rather than left hanging.
-    loop {
+    // The open watch was told, rather than left hanging or ended as if complete.
+    let mut ended = None;
+    for _ in 0..100 {
         match watch.message().await {
             Ok(Some(_)) => continue,
-            Ok(None) => break,
+            Ok(None) => {
+                panic!("the watch ended without a status: a client would think it complete")
+            }
             Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+                ended = Some(status);
                 break;
             }
         }
     }
+    let status = ended.expect("the watch ended within 100 messages");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(status.message().contains("shutting down"), "{status}");
     assert!(!data.exists(), "the temporary data directory was removed");
 }
