@@ -15,25 +15,41 @@ use std::fmt;
 
 use crate::NodeId;
 
-/// An inclusive range of sequence numbers of one origin, `lo..=hi`, `1 <= lo <= hi`.
+/// The highest sequence number an origin may issue: SQLite stores them as signed 64-bit
+/// integers, and `hi + 1` never overflows below it. A peer's record above it is refused.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// An inclusive range of sequence numbers of one origin, `lo..=hi`, with
+/// `1 <= lo <= hi <= MAX_SEQ`: only [`SeqRange::new`] builds one, so every range is valid.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
 pub struct SeqRange {
-    pub lo: u64,
-    pub hi: u64,
+    lo: u64,
+    hi: u64,
 }
 
 impl SeqRange {
-    /// `lo..=hi`, or `None` when empty or when it names sequence number 0 (never issued).
+    /// `lo..=hi`, or `None` when empty, when it names sequence number 0 (never issued), or
+    /// when it reaches above [`MAX_SEQ`].
     pub fn new(lo: u64, hi: u64) -> Option<SeqRange> {
-        (lo >= 1 && lo <= hi).then_some(SeqRange { lo, hi })
+        (lo >= 1 && lo <= hi && hi <= MAX_SEQ).then_some(SeqRange { lo, hi })
     }
 
-    pub fn len(&self) -> u64 {
+    /// One sequence number.
+    pub fn single(seq: u64) -> Option<SeqRange> {
+        SeqRange::new(seq, seq)
+    }
+
+    pub fn lo(&self) -> u64 {
+        self.lo
+    }
+
+    pub fn hi(&self) -> u64 {
+        self.hi
+    }
+
+    /// How many numbers it holds (at least one).
+    pub fn count(&self) -> u64 {
         self.hi - self.lo + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     pub fn contains(&self, seq: u64) -> bool {
@@ -48,9 +64,11 @@ impl fmt::Display for SeqRange {
 }
 
 /// Most gaps kept for one origin. A gap opens when a version arrives ahead of its
-/// predecessors; anti-entropy closes gaps oldest first. A peer (or a bug) that sends every
-/// other sequence number must not grow the digest without bound: past this, a record that
-/// would open a new gap is refused (it comes again, in order, through anti-entropy).
+/// predecessors, or splits when one arrives in its middle. A peer (or a bug) that sends every
+/// other sequence number must not grow the digest without bound: at the bound, a number that
+/// would open or split a gap is refused. Numbers that extend the head or touch a gap's edge
+/// never add a gap and are always taken, so a peer streaming a gap from either end (newest
+/// first, as anti-entropy does, or oldest first) always closes it.
 pub const MAX_GAPS_PER_ORIGIN: usize = 4096;
 
 /// One origin's knowledge: `1..=head` minus `gaps`.
@@ -77,6 +95,9 @@ impl OriginKnowledge {
     /// Rebuild from persisted parts; `None` if they break the invariants (gaps disjoint,
     /// non-adjacent, inside `1..head`).
     pub fn from_parts(head: u64, gaps: &[SeqRange]) -> Option<OriginKnowledge> {
+        if head > MAX_SEQ {
+            return None;
+        }
         let mut k = OriginKnowledge::dense(head);
         let mut last_hi = 0u64;
         for g in gaps {
@@ -116,19 +137,22 @@ impl OriginKnowledge {
             .filter(|g| g.contains(seq))
     }
 
-    /// Would learning `range` need a new gap (and so count against the bound)?
-    fn opens_gap(&self, range: SeqRange) -> bool {
-        range.lo > self.head.saturating_add(1)
+    /// Would learning `range` add a gap: open one above the head, or split one in two?
+    fn adds_gap(&self, range: SeqRange) -> bool {
+        range.lo > self.head + 1
+            || self
+                .gap_containing(range.lo)
+                .is_some_and(|g| g.lo < range.lo && range.hi < g.hi)
     }
 
-    /// Mark every number of `range` known. Fails, changing nothing, when it would open a gap
+    /// Mark every number of `range` known. Fails, changing nothing, when it would add a gap
     /// past [`MAX_GAPS_PER_ORIGIN`].
     pub fn learn(&mut self, range: SeqRange) -> Result<(), TooManyGaps> {
-        if self.opens_gap(range) && self.gaps.len() >= MAX_GAPS_PER_ORIGIN {
+        if self.gaps.len() >= MAX_GAPS_PER_ORIGIN && self.adds_gap(range) {
             return Err(TooManyGaps);
         }
         if range.hi > self.head {
-            if range.lo > self.head.saturating_add(1) {
+            if range.lo > self.head + 1 {
                 self.gaps.insert(self.head + 1, range.lo - 1);
             }
             // Whatever of the range lies at or below the old head is handled below.
@@ -274,11 +298,40 @@ mod tests {
         }
         assert_eq!(k.gap_count(), MAX_GAPS_PER_ORIGIN);
         let before = k.clone();
-        assert_eq!(k.learn(r(u64::MAX - 1, u64::MAX - 1)), Err(TooManyGaps));
+        assert_eq!(k.learn(r(MAX_SEQ - 1, MAX_SEQ - 1)), Err(TooManyGaps));
         assert_eq!(k, before);
         // Filling a gap is always allowed, and extending the head without a jump too.
         k.learn(r(1, 1)).unwrap();
         k.learn(r(k.head() + 1, k.head() + 1)).unwrap();
+        // So is closing a gap from either edge; splitting one is not.
+        let mut k = OriginKnowledge::dense(1);
+        k.learn(r(100, 100)).unwrap();
+        for i in 0..MAX_GAPS_PER_ORIGIN as u64 - 1 {
+            k.learn(r(200 + 2 * i, 200 + 2 * i)).unwrap();
+        }
+        assert_eq!(k.gap_count(), MAX_GAPS_PER_ORIGIN);
+        let before = k.clone();
+        assert_eq!(
+            k.learn(r(50, 50)),
+            Err(TooManyGaps),
+            "a split past the bound"
+        );
+        assert_eq!(k, before);
+        k.learn(r(99, 99)).unwrap(); // the top edge of 2..=99
+        k.learn(r(2, 2)).unwrap(); // its bottom edge
+        assert_eq!(k.gap_count(), MAX_GAPS_PER_ORIGIN);
+        k.learn(r(3, 98)).unwrap(); // the rest: the gap closes
+        assert_eq!(k.gap_count(), MAX_GAPS_PER_ORIGIN - 1);
+    }
+
+    #[test]
+    fn ranges_stay_below_the_largest_sequence_number() {
+        assert!(SeqRange::new(1, MAX_SEQ).is_some());
+        assert!(SeqRange::new(1, MAX_SEQ + 1).is_none());
+        assert!(SeqRange::new(0, 1).is_none() && SeqRange::new(3, 2).is_none());
+        let mut k = OriginKnowledge::default();
+        k.learn(r(MAX_SEQ, MAX_SEQ)).unwrap();
+        assert_eq!(k.known_within(r(1, MAX_SEQ)), vec![r(MAX_SEQ, MAX_SEQ)]);
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub use error::StoreError;
 pub use feed::{Behind, Change, Feed};
 pub use index::Filter;
 pub use kind::{Candidate, Flags, GroupChange, Kind, KindRef, OpaqueKind};
-pub use knowledge::{Digest, MAX_GAPS_PER_ORIGIN, OriginKnowledge, SeqRange};
+pub use knowledge::{Digest, MAX_GAPS_PER_ORIGIN, MAX_SEQ, OriginKnowledge, SeqRange};
 pub use merge::{
     ApplyOutcome, ApplyReport, IdSource, LocalWrite, MAX_CLOCK_AHEAD_MS, MAX_ORIGINS, Record,
     Refusal, RemoteBatch,
@@ -787,11 +787,8 @@ fn read_origin(
     let lowest = records.last().map(|r| r.version.seq);
     let (scanned, rest) = match lowest {
         Some(low) if cut || full => (
-            SeqRange {
-                lo: low,
-                hi: range.hi,
-            },
-            SeqRange::new(range.lo, low - 1),
+            SeqRange::new(low, range.hi()).expect("low is in the range"),
+            SeqRange::new(range.lo(), low - 1),
         ),
         _ => (range, None),
     };
@@ -799,19 +796,13 @@ fn read_origin(
     held.sort_unstable();
     let mut covered = Vec::new();
     for k in known.known_within(scanned) {
-        let mut next = k.lo;
+        // Every number here is at most MAX_SEQ, so `+ 1` cannot overflow.
+        let mut next = k.lo();
         for &s in held.iter().filter(|&&s| k.contains(s)) {
-            if s > next {
-                covered.push(SeqRange {
-                    lo: next,
-                    hi: s - 1,
-                });
-            }
+            covered.extend(SeqRange::new(next, s.saturating_sub(1)));
             next = s + 1;
         }
-        if next <= k.hi {
-            covered.push(SeqRange { lo: next, hi: k.hi });
-        }
+        covered.extend(SeqRange::new(next, k.hi()));
     }
     Ok(OriginRange {
         records,

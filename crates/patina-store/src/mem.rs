@@ -33,7 +33,7 @@ impl MemRows {
     /// Keys of one origin's rows in `range`, highest sequence number first.
     pub fn origin_keys(&self, origin: NodeId, range: SeqRange, limit: usize) -> Vec<Arc<str>> {
         self.by_origin
-            .range((origin, range.lo)..=(origin, range.hi))
+            .range((origin, range.lo())..=(origin, range.hi()))
             .rev()
             .take(limit)
             .map(|(_, k)| k.clone())

@@ -109,8 +109,8 @@ pub enum ApplyOutcome {
 pub enum Refusal {
     /// Key or group longer than the store allows.
     KeyTooLong,
-    /// Sequence number 0, which no origin ever issues.
-    ZeroSeq,
+    /// Sequence number 0 (never issued) or above [`crate::MAX_SEQ`].
+    BadSeq,
     /// Its timestamp is further ahead of this node's wall clock than allowed: the origin's
     /// clock (or a bug) is off, and applying it would drag every later local write along.
     ClockAhead { ahead_ms: u64 },
@@ -131,7 +131,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::KeyTooLong => write!(f, "key or group too long"),
-            Refusal::ZeroSeq => write!(f, "sequence number 0"),
+            Refusal::BadSeq => write!(f, "sequence number 0 or above 2^63-1"),
             Refusal::ClockAhead { ahead_ms } => {
                 write!(f, "timestamp {ahead_ms} ms ahead of this node's clock")
             }
@@ -599,9 +599,9 @@ impl Core {
         if record.key.len() > MAX_KEY_LEN || record.group.len() > MAX_KEY_LEN {
             return Ok(Refused(Refusal::KeyTooLong));
         }
-        if v.seq == 0 {
-            return Ok(Refused(Refusal::ZeroSeq));
-        }
+        let Some(range) = SeqRange::single(v.seq) else {
+            return Ok(Refused(Refusal::BadSeq));
+        };
         if v.origin == self.meta.node {
             if self.is_foreign_copy(state, pending, record) {
                 self.move_to_fresh_origin(staged, saved);
@@ -630,10 +630,6 @@ impl Core {
         if !self.knowledge.contains_key(&v.origin) && self.knowledge.len() >= MAX_ORIGINS {
             return Ok(Refused(Refusal::TooManyOrigins));
         }
-        let range = SeqRange {
-            lo: v.seq,
-            hi: v.seq,
-        };
         if Self::knowledge_mut(&mut self.knowledge, saved, staged, v.origin)
             .learn(range)
             .is_err()
@@ -680,11 +676,8 @@ impl Core {
         staged: &mut Staged,
         saved: &mut Saved,
     ) -> ApplyOutcome {
-        if range.lo == 0 || range.lo > range.hi {
-            return ApplyOutcome::Refused(Refusal::ZeroSeq);
-        }
         if origin == self.meta.node {
-            if range.hi > self.meta.local_seq {
+            if range.hi() > self.meta.local_seq {
                 self.move_to_fresh_origin(staged, saved);
                 return ApplyOutcome::Refused(Refusal::OwnOriginConflict);
             }

@@ -87,11 +87,11 @@ fn migrate_1_to_2(conn: &Connection, kind: &str) -> Result<(), rusqlite::Error> 
             if origin.0 == own || seq == 0 {
                 continue;
             }
-            // Past the gap bound a number simply stays unknown: safe, it is fetched again.
-            let _ = digest
-                .entry(origin)
-                .or_default()
-                .learn(SeqRange { lo: seq, hi: seq });
+            // Past the gap bound (or out of range) a number simply stays unknown: safe, it
+            // is fetched again.
+            if let Some(range) = SeqRange::single(seq) {
+                let _ = digest.entry(origin).or_default().learn(range);
+            }
         }
     }
     for (origin, k) in &digest {
@@ -232,9 +232,11 @@ pub(crate) fn load_knowledge(conn: &Connection) -> Result<Digest, StoreError> {
         let blob: Vec<u8> = row.get(2)?;
         let gaps: Option<Vec<SeqRange>> = blob.len().is_multiple_of(16).then(|| {
             blob.chunks_exact(16)
-                .map(|c| SeqRange {
-                    lo: u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
-                    hi: u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
+                .filter_map(|c| {
+                    SeqRange::new(
+                        u64::from_le_bytes(c[..8].try_into().expect("8 bytes")),
+                        u64::from_le_bytes(c[8..].try_into().expect("8 bytes")),
+                    )
                 })
                 .collect()
         });
@@ -253,8 +255,8 @@ fn put_knowledge(
 ) -> Result<(), rusqlite::Error> {
     let mut gaps = Vec::with_capacity(k.gap_count() * 16);
     for g in k.gaps() {
-        gaps.extend_from_slice(&g.lo.to_le_bytes());
-        gaps.extend_from_slice(&g.hi.to_le_bytes());
+        gaps.extend_from_slice(&g.lo().to_le_bytes());
+        gaps.extend_from_slice(&g.hi().to_le_bytes());
     }
     conn.prepare_cached(
         "INSERT OR REPLACE INTO knowledge (origin, head, gaps) VALUES (?1, ?2, ?3)",
@@ -559,8 +561,8 @@ pub(crate) fn origin_rows(
     stmt.query_map(
         params![
             origin.0 as i64,
-            range.lo as i64,
-            range.hi as i64,
+            range.lo() as i64,
+            range.hi() as i64,
             limit as i64
         ],
         row_of,

@@ -18,7 +18,7 @@ fn clock_at(ms: u64) -> (Arc<ManualClock>, StoreOptions) {
 fn known(store: &Store, origin: u64) -> (u64, Vec<(u64, u64)>) {
     let d = store.digest();
     let k = d.get(&NodeId(origin)).cloned().unwrap_or_default();
-    (k.head(), k.gaps().map(|g| (g.lo, g.hi)).collect())
+    (k.head(), k.gaps().map(|g| (g.lo(), g.hi())).collect())
 }
 
 fn range(lo: u64, hi: u64) -> SeqRange {
@@ -71,7 +71,7 @@ fn every_record_gets_an_outcome_and_refusals_are_counted_per_origin() {
                 ahead_ms: MAX_CLOCK_AHEAD_MS + 1
             }),
             ApplyOutcome::Refused(Refusal::KeyTooLong),
-            ApplyOutcome::Refused(Refusal::ZeroSeq),
+            ApplyOutcome::Refused(Refusal::BadSeq),
         ]
     );
     assert_eq!(store.get_latest("k1"), Some(first));
@@ -504,4 +504,39 @@ fn a_restored_store_can_be_started_under_a_fresh_origin() {
     // Durable, and not renewed again unless asked.
     let store = Store::open(dir.path(), opts()).unwrap();
     assert_eq!(store.node(), new);
+}
+
+#[test]
+fn sequence_numbers_past_the_largest_are_refused_and_wide_reads_miss_nothing() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let durable = Store::open(dir.path(), opts()).unwrap();
+    let mem = Store::in_memory(NodeId(100), 1, opts());
+    let batch = records(vec![
+        remote("a", version(1, 7, 1), false),
+        remote("b", version(2, 7, 2), false),
+        remote("c", version(3, 7, 3), false),
+        remote("d", version(4, 7, u64::MAX), false),
+        remote("e", version(4, 7, MAX_SEQ + 1), false),
+    ]);
+    for store in [&durable, &mem] {
+        let report = rt.block_on(store.apply(batch.clone())).unwrap();
+        assert_eq!(report.records[3], ApplyOutcome::Refused(Refusal::BadSeq));
+        assert_eq!(report.records[4], ApplyOutcome::Refused(Refusal::BadSeq));
+        assert_eq!(known(store, 7), (3, vec![]));
+        // "Everything of origin 7": the widest range there is. Both stores answer the same:
+        // three records, nothing covered.
+        let all = rt
+            .block_on(store.read_origin(
+                NodeId(7),
+                range(1, MAX_SEQ),
+                ReadBudget {
+                    max_records: 100,
+                    max_bytes: 1 << 20,
+                },
+            ))
+            .unwrap();
+        let seqs: Vec<u64> = all.records.iter().map(|r| r.version.seq).collect();
+        assert_eq!((seqs, all.covered, all.rest), (vec![3, 2, 1], vec![], None));
+    }
 }
