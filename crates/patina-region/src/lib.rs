@@ -56,6 +56,11 @@ pub enum ServeError {
 /// stops, so that health checkers and clients see why rather than a refused connection.
 pub const FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long open connections may take to finish after shutdown begins. A client that stopped
+/// reading (its HTTP/2 window is shut) would otherwise hold a graceful shutdown, or the exit
+/// after a store failure, for ever.
+pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serve the region API, health and reflection on `listener`, within `limits`, until
 /// `shutdown` resolves or the store fails.
 pub async fn serve(
@@ -110,6 +115,22 @@ pub async fn serve(
             }
             stop_tx.send_replace(true);
         });
+    let mut draining = stopping.clone();
+    let served = async move {
+        tokio::select! {
+            r = served => r,
+            _ = async {
+                let _ = draining.wait_for(|s| *s).await;
+                tokio::time::sleep(DRAIN_GRACE).await;
+            } => {
+                tracing::warn!(
+                    grace = ?DRAIN_GRACE,
+                    "connections still open after shutdown began (clients that stopped reading): closing them"
+                );
+                Ok(())
+            }
+        }
+    };
     let mut stopping = stopping;
     let refusing = overflow.serve(async move {
         let _ = stopping.wait_for(|s| *s).await;
