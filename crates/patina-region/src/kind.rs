@@ -36,7 +36,20 @@ impl Kind for MachineKind {
         Flags { routable }
     }
 
-    fn check(&self, key: &str, group: &str, value: &[u8]) -> Result<(), String> {
+    fn check(&self, key: &str, group: &str, value: Option<&[u8]>) -> Result<(), String> {
+        validate::machine_id(key).map_err(|e| e.to_string())?;
+        validate::app_name(group).map_err(|e| e.to_string())?;
+        let Some(value) = value else {
+            return Ok(());
+        };
+        // The raw bytes: unknown fields would pass a check of the decoded machine.
+        if value.len() > validate::MAX_RECORD_BYTES {
+            return Err(format!(
+                "a machine of {} bytes, at most {} allowed",
+                value.len(),
+                validate::MAX_RECORD_BYTES
+            ));
+        }
         let m = Machine::decode(value).map_err(|e| format!("not a machine: {e}"))?;
         if m.id != key || m.app != group {
             return Err("the machine's id or app differs from the record's key or group".into());
@@ -74,7 +87,8 @@ mod tests {
     fn a_valid_machine_of_this_region_passes_and_started_passing_is_routable() {
         let kind = MachineKind::new("ord");
         let v = machine().encode_to_vec();
-        assert_eq!(kind.check("m1", "web", &v), Ok(()));
+        assert_eq!(kind.check("m1", "web", Some(&v)), Ok(()));
+        assert_eq!(kind.check("m1", "web", None), Ok(()), "a tombstone");
         assert!(kind.flags(&v).routable);
         let mut stopped = machine();
         stopped.state = MachineState::Stopped as i32;
@@ -97,10 +111,18 @@ mod tests {
             let mut m = machine();
             change(&mut m);
             assert!(
-                kind.check("m1", "web", &m.encode_to_vec()).is_err(),
+                kind.check("m1", "web", Some(&m.encode_to_vec())).is_err(),
                 "{what} accepted"
             );
         }
-        assert!(kind.check("m1", "web", b"\xff\xff").is_err());
+        assert!(kind.check("m1", "web", Some(b"\xff\xff")).is_err());
+        // Unknown fields pad a valid machine past the record limit: refused on its bytes.
+        let mut padded = machine().encode_to_vec();
+        prost::encoding::bytes::encode(1000, &vec![0u8; 8192], &mut padded);
+        assert!(Machine::decode(&padded[..]).is_ok());
+        assert!(kind.check("m1", "web", Some(&padded)).is_err());
+        // Tombstones are checked too: their key and group.
+        assert!(kind.check("bad id!", "web", None).is_err());
+        assert!(kind.check("m1", "\x1b[31m", None).is_err());
     }
 }

@@ -83,6 +83,10 @@ pub(crate) fn store_error(e: StoreError) -> Status {
         StoreError::Failed(why) => Status::unavailable(format!(
             "the agent's store failed and the agent is stopping: {why}"
         )),
+        StoreError::Stale(key) => Status::failed_precondition(format!(
+            "machine {}: the agent holds a newer version",
+            echo(&key)
+        )),
         StoreError::DiskFull => Status::resource_exhausted(
             "the agent's disk is full: the write was not applied; retry once space is freed",
         ),

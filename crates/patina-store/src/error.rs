@@ -36,6 +36,17 @@ pub enum StoreError {
     /// A key or group is longer than `MAX_KEY_LEN` bytes; nothing was written.
     #[error("key or group of {0} bytes is too long")]
     KeyTooLong(usize),
+    /// A value is larger than `MAX_VALUE_LEN`; nothing was written.
+    #[error("value of {0} bytes is too large")]
+    ValueTooLarge(usize),
+    /// The store holds a version of the key that the kind's merge rule ranks above this
+    /// write; nothing was written.
+    #[error("key {0:?}: a newer version is held")]
+    Stale(Arc<str>),
+    /// A batch from a peer holds more records and ranges than one group commit takes;
+    /// nothing was applied. Split it.
+    #[error("a batch of {ops} items exceeds the {limit} one commit takes")]
+    BatchTooLarge { ops: usize, limit: usize },
     /// A write would move a live key to another group; nothing was written.
     #[error("key {key:?} belongs to {existing:?}; delete it before reusing it elsewhere")]
     GroupChange { key: Arc<str>, existing: Arc<str> },

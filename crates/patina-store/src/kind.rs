@@ -43,10 +43,11 @@ pub trait Kind: Send + Sync + 'static {
     /// The flags of a live value. Cheap: it runs on the writer thread for every write.
     fn flags(&self, value: &[u8]) -> Flags;
 
-    /// Check a value from a peer before it is applied. Local writes were validated by the
-    /// service already; a refusal here is counted and logged per origin, never applied. The
-    /// message says what is wrong, briefly.
-    fn check(&self, key: &str, group: &str, value: &[u8]) -> Result<(), String> {
+    /// Check a record from a peer before it is applied: its key and group, and its value
+    /// (`None`: a tombstone). Local writes were validated by the service already; a refusal
+    /// here is counted and logged per origin, never applied. The message says what is wrong,
+    /// briefly.
+    fn check(&self, key: &str, group: &str, value: Option<&[u8]>) -> Result<(), String> {
         let _ = (key, group, value);
         Ok(())
     }
@@ -54,6 +55,7 @@ pub trait Kind: Send + Sync + 'static {
     /// The merge rule: does `incoming` replace `current`? It must be a strict total order
     /// over the candidates of one key (irreflexive, and for two distinct versions exactly
     /// one wins), so that every order of delivery converges. The default orders by version.
+    /// A local write that would not win is refused ([`crate::StoreError::Stale`]).
     fn wins(&self, incoming: &Candidate<'_>, current: &Candidate<'_>) -> bool {
         incoming.version > current.version
     }

@@ -46,8 +46,8 @@ pub use index::Filter;
 pub use kind::{Candidate, Flags, GroupChange, Kind, KindRef, OpaqueKind};
 pub use knowledge::{Digest, MAX_GAPS_PER_ORIGIN, MAX_SEQ, OriginKnowledge, SeqRange};
 pub use merge::{
-    ApplyOutcome, ApplyReport, IdSource, LocalWrite, MAX_CLOCK_AHEAD_MS, MAX_ORIGINS, Record,
-    Refusal, RemoteBatch,
+    ApplyOutcome, ApplyReport, IdSource, LocalWrite, MAX_CLOCK_AHEAD_MS, MAX_ORIGINS,
+    MAX_VALUE_LEN, Record, Refusal, RemoteBatch,
 };
 pub use version::{Clock, Hlc, HlcClock, ManualClock, NodeId, SystemClock, Version};
 pub use watch::{BadToken, Cursor, ResumeToken, WatchItem};
@@ -362,6 +362,8 @@ pub struct Store {
     state: Arc<State>,
     engine: Arc<Engine>,
     kind: KindRef,
+    /// Most items of one batch from a peer (one group commit's share).
+    max_remote_ops: usize,
 }
 
 /// Name of the database file inside the data directory.
@@ -481,6 +483,7 @@ impl Store {
                 handle: Mutex::new(Some(handle)),
             }),
             kind: opts.kind,
+            max_remote_ops: opts.max_remote_batch_ops.get(),
         })
     }
 
@@ -527,6 +530,7 @@ impl Store {
             state,
             engine: Arc::new(Engine::Inline(Mutex::new(inline))),
             kind: opts.kind,
+            max_remote_ops: opts.max_remote_batch_ops.get(),
         }
     }
 
@@ -601,9 +605,17 @@ impl Store {
 
     /// Merge records and covered ranges from a peer. Returns what became of each; refusals
     /// are also logged and counted per origin ([`Store::refusals`]).
+    /// A batch may hold at most `max_remote_batch_ops` records and ranges (one group commit's
+    /// share, so that local writes never wait behind more); a larger one is refused whole.
     pub async fn apply(&self, batch: RemoteBatch) -> Result<ApplyReport, StoreError> {
         let bytes = batch.queued_bytes();
         let n = batch.ops();
+        if n > self.max_remote_ops {
+            return Err(StoreError::BatchTooLarge {
+                ops: n,
+                limit: self.max_remote_ops,
+            });
+        }
         let (reply, rx) = oneshot::channel();
         self.submit(Class::Remote, Request::Remote { batch, reply }, n, bytes)
             .await?;
@@ -748,22 +760,27 @@ fn read_origin(
         .cloned()
         .unwrap_or_default();
     let limit = budget.max_records.max(1);
+    // Rows found, before any is dropped for having moved on: whether the limit was reached.
+    let raw;
     let rows: Vec<Record> = match &state.rows {
-        Rows::Sqlite(readers) => readers
-            .with(|conn| sqlite::origin_rows(conn, origin, range, limit))?
-            .into_iter()
-            .map(|r| Record {
-                key: Arc::from(r.key),
-                group: Arc::from(r.group),
-                value: r.value.map(Arc::from),
-                version: r.version,
-            })
-            .collect(),
+        Rows::Sqlite(readers) => {
+            let rows = readers.with(|conn| sqlite::origin_rows(conn, origin, range, limit))?;
+            raw = rows.len();
+            rows.into_iter()
+                .map(|r| Record {
+                    key: Arc::from(r.key),
+                    group: Arc::from(r.group),
+                    value: r.value.map(Arc::from),
+                    version: r.version,
+                })
+                .collect()
+        }
         Rows::Memory(rows) => {
             let keys = rows
                 .lock()
                 .expect("rows lock")
                 .origin_keys(origin, range, limit);
+            raw = keys.len();
             keys.iter()
                 .filter_map(|k| state.index.latest(k))
                 .filter(|e| e.version().origin == origin && range.contains(e.version().seq))
@@ -771,7 +788,7 @@ fn read_origin(
                 .collect()
         }
     };
-    let full = rows.len() >= limit;
+    let full = raw >= limit;
     let mut records = Vec::new();
     let mut bytes = 0;
     let mut cut = false;

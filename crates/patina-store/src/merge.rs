@@ -109,6 +109,8 @@ pub enum ApplyOutcome {
 pub enum Refusal {
     /// Key or group longer than the store allows.
     KeyTooLong,
+    /// A value larger than [`MAX_VALUE_LEN`].
+    ValueTooLarge,
     /// Sequence number 0 (never issued) or above [`crate::MAX_SEQ`].
     BadSeq,
     /// Its timestamp is further ahead of this node's wall clock than allowed: the origin's
@@ -131,6 +133,7 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::KeyTooLong => write!(f, "key or group too long"),
+            Refusal::ValueTooLarge => write!(f, "value too large"),
             Refusal::BadSeq => write!(f, "sequence number 0 or above 2^63-1"),
             Refusal::ClockAhead { ahead_ms } => {
                 write!(f, "timestamp {ahead_ms} ms ahead of this node's clock")
@@ -170,6 +173,11 @@ impl ApplyReport {
             .count()
     }
 }
+
+/// Largest value a store takes, whatever its kind (kinds set tighter limits: machines 4 KiB).
+/// Records are replicated to every node and served in bounded messages: one huge record
+/// must not break every snapshot that contains it.
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
 
 /// How far ahead of our wall clock a remote record's timestamp may be. A peer with a clock
 /// (or a bug) far in the future would otherwise drag every later local write with it, up to
@@ -410,7 +418,7 @@ impl Core {
         staged: &mut Staged,
         saved: &mut Saved,
     ) -> Result<Result<Vec<Version>, StoreError>, rusqlite::Error> {
-        let flags = match self.check_local(state, ops, pending) {
+        let flags = match self.check_local(state, ops, pending, now_ms) {
             Ok(flags) => flags,
             Err(e) => return Ok(Err(e)),
         };
@@ -452,24 +460,54 @@ impl Core {
         state: &State,
         ops: &[LocalWrite],
         pending: &Pending,
+        now_ms: u64,
     ) -> Result<Vec<crate::Flags>, StoreError> {
-        // The live group each key will have after the ops checked so far (None: not live).
-        let mut local: HashMap<&str, Option<&str>> = HashMap::new();
+        /// A key's state after the ops checked so far.
+        struct After<'a> {
+            live_group: Option<&'a str>,
+            version: Version,
+            value: Option<&'a [u8]>,
+        }
+        let mut local: HashMap<&str, After<'_>> = HashMap::new();
         let mut flags = Vec::with_capacity(ops.len());
+        // The versions these ops will get, as `stage_local` will issue them.
+        let mut clock = self.clock.clone();
+        let mut seq = self.meta.local_seq;
         for op in ops {
             let key = op.key();
             if key.len() > MAX_KEY_LEN {
                 return Err(StoreError::KeyTooLong(key.len()));
             }
-            let prev = current(state, pending, key);
-            let live_group: Option<&str> = match local.get(key) {
-                Some(g) => *g,
-                None => prev.as_ref().filter(|p| p.is_live()).map(|p| p.group()),
+            seq += 1;
+            let version = Version {
+                hlc: clock.tick(now_ms),
+                origin: self.meta.node,
+                seq,
             };
-            match op {
+            let held = current(state, pending, key);
+            let (live_group, before) = match local.get(key) {
+                Some(a) => (
+                    a.live_group,
+                    Some(Candidate {
+                        version: a.version,
+                        value: a.value,
+                    }),
+                ),
+                None => (
+                    held.as_ref().filter(|p| p.is_live()).map(|p| p.group()),
+                    held.as_ref().map(|h| Candidate {
+                        version: h.version(),
+                        value: h.value(),
+                    }),
+                ),
+            };
+            let (group, value) = match op {
                 LocalWrite::Put { group, value, .. } => {
                     if group.len() > MAX_KEY_LEN {
                         return Err(StoreError::KeyTooLong(group.len()));
+                    }
+                    if value.len() > MAX_VALUE_LEN {
+                        return Err(StoreError::ValueTooLarge(value.len()));
                     }
                     if self.kind.group_change() == crate::GroupChange::Refuse
                         && let Some(existing) = live_group.filter(|g| g != group)
@@ -480,16 +518,32 @@ impl Core {
                         });
                     }
                     flags.push(self.kind.flags(value));
-                    local.insert(key, Some(group));
+                    (Some(group.as_str()), Some(value.as_slice()))
                 }
                 LocalWrite::Delete { .. } => {
                     if live_group.is_none() {
                         return Err(StoreError::NotFound(Arc::from(key)));
                     }
                     flags.push(crate::Flags::default());
-                    local.insert(key, None);
+                    (None, None)
                 }
+            };
+            // A local write must win under the kind's rule, or every other node would keep
+            // what this one replaced (and its echo would look like a copy's).
+            let new = Candidate { version, value };
+            if let Some(before) = before
+                && !self.kind.wins(&new, &before)
+            {
+                return Err(StoreError::Stale(Arc::from(key)));
             }
+            local.insert(
+                key,
+                After {
+                    live_group: group,
+                    version,
+                    value,
+                },
+            );
         }
         Ok(flags)
     }
@@ -620,13 +674,23 @@ impl Core {
         if ahead_ms > MAX_CLOCK_AHEAD_MS {
             return Ok(Refused(Refusal::ClockAhead { ahead_ms }));
         }
-        let flags = match &record.value {
-            Some(value) => match self.kind.check(&record.key, &record.group, value) {
-                Ok(()) => self.kind.flags(value),
-                Err(why) => return Ok(Refused(Refusal::Invalid(why))),
-            },
-            None => crate::Flags::default(),
-        };
+        if record
+            .value
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_VALUE_LEN)
+        {
+            return Ok(Refused(Refusal::ValueTooLarge));
+        }
+        if let Err(why) = self
+            .kind
+            .check(&record.key, &record.group, record.value.as_deref())
+        {
+            return Ok(Refused(Refusal::Invalid(why)));
+        }
+        let flags = record
+            .value
+            .as_deref()
+            .map_or(crate::Flags::default(), |v| self.kind.flags(v));
         if !self.knowledge.contains_key(&v.origin) && self.knowledge.len() >= MAX_ORIGINS {
             return Ok(Refused(Refusal::TooManyOrigins));
         }

@@ -91,11 +91,12 @@ pub(crate) fn finish_group(
     state
         .commits
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    state.publish_knowledge(staged.knowledge);
-    state.count_refusals(staged.refusals);
+    // The index first: a reader that sees a number known must find its record installed.
     for change in &staged.changes {
         state.index.install(change.entry.clone());
     }
+    state.publish_knowledge(staged.knowledge);
+    state.count_refusals(staged.refusals);
     state.feed.publish(staged.changes);
     for (req, outcome) in requests.into_iter().zip(outcomes) {
         req.answer(outcome);

@@ -102,8 +102,8 @@ impl Kind for Utf8Kind {
         Flags { routable: true }
     }
 
-    fn check(&self, _: &str, _: &str, value: &[u8]) -> Result<(), String> {
-        std::str::from_utf8(value).map_err(|e| e.to_string())?;
+    fn check(&self, _: &str, _: &str, value: Option<&[u8]>) -> Result<(), String> {
+        std::str::from_utf8(value.unwrap_or_default()).map_err(|e| e.to_string())?;
         Ok(())
     }
 }
@@ -539,4 +539,92 @@ fn sequence_numbers_past_the_largest_are_refused_and_wide_reads_miss_nothing() {
         let seqs: Vec<u64> = all.records.iter().map(|r| r.version.seq).collect();
         assert_eq!((seqs, all.covered, all.rest), (vec![3, 2, 1], vec![], None));
     }
+}
+
+/// A kind whose merge rule puts freshness (the value's first byte) before the version, as the
+/// global tier's summaries will.
+struct FreshnessKind;
+
+impl Kind for FreshnessKind {
+    fn name(&self) -> &'static str {
+        "freshness"
+    }
+
+    fn flags(&self, _: &[u8]) -> Flags {
+        Flags::default()
+    }
+
+    fn wins(&self, incoming: &Candidate<'_>, current: &Candidate<'_>) -> bool {
+        let fresh = |c: &Candidate<'_>| c.value.and_then(|v| v.first().copied()).unwrap_or(0);
+        (fresh(incoming), incoming.version) > (fresh(current), current.version)
+    }
+}
+
+#[test]
+fn a_local_write_the_kinds_rule_ranks_below_what_is_held_is_refused() {
+    let rt = rt();
+    let opts = StoreOptions {
+        kind: Arc::new(FreshnessKind),
+        ..opts()
+    };
+    let store = Store::in_memory(NodeId(1), 1, opts);
+    let write = |value: &[u8]| {
+        rt.block_on(store.write(vec![LocalWrite::Put {
+            key: "k".into(),
+            group: "g".into(),
+            value: value.to_vec(),
+        }]))
+    };
+    write(b"\x09fresh").unwrap();
+    let before = store.stats();
+    let err = write(b"\x01stale").unwrap_err();
+    assert!(
+        matches!(err, StoreError::Stale(ref k) if &**k == "k"),
+        "{err}"
+    );
+    assert_eq!(store.stats().revision, before.revision, "nothing written");
+    assert_eq!(
+        store.get_live("k").unwrap().value(),
+        Some(&b"\x09fresh"[..])
+    );
+    // Within one request too: the second op must beat the first.
+    let err = rt
+        .block_on(store.write(vec![
+            LocalWrite::Put {
+                key: "j".into(),
+                group: "g".into(),
+                value: b"\x05".to_vec(),
+            },
+            LocalWrite::Put {
+                key: "j".into(),
+                group: "g".into(),
+                value: b"\x04".to_vec(),
+            },
+        ]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Stale(_)), "{err}");
+    assert!(store.get_live("j").is_none(), "all or nothing");
+    write(b"\x09fresher").unwrap();
+}
+
+#[test]
+fn oversized_values_and_batches_from_peers_are_refused() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(1), 1, opts());
+    let mut big = remote("k", version(1, 5, 1), false);
+    big.value = Some(Arc::from(vec![b'+'; MAX_VALUE_LEN + 1]));
+    let report = rt.block_on(store.apply(records(vec![big]))).unwrap();
+    assert_eq!(
+        report.records,
+        vec![ApplyOutcome::Refused(Refusal::ValueTooLarge)]
+    );
+    let limit = opts().max_remote_batch_ops.get();
+    let huge = records(
+        (1..=limit as u64 + 1)
+            .map(|s| remote(&format!("k{s}"), version(1, 6, s), false))
+            .collect(),
+    );
+    let err = rt.block_on(store.apply(huge)).unwrap_err();
+    assert!(matches!(err, StoreError::BatchTooLarge { .. }), "{err}");
+    assert_eq!(store.stats().keys, 0, "nothing of it applied");
 }
