@@ -472,13 +472,11 @@ impl Core {
         let mut flags = Vec::with_capacity(ops.len());
         // The versions these ops will get, as `stage_local` will issue them.
         let mut clock = self.clock.clone();
-        let mut seq = self.meta.local_seq;
-        for op in ops {
+        for (seq, op) in (self.meta.local_seq + 1..).zip(ops) {
             let key = op.key();
             if key.len() > MAX_KEY_LEN {
                 return Err(StoreError::KeyTooLong(key.len()));
             }
-            seq += 1;
             let version = Version {
                 hlc: clock.tick(now_ms),
                 origin: self.meta.node,
