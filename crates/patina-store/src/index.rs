@@ -64,6 +64,16 @@ impl Index {
         out
     }
 
+    /// Every key whose latest state (tombstone or live) was written by `origin`. A scan of
+    /// the whole index: for rare events only (a move to a fresh origin).
+    pub fn of_origin(&self, origin: crate::NodeId) -> Vec<Entry> {
+        self.keys
+            .iter()
+            .map(|e| e.key().0.clone())
+            .filter(|e| e.version().origin == origin)
+            .collect()
+    }
+
     pub fn len_keys(&self) -> usize {
         self.keys.len()
     }

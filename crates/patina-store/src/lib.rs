@@ -451,6 +451,7 @@ impl Store {
                 failpoints: opts.failpoints.clone(),
             },
             core: Core {
+                moved: false,
                 meta,
                 clock: HlcClock::starting_after(meta.hlc),
                 knowledge,
@@ -517,6 +518,7 @@ impl Store {
         );
         let inline = Inline {
             core: Core {
+                moved: false,
                 meta,
                 clock: HlcClock::default(),
                 knowledge,

@@ -281,12 +281,16 @@ pub(crate) struct Staged {
 /// What a group may change besides the index: restored as a whole when a commit fails.
 #[derive(Clone)]
 struct Saved {
+    moved: bool,
     meta: Meta,
     clock: crate::Hlc,
     knowledge: BTreeMap<NodeId, Option<OriginKnowledge>>,
 }
 
 pub(crate) struct Core {
+    /// Set once this store moved to a fresh origin since it opened: it moves at most once,
+    /// so a peer (or bug) repeating a conflict cannot make it churn identities.
+    pub moved: bool,
     pub meta: Meta,
     pub clock: HlcClock,
     /// The authoritative digest; readers see a copy published after each commit.
@@ -317,6 +321,7 @@ impl Core {
         backend: &mut dyn Backend,
     ) -> Result<(Vec<Outcome>, Staged), rusqlite::Error> {
         let saved = Saved {
+            moved: self.moved,
             meta: self.meta,
             clock: self.clock.last(),
             knowledge: BTreeMap::new(),
@@ -338,6 +343,7 @@ impl Core {
             Ok(outcomes) => Ok((outcomes, staged)),
             Err(e) => {
                 backend.rollback();
+                self.moved = saved.moved;
                 self.meta = saved.meta;
                 self.clock.reset_to(saved.clock);
                 for (origin, k) in saved.knowledge {
@@ -399,6 +405,9 @@ impl Core {
                 )?),
             };
             outcomes.push(outcome);
+        }
+        if let Some(old) = staged.moved_from {
+            self.reissue(state, old, now_ms, backend, &mut pending, staged, saved)?;
         }
         // Publish the final state of every origin touched.
         for (origin, k) in staged.knowledge.iter_mut() {
@@ -609,8 +618,18 @@ impl Core {
 
     /// Leave this origin for a fresh one: a copy of this data directory (or the original
     /// of a restored backup) issues the same sequence numbers, and one `(origin, seq)` must
-    /// never name two records. What we issued under the old origin stays known.
+    /// never name two records. The records we hold under the old origin are written again
+    /// under the new one at the end of the group (`reissue`).
     fn move_to_fresh_origin(&mut self, staged: &mut Staged, saved: &mut Saved) {
+        if self.moved {
+            tracing::error!(
+                origin = %self.meta.node,
+                "another record of this store's own origin that it never wrote: refused; this \
+                 store already moved to a fresh origin since it opened and does not move again"
+            );
+            return;
+        }
+        self.moved = true;
         let old = self.meta.node;
         let new = loop {
             let id = self.ids.next();
@@ -626,13 +645,69 @@ impl Core {
              of this data directory runs elsewhere, or it was restored from a backup; moving \
              to a fresh origin"
         );
-        let issued = self.meta.local_seq;
-        *Self::knowledge_mut(&mut self.knowledge, saved, staged, old) =
-            OriginKnowledge::dense(issued);
+        // Forget what we knew of the old origin: its copy wrote other records under some of
+        // the numbers we issued, and those must be taken when they arrive, not called known.
+        // Whatever we already hold merges as usual (and is written again, below).
+        *Self::knowledge_mut(&mut self.knowledge, saved, staged, old) = OriginKnowledge::default();
         self.meta.node = new;
         self.meta.local_seq = 0;
         *Self::knowledge_mut(&mut self.knowledge, saved, staged, new) = OriginKnowledge::dense(0);
         staged.moved_from.get_or_insert(old);
+    }
+
+    /// After a move: write every record held under the old origin again, under the new one,
+    /// in the same transaction. The copy that the old origin's numbers are shared with wrote
+    /// other records under some of them, so peers may have kept either; the new versions
+    /// (later timestamps, a fresh origin) win everywhere, whichever they kept.
+    #[allow(clippy::too_many_arguments)]
+    fn reissue(
+        &mut self,
+        state: &State,
+        old: NodeId,
+        now_ms: u64,
+        backend: &mut dyn Backend,
+        pending: &mut Pending,
+        staged: &mut Staged,
+        saved: &mut Saved,
+    ) -> Result<(), rusqlite::Error> {
+        let mut held: Vec<Entry> = state
+            .index
+            .of_origin(old)
+            .into_iter()
+            .filter(|e| !pending.contains(e.key()))
+            .collect();
+        held.extend(
+            pending
+                .iter()
+                .map(|p| p.0.clone())
+                .filter(|e| e.version().origin == old),
+        );
+        held.sort_by_key(Entry::rev);
+        tracing::warn!(records = held.len(), origin = %self.meta.node, "writing this store's records again under its new origin");
+        for prev in held {
+            self.meta.local_seq += 1;
+            self.meta.revision += 1;
+            let version = Version {
+                hlc: self.clock.tick(now_ms),
+                origin: self.meta.node,
+                seq: self.meta.local_seq,
+            };
+            let entry = Entry::new(
+                prev.key(),
+                prev.group(),
+                prev.value(),
+                prev.flags(),
+                version,
+                self.meta.revision,
+            );
+            let entry = mark_moves(entry, Some(&prev));
+            backend.put_record(&entry, Some(&prev))?;
+            stage_change(pending, &mut staged.changes, entry, Some(prev));
+        }
+        let (node, seq) = (self.meta.node, self.meta.local_seq);
+        *Self::knowledge_mut(&mut self.knowledge, saved, staged, node) =
+            OriginKnowledge::dense(seq);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

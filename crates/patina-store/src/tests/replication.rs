@@ -291,14 +291,17 @@ fn a_record_of_our_own_origin_that_we_never_wrote_moves_the_store_to_a_fresh_ori
     let new = store.node();
     assert_ne!(new, old, "moved to a fresh origin");
     assert_eq!(store.refusals()[&old].count, 1);
-    // What the old origin issued here stays known; new writes start over under the new one.
-    assert_eq!(known(&store, old.0), (2, vec![]));
+    // Its records were written again under the new origin (seq 1 and 2), and what it knew of
+    // the old origin is forgotten: the copy's records under those numbers must be taken.
+    assert_eq!(store.get_latest("a").unwrap().version.origin, new);
+    assert_eq!(store.get_latest("b").unwrap().version.origin, new);
+    assert_eq!(known(&store, old.0), (0, vec![]));
     let v = rt
         .block_on(store.write(vec![put("d", "g", "1", true)]))
         .unwrap()[0];
-    assert_eq!((v.origin, v.seq), (new, 1));
+    assert_eq!((v.origin, v.seq), (new, 3));
     // The old origin is now just another origin: its copy's record is merged when it comes
-    // again, and a record the old origin did write here is covered.
+    // again.
     let again = rt.block_on(store.apply(records(vec![copy3]))).unwrap();
     assert_eq!(again.records, vec![ApplyOutcome::Applied]);
     // Tokens of the old identity reset: its revisions may have diverged in the copy.
@@ -306,7 +309,7 @@ fn a_record_of_our_own_origin_that_we_never_wrote_moves_the_store_to_a_fresh_ori
     drop(store);
     let store = Store::open(dir.path(), opts()).unwrap();
     assert_eq!(store.node(), new, "the move is durable");
-    assert_eq!(known(&store, old.0), (3, vec![]));
+    assert_eq!(known(&store, old.0), (3, vec![(1, 2)]));
 }
 
 #[test]
@@ -627,4 +630,48 @@ fn oversized_values_and_batches_from_peers_are_refused() {
     let err = rt.block_on(store.apply(huge)).unwrap_err();
     assert!(matches!(err, StoreError::BatchTooLarge { .. }), "{err}");
     assert_eq!(store.stats().keys, 0, "nothing of it applied");
+}
+
+#[test]
+fn two_copies_of_one_data_directory_converge_once_one_moves() {
+    let rt = rt();
+    let base = tempfile::tempdir().unwrap();
+    let (da, db) = (base.path().join("a"), base.path().join("b"));
+    {
+        let store = Store::open(&da, opts()).unwrap();
+        rt.block_on(store.write(vec![put("shared", "g", "1", true)]))
+            .unwrap();
+        store.close();
+    }
+    std::fs::create_dir_all(&db).unwrap();
+    for f in std::fs::read_dir(&da).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), db.join(f.file_name())).unwrap();
+    }
+    let (a, b) = (
+        Store::open(&da, opts()).unwrap(),
+        Store::open(&db, opts()).unwrap(),
+    );
+    assert_eq!(a.node(), b.node(), "a copy: one origin, two stores");
+    // Each writes under the shared origin: seq 2 names two different records.
+    rt.block_on(a.write(vec![put("ka", "g", "a", true)]))
+        .unwrap();
+    rt.block_on(b.write(vec![put("kb", "g", "b", true)]))
+        .unwrap();
+    rt.block_on(b.write(vec![put("kb2", "g", "b", true)]))
+        .unwrap();
+    let keys = ["shared", "ka", "kb", "kb2"];
+    let everything = |s: &Store| records(keys.iter().filter_map(|k| s.get_latest(k)).collect());
+    // Full exchanges, both ways, as anti-entropy would do.
+    for _ in 0..3 {
+        let (to_b, to_a) = (everything(&a), everything(&b));
+        rt.block_on(b.apply(to_b)).unwrap();
+        rt.block_on(a.apply(to_a)).unwrap();
+    }
+    assert_ne!(a.node(), b.node(), "one of them moved to a fresh origin");
+    for k in keys {
+        let (x, y) = (a.get_latest(k), b.get_latest(k));
+        assert!(x.is_some(), "{k} missing");
+        assert_eq!(x, y, "{k} differs");
+    }
 }
