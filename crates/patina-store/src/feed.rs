@@ -18,12 +18,59 @@ use crate::Entry;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
     pub entry: Entry,
-    /// Groups the key left with this change (live elsewhere before). After a restart, the
-    /// groups it left since it was last in them, as its stored row lists them.
-    pub moved_from: Vec<Arc<str>>,
-    /// Rebuilt from SQLite at start, where the previous state is gone: the key may have
-    /// left any group, so every scoped reader must consider it.
-    pub prior_unknown: bool,
+    /// The groups the key had left by this change, each with the revision at which it left:
+    /// a scoped reader whose position is below that revision must see the key leave.
+    pub left: LeftGroups,
+}
+
+/// Groups a key left, and when. Bounded: past [`MAX_LEFT_GROUPS`] the oldest are dropped and
+/// `unknown_before` says below which positions a reader cannot tell where the key was.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeftGroups {
+    /// A reader at a position below this cannot tell which groups the key left: it must
+    /// treat the change as possibly leaving its own. 0: none dropped.
+    pub unknown_before: u64,
+    /// `(group, revision)`: the key left `group` with the change at `revision`.
+    pub groups: Vec<(Arc<str>, u64)>,
+}
+
+/// Most groups a change lists as left, newest kept.
+pub const MAX_LEFT_GROUPS: usize = 4;
+
+impl LeftGroups {
+    /// Unknown for every reader (rows written before moves were recorded).
+    pub fn unknown() -> LeftGroups {
+        LeftGroups {
+            unknown_before: u64::MAX,
+            groups: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.unknown_before == 0 && self.groups.is_empty()
+    }
+
+    /// Might a reader of `scope` at position `pos` have held the key in `scope`, which it
+    /// has since left?
+    pub fn may_have_left(&self, scope: &str, pos: u64) -> bool {
+        pos < self.unknown_before
+            || self
+                .groups
+                .iter()
+                .any(|(g, rev)| &**g == scope && *rev > pos)
+    }
+
+    /// Add that the key left `group` at `rev`, keeping the newest within the bound.
+    pub fn push(&mut self, group: &str, rev: u64) {
+        self.groups.retain(|(g, _)| &**g != group);
+        self.groups.push((Arc::from(group), rev));
+        if self.groups.len() > MAX_LEFT_GROUPS {
+            self.groups.sort_by_key(|(_, r)| std::cmp::Reverse(*r));
+            for (_, dropped) in self.groups.drain(MAX_LEFT_GROUPS..) {
+                self.unknown_before = self.unknown_before.max(dropped);
+            }
+        }
+    }
 }
 
 impl Change {

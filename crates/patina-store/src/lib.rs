@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 
 pub use entry::{Entry, MAX_KEY_LEN};
 pub use error::StoreError;
-pub use feed::{Behind, Change, Feed};
+pub use feed::{Behind, Change, Feed, LeftGroups, MAX_LEFT_GROUPS};
 pub use index::Filter;
 pub use kind::{Candidate, Flags, GroupChange, Kind, KindRef, OpaqueKind};
 pub use knowledge::{Digest, MAX_GAPS_PER_ORIGIN, MAX_SEQ, OriginKnowledge, SeqRange};

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::feed::LeftGroups;
 use crate::knowledge::{OriginKnowledge, SeqRange};
 use crate::merge::{Backend, Meta};
 use crate::{Entry, Failpoints, NodeId};
@@ -14,20 +15,27 @@ use crate::{Entry, Failpoints, NodeId};
 #[derive(Default)]
 pub(crate) struct MemRows {
     pub by_origin: BTreeMap<(NodeId, u64), Arc<str>>,
-    pub by_rev: BTreeMap<u64, Arc<str>>,
+    /// Each row's key and the groups the key had left (as SQLite's `left` column).
+    pub by_rev: BTreeMap<u64, (Arc<str>, LeftGroups)>,
 }
 
 impl MemRows {
     fn put(&mut self, e: &Entry, previous: Option<&Entry>) {
+        let mut left = LeftGroups::default();
         if let Some(p) = previous {
             let v = p.version();
             self.by_origin.remove(&(v.origin, v.seq));
-            self.by_rev.remove(&p.rev());
+            if let Some((_, was)) = self.by_rev.remove(&p.rev()) {
+                left = was;
+            }
+            if p.group() != e.group() {
+                left.push(p.group(), e.rev());
+            }
         }
         let key: Arc<str> = Arc::from(e.key());
         let v = e.version();
         self.by_origin.insert((v.origin, v.seq), key.clone());
-        self.by_rev.insert(e.rev(), key);
+        self.by_rev.insert(e.rev(), (key, left));
     }
 
     /// Keys of one origin's rows in `range`, highest sequence number first.
@@ -40,14 +48,19 @@ impl MemRows {
             .collect()
     }
 
-    pub fn keys_by_rev(&self, after: u64, upto: u64, limit: usize) -> Vec<(String, u64)> {
+    pub fn keys_by_rev(
+        &self,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Vec<(String, u64, LeftGroups)> {
         if after >= upto {
             return Vec::new();
         }
         self.by_rev
             .range(after + 1..=upto)
             .take(limit)
-            .map(|(rev, k)| (k.to_string(), *rev))
+            .map(|(rev, (k, left))| (k.to_string(), *rev, left.clone()))
             .collect()
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::entry::{ByKey, MAX_KEY_LEN};
-use crate::feed::Change;
+use crate::feed::{Change, LeftGroups};
 use crate::knowledge::{Digest, OriginKnowledge, SeqRange, TooManyGaps};
 use crate::{Candidate, Clock, Entry, HlcClock, KindRef, NodeId, State, StoreError, Version};
 
@@ -836,18 +836,15 @@ fn stage_change(
     entry: Entry,
     prev: Option<Entry>,
 ) {
-    let moved_from = prev
+    let mut left = LeftGroups::default();
+    if let Some(p) = prev
         .as_ref()
         .filter(|p| p.is_live() && p.group() != entry.group())
-        .map(|p| Arc::from(p.group()))
-        .into_iter()
-        .collect();
+    {
+        left.push(p.group(), entry.rev());
+    }
     pending.replace(ByKey(entry.clone()));
-    changes.push(Change {
-        entry,
-        moved_from,
-        prior_unknown: false,
-    });
+    changes.push(Change { entry, left });
 }
 
 /// Mark a new state as having left other groups when its key was in another group before

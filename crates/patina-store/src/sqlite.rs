@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::feed::Change;
+use crate::feed::{Change, LeftGroups};
 use crate::index::Index;
 use crate::knowledge::{Digest, OriginKnowledge, SeqRange};
 use crate::merge::{Backend, Meta};
@@ -337,12 +337,13 @@ pub(crate) fn recent_changes(
             break;
         }
         if let Some(entry) = index.latest(&key) {
-            let left = left.as_deref().map(decode_left);
-            changes.push(Change {
-                entry,
-                moved_from: left.clone().flatten().unwrap_or_default(),
-                prior_unknown: rev <= moves_known_after || left == Some(None),
-            });
+            let left = if rev <= moves_known_after {
+                LeftGroups::unknown()
+            } else {
+                left.as_deref()
+                    .map_or_else(LeftGroups::default, decode_left)
+            };
+            changes.push(Change { entry, left });
         }
     }
     changes.reverse();
@@ -357,36 +358,40 @@ fn version_from_row(hlc: i64, origin: i64, seq: i64) -> Version {
     }
 }
 
-/// Most groups a row lists as left behind. Past it the row says "unknown": a scoped watcher
-/// resuming after a restart then treats the change as possibly leaving its group (at worst
-/// a deletion of a key it does not hold, which clients ignore).
-const MAX_LEFT_GROUPS: usize = 4;
-/// The `left` value that means "too many to list".
-const LEFT_UNKNOWN: &[u8] = &[0xff];
-
-/// Groups as `(u16 length, bytes)*`; [`LEFT_UNKNOWN`] past [`MAX_LEFT_GROUPS`].
-fn encode_left(groups: &[String]) -> Vec<u8> {
-    if groups.len() > MAX_LEFT_GROUPS {
-        return LEFT_UNKNOWN.to_vec();
-    }
-    let mut out = Vec::new();
-    for g in groups {
+/// A row's `left`: `unknown_before` (u64), then `(u16 length, group, u64 revision)` per
+/// group, little endian.
+fn encode_left(left: &LeftGroups) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + left.groups.len() * 32);
+    out.extend_from_slice(&left.unknown_before.to_le_bytes());
+    for (g, rev) in &left.groups {
         out.extend_from_slice(&(g.len() as u16).to_le_bytes());
         out.extend_from_slice(g.as_bytes());
+        out.extend_from_slice(&rev.to_le_bytes());
     }
     out
 }
 
-/// The groups a row lists; `None` when unknown (or unreadable).
-fn decode_left(mut bytes: &[u8]) -> Option<Vec<std::sync::Arc<str>>> {
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let len = u16::from_le_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
-        let group = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?;
-        out.push(std::sync::Arc::from(group));
-        bytes = &bytes[2 + len..];
+/// What a row's `left` says; unreadable bytes say "unknown" (a reader then considers the
+/// change, at worst a deletion of a key it does not hold).
+pub(crate) fn decode_left(bytes: &[u8]) -> LeftGroups {
+    fn parse(mut b: &[u8]) -> Option<LeftGroups> {
+        let u64_at =
+            |b: &[u8]| -> Option<u64> { Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)) };
+        let mut left = LeftGroups {
+            unknown_before: u64_at(b)?,
+            groups: Vec::new(),
+        };
+        b = &b[8..];
+        while !b.is_empty() {
+            let len = u16::from_le_bytes([*b.first()?, *b.get(1)?]) as usize;
+            let group = std::str::from_utf8(b.get(2..2 + len)?).ok()?;
+            let rev = u64_at(b.get(2 + len..)?)?;
+            left.groups.push((std::sync::Arc::from(group), rev));
+            b = &b[2 + len + 8..];
+        }
+        Some(left)
     }
-    Some(out)
+    parse(bytes).unwrap_or_else(LeftGroups::unknown)
 }
 
 /// The writer's backend: one explicit transaction per group commit.
@@ -396,10 +401,10 @@ pub(crate) struct SqliteBackend {
 }
 
 impl SqliteBackend {
-    /// The groups a key has left once `previous` is replaced: those `previous`'s row lists,
-    /// plus `previous`'s own group.
-    fn left_after(&self, previous: &Entry) -> Result<Vec<u8>, rusqlite::Error> {
-        let mut groups: Vec<String> = Vec::new();
+    /// The groups a key has left once `previous` is replaced by the change at `rev`: those
+    /// `previous`'s row lists, plus `previous`'s own group when the key leaves it.
+    fn left_after(&self, previous: &Entry, e: &Entry) -> Result<Vec<u8>, rusqlite::Error> {
+        let mut left = LeftGroups::default();
         if previous.moved() {
             let stored: Option<Vec<u8>> = self
                 .conn
@@ -407,17 +412,14 @@ impl SqliteBackend {
                 .query_row([previous.rev() as i64], |r| r.get(0))
                 .optional()?
                 .flatten();
-            match stored.as_deref().map(decode_left) {
-                Some(Some(listed)) => groups.extend(listed.iter().map(|g| g.to_string())),
-                // Unknown stays unknown.
-                Some(None) => return Ok(LEFT_UNKNOWN.to_vec()),
-                None => {}
+            if let Some(stored) = stored {
+                left = decode_left(&stored);
             }
         }
-        if !groups.iter().any(|g| g == previous.group()) {
-            groups.push(previous.group().to_owned());
+        if previous.group() != e.group() {
+            left.push(previous.group(), e.rev());
         }
-        Ok(encode_left(&groups))
+        Ok(encode_left(&left))
     }
 }
 
@@ -429,7 +431,7 @@ impl Backend for SqliteBackend {
     fn put_record(&mut self, e: &Entry, previous: Option<&Entry>) -> Result<(), rusqlite::Error> {
         // Read what the previous row lists before the row goes.
         let left = match previous.filter(|_| e.moved()) {
-            Some(p) => Some(self.left_after(p)?),
+            Some(p) => Some(self.left_after(p, e)?),
             None => None,
         };
         if let Some(previous) = previous {
@@ -570,20 +572,29 @@ pub(crate) fn origin_rows(
     .collect()
 }
 
-/// Keys of the rows with revisions in `after+1 ..= upto`, with those revisions, lowest first,
-/// at most `limit`. Readers take the record itself from the index (it is installed there
-/// before its revision is published).
+/// Keys of the rows with revisions in `after+1 ..= upto`, with those revisions and the groups
+/// the keys had left, lowest first, at most `limit`. Readers take the record itself from the
+/// index (it is installed there before its revision is published).
 pub(crate) fn keys_by_rev(
     conn: &Connection,
     after: u64,
     upto: u64,
     limit: usize,
-) -> Result<Vec<(String, u64)>, rusqlite::Error> {
+) -> Result<Vec<(String, u64, LeftGroups)>, rusqlite::Error> {
+    let moves_known_after = meta_int(conn, "moves_known_after")?.unwrap_or(0) as u64;
     let mut stmt = conn.prepare_cached(
-        "SELECT key, rev FROM records WHERE rev > ?1 AND rev <= ?2 ORDER BY rev LIMIT ?3",
+        "SELECT key, rev, left FROM records WHERE rev > ?1 AND rev <= ?2 ORDER BY rev LIMIT ?3",
     )?;
     stmt.query_map(params![after as i64, upto as i64, limit as i64], |r| {
-        Ok((r.get(0)?, r.get::<_, i64>(1)? as u64))
+        let rev = r.get::<_, i64>(1)? as u64;
+        let left: Option<Vec<u8>> = r.get(2)?;
+        let left = if rev <= moves_known_after {
+            LeftGroups::unknown()
+        } else {
+            left.as_deref()
+                .map_or_else(LeftGroups::default, decode_left)
+        };
+        Ok((r.get(0)?, rev, left))
     })?
     .collect()
 }

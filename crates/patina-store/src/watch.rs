@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::feed::Change;
+use crate::feed::{Change, LeftGroups};
 use crate::{Entry, NodeId, Rows, State, StoreError};
 
 /// A position in one store's change history, for one scope.
@@ -107,13 +107,15 @@ enum Phase {
         first: bool,
     },
     /// Walking the stored rows with revisions in `after+1..=r0`, in revision order: as a
-    /// snapshot (live records, `reset` first) or as a catch-up (every change, tombstones
-    /// too, each chunk resumable).
+    /// snapshot (live records, `reset` first) or as a catch-up from position `since` (every
+    /// change in scope, tombstones too, and keys that left the scope after `since`; each
+    /// chunk resumable).
     Scan {
         r0: u64,
         after: u64,
         snapshot: bool,
         first: bool,
+        since: u64,
     },
     /// Following the log from `pos`.
     Live,
@@ -163,15 +165,14 @@ impl Cursor {
     }
 
     /// Can this cursor go on from `t` without a reset? The token must be of this store and
-    /// scope and not from the future. A scoped cursor also needs the log to reach back to it
-    /// (only the log knows which keys left the group). A whole-store cursor catches up from
-    /// any revision by walking the stored rows: exact as long as no tombstone was collected
-    /// after `t` (none is yet; tombstone collection must reset tokens older than it).
+    /// scope and not from the future. A token older than the log catches up by walking the
+    /// stored rows (each row lists the groups its key left): exact as long as no tombstone
+    /// was collected after `t` (none is yet; tombstone collection must reset tokens older
+    /// than what it collected).
     fn can_resume(&self, t: ResumeToken) -> bool {
         t.store == self.state.node()
             && t.scope == Some(self.scope_hash)
             && t.rev <= self.state.feed.revision()
-            && (self.scope.is_none() || t.rev >= self.state.feed.floor())
     }
 
     fn token(&mut self, rev: u64) -> ResumeToken {
@@ -197,40 +198,39 @@ impl Cursor {
                 after: 0,
                 snapshot: true,
                 first: true,
+                since: 0,
             },
         };
     }
 
-    /// Catch-up for a cursor the log has left behind. Unscoped: the current state of every
-    /// key changed since its position, by revision (coalesced, no reset). Scoped: a new
-    /// snapshot, since the index only knows where each key is now, not that it left this
-    /// group while the cursor lagged.
+    /// Catch-up for a cursor the log has left behind: the current state of every key changed
+    /// since its position, walking the stored rows by revision (coalesced, no reset). A
+    /// scoped cursor takes the keys of its group, and, as deletions, those whose rows say
+    /// they left the group after its position.
     fn catch_up(&mut self) {
-        if self.scope.is_some() {
-            self.start_snapshot();
-            return;
-        }
         self.phase = Phase::Scan {
             r0: self.state.feed.revision(),
             after: self.pos,
             snapshot: false,
             first: false,
+            since: self.pos,
         };
     }
 
     fn in_scope(&self, change: &Change) -> bool {
         match &self.scope {
             None => true,
-            Some(g) => {
-                change.entry.group() == &**g
-                    || change.moved_from.iter().any(|m| m == g)
-                    || change.prior_unknown
-            }
+            Some(g) => change.entry.group() == &**g || change.left.may_have_left(g, self.pos),
         }
     }
 
-    /// Keys of stored rows with revisions in `after+1..=upto`, at most `limit`, lowest first.
-    async fn keys_by_rev(&self, after: u64, upto: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Keys of stored rows with revisions in `after+1..=upto`, with the groups they had left,
+    /// at most `limit`, lowest first.
+    async fn keys_by_rev(
+        &self,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<(String, u64, LeftGroups)>, StoreError> {
         let limit = self.max_batch;
         match &self.state.rows {
             Rows::Sqlite(_) => {
@@ -299,8 +299,10 @@ impl Cursor {
                     after,
                     snapshot,
                     first,
+                    since,
                 } => {
-                    let (r0, from, snapshot, was_first) = (*r0, *after, *snapshot, *first);
+                    let (r0, from, snapshot, was_first, since) =
+                        (*r0, *after, *snapshot, *first, *since);
                     let keys = match self.keys_by_rev(from, r0).await {
                         Ok(keys) => keys,
                         Err(e) => {
@@ -308,13 +310,14 @@ impl Cursor {
                             return None;
                         }
                     };
-                    let Some(&(_, last)) = keys.last() else {
+                    let Some(&(_, last, _)) = keys.last() else {
                         if snapshot && was_first {
                             self.phase = Phase::Scan {
                                 r0,
                                 after: from,
                                 snapshot,
                                 first: false,
+                                since,
                             };
                             return Some(WatchItem::Snapshot {
                                 reset: true,
@@ -335,14 +338,17 @@ impl Cursor {
                         after: last,
                         snapshot,
                         first: false,
+                        since,
                     };
                     // A row whose key has moved on since is skipped: its newer state comes
                     // later in this walk, or from the log.
-                    let current = keys.iter().filter_map(|(key, rev)| {
-                        self.state.index.latest(key).filter(|e| e.rev() == *rev)
+                    let current = keys.iter().filter_map(|(key, rev, left)| {
+                        let entry = self.state.index.latest(key).filter(|e| e.rev() == *rev)?;
+                        Some((entry, left))
                     });
                     if snapshot {
-                        let entries: Vec<Entry> = current.filter(Entry::is_live).collect();
+                        let entries: Vec<Entry> =
+                            current.map(|(e, _)| e).filter(Entry::is_live).collect();
                         if entries.is_empty() && !was_first {
                             continue;
                         }
@@ -351,11 +357,17 @@ impl Cursor {
                             entries,
                         });
                     }
+                    let scope = self.scope.clone();
                     let changes: Vec<Change> = current
-                        .map(|entry| Change {
-                            entry,
-                            moved_from: Vec::new(),
-                            prior_unknown: false,
+                        .filter(|(e, left)| match &scope {
+                            None => true,
+                            Some(g) => e.group() == &**g || left.may_have_left(g, since),
+                        })
+                        .map(|(entry, _)| {
+                            self.scoped(Change {
+                                entry,
+                                left: LeftGroups::default(),
+                            })
                         })
                         .collect();
                     self.pos = last;
@@ -424,8 +436,7 @@ impl Cursor {
                         e.version(),
                         e.rev(),
                     ),
-                    moved_from: Vec::new(),
-                    prior_unknown: false,
+                    left: LeftGroups::default(),
                 }
             }
             _ => change,

@@ -117,16 +117,14 @@ fn a_token_older_than_the_log_gets_a_reset_and_a_slow_cursor_catches_up_coalesce
     let mut resumed = store.watch(None, Some(old), 100);
     let (keys, _) = delta_keys(&next(&rt, &mut resumed));
     assert_eq!(keys.len(), 11);
-    // A scoped token from before the floor gets a reset: only the log knows what left.
+    // So does a scoped token: its app's keys (m0 now deleted), from the stored rows.
     let scoped_old = ResumeToken {
         scope: Some(crate::watch::scope_hash(Some("web"))),
         ..old
     };
     let mut scoped = store.watch(Some(Arc::from("web")), Some(scoped_old), 100);
-    assert!(matches!(
-        next(&rt, &mut scoped),
-        WatchItem::Snapshot { reset: true, .. }
-    ));
+    let (keys, _) = delta_keys(&next(&rt, &mut scoped));
+    assert_eq!(keys.len(), 11);
     // The log survives a restart: a recent token still resumes without a reset.
     let recent = token;
     store.close();
@@ -174,22 +172,82 @@ fn a_scoped_watch_sees_a_key_leave_its_group_live_after_restart_and_when_behind(
         "resumed after restart: m1 left web"
     );
 
-    // A scoped cursor left behind by the log starts over with a reset snapshot.
+    // A scoped cursor left behind by the log catches up from the stored rows: its app's
+    // changes only, without a reset.
     rt.block_on(store.write(vec![put("w1", "web", "x", true)]))
         .unwrap();
     for i in 0..20 {
         rt.block_on(store.write(vec![put(&format!("d{i}"), "db", "y", true)]))
             .unwrap();
     }
-    let WatchItem::Snapshot {
-        reset: true,
-        entries,
-    } = next(&rt, &mut resumed)
-    else {
-        panic!("expected a reset snapshot")
-    };
-    let keys: Vec<&str> = entries.iter().map(Entry::key).collect();
-    assert_eq!(keys, vec!["w1"]);
+    let (keys, _) = delta_keys(&next(&rt, &mut resumed));
+    assert_eq!(keys, vec![("w1".into(), true)]);
+}
+
+#[test]
+fn a_slow_app_watcher_on_a_busy_store_converges_without_resets() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(1), 1, small_log(50));
+    for i in 0..200 {
+        rt.block_on(store.write(vec![put(&format!("w{i:03}"), "web", "1", true)]))
+            .unwrap();
+    }
+    let mut cursor = store.watch(Some(Arc::from("web")), None, 10);
+    let mut view = View::default();
+    // Between every message it reads, the rest of the region changes 30 times, and one of
+    // its machines moves to another app (delete, then reuse the id elsewhere).
+    for round in 0..60 {
+        let item = rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_millis(50), cursor.next()).await
+        });
+        if let Ok(item) = item {
+            view.apply(item.expect("store open"));
+        }
+        for i in 0..30 {
+            rt.block_on(store.write(vec![put(&format!("o{round}-{i}"), "other", "1", true)]))
+                .unwrap();
+        }
+        if round % 10 == 0 {
+            let id = format!("w{:03}", round * 3);
+            rt.block_on(store.write(vec![del(&id)])).unwrap();
+            rt.block_on(store.write(vec![put(&id, "moved", "1", true)]))
+                .unwrap();
+        }
+    }
+    view.follow(&rt, &mut cursor, store.stats().revision);
+    assert_eq!(view.resets, 1, "only the first snapshot reset");
+    assert_eq!(view.keys(), truth(&store, Some("web"), &["web"]));
+}
+
+#[test]
+fn a_scoped_watch_resumed_after_a_key_left_gets_no_deletion_for_it() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    rt.block_on(store.write(vec![put("x", "a", "1", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![del("x")])).unwrap();
+    rt.block_on(store.write(vec![put("x", "b", "1", true)]))
+        .unwrap();
+    // A watch of a that starts after x left it.
+    let mut cursor = store.watch(Some(Arc::from("a")), None, 100);
+    let mut view = View::default();
+    view.follow(&rt, &mut cursor, store.stats().revision);
+    drop(cursor);
+    rt.block_on(store.write(vec![put("x", "b", "2", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![put("y", "a", "1", true)]))
+        .unwrap();
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let mut resumed = store.watch(Some(Arc::from("a")), view.token, 100);
+    let (keys, _) = delta_keys(&next(&rt, &mut resumed));
+    assert_eq!(
+        keys,
+        vec![("y".into(), true)],
+        "x left a before this watch began"
+    );
 }
 
 #[test]
