@@ -56,6 +56,11 @@ pub enum ServeError {
 /// stops, so that health checkers and clients see why rather than a refused connection.
 pub const FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// HTTP/2 pings on idle connections, and how long an answer may take before the connection
+/// is dropped: a client whose host died stops holding a slot within a minute.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// How long open connections may take to finish after shutdown begins. A client that stopped
 /// reading (its HTTP/2 window is shut) would otherwise hold a graceful shutdown, or the exit
 /// after a store failure, for ever.
@@ -94,6 +99,9 @@ pub async fn serve(
     let failed = failure.clone();
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection.get())
+        // A peer that vanished (host down, cable cut) frees its connection and watches.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(reflection)
         .add_service(region)

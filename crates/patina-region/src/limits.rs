@@ -36,8 +36,9 @@ impl Default for Limits {
             // A stalled watcher costs the agent its HTTP/2 send buffer (hyper's 400 KiB) plus
             // one message being built: about 350 KiB measured with typical machines
             // (`cargo xtask bench watchers`), up to ~2.4 MiB with 4 KiB records. 1024 is
-            // several times the proxies and bridges of one region, and bounds the worst case
-            // (every watcher stalled) to a few hundred MiB, not gigabytes.
+            // several times the proxies and bridges of one region; every watcher stalled then
+            // costs ~350 MiB with typical records (~2.4 GiB at the 4 KiB record limit): lower
+            // it on small hosts.
             max_watches: NonZeroUsize::new(1024).expect("non-zero"),
         }
     }

@@ -243,16 +243,23 @@ struct Page {
     next_page_token: String,
 }
 
+/// Machines a page may look at per machine it may hold: a page of routable machines in an app
+/// of mostly stopped ones ends short (with a next token) instead of scanning the whole app.
+const MAX_SCAN_PER_MACHINE: usize = 8;
+
 /// The page `req` asks for: the first `req.size` ids after `req.after`, read in order from
-/// the store's index (the cost is the page's, not the app's).
+/// the store's index (the cost is bounded by the page's size, not the app's).
 fn page(store: &Store, app: &str, filter: Filter, req: &PageRequest) -> Page {
-    let mut entries = store.list_page(app, filter, req.after.as_deref(), req.size + 1);
-    let more = entries.len() > req.size;
-    entries.truncate(req.size);
-    let next_page_token = match entries.last() {
-        Some(last) if more => format!("{PAGE_TOKEN_PREFIX}{}", hex_encode(last.key())),
-        _ => String::new(),
-    };
+    let (entries, next) = store.list_page(
+        app,
+        filter,
+        req.after.as_deref(),
+        req.size,
+        req.size * MAX_SCAN_PER_MACHINE,
+    );
+    let next_page_token = next
+        .map(|after| format!("{PAGE_TOKEN_PREFIX}{}", hex_encode(&after)))
+        .unwrap_or_default();
     Page {
         entries,
         next_page_token,
@@ -414,7 +421,9 @@ impl Region for RegionService {
                             Some(why) => Status::unavailable(format!(
                                 "the agent's store failed and the agent is stopping: {why}"
                             )),
-                            None => Status::unavailable("the agent's store closed"),
+                            None => Status::unavailable(
+                                "the watch ended: the agent's store closed or could not be read; resume with the last token",
+                            ),
                         }),
                     },
                     _ = stopping.wait_for(|s| *s) => Err(Status::unavailable(

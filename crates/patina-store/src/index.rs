@@ -74,6 +74,42 @@ impl Index {
             .collect()
     }
 
+    /// Up to `limit` live records of `group` with keys after `after`, in key order, looking
+    /// at no more than `max_scan` of the group's records (the filter may skip many). Also
+    /// returns where a next page starts: after the last key looked at, when more may follow.
+    pub fn page(
+        &self,
+        group: &str,
+        filter: Filter,
+        after: Option<&str>,
+        limit: usize,
+        max_scan: usize,
+    ) -> (Vec<Entry>, Option<String>) {
+        let Some(records) = self.groups.get(group) else {
+            return (Vec::new(), None);
+        };
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out = Vec::with_capacity(records.len().min(limit));
+        let mut scanned = records
+            .range::<str, _>((lower, Bound::Unbounded))
+            .peekable();
+        let mut last = None;
+        for e in scanned.by_ref().take(max_scan.max(1)) {
+            last = Some(e);
+            if filter == Filter::All || e.0.routable() {
+                out.push(e.0.clone());
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        let next = match (last, scanned.peek()) {
+            (Some(last), Some(_)) => Some(last.0.key().to_owned()),
+            _ => None,
+        };
+        (out, next)
+    }
+
     pub fn len_keys(&self) -> usize {
         self.keys.len()
     }

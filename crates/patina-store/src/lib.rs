@@ -260,7 +260,6 @@ impl State {
         }
         let mut all = self.refusals.lock().expect("refusals lock");
         for (origin, (count, last)) in per_origin {
-            tracing::warn!(origin = %origin, count, last = %last, "refused records from a peer");
             let origin = if all.contains_key(&origin) || all.len() < MAX_REFUSAL_ORIGINS {
                 origin
             } else {
@@ -270,7 +269,13 @@ impl State {
                 count: 0,
                 last: last.clone(),
             });
+            let before = e.count;
             e.count += count;
+            // Logged when the total crosses a power of two: the first refusal at once, a
+            // steady stream without flooding the log.
+            if before.checked_ilog2() != e.count.checked_ilog2() {
+                tracing::warn!(origin = %origin, total = e.count, last = %last, "refused records from a peer");
+            }
             e.last = last;
         }
     }
@@ -639,15 +644,19 @@ impl Store {
         self.state.index.list(group, filter, None, usize::MAX)
     }
 
-    /// Up to `limit` of a group's live records with keys after `after`, in key order.
+    /// One page of a group's live records with keys after `after`, in key order: at most
+    /// `limit` records, looking at no more than `max_scan` of the group's records (a filter
+    /// may skip many), so a page costs what it is bounded to. Returns the records and the key
+    /// after which the next page starts (`None`: nothing follows).
     pub fn list_page(
         &self,
         group: &str,
         filter: Filter,
         after: Option<&str>,
         limit: usize,
-    ) -> Vec<Entry> {
-        self.state.index.list(group, filter, after, limit)
+        max_scan: usize,
+    ) -> (Vec<Entry>, Option<String>) {
+        self.state.index.page(group, filter, after, limit, max_scan)
     }
 
     /// The change feed.

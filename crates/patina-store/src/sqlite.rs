@@ -496,38 +496,65 @@ impl Backend for SqliteBackend {
 /// reads, chunked whole-store scans). Used from blocking threads only.
 pub(crate) struct Readers {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    pool: Mutex<Pool>,
+    freed: std::sync::Condvar,
 }
 
-/// Idle read connections kept open. Readers beyond this open (and close) their own.
-const MAX_IDLE_READERS: usize = 4;
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Connection>,
+    /// Connections open, idle or in use.
+    open: usize,
+}
+
+/// Most read connections open at once: more readers wait for one (each is a file handle and a
+/// page cache; many watchers scanning at once must not open one each).
+const MAX_READERS: usize = 8;
 
 impl Readers {
     pub fn new(path: PathBuf) -> Readers {
         Readers {
             path,
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
+            freed: std::sync::Condvar::new(),
         }
     }
 
-    /// Run `f` on a read connection. Blocking.
+    /// Run `f` on a read connection, waiting for one when all are in use. Blocking.
     pub fn with<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
-        let pooled = self.idle.lock().expect("readers lock").pop();
+        let pooled = {
+            let mut pool = self.pool.lock().expect("readers lock");
+            loop {
+                if let Some(c) = pool.idle.pop() {
+                    break Some(c);
+                }
+                if pool.open < MAX_READERS {
+                    pool.open += 1;
+                    break None;
+                }
+                pool = self.freed.wait(pool).expect("readers lock");
+            }
+        };
         let conn = match pooled {
             Some(c) => c,
-            None => Connection::open_with_flags(
+            None => match Connection::open_with_flags(
                 &self.path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.pool.lock().expect("readers lock").open -= 1;
+                    self.freed.notify_one();
+                    return Err(e.into());
+                }
+            },
         };
         let result = f(&conn);
-        let mut idle = self.idle.lock().expect("readers lock");
-        if idle.len() < MAX_IDLE_READERS {
-            idle.push(conn);
-        }
+        self.pool.lock().expect("readers lock").idle.push(conn);
+        self.freed.notify_one();
         Ok(result?)
     }
 }

@@ -34,10 +34,13 @@ enum Command {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Start under a fresh origin identity: once, after restoring the data directory from
-        /// a backup or copying it (docs/replication.md).
+    },
+    /// Move a stopped agent's store to a fresh origin identity: once, after restoring its
+    /// data directory from a backup or copying it (docs/replication.md).
+    NewOrigin {
+        /// The agent's TOML configuration file (its data_dir and region).
         #[arg(long)]
-        new_origin: bool,
+        config: Option<PathBuf>,
     },
     /// Run a development agent on embedded defaults, until Ctrl-C.
     Dev {
@@ -120,10 +123,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Region { config, new_origin } => {
+            Command::Region { config } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
-                run_agent(config, new_origin, None).await
+                run_agent(config, None).await
+            }
+            Command::NewOrigin { config } => {
+                let config = Config::load(config.as_deref())?;
+                init_logs(&config.log);
+                new_origin(config).await
             }
             Command::Dev { data_dir, listen } => {
                 let mut config = Config::load(None)?;
@@ -135,7 +143,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     std::env::temp_dir().join(format!("patina-dev-{}", std::process::id()))
                 });
                 let dir = config.data_dir.clone();
-                let result = run_agent(config, false, Some(print_dev_banner)).await;
+                let result = run_agent(config, Some(print_dev_banner)).await;
                 if temp {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
@@ -237,17 +245,32 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Open the store, bind, serve until Ctrl-C or SIGTERM, then close the store cleanly.
-async fn run_agent(
-    config: Config,
-    new_origin: bool,
-    banner: Option<fn(&Config, SocketAddr)>,
-) -> anyhow::Result<()> {
-    raise_open_file_limit(&config);
+/// `patina new-origin`: open the (stopped) agent's store under a fresh origin and close it.
+async fn new_origin(config: Config) -> anyhow::Result<()> {
     let dir = config.data_dir.clone();
     let opts = patina_store::StoreOptions {
-        renew_origin: new_origin,
+        renew_origin: true,
         ..config.store.options(&config.region)
     };
+    let node = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&dir, opts)?;
+        let node = store.node();
+        store.close();
+        anyhow::Ok(node)
+    })
+    .await?
+    .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    println!(
+        "the store in {} now writes as origin {node}",
+        config.data_dir.display()
+    );
+    Ok(())
+}
+
+async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> anyhow::Result<()> {
+    raise_open_file_limit(&config);
+    let dir = config.data_dir.clone();
+    let opts = config.store.options(&config.region);
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;

@@ -221,3 +221,39 @@ async fn stored_control_characters_never_reach_the_terminal_raw() {
         serde_json::from_str(&ok(&["instances", "--server", s, "web", "--json"])).unwrap();
     assert_eq!(all["machines"][0]["metadata"]["note"], hostile);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_origin_moves_a_stopped_agents_store_to_a_fresh_identity_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = common::start(dir.path(), "127.0.0.1");
+    let mut client = agent.client().await;
+    let put = |id: &str| patina_proto::v1::UpsertMachineRequest {
+        machine: Some(common::machine(id, "web", 8080)),
+    };
+    let before = client.upsert_machine(put("m1")).await.unwrap().into_inner();
+    let old = before.machine.unwrap().version.unwrap().origin;
+    assert!(agent.stop().unwrap(), "a clean stop");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patina"))
+        .args(["new-origin", "--config"])
+        .arg(dir.path().join("patina.toml"))
+        .env("PATINA_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("now writes as origin"));
+    let agent = common::start(dir.path(), "127.0.0.1");
+    let mut client = agent.client().await;
+    let after = client.upsert_machine(put("m2")).await.unwrap().into_inner();
+    let v = after.machine.unwrap().version.unwrap();
+    assert_ne!(v.origin, old, "a fresh origin");
+    assert_eq!(v.seq, 1, "numbered from 1 again");
+    // Its records are kept.
+    client
+        .get_machine(patina_proto::v1::GetMachineRequest { id: "m1".into() })
+        .await
+        .unwrap();
+}

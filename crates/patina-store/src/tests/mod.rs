@@ -443,3 +443,38 @@ fn sqlite_keeps_one_row_per_key_however_often_it_changes() {
         .unwrap();
     assert_eq!(rows, vec![("a".to_owned(), false), ("b".to_owned(), true)]);
 }
+
+#[test]
+fn a_page_looks_at_a_bounded_number_of_records_and_says_where_to_go_on() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(1), 1, opts());
+    // 100 machines that a routable-only listing skips, then one it returns.
+    let mut ops: Vec<LocalWrite> = (0..100)
+        .map(|i| put(&format!("a{i:03}"), "web", "x", false))
+        .collect();
+    ops.push(put("b", "web", "x", true));
+    rt.block_on(store.write(ops)).unwrap();
+    let mut after: Option<String> = None;
+    let mut found = Vec::new();
+    let mut pages = 0;
+    loop {
+        let (entries, next) =
+            store.list_page("web", Filter::RoutableOnly, after.as_deref(), 10, 16);
+        assert!(entries.len() <= 10);
+        found.extend(entries.iter().map(|e| e.key().to_owned()));
+        pages += 1;
+        assert!(pages < 20, "paging never ended");
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(found, vec!["b"]);
+    assert!(
+        pages >= 7,
+        "each page looked at no more than 16 records: {pages} pages"
+    );
+    // Without a filter, full pages.
+    let (entries, next) = store.list_page("web", Filter::All, None, 10, 80);
+    assert_eq!((entries.len(), next.as_deref()), (10, Some("a009")));
+}
