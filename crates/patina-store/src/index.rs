@@ -48,20 +48,7 @@ impl Index {
         after: Option<&str>,
         limit: usize,
     ) -> Vec<Entry> {
-        let Some(records) = self.groups.get(group) else {
-            return Vec::new();
-        };
-        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        // Sized up front: growing the vector would reallocate several times per lookup.
-        let mut out = Vec::with_capacity(records.len().min(limit));
-        out.extend(
-            records
-                .range::<str, _>((lower, Bound::Unbounded))
-                .filter(|e| filter == Filter::All || e.0.routable())
-                .take(limit)
-                .map(|e| e.0.clone()),
-        );
-        out
+        self.page(group, filter, after, limit, usize::MAX).0
     }
 
     /// Every key whose latest state (tombstone or live) was written by `origin`. A scan of

@@ -311,6 +311,30 @@ fn current(state: &State, pending: &Pending, key: &str) -> Option<Entry> {
         .or_else(|| state.index.latest(key))
 }
 
+/// What staging one group works with besides the core: the readers' state, the group's time,
+/// the backend, keys written earlier in the group, what it will change, and what to restore
+/// if it fails.
+struct Group<'g> {
+    state: &'g State,
+    now_ms: u64,
+    backend: &'g mut dyn Backend,
+    pending: Pending,
+    staged: Staged,
+    saved: Saved,
+}
+
+impl Group<'_> {
+    /// A key's state as of this point in the group.
+    fn current(&self, key: &str) -> Option<Entry> {
+        current(self.state, &self.pending, key)
+    }
+
+    /// Stage a key's new state (already written to the backend).
+    fn stage_change(&mut self, entry: Entry, prev: Option<Entry>) {
+        stage_change(&mut self.pending, &mut self.staged.changes, entry, prev);
+    }
+}
+
 impl Core {
     /// Stage every request of a group into `backend` and commit it. On error nothing of the
     /// group is durable and the core is as it was before.
@@ -320,29 +344,24 @@ impl Core {
         work: &[Work<'_>],
         backend: &mut dyn Backend,
     ) -> Result<(Vec<Outcome>, Staged), rusqlite::Error> {
-        let saved = Saved {
-            moved: self.moved,
-            meta: self.meta,
-            clock: self.clock.last(),
-            knowledge: BTreeMap::new(),
+        let mut g = Group {
+            state,
+            now_ms: self.wall.now_ms(),
+            backend,
+            pending: Pending::new(),
+            staged: Staged::default(),
+            saved: Saved {
+                moved: self.moved,
+                meta: self.meta,
+                clock: self.clock.last(),
+                knowledge: BTreeMap::new(),
+            },
         };
-        let mut saved = saved;
-        let mut staged = Staged::default();
-        let result = (|| {
-            backend.begin()?;
-            let outcomes = self.stage(state, work, backend, &mut staged, &mut saved)?;
-            self.meta.hlc = self.clock.last();
-            for (origin, k) in &staged.knowledge {
-                backend.put_knowledge(*origin, k)?;
-            }
-            backend.put_meta(&self.meta, self.kind.name())?;
-            backend.commit()?;
-            Ok(outcomes)
-        })();
-        match result {
-            Ok(outcomes) => Ok((outcomes, staged)),
+        match self.run_group(&mut g, work) {
+            Ok(outcomes) => Ok((outcomes, g.staged)),
             Err(e) => {
-                backend.rollback();
+                g.backend.rollback();
+                let saved = g.saved;
                 self.moved = saved.moved;
                 self.meta = saved.meta;
                 self.clock.reset_to(saved.clock);
@@ -357,77 +376,65 @@ impl Core {
         }
     }
 
+    fn run_group(
+        &mut self,
+        g: &mut Group<'_>,
+        work: &[Work<'_>],
+    ) -> Result<Vec<Outcome>, rusqlite::Error> {
+        g.backend.begin()?;
+        let outcomes = self.stage(g, work)?;
+        self.meta.hlc = self.clock.last();
+        for (origin, k) in &g.staged.knowledge {
+            g.backend.put_knowledge(*origin, k)?;
+        }
+        g.backend.put_meta(&self.meta, self.kind.name())?;
+        g.backend.commit()?;
+        Ok(outcomes)
+    }
+
     /// Change one origin's knowledge, remembering its state before the group.
     fn knowledge_mut<'a>(
         knowledge: &'a mut Digest,
-        saved: &mut Saved,
-        staged: &mut Staged,
+        g: &mut Group<'_>,
         origin: NodeId,
     ) -> &'a mut OriginKnowledge {
-        saved
+        g.saved
             .knowledge
             .entry(origin)
             .or_insert_with(|| knowledge.get(&origin).cloned());
-        staged.knowledge.entry(origin).or_default();
+        g.staged.knowledge.entry(origin).or_default();
         knowledge.entry(origin).or_default()
     }
 
     fn stage(
         &mut self,
-        state: &State,
+        g: &mut Group<'_>,
         work: &[Work<'_>],
-        backend: &mut dyn Backend,
-        staged: &mut Staged,
-        saved: &mut Saved,
     ) -> Result<Vec<Outcome>, rusqlite::Error> {
-        let now_ms = self.wall.now_ms();
-        let mut pending = Pending::new();
         let mut outcomes = Vec::with_capacity(work.len());
         for w in work {
             let outcome = match w {
-                Work::Local(ops) => Outcome::Local(self.stage_local(
-                    state,
-                    ops,
-                    now_ms,
-                    backend,
-                    &mut pending,
-                    staged,
-                    saved,
-                )?),
-                Work::Remote(batch) => Outcome::Remote(self.stage_remote(
-                    state,
-                    batch,
-                    now_ms,
-                    backend,
-                    &mut pending,
-                    staged,
-                    saved,
-                )?),
+                Work::Local(ops) => Outcome::Local(self.stage_local(g, ops)?),
+                Work::Remote(batch) => Outcome::Remote(self.stage_remote(g, batch)?),
             };
             outcomes.push(outcome);
         }
-        if let Some(old) = staged.moved_from {
-            self.reissue(state, old, now_ms, backend, &mut pending, staged, saved)?;
+        if let Some(old) = g.staged.moved_from {
+            self.reissue(g, old)?;
         }
         // Publish the final state of every origin touched.
-        for (origin, k) in staged.knowledge.iter_mut() {
+        for (origin, k) in g.staged.knowledge.iter_mut() {
             *k = self.knowledge.get(origin).cloned().unwrap_or_default();
         }
         Ok(outcomes)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stage_local(
         &mut self,
-        state: &State,
+        g: &mut Group<'_>,
         ops: &[LocalWrite],
-        now_ms: u64,
-        backend: &mut dyn Backend,
-        pending: &mut Pending,
-        staged: &mut Staged,
-        saved: &mut Saved,
     ) -> Result<Result<Vec<Version>, StoreError>, rusqlite::Error> {
-        let flags = match self.check_local(state, ops, pending, now_ms) {
+        let flags = match self.check_local(g, ops) {
             Ok(flags) => flags,
             Err(e) => return Ok(Err(e)),
         };
@@ -436,11 +443,11 @@ impl Core {
             self.meta.local_seq += 1;
             self.meta.revision += 1;
             let version = Version {
-                hlc: self.clock.tick(now_ms),
+                hlc: self.clock.tick(g.now_ms),
                 origin: self.meta.node,
                 seq: self.meta.local_seq,
             };
-            let prev = current(state, pending, op.key());
+            let prev = g.current(op.key());
             let entry = match op {
                 LocalWrite::Put { key, group, value } => {
                     Entry::new(key, group, Some(value), flags, version, self.meta.revision)
@@ -451,13 +458,12 @@ impl Core {
                 }
             };
             let entry = mark_moves(entry, prev.as_ref());
-            backend.put_record(&entry, prev.as_ref())?;
+            g.backend.put_record(&entry, prev.as_ref())?;
             versions.push(version);
-            stage_change(pending, &mut staged.changes, entry, prev);
+            g.stage_change(entry, prev);
         }
         let (node, seq) = (self.meta.node, self.meta.local_seq);
-        *Self::knowledge_mut(&mut self.knowledge, saved, staged, node) =
-            OriginKnowledge::dense(seq);
+        *Self::knowledge_mut(&mut self.knowledge, g, node) = OriginKnowledge::dense(seq);
         Ok(Ok(versions))
     }
 
@@ -466,10 +472,8 @@ impl Core {
     /// flags.
     fn check_local(
         &self,
-        state: &State,
+        g: &Group<'_>,
         ops: &[LocalWrite],
-        pending: &Pending,
-        now_ms: u64,
     ) -> Result<Vec<crate::Flags>, StoreError> {
         /// A key's state after the ops checked so far.
         struct After<'a> {
@@ -487,11 +491,11 @@ impl Core {
                 return Err(StoreError::KeyTooLong(key.len()));
             }
             let version = Version {
-                hlc: clock.tick(now_ms),
+                hlc: clock.tick(g.now_ms),
                 origin: self.meta.node,
                 seq,
             };
-            let held = current(state, pending, key);
+            let held = g.current(key);
             let (live_group, before) = match local.get(key) {
                 Some(a) => (
                     a.live_group,
@@ -555,33 +559,26 @@ impl Core {
         Ok(flags)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stage_remote(
         &mut self,
-        state: &State,
+        g: &mut Group<'_>,
         batch: &RemoteBatch,
-        now_ms: u64,
-        backend: &mut dyn Backend,
-        pending: &mut Pending,
-        staged: &mut Staged,
-        saved: &mut Saved,
     ) -> Result<ApplyReport, rusqlite::Error> {
         let mut report = ApplyReport {
             records: Vec::with_capacity(batch.records.len()),
             covered: Vec::with_capacity(batch.covered.len()),
         };
         for record in &batch.records {
-            let outcome =
-                self.stage_record(state, record, now_ms, backend, pending, staged, saved)?;
+            let outcome = self.stage_record(g, record)?;
             if let ApplyOutcome::Refused(why) = &outcome {
-                staged.refusals.push((record.version.origin, why.clone()));
+                g.staged.refusals.push((record.version.origin, why.clone()));
             }
             report.records.push(outcome);
         }
         for &(origin, range) in &batch.covered {
-            let outcome = self.stage_covered(origin, range, staged, saved);
+            let outcome = self.stage_covered(g, origin, range);
             if let ApplyOutcome::Refused(why) = &outcome {
-                staged.refusals.push((origin, why.clone()));
+                g.staged.refusals.push((origin, why.clone()));
             }
             report.covered.push(outcome);
         }
@@ -592,14 +589,14 @@ impl Core {
     /// At or below it, it is when it would beat what we hold for its key: we hold our own
     /// write of that number or something newer. A key we hold nothing for proves nothing
     /// (its tombstone may have been collected), and neither does a tombstone.
-    fn is_foreign_copy(&self, state: &State, pending: &Pending, record: &Record) -> bool {
+    fn is_foreign_copy(&self, g: &Group<'_>, record: &Record) -> bool {
         if record.version.seq > self.meta.local_seq {
             return true;
         }
         let Some(value) = record.value.as_deref() else {
             return false;
         };
-        let held = current(state, pending, &record.key);
+        let held = g.current(&record.key);
         let incoming = Candidate {
             version: record.version,
             value: Some(value),
@@ -620,7 +617,7 @@ impl Core {
     /// of a restored backup) issues the same sequence numbers, and one `(origin, seq)` must
     /// never name two records. The records we hold under the old origin are written again
     /// under the new one at the end of the group (`reissue`).
-    fn move_to_fresh_origin(&mut self, staged: &mut Staged, saved: &mut Saved) {
+    fn move_to_fresh_origin(&mut self, g: &mut Group<'_>) {
         if self.moved {
             tracing::error!(
                 origin = %self.meta.node,
@@ -648,36 +645,27 @@ impl Core {
         // Forget what we knew of the old origin: its copy wrote other records under some of
         // the numbers we issued, and those must be taken when they arrive, not called known.
         // Whatever we already hold merges as usual (and is written again, below).
-        *Self::knowledge_mut(&mut self.knowledge, saved, staged, old) = OriginKnowledge::default();
+        *Self::knowledge_mut(&mut self.knowledge, g, old) = OriginKnowledge::default();
         self.meta.node = new;
         self.meta.local_seq = 0;
-        *Self::knowledge_mut(&mut self.knowledge, saved, staged, new) = OriginKnowledge::dense(0);
-        staged.moved_from.get_or_insert(old);
+        *Self::knowledge_mut(&mut self.knowledge, g, new) = OriginKnowledge::dense(0);
+        g.staged.moved_from.get_or_insert(old);
     }
 
     /// After a move: write every record held under the old origin again, under the new one,
     /// in the same transaction. The copy that the old origin's numbers are shared with wrote
     /// other records under some of them, so peers may have kept either; the new versions
     /// (later timestamps, a fresh origin) win everywhere, whichever they kept.
-    #[allow(clippy::too_many_arguments)]
-    fn reissue(
-        &mut self,
-        state: &State,
-        old: NodeId,
-        now_ms: u64,
-        backend: &mut dyn Backend,
-        pending: &mut Pending,
-        staged: &mut Staged,
-        saved: &mut Saved,
-    ) -> Result<(), rusqlite::Error> {
-        let mut held: Vec<Entry> = state
+    fn reissue(&mut self, g: &mut Group<'_>, old: NodeId) -> Result<(), rusqlite::Error> {
+        let mut held: Vec<Entry> = g
+            .state
             .index
             .of_origin(old)
             .into_iter()
-            .filter(|e| !pending.contains(e.key()))
+            .filter(|e| !g.pending.contains(e.key()))
             .collect();
         held.extend(
-            pending
+            g.pending
                 .iter()
                 .map(|p| p.0.clone())
                 .filter(|e| e.version().origin == old),
@@ -688,7 +676,7 @@ impl Core {
             self.meta.local_seq += 1;
             self.meta.revision += 1;
             let version = Version {
-                hlc: self.clock.tick(now_ms),
+                hlc: self.clock.tick(g.now_ms),
                 origin: self.meta.node,
                 seq: self.meta.local_seq,
             };
@@ -701,25 +689,18 @@ impl Core {
                 self.meta.revision,
             );
             let entry = mark_moves(entry, Some(&prev));
-            backend.put_record(&entry, Some(&prev))?;
-            stage_change(pending, &mut staged.changes, entry, Some(prev));
+            g.backend.put_record(&entry, Some(&prev))?;
+            g.stage_change(entry, Some(prev));
         }
         let (node, seq) = (self.meta.node, self.meta.local_seq);
-        *Self::knowledge_mut(&mut self.knowledge, saved, staged, node) =
-            OriginKnowledge::dense(seq);
+        *Self::knowledge_mut(&mut self.knowledge, g, node) = OriginKnowledge::dense(seq);
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn stage_record(
         &mut self,
-        state: &State,
+        g: &mut Group<'_>,
         record: &Record,
-        now_ms: u64,
-        backend: &mut dyn Backend,
-        pending: &mut Pending,
-        staged: &mut Staged,
-        saved: &mut Saved,
     ) -> Result<ApplyOutcome, rusqlite::Error> {
         use ApplyOutcome::{Applied, Covered, Refused};
         let v = record.version;
@@ -730,8 +711,8 @@ impl Core {
             return Ok(Refused(Refusal::BadSeq));
         };
         if v.origin == self.meta.node {
-            if self.is_foreign_copy(state, pending, record) {
-                self.move_to_fresh_origin(staged, saved);
+            if self.is_foreign_copy(g, record) {
+                self.move_to_fresh_origin(g);
                 return Ok(Refused(Refusal::OwnOriginConflict));
             }
             return Ok(Covered);
@@ -743,7 +724,7 @@ impl Core {
         {
             return Ok(Covered);
         }
-        let ahead_ms = v.hlc.physical_ms().saturating_sub(now_ms);
+        let ahead_ms = v.hlc.physical_ms().saturating_sub(g.now_ms);
         if ahead_ms > MAX_CLOCK_AHEAD_MS {
             return Ok(Refused(Refusal::ClockAhead { ahead_ms }));
         }
@@ -767,14 +748,14 @@ impl Core {
         if !self.knowledge.contains_key(&v.origin) && self.knowledge.len() >= MAX_ORIGINS {
             return Ok(Refused(Refusal::TooManyOrigins));
         }
-        if Self::knowledge_mut(&mut self.knowledge, saved, staged, v.origin)
+        if Self::knowledge_mut(&mut self.knowledge, g, v.origin)
             .learn(range)
             .is_err()
         {
             return Ok(Refused(Refusal::TooManyGaps));
         }
         self.clock.observe(v.hlc);
-        let prev = current(state, pending, &record.key);
+        let prev = g.current(&record.key);
         let incoming = Candidate {
             version: v,
             value: record.value.as_deref(),
@@ -801,21 +782,20 @@ impl Core {
             self.meta.revision,
         );
         let entry = mark_moves(entry, prev.as_ref());
-        backend.put_record(&entry, prev.as_ref())?;
-        stage_change(pending, &mut staged.changes, entry, prev);
+        g.backend.put_record(&entry, prev.as_ref())?;
+        g.stage_change(entry, prev);
         Ok(Applied)
     }
 
     fn stage_covered(
         &mut self,
+        g: &mut Group<'_>,
         origin: NodeId,
         range: SeqRange,
-        staged: &mut Staged,
-        saved: &mut Saved,
     ) -> ApplyOutcome {
         if origin == self.meta.node {
             if range.hi() > self.meta.local_seq {
-                self.move_to_fresh_origin(staged, saved);
+                self.move_to_fresh_origin(g);
                 return ApplyOutcome::Refused(Refusal::OwnOriginConflict);
             }
             return ApplyOutcome::Covered;
@@ -823,7 +803,7 @@ impl Core {
         if !self.knowledge.contains_key(&origin) && self.knowledge.len() >= MAX_ORIGINS {
             return ApplyOutcome::Refused(Refusal::TooManyOrigins);
         }
-        match Self::knowledge_mut(&mut self.knowledge, saved, staged, origin).learn(range) {
+        match Self::knowledge_mut(&mut self.knowledge, g, origin).learn(range) {
             Ok(()) => ApplyOutcome::Covered,
             Err(TooManyGaps) => ApplyOutcome::Refused(Refusal::TooManyGaps),
         }
