@@ -1,7 +1,7 @@
 //! Project automation, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
 //!
-//! - `cargo xtask bench store [--secs N] [--records N]`: the store benchmark (see
-//!   `docs/benchmarks.md`); prints a table and, last, one JSON line.
+//! - `cargo xtask bench store [--secs N] [--records N] [--samples N] [--only PHASES]`: the
+//!   store benchmark (see `docs/benchmarks.md`); prints a table and, last, one JSON line.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
 mod bench_store;
@@ -16,7 +16,8 @@ fn main() -> anyhow::Result<()> {
     match args.as_slice() {
         ["bench", "store", rest @ ..] => bench_store::run(bench_store::Options::parse(rest)?),
         _ => bail!(
-            "usage: cargo xtask bench store [--secs N] [--records N]\n\
+            "usage: cargo xtask bench store [--secs N] [--records N] [--samples N] \
+             [--only latency,upserts,loaded]\n\
              (see docs/benchmarks.md)"
         ),
     }
