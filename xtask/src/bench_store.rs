@@ -73,6 +73,9 @@ pub struct Options {
     /// Measured writes in the latency phase (and fdatasyncs in its baseline).
     samples: u64,
     phases: Vec<Phase>,
+    /// A `patina` binary to measure instead of building this tree's: two builds compared in
+    /// one session (copy the first aside, then check out the second).
+    patina: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -82,6 +85,7 @@ impl Options {
             records: 1_000_000,
             samples: 0,
             phases: Phase::ALL.to_vec(),
+            patina: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
@@ -91,6 +95,7 @@ impl Options {
                 "--secs" => o.secs = v()?,
                 "--records" => o.records = v()?,
                 "--samples" => o.samples = v()?,
+                "--patina" => o.patina = Some(value.into()),
                 "--only" => {
                     let names: Vec<&str> = value.split(',').collect();
                     if let Some(bad) = names
@@ -246,7 +251,10 @@ struct Report {
 
 pub fn run(o: Options) -> anyhow::Result<()> {
     let b = Bench {
-        bin: build_patina()?,
+        bin: match &o.patina {
+            Some(bin) => bin.clone(),
+            None => build_patina()?,
+        },
         work: tempdir()?,
         rt: tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -284,9 +292,18 @@ fn latency_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let (o, bin, work, rt) = (&b.options, &b.bin, &b.work, &b.rt);
     let Report { rows, json } = report;
     let mut server = start(bin, &work.join("latency"))?;
-    // The probe file sits beside the agent's database: same disk, same filesystem.
-    let fsync_ns = latency::fdatasync_baseline(&server.dir.join("data"), o.samples)?;
-    let agent = rt.block_on(latency::write_to_watcher(&server.url, o.samples))?;
+    // The probe file sits beside the agent's database: same disk, same filesystem. Half the
+    // baseline runs before the agent's writes and half after, so that a disk that drifts
+    // during the run weighs on both figures alike.
+    let data = server.dir.join("data");
+    let mut fsync_ns = latency::fdatasync_baseline(&data, o.samples / 2)?;
+    let url = server.url.clone();
+    let agent = rt.block_on(rt.spawn(latency::write_to_watcher(url, o.samples)))??;
+    fsync_ns.extend(latency::fdatasync_baseline(
+        &data,
+        o.samples - o.samples / 2,
+    )?);
+    fsync_ns.sort_unstable();
     server.stop()?;
     latency::Latencies { agent, fsync_ns }.report(rows, json);
     Ok(())

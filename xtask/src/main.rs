@@ -1,7 +1,8 @@
 //! Project automation, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
 //!
-//! - `cargo xtask bench store [--secs N] [--records N] [--samples N] [--only PHASES]`: the
-//!   store benchmark (see `docs/benchmarks.md`); prints a table and, last, one JSON line.
+//! - `cargo xtask bench store [--secs N] [--records N] [--samples N] [--only PHASES]
+//!   [--patina BIN]`: the store benchmark (see `docs/benchmarks.md`); prints a table and,
+//!   last, one JSON line.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
 mod bench_store;
@@ -17,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "store", rest @ ..] => bench_store::run(bench_store::Options::parse(rest)?),
         _ => bail!(
             "usage: cargo xtask bench store [--secs N] [--records N] [--samples N] \
-             [--only latency,upserts,loaded]\n\
+             [--only latency,upserts,loaded] [--patina BIN]\n\
              (see docs/benchmarks.md)"
         ),
     }

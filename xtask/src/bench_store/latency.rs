@@ -92,7 +92,7 @@ impl Latencies {
 }
 
 /// The baseline: `samples` appends of [`PROBE_BYTES`] to a file in `dir`, each followed by
-/// `fdatasync`, at [`PACE_PER_S`]. Blocking.
+/// `fdatasync`, at [`PACE_PER_S`]. Unsorted nanoseconds. Blocking.
 pub fn fdatasync_baseline(dir: &Path, samples: u64) -> anyhow::Result<Vec<u64>> {
     let path = dir.join("fdatasync-probe");
     let mut file = std::fs::File::options()
@@ -117,7 +117,6 @@ pub fn fdatasync_baseline(dir: &Path, samples: u64) -> anyhow::Result<Vec<u64>> 
     }
     drop(file);
     std::fs::remove_file(&path)?;
-    ns.sort_unstable();
     Ok(ns)
 }
 
@@ -148,7 +147,11 @@ fn machine(seq: u64) -> Machine {
 
 /// Watch [`APP`] on `url` while another connection upserts `samples` machines of it at
 /// [`PACE_PER_S`] (after [`WARMUP`] unmeasured ones). Returns the watch and ack latencies.
-pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLatencies> {
+/// Run it as a task of the runtime, not on `block_on`'s thread: that thread is not a worker,
+/// and every wake-up between it and the connection's tasks would be one more thread hop
+/// measured as the agent's.
+pub async fn write_to_watcher(url: String, samples: u64) -> anyhow::Result<WriteLatencies> {
+    let url = url.as_str();
     let total = WARMUP + samples;
     let mut watcher = connect(url).await?;
     let mut writer = connect(url).await?;
