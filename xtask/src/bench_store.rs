@@ -289,7 +289,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
 
 /// Write-to-watcher and ack latency at a steady pace, and the disk's fdatasync beside it.
 fn latency_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
-    let (o, bin, work, rt) = (&b.options, &b.bin, &b.work, &b.rt);
+    let (o, bin, work) = (&b.options, &b.bin, &b.work);
     let Report { rows, json } = report;
     let mut server = start(bin, &work.join("latency"))?;
     // The probe file sits beside the agent's database: same disk, same filesystem. Half the
@@ -297,8 +297,10 @@ fn latency_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     // during the run weighs on both figures alike.
     let data = server.dir.join("data");
     let mut fsync_ns = latency::fdatasync_baseline(&data, o.samples / 2)?;
-    let url = server.url.clone();
-    let agent = rt.block_on(rt.spawn(latency::write_to_watcher(url, o.samples)))??;
+    let agent = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(latency::write_to_watcher(&server.url, o.samples))?;
     fsync_ns.extend(latency::fdatasync_baseline(
         &data,
         o.samples - o.samples / 2,

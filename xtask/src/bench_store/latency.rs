@@ -147,11 +147,10 @@ fn machine(seq: u64) -> Machine {
 
 /// Watch [`APP`] on `url` while another connection upserts `samples` machines of it at
 /// [`PACE_PER_S`] (after [`WARMUP`] unmeasured ones). Returns the watch and ack latencies.
-/// Run it as a task of the runtime, not on `block_on`'s thread: that thread is not a worker,
-/// and every wake-up between it and the connection's tasks would be one more thread hop
-/// measured as the agent's.
-pub async fn write_to_watcher(url: String, samples: u64) -> anyhow::Result<WriteLatencies> {
-    let url = url.as_str();
+/// Run it on a current-thread runtime of its own: the clients' tasks (writer, watcher, both
+/// connections) then hand over to each other without waking another thread, as a simple
+/// client does, and a thread hop of the load generator is not measured as the agent's.
+pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLatencies> {
     let total = WARMUP + samples;
     let mut watcher = connect(url).await?;
     let mut writer = connect(url).await?;
