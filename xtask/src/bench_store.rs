@@ -1,11 +1,18 @@
 //! `cargo xtask bench store`: what one region agent's store sustains, through its real gRPC
 //! API on loopback, with the client in the same 2-core machine.
 //!
-//! 1. Acknowledged single-machine upserts per second with 1, 16 and 128 concurrent clients.
-//! 2. A fresh agent loaded with batched upserts (1000 per call) to `--records` machines:
-//!    records per second, and resident memory per machine at 100k and at the end (1M).
-//! 3. ListInstances latency through gRPC on the loaded agent.
-//! 4. The agent stopped, its store opened in this process: lookup latency from the index.
+//! 1. `latency`: write-to-watcher and ack latency of upserts paced at 100/s, beside the
+//!    same disk's `fdatasync` latency at the same pace (see `latency.rs`).
+//! 2. `upserts`: acknowledged single-machine upserts per second with 1, 16 and 128
+//!    concurrent clients.
+//! 3. `loaded`: a fresh agent loaded with batched upserts (1000 per call) to `--records`
+//!    machines: records per second, and resident memory per machine at 100k and at the end
+//!    (1M); then ListInstances latency through gRPC on it; then the agent stopped, its store
+//!    opened in this process: lookup latency from the index.
+//!
+//! `--only a,b` runs some of them; the latency phase runs first, on a quiet disk.
+
+mod latency;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,9 +44,38 @@ const BATCH_WRITERS: u64 = 4;
 /// Connections shared by the concurrent single-upsert clients (HTTP/2 multiplexes the rest).
 const MAX_CONNECTIONS: usize = 16;
 
+/// Fewest latency samples: the p99 of 500 is the fifth worst, not the worst.
+const MIN_SAMPLES: u64 = 500;
+
+/// The benchmark's phases, as `--only` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Latency,
+    Upserts,
+    Loaded,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::Latency, Phase::Upserts, Phase::Loaded];
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Latency => "latency",
+            Phase::Upserts => "upserts",
+            Phase::Loaded => "loaded",
+        }
+    }
+}
+
 pub struct Options {
     secs: u64,
     records: u64,
+    /// Measured writes in the latency phase (and fdatasyncs in its baseline).
+    samples: u64,
+    phases: Vec<Phase>,
+    /// A `patina` binary to measure instead of building this tree's: two builds compared in
+    /// one session (copy the first aside, then check out the second).
+    patina: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -47,25 +83,51 @@ impl Options {
         let mut o = Options {
             secs: 5,
             records: 1_000_000,
+            samples: 0,
+            phases: Phase::ALL.to_vec(),
+            patina: None,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
-            let v = || -> anyhow::Result<u64> {
-                Ok(it.clone().next().context("missing value")?.parse()?)
-            };
+            let value = it.next().with_context(|| format!("{a}: missing value"))?;
+            let v = || -> anyhow::Result<u64> { Ok(value.parse()?) };
             match *a {
                 "--secs" => o.secs = v()?,
                 "--records" => o.records = v()?,
+                "--samples" => o.samples = v()?,
+                "--patina" => o.patina = Some(value.into()),
+                "--only" => {
+                    let names: Vec<&str> = value.split(',').collect();
+                    if let Some(bad) = names
+                        .iter()
+                        .find(|n| !Phase::ALL.iter().any(|p| p.name() == **n))
+                    {
+                        bail!("--only: unknown phase {bad} (latency, upserts, loaded)");
+                    }
+                    // Always in the usual order: latency first, on a quiet disk.
+                    o.phases = Phase::ALL
+                        .into_iter()
+                        .filter(|p| names.contains(&p.name()))
+                        .collect();
+                }
                 other => bail!("unknown option {other}"),
             }
-            it.next();
         }
         if o.records < 100_000 {
             bail!("--records must be at least 100000 (memory is measured at 100k)");
         }
+        if o.samples == 0 {
+            // As long as the other timed phases, at the pace.
+            o.samples = (o.secs * latency::PACE_PER_S).max(MIN_SAMPLES);
+        }
+        if o.samples < MIN_SAMPLES {
+            bail!("--samples must be at least {MIN_SAMPLES}");
+        }
         Ok(o)
     }
 }
+
+type Json = serde_json::Map<String, serde_json::Value>;
 
 fn machine(n: u64) -> Machine {
     Machine {
@@ -169,19 +231,91 @@ impl Rng {
     }
 }
 
-pub fn run(o: Options) -> anyhow::Result<()> {
-    let bin = build_patina()?;
-    let work = tempdir()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let mut rows: Vec<(String, String)> = Vec::new();
-    let mut json = serde_json::Map::new();
-    let apps = o.records / INSTANCES_PER_APP;
+/// What every phase needs.
+struct Bench {
+    options: Options,
+    /// The release `patina` binary.
+    bin: std::path::PathBuf,
+    /// Scratch space on disk, one directory per agent.
+    work: std::path::PathBuf,
+    /// The clients' runtime: two workers, as many as the machine has cores.
+    rt: tokio::runtime::Runtime,
+}
 
-    // 1. Single upserts.
-    let mut server = start(&bin, &work.join("upserts"))?;
+/// What the phases measured: table rows, and the keys of the final JSON line.
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String)>,
+    json: Json,
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let b = Bench {
+        bin: match &o.patina {
+            Some(bin) => bin.clone(),
+            None => build_patina()?,
+        },
+        work: tempdir()?,
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+        options: o,
+    };
+    let mut report = Report::default();
+    let result = b.options.phases.iter().try_for_each(|phase| match phase {
+        Phase::Latency => latency_phase(&b, &mut report),
+        Phase::Upserts => upserts_phase(&b, &mut report),
+        Phase::Loaded => loaded_phase(&b, &mut report),
+    });
+    let _ = std::fs::remove_dir_all(&b.work);
+    result?;
+    let (o, Report { rows, json }) = (&b.options, report);
+
+    let names: Vec<&str> = o.phases.iter().map(|p| p.name()).collect();
+    println!(
+        "\npatina store benchmark ({}; {} s per phase, {} records, {} latency samples)",
+        names.join(", "),
+        o.secs,
+        o.records,
+        o.samples
+    );
+    for (k, v) in &rows {
+        println!("  {k:<56} {v:>16}");
+    }
+    println!("{}", serde_json::Value::Object(json));
+    Ok(())
+}
+
+/// Write-to-watcher and ack latency at a steady pace, and the disk's fdatasync beside it.
+fn latency_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let (o, bin, work) = (&b.options, &b.bin, &b.work);
+    let Report { rows, json } = report;
+    let mut server = start(bin, &work.join("latency"))?;
+    // The probe file sits beside the agent's database: same disk, same filesystem. Half the
+    // baseline runs before the agent's writes and half after, so that a disk that drifts
+    // during the run weighs on both figures alike.
+    let data = server.dir.join("data");
+    let mut fsync_ns = latency::fdatasync_baseline(&data, o.samples / 2)?;
+    let agent = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(latency::write_to_watcher(&server.url, o.samples))?;
+    fsync_ns.extend(latency::fdatasync_baseline(
+        &data,
+        o.samples - o.samples / 2,
+    )?);
+    fsync_ns.sort_unstable();
+    server.stop()?;
+    latency::Latencies { agent, fsync_ns }.report(rows, json);
+    Ok(())
+}
+
+/// Acknowledged single upserts per second with 1, 16 and 128 clients.
+fn upserts_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let (o, bin, work, rt) = (&b.options, &b.bin, &b.work, &b.rt);
+    let Report { rows, json } = report;
+    let mut server = start(bin, &work.join("upserts"))?;
     for (i, clients) in [1usize, 16, 128].into_iter().enumerate() {
         let per_s = rt.block_on(upserts(
             &server.url,
@@ -200,9 +334,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     server.stop()?;
 
-    // 2. Load a fresh agent; memory per machine.
+    Ok(())
+}
+
+/// A fresh agent loaded to `--records` machines: load rate, memory per machine, ListInstances
+/// through gRPC; then its store opened in this process: lookups from the rebuilt index.
+fn loaded_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
+    let (o, bin, work, rt) = (&b.options, &b.bin, &b.work, &b.rt);
+    let Report { rows, json } = report;
+    let apps = o.records / INSTANCES_PER_APP;
     let dir = work.join("loaded");
-    let mut server = start(&bin, &dir)?;
+    let mut server = start(bin, &dir)?;
     let base = rt.block_on(rss_settled(&server))?;
     let batched_100k = rt.block_on(load(&server.url, 0, 100_000))?;
     let rss_100k = rt.block_on(rss_settled(&server))?;
@@ -246,7 +388,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     };
     json.insert(key, (per_end.round() as u64).into());
 
-    // 3. ListInstances over gRPC, one client, random apps.
+    // ListInstances over gRPC, one client, random apps.
     let lat = rt.block_on(async {
         let mut client = connect(&server.url).await?;
         let mut rng = Rng(0x5eed);
@@ -281,7 +423,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     json.insert("list_grpc_p99_us".into(), round2(g99));
     server.stop()?;
 
-    // 4. In-process lookups from the index the agent rebuilt from SQLite.
+    // In-process lookups from the index the agent rebuilt from SQLite.
     let before = rss_of(std::process::id())?;
     let t = Instant::now();
     let opts = patina_store::StoreOptions {
@@ -327,16 +469,6 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     json.insert("instances_per_app".into(), INSTANCES_PER_APP.into());
     store.close();
     drop(store);
-    let _ = std::fs::remove_dir_all(&work);
-
-    println!(
-        "\npatina store benchmark ({} s per phase, {} records)",
-        o.secs, o.records
-    );
-    for (k, v) in &rows {
-        println!("  {k:<52} {v:>16}");
-    }
-    println!("{}", serde_json::Value::Object(json));
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Project automation, run as `cargo xtask <task>` (an alias in `.cargo/config.toml`).
 //!
-//! - `cargo xtask bench store [--secs N] [--records N]`: the store benchmark (see
-//!   `docs/benchmarks.md`); prints a table and, last, one JSON line.
+//! - `cargo xtask bench store [--secs N] [--records N] [--samples N] [--only PHASES]
+//!   [--patina BIN]`: the store benchmark (see `docs/benchmarks.md`); prints a table and,
+//!   last, one JSON line.
 //! - `cargo xtask bench watchers [--machines N] [--watchers N]`: memory with stalled
 //!   whole-region watchers, and their convergence.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
@@ -22,7 +23,8 @@ fn main() -> anyhow::Result<()> {
             bench_watchers::run_bench(bench_watchers::Options::parse(rest)?)
         }
         _ => bail!(
-            "usage: cargo xtask bench store [--secs N] [--records N]\n\
+            "usage: cargo xtask bench store [--secs N] [--records N] [--samples N] \
+             [--only latency,upserts,loaded] [--patina BIN]\n\
                     cargo xtask bench watchers [--machines N] [--watchers N]\n\
              (see docs/benchmarks.md)"
         ),

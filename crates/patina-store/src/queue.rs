@@ -189,6 +189,12 @@ impl Queue {
         Some(group)
     }
 
+    /// Is any request queued for the writer?
+    pub fn has_work(&self) -> bool {
+        let lists = self.lists.lock().expect("queue lock");
+        !lists.local.is_empty() || !lists.remote.is_empty()
+    }
+
     /// Take no more requests. With `drain`, the writer still gets what is queued; without,
     /// what is queued is returned to be failed.
     pub fn close(&self, drain: bool) -> Vec<Queued> {

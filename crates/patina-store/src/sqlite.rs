@@ -2,6 +2,8 @@
 //! writer's backend, and the readers' pool. Only the writer thread writes; loading happens
 //! before it starts; readers use read-only connections from blocking threads.
 
+use std::cell::Cell;
+use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -107,7 +109,8 @@ fn migrate_1_to_2(conn: &Connection, kind: &str) -> Result<(), rusqlite::Error> 
 pub(crate) fn open(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     // WAL with synchronous=FULL: a commit returns only after the WAL is fsynced, so an
-    // acknowledged write survives power loss; readers never block the writer.
+    // acknowledged write survives power loss; readers never block the writer. Once the writer
+    // thread runs, it takes checkpoints over from SQLite (see `manage_checkpoints`).
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
@@ -394,6 +397,44 @@ pub(crate) fn decode_left(bytes: &[u8]) -> LeftGroups {
     parse(bytes).unwrap_or_else(LeftGroups::unknown)
 }
 
+/// WAL frames (pages) past which the writer checkpoints as soon as its queue is empty: the
+/// size at which SQLite's automatic checkpoint would have run (about 4 MiB of 4 KiB pages),
+/// so the WAL and the cost of each checkpoint stay as they were; only the moment changes.
+pub(crate) const CHECKPOINT_IDLE_FRAMES: u32 = 1000;
+/// WAL frames past which the writer checkpoints after a group even with writes waiting: a
+/// load that never empties the queue (128 clients do not) still bounds the WAL (16 MiB of
+/// 4 KiB pages) and the time to replay it at open, and each such checkpoint, which every
+/// queued write waits for, copies at most four times what an idle one does.
+pub(crate) const CHECKPOINT_BUSY_FRAMES: u32 = 4000;
+
+thread_local! {
+    /// Frames in the WAL after the latest commit on this thread, as SQLite's WAL hook reports
+    /// them. Per thread because each store's writer thread owns its one writing connection.
+    static WAL_FRAMES: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The WAL hook: runs inside every commit, on the committing thread, after the WAL is synced.
+fn note_wal_frames(_wal: &rusqlite::hooks::Wal, frames: c_int) -> rusqlite::Result<()> {
+    WAL_FRAMES.set(u32::try_from(frames).unwrap_or(0));
+    Ok(())
+}
+
+/// Is a checkpoint due with `frames` in the WAL, given whether writes are waiting?
+fn checkpoint_due(frames: u32, writes_waiting: bool) -> bool {
+    frames >= CHECKPOINT_BUSY_FRAMES || (!writes_waiting && frames >= CHECKPOINT_IDLE_FRAMES)
+}
+
+/// What one checkpoint did, in WAL frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Checkpointed {
+    /// Frames in the WAL.
+    pub frames: u32,
+    /// Frames copied into the database file (all of them, unless a reader still used some).
+    pub copied: u32,
+    /// The WAL was started over before any request could pay for it.
+    pub restarted: bool,
+}
+
 /// The writer's backend: one explicit transaction per group commit.
 pub(crate) struct SqliteBackend {
     pub conn: Connection,
@@ -401,6 +442,58 @@ pub(crate) struct SqliteBackend {
 }
 
 impl SqliteBackend {
+    /// Take checkpoints over from SQLite. Its automatic checkpoint runs inside the commit that
+    /// crosses the threshold, after that commit's fsync: the writes of the whole group wait
+    /// for the copy and a second fsync (of the database file) before they are acknowledged,
+    /// and the next commit pays a third (the WAL header, rewritten when the WAL starts over).
+    /// Registering a WAL hook turns the automatic checkpoint off; the writer thread then calls
+    /// [`SqliteBackend::checkpoint`] between groups, when [`SqliteBackend::checkpoint_due`].
+    /// Call it on the writer thread: the hook counts frames per thread.
+    pub fn manage_checkpoints(&self) {
+        self.conn.wal_hook(Some(note_wal_frames));
+    }
+
+    /// Is a checkpoint due, given whether writes are waiting?
+    pub fn checkpoint_due(&self, writes_waiting: bool) -> bool {
+        checkpoint_due(WAL_FRAMES.get(), writes_waiting)
+    }
+
+    /// Copy the WAL into the database file (PASSIVE: readers are never waited for; SQLite
+    /// syncs the WAL before the copy and the database file after it, as its own checkpoints
+    /// do). When everything was copied, start the WAL over at once with a one-row write (a
+    /// count of restarts in `meta`; rewriting a row unchanged writes no page): the first
+    /// commit after a restart syncs the rewritten WAL header by itself before its frames, and
+    /// that extra fsync is better paid now than by the next request.
+    pub fn checkpoint(&mut self) -> Result<Checkpointed, rusqlite::Error> {
+        let (frames, copied): (i64, i64) =
+            self.conn
+                .query_row("PRAGMA main.wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(1)?, r.get(2)?))
+                })?;
+        let frames = u32::try_from(frames).unwrap_or(0);
+        let copied = u32::try_from(copied).unwrap_or(0);
+        // Until the next commit reports the WAL again, only what is left to copy counts.
+        WAL_FRAMES.set(frames.saturating_sub(copied));
+        let restarted = frames > 0 && copied == frames;
+        if restarted {
+            let restart = self.conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 INSERT INTO meta (name, value) VALUES ('wal_restarts', 1)
+                     ON CONFLICT (name) DO UPDATE SET value = value + 1;
+                 COMMIT;",
+            );
+            if let Err(e) = restart {
+                self.rollback();
+                return Err(e);
+            }
+        }
+        Ok(Checkpointed {
+            frames,
+            copied,
+            restarted,
+        })
+    }
+
     /// The groups a key has left once `previous` is replaced by the change at `rev`: those
     /// `previous`'s row lists, plus `previous`'s own group when the key leaves it.
     fn left_after(&self, previous: &Entry, e: &Entry) -> Result<Vec<u8>, rusqlite::Error> {
@@ -624,4 +717,83 @@ pub(crate) fn keys_by_rev(
         Ok((r.get(0)?, rev, left))
     })?
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_waits_for_an_idle_writer_unless_the_wal_is_past_its_bound() {
+        let cases = [
+            (0, false, false),
+            (CHECKPOINT_IDLE_FRAMES - 1, false, false),
+            (CHECKPOINT_IDLE_FRAMES, false, true),
+            (CHECKPOINT_IDLE_FRAMES, true, false),
+            (CHECKPOINT_BUSY_FRAMES - 1, true, false),
+            (CHECKPOINT_BUSY_FRAMES, true, true),
+            (CHECKPOINT_BUSY_FRAMES, false, true),
+        ];
+        for (frames, waiting, due) in cases {
+            assert_eq!(
+                checkpoint_due(frames, waiting),
+                due,
+                "{frames} frames, writes waiting: {waiting}"
+            );
+        }
+    }
+
+    #[test]
+    fn commits_never_checkpoint_and_the_writers_checkpoint_starts_the_wal_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::DB_FILE);
+        let mut conn = open(&path).unwrap();
+        let kind: KindRef = std::sync::Arc::new(crate::OpaqueKind);
+        prepare(&mut conn, &kind, NodeId(7)).unwrap();
+        let mut backend = SqliteBackend {
+            conn,
+            failpoints: Default::default(),
+        };
+        backend.manage_checkpoints();
+        // One 3 KiB row per commit: a page or two each. SQLite's automatic checkpoint would
+        // have copied the WAL and started it over at 1000 frames.
+        let mut rows = 0;
+        let mut last = 0;
+        while WAL_FRAMES.get() < CHECKPOINT_IDLE_FRAMES + 100 {
+            rows += 1;
+            backend
+                .conn
+                .execute(
+                    "INSERT INTO records (rev, key, grp, value, routable, hlc, origin, seq)
+                     VALUES (?1, ?2, 'g', ?3, 1, 0, 7, ?1)",
+                    params![rows, format!("k{rows}"), vec![0x5a_u8; 3000]],
+                )
+                .unwrap();
+            assert!(
+                WAL_FRAMES.get() > last,
+                "the WAL only grows between checkpoints"
+            );
+            last = WAL_FRAMES.get();
+        }
+        assert!(!backend.checkpoint_due(true), "writes are waiting");
+        assert!(backend.checkpoint_due(false));
+
+        let done = backend.checkpoint().unwrap();
+        assert_eq!(
+            done.copied, done.frames,
+            "no reader held the WAL: all copied"
+        );
+        assert!(done.restarted);
+        let frames = WAL_FRAMES.get();
+        assert!(
+            (1..=2).contains(&frames),
+            "the restart write begins a new WAL: {frames} frames"
+        );
+        assert!(!backend.checkpoint_due(false));
+        let stored: i64 = backend
+            .conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, rows);
+    }
 }

@@ -5,6 +5,11 @@
 //! does it update the index and the feed and acknowledge each request. When idle, a lone
 //! write commits at once; under load, batches grow by themselves while an fsync is running.
 //!
+//! Checkpoints (copying the WAL into the database file) are the writer's too, between
+//! groups: once the WAL holds `CHECKPOINT_IDLE_FRAMES` and no write is queued, or at
+//! `CHECKPOINT_BUSY_FRAMES` whatever is queued (both in `sqlite.rs`). SQLite's own would run inside a commit,
+//! after its fsync, and hold that group's acknowledgements for the copy and two more fsyncs.
+//!
 //! A failed commit is one of two things. A full disk (`SQLITE_FULL`) rolls the group back and
 //! fails its requests with [`StoreError::DiskFull`]; the store goes on, and writes succeed
 //! again once there is space. Anything else (an fsync error above all) is fatal: after a
@@ -150,17 +155,45 @@ impl Writer {
             state: self.state.clone(),
             queue: self.queue.clone(),
         };
+        self.backend.manage_checkpoints();
         while let Some(group) = self
             .queue
             .next_group(self.max_local_ops, self.max_remote_ops)
         {
-            if let Err(reason) = self.commit_group(group) {
+            let done = self
+                .commit_group(group)
+                .and_then(|()| self.checkpoint_if_due());
+            if let Err(reason) = done {
                 fail_store(&self.state, &self.queue, reason);
                 return;
             }
         }
         self.state.feed.close();
         tracing::debug!("store writer stopped");
+    }
+
+    /// Checkpoint if the WAL is large enough for the writer's state (idle or not). `Err` is
+    /// fatal: a checkpoint that failed to sync leaves the database file's state unknown. A
+    /// full disk is not: everything stays in the WAL, and the next checkpoint tries again.
+    fn checkpoint_if_due(&mut self) -> Result<(), String> {
+        if !self.backend.checkpoint_due(self.queue.has_work()) {
+            return Ok(());
+        }
+        match self.backend.checkpoint() {
+            Ok(done) => {
+                tracing::debug!(?done, "checkpointed");
+                Ok(())
+            }
+            Err(e) if is_disk_full(&e) => {
+                tracing::warn!(error = %e, "disk full: checkpoint postponed");
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("checkpoint failed: {e}");
+                self.state.set_failed(reason.clone());
+                Err(reason)
+            }
+        }
     }
 
     /// Commit one group. `Err` is fatal: the store must stop.

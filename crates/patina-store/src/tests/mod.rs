@@ -281,6 +281,37 @@ fn acknowledged_writes_and_counters_survive_reopen() {
 }
 
 #[test]
+fn an_idle_writer_checkpoints_and_starts_the_wal_over_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    // One write at a time, so the writer idles after each: past the idle threshold (a few
+    // frames per 3 KiB record), it checkpoints between two of them.
+    let value = "x".repeat(3000);
+    let writes = sqlite::CHECKPOINT_IDLE_FRAMES as usize / 2;
+    for i in 0..writes {
+        rt.block_on(store.write(vec![put(&format!("m{i}"), "web", &value, true)]))
+            .unwrap();
+    }
+    let restarts: i64 = rusqlite::Connection::open_with_flags(
+        dir.path().join(DB_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+    .query_row(
+        "SELECT value FROM meta WHERE name = 'wal_restarts'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap();
+    assert!(restarts >= 1, "the writer started the WAL over");
+    store.close();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(store.stats().live, writes);
+    assert_eq!(store.stats().revision, writes as u64);
+}
+
+#[test]
 fn a_second_process_cannot_open_a_store_in_use() {
     let dir = tempfile::tempdir().unwrap();
     let _store = Store::open(dir.path(), opts()).unwrap();
