@@ -29,11 +29,13 @@ impl Kind for MachineKind {
     }
 
     fn flags(&self, value: &[u8]) -> Flags {
-        // Only the two fields routing needs; an undecodable value is not routable.
-        let routable = Machine::decode(value).is_ok_and(|m| {
-            m.state == MachineState::Started as i32 && m.health == Health::Passing as i32
-        });
-        Flags { routable }
+        // Runs on the writer thread for every write: read the two fields routing needs from
+        // the wire format instead of decoding the whole machine (its metadata map, strings).
+        // An undecodable value is not routable.
+        let (state, health) = state_and_health(value).unwrap_or_default();
+        Flags {
+            routable: state == MachineState::Started as i32 && health == Health::Passing as i32,
+        }
     }
 
     fn check(&self, key: &str, group: &str, value: Option<&[u8]>) -> Result<(), String> {
@@ -66,6 +68,24 @@ impl Kind for MachineKind {
     }
 }
 
+/// `Machine.state` and `Machine.health` (fields 6 and 7; the last occurrence wins, as in a
+/// full decode), or `None` for bytes that are not a valid message.
+fn state_and_health(mut buf: &[u8]) -> Option<(i32, i32)> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    const STATE: u32 = 6;
+    const HEALTH: u32 = 7;
+    let (mut state, mut health) = (0, 0);
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        match (tag, wire) {
+            (STATE, WireType::Varint) => state = decode_varint(&mut buf).ok()? as i32,
+            (HEALTH, WireType::Varint) => health = decode_varint(&mut buf).ok()? as i32,
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default()).ok()?,
+        }
+    }
+    Some((state, health))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +114,21 @@ mod tests {
         stopped.state = MachineState::Stopped as i32;
         assert!(!kind.flags(&stopped.encode_to_vec()).routable);
         assert!(!kind.flags(b"\xff garbage").routable);
+        // The wire scan agrees with a full decode, metadata and unknown fields included.
+        let mut m = machine();
+        m.metadata.insert("k".into(), "v".repeat(300));
+        let mut bytes = m.encode_to_vec();
+        prost::encoding::bytes::encode(1000, &vec![7u8; 40], &mut bytes);
+        assert!(kind.flags(&bytes).routable);
+        for (state, health) in [(3, 1), (3, 2), (5, 1), (0, 0)] {
+            m.state = state;
+            m.health = health;
+            let full = Machine::decode(&m.encode_to_vec()[..]).unwrap();
+            assert_eq!(
+                state_and_health(&m.encode_to_vec()),
+                Some((full.state, full.health))
+            );
+        }
     }
 
     #[test]
