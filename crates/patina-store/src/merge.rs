@@ -429,6 +429,18 @@ impl Core {
         Ok(outcomes)
     }
 
+    /// The next version this origin issues, and the next revision: a local write's (or a
+    /// re-issued record's).
+    fn next_local_version(&mut self, now_ms: u64) -> Version {
+        self.meta.local_seq += 1;
+        self.meta.revision += 1;
+        Version {
+            hlc: self.clock.tick(now_ms),
+            origin: self.meta.node,
+            seq: self.meta.local_seq,
+        }
+    }
+
     fn stage_local(
         &mut self,
         g: &mut Group<'_>,
@@ -440,13 +452,7 @@ impl Core {
         };
         let mut versions = Vec::with_capacity(ops.len());
         for (op, flags) in ops.iter().zip(flags) {
-            self.meta.local_seq += 1;
-            self.meta.revision += 1;
-            let version = Version {
-                hlc: self.clock.tick(g.now_ms),
-                origin: self.meta.node,
-                seq: self.meta.local_seq,
-            };
+            let version = self.next_local_version(g.now_ms);
             let prev = g.current(op.key());
             let entry = match op {
                 LocalWrite::Put { key, group, value } => {
@@ -673,13 +679,7 @@ impl Core {
         held.sort_by_key(Entry::rev);
         tracing::warn!(records = held.len(), origin = %self.meta.node, "writing this store's records again under its new origin");
         for prev in held {
-            self.meta.local_seq += 1;
-            self.meta.revision += 1;
-            let version = Version {
-                hlc: self.clock.tick(g.now_ms),
-                origin: self.meta.node,
-                seq: self.meta.local_seq,
-            };
+            let version = self.next_local_version(g.now_ms);
             let entry = Entry::new(
                 prev.key(),
                 prev.group(),
