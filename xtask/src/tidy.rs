@@ -79,6 +79,31 @@ mod tests {
     }
 
     #[test]
+    fn the_gossip_core_knows_no_runtime_sqlite_grpc_or_wall_clock() {
+        // The tokio shell, when it comes, lives in its own module and is the one exception.
+        for (p, text) in sources() {
+            let r = rel(&p);
+            if !r.starts_with("crates/patina-gossip/src") || r.ends_with("/shell.rs") {
+                continue;
+            }
+            let code: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            for banned in [
+                "tokio::",
+                "rusqlite",
+                "tonic",
+                "Instant::now",
+                "SystemTime::now",
+            ] {
+                assert!(!code.contains(banned), "{r} names {banned}");
+            }
+        }
+    }
+
+    #[test]
     fn no_grab_bag_modules() {
         for (p, _) in sources() {
             let name = p.file_name().unwrap().to_string_lossy().to_string();
