@@ -46,10 +46,6 @@ impl LeftGroups {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.unknown_before == 0 && self.groups.is_empty()
-    }
-
     /// Might a reader of `scope` at position `pos` have held the key in `scope`, which it
     /// has since left?
     pub fn may_have_left(&self, scope: &str, pos: u64) -> bool {
@@ -136,12 +132,6 @@ impl Feed {
     /// The revision of the latest committed change.
     pub fn revision(&self) -> u64 {
         *self.revision.borrow()
-    }
-
-    /// Changes held, and the heap bytes of their records.
-    pub fn held(&self) -> (usize, usize) {
-        let log = self.log.read().expect("feed lock poisoned");
-        (log.changes.len(), log.bytes)
     }
 
     /// The oldest revision a reader may resume after.

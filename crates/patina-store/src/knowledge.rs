@@ -47,11 +47,6 @@ impl SeqRange {
         self.hi
     }
 
-    /// How many numbers it holds (at least one).
-    pub fn count(&self) -> u64 {
-        self.hi - self.lo + 1
-    }
-
     pub fn contains(&self, seq: u64) -> bool {
         self.lo <= seq && seq <= self.hi
     }

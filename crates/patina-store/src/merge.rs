@@ -164,14 +164,6 @@ impl ApplyReport {
             .filter(|o| **o == ApplyOutcome::Applied)
             .count()
     }
-
-    pub fn refused(&self) -> usize {
-        self.records
-            .iter()
-            .chain(&self.covered)
-            .filter(|o| matches!(o, ApplyOutcome::Refused(_)))
-            .count()
-    }
 }
 
 /// Largest value a store takes, whatever its kind (kinds set tighter limits: machines 4 KiB).

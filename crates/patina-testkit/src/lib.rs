@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use patina_proto::v1::region_client::RegionClient;
-use patina_proto::v1::{Health, Machine, MachineState};
+use patina_proto::v1::{Health, ListInstancesRequest, Machine, MachineState};
 use tonic::transport::Channel;
 
 /// The line an agent prints on stdout once it serves, followed by its URL.
@@ -165,4 +165,36 @@ pub fn machine(id: &str, app: &str, port: u16) -> Machine {
         health: Health::Passing as i32,
         ..Machine::default()
     }
+}
+
+/// Most pages [`list_pages`] follows before it gives up: no listing in a test is longer.
+const MAX_PAGES: usize = 100_000;
+
+/// Every page of an app's ListInstances, following `next_page_token` to the end.
+pub async fn list_pages(
+    client: &mut RegionClient<Channel>,
+    app: &str,
+    include_all: bool,
+    page_size: i32,
+) -> Vec<Vec<Machine>> {
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..MAX_PAGES {
+        let page = client
+            .list_instances(ListInstancesRequest {
+                app: app.into(),
+                include_all,
+                page_size,
+                page_token,
+            })
+            .await
+            .expect("ListInstances")
+            .into_inner();
+        pages.push(page.machines);
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        page_token = page.next_page_token;
+    }
+    panic!("paging {app} with size {page_size} never ended");
 }

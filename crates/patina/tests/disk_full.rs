@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use patina_proto::v1::{GetMachineRequest, ListInstancesRequest, Machine, UpsertMachinesRequest};
+use patina_proto::v1::{GetMachineRequest, Machine, UpsertMachinesRequest};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -154,24 +154,9 @@ async fn a_full_disk_refuses_writes_reads_go_on_and_writes_resume_when_space_ret
 async fn count_instances(
     client: &mut patina_proto::v1::region_client::RegionClient<tonic::transport::Channel>,
 ) -> usize {
-    let mut token = String::new();
-    let mut total = 0;
-    for _ in 0..10_000 {
-        let page = client
-            .list_instances(ListInstancesRequest {
-                app: "web".into(),
-                include_all: true,
-                page_size: 1000,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        total += page.machines.len();
-        if page.next_page_token.is_empty() {
-            return total;
-        }
-        token = page.next_page_token;
-    }
-    panic!("paging never ended");
+    patina_testkit::list_pages(client, "web", true, 1000)
+        .await
+        .iter()
+        .map(Vec::len)
+        .sum()
 }

@@ -34,29 +34,10 @@ async fn all_pages(
     app: &str,
     page_size: i32,
 ) -> (Vec<String>, Vec<usize>) {
-    let mut ids = Vec::new();
-    let mut sizes = Vec::new();
-    let mut page_token = String::new();
-    // Bounded: no more pages than machines, plus the last.
-    for _ in 0..=MACHINES {
-        let page = client
-            .list_instances(ListInstancesRequest {
-                app: app.into(),
-                include_all: false,
-                page_size,
-                page_token: page_token.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        sizes.push(page.machines.len());
-        ids.extend(page.machines.into_iter().map(|m| m.id));
-        if page.next_page_token.is_empty() {
-            return (ids, sizes);
-        }
-        page_token = page.next_page_token;
-    }
-    panic!("paging {app} with size {page_size} never ended");
+    let pages = patina_testkit::list_pages(client, app, false, page_size).await;
+    let sizes = pages.iter().map(Vec::len).collect();
+    let ids = pages.into_iter().flatten().map(|m| m.id).collect();
+    (ids, sizes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
