@@ -7,7 +7,9 @@ use std::path::PathBuf;
 const PROTOS: &[&str] = &["patina/v1/machine.proto", "patina/v1/region.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not baked in with env!: a build script compiled in one checkout is
+    // reused from a shared target directory by another (CI clones into a new folder).
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
     let fds = protox::compile(PROTOS, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -6,9 +6,13 @@ use std::process::Command;
 
 use anyhow::bail;
 
-/// The workspace root (xtask lives one level below it).
+/// The workspace root (xtask lives one level below it). Read at run time (cargo sets it for
+/// `cargo run` and `cargo test`): a binary built in one checkout is reused from a shared target
+/// directory by another, and the compile-time path would point at the first.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    Path::new(&manifest_dir)
         .parent()
         .expect("xtask is inside the workspace")
         .to_path_buf()
