@@ -1,13 +1,24 @@
 //! patina-gossip: the replication engine both tiers share (membership with SWIM, push
 //! dissemination, anti-entropy), built as a sans-IO core driven by a thin async shell.
 //!
+//! - [`envelope`]: the frame around every datagram (magic, version, cluster name);
+//! - [`identity`]: a member's identity and foca's codec for it;
+//! - [`wire`]: pushes and the items that carry changes;
+//! - [`node`]: the sans-IO node (membership, Lifeguard-style health, dissemination, when to
+//!   sync);
+//! - [`sync`]: what anti-entropy sends, from two digests.
+//!
 //! Architecture invariant: the core knows nothing of tokio, SQLite, gRPC or the wall clock:
 //! inputs come in as method calls with the time passed in, outputs go out as values
-//! (checked by `xtask/src/tidy.rs`). This crate is being built (the region-cluster issue);
-//! so far it holds the datagram envelope.
+//! (checked by `xtask/src/tidy.rs`).
 
 #![forbid(unsafe_code)]
 
 pub mod envelope;
+pub mod identity;
+pub mod node;
+pub mod wire;
 
 pub use envelope::{ClusterName, Envelope, EnvelopeError};
+pub use identity::Identity;
+pub use node::{Config, MemberInfo, MemberState, Node, Output, TimerEvent, TimerKind};

@@ -1,0 +1,968 @@
+//! The sans-IO replication node: SWIM membership (foca) with Lifeguard-style local health,
+//! eager pushes of changes, piggybacked dissemination, and the decisions of anti-entropy
+//! (when to sync, with whom). Inputs are method calls with the time passed in; outputs are
+//! [`Output`] values the shell (or the simulator) carries out, in order.
+//!
+//! What the node knows about the store is a mirror of its digest, fed by
+//! [`Node::handle_learned`] after each commit: a change counts as known only once it is
+//! durable. Changes received but not committed yet are *pending*: they are forwarded at once
+//! (the origin already holds them durably) but never reported as known.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification};
+use patina_store::{NodeId, OriginKnowledge, Record};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::envelope::{ClusterName, Envelope};
+use crate::identity::{Codec, Identity};
+use crate::wire::{self, Item, KIND_PUSH, KIND_SWIM, PUSH_OVERHEAD, Push, WireError};
+
+/// The highest local-health score: probe timers stretch to at most 9x.
+pub const MAX_HEALTH: u32 = 8;
+/// Changes received and not yet committed that a node tracks; past it, new ones are left to
+/// anti-entropy. Bounds memory a flood of pushes can take.
+pub const MAX_PENDING: usize = 65_536;
+/// Piggyback items queued in foca past which new ones are not queued (they still travel by
+/// push and anti-entropy). Bounds foca's queue under a write storm.
+pub const MAX_PIGGYBACK_BACKLOG: usize = 1_024;
+/// How long a gap may stay open before it triggers a sync: long enough for the reordering
+/// of two pushes on a LAN, short enough to be "at once" for routing.
+pub const GAP_GRACE: Duration = Duration::from_millis(20);
+/// Most anti-entropy sessions this node starts at a time.
+pub const MAX_SYNCS_IN_FLIGHT: usize = 2;
+
+/// Tunables. Defaults suit a LAN where agents are one hop apart.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cluster: ClusterName,
+    /// How often a random member is probed.
+    pub probe_period: Duration,
+    /// How long a direct probe waits for an ack before asking others to probe.
+    pub probe_rtt: Duration,
+    /// A suspicion corroborated (the member's gRPC port refuses or times out) becomes down
+    /// after this long; uncorroborated, after `suspicion_max`. Both stretch with local health.
+    pub suspicion_min: Duration,
+    pub suspicion_max: Duration,
+    /// Members asked to probe indirectly, and members a change is forwarded to.
+    pub fanout: NonZeroUsize,
+    /// Members a local change is pushed to at once (the first hop).
+    pub push_fanout: NonZeroUsize,
+    /// Times a pushed change is forwarded onward.
+    pub push_hops: u8,
+    /// Times a piggybacked item rides on SWIM packets.
+    pub max_transmissions: NonZeroU8,
+    /// Largest datagram, envelope included: under the path MTU.
+    pub max_datagram: usize,
+    /// Mean time between periodic anti-entropy rounds (jittered by 25%).
+    pub sync_interval: Duration,
+    /// How often a node with no members announces itself to the seeds.
+    pub announce_interval: Duration,
+    /// How long a down member is remembered (and announced to, so partitions heal).
+    pub remove_down_after: Duration,
+}
+
+impl Config {
+    pub fn lan(cluster: ClusterName) -> Config {
+        Config {
+            cluster,
+            probe_period: Duration::from_millis(200),
+            probe_rtt: Duration::from_millis(80),
+            suspicion_min: Duration::from_millis(200),
+            suspicion_max: Duration::from_millis(3_000),
+            fanout: NonZeroUsize::new(3).expect("3"),
+            push_fanout: NonZeroUsize::new(16).expect("16"),
+            push_hops: 3,
+            max_transmissions: NonZeroU8::new(4).expect("4"),
+            max_datagram: 1_400,
+            sync_interval: Duration::from_secs(5),
+            announce_interval: Duration::from_secs(1),
+            remove_down_after: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    fn foca(&self, envelope: &Envelope) -> foca::Config {
+        let mut c = foca::Config::new_lan(NonZeroU32::new(16).expect("16"));
+        c.probe_period = self.probe_period;
+        c.probe_rtt = self.probe_rtt;
+        c.num_indirect_probes = self.fanout;
+        c.max_transmissions = self.max_transmissions;
+        // The node holds and re-times this timer (see `Held`); foca's value is the longest.
+        c.suspect_to_down_after = self.suspicion_max;
+        c.remove_down_after = Some(self.remove_down_after);
+        c.max_packet_size = NonZeroUsize::new(self.foca_packet(envelope)).expect("packet room");
+        c.notify_down_members = true;
+        c.periodic_announce = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(30),
+            num_members: NonZeroUsize::new(1).expect("1"),
+        });
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(10),
+            num_members: NonZeroUsize::new(2).expect("2"),
+        });
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: self.probe_period,
+            num_members: self.fanout,
+        });
+        c
+    }
+
+    fn foca_packet(&self, envelope: &Envelope) -> usize {
+        self.max_datagram.saturating_sub(envelope.overhead() + 1).max(256)
+    }
+
+    /// Largest item: what fits a push or a SWIM packet with its headers and a few updates.
+    pub fn max_item(&self, envelope: &Envelope) -> usize {
+        // Two identities and a message with a third (PingReq) in the header, a couple of
+        // member updates, and the item's own length prefix.
+        self.foca_packet(envelope).saturating_sub(3 * 37 + 8 + 2 * 40 + 2)
+    }
+}
+
+/// A timer the shell must deliver back through [`Node::handle_timer`] at `due` (it may be
+/// late, never dropped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimerEvent {
+    pub due: Duration,
+    pub kind: TimerKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimerKind {
+    Swim(foca::Timer<Identity>),
+    /// Deliver a held suspicion timeout early: it was corroborated.
+    SuspicionCut(SocketAddr),
+    Announce,
+    SyncRound,
+    GapCheck,
+}
+
+/// What the node asks of its shell.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send a datagram (envelope included).
+    Send { to: SocketAddr, bytes: Vec<u8> },
+    /// Deliver `timer` back after `after`.
+    Schedule { after: Duration, timer: TimerEvent },
+    /// Merge records from a peer into the store; report what became known through
+    /// [`Node::handle_learned`].
+    Apply { records: Vec<Record> },
+    /// An owner's records must be hidden (`down`) or shown again.
+    Liveness { node: NodeId, down: bool },
+    /// Check whether a suspect is really gone (its gRPC port): answer with
+    /// [`Node::handle_corroboration`].
+    Corroborate { member: Identity },
+    /// Run an anti-entropy session with `peer`; answer with [`Node::handle_sync_done`].
+    Sync { peer: Identity },
+    /// This node's identity changed (renewed after being declared down): persist its epoch.
+    Renewed { identity: Identity },
+}
+
+/// Counts for status pages and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub datagrams_in: u64,
+    pub bytes_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_out: u64,
+    /// Datagrams dropped by the envelope (garbage, other versions, other clusters).
+    pub dropped_envelope: u64,
+    /// Datagrams dropped while decoding SWIM or pushes.
+    pub dropped_decode: u64,
+    pub items_new: u64,
+    pub items_seen: u64,
+    /// New items dropped because too many were pending (anti-entropy brings them).
+    pub items_dropped: u64,
+    pub syncs_started: u64,
+    pub syncs_for_gaps: u64,
+    pub late_timers: u64,
+}
+
+/// A member as the node sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemberInfo {
+    pub identity: Identity,
+    pub incarnation: u16,
+    pub state: MemberState,
+    /// When a datagram from it last arrived (node time), if ever.
+    pub last_seen: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    Alive,
+    Suspect,
+    Down,
+}
+
+/// State shared with foca's broadcast handler (foca owns the handler).
+#[derive(Default)]
+struct Shared {
+    known: BTreeMap<NodeId, OriginKnowledge>,
+    pending: BTreeSet<(NodeId, u64)>,
+    inbox: Vec<Item>,
+    backlog_full: bool,
+    counters: Counters,
+}
+
+impl Shared {
+    fn knows(&self, origin: NodeId, seq: u64) -> bool {
+        self.known.get(&origin).is_some_and(|k| k.knows(seq))
+            || self.pending.contains(&(origin, seq))
+    }
+
+    /// Take an item received from a peer: `true` if it is new (now pending).
+    fn take(&mut self, item: &Item) -> bool {
+        if self.knows(item.origin(), item.seq()) {
+            self.counters.items_seen += 1;
+            return false;
+        }
+        if self.pending.len() >= MAX_PENDING {
+            self.counters.items_dropped += 1;
+            return false;
+        }
+        self.counters.items_new += 1;
+        self.pending.insert((item.origin(), item.seq()));
+        true
+    }
+}
+
+/// What decides which queued piggyback item replaces which: a newer change of one key from
+/// one origin replaces an older one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemKey {
+    origin: NodeId,
+    seq: u64,
+    /// 0 for notices (which replace nothing).
+    key: u64,
+}
+
+impl Invalidates for ItemKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.key != 0 && self.key == other.key && self.origin == other.origin && self.seq > other.seq
+    }
+}
+
+struct Handler(Arc<Mutex<Shared>>);
+
+impl BroadcastHandler<Identity> for Handler {
+    type Key = ItemKey;
+    type Error = WireError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&Identity>,
+    ) -> Result<Option<ItemKey>, WireError> {
+        let item = Item::decode(data)?;
+        let key = ItemKey {
+            origin: item.origin(),
+            seq: item.seq(),
+            key: match &item {
+                Item::Record(r) => wire::key_hash(&r.key),
+                Item::Notice { .. } => 0,
+            },
+        };
+        let mut s = self.0.lock().expect("gossip shared state");
+        if sender.is_none() {
+            // Our own change, queued by `handle_local`.
+            return Ok(Some(key));
+        }
+        if !s.take(&item) {
+            return Ok(None);
+        }
+        s.inbox.push(item);
+        Ok((!s.backlog_full).then_some(key))
+    }
+}
+
+/// A suspicion timeout held by the node (Lifeguard: start long, cut short when corroborated).
+struct Held {
+    timer: foca::Timer<Identity>,
+    started: Duration,
+}
+
+type Swim = Foca<Identity, Codec, StdRng, Handler>;
+
+pub struct Node {
+    cfg: Config,
+    envelope: Envelope,
+    foca: Swim,
+    rt: AccumulatingRuntime<Identity>,
+    shared: Arc<Mutex<Shared>>,
+    rng: StdRng,
+    now: Duration,
+    out: Vec<Output>,
+    /// Local health (Lifeguard's awareness score), 0..=MAX_HEALTH.
+    health: u32,
+    last_health_bump: Option<Duration>,
+    incarnation: u16,
+    held: BTreeMap<SocketAddr, Held>,
+    /// Live identities per owner: an owner is down once none is left.
+    live: BTreeMap<NodeId, BTreeSet<SocketAddr>>,
+    last_seen: BTreeMap<SocketAddr, Duration>,
+    syncing: BTreeSet<SocketAddr>,
+    gap_armed: bool,
+    /// Who sent the latest change that we lacked: the best peer to sync a gap with.
+    gap_hint: Option<Identity>,
+    /// Highest sequence number heard of per origin through notices.
+    noticed: BTreeMap<NodeId, u64>,
+    seeds: Vec<SocketAddr>,
+    leaving: bool,
+    max_item: usize,
+}
+
+impl Node {
+    /// A node with `identity`, what its store knows, and the seeds to join through. `seed`
+    /// drives every random choice (probing order, peers), so a simulation replays exactly.
+    pub fn new(
+        identity: Identity,
+        cfg: Config,
+        known: BTreeMap<NodeId, OriginKnowledge>,
+        seeds: Vec<SocketAddr>,
+        seed: u64,
+    ) -> Node {
+        let envelope = Envelope::new(&cfg.cluster);
+        let shared = Arc::new(Mutex::new(Shared {
+            known,
+            ..Shared::default()
+        }));
+        let foca = Foca::with_custom_broadcast(
+            identity,
+            cfg.foca(&envelope),
+            StdRng::seed_from_u64(seed),
+            Codec,
+            Handler(shared.clone()),
+        );
+        let max_item = cfg.max_item(&envelope);
+        Node {
+            cfg,
+            envelope,
+            foca,
+            rt: AccumulatingRuntime::new(),
+            shared,
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            now: Duration::ZERO,
+            out: Vec::new(),
+            health: 0,
+            last_health_bump: None,
+            incarnation: 0,
+            held: BTreeMap::new(),
+            live: BTreeMap::new(),
+            last_seen: BTreeMap::new(),
+            syncing: BTreeSet::new(),
+            gap_armed: false,
+            gap_hint: None,
+            noticed: BTreeMap::new(),
+            seeds: seeds.into_iter().filter(|s| *s != identity.addr).collect(),
+            leaving: false,
+            max_item,
+        }
+    }
+
+    pub fn identity(&self) -> Identity {
+        *self.foca.identity()
+    }
+
+    pub fn health(&self) -> u32 {
+        self.health
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.shared.lock().expect("gossip shared state").counters.clone()
+    }
+
+    /// Start: announce to the seeds and arm the periodic timers.
+    pub fn start(&mut self, now: Duration) {
+        self.now = now;
+        self.announce();
+        self.schedule(self.cfg.announce_interval, TimerKind::Announce);
+        let first = self.jittered(self.cfg.sync_interval);
+        self.schedule(first, TimerKind::SyncRound);
+    }
+
+    /// Everything the node asks of its shell since the last call.
+    pub fn drain(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Members as foca sees them (down ones included until forgotten), ourselves excluded.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.foca
+            .iter_membership_state()
+            .map(|m| MemberInfo {
+                identity: *m.id(),
+                incarnation: m.incarnation(),
+                state: match m.state() {
+                    foca::State::Alive => MemberState::Alive,
+                    foca::State::Suspect => MemberState::Suspect,
+                    foca::State::Down => MemberState::Down,
+                },
+                last_seen: self.last_seen.get(&m.id().addr).copied(),
+            })
+            .collect()
+    }
+
+    /// Active members (alive or suspect).
+    pub fn active(&self) -> Vec<Identity> {
+        self.foca.iter_members().map(|m| *m.id()).collect()
+    }
+
+    /// A datagram arrived.
+    pub fn handle_datagram(&mut self, now: Duration, bytes: &[u8]) {
+        self.now = now;
+        {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            s.counters.datagrams_in += 1;
+            s.counters.bytes_in += bytes.len() as u64;
+        }
+        let payload = match self.envelope.open(bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "datagram dropped");
+                self.count(|c| c.dropped_envelope += 1);
+                return;
+            }
+        };
+        match payload.split_first() {
+            Some((&KIND_SWIM, swim)) => {
+                if let Err(e) = self.foca.handle_data(swim, &mut self.rt) {
+                    tracing::debug!(error = %e, "swim packet dropped");
+                    self.count(|c| c.dropped_decode += 1);
+                }
+                self.after_foca();
+                self.take_inbox(None);
+            }
+            Some((&KIND_PUSH, body)) => match Push::decode(body) {
+                Ok(push) => self.handle_push(push),
+                Err(e) => {
+                    tracing::debug!(error = %e, "push dropped");
+                    self.count(|c| c.dropped_decode += 1);
+                }
+            },
+            _ => self.count(|c| c.dropped_decode += 1),
+        }
+    }
+
+    fn handle_push(&mut self, push: Push) {
+        let mut fresh = Vec::new();
+        let mut fresh_bytes = Vec::new();
+        {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            for bytes in push.items {
+                match Item::decode(&bytes) {
+                    Ok(item) => {
+                        if s.take(&item) {
+                            fresh.push(item);
+                            fresh_bytes.push(bytes);
+                        }
+                    }
+                    Err(_) => s.counters.dropped_decode += 1,
+                }
+            }
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let sender = self
+            .foca
+            .iter_members()
+            .map(|m| *m.id())
+            .find(|m| m.node == push.sender);
+        if push.hops > 0 {
+            let exclude = sender.map(|s| s.addr);
+            self.push(fresh_bytes, push.hops - 1, self.cfg.fanout.get(), exclude);
+        }
+        self.deliver(fresh, sender);
+    }
+
+    /// Items taken from foca's piggyback path this turn.
+    fn take_inbox(&mut self, sender: Option<Identity>) {
+        let items = std::mem::take(&mut self.shared.lock().expect("gossip shared state").inbox);
+        if !items.is_empty() {
+            // Forward new piggybacked changes at once rather than at the next probe.
+            let _ = self.foca.broadcast(&mut self.rt);
+            self.after_foca();
+            self.deliver(items, sender);
+        }
+    }
+
+    /// Hand new items to the store; notices make a gap we must sync for.
+    fn deliver(&mut self, items: Vec<Item>, sender: Option<Identity>) {
+        let mut records = Vec::new();
+        for item in items {
+            match item {
+                Item::Record(r) => records.push(r),
+                Item::Notice { origin, seq } => {
+                    let n = self.noticed.entry(origin).or_default();
+                    *n = (*n).max(seq);
+                    self.gap_hint = sender.or(self.gap_hint);
+                    self.arm_gap_check();
+                }
+            }
+        }
+        if !records.is_empty() {
+            if sender.is_some() {
+                self.gap_hint = sender;
+            }
+            self.out.push(Output::Apply { records });
+        }
+    }
+
+    /// Local changes are durable: push them at once and queue them for piggybacking.
+    pub fn handle_local(&mut self, now: Duration, records: &[Record]) {
+        self.now = now;
+        let mut items = Vec::with_capacity(records.len());
+        for r in records {
+            let bytes = Item::for_record(r, self.max_item).to_bytes();
+            let queue = {
+                let s = self.shared.lock().expect("gossip shared state");
+                !s.backlog_full
+            };
+            if queue {
+                let _ = self.foca.add_broadcast(&bytes);
+            }
+            items.push(bytes);
+        }
+        self.push(items, self.cfg.push_hops, self.cfg.push_fanout.get(), None);
+        self.update_backlog();
+    }
+
+    /// Send encoded items to `fanout` random active members (not `exclude`), packed into
+    /// as few datagrams as fit.
+    fn push(&mut self, items: Vec<Vec<u8>>, hops: u8, fanout: usize, exclude: Option<SocketAddr>) {
+        let mut targets: Vec<Identity> = self
+            .foca
+            .iter_members()
+            .map(|m| *m.id())
+            .filter(|m| Some(m.addr) != exclude)
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        // A partial Fisher-Yates shuffle: the first `fanout` are a uniform sample.
+        let k = fanout.min(targets.len());
+        for i in 0..k {
+            let j = self.rng.random_range(i..targets.len());
+            targets.swap(i, j);
+        }
+        targets.truncate(k);
+        let room = self.cfg.max_datagram.saturating_sub(self.envelope.overhead() + PUSH_OVERHEAD);
+        let me = self.identity().node;
+        let mut packets = Vec::new();
+        let mut current = Push {
+            sender: me,
+            hops,
+            items: Vec::new(),
+        };
+        let mut used = 0;
+        for item in items {
+            if item.len() + 2 > room {
+                continue; // cannot happen: items are sized by `max_item`
+            }
+            if used + item.len() + 2 > room && !current.items.is_empty() {
+                packets.push(std::mem::replace(
+                    &mut current,
+                    Push {
+                        sender: me,
+                        hops,
+                        items: Vec::new(),
+                    },
+                ));
+                used = 0;
+            }
+            used += item.len() + 2;
+            current.items.push(item);
+        }
+        if !current.items.is_empty() {
+            packets.push(current);
+        }
+        for p in packets {
+            let mut payload = Vec::new();
+            p.encode(&mut payload);
+            let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
+            self.envelope.seal(&payload, &mut bytes);
+            for t in &targets {
+                self.send(t.addr, bytes.clone());
+            }
+        }
+    }
+
+    /// The store committed changes from peers: `known` is the new knowledge of the origins
+    /// touched, `settled` the versions that were pending (applied, covered or refused).
+    pub fn handle_learned(
+        &mut self,
+        now: Duration,
+        known: Vec<(NodeId, OriginKnowledge)>,
+        settled: &[(NodeId, u64)],
+    ) {
+        self.now = now;
+        let gaps = {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            for v in settled {
+                s.pending.remove(v);
+            }
+            let mut gaps = false;
+            for (origin, k) in known {
+                gaps |= k.gap_count() > 0;
+                s.known.insert(origin, k);
+            }
+            gaps
+        };
+        if gaps || self.lacks_noticed() {
+            self.arm_gap_check();
+        }
+    }
+
+    fn lacks_noticed(&self) -> bool {
+        let s = self.shared.lock().expect("gossip shared state");
+        self.noticed
+            .iter()
+            .any(|(o, seq)| !s.known.get(o).is_some_and(|k| k.knows(*seq)))
+    }
+
+    fn has_gaps(&self) -> bool {
+        let s = self.shared.lock().expect("gossip shared state");
+        let me = self.identity().node;
+        s.known.iter().any(|(o, k)| *o != me && k.gap_count() > 0)
+    }
+
+    fn arm_gap_check(&mut self) {
+        if !self.gap_armed {
+            self.gap_armed = true;
+            self.schedule(GAP_GRACE, TimerKind::GapCheck);
+        }
+    }
+
+    /// An anti-entropy session ended.
+    pub fn handle_sync_done(&mut self, now: Duration, peer: Identity, ok: bool) {
+        self.now = now;
+        self.syncing.remove(&peer.addr);
+        if !ok {
+            tracing::debug!(peer = %peer, "sync failed");
+        }
+        // Clear notices we now know (or that the peer did not have).
+        let s = self.shared.lock().expect("gossip shared state");
+        self.noticed
+            .retain(|o, seq| !s.known.get(o).is_some_and(|k| k.knows(*seq)));
+    }
+
+    /// The answer to [`Output::Corroborate`]: `gone` when the member's port refused or did
+    /// not answer.
+    pub fn handle_corroboration(&mut self, now: Duration, member: Identity, gone: bool) {
+        self.now = now;
+        if !gone {
+            return;
+        }
+        let Some(held) = self.held.get(&member.addr) else {
+            return;
+        };
+        let due = held.started + self.stretch(self.cfg.suspicion_min);
+        let after = due.saturating_sub(now);
+        self.schedule(after, TimerKind::SuspicionCut(member.addr));
+    }
+
+    /// A timer came due (possibly late).
+    pub fn handle_timer(&mut self, now: Duration, timer: TimerEvent) {
+        self.now = now;
+        let late = now.saturating_sub(timer.due);
+        if late > self.late_threshold() {
+            self.count(|c| c.late_timers += 1);
+            self.bump_health();
+        }
+        match timer.kind {
+            TimerKind::Swim(t) => {
+                if let foca::Timer::ChangeSuspectToDown { member_id, .. } = &t {
+                    // The long timeout: deliver only if still held (not cut short already).
+                    match self.held.get(&member_id.addr) {
+                        Some(h) if h.timer == t => {
+                            self.held.remove(&member_id.addr);
+                        }
+                        _ => return,
+                    }
+                }
+                let _ = self.foca.handle_timer(t, &mut self.rt);
+                self.after_foca();
+            }
+            TimerKind::SuspicionCut(addr) => {
+                if let Some(h) = self.held.remove(&addr) {
+                    let _ = self.foca.handle_timer(h.timer, &mut self.rt);
+                    self.after_foca();
+                }
+            }
+            TimerKind::Announce => {
+                if self.foca.num_members() == 0 {
+                    self.announce();
+                }
+                self.schedule(self.cfg.announce_interval, TimerKind::Announce);
+            }
+            TimerKind::SyncRound => {
+                if let Some(peer) = self.random_active() {
+                    self.start_sync(peer);
+                }
+                let next = self.jittered(self.cfg.sync_interval);
+                self.schedule(next, TimerKind::SyncRound);
+            }
+            TimerKind::GapCheck => {
+                self.gap_armed = false;
+                if self.has_gaps() || self.lacks_noticed() {
+                    let peer = self
+                        .gap_hint
+                        .filter(|h| self.foca.iter_members().any(|m| m.id() == h))
+                        .or_else(|| self.random_active());
+                    if let Some(peer) = peer {
+                        self.count(|c| c.syncs_for_gaps += 1);
+                        self.start_sync(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Leave the cluster gracefully: tell a few members we are going.
+    pub fn leave(&mut self, now: Duration) {
+        self.now = now;
+        self.leaving = true;
+        let _ = self.foca.leave_cluster(&mut self.rt);
+        self.after_foca();
+    }
+
+    /// Forget a member for good (operator action): it is declared down everywhere.
+    pub fn forget(&mut self, now: Duration, member: Identity) -> bool {
+        self.now = now;
+        let known = self.foca.iter_membership_state().any(|m| *m.id() == member);
+        if known {
+            let _ = self.foca.apply_many(
+                std::iter::once(foca::Member::down(member)),
+                true,
+                &mut self.rt,
+            );
+            let _ = self.foca.gossip(&mut self.rt);
+            self.after_foca();
+        }
+        known
+    }
+
+    fn start_sync(&mut self, peer: Identity) {
+        if self.syncing.len() >= MAX_SYNCS_IN_FLIGHT || self.syncing.contains(&peer.addr) {
+            return;
+        }
+        self.syncing.insert(peer.addr);
+        self.count(|c| c.syncs_started += 1);
+        self.out.push(Output::Sync { peer });
+    }
+
+    fn random_active(&mut self) -> Option<Identity> {
+        let members: Vec<Identity> = self.foca.iter_members().map(|m| *m.id()).collect();
+        if members.is_empty() {
+            return None;
+        }
+        Some(members[self.rng.random_range(0..members.len())])
+    }
+
+    fn announce(&mut self) {
+        for seed in self.seeds.clone() {
+            let placeholder = Identity {
+                node: NodeId(0),
+                addr: seed,
+                api_port: 0,
+                epoch: 0,
+            };
+            let _ = self.foca.announce(placeholder, &mut self.rt);
+        }
+        self.after_foca();
+    }
+
+    fn jittered(&mut self, d: Duration) -> Duration {
+        let ms = d.as_millis().max(4) as u64;
+        Duration::from_millis(ms * 3 / 4 + self.rng.random_range(0..=ms / 2))
+    }
+
+    fn late_threshold(&self) -> Duration {
+        (self.cfg.probe_period / 2).max(Duration::from_millis(50))
+    }
+
+    /// A duration stretched by local health (Lifeguard's awareness multiplier).
+    fn stretch(&self, d: Duration) -> Duration {
+        d * (1 + self.health)
+    }
+
+    fn bump_health(&mut self) {
+        // At most once per probe period: one stall is one piece of evidence.
+        if self
+            .last_health_bump
+            .is_some_and(|t| self.now < t + self.cfg.probe_period)
+        {
+            return;
+        }
+        self.last_health_bump = Some(self.now);
+        self.health = (self.health + 1).min(MAX_HEALTH);
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        f(&mut self.shared.lock().expect("gossip shared state").counters);
+    }
+
+    fn schedule(&mut self, after: Duration, kind: TimerKind) {
+        self.out.push(Output::Schedule {
+            after,
+            timer: TimerEvent {
+                due: self.now + after,
+                kind,
+            },
+        });
+    }
+
+    fn send(&mut self, to: SocketAddr, bytes: Vec<u8>) {
+        {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            s.counters.datagrams_out += 1;
+            s.counters.bytes_out += bytes.len() as u64;
+        }
+        self.out.push(Output::Send { to, bytes });
+    }
+
+    fn update_backlog(&mut self) {
+        let full = self.foca.custom_broadcast_backlog() >= MAX_PIGGYBACK_BACKLOG;
+        self.shared.lock().expect("gossip shared state").backlog_full = full;
+    }
+
+    /// Carry out what foca asked for.
+    fn after_foca(&mut self) {
+        while self.rt.backlog() > 0 {
+            while let Some((to, data)) = self.rt.to_send() {
+                let mut payload = Vec::with_capacity(data.len() + 1);
+                payload.push(KIND_SWIM);
+                payload.extend_from_slice(&data);
+                let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
+                self.envelope.seal(&payload, &mut bytes);
+                self.send(to.addr, bytes);
+            }
+            while let Some((after, timer)) = self.rt.to_schedule() {
+                self.schedule_swim(after, timer);
+            }
+            while let Some(n) = self.rt.to_notify() {
+                self.notified(n);
+            }
+        }
+        self.update_backlog();
+    }
+
+    fn schedule_swim(&mut self, after: Duration, timer: foca::Timer<Identity>) {
+        match &timer {
+            foca::Timer::ProbeRandomMember(_) | foca::Timer::SendIndirectProbe { .. } => {
+                // LHA-Probe: a node that misses acks or runs late probes more slowly, so its
+                // own trouble does not make it accuse healthy members.
+                let after = self.stretch(after);
+                self.schedule(after, TimerKind::Swim(timer));
+            }
+            foca::Timer::ChangeSuspectToDown { member_id, .. } => {
+                // LHA-Suspicion: start long; corroboration cuts it short.
+                let member = *member_id;
+                self.held.insert(
+                    member.addr,
+                    Held {
+                        timer: timer.clone(),
+                        started: self.now,
+                    },
+                );
+                let after = self.stretch(self.cfg.suspicion_max);
+                self.schedule(after, TimerKind::Swim(timer));
+                self.out.push(Output::Corroborate { member });
+            }
+            _ => self.schedule(after, TimerKind::Swim(timer)),
+        }
+    }
+
+    fn notified(&mut self, n: OwnedNotification<Identity>) {
+        match n {
+            OwnedNotification::MemberUp(id) => self.member_up(id),
+            OwnedNotification::MemberDown(id) => self.member_down(id),
+            OwnedNotification::Rename(old, new) => {
+                if self.live.get(&old.node).is_some_and(|s| s.contains(&old.addr)) {
+                    self.member_down(old);
+                    self.member_up(new);
+                }
+            }
+            OwnedNotification::Active => {
+                // Joined (or rejoined): catch up at once rather than at the next round.
+                if let Some(peer) = self.random_active() {
+                    self.start_sync(peer);
+                }
+            }
+            OwnedNotification::Idle => {}
+            OwnedNotification::Defunct => {
+                if !self.leaving {
+                    // Declared down and not renewed by foca: come back under a new epoch.
+                    if let Some(new) = foca::Identity::renew(self.foca.identity()) {
+                        let _ = self.foca.change_identity(new, &mut self.rt);
+                        self.out.push(Output::Renewed { identity: new });
+                    }
+                }
+            }
+            OwnedNotification::Rejoin(id) => self.out.push(Output::Renewed { identity: id }),
+            OwnedNotification::DataReceived(header) => {
+                self.last_seen.insert(header.src.addr, self.now);
+                if matches!(
+                    header.message,
+                    foca::Message::Ack(_) | foca::Message::ForwardedAck { .. }
+                ) && header.dst == *self.foca.identity()
+                {
+                    // A probe of ours succeeded: evidence that we are healthy.
+                    self.health = self.health.saturating_sub(1);
+                }
+            }
+            OwnedNotification::DataSent(header) => {
+                if header.src_incarnation > self.incarnation {
+                    // We refuted a suspicion of ourselves: others could not hear us.
+                    self.incarnation = header.src_incarnation;
+                    self.bump_health();
+                }
+            }
+            OwnedNotification::ProbeFailed(_, _) => self.bump_health(),
+        }
+    }
+
+    fn member_up(&mut self, id: Identity) {
+        if id.node == self.identity().node {
+            return;
+        }
+        let set = self.live.entry(id.node).or_default();
+        let was_down = set.is_empty();
+        set.insert(id.addr);
+        if was_down {
+            self.out.push(Output::Liveness {
+                node: id.node,
+                down: false,
+            });
+        }
+    }
+
+    fn member_down(&mut self, id: Identity) {
+        self.held.remove(&id.addr);
+        if id.node == self.identity().node {
+            return;
+        }
+        let Some(set) = self.live.get_mut(&id.node) else {
+            // Never seen up by us: its records (if any) must still go dark.
+            self.live.insert(id.node, BTreeSet::new());
+            self.out.push(Output::Liveness {
+                node: id.node,
+                down: true,
+            });
+            return;
+        };
+        set.remove(&id.addr);
+        if set.is_empty() {
+            self.out.push(Output::Liveness {
+                node: id.node,
+                down: true,
+            });
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! What travels inside the envelope: a kind byte, then a SWIM packet (foca's, encoded by
+//! `identity::Codec`) or a push of changes; and the items that carry changes.
+//!
+//! ```text
+//! payload = kind u8 (1 swim | 2 push) | body
+//! push    = sender node u64 LE | hops left u8 | (item length u16 LE | item)+
+//! item    = tag u8 | origin u64 LE | seq u64 LE | rest
+//!   tag 1 record: hlc u64 LE | key length u16 LE | key | group length u16 LE | group
+//!                 | has value u8 (0 tombstone, 1 value) | value (to the end)
+//!   tag 2 notice: nothing more. "This version exists": a change too large for a datagram;
+//!                 the receiver's gap opens and anti-entropy fetches it.
+//! ```
+//!
+//! Items are hand-framed so that a truncated or hostile item is an error, never a panic, and
+//! so that their size is known before they are queued (foca keeps an item that does not fit
+//! a packet in its queue for ever).
+
+use std::sync::Arc;
+
+use patina_store::{Hlc, NodeId, Record, Version};
+
+pub const KIND_SWIM: u8 = 1;
+pub const KIND_PUSH: u8 = 2;
+
+const TAG_RECORD: u8 = 1;
+const TAG_NOTICE: u8 = 2;
+
+/// Why an item or push did not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("truncated")]
+    Truncated,
+    #[error("unknown item tag {0}")]
+    Tag(u8),
+    #[error("key or group is not UTF-8")]
+    Utf8,
+    #[error("sequence number 0")]
+    ZeroSeq,
+    #[error("empty push")]
+    Empty,
+}
+
+/// One change as gossip carries it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    /// The record itself.
+    Record(Record),
+    /// Only that a version exists (the record would not fit a datagram).
+    Notice { origin: NodeId, seq: u64 },
+}
+
+impl Item {
+    pub fn origin(&self) -> NodeId {
+        match self {
+            Item::Record(r) => r.version.origin,
+            Item::Notice { origin, .. } => *origin,
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        match self {
+            Item::Record(r) => r.version.seq,
+            Item::Notice { seq, .. } => *seq,
+        }
+    }
+
+    /// The item for `record`: the record if its encoding is at most `max_len` bytes, else a
+    /// notice.
+    pub fn for_record(record: &Record, max_len: usize) -> Item {
+        let len = 1
+            + 8
+            + 8
+            + 8
+            + 2
+            + record.key.len()
+            + 2
+            + record.group.len()
+            + 1
+            + record.value.as_ref().map_or(0, |v| v.len());
+        if len <= max_len {
+            Item::Record(record.clone())
+        } else {
+            Item::Notice {
+                origin: record.version.origin,
+                seq: record.version.seq,
+            }
+        }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Item::Record(r) => {
+                out.push(TAG_RECORD);
+                out.extend_from_slice(&r.version.origin.0.to_le_bytes());
+                out.extend_from_slice(&r.version.seq.to_le_bytes());
+                out.extend_from_slice(&r.version.hlc.0.to_le_bytes());
+                out.extend_from_slice(&(r.key.len() as u16).to_le_bytes());
+                out.extend_from_slice(r.key.as_bytes());
+                out.extend_from_slice(&(r.group.len() as u16).to_le_bytes());
+                out.extend_from_slice(r.group.as_bytes());
+                match &r.value {
+                    None => out.push(0),
+                    Some(v) => {
+                        out.push(1);
+                        out.extend_from_slice(v);
+                    }
+                }
+            }
+            Item::Notice { origin, seq } => {
+                out.push(TAG_NOTICE);
+                out.extend_from_slice(&origin.0.to_le_bytes());
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decode one item that fills `bytes` exactly.
+    pub fn decode(bytes: &[u8]) -> Result<Item, WireError> {
+        let mut r = Cursor(bytes);
+        let tag = r.u8()?;
+        let origin = NodeId(r.u64()?);
+        let seq = r.u64()?;
+        if seq == 0 {
+            return Err(WireError::ZeroSeq);
+        }
+        match tag {
+            TAG_NOTICE => {
+                if !r.0.is_empty() {
+                    return Err(WireError::Truncated);
+                }
+                Ok(Item::Notice { origin, seq })
+            }
+            TAG_RECORD => {
+                let hlc = Hlc(r.u64()?);
+                let key = r.str()?;
+                let group = r.str()?;
+                let value = match r.u8()? {
+                    0 if r.0.is_empty() => None,
+                    1 => Some(Arc::<[u8]>::from(r.0)),
+                    _ => return Err(WireError::Truncated),
+                };
+                Ok(Item::Record(Record {
+                    key: key.into(),
+                    group: group.into(),
+                    value,
+                    version: Version { hlc, origin, seq },
+                }))
+            }
+            other => Err(WireError::Tag(other)),
+        }
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn str(&mut self) -> Result<&'a str, WireError> {
+        let n = self.u16()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| WireError::Utf8)
+    }
+}
+
+/// A push of changes: sent at once to a few members, forwarded on first receipt while hops
+/// are left.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Push {
+    pub sender: NodeId,
+    pub hops: u8,
+    /// Encoded items.
+    pub items: Vec<Vec<u8>>,
+}
+
+/// Bytes a push adds around its items (kind, sender, hops).
+pub const PUSH_OVERHEAD: usize = 1 + 8 + 1;
+
+impl Push {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(KIND_PUSH);
+        out.extend_from_slice(&self.sender.0.to_le_bytes());
+        out.push(self.hops);
+        for item in &self.items {
+            out.extend_from_slice(&(item.len() as u16).to_le_bytes());
+            out.extend_from_slice(item);
+        }
+    }
+
+    /// Decode a push body (after the kind byte).
+    pub fn decode(body: &[u8]) -> Result<Push, WireError> {
+        let mut r = Cursor(body);
+        let sender = NodeId(r.u64()?);
+        let hops = r.u8()?;
+        let mut items = Vec::new();
+        while !r.0.is_empty() {
+            let n = r.u16()? as usize;
+            if n == 0 {
+                return Err(WireError::Truncated);
+            }
+            items.push(r.take(n)?.to_vec());
+        }
+        if items.is_empty() {
+            return Err(WireError::Empty);
+        }
+        Ok(Push {
+            sender,
+            hops,
+            items,
+        })
+    }
+}
+
+/// A stable 64-bit hash of a key (FNV-1a): the same on every node and every run, so it may
+/// decide which queued item replaces which.
+pub fn key_hash(key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(value: Option<&[u8]>) -> Record {
+        Record {
+            key: "m1".into(),
+            group: "web".into(),
+            value: value.map(Arc::from),
+            version: Version {
+                hlc: Hlc(0x10),
+                origin: NodeId(7),
+                seq: 2,
+            },
+        }
+    }
+
+    #[test]
+    fn a_record_item_has_an_exact_layout() {
+        let bytes = Item::Record(record(Some(b"+v"))).to_bytes();
+        let mut want = vec![1];
+        want.extend_from_slice(&7u64.to_le_bytes());
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(&0x10u64.to_le_bytes());
+        want.extend_from_slice(&[2, 0, b'm', b'1', 3, 0, b'w', b'e', b'b', 1, b'+', b'v']);
+        assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn items_round_trip_and_every_truncation_is_an_error() {
+        for item in [
+            Item::Record(record(Some(b"+value"))),
+            Item::Record(record(Some(b""))),
+            Item::Record(record(None)),
+            Item::Notice {
+                origin: NodeId(9),
+                seq: 4,
+            },
+        ] {
+            let bytes = item.to_bytes();
+            assert_eq!(Item::decode(&bytes), Ok(item.clone()));
+            for cut in 0..bytes.len() {
+                let decoded = Item::decode(&bytes[..cut]);
+                // A record with a value may be cut inside its value: that decodes, as a
+                // shorter value (the length is the datagram's); everything else must fail.
+                if let Ok(Item::Record(r)) = &decoded {
+                    assert!(r.value.is_some() && cut > bytes.len() - 7, "cut {cut}");
+                } else {
+                    assert!(decoded.is_err(), "cut {cut} of {item:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_items_are_errors() {
+        let mut bytes = Item::Notice {
+            origin: NodeId(1),
+            seq: 1,
+        }
+        .to_bytes();
+        bytes[0] = 9;
+        assert_eq!(Item::decode(&bytes), Err(WireError::Tag(9)));
+        let zero = Item::Notice {
+            origin: NodeId(1),
+            seq: 0,
+        }
+        .to_bytes();
+        assert_eq!(Item::decode(&zero), Err(WireError::ZeroSeq));
+        let mut tomb = Item::Record(record(None)).to_bytes();
+        tomb.push(0);
+        assert_eq!(Item::decode(&tomb), Err(WireError::Truncated));
+        let mut bad_utf8 = Item::Record(record(None)).to_bytes();
+        bad_utf8[27] = 0xff;
+        assert_eq!(Item::decode(&bad_utf8), Err(WireError::Utf8));
+    }
+
+    #[test]
+    fn a_record_too_large_for_a_datagram_travels_as_a_notice() {
+        let r = record(Some(&[b'+'; 100]));
+        assert!(matches!(Item::for_record(&r, 1000), Item::Record(_)));
+        assert_eq!(
+            Item::for_record(&r, 100),
+            Item::Notice {
+                origin: NodeId(7),
+                seq: 2
+            }
+        );
+    }
+
+    #[test]
+    fn pushes_round_trip_and_bad_ones_are_errors() {
+        let push = Push {
+            sender: NodeId(3),
+            hops: 2,
+            items: vec![Item::Record(record(None)).to_bytes(), vec![1, 2, 3]],
+        };
+        let mut bytes = Vec::new();
+        push.encode(&mut bytes);
+        assert_eq!(bytes[0], KIND_PUSH);
+        assert_eq!(Push::decode(&bytes[1..]), Ok(push.clone()));
+        assert_eq!(Push::decode(&bytes[1..10]), Err(WireError::Empty));
+        // A cut between items is a shorter push; anywhere else it is an error.
+        let boundary = 1 + 8 + 1 + 2 + push.items[0].len();
+        for cut in 1..bytes.len() {
+            let decoded = Push::decode(&bytes[1..cut]);
+            if cut == boundary {
+                assert_eq!(decoded.unwrap().items, push.items[..1]);
+            } else {
+                assert!(decoded.is_err(), "cut {cut}");
+            }
+        }
+    }
+}
