@@ -4,7 +4,11 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["patina/v1/machine.proto", "patina/v1/region.proto"];
+const PROTOS: &[&str] = &[
+    "patina/v1/machine.proto",
+    "patina/v1/region.proto",
+    "patina/v1/cluster.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read at run time, not baked in with env!: a build script compiled in one checkout is

@@ -426,10 +426,7 @@ mod tests {
         let m = Member::alive(id("10.0.0.1", 1));
         let mut small = [0u8; 10];
         let mut slice = &mut small[..];
-        assert_eq!(
-            Codec.encode_member(&m, &mut slice),
-            Err(CodecError::NoRoom)
-        );
+        assert_eq!(Codec.encode_member(&m, &mut slice), Err(CodecError::NoRoom));
         assert_eq!(small, [0u8; 10]);
     }
 

@@ -17,6 +17,8 @@
 pub mod envelope;
 pub mod identity;
 pub mod node;
+pub mod shell;
+pub mod sync;
 pub mod wire;
 
 pub use envelope::{ClusterName, Envelope, EnvelopeError};

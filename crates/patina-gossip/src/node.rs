@@ -113,14 +113,17 @@ impl Config {
     }
 
     fn foca_packet(&self, envelope: &Envelope) -> usize {
-        self.max_datagram.saturating_sub(envelope.overhead() + 1).max(256)
+        self.max_datagram
+            .saturating_sub(envelope.overhead() + 1)
+            .max(256)
     }
 
     /// Largest item: what fits a push or a SWIM packet with its headers and a few updates.
     pub fn max_item(&self, envelope: &Envelope) -> usize {
         // Two identities and a message with a third (PingReq) in the header, a couple of
         // member updates, and the item's own length prefix.
-        self.foca_packet(envelope).saturating_sub(3 * 37 + 8 + 2 * 40 + 2)
+        self.foca_packet(envelope)
+            .saturating_sub(3 * 37 + 8 + 2 * 40 + 2)
     }
 }
 
@@ -244,7 +247,10 @@ pub struct ItemKey {
 
 impl Invalidates for ItemKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.key != 0 && self.key == other.key && self.origin == other.origin && self.seq > other.seq
+        self.key != 0
+            && self.key == other.key
+            && self.origin == other.origin
+            && self.seq > other.seq
     }
 }
 
@@ -374,7 +380,11 @@ impl Node {
     }
 
     pub fn counters(&self) -> Counters {
-        self.shared.lock().expect("gossip shared state").counters.clone()
+        self.shared
+            .lock()
+            .expect("gossip shared state")
+            .counters
+            .clone()
     }
 
     /// Start: announce to the seeds and arm the periodic timers.
@@ -552,7 +562,10 @@ impl Node {
             targets.swap(i, j);
         }
         targets.truncate(k);
-        let room = self.cfg.max_datagram.saturating_sub(self.envelope.overhead() + PUSH_OVERHEAD);
+        let room = self
+            .cfg
+            .max_datagram
+            .saturating_sub(self.envelope.overhead() + PUSH_OVERHEAD);
         let me = self.identity().node;
         let mut packets = Vec::new();
         let mut current = Push {
@@ -829,7 +842,10 @@ impl Node {
 
     fn update_backlog(&mut self) {
         let full = self.foca.custom_broadcast_backlog() >= MAX_PIGGYBACK_BACKLOG;
-        self.shared.lock().expect("gossip shared state").backlog_full = full;
+        self.shared
+            .lock()
+            .expect("gossip shared state")
+            .backlog_full = full;
     }
 
     /// Carry out what foca asked for.
@@ -884,7 +900,11 @@ impl Node {
             OwnedNotification::MemberUp(id) => self.member_up(id),
             OwnedNotification::MemberDown(id) => self.member_down(id),
             OwnedNotification::Rename(old, new) => {
-                if self.live.get(&old.node).is_some_and(|s| s.contains(&old.addr)) {
+                if self
+                    .live
+                    .get(&old.node)
+                    .is_some_and(|s| s.contains(&old.addr))
+                {
                     self.member_down(old);
                     self.member_up(new);
                 }

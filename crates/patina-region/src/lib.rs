@@ -66,15 +66,27 @@ const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20
 /// after a store failure, for ever.
 pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Serve the region API, health and reflection on `listener`, within `limits`, until
-/// `shutdown` resolves or the store fails.
+/// The services of a clustered agent, served beside the region API: anti-entropy between
+/// agents and the operators' admin service.
+pub struct ClusterServices {
+    pub sync: patina_proto::v1::sync_server::SyncServer<patina_gossip::shell::SyncService>,
+    pub admin: patina_proto::v1::admin_server::AdminServer<patina_gossip::shell::AdminService>,
+}
+
+/// Serve the region API, health and reflection (and the cluster's services, when given) on
+/// `listener`, within `limits`, until `shutdown` resolves or the store fails.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
     id: &AgentIdentity,
     limits: Limits,
+    cluster: Option<ClusterServices>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let (sync, admin) = match cluster {
+        Some(c) => (Some(c.sync), Some(c.admin)),
+        None => (None, None),
+    };
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let watched = store.clone();
@@ -105,6 +117,8 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(region)
+        .add_optional_service(sync)
+        .add_optional_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 _ = shutdown => {}

@@ -51,6 +51,7 @@ async fn a_failed_fsync_turns_the_agent_not_serving_ends_watches_and_stops() {
             store,
             &id,
             Default::default(),
+            None,
             std::future::pending(),
         )
         .await

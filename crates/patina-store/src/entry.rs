@@ -31,6 +31,9 @@ const LIVE: u8 = 1;
 const ROUTABLE: u8 = 2;
 /// The key was in other groups before this state (its stored row lists them).
 const MOVED: u8 = 4;
+/// A hidden view: what the feed carries for a live record whose owner is down (never in the
+/// index, never stored). See `overlay.rs`.
+const HIDDEN: u8 = 8;
 
 /// A record's state: live (with a value) or a tombstone. Cheap to clone.
 #[derive(Clone, PartialEq, Eq)]
@@ -108,6 +111,13 @@ impl Entry {
         self.0[FLAGS] & LIVE != 0
     }
 
+    /// Is this the hidden view of a live record whose owner is down (the liveness overlay)?
+    /// It is not live, not routable and has no value, so a watcher reads it as a removal; the
+    /// record itself is unchanged in the store. Only watch changes carry hidden views.
+    pub fn is_hidden(&self) -> bool {
+        self.0[FLAGS] & HIDDEN != 0
+    }
+
     /// Whether the record may be routed to (for machines: started and passing).
     pub fn routable(&self) -> bool {
         self.0[FLAGS] & ROUTABLE != 0
@@ -130,6 +140,23 @@ impl Entry {
             }
         }
         self
+    }
+
+    /// This state's hidden view, under revision `rev`: same key, group and version, no value,
+    /// neither live nor routable.
+    pub(crate) fn hidden_view(&self, rev: u64) -> Entry {
+        let end = HEADER + self.u16_at(KEY_LEN) + self.u16_at(GROUP_LEN);
+        let mut bytes = self.0[..end].to_vec();
+        bytes[REV..REV + 8].copy_from_slice(&rev.to_le_bytes());
+        bytes[FLAGS] = HIDDEN;
+        Entry(Arc::from(bytes))
+    }
+
+    /// The same state under revision `rev`: a record revealed again, as the feed carries it.
+    pub(crate) fn with_rev(&self, rev: u64) -> Entry {
+        let mut bytes = self.0.to_vec();
+        bytes[REV..REV + 8].copy_from_slice(&rev.to_le_bytes());
+        Entry(Arc::from(bytes))
     }
 
     pub fn flags(&self) -> Flags {
@@ -166,6 +193,7 @@ impl fmt::Debug for Entry {
             .field("group", &self.group())
             .field("value", &self.value().map(String::from_utf8_lossy))
             .field("routable", &self.routable())
+            .field("hidden", &self.is_hidden())
             .field("version", &self.version())
             .field("rev", &self.rev())
             .finish()
@@ -231,5 +259,29 @@ mod tests {
         let quiet = Entry::new("", "", Some(b""), Flags::default(), v, 0);
         assert!(quiet.is_live() && !quiet.routable());
         assert_eq!(quiet.value(), Some(&b""[..]));
+        assert!(!e.is_hidden());
+    }
+
+    #[test]
+    fn a_hidden_view_keeps_key_group_and_version_and_drops_the_rest() {
+        let v = Version {
+            hlc: Hlc(9),
+            origin: NodeId(3),
+            seq: 4,
+        };
+        let e = Entry::new("m-1", "web", Some(b"+v"), Flags { routable: true }, v, 7);
+        let h = e.hidden_view(12);
+        assert_eq!(
+            (h.key(), h.group(), h.version(), h.rev()),
+            ("m-1", "web", v, 12)
+        );
+        assert!(h.is_hidden() && !h.is_live() && !h.routable());
+        assert_eq!(h.value(), None);
+        let back = e.with_rev(13);
+        assert_eq!(
+            (back.value(), back.version(), back.rev()),
+            (e.value(), v, 13)
+        );
+        assert!(back.is_live() && back.routable() && !back.is_hidden());
     }
 }

@@ -56,6 +56,13 @@ pub enum StoreError {
     /// The write queue and its waiting room are full; nothing was written. Retry later.
     #[error("the write queue is full; retry later")]
     Overloaded,
+    /// The liveness overlay was asked to hide this store's own node, which is alive as long
+    /// as it answers; nothing changed.
+    #[error("node {0} is this store's own node: it is never marked down")]
+    OwnNode(crate::NodeId),
+    /// The liveness overlay already hides `limit` owners; nothing changed.
+    #[error("the liveness overlay already hides {limit} owners")]
+    TooManyDown { limit: usize },
     /// The disk is full: the group commit this write was part of was rolled back, nothing of
     /// it was applied and no counter moved. Writes succeed again once there is space.
     #[error("the disk is full; the write was not applied")]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as Slot;
 
+use crate::NodeId;
 use crate::entry::{ByKey, Entry};
 
 /// Which of a group's live records a listing returns.
@@ -40,7 +41,8 @@ impl Index {
         self.latest(key).filter(Entry::is_live)
     }
 
-    /// Up to `limit` live records of `group` with keys after `after`, in key order.
+    /// Up to `limit` live records of `group` with keys after `after`, in key order, hidden
+    /// ones included (the caller applies the liveness overlay).
     pub fn list(
         &self,
         group: &str,
@@ -48,12 +50,14 @@ impl Index {
         after: Option<&str>,
         limit: usize,
     ) -> Vec<Entry> {
-        self.page(group, filter, after, limit, usize::MAX).0
+        self.page(group, filter, &BTreeSet::new(), after, limit, usize::MAX)
+            .0
     }
 
     /// Every key whose latest state (tombstone or live) was written by `origin`. A scan of
-    /// the whole index: for rare events only (a move to a fresh origin).
-    pub fn of_origin(&self, origin: crate::NodeId) -> Vec<Entry> {
+    /// the whole index: for rare events only (a move to a fresh origin, a change of the
+    /// liveness overlay).
+    pub fn of_origin(&self, origin: NodeId) -> Vec<Entry> {
         self.keys
             .iter()
             .map(|e| e.key().0.clone())
@@ -61,13 +65,15 @@ impl Index {
             .collect()
     }
 
-    /// Up to `limit` live records of `group` with keys after `after`, in key order, looking
-    /// at no more than `max_scan` of the group's records (the filter may skip many). Also
+    /// Up to `limit` live records of `group` with keys after `after`, in key order, skipping
+    /// those whose owner is in `down` (the liveness overlay), looking at no more than
+    /// `max_scan` of the group's records (the filter and the overlay may skip many). Also
     /// returns where a next page starts: after the last key looked at, when more may follow.
     pub fn page(
         &self,
         group: &str,
         filter: Filter,
+        down: &BTreeSet<NodeId>,
         after: Option<&str>,
         limit: usize,
         max_scan: usize,
@@ -83,7 +89,7 @@ impl Index {
         let mut last = None;
         for e in scanned.by_ref().take(max_scan.max(1)) {
             last = Some(e);
-            if filter == Filter::All || e.0.routable() {
+            if (filter == Filter::All || e.0.routable()) && !down.contains(&e.0.owner()) {
                 out.push(e.0.clone());
                 if out.len() == limit {
                     break;

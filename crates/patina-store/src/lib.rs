@@ -21,6 +21,7 @@ mod kind;
 mod knowledge;
 mod mem;
 mod merge;
+mod overlay;
 mod queue;
 mod sqlite;
 mod version;
@@ -30,7 +31,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -49,12 +50,14 @@ pub use merge::{
     ApplyOutcome, ApplyReport, IdSource, LocalWrite, MAX_CLOCK_AHEAD_MS, MAX_ORIGINS,
     MAX_VALUE_LEN, Record, Refusal, RemoteBatch,
 };
+pub use overlay::{MAX_DOWN_OWNERS, OverlayChange};
 pub use version::{Clock, Hlc, HlcClock, ManualClock, NodeId, SystemClock, Version};
 pub use watch::{BadToken, Cursor, ResumeToken, WatchItem};
 
 use index::Index;
 use mem::{MemBackend, MemRows};
 use merge::{Core, Meta};
+use overlay::DownSet;
 use queue::{Class, Queue};
 use writer::{Request, Writer};
 
@@ -219,6 +222,11 @@ pub(crate) struct State {
     pub rows: Rows,
     /// The digest as of the latest commit.
     knowledge: RwLock<Digest>,
+    /// The liveness overlay's down set as of the latest commit that changed it. Readers
+    /// clone the `Arc` out in a one-line scope.
+    down: RwLock<DownSet>,
+    /// `Meta::overlay_rev` as of that commit: a watcher below it cannot catch up from rows.
+    overlay_rev: AtomicU64,
     refusals: Mutex<BTreeMap<NodeId, Refusals>>,
     /// Set once, when the store fails for good.
     failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
@@ -236,6 +244,21 @@ impl State {
 
     fn set_node(&self, node: NodeId) {
         self.node.store(node.0, Ordering::Release);
+    }
+
+    /// The owners whose live records readers do not see.
+    pub fn down(&self) -> DownSet {
+        self.down.read().expect("overlay lock").clone()
+    }
+
+    /// The revision of the latest change the overlay published (0: none).
+    pub fn overlay_rev(&self) -> u64 {
+        self.overlay_rev.load(Ordering::Acquire)
+    }
+
+    fn publish_overlay(&self, down: DownSet, overlay_rev: u64) {
+        *self.down.write().expect("overlay lock") = down;
+        self.overlay_rev.store(overlay_rev, Ordering::Release);
     }
 
     fn publish_knowledge(&self, changed: BTreeMap<NodeId, OriginKnowledge>) {
@@ -328,7 +351,7 @@ pub struct StoreStats {
     pub node: NodeId,
     /// Keys known, tombstones included.
     pub keys: usize,
-    /// Live records.
+    /// Live records, those the liveness overlay hides included.
     pub live: usize,
     pub groups: usize,
     pub revision: u64,
@@ -375,13 +398,15 @@ pub struct Store {
 pub const DB_FILE: &str = "patina.db";
 const LOCK_FILE: &str = "LOCK";
 
-fn new_state(node: NodeId, index: Index, feed: Feed, rows: Rows, knowledge: Digest) -> Arc<State> {
+fn new_state(meta: &Meta, index: Index, feed: Feed, rows: Rows, knowledge: Digest) -> Arc<State> {
     Arc::new(State {
-        node: AtomicU64::new(node.0),
+        node: AtomicU64::new(meta.node.0),
         index,
         feed,
         rows,
         knowledge: RwLock::new(knowledge),
+        down: RwLock::new(meta.down.clone()),
+        overlay_rev: AtomicU64::new(meta.overlay_rev),
         refusals: Mutex::new(BTreeMap::new()),
         failure: tokio::sync::watch::Sender::new(None),
         commits: AtomicU64::new(0),
@@ -433,7 +458,15 @@ impl Store {
             tracing::warn!(rows = stale.len(), "deleting superseded rows found at load");
             sqlite::delete_revs(&conn, &stale)?;
         }
-        let (floor, recent) = sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
+        let (floor, mut recent) =
+            sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
+        // The overlay's changes are not rows, so the rebuilt log lacks them: a position below
+        // the latest one must not resume from it (it gets a reset instead, see watch.rs).
+        let floor = floor.max(meta.overlay_rev);
+        recent.retain(|c| c.rev() > floor);
+        for c in &mut recent {
+            c.entry = overlay::watch_view(c.entry.clone(), &meta.down);
+        }
         let feed = Feed::new(
             opts.watch_log_capacity.get(),
             opts.watch_log_bytes.get(),
@@ -442,7 +475,7 @@ impl Store {
             recent,
         );
         let state = new_state(
-            meta.node,
+            &meta,
             index,
             feed,
             Rows::Sqlite(sqlite::Readers::new(path)),
@@ -457,7 +490,7 @@ impl Store {
             },
             core: Core {
                 moved: false,
-                meta,
+                meta: meta.clone(),
                 clock: HlcClock::starting_after(meta.hlc),
                 knowledge,
                 kind: opts.kind.clone(),
@@ -480,6 +513,7 @@ impl Store {
             records = state.index.len_live(),
             revision = meta.revision,
             local_seq = meta.local_seq,
+            down_owners = meta.down.len(),
             "store opened"
         );
         Ok(Store {
@@ -503,6 +537,8 @@ impl Store {
             local_seq: 0,
             hlc: Hlc::default(),
             revision: 0,
+            down: DownSet::default(),
+            overlay_rev: 0,
         };
         let mut knowledge = Digest::new();
         knowledge.insert(node, OriginKnowledge::dense(0));
@@ -515,7 +551,7 @@ impl Store {
             Vec::new(),
         );
         let state = new_state(
-            node,
+            &meta,
             Index::default(),
             feed,
             Rows::Memory(rows.clone()),
@@ -571,10 +607,7 @@ impl Store {
             Engine::Inline(inline) => {
                 let mut inline = inline.lock().expect("inline store lock");
                 let Inline { core, backend } = &mut *inline;
-                let work = [match &request {
-                    Request::Local { ops, .. } => merge::Work::Local(ops),
-                    Request::Remote { batch, .. } => merge::Work::Remote(batch),
-                }];
+                let work = [request.work()];
                 match core.commit_group(&self.state, &work, backend) {
                     Ok((outcomes, staged)) => {
                         writer::finish_group(&self.state, core, vec![request], outcomes, staged)
@@ -629,7 +662,35 @@ impl Store {
         rx.await.map_err(|_| self.unanswered())?
     }
 
-    /// A live record, from memory.
+    /// Mark `owner` down (`true`: hide every live record it owns, see [`Entry::owner`]) or up
+    /// again, without a replicated write: listings and watch snapshots skip its records from
+    /// the commit on, and watchers get each as a removal (a hidden view, [`Entry::is_hidden`])
+    /// or, when it is up again, as the record. Committed through the writer, so the change and
+    /// the revisions it takes are durable and ordered with the records'. Asking for the state
+    /// the owner is already in changes nothing and publishes nothing. This store's own node is
+    /// refused ([`StoreError::OwnNode`]): it is alive as long as it answers.
+    pub async fn set_owner_down(
+        &self,
+        owner: NodeId,
+        down: bool,
+    ) -> Result<OverlayChange, StoreError> {
+        if owner == self.node() {
+            return Err(StoreError::OwnNode(owner));
+        }
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Overlay { owner, down, reply };
+        self.submit(Class::Local, request, 1, merge::OP_OVERHEAD)
+            .await?;
+        rx.await.map_err(|_| self.unanswered())?
+    }
+
+    /// The owners whose records the liveness overlay hides, as of the latest commit.
+    pub fn down_owners(&self) -> BTreeSet<NodeId> {
+        (*self.state.down()).clone()
+    }
+
+    /// A live record, from memory. A point lookup for operators: it returns the record even
+    /// when the liveness overlay hides it (its owner is down), unlike listings and watches.
     pub fn get_live(&self, key: &str) -> Option<Entry> {
         self.state.index.live(key)
     }
@@ -639,13 +700,24 @@ impl Store {
         self.state.index.latest(key).map(|e| Record::from_entry(&e))
     }
 
-    /// A group's live records, from memory, in key order.
-    pub fn list(&self, group: &str, filter: Filter) -> Vec<Entry> {
-        self.state.index.list(group, filter, None, usize::MAX)
+    /// Every key whose latest state (live or tombstone) is owned by `owner`: a scan of the
+    /// whole index, for rare operator actions (forgetting a member).
+    pub fn owned_by(&self, owner: NodeId) -> Vec<Entry> {
+        self.state.index.of_origin(owner)
     }
 
-    /// One page of a group's live records with keys after `after`, in key order: at most
-    /// `limit` records, looking at no more than `max_scan` of the group's records (a filter
+    /// A group's live records, from memory, in key order, except those of owners the
+    /// liveness overlay hides.
+    pub fn list(&self, group: &str, filter: Filter) -> Vec<Entry> {
+        let down = self.state.down();
+        self.state
+            .index
+            .page(group, filter, &down, None, usize::MAX, usize::MAX)
+            .0
+    }
+
+    /// One page of a group's live records with keys after `after`, in key order, except those
+    /// of owners the liveness overlay hides (they count as looked at): at most `limit` records, looking at no more than `max_scan` of the group's records (a filter
     /// may skip many), so a page costs what it is bounded to. Returns the records and the key
     /// after which the next page starts (`None`: nothing follows).
     pub fn list_page(
@@ -656,7 +728,10 @@ impl Store {
         limit: usize,
         max_scan: usize,
     ) -> (Vec<Entry>, Option<String>) {
-        self.state.index.page(group, filter, after, limit, max_scan)
+        let down = self.state.down();
+        self.state
+            .index
+            .page(group, filter, &down, after, limit, max_scan)
     }
 
     /// The change feed.

@@ -104,6 +104,10 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn put_overlay(&mut self, _: &Meta) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+
     fn commit(&mut self) -> Result<(), rusqlite::Error> {
         self.failpoints.check_commit()?;
         let mut rows = self.rows.lock().expect("rows lock");

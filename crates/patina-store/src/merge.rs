@@ -7,12 +7,13 @@
 //! the in-memory one share every rule. Nothing staged is visible until the caller installs
 //! it after the backend committed ([`Staged`]); on failure the caller restores the core.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::entry::{ByKey, MAX_KEY_LEN};
 use crate::feed::{Change, LeftGroups};
 use crate::knowledge::{Digest, OriginKnowledge, SeqRange, TooManyGaps};
+use crate::overlay::{self, DownSet, MAX_DOWN_OWNERS, OverlayChange};
 use crate::{Candidate, Clock, Entry, HlcClock, KindRef, NodeId, State, StoreError, Version};
 
 /// A write from this node's own clients.
@@ -71,7 +72,7 @@ impl Record {
 }
 
 /// Per-op bookkeeping counted against a queue's byte budget besides keys and values.
-const OP_OVERHEAD: usize = 64;
+pub(crate) const OP_OVERHEAD: usize = 64;
 
 /// What a peer sends: records, and ranges of an origin's sequence numbers that it knows were
 /// superseded and have nothing left ("covered, nothing left").
@@ -181,8 +182,9 @@ pub const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
 /// without bound.
 pub const MAX_ORIGINS: usize = 65_536;
 
-/// What a store knows about itself, persisted with every commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a store knows about itself, persisted with every commit (the overlay's part with
+/// every commit that changes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Meta {
     /// This store's origin: the identity of every local write.
     pub node: NodeId,
@@ -192,6 +194,11 @@ pub(crate) struct Meta {
     pub hlc: crate::Hlc,
     /// The store revision of the latest committed change.
     pub revision: u64,
+    /// The liveness overlay: owners whose live records readers do not see.
+    pub down: DownSet,
+    /// The revision of the latest change the overlay published (0: none). Those changes are
+    /// not rows: a watcher below it cannot catch up from the stored rows.
+    pub overlay_rev: u64,
 }
 
 /// Where new origin identities come from when a store must move to a fresh one.
@@ -241,6 +248,9 @@ pub(crate) trait Backend {
     fn put_knowledge(&mut self, origin: NodeId, k: &OriginKnowledge)
     -> Result<(), rusqlite::Error>;
     fn put_meta(&mut self, meta: &Meta, kind: &str) -> Result<(), rusqlite::Error>;
+    /// The overlay's part of the meta (`down`, `overlay_rev`), in the same transaction; only
+    /// when a group changed it.
+    fn put_overlay(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
     /// Make everything since `begin` durable.
     fn commit(&mut self) -> Result<(), rusqlite::Error>;
     /// Drop everything since `begin`.
@@ -251,18 +261,30 @@ pub(crate) trait Backend {
 pub(crate) enum Work<'a> {
     Local(&'a [LocalWrite]),
     Remote(&'a RemoteBatch),
+    /// Mark `owner` down (hide its records) or up (show them again).
+    Overlay {
+        owner: NodeId,
+        down: bool,
+    },
 }
 
 /// The result of one request of a group.
 pub(crate) enum Outcome {
     Local(Result<Vec<Version>, StoreError>),
     Remote(ApplyReport),
+    Overlay(Result<OverlayChange, StoreError>),
 }
 
 /// What a staged group changes once its commit succeeds.
 #[derive(Default)]
 pub(crate) struct Staged {
+    /// New states of keys, for the index, in revision order.
+    pub installs: Vec<Entry>,
+    /// What the feed publishes, in revision order: every install (as its hidden view when
+    /// its owner is down), and the overlay's changes of visibility, which are not installed.
     pub changes: Vec<Change>,
+    /// The group changed the overlay (`Meta::down`, `Meta::overlay_rev`).
+    pub overlay: bool,
     /// Knowledge of the origins this group touched, as it is after the group.
     pub knowledge: BTreeMap<NodeId, OriginKnowledge>,
     pub refusals: Vec<(NodeId, Refusal)>,
@@ -321,9 +343,10 @@ impl Group<'_> {
         current(self.state, &self.pending, key)
     }
 
-    /// Stage a key's new state (already written to the backend).
-    fn stage_change(&mut self, entry: Entry, prev: Option<Entry>) {
-        stage_change(&mut self.pending, &mut self.staged.changes, entry, prev);
+    /// Stage a key's new state (already written to the backend). `down`: the overlay as of
+    /// this point in the group.
+    fn stage_change(&mut self, down: &BTreeSet<NodeId>, entry: Entry, prev: Option<Entry>) {
+        stage_change(&mut self.pending, &mut self.staged, down, entry, prev);
     }
 }
 
@@ -344,7 +367,7 @@ impl Core {
             staged: Staged::default(),
             saved: Saved {
                 moved: self.moved,
-                meta: self.meta,
+                meta: self.meta.clone(),
                 clock: self.clock.last(),
                 knowledge: BTreeMap::new(),
             },
@@ -379,6 +402,9 @@ impl Core {
         for (origin, k) in &g.staged.knowledge {
             g.backend.put_knowledge(*origin, k)?;
         }
+        if g.staged.overlay {
+            g.backend.put_overlay(&self.meta)?;
+        }
         g.backend.put_meta(&self.meta, self.kind.name())?;
         g.backend.commit()?;
         Ok(outcomes)
@@ -408,6 +434,9 @@ impl Core {
             let outcome = match w {
                 Work::Local(ops) => Outcome::Local(self.stage_local(g, ops)?),
                 Work::Remote(batch) => Outcome::Remote(self.stage_remote(g, batch)?),
+                Work::Overlay { owner, down } => {
+                    Outcome::Overlay(self.stage_overlay(g, *owner, *down))
+                }
             };
             outcomes.push(outcome);
         }
@@ -458,7 +487,7 @@ impl Core {
             let entry = mark_moves(entry, prev.as_ref());
             g.backend.put_record(&entry, prev.as_ref())?;
             versions.push(version);
-            g.stage_change(entry, prev);
+            g.stage_change(&self.meta.down, entry, prev);
         }
         let (node, seq) = (self.meta.node, self.meta.local_seq);
         *Self::knowledge_mut(&mut self.knowledge, g, node) = OriginKnowledge::dense(seq);
@@ -682,11 +711,76 @@ impl Core {
             );
             let entry = mark_moves(entry, Some(&prev));
             g.backend.put_record(&entry, Some(&prev))?;
-            g.stage_change(entry, Some(prev));
+            g.stage_change(&self.meta.down, entry, Some(prev));
         }
         let (node, seq) = (self.meta.node, self.meta.local_seq);
         *Self::knowledge_mut(&mut self.knowledge, g, node) = OriginKnowledge::dense(seq);
         Ok(())
+    }
+
+    /// Mark `owner` down or up, and stage one feed change per live record it owns: its
+    /// hidden view, or (shown again) the record itself, each under a new revision. Nothing is
+    /// installed or written but the meta: the index keeps the real state, readers apply the
+    /// overlay, and only the feed carries the views.
+    fn stage_overlay(
+        &mut self,
+        g: &mut Group<'_>,
+        owner: NodeId,
+        down: bool,
+    ) -> Result<OverlayChange, StoreError> {
+        if owner == self.meta.node {
+            return Err(StoreError::OwnNode(owner));
+        }
+        if down == self.meta.down.contains(&owner) {
+            return Ok(OverlayChange::default());
+        }
+        if down && self.meta.down.len() >= MAX_DOWN_OWNERS {
+            return Err(StoreError::TooManyDown {
+                limit: MAX_DOWN_OWNERS,
+            });
+        }
+        // Copied on write: the group's saved meta (and readers) keep the set as it was.
+        let set = Arc::make_mut(&mut self.meta.down);
+        if down {
+            set.insert(owner);
+        } else {
+            set.remove(&owner);
+        }
+        g.staged.overlay = true;
+        // The owner's live records as of this point in the group. A scan of the whole index:
+        // liveness changes are rare, and an index by owner is a later improvement.
+        let mut held: Vec<Entry> = g
+            .state
+            .index
+            .of_origin(owner)
+            .into_iter()
+            .filter(|e| !g.pending.contains(e.key()))
+            .chain(g.pending.iter().map(|p| p.0.clone()))
+            .filter(|e| e.is_live() && e.owner() == owner)
+            .collect();
+        // Revision order, as they were written: the same feed on every run (the index's own
+        // iteration order is not).
+        held.sort_by_key(Entry::rev);
+        for e in &held {
+            self.meta.revision += 1;
+            let view = if down {
+                e.hidden_view(self.meta.revision)
+            } else {
+                e.with_rev(self.meta.revision)
+            };
+            g.staged.changes.push(Change {
+                entry: view,
+                left: LeftGroups::default(),
+            });
+        }
+        if !held.is_empty() {
+            self.meta.overlay_rev = self.meta.revision;
+        }
+        tracing::info!(owner = %owner, down, records = held.len(), "liveness overlay changed");
+        Ok(OverlayChange {
+            changed: true,
+            records: held.len(),
+        })
     }
 
     fn stage_record(
@@ -775,7 +869,7 @@ impl Core {
         );
         let entry = mark_moves(entry, prev.as_ref());
         g.backend.put_record(&entry, prev.as_ref())?;
-        g.stage_change(entry, prev);
+        g.stage_change(&self.meta.down, entry, prev);
         Ok(Applied)
     }
 
@@ -802,9 +896,12 @@ impl Core {
     }
 }
 
+/// Stage a key's new state: for the index as it is, for the feed as watchers see it under
+/// the overlay (a later write of a down owner's record is hidden too).
 fn stage_change(
     pending: &mut Pending,
-    changes: &mut Vec<Change>,
+    staged: &mut Staged,
+    down: &BTreeSet<NodeId>,
     entry: Entry,
     prev: Option<Entry>,
 ) {
@@ -816,7 +913,11 @@ fn stage_change(
         left.push(p.group(), entry.rev());
     }
     pending.replace(ByKey(entry.clone()));
-    changes.push(Change { entry, left });
+    staged.installs.push(entry.clone());
+    staged.changes.push(Change {
+        entry: overlay::watch_view(entry, down),
+        left,
+    });
 }
 
 /// Mark a new state as having left other groups when its key was in another group before

@@ -22,7 +22,7 @@ pub(crate) const SCHEMA_VERSION: i64 = 2;
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
-    value NOT NULL             -- integers, and the kind's name
+    value NOT NULL             -- integers, the kind's name, the overlay's down set (a blob)
 ) WITHOUT ROWID;
 -- One row per key: its latest state, stored under the revision of the change that made it.
 -- The revision is the rowid, so every write appends at the end of the table; the row it
@@ -189,12 +189,26 @@ pub(crate) fn prepare(
 /// Read the store's meta.
 pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
     let node = meta_int(conn, "node_id")?.ok_or(StoreError::Schema(-1))?;
+    let down: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'down_owners'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let down = match down {
+        None => Default::default(),
+        Some(bytes) => crate::overlay::decode(&bytes)
+            .ok_or_else(|| StoreError::Corrupt("the liveness overlay's down set".into()))?,
+    };
     Ok(Meta {
         node: NodeId(node as u64),
         local_seq: meta_int(conn, "local_seq")?.unwrap_or(0) as u64,
         // Written with every commit, so never below any stored record's timestamp.
         hlc: Hlc(meta_int(conn, "hlc")?.unwrap_or(0) as u64),
         revision: meta_int(conn, "revision")?.unwrap_or(0) as u64,
+        down: std::sync::Arc::new(down),
+        overlay_rev: meta_int(conn, "overlay_rev")?.unwrap_or(0) as u64,
     })
 }
 
@@ -568,6 +582,15 @@ impl Backend for SqliteBackend {
         stmt.execute(params!["local_seq", meta.local_seq as i64])?;
         stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
         stmt.execute(params!["revision", meta.revision as i64])?;
+        Ok(())
+    }
+
+    fn put_overlay(&mut self, meta: &Meta) -> Result<(), rusqlite::Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+        stmt.execute(params!["down_owners", crate::overlay::encode(&meta.down)])?;
+        stmt.execute(params!["overlay_rev", meta.overlay_rev as i64])?;
         Ok(())
     }
 

@@ -11,6 +11,11 @@
 //! and the catch-up of a whole-store cursor that fell behind the log, walk the stored rows by
 //! revision. Either way a chunk holds only records at or below the revision the walk started
 //! from (`r0`); anything newer comes from the log afterwards.
+//!
+//! The liveness overlay applies at read time: snapshots skip the records of down owners, and
+//! a catch-up sends them as hidden views. The overlay's own changes are in the log only (they
+//! are not rows), so a cursor that fell behind the log from below the latest of them gets a
+//! reset, never a catch-up that would silently miss them.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +25,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::feed::{Change, LeftGroups};
+use crate::overlay;
 use crate::{Entry, NodeId, Rows, State, StoreError};
 
 /// A position in one store's change history, for one scope.
@@ -206,8 +212,19 @@ impl Cursor {
     /// Catch-up for a cursor the log has left behind: the current state of every key changed
     /// since its position, walking the stored rows by revision (coalesced, no reset). A
     /// scoped cursor takes the keys of its group, and, as deletions, those whose rows say
-    /// they left the group after its position.
+    /// they left the group after its position. A position below the overlay's latest change
+    /// gets a new snapshot instead: the rows cannot tell which records it hid or showed.
     fn catch_up(&mut self) {
+        let overlay_rev = self.state.overlay_rev();
+        if self.pos < overlay_rev {
+            tracing::debug!(
+                pos = self.pos,
+                overlay_rev,
+                "a watch behind the log and the liveness overlay restarts with a snapshot"
+            );
+            self.start_snapshot();
+            return;
+        }
         self.phase = Phase::Scan {
             r0: self.state.feed.revision(),
             after: self.pos,
@@ -285,7 +302,11 @@ impl Cursor {
                     };
                     *after = Some(last.key().to_owned());
                     *first = false;
-                    let entries: Vec<Entry> = raw.into_iter().filter(|e| e.rev() <= r0).collect();
+                    let down = self.state.down();
+                    let entries: Vec<Entry> = raw
+                        .into_iter()
+                        .filter(|e| e.rev() <= r0 && !overlay::is_hidden_by(e, &down))
+                        .collect();
                     if entries.is_empty() && !was_first {
                         continue;
                     }
@@ -342,13 +363,16 @@ impl Cursor {
                     };
                     // A row whose key has moved on since is skipped: its newer state comes
                     // later in this walk, or from the log.
+                    let down = self.state.down();
                     let current = keys.iter().filter_map(|(key, rev, left)| {
                         let entry = self.state.index.latest(key).filter(|e| e.rev() == *rev)?;
                         Some((entry, left))
                     });
                     if snapshot {
-                        let entries: Vec<Entry> =
-                            current.map(|(e, _)| e).filter(Entry::is_live).collect();
+                        let entries: Vec<Entry> = current
+                            .map(|(e, _)| e)
+                            .filter(|e| e.is_live() && !overlay::is_hidden_by(e, &down))
+                            .collect();
                         if entries.is_empty() && !was_first {
                             continue;
                         }
@@ -365,7 +389,7 @@ impl Cursor {
                         })
                         .map(|(entry, _)| {
                             self.scoped(Change {
-                                entry,
+                                entry: overlay::watch_view(entry, &down),
                                 left: LeftGroups::default(),
                             })
                         })

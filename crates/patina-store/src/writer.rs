@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use crate::merge::{ApplyReport, Core, Outcome, RemoteBatch, Staged, Work};
 use crate::queue::{Queue, Queued};
 use crate::sqlite::SqliteBackend;
-use crate::{LocalWrite, State, StoreError, Version};
+use crate::{LocalWrite, NodeId, OverlayChange, State, StoreError, Version};
 
 pub(crate) enum Request {
     /// Applied all or nothing; acknowledged with the versions given, in order.
@@ -39,13 +39,23 @@ pub(crate) enum Request {
         batch: RemoteBatch,
         reply: oneshot::Sender<Result<ApplyReport, StoreError>>,
     },
+    /// A change of the liveness overlay: `owner` is down (hide its records) or up.
+    Overlay {
+        owner: NodeId,
+        down: bool,
+        reply: oneshot::Sender<Result<OverlayChange, StoreError>>,
+    },
 }
 
 impl Request {
-    fn work(&self) -> Work<'_> {
+    pub(crate) fn work(&self) -> Work<'_> {
         match self {
             Request::Local { ops, .. } => Work::Local(ops),
             Request::Remote { batch, .. } => Work::Remote(batch),
+            Request::Overlay { owner, down, .. } => Work::Overlay {
+                owner: *owner,
+                down: *down,
+            },
         }
     }
 
@@ -55,6 +65,9 @@ impl Request {
                 let _ = reply.send(Err(err.duplicate()));
             }
             Request::Remote { reply, .. } => {
+                let _ = reply.send(Err(err.duplicate()));
+            }
+            Request::Overlay { reply, .. } => {
                 let _ = reply.send(Err(err.duplicate()));
             }
         }
@@ -67,6 +80,9 @@ impl Request {
             }
             (Request::Remote { reply, .. }, Outcome::Remote(r)) => {
                 let _ = reply.send(Ok(r));
+            }
+            (Request::Overlay { reply, .. }, Outcome::Overlay(r)) => {
+                let _ = reply.send(r);
             }
             _ => unreachable!("one outcome per request, of its kind"),
         }
@@ -96,9 +112,16 @@ pub(crate) fn finish_group(
     state
         .commits
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The overlay before the feed: a reader that sees an overlay change's revision reads
+    // with the down set it produced (and one that reads the new set early only finds its
+    // view repeated by the feed).
+    if staged.overlay {
+        state.publish_overlay(core.meta.down.clone(), core.meta.overlay_rev);
+    }
     // The index first: a reader that sees a number known must find its record installed.
-    for change in &staged.changes {
-        state.index.install(change.entry.clone());
+    // Only real states: the overlay's views live in the feed alone.
+    for entry in staged.installs {
+        state.index.install(entry);
     }
     state.publish_knowledge(staged.knowledge);
     state.count_refusals(staged.refusals);

@@ -14,6 +14,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{Health, ListInstancesRequest, Machine, MachineState};
 use tonic::transport::Channel;
@@ -53,12 +54,23 @@ impl Agent {
     /// appended to the generated config (TOML after the top-level keys, e.g. a `[limits]`
     /// table).
     pub fn start(bin: &Path, dir: &Path, ip: &str, extra: &str) -> std::io::Result<Agent> {
+        Agent::start_host(bin, dir, ip, "worker-1", extra)
+    }
+
+    /// [`Agent::start`] on worker host `host` (agents of one cluster run on distinct hosts).
+    pub fn start_host(
+        bin: &Path,
+        dir: &Path,
+        ip: &str,
+        host: &str,
+        extra: &str,
+    ) -> std::io::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("patina.toml");
         std::fs::write(
             &config,
             format!(
-                "region = \"test\"\nhost = \"worker-1\"\nlisten = \"{ip}:0\"\ndata_dir = \"{}\"\nlog = \"warn\"\n{extra}",
+                "region = \"test\"\nhost = \"{host}\"\nlisten = \"{ip}:0\"\ndata_dir = \"{}\"\nlog = \"warn\"\n{extra}",
                 dir.join("data").display()
             ),
         )?;
@@ -94,6 +106,11 @@ impl Agent {
             .connect()
             .await
             .expect("connect to the agent")
+    }
+
+    /// A gRPC client of its admin service.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
     }
 
     /// `host:port` of the agent, for raw sockets and the CLI's `--server`.

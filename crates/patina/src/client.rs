@@ -1,4 +1,5 @@
-//! The command-line client: `patina machine ...`, `patina instances`, `patina watch`.
+//! The command-line client: `patina machine ...`, `patina instances`, `patina watch`,
+//! `patina members`, `patina status`, `patina forget`.
 //! Human output by default; `--json` prints JSON a program can parse. Stored strings are
 //! printed with their control characters escaped, so a value cannot drive the terminal.
 
@@ -7,13 +8,216 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::Context;
+use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{
-    DeleteMachineRequest, GetMachineRequest, Health, ListInstancesRequest, Machine, MachineState,
-    UpsertMachineRequest, WatchRequest, machine_change, watch_response,
+    ClusterStatusRequest, DeleteMachineRequest, ForgetRequest, GetMachineRequest, Health,
+    ListInstancesRequest, Machine, MachineState, Member, MembersRequest, UpsertMachineRequest,
+    WatchRequest, machine_change, watch_response,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
+
+/// Connect to an agent's admin service.
+async fn connect_admin(server: &str) -> anyhow::Result<AdminClient<Channel>> {
+    let url = if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    };
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("bad server address {server:?}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+#[derive(Serialize)]
+struct MemberJson {
+    id: String,
+    address: String,
+    api_address: String,
+    state: String,
+    incarnation: u32,
+    epoch: u64,
+    last_seen_ms_ago: Option<u64>,
+}
+
+impl From<&Member> for MemberJson {
+    fn from(m: &Member) -> Self {
+        MemberJson {
+            id: m.id.clone(),
+            address: m.address.clone(),
+            api_address: m.api_address.clone(),
+            state: m.state.clone(),
+            incarnation: m.incarnation,
+            epoch: m.epoch,
+            last_seen_ms_ago: m.last_seen_ms_ago,
+        }
+    }
+}
+
+pub async fn members(server: &str, json: bool) -> anyhow::Result<()> {
+    let mut admin = connect_admin(server).await?;
+    let r = admin
+        .members(MembersRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut all: Vec<(bool, &Member)> = r.this.iter().map(|m| (true, m)).collect();
+    all.extend(r.members.iter().map(|m| (false, m)));
+    if json {
+        let list: Vec<MemberJson> = all.iter().map(|(_, m)| MemberJson::from(*m)).collect();
+        println!("{}", to_json(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<22} {:<22} {:<8} {:>5} {:>6} {:>10}",
+        "ID", "GOSSIP", "API", "STATE", "INC", "EPOCH", "SEEN"
+    );
+    for (me, m) in all {
+        let seen = match (me, m.last_seen_ms_ago) {
+            (true, _) => "(this)".to_string(),
+            (false, Some(ms)) => format!("{ms} ms"),
+            (false, None) => "never".to_string(),
+        };
+        println!(
+            "{:<18} {:<22} {:<22} {:<8} {:>5} {:>6} {:>10}",
+            term(&m.id),
+            term(&m.address),
+            term(&m.api_address),
+            term(&m.state),
+            m.incarnation,
+            m.epoch,
+            seen
+        );
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct OriginJson {
+    origin: String,
+    head: u64,
+    gaps: u64,
+    missing: u64,
+    refused: u64,
+    hidden: bool,
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    node: String,
+    keys: u64,
+    live: u64,
+    revision: u64,
+    health: u32,
+    origins: Vec<OriginJson>,
+    datagrams_in: u64,
+    datagrams_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    dropped_datagrams: u64,
+    syncs: u64,
+    sync_failures: u64,
+    sync_records_in: u64,
+    sync_records_out: u64,
+}
+
+pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
+    let mut admin = connect_admin(server).await?;
+    let r = admin
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let s = StatusJson {
+        node: r.node,
+        keys: r.keys,
+        live: r.live,
+        revision: r.revision,
+        health: r.health,
+        origins: r
+            .origins
+            .iter()
+            .map(|o| OriginJson {
+                origin: o.origin.clone(),
+                head: o.head,
+                gaps: o.gaps,
+                missing: o.missing,
+                refused: o.refused,
+                hidden: o.hidden,
+            })
+            .collect(),
+        datagrams_in: r.datagrams_in,
+        datagrams_out: r.datagrams_out,
+        bytes_in: r.bytes_in,
+        bytes_out: r.bytes_out,
+        dropped_datagrams: r.dropped_datagrams,
+        syncs: r.syncs,
+        sync_failures: r.sync_failures,
+        sync_records_in: r.sync_records_in,
+        sync_records_out: r.sync_records_out,
+    };
+    if json {
+        println!("{}", to_json(&s)?);
+        return Ok(());
+    }
+    println!(
+        "node {}  keys {}  live {}  revision {}  local health {}",
+        term(&s.node),
+        s.keys,
+        s.live,
+        s.revision,
+        s.health
+    );
+    println!(
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped; sync: {} sessions, {} failed, {} records in, {} out",
+        s.datagrams_in,
+        s.bytes_in,
+        s.datagrams_out,
+        s.bytes_out,
+        s.dropped_datagrams,
+        s.syncs,
+        s.sync_failures,
+        s.sync_records_in,
+        s.sync_records_out
+    );
+    println!(
+        "{:<18} {:>10} {:>6} {:>10} {:>8} {:>7}",
+        "ORIGIN", "HEAD", "GAPS", "MISSING", "REFUSED", "HIDDEN"
+    );
+    for o in &s.origins {
+        println!(
+            "{:<18} {:>10} {:>6} {:>10} {:>8} {:>7}",
+            term(&o.origin),
+            o.head,
+            o.gaps,
+            o.missing,
+            o.refused,
+            if o.hidden { "yes" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+pub async fn forget(server: &str, member: String) -> anyhow::Result<()> {
+    let mut admin = connect_admin(server).await?;
+    let r = admin
+        .forget(ForgetRequest {
+            member: member.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "forgot {}: {} machines deleted",
+        term(&member),
+        r.tombstoned
+    );
+    Ok(())
+}
 
 /// Connect to an agent; `ADDR` may be `host:port` or a full `http://` URL.
 pub async fn connect(server: &str) -> anyhow::Result<RegionClient<Channel>> {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// Top-level keys; other `PATINA_*` variables (the CLI's own, such as `PATINA_SERVER`) are
 /// not configuration and are ignored here.
 const KEYS: &[&str] = &[
-    "region", "host", "data_dir", "listen", "log", "store", "limits",
+    "region", "host", "data_dir", "listen", "log", "store", "limits", "gossip",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,6 +32,104 @@ pub struct Config {
     pub log: String,
     pub store: StoreConfig,
     pub limits: LimitsConfig,
+    pub gossip: GossipConfig,
+}
+
+/// Membership and replication between the agents of one region. See
+/// `docs/configuration.md` for why each default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GossipConfig {
+    /// Cluster name: agents of another cluster are ignored. Defaults to the region's name.
+    pub cluster: Option<String>,
+    /// UDP address of SWIM and pushes (default: the API's IP, its port + 1).
+    pub listen: Option<SocketAddr>,
+    /// UDP address other agents reach this one at (default: `listen`).
+    pub advertise: Option<SocketAddr>,
+    /// Gossip addresses of agents to join through (any few live ones).
+    pub seeds: Vec<SocketAddr>,
+    pub probe_period_ms: NonZeroU64,
+    pub probe_rtt_ms: NonZeroU64,
+    pub suspicion_min_ms: NonZeroU64,
+    pub suspicion_max_ms: NonZeroU64,
+    pub fanout: NonZeroUsize,
+    pub push_fanout: NonZeroUsize,
+    pub push_hops: u8,
+    pub max_transmissions: std::num::NonZeroU8,
+    pub max_datagram_bytes: NonZeroUsize,
+    pub sync_interval_ms: NonZeroU64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        let d = patina_gossip::Config::lan(
+            patina_gossip::ClusterName::new("default").expect("a valid name"),
+        );
+        let ms = |d: std::time::Duration| NonZeroU64::new(d.as_millis() as u64).expect("non-zero");
+        GossipConfig {
+            cluster: None,
+            listen: None,
+            advertise: None,
+            seeds: Vec::new(),
+            probe_period_ms: ms(d.probe_period),
+            probe_rtt_ms: ms(d.probe_rtt),
+            suspicion_min_ms: ms(d.suspicion_min),
+            suspicion_max_ms: ms(d.suspicion_max),
+            fanout: d.fanout,
+            push_fanout: d.push_fanout,
+            push_hops: d.push_hops,
+            max_transmissions: d.max_transmissions,
+            max_datagram_bytes: NonZeroUsize::new(d.max_datagram).expect("non-zero"),
+            sync_interval_ms: ms(d.sync_interval),
+        }
+    }
+}
+
+impl GossipConfig {
+    /// The node's configuration for the region `region`.
+    pub fn node(&self, region: &str) -> anyhow::Result<patina_gossip::Config> {
+        let name = self.cluster.as_deref().unwrap_or(region);
+        let cluster = patina_gossip::ClusterName::new(name)
+            .map_err(|e| anyhow::anyhow!("config: gossip.cluster: {e}"))?;
+        let ms = |v: NonZeroU64| std::time::Duration::from_millis(v.get());
+        anyhow::ensure!(
+            self.probe_rtt_ms < self.probe_period_ms,
+            "config: gossip.probe_rtt_ms must be less than gossip.probe_period_ms"
+        );
+        anyhow::ensure!(
+            self.suspicion_min_ms <= self.suspicion_max_ms,
+            "config: gossip.suspicion_min_ms must be at most gossip.suspicion_max_ms"
+        );
+        anyhow::ensure!(
+            (576..=65_000).contains(&self.max_datagram_bytes.get()),
+            "config: gossip.max_datagram_bytes must be between 576 and 65000"
+        );
+        Ok(patina_gossip::Config {
+            probe_period: ms(self.probe_period_ms),
+            probe_rtt: ms(self.probe_rtt_ms),
+            suspicion_min: ms(self.suspicion_min_ms),
+            suspicion_max: ms(self.suspicion_max_ms),
+            fanout: self.fanout,
+            push_fanout: self.push_fanout,
+            push_hops: self.push_hops,
+            max_transmissions: self.max_transmissions,
+            max_datagram: self.max_datagram_bytes.get(),
+            sync_interval: ms(self.sync_interval_ms),
+            ..patina_gossip::Config::lan(cluster)
+        })
+    }
+
+    /// The UDP address to bind: `listen`, else the API's IP with the API's configured port
+    /// + 1 (any free port when the API's is 0, as in tests).
+    pub fn listen_addr(&self, api: SocketAddr) -> SocketAddr {
+        self.listen.unwrap_or_else(|| {
+            let port = match api.port() {
+                0 => 0,
+                p => p.wrapping_add(1),
+            };
+            SocketAddr::new(api.ip(), port)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -125,6 +223,7 @@ impl Default for Config {
             log: "info".into(),
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
+            gossip: GossipConfig::default(),
         }
     }
 }
@@ -165,6 +264,7 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         patina_region::validate::host_name(&self.host)
             .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        self.gossip.node(&self.region)?;
         Ok(())
     }
 }

@@ -42,7 +42,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run a development agent on embedded defaults, until Ctrl-C.
+    /// Run a development region of three agents on embedded defaults, until Ctrl-C.
     Dev {
         /// Keep data here (default: a new temporary directory, removed on exit).
         #[arg(long)]
@@ -66,6 +66,27 @@ enum Command {
         all: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// The cluster's members as an agent sees them.
+    Members {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An agent's replication status: records, per-origin digest, gossip counters.
+    Status {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a down member for good: its machines are deleted cluster-wide.
+    Forget {
+        #[arg(long, env = "PATINA_SERVER", default_value = DEFAULT_SERVER)]
+        server: String,
+        /// The member's id (hex) or gossip address.
+        member: String,
     },
     /// Stream an app's (or the whole region's) machines: a snapshot, then changes.
     Watch {
@@ -126,7 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Region { config } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
-                run_agent(config, None).await
+                run_agent(config, None, None).await
             }
             Command::NewOrigin { config } => {
                 let config = Config::load(config.as_deref())?;
@@ -134,18 +155,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 new_origin(config).await
             }
             Command::Dev { data_dir, listen } => {
-                let mut config = Config::load(None)?;
-                config.region = "dev".into();
-                config.listen = listen;
+                let config = Config::load(None)?;
                 init_logs(&config.log);
                 let temp = data_dir.is_none();
-                config.data_dir = data_dir.unwrap_or_else(|| {
+                let root = data_dir.unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("patina-dev-{}", std::process::id()))
                 });
-                let dir = config.data_dir.clone();
-                let result = run_agent(config, Some(print_dev_banner)).await;
+                let result = run_dev(config, &root, listen).await;
                 if temp {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = std::fs::remove_dir_all(&root);
                 }
                 result
             }
@@ -168,6 +186,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 resume,
                 json,
             } => client::watch(&server, app, resume, json).await,
+            Command::Members { server, json } => client::members(&server, json).await,
+            Command::Status { server, json } => client::status(&server, json).await,
+            Command::Forget { server, member } => client::forget(&server, member).await,
         }
     })
 }
@@ -183,16 +204,25 @@ fn init_logs(filter: &str) {
 
 fn print_dev_banner(config: &Config, addr: SocketAddr) {
     println!(
-        "patina dev: region {:?}, data in {}",
+        "patina dev: region {:?} of {DEV_AGENTS} agents, data in {}",
         config.region,
-        config.data_dir.display()
+        config
+            .data_dir
+            .parent()
+            .unwrap_or(&config.data_dir)
+            .display()
     );
     println!("try:");
     println!("  patina machine put --server {addr} --app web --id web-1 --addr 127.0.0.1:8080");
     println!("  patina instances --server {addr} web");
     println!("  patina watch --server {addr} web");
+    println!("  patina members --server {addr}");
+    println!("  patina status --server {addr}");
     println!("Ctrl-C stops.");
 }
+
+/// The announcement prefix scripts and `patina-testkit` look for.
+const ANNOUNCE: &str = "region API: ";
 
 /// Descriptors the agent needs besides client connections: the store's SQLite files
 /// (database, WAL, shared memory, lock), the listener, stdio, the refused-connection path
@@ -267,7 +297,55 @@ async fn new_origin(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> anyhow::Result<()> {
+/// Agents `patina dev` runs: one region of three, as a cluster of three hosts would.
+const DEV_AGENTS: usize = 3;
+
+/// A region of [`DEV_AGENTS`] agents in this process on embedded defaults: the first serves
+/// the region API at `listen`, the others on free ports of its IP; all gossip on loopback.
+async fn run_dev(base: Config, root: &std::path::Path, listen: SocketAddr) -> anyhow::Result<()> {
+    // The first agent's gossip port is the seed of the others: fixed before any starts.
+    let seed = match listen.port() {
+        0 => std::net::UdpSocket::bind(SocketAddr::new(listen.ip(), 0))?.local_addr()?,
+        p => SocketAddr::new(listen.ip(), p.wrapping_add(1)),
+    };
+    let mut agents = tokio::task::JoinSet::new();
+    for i in 0..DEV_AGENTS {
+        let mut config = base.clone();
+        config.region = "dev".into();
+        config.host = format!("dev-{}", i + 1);
+        config.data_dir = root.join(format!("agent-{}", i + 1));
+        config.gossip.seeds = vec![seed];
+        if i == 0 {
+            config.listen = listen;
+            config.gossip.listen = Some(seed);
+        } else {
+            config.listen = SocketAddr::new(listen.ip(), 0);
+            config.gossip.listen = Some(SocketAddr::new(listen.ip(), 0));
+        }
+        let banner: Option<fn(&Config, SocketAddr)> = (i == 0).then_some(print_dev_banner as _);
+        let label = (i > 0).then(|| format!("region API (agent {}): ", i + 1));
+        agents.spawn(async move { run_agent(config, banner, label).await });
+        if i == 0 {
+            // Let the first agent bind its ports before the others seed from it.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let mut result = Ok(());
+    while let Some(r) = agents.join_next().await {
+        if let Err(e) = r? {
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// Run one agent until a shutdown signal. `label` replaces the announcement line's prefix
+/// (agents of `patina dev` after the first, so that scripts find the first one).
+async fn run_agent(
+    config: Config,
+    banner: Option<fn(&Config, SocketAddr)>,
+    label: Option<String>,
+) -> anyhow::Result<()> {
     raise_open_file_limit(&config);
     let dir = config.data_dir.clone();
     let opts = config.store.options(&config.region);
@@ -277,7 +355,7 @@ async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> a
     let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     // Scripts and tests read this line to find the agent.
-    println!("region API: http://{addr}");
+    println!("{}http://{addr}", label.as_deref().unwrap_or(ANNOUNCE));
     if let Some(banner) = banner {
         banner(&config, addr);
     }
@@ -286,8 +364,44 @@ async fn run_agent(config: Config, banner: Option<fn(&Config, SocketAddr)>) -> a
         host: config.host.clone(),
     };
     let limits = (&config.limits).into();
-    let served =
-        patina_region::serve(listener, store.clone(), &id, limits, shutdown_signal()).await;
+    // Gossip leaves the cluster when the agent shuts down, and only then does the server stop.
+    let (stop_gossip, gossip_stopped) = tokio::sync::oneshot::channel::<()>();
+    let gossip_addr = config.gossip.listen_addr(config.listen);
+    let shell = patina_gossip::shell::ShellConfig {
+        node: config.gossip.node(&config.region)?,
+        listen: gossip_addr,
+        advertise: config.gossip.advertise,
+        api_port: addr.port(),
+        seeds: config.gossip.seeds.clone(),
+        epoch_file: config.data_dir.join("gossip-epoch"),
+        seed: None,
+    };
+    let (gossip, gossip_task) = patina_gossip::shell::Gossip::start(store.clone(), shell, async {
+        let _ = gossip_stopped.await;
+    })
+    .await
+    .with_context(|| format!("starting gossip on udp {gossip_addr}"))?;
+    // Scripts and tests read this line to find the agent's gossip address.
+    println!("gossip: udp {}", gossip.advertised);
+    let cluster = patina_region::ClusterServices {
+        sync: gossip.sync_service().into_server(),
+        admin: gossip.admin_service().into_server(),
+    };
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = stop_gossip.send(());
+        let _ = gossip_task.await;
+    };
+    let served = patina_region::serve(
+        listener,
+        store.clone(),
+        &id,
+        limits,
+        Some(cluster),
+        shutdown,
+    )
+    .await;
+    drop(gossip);
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("stopped");

@@ -1,9 +1,10 @@
 //! Unit and property tests of the store: merge laws through the store's own `apply`,
 //! durability across reopen, group commit, all-or-nothing requests. Watch cursors, the
-//! replication surface (outcomes, knowledge, range reads, identity) and the failure paths
-//! have their own files.
+//! replication surface (outcomes, knowledge, range reads, identity), the liveness overlay and
+//! the failure paths have their own files.
 
 mod failure;
+mod overlay;
 mod replication;
 mod watch;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 
-fn next(rt: &tokio::runtime::Runtime, cursor: &mut Cursor) -> WatchItem {
+pub(super) fn next(rt: &tokio::runtime::Runtime, cursor: &mut Cursor) -> WatchItem {
     rt.block_on(async {
         tokio::time::timeout(std::time::Duration::from_secs(5), cursor.next())
             .await
@@ -270,14 +270,14 @@ fn a_cursor_ends_when_the_store_closes() {
 
 /// A client's view: what applying a cursor's items gives, keyed by key.
 #[derive(Default)]
-struct View {
-    held: BTreeMap<String, Entry>,
-    token: Option<ResumeToken>,
-    resets: usize,
+pub(super) struct View {
+    pub(super) held: BTreeMap<String, Entry>,
+    pub(super) token: Option<ResumeToken>,
+    pub(super) resets: usize,
 }
 
 impl View {
-    fn apply(&mut self, item: WatchItem) {
+    pub(super) fn apply(&mut self, item: WatchItem) {
         match item {
             WatchItem::Snapshot { reset, entries } => {
                 if reset {
@@ -303,7 +303,12 @@ impl View {
     }
 
     /// Read items until the view is at `revision`.
-    fn follow(&mut self, rt: &tokio::runtime::Runtime, cursor: &mut Cursor, revision: u64) {
+    pub(super) fn follow(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        cursor: &mut Cursor,
+        revision: u64,
+    ) {
         for _ in 0..10_000 {
             if self.token.is_some_and(|t| t.rev >= revision) {
                 return;

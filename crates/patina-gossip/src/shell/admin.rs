@@ -1,0 +1,199 @@
+//! `patina.v1.Admin`: membership, replication status and forgetting dead members.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use patina_proto::v1::admin_server::{Admin, AdminServer};
+use patina_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, ForgetRequest, ForgetResponse, Member,
+    MembersRequest, MembersResponse, OriginStatus,
+};
+use patina_store::{LocalWrite, NodeId};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use super::{Gossip, Input, by_node};
+use crate::identity::Identity;
+use crate::node::{MemberInfo, MemberState};
+
+/// Deletes per write when forgetting a member: one group commit's share.
+const FORGET_CHUNK: usize = 500;
+
+#[derive(Clone)]
+pub struct AdminService {
+    gossip: Gossip,
+}
+
+impl AdminService {
+    pub(super) fn new(gossip: Gossip) -> AdminService {
+        AdminService { gossip }
+    }
+
+    pub fn into_server(self) -> AdminServer<AdminService> {
+        AdminServer::new(self)
+    }
+}
+
+fn state_name(s: MemberState) -> &'static str {
+    match s {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Down => "down",
+    }
+}
+
+fn member(id: &Identity, incarnation: u16, state: &str, ago: Option<u64>) -> Member {
+    Member {
+        id: id.node.to_string(),
+        address: id.addr.to_string(),
+        api_address: id.api_addr().to_string(),
+        state: state.to_string(),
+        incarnation: u32::from(incarnation),
+        epoch: id.epoch,
+        last_seen_ms_ago: ago,
+    }
+}
+
+fn parse_node(s: &str) -> Option<NodeId> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .ok()
+        .map(NodeId)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn members(
+        &self,
+        _: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let snap = self
+            .gossip
+            .snapshot()
+            .await
+            .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+        let members = snap
+            .members
+            .iter()
+            .map(|m: &MemberInfo| {
+                let ago = m
+                    .last_seen
+                    .map(|t| snap.now.saturating_sub(t).as_millis() as u64);
+                member(&m.identity, m.incarnation, state_name(m.state), ago)
+            })
+            .collect();
+        Ok(Response::new(MembersResponse {
+            this: Some(member(&snap.me, 0, "alive", Some(0))),
+            members,
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let snap = self
+            .gossip
+            .snapshot()
+            .await
+            .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+        let store = &self.gossip.store;
+        let stats = store.stats();
+        let refusals = store.refusals();
+        let down = store.down_owners();
+        let origins = store
+            .digest()
+            .iter()
+            .map(|(o, k)| OriginStatus {
+                origin: o.to_string(),
+                head: k.head(),
+                gaps: k.gap_count() as u64,
+                missing: k.gaps().map(|r| r.hi() - r.lo() + 1).sum(),
+                refused: refusals.get(o).map_or(0, |r| r.count),
+                hidden: down.contains(o),
+            })
+            .collect();
+        let c = &snap.counters;
+        let s = &self.gossip.sync_counters;
+        Ok(Response::new(ClusterStatusResponse {
+            node: stats.node.to_string(),
+            keys: stats.keys as u64,
+            live: stats.live as u64,
+            revision: stats.revision,
+            origins,
+            health: snap.health,
+            datagrams_in: c.datagrams_in,
+            datagrams_out: c.datagrams_out,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            dropped_datagrams: c.dropped_envelope + c.dropped_decode,
+            syncs: s.sessions.load(Ordering::Relaxed),
+            sync_failures: s.failures.load(Ordering::Relaxed),
+            sync_records_in: s.records_in.load(Ordering::Relaxed),
+            sync_records_out: s.records_out.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn forget(
+        &self,
+        request: Request<ForgetRequest>,
+    ) -> Result<Response<ForgetResponse>, Status> {
+        let wanted = request.into_inner().member;
+        let snap = self
+            .gossip
+            .snapshot()
+            .await
+            .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+        let addr: Option<SocketAddr> = wanted.parse().ok();
+        let node = parse_node(&wanted);
+        let found = snap
+            .members
+            .iter()
+            .filter(|m| Some(m.identity.addr) == addr || Some(m.identity.node) == node)
+            .max_by_key(|m| m.identity.epoch);
+        let owner = match (found, node) {
+            (Some(m), _) => {
+                if m.state != MemberState::Down {
+                    return Err(Status::failed_precondition(format!(
+                        "member {} is {}: only a down member can be forgotten",
+                        m.identity,
+                        state_name(m.state)
+                    )));
+                }
+                let (tx, rx) = oneshot::channel();
+                let _ = self.gossip.inputs.send(Input::Forget(m.identity, tx)).await;
+                let _ = rx.await;
+                m.identity.node
+            }
+            // Not a member any more (removed long ago): its records may still be held.
+            (None, Some(node)) if !by_node(&snap.members).contains_key(&node) => node,
+            _ => return Err(Status::not_found("no such member")),
+        };
+        if owner == self.gossip.store.node() {
+            return Err(Status::failed_precondition("an agent cannot forget itself"));
+        }
+        let keys: Vec<String> = self
+            .gossip
+            .store
+            .owned_by(owner)
+            .iter()
+            .filter(|e| e.is_live() || e.is_hidden())
+            .map(|e| e.key().to_string())
+            .collect();
+        let mut tombstoned = 0u64;
+        for chunk in keys.chunks(FORGET_CHUNK) {
+            let ops = chunk
+                .iter()
+                .map(|k| LocalWrite::Delete { key: k.clone() })
+                .collect();
+            let done = self
+                .gossip
+                .store
+                .write(ops)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            tombstoned += done.len() as u64;
+        }
+        tracing::warn!(owner = %owner, tombstoned, "forgot a member: its records are deleted");
+        Ok(Response::new(ForgetResponse { tombstoned }))
+    }
+}

@@ -1,0 +1,560 @@
+//! The tokio shell around [`Node`]: the UDP socket, the one timer scheduler, the store, and
+//! the gRPC sync and admin services. One task owns the node (SWIM never waits behind a sync
+//! or a commit: those run on their own tasks and report back through a bounded channel).
+//!
+//! Timers: one min-heap ordered by (due, insertion), fired in that order; a timer is never
+//! dropped, only late. After a stall, datagrams already received are handled before the
+//! timers that came due meanwhile, so acks that did arrive are not taken for silence.
+
+mod admin;
+mod session;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use patina_store::{NodeId, OriginKnowledge, Record, Store};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::identity::Identity;
+use crate::node::{Config, Counters, MemberInfo, Node, Output, TimerEvent};
+
+pub use admin::AdminService;
+pub use session::SyncService;
+
+/// Inputs the node's task takes besides datagrams and timers. Bounded: see `INPUT_CAPACITY`.
+enum Input {
+    Local(Vec<Record>),
+    Learned {
+        known: Vec<(NodeId, OriginKnowledge)>,
+        settled: Vec<(NodeId, u64)>,
+    },
+    SyncDone {
+        peer: Identity,
+        ok: bool,
+    },
+    Corroborated {
+        member: Identity,
+        gone: bool,
+    },
+    Members(oneshot::Sender<Snapshot>),
+    Forget(Identity, oneshot::Sender<bool>),
+}
+
+/// Inputs waiting for the node's task. Senders wait when it is full (back-pressure on the
+/// feed follower and on sessions), except datagrams, which the task reads itself.
+const INPUT_CAPACITY: usize = 1024;
+/// Largest datagram read; longer ones are truncated by the kernel and fail to decode.
+const RECV_BUFFER: usize = 65_536;
+/// Applies of pushed changes running at once; past it, pushed changes are left to
+/// anti-entropy (the node stops tracking them as pending).
+const MAX_APPLIES: usize = 8;
+/// How long a suspect's gRPC port gets to accept a connection before it counts as gone.
+const CORROBORATE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the shell keeps running after a graceful leave, so the news gets out.
+pub const LEAVE_GRACE: Duration = Duration::from_millis(500);
+
+/// Where and how the shell runs.
+#[derive(Clone, Debug)]
+pub struct ShellConfig {
+    pub node: Config,
+    /// UDP address to bind.
+    pub listen: SocketAddr,
+    /// UDP address other members reach us at; `None`: the bound socket's address.
+    pub advertise: Option<SocketAddr>,
+    /// The gRPC port on the advertised IP (sync, admin, the region API).
+    pub api_port: u16,
+    pub seeds: Vec<SocketAddr>,
+    /// File that holds the epoch, bumped at every start.
+    pub epoch_file: PathBuf,
+    /// Seeds the node's random choices (the shell uses the OS's randomness when `None`).
+    pub seed: Option<u64>,
+}
+
+/// Membership and counters as the node's task last saw them.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub me: Identity,
+    pub members: Vec<MemberInfo>,
+    pub counters: Counters,
+    pub health: u32,
+    pub now: Duration,
+}
+
+/// Counters of the sessions (both directions).
+#[derive(Default, Debug)]
+pub struct SyncCounters {
+    pub sessions: AtomicU64,
+    pub failures: AtomicU64,
+    pub records_in: AtomicU64,
+    pub records_out: AtomicU64,
+}
+
+/// A handle on a running shell.
+#[derive(Clone)]
+pub struct Gossip {
+    inputs: mpsc::Sender<Input>,
+    store: Store,
+    cluster: Arc<str>,
+    sync_counters: Arc<SyncCounters>,
+    reporter: Reporter,
+    /// The gossip address other members reach this agent at.
+    pub advertised: SocketAddr,
+}
+
+/// What sessions and tasks use to tell the node what the store learned.
+#[derive(Clone)]
+struct Reporter {
+    inputs: mpsc::Sender<Input>,
+    store: Store,
+}
+
+impl Reporter {
+    /// Apply a batch from a peer and report what became known. Returns the records applied.
+    async fn apply(&self, batch: patina_store::RemoteBatch) -> Result<usize, String> {
+        let mut origins: Vec<NodeId> = batch.records.iter().map(|r| r.version.origin).collect();
+        origins.extend(batch.covered.iter().map(|(o, _)| *o));
+        origins.sort();
+        origins.dedup();
+        let settled: Vec<(NodeId, u64)> = batch
+            .records
+            .iter()
+            .map(|r| (r.version.origin, r.version.seq))
+            .collect();
+        let result = self.store.apply(batch).await;
+        let digest = self.store.digest();
+        let known = origins
+            .iter()
+            .filter_map(|o| digest.get(o).map(|k| (*o, k.clone())))
+            .collect();
+        let _ = self.inputs.send(Input::Learned { known, settled }).await;
+        match result {
+            Ok(report) => Ok(report.applied()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl Gossip {
+    /// Bind the socket, start the node and its tasks. They stop when `shutdown` resolves
+    /// (after a graceful leave) or when every [`Gossip`] handle is dropped.
+    pub async fn start(
+        store: Store,
+        cfg: ShellConfig,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<(Gossip, tokio::task::JoinHandle<()>)> {
+        let socket = UdpSocket::bind(cfg.listen).await?;
+        let advertise = match cfg.advertise {
+            Some(a) => a,
+            None => socket.local_addr()?,
+        };
+        let epoch = bump_epoch(cfg.epoch_file.clone()).await?;
+        let identity = Identity {
+            node: store.node(),
+            addr: advertise,
+            api_port: cfg.api_port,
+            epoch,
+        };
+        let seed = cfg.seed.unwrap_or_else(|| {
+            let mut b = [0u8; 8];
+            getrandom::fill(&mut b).expect("the OS random source failed");
+            u64::from_le_bytes(b)
+        });
+        let node = Node::new(
+            identity,
+            cfg.node.clone(),
+            store.digest(),
+            cfg.seeds.clone(),
+            seed,
+        );
+        let (inputs, rx) = mpsc::channel(INPUT_CAPACITY);
+        let reporter = Reporter {
+            inputs: inputs.clone(),
+            store: store.clone(),
+        };
+        let gossip = Gossip {
+            inputs: inputs.clone(),
+            store: store.clone(),
+            cluster: cfg.node.cluster.as_str().into(),
+            sync_counters: Arc::new(SyncCounters::default()),
+            reporter: reporter.clone(),
+            advertised: advertise,
+        };
+        let task = Task {
+            node,
+            socket: Arc::new(socket),
+            rx,
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            base: Instant::now(),
+            store: store.clone(),
+            reporter,
+            applies: Arc::new(tokio::sync::Semaphore::new(MAX_APPLIES)),
+            liveness: spawn_liveness(store.clone()),
+            gossip: gossip.clone(),
+            epoch_file: cfg.epoch_file.clone(),
+            tasks: JoinSet::new(),
+        };
+        tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
+        let follower = tokio::spawn(follow_feed(store, inputs));
+        let handle = tokio::spawn(async move {
+            task.run(shutdown).await;
+            follower.abort();
+        });
+        Ok((gossip, handle))
+    }
+
+    /// Membership as the node sees it now.
+    pub async fn snapshot(&self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::Members(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub fn sync_service(&self) -> SyncService {
+        SyncService::new(self.clone())
+    }
+
+    pub fn admin_service(&self) -> AdminService {
+        AdminService::new(self.clone())
+    }
+}
+
+/// Read the epoch file, write it back plus one (durably) and return the new epoch: a
+/// restarted agent's identity always wins over the one it had before.
+async fn bump_epoch(path: PathBuf) -> std::io::Result<u64> {
+    tokio::task::spawn_blocking(move || {
+        let old = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        let new = old + 1;
+        write_epoch(&path, new)?;
+        Ok(new)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+fn write_epoch(path: &std::path::Path, epoch: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    writeln!(f, "{epoch}")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Hide and show owners' records in order, one request at a time (a down then an up must
+/// not be reordered).
+fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
+    // Unbounded but small: one entry per membership change, which foca bounds by members.
+    let (tx, mut rx) = mpsc::unbounded_channel::<(NodeId, bool)>();
+    tokio::spawn(async move {
+        while let Some((node, down)) = rx.recv().await {
+            match store.set_owner_down(node, down).await {
+                Ok(c) => {
+                    tracing::info!(owner = %node, down, changed = c.changed, records = c.records, "liveness overlay")
+                }
+                Err(e) => {
+                    tracing::warn!(owner = %node, down, error = %e, "liveness overlay failed")
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// Follow the store's feed and hand the node every local change once it is durable.
+async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
+    let mut wake = store.feed().subscribe();
+    let mut after = store.feed().revision();
+    loop {
+        let me = store.node();
+        match store
+            .feed()
+            .read_since(after, 512, |c| c.entry.version().origin == me)
+        {
+            Ok((changes, upto)) => {
+                after = upto;
+                if !changes.is_empty() {
+                    let records = changes
+                        .iter()
+                        .map(|c| Record {
+                            key: c.entry.key().into(),
+                            group: c.entry.group().into(),
+                            value: c.entry.value().map(Arc::from),
+                            version: c.entry.version(),
+                        })
+                        .collect();
+                    if inputs.send(Input::Local(records)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            Err(behind) => {
+                // Fell behind the log (a write storm): anti-entropy carries what we skip.
+                tracing::warn!(floor = behind.floor, "feed follower skipped changes");
+                after = behind.floor;
+                continue;
+            }
+        }
+        if after < store.feed().revision() {
+            continue;
+        }
+        if store.feed().is_closed() || wake.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Task {
+    node: Node,
+    socket: Arc<UdpSocket>,
+    rx: mpsc::Receiver<Input>,
+    timers: BinaryHeap<Reverse<(Duration, u64, TimerSlot)>>,
+    timer_seq: u64,
+    base: Instant,
+    store: Store,
+    reporter: Reporter,
+    applies: Arc<tokio::sync::Semaphore>,
+    liveness: mpsc::UnboundedSender<(NodeId, bool)>,
+    gossip: Gossip,
+    epoch_file: PathBuf,
+    tasks: JoinSet<()>,
+}
+
+/// A timer in the heap; ordered by (due, insertion) only.
+struct TimerSlot(TimerEvent);
+
+impl PartialEq for TimerSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for TimerSlot {}
+impl PartialOrd for TimerSlot {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TimerSlot {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+/// A turn of the loop longer than this is reported: the seed of the stalled-loop watchdog.
+const TURN_BUDGET: Duration = Duration::from_millis(100);
+
+impl Task {
+    fn now(&self) -> Duration {
+        self.base.elapsed()
+    }
+
+    async fn run(mut self, shutdown: impl std::future::Future<Output = ()> + Send) {
+        let now = self.now();
+        self.node.start(now);
+        self.flush();
+        let mut buf = vec![0u8; RECV_BUFFER];
+        tokio::pin!(shutdown);
+        loop {
+            let next = self.timers.peek().map(|Reverse((due, _, _))| *due);
+            let sleep = tokio::time::sleep_until(
+                self.base + next.unwrap_or(Duration::from_secs(3600) + self.now()),
+            );
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = self.socket.recv_from(&mut buf) => {
+                    let started = std::time::Instant::now();
+                    if let Ok((n, _)) = r {
+                        let now = self.now();
+                        self.node.handle_datagram(now, &buf[..n]);
+                    }
+                    // Drain what else is waiting before any timer: after a stall, acks that
+                    // arrived must count before the timeouts that came due meanwhile.
+                    while let Ok((n, _)) = self.socket.try_recv_from(&mut buf) {
+                        let now = self.now();
+                        self.node.handle_datagram(now, &buf[..n]);
+                    }
+                    self.flush();
+                    report_turn(started, "datagrams");
+                }
+                Some(input) = self.rx.recv() => {
+                    let started = std::time::Instant::now();
+                    self.input(input);
+                    self.flush();
+                    report_turn(started, "input");
+                }
+                () = sleep => {
+                    let started = std::time::Instant::now();
+                    while let Ok((n, _)) = self.socket.try_recv_from(&mut buf) {
+                        let now = self.now();
+                        self.node.handle_datagram(now, &buf[..n]);
+                    }
+                    let now = self.now();
+                    while self.timers.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
+                        let Some(Reverse((_, _, TimerSlot(ev)))) = self.timers.pop() else { break };
+                        self.node.handle_timer(now, ev);
+                        self.flush();
+                    }
+                    report_turn(started, "timers");
+                }
+            }
+        }
+        // Leave: tell a few members, keep answering briefly so the news gets out.
+        let now = self.now();
+        self.node.leave(now);
+        self.flush();
+        let until = Instant::now() + LEAVE_GRACE;
+        loop {
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => {
+                    if let Ok((n, _)) = r {
+                        let now = self.now();
+                        self.node.handle_datagram(now, &buf[..n]);
+                        self.flush();
+                    }
+                }
+                () = tokio::time::sleep_until(until) => break,
+            }
+        }
+        self.tasks.abort_all();
+        tracing::info!("gossip stopped");
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = self.now();
+        match input {
+            Input::Local(records) => self.node.handle_local(now, &records),
+            Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
+            Input::SyncDone { peer, ok } => self.node.handle_sync_done(now, peer, ok),
+            Input::Corroborated { member, gone } => {
+                self.node.handle_corroboration(now, member, gone)
+            }
+            Input::Members(reply) => {
+                let _ = reply.send(Snapshot {
+                    me: self.node.identity(),
+                    members: self.node.members(),
+                    counters: self.node.counters(),
+                    health: self.node.health(),
+                    now,
+                });
+            }
+            Input::Forget(member, reply) => {
+                let _ = reply.send(self.node.forget(now, member));
+            }
+        }
+    }
+
+    /// Carry out everything the node asked for.
+    fn flush(&mut self) {
+        // Reap finished helper tasks so the set stays small.
+        while self.tasks.try_join_next().is_some() {}
+        for out in self.node.drain() {
+            match out {
+                Output::Send { to, bytes } => {
+                    // UDP: a full socket buffer drops, as the network would.
+                    let _ = self.socket.try_send_to(&bytes, to);
+                }
+                Output::Schedule { timer, .. } => {
+                    self.timer_seq += 1;
+                    self.timers
+                        .push(Reverse((timer.due, self.timer_seq, TimerSlot(timer))));
+                }
+                Output::Apply { records } => self.apply(records),
+                Output::Liveness { node, down } => {
+                    let _ = self.liveness.send((node, down));
+                }
+                Output::Corroborate { member } => {
+                    let inputs = self.gossip.inputs.clone();
+                    self.tasks.spawn(async move {
+                        let gone = !port_answers(member.api_addr()).await;
+                        let _ = inputs.send(Input::Corroborated { member, gone }).await;
+                    });
+                }
+                Output::Sync { peer } => {
+                    let gossip = self.gossip.clone();
+                    self.tasks.spawn(async move {
+                        let ok = session::run_client(&gossip, peer).await;
+                        let _ = gossip.inputs.send(Input::SyncDone { peer, ok }).await;
+                    });
+                }
+                Output::Renewed { identity } => {
+                    tracing::warn!(identity = %identity, "declared down by the cluster: rejoined under a new epoch");
+                    let path = self.epoch_file.clone();
+                    self.tasks.spawn(async move {
+                        let _ =
+                            tokio::task::spawn_blocking(move || write_epoch(&path, identity.epoch))
+                                .await;
+                    });
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, records: Vec<Record>) {
+        let settled: Vec<(NodeId, u64)> = records
+            .iter()
+            .map(|r| (r.version.origin, r.version.seq))
+            .collect();
+        let Ok(permit) = self.applies.clone().try_acquire_owned() else {
+            // Too many applies in flight: let anti-entropy bring these.
+            let now = self.now();
+            self.node.handle_learned(now, Vec::new(), &settled);
+            return;
+        };
+        let reporter = self.reporter.clone();
+        let _ = &self.store;
+        self.tasks.spawn(async move {
+            let batch = patina_store::RemoteBatch {
+                records,
+                covered: Vec::new(),
+            };
+            if let Err(e) = reporter.apply(batch).await {
+                tracing::debug!(error = %e, "pushed changes not applied");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn report_turn(started: std::time::Instant, what: &'static str) {
+    let took = started.elapsed();
+    if took > TURN_BUDGET {
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            what,
+            "gossip loop turn over budget"
+        );
+    }
+}
+
+/// Does anything accept connections on `addr`? A refused connection or a timeout says the
+/// process (or its host) is gone; a stopped or starved process still has its socket accepted
+/// by the kernel, so it is given the long suspicion.
+async fn port_answers(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(CORROBORATE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Members by id, for the admin service.
+fn by_node(members: &[MemberInfo]) -> BTreeMap<NodeId, &MemberInfo> {
+    members.iter().map(|m| (m.identity.node, m)).collect()
+}

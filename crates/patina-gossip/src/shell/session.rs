@@ -1,0 +1,346 @@
+//! Anti-entropy sessions over gRPC (`patina.v1.Sync/Exchange`), both sides of one stream:
+//! hello with digests both ways, then each side streams what the other lacks (newest first,
+//! within `sync::SESSION_BYTES`) and a done, and applies what it receives.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use patina_proto::v1::sync_client::SyncClient;
+use patina_proto::v1::sync_message::Body;
+use patina_proto::v1::sync_server::{Sync, SyncServer};
+use patina_proto::v1::{
+    CoveredSpan, OriginDigest, SeqSpan, SyncBatch, SyncDone, SyncHello, SyncMessage, SyncRecord,
+};
+use patina_store::{
+    Digest, Hlc, NodeId, OriginKnowledge, ReadBudget, Record, RemoteBatch, SeqRange, Version,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::Gossip;
+use crate::identity::Identity;
+use crate::sync::{BATCH_BYTES, BATCH_OPS, SESSION_BYTES, lacking};
+
+/// Sessions this agent serves at once; more get RESOURCE_EXHAUSTED (the peer tries another
+/// member or the next round). Each holds at most a few batches in memory.
+pub const MAX_SERVED_SESSIONS: usize = 8;
+/// Batches queued per session direction: bounds a session's memory to a few batches.
+const SESSION_QUEUE: usize = 4;
+/// How long a peer may take to say hello, and a whole session to finish.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn hello(g: &Gossip) -> SyncMessage {
+    let digest = g.store.digest();
+    SyncMessage {
+        body: Some(Body::Hello(SyncHello {
+            cluster: g.cluster.to_string(),
+            node: g.store.node().0,
+            digest: digest
+                .iter()
+                .map(|(o, k)| OriginDigest {
+                    origin: o.0,
+                    head: k.head(),
+                    gaps: k
+                        .gaps()
+                        .map(|r| SeqSpan {
+                            lo: r.lo(),
+                            hi: r.hi(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// A peer's digest from its hello, checked.
+fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<Digest, Status> {
+    let Some(SyncMessage {
+        body: Some(Body::Hello(h)),
+    }) = msg
+    else {
+        return Err(Status::invalid_argument(
+            "a sync session starts with a hello",
+        ));
+    };
+    if h.cluster != *g.cluster {
+        return Err(Status::failed_precondition("another cluster"));
+    }
+    if h.digest.len() > crate::sync::MAX_DIGEST_ORIGINS {
+        return Err(Status::resource_exhausted("digest has too many origins"));
+    }
+    let mut out = Digest::new();
+    for d in h.digest {
+        let gaps: Option<Vec<SeqRange>> =
+            d.gaps.iter().map(|s| SeqRange::new(s.lo, s.hi)).collect();
+        let k = gaps
+            .and_then(|g| OriginKnowledge::from_parts(d.head, &g))
+            .ok_or_else(|| Status::invalid_argument("malformed digest"))?;
+        out.insert(NodeId(d.origin), k);
+    }
+    Ok(out)
+}
+
+/// Where a side's outbound messages go.
+enum Out {
+    Client(mpsc::Sender<SyncMessage>),
+    Server(mpsc::Sender<Result<SyncMessage, Status>>),
+}
+
+impl Out {
+    async fn send(&self, m: SyncMessage) -> bool {
+        match self {
+            Out::Client(tx) => tx.send(m).await.is_ok(),
+            Out::Server(tx) => tx.send(Ok(m)).await.is_ok(),
+        }
+    }
+}
+
+fn record_bytes(r: &Record) -> usize {
+    48 + r.key.len() + r.group.len() + r.value.as_ref().map_or(0, |v| v.len())
+}
+
+/// Stream what the peer lacks, then a done.
+async fn send_lacking(g: &Gossip, out: &Out, theirs: &Digest) -> Result<(), String> {
+    let ours = g.store.digest();
+    let mut budget = SESSION_BYTES;
+    let mut batch = SyncBatch::default();
+    let mut batch_bytes = 0usize;
+    let mut truncated = false;
+    'plan: for (origin, range) in lacking(&ours, theirs) {
+        let mut rest = Some(range);
+        while let Some(r) = rest {
+            if budget == 0 {
+                truncated = true;
+                break 'plan;
+            }
+            let got = g
+                .store
+                .read_origin(
+                    origin,
+                    r,
+                    ReadBudget {
+                        max_records: BATCH_OPS,
+                        max_bytes: budget.min(BATCH_BYTES),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            for rec in got.records {
+                let n = record_bytes(&rec);
+                budget = budget.saturating_sub(n);
+                batch_bytes += n;
+                g.sync_counters.records_out.fetch_add(1, Ordering::Relaxed);
+                batch.records.push(SyncRecord {
+                    key: rec.key.to_string(),
+                    group: rec.group.to_string(),
+                    value: rec.value.map(|v| v.to_vec()),
+                    hlc: rec.version.hlc.0,
+                    origin: rec.version.origin.0,
+                    seq: rec.version.seq,
+                });
+                if batch.records.len() + batch.covered.len() >= BATCH_OPS
+                    || batch_bytes >= BATCH_BYTES
+                {
+                    flush(out, &mut batch, &mut batch_bytes).await?;
+                }
+            }
+            for c in got.covered {
+                batch.covered.push(CoveredSpan {
+                    origin: origin.0,
+                    lo: c.lo(),
+                    hi: c.hi(),
+                });
+                if batch.records.len() + batch.covered.len() >= BATCH_OPS {
+                    flush(out, &mut batch, &mut batch_bytes).await?;
+                }
+            }
+            rest = got.rest;
+        }
+    }
+    flush(out, &mut batch, &mut batch_bytes).await?;
+    if !out
+        .send(SyncMessage {
+            body: Some(Body::Done(SyncDone { truncated })),
+        })
+        .await
+    {
+        return Err("peer went away".into());
+    }
+    Ok(())
+}
+
+async fn flush(out: &Out, batch: &mut SyncBatch, bytes: &mut usize) -> Result<(), String> {
+    if batch.records.is_empty() && batch.covered.is_empty() {
+        return Ok(());
+    }
+    let b = std::mem::take(batch);
+    *bytes = 0;
+    if out
+        .send(SyncMessage {
+            body: Some(Body::Batch(b)),
+        })
+        .await
+    {
+        Ok(())
+    } else {
+        Err("peer went away".into())
+    }
+}
+
+/// A batch from a peer, checked and converted.
+fn remote_batch(b: SyncBatch) -> Result<RemoteBatch, String> {
+    if b.records.len() + b.covered.len() > BATCH_OPS {
+        return Err("batch too large".into());
+    }
+    let mut out = RemoteBatch::default();
+    for r in b.records {
+        if r.seq == 0 || r.origin == 0 {
+            return Err("record without a version".into());
+        }
+        out.records.push(Record {
+            key: r.key.into(),
+            group: r.group.into(),
+            value: r.value.map(Arc::from),
+            version: Version {
+                hlc: Hlc(r.hlc),
+                origin: NodeId(r.origin),
+                seq: r.seq,
+            },
+        });
+    }
+    for c in b.covered {
+        let range = SeqRange::new(c.lo, c.hi).ok_or("malformed covered range")?;
+        out.covered.push((NodeId(c.origin), range));
+    }
+    Ok(out)
+}
+
+/// Apply what the peer sends until its done.
+async fn receive(g: &Gossip, inbound: &mut Streaming<SyncMessage>) -> Result<(), String> {
+    loop {
+        match inbound.message().await {
+            Ok(Some(SyncMessage {
+                body: Some(Body::Batch(b)),
+            })) => {
+                let batch = remote_batch(b)?;
+                let n = batch.records.len() as u64;
+                g.sync_counters.records_in.fetch_add(n, Ordering::Relaxed);
+                g.reporter.apply(batch).await?;
+            }
+            Ok(Some(SyncMessage {
+                body: Some(Body::Done(_)),
+            })) => return Ok(()),
+            Ok(Some(_)) => return Err("unexpected message".into()),
+            Ok(None) => return Err("stream ended before done".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+async fn both(g: &Gossip, out: Out, inbound: &mut Streaming<SyncMessage>, theirs: Digest) -> bool {
+    let session = async {
+        let (sent, received) = tokio::join!(send_lacking(g, &out, &theirs), receive(g, inbound));
+        sent.and(received)
+    };
+    let result = match tokio::time::timeout(SESSION_TIMEOUT, session).await {
+        Ok(r) => r,
+        Err(_) => Err("session timed out".into()),
+    };
+    g.sync_counters.sessions.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            g.sync_counters.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "sync session failed");
+            false
+        }
+    }
+}
+
+/// Run a session with `peer` as the client.
+pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
+    let result = async {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", peer.api_addr()))
+                .map_err(|e| e.to_string())?
+                .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let mut client = SyncClient::new(channel);
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        tx.send(hello(g)).await.map_err(|e| e.to_string())?;
+        let response = client
+            .exchange(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut inbound = response.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| "no hello".to_string())?
+            .map_err(|e| e.to_string())?;
+        let theirs = their_digest(g, first).map_err(|e| e.to_string())?;
+        Ok::<_, String>(both(g, Out::Client(tx), &mut inbound, theirs).await)
+    }
+    .await;
+    match result {
+        Ok(ok) => ok,
+        Err(e) => {
+            g.sync_counters.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = %peer, error = %e, "sync session failed to start");
+            false
+        }
+    }
+}
+
+/// The server side of `patina.v1.Sync`.
+#[derive(Clone)]
+pub struct SyncService {
+    gossip: Gossip,
+    sessions: Arc<Semaphore>,
+}
+
+impl SyncService {
+    pub(super) fn new(gossip: Gossip) -> SyncService {
+        SyncService {
+            gossip,
+            sessions: Arc::new(Semaphore::new(MAX_SERVED_SESSIONS)),
+        }
+    }
+
+    pub fn into_server(self) -> SyncServer<SyncService> {
+        SyncServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Sync for SyncService {
+    type ExchangeStream = ReceiverStream<Result<SyncMessage, Status>>;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<SyncMessage>>,
+    ) -> Result<Response<Self::ExchangeStream>, Status> {
+        let permit = self
+            .sessions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many sync sessions"))?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello"))??;
+        let theirs = their_digest(&self.gossip, first)?;
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let _ = tx.send(Ok(hello(&self.gossip))).await;
+        let g = self.gossip.clone();
+        tokio::spawn(async move {
+            both(&g, Out::Server(tx), &mut inbound, theirs).await;
+            drop(permit);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

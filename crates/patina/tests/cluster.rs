@@ -1,0 +1,155 @@
+//! A region of five real agents on loopback: a write at one is served by all; SIGKILL one and
+//! the other four stop listing its machines with no write; restart it and it catches up by
+//! anti-entropy while its machines return everywhere.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Agent, machine};
+use patina_proto::v1::{ListInstancesRequest, MembersRequest, UpsertMachineRequest};
+
+const AGENTS: usize = 5;
+const GOSSIP_PORT: u16 = 7946;
+/// Generous bounds for a loaded CI machine; the benchmark measures the real figures.
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn ip(i: usize) -> String {
+    format!("127.0.0.{}", 31 + i)
+}
+
+fn start(root: &Path, i: usize) -> Agent {
+    let extra = format!(
+        "[gossip]\nlisten = \"{}:{GOSSIP_PORT}\"\nseeds = [\"{}:{GOSSIP_PORT}\", \"{}:{GOSSIP_PORT}\"]\n",
+        ip(i),
+        ip(0),
+        ip(1),
+    );
+    Agent::start_host(
+        Path::new(env!("CARGO_BIN_EXE_patina")),
+        &root.join(format!("agent{i}")),
+        &ip(i),
+        &format!("worker-{i}"),
+        &extra,
+    )
+    .expect("start patina")
+}
+
+/// Ids of an app's instances as an agent serves them.
+async fn listed(agent: &Agent, app: &str) -> Vec<String> {
+    let mut client = agent.client().await;
+    let mut ids: Vec<String> = client
+        .list_instances(ListInstancesRequest {
+            app: app.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ListInstances")
+        .into_inner()
+        .machines
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Poll until `check` holds for every agent in `agents`, or fail with `what`.
+async fn eventually(
+    agents: &[&Agent],
+    what: &str,
+    check: impl AsyncFn(&Agent) -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let mut all = true;
+        for a in agents {
+            if !check(a).await {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < CONVERGE, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn alive_members(agent: &Agent) -> usize {
+    let mut admin = agent.admin().await;
+    admin
+        .members(MembersRequest {})
+        .await
+        .map(|r| {
+            r.into_inner()
+                .members
+                .iter()
+                .filter(|m| m.state == "alive")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+async fn put(agent: &Agent, id: &str, app: &str) {
+    let mut client = agent.client().await;
+    client
+        .upsert_machine(UpsertMachineRequest {
+            machine: Some(machine(id, app, 8080)),
+        })
+        .await
+        .expect("upsert");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning() {
+    let root = tempfile::tempdir().unwrap();
+    let mut agents: Vec<Agent> = (0..AGENTS).map(|i| start(root.path(), i)).collect();
+    let all: Vec<&Agent> = agents.iter().collect();
+    eventually(&all, "every agent sees four alive members", async |a| {
+        alive_members(a).await == AGENTS - 1
+    })
+    .await;
+
+    // Each agent runs one machine of app "web" (it owns it).
+    for (i, a) in agents.iter().enumerate() {
+        put(a, &format!("web-{i}"), "web").await;
+    }
+    let every: Vec<String> = (0..AGENTS).map(|i| format!("web-{i}")).collect();
+    let took = eventually(&all, "every agent serves every machine", async |a| {
+        listed(a, "web").await == every
+    })
+    .await;
+    eprintln!("write to everywhere: {took:?}");
+
+    // SIGKILL the last agent: the others stop listing its machine, with no write.
+    agents[AGENTS - 1].kill9();
+    let killed = Instant::now();
+    let survivors: Vec<&Agent> = agents[..AGENTS - 1].iter().collect();
+    let without: Vec<String> = every[..AGENTS - 1].to_vec();
+    eventually(
+        &survivors,
+        "the survivors stop listing the dead agent's machine",
+        async |a| listed(a, "web").await == without,
+    )
+    .await;
+    eprintln!("crash to excluded: {:?}", killed.elapsed());
+
+    // While it is down, a write happens elsewhere; it returns and catches up, and its own
+    // machine comes back everywhere.
+    put(&agents[0], "api-0", "api").await;
+    agents[AGENTS - 1] = start(root.path(), AGENTS - 1);
+    let all: Vec<&Agent> = agents.iter().collect();
+    eventually(
+        &all,
+        "the returned agent's machine is listed again everywhere",
+        async |a| listed(a, "web").await == every,
+    )
+    .await;
+    eventually(&all, "the returned agent caught up", async |a| {
+        listed(a, "api").await == ["api-0"]
+    })
+    .await;
+}
