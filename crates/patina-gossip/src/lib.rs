@@ -18,6 +18,7 @@ pub mod envelope;
 pub mod identity;
 pub mod node;
 pub mod shell;
+pub mod sim;
 pub mod sync;
 pub mod wire;
 

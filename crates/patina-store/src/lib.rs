@@ -461,7 +461,9 @@ impl Store {
         let (floor, mut recent) =
             sqlite::recent_changes(&conn, &index, opts.watch_log_capacity.get())?;
         // The overlay's changes are not rows, so the rebuilt log lacks them: a position below
-        // the latest one must not resume from it (it gets a reset instead, see watch.rs).
+        // the latest one must not resume from it (it gets a reset instead, see watch.rs). This
+        // also keeps the feed's invariant that every revision above the floor is in the log
+        // (or superseded there): the revisions without a row are all at or below it.
         let floor = floor.max(meta.overlay_rev);
         recent.retain(|c| c.rev() > floor);
         for c in &mut recent {
@@ -717,9 +719,10 @@ impl Store {
     }
 
     /// One page of a group's live records with keys after `after`, in key order, except those
-    /// of owners the liveness overlay hides (they count as looked at): at most `limit` records, looking at no more than `max_scan` of the group's records (a filter
-    /// may skip many), so a page costs what it is bounded to. Returns the records and the key
-    /// after which the next page starts (`None`: nothing follows).
+    /// of owners the liveness overlay hides (they count as looked at): at most `limit`
+    /// records, looking at no more than `max_scan` of the group's records (a filter may skip
+    /// many), so a page costs what it is bounded to. Returns the records and the key after
+    /// which the next page starts (`None`: nothing follows).
     pub fn list_page(
         &self,
         group: &str,

@@ -147,7 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Region { config } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
-                run_agent(config, None, None).await
+                run_agent(config, None, None, shutdown_signal()).await
             }
             Command::NewOrigin { config } => {
                 let config = Config::load(config.as_deref())?;
@@ -308,6 +308,12 @@ async fn run_dev(base: Config, root: &std::path::Path, listen: SocketAddr) -> an
         0 => std::net::UdpSocket::bind(SocketAddr::new(listen.ip(), 0))?.local_addr()?,
         p => SocketAddr::new(listen.ip(), p.wrapping_add(1)),
     };
+    // One signal stops every agent (a handler installed after the signal would miss it).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.send_replace(true);
+    });
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..DEV_AGENTS {
         let mut config = base.clone();
@@ -324,7 +330,11 @@ async fn run_dev(base: Config, root: &std::path::Path, listen: SocketAddr) -> an
         }
         let banner: Option<fn(&Config, SocketAddr)> = (i == 0).then_some(print_dev_banner as _);
         let label = (i > 0).then(|| format!("region API (agent {}): ", i + 1));
-        agents.spawn(async move { run_agent(config, banner, label).await });
+        let mut stopped = stopped.clone();
+        let shutdown = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        agents.spawn(async move { run_agent(config, banner, label, shutdown).await });
         if i == 0 {
             // Let the first agent bind its ports before the others seed from it.
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -345,6 +355,7 @@ async fn run_agent(
     config: Config,
     banner: Option<fn(&Config, SocketAddr)>,
     label: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     raise_open_file_limit(&config);
     let dir = config.data_dir.clone();
@@ -388,7 +399,7 @@ async fn run_agent(
         admin: gossip.admin_service().into_server(),
     };
     let shutdown = async move {
-        shutdown_signal().await;
+        shutdown.await;
         let _ = stop_gossip.send(());
         let _ = gossip_task.await;
     };

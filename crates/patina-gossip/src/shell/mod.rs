@@ -227,8 +227,10 @@ impl Gossip {
     }
 }
 
-/// Read the epoch file, write it back plus one (durably) and return the new epoch: a
-/// restarted agent's identity always wins over the one it had before.
+/// The epoch of this start: more than the one persisted and at least the wall clock's
+/// seconds, so a restarted agent's identity wins over its old one even when the file could
+/// not be written last time (a full disk must not keep an agent from starting). Written back
+/// durably; a failed write is reported and the start goes on.
 async fn bump_epoch(path: PathBuf) -> std::io::Result<u64> {
     tokio::task::spawn_blocking(move || {
         let old = match std::fs::read_to_string(&path) {
@@ -236,8 +238,13 @@ async fn bump_epoch(path: PathBuf) -> std::io::Result<u64> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
-        let new = old + 1;
-        write_epoch(&path, new)?;
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let new = (old + 1).max(wall);
+        if let Err(e) = write_epoch(&path, new) {
+            tracing::warn!(path = %path.display(), error = %e, "could not persist the gossip epoch");
+        }
         Ok(new)
     })
     .await

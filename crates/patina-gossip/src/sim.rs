@@ -1,0 +1,676 @@
+//! A seeded, deterministic simulation of a cluster: many [`Node`]s with in-memory stores in
+//! one thread, on virtual time, over a network model that loses, delays, duplicates and
+//! reorders datagrams and can partition nodes; nodes crash, restart and pause (a SIGSTOPped
+//! or CPU-starved member). Anti-entropy sessions are modelled as whole exchanges that take a
+//! few round trips and fail across a partition, as a TCP session would.
+//!
+//! Everything that could make two runs differ is ordered: one RNG, an event queue ordered by
+//! (time, insertion), `BTreeMap`s where order reaches an output. A run's trace hash covers
+//! every event, so two runs of one seed can be compared (`trace`).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use patina_store::{
+    Digest, Entry, Filter, LocalWrite, ManualClock, NodeId, ReadBudget, Record, RemoteBatch, Store,
+    StoreOptions,
+};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::identity::Identity;
+use crate::node::{Config, Node, Output, TimerEvent};
+use crate::sync::{BATCH_OPS, lacking};
+
+/// Run a future that the in-memory store completes without waiting (its commits are inline).
+fn now_or_never<T>(f: impl Future<Output = T>) -> T {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("an in-memory store operation did not complete inline"),
+    }
+}
+
+/// The network's behaviour.
+#[derive(Clone, Debug)]
+pub struct Net {
+    /// One-way latency range.
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// Probability that a datagram is lost, and that it is delivered twice.
+    pub loss: f64,
+    pub duplicate: f64,
+}
+
+impl Net {
+    /// A LAN: 50-250 µs one way, nothing lost.
+    pub fn lan() -> Net {
+        Net {
+            min_delay: Duration::from_micros(50),
+            max_delay: Duration::from_micros(250),
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Datagram {
+        to: usize,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+        life: u64,
+        timer: TimerEvent,
+    },
+    Corroborated {
+        node: usize,
+        life: u64,
+        member: Identity,
+        gone: bool,
+    },
+    SyncDone {
+        node: usize,
+        life: u64,
+        peer: Identity,
+        ok: bool,
+    },
+}
+
+struct SimNode {
+    node: Option<Node>,
+    store: Store,
+    identity: Identity,
+    /// Bumped at each crash: events of an earlier life are dropped.
+    life: u64,
+    /// Position in the store's feed already handed to the node.
+    feed_after: u64,
+    /// Until when the node is paused (events for it wait).
+    paused_until: Duration,
+}
+
+/// A simulated cluster.
+pub struct World {
+    pub now: Duration,
+    pub net: Net,
+    cfg: Config,
+    rng: StdRng,
+    nodes: Vec<SimNode>,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: BTreeMap<usize, Event>,
+    seq: u64,
+    /// Pairs (a, b) where a cannot reach b.
+    cut: BTreeSet<(usize, usize)>,
+    trace: u64,
+    groups: BTreeSet<String>,
+    pub datagrams: u64,
+    pub datagram_bytes: u64,
+    /// Per node: when it first committed each (origin, seq) it did not write.
+    pub learned_at: BTreeMap<(NodeId, u64), Vec<Duration>>,
+    track_learning: bool,
+}
+
+fn addr_of(i: usize) -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8)),
+        7000,
+    )
+}
+
+impl World {
+    /// `n` nodes, each seeded through node 0 and 1, started at once.
+    pub fn new(n: usize, cfg: Config, net: Net, seed: u64) -> World {
+        let mut w = World {
+            now: Duration::ZERO,
+            net,
+            cfg,
+            rng: StdRng::seed_from_u64(seed),
+            nodes: Vec::with_capacity(n),
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            seq: 0,
+            cut: BTreeSet::new(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            groups: BTreeSet::new(),
+            datagrams: 0,
+            datagram_bytes: 0,
+            learned_at: BTreeMap::new(),
+            track_learning: false,
+        };
+        for i in 0..n {
+            let node_id = NodeId(1000 + i as u64);
+            let opts = StoreOptions {
+                clock: Arc::new(ManualClock::new(1_700_000_000_000)),
+                ..StoreOptions::default()
+            };
+            let store = Store::in_memory(node_id, seed ^ i as u64, opts);
+            let identity = Identity {
+                node: node_id,
+                addr: addr_of(i),
+                api_port: 7001,
+                epoch: 1,
+            };
+            w.nodes.push(SimNode {
+                node: None,
+                store,
+                identity,
+                life: 0,
+                feed_after: 0,
+                paused_until: Duration::ZERO,
+            });
+            w.boot(i);
+        }
+        w
+    }
+
+    /// Record, for every change, when each node learned it (for propagation figures).
+    pub fn track_learning(&mut self) {
+        self.track_learning = true;
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].node.is_some()
+    }
+
+    pub fn store(&self, i: usize) -> &Store {
+        &self.nodes[i].store
+    }
+
+    pub fn node(&self, i: usize) -> Option<&Node> {
+        self.nodes[i].node.as_ref()
+    }
+
+    pub fn node_id(&self, i: usize) -> NodeId {
+        self.nodes[i].identity.node
+    }
+
+    /// A hash of every event so far: equal for two runs of one seed.
+    pub fn trace(&self) -> u64 {
+        self.trace
+    }
+
+    fn mix(&mut self, v: u64) {
+        self.trace = (self.trace ^ v).wrapping_mul(0x0100_0000_01b3);
+    }
+
+    fn boot(&mut self, i: usize) {
+        let seeds = vec![addr_of(0), addr_of(1)];
+        let seed = self.rng.random::<u64>();
+        let n = &mut self.nodes[i];
+        n.identity.epoch += 1;
+        let mut node = Node::new(n.identity, self.cfg.clone(), n.store.digest(), seeds, seed);
+        n.feed_after = n.store.feed().revision();
+        node.start(self.now);
+        n.node = Some(node);
+        self.pump(i);
+    }
+
+    fn push_event(&mut self, at: Duration, ev: Event) {
+        self.seq += 1;
+        let id = self.seq as usize;
+        self.events.insert(id, ev);
+        self.queue.push(Reverse((at, self.seq, id)));
+    }
+
+    fn delay(&mut self) -> Duration {
+        let lo = self.net.min_delay.as_nanos() as u64;
+        let hi = self.net.max_delay.as_nanos() as u64;
+        Duration::from_nanos(self.rng.random_range(lo..=hi.max(lo)))
+    }
+
+    fn index_of(&self, addr: SocketAddr) -> Option<usize> {
+        let o = match addr.ip() {
+            IpAddr::V4(ip) => ip.octets(),
+            IpAddr::V6(_) => return None,
+        };
+        let i = ((o[1] as usize) << 16) | ((o[2] as usize) << 8) | o[3] as usize;
+        (o[0] == 10 && addr.port() == 7000 && i < self.nodes.len()).then_some(i)
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        !self.cut.contains(&(a, b))
+    }
+
+    /// Carry out what node `i` asked for.
+    fn pump(&mut self, i: usize) {
+        loop {
+            let Some(node) = self.nodes[i].node.as_mut() else {
+                return;
+            };
+            let outs = node.drain();
+            if outs.is_empty() {
+                return;
+            }
+            let life = self.nodes[i].life;
+            for out in outs {
+                match out {
+                    Output::Send { to, bytes } => {
+                        self.datagrams += 1;
+                        self.datagram_bytes += bytes.len() as u64;
+                        let Some(j) = self.index_of(to) else { continue };
+                        if !self.reachable(i, j) || self.rng.random_bool(self.net.loss) {
+                            continue;
+                        }
+                        let copies = if self.rng.random_bool(self.net.duplicate) {
+                            2
+                        } else {
+                            1
+                        };
+                        for _ in 0..copies {
+                            let at = self.now + self.delay();
+                            self.push_event(
+                                at,
+                                Event::Datagram {
+                                    to: j,
+                                    bytes: bytes.clone(),
+                                },
+                            );
+                        }
+                    }
+                    Output::Schedule { after, timer } => {
+                        self.push_event(
+                            self.now + after,
+                            Event::Timer {
+                                node: i,
+                                life,
+                                timer,
+                            },
+                        );
+                    }
+                    Output::Apply { records } => self.apply(i, records),
+                    Output::Liveness { node, down } => {
+                        let _ = now_or_never(self.nodes[i].store.set_owner_down(node, down));
+                    }
+                    Output::Corroborate { member } => {
+                        let j = self.index_of(member.addr);
+                        let (gone, after) = match j {
+                            Some(j) if self.nodes[j].node.is_some() && self.reachable(i, j) => {
+                                (false, Duration::from_millis(1))
+                            }
+                            Some(j) if self.nodes[j].node.is_none() && self.reachable(i, j) => {
+                                // Refused at once.
+                                (true, Duration::from_millis(1))
+                            }
+                            _ => (true, Duration::from_millis(500)),
+                        };
+                        self.push_event(
+                            self.now + after,
+                            Event::Corroborated {
+                                node: i,
+                                life,
+                                member,
+                                gone,
+                            },
+                        );
+                    }
+                    Output::Sync { peer } => self.sync(i, peer),
+                    Output::Renewed { identity } => self.nodes[i].identity = identity,
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, i: usize, records: Vec<Record>) {
+        let settled: Vec<(NodeId, u64)> = records
+            .iter()
+            .map(|r| (r.version.origin, r.version.seq))
+            .collect();
+        self.apply_batch(
+            i,
+            RemoteBatch {
+                records,
+                covered: Vec::new(),
+            },
+            &settled,
+        );
+    }
+
+    fn apply_batch(&mut self, i: usize, batch: RemoteBatch, settled: &[(NodeId, u64)]) {
+        let mut origins: Vec<NodeId> = batch.records.iter().map(|r| r.version.origin).collect();
+        origins.extend(batch.covered.iter().map(|(o, _)| *o));
+        origins.sort();
+        origins.dedup();
+        let before = if self.track_learning {
+            Some(self.nodes[i].store.digest())
+        } else {
+            None
+        };
+        let _ = now_or_never(self.nodes[i].store.apply(batch));
+        let digest = self.nodes[i].store.digest();
+        if let Some(before) = before {
+            for r in settled {
+                let was = before.get(&r.0).is_some_and(|k| k.knows(r.1));
+                let is = digest.get(&r.0).is_some_and(|k| k.knows(r.1));
+                if is && !was {
+                    self.learned_at.entry(*r).or_default().push(self.now);
+                }
+            }
+        }
+        let known = origins
+            .iter()
+            .filter_map(|o| digest.get(o).map(|k| (*o, k.clone())))
+            .collect();
+        let now = self.now;
+        if let Some(node) = self.nodes[i].node.as_mut() {
+            node.handle_learned(now, known, settled);
+        }
+    }
+
+    /// What `from` sends `to` in a session: everything `to` lacks, within the budget.
+    fn session_batches(&self, from: usize, theirs: &Digest) -> Vec<RemoteBatch> {
+        let store = &self.nodes[from].store;
+        let mut out = Vec::new();
+        let mut batch = RemoteBatch::default();
+        for (origin, range) in lacking(&store.digest(), theirs) {
+            let mut rest = Some(range);
+            while let Some(r) = rest {
+                let got = now_or_never(store.read_origin(
+                    origin,
+                    r,
+                    ReadBudget {
+                        max_records: BATCH_OPS,
+                        max_bytes: 256 << 10,
+                    },
+                ))
+                .expect("in-memory read");
+                batch.records.extend(got.records);
+                batch
+                    .covered
+                    .extend(got.covered.into_iter().map(|c| (origin, c)));
+                if batch.records.len() + batch.covered.len() >= BATCH_OPS / 2 {
+                    out.push(std::mem::take(&mut batch));
+                }
+                rest = got.rest;
+            }
+        }
+        if !batch.records.is_empty() || !batch.covered.is_empty() {
+            out.push(batch);
+        }
+        out
+    }
+
+    /// A whole session between `i` and its peer: both digests, both directions, applied
+    /// after a few round trips; a failure across a cut or with a crashed peer.
+    fn sync(&mut self, i: usize, peer: Identity) {
+        let life = self.nodes[i].life;
+        let j = self.index_of(peer.addr);
+        let ok = j.is_some_and(|j| {
+            self.nodes[j].node.is_some() && self.reachable(i, j) && self.reachable(j, i)
+        });
+        let rtt = self.delay() * 2;
+        if !ok {
+            self.push_event(
+                self.now + Duration::from_millis(1000),
+                Event::SyncDone {
+                    node: i,
+                    life,
+                    peer,
+                    ok: false,
+                },
+            );
+            return;
+        }
+        let j = j.expect("checked");
+        let to_i = self.session_batches(j, &self.nodes[i].store.digest());
+        let to_j = self.session_batches(i, &self.nodes[j].store.digest());
+        // Modelled as applied at once, reported done after two round trips.
+        for b in to_i {
+            let settled: Vec<_> = b
+                .records
+                .iter()
+                .map(|r| (r.version.origin, r.version.seq))
+                .collect();
+            self.apply_batch(i, b, &settled);
+        }
+        for b in to_j {
+            let settled: Vec<_> = b
+                .records
+                .iter()
+                .map(|r| (r.version.origin, r.version.seq))
+                .collect();
+            self.apply_batch(j, b, &settled);
+        }
+        self.pump(j);
+        self.push_event(
+            self.now + rtt * 2,
+            Event::SyncDone {
+                node: i,
+                life,
+                peer,
+                ok: true,
+            },
+        );
+    }
+
+    /// Hand node `i` its local changes from the store's feed, as the shell's follower does.
+    fn follow_feed(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let me = n.store.node();
+        let Ok((changes, upto)) = n
+            .store
+            .feed()
+            .read_since(n.feed_after, usize::MAX, |c| c.entry.version().origin == me)
+        else {
+            n.feed_after = n.store.feed().revision();
+            return;
+        };
+        n.feed_after = upto;
+        let records: Vec<Record> = changes
+            .iter()
+            .map(|c| Record {
+                key: c.entry.key().into(),
+                group: c.entry.group().into(),
+                value: c.entry.value().map(Arc::from),
+                version: c.entry.version(),
+            })
+            .collect();
+        if records.is_empty() {
+            return;
+        }
+        let now = self.now;
+        if let Some(node) = self.nodes[i].node.as_mut() {
+            node.handle_local(now, &records);
+        }
+        self.pump(i);
+    }
+
+    /// A local write at node `i` (a machine upsert). Returns whether it was accepted.
+    pub fn write(&mut self, i: usize, key: &str, group: &str, value: &[u8]) -> bool {
+        if self.nodes[i].node.is_none() {
+            return false;
+        }
+        self.groups.insert(group.to_owned());
+        let ok = now_or_never(self.nodes[i].store.write(vec![LocalWrite::Put {
+            key: key.into(),
+            group: group.into(),
+            value: value.to_vec(),
+        }]))
+        .is_ok();
+        self.mix(0x77 ^ i as u64);
+        self.follow_feed(i);
+        ok
+    }
+
+    pub fn delete(&mut self, i: usize, key: &str) -> bool {
+        if self.nodes[i].node.is_none() {
+            return false;
+        }
+        let ok = now_or_never(
+            self.nodes[i]
+                .store
+                .write(vec![LocalWrite::Delete { key: key.into() }]),
+        )
+        .is_ok();
+        self.follow_feed(i);
+        ok
+    }
+
+    /// Stop node `i` as kill -9 would: nothing more is sent, its timers die. Its store is
+    /// kept (every commit was durable).
+    pub fn crash(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.node = None;
+        n.life += 1;
+        self.mix(0xc0 ^ i as u64);
+    }
+
+    /// Start node `i` again under a new epoch.
+    pub fn restart(&mut self, i: usize) {
+        if self.nodes[i].node.is_none() {
+            self.mix(0x5e ^ i as u64);
+            self.boot(i);
+        }
+    }
+
+    /// Freeze node `i` for `d` (SIGSTOP, or a starved CPU): its events wait until then.
+    pub fn pause(&mut self, i: usize, d: Duration) {
+        self.nodes[i].paused_until = self.now + d;
+    }
+
+    /// Cut the network between the two groups, both ways.
+    pub fn partition(&mut self, a: &[usize], b: &[usize]) {
+        for &x in a {
+            for &y in b {
+                self.cut.insert((x, y));
+                self.cut.insert((y, x));
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    /// Run events until `until`.
+    pub fn run_until(&mut self, until: Duration) {
+        while let Some(Reverse((at, _, _))) = self.queue.peek() {
+            if *at > until {
+                break;
+            }
+            let Some(Reverse((at, seq, id))) = self.queue.pop() else {
+                break;
+            };
+            let ev = self.events.remove(&id).expect("queued event");
+            let target = match &ev {
+                Event::Datagram { to, .. } => *to,
+                Event::Timer { node, .. }
+                | Event::Corroborated { node, .. }
+                | Event::SyncDone { node, .. } => *node,
+            };
+            if self.nodes[target].paused_until > at {
+                // Frozen: the event waits, in order, until the node runs again.
+                let resume = self.nodes[target].paused_until;
+                self.events.insert(id, ev);
+                self.queue.push(Reverse((resume, seq, id)));
+                continue;
+            }
+            self.now = at;
+            self.mix(at.as_nanos() as u64);
+            self.mix(seq);
+            self.handle(target, ev);
+        }
+        self.now = self.now.max(until);
+    }
+
+    /// Run for `d` more.
+    pub fn run_for(&mut self, d: Duration) {
+        self.run_until(self.now + d);
+    }
+
+    fn handle(&mut self, i: usize, ev: Event) {
+        let life = self.nodes[i].life;
+        let now = self.now;
+        let Some(node) = self.nodes[i].node.as_mut() else {
+            return;
+        };
+        match ev {
+            Event::Datagram { bytes, .. } => {
+                self.trace = (self.trace ^ bytes.len() as u64).wrapping_mul(0x0100_0000_01b3);
+                node.handle_datagram(now, &bytes);
+            }
+            Event::Timer { life: l, timer, .. } => {
+                if l != life {
+                    return;
+                }
+                node.handle_timer(now, timer);
+            }
+            Event::Corroborated {
+                life: l,
+                member,
+                gone,
+                ..
+            } => {
+                if l != life {
+                    return;
+                }
+                node.handle_corroboration(now, member, gone);
+            }
+            Event::SyncDone {
+                life: l, peer, ok, ..
+            } => {
+                if l != life {
+                    return;
+                }
+                node.handle_sync_done(now, peer, ok);
+            }
+        }
+        self.pump(i);
+    }
+
+    /// Live records node `i` serves, by key, with their versions.
+    pub fn served(&self, i: usize) -> BTreeMap<String, (NodeId, u64)> {
+        let mut out = BTreeMap::new();
+        for g in &self.groups {
+            for e in self.nodes[i].store.list(g, Filter::All) {
+                out.insert(e.key().to_owned(), (e.version().origin, e.version().seq));
+            }
+        }
+        out
+    }
+
+    /// Every record node `i` holds (hidden ones too), by key: what must converge.
+    pub fn held(&self, i: usize, keys: &BTreeSet<String>) -> BTreeMap<String, Option<Entry>> {
+        keys.iter()
+            .map(|k| {
+                (
+                    k.clone(),
+                    self.nodes[i].store.get_latest(k).map(|r| {
+                        Entry::new(
+                            &r.key,
+                            &r.group,
+                            r.value.as_deref(),
+                            Default::default(),
+                            r.version,
+                            0,
+                        )
+                    }),
+                )
+            })
+            .collect()
+    }
+
+    /// The digest of node `i`.
+    pub fn digest(&self, i: usize) -> Digest {
+        self.nodes[i].store.digest()
+    }
+
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+}
