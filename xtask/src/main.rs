@@ -5,11 +5,18 @@
 //!   last, one JSON line.
 //! - `cargo xtask bench watchers [--machines N] [--watchers N]`: memory with stalled
 //!   whole-region watchers, and their convergence.
+//! - `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
+//!   [--skip-sim]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
+//!   bandwidth on a region of real agents; the simulation's spread at 100 and 1,000 nodes.
+//! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
+mod bench_propagation;
 mod bench_store;
 mod bench_watchers;
+mod cluster;
 mod harness;
+mod sim_figures;
 mod tidy;
 
 use anyhow::bail;
@@ -22,10 +29,17 @@ fn main() -> anyhow::Result<()> {
         ["bench", "watchers", rest @ ..] => {
             bench_watchers::run_bench(bench_watchers::Options::parse(rest)?)
         }
+        ["bench", "propagation", rest @ ..] => {
+            bench_propagation::run(bench_propagation::Options::parse(rest)?)
+        }
+        ["cluster", rest @ ..] => cluster::run(cluster::Options::parse(rest)?),
         _ => bail!(
             "usage: cargo xtask bench store [--secs N] [--records N] [--samples N] \
              [--only latency,upserts,loaded] [--patina BIN]\n\
                     cargo xtask bench watchers [--machines N] [--watchers N]\n\
+                    cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] \
+             [--idle-secs S] [--skip-sim]\n\
+                    cargo xtask cluster [--nodes N]\n\
              (see docs/benchmarks.md)"
         ),
     }

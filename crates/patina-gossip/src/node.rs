@@ -49,10 +49,15 @@ pub struct Config {
     /// after this long; uncorroborated, after `suspicion_max`. Both stretch with local health.
     pub suspicion_min: Duration,
     pub suspicion_max: Duration,
-    /// Members asked to probe indirectly, and members a change is forwarded to.
+    /// Members asked to probe indirectly, and members periodic SWIM gossip goes to.
     pub fanout: NonZeroUsize,
     /// Members a local change is pushed to at once (the first hop).
     pub push_fanout: NonZeroUsize,
+    /// Members a node forwards a pushed change to when it first receives it. With forward
+    /// fanout f, a node is missed by the eager phase with probability about e^-f; the
+    /// piggyback phase (every receiver queues the change on its SWIM traffic) repairs those
+    /// within a probe period or two.
+    pub forward_fanout: NonZeroUsize,
     /// Times a pushed change is forwarded onward.
     pub push_hops: u8,
     /// Times a piggybacked item rides on SWIM packets.
@@ -77,6 +82,7 @@ impl Config {
             suspicion_max: Duration::from_millis(3_000),
             fanout: NonZeroUsize::new(3).expect("3"),
             push_fanout: NonZeroUsize::new(16).expect("16"),
+            forward_fanout: NonZeroUsize::new(6).expect("6"),
             push_hops: 3,
             max_transmissions: NonZeroU8::new(4).expect("4"),
             max_datagram: 1_400,
@@ -321,6 +327,8 @@ pub struct Node {
     seeds: Vec<SocketAddr>,
     leaving: bool,
     max_item: usize,
+    /// Down news arrived this turn: pass it on at once rather than at the next gossip tick.
+    gossip_now: bool,
 }
 
 impl Node {
@@ -368,6 +376,7 @@ impl Node {
             seeds: seeds.into_iter().filter(|s| *s != identity.addr).collect(),
             leaving: false,
             max_item,
+            gossip_now: false,
         }
     }
 
@@ -484,10 +493,28 @@ impl Node {
             .iter_members()
             .map(|m| *m.id())
             .find(|m| m.node == push.sender);
+        // Queue the change on our SWIM traffic too: it reaches, within a probe period or two,
+        // the few members no eager push happened to choose.
+        let queue = !self
+            .shared
+            .lock()
+            .expect("gossip shared state")
+            .backlog_full;
+        if queue {
+            for bytes in &fresh_bytes {
+                let _ = self.foca.add_broadcast(bytes);
+            }
+        }
         if push.hops > 0 {
             let exclude = sender.map(|s| s.addr);
-            self.push(fresh_bytes, push.hops - 1, self.cfg.fanout.get(), exclude);
+            self.push(
+                fresh_bytes,
+                push.hops - 1,
+                self.cfg.forward_fanout.get(),
+                exclude,
+            );
         }
+        self.update_backlog();
         self.deliver(fresh, sender);
     }
 
@@ -555,6 +582,8 @@ impl Node {
         if targets.is_empty() {
             return;
         }
+        // Pushed to every active member: nobody is left for a forward to reach.
+        let hops = if fanout >= targets.len() { 0 } else { hops };
         // A partial Fisher-Yates shuffle: the first `fanout` are a uniform sample.
         let k = fanout.min(targets.len());
         for i in 0..k {
@@ -623,6 +652,18 @@ impl Node {
             let mut gaps = false;
             for (origin, k) in known {
                 gaps |= k.gap_count() > 0;
+                // Pending versions now known some other way (a covered range, a sync, a
+                // notice's record) are settled too: pending never outlives knowledge.
+                let first = (origin, 0);
+                let settled: Vec<(NodeId, u64)> = s
+                    .pending
+                    .range(first..=(origin, u64::MAX))
+                    .filter(|(_, seq)| k.knows(*seq))
+                    .copied()
+                    .collect();
+                for v in settled {
+                    s.pending.remove(&v);
+                }
                 s.known.insert(origin, k);
             }
             gaps
@@ -659,10 +700,17 @@ impl Node {
         if !ok {
             tracing::debug!(peer = %peer, "sync failed");
         }
-        // Clear notices we now know (or that the peer did not have).
-        let s = self.shared.lock().expect("gossip shared state");
-        self.noticed
-            .retain(|o, seq| !s.known.get(o).is_some_and(|k| k.knows(*seq)));
+        // Clear notices we now know.
+        {
+            let s = self.shared.lock().expect("gossip shared state");
+            self.noticed
+                .retain(|o, seq| !s.known.get(o).is_some_and(|k| k.knows(*seq)));
+        }
+        // Still lacking (a session cut short by its budget, or a peer that lacked it too):
+        // go on at once rather than at the next periodic round.
+        if self.has_gaps() || self.lacks_noticed() {
+            self.arm_gap_check();
+        }
     }
 
     /// The answer to [`Output::Corroborate`]: `gone` when the member's port refused or did
@@ -728,9 +776,16 @@ impl Node {
                         .gap_hint
                         .filter(|h| self.foca.iter_members().any(|m| m.id() == h))
                         .or_else(|| self.random_active());
-                    if let Some(peer) = peer {
-                        self.count(|c| c.syncs_for_gaps += 1);
-                        self.start_sync(peer);
+                    match peer {
+                        Some(peer)
+                            if !self.syncing.contains(&peer.addr)
+                                && self.syncing.len() < MAX_SYNCS_IN_FLIGHT =>
+                        {
+                            self.count(|c| c.syncs_for_gaps += 1);
+                            self.start_sync(peer);
+                        }
+                        // Busy: `handle_sync_done` checks again when a session ends.
+                        _ => {}
                     }
                 }
             }
@@ -865,6 +920,11 @@ impl Node {
             while let Some(n) = self.rt.to_notify() {
                 self.notified(n);
             }
+            if std::mem::take(&mut self.gossip_now) {
+                // Down news is the hot path: every node that learns it passes it on at once,
+                // so it spreads in a few network hops instead of a few gossip periods.
+                let _ = self.foca.gossip(&mut self.rt);
+            }
         }
         self.update_backlog();
     }
@@ -965,6 +1025,7 @@ impl Node {
 
     fn member_down(&mut self, id: Identity) {
         self.held.remove(&id.addr);
+        self.gossip_now = true;
         if id.node == self.identity().node {
             return;
         }

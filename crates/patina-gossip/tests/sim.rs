@@ -3,8 +3,8 @@
 //! identical state on every live node, and once failure detection has fired no live node may
 //! list a crashed node's machines.
 //!
-//! `PATINA_SIM_SEED=N` replays one seed; `PATINA_SIM_RUNS=N` runs that many seeds (default 4
-//! here; `cargo xtask sim` runs more). A failing run prints the command that replays it.
+//! `PATINA_SIM_SEED=N` replays one seed; `PATINA_SIM_RUNS=N` runs that many seeds (default 4;
+//! set it higher for a longer search). A failing run prints the command that replays it.
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -274,7 +274,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Open the store, bind, serve until Ctrl-C or SIGTERM, then close the store cleanly.
 /// `patina new-origin`: open the (stopped) agent's store under a fresh origin and close it.
 async fn new_origin(config: Config) -> anyhow::Result<()> {
     let dir = config.data_dir.clone();
@@ -349,7 +348,8 @@ async fn run_dev(base: Config, root: &std::path::Path, listen: SocketAddr) -> an
     result
 }
 
-/// Run one agent until a shutdown signal. `label` replaces the announcement line's prefix
+/// Run one agent: open the store, bind, start gossip, serve until `shutdown`, leave the
+/// cluster, then close the store cleanly. `label` replaces the announcement line's prefix
 /// (agents of `patina dev` after the first, so that scripts find the first one).
 async fn run_agent(
     config: Config,

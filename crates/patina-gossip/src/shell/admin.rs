@@ -12,7 +12,7 @@ use patina_store::{LocalWrite, NodeId};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use super::{Gossip, Input, by_node};
+use super::{Gossip, Input};
 use crate::identity::Identity;
 use crate::node::{MemberInfo, MemberState};
 
@@ -165,7 +165,7 @@ impl Admin for AdminService {
                 m.identity.node
             }
             // Not a member any more (removed long ago): its records may still be held.
-            (None, Some(node)) if !by_node(&snap.members).contains_key(&node) => node,
+            (None, Some(node)) => node,
             _ => return Err(Status::not_found("no such member")),
         };
         if owner == self.gossip.store.node() {
@@ -176,7 +176,7 @@ impl Admin for AdminService {
             .store
             .owned_by(owner)
             .iter()
-            .filter(|e| e.is_live() || e.is_hidden())
+            .filter(|e| e.is_live())
             .map(|e| e.key().to_string())
             .collect();
         let mut tombstoned = 0u64;

@@ -10,7 +10,7 @@ mod admin;
 mod session;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -559,9 +559,4 @@ async fn port_answers(addr: SocketAddr) -> bool {
         tokio::time::timeout(CORROBORATE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
         Ok(Ok(_))
     )
-}
-
-/// Members by id, for the admin service.
-fn by_node(members: &[MemberInfo]) -> BTreeMap<NodeId, &MemberInfo> {
-    members.iter().map(|m| (m.identity.node, m)).collect()
 }

@@ -1,0 +1,561 @@
+//! `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
+//! [--skip-sim]`: how fast a region of real agents (release build, loopback) spreads a write
+//! and the news of a crash, how often healthy members are falsely declared down (idle, and
+//! with one member starved by SIGSTOP/SIGCONT cycles), what gossip costs in bandwidth, and the
+//! deterministic simulation's figures at 100 and 1,000 nodes.
+//!
+//! Baselines in the same run: the loopback round trip of one gRPC call (the floor of "write
+//! to everywhere"), and the configured failure-detection budget (probe period + suspicion
+//! minimum) beside "crash to excluded". Last line: one JSON object.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patina_proto::v1::{
+    ClusterStatusRequest, MembersRequest, UpsertMachineRequest, WatchRequest, machine_change,
+};
+use patina_testkit::{Agent, machine};
+
+use crate::cluster::start_agent;
+use crate::harness::build_patina;
+
+pub struct Options {
+    nodes: usize,
+    writes: usize,
+    kills: usize,
+    idle_secs: u64,
+    sim: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        let mut o = Options {
+            nodes: 20,
+            writes: 1000,
+            kills: 10,
+            idle_secs: 300,
+            sim: true,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if *a == "--skip-sim" {
+                o.sim = false;
+                continue;
+            }
+            let v: u64 = it.next().context("missing value")?.parse()?;
+            match *a {
+                "--nodes" => o.nodes = v as usize,
+                "--writes" => o.writes = v as usize,
+                "--kills" => o.kills = v as usize,
+                "--idle-secs" => o.idle_secs = v,
+                other => bail!("unknown option {other}"),
+            }
+        }
+        if o.nodes < 3 || o.nodes > 250 {
+            bail!("--nodes must be between 3 and 250");
+        }
+        Ok(o)
+    }
+}
+
+/// What one agent's whole-region watch has seen: first upsert and first removal per id.
+#[derive(Default)]
+struct Seen {
+    upserted: HashMap<String, Instant>,
+    removed: HashMap<String, Instant>,
+}
+
+type SeenRef = Arc<Mutex<Seen>>;
+
+async fn watch_all(url: String, seen: SeenRef) {
+    let Ok(channel) = tonic::transport::Channel::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+    else {
+        return;
+    };
+    let mut client = patina_proto::v1::region_client::RegionClient::new(channel);
+    let Ok(stream) = client
+        .watch(WatchRequest {
+            app: "bench".into(),
+            resume_token: String::new(),
+        })
+        .await
+    else {
+        return;
+    };
+    let mut stream = stream.into_inner();
+    while let Ok(Some(msg)) = stream.message().await {
+        let now = Instant::now();
+        let mut s = seen.lock().expect("seen lock");
+        for c in msg.changes {
+            match c.change {
+                Some(machine_change::Change::Upserted(m)) => {
+                    s.upserted.entry(m.id).or_insert(now);
+                }
+                Some(machine_change::Change::Deleted(d)) => {
+                    s.removed.entry(d.id).or_insert(now);
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+struct Cluster {
+    bin: std::path::PathBuf,
+    root: std::path::PathBuf,
+    agents: Vec<Option<Agent>>,
+    seen: Vec<SeenRef>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Cluster {
+    fn agent(&self, i: usize) -> &Agent {
+        self.agents[i].as_ref().expect("running")
+    }
+
+    fn watch(&mut self, i: usize) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        self.seen[i] = seen.clone();
+        let url = self.agent(i).url.clone();
+        self.watchers[i] = tokio::spawn(watch_all(url, seen));
+    }
+
+    async fn alive_members(&self, i: usize) -> usize {
+        let mut admin = self.agent(i).admin().await;
+        admin
+            .members(MembersRequest {})
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .members
+                    .iter()
+                    .filter(|m| m.state == "alive")
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    async fn wait_joined(&self, within: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let n = self.agents.len();
+        loop {
+            let mut ok = true;
+            for i in 0..n {
+                if self.agents[i].is_some() && self.alive_members(i).await != n - 1 {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                bail!("the cluster did not form within {within:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Bytes sent and received by every agent's gossip (datagrams) so far.
+    async fn bytes(&self) -> (u64, u64) {
+        let (mut out, mut inn) = (0, 0);
+        for a in self.agents.iter().flatten() {
+            let mut admin = a.admin().await;
+            if let Ok(r) = admin.cluster_status(ClusterStatusRequest {}).await {
+                let r = r.into_inner();
+                out += r.bytes_out;
+                inn += r.bytes_in;
+            }
+        }
+        (out, inn)
+    }
+
+    /// The highest local-health score of any agent.
+    async fn max_health(&self) -> u32 {
+        let mut h = 0;
+        for a in self.agents.iter().flatten() {
+            let mut admin = a.admin().await;
+            if let Ok(r) = admin.cluster_status(ClusterStatusRequest {}).await {
+                h = h.max(r.into_inner().health);
+            }
+        }
+        h
+    }
+
+    /// Epochs of every member as every agent sees them: a member falsely declared down
+    /// rejoins under a higher epoch.
+    async fn epochs(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for a in self.agents.iter().flatten() {
+            let mut admin = a.admin().await;
+            if let Ok(r) = admin.members(MembersRequest {}).await {
+                let r = r.into_inner();
+                for m in r.members.iter().chain(r.this.iter()) {
+                    let e = out.entry(m.address.clone()).or_insert(0);
+                    *e = (*e).max(m.epoch);
+                }
+            }
+        }
+        out
+    }
+
+    /// Count members seen down or suspect by any agent, polling for `secs`; returns the
+    /// distinct (observer, member, epoch) downs and the epochs that rose (renewals).
+    async fn false_downs(&self, secs: u64, exclude: Option<&str>) -> (usize, usize) {
+        let before = self.epochs().await;
+        let mut downs = std::collections::BTreeSet::new();
+        let end = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < end {
+            for (i, a) in self.agents.iter().enumerate() {
+                let Some(a) = a else { continue };
+                let mut admin = a.admin().await;
+                let Ok(Ok(r)) =
+                    tokio::time::timeout(Duration::from_secs(2), admin.members(MembersRequest {}))
+                        .await
+                else {
+                    continue;
+                };
+                for m in r.into_inner().members {
+                    if m.state == "down" && Some(m.address.as_str()) != exclude {
+                        downs.insert((i, m.address, m.epoch));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let after = self.epochs().await;
+        let renewed = after
+            .iter()
+            .filter(|(addr, e)| {
+                Some(addr.as_str()) != exclude && before.get(*addr).is_some_and(|b| *e > b)
+            })
+            .count();
+        (downs.len(), renewed)
+    }
+}
+
+/// The loopback round trip of one gRPC call to an agent (a list of an empty app).
+async fn grpc_rtt_us(agent: &Agent) -> f64 {
+    let mut client = agent.client().await;
+    let mut samples = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let _ = client
+            .list_instances(patina_proto::v1::ListInstancesRequest {
+                app: "none".into(),
+                ..Default::default()
+            })
+            .await;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    pct(&samples, 50.0)
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let bin = build_patina()?;
+    let root = crate::bench_store::tempdir()?.join("propagation");
+    let _ = std::fs::remove_dir_all(&root);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(bench(&o, bin, root.clone()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut json = result?;
+    if o.sim {
+        let (r100, t100, b100) = crate::sim_figures::spread(100, 1);
+        let (r1000, t1000, b1000) = crate::sim_figures::spread(1000, 1);
+        println!(
+            "simulation (LAN model, 50-250 µs one way), time until 99.9 % of nodes hold a change:"
+        );
+        println!("  100 nodes: {t100:.1} ms ({r100} probe periods), {b100:.0} B/s per node");
+        println!("  1000 nodes: {t1000:.1} ms ({r1000} probe periods), {b1000:.0} B/s per node");
+        println!(
+            "  10000 nodes: not run (every simulated node holds the full membership: O(N^2) memory in one process)"
+        );
+        json["sim_rounds_100"] = r100.into();
+        json["sim_ms_100"] = t100.into();
+        json["sim_rounds_1000"] = r1000.into();
+        json["sim_ms_1000"] = t1000.into();
+        json["sim_bytes_per_s_per_node_1000"] = b1000.into();
+    }
+    json["sim_rounds_10000"] = serde_json::Value::Null;
+    println!("{json}");
+    Ok(())
+}
+
+async fn bench(
+    o: &Options,
+    bin: std::path::PathBuf,
+    root: std::path::PathBuf,
+) -> anyhow::Result<serde_json::Value> {
+    let n = o.nodes;
+    let mut c = Cluster {
+        bin,
+        root,
+        agents: Vec::new(),
+        seen: (0..n).map(|_| Arc::default()).collect(),
+        watchers: (0..n).map(|_| tokio::spawn(async {})).collect(),
+    };
+    for i in 0..n {
+        c.agents.push(Some(start_agent(&c.bin, &c.root, i, "")?));
+    }
+    c.wait_joined(Duration::from_secs(60)).await?;
+    println!("{n} agents joined");
+    for i in 0..n {
+        c.watch(i);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rtt = grpc_rtt_us(c.agent(0)).await;
+    // Idle bandwidth, before any write: probes, acks and periodic gossip only.
+    let (o0, i0) = c.bytes().await;
+    let idle_window = Duration::from_secs(10);
+    tokio::time::sleep(idle_window).await;
+    let (o1, i1) = c.bytes().await;
+    let idle = (o1 - o0 + i1 - i0) as f64 / 2.0 / idle_window.as_secs_f64() / n as f64;
+
+    // Write to everywhere: writers at random agents; latency from the acknowledgement to
+    // the last agent's watch showing it.
+    let writers = 4;
+    let per = o.writes.div_ceil(writers);
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let urls: Vec<String> = c.agents.iter().flatten().map(|a| a.url.clone()).collect();
+        tasks.spawn(async move {
+            let mut clients = Vec::new();
+            for u in &urls {
+                let ch = tonic::transport::Channel::from_shared(u.clone())
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("connect");
+                clients.push(patina_proto::v1::region_client::RegionClient::new(ch));
+            }
+            let mut acks = Vec::new();
+            for k in 0..per {
+                let i = (w * 7919 + k * 31) % clients.len();
+                let id = format!("w{w}-{k}");
+                let r = clients[i]
+                    .upsert_machine(UpsertMachineRequest {
+                        machine: Some(machine(&id, "bench", 8080)),
+                    })
+                    .await;
+                if r.is_ok() {
+                    acks.push((id, Instant::now()));
+                }
+                tokio::time::sleep(Duration::from_millis(4)).await;
+            }
+            acks
+        });
+    }
+    let mut acks = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        acks.extend(r?);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut lat = Vec::new();
+    let mut lost = 0usize;
+    for (id, acked) in &acks {
+        let mut last = Duration::ZERO;
+        let mut missing = false;
+        for s in &c.seen {
+            match s.lock().expect("seen").upserted.get(id) {
+                Some(t) => last = last.max(t.saturating_duration_since(*acked)),
+                None => missing = true,
+            }
+        }
+        if missing {
+            lost += 1;
+        } else {
+            lat.push(last.as_secs_f64() * 1e3);
+        }
+    }
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "write to everywhere ({} writes, {n} agents): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, lost {lost} (baseline: one gRPC round trip {:.0} µs)",
+        acks.len(),
+        pct(&lat, 50.0),
+        pct(&lat, 99.0),
+        pct(&lat, 100.0),
+        rtt
+    );
+
+    // Bandwidth under load (idle was measured before any write).
+    let loaded_secs = 5u64;
+    let rate = 1000u64;
+    let url = c.agent(2).url.clone();
+    let load = tokio::spawn(async move {
+        let ch = tonic::transport::Channel::from_shared(url)
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = patina_proto::v1::region_client::RegionClient::new(ch);
+        let start = Instant::now();
+        for k in 0..rate * loaded_secs {
+            let due = start + Duration::from_micros(k * 1_000_000 / rate);
+            tokio::time::sleep_until(due.into()).await;
+            let _ = client
+                .upsert_machine(UpsertMachineRequest {
+                    machine: Some(machine(&format!("load-{}", k % 500), "load", 8080)),
+                })
+                .await;
+        }
+    });
+    let (o2, i2) = c.bytes().await;
+    let t = Instant::now();
+    load.await?;
+    let (o3, i3) = c.bytes().await;
+    let loaded = (o3 - o2 + i3 - i2) as f64 / 2.0 / t.elapsed().as_secs_f64() / n as f64;
+    println!(
+        "gossip bandwidth per node (mean of sent and received): idle {idle:.0} B/s, under {rate} writes/s {loaded:.0} B/s"
+    );
+
+    // Let local health settle after the load (agents share two cores here, so the load
+    // made their timers late), and report it: it stretches failure detection.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let health = c.max_health().await;
+    println!(
+        "highest local-health score before the kills: {health} (0 is healthy; timers stretch by 1 + score)"
+    );
+    // Crash to excluded.
+    let mut crash = Vec::new();
+    for k in 0..o.kills {
+        let victim = 2 + k % (n - 2);
+        let id = format!("own-{k}");
+        {
+            let mut client = c.agent(victim).client().await;
+            client
+                .upsert_machine(UpsertMachineRequest {
+                    machine: Some(machine(&id, "bench", 9090)),
+                })
+                .await?;
+        }
+        let visible = Instant::now();
+        while c
+            .seen
+            .iter()
+            .any(|s| !s.lock().expect("seen").upserted.contains_key(&id))
+        {
+            if visible.elapsed() > Duration::from_secs(10) {
+                bail!("{id} never reached every agent");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.watchers[victim].abort();
+        if let Some(mut a) = c.agents[victim].take() {
+            a.kill9();
+        }
+        let killed = Instant::now();
+        loop {
+            let done = (0..n)
+                .filter(|i| *i != victim)
+                .all(|i| c.seen[i].lock().expect("seen").removed.contains_key(&id));
+            if done {
+                break;
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                bail!("agents still list {id} 30 s after its agent was killed");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut last = Duration::ZERO;
+        for i in (0..n).filter(|i| *i != victim) {
+            let t = c.seen[i].lock().expect("seen").removed[&id];
+            last = last.max(t.saturating_duration_since(killed));
+        }
+        crash.push(last.as_secs_f64() * 1e3);
+        c.agents[victim] = Some(start_agent(&c.bin, &c.root, victim, "")?);
+        c.wait_joined(Duration::from_secs(30)).await?;
+        c.watch(victim);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    crash.sort_by(f64::total_cmp);
+    println!(
+        "crash to excluded ({} SIGKILLs): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (budget: probe period 200 ms + suspicion minimum 200 ms, then one probe cycle)",
+        crash.len(),
+        pct(&crash, 50.0),
+        pct(&crash, 99.0),
+        pct(&crash, 100.0)
+    );
+
+    // False downs: idle, then with one member starved by SIGSTOP/SIGCONT cycles.
+    let (downs, renewed) = c.false_downs(o.idle_secs, None).await;
+    println!(
+        "false downs in {} s idle: {downs} down observations, {renewed} renewals",
+        o.idle_secs
+    );
+    let starved = n - 1;
+    let pid = c.agent(starved).child.id();
+    let starved_addr = format!(
+        "{}:{}",
+        crate::cluster::ip(starved),
+        crate::cluster::GOSSIP_PORT
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cycler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // Bounded: stops when told, and after an hour at most.
+            let end = Instant::now() + Duration::from_secs(3600);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < end {
+                let _ = std::process::Command::new("kill")
+                    .args(["-STOP", &pid.to_string()])
+                    .status();
+                std::thread::sleep(Duration::from_millis(150));
+                let _ = std::process::Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
+                std::thread::sleep(Duration::from_millis(350));
+            }
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &pid.to_string()])
+                .status();
+        })
+    };
+    let (downs_starved, renewed_starved) = c.false_downs(o.idle_secs, Some(&starved_addr)).await;
+    let (starved_itself, _) = {
+        // Was the starved member itself declared down? (Reported, not counted as false.)
+        let e = c.epochs().await;
+        (e.get(&starved_addr).copied().unwrap_or(0), 0)
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = cycler.join();
+    println!(
+        "false downs of healthy members in {} s with agent {} stopped 150 ms of every 500 ms: {downs_starved} down observations, {renewed_starved} renewals (the starved agent's epoch is now {starved_itself})",
+        o.idle_secs,
+        starved + 1
+    );
+    for w in &c.watchers {
+        w.abort();
+    }
+    Ok(serde_json::json!({
+        "nodes": n,
+        "writes": acks.len(),
+        "write_to_all_p50_ms": pct(&lat, 50.0),
+        "write_to_all_p99_ms": pct(&lat, 99.0),
+        "writes_lost": lost,
+        "grpc_rtt_us": rtt,
+        "crash_to_excluded_p50_ms": pct(&crash, 50.0),
+        "crash_to_excluded_p99_ms": pct(&crash, 99.0),
+        "false_downs": downs + renewed,
+        "false_downs_starved": downs_starved + renewed_starved,
+        "idle_secs": o.idle_secs,
+        "idle_bytes_per_s_per_node": idle,
+        "loaded_bytes_per_s_per_node": loaded,
+    }))
+}

@@ -1,0 +1,93 @@
+//! `cargo xtask cluster [--nodes N]`: a region of N real `patina region` processes (release
+//! build) on loopback addresses 127.0.1.1..N, with generated configs, seeded through the
+//! first two; prints their addresses and stops them all on Ctrl-C.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use patina_testkit::Agent;
+
+use crate::harness::build_patina;
+
+/// The gossip port of every agent (each has its own loopback IP).
+pub const GOSSIP_PORT: u16 = 7946;
+
+pub fn ip(i: usize) -> String {
+    format!("127.0.1.{}", i + 1)
+}
+
+/// Start agent `i` of a cluster in `root`, with `extra` config (TOML) appended.
+pub fn start_agent(bin: &Path, root: &Path, i: usize, extra: &str) -> anyhow::Result<Agent> {
+    let gossip = format!(
+        "[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [\"{s0}:{GOSSIP_PORT}\", \"{s1}:{GOSSIP_PORT}\"]\n{extra}",
+        ip = ip(i),
+        s0 = ip(0),
+        s1 = ip(1),
+    );
+    Agent::start_host(
+        bin,
+        &root.join(format!("agent-{}", i + 1)),
+        &ip(i),
+        &format!("worker-{}", i + 1),
+        &gossip,
+    )
+    .with_context(|| format!("starting agent {}", i + 1))
+}
+
+pub struct Options {
+    nodes: usize,
+}
+
+impl Options {
+    pub fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        let mut o = Options { nodes: 5 };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let v: usize = it.next().context("missing value")?.parse()?;
+            match *a {
+                "--nodes" => o.nodes = v,
+                other => bail!("unknown option {other}"),
+            }
+        }
+        if !(1..=250).contains(&o.nodes) {
+            bail!("--nodes must be between 1 and 250");
+        }
+        Ok(o)
+    }
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let bin = build_patina()?;
+    let root: PathBuf = crate::bench_store::tempdir()?.join("cluster");
+    let mut agents = Vec::new();
+    for i in 0..o.nodes {
+        let a = start_agent(&bin, &root, i, "")?;
+        println!(
+            "agent {:>3}: region API {}  gossip udp {}:{GOSSIP_PORT}  data {}",
+            i + 1,
+            a.url,
+            ip(i),
+            a.dir.display()
+        );
+        agents.push(a);
+    }
+    println!(
+        "a region of {} agents is running. Try:\n  patina members --server {}\n  patina machine put --server {} --app web --id web-1 --addr 10.0.0.1:8080\n  patina instances --server {} web\nCtrl-C stops them all.",
+        o.nodes,
+        agents[0].host_port(),
+        agents[0].host_port(),
+        agents[o.nodes - 1].host_port(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    println!("stopping {} agents", agents.len());
+    for a in &mut agents {
+        let _ = a.stop();
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
