@@ -287,6 +287,12 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         println!(
             "  10000 nodes: not run (every simulated node holds the full membership: O(N^2) memory in one process)"
         );
+        let (d50, d99, dmax) = crate::sim_figures::crash_to_excluded(20, 100);
+        println!(
+            "  crash to excluded, 20 nodes, 100 seeds: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms (10 ms steps)"
+        );
+        json["sim_crash_to_excluded_p50_ms"] = d50.into();
+        json["sim_crash_to_excluded_p99_ms"] = d99.into();
         json["sim_rounds_100"] = r100.into();
         json["sim_ms_100"] = t100.into();
         json["sim_rounds_1000"] = r1000.into();
@@ -479,6 +485,11 @@ async fn bench(
             last = last.max(t.saturating_duration_since(killed));
         }
         crash.push(last.as_secs_f64() * 1e3);
+        println!(
+            "  kill {k}: agent {} excluded everywhere after {:.0} ms",
+            victim + 1,
+            last.as_secs_f64() * 1e3
+        );
         c.agents[victim] = Some(start_agent(&c.bin, &c.root, victim, "")?);
         c.wait_joined(Duration::from_secs(30)).await?;
         c.watch(victim);

@@ -1,0 +1,90 @@
+//! Every decoder of bytes from the network, fed arbitrary and mutated input: an error or a
+//! value, never a panic; and a node fed garbage, truncated, oversized and foreign datagrams
+//! drops and counts them and goes on working.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use foca::Codec as _;
+use patina_gossip::identity::Codec;
+use patina_gossip::wire::{Item, Push};
+use patina_gossip::{ClusterName, Config, Envelope, Identity, Node};
+use patina_store::NodeId;
+use proptest::prelude::*;
+
+fn node() -> Node {
+    let id = Identity {
+        node: NodeId(1),
+        addr: "10.0.0.1:7000".parse().unwrap(),
+        api_port: 7001,
+        epoch: 1,
+    };
+    let seeds: Vec<SocketAddr> = vec!["10.0.0.2:7000".parse().unwrap()];
+    Node::new(
+        id,
+        Config::lan(ClusterName::new("fuzz").unwrap()),
+        Default::default(),
+        seeds,
+        7,
+    )
+}
+
+fn sealed(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    Envelope::new(&ClusterName::new("fuzz").unwrap()).seal(payload, &mut out);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = Envelope::new(&ClusterName::new("fuzz").unwrap()).open(&bytes);
+        let _ = Codec.decode_header(&bytes[..]);
+        let _ = Codec.decode_member(&bytes[..]);
+        let _ = Item::decode(&bytes);
+        let _ = Push::decode(&bytes);
+    }
+
+    #[test]
+    fn a_node_survives_any_datagram(kind in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..1500)) {
+        let mut n = node();
+        n.start(Duration::ZERO);
+        let mut payload = vec![kind];
+        payload.extend_from_slice(&body);
+        n.handle_datagram(Duration::from_millis(1), &sealed(&payload));
+        n.handle_datagram(Duration::from_millis(2), &body);
+        let _ = n.drain();
+    }
+}
+
+#[test]
+fn garbage_foreign_truncated_and_oversized_datagrams_are_dropped_and_counted() {
+    let mut n = node();
+    n.start(Duration::ZERO);
+    let _ = n.drain();
+    let mut other = Vec::new();
+    Envelope::new(&ClusterName::new("other").unwrap()).seal(&[1, 2, 3], &mut other);
+    let cases: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(), // garbage
+        other,                              // another cluster
+        sealed(&[1])[..5].to_vec(),         // truncated envelope
+        sealed(&[1, 0, 0, 0]),              // truncated SWIM packet
+        sealed(&[2, 1, 2, 3]),              // truncated push
+        sealed(&[9, 9, 9]),                 // unknown kind
+        sealed(&vec![1; 65_000]),           // oversized SWIM packet
+    ];
+    for (i, bytes) in cases.iter().enumerate() {
+        n.handle_datagram(Duration::from_millis(i as u64 + 1), bytes);
+    }
+    let c = n.counters();
+    assert_eq!(c.datagrams_in, cases.len() as u64);
+    assert_eq!(c.dropped_envelope, 3, "{c:?}");
+    assert_eq!(c.dropped_decode, 4, "{c:?}");
+    assert!(
+        n.drain()
+            .iter()
+            .all(|o| !matches!(o, patina_gossip::Output::Apply { .. }))
+    );
+}
