@@ -34,6 +34,8 @@ pub const MAX_PIGGYBACK_BACKLOG: usize = 1_024;
 /// How long a gap may stay open before it triggers a sync: long enough for the reordering
 /// of two pushes on a LAN, short enough to be "at once" for routing.
 pub const GAP_GRACE: Duration = Duration::from_millis(20);
+/// Sync intervals after joining before an origin that no member names counts as down.
+pub const OWNERLESS_AFTER: u32 = 2;
 /// Most anti-entropy sessions this node starts at a time.
 pub const MAX_SYNCS_IN_FLIGHT: usize = 2;
 
@@ -332,6 +334,12 @@ pub struct Node {
     max_item: usize,
     /// Down news arrived this turn: pass it on at once rather than at the next gossip tick.
     gossip_now: bool,
+    /// Consecutive gap-driven sessions that brought nothing (their delay doubles), and how
+    /// much was known when the last one ended.
+    gap_backoff: u32,
+    known_at_last_sync: u128,
+    /// When this node first became part of a cluster.
+    active_since: Option<Duration>,
 }
 
 impl Node {
@@ -380,6 +388,9 @@ impl Node {
             leaving: false,
             max_item,
             gossip_now: false,
+            gap_backoff: 0,
+            known_at_last_sync: 0,
+            active_since: None,
         }
     }
 
@@ -710,10 +721,37 @@ impl Node {
                 .retain(|o, seq| !s.known.get(o).is_some_and(|k| k.knows(*seq)));
         }
         // Still lacking (a session cut short by its budget, or a peer that lacked it too):
-        // go on at once rather than at the next periodic round.
+        // go on soon, backing off while sessions bring nothing (a gap nobody can fill, such
+        // as a refused record or a forged notice, must not keep sessions running back to
+        // back).
         if self.has_gaps() || self.lacks_noticed() {
-            self.arm_gap_check();
+            let known = self.known_total();
+            if known > self.known_at_last_sync {
+                self.gap_backoff = 0;
+            } else {
+                self.gap_backoff = (self.gap_backoff + 1).min(8);
+            }
+            self.known_at_last_sync = known;
+            if !self.gap_armed {
+                self.gap_armed = true;
+                let delay = (GAP_GRACE * (1u32 << self.gap_backoff)).min(self.cfg.sync_interval);
+                self.schedule(delay, TimerKind::GapCheck);
+            }
+        } else {
+            self.gap_backoff = 0;
         }
+    }
+
+    /// Sequence numbers known across every origin: grows whenever a session brings anything.
+    fn known_total(&self) -> u128 {
+        let s = self.shared.lock().expect("gossip shared state");
+        s.known
+            .values()
+            .map(|k| {
+                let missing: u64 = k.gaps().map(|r| r.hi() - r.lo() + 1).sum();
+                u128::from(k.head().saturating_sub(missing))
+            })
+            .sum()
     }
 
     /// The answer to [`Output::Corroborate`]: `gone` when the member's port refused or did
@@ -766,6 +804,7 @@ impl Node {
                 self.schedule(self.cfg.announce_interval, TimerKind::Announce);
             }
             TimerKind::SyncRound => {
+                self.reconcile_liveness();
                 if let Some(peer) = self.random_active() {
                     self.start_sync(peer);
                 }
@@ -793,6 +832,27 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Our store moved to a fresh origin (its data directory was a copy of another agent's):
+    /// take an identity that names the new origin, so that liveness maps to the records we
+    /// now write. The old identity is declared down by foca; the agent whose origin it was
+    /// keeps its own identity under its own address.
+    pub fn handle_new_origin(&mut self, now: Duration, node: NodeId) {
+        self.now = now;
+        let old = *self.foca.identity();
+        if old.node == node {
+            return;
+        }
+        let new = Identity {
+            node,
+            epoch: old.epoch.saturating_add(1),
+            ..old
+        };
+        if self.foca.change_identity(new, &mut self.rt).is_ok() {
+            self.out.push(Output::Renewed { identity: new });
+        }
+        self.after_foca();
     }
 
     /// Leave the cluster gracefully: tell a few members we are going.
@@ -963,16 +1023,25 @@ impl Node {
             OwnedNotification::MemberUp(id) => self.member_up(id),
             OwnedNotification::MemberDown(id) => self.member_down(id),
             OwnedNotification::Rename(old, new) => {
-                if self
+                let was_live = self
                     .live
                     .get(&old.node)
-                    .is_some_and(|s| s.contains(&old.addr))
-                {
+                    .is_some_and(|s| s.contains(&old.addr));
+                if was_live && old.node == new.node {
+                    // The same agent under a new epoch (a restart nobody had noticed yet): its
+                    // records stay visible; no down-then-up flap for every watcher.
+                    if let Some(set) = self.live.get_mut(&old.node) {
+                        set.remove(&old.addr);
+                        set.insert(new.addr);
+                    }
+                } else if was_live {
                     self.member_down(old);
                     self.member_up(new);
                 }
             }
             OwnedNotification::Active => {
+                self.active_since.get_or_insert(self.now);
+                self.reconcile_liveness();
                 // Joined (or rejoined): catch up at once rather than at the next round.
                 if let Some(peer) = self.random_active() {
                     self.start_sync(peer);
@@ -1008,6 +1077,46 @@ impl Node {
                 }
             }
             OwnedNotification::ProbeFailed(_, _) => self.bump_health(),
+        }
+    }
+
+    /// foca notifies MemberDown only for members it saw up: a member first learned as down
+    /// (it died while we were away, or before we joined) must still go dark here. Owners
+    /// with a down member and no active one are reported down once. So are origins we hold
+    /// records of but no member names, once we have been part of the cluster for
+    /// `OWNERLESS_AFTER` sync intervals (time for the membership to be complete): foca's
+    /// feed carries only active members, so an owner that died long before we returned is
+    /// not a member at all.
+    fn reconcile_liveness(&mut self) {
+        let me = self.identity().node;
+        let mut down: BTreeSet<NodeId> = BTreeSet::new();
+        let mut up: BTreeSet<NodeId> = BTreeSet::new();
+        for m in self.foca.iter_membership_state() {
+            match m.state() {
+                foca::State::Down => down.insert(m.id().node),
+                _ => up.insert(m.id().node),
+            };
+        }
+        let settled = self
+            .active_since
+            .is_some_and(|t| self.now >= t + self.cfg.sync_interval * OWNERLESS_AFTER);
+        if settled {
+            let s = self.shared.lock().expect("gossip shared state");
+            down.extend(
+                s.known
+                    .iter()
+                    .filter(|(_, k)| k.head() > 0)
+                    .map(|(o, _)| *o),
+            );
+        }
+        for node in down.difference(&up) {
+            if *node != me && !self.live.contains_key(node) {
+                self.live.insert(*node, BTreeSet::new());
+                self.out.push(Output::Liveness {
+                    node: *node,
+                    down: true,
+                });
+            }
         }
     }
 

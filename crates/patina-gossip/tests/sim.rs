@@ -92,6 +92,9 @@ fn chaos(seed: u64) -> u64 {
     w.run_for(Duration::from_secs(5));
     let mut keys = BTreeSet::new();
     let crashed = 7;
+    // The node that will crash owns a machine, so that hiding it is checked on every seed.
+    w.write(crashed, "owned-by-7", "app", b"+v");
+    keys.insert("owned-by-7".to_string());
     for round in 0..40u32 {
         for _ in 0..5 {
             let i = w.rng().random_range(0..NODES);
@@ -122,7 +125,11 @@ fn chaos(seed: u64) -> u64 {
     w.net.duplicate = 0.0;
     w.run_for(Duration::from_secs(30));
     assert_converged(&w, &keys);
-    // The crashed node's machines are listed nowhere.
+    // The crashed node's machines are listed nowhere (and the check is not vacuous).
+    assert!(
+        w.held(0, &keys)["owned-by-7"].is_some(),
+        "the crashed node's machine reached the others"
+    );
     let dead = w.node_id(crashed);
     for i in (0..NODES).filter(|i| w.is_up(*i)) {
         let listed = w.served(i);
@@ -172,6 +179,29 @@ fn a_crashed_owner_is_hidden_everywhere_and_returns_on_restart() {
                 w.served(i).contains_key("m4"),
                 "node {i} did not show m4 again"
             );
+        }
+        0
+    });
+}
+
+/// A node that was away when an owner died learns of the death as an already-down member
+/// (foca sends no MemberDown for a member it never saw up) and must hide its records too.
+#[test]
+fn a_returning_node_hides_an_owner_that_died_while_it_was_away() {
+    for_seeds("a_returning_node", |seed| {
+        let mut w = World::new(10, config(), Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        w.write(4, "m4", "app", b"+up");
+        w.run_for(Duration::from_secs(1));
+        assert!(w.served(6).contains_key("m4"), "node 6 lacks m4");
+        w.crash(6);
+        w.crash(4);
+        w.run_for(Duration::from_secs(5));
+        w.restart(6);
+        // Up to OWNERLESS_AFTER sync intervals, plus one round.
+        w.run_for(Duration::from_secs(20));
+        for i in (0..10).filter(|i| *i != 4) {
+            assert!(!w.served(i).contains_key("m4"), "node {i} still lists m4");
         }
         0
     });

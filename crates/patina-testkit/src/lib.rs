@@ -65,6 +65,19 @@ impl Agent {
         host: &str,
         extra: &str,
     ) -> std::io::Result<Agent> {
+        Agent::start_wrapped(&[], bin, dir, ip, host, extra)
+    }
+
+    /// [`Agent::start_host`] run through `wrapper` (e.g. `ip netns exec NS`), which must exec
+    /// the agent in its place so that signals reach it.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &Path,
+        dir: &Path,
+        ip: &str,
+        host: &str,
+        extra: &str,
+    ) -> std::io::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("patina.toml");
         std::fs::write(
@@ -74,7 +87,15 @@ impl Agent {
                 dir.join("data").display()
             ),
         )?;
-        let mut child = Command::new(bin)
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             .args(["region", "--config"])
             .arg(&config)
             .env_remove("RUST_LOG")

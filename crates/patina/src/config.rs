@@ -315,6 +315,50 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_loads_with_its_gossip_table() {
+        // Read at run time: a test binary may run from another checkout's target directory.
+        let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it");
+        let path = Path::new(&dir).join("../../deploy/region.example.toml");
+        let c = Config::load(Some(&path)).expect("the example config is valid");
+        assert_eq!(c.region, "ord");
+        assert_eq!(c.gossip.seeds.len(), 3);
+        let node = c.gossip.node(&c.region).unwrap();
+        assert_eq!(
+            node.cluster.as_str(),
+            "ord",
+            "the cluster defaults to the region"
+        );
+        assert_eq!(
+            c.gossip.listen_addr(c.listen),
+            "10.0.0.17:7601".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn gossip_timings_that_cannot_work_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "rtt.toml",
+                "[gossip]\nprobe_rtt_ms = 500\nprobe_period_ms = 200\n",
+            )?;
+            assert!(Config::load(Some(Path::new("rtt.toml"))).is_err());
+            jail.create_file("susp.toml", "[gossip]\nsuspicion_min_ms = 5000\n")?;
+            assert!(Config::load(Some(Path::new("susp.toml"))).is_err());
+            jail.create_file("name.toml", "[gossip]\ncluster = \"Bad Name\"\n")?;
+            assert!(Config::load(Some(Path::new("name.toml"))).is_err());
+            jail.create_file("mtu.toml", "[gossip]\nmax_datagram_bytes = 100\n")?;
+            assert!(Config::load(Some(Path::new("mtu.toml"))).is_err());
+            jail.create_file(
+                "ok.toml",
+                "[gossip]\nseeds = [\"127.0.0.1:7601\"]\nfanout = 4\n",
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.gossip.node("local").unwrap().fanout.get(), 4);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("typo.toml", "regoin = \"ord\"\n")?;

@@ -171,6 +171,11 @@ impl Admin for AdminService {
         if owner == self.gossip.store.node() {
             return Err(Status::failed_precondition("an agent cannot forget itself"));
         }
+        if !self.gossip.store.down_owners().contains(&owner) {
+            return Err(Status::failed_precondition(format!(
+                "{owner} is not down here: only the records of a member this agent holds down can be forgotten"
+            )));
+        }
         let keys: Vec<String> = self
             .gossip
             .store

@@ -44,6 +44,7 @@ enum Input {
         member: Identity,
         gone: bool,
     },
+    NewOrigin(NodeId),
     Members(oneshot::Sender<Snapshot>),
     Forget(Identity, oneshot::Sender<bool>),
 }
@@ -264,19 +265,46 @@ fn write_epoch(path: &std::path::Path, epoch: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Hide and show owners' records in order, one request at a time (a down then an up must
-/// not be reordered).
+/// Hide and show owners' records, the latest wish per owner winning. A change the store
+/// could not take (its queue full, the disk full) is retried until it is taken: down news
+/// must not be lost.
 fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
-    // Unbounded but small: one entry per membership change, which foca bounds by members.
+    // Unbounded but small: the wishes coalesce per owner, and foca bounds owners by members.
     let (tx, mut rx) = mpsc::unbounded_channel::<(NodeId, bool)>();
     tokio::spawn(async move {
-        while let Some((node, down)) = rx.recv().await {
+        let mut wanted: std::collections::BTreeMap<NodeId, bool> = Default::default();
+        loop {
+            if wanted.is_empty() {
+                match rx.recv().await {
+                    Some((node, down)) => {
+                        wanted.insert(node, down);
+                    }
+                    None => return,
+                }
+            }
+            while let Ok((node, down)) = rx.try_recv() {
+                wanted.insert(node, down);
+            }
+            let Some((&node, &down)) = wanted.iter().next() else {
+                continue;
+            };
             match store.set_owner_down(node, down).await {
                 Ok(c) => {
-                    tracing::info!(owner = %node, down, changed = c.changed, records = c.records, "liveness overlay")
+                    tracing::info!(owner = %node, down, changed = c.changed, records = c.records, "liveness overlay");
+                    if wanted.get(&node) == Some(&down) {
+                        wanted.remove(&node);
+                    }
+                }
+                Err(patina_store::StoreError::OwnNode(_)) => {
+                    wanted.remove(&node);
+                }
+                Err(e) if store.failure().is_some() => {
+                    tracing::warn!(owner = %node, down, error = %e, "liveness overlay: the store failed");
+                    return;
                 }
                 Err(e) => {
-                    tracing::warn!(owner = %node, down, error = %e, "liveness overlay failed")
+                    tracing::warn!(owner = %node, down, error = %e, "liveness overlay change refused; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
@@ -288,8 +316,15 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
 async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
     let mut wake = store.feed().subscribe();
     let mut after = store.feed().revision();
+    let mut origin = store.node();
     loop {
         let me = store.node();
+        if me != origin {
+            origin = me;
+            if inputs.send(Input::NewOrigin(me)).await.is_err() {
+                return;
+            }
+        }
         match store
             .feed()
             .read_since(after, 512, |c| c.entry.version().origin == me)
@@ -364,6 +399,10 @@ impl Ord for TimerSlot {
     }
 }
 
+/// Datagrams taken in one turn of the loop beyond the first, before timers and inputs get
+/// their turn.
+const MAX_DATAGRAMS_PER_TURN: usize = 64;
+
 /// A turn of the loop longer than this is reported: the seed of the stalled-loop watchdog.
 const TURN_BUDGET: Duration = Duration::from_millis(100);
 
@@ -394,7 +433,9 @@ impl Task {
                     }
                     // Drain what else is waiting before any timer: after a stall, acks that
                     // arrived must count before the timeouts that came due meanwhile.
-                    while let Ok((n, _)) = self.socket.try_recv_from(&mut buf) {
+                    // Bounded, so that a datagram flood cannot starve timers and inputs.
+                    for _ in 0..MAX_DATAGRAMS_PER_TURN {
+                        let Ok((n, _)) = self.socket.try_recv_from(&mut buf) else { break };
                         let now = self.now();
                         self.node.handle_datagram(now, &buf[..n]);
                     }
@@ -409,7 +450,8 @@ impl Task {
                 }
                 () = sleep => {
                     let started = std::time::Instant::now();
-                    while let Ok((n, _)) = self.socket.try_recv_from(&mut buf) {
+                    for _ in 0..MAX_DATAGRAMS_PER_TURN {
+                        let Ok((n, _)) = self.socket.try_recv_from(&mut buf) else { break };
                         let now = self.now();
                         self.node.handle_datagram(now, &buf[..n]);
                     }
@@ -450,6 +492,7 @@ impl Task {
             Input::Local(records) => self.node.handle_local(now, &records),
             Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
             Input::SyncDone { peer, ok } => self.node.handle_sync_done(now, peer, ok),
+            Input::NewOrigin(node) => self.node.handle_new_origin(now, node),
             Input::Corroborated { member, gone } => {
                 self.node.handle_corroboration(now, member, gone)
             }
@@ -489,8 +532,9 @@ impl Task {
                 }
                 Output::Corroborate { member } => {
                     let inputs = self.gossip.inputs.clone();
+                    let local = local_ip(self.gossip.advertised);
                     self.tasks.spawn(async move {
-                        let gone = !port_answers(member.api_addr()).await;
+                        let gone = !port_answers(local, member.api_addr()).await;
                         let _ = inputs.send(Input::Corroborated { member, gone }).await;
                     });
                 }
@@ -554,9 +598,24 @@ fn report_turn(started: std::time::Instant, what: &'static str) {
 /// Does anything accept connections on `addr`? A refused connection or a timeout says the
 /// process (or its host) is gone; a stopped or starved process still has its socket accepted
 /// by the kernel, so it is given the long suspicion.
-async fn port_answers(addr: SocketAddr) -> bool {
+async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool {
+    let connect = async {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        if let Some(ip) = local.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        socket.connect(addr).await
+    };
     matches!(
-        tokio::time::timeout(CORROBORATE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+        tokio::time::timeout(CORROBORATE_TIMEOUT, connect).await,
         Ok(Ok(_))
     )
+}
+
+/// The IP to send from: the advertised one, unless it is a wildcard.
+fn local_ip(advertised: SocketAddr) -> Option<std::net::IpAddr> {
+    Some(advertised.ip()).filter(|ip| !ip.is_unspecified())
 }

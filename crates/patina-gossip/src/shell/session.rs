@@ -192,8 +192,12 @@ async fn flush(out: &Out, batch: &mut SyncBatch, bytes: &mut usize) -> Result<()
     }
 }
 
-/// A batch from a peer, checked and converted.
-fn remote_batch(b: SyncBatch) -> Result<RemoteBatch, String> {
+/// A batch from a peer, checked and converted. Everything in it must be known to the peer
+/// by the digest it sent: a peer cannot claim, in passing, numbers it did not say it knows
+/// (a covered range raises the receiver's head, so a forged one could make it ignore an
+/// origin's future writes).
+fn remote_batch(b: SyncBatch, theirs: &Digest) -> Result<RemoteBatch, String> {
+    let knows = |origin: u64, seq: u64| theirs.get(&NodeId(origin)).is_some_and(|k| k.knows(seq));
     if b.records.len() + b.covered.len() > BATCH_OPS {
         return Err("batch too large".into());
     }
@@ -201,6 +205,9 @@ fn remote_batch(b: SyncBatch) -> Result<RemoteBatch, String> {
     for r in b.records {
         if r.seq == 0 || r.origin == 0 {
             return Err("record without a version".into());
+        }
+        if !knows(r.origin, r.seq) {
+            return Err("a record the peer's digest does not claim".into());
         }
         out.records.push(Record {
             key: r.key.into(),
@@ -215,19 +222,30 @@ fn remote_batch(b: SyncBatch) -> Result<RemoteBatch, String> {
     }
     for c in b.covered {
         let range = SeqRange::new(c.lo, c.hi).ok_or("malformed covered range")?;
+        let claimed = theirs
+            .get(&NodeId(c.origin))
+            .map(|k| k.known_within(range))
+            .unwrap_or_default();
+        if claimed != [range] {
+            return Err("a covered range the peer's digest does not claim".into());
+        }
         out.covered.push((NodeId(c.origin), range));
     }
     Ok(out)
 }
 
 /// Apply what the peer sends until its done.
-async fn receive(g: &Gossip, inbound: &mut Streaming<SyncMessage>) -> Result<(), String> {
+async fn receive(
+    g: &Gossip,
+    inbound: &mut Streaming<SyncMessage>,
+    theirs: &Digest,
+) -> Result<(), String> {
     loop {
         match inbound.message().await {
             Ok(Some(SyncMessage {
                 body: Some(Body::Batch(b)),
             })) => {
-                let batch = remote_batch(b)?;
+                let batch = remote_batch(b, theirs)?;
                 let n = batch.records.len() as u64;
                 g.sync_counters.records_in.fetch_add(n, Ordering::Relaxed);
                 g.reporter.apply(batch).await?;
@@ -244,7 +262,8 @@ async fn receive(g: &Gossip, inbound: &mut Streaming<SyncMessage>) -> Result<(),
 
 async fn both(g: &Gossip, out: Out, inbound: &mut Streaming<SyncMessage>, theirs: Digest) -> bool {
     let session = async {
-        let (sent, received) = tokio::join!(send_lacking(g, &out, &theirs), receive(g, inbound));
+        let (sent, received) =
+            tokio::join!(send_lacking(g, &out, &theirs), receive(g, inbound, &theirs));
         sent.and(received)
     };
     let result = match tokio::time::timeout(SESSION_TIMEOUT, session).await {
@@ -264,11 +283,17 @@ async fn both(g: &Gossip, out: Out, inbound: &mut Streaming<SyncMessage>, theirs
 
 /// Run a session with `peer` as the client.
 pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
-    let result = async {
+    // One deadline over everything, the handshake included: a stopped peer whose kernel
+    // still accepts connections must not hold a session slot for ever.
+    let result = tokio::time::timeout(SESSION_TIMEOUT, async {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("http://{}", peer.api_addr()))
                 .map_err(|e| e.to_string())?
-                .connect_timeout(CONNECT_TIMEOUT);
+                .connect_timeout(CONNECT_TIMEOUT)
+                // From our advertised address: on a multi-homed host the session leaves by
+                // the interface the cluster knows us by (and a partition cuts it as it cuts
+                // our datagrams).
+                .local_address(super::local_ip(g.advertised));
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
@@ -284,8 +309,9 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
             .map_err(|e| e.to_string())?;
         let theirs = their_digest(g, first).map_err(|e| e.to_string())?;
         Ok::<_, String>(both(g, Out::Client(tx), &mut inbound, theirs).await)
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| Err("session timed out".into()));
     match result {
         Ok(ok) => ok,
         Err(e) => {
