@@ -175,6 +175,9 @@ pub enum Output {
     Sync { peer: Identity },
     /// This node's identity changed (renewed after being declared down): persist its epoch.
     Renewed { identity: Identity },
+    /// Another live member writes as our origin (a copy of our data directory): the store
+    /// must move to a fresh origin before the two issue more numbers under one name.
+    OriginConflict { other: Identity },
 }
 
 /// Counts for status pages and tests.
@@ -687,6 +690,26 @@ impl Node {
         }
     }
 
+    /// The shell could not apply these pushed versions (too many applies in flight): they
+    /// are no longer pending, and count as noticed so that a sync fetches them soon rather
+    /// than at the next periodic round.
+    pub fn handle_dropped(&mut self, now: Duration, versions: &[(NodeId, u64)]) {
+        self.now = now;
+        {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            for v in versions {
+                s.pending.remove(v);
+            }
+        }
+        for (origin, seq) in versions {
+            let n = self.noticed.entry(*origin).or_default();
+            *n = (*n).max(*seq);
+        }
+        if !versions.is_empty() {
+            self.arm_gap_check();
+        }
+    }
+
     fn lacks_noticed(&self) -> bool {
         let s = self.shared.lock().expect("gossip shared state");
         self.noticed
@@ -1121,7 +1144,13 @@ impl Node {
     }
 
     fn member_up(&mut self, id: Identity) {
-        if id.node == self.identity().node {
+        let me = self.identity();
+        if id.node == me.node {
+            // Two live agents with one origin. Both see it; the newer one (higher epoch, then
+            // address) yields, so exactly one moves.
+            if id.addr != me.addr && (me.epoch, me.addr) > (id.epoch, id.addr) {
+                self.out.push(Output::OriginConflict { other: id });
+            }
             return;
         }
         let set = self.live.entry(id.node).or_default();

@@ -116,6 +116,8 @@ pub struct World {
     /// Per node: when it first committed each (origin, seq) it did not write.
     pub learned_at: BTreeMap<(NodeId, u64), Vec<Duration>>,
     track_learning: bool,
+    /// Per owner: how many times some node took it for down.
+    pub downs: BTreeMap<NodeId, u64>,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -144,6 +146,7 @@ impl World {
             datagram_bytes: 0,
             learned_at: BTreeMap::new(),
             track_learning: false,
+            downs: BTreeMap::new(),
         };
         for i in 0..n {
             let node_id = NodeId(1000 + i as u64);
@@ -295,6 +298,9 @@ impl World {
                     }
                     Output::Apply { records } => self.apply(i, records),
                     Output::Liveness { node, down } => {
+                        if down {
+                            *self.downs.entry(node).or_default() += 1;
+                        }
                         let _ = now_or_never(self.nodes[i].store.set_owner_down(node, down));
                     }
                     Output::Corroborate { member } => {
@@ -321,6 +327,10 @@ impl World {
                     }
                     Output::Sync { peer } => self.sync(i, peer),
                     Output::Renewed { identity } => self.nodes[i].identity = identity,
+                    Output::OriginConflict { .. } => {
+                        let _ = now_or_never(self.nodes[i].store.leave_origin());
+                        self.follow_feed(i);
+                    }
                 }
             }
         }

@@ -206,3 +206,34 @@ fn a_returning_node_hides_an_owner_that_died_while_it_was_away() {
         0
     });
 }
+
+/// Lifeguard: a member that keeps stalling (SIGSTOP/SIGCONT cycles, a starved CPU) must not get
+/// healthy members declared down. It stops 150 ms of every 500 ms for 60 s, as in
+/// `cargo xtask bench propagation`, and then 1.5 s of every 3 s.
+#[test]
+fn a_stalling_member_gets_no_healthy_member_declared_down() {
+    for_seeds("a_stalling_member", |seed| {
+        let mut w = World::new(20, config(), Net::lan(), seed);
+        w.run_for(Duration::from_secs(5));
+        let starved = 3;
+        for (stop, every, cycles) in [(150u64, 500u64, 120), (1500, 3000, 10)] {
+            for _ in 0..cycles {
+                w.pause(starved, Duration::from_millis(stop));
+                w.run_for(Duration::from_millis(every));
+            }
+        }
+        w.run_for(Duration::from_secs(5));
+        let healthy_downs: u64 = w
+            .downs
+            .iter()
+            .filter(|(n, _)| **n != w.node_id(starved))
+            .map(|(_, c)| c)
+            .sum();
+        assert_eq!(
+            healthy_downs, 0,
+            "healthy members were declared down: {:?}",
+            w.downs
+        );
+        0
+    });
+}

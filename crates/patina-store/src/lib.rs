@@ -702,6 +702,32 @@ impl Store {
         self.state.index.latest(key).map(|e| Record::from_entry(&e))
     }
 
+    /// Move this store to a fresh origin now, because another live agent writes as this
+    /// origin (the membership saw it: a copy of this data directory runs there). Takes the
+    /// same path as a peer's record of our own origin that we never wrote (`Refusal::
+    /// OwnOriginConflict`): records held under the old origin are written again under the new
+    /// one, at most once while the store runs. Returns the origin the store writes as after.
+    pub async fn leave_origin(&self) -> Result<NodeId, StoreError> {
+        let me = self.node();
+        // A number above anything this origin issued: certainly not ours.
+        let probe = Record {
+            key: Arc::from(""),
+            group: Arc::from(""),
+            value: None,
+            version: Version {
+                hlc: Hlc::default(),
+                origin: me,
+                seq: MAX_SEQ,
+            },
+        };
+        self.apply(RemoteBatch {
+            records: vec![probe],
+            covered: Vec::new(),
+        })
+        .await?;
+        Ok(self.node())
+    }
+
     /// Every key whose latest state (live or tombstone) is owned by `owner`: a scan of the
     /// whole index, for rare operator actions (forgetting a member).
     pub fn owned_by(&self, owner: NodeId) -> Vec<Entry> {

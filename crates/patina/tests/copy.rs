@@ -1,6 +1,8 @@
-//! A data directory copied to a second agent that then joins the cluster: afterwards no
-//! `(origin, seq)` names two records anywhere, and every write of both agents is served by
-//! every agent.
+//! A data directory copied to a second agent that then joins the cluster: the two see one
+//! origin in two live members and one moves to a fresh origin; afterwards no `(origin, seq)`
+//! names two records anywhere, and every write of both agents is served by every agent.
+//! (Writes that both make under the shared origin before they meet are not covered: see
+//! docs/replication.md, "Not yet".)
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -62,6 +64,14 @@ async fn versions(agent: &Agent) -> Vec<(String, u64, u64)> {
     out
 }
 
+/// The origin an agent writes as, as its admin service reports it.
+async fn this_id(agent: &Agent) -> String {
+    let Ok(r) = agent.admin().await.members(MembersRequest {}).await else {
+        return String::new();
+    };
+    r.into_inner().this.map(|m| m.id).unwrap_or_default()
+}
+
 async fn alive(agent: &Agent) -> usize {
     let Ok(r) = agent.admin().await.members(MembersRequest {}).await else {
         return 0;
@@ -96,7 +106,16 @@ async fn a_copied_data_dir_never_makes_one_version_name_two_records() {
     }
     let a = start(root.path(), "a", "127.0.0.51");
     let c = start(root.path(), "c", "127.0.0.53");
-    // Both write as the same origin until they meet.
+    // They meet, see one origin in two live members, and the newer one moves to a fresh
+    // origin before either writes again.
+    let deadline = Instant::now() + CONVERGE;
+    while this_id(&a).await == this_id(&c).await {
+        assert!(
+            Instant::now() < deadline,
+            "the copy never left the shared origin"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for i in 4..=5 {
         put(&a, &format!("a-{i}")).await;
         put(&c, &format!("c-{i}")).await;

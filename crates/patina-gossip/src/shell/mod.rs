@@ -151,7 +151,9 @@ impl Gossip {
         cfg: ShellConfig,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<(Gossip, tokio::task::JoinHandle<()>)> {
-        let socket = UdpSocket::bind(cfg.listen).await?;
+        // Bound here (errors reach the caller), driven on the node's own thread.
+        let socket = std::net::UdpSocket::bind(cfg.listen)?;
+        socket.set_nonblocking(true)?;
         let advertise = match cfg.advertise {
             Some(a) => a,
             None => socket.local_addr()?,
@@ -188,9 +190,10 @@ impl Gossip {
             reporter: reporter.clone(),
             advertised: advertise,
         };
+        let main = tokio::runtime::Handle::current();
         let task = Task {
             node,
-            socket: Arc::new(socket),
+            main: main.clone(),
             rx,
             timers: BinaryHeap::new(),
             timer_seq: 0,
@@ -205,9 +208,34 @@ impl Gossip {
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
         let follower = tokio::spawn(follow_feed(store, inputs));
-        let handle = tokio::spawn(async move {
-            task.run(shutdown).await;
-            follower.abort();
+        // The node runs on a thread of its own with a runtime of its own: a busy API, a sync
+        // flood or a slow commit on the agent's runtime never delays a probe or an ack.
+        // Sessions, applies and checks it starts run on the agent's runtime (`main`).
+        let thread = std::thread::Builder::new()
+            .name("patina-gossip".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "gossip: cannot build its runtime");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match UdpSocket::from_std(socket) {
+                        Ok(socket) => task.run(Arc::new(socket), shutdown).await,
+                        Err(e) => tracing::error!(error = %e, "gossip: cannot use its socket"),
+                    }
+                });
+                follower.abort();
+            })?;
+        let handle = tokio::task::spawn_blocking(move || {
+            if thread.join().is_err() {
+                tracing::error!("the gossip thread panicked");
+            }
         });
         Ok((gossip, handle))
     }
@@ -365,7 +393,8 @@ async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
 
 struct Task {
     node: Node,
-    socket: Arc<UdpSocket>,
+    /// The agent's runtime, where sessions, applies and checks run.
+    main: tokio::runtime::Handle,
     rx: mpsc::Receiver<Input>,
     timers: BinaryHeap<Reverse<(Duration, u64, TimerSlot)>>,
     timer_seq: u64,
@@ -411,10 +440,14 @@ impl Task {
         self.base.elapsed()
     }
 
-    async fn run(mut self, shutdown: impl std::future::Future<Output = ()> + Send) {
+    async fn run(
+        mut self,
+        socket: Arc<UdpSocket>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
         let now = self.now();
         self.node.start(now);
-        self.flush();
+        self.flush(&socket);
         let mut buf = vec![0u8; RECV_BUFFER];
         tokio::pin!(shutdown);
         loop {
@@ -425,7 +458,7 @@ impl Task {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                r = self.socket.recv_from(&mut buf) => {
+                r = socket.recv_from(&mut buf) => {
                     let started = std::time::Instant::now();
                     if let Ok((n, _)) = r {
                         let now = self.now();
@@ -435,23 +468,23 @@ impl Task {
                     // arrived must count before the timeouts that came due meanwhile.
                     // Bounded, so that a datagram flood cannot starve timers and inputs.
                     for _ in 0..MAX_DATAGRAMS_PER_TURN {
-                        let Ok((n, _)) = self.socket.try_recv_from(&mut buf) else { break };
+                        let Ok((n, _)) = socket.try_recv_from(&mut buf) else { break };
                         let now = self.now();
                         self.node.handle_datagram(now, &buf[..n]);
                     }
-                    self.flush();
+                    self.flush(&socket);
                     report_turn(started, "datagrams");
                 }
                 Some(input) = self.rx.recv() => {
                     let started = std::time::Instant::now();
                     self.input(input);
-                    self.flush();
+                    self.flush(&socket);
                     report_turn(started, "input");
                 }
                 () = sleep => {
                     let started = std::time::Instant::now();
                     for _ in 0..MAX_DATAGRAMS_PER_TURN {
-                        let Ok((n, _)) = self.socket.try_recv_from(&mut buf) else { break };
+                        let Ok((n, _)) = socket.try_recv_from(&mut buf) else { break };
                         let now = self.now();
                         self.node.handle_datagram(now, &buf[..n]);
                     }
@@ -459,7 +492,7 @@ impl Task {
                     while self.timers.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
                         let Some(Reverse((_, _, TimerSlot(ev)))) = self.timers.pop() else { break };
                         self.node.handle_timer(now, ev);
-                        self.flush();
+                        self.flush(&socket);
                     }
                     report_turn(started, "timers");
                 }
@@ -468,15 +501,15 @@ impl Task {
         // Leave: tell a few members, keep answering briefly so the news gets out.
         let now = self.now();
         self.node.leave(now);
-        self.flush();
+        self.flush(&socket);
         let until = Instant::now() + LEAVE_GRACE;
         loop {
             tokio::select! {
-                r = self.socket.recv_from(&mut buf) => {
+                r = socket.recv_from(&mut buf) => {
                     if let Ok((n, _)) = r {
                         let now = self.now();
                         self.node.handle_datagram(now, &buf[..n]);
-                        self.flush();
+                        self.flush(&socket);
                     }
                 }
                 () = tokio::time::sleep_until(until) => break,
@@ -512,14 +545,14 @@ impl Task {
     }
 
     /// Carry out everything the node asked for.
-    fn flush(&mut self) {
+    fn flush(&mut self, socket: &UdpSocket) {
         // Reap finished helper tasks so the set stays small.
         while self.tasks.try_join_next().is_some() {}
         for out in self.node.drain() {
             match out {
                 Output::Send { to, bytes } => {
                     // UDP: a full socket buffer drops, as the network would.
-                    let _ = self.socket.try_send_to(&bytes, to);
+                    let _ = socket.try_send_to(&bytes, to);
                 }
                 Output::Schedule { timer, .. } => {
                     self.timer_seq += 1;
@@ -533,26 +566,53 @@ impl Task {
                 Output::Corroborate { member } => {
                     let inputs = self.gossip.inputs.clone();
                     let local = local_ip(self.gossip.advertised);
-                    self.tasks.spawn(async move {
-                        let gone = !port_answers(local, member.api_addr()).await;
-                        let _ = inputs.send(Input::Corroborated { member, gone }).await;
-                    });
+                    self.tasks.spawn_on(
+                        async move {
+                            let gone = !port_answers(local, member.api_addr()).await;
+                            let _ = inputs.send(Input::Corroborated { member, gone }).await;
+                        },
+                        &self.main,
+                    );
                 }
                 Output::Sync { peer } => {
                     let gossip = self.gossip.clone();
-                    self.tasks.spawn(async move {
-                        let ok = session::run_client(&gossip, peer).await;
-                        let _ = gossip.inputs.send(Input::SyncDone { peer, ok }).await;
-                    });
+                    self.tasks.spawn_on(
+                        async move {
+                            let ok = session::run_client(&gossip, peer).await;
+                            let _ = gossip.inputs.send(Input::SyncDone { peer, ok }).await;
+                        },
+                        &self.main,
+                    );
+                }
+                Output::OriginConflict { other } => {
+                    tracing::error!(other = %other, "another live agent writes as this store's origin (a copy of this data directory): moving to a fresh origin");
+                    let store = self.store.clone();
+                    self.tasks.spawn_on(
+                        async move {
+                            match store.leave_origin().await {
+                                Ok(node) => {
+                                    tracing::warn!(origin = %node, "now writing as a fresh origin")
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "could not move to a fresh origin")
+                                }
+                            }
+                        },
+                        &self.main,
+                    );
                 }
                 Output::Renewed { identity } => {
                     tracing::warn!(identity = %identity, "declared down by the cluster: rejoined under a new epoch");
                     let path = self.epoch_file.clone();
-                    self.tasks.spawn(async move {
-                        let _ =
-                            tokio::task::spawn_blocking(move || write_epoch(&path, identity.epoch))
-                                .await;
-                    });
+                    self.tasks.spawn_on(
+                        async move {
+                            let _ = tokio::task::spawn_blocking(move || {
+                                write_epoch(&path, identity.epoch)
+                            })
+                            .await;
+                        },
+                        &self.main,
+                    );
                 }
             }
         }
@@ -564,23 +624,26 @@ impl Task {
             .map(|r| (r.version.origin, r.version.seq))
             .collect();
         let Ok(permit) = self.applies.clone().try_acquire_owned() else {
-            // Too many applies in flight: let anti-entropy bring these.
+            // Too many applies in flight: anti-entropy brings these, soon.
             let now = self.now();
-            self.node.handle_learned(now, Vec::new(), &settled);
+            self.node.handle_dropped(now, &settled);
             return;
         };
         let reporter = self.reporter.clone();
         let _ = &self.store;
-        self.tasks.spawn(async move {
-            let batch = patina_store::RemoteBatch {
-                records,
-                covered: Vec::new(),
-            };
-            if let Err(e) = reporter.apply(batch).await {
-                tracing::debug!(error = %e, "pushed changes not applied");
-            }
-            drop(permit);
-        });
+        self.tasks.spawn_on(
+            async move {
+                let batch = patina_store::RemoteBatch {
+                    records,
+                    covered: Vec::new(),
+                };
+                if let Err(e) = reporter.apply(batch).await {
+                    tracing::debug!(error = %e, "pushed changes not applied");
+                }
+                drop(permit);
+            },
+            &self.main,
+        );
     }
 }
 

@@ -91,11 +91,15 @@ enum Out {
     Server(mpsc::Sender<Result<SyncMessage, Status>>),
 }
 
+/// How long one message may take to be taken by the peer, or to arrive from it: a peer that
+/// stops reading or writing frees its session slot this soon, not at the session's deadline.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Out {
     async fn send(&self, m: SyncMessage) -> bool {
         match self {
-            Out::Client(tx) => tx.send(m).await.is_ok(),
-            Out::Server(tx) => tx.send(Ok(m)).await.is_ok(),
+            Out::Client(tx) => tx.send_timeout(m, MESSAGE_TIMEOUT).await.is_ok(),
+            Out::Server(tx) => tx.send_timeout(Ok(m), MESSAGE_TIMEOUT).await.is_ok(),
         }
     }
 }
@@ -241,7 +245,10 @@ async fn receive(
     theirs: &Digest,
 ) -> Result<(), String> {
     loop {
-        match inbound.message().await {
+        let next = tokio::time::timeout(MESSAGE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| "the peer sent nothing for too long".to_string())?;
+        match next {
             Ok(Some(SyncMessage {
                 body: Some(Body::Batch(b)),
             })) => {
