@@ -152,8 +152,7 @@ impl Gossip {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<(Gossip, tokio::task::JoinHandle<()>)> {
         // Bound here (errors reach the caller), driven on the node's own thread.
-        let socket = std::net::UdpSocket::bind(cfg.listen)?;
-        socket.set_nonblocking(true)?;
+        let socket = bind_udp(cfg.listen)?;
         let advertise = match cfg.advertise {
             Some(a) => a,
             None => socket.local_addr()?,
@@ -254,6 +253,28 @@ impl Gossip {
     pub fn admin_service(&self) -> AdminService {
         AdminService::new(self.clone())
     }
+}
+
+/// Socket buffer the gossip socket asks for, each way. A busy region sends an agent many
+/// pushes while its loop is busy; with the kernel's default (about 200 KiB) they overflowed
+/// the receive buffer and took pings, acks and refutations with them (false downs under
+/// load). The kernel caps it at `net.core.rmem_max` / `wmem_max`; raise those on hosts of a
+/// busy region.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// The gossip socket: bound, non-blocking, with large buffers.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER) {
+        tracing::warn!(error = %e, "gossip: could not enlarge the receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(SOCKET_BUFFER) {
+        tracing::warn!(error = %e, "gossip: could not enlarge the send buffer");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// The epoch of this start: more than the one persisted and at least the wall clock's
@@ -569,6 +590,11 @@ impl Task {
                     self.tasks.spawn_on(
                         async move {
                             let gone = !port_answers(local, member.api_addr()).await;
+                        if gone {
+                            tracing::warn!(suspect = %member, "a suspect's port does not answer: it goes down soon");
+                        } else {
+                            tracing::warn!(suspect = %member, "a suspect's port answers: it gets the long suspicion");
+                        }
                             let _ = inputs.send(Input::Corroborated { member, gone }).await;
                         },
                         &self.main,
