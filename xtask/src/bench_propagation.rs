@@ -133,28 +133,13 @@ impl Cluster {
         self.watchers[i] = tokio::spawn(watch_all(url, seen));
     }
 
-    async fn alive_members(&self, i: usize) -> usize {
-        let mut admin = self.agent(i).admin().await;
-        admin
-            .members(MembersRequest {})
-            .await
-            .map(|r| {
-                r.into_inner()
-                    .members
-                    .iter()
-                    .filter(|m| m.state == "alive")
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-
     async fn wait_joined(&self, within: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
         let n = self.agents.len();
         loop {
             let mut ok = true;
             for i in 0..n {
-                if self.agents[i].is_some() && self.alive_members(i).await != n - 1 {
+                if self.agents[i].is_some() && self.agent(i).alive_members().await != n - 1 {
                     ok = false;
                     break;
                 }

@@ -6,7 +6,8 @@
 //! - [`wire`]: pushes and the items that carry changes;
 //! - [`node`]: the sans-IO node (membership, Lifeguard-style health, dissemination, when to
 //!   sync);
-//! - [`sync`]: what anti-entropy sends, from two digests.
+//! - [`sync`]: what anti-entropy sends, from two digests;
+//! - [`replica`]: what the node learns from its store (its own changes, a commit's knowledge).
 //!
 //! Architecture invariant: the core knows nothing of tokio, SQLite, gRPC or the wall clock:
 //! inputs come in as method calls with the time passed in, outputs go out as values
@@ -17,6 +18,7 @@
 pub mod envelope;
 pub mod identity;
 pub mod node;
+pub mod replica;
 pub mod shell;
 pub mod sim;
 pub mod sync;

@@ -26,6 +26,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::identity::Identity;
 use crate::node::{Config, Node, Output, TimerEvent};
+use crate::replica::{Touched, local_changes};
 use crate::sync::{BATCH_OPS, lacking};
 
 /// Run a future that the in-memory store completes without waiting (its commits are inline).
@@ -337,25 +338,19 @@ impl World {
     }
 
     fn apply(&mut self, i: usize, records: Vec<Record>) {
-        let settled: Vec<(NodeId, u64)> = records
-            .iter()
-            .map(|r| (r.version.origin, r.version.seq))
-            .collect();
         self.apply_batch(
             i,
             RemoteBatch {
                 records,
                 covered: Vec::new(),
             },
-            &settled,
         );
     }
 
-    fn apply_batch(&mut self, i: usize, batch: RemoteBatch, settled: &[(NodeId, u64)]) {
-        let mut origins: Vec<NodeId> = batch.records.iter().map(|r| r.version.origin).collect();
-        origins.extend(batch.covered.iter().map(|(o, _)| *o));
-        origins.sort();
-        origins.dedup();
+    /// Commit a batch from peers at node `i` and tell its node what became known, as the
+    /// shell's reporter does.
+    fn apply_batch(&mut self, i: usize, batch: RemoteBatch) {
+        let touched = Touched::of(&batch);
         let before = if self.track_learning {
             Some(self.nodes[i].store.digest())
         } else {
@@ -364,7 +359,7 @@ impl World {
         let _ = now_or_never(self.nodes[i].store.apply(batch));
         let digest = self.nodes[i].store.digest();
         if let Some(before) = before {
-            for r in settled {
+            for r in &touched.settled {
                 let was = before.get(&r.0).is_some_and(|k| k.knows(r.1));
                 let is = digest.get(&r.0).is_some_and(|k| k.knows(r.1));
                 if is && !was {
@@ -372,13 +367,10 @@ impl World {
                 }
             }
         }
-        let known = origins
-            .iter()
-            .filter_map(|o| digest.get(o).map(|k| (*o, k.clone())))
-            .collect();
+        let known = touched.known(&digest);
         let now = self.now;
         if let Some(node) = self.nodes[i].node.as_mut() {
-            node.handle_learned(now, known, settled);
+            node.handle_learned(now, known, &touched.settled);
         }
     }
 
@@ -441,20 +433,10 @@ impl World {
         let to_j = self.session_batches(i, &self.nodes[j].store.digest());
         // Modelled as applied at once, reported done after two round trips.
         for b in to_i {
-            let settled: Vec<_> = b
-                .records
-                .iter()
-                .map(|r| (r.version.origin, r.version.seq))
-                .collect();
-            self.apply_batch(i, b, &settled);
+            self.apply_batch(i, b);
         }
         for b in to_j {
-            let settled: Vec<_> = b
-                .records
-                .iter()
-                .map(|r| (r.version.origin, r.version.seq))
-                .collect();
-            self.apply_batch(j, b, &settled);
+            self.apply_batch(j, b);
         }
         self.pump(j);
         self.push_event(
@@ -471,25 +453,11 @@ impl World {
     /// Hand node `i` its local changes from the store's feed, as the shell's follower does.
     fn follow_feed(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        let me = n.store.node();
-        let Ok((changes, upto)) = n
-            .store
-            .feed()
-            .read_since(n.feed_after, usize::MAX, |c| c.entry.version().origin == me)
-        else {
+        let Ok((records, upto)) = local_changes(&n.store, n.feed_after, usize::MAX) else {
             n.feed_after = n.store.feed().revision();
             return;
         };
         n.feed_after = upto;
-        let records: Vec<Record> = changes
-            .iter()
-            .map(|c| Record {
-                key: c.entry.key().into(),
-                group: c.entry.group().into(),
-                value: c.entry.value().map(Arc::from),
-                version: c.entry.version(),
-            })
-            .collect();
         if records.is_empty() {
             return;
         }

@@ -61,7 +61,8 @@ impl Record {
         OP_OVERHEAD + self.key.len() + self.group.len() + self.value.as_ref().map_or(0, |v| v.len())
     }
 
-    pub(crate) fn from_entry(e: &Entry) -> Record {
+    /// The record of an entry as it travels between nodes.
+    pub fn from_entry(e: &Entry) -> Record {
         Record {
             key: Arc::from(e.key()),
             group: Arc::from(e.group()),

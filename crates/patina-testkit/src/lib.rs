@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
-use patina_proto::v1::{Health, ListInstancesRequest, Machine, MachineState};
+use patina_proto::v1::{Health, ListInstancesRequest, Machine, MachineState, MembersRequest};
 use tonic::transport::Channel;
 
 /// The line an agent prints on stdout once it serves, followed by its URL.
@@ -132,6 +132,19 @@ impl Agent {
     /// A gRPC client of its admin service.
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel().await)
+    }
+
+    /// How many other members the agent sees alive (0 when its admin service does not
+    /// answer).
+    pub async fn alive_members(&self) -> usize {
+        let Ok(r) = self.admin().await.members(MembersRequest {}).await else {
+            return 0;
+        };
+        r.into_inner()
+            .members
+            .iter()
+            .filter(|m| m.state == "alive")
+            .count()
     }
 
     /// `host:port` of the agent, for raw sockets and the CLI's `--server`.

@@ -20,17 +20,7 @@ use tonic::transport::Channel;
 
 /// Connect to an agent's admin service.
 async fn connect_admin(server: &str) -> anyhow::Result<AdminClient<Channel>> {
-    let url = if server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
-    };
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("bad server address {server:?}"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::new(channel(server).await?))
 }
 
 #[derive(Serialize)]
@@ -219,19 +209,23 @@ pub async fn forget(server: &str, member: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connect to an agent; `ADDR` may be `host:port` or a full `http://` URL.
+/// Connect to an agent's region service.
 pub async fn connect(server: &str) -> anyhow::Result<RegionClient<Channel>> {
+    Ok(RegionClient::new(channel(server).await?).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A channel to an agent; `ADDR` may be `host:port` or a full `http://` URL.
+async fn channel(server: &str) -> anyhow::Result<Channel> {
     let url = if server.contains("://") {
         server.to_owned()
     } else {
         format!("http://{server}")
     };
-    let channel = Channel::from_shared(url.clone())
+    Channel::from_shared(url.clone())
         .with_context(|| format!("bad server address {server:?}"))?
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {url}"))?;
-    Ok(RegionClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+        .with_context(|| format!("cannot connect to {url}"))
 }
 
 /// A gRPC error as one readable line: code and message.

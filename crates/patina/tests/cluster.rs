@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Agent, machine};
-use patina_proto::v1::{ListInstancesRequest, MembersRequest, UpsertMachineRequest};
+use patina_proto::v1::{ListInstancesRequest, UpsertMachineRequest};
 
 const AGENTS: usize = 5;
 const GOSSIP_PORT: u16 = 7946;
@@ -78,21 +78,6 @@ async fn eventually(
     }
 }
 
-async fn alive_members(agent: &Agent) -> usize {
-    let mut admin = agent.admin().await;
-    admin
-        .members(MembersRequest {})
-        .await
-        .map(|r| {
-            r.into_inner()
-                .members
-                .iter()
-                .filter(|m| m.state == "alive")
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 async fn put(agent: &Agent, id: &str, app: &str) {
     let mut client = agent.client().await;
     client
@@ -109,7 +94,7 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     let mut agents: Vec<Agent> = (0..AGENTS).map(|i| start(root.path(), i)).collect();
     let all: Vec<&Agent> = agents.iter().collect();
     eventually(&all, "every agent sees four alive members", async |a| {
-        alive_members(a).await == AGENTS - 1
+        a.alive_members().await == AGENTS - 1
     })
     .await;
 

@@ -72,24 +72,13 @@ async fn this_id(agent: &Agent) -> String {
     r.into_inner().this.map(|m| m.id).unwrap_or_default()
 }
 
-async fn alive(agent: &Agent) -> usize {
-    let Ok(r) = agent.admin().await.members(MembersRequest {}).await else {
-        return 0;
-    };
-    r.into_inner()
-        .members
-        .iter()
-        .filter(|m| m.state == "alive")
-        .count()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_data_dir_never_makes_one_version_name_two_records() {
     let root = tempfile::tempdir().unwrap();
     let mut a = start(root.path(), "a", "127.0.0.51");
     let b = start(root.path(), "b", "127.0.0.52");
     let deadline = Instant::now() + CONVERGE;
-    while alive(&a).await < 1 || alive(&b).await < 1 {
+    while a.alive_members().await < 1 || b.alive_members().await < 1 {
         assert!(Instant::now() < deadline, "a and b never met");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -42,13 +42,6 @@ impl Drop for SmallFs {
     }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
 /// A machine of about 3.5 KiB: three large metadata values.
 fn big(n: usize, generation: u32) -> Machine {
     let mut m = common::machine(&format!("m{n:05}"), "web", 8080);
@@ -61,7 +54,7 @@ fn big(n: usize, generation: u32) -> Machine {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_reads_go_on_and_writes_resume_when_space_returns() {
-    if !is_root() {
+    if !common::is_root() {
         eprintln!("SKIPPED: mounting a small filesystem needs root (CI runs as root)");
         return;
     }

@@ -7,6 +7,8 @@
 //! owners are down to it); after the heal every agent lists everything and sees every member
 //! alive. The test talks to the agents with the `patina` CLI run inside the namespace.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -143,7 +145,7 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 
 #[test]
 fn a_partition_heals_to_one_converged_state() {
-    if !nix_is_root() {
+    if !common::is_root() {
         eprintln!("SKIPPED: network namespaces need root (CI runs as root)");
         return;
     }
@@ -215,15 +217,4 @@ fn a_partition_heals_to_one_converged_state() {
         s.iter().all(|x| alive(&ns, x) == AGENTS - 1)
     });
     drop(agents);
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next().map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }

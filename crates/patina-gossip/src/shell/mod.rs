@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::identity::Identity;
 use crate::node::{Config, Counters, MemberInfo, Node, Output, TimerEvent};
+use crate::replica::{Touched, local_changes};
 
 pub use admin::AdminService;
 pub use session::SyncService;
@@ -120,21 +121,10 @@ struct Reporter {
 impl Reporter {
     /// Apply a batch from a peer and report what became known. Returns the records applied.
     async fn apply(&self, batch: patina_store::RemoteBatch) -> Result<usize, String> {
-        let mut origins: Vec<NodeId> = batch.records.iter().map(|r| r.version.origin).collect();
-        origins.extend(batch.covered.iter().map(|(o, _)| *o));
-        origins.sort();
-        origins.dedup();
-        let settled: Vec<(NodeId, u64)> = batch
-            .records
-            .iter()
-            .map(|r| (r.version.origin, r.version.seq))
-            .collect();
+        let touched = Touched::of(&batch);
         let result = self.store.apply(batch).await;
-        let digest = self.store.digest();
-        let known = origins
-            .iter()
-            .filter_map(|o| digest.get(o).map(|k| (*o, k.clone())))
-            .collect();
+        let known = touched.known(&self.store.digest());
+        let settled = touched.settled;
         let _ = self.inputs.send(Input::Learned { known, settled }).await;
         match result {
             Ok(report) => Ok(report.applied()),
@@ -374,22 +364,10 @@ async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
                 return;
             }
         }
-        match store
-            .feed()
-            .read_since(after, 512, |c| c.entry.version().origin == me)
-        {
-            Ok((changes, upto)) => {
+        match local_changes(&store, after, 512) {
+            Ok((records, upto)) => {
                 after = upto;
-                if !changes.is_empty() {
-                    let records = changes
-                        .iter()
-                        .map(|c| Record {
-                            key: c.entry.key().into(),
-                            group: c.entry.group().into(),
-                            value: c.entry.value().map(Arc::from),
-                            version: c.entry.version(),
-                        })
-                        .collect();
+                if !records.is_empty() {
                     if inputs.send(Input::Local(records)).await.is_err() {
                         return;
                     }
@@ -645,24 +623,19 @@ impl Task {
     }
 
     fn apply(&mut self, records: Vec<Record>) {
-        let settled: Vec<(NodeId, u64)> = records
-            .iter()
-            .map(|r| (r.version.origin, r.version.seq))
-            .collect();
+        let batch = patina_store::RemoteBatch {
+            records,
+            covered: Vec::new(),
+        };
         let Ok(permit) = self.applies.clone().try_acquire_owned() else {
             // Too many applies in flight: anti-entropy brings these, soon.
             let now = self.now();
-            self.node.handle_dropped(now, &settled);
+            self.node.handle_dropped(now, &Touched::of(&batch).settled);
             return;
         };
         let reporter = self.reporter.clone();
-        let _ = &self.store;
         self.tasks.spawn_on(
             async move {
-                let batch = patina_store::RemoteBatch {
-                    records,
-                    covered: Vec::new(),
-                };
                 if let Err(e) = reporter.apply(batch).await {
                     tracing::debug!(error = %e, "pushed changes not applied");
                 }

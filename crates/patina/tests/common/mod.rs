@@ -16,3 +16,11 @@ pub fn start(dir: &Path, ip: &str) -> Agent {
 pub fn start_with(dir: &Path, ip: &str, extra: &str) -> Agent {
     Agent::start(Path::new(env!("CARGO_BIN_EXE_patina")), dir, ip, extra).expect("start patina")
 }
+
+/// Whether the tests run as root (CI does): mounts and network namespaces need it.
+pub fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
