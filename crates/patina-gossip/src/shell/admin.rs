@@ -32,6 +32,14 @@ impl AdminService {
     pub fn into_server(self) -> AdminServer<AdminService> {
         AdminServer::new(self)
     }
+
+    /// Membership as the node sees it now, or UNAVAILABLE once gossip has stopped.
+    async fn snapshot(&self) -> Result<super::Snapshot, Status> {
+        self.gossip
+            .snapshot()
+            .await
+            .ok_or_else(|| Status::unavailable("gossip stopped"))
+    }
 }
 
 fn state_name(s: MemberState) -> &'static str {
@@ -66,11 +74,7 @@ impl Admin for AdminService {
         &self,
         _: Request<MembersRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
-        let snap = self
-            .gossip
-            .snapshot()
-            .await
-            .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+        let snap = self.snapshot().await?;
         let members = snap
             .members
             .iter()
@@ -91,11 +95,7 @@ impl Admin for AdminService {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let snap = self
-            .gossip
-            .snapshot()
-            .await
-            .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+        let snap = self.snapshot().await?;
         let store = &self.gossip.store;
         let stats = store.stats();
         let refusals = store.refusals();
@@ -138,11 +138,7 @@ impl Admin for AdminService {
         request: Request<ForgetRequest>,
     ) -> Result<Response<ForgetResponse>, Status> {
         let wanted = request.into_inner().member;
-        let snap = self
-            .gossip
-            .snapshot()
-            .await
-            .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+        let snap = self.snapshot().await?;
         let addr: Option<SocketAddr> = wanted.parse().ok();
         let node = parse_node(&wanted);
         let found = snap
