@@ -319,6 +319,43 @@ async fn bench(
     let (o1, i1) = c.bytes().await;
     let idle = (o1 - o0 + i1 - i0) as f64 / 2.0 / idle_window.as_secs_f64() / n as f64;
 
+    // Renewals while writes and load run: a member falsely declared down rejoins under a
+    // higher epoch (counted after the load, below).
+    let epochs_before_load = c.epochs().await;
+    // The highest local-health score any agent reports while writes and load run: how late
+    // the agents' own loops are (they share two cores here).
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let urls: Vec<String> = c.agents.iter().flatten().map(|a| a.url.clone()).collect();
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut worst = 0u32;
+            let mut refuted = 0u64;
+            let mut clients = Vec::new();
+            for u in urls {
+                if let Ok(c) = patina_proto::v1::admin_client::AdminClient::connect(u).await {
+                    clients.push(c);
+                }
+            }
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                for c in &mut clients {
+                    if let Ok(Ok(r)) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        c.cluster_status(ClusterStatusRequest {}),
+                    )
+                    .await
+                    {
+                        let r = r.into_inner();
+                        worst = worst.max(r.health);
+                        refuted = refuted.max(r.refuted_for_others);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (worst, refuted)
+        })
+    };
+
     // Write to everywhere: writers at random agents; latency from the acknowledgement to
     // the last agent's watch showing it.
     let writers = 4;
@@ -416,10 +453,23 @@ async fn bench(
         "gossip bandwidth per node (mean of sent and received): idle {idle:.0} B/s, under {rate} writes/s {loaded:.0} B/s"
     );
 
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (health_under_load, most_refuted) = sampler.await.unwrap_or((0, 0));
+    println!(
+        "highest local-health score while writing and under load: {health_under_load} (0 is healthy; each point is a late timer or a missed ack, and stretches this agent's timers); most suspicions one agent refuted for members that answered its last check: {most_refuted}"
+    );
     // Let local health settle after the load (agents share two cores here, so the load
     // made their timers late), and report it: it stretches failure detection.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let health = c.max_health().await;
+    let epochs_after_load = c.epochs().await;
+    let false_downs_loaded = epochs_after_load
+        .iter()
+        .filter(|(addr, e)| epochs_before_load.get(*addr).is_some_and(|b| *e > b))
+        .count();
+    println!(
+        "false downs while writing and under {rate} writes/s: {false_downs_loaded} members renewed (declared down and rejoined)"
+    );
     println!(
         "highest local-health score before the kills: {health} (0 is healthy; timers stretch by 1 + score)"
     );
@@ -550,6 +600,8 @@ async fn bench(
         "crash_to_excluded_p99_ms": pct(&crash, 99.0),
         "false_downs": downs + renewed,
         "false_downs_starved": downs_starved + renewed_starved,
+        "false_downs_loaded": false_downs_loaded,
+        "health_under_load": health_under_load,
         "idle_secs": o.idle_secs,
         "idle_bytes_per_s_per_node": idle,
         "loaded_bytes_per_s_per_node": loaded,

@@ -40,6 +40,12 @@ impl Identity {
     pub fn api_addr(&self) -> SocketAddr {
         SocketAddr::new(self.addr.ip(), self.api_port)
     }
+
+    /// Where pushed changes go: UDP on the gRPC port's number (TCP and UDP ports are apart),
+    /// so pushes never share a receive buffer with SWIM.
+    pub fn push_addr(&self) -> SocketAddr {
+        self.api_addr()
+    }
 }
 
 impl fmt::Debug for Identity {

@@ -151,6 +151,8 @@ pub enum TimerKind {
     Swim(foca::Timer<Identity>),
     /// Deliver a held suspicion timeout early: it was corroborated.
     SuspicionCut(SocketAddr),
+    /// The suspect did not answer the last check in time: deliver its held timeout.
+    ConfirmTimeout(SocketAddr),
     Announce,
     SyncRound,
     GapCheck,
@@ -159,8 +161,12 @@ pub enum TimerKind {
 /// What the node asks of its shell.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
-    /// Send a datagram (envelope included).
-    Send { to: SocketAddr, bytes: Vec<u8> },
+    /// Send a datagram (envelope included) on `lane`.
+    Send {
+        to: SocketAddr,
+        bytes: Vec<u8>,
+        lane: Lane,
+    },
     /// Deliver `timer` back after `after`.
     Schedule { after: Duration, timer: TimerEvent },
     /// Merge records from a peer into the store; report what became known through
@@ -171,6 +177,10 @@ pub enum Output {
     /// Check whether a suspect is really gone (its gRPC port): answer with
     /// [`Node::handle_corroboration`].
     Corroborate { member: Identity },
+    /// A long suspicion ran out: ask the suspect itself, over gRPC and through its gossip
+    /// loop, whether it runs and at which incarnation; answer with
+    /// [`Node::handle_confirmation`] (within [`CONFIRM_WAIT`], or it goes down).
+    Confirm { member: Identity },
     /// Run an anti-entropy session with `peer`; answer with [`Node::handle_sync_done`].
     Sync { peer: Identity },
     /// This node's identity changed (renewed after being declared down): persist its epoch.
@@ -178,6 +188,18 @@ pub enum Output {
     /// Another live member writes as our origin (a copy of our data directory): the store
     /// must move to a fresh origin before the two issue more numbers under one name.
     OriginConflict { other: Identity },
+}
+
+/// Which socket a datagram leaves from and arrives at. Pushes travel apart from SWIM (to the
+/// UDP port numbered like the member's gRPC port), so a flood of pushes that overflows a
+/// receive buffer never takes the pings, acks and refutations with it: under load, that was
+/// how healthy members got declared down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// SWIM: probes, acks, membership updates (and what rides on them).
+    Swim,
+    /// Pushed changes: to [`Identity::push_addr`].
+    Push,
 }
 
 /// Counts for status pages and tests.
@@ -195,6 +217,8 @@ pub struct Counters {
     pub items_seen: u64,
     /// New items dropped because too many were pending (anti-entropy brings them).
     pub items_dropped: u64,
+    /// Suspicions this node refuted for members that answered its last check.
+    pub refuted_for_others: u64,
     pub syncs_started: u64,
     pub syncs_for_gaps: u64,
     pub late_timers: u64,
@@ -305,7 +329,13 @@ impl BroadcastHandler<Identity> for Handler {
 struct Held {
     timer: foca::Timer<Identity>,
     started: Duration,
+    /// The long timeout ran out and the suspect was asked ([`Output::Confirm`]).
+    confirming: bool,
 }
+
+/// How long the last check of a suspect ([`Output::Confirm`]) may take before the suspect
+/// goes down anyway.
+pub const CONFIRM_WAIT: Duration = Duration::from_millis(1_000);
 
 type Swim = Foca<Identity, Codec, StdRng, Handler>;
 
@@ -647,7 +677,7 @@ impl Node {
             let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
             self.envelope.seal(&payload, &mut bytes);
             for t in &targets {
-                self.send(t.addr, bytes.clone());
+                self.send(t.push_addr(), bytes.clone(), Lane::Push);
             }
         }
     }
@@ -792,6 +822,56 @@ impl Node {
         self.schedule(after, TimerKind::SuspicionCut(member.addr));
     }
 
+    /// The answer to [`Output::Confirm`]: `incarnation` is what the suspect itself said
+    /// (through its gossip loop, so that loop runs), `None` when it did not answer or is
+    /// another identity now. A suspect that answered is alive: its suspicion is refuted here
+    /// on its behalf, at an incarnation above the suspected one, and that news is gossiped.
+    /// (Under load the refutation the suspect sent itself can take longer to reach every
+    /// suspecter than the suspicion lasts: 15 healthy agents a run were declared down so in
+    /// `cargo xtask bench propagation`.) One that did not goes down now.
+    pub fn handle_confirmation(
+        &mut self,
+        now: Duration,
+        member: Identity,
+        incarnation: Option<u16>,
+    ) {
+        self.now = now;
+        if !self.held.get(&member.addr).is_some_and(|h| h.confirming) {
+            return; // settled meanwhile
+        }
+        let Some(h) = self.held.remove(&member.addr) else {
+            return;
+        };
+        let suspected = self
+            .foca
+            .iter_membership_state()
+            .find(|m| *m.id() == member && m.state() == foca::State::Suspect)
+            .map(|m| m.incarnation());
+        match (incarnation, suspected) {
+            (Some(own), Some(suspected)) => {
+                let refuted = own.max(suspected.saturating_add(1));
+                tracing::warn!(suspect = %member, incarnation = refuted, "a suspect answered the last check: its suspicion is refuted");
+                self.count(|c| c.refuted_for_others += 1);
+                let _ = self.foca.apply_many(
+                    std::iter::once(foca::Member::new(member, refuted, foca::State::Alive)),
+                    true,
+                    &mut self.rt,
+                );
+                self.after_foca();
+            }
+            (Some(_), None) => {} // no longer suspect here
+            (None, _) => {
+                let _ = self.foca.handle_timer(h.timer, &mut self.rt);
+                self.after_foca();
+            }
+        }
+    }
+
+    /// This node's incarnation, as its latest SWIM packet carried it.
+    pub fn incarnation(&self) -> u16 {
+        self.incarnation
+    }
+
     /// A timer came due (possibly late).
     pub fn handle_timer(&mut self, now: Duration, timer: TimerEvent) {
         self.now = now;
@@ -803,19 +883,32 @@ impl Node {
         match timer.kind {
             TimerKind::Swim(t) => {
                 if let foca::Timer::ChangeSuspectToDown { member_id, .. } = &t {
-                    // The long timeout: deliver only if still held (not cut short already).
-                    match self.held.get(&member_id.addr) {
-                        Some(h) if h.timer == t => {
-                            self.held.remove(&member_id.addr);
+                    // The long timeout: only if still held (not cut short already), and not
+                    // yet: first a last check of the suspect itself.
+                    let member = *member_id;
+                    match self.held.get_mut(&member.addr) {
+                        Some(h) if h.timer == t && !h.confirming => {
+                            h.confirming = true;
+                            self.out.push(Output::Confirm { member });
+                            self.schedule(CONFIRM_WAIT, TimerKind::ConfirmTimeout(member.addr));
                         }
-                        _ => return,
+                        _ => {}
                     }
+                    return;
                 }
                 let _ = self.foca.handle_timer(t, &mut self.rt);
                 self.after_foca();
             }
             TimerKind::SuspicionCut(addr) => {
                 if let Some(h) = self.held.remove(&addr) {
+                    let _ = self.foca.handle_timer(h.timer, &mut self.rt);
+                    self.after_foca();
+                }
+            }
+            TimerKind::ConfirmTimeout(addr) => {
+                if self.held.get(&addr).is_some_and(|h| h.confirming)
+                    && let Some(h) = self.held.remove(&addr)
+                {
                     let _ = self.foca.handle_timer(h.timer, &mut self.rt);
                     self.after_foca();
                 }
@@ -972,13 +1065,13 @@ impl Node {
         });
     }
 
-    fn send(&mut self, to: SocketAddr, bytes: Vec<u8>) {
+    fn send(&mut self, to: SocketAddr, bytes: Vec<u8>, lane: Lane) {
         {
             let mut s = self.shared.lock().expect("gossip shared state");
             s.counters.datagrams_out += 1;
             s.counters.bytes_out += bytes.len() as u64;
         }
-        self.out.push(Output::Send { to, bytes });
+        self.out.push(Output::Send { to, bytes, lane });
     }
 
     fn update_backlog(&mut self) {
@@ -998,7 +1091,7 @@ impl Node {
                 payload.extend_from_slice(&data);
                 let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
                 self.envelope.seal(&payload, &mut bytes);
-                self.send(to.addr, bytes);
+                self.send(to.addr, bytes, Lane::Swim);
             }
             while let Some((after, timer)) = self.rt.to_schedule() {
                 self.schedule_swim(after, timer);
@@ -1031,6 +1124,7 @@ impl Node {
                     Held {
                         timer: timer.clone(),
                         started: self.now,
+                        confirming: false,
                     },
                 );
                 let after = self.stretch(self.cfg.suspicion_max);
@@ -1093,11 +1187,13 @@ impl Node {
                 }
             }
             OwnedNotification::DataSent(header) => {
+                // foca keeps its incarnation to itself; every packet's header carries it.
                 if header.src_incarnation > self.incarnation {
                     // We refuted a suspicion of ourselves: others could not hear us.
-                    self.incarnation = header.src_incarnation;
                     self.bump_health();
                 }
+                // (Lower after a renewal: a new identity starts at 0.)
+                self.incarnation = header.src_incarnation;
             }
             OwnedNotification::ProbeFailed(_, _) => self.bump_health(),
         }

@@ -84,6 +84,19 @@ enum Event {
         peer: Identity,
         ok: bool,
     },
+    /// The last check of a suspect reaches it (`node`): it answers if it runs as `member`.
+    Ask {
+        node: usize,
+        asker: usize,
+        asker_life: u64,
+        member: Identity,
+    },
+    Confirmed {
+        node: usize,
+        life: u64,
+        member: Identity,
+        incarnation: Option<u16>,
+    },
 }
 
 struct SimNode {
@@ -244,7 +257,7 @@ impl World {
             IpAddr::V6(_) => return None,
         };
         let i = ((o[1] as usize) << 16) | ((o[2] as usize) << 8) | o[3] as usize;
-        (o[0] == 10 && addr.port() == 7000 && i < self.nodes.len()).then_some(i)
+        (o[0] == 10 && matches!(addr.port(), 7000 | 7001) && i < self.nodes.len()).then_some(i)
     }
 
     fn reachable(&self, a: usize, b: usize) -> bool {
@@ -264,7 +277,7 @@ impl World {
             let life = self.nodes[i].life;
             for out in outs {
                 match out {
-                    Output::Send { to, bytes } => {
+                    Output::Send { to, bytes, .. } => {
                         self.datagrams += 1;
                         self.datagram_bytes += bytes.len() as u64;
                         let Some(j) = self.index_of(to) else { continue };
@@ -326,6 +339,21 @@ impl World {
                             },
                         );
                     }
+                    Output::Confirm { member } => match self.index_of(member.addr) {
+                        Some(j) if self.reachable(i, j) => {
+                            let at = self.now + self.delay();
+                            self.push_event(
+                                at,
+                                Event::Ask {
+                                    node: j,
+                                    asker: i,
+                                    asker_life: life,
+                                    member,
+                                },
+                            );
+                        }
+                        _ => {} // no answer: the asker's wait runs out
+                    },
                     Output::Sync { peer } => self.sync(i, peer),
                     Output::Renewed { identity } => self.nodes[i].identity = identity,
                     Output::OriginConflict { .. } => {
@@ -549,7 +577,9 @@ impl World {
                 Event::Datagram { to, .. } => *to,
                 Event::Timer { node, .. }
                 | Event::Corroborated { node, .. }
-                | Event::SyncDone { node, .. } => *node,
+                | Event::SyncDone { node, .. }
+                | Event::Ask { node, .. }
+                | Event::Confirmed { node, .. } => *node,
             };
             if self.nodes[target].paused_until > at {
                 // Frozen: the event waits, in order, until the node runs again.
@@ -574,6 +604,32 @@ impl World {
     fn handle(&mut self, i: usize, ev: Event) {
         let life = self.nodes[i].life;
         let now = self.now;
+        if let Event::Ask {
+            asker,
+            asker_life,
+            member,
+            ..
+        } = ev
+        {
+            // The suspect answers if it runs under that identity, over a path that works.
+            let Some(node) = self.nodes[i].node.as_ref() else {
+                return;
+            };
+            if node.identity() == member && self.reachable(i, asker) {
+                let incarnation = Some(node.incarnation());
+                let at = now + self.delay();
+                self.push_event(
+                    at,
+                    Event::Confirmed {
+                        node: asker,
+                        life: asker_life,
+                        member,
+                        incarnation,
+                    },
+                );
+            }
+            return;
+        }
         let Some(node) = self.nodes[i].node.as_mut() else {
             return;
         };
@@ -607,6 +663,18 @@ impl World {
                 }
                 node.handle_sync_done(now, peer, ok);
             }
+            Event::Confirmed {
+                life: l,
+                member,
+                incarnation,
+                ..
+            } => {
+                if l != life {
+                    return;
+                }
+                node.handle_confirmation(now, member, incarnation);
+            }
+            Event::Ask { .. } => unreachable!("handled above"),
         }
         self.pump(i);
     }

@@ -115,6 +115,30 @@ impl Index {
         self.groups.len()
     }
 
+    /// Up to `limit` tombstones with timestamps older than `before_ms` (wall milliseconds).
+    /// Walks every key: for the periodic collection, off the runtime's threads.
+    pub fn tombstones_before(&self, before_ms: u64, limit: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for k in self.keys.iter() {
+            if out.len() >= limit {
+                break;
+            }
+            let e = &k.key().0;
+            if !e.is_live() && e.version().hlc.physical_ms() < before_ms {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
+    /// Drop a collected tombstone, if it is still its key's state. Writer thread only, after
+    /// commit.
+    pub fn remove_tombstone(&self, t: &Entry) {
+        self.keys.remove_if(t.key(), |k, _| {
+            !k.0.is_live() && k.0.version() == t.version()
+        });
+    }
+
     /// Install a key's new state; returns the state it replaced. Writer thread only, after
     /// commit.
     pub fn install(&self, entry: Entry) -> Option<Entry> {

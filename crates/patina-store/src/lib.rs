@@ -227,6 +227,8 @@ pub(crate) struct State {
     down: RwLock<DownSet>,
     /// `Meta::overlay_rev` as of that commit: a watcher below it cannot catch up from rows.
     overlay_rev: AtomicU64,
+    /// `Meta::collected_rev` as of that commit: a watcher below it cannot catch up from rows.
+    collected_rev: AtomicU64,
     refusals: Mutex<BTreeMap<NodeId, Refusals>>,
     /// Set once, when the store fails for good.
     failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
@@ -254,6 +256,15 @@ impl State {
     /// The revision of the latest change the overlay published (0: none).
     pub fn overlay_rev(&self) -> u64 {
         self.overlay_rev.load(Ordering::Acquire)
+    }
+
+    /// The highest revision of a collected tombstone (0: none).
+    pub fn collected_rev(&self) -> u64 {
+        self.collected_rev.load(Ordering::Acquire)
+    }
+
+    fn publish_collected(&self, rev: u64) {
+        self.collected_rev.store(rev, Ordering::Release);
     }
 
     fn publish_overlay(&self, down: DownSet, overlay_rev: u64) {
@@ -407,6 +418,7 @@ fn new_state(meta: &Meta, index: Index, feed: Feed, rows: Rows, knowledge: Diges
         knowledge: RwLock::new(knowledge),
         down: RwLock::new(meta.down.clone()),
         overlay_rev: AtomicU64::new(meta.overlay_rev),
+        collected_rev: AtomicU64::new(meta.collected_rev),
         refusals: Mutex::new(BTreeMap::new()),
         failure: tokio::sync::watch::Sender::new(None),
         commits: AtomicU64::new(0),
@@ -464,7 +476,8 @@ impl Store {
         // the latest one must not resume from it (it gets a reset instead, see watch.rs). This
         // also keeps the feed's invariant that every revision above the floor is in the log
         // (or superseded there): the revisions without a row are all at or below it.
-        let floor = floor.max(meta.overlay_rev);
+        // Collected tombstones left no rows either.
+        let floor = floor.max(meta.overlay_rev).max(meta.collected_rev);
         recent.retain(|c| c.rev() > floor);
         for c in &mut recent {
             c.entry = overlay::watch_view(c.entry.clone(), &meta.down);
@@ -541,6 +554,7 @@ impl Store {
             revision: 0,
             down: DownSet::default(),
             overlay_rev: 0,
+            collected_rev: 0,
         };
         let mut knowledge = Digest::new();
         knowledge.insert(node, OriginKnowledge::dense(0));
@@ -683,6 +697,41 @@ impl Store {
         let request = Request::Overlay { owner, down, reply };
         self.submit(Class::Local, request, 1, merge::OP_OVERHEAD)
             .await?;
+        rx.await.map_err(|_| self.unanswered())?
+    }
+
+    /// Collect up to `limit` tombstones whose timestamps are older than `before_ms` (wall
+    /// milliseconds): their rows and index entries go; their numbers stay known, so a peer
+    /// that lacks one is told it is covered and an older version of the key with a known
+    /// number is still refused. Returns how many went. Watch tokens from below the highest
+    /// collected revision that fell behind the log get a reset (the rows cannot replay the
+    /// deletions any more).
+    ///
+    /// Safe once every live member has the tombstone, which anti-entropy gives within
+    /// seconds: the age is the margin. A member cut off for longer than that age, holding an
+    /// older version of such a key, can bring that version back (as with Cassandra's
+    /// `gc_grace_seconds`); see docs/replication.md.
+    pub async fn collect_tombstones(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let state = self.state.clone();
+        let tombstones =
+            tokio::task::spawn_blocking(move || state.index.tombstones_before(before_ms, limit))
+                .await
+                .map_err(|_| self.unanswered())?;
+        if tombstones.is_empty() {
+            return Ok(0);
+        }
+        let n = tombstones.len();
+        let bytes = tombstones
+            .iter()
+            .map(|t| t.key().len() + merge::OP_OVERHEAD)
+            .sum();
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Collect { tombstones, reply };
+        self.submit(Class::Local, request, n, bytes).await?;
         rx.await.map_err(|_| self.unanswered())?
     }
 

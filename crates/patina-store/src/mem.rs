@@ -38,6 +38,18 @@ impl MemRows {
         self.by_rev.insert(e.rev(), (key, left));
     }
 
+    fn delete(&mut self, e: &Entry) {
+        let v = e.version();
+        if self
+            .by_origin
+            .get(&(v.origin, v.seq))
+            .is_some_and(|k| &**k == e.key())
+        {
+            self.by_origin.remove(&(v.origin, v.seq));
+        }
+        self.by_rev.remove(&e.rev());
+    }
+
     /// Keys of one origin's rows in `range`, highest sequence number first.
     pub fn origin_keys(&self, origin: NodeId, range: SeqRange, limit: usize) -> Vec<Arc<str>> {
         self.by_origin
@@ -68,7 +80,8 @@ impl MemRows {
 pub(crate) struct MemBackend {
     pub rows: Arc<Mutex<MemRows>>,
     pub failpoints: Arc<Failpoints>,
-    staged: Vec<(Entry, Option<Entry>)>,
+    /// Rows written (`Some(previous)` or `None`) and rows deleted, in order.
+    staged: Vec<(Entry, Option<Option<Entry>>)>,
 }
 
 impl MemBackend {
@@ -92,7 +105,12 @@ impl Backend for MemBackend {
         entry: &Entry,
         previous: Option<&Entry>,
     ) -> Result<(), rusqlite::Error> {
-        self.staged.push((entry.clone(), previous.cloned()));
+        self.staged.push((entry.clone(), Some(previous.cloned())));
+        Ok(())
+    }
+
+    fn delete_record(&mut self, entry: &Entry) -> Result<(), rusqlite::Error> {
+        self.staged.push((entry.clone(), None));
         Ok(())
     }
 
@@ -112,7 +130,10 @@ impl Backend for MemBackend {
         self.failpoints.check_commit()?;
         let mut rows = self.rows.lock().expect("rows lock");
         for (entry, previous) in self.staged.drain(..) {
-            rows.put(&entry, previous.as_ref());
+            match previous {
+                Some(previous) => rows.put(&entry, previous.as_ref()),
+                None => rows.delete(&entry),
+            }
         }
         Ok(())
     }

@@ -200,6 +200,9 @@ pub(crate) struct Meta {
     /// The revision of the latest change the overlay published (0: none). Those changes are
     /// not rows: a watcher below it cannot catch up from the stored rows.
     pub overlay_rev: u64,
+    /// The highest revision of a tombstone collected (0: none). Its row is gone: a watcher
+    /// below it cannot catch up from the stored rows either.
+    pub collected_rev: u64,
 }
 
 /// Where new origin identities come from when a store must move to a fresh one.
@@ -249,6 +252,8 @@ pub(crate) trait Backend {
     fn put_knowledge(&mut self, origin: NodeId, k: &OriginKnowledge)
     -> Result<(), rusqlite::Error>;
     fn put_meta(&mut self, meta: &Meta, kind: &str) -> Result<(), rusqlite::Error>;
+    /// A collected tombstone's row goes.
+    fn delete_record(&mut self, entry: &Entry) -> Result<(), rusqlite::Error>;
     /// The overlay's part of the meta (`down`, `overlay_rev`), in the same transaction; only
     /// when a group changed it.
     fn put_overlay(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
@@ -267,6 +272,8 @@ pub(crate) enum Work<'a> {
         owner: NodeId,
         down: bool,
     },
+    /// Collect these tombstones (each only if it is still the key's state).
+    Collect(&'a [Entry]),
 }
 
 /// The result of one request of a group.
@@ -274,6 +281,8 @@ pub(crate) enum Outcome {
     Local(Result<Vec<Version>, StoreError>),
     Remote(ApplyReport),
     Overlay(Result<OverlayChange, StoreError>),
+    /// How many tombstones went.
+    Collect(usize),
 }
 
 /// What a staged group changes once its commit succeeds.
@@ -291,6 +300,8 @@ pub(crate) struct Staged {
     pub refusals: Vec<(NodeId, Refusal)>,
     /// The origin this store left for a fresh one in this group.
     pub moved_from: Option<NodeId>,
+    /// Tombstones collected: out of the index before `installs` go in.
+    pub removals: Vec<Entry>,
 }
 
 /// What a group may change besides the index: restored as a whole when a commit fails.
@@ -438,6 +449,7 @@ impl Core {
                 Work::Overlay { owner, down } => {
                     Outcome::Overlay(self.stage_overlay(g, *owner, *down))
                 }
+                Work::Collect(tombstones) => Outcome::Collect(self.stage_collect(g, tombstones)?),
             };
             outcomes.push(outcome);
         }
@@ -782,6 +794,34 @@ impl Core {
             changed: true,
             records: held.len(),
         })
+    }
+
+    /// Collect tombstones: each goes (its row and its index entry) if it is still its key's
+    /// state. Its number stays known, so anti-entropy answers it as covered from then on, and
+    /// an older version of its key whose number is known is still refused. No revision is
+    /// taken and nothing is published: the key was already gone for readers.
+    fn stage_collect(
+        &mut self,
+        g: &mut Group<'_>,
+        tombstones: &[Entry],
+    ) -> Result<usize, rusqlite::Error> {
+        let mut collected = 0;
+        for t in tombstones {
+            let Some(current) = g.current(t.key()) else {
+                continue;
+            };
+            if current.is_live() || current.version() != t.version() {
+                continue;
+            }
+            if g.pending.contains(t.key()) {
+                continue; // written earlier in this group: not installed yet, not ours to drop
+            }
+            g.backend.delete_record(&current)?;
+            self.meta.collected_rev = self.meta.collected_rev.max(current.rev());
+            g.staged.removals.push(current);
+            collected += 1;
+        }
+        Ok(collected)
     }
 
     fn stage_record(

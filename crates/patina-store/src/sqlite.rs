@@ -209,6 +209,7 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         revision: meta_int(conn, "revision")?.unwrap_or(0) as u64,
         down: std::sync::Arc::new(down),
         overlay_rev: meta_int(conn, "overlay_rev")?.unwrap_or(0) as u64,
+        collected_rev: meta_int(conn, "collected_rev")?.unwrap_or(0) as u64,
     })
 }
 
@@ -582,6 +583,14 @@ impl Backend for SqliteBackend {
         stmt.execute(params!["local_seq", meta.local_seq as i64])?;
         stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
         stmt.execute(params!["revision", meta.revision as i64])?;
+        stmt.execute(params!["collected_rev", meta.collected_rev as i64])?;
+        Ok(())
+    }
+
+    fn delete_record(&mut self, e: &Entry) -> Result<(), rusqlite::Error> {
+        self.conn
+            .prepare_cached("DELETE FROM records WHERE rev = ?1")?
+            .execute([e.rev() as i64])?;
         Ok(())
     }
 

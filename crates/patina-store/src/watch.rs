@@ -173,8 +173,8 @@ impl Cursor {
     /// Can this cursor go on from `t` without a reset? The token must be of this store and
     /// scope and not from the future. A token older than the log catches up by walking the
     /// stored rows (each row lists the groups its key left): exact as long as no tombstone
-    /// was collected after `t` (none is yet; tombstone collection must reset tokens older
-    /// than what it collected).
+    /// was collected after `t`; one below a collected tombstone gets a snapshot instead (see
+    /// `catch_up`).
     fn can_resume(&self, t: ResumeToken) -> bool {
         t.store == self.state.node()
             && t.scope == Some(self.scope_hash)
@@ -213,9 +213,10 @@ impl Cursor {
     /// since its position, walking the stored rows by revision (coalesced, no reset). A
     /// scoped cursor takes the keys of its group, and, as deletions, those whose rows say
     /// they left the group after its position. A position below the overlay's latest change
-    /// gets a new snapshot instead: the rows cannot tell which records it hid or showed.
+    /// gets a new snapshot instead: the rows cannot tell which records it hid or showed. So
+    /// does a position below a collected tombstone: its row, the deletion, is gone.
     fn catch_up(&mut self) {
-        let overlay_rev = self.state.overlay_rev();
+        let overlay_rev = self.state.overlay_rev().max(self.state.collected_rev());
         if self.pos < overlay_rev {
             tracing::debug!(
                 pos = self.pos,

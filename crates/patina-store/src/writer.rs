@@ -45,6 +45,11 @@ pub(crate) enum Request {
         down: bool,
         reply: oneshot::Sender<Result<OverlayChange, StoreError>>,
     },
+    /// Collect tombstones (each only if it is still its key's state).
+    Collect {
+        tombstones: Vec<crate::Entry>,
+        reply: oneshot::Sender<Result<usize, StoreError>>,
+    },
 }
 
 impl Request {
@@ -56,6 +61,7 @@ impl Request {
                 owner: *owner,
                 down: *down,
             },
+            Request::Collect { tombstones, .. } => Work::Collect(tombstones),
         }
     }
 
@@ -68,6 +74,9 @@ impl Request {
                 let _ = reply.send(Err(err.duplicate()));
             }
             Request::Overlay { reply, .. } => {
+                let _ = reply.send(Err(err.duplicate()));
+            }
+            Request::Collect { reply, .. } => {
                 let _ = reply.send(Err(err.duplicate()));
             }
         }
@@ -83,6 +92,9 @@ impl Request {
             }
             (Request::Overlay { reply, .. }, Outcome::Overlay(r)) => {
                 let _ = reply.send(r);
+            }
+            (Request::Collect { reply, .. }, Outcome::Collect(n)) => {
+                let _ = reply.send(Ok(n));
             }
             _ => unreachable!("one outcome per request, of its kind"),
         }
@@ -117,6 +129,10 @@ pub(crate) fn finish_group(
     // view repeated by the feed).
     if staged.overlay {
         state.publish_overlay(core.meta.down.clone(), core.meta.overlay_rev);
+    }
+    state.publish_collected(core.meta.collected_rev);
+    for t in &staged.removals {
+        state.index.remove_tombstone(t);
     }
     // The index first: a reader that sees a number known must find its record installed.
     // Only real states: the overlay's views live in the feed alone.

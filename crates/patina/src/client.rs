@@ -109,6 +109,7 @@ struct StatusJson {
     bytes_in: u64,
     bytes_out: u64,
     dropped_datagrams: u64,
+    refuted_for_others: u64,
     syncs: u64,
     sync_failures: u64,
     sync_records_in: u64,
@@ -145,6 +146,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         bytes_in: r.bytes_in,
         bytes_out: r.bytes_out,
         dropped_datagrams: r.dropped_datagrams,
+        refuted_for_others: r.refuted_for_others,
         syncs: r.syncs,
         sync_failures: r.sync_failures,
         sync_records_in: r.sync_records_in,
@@ -163,12 +165,13 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.health
     );
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped; sync: {} sessions, {} failed, {} records in, {} out",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped, {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} records in, {} out",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,
         s.bytes_out,
         s.dropped_datagrams,
+        s.refuted_for_others,
         s.syncs,
         s.sync_failures,
         s.sync_records_in,

@@ -59,6 +59,8 @@ pub struct GossipConfig {
     pub max_transmissions: std::num::NonZeroU8,
     pub max_datagram_bytes: NonZeroUsize,
     pub sync_interval_ms: NonZeroU64,
+    /// Age after which a tombstone (a deletion) is collected.
+    pub tombstone_ttl_secs: NonZeroU64,
 }
 
 impl Default for GossipConfig {
@@ -83,6 +85,10 @@ impl Default for GossipConfig {
             max_transmissions: d.max_transmissions,
             max_datagram_bytes: NonZeroUsize::new(d.max_datagram).expect("non-zero"),
             sync_interval_ms: ms(d.sync_interval),
+            tombstone_ttl_secs: NonZeroU64::new(
+                patina_gossip::shell::DEFAULT_TOMBSTONE_TTL.as_secs(),
+            )
+            .expect("non-zero"),
         }
     }
 }
@@ -120,6 +126,11 @@ impl GossipConfig {
             sync_interval: ms(self.sync_interval_ms),
             ..patina_gossip::Config::lan(cluster)
         })
+    }
+
+    /// How old a tombstone must be before it is collected.
+    pub fn tombstone_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.tombstone_ttl_secs.get())
     }
 
     /// The UDP address to bind: `listen`, else the API's IP with the API's configured port
@@ -332,6 +343,7 @@ mod tests {
             c.gossip.listen_addr(c.listen),
             "10.0.0.17:7601".parse().unwrap()
         );
+        assert_eq!(c.gossip.tombstone_ttl().as_secs(), 3600);
     }
 
     #[test]
@@ -348,6 +360,8 @@ mod tests {
             assert!(Config::load(Some(Path::new("name.toml"))).is_err());
             jail.create_file("mtu.toml", "[gossip]\nmax_datagram_bytes = 100\n")?;
             assert!(Config::load(Some(Path::new("mtu.toml"))).is_err());
+            jail.create_file("ttl.toml", "[gossip]\ntombstone_ttl_secs = 0\n")?;
+            assert!(Config::load(Some(Path::new("ttl.toml"))).is_err());
             jail.create_file(
                 "ok.toml",
                 "[gossip]\nseeds = [\"127.0.0.1:7601\"]\nfanout = 4\n",

@@ -386,6 +386,7 @@ async fn run_agent(
         seeds: config.gossip.seeds.clone(),
         epoch_file: config.data_dir.join("gossip-epoch"),
         seed: None,
+        tombstone_ttl: config.gossip.tombstone_ttl(),
     };
     let (gossip, gossip_task) = patina_gossip::shell::Gossip::start(store.clone(), shell, async {
         let _ = gossip_stopped.await;

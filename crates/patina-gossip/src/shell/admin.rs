@@ -86,7 +86,7 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(MembersResponse {
-            this: Some(member(&snap.me, 0, "alive", Some(0))),
+            this: Some(member(&snap.me, snap.incarnation, "alive", Some(0))),
             members,
         }))
     }
@@ -126,6 +126,7 @@ impl Admin for AdminService {
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
             dropped_datagrams: c.dropped_envelope + c.dropped_decode,
+            refuted_for_others: c.refuted_for_others,
             syncs: s.sessions.load(Ordering::Relaxed),
             sync_failures: s.failures.load(Ordering::Relaxed),
             sync_records_in: s.records_in.load(Ordering::Relaxed),

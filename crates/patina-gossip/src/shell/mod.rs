@@ -1,4 +1,5 @@
-//! The tokio shell around [`Node`]: the UDP socket, the one timer scheduler, the store, and
+//! The tokio shell around [`Node`]: the UDP sockets (SWIM at the gossip address, pushes at
+//! the gRPC port's number, read in that order), the one timer scheduler, the store, and
 //! the gRPC sync and admin services. One task owns the node (SWIM never waits behind a sync
 //! or a commit: those run on their own tasks and report back through a bounded channel).
 //!
@@ -24,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::identity::Identity;
-use crate::node::{Config, Counters, MemberInfo, Node, Output, TimerEvent};
+use crate::node::{Config, Counters, Lane, MemberInfo, Node, Output, TimerEvent};
 use crate::replica::{Touched, local_changes};
 
 pub use admin::AdminService;
@@ -44,6 +45,10 @@ enum Input {
     Corroborated {
         member: Identity,
         gone: bool,
+    },
+    Confirmed {
+        member: Identity,
+        incarnation: Option<u16>,
     },
     NewOrigin(NodeId),
     Members(oneshot::Sender<Snapshot>),
@@ -78,12 +83,24 @@ pub struct ShellConfig {
     pub epoch_file: PathBuf,
     /// Seeds the node's random choices (the shell uses the OS's randomness when `None`).
     pub seed: Option<u64>,
+    /// Age after which tombstones are collected (see [`Store::collect_tombstones`]).
+    pub tombstone_ttl: Duration,
 }
+
+/// The default age after which tombstones are collected: far beyond the seconds
+/// anti-entropy takes to give every live member a deletion, and short enough that a region
+/// with steady machine churn holds an hour of deletions, not its whole history.
+pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+
+/// Tombstones one collection request takes; a pass goes on while requests come back full.
+const COLLECT_BATCH: usize = 1024;
 
 /// Membership and counters as the node's task last saw them.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub me: Identity,
+    /// This node's SWIM incarnation.
+    pub incarnation: u16,
     pub members: Vec<MemberInfo>,
     pub counters: Counters,
     pub health: u32,
@@ -147,6 +164,22 @@ impl Gossip {
             Some(a) => a,
             None => socket.local_addr()?,
         };
+        // Pushes arrive apart from SWIM: UDP on the gRPC port's number (see `Lane`).
+        let push_listen = SocketAddr::new(cfg.listen.ip(), cfg.api_port);
+        if cfg.api_port == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "gossip needs the gRPC server's bound port (api_port 0)",
+            ));
+        }
+        let push_socket = bind_udp(push_listen).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "binding the push socket udp {push_listen} (UDP on the gRPC port's number): {e}"
+                ),
+            )
+        })?;
         let epoch = bump_epoch(cfg.epoch_file.clone()).await?;
         let identity = Identity {
             node: store.node(),
@@ -196,6 +229,7 @@ impl Gossip {
             tasks: JoinSet::new(),
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
+        let collector = tokio::spawn(collect_tombstones(store.clone(), cfg.tombstone_ttl));
         let follower = tokio::spawn(follow_feed(store, inputs));
         // The node runs on a thread of its own with a runtime of its own: a busy API, a sync
         // flood or a slow commit on the agent's runtime never delays a probe or an ack.
@@ -214,12 +248,18 @@ impl Gossip {
                     }
                 };
                 rt.block_on(async move {
-                    match UdpSocket::from_std(socket) {
-                        Ok(socket) => task.run(Arc::new(socket), shutdown).await,
-                        Err(e) => tracing::error!(error = %e, "gossip: cannot use its socket"),
+                    match (
+                        UdpSocket::from_std(socket),
+                        UdpSocket::from_std(push_socket),
+                    ) {
+                        (Ok(swim), Ok(push)) => task.run(Sockets { swim, push }, shutdown).await,
+                        (Err(e), _) | (_, Err(e)) => {
+                            tracing::error!(error = %e, "gossip: cannot use its sockets")
+                        }
                     }
                 });
                 follower.abort();
+                collector.abort();
             })?;
         let handle = tokio::task::spawn_blocking(move || {
             if thread.join().is_err() {
@@ -245,11 +285,11 @@ impl Gossip {
     }
 }
 
-/// Socket buffer the gossip socket asks for, each way. A busy region sends an agent many
-/// pushes while its loop is busy; with the kernel's default (about 200 KiB) they overflowed
-/// the receive buffer and took pings, acks and refutations with them (false downs under
-/// load). The kernel caps it at `net.core.rmem_max` / `wmem_max`; raise those on hosts of a
-/// busy region.
+/// Socket buffer each gossip socket asks for, each way. A busy region sends an agent many
+/// pushes while its loop is busy; with the kernel's default (about 200 KiB) they overflow
+/// the receive buffer (pushes are repaired by anti-entropy; SWIM has a socket of its own so
+/// it never loses datagrams to them). The kernel caps it at `net.core.rmem_max` /
+/// `wmem_max`; raise those on hosts of a busy region.
 const SOCKET_BUFFER: usize = 8 << 20;
 
 /// The gossip socket: bound, non-blocking, with large buffers.
@@ -351,6 +391,47 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
     tx
 }
 
+/// Collect tombstones older than `ttl`, in passes every `ttl / 8` (at most every minute,
+/// at least every second), each in bounded requests to the writer.
+async fn collect_tombstones(store: Store, ttl: Duration) {
+    let every = (ttl / 8).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let before = now_ms.saturating_sub(ttl.as_millis() as u64);
+        let mut total = 0;
+        loop {
+            match store.collect_tombstones(before, COLLECT_BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    if n < COLLECT_BATCH {
+                        break;
+                    }
+                }
+                Err(e) if store.failure().is_some() => {
+                    tracing::warn!(error = %e, "tombstone collection: the store failed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "tombstone collection refused; next pass retries");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                collected = total,
+                ttl_secs = ttl.as_secs(),
+                "tombstones collected"
+            );
+        }
+    }
+}
+
 /// Follow the store's feed and hand the node every local change once it is durable.
 async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
     let mut wake = store.feed().subscribe();
@@ -388,6 +469,12 @@ async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
             return;
         }
     }
+}
+
+/// The node's two sockets: SWIM at the gossip address, pushes at the gRPC port's number.
+struct Sockets {
+    swim: UdpSocket,
+    push: UdpSocket,
 }
 
 struct Task {
@@ -441,23 +528,30 @@ impl Task {
 
     async fn run(
         mut self,
-        socket: Arc<UdpSocket>,
+        sockets: Sockets,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) {
         let now = self.now();
         self.node.start(now);
-        self.flush(&socket);
+        self.flush(&sockets);
         let mut buf = vec![0u8; RECV_BUFFER];
+        let mut push_buf = vec![0u8; RECV_BUFFER];
         tokio::pin!(shutdown);
         loop {
             let next = self.timers.peek().map(|Reverse((due, _, _))| *due);
             let sleep = tokio::time::sleep_until(
                 self.base + next.unwrap_or(Duration::from_secs(3600) + self.now()),
             );
+            // In this order: SWIM, due timers, inputs, and pushes last. A probe, an ack, a
+            // refutation or a probe timer must never wait behind pushes (they arrive on a
+            // socket of their own; see `Lane`): under a steady flood the push socket is never
+            // empty, and a loop that took it first never got to its timers (healthy members
+            // stopped probing and refuting, and were declared down). Pushes that overflow
+            // meanwhile are repaired by anti-entropy.
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                r = socket.recv_from(&mut buf) => {
+                r = sockets.swim.recv_from(&mut buf) => {
                     let started = std::time::Instant::now();
                     if let Ok((n, _)) = r {
                         let now = self.now();
@@ -466,49 +560,51 @@ impl Task {
                     // Drain what else is waiting before any timer: after a stall, acks that
                     // arrived must count before the timeouts that came due meanwhile.
                     // Bounded, so that a datagram flood cannot starve timers and inputs.
-                    for _ in 0..MAX_DATAGRAMS_PER_TURN {
-                        let Ok((n, _)) = socket.try_recv_from(&mut buf) else { break };
-                        let now = self.now();
-                        self.node.handle_datagram(now, &buf[..n]);
-                    }
-                    self.flush(&socket);
+                    self.drain(&sockets.swim, &mut buf);
+                    self.flush(&sockets);
                     report_turn(started, "datagrams");
-                }
-                Some(input) = self.rx.recv() => {
-                    let started = std::time::Instant::now();
-                    self.input(input);
-                    self.flush(&socket);
-                    report_turn(started, "input");
                 }
                 () = sleep => {
                     let started = std::time::Instant::now();
-                    for _ in 0..MAX_DATAGRAMS_PER_TURN {
-                        let Ok((n, _)) = socket.try_recv_from(&mut buf) else { break };
-                        let now = self.now();
-                        self.node.handle_datagram(now, &buf[..n]);
-                    }
+                    self.drain(&sockets.swim, &mut buf);
                     let now = self.now();
                     while self.timers.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
                         let Some(Reverse((_, _, TimerSlot(ev)))) = self.timers.pop() else { break };
                         self.node.handle_timer(now, ev);
-                        self.flush(&socket);
+                        self.flush(&sockets);
                     }
                     report_turn(started, "timers");
+                }
+                Some(input) = self.rx.recv() => {
+                    let started = std::time::Instant::now();
+                    self.input(input);
+                    self.flush(&sockets);
+                    report_turn(started, "input");
+                }
+                r = sockets.push.recv_from(&mut push_buf) => {
+                    let started = std::time::Instant::now();
+                    if let Ok((n, _)) = r {
+                        let now = self.now();
+                        self.node.handle_datagram(now, &push_buf[..n]);
+                    }
+                    self.drain(&sockets.push, &mut push_buf);
+                    self.flush(&sockets);
+                    report_turn(started, "pushes");
                 }
             }
         }
         // Leave: tell a few members, keep answering briefly so the news gets out.
         let now = self.now();
         self.node.leave(now);
-        self.flush(&socket);
+        self.flush(&sockets);
         let until = Instant::now() + LEAVE_GRACE;
         loop {
             tokio::select! {
-                r = socket.recv_from(&mut buf) => {
+                r = sockets.swim.recv_from(&mut buf) => {
                     if let Ok((n, _)) = r {
                         let now = self.now();
                         self.node.handle_datagram(now, &buf[..n]);
-                        self.flush(&socket);
+                        self.flush(&sockets);
                     }
                 }
                 () = tokio::time::sleep_until(until) => break,
@@ -516,6 +612,17 @@ impl Task {
         }
         self.tasks.abort_all();
         tracing::info!("gossip stopped");
+    }
+
+    /// Handle up to `MAX_DATAGRAMS_PER_TURN` datagrams already waiting on `socket`.
+    fn drain(&mut self, socket: &UdpSocket, buf: &mut [u8]) {
+        for _ in 0..MAX_DATAGRAMS_PER_TURN {
+            let Ok((n, _)) = socket.try_recv_from(buf) else {
+                break;
+            };
+            let now = self.now();
+            self.node.handle_datagram(now, &buf[..n]);
+        }
     }
 
     fn input(&mut self, input: Input) {
@@ -528,9 +635,14 @@ impl Task {
             Input::Corroborated { member, gone } => {
                 self.node.handle_corroboration(now, member, gone)
             }
+            Input::Confirmed {
+                member,
+                incarnation,
+            } => self.node.handle_confirmation(now, member, incarnation),
             Input::Members(reply) => {
                 let _ = reply.send(Snapshot {
                     me: self.node.identity(),
+                    incarnation: self.node.incarnation(),
                     members: self.node.members(),
                     counters: self.node.counters(),
                     health: self.node.health(),
@@ -544,12 +656,16 @@ impl Task {
     }
 
     /// Carry out everything the node asked for.
-    fn flush(&mut self, socket: &UdpSocket) {
+    fn flush(&mut self, sockets: &Sockets) {
         // Reap finished helper tasks so the set stays small.
         while self.tasks.try_join_next().is_some() {}
         for out in self.node.drain() {
             match out {
-                Output::Send { to, bytes } => {
+                Output::Send { to, bytes, lane } => {
+                    let socket = match lane {
+                        Lane::Swim => &sockets.swim,
+                        Lane::Push => &sockets.push,
+                    };
                     // UDP: a full socket buffer drops, as the network would.
                     let _ = socket.try_send_to(&bytes, to);
                 }
@@ -574,6 +690,19 @@ impl Task {
                             tracing::warn!(suspect = %member, "a suspect's port answers: it gets the long suspicion");
                         }
                             let _ = inputs.send(Input::Corroborated { member, gone }).await;
+                        },
+                        &self.main,
+                    );
+                }
+                Output::Confirm { member } => {
+                    let inputs = self.gossip.inputs.clone();
+                    self.tasks.spawn_on(
+                        async move {
+                            let incarnation = ask_incarnation(member).await;
+                            if incarnation.is_none() {
+                                tracing::warn!(suspect = %member, "a suspect did not answer the last check: it goes down");
+                            }
+                            let _ = inputs.send(Input::Confirmed { member, incarnation }).await;
                         },
                         &self.main,
                     );
@@ -676,6 +805,35 @@ async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool
         Ok(Ok(_))
     )
 }
+
+/// Ask a suspect itself for its incarnation: its Admin service answers through its gossip
+/// loop, so an answer says that loop runs. `None`: no answer within the node's wait (less a
+/// margin), or another identity answered (a restart under a new epoch).
+async fn ask_incarnation(member: Identity) -> Option<u16> {
+    use patina_proto::v1::MembersRequest;
+    use patina_proto::v1::admin_client::AdminClient;
+    let ask = async {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", member.api_addr()))
+                .ok()?
+                .connect_timeout(CONFIRM_ASK)
+                .timeout(CONFIRM_ASK);
+        let channel = endpoint.connect().await.ok()?;
+        let this = AdminClient::new(channel)
+            .members(MembersRequest {})
+            .await
+            .ok()?
+            .into_inner()
+            .this?;
+        (this.id == member.node.to_string() && this.epoch == member.epoch)
+            .then(|| u16::try_from(this.incarnation).ok())
+            .flatten()
+    };
+    tokio::time::timeout(CONFIRM_ASK, ask).await.ok().flatten()
+}
+
+/// The time the last check of a suspect may take here: within the node's wait.
+const CONFIRM_ASK: Duration = Duration::from_millis(800);
 
 /// The IP to send from: the advertised one, unless it is a wildcard.
 fn local_ip(advertised: SocketAddr) -> Option<std::net::IpAddr> {

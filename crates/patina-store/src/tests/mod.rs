@@ -3,6 +3,7 @@
 //! replication surface (outcomes, knowledge, range reads, identity), the liveness overlay and
 //! the failure paths have their own files.
 
+mod collect;
 mod failure;
 mod overlay;
 mod replication;

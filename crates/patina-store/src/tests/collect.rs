@@ -1,0 +1,195 @@
+//! Tombstone collection: rows and index entries go, numbers stay known, old tokens reset.
+
+use super::watch::next;
+use super::*;
+
+/// Now, in wall milliseconds: tombstones written by these tests are older than `FUTURE`.
+const FUTURE: u64 = u64::MAX >> 16;
+
+/// A tombstone over a peer's record is collected; the peer's number and the tombstone's
+/// stay known, so the old record, sent again, is covered instead of coming back.
+fn collect_and_refuse_the_old_version(rt: &tokio::runtime::Runtime, store: &Store) {
+    let old = remote("a", version(1 << 16, 7, 1), false);
+    let report = rt
+        .block_on(store.apply(records(vec![old.clone()])))
+        .unwrap();
+    assert_eq!(report.applied(), 1);
+    rt.block_on(store.write(vec![put("b", "app", "1", true)]))
+        .unwrap();
+    let deleted = rt.block_on(store.write(vec![del("a")])).unwrap()[0];
+    // A tombstone younger than the cutoff stays.
+    let young = deleted.hlc.physical_ms();
+    assert_eq!(rt.block_on(store.collect_tombstones(young, 16)).unwrap(), 0);
+    assert!(store.get_latest("a").is_some());
+
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        1
+    );
+    assert!(
+        store.get_latest("a").is_none(),
+        "the tombstone left the index"
+    );
+    assert_eq!(store.stats().keys, 1, "only b is left");
+    assert!(
+        store.get_latest("b").is_some(),
+        "live records are never collected"
+    );
+    let digest = store.digest();
+    assert!(
+        digest[&deleted.origin].knows(deleted.seq),
+        "the number stays known"
+    );
+    assert!(digest[&NodeId(7)].knows(1));
+
+    // The superseded record, arriving again, is covered: it does not come back.
+    let report = rt.block_on(store.apply(records(vec![old]))).unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Covered]);
+    assert!(store.get_latest("a").is_none());
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        0
+    );
+
+    // Anti-entropy answers the tombstone's number as covered, with no record.
+    let read = rt
+        .block_on(store.read_origin(
+            deleted.origin,
+            SeqRange::single(deleted.seq).unwrap(),
+            ReadBudget {
+                max_records: 16,
+                max_bytes: 1 << 20,
+            },
+        ))
+        .unwrap();
+    assert!(read.records.is_empty());
+    assert_eq!(read.covered, vec![SeqRange::single(deleted.seq).unwrap()]);
+}
+
+#[test]
+fn a_collected_tombstone_leaves_rows_and_index_and_its_numbers_stay_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    collect_and_refuse_the_old_version(&rt, &store);
+    // A tombstone that a later write superseded is not collected: the key is live.
+    rt.block_on(store.write(vec![put("c", "app", "1", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![del("c")])).unwrap();
+    rt.block_on(store.write(vec![put("c", "app", "2", true)]))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        0
+    );
+    assert!(store.get_latest("c").unwrap().value.is_some());
+    // Durable: after a restart the row is still gone and the rest is intact.
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert!(store.get_latest("a").is_none());
+    assert_eq!(store.stats().keys, 2, "b and c");
+    assert!(store.digest()[&NodeId(7)].knows(1));
+}
+
+#[test]
+fn the_memory_backend_collects_the_same_way() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(3), 3, opts());
+    collect_and_refuse_the_old_version(&rt, &store);
+}
+
+#[test]
+fn a_collection_takes_at_most_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let puts = (0..10)
+        .map(|i| put(&format!("m{i}"), "app", "x", true))
+        .collect();
+    rt.block_on(store.write(puts)).unwrap();
+    let dels = (0..10).map(|i| del(&format!("m{i}"))).collect();
+    rt.block_on(store.write(dels)).unwrap();
+    assert_eq!(rt.block_on(store.collect_tombstones(FUTURE, 4)).unwrap(), 4);
+    assert_eq!(store.stats().keys, 6);
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, 100)).unwrap(),
+        6
+    );
+    assert_eq!(store.stats().keys, 0);
+}
+
+#[test]
+fn a_token_from_below_a_collected_tombstone_gets_a_reset_once_behind_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), small_log(4)).unwrap();
+    rt.block_on(store.write(vec![put("gone", "web", "1", true)]))
+        .unwrap();
+    let mut cursor = store.watch(None, None, 100);
+    assert!(matches!(
+        next(&rt, &mut cursor),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+    let WatchItem::SnapshotDone { token: old } = next(&rt, &mut cursor) else {
+        panic!("expected the end of the snapshot")
+    };
+    drop(cursor);
+    rt.block_on(store.write(vec![del("gone")])).unwrap();
+    // Push the deletion out of the 4-entry log, so a resume must walk the rows.
+    for i in 0..8 {
+        rt.block_on(store.write(vec![put(&format!("m{i}"), "web", "x", true)]))
+            .unwrap();
+    }
+    // Before collection, the rows replay the deletion: a catch-up without a reset.
+    let mut before = store.watch(None, Some(old), 100);
+    match next(&rt, &mut before) {
+        WatchItem::Delta { changes, .. } => {
+            assert!(
+                changes
+                    .iter()
+                    .any(|c| c.entry.key() == "gone" && !c.entry.is_live())
+            );
+        }
+        other => panic!("expected a catch-up, got {other:?}"),
+    }
+    // A token from after the deletion.
+    let mut cursor = store.watch(None, None, 100);
+    assert!(matches!(
+        next(&rt, &mut cursor),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+    let WatchItem::SnapshotDone { token: recent } = next(&rt, &mut cursor) else {
+        panic!("expected the end of the snapshot")
+    };
+    drop(cursor);
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        1
+    );
+    // After it, the rows cannot: the old token gets a snapshot, which lacks the key.
+    let mut after = store.watch(None, Some(old), 100);
+    match next(&rt, &mut after) {
+        WatchItem::Snapshot {
+            reset: true,
+            entries,
+        } => assert!(entries.iter().all(|e| e.key() != "gone")),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    // A token from above the collected tombstone still catches up from the rows.
+    for i in 0..8 {
+        rt.block_on(store.write(vec![put(&format!("n{i}"), "web", "x", true)]))
+            .unwrap();
+    }
+    let mut fresh = store.watch(None, Some(recent), 100);
+    assert!(matches!(next(&rt, &mut fresh), WatchItem::Delta { .. }));
+    // And the same after a restart (the collected revision is durable).
+    store.close();
+    drop((before, after, fresh, store));
+    let store = Store::open(dir.path(), small_log(4)).unwrap();
+    let mut again = store.watch(None, Some(old), 100);
+    assert!(matches!(
+        next(&rt, &mut again),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+}
