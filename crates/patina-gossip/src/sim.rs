@@ -123,6 +123,8 @@ pub struct World {
     seq: u64,
     /// Pairs (a, b) where a cannot reach b.
     cut: BTreeSet<(usize, usize)>,
+    /// One-way datagram cuts: (from, to) loses every datagram; gRPC still works.
+    udp_cut: BTreeSet<(usize, usize)>,
     trace: u64,
     groups: BTreeSet<String>,
     pub datagrams: u64,
@@ -154,6 +156,7 @@ impl World {
             events: BTreeMap::new(),
             seq: 0,
             cut: BTreeSet::new(),
+            udp_cut: BTreeSet::new(),
             trace: 0xcbf2_9ce4_8422_2325,
             groups: BTreeSet::new(),
             datagrams: 0,
@@ -281,7 +284,10 @@ impl World {
                         self.datagrams += 1;
                         self.datagram_bytes += bytes.len() as u64;
                         let Some(j) = self.index_of(to) else { continue };
-                        if !self.reachable(i, j) || self.rng.random_bool(self.net.loss) {
+                        if !self.reachable(i, j)
+                            || self.udp_cut.contains(&(i, j))
+                            || self.rng.random_bool(self.net.loss)
+                        {
                             continue;
                         }
                         let copies = if self.rng.random_bool(self.net.duplicate) {
@@ -559,8 +565,15 @@ impl World {
         }
     }
 
+    /// Lose every datagram `from` sends to `to` (one way); sessions and checks still work,
+    /// as when a firewall drops UDP only.
+    pub fn drop_datagrams(&mut self, from: usize, to: usize) {
+        self.udp_cut.insert((from, to));
+    }
+
     pub fn heal(&mut self) {
         self.cut.clear();
+        self.udp_cut.clear();
     }
 
     /// Run events until `until`.

@@ -237,3 +237,38 @@ fn a_stalling_member_gets_no_healthy_member_declared_down() {
         0
     });
 }
+
+/// The last check: a member whose datagrams nobody receives (so its refutations never
+/// arrive) but whose gossip loop answers over gRPC is suspected again and again and never
+/// declared down; once it stops answering (paused), it goes down.
+#[test]
+fn a_suspect_that_answers_the_last_check_stays_and_a_silent_one_goes() {
+    for_seeds("a_suspect_that_answers", |seed| {
+        let n = 12;
+        let mut w = World::new(n, config(), Net::lan(), seed);
+        w.run_for(Duration::from_secs(5));
+        let muted = 5;
+        for j in (0..n).filter(|j| *j != muted) {
+            w.drop_datagrams(muted, j);
+        }
+        w.run_for(Duration::from_secs(20));
+        assert_eq!(
+            w.downs.get(&w.node_id(muted)).copied().unwrap_or(0),
+            0,
+            "a member that answered its last checks was declared down"
+        );
+        let refuted: u64 = (0..n)
+            .filter_map(|i| w.node(i))
+            .map(|node| node.counters().refuted_for_others)
+            .sum();
+        assert!(refuted > 0, "nobody suspected the muted member");
+        // Silent now: paused, it answers nothing.
+        w.pause(muted, Duration::from_secs(15));
+        w.run_for(Duration::from_secs(10));
+        assert!(
+            w.downs.get(&w.node_id(muted)).copied().unwrap_or(0) > 0,
+            "a member that stopped answering was never declared down"
+        );
+        0
+    });
+}
