@@ -71,6 +71,9 @@ pub struct Config {
     pub max_datagram: usize,
     /// Mean time between periodic anti-entropy rounds (jittered by 25%).
     pub sync_interval: Duration,
+    /// An origin no member names, whose numbers this node all knows, is retired after this
+    /// long (see [`Output::Retire`]).
+    pub retire_after: Duration,
     /// How often a node with no members announces itself to the seeds.
     pub announce_interval: Duration,
     /// How long a down member is remembered (and announced to, so partitions heal).
@@ -92,6 +95,7 @@ impl Config {
             max_transmissions: NonZeroU8::new(8).expect("8"),
             max_datagram: 1_400,
             sync_interval: Duration::from_secs(5),
+            retire_after: Duration::from_secs(3600),
             announce_interval: Duration::from_secs(1),
             remove_down_after: Duration::from_secs(24 * 3600),
         }
@@ -151,8 +155,9 @@ pub enum TimerKind {
     Swim(foca::Timer<Identity>),
     /// Deliver a held suspicion timeout early: it was corroborated.
     SuspicionCut(SocketAddr),
-    /// The suspect did not answer the last check in time: deliver its held timeout.
-    ConfirmTimeout(SocketAddr),
+    /// The last check of this round brought no answer at all (the shell always answers
+    /// within [`CONFIRM_ASK`]; this is the backstop): deliver the held timeout.
+    ConfirmTimeout(SocketAddr, u64),
     Announce,
     SyncRound,
     GapCheck,
@@ -179,8 +184,13 @@ pub enum Output {
     Corroborate { member: Identity },
     /// A long suspicion ran out: ask the suspect itself, over gRPC and through its gossip
     /// loop, whether it runs and at which incarnation; answer with
-    /// [`Node::handle_confirmation`] (within [`CONFIRM_WAIT`], or it goes down).
-    Confirm { member: Identity },
+    /// [`Node::handle_confirmation`] with `round`, within [`CONFIRM_ASK`] (`None` when the
+    /// suspect did not answer by then).
+    Confirm { member: Identity, round: u64 },
+    /// `origin` has been gone (no member names it) and fully known here for `retire_after`:
+    /// retire it in the store ([`patina_store::Store::retire_origin`], which also checks that
+    /// nothing of it is held) and answer with [`Node::handle_retired`] if it went.
+    Retire { origin: NodeId },
     /// Run an anti-entropy session with `peer`; answer with [`Node::handle_sync_done`].
     Sync { peer: Identity },
     /// This node's identity changed (renewed after being declared down): persist its epoch.
@@ -329,13 +339,18 @@ impl BroadcastHandler<Identity> for Handler {
 struct Held {
     timer: foca::Timer<Identity>,
     started: Duration,
-    /// The long timeout ran out and the suspect was asked ([`Output::Confirm`]).
-    confirming: bool,
+    /// The long timeout ran out and the suspect was asked ([`Output::Confirm`]) in this
+    /// round (rounds are numbered per node, so a late answer cannot settle a later
+    /// suspicion of the same address).
+    confirming: Option<u64>,
 }
 
-/// How long the last check of a suspect ([`Output::Confirm`]) may take before the suspect
-/// goes down anyway.
-pub const CONFIRM_WAIT: Duration = Duration::from_millis(1_000);
+/// How long the shell (or the simulator) takes at most to answer [`Output::Confirm`]: an
+/// unanswered check is answered `None` then.
+pub const CONFIRM_ASK: Duration = Duration::from_millis(800);
+/// The backstop: a check still unanswered this long after it was asked (its answer lost
+/// behind a stalled loop) lets the member go down.
+pub const CONFIRM_BACKSTOP: Duration = Duration::from_millis(3_000);
 
 type Swim = Foca<Identity, Codec, StdRng, Handler>;
 
@@ -353,6 +368,8 @@ pub struct Node {
     last_health_bump: Option<Duration>,
     incarnation: u16,
     held: BTreeMap<SocketAddr, Held>,
+    /// Numbers the rounds of the last check.
+    confirm_round: u64,
     /// Live identities per owner: an owner is down once none is left.
     live: BTreeMap<NodeId, BTreeSet<SocketAddr>>,
     last_seen: BTreeMap<SocketAddr, Duration>,
@@ -373,6 +390,8 @@ pub struct Node {
     known_at_last_sync: u128,
     /// When this node first became part of a cluster.
     active_since: Option<Duration>,
+    /// Origins no member names and whose numbers are all known here, since when.
+    gone_since: BTreeMap<NodeId, Duration>,
 }
 
 impl Node {
@@ -411,6 +430,7 @@ impl Node {
             last_health_bump: None,
             incarnation: 0,
             held: BTreeMap::new(),
+            confirm_round: 0,
             live: BTreeMap::new(),
             last_seen: BTreeMap::new(),
             syncing: BTreeSet::new(),
@@ -424,6 +444,7 @@ impl Node {
             gap_backoff: 0,
             known_at_last_sync: 0,
             active_since: None,
+            gone_since: BTreeMap::new(),
         }
     }
 
@@ -479,8 +500,16 @@ impl Node {
         self.foca.iter_members().map(|m| *m.id()).collect()
     }
 
-    /// A datagram arrived.
+    /// A datagram arrived (on the SWIM socket, or wherever a simulation delivers it).
     pub fn handle_datagram(&mut self, now: Duration, bytes: &[u8]) {
+        self.handle_datagram_on(now, bytes, Lane::Swim);
+    }
+
+    /// A datagram arrived on `lane`'s socket. The push socket takes pushes only: SWIM
+    /// packets there are dropped and counted. The SWIM socket takes both, so that pushes
+    /// from agents of the previous version (which pushed to the gossip address) still land
+    /// during a rolling upgrade.
+    pub fn handle_datagram_on(&mut self, now: Duration, bytes: &[u8], lane: Lane) {
         self.now = now;
         {
             let mut s = self.shared.lock().expect("gossip shared state");
@@ -496,6 +525,9 @@ impl Node {
             }
         };
         match payload.split_first() {
+            Some((&KIND_SWIM, _)) if lane == Lane::Push => {
+                self.count(|c| c.dropped_decode += 1);
+            }
             Some((&KIND_SWIM, swim)) => {
                 if let Err(e) = self.foca.handle_data(swim, &mut self.rt) {
                     tracing::debug!(error = %e, "swim packet dropped");
@@ -833,12 +865,17 @@ impl Node {
         &mut self,
         now: Duration,
         member: Identity,
+        round: u64,
         incarnation: Option<u16>,
     ) {
         self.now = now;
-        if !self.held.get(&member.addr).is_some_and(|h| h.confirming) {
-            return; // settled meanwhile
+        if self.held.get(&member.addr).and_then(|h| h.confirming) != Some(round) {
+            return; // settled meanwhile, or an answer of an earlier round
         }
+        self.settle_confirmation(member, incarnation);
+    }
+
+    fn settle_confirmation(&mut self, member: Identity, incarnation: Option<u16>) {
         let Some(h) = self.held.remove(&member.addr) else {
             return;
         };
@@ -847,9 +884,14 @@ impl Node {
             .iter_membership_state()
             .find(|m| *m.id() == member && m.state() == foca::State::Suspect)
             .map(|m| m.incarnation());
-        match (incarnation, suspected) {
-            (Some(own), Some(suspected)) => {
-                let refuted = own.max(suspected.saturating_add(1));
+        let refute = match (incarnation, suspected) {
+            (Some(_), None) => return, // no longer suspect here
+            // At the largest incarnation a refutation cannot be made: down, and it renews.
+            (Some(own), Some(suspected)) => suspected.checked_add(1).map(|next| own.max(next)),
+            (None, _) => None,
+        };
+        match refute {
+            Some(refuted) => {
                 tracing::warn!(suspect = %member, incarnation = refuted, "a suspect answered the last check: its suspicion is refuted");
                 self.count(|c| c.refuted_for_others += 1);
                 let _ = self.foca.apply_many(
@@ -859,8 +901,7 @@ impl Node {
                 );
                 self.after_foca();
             }
-            (Some(_), None) => {} // no longer suspect here
-            (None, _) => {
+            None => {
                 let _ = self.foca.handle_timer(h.timer, &mut self.rt);
                 self.after_foca();
             }
@@ -886,14 +927,31 @@ impl Node {
                     // The long timeout: only if still held (not cut short already), and not
                     // yet: first a last check of the suspect itself.
                     let member = *member_id;
-                    match self.held.get_mut(&member.addr) {
-                        Some(h) if h.timer == t && !h.confirming => {
-                            h.confirming = true;
-                            self.out.push(Output::Confirm { member });
-                            self.schedule(CONFIRM_WAIT, TimerKind::ConfirmTimeout(member.addr));
-                        }
-                        _ => {}
+                    if !self
+                        .held
+                        .get(&member.addr)
+                        .is_some_and(|h| h.timer == t && h.confirming.is_none())
+                    {
+                        return;
                     }
+                    let still_suspect = self
+                        .foca
+                        .iter_membership_state()
+                        .any(|m| *m.id() == member && m.state() == foca::State::Suspect);
+                    if !still_suspect {
+                        self.held.remove(&member.addr); // refuted by itself meanwhile
+                        return;
+                    }
+                    self.confirm_round += 1;
+                    let round = self.confirm_round;
+                    if let Some(h) = self.held.get_mut(&member.addr) {
+                        h.confirming = Some(round);
+                    }
+                    self.out.push(Output::Confirm { member, round });
+                    self.schedule(
+                        CONFIRM_BACKSTOP,
+                        TimerKind::ConfirmTimeout(member.addr, round),
+                    );
                     return;
                 }
                 let _ = self.foca.handle_timer(t, &mut self.rt);
@@ -905,8 +963,8 @@ impl Node {
                     self.after_foca();
                 }
             }
-            TimerKind::ConfirmTimeout(addr) => {
-                if self.held.get(&addr).is_some_and(|h| h.confirming)
+            TimerKind::ConfirmTimeout(addr, round) => {
+                if self.held.get(&addr).and_then(|h| h.confirming) == Some(round)
                     && let Some(h) = self.held.remove(&addr)
                 {
                     let _ = self.foca.handle_timer(h.timer, &mut self.rt);
@@ -1124,7 +1182,7 @@ impl Node {
                     Held {
                         timer: timer.clone(),
                         started: self.now,
-                        confirming: false,
+                        confirming: None,
                     },
                 );
                 let after = self.stretch(self.cfg.suspicion_max);
@@ -1236,6 +1294,46 @@ impl Node {
                     down: true,
                 });
             }
+        }
+        self.retire_gone(me, &up);
+    }
+
+    /// Ask the store to retire origins that no member names and that this node knows in
+    /// full, once they have been so for `retire_after` (asked again each `retire_after` while
+    /// the store keeps one, e.g. its records are still current somewhere).
+    fn retire_gone(&mut self, me: NodeId, up: &BTreeSet<NodeId>) {
+        let candidates: Vec<NodeId> = {
+            let s = self.shared.lock().expect("gossip shared state");
+            s.known
+                .iter()
+                .filter(|(o, k)| **o != me && !up.contains(o) && k.gap_count() == 0)
+                .filter(|(o, _)| !s.pending.range((**o, 0)..=(**o, u64::MAX)).any(|_| true))
+                .map(|(o, _)| *o)
+                .collect()
+        };
+        self.gone_since.retain(|o, _| candidates.contains(o));
+        for origin in candidates {
+            let since = *self.gone_since.entry(origin).or_insert(self.now);
+            if self.now >= since + self.cfg.retire_after {
+                self.gone_since.insert(origin, self.now);
+                self.out.push(Output::Retire { origin });
+            }
+        }
+    }
+
+    /// The store retired `origin`: it leaves this node's mirror of the digest.
+    pub fn handle_retired(&mut self, now: Duration, origin: NodeId) {
+        self.now = now;
+        self.gone_since.remove(&origin);
+        let mut s = self.shared.lock().expect("gossip shared state");
+        s.known.remove(&origin);
+        let stale: Vec<(NodeId, u64)> = s
+            .pending
+            .range((origin, 0)..=(origin, u64::MAX))
+            .copied()
+            .collect();
+        for v in stale {
+            s.pending.remove(&v);
         }
     }
 

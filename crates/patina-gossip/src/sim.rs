@@ -90,11 +90,13 @@ enum Event {
         asker: usize,
         asker_life: u64,
         member: Identity,
+        round: u64,
     },
     Confirmed {
         node: usize,
         life: u64,
         member: Identity,
+        round: u64,
         incarnation: Option<u16>,
     },
 }
@@ -321,7 +323,18 @@ impl World {
                         if down {
                             *self.downs.entry(node).or_default() += 1;
                         }
+                        if !down {
+                            let _ = now_or_never(self.nodes[i].store.unretire_origin(node));
+                        }
                         let _ = now_or_never(self.nodes[i].store.set_owner_down(node, down));
+                    }
+                    Output::Retire { origin } => {
+                        let retired = now_or_never(self.nodes[i].store.retire_origin(origin));
+                        if matches!(retired, Ok(true))
+                            && let Some(node) = self.nodes[i].node.as_mut()
+                        {
+                            node.handle_retired(self.now, origin);
+                        }
                     }
                     Output::Corroborate { member } => {
                         let j = self.index_of(member.addr);
@@ -345,8 +358,21 @@ impl World {
                             },
                         );
                     }
-                    Output::Confirm { member } => match self.index_of(member.addr) {
-                        Some(j) if self.reachable(i, j) => {
+                    Output::Confirm { member, round } => {
+                        // As the shell: no answer within CONFIRM_ASK is answered `None`.
+                        self.push_event(
+                            self.now + crate::node::CONFIRM_ASK,
+                            Event::Confirmed {
+                                node: i,
+                                life,
+                                member,
+                                round,
+                                incarnation: None,
+                            },
+                        );
+                        if let Some(j) =
+                            self.index_of(member.addr).filter(|j| self.reachable(i, *j))
+                        {
                             let at = self.now + self.delay();
                             self.push_event(
                                 at,
@@ -355,11 +381,11 @@ impl World {
                                     asker: i,
                                     asker_life: life,
                                     member,
+                                    round,
                                 },
                             );
                         }
-                        _ => {} // no answer: the asker's wait runs out
-                    },
+                    }
                     Output::Sync { peer } => self.sync(i, peer),
                     Output::Renewed { identity } => self.nodes[i].identity = identity,
                     Output::OriginConflict { .. } => {
@@ -621,6 +647,7 @@ impl World {
             asker,
             asker_life,
             member,
+            round,
             ..
         } = ev
         {
@@ -637,6 +664,7 @@ impl World {
                         node: asker,
                         life: asker_life,
                         member,
+                        round,
                         incarnation,
                     },
                 );
@@ -679,13 +707,14 @@ impl World {
             Event::Confirmed {
                 life: l,
                 member,
+                round,
                 incarnation,
                 ..
             } => {
                 if l != life {
                     return;
                 }
-                node.handle_confirmation(now, member, incarnation);
+                node.handle_confirmation(now, member, round, incarnation);
             }
             Event::Ask { .. } => unreachable!("handled above"),
         }

@@ -88,3 +88,43 @@ fn garbage_foreign_truncated_and_oversized_datagrams_are_dropped_and_counted() {
             .all(|o| !matches!(o, patina_gossip::Output::Apply { .. }))
     );
 }
+
+/// The push socket takes pushes only: a SWIM packet arriving there (even a valid one) is
+/// dropped and counted, while the same packet on the SWIM socket is handled.
+#[test]
+fn the_push_socket_drops_swim_packets() {
+    let mut a = node();
+    a.start(Duration::ZERO);
+    // A real SWIM packet: what the node sends its seeds when it starts (an announce).
+    let swim = a
+        .drain()
+        .into_iter()
+        .find_map(|o| match o {
+            patina_gossip::Output::Send {
+                bytes,
+                lane: patina_gossip::Lane::Swim,
+                ..
+            } => Some(bytes),
+            _ => None,
+        })
+        .expect("a starting node announces itself");
+    // The seed it announced to.
+    let mut b = Node::new(
+        Identity {
+            node: NodeId(2),
+            addr: "10.0.0.2:7000".parse().unwrap(),
+            api_port: 7001,
+            epoch: 1,
+        },
+        Config::lan(ClusterName::new("fuzz").unwrap()),
+        Default::default(),
+        Vec::new(),
+        8,
+    );
+    b.start(Duration::ZERO);
+    let _ = b.drain();
+    b.handle_datagram_on(Duration::from_millis(1), &swim, patina_gossip::Lane::Push);
+    assert_eq!(b.counters().dropped_decode, 1);
+    b.handle_datagram_on(Duration::from_millis(2), &swim, patina_gossip::Lane::Swim);
+    assert_eq!(b.counters().dropped_decode, 1, "handled on the SWIM socket");
+}

@@ -272,3 +272,47 @@ fn a_suspect_that_answers_the_last_check_stays_and_a_silent_one_goes() {
         0
     });
 }
+
+/// Origin retirement: an origin whose agent is gone for good and whose records were all
+/// superseded leaves every digest; when its agent comes back after all, it is taken back and
+/// its new writes reach everyone.
+#[test]
+fn a_long_gone_fully_covered_origin_retires_everywhere_and_returns_with_its_agent() {
+    for_seeds("a_long_gone_origin", |seed| {
+        let cfg = Config {
+            retire_after: Duration::from_secs(20),
+            ..config()
+        };
+        let n = 10;
+        let mut w = World::new(n, cfg, Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        let gone = 4;
+        let origin = w.node_id(gone);
+        w.write(gone, "m4", "app", b"+first");
+        w.run_for(Duration::from_secs(1));
+        w.write(2, "m4", "app", b"+taken-over");
+        w.run_for(Duration::from_secs(1));
+        w.crash(gone);
+        // Down, then gone and fully covered for `retire_after`, then a sync round or two.
+        w.run_for(Duration::from_secs(45));
+        for i in (0..n).filter(|i| *i != gone) {
+            assert!(
+                !w.store(i).digest().contains_key(&origin),
+                "node {i} still lists the gone origin"
+            );
+            assert!(w.store(i).is_retired(origin), "node {i} did not retire it");
+        }
+        w.restart(gone);
+        w.run_for(Duration::from_secs(3));
+        w.write(gone, "m4b", "app", b"+back");
+        w.run_for(Duration::from_secs(3));
+        for i in 0..n {
+            assert!(
+                w.served(i).contains_key("m4b"),
+                "node {i} lacks the returned agent's write"
+            );
+            assert!(!w.store(i).is_retired(origin));
+        }
+        0
+    });
+}

@@ -115,16 +115,17 @@ impl Index {
         self.groups.len()
     }
 
-    /// Up to `limit` tombstones with timestamps older than `before_ms` (wall milliseconds).
-    /// Walks every key: for the periodic collection, off the runtime's threads.
-    pub fn tombstones_before(&self, before_ms: u64, limit: usize) -> Vec<Entry> {
+    /// Up to `limit` tombstones with timestamps older than `before_ms` (wall milliseconds)
+    /// and revisions at or below `max_rev`. Walks every key: for the periodic collection,
+    /// off the runtime's threads.
+    pub fn tombstones_before(&self, before_ms: u64, max_rev: u64, limit: usize) -> Vec<Entry> {
         let mut out = Vec::new();
         for k in self.keys.iter() {
             if out.len() >= limit {
                 break;
             }
             let e = &k.key().0;
-            if !e.is_live() && e.version().hlc.physical_ms() < before_ms {
+            if !e.is_live() && e.version().hlc.physical_ms() < before_ms && e.rev() <= max_rev {
                 out.push(e.clone());
             }
         }

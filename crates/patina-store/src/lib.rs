@@ -229,6 +229,8 @@ pub(crate) struct State {
     overlay_rev: AtomicU64,
     /// `Meta::collected_rev` as of that commit: a watcher below it cannot catch up from rows.
     collected_rev: AtomicU64,
+    /// `Meta::retired` as of the latest commit.
+    retired: RwLock<DownSet>,
     refusals: Mutex<BTreeMap<NodeId, Refusals>>,
     /// Set once, when the store fails for good.
     failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
@@ -263,8 +265,24 @@ impl State {
         self.collected_rev.load(Ordering::Acquire)
     }
 
+    /// Take retired origins out of the published knowledge and publish the retired set.
+    fn publish_retired(&self, retired: DownSet, forgotten: &[NodeId]) {
+        {
+            let mut k = self.knowledge.write().expect("knowledge lock");
+            for origin in forgotten {
+                k.remove(origin);
+            }
+        }
+        *self.retired.write().expect("retired lock") = retired;
+    }
+
     fn publish_collected(&self, rev: u64) {
         self.collected_rev.store(rev, Ordering::Release);
+    }
+
+    /// Raise the collected revision ahead of a commit that deletes rows (see `watch.rs`).
+    fn raise_collected(&self, rev: u64) {
+        self.collected_rev.fetch_max(rev, Ordering::AcqRel);
     }
 
     fn publish_overlay(&self, down: DownSet, overlay_rev: u64) {
@@ -407,6 +425,8 @@ pub struct Store {
 
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "patina.db";
+/// Tombstones per collection request to the writer.
+const COLLECT_CHUNK: usize = 1024;
 const LOCK_FILE: &str = "LOCK";
 
 fn new_state(meta: &Meta, index: Index, feed: Feed, rows: Rows, knowledge: Digest) -> Arc<State> {
@@ -419,6 +439,7 @@ fn new_state(meta: &Meta, index: Index, feed: Feed, rows: Rows, knowledge: Diges
         down: RwLock::new(meta.down.clone()),
         overlay_rev: AtomicU64::new(meta.overlay_rev),
         collected_rev: AtomicU64::new(meta.collected_rev),
+        retired: RwLock::new(meta.retired.clone()),
         refusals: Mutex::new(BTreeMap::new()),
         failure: tokio::sync::watch::Sender::new(None),
         commits: AtomicU64::new(0),
@@ -555,6 +576,7 @@ impl Store {
             down: DownSet::default(),
             overlay_rev: 0,
             collected_rev: 0,
+            retired: DownSet::default(),
         };
         let mut knowledge = Digest::new();
         knowledge.insert(node, OriginKnowledge::dense(0));
@@ -701,11 +723,13 @@ impl Store {
     }
 
     /// Collect up to `limit` tombstones whose timestamps are older than `before_ms` (wall
-    /// milliseconds): their rows and index entries go; their numbers stay known, so a peer
-    /// that lacks one is told it is covered and an older version of the key with a known
-    /// number is still refused. Returns how many went. Watch tokens from below the highest
-    /// collected revision that fell behind the log get a reset (the rows cannot replay the
-    /// deletions any more).
+    /// milliseconds) and that this store committed at or below revision `max_rev`: the
+    /// caller says which revision it held long enough ago, because a timestamp alone can be
+    /// old on arrival (a slow clock, a forged record). Their rows and index entries go;
+    /// their numbers stay known, so a peer that lacks one is told it is covered and an older
+    /// version of the key with a known number is still refused. Returns how many went.
+    /// Watch tokens from below the highest collected revision that fell behind the log get a
+    /// reset (the rows cannot replay the deletions any more).
     ///
     /// Safe once every live member has the tombstone, which anti-entropy gives within
     /// seconds: the age is the margin. A member cut off for longer than that age, holding an
@@ -714,13 +738,25 @@ impl Store {
     pub async fn collect_tombstones(
         &self,
         before_ms: u64,
+        max_rev: u64,
         limit: usize,
     ) -> Result<usize, StoreError> {
         let state = self.state.clone();
-        let tombstones =
-            tokio::task::spawn_blocking(move || state.index.tombstones_before(before_ms, limit))
-                .await
-                .map_err(|_| self.unanswered())?;
+        let tombstones = tokio::task::spawn_blocking(move || {
+            state.index.tombstones_before(before_ms, max_rev, limit)
+        })
+        .await
+        .map_err(|_| self.unanswered())?;
+        let mut collected = 0;
+        // One walk of the index, then requests of bounded size to the writer.
+        for chunk in tombstones.chunks(COLLECT_CHUNK) {
+            collected += self.collect_exact(chunk.to_vec()).await?;
+        }
+        Ok(collected)
+    }
+
+    /// Collect exactly these tombstones, each only if it is still its key's state.
+    pub(crate) async fn collect_exact(&self, tombstones: Vec<Entry>) -> Result<usize, StoreError> {
         if tombstones.is_empty() {
             return Ok(0);
         }
@@ -735,6 +771,51 @@ impl Store {
         rx.await.map_err(|_| self.unanswered())?
     }
 
+    /// Retire `origin`: long gone, it leaves the digest (and every hello) and whatever still
+    /// arrives from it is covered. Only when this store knows every number it issued (no
+    /// gaps) and holds no record of it (all superseded, tombstones collected); otherwise
+    /// nothing changes. Returns whether it was retired now. See docs/replication.md, "Origin
+    /// retirement".
+    pub async fn retire_origin(&self, origin: NodeId) -> Result<bool, StoreError> {
+        self.retire_request(origin, true).await
+    }
+
+    /// Take a retired origin back (its agent returned): from then on it is an origin never
+    /// heard of, and anti-entropy brings what is current of it. Returns whether it was
+    /// retired.
+    pub async fn unretire_origin(&self, origin: NodeId) -> Result<bool, StoreError> {
+        if !self.is_retired(origin) {
+            return Ok(false);
+        }
+        self.retire_request(origin, false).await
+    }
+
+    async fn retire_request(&self, origin: NodeId, retire: bool) -> Result<bool, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Retire {
+            origin,
+            retire,
+            reply,
+        };
+        self.submit(Class::Local, request, 1, merge::OP_OVERHEAD)
+            .await?;
+        rx.await.map_err(|_| self.unanswered())?
+    }
+
+    /// Is `origin` retired (as of the latest commit)?
+    pub fn is_retired(&self, origin: NodeId) -> bool {
+        self.state
+            .retired
+            .read()
+            .expect("retired lock")
+            .contains(&origin)
+    }
+
+    /// How many origins are retired.
+    pub fn retired_count(&self) -> usize {
+        self.state.retired.read().expect("retired lock").len()
+    }
+
     /// The owners whose records the liveness overlay hides, as of the latest commit.
     pub fn down_owners(&self) -> BTreeSet<NodeId> {
         (*self.state.down()).clone()
@@ -744,6 +825,12 @@ impl Store {
     /// when the liveness overlay hides it (its owner is down), unlike listings and watches.
     pub fn get_live(&self, key: &str) -> Option<Entry> {
         self.state.index.live(key)
+    }
+
+    /// A key's latest state as the index holds it (tests).
+    #[cfg(test)]
+    pub(crate) fn get_latest_entry(&self, key: &str) -> Option<Entry> {
+        self.state.index.latest(key)
     }
 
     /// A key's latest record, tombstone included, as it would travel to another node.

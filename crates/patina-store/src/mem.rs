@@ -109,6 +109,14 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn delete_knowledge(&mut self, _: NodeId) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+
+    fn put_retired(&mut self, _: &Meta) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+
     fn delete_record(&mut self, entry: &Entry) -> Result<(), rusqlite::Error> {
         self.staged.push((entry.clone(), None));
         Ok(())

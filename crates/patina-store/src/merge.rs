@@ -203,6 +203,9 @@ pub(crate) struct Meta {
     /// The highest revision of a tombstone collected (0: none). Its row is gone: a watcher
     /// below it cannot catch up from the stored rows either.
     pub collected_rev: u64,
+    /// Retired origins: long gone, everything they issued known and superseded. They are
+    /// out of the digest (and so out of every hello); what arrives from them is covered.
+    pub retired: DownSet,
 }
 
 /// Where new origin identities come from when a store must move to a fresh one.
@@ -254,6 +257,10 @@ pub(crate) trait Backend {
     fn put_meta(&mut self, meta: &Meta, kind: &str) -> Result<(), rusqlite::Error>;
     /// A collected tombstone's row goes.
     fn delete_record(&mut self, entry: &Entry) -> Result<(), rusqlite::Error>;
+    /// A retired origin's knowledge goes.
+    fn delete_knowledge(&mut self, origin: NodeId) -> Result<(), rusqlite::Error>;
+    /// The retired set (`Meta::retired`), only when a group changed it.
+    fn put_retired(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
     /// The overlay's part of the meta (`down`, `overlay_rev`), in the same transaction; only
     /// when a group changed it.
     fn put_overlay(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
@@ -274,6 +281,11 @@ pub(crate) enum Work<'a> {
     },
     /// Collect these tombstones (each only if it is still the key's state).
     Collect(&'a [Entry]),
+    /// Retire an origin (or take it back: `retire` false).
+    Retire {
+        origin: NodeId,
+        retire: bool,
+    },
 }
 
 /// The result of one request of a group.
@@ -283,6 +295,8 @@ pub(crate) enum Outcome {
     Overlay(Result<OverlayChange, StoreError>),
     /// How many tombstones went.
     Collect(usize),
+    /// Whether the retired set changed.
+    Retire(Result<bool, StoreError>),
 }
 
 /// What a staged group changes once its commit succeeds.
@@ -302,6 +316,10 @@ pub(crate) struct Staged {
     pub moved_from: Option<NodeId>,
     /// Tombstones collected: out of the index before `installs` go in.
     pub removals: Vec<Entry>,
+    /// Origins retired in this group: out of the knowledge.
+    pub forgotten: Vec<NodeId>,
+    /// The group changed `Meta::retired`.
+    pub retired: bool,
 }
 
 /// What a group may change besides the index: restored as a whole when a commit fails.
@@ -417,6 +435,19 @@ impl Core {
         if g.staged.overlay {
             g.backend.put_overlay(&self.meta)?;
         }
+        for origin in &g.staged.forgotten {
+            if !self.knowledge.contains_key(origin) {
+                g.backend.delete_knowledge(*origin)?;
+            }
+        }
+        if g.staged.retired {
+            g.backend.put_retired(&self.meta)?;
+        }
+        if !g.staged.removals.is_empty() {
+            // Before the rows go: a watch walking them must see that they may (a rollback
+            // only costs it a needless snapshot).
+            g.state.raise_collected(self.meta.collected_rev);
+        }
         g.backend.put_meta(&self.meta, self.kind.name())?;
         g.backend.commit()?;
         Ok(outcomes)
@@ -450,13 +481,19 @@ impl Core {
                     Outcome::Overlay(self.stage_overlay(g, *owner, *down))
                 }
                 Work::Collect(tombstones) => Outcome::Collect(self.stage_collect(g, tombstones)?),
+                Work::Retire { origin, retire } => {
+                    Outcome::Retire(self.stage_retire(g, *origin, *retire))
+                }
             };
             outcomes.push(outcome);
         }
         if let Some(old) = g.staged.moved_from {
             self.reissue(g, old)?;
         }
-        // Publish the final state of every origin touched.
+        // Publish the final state of every origin touched (a retired one is gone).
+        for origin in &g.staged.forgotten {
+            g.staged.knowledge.remove(origin);
+        }
         for (origin, k) in g.staged.knowledge.iter_mut() {
             *k = self.knowledge.get(origin).cloned().unwrap_or_default();
         }
@@ -796,6 +833,56 @@ impl Core {
         })
     }
 
+    /// Retire `origin` (or take it back). An origin retires only when this store knows every
+    /// number it issued up to its head (no gaps) and holds no record of it (every one was
+    /// superseded, and tombstones of it collected): its knowledge goes, and from then on its
+    /// records and covered ranges are answered `Covered` without a trace. Taken back, it is an
+    /// origin never heard of: anti-entropy brings what is current of it. Returns whether the
+    /// retired set changed.
+    fn stage_retire(
+        &mut self,
+        g: &mut Group<'_>,
+        origin: NodeId,
+        retire: bool,
+    ) -> Result<bool, StoreError> {
+        if !retire {
+            if !self.meta.retired.contains(&origin) {
+                return Ok(false);
+            }
+            Arc::make_mut(&mut self.meta.retired).remove(&origin);
+            g.staged.retired = true;
+            tracing::info!(origin = %origin, "a retired origin is back");
+            return Ok(true);
+        }
+        if origin == self.meta.node {
+            return Err(StoreError::OwnNode(origin));
+        }
+        if self.meta.retired.contains(&origin) {
+            return Ok(false);
+        }
+        let Some(k) = self.knowledge.get(&origin) else {
+            return Ok(false);
+        };
+        if k.gap_count() > 0 || self.meta.retired.len() >= MAX_ORIGINS {
+            return Ok(false);
+        }
+        let holds = g.pending.iter().any(|e| e.0.version().origin == origin)
+            || !g.state.index.of_origin(origin).is_empty();
+        if holds {
+            return Ok(false);
+        }
+        g.saved
+            .knowledge
+            .entry(origin)
+            .or_insert_with(|| self.knowledge.get(&origin).cloned());
+        self.knowledge.remove(&origin);
+        g.staged.forgotten.push(origin);
+        Arc::make_mut(&mut self.meta.retired).insert(origin);
+        g.staged.retired = true;
+        tracing::info!(origin = %origin, "origin retired: long gone and fully covered");
+        Ok(true)
+    }
+
     /// Collect tombstones: each goes (its row and its index entry) if it is still its key's
     /// state. Its number stays known, so anti-entropy answers it as covered from then on, and
     /// an older version of its key whose number is known is still refused. No revision is
@@ -837,6 +924,9 @@ impl Core {
         let Some(range) = SeqRange::single(v.seq) else {
             return Ok(Refused(Refusal::BadSeq));
         };
+        if self.meta.retired.contains(&v.origin) {
+            return Ok(Covered); // everything it issued is known and superseded
+        }
         if v.origin == self.meta.node {
             if self.is_foreign_copy(g, record) {
                 self.move_to_fresh_origin(g);
@@ -925,6 +1015,9 @@ impl Core {
                 self.move_to_fresh_origin(g);
                 return ApplyOutcome::Refused(Refusal::OwnOriginConflict);
             }
+            return ApplyOutcome::Covered;
+        }
+        if self.meta.retired.contains(&origin) {
             return ApplyOutcome::Covered;
         }
         if !self.knowledge.contains_key(&origin) && self.knowledge.len() >= MAX_ORIGINS {

@@ -189,6 +189,18 @@ pub(crate) fn prepare(
 /// Read the store's meta.
 pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
     let node = meta_int(conn, "node_id")?.ok_or(StoreError::Schema(-1))?;
+    let retired: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'retired_origins'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let retired = match retired {
+        None => Default::default(),
+        Some(bytes) => crate::overlay::decode(&bytes)
+            .ok_or_else(|| StoreError::Corrupt("the retired origins".into()))?,
+    };
     let down: Option<Vec<u8>> = conn
         .query_row(
             "SELECT value FROM meta WHERE name = 'down_owners'",
@@ -210,6 +222,7 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         down: std::sync::Arc::new(down),
         overlay_rev: meta_int(conn, "overlay_rev")?.unwrap_or(0) as u64,
         collected_rev: meta_int(conn, "collected_rev")?.unwrap_or(0) as u64,
+        retired: std::sync::Arc::new(retired),
     })
 }
 
@@ -584,6 +597,23 @@ impl Backend for SqliteBackend {
         stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
         stmt.execute(params!["revision", meta.revision as i64])?;
         stmt.execute(params!["collected_rev", meta.collected_rev as i64])?;
+        Ok(())
+    }
+
+    fn delete_knowledge(&mut self, origin: NodeId) -> Result<(), rusqlite::Error> {
+        self.conn
+            .prepare_cached("DELETE FROM knowledge WHERE origin = ?1")?
+            .execute([origin.0 as i64])?;
+        Ok(())
+    }
+
+    fn put_retired(&mut self, meta: &Meta) -> Result<(), rusqlite::Error> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?
+            .execute(params![
+                "retired_origins",
+                crate::overlay::encode(&meta.retired)
+            ])?;
         Ok(())
     }
 

@@ -50,6 +50,12 @@ pub(crate) enum Request {
         tombstones: Vec<crate::Entry>,
         reply: oneshot::Sender<Result<usize, StoreError>>,
     },
+    /// Retire an origin, or take it back.
+    Retire {
+        origin: NodeId,
+        retire: bool,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
 }
 
 impl Request {
@@ -62,6 +68,10 @@ impl Request {
                 down: *down,
             },
             Request::Collect { tombstones, .. } => Work::Collect(tombstones),
+            Request::Retire { origin, retire, .. } => Work::Retire {
+                origin: *origin,
+                retire: *retire,
+            },
         }
     }
 
@@ -77,6 +87,9 @@ impl Request {
                 let _ = reply.send(Err(err.duplicate()));
             }
             Request::Collect { reply, .. } => {
+                let _ = reply.send(Err(err.duplicate()));
+            }
+            Request::Retire { reply, .. } => {
                 let _ = reply.send(Err(err.duplicate()));
             }
         }
@@ -95,6 +108,9 @@ impl Request {
             }
             (Request::Collect { reply, .. }, Outcome::Collect(n)) => {
                 let _ = reply.send(Ok(n));
+            }
+            (Request::Retire { reply, .. }, Outcome::Retire(r)) => {
+                let _ = reply.send(r);
             }
             _ => unreachable!("one outcome per request, of its kind"),
         }
@@ -131,6 +147,9 @@ pub(crate) fn finish_group(
         state.publish_overlay(core.meta.down.clone(), core.meta.overlay_rev);
     }
     state.publish_collected(core.meta.collected_rev);
+    if staged.retired {
+        state.publish_retired(core.meta.retired.clone(), &staged.forgotten);
+    }
     for t in &staged.removals {
         state.index.remove_tombstone(t);
     }

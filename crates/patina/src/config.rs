@@ -109,6 +109,10 @@ impl GossipConfig {
             "config: gossip.suspicion_min_ms must be at most gossip.suspicion_max_ms"
         );
         anyhow::ensure!(
+            (60..=315_360_000).contains(&self.tombstone_ttl_secs.get()),
+            "config: gossip.tombstone_ttl_secs must be between 60 (anti-entropy must have run) and 315360000 (10 years)"
+        );
+        anyhow::ensure!(
             (576..=65_000).contains(&self.max_datagram_bytes.get()),
             "config: gossip.max_datagram_bytes must be between 576 and 65000"
         );
@@ -124,6 +128,7 @@ impl GossipConfig {
             max_transmissions: self.max_transmissions,
             max_datagram: self.max_datagram_bytes.get(),
             sync_interval: ms(self.sync_interval_ms),
+            retire_after: self.tombstone_ttl(),
             ..patina_gossip::Config::lan(cluster)
         })
     }
@@ -362,6 +367,8 @@ mod tests {
             assert!(Config::load(Some(Path::new("mtu.toml"))).is_err());
             jail.create_file("ttl.toml", "[gossip]\ntombstone_ttl_secs = 0\n")?;
             assert!(Config::load(Some(Path::new("ttl.toml"))).is_err());
+            jail.create_file("ttl1.toml", "[gossip]\ntombstone_ttl_secs = 1\n")?;
+            assert!(Config::load(Some(Path::new("ttl1.toml"))).is_err());
             jail.create_file(
                 "ok.toml",
                 "[gossip]\nseeds = [\"127.0.0.1:7601\"]\nfanout = 4\n",

@@ -48,9 +48,11 @@ enum Input {
     },
     Confirmed {
         member: Identity,
+        round: u64,
         incarnation: Option<u16>,
     },
     NewOrigin(NodeId),
+    Retired(NodeId),
     Members(oneshot::Sender<Snapshot>),
     Forget(Identity, oneshot::Sender<bool>),
 }
@@ -92,8 +94,9 @@ pub struct ShellConfig {
 /// with steady machine churn holds an hour of deletions, not its whole history.
 pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
-/// Tombstones one collection request takes; a pass goes on while requests come back full.
-const COLLECT_BATCH: usize = 1024;
+/// Tombstones one collection pass takes at most (the store sends them to its writer in
+/// bounded requests).
+const COLLECT_PASS: usize = 65_536;
 
 /// Membership and counters as the node's task last saw them.
 #[derive(Clone, Debug)]
@@ -111,6 +114,8 @@ pub struct Snapshot {
 #[derive(Default, Debug)]
 pub struct SyncCounters {
     pub sessions: AtomicU64,
+    /// Sessions that ran to the end (both directions).
+    pub completed: AtomicU64,
     pub failures: AtomicU64,
     pub records_in: AtomicU64,
     pub records_out: AtomicU64,
@@ -229,7 +234,11 @@ impl Gossip {
             tasks: JoinSet::new(),
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
-        let collector = tokio::spawn(collect_tombstones(store.clone(), cfg.tombstone_ttl));
+        let collector = tokio::spawn(collect_tombstones(
+            gossip.clone(),
+            cfg.tombstone_ttl,
+            cfg.seeds.is_empty(),
+        ));
         let follower = tokio::spawn(follow_feed(store, inputs));
         // The node runs on a thread of its own with a runtime of its own: a busy API, a sync
         // flood or a slow commit on the agent's runtime never delays a probe or an ack.
@@ -287,8 +296,8 @@ impl Gossip {
 
 /// Socket buffer each gossip socket asks for, each way. A busy region sends an agent many
 /// pushes while its loop is busy; with the kernel's default (about 200 KiB) they overflow
-/// the receive buffer (pushes are repaired by anti-entropy; SWIM has a socket of its own so
-/// it never loses datagrams to them). The kernel caps it at `net.core.rmem_max` /
+/// the receive buffer (pushes are repaired by anti-entropy; SWIM has a socket of its own,
+/// which only agents of the previous version still push to). The kernel caps it at `net.core.rmem_max` /
 /// `wmem_max`; raise those on hosts of a busy region.
 const SOCKET_BUFFER: usize = 8 << 20;
 
@@ -367,6 +376,14 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
             let Some((&node, &down)) = wanted.iter().next() else {
                 continue;
             };
+            if !down && store.is_retired(node) {
+                // Its agent is back: what it holds is learned again from scratch.
+                if let Err(e) = store.unretire_origin(node).await {
+                    tracing::warn!(origin = %node, error = %e, "could not take a retired origin back; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
             match store.set_owner_down(node, down).await {
                 Ok(c) => {
                     tracing::info!(owner = %node, down, changed = c.changed, records = c.records, "liveness overlay");
@@ -391,43 +408,73 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
     tx
 }
 
-/// Collect tombstones older than `ttl`, in passes every `ttl / 8` (at most every minute,
-/// at least every second), each in bounded requests to the writer.
-async fn collect_tombstones(store: Store, ttl: Duration) {
+/// Collect tombstones, in passes every `ttl / 8` (at most every minute, at least every
+/// second). A tombstone goes when its timestamp is older than `ttl` and this store has held
+/// it for `ttl` while in touch with the region: each pass that finds at least one member
+/// alive and at least one anti-entropy session completed since the previous pass (or the
+/// agent runs alone: no seeds) records the store's revision; tombstones committed at or
+/// below the revision recorded `ttl` ago may go. So a timestamp that was old on arrival, or
+/// a deletion made while cut off, waits `ttl` from when the region could have it. After a
+/// restart nothing is recorded yet: nothing goes for `ttl`.
+async fn collect_tombstones(gossip: Gossip, ttl: Duration, alone: bool) {
     let every = (ttl / 8).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let store = gossip.store.clone();
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    // (when, revision held then), oldest first; bounded: one per pass, pruned below.
+    let mut held: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    let mut sessions_seen = gossip
+        .sync_counters
+        .completed
+        .load(std::sync::atomic::Ordering::Relaxed);
     loop {
         tick.tick().await;
+        let sessions = gossip
+            .sync_counters
+            .completed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let synced = sessions > sessions_seen;
+        sessions_seen = sessions;
+        let members = gossip.snapshot().await.map_or(0, |s| {
+            s.members
+                .iter()
+                .filter(|m| m.state == crate::node::MemberState::Alive)
+                .count()
+        });
+        let now = std::time::Instant::now();
+        if alone || (members > 0 && synced) {
+            held.push_back((now, store.stats().revision));
+        }
+        // The newest revision recorded at least `ttl` ago; older records are not needed.
+        while held.len() > 1 && now.duration_since(held[1].0) >= ttl {
+            held.pop_front();
+        }
+        let Some(&(_, max_rev)) = held
+            .front()
+            .filter(|(at, _)| now.duration_since(*at) >= ttl)
+        else {
+            continue;
+        };
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let before = now_ms.saturating_sub(ttl.as_millis() as u64);
-        let mut total = 0;
-        loop {
-            match store.collect_tombstones(before, COLLECT_BATCH).await {
-                Ok(n) => {
-                    total += n;
-                    if n < COLLECT_BATCH {
-                        break;
-                    }
-                }
-                Err(e) if store.failure().is_some() => {
-                    tracing::warn!(error = %e, "tombstone collection: the store failed");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "tombstone collection refused; next pass retries");
-                    break;
-                }
-            }
-        }
-        if total > 0 {
-            tracing::info!(
-                collected = total,
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let before = now_ms.saturating_sub(ttl_ms);
+        match store
+            .collect_tombstones(before, max_rev, COLLECT_PASS)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                collected = n,
                 ttl_secs = ttl.as_secs(),
                 "tombstones collected"
-            );
+            ),
+            Err(e) if store.failure().is_some() => {
+                tracing::warn!(error = %e, "tombstone collection: the store failed");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "tombstone collection refused; next pass retries"),
         }
     }
 }
@@ -560,13 +607,13 @@ impl Task {
                     // Drain what else is waiting before any timer: after a stall, acks that
                     // arrived must count before the timeouts that came due meanwhile.
                     // Bounded, so that a datagram flood cannot starve timers and inputs.
-                    self.drain(&sockets.swim, &mut buf);
+                    self.drain(&sockets.swim, &mut buf, Lane::Swim);
                     self.flush(&sockets);
                     report_turn(started, "datagrams");
                 }
                 () = sleep => {
                     let started = std::time::Instant::now();
-                    self.drain(&sockets.swim, &mut buf);
+                    self.drain(&sockets.swim, &mut buf, Lane::Swim);
                     let now = self.now();
                     while self.timers.peek().is_some_and(|Reverse((due, _, _))| *due <= now) {
                         let Some(Reverse((_, _, TimerSlot(ev)))) = self.timers.pop() else { break };
@@ -585,9 +632,9 @@ impl Task {
                     let started = std::time::Instant::now();
                     if let Ok((n, _)) = r {
                         let now = self.now();
-                        self.node.handle_datagram(now, &push_buf[..n]);
+                        self.node.handle_datagram_on(now, &push_buf[..n], Lane::Push);
                     }
-                    self.drain(&sockets.push, &mut push_buf);
+                    self.drain(&sockets.push, &mut push_buf, Lane::Push);
                     self.flush(&sockets);
                     report_turn(started, "pushes");
                 }
@@ -615,13 +662,13 @@ impl Task {
     }
 
     /// Handle up to `MAX_DATAGRAMS_PER_TURN` datagrams already waiting on `socket`.
-    fn drain(&mut self, socket: &UdpSocket, buf: &mut [u8]) {
+    fn drain(&mut self, socket: &UdpSocket, buf: &mut [u8], lane: Lane) {
         for _ in 0..MAX_DATAGRAMS_PER_TURN {
             let Ok((n, _)) = socket.try_recv_from(buf) else {
                 break;
             };
             let now = self.now();
-            self.node.handle_datagram(now, &buf[..n]);
+            self.node.handle_datagram_on(now, &buf[..n], lane);
         }
     }
 
@@ -632,13 +679,17 @@ impl Task {
             Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
             Input::SyncDone { peer, ok } => self.node.handle_sync_done(now, peer, ok),
             Input::NewOrigin(node) => self.node.handle_new_origin(now, node),
+            Input::Retired(origin) => self.node.handle_retired(now, origin),
             Input::Corroborated { member, gone } => {
                 self.node.handle_corroboration(now, member, gone)
             }
             Input::Confirmed {
                 member,
+                round,
                 incarnation,
-            } => self.node.handle_confirmation(now, member, incarnation),
+            } => self
+                .node
+                .handle_confirmation(now, member, round, incarnation),
             Input::Members(reply) => {
                 let _ = reply.send(Snapshot {
                     me: self.node.identity(),
@@ -694,7 +745,7 @@ impl Task {
                         &self.main,
                     );
                 }
-                Output::Confirm { member } => {
+                Output::Confirm { member, round } => {
                     let inputs = self.gossip.inputs.clone();
                     self.tasks.spawn_on(
                         async move {
@@ -702,7 +753,34 @@ impl Task {
                             if incarnation.is_none() {
                                 tracing::warn!(suspect = %member, "a suspect did not answer the last check: it goes down");
                             }
-                            let _ = inputs.send(Input::Confirmed { member, incarnation }).await;
+                            let _ = inputs
+                                .send(Input::Confirmed {
+                                    member,
+                                    round,
+                                    incarnation,
+                                })
+                                .await;
+                        },
+                        &self.main,
+                    );
+                }
+                Output::Retire { origin } => {
+                    let inputs = self.gossip.inputs.clone();
+                    let store = self.store.clone();
+                    self.tasks.spawn_on(
+                        async move {
+                            match store.retire_origin(origin).await {
+                                Ok(true) => {
+                                    tracing::info!(origin = %origin, "origin retired: long gone and fully covered");
+                                    let _ = inputs.send(Input::Retired(origin)).await;
+                                }
+                                Ok(false) => {
+                                    tracing::debug!(origin = %origin, "origin not retired: something of it is still held")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(origin = %origin, error = %e, "origin retirement refused")
+                                }
+                            }
                         },
                         &self.main,
                     );
@@ -816,8 +894,8 @@ async fn ask_incarnation(member: Identity) -> Option<u16> {
         let endpoint =
             tonic::transport::Endpoint::from_shared(format!("http://{}", member.api_addr()))
                 .ok()?
-                .connect_timeout(CONFIRM_ASK)
-                .timeout(CONFIRM_ASK);
+                .connect_timeout(crate::node::CONFIRM_ASK)
+                .timeout(crate::node::CONFIRM_ASK);
         let channel = endpoint.connect().await.ok()?;
         let this = AdminClient::new(channel)
             .members(MembersRequest {})
@@ -829,11 +907,11 @@ async fn ask_incarnation(member: Identity) -> Option<u16> {
             .then(|| u16::try_from(this.incarnation).ok())
             .flatten()
     };
-    tokio::time::timeout(CONFIRM_ASK, ask).await.ok().flatten()
+    tokio::time::timeout(crate::node::CONFIRM_ASK, ask)
+        .await
+        .ok()
+        .flatten()
 }
-
-/// The time the last check of a suspect may take here: within the node's wait.
-const CONFIRM_ASK: Duration = Duration::from_millis(800);
 
 /// The IP to send from: the advertised one, unless it is a wildcard.
 fn local_ip(advertised: SocketAddr) -> Option<std::net::IpAddr> {

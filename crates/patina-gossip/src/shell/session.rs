@@ -279,7 +279,10 @@ async fn both(g: &Gossip, out: Out, inbound: &mut Streaming<SyncMessage>, theirs
     };
     g.sync_counters.sessions.fetch_add(1, Ordering::Relaxed);
     match result {
-        Ok(()) => true,
+        Ok(()) => {
+            g.sync_counters.completed.fetch_add(1, Ordering::Relaxed);
+            true
+        }
         Err(e) => {
             g.sync_counters.failures.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "sync session failed");

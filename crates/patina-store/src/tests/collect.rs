@@ -17,13 +17,25 @@ fn collect_and_refuse_the_old_version(rt: &tokio::runtime::Runtime, store: &Stor
     rt.block_on(store.write(vec![put("b", "app", "1", true)]))
         .unwrap();
     let deleted = rt.block_on(store.write(vec![del("a")])).unwrap()[0];
-    // A tombstone younger than the cutoff stays.
+    // A tombstone younger than the cutoff stays, and so does one committed above the
+    // revision the caller held long enough ago (its timestamp alone says nothing of that).
     let young = deleted.hlc.physical_ms();
-    assert_eq!(rt.block_on(store.collect_tombstones(young, 16)).unwrap(), 0);
+    let rev = store.get_latest_entry("a").unwrap().rev();
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, rev - 1, 16))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(young, u64::MAX, 16))
+            .unwrap(),
+        0
+    );
     assert!(store.get_latest("a").is_some());
 
     assert_eq!(
-        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 16))
+            .unwrap(),
         1
     );
     assert!(
@@ -47,7 +59,8 @@ fn collect_and_refuse_the_old_version(rt: &tokio::runtime::Runtime, store: &Stor
     assert_eq!(report.records, vec![ApplyOutcome::Covered]);
     assert!(store.get_latest("a").is_none());
     assert_eq!(
-        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 16))
+            .unwrap(),
         0
     );
 
@@ -79,7 +92,8 @@ fn a_collected_tombstone_leaves_rows_and_index_and_its_numbers_stay_known() {
     rt.block_on(store.write(vec![put("c", "app", "2", true)]))
         .unwrap();
     assert_eq!(
-        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 16))
+            .unwrap(),
         0
     );
     assert!(store.get_latest("c").unwrap().value.is_some());
@@ -110,10 +124,15 @@ fn a_collection_takes_at_most_its_limit() {
     rt.block_on(store.write(puts)).unwrap();
     let dels = (0..10).map(|i| del(&format!("m{i}"))).collect();
     rt.block_on(store.write(dels)).unwrap();
-    assert_eq!(rt.block_on(store.collect_tombstones(FUTURE, 4)).unwrap(), 4);
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 4))
+            .unwrap(),
+        4
+    );
     assert_eq!(store.stats().keys, 6);
     assert_eq!(
-        rt.block_on(store.collect_tombstones(FUTURE, 100)).unwrap(),
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 100))
+            .unwrap(),
         6
     );
     assert_eq!(store.stats().keys, 0);
@@ -164,7 +183,8 @@ fn a_token_from_below_a_collected_tombstone_gets_a_reset_once_behind_the_log() {
     };
     drop(cursor);
     assert_eq!(
-        rt.block_on(store.collect_tombstones(FUTURE, 16)).unwrap(),
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 16))
+            .unwrap(),
         1
     );
     // After it, the rows cannot: the old token gets a snapshot, which lacks the key.
@@ -192,4 +212,99 @@ fn a_token_from_below_a_collected_tombstone_gets_a_reset_once_behind_the_log() {
         next(&rt, &mut again),
         WatchItem::Snapshot { reset: true, .. }
     ));
+}
+
+/// An origin retires only once it is fully known and nothing of it is held; then it leaves
+/// the digest for good (across restarts), what arrives from it is covered, and taken back it
+/// is learned again from scratch.
+#[test]
+fn an_origin_retires_only_when_fully_covered_and_comes_back_when_taken_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let gone = NodeId(9);
+    // Numbers 1 and 2 of origin 9; 1 is held.
+    let r1 = remote("a", version(1 << 16, 9, 1), false);
+    rt.block_on(store.apply(records(vec![r1.clone()]))).unwrap();
+    assert!(
+        !rt.block_on(store.retire_origin(gone)).unwrap(),
+        "a gap: 2 is unknown"
+    );
+    let r3 = remote("b", version(2 << 16, 9, 3), false);
+    rt.block_on(store.apply(RemoteBatch {
+        records: vec![r3],
+        covered: vec![(gone, SeqRange::single(2).unwrap())],
+    }))
+    .unwrap();
+    assert!(
+        !rt.block_on(store.retire_origin(gone)).unwrap(),
+        "it still holds a and b"
+    );
+    // Our own writes (a put and a delete) supersede both.
+    rt.block_on(store.write(vec![put("a", "app", "mine", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![del("b")])).unwrap();
+    assert!(
+        !rt.block_on(store.retire_origin(store.node()))
+            .is_ok_and(|r| r),
+        "never our own"
+    );
+    assert!(rt.block_on(store.retire_origin(gone)).unwrap());
+    assert!(!store.digest().contains_key(&gone), "out of the digest");
+    assert!(store.is_retired(gone));
+    // What still arrives from it is covered and leaves no trace.
+    let report = rt
+        .block_on(store.apply(RemoteBatch {
+            records: vec![r1.clone(), remote("c", version(3 << 16, 9, 4), false)],
+            covered: vec![(gone, SeqRange::new(1, 9).unwrap())],
+        }))
+        .unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Covered; 2]);
+    assert_eq!(report.covered, vec![ApplyOutcome::Covered]);
+    assert!(!store.digest().contains_key(&gone));
+    assert!(store.get_latest("c").is_none());
+    // Durable.
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert!(store.is_retired(gone));
+    assert!(!store.digest().contains_key(&gone));
+    // Taken back (its agent returned): learned again from scratch.
+    assert!(rt.block_on(store.unretire_origin(gone)).unwrap());
+    assert!(!rt.block_on(store.unretire_origin(gone)).unwrap());
+    let fresh = remote("d", version(4 << 16, 9, 5), false);
+    let report = rt.block_on(store.apply(records(vec![fresh]))).unwrap();
+    assert_eq!(report.applied(), 1);
+    assert!(store.digest()[&gone].knows(5));
+}
+
+/// The writer re-checks each tombstone it is handed: one superseded since the list was made
+/// (a write in between, or earlier in the same group) is not collected.
+#[test]
+fn a_stale_tombstone_handed_to_the_writer_is_not_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    rt.block_on(store.write(vec![put("k", "app", "1", true)]))
+        .unwrap();
+    rt.block_on(store.write(vec![del("k")])).unwrap();
+    let tombstone = store.get_latest_entry("k").unwrap();
+    assert!(!tombstone.is_live());
+    rt.block_on(store.write(vec![put("k", "app", "2", true)]))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(store.collect_exact(vec![tombstone])).unwrap(),
+        0
+    );
+    assert!(
+        store.get_latest("k").unwrap().value.is_some(),
+        "the live record stays"
+    );
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    assert!(
+        store.get_latest("k").unwrap().value.is_some(),
+        "and its row too"
+    );
 }
