@@ -1,5 +1,5 @@
 //! `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
-//! [--skip-sim]`: how fast a region of real agents (release build, loopback) spreads a write
+//! [--skip-sim | --sim-only]`: how fast a region of real agents (release build, loopback) spreads a write
 //! and the news of a crash, how often healthy members are falsely declared down (idle, and
 //! with one member starved by SIGSTOP/SIGCONT cycles), what gossip costs in bandwidth, and the
 //! deterministic simulation's figures at 100 and 1,000 nodes.
@@ -27,6 +27,8 @@ pub struct Options {
     kills: usize,
     idle_secs: u64,
     sim: bool,
+    /// Only the simulation's figures (no agents).
+    sim_only: bool,
 }
 
 impl Options {
@@ -37,11 +39,16 @@ impl Options {
             kills: 10,
             idle_secs: 300,
             sim: true,
+            sim_only: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             if *a == "--skip-sim" {
                 o.sim = false;
+                continue;
+            }
+            if *a == "--sim-only" {
+                o.sim_only = true;
                 continue;
             }
             let v: u64 = it.next().context("missing value")?.parse()?;
@@ -251,6 +258,12 @@ async fn grpc_rtt_us(agent: &Agent) -> f64 {
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
+    if o.sim_only {
+        let mut json = serde_json::json!({});
+        sim_figures(&mut json);
+        println!("{json}");
+        return Ok(());
+    }
     let bin = build_patina()?;
     let root = crate::bench_store::tempdir()?.join("propagation");
     let _ = std::fs::remove_dir_all(&root);
@@ -262,31 +275,48 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&root);
     let mut json = result?;
     if o.sim {
-        let (r100, t100, b100) = crate::sim_figures::spread(100, 1);
-        let (r1000, t1000, b1000) = crate::sim_figures::spread(1000, 1);
-        println!(
-            "simulation (LAN model, 50-250 µs one way), time until 99.9 % of nodes hold a change:"
-        );
-        println!("  100 nodes: {t100:.1} ms ({r100} probe periods), {b100:.0} B/s per node");
-        println!("  1000 nodes: {t1000:.1} ms ({r1000} probe periods), {b1000:.0} B/s per node");
-        println!(
-            "  10000 nodes: not run (every simulated node holds the full membership: O(N^2) memory in one process)"
-        );
-        let (d50, d99, dmax) = crate::sim_figures::crash_to_excluded(20, 100);
-        println!(
-            "  crash to excluded, 20 nodes, 100 seeds: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms (10 ms steps)"
-        );
-        json["sim_crash_to_excluded_p50_ms"] = d50.into();
-        json["sim_crash_to_excluded_p99_ms"] = d99.into();
-        json["sim_rounds_100"] = r100.into();
-        json["sim_ms_100"] = t100.into();
-        json["sim_rounds_1000"] = r1000.into();
-        json["sim_ms_1000"] = t1000.into();
-        json["sim_bytes_per_s_per_node_1000"] = b1000.into();
+        sim_figures(&mut json);
     }
-    json["sim_rounds_10000"] = serde_json::Value::Null;
+    if !o.sim {
+        json["sim_rounds_10000"] = serde_json::Value::Null;
+    }
     println!("{json}");
     Ok(())
+}
+
+/// The simulation's figures, printed and added to `json`.
+fn sim_figures(json: &mut serde_json::Value) {
+    let (r100, t100, b100) = crate::sim_figures::spread(100, 1);
+    let (r1000, t1000, b1000) = crate::sim_figures::spread(1000, 1);
+    println!(
+        "simulation (LAN model, 50-250 µs one way), time until 99.9 % of nodes hold a change:"
+    );
+    println!("  100 nodes: {t100:.1} ms ({r100} probe periods), {b100:.0} B/s per node");
+    println!("  1000 nodes: {t1000:.1} ms ({r1000} probe periods), {b1000:.0} B/s per node");
+    // 10,000 nodes: the dissemination model (the full simulation would hold 10^8
+    // members), checked against the full simulation at 100 and 1,000.
+    let (m100, mt100, _) = crate::sim_figures::dissemination_model(100, 1);
+    let (m1000, mt1000, _) = crate::sim_figures::dissemination_model(1000, 1);
+    let (m10000, mt10000, md10000) = crate::sim_figures::dissemination_model(10_000, 1);
+    println!(
+        "  10000 nodes (dissemination model, converged membership): {mt10000:.1} ms ({m10000} probe periods), {md10000:.1} datagrams per node for one change; the model gives {mt100:.1} ms ({m100}) at 100 and {mt1000:.1} ms ({m1000}) at 1000, beside the full simulation's figures above"
+    );
+    json["sim_rounds_10000"] = m10000.into();
+    json["sim_ms_10000"] = mt10000.into();
+    json["sim_10000_source"] = "dissemination model".into();
+    json["sim_model_ms_100"] = mt100.into();
+    json["sim_model_ms_1000"] = mt1000.into();
+    let (d50, d99, dmax) = crate::sim_figures::crash_to_excluded(20, 100);
+    println!(
+        "  crash to excluded, 20 nodes, 100 seeds: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms (10 ms steps)"
+    );
+    json["sim_crash_to_excluded_p50_ms"] = d50.into();
+    json["sim_crash_to_excluded_p99_ms"] = d99.into();
+    json["sim_rounds_100"] = r100.into();
+    json["sim_ms_100"] = t100.into();
+    json["sim_rounds_1000"] = r1000.into();
+    json["sim_ms_1000"] = t1000.into();
+    json["sim_bytes_per_s_per_node_1000"] = b1000.into();
 }
 
 async fn bench(

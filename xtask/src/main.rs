@@ -6,7 +6,7 @@
 //! - `cargo xtask bench watchers [--machines N] [--watchers N]`: memory with stalled
 //!   whole-region watchers, and their convergence.
 //! - `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
-//!   [--skip-sim]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
+//!   [--skip-sim | --sim-only]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
 //!   bandwidth on a region of real agents; the simulation's spread at 100 and 1,000 nodes.
 //! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
              [--only latency,upserts,loaded] [--patina BIN]\n\
                     cargo xtask bench watchers [--machines N] [--watchers N]\n\
                     cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] \
-             [--idle-secs S] [--skip-sim]\n\
+             [--idle-secs S] [--skip-sim | --sim-only]\n\
                     cargo xtask cluster [--nodes N]\n\
              (see docs/benchmarks.md)"
         ),
