@@ -26,6 +26,9 @@ use crate::sync::{BATCH_BYTES, BATCH_OPS, SESSION_BYTES, lacking};
 /// Sessions this agent serves at once; more get RESOURCE_EXHAUSTED (the peer tries another
 /// member or the next round). Each holds at most a few batches in memory.
 pub const MAX_SERVED_SESSIONS: usize = 8;
+/// Sessions this agent serves at once to one peer (by IP): one peer, however busy or
+/// hostile, cannot take every slot and starve the others' repairs.
+pub const MAX_SESSIONS_PER_PEER: usize = 2;
 /// Batches queued per session direction: bounds a session's memory to a few batches.
 const SESSION_QUEUE: usize = 4;
 /// How long a peer may take to say hello, and a whole session to finish.
@@ -337,6 +340,43 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
 pub struct SyncService {
     gossip: Gossip,
     sessions: Arc<Semaphore>,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// A served session's slot for its peer; given back when dropped.
+struct PeerSlot {
+    ip: std::net::IpAddr,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl PeerSlot {
+    fn take(
+        per_peer: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut m = per_peer.lock().expect("per-peer sessions");
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_SESSIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            ip,
+            per_peer: per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.per_peer.lock().expect("per-peer sessions");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl SyncService {
@@ -344,6 +384,7 @@ impl SyncService {
         SyncService {
             gossip,
             sessions: Arc::new(Semaphore::new(MAX_SERVED_SESSIONS)),
+            per_peer: Default::default(),
         }
     }
 
@@ -360,11 +401,18 @@ impl Sync for SyncService {
         &self,
         request: Request<Streaming<SyncMessage>>,
     ) -> Result<Response<Self::ExchangeStream>, Status> {
+        // The map holds at most MAX_SERVED_SESSIONS IPs: a slot is taken only with a permit.
         let permit = self
             .sessions
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many sync sessions"))?;
+        let slot = match request.remote_addr() {
+            Some(addr) => Some(PeerSlot::take(&self.per_peer, addr.ip()).ok_or_else(|| {
+                Status::resource_exhausted("too many sync sessions from this peer")
+            })?),
+            None => None,
+        };
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -375,8 +423,35 @@ impl Sync for SyncService {
         let g = self.gossip.clone();
         tokio::spawn(async move {
             both(&g, Out::Server(tx), &mut inbound, theirs).await;
+            drop(slot);
             drop(permit);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_peer_gets_at_most_its_share_of_served_sessions() {
+        let map = Arc::default();
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let first = PeerSlot::take(&map, a).expect("a first session");
+        let _second = PeerSlot::take(&map, a).expect("a second session");
+        assert!(PeerSlot::take(&map, a).is_none(), "a third from one peer");
+        let _other = PeerSlot::take(&map, b).expect("another peer is not starved");
+        drop(first);
+        assert!(
+            PeerSlot::take(&map, a).is_some(),
+            "a slot given back is free"
+        );
+        drop(_other);
+        assert!(
+            !map.lock().unwrap().contains_key(&b),
+            "no entry left behind"
+        );
     }
 }
