@@ -136,6 +136,9 @@ pub struct World {
     track_learning: bool,
     /// Per owner: how many times some node took it for down.
     pub downs: BTreeMap<NodeId, u64>,
+    /// Per node: how many times it took itself for declared down and rejoined under a new
+    /// epoch.
+    pub renewals: BTreeMap<usize, u64>,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -166,6 +169,7 @@ impl World {
             learned_at: BTreeMap::new(),
             track_learning: false,
             downs: BTreeMap::new(),
+            renewals: BTreeMap::new(),
         };
         for i in 0..n {
             let node_id = NodeId(1000 + i as u64);
@@ -387,7 +391,10 @@ impl World {
                         }
                     }
                     Output::Sync { peer } => self.sync(i, peer),
-                    Output::Renewed { identity } => self.nodes[i].identity = identity,
+                    Output::Renewed { identity } => {
+                        *self.renewals.entry(i).or_default() += 1;
+                        self.nodes[i].identity = identity;
+                    }
                     Output::OriginConflict { .. } => {
                         let _ = now_or_never(self.nodes[i].store.leave_origin());
                         self.follow_feed(i);

@@ -234,6 +234,17 @@ fn a_stalling_member_gets_no_healthy_member_declared_down() {
             "healthy members were declared down: {:?}",
             w.downs
         );
+        let healthy_renewals: u64 = w
+            .renewals
+            .iter()
+            .filter(|(i, _)| **i != starved)
+            .map(|(_, c)| c)
+            .sum();
+        assert_eq!(
+            healthy_renewals, 0,
+            "healthy members took themselves for down: {:?}",
+            w.renewals
+        );
         0
     });
 }
@@ -256,6 +267,12 @@ fn a_suspect_that_answers_the_last_check_stays_and_a_silent_one_goes() {
             w.downs.get(&w.node_id(muted)).copied().unwrap_or(0),
             0,
             "a member that answered its last checks was declared down"
+        );
+        assert_eq!(
+            w.renewals.values().sum::<u64>(),
+            0,
+            "members took themselves for down: {:?}",
+            w.renewals
         );
         let refuted: u64 = (0..n)
             .filter_map(|i| w.node(i))
@@ -313,6 +330,36 @@ fn a_long_gone_fully_covered_origin_retires_everywhere_and_returns_with_its_agen
             );
             assert!(!w.store(i).is_retired(origin));
         }
+        0
+    });
+}
+
+/// A member paused for a second (a GC pause, a VM migration) is suspected, refutes when it
+/// runs again, and must then stay what it was: not declared down, and not told it was (foca
+/// sends `TurnUndead` with every suspect-to-down timeout it is given, even one it then does
+/// not apply, so the node gives it only timeouts of members still suspect).
+#[test]
+fn a_member_that_refuted_a_suspicion_is_not_turned_undead() {
+    for_seeds("a_member_that_refuted", |seed| {
+        let n = 12;
+        let mut w = World::new(n, config(), Net::lan(), seed);
+        w.run_for(Duration::from_secs(5));
+        let paused = 7;
+        for _ in 0..5 {
+            w.pause(paused, Duration::from_millis(1_000));
+            w.run_for(Duration::from_secs(6));
+        }
+        assert_eq!(
+            w.downs.get(&w.node_id(paused)).copied().unwrap_or(0),
+            0,
+            "a member paused for 1 s was declared down"
+        );
+        assert_eq!(
+            w.renewals.values().sum::<u64>(),
+            0,
+            "a member that refuted took itself for down: {:?}",
+            w.renewals
+        );
         0
     });
 }
