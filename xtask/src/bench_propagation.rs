@@ -616,6 +616,24 @@ async fn bench(
         o.idle_secs,
         starved + 1
     );
+    // A CPU quota instead of stops: the same agent gets 10 ms of CPU per 100 ms (a cgroup's
+    // cpu.max "10000 100000"), as a host with an overcommitted container would.
+    let throttled = match Throttle::new(pid, 10_000, 100_000) {
+        Ok(t) => {
+            let (d, r) = c.false_downs(o.idle_secs, Some(&starved_addr)).await;
+            drop(t);
+            println!(
+                "false downs of healthy members in {} s with agent {} held to 10 % of a CPU (cgroup CPU quota, 10 ms per 100 ms): {d} down observations, {r} renewals",
+                o.idle_secs,
+                starved + 1
+            );
+            Some(d + r)
+        }
+        Err(e) => {
+            println!("CPU-quota phase not run: {e:#}");
+            None
+        }
+    };
     for w in &c.watchers {
         w.abort();
     }
@@ -631,9 +649,52 @@ async fn bench(
         "false_downs": downs + renewed,
         "false_downs_starved": downs_starved + renewed_starved,
         "false_downs_loaded": false_downs_loaded,
+        "false_downs_throttled": throttled,
         "health_under_load": health_under_load,
         "idle_secs": o.idle_secs,
         "idle_bytes_per_s_per_node": idle,
         "loaded_bytes_per_s_per_node": loaded,
     }))
+}
+
+/// A process held to a CPU quota in a cgroup of its own (v2 `cpu.max`, or v1 `cpu` with the
+/// CFS quota); the process goes back to the root cgroup when this is dropped. Root only.
+struct Throttle {
+    dir: std::path::PathBuf,
+    root: std::path::PathBuf,
+    pid: u32,
+}
+
+impl Throttle {
+    fn new(pid: u32, quota_us: u64, period_us: u64) -> anyhow::Result<Throttle> {
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let root = if v2 {
+            std::path::PathBuf::from("/sys/fs/cgroup")
+        } else {
+            std::path::PathBuf::from("/sys/fs/cgroup/cpu")
+        };
+        let dir = root.join(format!("patina-bench-{pid}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let t = Throttle { dir, root, pid };
+        if v2 {
+            let _ = std::fs::write(t.root.join("cgroup.subtree_control"), "+cpu");
+            std::fs::write(t.dir.join("cpu.max"), format!("{quota_us} {period_us}"))
+                .context("writing cpu.max")?;
+        } else {
+            std::fs::write(t.dir.join("cpu.cfs_period_us"), period_us.to_string())
+                .context("writing cpu.cfs_period_us")?;
+            std::fs::write(t.dir.join("cpu.cfs_quota_us"), quota_us.to_string())
+                .context("writing cpu.cfs_quota_us")?;
+        }
+        std::fs::write(t.dir.join("cgroup.procs"), pid.to_string())
+            .context("moving the agent into the cgroup")?;
+        Ok(t)
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
