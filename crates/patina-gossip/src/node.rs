@@ -36,6 +36,8 @@ pub const MAX_PIGGYBACK_BACKLOG: usize = 1_024;
 pub const GAP_GRACE: Duration = Duration::from_millis(20);
 /// Sync intervals after joining before an origin that no member names counts as down.
 pub const OWNERLESS_AFTER: u32 = 2;
+/// Retirements asked of the store per sync round at most (each is one writer request).
+const MAX_RETIRE_PER_ROUND: usize = 16;
 /// Most anti-entropy sessions this node starts at a time.
 pub const MAX_SYNCS_IN_FLIGHT: usize = 2;
 
@@ -1314,26 +1316,34 @@ impl Node {
                 });
             }
         }
-        self.retire_gone(me, &up);
+        if settled && self.foca.num_members() > 0 {
+            self.retire_gone(me, &up);
+        } else {
+            // Not in touch: time toward retirement does not count.
+            self.gone_since.clear();
+        }
     }
 
     /// Ask the store to retire origins that no member names and that this node knows in
     /// full, once they have been so for `retire_after` (asked again each `retire_after` while
     /// the store keeps one, e.g. its records are still current somewhere).
     fn retire_gone(&mut self, me: NodeId, up: &BTreeSet<NodeId>) {
-        let candidates: Vec<NodeId> = {
+        let candidates: BTreeSet<NodeId> = {
             let s = self.shared.lock().expect("gossip shared state");
             s.known
                 .iter()
                 .filter(|(o, k)| **o != me && !up.contains(o) && k.gap_count() == 0)
-                .filter(|(o, _)| !s.pending.range((**o, 0)..=(**o, u64::MAX)).any(|_| true))
+                .filter(|(o, _)| s.pending.range((**o, 0)..=(**o, u64::MAX)).next().is_none())
+                .filter(|(o, _)| !self.noticed.contains_key(o))
                 .map(|(o, _)| *o)
                 .collect()
         };
         self.gone_since.retain(|o, _| candidates.contains(o));
+        let mut asked = 0;
         for origin in candidates {
             let since = *self.gone_since.entry(origin).or_insert(self.now);
-            if self.now >= since + self.cfg.retire_after {
+            if self.now >= since + self.cfg.retire_after && asked < MAX_RETIRE_PER_ROUND {
+                asked += 1;
                 self.gone_since.insert(origin, self.now);
                 self.out.push(Output::Retire { origin });
             }

@@ -327,9 +327,6 @@ impl World {
                         if down {
                             *self.downs.entry(node).or_default() += 1;
                         }
-                        if !down {
-                            let _ = now_or_never(self.nodes[i].store.unretire_origin(node));
-                        }
                         let _ = now_or_never(self.nodes[i].store.set_owner_down(node, down));
                     }
                     Output::Retire { origin } => {

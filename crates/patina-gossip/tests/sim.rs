@@ -291,8 +291,8 @@ fn a_suspect_that_answers_the_last_check_stays_and_a_silent_one_goes() {
 }
 
 /// Origin retirement: an origin whose agent is gone for good and whose records were all
-/// superseded leaves every digest; when its agent comes back after all, it is taken back and
-/// its new writes reach everyone.
+/// superseded leaves every digest; when its agent comes back after all and writes, the new
+/// number takes the origin back and the write reaches everyone.
 #[test]
 fn a_long_gone_fully_covered_origin_retires_everywhere_and_returns_with_its_agent() {
     for_seeds("a_long_gone_origin", |seed| {

@@ -230,7 +230,7 @@ pub(crate) struct State {
     /// `Meta::collected_rev` as of that commit: a watcher below it cannot catch up from rows.
     collected_rev: AtomicU64,
     /// `Meta::retired` as of the latest commit.
-    retired: RwLock<DownSet>,
+    retired: RwLock<merge::Retired>,
     refusals: Mutex<BTreeMap<NodeId, Refusals>>,
     /// Set once, when the store fails for good.
     failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
@@ -266,7 +266,7 @@ impl State {
     }
 
     /// Take retired origins out of the published knowledge and publish the retired set.
-    fn publish_retired(&self, retired: DownSet, forgotten: &[NodeId]) {
+    fn publish_retired(&self, retired: merge::Retired, forgotten: &[NodeId]) {
         {
             let mut k = self.knowledge.write().expect("knowledge lock");
             for origin in forgotten {
@@ -576,7 +576,7 @@ impl Store {
             down: DownSet::default(),
             overlay_rev: 0,
             collected_rev: 0,
-            retired: DownSet::default(),
+            retired: Default::default(),
         };
         let mut knowledge = Digest::new();
         knowledge.insert(node, OriginKnowledge::dense(0));
@@ -772,17 +772,18 @@ impl Store {
     }
 
     /// Retire `origin`: long gone, it leaves the digest (and every hello) and whatever still
-    /// arrives from it is covered. Only when this store knows every number it issued (no
-    /// gaps) and holds no record of it (all superseded, tombstones collected); otherwise
-    /// nothing changes. Returns whether it was retired now. See docs/replication.md, "Origin
+    /// arrives from it at or below its head is covered; a number above takes it back. Only
+    /// when its owner is held down here, this store knows every number it issued (no gaps),
+    /// and holds no record of it (all superseded, tombstones collected); otherwise nothing
+    /// changes. Returns whether it was retired now. See docs/replication.md, "Origin
     /// retirement".
     pub async fn retire_origin(&self, origin: NodeId) -> Result<bool, StoreError> {
         self.retire_request(origin, true).await
     }
 
-    /// Take a retired origin back (its agent returned): from then on it is an origin never
-    /// heard of, and anti-entropy brings what is current of it. Returns whether it was
-    /// retired.
+    /// Take a retired origin back: it is known again up to the head it retired at, and
+    /// anti-entropy brings what it issued after. (A record above that head does the same by
+    /// itself.) Returns whether it was retired.
     pub async fn unretire_origin(&self, origin: NodeId) -> Result<bool, StoreError> {
         if !self.is_retired(origin) {
             return Ok(false);
@@ -808,7 +809,7 @@ impl Store {
             .retired
             .read()
             .expect("retired lock")
-            .contains(&origin)
+            .contains_key(&origin)
     }
 
     /// How many origins are retired.

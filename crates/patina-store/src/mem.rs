@@ -109,6 +109,20 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn holds_origin(&mut self, origin: NodeId) -> Result<bool, rusqlite::Error> {
+        let staged = self
+            .staged
+            .iter()
+            .any(|(e, p)| p.is_some() && e.version().origin == origin);
+        let rows = self.rows.lock().expect("rows lock");
+        let stored = rows
+            .by_origin
+            .range((origin, 0)..=(origin, u64::MAX))
+            .next()
+            .is_some();
+        Ok(staged || stored)
+    }
+
     fn delete_knowledge(&mut self, _: NodeId) -> Result<(), rusqlite::Error> {
         Ok(())
     }

@@ -203,9 +203,11 @@ pub(crate) struct Meta {
     /// The highest revision of a tombstone collected (0: none). Its row is gone: a watcher
     /// below it cannot catch up from the stored rows either.
     pub collected_rev: u64,
-    /// Retired origins: long gone, everything they issued known and superseded. They are
-    /// out of the digest (and so out of every hello); what arrives from them is covered.
-    pub retired: DownSet,
+    /// Retired origins and their heads when they retired: long gone, everything they issued
+    /// up to the head known and superseded. They are out of the digest (and so out of every
+    /// hello); what arrives from them at or below the head is covered, and a number above it
+    /// brings the origin back (see `Core::unretire`).
+    pub retired: Retired,
 }
 
 /// Where new origin identities come from when a store must move to a fresh one.
@@ -242,6 +244,9 @@ impl IdSource {
     }
 }
 
+/// Retired origins, each with the head it retired at.
+pub(crate) type Retired = Arc<BTreeMap<NodeId, u64>>;
+
 /// The storage a group is staged into. Errors are SQLite's, also for the memory backend
 /// (which fails only when a failpoint says so).
 pub(crate) trait Backend {
@@ -259,6 +264,8 @@ pub(crate) trait Backend {
     fn delete_record(&mut self, entry: &Entry) -> Result<(), rusqlite::Error>;
     /// A retired origin's knowledge goes.
     fn delete_knowledge(&mut self, origin: NodeId) -> Result<(), rusqlite::Error>;
+    /// Does any stored row (committed, or staged in this group) belong to `origin`?
+    fn holds_origin(&mut self, origin: NodeId) -> Result<bool, rusqlite::Error>;
     /// The retired set (`Meta::retired`), only when a group changed it.
     fn put_retired(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
     /// The overlay's part of the meta (`down`, `overlay_rev`), in the same transaction; only
@@ -833,12 +840,13 @@ impl Core {
         })
     }
 
-    /// Retire `origin` (or take it back). An origin retires only when this store knows every
-    /// number it issued up to its head (no gaps) and holds no record of it (every one was
-    /// superseded, and tombstones of it collected): its knowledge goes, and from then on its
-    /// records and covered ranges are answered `Covered` without a trace. Taken back, it is an
-    /// origin never heard of: anti-entropy brings what is current of it. Returns whether the
-    /// retired set changed.
+    /// Retire `origin` (or take it back). An origin retires only when its owner is held down
+    /// here (the liveness overlay's down set: no live member names it), this store knows
+    /// every number it issued up to its head (no gaps), and holds no record of it (every one
+    /// superseded, and tombstones of it collected). Its knowledge goes, its head is kept in
+    /// the retired set, and it leaves the down set (it hides nothing). From then on what
+    /// arrives from it at or below that head is answered `Covered` without a trace; a number
+    /// above it (its agent came back and wrote) takes it back. Returns whether it changed.
     fn stage_retire(
         &mut self,
         g: &mut Group<'_>,
@@ -846,28 +854,27 @@ impl Core {
         retire: bool,
     ) -> Result<bool, StoreError> {
         if !retire {
-            if !self.meta.retired.contains(&origin) {
-                return Ok(false);
-            }
-            Arc::make_mut(&mut self.meta.retired).remove(&origin);
-            g.staged.retired = true;
-            tracing::info!(origin = %origin, "a retired origin is back");
-            return Ok(true);
+            return Ok(self.unretire(g, origin));
         }
         if origin == self.meta.node {
             return Err(StoreError::OwnNode(origin));
         }
-        if self.meta.retired.contains(&origin) {
+        if self.meta.retired.contains_key(&origin) || !self.meta.down.contains(&origin) {
             return Ok(false);
         }
         let Some(k) = self.knowledge.get(&origin) else {
             return Ok(false);
         };
-        if k.gap_count() > 0 || self.meta.retired.len() >= MAX_ORIGINS {
+        if k.gap_count() > 0 {
             return Ok(false);
         }
+        if self.meta.retired.len() >= MAX_ORIGINS {
+            tracing::warn!(origin = %origin, "not retired: {MAX_ORIGINS} origins are retired already");
+            return Ok(false);
+        }
+        let head = k.head();
         let holds = g.pending.iter().any(|e| e.0.version().origin == origin)
-            || !g.state.index.of_origin(origin).is_empty();
+            || g.backend.holds_origin(origin).map_err(StoreError::from)?;
         if holds {
             return Ok(false);
         }
@@ -877,10 +884,25 @@ impl Core {
             .or_insert_with(|| self.knowledge.get(&origin).cloned());
         self.knowledge.remove(&origin);
         g.staged.forgotten.push(origin);
-        Arc::make_mut(&mut self.meta.retired).insert(origin);
+        Arc::make_mut(&mut self.meta.retired).insert(origin, head);
+        Arc::make_mut(&mut self.meta.down).remove(&origin);
+        g.staged.overlay = true;
         g.staged.retired = true;
-        tracing::info!(origin = %origin, "origin retired: long gone and fully covered");
+        tracing::info!(origin = %origin, head, "origin retired: long gone and fully covered");
         Ok(true)
+    }
+
+    /// Take a retired origin back: it is known again up to the head it retired at. Returns
+    /// whether it was retired.
+    fn unretire(&mut self, g: &mut Group<'_>, origin: NodeId) -> bool {
+        let Some(head) = Arc::make_mut(&mut self.meta.retired).remove(&origin) else {
+            return false;
+        };
+        g.staged.retired = true;
+        g.staged.forgotten.retain(|o| *o != origin);
+        *Self::knowledge_mut(&mut self.knowledge, g, origin) = OriginKnowledge::dense(head);
+        tracing::info!(origin = %origin, head, "a retired origin is back");
+        true
     }
 
     /// Collect tombstones: each goes (its row and its index entry) if it is still its key's
@@ -924,8 +946,12 @@ impl Core {
         let Some(range) = SeqRange::single(v.seq) else {
             return Ok(Refused(Refusal::BadSeq));
         };
-        if self.meta.retired.contains(&v.origin) {
-            return Ok(Covered); // everything it issued is known and superseded
+        match self.meta.retired.get(&v.origin) {
+            Some(&head) if v.seq <= head => return Ok(Covered), // known and superseded
+            Some(_) => {
+                self.unretire(g, v.origin); // its agent is back and wrote
+            }
+            None => {}
         }
         if v.origin == self.meta.node {
             if self.is_foreign_copy(g, record) {
@@ -1017,8 +1043,12 @@ impl Core {
             }
             return ApplyOutcome::Covered;
         }
-        if self.meta.retired.contains(&origin) {
-            return ApplyOutcome::Covered;
+        match self.meta.retired.get(&origin) {
+            Some(&head) if range.hi() <= head => return ApplyOutcome::Covered,
+            Some(_) => {
+                self.unretire(g, origin);
+            }
+            None => {}
         }
         if !self.knowledge.contains_key(&origin) && self.knowledge.len() >= MAX_ORIGINS {
             return ApplyOutcome::Refused(Refusal::TooManyOrigins);

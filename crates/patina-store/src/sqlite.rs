@@ -186,6 +186,29 @@ pub(crate) fn prepare(
     Ok(())
 }
 
+/// The retired set as stored: (origin u64 LE, head u64 LE) pairs.
+fn encode_retired(retired: &std::collections::BTreeMap<NodeId, u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(retired.len() * 16);
+    for (origin, head) in retired {
+        out.extend_from_slice(&origin.0.to_le_bytes());
+        out.extend_from_slice(&head.to_le_bytes());
+    }
+    out
+}
+
+fn decode_retired(bytes: &[u8]) -> Option<std::collections::BTreeMap<NodeId, u64>> {
+    if !bytes.len().is_multiple_of(16) {
+        return None;
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for pair in bytes.chunks_exact(16) {
+        let origin = u64::from_le_bytes(pair[..8].try_into().ok()?);
+        let head = u64::from_le_bytes(pair[8..].try_into().ok()?);
+        out.insert(NodeId(origin), head);
+    }
+    Some(out)
+}
+
 /// Read the store's meta.
 pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
     let node = meta_int(conn, "node_id")?.ok_or(StoreError::Schema(-1))?;
@@ -198,7 +221,7 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         .optional()?;
     let retired = match retired {
         None => Default::default(),
-        Some(bytes) => crate::overlay::decode(&bytes)
+        Some(bytes) => decode_retired(&bytes)
             .ok_or_else(|| StoreError::Corrupt("the retired origins".into()))?,
     };
     let down: Option<Vec<u8>> = conn
@@ -600,6 +623,15 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    fn holds_origin(&mut self, origin: NodeId) -> Result<bool, rusqlite::Error> {
+        // Through the (origin, seq) index: one probe, whatever the table's size.
+        self.conn
+            .prepare_cached("SELECT 1 FROM records WHERE origin = ?1 LIMIT 1")?
+            .query_row([origin.0 as i64], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+    }
+
     fn delete_knowledge(&mut self, origin: NodeId) -> Result<(), rusqlite::Error> {
         self.conn
             .prepare_cached("DELETE FROM knowledge WHERE origin = ?1")?
@@ -610,10 +642,7 @@ impl Backend for SqliteBackend {
     fn put_retired(&mut self, meta: &Meta) -> Result<(), rusqlite::Error> {
         self.conn
             .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?
-            .execute(params![
-                "retired_origins",
-                crate::overlay::encode(&meta.retired)
-            ])?;
+            .execute(params!["retired_origins", encode_retired(&meta.retired)])?;
         Ok(())
     }
 

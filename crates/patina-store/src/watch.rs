@@ -122,9 +122,6 @@ enum Phase {
         snapshot: bool,
         first: bool,
         since: u64,
-        /// `State::collected_rev` when the walk began: a catch-up that sees it change
-        /// above `since` may have lost a deletion's row, and restarts as a snapshot.
-        collected: u64,
     },
     /// Following the log from `pos`.
     Live,
@@ -208,7 +205,6 @@ impl Cursor {
                 snapshot: true,
                 first: true,
                 since: 0,
-                collected: 0,
             },
         };
     }
@@ -236,7 +232,6 @@ impl Cursor {
             snapshot: false,
             first: false,
             since: self.pos,
-            collected: self.state.collected_rev(),
         };
     }
 
@@ -327,10 +322,9 @@ impl Cursor {
                     snapshot,
                     first,
                     since,
-                    collected,
                 } => {
-                    let (r0, from, snapshot, was_first, since, collected) =
-                        (*r0, *after, *snapshot, *first, *since, *collected);
+                    let (r0, from, snapshot, was_first, since) =
+                        (*r0, *after, *snapshot, *first, *since);
                     let keys = match self.keys_by_rev(from, r0).await {
                         Ok(keys) => keys,
                         Err(e) => {
@@ -346,7 +340,6 @@ impl Cursor {
                                 snapshot,
                                 first: false,
                                 since,
-                                collected,
                             };
                             return Some(WatchItem::Snapshot {
                                 reset: true,
@@ -368,7 +361,6 @@ impl Cursor {
                         snapshot,
                         first: false,
                         since,
-                        collected,
                     };
                     // A row whose key has moved on since is skipped: its newer state comes
                     // later in this walk, or from the log.
@@ -403,10 +395,11 @@ impl Cursor {
                             })
                         })
                         .collect();
-                    // Tombstones collected since the walk began may have taken rows it had
-                    // still to read (or just read): their deletions would be lost.
+                    // A catch-up starts only at or above every collected revision (see
+                    // `catch_up`): one above `since` now means rows it had still to read (or
+                    // just read) may be gone, and their deletions would be lost.
                     let now_collected = self.state.collected_rev();
-                    if now_collected != collected && now_collected > since {
+                    if now_collected > since {
                         tracing::debug!(
                             since,
                             collected = now_collected,

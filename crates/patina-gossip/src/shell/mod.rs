@@ -376,14 +376,6 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
             let Some((&node, &down)) = wanted.iter().next() else {
                 continue;
             };
-            if !down && store.is_retired(node) {
-                // Its agent is back: what it holds is learned again from scratch.
-                if let Err(e) = store.unretire_origin(node).await {
-                    tracing::warn!(origin = %node, error = %e, "could not take a retired origin back; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            }
             match store.set_owner_down(node, down).await {
                 Ok(c) => {
                     tracing::info!(owner = %node, down, changed = c.changed, records = c.records, "liveness overlay");
@@ -422,8 +414,10 @@ async fn collect_tombstones(gossip: Gossip, ttl: Duration, alone: bool) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let store = gossip.store.clone();
     let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    // (when, revision held then), oldest first; bounded: one per pass, pruned below.
+    // (when, revision held then), oldest first; at most one per `ttl / 64`, and pruned below
+    // to the newest one older than `ttl`: about 65 entries.
     let mut held: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
+    let mut joined = false;
     let mut sessions_seen = gossip
         .sync_counters
         .completed
@@ -443,7 +437,14 @@ async fn collect_tombstones(gossip: Gossip, ttl: Duration, alone: bool) {
                 .count()
         });
         let now = std::time::Instant::now();
-        if alone || (members > 0 && synced) {
+        // Alone: configured without seeds and never joined by anyone (a seed agent that was
+        // joined and is cut off now is not alone).
+        joined |= members > 0;
+        let in_touch = (alone && !joined) || (members > 0 && synced);
+        let spaced = held
+            .back()
+            .is_none_or(|(last, _)| now.duration_since(*last) >= ttl / 64);
+        if in_touch && spaced {
             held.push_back((now, store.stats().revision));
         }
         // The newest revision recorded at least `ttl` ago; older records are not needed.

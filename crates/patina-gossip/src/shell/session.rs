@@ -407,7 +407,8 @@ impl Sync for SyncService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many sync sessions"))?;
-        let slot = match request.remote_addr() {
+        // Loopback is exempt: agents that share a host (`patina dev`, tests) share an IP.
+        let slot = match request.remote_addr().filter(|a| !a.ip().is_loopback()) {
             Some(addr) => Some(PeerSlot::take(&self.per_peer, addr.ip()).ok_or_else(|| {
                 Status::resource_exhausted("too many sync sessions from this peer")
             })?),

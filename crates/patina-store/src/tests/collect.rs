@@ -214,25 +214,28 @@ fn a_token_from_below_a_collected_tombstone_gets_a_reset_once_behind_the_log() {
     ));
 }
 
-/// An origin retires only once it is fully known and nothing of it is held; then it leaves
-/// the digest for good (across restarts), what arrives from it is covered, and taken back it
-/// is learned again from scratch.
+/// An origin retires only once its owner is held down, it is fully known and nothing of it
+/// is held; then it leaves the digest (across restarts) and the down set, what arrives from
+/// it up to its head is covered, and a number above the head brings it back, known up to
+/// that head (so its old records stay covered).
 #[test]
-fn an_origin_retires_only_when_fully_covered_and_comes_back_when_taken_back() {
+fn an_origin_retires_only_when_gone_and_fully_covered_and_a_new_number_brings_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
     let store = Store::open(dir.path(), opts()).unwrap();
     let gone = NodeId(9);
-    // Numbers 1 and 2 of origin 9; 1 is held.
+    // Numbers 1 and 3 of origin 9 held, 2 unknown.
     let r1 = remote("a", version(1 << 16, 9, 1), false);
-    rt.block_on(store.apply(records(vec![r1.clone()]))).unwrap();
+    let r3 = remote("b", version(2 << 16, 9, 3), false);
+    rt.block_on(store.apply(records(vec![r1.clone(), r3])))
+        .unwrap();
+    rt.block_on(store.set_owner_down(gone, true)).unwrap();
     assert!(
         !rt.block_on(store.retire_origin(gone)).unwrap(),
         "a gap: 2 is unknown"
     );
-    let r3 = remote("b", version(2 << 16, 9, 3), false);
     rt.block_on(store.apply(RemoteBatch {
-        records: vec![r3],
+        records: Vec::new(),
         covered: vec![(gone, SeqRange::single(2).unwrap())],
     }))
     .unwrap();
@@ -249,14 +252,22 @@ fn an_origin_retires_only_when_fully_covered_and_comes_back_when_taken_back() {
             .is_ok_and(|r| r),
         "never our own"
     );
+    // Not while its owner is up here.
+    rt.block_on(store.set_owner_down(gone, false)).unwrap();
+    assert!(
+        !rt.block_on(store.retire_origin(gone)).unwrap(),
+        "its owner is up"
+    );
+    rt.block_on(store.set_owner_down(gone, true)).unwrap();
     assert!(rt.block_on(store.retire_origin(gone)).unwrap());
     assert!(!store.digest().contains_key(&gone), "out of the digest");
     assert!(store.is_retired(gone));
-    // What still arrives from it is covered and leaves no trace.
+    assert!(!store.down_owners().contains(&gone), "out of the down set");
+    // What still arrives from it up to its head is covered and leaves no trace.
     let report = rt
         .block_on(store.apply(RemoteBatch {
-            records: vec![r1.clone(), remote("c", version(3 << 16, 9, 4), false)],
-            covered: vec![(gone, SeqRange::new(1, 9).unwrap())],
+            records: vec![r1.clone(), remote("c", version(3 << 16, 9, 2), false)],
+            covered: vec![(gone, SeqRange::new(1, 3).unwrap())],
         }))
         .unwrap();
     assert_eq!(report.records, vec![ApplyOutcome::Covered; 2]);
@@ -269,13 +280,26 @@ fn an_origin_retires_only_when_fully_covered_and_comes_back_when_taken_back() {
     let store = Store::open(dir.path(), opts()).unwrap();
     assert!(store.is_retired(gone));
     assert!(!store.digest().contains_key(&gone));
-    // Taken back (its agent returned): learned again from scratch.
+    // Its agent is back and writes number 4: the origin is back, known up to 3.
+    let fresh = remote("d", version(4 << 16, 9, 4), false);
+    let report = rt.block_on(store.apply(records(vec![fresh, r1]))).unwrap();
+    assert_eq!(
+        report.records,
+        vec![ApplyOutcome::Applied, ApplyOutcome::Covered],
+        "the new number applies; the old one stays covered"
+    );
+    assert!(!store.is_retired(gone));
+    let k = &store.digest()[&gone];
+    assert!(k.knows(1) && k.knows(3) && k.knows(4) && k.gap_count() == 0);
+    assert_eq!(store.get_latest("a").unwrap().version.origin, store.node());
+    // Taken back by hand, too (and only once).
+    rt.block_on(store.set_owner_down(gone, true)).unwrap();
+    rt.block_on(store.write(vec![put("d", "app", "mine", true)]))
+        .unwrap();
+    assert!(rt.block_on(store.retire_origin(gone)).unwrap());
     assert!(rt.block_on(store.unretire_origin(gone)).unwrap());
     assert!(!rt.block_on(store.unretire_origin(gone)).unwrap());
-    let fresh = remote("d", version(4 << 16, 9, 5), false);
-    let report = rt.block_on(store.apply(records(vec![fresh]))).unwrap();
-    assert_eq!(report.applied(), 1);
-    assert!(store.digest()[&gone].knows(5));
+    assert!(store.digest()[&gone].knows(4));
 }
 
 /// The writer re-checks each tombstone it is handed: one superseded since the list was made
