@@ -332,3 +332,57 @@ fn a_stale_tombstone_handed_to_the_writer_is_not_collected() {
         "and its row too"
     );
 }
+
+/// A catch-up walking the stored rows restarts as a snapshot when tombstones above its start
+/// are collected while it walks (their rows, the deletions, may be gone before it reads them).
+#[test]
+fn a_collection_during_a_catch_up_walk_turns_it_into_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let store = Store::open(dir.path(), small_log(4)).unwrap();
+    rt.block_on(store.write(vec![put("x", "web", "1", true)]))
+        .unwrap();
+    let mut cursor = store.watch(None, None, 100);
+    assert!(matches!(
+        next(&rt, &mut cursor),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+    let WatchItem::SnapshotDone { token } = next(&rt, &mut cursor) else {
+        panic!("expected the end of the snapshot")
+    };
+    drop(cursor);
+    for i in 0..6 {
+        rt.block_on(store.write(vec![put(&format!("m{i}"), "web", "x", true)]))
+            .unwrap();
+    }
+    rt.block_on(store.write(vec![del("x")])).unwrap();
+    for i in 0..6 {
+        rt.block_on(store.write(vec![put(&format!("n{i}"), "web", "x", true)]))
+            .unwrap();
+    }
+    // Behind the 4-entry log: a catch-up walk, one change per message.
+    let mut walk = store.watch(None, Some(token), 1);
+    assert!(matches!(next(&rt, &mut walk), WatchItem::Delta { .. }));
+    assert_eq!(
+        rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 16))
+            .unwrap(),
+        1
+    );
+    // The rest of the walk would have skipped x's deletion: a snapshot instead, without x.
+    loop {
+        match next(&rt, &mut walk) {
+            WatchItem::Delta { changes, .. } => assert!(
+                changes.iter().all(|c| c.entry.key() != "x"),
+                "the walk went on past the collection"
+            ),
+            WatchItem::Snapshot {
+                reset: true,
+                entries,
+            } => {
+                assert!(entries.iter().all(|e| e.key() != "x"));
+                break;
+            }
+            other => panic!("expected a reset, got {other:?}"),
+        }
+    }
+}
