@@ -342,6 +342,18 @@ async fn bench(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rtt = grpc_rtt_us(c.agent(0)).await;
+    // The other baseline of "write to everywhere": one fdatasync on the agents' disk (each
+    // agent commits every write with one before its watchers see it).
+    let mut fsync_ns = {
+        let dir = c.root.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::bench_store::latency::fdatasync_baseline(&dir, 200)
+        })
+        .await??
+    };
+    fsync_ns.sort_unstable();
+    let fsync_us: Vec<f64> = fsync_ns.iter().map(|n| *n as f64 / 1e3).collect();
+    let (fsync_p50, fsync_p99) = (pct(&fsync_us, 50.0), pct(&fsync_us, 99.0));
     // Idle bandwidth, before any write: probes, acks and periodic gossip only.
     let (o0, i0) = c.bytes().await;
     let idle_window = Duration::from_secs(10);
@@ -444,12 +456,14 @@ async fn bench(
     }
     lat.sort_by(f64::total_cmp);
     println!(
-        "write to everywhere ({} writes, {n} agents): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, lost {lost} (baseline: one gRPC round trip {:.0} µs)",
+        "write to everywhere ({} writes, {n} agents): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, lost {lost} (baselines: one gRPC round trip {:.0} µs; one fdatasync on the agents' disk, idle, p50 {:.0} µs, p99 {:.0} µs, and every write costs one per agent on that one disk)",
         acks.len(),
         pct(&lat, 50.0),
         pct(&lat, 99.0),
         pct(&lat, 100.0),
-        rtt
+        rtt,
+        fsync_p50,
+        fsync_p99
     );
 
     // Bandwidth under load (idle was measured before any write).
@@ -644,6 +658,8 @@ async fn bench(
         "write_to_all_p99_ms": pct(&lat, 99.0),
         "writes_lost": lost,
         "grpc_rtt_us": rtt,
+        "fsync_p50_us": fsync_p50,
+        "fsync_p99_us": fsync_p99,
         "crash_to_excluded_p50_ms": pct(&crash, 50.0),
         "crash_to_excluded_p99_ms": pct(&crash, 99.0),
         "false_downs": downs + renewed,

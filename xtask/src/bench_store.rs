@@ -12,7 +12,7 @@
 //!
 //! `--only a,b` runs some of them; the latency phase runs first, on a quiet disk.
 
-mod latency;
+pub(crate) mod latency;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
