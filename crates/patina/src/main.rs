@@ -363,36 +363,57 @@ async fn run_agent(
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
-    let addr = listener.local_addr()?;
-    // Scripts and tests read this line to find the agent.
-    println!("{}http://{addr}", label.as_deref().unwrap_or(ANNOUNCE));
-    if let Some(banner) = banner {
-        banner(&config, addr);
-    }
     let id = AgentIdentity {
         region: config.region.clone(),
         host: config.host.clone(),
     };
     let limits = (&config.limits).into();
     // Gossip leaves the cluster when the agent shuts down, and only then does the server stop.
-    let (stop_gossip, gossip_stopped) = tokio::sync::oneshot::channel::<()>();
     let gossip_addr = config.gossip.listen_addr(config.listen);
-    let shell = patina_gossip::shell::ShellConfig {
-        node: config.gossip.node(&config.region)?,
-        listen: gossip_addr,
-        advertise: config.gossip.advertise,
-        api_port: addr.port(),
-        seeds: config.gossip.seeds.clone(),
-        epoch_file: config.data_dir.join("gossip-epoch"),
-        seed: None,
-        tombstone_ttl: config.gossip.tombstone_ttl(),
+    let mut attempt = 0;
+    let (listener, addr, gossip, gossip_task, stop_gossip) = loop {
+        attempt += 1;
+        let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let (stop_gossip, gossip_stopped) = tokio::sync::oneshot::channel::<()>();
+        let shell = patina_gossip::shell::ShellConfig {
+            node: config.gossip.node(&config.region)?,
+            listen: gossip_addr,
+            advertise: config.gossip.advertise,
+            api_port: addr.port(),
+            seeds: config.gossip.seeds.clone(),
+            epoch_file: config.data_dir.join("gossip-epoch"),
+            seed: None,
+            tombstone_ttl: config.gossip.tombstone_ttl(),
+        };
+        let started = patina_gossip::shell::Gossip::start(store.clone(), shell, async {
+            let _ = gossip_stopped.await;
+        })
+        .await;
+        match started {
+            Ok((gossip, task)) => break (listener, addr, gossip, task, stop_gossip),
+            // Pushes arrive on UDP at the API's port number. A port the OS picked for the
+            // API (`--listen ...:0`, as in tests) can be in use as a UDP port already (by
+            // another agent's gossip socket): pick another one.
+            Err(e)
+                if config.listen.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && attempt < 5 =>
+            {
+                tracing::warn!(port = addr.port(), error = %e, "the API's port is taken as a UDP port: picking another");
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::from(e).context(format!("starting gossip on udp {gossip_addr}"))
+                );
+            }
+        }
     };
-    let (gossip, gossip_task) = patina_gossip::shell::Gossip::start(store.clone(), shell, async {
-        let _ = gossip_stopped.await;
-    })
-    .await
-    .with_context(|| format!("starting gossip on udp {gossip_addr}"))?;
+    // Scripts and tests read this line to find the agent.
+    println!("{}http://{addr}", label.as_deref().unwrap_or(ANNOUNCE));
+    if let Some(banner) = banner {
+        banner(&config, addr);
+    }
     // Scripts and tests read this line to find the agent's gossip address.
     println!("gossip: udp {}", gossip.advertised);
     let cluster = patina_region::ClusterServices {

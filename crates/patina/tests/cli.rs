@@ -257,3 +257,36 @@ async fn new_origin_moves_a_stopped_agents_store_to_a_fresh_identity_once() {
         .await
         .unwrap();
 }
+
+/// Pushes arrive on UDP at the API's port number: when that UDP port is taken, an agent
+/// told to serve on that port refuses to start and says why.
+#[test]
+fn a_taken_udp_port_at_the_api_port_is_a_clear_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = udp.local_addr().unwrap().port();
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+        return; // the TCP port is taken too: nothing to learn here
+    }
+    let config = dir.path().join("patina.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "region = \"test\"\nhost = \"w1\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_patina"))
+        .args(["region", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run patina");
+    assert!(!out.status.success(), "it started on a taken push port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("push socket") && err.contains(&port.to_string()),
+        "unclear error: {err}"
+    );
+    drop(udp);
+}
