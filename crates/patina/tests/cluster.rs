@@ -97,6 +97,26 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
         a.alive_members().await == AGENTS - 1
     })
     .await;
+    // Whoami (what the last check of a suspect asks) names the agent as Members does.
+    for a in &all {
+        let mut admin = a.admin().await;
+        let me = admin
+            .whoami(patina_proto::v1::WhoamiRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let this = admin
+            .members(patina_proto::v1::MembersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .this
+            .unwrap();
+        assert_eq!(
+            (&me.id, me.epoch, &me.address),
+            (&this.id, this.epoch, &this.address)
+        );
+    }
 
     // Each agent runs one machine of app "web" (it owns it).
     for (i, a) in agents.iter().enumerate() {

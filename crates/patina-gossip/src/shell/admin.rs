@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use patina_proto::v1::admin_server::{Admin, AdminServer};
 use patina_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, ForgetRequest, ForgetResponse, Member,
-    MembersRequest, MembersResponse, OriginStatus,
+    MembersRequest, MembersResponse, OriginStatus, WhoamiRequest,
 };
 use patina_store::{LocalWrite, NodeId};
 use tokio::sync::oneshot;
@@ -89,6 +89,16 @@ impl Admin for AdminService {
             this: Some(member(&snap.me, snap.incarnation, "alive", Some(0))),
             members,
         }))
+    }
+
+    async fn whoami(&self, _: Request<WhoamiRequest>) -> Result<Response<Member>, Status> {
+        let snap = self.snapshot().await?;
+        Ok(Response::new(member(
+            &snap.me,
+            snap.incarnation,
+            "alive",
+            Some(0),
+        )))
     }
 
     async fn cluster_status(

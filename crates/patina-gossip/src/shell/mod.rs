@@ -921,7 +921,7 @@ async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool
 /// loop, so an answer says that loop runs. `None`: no answer within the node's wait (less a
 /// margin), or another identity answered (a restart under a new epoch).
 async fn ask_incarnation(member: Identity) -> Option<u16> {
-    use patina_proto::v1::MembersRequest;
+    use patina_proto::v1::WhoamiRequest;
     use patina_proto::v1::admin_client::AdminClient;
     let ask = async {
         let endpoint =
@@ -931,11 +931,10 @@ async fn ask_incarnation(member: Identity) -> Option<u16> {
                 .timeout(crate::node::CONFIRM_ASK);
         let channel = endpoint.connect().await.ok()?;
         let this = AdminClient::new(channel)
-            .members(MembersRequest {})
+            .whoami(WhoamiRequest {})
             .await
             .ok()?
-            .into_inner()
-            .this?;
+            .into_inner();
         (this.id == member.node.to_string() && this.epoch == member.epoch)
             .then(|| u16::try_from(this.incarnation).ok())
             .flatten()
