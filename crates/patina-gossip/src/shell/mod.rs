@@ -197,13 +197,21 @@ impl Gossip {
             getrandom::fill(&mut b).expect("the OS random source failed");
             u64::from_le_bytes(b)
         });
-        let node = Node::new(
-            identity,
-            cfg.node.clone(),
-            store.digest(),
-            cfg.seeds.clone(),
-            seed,
-        );
+        // Members remembered from the last run join the seeds, so an agent whose seeds are
+        // all down can still find its region.
+        let members_file = cfg.epoch_file.with_file_name(MEMBERS_FILE);
+        let remembered = read_members(members_file.clone()).await;
+        let mut seeds = cfg.seeds.clone();
+        let start = (seed as usize) % remembered.len().max(1);
+        for addr in remembered.iter().cycle().skip(start).take(remembered.len()) {
+            if seeds.len() >= cfg.seeds.len() + MAX_REMEMBERED_SEEDS {
+                break;
+            }
+            if *addr != advertise && !seeds.contains(addr) {
+                seeds.push(*addr);
+            }
+        }
+        let node = Node::new(identity, cfg.node.clone(), store.digest(), seeds, seed);
         let (inputs, rx) = mpsc::channel(INPUT_CAPACITY);
         let reporter = Reporter {
             inputs: inputs.clone(),
@@ -234,6 +242,7 @@ impl Gossip {
             tasks: JoinSet::new(),
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
+        let rememberer = tokio::spawn(remember_members(gossip.clone(), members_file));
         let collector = tokio::spawn(collect_tombstones(
             gossip.clone(),
             cfg.tombstone_ttl,
@@ -269,6 +278,7 @@ impl Gossip {
                 });
                 follower.abort();
                 collector.abort();
+                rememberer.abort();
             })?;
         let handle = tokio::task::spawn_blocking(move || {
             if thread.join().is_err() {
@@ -398,6 +408,72 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
         }
     });
     tx
+}
+
+/// The file in the data directory that remembers the region's members between runs.
+pub const MEMBERS_FILE: &str = "gossip-members";
+/// Members remembered at most.
+const MAX_REMEMBERED: usize = 256;
+/// Remembered members announced to at start, besides the configured seeds.
+const MAX_REMEMBERED_SEEDS: usize = 16;
+
+/// The gossip addresses remembered from the last run (none if the file is missing or
+/// unreadable; lines that do not parse are skipped).
+async fn read_members(path: PathBuf) -> Vec<SocketAddr> {
+    tokio::task::spawn_blocking(move || match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .take(MAX_REMEMBERED)
+            .collect(),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %path.display(), error = %e, "could not read the remembered members");
+            }
+            Vec::new()
+        }
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Write the alive members' gossip addresses to `path` whenever they change (checked each
+/// second; at most `MAX_REMEMBERED`), by a temporary file and a rename.
+async fn remember_members(gossip: Gossip, path: PathBuf) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written: std::collections::BTreeSet<SocketAddr> = Default::default();
+    loop {
+        tick.tick().await;
+        let Some(snap) = gossip.snapshot().await else {
+            return;
+        };
+        let alive: std::collections::BTreeSet<SocketAddr> = snap
+            .members
+            .iter()
+            .filter(|m| m.state == crate::node::MemberState::Alive)
+            .map(|m| m.identity.addr)
+            .take(MAX_REMEMBERED)
+            .collect();
+        if alive.is_empty() || alive == written {
+            continue;
+        }
+        let text: String = alive.iter().map(|a| format!("{a}\n")).collect();
+        let target = path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let tmp = target.with_extension("tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &target)
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => written = alive,
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remember the members")
+            }
+            Err(_) => return,
+        }
+    }
 }
 
 /// Collect tombstones, in passes every `ttl / 8` (at most every minute, at least every
