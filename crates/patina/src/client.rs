@@ -97,6 +97,16 @@ struct OriginJson {
 }
 
 #[derive(Serialize)]
+struct PeerJson {
+    peer: String,
+    last_ms_ago: u64,
+    lacking: u64,
+    records_in: u64,
+    ok: bool,
+    sessions: u64,
+}
+
+#[derive(Serialize)]
 struct StatusJson {
     node: String,
     keys: u64,
@@ -114,6 +124,7 @@ struct StatusJson {
     sync_failures: u64,
     sync_records_in: u64,
     sync_records_out: u64,
+    peers: Vec<PeerJson>,
 }
 
 pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
@@ -151,6 +162,18 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         sync_failures: r.sync_failures,
         sync_records_in: r.sync_records_in,
         sync_records_out: r.sync_records_out,
+        peers: r
+            .peers
+            .iter()
+            .map(|p| PeerJson {
+                peer: p.peer.clone(),
+                last_ms_ago: p.last_ms_ago,
+                lacking: p.lacking,
+                records_in: p.records_in,
+                ok: p.ok,
+                sessions: p.sessions,
+            })
+            .collect(),
     };
     if json {
         println!("{}", to_json(&s)?);
@@ -191,6 +214,23 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
             o.refused,
             if o.hidden { "yes" } else { "" }
         );
+    }
+    if !s.peers.is_empty() {
+        println!(
+            "{:<40} {:>10} {:>10} {:>10} {:>6} {:>9}",
+            "SYNC PEER", "AGO (ms)", "LACKING", "RECEIVED", "OK", "SESSIONS"
+        );
+        for p in &s.peers {
+            println!(
+                "{:<40} {:>10} {:>10} {:>10} {:>6} {:>9}",
+                term(&p.peer),
+                p.last_ms_ago,
+                p.lacking,
+                p.records_in,
+                if p.ok { "yes" } else { "no" },
+                p.sessions
+            );
+        }
     }
     Ok(())
 }

@@ -128,6 +128,34 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     })
     .await;
     eprintln!("write to everywhere: {took:?}");
+    // Status shows the latest session with each peer (joins start one at once), through the
+    // CLI's JSON too.
+    let status = agents[0]
+        .admin()
+        .await
+        .cluster_status(patina_proto::v1::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status.peers.iter().any(|p| p.ok && p.sessions >= 1),
+        "no completed session in {:?}",
+        status.peers
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patina"))
+        .args(["status", "--json", "--server", agents[0].host_port()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        json["peers"].as_array().is_some_and(|p| !p.is_empty()),
+        "{json}"
+    );
 
     // SIGKILL the last agent: the others stop listing its machine, with no write.
     agents[AGENTS - 1].kill9();

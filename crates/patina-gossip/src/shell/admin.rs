@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use patina_proto::v1::admin_server::{Admin, AdminServer};
 use patina_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, ForgetRequest, ForgetResponse, Member,
-    MembersRequest, MembersResponse, OriginStatus, WhoamiRequest,
+    MembersRequest, MembersResponse, OriginStatus, PeerSync, WhoamiRequest,
 };
 use patina_store::{LocalWrite, NodeId};
 use tokio::sync::oneshot;
@@ -137,6 +137,25 @@ impl Admin for AdminService {
             bytes_out: c.bytes_out,
             dropped_datagrams: c.dropped_envelope + c.dropped_decode,
             refuted_for_others: c.refuted_for_others,
+            peers: {
+                let now = std::time::Instant::now();
+                let mut peers: Vec<PeerSync> = s
+                    .peers
+                    .lock()
+                    .expect("peer records")
+                    .iter()
+                    .map(|(ip, p)| PeerSync {
+                        peer: ip.to_string(),
+                        last_ms_ago: now.saturating_duration_since(p.at).as_millis() as u64,
+                        lacking: p.lacking,
+                        records_in: p.records_in,
+                        ok: p.ok,
+                        sessions: p.sessions,
+                    })
+                    .collect();
+                peers.sort_by_key(|p| p.last_ms_ago);
+                peers
+            },
             syncs: s.sessions.load(Ordering::Relaxed),
             sync_failures: s.failures.load(Ordering::Relaxed),
             sync_records_in: s.records_in.load(Ordering::Relaxed),

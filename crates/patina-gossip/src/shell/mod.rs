@@ -113,12 +113,59 @@ pub struct Snapshot {
 /// Counters of the sessions (both directions).
 #[derive(Default, Debug)]
 pub struct SyncCounters {
+    /// The latest session with each peer, by IP (at most `MAX_PEER_RECORDS`).
+    pub peers: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, PeerSync>>,
     pub sessions: AtomicU64,
     /// Sessions that ran to the end (both directions).
     pub completed: AtomicU64,
     pub failures: AtomicU64,
     pub records_in: AtomicU64,
     pub records_out: AtomicU64,
+}
+
+/// The latest anti-entropy session with one peer (either side started it).
+#[derive(Clone, Debug)]
+pub struct PeerSync {
+    pub at: std::time::Instant,
+    /// Sequence numbers the peer knew and this agent lacked at the session's hello: how far
+    /// behind that peer this agent was (its sync lag, in versions).
+    pub lacking: u64,
+    /// Records received in that session.
+    pub records_in: u64,
+    pub ok: bool,
+    /// Sessions with that peer since this agent started.
+    pub sessions: u64,
+}
+
+/// Peers whose latest session is kept; the oldest goes first.
+pub const MAX_PEER_RECORDS: usize = 1024;
+
+impl SyncCounters {
+    pub(crate) fn record_peer(
+        &self,
+        ip: std::net::IpAddr,
+        lacking: u64,
+        records_in: u64,
+        ok: bool,
+    ) {
+        let mut peers = self.peers.lock().expect("peer records");
+        let sessions = peers.get(&ip).map_or(0, |p| p.sessions) + 1;
+        peers.insert(
+            ip,
+            PeerSync {
+                at: std::time::Instant::now(),
+                lacking,
+                records_in,
+                ok,
+                sessions,
+            },
+        );
+        if peers.len() > MAX_PEER_RECORDS
+            && let Some(oldest) = peers.iter().min_by_key(|(_, p)| p.at).map(|(ip, _)| *ip)
+        {
+            peers.remove(&oldest);
+        }
+    }
 }
 
 /// A handle on a running shell.

@@ -246,6 +246,7 @@ async fn receive(
     g: &Gossip,
     inbound: &mut Streaming<SyncMessage>,
     theirs: &Digest,
+    received: &std::sync::atomic::AtomicU64,
 ) -> Result<(), String> {
     loop {
         let next = tokio::time::timeout(MESSAGE_TIMEOUT, inbound.message())
@@ -258,6 +259,7 @@ async fn receive(
                 let batch = remote_batch(b, theirs)?;
                 let n = batch.records.len() as u64;
                 g.sync_counters.records_in.fetch_add(n, Ordering::Relaxed);
+                received.fetch_add(n, Ordering::Relaxed);
                 g.reporter.apply(batch).await?;
             }
             Ok(Some(SyncMessage {
@@ -270,17 +272,35 @@ async fn receive(
     }
 }
 
-async fn both(g: &Gossip, out: Out, inbound: &mut Streaming<SyncMessage>, theirs: Digest) -> bool {
+async fn both(
+    g: &Gossip,
+    out: Out,
+    inbound: &mut Streaming<SyncMessage>,
+    theirs: Digest,
+    peer: Option<std::net::IpAddr>,
+) -> bool {
+    // How far behind this peer we are: what it knows that we lack, at its hello.
+    let behind: u64 = crate::sync::lacking(&theirs, &g.store.digest())
+        .iter()
+        .map(|(_, r)| r.hi() - r.lo() + 1)
+        .sum();
+    let received = std::sync::atomic::AtomicU64::new(0);
     let session = async {
-        let (sent, received) =
-            tokio::join!(send_lacking(g, &out, &theirs), receive(g, inbound, &theirs));
-        sent.and(received)
+        let (sent, got) = tokio::join!(
+            send_lacking(g, &out, &theirs),
+            receive(g, inbound, &theirs, &received)
+        );
+        sent.and(got)
     };
     let result = match tokio::time::timeout(SESSION_TIMEOUT, session).await {
         Ok(r) => r,
         Err(_) => Err("session timed out".into()),
     };
     g.sync_counters.sessions.fetch_add(1, Ordering::Relaxed);
+    if let Some(ip) = peer {
+        g.sync_counters
+            .record_peer(ip, behind, received.load(Ordering::Relaxed), result.is_ok());
+    }
     match result {
         Ok(()) => {
             g.sync_counters.completed.fetch_add(1, Ordering::Relaxed);
@@ -321,7 +341,24 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
             .map_err(|_| "no hello".to_string())?
             .map_err(|e| e.to_string())?;
         let theirs = their_digest(g, first).map_err(|e| e.to_string())?;
-        Ok::<_, String>(both(g, Out::Client(tx), &mut inbound, theirs).await)
+        let ok = both(
+            g,
+            Out::Client(tx),
+            &mut inbound,
+            theirs,
+            Some(peer.api_addr().ip()),
+        )
+        .await;
+        // Hold the call open until the server ends it, which it does once it has our done:
+        // dropping it earlier resets the stream, and the server could lose our last batch
+        // and our done (its session then failed with "stream ended before done").
+        if ok {
+            let _ = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+        }
+        Ok::<_, String>(ok)
     })
     .await
     .unwrap_or_else(|_| Err("session timed out".into()));
@@ -414,6 +451,7 @@ impl Sync for SyncService {
             })?),
             None => None,
         };
+        let peer_ip = request.remote_addr().map(|a| a.ip());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -423,7 +461,7 @@ impl Sync for SyncService {
         let _ = tx.send(Ok(hello(&self.gossip))).await;
         let g = self.gossip.clone();
         tokio::spawn(async move {
-            both(&g, Out::Server(tx), &mut inbound, theirs).await;
+            both(&g, Out::Server(tx), &mut inbound, theirs, peer_ip).await;
             drop(slot);
             drop(permit);
         });
