@@ -903,9 +903,10 @@ impl Task {
                 }
                 Output::Confirm { member, round } => {
                     let inputs = self.gossip.inputs.clone();
+                    let advertised = self.gossip.advertised;
                     self.tasks.spawn_on(
                         async move {
-                            let incarnation = ask_incarnation(member).await;
+                            let incarnation = ask_incarnation(advertised, member).await;
                             if incarnation.is_none() {
                                 tracing::warn!(suspect = %member, "a suspect did not answer the last check: it goes down");
                             }
@@ -1043,16 +1044,16 @@ async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool
 /// Ask a suspect itself for its incarnation: its Admin service answers through its gossip
 /// loop, so an answer says that loop runs. `None`: no answer within the node's wait (less a
 /// margin), or another identity answered (a restart under a new epoch).
-async fn ask_incarnation(member: Identity) -> Option<u16> {
+async fn ask_incarnation(advertised: SocketAddr, member: Identity) -> Option<u16> {
     use patina_proto::v1::WhoamiRequest;
     use patina_proto::v1::admin_client::AdminClient;
     let ask = async {
-        let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", member.api_addr()))
-                .ok()?
-                .connect_timeout(crate::node::CONFIRM_ASK)
-                .timeout(crate::node::CONFIRM_ASK);
-        let channel = endpoint.connect().await.ok()?;
+        let channel = peer_endpoint(advertised, member, crate::node::CONFIRM_ASK)
+            .ok()?
+            .timeout(crate::node::CONFIRM_ASK)
+            .connect()
+            .await
+            .ok()?;
         let this = AdminClient::new(channel)
             .whoami(WhoamiRequest {})
             .await
@@ -1066,6 +1067,21 @@ async fn ask_incarnation(member: Identity) -> Option<u16> {
         .await
         .ok()
         .flatten()
+}
+
+/// A peer's gRPC server, reached from our advertised address: on a multi-homed host the call
+/// leaves by the interface the cluster knows us by (and a partition cuts it as it cuts our
+/// datagrams). Anti-entropy sessions and the last check of a suspect both use it.
+fn peer_endpoint(
+    advertised: SocketAddr,
+    peer: Identity,
+    connect_timeout: Duration,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", peer.api_addr()))?
+            .connect_timeout(connect_timeout)
+            .local_address(local_ip(advertised)),
+    )
 }
 
 /// The IP to send from: the advertised one, unless it is a wildcard.

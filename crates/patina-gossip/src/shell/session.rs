@@ -320,13 +320,7 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
     // still accepts connections must not hold a session slot for ever.
     let result = tokio::time::timeout(SESSION_TIMEOUT, async {
         let endpoint =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", peer.api_addr()))
-                .map_err(|e| e.to_string())?
-                .connect_timeout(CONNECT_TIMEOUT)
-                // From our advertised address: on a multi-homed host the session leaves by
-                // the interface the cluster knows us by (and a partition cuts it as it cuts
-                // our datagrams).
-                .local_address(super::local_ip(g.advertised));
+            super::peer_endpoint(g.advertised, peer, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
