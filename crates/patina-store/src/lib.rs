@@ -812,11 +812,6 @@ impl Store {
             .contains_key(&origin)
     }
 
-    /// How many origins are retired.
-    pub fn retired_count(&self) -> usize {
-        self.state.retired.read().expect("retired lock").len()
-    }
-
     /// The owners whose records the liveness overlay hides, as of the latest commit.
     pub fn down_owners(&self) -> BTreeSet<NodeId> {
         (*self.state.down()).clone()

@@ -3,25 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-fn patina(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_patina"))
-        .args(args)
-        .env_remove("PATINA_SERVER")
-        .output()
-        .expect("run patina")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = patina(args);
-    assert!(
-        out.status.success(),
-        "patina {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_documented_commands_work_and_json_parses() {
@@ -30,7 +12,7 @@ async fn the_documented_commands_work_and_json_parses() {
     let server = agent.url.trim_start_matches("http://").to_owned();
     let s = server.as_str();
 
-    ok(&[
+    common::cli_ok(&[
         "machine",
         "put",
         "--server",
@@ -42,7 +24,7 @@ async fn the_documented_commands_work_and_json_parses() {
         "--addr",
         "127.0.0.1:8080",
     ]);
-    ok(&[
+    common::cli_ok(&[
         "machine",
         "put",
         "--server",
@@ -63,8 +45,14 @@ async fn the_documented_commands_work_and_json_parses() {
         "zone=a",
     ]);
 
-    let healthy: serde_json::Value =
-        serde_json::from_str(&ok(&["instances", "--server", s, "web", "--json"])).unwrap();
+    let healthy: serde_json::Value = serde_json::from_str(&common::cli_ok(&[
+        "instances",
+        "--server",
+        s,
+        "web",
+        "--json",
+    ]))
+    .unwrap();
     let ids: Vec<&str> = healthy["machines"]
         .as_array()
         .unwrap()
@@ -75,23 +63,32 @@ async fn the_documented_commands_work_and_json_parses() {
     assert_eq!(healthy["machines"][0]["region"], "test");
     assert_eq!(healthy["machines"][0]["host"], "worker-1");
 
-    let all: serde_json::Value =
-        serde_json::from_str(&ok(&["instances", "--server", s, "web", "--all", "--json"])).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&common::cli_ok(&[
+        "instances",
+        "--server",
+        s,
+        "web",
+        "--all",
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(all["machines"].as_array().unwrap().len(), 2);
 
-    let one: serde_json::Value =
-        serde_json::from_str(&ok(&["machine", "get", "--server", s, "web-2", "--json"])).unwrap();
+    let one: serde_json::Value = serde_json::from_str(&common::cli_ok(&[
+        "machine", "get", "--server", s, "web-2", "--json",
+    ]))
+    .unwrap();
     assert_eq!(one["health"], "critical");
     assert_eq!(one["addresses"][1], "[::1]:8081");
     assert_eq!(one["metadata"]["zone"], "a");
     assert!(one["version"]["seq"].as_u64().unwrap() >= 2);
 
-    ok(&["machine", "rm", "--server", s, "web-1"]);
-    let out = patina(&["machine", "get", "--server", s, "web-1"]);
+    common::cli_ok(&["machine", "rm", "--server", s, "web-1"]);
+    let out = common::cli(&["machine", "get", "--server", s, "web-1"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
 
-    let out = patina(&[
+    let out = common::cli(&[
         "machine",
         "put",
         "--server",
@@ -109,7 +106,7 @@ async fn the_documented_commands_work_and_json_parses() {
         err.contains("InvalidArgument") && err.contains("app"),
         "{err}"
     );
-    let out = patina(&[
+    let out = common::cli(&[
         "machine", "put", "--server", s, "--app", "web", "--id", "x", "--state", "sleeping",
     ]);
     assert!(!out.status.success());
@@ -201,7 +198,7 @@ async fn stored_control_characters_never_reach_the_terminal_raw() {
         ),
     ];
     for (name, args) in cases {
-        let out = ok(&args);
+        let out = common::cli_ok(&args);
         assert_eq!(raw_control(&out), Vec::<char>::new(), "{name}: {out:?}");
         if name == "machine get" {
             assert!(
@@ -214,11 +211,19 @@ async fn stored_control_characters_never_reach_the_terminal_raw() {
             );
         }
     }
-    let one: serde_json::Value =
-        serde_json::from_str(&ok(&["machine", "get", "--server", s, "web-1", "--json"])).unwrap();
+    let one: serde_json::Value = serde_json::from_str(&common::cli_ok(&[
+        "machine", "get", "--server", s, "web-1", "--json",
+    ]))
+    .unwrap();
     assert_eq!(one["metadata"]["note"], hostile, "JSON keeps the value");
-    let all: serde_json::Value =
-        serde_json::from_str(&ok(&["instances", "--server", s, "web", "--json"])).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&common::cli_ok(&[
+        "instances",
+        "--server",
+        s,
+        "web",
+        "--json",
+    ]))
+    .unwrap();
     assert_eq!(all["machines"][0]["metadata"]["note"], hostile);
 }
 

@@ -11,7 +11,6 @@ use common::{Agent, machine};
 use patina_proto::v1::{ListInstancesRequest, UpsertMachineRequest};
 
 const AGENTS: usize = 5;
-const GOSSIP_PORT: u16 = 7946;
 /// Generous bounds for a loaded CI machine; the benchmark measures the real figures.
 const CONVERGE: Duration = Duration::from_secs(20);
 
@@ -20,20 +19,7 @@ fn ip(i: usize) -> String {
 }
 
 fn start(root: &Path, i: usize) -> Agent {
-    let extra = format!(
-        "[gossip]\nlisten = \"{}:{GOSSIP_PORT}\"\nseeds = [\"{}:{GOSSIP_PORT}\", \"{}:{GOSSIP_PORT}\"]\n",
-        ip(i),
-        ip(0),
-        ip(1),
-    );
-    Agent::start_host(
-        Path::new(env!("CARGO_BIN_EXE_patina")),
-        &root.join(format!("agent{i}")),
-        &ip(i),
-        &format!("worker-{i}"),
-        &extra,
-    )
-    .expect("start patina")
+    common::start_member(root, i, &ip(i), &[ip(0), ip(1)])
 }
 
 /// Ids of an app's instances as an agent serves them.

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::machine;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{ListInstancesRequest, Machine, UpsertMachinesRequest};
@@ -160,17 +158,8 @@ async fn the_cli_lists_every_page_and_the_largest_page_fits_the_response_cap() {
         .collect();
     upsert_all(&mut client, machines).await;
 
-    let out = Command::new(env!("CARGO_BIN_EXE_patina"))
-        .args(["instances", "--server", agent.host_port(), "big", "--json"])
-        .env_remove("PATINA_SERVER")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = common::cli_ok(&["instances", "--server", agent.host_port(), "big", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ids: Vec<&str> = doc["machines"]
         .as_array()
         .unwrap()

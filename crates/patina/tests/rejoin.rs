@@ -2,31 +2,19 @@
 //! finds its region through the members it knew (`gossip-members` in its data directory).
 //! Three real agents on 127.0.0.61-63; agent 0 is everyone's only seed.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use patina_testkit::Agent;
-
-const GOSSIP_PORT: u16 = 7946;
+use common::Agent;
 
 fn ip(i: usize) -> String {
     format!("127.0.0.{}", 61 + i)
 }
 
 fn start(root: &Path, i: usize) -> Agent {
-    let extra = format!(
-        "[gossip]\nlisten = \"{}:{GOSSIP_PORT}\"\nseeds = [\"{}:{GOSSIP_PORT}\"]\n",
-        ip(i),
-        ip(0),
-    );
-    Agent::start_host(
-        Path::new(env!("CARGO_BIN_EXE_patina")),
-        &root.join(format!("agent{i}")),
-        &ip(i),
-        &format!("worker-{i}"),
-        &extra,
-    )
-    .expect("start patina")
+    common::start_member(root, i, &ip(i), &[ip(0)])
 }
 
 /// Poll (bounded) until `agent` sees `n` alive members.

@@ -1,6 +1,6 @@
 //! Tombstone collection: rows and index entries go, numbers stay known, old tokens reset.
 
-use super::watch::next;
+use super::watch::{next, snapshot_token};
 use super::*;
 
 /// Now, in wall milliseconds: tombstones written by these tests are older than `FUTURE`.
@@ -145,15 +145,7 @@ fn a_token_from_below_a_collected_tombstone_gets_a_reset_once_behind_the_log() {
     let store = Store::open(dir.path(), small_log(4)).unwrap();
     rt.block_on(store.write(vec![put("gone", "web", "1", true)]))
         .unwrap();
-    let mut cursor = store.watch(None, None, 100);
-    assert!(matches!(
-        next(&rt, &mut cursor),
-        WatchItem::Snapshot { reset: true, .. }
-    ));
-    let WatchItem::SnapshotDone { token: old } = next(&rt, &mut cursor) else {
-        panic!("expected the end of the snapshot")
-    };
-    drop(cursor);
+    let old = snapshot_token(&rt, &store);
     rt.block_on(store.write(vec![del("gone")])).unwrap();
     // Push the deletion out of the 4-entry log, so a resume must walk the rows.
     for i in 0..8 {
@@ -173,15 +165,7 @@ fn a_token_from_below_a_collected_tombstone_gets_a_reset_once_behind_the_log() {
         other => panic!("expected a catch-up, got {other:?}"),
     }
     // A token from after the deletion.
-    let mut cursor = store.watch(None, None, 100);
-    assert!(matches!(
-        next(&rt, &mut cursor),
-        WatchItem::Snapshot { reset: true, .. }
-    ));
-    let WatchItem::SnapshotDone { token: recent } = next(&rt, &mut cursor) else {
-        panic!("expected the end of the snapshot")
-    };
-    drop(cursor);
+    let recent = snapshot_token(&rt, &store);
     assert_eq!(
         rt.block_on(store.collect_tombstones(FUTURE, u64::MAX, 16))
             .unwrap(),
@@ -342,15 +326,7 @@ fn a_collection_during_a_catch_up_walk_turns_it_into_a_snapshot() {
     let store = Store::open(dir.path(), small_log(4)).unwrap();
     rt.block_on(store.write(vec![put("x", "web", "1", true)]))
         .unwrap();
-    let mut cursor = store.watch(None, None, 100);
-    assert!(matches!(
-        next(&rt, &mut cursor),
-        WatchItem::Snapshot { reset: true, .. }
-    ));
-    let WatchItem::SnapshotDone { token } = next(&rt, &mut cursor) else {
-        panic!("expected the end of the snapshot")
-    };
-    drop(cursor);
+    let token = snapshot_token(&rt, &store);
     for i in 0..6 {
         rt.block_on(store.write(vec![put(&format!("m{i}"), "web", "x", true)]))
             .unwrap();

@@ -14,6 +14,19 @@ pub(super) fn next(rt: &tokio::runtime::Runtime, cursor: &mut Cursor) -> WatchIt
     })
 }
 
+/// A whole-store watch from scratch: its snapshot (reset first), then the token at its end.
+pub(super) fn snapshot_token(rt: &tokio::runtime::Runtime, store: &Store) -> ResumeToken {
+    let mut cursor = store.watch(None, None, 100);
+    assert!(matches!(
+        next(rt, &mut cursor),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+    let WatchItem::SnapshotDone { token } = next(rt, &mut cursor) else {
+        panic!("expected the end of the snapshot")
+    };
+    token
+}
+
 fn delta_keys(item: &WatchItem) -> (Vec<(String, bool)>, ResumeToken) {
     match item {
         WatchItem::Delta { changes, token } => (
