@@ -8,6 +8,7 @@ const PROTOS: &[&str] = &[
     "patina/v1/machine.proto",
     "patina/v1/region.proto",
     "patina/v1/cluster.proto",
+    "patina/v1/global.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -89,6 +89,7 @@ async fn watch_all(url: String, seen: SeenRef) {
         .watch(WatchRequest {
             app: "bench".into(),
             resume_token: String::new(),
+            heartbeat_ms: 0,
         })
         .await
     else {

@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use patina_proto::v1::region_server::RegionServer;
 use patina_store::Store;
 use tokio::net::TcpListener;
+use tonic::transport::server::Router;
 
 pub use kind::MachineKind;
 pub use limits::Limits;
@@ -83,6 +84,43 @@ pub async fn serve(
     cluster: Option<ClusterServices>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let max_watches = limits.max_watches;
+    let (region, host) = (id.region.clone(), id.host.clone());
+    let served = store.clone();
+    tracing::info!(region = %id.region, host = %id.host, "serving the region API");
+    serve_with(
+        listener,
+        store,
+        limits,
+        <RegionServer<RegionService> as tonic::server::NamedService>::NAME,
+        cluster,
+        move |router, stopping| {
+            let service =
+                RegionService::new(served, &region, &host, stopping).with_max_watches(max_watches);
+            router.add_service(
+                RegionServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// Serve a tier's API (added to the router by `add`, which is given the receiver that turns
+/// true when the server begins to stop), health (`name` and the whole server) and
+/// reflection, and the cluster's services when given, on `listener` within `limits`, until
+/// `shutdown` resolves or the store fails. Shared by the region and global agents.
+pub async fn serve_with(
+    listener: TcpListener,
+    store: Store,
+    limits: Limits,
+    name: &'static str,
+    cluster: Option<ClusterServices>,
+    add: impl FnOnce(Router, tokio::sync::watch::Receiver<bool>) -> Router,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
     let (sync, admin) = match cluster {
         Some(c) => (Some(c.sync), Some(c.admin)),
         None => (None, None),
@@ -90,20 +128,15 @@ pub async fn serve(
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let watched = store.clone();
-    let service = RegionService::new(store, &id.region, &id.host, stopping.clone())
-        .with_max_watches(limits.max_watches);
-    let region = RegionServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<RegionServer<RegionService>>()
+        .set_service_status(name, tonic_health::ServingStatus::Serving)
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(patina_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tracing::info!(addr = ?local, region = %id.region, host = %id.host, "serving the region API");
+    tracing::info!(addr = ?local, service = name, "serving");
     // Admission sets TCP_NODELAY on each accepted socket: the server's own setting applies
     // only to listeners it binds.
     let (incoming, overflow) = listener::admit(listener, &limits);
@@ -116,15 +149,17 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health)
         .add_service(reflection)
-        .add_service(region)
         .add_optional_service(sync)
-        .add_optional_service(admin)
+        .add_optional_service(admin);
+    let served = add(served, stopping.clone())
         .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 _ = shutdown => {}
                 why = watched.failed() => {
                     tracing::error!(reason = %why, "the store failed: reporting NOT_SERVING and stopping");
-                    health_reporter.set_not_serving::<RegionServer<RegionService>>().await;
+                    health_reporter
+                        .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                        .await;
                     health_reporter
                         .set_service_status("", tonic_health::ServingStatus::NotServing)
                         .await;

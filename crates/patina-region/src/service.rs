@@ -161,8 +161,13 @@ fn change_to_proto(c: &Change) -> Result<MachineChange, Status> {
     })
 }
 
-/// One cursor item as a Watch message.
-pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
+/// Bounds of `WatchRequest.heartbeat_ms` (values outside are taken as the nearest bound).
+const MIN_HEARTBEAT_MS: u32 = 100;
+const MAX_HEARTBEAT_MS: u32 = 60_000;
+
+/// One cursor item as a Watch message, stamped with the store's clock `view_hlc` (read after
+/// the item was made).
+pub fn watch_response(item: WatchItem, view_hlc: u64) -> Result<WatchResponse, Status> {
     use watch_response::Kind;
     Ok(match item {
         WatchItem::Snapshot { reset, entries } => WatchResponse {
@@ -177,12 +182,14 @@ pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
                 })
                 .collect::<Result<_, Status>>()?,
             resume_token: String::new(),
+            view_hlc,
         },
         WatchItem::SnapshotDone { token } => WatchResponse {
             kind: Kind::SnapshotDone as i32,
             reset: false,
             changes: Vec::new(),
             resume_token: token.to_string(),
+            view_hlc,
         },
         WatchItem::Delta { changes, token } => WatchResponse {
             kind: Kind::Delta as i32,
@@ -192,6 +199,7 @@ pub fn watch_response(item: WatchItem) -> Result<WatchResponse, Status> {
                 .map(change_to_proto)
                 .collect::<Result<_, _>>()?,
             resume_token: token.to_string(),
+            view_hlc,
         },
     })
 }
@@ -403,7 +411,11 @@ impl Region for RegionService {
                 "too many open Watch streams on this agent (limits.max_watches); retry later",
             )
         })?;
-        let cursor = self.store.watch(scope, resume, WATCH_BATCH);
+        let mut cursor = self.store.watch(scope, resume, WATCH_BATCH);
+        if req.heartbeat_ms > 0 {
+            let ms = req.heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);
+            cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
+        }
         // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
         // client simply stops its cursor; the cursor catches up later without buffering.
         let stopping = self.stopping.clone();
@@ -416,7 +428,8 @@ impl Region for RegionService {
                 }
                 let response = tokio::select! {
                     item = cursor.next() => match item {
-                        Some(item) => watch_response(item),
+                        // Read after the item is made: at or above every change in it.
+                        Some(item) => watch_response(item, store.view_hlc().0),
                         None => Err(match store.failure() {
                             Some(why) => Status::unavailable(format!(
                                 "the agent's store failed and the agent is stopping: {why}"

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use crate::Version;
+use crate::{Entry, NodeId, Version};
 
 /// What the index needs to know of a live value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,6 +49,23 @@ pub trait Kind: Send + Sync + 'static {
     /// briefly.
     fn check(&self, key: &str, group: &str, value: Option<&[u8]>) -> Result<(), String> {
         let _ = (key, group, value);
+        Ok(())
+    }
+
+    /// Check a record from a peer against what this store holds, knowing its origin (after
+    /// [`Kind::check`] passed): for instance that the origin registered for the scope the
+    /// record claims. `held` reads a key's current state, records staged earlier in the same
+    /// group commit included. A refusal is counted like one of `check`'s; the record's number
+    /// stays unknown, so anti-entropy asks for it again later (when its registration may
+    /// have arrived).
+    fn check_held(
+        &self,
+        origin: NodeId,
+        key: &str,
+        value: Option<&[u8]>,
+        held: &dyn Fn(&str) -> Option<Entry>,
+    ) -> Result<(), String> {
+        let _ = (origin, key, value, held);
         Ok(())
     }
 

@@ -232,6 +232,11 @@ pub(crate) struct State {
     /// `Meta::retired` as of the latest commit.
     retired: RwLock<merge::Retired>,
     refusals: Mutex<BTreeMap<NodeId, Refusals>>,
+    /// The hybrid logical clock as of the latest commit: at or above every version the
+    /// readers can see. Watch messages are stamped from it (`Store::view_hlc`).
+    hlc: AtomicU64,
+    /// Where wall-clock time comes from.
+    wall: Arc<dyn Clock>,
     /// Set once, when the store fails for good.
     failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
     commits: AtomicU64,
@@ -274,6 +279,17 @@ impl State {
             }
         }
         *self.retired.write().expect("retired lock") = retired;
+    }
+
+    /// Raise the published clock to the writer's (after a commit, before the feed).
+    pub(crate) fn publish_hlc(&self, hlc: Hlc) {
+        self.hlc.fetch_max(hlc.0, Ordering::AcqRel);
+    }
+
+    /// A reading of this store's clock for a view of it: the later of the wall clock and the
+    /// clock as of the latest commit. Not a tick: nothing is persisted.
+    pub(crate) fn view_hlc(&self) -> Hlc {
+        Hlc(self.hlc.load(Ordering::Acquire)).max(Hlc::from_physical_ms(self.wall.now_ms()))
     }
 
     fn publish_collected(&self, rev: u64) {
@@ -429,8 +445,17 @@ pub const DB_FILE: &str = "patina.db";
 const COLLECT_CHUNK: usize = 1024;
 const LOCK_FILE: &str = "LOCK";
 
-fn new_state(meta: &Meta, index: Index, feed: Feed, rows: Rows, knowledge: Digest) -> Arc<State> {
+fn new_state(
+    meta: &Meta,
+    index: Index,
+    feed: Feed,
+    rows: Rows,
+    knowledge: Digest,
+    wall: Arc<dyn Clock>,
+) -> Arc<State> {
     Arc::new(State {
+        hlc: AtomicU64::new(meta.hlc.0),
+        wall,
         node: AtomicU64::new(meta.node.0),
         index,
         feed,
@@ -516,6 +541,7 @@ impl Store {
             feed,
             Rows::Sqlite(sqlite::Readers::new(path)),
             knowledge.clone(),
+            opts.clock.clone(),
         );
         let (local, remote) = opts.queue_limits();
         let queue = Arc::new(Queue::new(local, remote));
@@ -594,6 +620,7 @@ impl Store {
             feed,
             Rows::Memory(rows.clone()),
             knowledge.clone(),
+            opts.clock.clone(),
         );
         let inline = Inline {
             core: Core {
@@ -908,6 +935,13 @@ impl Store {
         max_batch: usize,
     ) -> Cursor {
         Cursor::new(self.state.clone(), group, resume, max_batch)
+    }
+
+    /// A reading of this store's hybrid logical clock for a view of its state: at or above
+    /// the version of everything readers can see now (the later of the wall clock and the
+    /// clock as of the latest commit). Watch messages carry it; nothing is persisted.
+    pub fn view_hlc(&self) -> Hlc {
+        self.state.view_hlc()
     }
 
     /// What this store knows, per origin, as of the latest commit.

@@ -120,6 +120,9 @@ pub enum Refusal {
     ClockAhead { ahead_ms: u64 },
     /// The record kind refused the value (see [`crate::Kind::check`]).
     Invalid(String),
+    /// The record kind refused it against what this store holds (see
+    /// [`crate::Kind::check_held`]), e.g. its origin's registration is not here (yet).
+    Unmet(String),
     /// The origin already has [`crate::MAX_GAPS_PER_ORIGIN`] gaps here; this record would
     /// open another. It will come again, in order, through anti-entropy.
     TooManyGaps,
@@ -141,6 +144,7 @@ impl std::fmt::Display for Refusal {
                 write!(f, "timestamp {ahead_ms} ms ahead of this node's clock")
             }
             Refusal::Invalid(why) => write!(f, "invalid value: {why}"),
+            Refusal::Unmet(why) => write!(f, "refused against what is held: {why}"),
             Refusal::TooManyGaps => write!(f, "too many gaps for this origin"),
             Refusal::TooManyOrigins => write!(f, "too many origins"),
             Refusal::OwnOriginConflict => {
@@ -653,11 +657,17 @@ impl Core {
             covered: Vec::with_capacity(batch.covered.len()),
         };
         for record in &batch.records {
-            let outcome = self.stage_record(g, record)?;
+            report.records.push(self.stage_record(g, record)?);
+        }
+        // A record refused against what is held may depend on one later in the batch (a
+        // peer sends newest first: a bridge's summaries before its registration): once more.
+        for (record, outcome) in batch.records.iter().zip(report.records.iter_mut()) {
+            if matches!(outcome, ApplyOutcome::Refused(Refusal::Unmet(_))) {
+                *outcome = self.stage_record(g, record)?;
+            }
             if let ApplyOutcome::Refused(why) = &outcome {
                 g.staged.refusals.push((record.version.origin, why.clone()));
             }
-            report.records.push(outcome);
         }
         for &(origin, range) in &batch.covered {
             let outcome = self.stage_covered(g, origin, range);
@@ -983,6 +993,14 @@ impl Core {
             .check(&record.key, &record.group, record.value.as_deref())
         {
             return Ok(Refused(Refusal::Invalid(why)));
+        }
+        if let Err(why) =
+            self.kind
+                .check_held(v.origin, &record.key, record.value.as_deref(), &|key| {
+                    g.current(key)
+                })
+        {
+            return Ok(Refused(Refusal::Unmet(why)));
         }
         let flags = record
             .value

@@ -139,9 +139,19 @@ pub struct Cursor {
     phase: Phase,
     rx: watch::Receiver<u64>,
     max_batch: usize,
+    /// Once live and idle this long, yield an empty delta anyway (see [`Cursor::with_heartbeat`]).
+    heartbeat: Option<std::time::Duration>,
 }
 
 impl Cursor {
+    /// Once the cursor is live, yield an empty delta (a heartbeat, with a token) whenever
+    /// nothing in scope changed for `every`: its reader learns that its view is current as
+    /// of now (`Store::view_hlc`), not only as of the last change.
+    pub fn with_heartbeat(mut self, every: std::time::Duration) -> Cursor {
+        self.heartbeat = Some(every);
+        self
+    }
+
     pub(crate) fn new(
         state: Arc<State>,
         scope: Option<Arc<str>>,
@@ -159,6 +169,7 @@ impl Cursor {
             phase: Phase::Live,
             rx,
             max_batch: max_batch.max(1),
+            heartbeat: None,
         };
         match resume {
             Some(t) if cursor.can_resume(t) => {
@@ -440,7 +451,20 @@ impl Cursor {
                     if self.state.feed.is_closed() {
                         return None;
                     }
-                    if self.rx.changed().await.is_err() {
+                    let changed = match self.heartbeat {
+                        None => self.rx.changed().await,
+                        Some(every) => match tokio::time::timeout(every, self.rx.changed()).await {
+                            Ok(changed) => changed,
+                            Err(_idle) => {
+                                let token = self.token(self.pos);
+                                return Some(WatchItem::Delta {
+                                    changes: Vec::new(),
+                                    token,
+                                });
+                            }
+                        },
+                    };
+                    if changed.is_err() {
                         return None;
                     }
                 }

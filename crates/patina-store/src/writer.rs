@@ -160,6 +160,8 @@ pub(crate) fn finish_group(
     }
     state.publish_knowledge(staged.knowledge);
     state.count_refusals(staged.refusals);
+    // The clock before the feed: a watch message made after a change is stamped above it.
+    state.publish_hlc(core.clock.last());
     state.feed.publish(staged.changes);
     for (req, outcome) in requests.into_iter().zip(outcomes) {
         req.answer(outcome);

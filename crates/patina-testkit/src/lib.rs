@@ -21,6 +21,9 @@ use tonic::transport::Channel;
 
 /// The line an agent prints on stdout once it serves, followed by its URL.
 pub const ANNOUNCE: &str = "region API: ";
+/// The same for `patina global` and `patina bridge`.
+pub const GLOBAL_ANNOUNCE: &str = "global API: ";
+pub const BRIDGE_ANNOUNCE: &str = "bridge API: ";
 
 /// How long an agent may take to announce itself (a debug build opening a large store).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,14 +81,30 @@ impl Agent {
         host: &str,
         extra: &str,
     ) -> std::io::Result<Agent> {
+        let config = format!(
+            "region = \"test\"\nhost = \"{host}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{extra}"
+        );
+        Agent::spawn(wrapper, bin, "region", dir, &config)
+    }
+
+    /// Start `bin ROLE --config` (`region`, `global` or `bridge`) with `config` (TOML; the
+    /// data directory is added, under `dir`), and wait for its announcement.
+    pub fn start_role(bin: &Path, role: &str, dir: &Path, config: &str) -> std::io::Result<Agent> {
+        Agent::spawn(&[], bin, role, dir, config)
+    }
+
+    fn spawn(
+        wrapper: &[&str],
+        bin: &Path,
+        role: &str,
+        dir: &Path,
+        config: &str,
+    ) -> std::io::Result<Agent> {
         std::fs::create_dir_all(dir)?;
-        let config = dir.join("patina.toml");
+        let path = dir.join("patina.toml");
         std::fs::write(
-            &config,
-            format!(
-                "region = \"test\"\nhost = \"{host}\"\nlisten = \"{ip}:0\"\ndata_dir = \"{}\"\nlog = \"warn\"\n{extra}",
-                dir.join("data").display()
-            ),
+            &path,
+            format!("data_dir = \"{}\"\n{config}", dir.join("data").display()),
         )?;
         let mut command = match wrapper.split_first() {
             Some((first, rest)) => {
@@ -96,15 +115,20 @@ impl Agent {
             None => Command::new(bin),
         };
         let mut child = command
-            .args(["region", "--config"])
-            .arg(&config)
+            .args([role, "--config"])
+            .arg(&path)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
         let stdout = stdout_lines(child.stdout.take().expect("piped"));
-        let url = wait_for_line(&stdout, ANNOUNCE, START_TIMEOUT).ok_or_else(|| {
+        let announce = match role {
+            "global" => GLOBAL_ANNOUNCE,
+            "bridge" => BRIDGE_ANNOUNCE,
+            _ => ANNOUNCE,
+        };
+        let url = wait_for_line(&stdout, announce, START_TIMEOUT).ok_or_else(|| {
             let _ = child.kill();
             std::io::Error::other("the agent did not announce its address")
         })?;
@@ -114,6 +138,18 @@ impl Agent {
             dir: dir.to_path_buf(),
             stdout,
         })
+    }
+
+    /// Start it again after a stop or a kill: same directory and config, a new port.
+    pub fn restart(&mut self, bin: &Path, role: &str) -> std::io::Result<()> {
+        let config = std::fs::read_to_string(self.dir.join("patina.toml"))?;
+        let config: String = config
+            .lines()
+            .filter(|l| !l.starts_with("data_dir ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        *self = Agent::spawn(&[], bin, role, &self.dir.clone(), &config)?;
+        Ok(())
     }
 
     /// A gRPC client of its region API.

@@ -623,6 +623,7 @@ pub async fn watch(
         .watch(WatchRequest {
             app: app.unwrap_or_default(),
             resume_token: resume.unwrap_or_default(),
+            heartbeat_ms: 0,
         })
         .await
         .map_err(status_error)?
@@ -721,4 +722,76 @@ mod tests {
             assert_eq!(back, value);
         }
     }
+}
+
+#[derive(Serialize)]
+struct LookupJson {
+    app: String,
+    regions: Vec<RegionJson>,
+}
+
+#[derive(Serialize)]
+struct RegionJson {
+    region: String,
+    healthy: u32,
+    total: u32,
+    rtt_ms: Option<u32>,
+    view_time_ms: u64,
+}
+
+/// `patina lookup`: ask a global agent which regions have healthy instances of an app.
+pub async fn lookup(
+    server: &str,
+    app: String,
+    from: Option<String>,
+    all: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut client = patina_proto::v1::global_client::GlobalClient::new(channel(server).await?);
+    let answer = client
+        .lookup_app(patina_proto::v1::LookupAppRequest {
+            app,
+            from_region: from.unwrap_or_default(),
+            include_empty: all,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if json {
+        let doc = LookupJson {
+            app: answer.app,
+            regions: answer
+                .regions
+                .into_iter()
+                .map(|r| RegionJson {
+                    region: r.region,
+                    healthy: r.healthy,
+                    total: r.total,
+                    rtt_ms: r.rtt_ms,
+                    view_time_ms: r.view_time_ms,
+                })
+                .collect(),
+        };
+        println!("{}", to_json(&doc)?);
+        return Ok(());
+    }
+    if answer.regions.is_empty() {
+        println!("no region has healthy instances of {}", term(&answer.app));
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>8} {:>8} {:>8}",
+        "REGION", "HEALTHY", "TOTAL", "RTT_MS"
+    );
+    for r in &answer.regions {
+        let rtt = r.rtt_ms.map_or("-".to_owned(), |ms| ms.to_string());
+        println!(
+            "{:<16} {:>8} {:>8} {:>8}",
+            term(&r.region),
+            r.healthy,
+            r.total,
+            rtt
+        );
+    }
+    Ok(())
 }

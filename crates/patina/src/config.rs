@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// Top-level keys; other `PATINA_*` variables (the CLI's own, such as `PATINA_SERVER`) are
 /// not configuration and are ignored here.
 const KEYS: &[&str] = &[
-    "region", "host", "data_dir", "listen", "log", "store", "limits", "gossip",
+    "region", "host", "data_dir", "listen", "log", "store", "limits", "gossip", "global", "bridge",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,6 +33,96 @@ pub struct Config {
     pub store: StoreConfig,
     pub limits: LimitsConfig,
     pub gossip: GossipConfig,
+    /// The global tier (`patina global`, `patina bridge`): the region table and staleness.
+    pub global: GlobalConfig,
+    /// A bridge (`patina bridge`): the region agents it follows and its timings.
+    pub bridge: BridgeSection,
+}
+
+/// The global tier's cluster name when `gossip.cluster` is not given.
+pub const GLOBAL_CLUSTER: &str = "global";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfig {
+    /// Where regions are, for nearest-first answers: coordinates and/or measured RTTs.
+    pub regions: Vec<patina_edge::RegionSpec>,
+    /// A region none of whose live bridges has shown a view newer than this is left out of
+    /// lookups (its agents are all down, or cut off from its bridges). 0: never.
+    pub stale_after_secs: u64,
+}
+
+impl Default for GlobalConfig {
+    fn default() -> Self {
+        GlobalConfig {
+            regions: Vec::new(),
+            stale_after_secs: 30,
+        }
+    }
+}
+
+impl GlobalConfig {
+    pub fn region_table(&self) -> anyhow::Result<patina_edge::RegionTable> {
+        patina_edge::RegionTable::new(self.regions.clone())
+            .map_err(|e| anyhow::anyhow!("config: global.regions: {e}"))
+    }
+
+    pub fn stale_after(&self) -> Option<std::time::Duration> {
+        (self.stale_after_secs > 0).then(|| std::time::Duration::from_secs(self.stale_after_secs))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeSection {
+    /// gRPC addresses (`host:port`) of this region's agents, most preferred first. Give every
+    /// bridge of a region the same list: they then follow the same agent.
+    pub region_agents: Vec<String>,
+    /// Count changes that keep an app above zero healthy wait at most this long (1 to 1000).
+    pub coalesce_ms: u64,
+    /// How much newer a bridge's view must be to replace a disagreeing summary that came
+    /// with no news: more than replication takes inside the region.
+    pub settle_ms: u64,
+    /// How often the bridge's heartbeat is written while its view advances. Keep it well
+    /// under `global.stale_after_secs`.
+    pub heartbeat_ms: NonZeroU64,
+    /// How often a quiet region agent still shows the bridge a current view.
+    pub watch_heartbeat_ms: NonZeroU64,
+}
+
+impl Default for BridgeSection {
+    fn default() -> Self {
+        let d = patina_global::bridge::BridgeConfig::new("x", Vec::new());
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        BridgeSection {
+            region_agents: Vec::new(),
+            coalesce_ms: ms(d.timing.coalesce),
+            settle_ms: ms(d.timing.settle),
+            heartbeat_ms: NonZeroU64::new(ms(d.heartbeat)).expect("non-zero"),
+            watch_heartbeat_ms: NonZeroU64::new(ms(d.watch_heartbeat)).expect("non-zero"),
+        }
+    }
+}
+
+impl BridgeSection {
+    /// The bridge's configuration for `region`.
+    pub fn bridge(&self, region: &str) -> anyhow::Result<patina_global::bridge::BridgeConfig> {
+        anyhow::ensure!(
+            !self.region_agents.is_empty(),
+            "config: bridge.region_agents must list the region's agents"
+        );
+        anyhow::ensure!(
+            (1..=1000).contains(&self.coalesce_ms),
+            "config: bridge.coalesce_ms must be between 1 and 1000"
+        );
+        let ms = std::time::Duration::from_millis;
+        let mut b = patina_global::bridge::BridgeConfig::new(region, self.region_agents.clone());
+        b.timing.coalesce = ms(self.coalesce_ms);
+        b.timing.settle = ms(self.settle_ms);
+        b.heartbeat = ms(self.heartbeat_ms.get());
+        b.watch_heartbeat = ms(self.watch_heartbeat_ms.get());
+        Ok(b)
+    }
 }
 
 /// Membership and replication between the agents of one region. See
@@ -183,6 +273,15 @@ impl Default for StoreConfig {
 impl StoreConfig {
     /// Store options for a region agent's store of machines.
     pub fn options(&self, region: &str) -> patina_store::StoreOptions {
+        self.options_of(std::sync::Arc::new(patina_region::MachineKind::new(region)))
+    }
+
+    /// Store options for a global agent's (or bridge's) store of summaries.
+    pub fn global_options(&self) -> patina_store::StoreOptions {
+        self.options_of(std::sync::Arc::new(patina_global::SummaryKind))
+    }
+
+    fn options_of(&self, kind: patina_store::KindRef) -> patina_store::StoreOptions {
         patina_store::StoreOptions {
             write_queue: self.write_queue,
             write_queue_bytes: self.write_queue_bytes,
@@ -192,7 +291,7 @@ impl StoreConfig {
             max_remote_batch_ops: self.max_remote_batch_ops,
             watch_log_capacity: self.watch_log_capacity,
             watch_log_bytes: self.watch_log_bytes,
-            kind: std::sync::Arc::new(patina_region::MachineKind::new(region)),
+            kind,
             ..patina_store::StoreOptions::default()
         }
     }
@@ -243,6 +342,8 @@ impl Default for Config {
             store: StoreConfig::default(),
             limits: LimitsConfig::default(),
             gossip: GossipConfig::default(),
+            global: GlobalConfig::default(),
+            bridge: BridgeSection::default(),
         }
     }
 }
@@ -284,6 +385,7 @@ impl Config {
         patina_region::validate::host_name(&self.host)
             .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         self.gossip.node(&self.region)?;
+        self.global.region_table()?;
         Ok(())
     }
 }

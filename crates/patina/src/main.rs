@@ -5,9 +5,11 @@
 
 mod client;
 mod config;
+mod dev;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -26,11 +28,26 @@ struct Cli {
 
 /// Default agent address for client commands.
 const DEFAULT_SERVER: &str = "127.0.0.1:7600";
+/// Default global agent address for `patina lookup`.
+const DEFAULT_GLOBAL_SERVER: &str = "127.0.0.1:7700";
 
 #[derive(Subcommand)]
 enum Command {
     /// Run a region agent.
     Region {
+        /// TOML configuration file (see docs/configuration.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a global agent (one per edge proxy): the global map of apps to regions.
+    Global {
+        /// TOML configuration file (see docs/configuration.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a bridge: a global agent that follows its region's agents and publishes the
+    /// region's (app, region) summaries.
+    Bridge {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -42,14 +59,29 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run a development region of three agents on embedded defaults, until Ctrl-C.
+    /// Run a small world on embedded defaults until Ctrl-C: three regions of three agents,
+    /// two bridges per region, three global agents.
     Dev {
         /// Keep data here (default: a new temporary directory, removed on exit).
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Address of the region API.
+        /// Address of the region API of the first region's first agent.
         #[arg(long, default_value = DEFAULT_SERVER)]
         listen: SocketAddr,
+    },
+    /// The regions with healthy instances of an app, nearest first (asks a global agent).
+    Lookup {
+        #[arg(long, env = "PATINA_GLOBAL_SERVER", default_value = DEFAULT_GLOBAL_SERVER)]
+        server: String,
+        app: String,
+        /// The region to order from (default: the global agent's own).
+        #[arg(long)]
+        from: Option<String>,
+        /// Also list regions whose instances are all unhealthy.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Write, read or delete one machine.
     Machine {
@@ -147,7 +179,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Region { config } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
-                run_agent(config, None, None, shutdown_signal()).await
+                run_agent(config, Role::Region, None, None, shutdown_signal()).await
+            }
+            Command::Global { config } => {
+                let config = Config::load(config.as_deref())?;
+                init_logs(&config.log);
+                run_agent(config, Role::Global, None, None, shutdown_signal()).await
+            }
+            Command::Bridge { config } => {
+                let config = Config::load(config.as_deref())?;
+                init_logs(&config.log);
+                let bridge = config.bridge.bridge(&config.region)?;
+                run_agent(config, Role::Bridge(bridge), None, None, shutdown_signal()).await
             }
             Command::NewOrigin { config } => {
                 let config = Config::load(config.as_deref())?;
@@ -161,7 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let root = data_dir.unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("patina-dev-{}", std::process::id()))
                 });
-                let result = run_dev(config, &root, listen).await;
+                let result = dev::run(config, &root, listen).await;
                 if temp {
                     let _ = std::fs::remove_dir_all(&root);
                 }
@@ -189,6 +232,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Members { server, json } => client::members(&server, json).await,
             Command::Status { server, json } => client::status(&server, json).await,
             Command::Forget { server, member } => client::forget(&server, member).await,
+            Command::Lookup {
+                server,
+                app,
+                from,
+                all,
+                json,
+            } => client::lookup(&server, app, from, all, json).await,
         }
     })
 }
@@ -200,25 +250,6 @@ fn init_logs(filter: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-}
-
-fn print_dev_banner(config: &Config, addr: SocketAddr) {
-    println!(
-        "patina dev: region {:?} of {DEV_AGENTS} agents, data in {}",
-        config.region,
-        config
-            .data_dir
-            .parent()
-            .unwrap_or(&config.data_dir)
-            .display()
-    );
-    println!("try:");
-    println!("  patina machine put --server {addr} --app web --id web-1 --addr 127.0.0.1:8080");
-    println!("  patina instances --server {addr} web");
-    println!("  patina watch --server {addr} web");
-    println!("  patina members --server {addr}");
-    println!("  patina status --server {addr}");
-    println!("Ctrl-C stops.");
 }
 
 /// The announcement prefix scripts and `patina-testkit` look for.
@@ -296,77 +327,54 @@ async fn new_origin(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Agents `patina dev` runs: one region of three, as a cluster of three hosts would.
-const DEV_AGENTS: usize = 3;
+/// What an agent runs as.
+pub(crate) enum Role {
+    /// A region agent: machines of its region.
+    Region,
+    /// A global agent: the global map, for an edge proxy.
+    Global,
+    /// A bridge: a global agent that also publishes its region's summaries.
+    Bridge(patina_global::bridge::BridgeConfig),
+}
 
-/// A region of [`DEV_AGENTS`] agents in this process on embedded defaults: the first serves
-/// the region API at `listen`, the others on free ports of its IP; all gossip on loopback.
-async fn run_dev(base: Config, root: &std::path::Path, listen: SocketAddr) -> anyhow::Result<()> {
-    // The first agent's gossip port is the seed of the others: fixed before any starts.
-    let seed = match listen.port() {
-        0 => std::net::UdpSocket::bind(SocketAddr::new(listen.ip(), 0))?.local_addr()?,
-        p => SocketAddr::new(listen.ip(), p.wrapping_add(1)),
-    };
-    // One signal stops every agent (a handler installed after the signal would miss it).
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stop.send_replace(true);
-    });
-    let mut agents = tokio::task::JoinSet::new();
-    for i in 0..DEV_AGENTS {
-        let mut config = base.clone();
-        config.region = "dev".into();
-        config.host = format!("dev-{}", i + 1);
-        config.data_dir = root.join(format!("agent-{}", i + 1));
-        config.gossip.seeds = vec![seed];
-        if i == 0 {
-            config.listen = listen;
-            config.gossip.listen = Some(seed);
-        } else {
-            config.listen = SocketAddr::new(listen.ip(), 0);
-            config.gossip.listen = Some(SocketAddr::new(listen.ip(), 0));
-        }
-        let banner: Option<fn(&Config, SocketAddr)> = (i == 0).then_some(print_dev_banner as _);
-        let label = (i > 0).then(|| format!("region API (agent {}): ", i + 1));
-        let mut stopped = stopped.clone();
-        let shutdown = async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        };
-        agents.spawn(async move { run_agent(config, banner, label, shutdown).await });
-        if i == 0 {
-            // Let the first agent bind its ports before the others seed from it.
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+impl Role {
+    /// The announcement line's prefix: scripts and tests read it to find the agent.
+    fn announce(&self) -> &'static str {
+        match self {
+            Role::Region => ANNOUNCE,
+            Role::Global => "global API: ",
+            Role::Bridge(_) => "bridge API: ",
         }
     }
-    let mut result = Ok(());
-    while let Some(r) = agents.join_next().await {
-        if let Err(e) = r? {
-            result = Err(e);
-        }
-    }
-    result
+}
+
+/// Where a started agent is reached.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ready {
+    pub api: SocketAddr,
 }
 
 /// Run one agent: open the store, bind, start gossip, serve until `shutdown`, leave the
 /// cluster, then close the store cleanly. `label` replaces the announcement line's prefix
-/// (agents of `patina dev` after the first, so that scripts find the first one).
-async fn run_agent(
+/// (the agents of `patina dev` after the first, so that scripts find the first one);
+/// `ready` is told where the agent is once it serves.
+pub(crate) async fn run_agent(
     config: Config,
-    banner: Option<fn(&Config, SocketAddr)>,
+    role: Role,
     label: Option<String>,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     raise_open_file_limit(&config);
     let dir = config.data_dir.clone();
-    let opts = config.store.options(&config.region);
+    let (opts, cluster_default) = match role {
+        Role::Region => (config.store.options(&config.region), config.region.as_str()),
+        Role::Global | Role::Bridge(_) => (config.store.global_options(), config::GLOBAL_CLUSTER),
+    };
+    let node = config.gossip.node(cluster_default)?;
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let id = AgentIdentity {
-        region: config.region.clone(),
-        host: config.host.clone(),
-    };
     let limits = (&config.limits).into();
     // Gossip leaves the cluster when the agent shuts down, and only then does the server stop.
     let gossip_addr = config.gossip.listen_addr(config.listen);
@@ -377,7 +385,7 @@ async fn run_agent(
         let addr = listener.local_addr()?;
         let (stop_gossip, gossip_stopped) = tokio::sync::oneshot::channel::<()>();
         let shell = patina_gossip::shell::ShellConfig {
-            node: config.gossip.node(&config.region)?,
+            node: node.clone(),
             listen: gossip_addr,
             advertise: config.gossip.advertise,
             api_port: addr.port(),
@@ -410,30 +418,83 @@ async fn run_agent(
         }
     };
     // Scripts and tests read this line to find the agent.
-    println!("{}http://{addr}", label.as_deref().unwrap_or(ANNOUNCE));
-    if let Some(banner) = banner {
-        banner(&config, addr);
-    }
+    println!(
+        "{}http://{addr}",
+        label.as_deref().unwrap_or(role.announce())
+    );
     // Scripts and tests read this line to find the agent's gossip address.
     println!("gossip: udp {}", gossip.advertised);
+    if let Some(ready) = ready {
+        let _ = ready.send(Ready { api: addr });
+    }
     let cluster = patina_region::ClusterServices {
         sync: gossip.sync_service().into_server(),
         admin: gossip.admin_service().into_server(),
     };
+    // A bridge stops publishing before gossip leaves and the store closes.
+    let (stop_bridge, bridge_stopped) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;
+        stop_bridge.send_replace(true);
         let _ = stop_gossip.send(());
         let _ = gossip_task.await;
     };
-    let served = patina_region::serve(
-        listener,
-        store.clone(),
-        &id,
-        limits,
-        Some(cluster),
-        shutdown,
-    )
-    .await;
+    let served = match role {
+        Role::Region => {
+            let id = AgentIdentity {
+                region: config.region.clone(),
+                host: config.host.clone(),
+            };
+            patina_region::serve(
+                listener,
+                store.clone(),
+                &id,
+                limits,
+                Some(cluster),
+                shutdown,
+            )
+            .await
+        }
+        Role::Global | Role::Bridge(_) => {
+            let table = Arc::new(patina_edge::Table::new(
+                config.global.region_table()?,
+                config.global.stale_after(),
+            ));
+            let follower = tokio::spawn(patina_global::service::follow_store(
+                store.clone(),
+                table.clone(),
+            ));
+            let bridge = match role {
+                Role::Bridge(cfg) => {
+                    tracing::info!(region = %cfg.region, agents = ?cfg.region_agents, "bridging the region into the global tier");
+                    let mut stopped = bridge_stopped;
+                    Some(tokio::spawn(patina_global::bridge::run(
+                        store.clone(),
+                        cfg,
+                        async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        },
+                    )))
+                }
+                _ => None,
+            };
+            let served = patina_global::serve(
+                listener,
+                store.clone(),
+                table,
+                &config.region,
+                limits,
+                Some(cluster),
+                shutdown,
+            )
+            .await;
+            if let Some(bridge) = bridge {
+                bridge.abort();
+            }
+            follower.abort();
+            served
+        }
+    };
     drop(gossip);
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;

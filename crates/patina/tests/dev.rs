@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use patina_proto::v1::global_client::GlobalClient;
 use patina_proto::v1::region_client::RegionClient;
-use patina_proto::v1::{Health, Machine, MachineState, UpsertMachineRequest, WatchRequest};
+use patina_proto::v1::{
+    Health, LookupAppRequest, Machine, MachineState, UpsertMachineRequest, WatchRequest,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
@@ -20,11 +23,22 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         .spawn()
         .unwrap();
     let rx = patina_testkit::stdout_lines(child.stdout.take().unwrap());
+    // A failed assertion must not leave the world running (it holds the test's stdout).
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _guard = KillOnDrop(child.id());
     let mut url = None;
     let mut data = None;
-    while url.is_none() || data.is_none() {
+    let mut global = None;
+    while url.is_none() || data.is_none() || global.is_none() {
         let line = rx
-            .recv_timeout(Duration::from_secs(30))
+            .recv_timeout(Duration::from_secs(60))
             .expect("dev banner");
         if let Some(u) = line.strip_prefix(patina_testkit::ANNOUNCE) {
             url = Some(u.to_owned());
@@ -32,8 +46,11 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         if let Some((_, d)) = line.split_once("data in ") {
             data = Some(PathBuf::from(d.trim()));
         }
+        if let Some(list) = line.trim().strip_prefix("global agents: ") {
+            global = list.split(", ").next().map(|a| format!("http://{a}"));
+        }
     }
-    let (url, data) = (url.unwrap(), data.unwrap());
+    let (url, data, global) = (url.unwrap(), data.unwrap(), global.unwrap());
     assert!(data.exists(), "dev keeps its data in {}", data.display());
 
     let mut client = RegionClient::connect(url).await.unwrap();
@@ -54,11 +71,32 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         .into_inner()
         .machine
         .unwrap();
-    assert_eq!(stored.region, "dev");
+    assert_eq!(stored.region, "ord", "the first region of the dev world");
+    // The whole world answers: the demo app "web" runs in every region, nearest first.
+    let mut lookups = GlobalClient::connect(global).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let regions = loop {
+        let answer = lookups
+            .lookup_app(LookupAppRequest {
+                app: "web".into(),
+                from_region: "syd".into(),
+                include_empty: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let regions: Vec<String> = answer.regions.into_iter().map(|r| r.region).collect();
+        if regions.len() == 3 || Instant::now() > deadline {
+            break regions;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(regions, ["syd", "ord", "fra"], "nearest to Sydney first");
     let mut watch = client
         .watch(WatchRequest {
             app: "web".into(),
             resume_token: String::new(),
+            heartbeat_ms: 0,
         })
         .await
         .unwrap()

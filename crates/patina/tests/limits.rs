@@ -262,6 +262,7 @@ async fn a_watch_over_max_watches_gets_resource_exhausted_until_one_ends() {
     let watch = |app: &str| WatchRequest {
         app: app.into(),
         resume_token: String::new(),
+        heartbeat_ms: 0,
     };
 
     let mut open = Vec::new();

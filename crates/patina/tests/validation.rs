@@ -34,6 +34,7 @@ async fn observe(client: &mut RegionClient<Channel>) -> (Vec<Machine>, String) {
         .watch(WatchRequest {
             app: String::new(),
             resume_token: String::new(),
+            heartbeat_ms: 0,
         })
         .await
         .unwrap()

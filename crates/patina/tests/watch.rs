@@ -51,6 +51,7 @@ async fn watch(
         .watch(WatchRequest {
             app: app.into(),
             resume_token: token.into(),
+            heartbeat_ms: 0,
         })
         .await
         .unwrap()
@@ -141,6 +142,7 @@ async fn bad_or_foreign_tokens_are_refused_or_reset() {
         .watch(WatchRequest {
             app: "web".into(),
             resume_token: "not-a-token".into(),
+            heartbeat_ms: 0,
         })
         .await
         .unwrap_err();
@@ -149,6 +151,7 @@ async fn bad_or_foreign_tokens_are_refused_or_reset() {
         .watch(WatchRequest {
             app: "Not_An_App".into(),
             resume_token: String::new(),
+            heartbeat_ms: 0,
         })
         .await
         .unwrap_err();

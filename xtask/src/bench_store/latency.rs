@@ -158,6 +158,7 @@ pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLa
         .watch(WatchRequest {
             app: APP.into(),
             resume_token: String::new(),
+            heartbeat_ms: 0,
         })
         .await?
         .into_inner();

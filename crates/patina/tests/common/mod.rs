@@ -69,3 +69,122 @@ pub fn is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+/// The `patina` binary cargo built for these tests.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_patina"))
+}
+
+/// The region table the global-tier tests use: ord, fra, syd with coordinates.
+pub const REGION_TABLE: &str = "[global]\nstale_after_secs = 30\n\
+[[global.regions]]\nname = \"ord\"\nlat = 41.98\nlon = -87.90\n\
+[[global.regions]]\nname = \"fra\"\nlat = 50.03\nlon = 8.57\n\
+[[global.regions]]\nname = \"syd\"\nlat = -33.94\nlon = 151.18\n";
+
+fn gossip_table(ip: &str, seeds: &[String]) -> String {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|s| format!("\"{s}:{GOSSIP_PORT}\""))
+        .collect();
+    format!(
+        "[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [{}]\n",
+        seeds.join(", ")
+    )
+}
+
+/// The API port of region agents started by [`start_region_agent`]: fixed, so that bridges
+/// find a restarted agent where they found it before.
+pub const REGION_API_PORT: u16 = 7600;
+
+/// A region agent of `region` on `ip` (API on `ip:REGION_API_PORT`, gossip on
+/// `ip:GOSSIP_PORT`, joined through `seeds`).
+pub fn start_region_agent(
+    root: &Path,
+    name: &str,
+    ip: &str,
+    region: &str,
+    seeds: &[String],
+) -> Agent {
+    let config = format!(
+        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}",
+        gossip_table(ip, seeds)
+    );
+    Agent::start_role(bin(), "region", &root.join(name), &config).expect("start a region agent")
+}
+
+/// A global agent in `region` on `ip`, joined to the global cluster through `seeds`; `extra`
+/// replaces [`REGION_TABLE`] when given.
+pub fn start_global(
+    root: &Path,
+    name: &str,
+    ip: &str,
+    region: &str,
+    seeds: &[String],
+    table: Option<&str>,
+) -> Agent {
+    let config = format!(
+        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{}",
+        gossip_table(ip, seeds),
+        table.unwrap_or(REGION_TABLE)
+    );
+    Agent::start_role(bin(), "global", &root.join(name), &config).expect("start a global agent")
+}
+
+/// A bridge of `region` following `agents` (most preferred first), joined to the global
+/// cluster through `seeds`.
+pub fn start_bridge(
+    root: &Path,
+    name: &str,
+    ip: &str,
+    region: &str,
+    agents: &[&Agent],
+    seeds: &[String],
+) -> Agent {
+    let agents: Vec<String> = agents
+        .iter()
+        .map(|a| format!("\"{}\"", a.host_port()))
+        .collect();
+    let config = format!(
+        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{REGION_TABLE}[bridge]\nregion_agents = [{}]\n",
+        gossip_table(ip, seeds),
+        agents.join(", ")
+    );
+    Agent::start_role(bin(), "bridge", &root.join(name), &config).expect("start a bridge")
+}
+
+/// `(region, healthy, total)` of an app as a global agent answers, nearest to `from` first.
+pub async fn lookup(agent: &Agent, app: &str, from: &str, all: bool) -> Vec<(String, u32, u32)> {
+    let mut client = patina_proto::v1::global_client::GlobalClient::new(agent.channel().await);
+    client
+        .lookup_app(patina_proto::v1::LookupAppRequest {
+            app: app.into(),
+            from_region: from.into(),
+            include_empty: all,
+        })
+        .await
+        .expect("LookupApp")
+        .into_inner()
+        .regions
+        .into_iter()
+        .map(|r| (r.region, r.healthy, r.total))
+        .collect()
+}
+
+/// Poll `check` every 50 ms until it holds or `within` passes; returns how long it took.
+pub async fn eventually<F, Fut>(
+    within: std::time::Duration,
+    mut check: F,
+) -> Option<std::time::Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if check().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}

@@ -1,0 +1,195 @@
+//! Keeping a [`Table`] current: [`Replica`] applies `WatchApps` messages (from a global agent
+//! over gRPC, or from a global agent's own store in process), and [`follow`] runs the gRPC
+//! stream: it reconnects, resumes with the last token, and moves to the next agent when one
+//! fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use patina_proto::v1::global_client::GlobalClient;
+use patina_proto::v1::watch_apps_response::Kind;
+use patina_proto::v1::{WatchAppsRequest, WatchAppsResponse};
+use tokio::sync::watch;
+
+use crate::table::{SummaryUpdate, Table};
+
+/// Applies a `WatchApps` stream to a table: snapshots are swept when complete, so lookups
+/// answer from the last good state until then; refused summaries are counted and skipped.
+pub struct Replica {
+    table: Arc<Table>,
+    /// Bridges seen in the snapshot being applied (`None`: no snapshot under way).
+    snapshot: Option<Vec<u64>>,
+    token: String,
+}
+
+impl Replica {
+    pub fn new(table: Arc<Table>) -> Replica {
+        Replica {
+            table,
+            snapshot: None,
+            token: String::new(),
+        }
+    }
+
+    pub fn table(&self) -> &Arc<Table> {
+        &self.table
+    }
+
+    /// Where to resume after a disconnect (empty: from a snapshot).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Apply one message. Returns whether the replica is complete (not inside a snapshot).
+    pub fn apply(&mut self, msg: &WatchAppsResponse) -> bool {
+        if msg.reset {
+            self.table.begin_snapshot();
+            self.snapshot = Some(Vec::new());
+        }
+        // Heartbeats first: a summary is checked against its bridge's region.
+        for b in &msg.bridges {
+            if b.removed {
+                self.table.remove_bridge(b.bridge);
+                continue;
+            }
+            let view_ms = b.view_hlc >> 16;
+            match self.table.apply_bridge(b.bridge, &b.region, view_ms) {
+                Ok(()) => {
+                    if let Some(seen) = &mut self.snapshot {
+                        seen.push(b.bridge);
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(bridge = %format_args!("{:016x}", b.bridge), region = %b.region.escape_debug(), %why, "refused a bridge heartbeat");
+                }
+            }
+        }
+        for s in &msg.summaries {
+            if s.removed {
+                self.table.remove_summary(&s.app, &s.region);
+                continue;
+            }
+            let update = SummaryUpdate {
+                app: &s.app,
+                region: &s.region,
+                healthy: s.healthy,
+                total: s.total,
+                bridge: s.bridge,
+            };
+            if let Err(why) = self.table.apply_summary(update) {
+                tracing::warn!(app = %s.app.escape_debug(), region = %s.region.escape_debug(), %why, "refused a summary: keeping the last good state");
+            }
+        }
+        match Kind::try_from(msg.kind) {
+            Ok(Kind::SnapshotDone) => {
+                if let Some(seen) = self.snapshot.take() {
+                    self.table.end_snapshot(&seen);
+                }
+            }
+            Ok(Kind::Snapshot) => {}
+            _ => {}
+        }
+        if !msg.resume_token.is_empty() {
+            self.token.clone_from(&msg.resume_token);
+        }
+        self.snapshot.is_none()
+    }
+
+    /// The stream broke: a snapshot under way restarts from scratch on the next one (which
+    /// has no token to resume from, so it resets).
+    pub fn interrupted(&mut self) {
+        self.snapshot = None;
+    }
+}
+
+/// How often a broken stream is retried, at first and at most.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest WatchApps message accepted.
+const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// A running follower: its table, and whether the table is complete.
+pub struct Edge {
+    pub table: Arc<Table>,
+    /// `true` once a snapshot has completed and while the stream is up.
+    pub synced: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Edge {
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Follow `WatchApps` at the first of `servers` (gRPC addresses such as
+/// `http://127.0.0.1:7700`) that answers, keeping `table` current; on a failure, the next.
+/// Runs on the current tokio runtime until the returned [`Edge`] is dropped.
+pub fn follow(servers: Vec<String>, table: Arc<Table>) -> Edge {
+    let (tx, synced) = watch::channel(false);
+    let replica = Replica::new(table.clone());
+    let task = tokio::spawn(run(servers, replica, tx));
+    Edge {
+        table,
+        synced,
+        task,
+    }
+}
+
+async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<bool>) {
+    let mut retry = RETRY_MIN;
+    let mut i = 0usize;
+    loop {
+        let Some(server) = servers.get(i % servers.len().max(1)) else {
+            return;
+        };
+        match stream_once(server, &mut replica, &synced).await {
+            Ok(()) => retry = RETRY_MIN,
+            Err(e) => {
+                tracing::debug!(%server, error = %e, "WatchApps stream ended");
+            }
+        }
+        synced.send_replace(false);
+        replica.interrupted();
+        i += 1;
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+async fn stream_once(
+    server: &str,
+    replica: &mut Replica,
+    synced: &watch::Sender<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await?;
+    let mut client = GlobalClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut stream = client
+        .watch_apps(WatchAppsRequest {
+            resume_token: replica.token().to_owned(),
+        })
+        .await?
+        .into_inner();
+    while let Some(msg) = stream.message().await? {
+        let complete = replica.apply(&msg);
+        synced.send_if_modified(|s| {
+            let changed = *s != complete;
+            *s = complete;
+            changed
+        });
+    }
+    Ok(())
+}

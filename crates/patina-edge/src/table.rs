@@ -1,0 +1,583 @@
+//! [`Table`]: the compact in-memory replica of the global map that lookups read.
+//!
+//! Per app, a boxed slice of 12-byte slots `(region id, snapshot generation, healthy,
+//! total)`; regions are interned to `u16` ids, and for each region the table keeps the order
+//! of every other region by round trip from it, so a lookup is one map read, a filter and a
+//! sort of a few slots, with no allocation when the caller reuses its output vector.
+//!
+//! Freshness: each bridge's heartbeat says how fresh its view of its region is (the region
+//! agents' clock). A region whose freshest live bridge view is older than `stale_after` is
+//! left out of lookups, and so is one with no live bridge at all.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::regions::{RegionTable, is_dns_label};
+
+/// A region as the table names it: an index into its interned names.
+pub type RegionId = u16;
+
+/// Most distinct regions a table interns. Each region keeps an order of all the others
+/// (8 bytes a pair), so this bounds that to 8 MiB; the world has a few hundred regions.
+pub const MAX_REGIONS: usize = 1024;
+
+/// Most instances a summary may count (per app and region).
+pub const MAX_INSTANCES: u32 = 10_000_000;
+
+/// One region in a lookup's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hit {
+    pub region: RegionId,
+    pub healthy: u32,
+    pub total: u32,
+    /// Round trip from the caller's region, when the region table can tell.
+    pub rtt_ms: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    region: RegionId,
+    /// The snapshot that last wrote it: slots an ended snapshot did not write are swept.
+    generation: u16,
+    healthy: u32,
+    total: u32,
+}
+
+/// A summary to apply (the fields of `patina.v1.AppSummary`).
+#[derive(Clone, Copy, Debug)]
+pub struct SummaryUpdate<'a> {
+    pub app: &'a str,
+    pub region: &'a str,
+    pub healthy: u32,
+    pub total: u32,
+    pub bridge: u64,
+}
+
+/// Why a summary was not applied (the table keeps what it had).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refused {
+    BadName,
+    Counts,
+    TooManyRegions,
+    /// The bridge that made it serves another region.
+    ForeignRegion,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refused::BadName => "an app or region name that is not a DNS label",
+            Refused::Counts => "healthy above total, or a count out of range",
+            Refused::TooManyRegions => "more distinct regions than the table holds",
+            Refused::ForeignRegion => "a summary for a region its bridge does not serve",
+        })
+    }
+}
+
+#[derive(Default)]
+struct Regions {
+    names: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, RegionId>,
+    /// `rank[from][region]`: the region's place in the order from `from` (round trip, unknown
+    /// last, then name).
+    rank: Vec<Box<[u32]>>,
+    /// `rtt[from][region]`, `u32::MAX` where unknown.
+    rtt: Vec<Box<[u32]>>,
+    /// The order by name, for callers in a region the table has never heard of.
+    by_name: Box<[u32]>,
+    /// Per region: the freshest view (ms) a live bridge showed of it; 0: none.
+    fresh_ms: Vec<u64>,
+}
+
+/// The replica lookups read. Shared behind an `Arc`; writers are the follower (one at a
+/// time), readers any number of threads.
+pub struct Table {
+    table: RegionTable,
+    stale_after: Option<Duration>,
+    apps: DashMap<Box<str>, Box<[Slot]>>,
+    regions: RwLock<Regions>,
+    /// bridge -> (its region, its latest view in ms).
+    bridges: Mutex<HashMap<u64, (RegionId, u64)>>,
+    generation: AtomicU64,
+    summaries: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// What a table holds and has refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableStats {
+    pub apps: u64,
+    pub summaries: u64,
+    pub regions: u64,
+    pub bridges: u64,
+    pub refused: u64,
+}
+
+impl Table {
+    /// An empty table ordering regions by `table`. `stale_after`: regions whose freshest
+    /// bridge view is older are left out of lookups (`None`: never).
+    pub fn new(table: RegionTable, stale_after: Option<Duration>) -> Table {
+        let t = Table {
+            table,
+            stale_after,
+            apps: DashMap::new(),
+            regions: RwLock::new(Regions::default()),
+            bridges: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            summaries: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        };
+        let names: Vec<String> = t.table.names().map(str::to_owned).collect();
+        for name in names {
+            let _ = t.intern(&name);
+        }
+        t
+    }
+
+    pub fn region_table(&self) -> &RegionTable {
+        &self.table
+    }
+
+    /// A region's name.
+    pub fn region_name(&self, id: RegionId) -> Option<Arc<str>> {
+        self.regions
+            .read()
+            .expect("regions lock")
+            .names
+            .get(id as usize)
+            .cloned()
+    }
+
+    /// A region's id, if the table knows it.
+    pub fn region_id(&self, name: &str) -> Option<RegionId> {
+        self.regions
+            .read()
+            .expect("regions lock")
+            .ids
+            .get(name)
+            .copied()
+    }
+
+    /// The freshest view (ms since the Unix epoch, region agents' clock) a live bridge
+    /// showed of a region; 0 when none did.
+    pub fn region_view_ms(&self, id: RegionId) -> u64 {
+        self.regions
+            .read()
+            .expect("regions lock")
+            .fresh_ms
+            .get(id as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The regions of `app` with healthy instances (all with instances when `include_empty`),
+    /// nearest to `from` first, ties by name; stale regions are left out. Clears `out` first.
+    /// From memory: no I/O, no allocation once `out` has room.
+    pub fn lookup_into(&self, app: &str, from: &str, include_empty: bool, out: &mut Vec<Hit>) {
+        out.clear();
+        let now_ms = wall_ms();
+        let regions = self.regions.read().expect("regions lock");
+        let from = regions.ids.get(from).copied();
+        let (rank, rtt) = match from {
+            Some(f) => (&regions.rank[f as usize], Some(&regions.rtt[f as usize])),
+            None => (&regions.by_name, None),
+        };
+        let fresh_after = self
+            .stale_after
+            .map(|d| now_ms.saturating_sub(d.as_millis() as u64));
+        {
+            let Some(slots) = self.apps.get(app) else {
+                return;
+            };
+            for s in slots.iter() {
+                // A region with no instance at all is never listed (a bridge publishes zero
+                // when an app leaves its region).
+                if s.total == 0 || (s.healthy == 0 && !include_empty) {
+                    continue;
+                }
+                if let Some(after) = fresh_after {
+                    let fresh = regions.fresh_ms[s.region as usize];
+                    if fresh == 0 || fresh < after {
+                        continue;
+                    }
+                }
+                out.push(Hit {
+                    region: s.region,
+                    healthy: s.healthy,
+                    total: s.total,
+                    rtt_ms: rtt
+                        .map(|r| r[s.region as usize])
+                        .filter(|&ms| ms != u32::MAX),
+                });
+            }
+        }
+        out.sort_unstable_by_key(|h| rank[h.region as usize]);
+    }
+
+    /// [`Table::lookup_into`] into a new vector.
+    pub fn lookup(&self, app: &str, from: &str) -> Vec<Hit> {
+        let mut out = Vec::new();
+        self.lookup_into(app, from, false, &mut out);
+        out
+    }
+
+    /// Apply one summary. Checked first: names, counts, and that its bridge (when its
+    /// heartbeat is known) serves the summary's region.
+    pub fn apply_summary(&self, s: SummaryUpdate<'_>) -> Result<(), Refused> {
+        let r = self.check(&s).and_then(|()| self.intern(s.region));
+        let region = match r {
+            Ok(id) => id,
+            Err(why) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(why);
+            }
+        };
+        let generation = self.generation.load(Ordering::Relaxed) as u16;
+        let slot = Slot {
+            region,
+            generation,
+            healthy: s.healthy,
+            total: s.total,
+        };
+        let mut entry = self.apps.entry(s.app.into()).or_default();
+        let slots = entry.value_mut();
+        match slots.iter().position(|x| x.region == region) {
+            Some(i) => slots[i] = slot,
+            None => {
+                let mut v = Vec::with_capacity(slots.len() + 1);
+                v.extend_from_slice(slots);
+                v.push(slot);
+                *slots = v.into_boxed_slice();
+                self.summaries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove one summary (its bridge is down, or it was deleted).
+    pub fn remove_summary(&self, app: &str, region: &str) {
+        let Some(region) = self.region_id(region) else {
+            return;
+        };
+        let emptied = match self.apps.get_mut(app) {
+            Some(mut entry) => {
+                let slots = entry.value_mut();
+                if let Some(i) = slots.iter().position(|x| x.region == region) {
+                    let mut v = slots.to_vec();
+                    v.swap_remove(i);
+                    *slots = v.into_boxed_slice();
+                    self.summaries.fetch_sub(1, Ordering::Relaxed);
+                }
+                slots.is_empty()
+            }
+            None => false,
+        };
+        if emptied {
+            self.apps.remove_if(app, |_, s| s.is_empty());
+        }
+    }
+
+    /// A bridge's heartbeat: it serves `region`, and its view of it is as of `view_ms`.
+    pub fn apply_bridge(&self, bridge: u64, region: &str, view_ms: u64) -> Result<(), Refused> {
+        if !is_dns_label(region) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::BadName);
+        }
+        let id = self.intern(region).inspect_err(|_| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let mut bridges = self.bridges.lock().expect("bridges lock");
+        if let Some((old, _)) = bridges.get(&bridge)
+            && *old != id
+        {
+            // A bridge's region is fixed: a heartbeat that moves it is refused.
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::ForeignRegion);
+        }
+        bridges.insert(bridge, (id, view_ms));
+        self.refresh(&bridges, id);
+        Ok(())
+    }
+
+    /// A bridge is down (or forgotten): its heartbeat no longer counts.
+    pub fn remove_bridge(&self, bridge: u64) {
+        let mut bridges = self.bridges.lock().expect("bridges lock");
+        if let Some((region, _)) = bridges.remove(&bridge) {
+            self.refresh(&bridges, region);
+        }
+    }
+
+    /// Start applying a snapshot: what it does not write is swept by [`Table::end_snapshot`].
+    /// Lookups keep answering from the previous state meanwhile (updated as the snapshot's
+    /// summaries arrive).
+    pub fn begin_snapshot(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The snapshot is complete: remove the summaries it did not write, and the bridges not
+    /// in `bridges` (the snapshot's heartbeats).
+    pub fn end_snapshot(&self, bridges: &[u64]) {
+        let generation = self.generation.load(Ordering::Relaxed) as u16;
+        let mut removed = 0u64;
+        self.apps.retain(|_, slots| {
+            if slots.iter().any(|s| s.generation != generation) {
+                let kept: Vec<Slot> = slots
+                    .iter()
+                    .copied()
+                    .filter(|s| s.generation == generation)
+                    .collect();
+                removed += (slots.len() - kept.len()) as u64;
+                *slots = kept.into_boxed_slice();
+            }
+            !slots.is_empty()
+        });
+        self.summaries.fetch_sub(removed, Ordering::Relaxed);
+        let gone: Vec<u64> = {
+            let b = self.bridges.lock().expect("bridges lock");
+            b.keys().filter(|k| !bridges.contains(k)).copied().collect()
+        };
+        for bridge in gone {
+            self.remove_bridge(bridge);
+        }
+    }
+
+    pub fn stats(&self) -> TableStats {
+        TableStats {
+            apps: self.apps.len() as u64,
+            summaries: self.summaries.load(Ordering::Relaxed),
+            regions: self.regions.read().expect("regions lock").names.len() as u64,
+            bridges: self.bridges.lock().expect("bridges lock").len() as u64,
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+
+    fn check(&self, s: &SummaryUpdate<'_>) -> Result<(), Refused> {
+        if !is_dns_label(s.app) || !is_dns_label(s.region) {
+            return Err(Refused::BadName);
+        }
+        if s.healthy > s.total || s.total > MAX_INSTANCES {
+            return Err(Refused::Counts);
+        }
+        let bridges = self.bridges.lock().expect("bridges lock");
+        if let Some((region, _)) = bridges.get(&s.bridge) {
+            let regions = self.regions.read().expect("regions lock");
+            if &*regions.names[*region as usize] != s.region {
+                return Err(Refused::ForeignRegion);
+            }
+        }
+        Ok(())
+    }
+
+    /// Recompute a region's freshness from the live bridges.
+    fn refresh(&self, bridges: &HashMap<u64, (RegionId, u64)>, region: RegionId) {
+        let fresh = bridges
+            .values()
+            .filter(|(r, _)| *r == region)
+            .map(|(_, ms)| *ms)
+            .max()
+            .unwrap_or(0);
+        let mut regions = self.regions.write().expect("regions lock");
+        regions.fresh_ms[region as usize] = fresh;
+    }
+
+    /// The id of `name`, interning it (and recomputing the orders) when it is new.
+    fn intern(&self, name: &str) -> Result<RegionId, Refused> {
+        if let Some(id) = self.region_id(name) {
+            return Ok(id);
+        }
+        let mut r = self.regions.write().expect("regions lock");
+        if let Some(id) = r.ids.get(name) {
+            return Ok(*id);
+        }
+        if r.names.len() >= MAX_REGIONS {
+            return Err(Refused::TooManyRegions);
+        }
+        let id = r.names.len() as RegionId;
+        let name: Arc<str> = name.into();
+        r.names.push(name.clone());
+        r.ids.insert(name, id);
+        r.fresh_ms.push(0);
+        self.reorder(&mut r);
+        Ok(id)
+    }
+
+    fn reorder(&self, r: &mut Regions) {
+        let n = r.names.len();
+        let mut by_name: Vec<usize> = (0..n).collect();
+        by_name.sort_by(|&a, &b| r.names[a].cmp(&r.names[b]));
+        r.by_name = ranks(&by_name, n);
+        r.rank.clear();
+        r.rtt.clear();
+        for from in 0..n {
+            let rtt: Box<[u32]> = (0..n)
+                .map(|to| {
+                    self.table
+                        .rtt_ms(&r.names[from], &r.names[to])
+                        .unwrap_or(u32::MAX)
+                })
+                .collect();
+            let mut order = by_name.clone();
+            order.sort_by_key(|&to| rtt[to]); // stable: ties stay in name order
+            r.rank.push(ranks(&order, n));
+            r.rtt.push(rtt);
+        }
+    }
+}
+
+fn ranks(order: &[usize], n: usize) -> Box<[u32]> {
+    let mut rank = vec![0u32; n];
+    for (place, &region) in order.iter().enumerate() {
+        rank[region] = place as u32;
+    }
+    rank.into_boxed_slice()
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::regions::RegionSpec;
+
+    fn table(stale: Option<Duration>) -> Table {
+        let spec = |name: &str, lat: f64, lon: f64| RegionSpec {
+            name: name.into(),
+            lat: Some(lat),
+            lon: Some(lon),
+            ..RegionSpec::default()
+        };
+        Table::new(
+            RegionTable::new(vec![
+                spec("ord", 41.98, -87.90),
+                spec("iad", 38.95, -77.45),
+                spec("fra", 50.03, 8.57),
+                spec("syd", -33.94, 151.18),
+            ])
+            .unwrap(),
+            stale,
+        )
+    }
+
+    fn put(t: &Table, app: &str, region: &str, healthy: u32, total: u32, bridge: u64) {
+        t.apply_summary(SummaryUpdate {
+            app,
+            region,
+            healthy,
+            total,
+            bridge,
+        })
+        .unwrap();
+    }
+
+    fn names(t: &Table, hits: &[Hit]) -> Vec<String> {
+        hits.iter()
+            .map(|h| t.region_name(h.region).unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn lookups_answer_nearest_first_and_leave_out_empty_regions() {
+        let t = table(None);
+        for (i, r) in ["syd", "fra", "iad", "ord", "zzz", "aaa"]
+            .iter()
+            .enumerate()
+        {
+            put(&t, "web", r, 2, 3, i as u64);
+        }
+        put(&t, "web", "iad", 0, 3, 2);
+        put(&t, "api", "iad", 0, 0, 2);
+        let mut none = Vec::new();
+        t.lookup_into("api", "ord", true, &mut none);
+        assert!(none.is_empty(), "no instances at all: never listed");
+        assert_eq!(
+            names(&t, &t.lookup("web", "ord")),
+            ["ord", "fra", "syd", "aaa", "zzz"],
+            "iad has none healthy; regions outside the table come last, by name"
+        );
+        let mut all = Vec::new();
+        t.lookup_into("web", "ord", true, &mut all);
+        assert_eq!(names(&t, &all)[..3], ["ord", "iad", "fra"]);
+        assert_eq!(all[0].rtt_ms, Some(0));
+        assert!(all[3].rtt_ms.unwrap() > 100, "syd is far from ord");
+        assert_eq!(all[4].rtt_ms, None, "aaa is not in the table");
+        // From a region nobody knows: by name.
+        assert_eq!(
+            names(&t, &t.lookup("web", "mars")),
+            ["aaa", "fra", "ord", "syd", "zzz"]
+        );
+        assert!(t.lookup("nope", "ord").is_empty());
+        t.remove_summary("web", "ord");
+        assert_eq!(names(&t, &t.lookup("web", "ord"))[0], "fra");
+        assert_eq!(t.stats().summaries, 6);
+    }
+
+    #[test]
+    fn bad_summaries_and_foreign_regions_are_refused_and_change_nothing() {
+        let t = table(None);
+        t.apply_bridge(7, "ord", 1).unwrap();
+        put(&t, "web", "ord", 1, 1, 7);
+        let bad = [
+            ("Web", "ord", 1, 1, 7, Refused::BadName),
+            ("web", "o rd", 1, 1, 7, Refused::BadName),
+            ("web", "ord", 2, 1, 7, Refused::Counts),
+            ("web", "fra", 1, 1, 7, Refused::ForeignRegion),
+        ];
+        for (app, region, healthy, total, bridge, why) in bad {
+            let r = t.apply_summary(SummaryUpdate {
+                app,
+                region,
+                healthy,
+                total,
+                bridge,
+            });
+            assert_eq!(r, Err(why));
+        }
+        assert_eq!(t.apply_bridge(7, "fra", 2), Err(Refused::ForeignRegion));
+        assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord"]);
+        assert_eq!(t.stats().refused, 5);
+    }
+
+    #[test]
+    fn stale_regions_and_regions_without_a_live_bridge_are_left_out() {
+        let t = table(Some(Duration::from_secs(10)));
+        put(&t, "web", "ord", 1, 1, 1);
+        put(&t, "web", "fra", 1, 1, 2);
+        assert!(t.lookup("web", "ord").is_empty(), "no bridge heartbeat yet");
+        let now = wall_ms();
+        t.apply_bridge(1, "ord", now).unwrap();
+        t.apply_bridge(2, "fra", now - 60_000).unwrap();
+        assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord"], "fra is stale");
+        t.apply_bridge(3, "fra", now).unwrap();
+        assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord", "fra"]);
+        t.remove_bridge(3);
+        assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord"]);
+        assert_eq!(t.region_view_ms(t.region_id("ord").unwrap()), now);
+    }
+
+    #[test]
+    fn a_snapshot_sweeps_what_it_did_not_write() {
+        let t = table(None);
+        put(&t, "web", "ord", 1, 1, 1);
+        put(&t, "web", "fra", 1, 1, 2);
+        put(&t, "api", "fra", 1, 1, 2);
+        t.apply_bridge(1, "ord", 5).unwrap();
+        t.apply_bridge(2, "fra", 5).unwrap();
+        t.begin_snapshot();
+        put(&t, "web", "fra", 3, 3, 2);
+        // Lookups still see the old state of what the snapshot has not reached.
+        assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord", "fra"]);
+        t.end_snapshot(&[2]);
+        assert_eq!(names(&t, &t.lookup("web", "ord")), ["fra"]);
+        assert!(t.lookup("api", "ord").is_empty());
+        let s = t.stats();
+        assert_eq!((s.apps, s.summaries, s.bridges), (1, 1, 1));
+    }
+}

@@ -1,0 +1,559 @@
+//! [`BridgeCore`]: a bridge's decisions, with no I/O (the runner and the simulator drive it).
+//!
+//! It folds its region's Watch stream into per-app counts, learns what the global tier holds
+//! for its region's keys, and says what to publish and when:
+//!
+//! - a change the bridge saw in its region (news) is published once the bridge's view is
+//!   newer than the stamp of the summary that stands, at once when an app's healthy count
+//!   goes to or from zero, else coalesced (at most `coalesce`);
+//! - a summary that stands but disagrees with the bridge's view (no news) is replaced only
+//!   when the bridge's view is newer by more than `settle`: a bridge that follows a lagging
+//!   region agent must not undo a fresher bridge's down news;
+//! - a key with no summary standing (its bridge died, so its summary is hidden) is published
+//!   at once: that is how surviving bridges take over a dead one's summaries.
+//!
+//! Nothing is published before the bridge's first complete snapshot of its region, and a
+//! snapshot that replaces the view (after a reset) is applied whole at its end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use patina_proto::v1::watch_response::Kind;
+use patina_proto::v1::{Health, MachineState, WatchResponse, machine_change};
+
+/// Healthy and total instances of one app in the region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub healthy: u32,
+    pub total: u32,
+}
+
+/// The summary that stands in the global tier for one of the region's apps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub counts: Counts,
+    pub view_hlc: u64,
+}
+
+/// A summary to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    pub app: Arc<str>,
+    pub counts: Counts,
+    pub view_hlc: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Count changes that keep an app above zero wait at most this long (coalesced).
+    pub coalesce: Duration,
+    /// How much newer this bridge's view must be to replace a disagreeing summary without
+    /// news: more than replication takes between the region's agents.
+    pub settle: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            coalesce: Duration::from_millis(500),
+            settle: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct MachineView {
+    app: Arc<str>,
+    routable: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    at: Duration,
+    news: bool,
+}
+
+pub struct BridgeCore {
+    timing: Timing,
+    machines: HashMap<Box<str>, MachineView>,
+    /// The snapshot under way (after a reset), applied whole when it is done.
+    staging: Option<HashMap<Box<str>, MachineView>>,
+    counts: HashMap<Arc<str>, Counts>,
+    /// The region view: the `view_hlc` of the latest message applied (never goes back).
+    view_hlc: u64,
+    synced: bool,
+    held: HashMap<Arc<str>, Held>,
+    pending: HashMap<Arc<str>, Pending>,
+    last_sweep: Duration,
+}
+
+/// How often summaries that disagree with the view without news are looked at again.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl BridgeCore {
+    pub fn new(timing: Timing) -> BridgeCore {
+        BridgeCore {
+            timing,
+            machines: HashMap::new(),
+            staging: None,
+            counts: HashMap::new(),
+            view_hlc: 0,
+            synced: false,
+            held: HashMap::new(),
+            pending: HashMap::new(),
+            last_sweep: Duration::ZERO,
+        }
+    }
+
+    /// The view of the region (its agents' clock) as of the latest message applied.
+    pub fn view_hlc(&self) -> u64 {
+        self.view_hlc
+    }
+
+    /// Has a complete snapshot of the region been applied?
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn counts(&self, app: &str) -> Counts {
+        self.counts.get(app).copied().unwrap_or_default()
+    }
+
+    /// Apps with instances in the view.
+    pub fn apps(&self) -> usize {
+        self.counts.len()
+    }
+
+    /// Apply one message of the region's Watch stream.
+    pub fn region_message(&mut self, now: Duration, msg: &WatchResponse) {
+        self.view_hlc = self.view_hlc.max(msg.view_hlc);
+        if msg.reset {
+            self.staging = Some(HashMap::new());
+        }
+        let kind = Kind::try_from(msg.kind).unwrap_or(Kind::Unspecified);
+        for c in &msg.changes {
+            let (id, view) = match &c.change {
+                Some(machine_change::Change::Upserted(m)) => (
+                    m.id.as_str(),
+                    Some(MachineView {
+                        app: self.intern(&m.app),
+                        routable: m.state == MachineState::Started as i32
+                            && m.health == Health::Passing as i32,
+                    }),
+                ),
+                Some(machine_change::Change::Deleted(d)) => (d.id.as_str(), None),
+                None => continue,
+            };
+            match (&mut self.staging, view) {
+                (Some(staging), Some(v)) => {
+                    staging.insert(id.into(), v);
+                }
+                (Some(staging), None) => {
+                    staging.remove(id);
+                }
+                (None, view) => self.change_machine(now, id, view),
+            }
+        }
+        if kind == Kind::SnapshotDone {
+            if let Some(staging) = self.staging.take() {
+                self.replace_view(now, staging);
+            }
+            self.synced = true;
+        }
+    }
+
+    /// The region's stream broke: a snapshot under way is dropped (the next stream starts
+    /// another, or resumes where the view is).
+    pub fn region_interrupted(&mut self) {
+        self.staging = None;
+    }
+
+    /// What the global tier holds for `app` in this bridge's region (`None`: nothing
+    /// stands, or the summary that did is hidden because its bridge is down).
+    pub fn global_summary(&mut self, now: Duration, app: &str, held: Option<Held>) {
+        let app = self.intern(app);
+        match held {
+            Some(h) => {
+                self.held.insert(app.clone(), h);
+            }
+            None => {
+                self.held.remove(&app);
+            }
+        }
+        self.schedule(app, now, false);
+    }
+
+    /// What to publish now. The caller writes each and, once written, calls
+    /// [`BridgeCore::published`]; a write that loses (a fresher summary stands) is dropped.
+    pub fn due(&mut self, now: Duration) -> Vec<Publish> {
+        if !self.synced {
+            return Vec::new();
+        }
+        let mut ready: Vec<(Arc<str>, bool)> = Vec::new();
+        self.pending.retain(|app, p| {
+            if p.at <= now {
+                ready.push((app.clone(), p.news));
+                false
+            } else {
+                true
+            }
+        });
+        if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY {
+            self.last_sweep = now;
+            for app in self.counts.keys().chain(self.held.keys()) {
+                if !self.pending.contains_key(app) && !ready.iter().any(|(a, _)| a == app) {
+                    ready.push((app.clone(), false));
+                }
+            }
+        }
+        ready.sort();
+        ready
+            .into_iter()
+            .filter_map(|(app, news)| self.decide(app, news))
+            .collect()
+    }
+
+    /// A publish was written (and stands, until the global tier says otherwise).
+    pub fn published(&mut self, p: &Publish) {
+        self.held.insert(
+            p.app.clone(),
+            Held {
+                counts: p.counts,
+                view_hlc: p.view_hlc,
+            },
+        );
+    }
+
+    /// A publish could not be written (not a lost race: an overloaded or failing store):
+    /// decide again shortly, as news.
+    pub fn retry(&mut self, now: Duration, app: &str) {
+        let app = self.intern(app);
+        let at = now + Duration::from_millis(100);
+        let p = self
+            .pending
+            .entry(app)
+            .or_insert(Pending { at, news: true });
+        p.news = true;
+    }
+
+    /// When [`BridgeCore::due`] next has something to do.
+    pub fn next_due(&self) -> Option<Duration> {
+        let sweep = self.last_sweep + SWEEP_EVERY;
+        self.pending
+            .values()
+            .map(|p| p.at)
+            .min()
+            .map_or(Some(sweep), |at| Some(at.min(sweep)))
+    }
+
+    fn decide(&self, app: Arc<str>, news: bool) -> Option<Publish> {
+        let want = self.counts(&app);
+        let publish = match self.held.get(&app) {
+            Some(h) if h.counts == want => false,
+            Some(h) if news => h.view_hlc < self.view_hlc,
+            Some(h) => h.view_hlc.saturating_add(settle_hlc(self.timing.settle)) < self.view_hlc,
+            None => want.total > 0,
+        };
+        publish.then_some(Publish {
+            app,
+            counts: want,
+            view_hlc: self.view_hlc,
+        })
+    }
+
+    fn intern(&self, app: &str) -> Arc<str> {
+        self.counts
+            .get_key_value(app)
+            .map(|(k, _)| k.clone())
+            .or_else(|| self.held.get_key_value(app).map(|(k, _)| k.clone()))
+            .unwrap_or_else(|| app.into())
+    }
+
+    fn change_machine(&mut self, now: Duration, id: &str, view: Option<MachineView>) {
+        let old = match &view {
+            Some(v) => self.machines.insert(id.into(), v.clone()),
+            None => self.machines.remove(id),
+        };
+        if let Some(o) = &old {
+            self.count(now, &o.app, o.routable, -1);
+        }
+        if let Some(v) = &view {
+            self.count(now, &v.app, v.routable, 1);
+        }
+    }
+
+    fn count(&mut self, now: Duration, app: &Arc<str>, routable: bool, delta: i64) {
+        let c = self.counts.entry(app.clone()).or_default();
+        let before = *c;
+        c.total = (c.total as i64 + delta).max(0) as u32;
+        if routable {
+            c.healthy = (c.healthy as i64 + delta).max(0) as u32;
+        }
+        let after = *c;
+        if after.total == 0 {
+            self.counts.remove(app);
+        }
+        self.changed(now, app.clone(), before, after);
+    }
+
+    fn replace_view(&mut self, now: Duration, machines: HashMap<Box<str>, MachineView>) {
+        let mut counts: HashMap<Arc<str>, Counts> = HashMap::new();
+        for m in machines.values() {
+            let c = counts.entry(m.app.clone()).or_default();
+            c.total += 1;
+            c.healthy += u32::from(m.routable);
+        }
+        let mut apps: BTreeMap<Arc<str>, (Counts, Counts)> = BTreeMap::new();
+        for (app, c) in &self.counts {
+            apps.entry(app.clone()).or_default().0 = *c;
+        }
+        for (app, c) in &counts {
+            apps.entry(app.clone()).or_default().1 = *c;
+        }
+        self.machines = machines;
+        self.counts = counts;
+        for (app, (before, after)) in apps {
+            self.changed(now, app, before, after);
+        }
+    }
+
+    fn changed(&mut self, now: Duration, app: Arc<str>, before: Counts, after: Counts) {
+        if before == after {
+            return;
+        }
+        let urgent = (before.healthy == 0) != (after.healthy == 0);
+        let at = if urgent {
+            now
+        } else {
+            now + self.timing.coalesce
+        };
+        let p = self
+            .pending
+            .entry(app)
+            .or_insert(Pending { at, news: true });
+        p.at = p.at.min(at);
+        p.news = true;
+    }
+
+    fn schedule(&mut self, app: Arc<str>, now: Duration, news: bool) {
+        let p = self.pending.entry(app).or_insert(Pending { at: now, news });
+        p.news |= news;
+    }
+}
+
+/// A duration as a difference of hybrid logical clock values (milliseconds above 16 bits).
+fn settle_hlc(d: Duration) -> u64 {
+    (d.as_millis() as u64) << 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patina_proto::v1::{Machine, MachineChange, MachineDeleted};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn hlc(ms: u64) -> u64 {
+        ms << 16
+    }
+
+    fn machine(id: &str, app: &str, healthy: bool) -> MachineChange {
+        MachineChange {
+            change: Some(machine_change::Change::Upserted(Machine {
+                id: id.into(),
+                app: app.into(),
+                state: MachineState::Started as i32,
+                health: if healthy {
+                    Health::Passing as i32
+                } else {
+                    Health::Critical as i32
+                },
+                ..Machine::default()
+            })),
+        }
+    }
+
+    fn deleted(id: &str, app: &str) -> MachineChange {
+        MachineChange {
+            change: Some(machine_change::Change::Deleted(MachineDeleted {
+                id: id.into(),
+                app: app.into(),
+                version: None,
+            })),
+        }
+    }
+
+    fn msg(kind: Kind, reset: bool, view: u64, changes: Vec<MachineChange>) -> WatchResponse {
+        WatchResponse {
+            kind: kind as i32,
+            reset,
+            changes,
+            resume_token: String::new(),
+            view_hlc: view,
+        }
+    }
+
+    fn synced_bridge() -> BridgeCore {
+        let mut b = BridgeCore::new(Timing::default());
+        b.region_message(
+            ms(0),
+            &msg(
+                Kind::Snapshot,
+                true,
+                hlc(10),
+                vec![machine("a", "web", true), machine("b", "web", true)],
+            ),
+        );
+        assert!(
+            b.due(ms(0)).is_empty(),
+            "nothing before the snapshot is complete"
+        );
+        b.region_message(ms(0), &msg(Kind::SnapshotDone, false, hlc(11), vec![]));
+        b
+    }
+
+    #[test]
+    fn a_snapshot_then_changes_publish_counts_down_at_once_and_others_coalesced() {
+        let mut b = synced_bridge();
+        let p = b.due(ms(0));
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            p[0].counts,
+            Counts {
+                healthy: 2,
+                total: 2
+            }
+        );
+        assert_eq!(p[0].view_hlc, hlc(11));
+        b.published(&p[0]);
+        // One goes unhealthy: 2 -> 1 healthy, coalesced.
+        b.region_message(
+            ms(10),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(20),
+                vec![machine("a", "web", false)],
+            ),
+        );
+        assert!(b.due(ms(10)).is_empty());
+        let p = b.due(ms(510));
+        assert_eq!(
+            p[0].counts,
+            Counts {
+                healthy: 1,
+                total: 2
+            }
+        );
+        b.published(&p[0]);
+        // The last healthy one goes: at once.
+        b.region_message(
+            ms(600),
+            &msg(Kind::Delta, false, hlc(30), vec![deleted("b", "web")]),
+        );
+        let p = b.due(ms(600));
+        assert_eq!(
+            p[0].counts,
+            Counts {
+                healthy: 0,
+                total: 1
+            }
+        );
+        assert_eq!(p[0].view_hlc, hlc(30));
+    }
+
+    #[test]
+    fn a_fresher_disagreeing_summary_stands_until_the_view_is_newer_by_the_settle_time() {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        // Another bridge saw a later view: web down to 0 healthy.
+        let theirs = Held {
+            counts: Counts {
+                healthy: 0,
+                total: 2,
+            },
+            view_hlc: hlc(5_000),
+        };
+        b.global_summary(ms(100), "web", Some(theirs));
+        assert!(b.due(ms(100)).is_empty(), "their view is newer");
+        // Our view (a heartbeat) moves past theirs, but within the settle time: it stands.
+        b.region_message(ms(200), &msg(Kind::Delta, false, hlc(6_000), vec![]));
+        assert!(b.due(ms(2_000)).is_empty());
+        // Past it: ours replaces it (our agent has had time to learn what theirs saw).
+        b.region_message(ms(3_000), &msg(Kind::Delta, false, hlc(7_500), vec![]));
+        let p = b.due(ms(3_000));
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            p[0].counts,
+            Counts {
+                healthy: 2,
+                total: 2
+            }
+        );
+    }
+
+    #[test]
+    fn a_missing_summary_is_taken_over_at_once() {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        // Another bridge's newer summary stood, then its bridge died: hidden, so nothing stands.
+        b.global_summary(
+            ms(10),
+            "web",
+            Some(Held {
+                counts: Counts {
+                    healthy: 2,
+                    total: 2,
+                },
+                view_hlc: hlc(50),
+            }),
+        );
+        assert!(b.due(ms(10)).is_empty(), "it agrees with ours");
+        b.global_summary(ms(20), "web", None);
+        let p = b.due(ms(20));
+        assert_eq!(p.len(), 1);
+        // An app that left the region altogether publishes zero to replace what stands.
+        b.published(&p[0]);
+        b.region_message(
+            ms(30),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(60),
+                vec![deleted("a", "web"), deleted("b", "web")],
+            ),
+        );
+        let p = b.due(ms(30));
+        assert_eq!(p[0].counts, Counts::default());
+    }
+
+    #[test]
+    fn a_reset_replaces_the_view_whole_at_its_end() {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.region_message(
+            ms(10),
+            &msg(
+                Kind::Snapshot,
+                true,
+                hlc(40),
+                vec![machine("c", "api", true)],
+            ),
+        );
+        assert_eq!(
+            b.counts("web").total,
+            2,
+            "the old view serves until the snapshot is done"
+        );
+        b.region_message(ms(10), &msg(Kind::SnapshotDone, false, hlc(41), vec![]));
+        assert_eq!(b.counts("web"), Counts::default());
+        let mut p = b.due(ms(10));
+        p.sort_by(|a, b| a.app.cmp(&b.app));
+        assert_eq!(p.len(), 2);
+        assert_eq!((&*p[0].app, p[0].counts.healthy), ("api", 1));
+        assert_eq!((&*p[1].app, p[1].counts.total), ("web", 0));
+    }
+}

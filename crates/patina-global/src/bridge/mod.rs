@@ -1,0 +1,286 @@
+//! Bridges: a bridge is a global agent (its own store and membership in the global cluster)
+//! that also follows its region's Watch stream and publishes the region's (app, region)
+//! summaries under its own origin. [`core`] decides; [`run`] does the I/O.
+
+pub mod core;
+
+use std::future::Future;
+use std::time::Duration;
+
+use patina_proto::v1::region_client::RegionClient;
+use patina_proto::v1::{BridgeRecord, SummaryRecord, WatchRequest, WatchResponse, machine_change};
+use patina_store::{LocalWrite, Store, StoreError, WatchItem};
+use prost::Message;
+use tokio::sync::mpsc;
+
+pub use self::core::{BridgeCore, Counts, Held, Publish, Timing};
+use crate::record::{BRIDGES_GROUP, Key, bridge_key, decode_summary, parse_key, summary_key};
+
+/// What a bridge is told.
+#[derive(Clone, Debug)]
+pub struct BridgeConfig {
+    /// The region it serves; it publishes summaries for this region only.
+    pub region: String,
+    /// gRPC addresses of the region's agents, most preferred first: it follows the first that
+    /// answers, so the bridges of a region given the same list follow the same agent.
+    pub region_agents: Vec<String>,
+    pub timing: Timing,
+    /// How often the bridge writes its heartbeat while its view of the region advances.
+    pub heartbeat: Duration,
+    /// The Watch heartbeat asked of the region agent: how often a quiet region still shows
+    /// the bridge a current view.
+    pub watch_heartbeat: Duration,
+}
+
+impl BridgeConfig {
+    pub fn new(region: &str, region_agents: Vec<String>) -> BridgeConfig {
+        BridgeConfig {
+            region: region.to_owned(),
+            region_agents,
+            timing: Timing::default(),
+            heartbeat: Duration::from_secs(2),
+            watch_heartbeat: Duration::from_secs(1),
+        }
+    }
+}
+
+enum RegionEvent {
+    Message(WatchResponse),
+    Interrupted,
+}
+
+/// Most region Watch messages (and store changes) waiting for the bridge's loop: a full
+/// channel holds the stream (HTTP/2 flow control does the rest).
+const CHANNEL: usize = 16;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Run the bridge over `store` (the bridge's own global-tier store, whose gossip carries what
+/// it writes) until `shutdown` resolves or the store fails.
+pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output = ()>) {
+    let start = tokio::time::Instant::now();
+    let now = || start.elapsed();
+    let (region_tx, mut region_rx) = mpsc::channel(CHANNEL);
+    let (global_tx, mut global_rx) = mpsc::channel(CHANNEL);
+    let follower = tokio::spawn(follow_region(cfg.clone(), region_tx));
+    let watcher = tokio::spawn(watch_global(store.clone(), cfg.region.clone(), global_tx));
+    let mut core = BridgeCore::new(cfg.timing);
+    let mut last_heartbeat: Option<(Duration, u64)> = None;
+    register(&store, &cfg.region).await;
+    tokio::pin!(shutdown);
+    loop {
+        let wake = core
+            .next_due()
+            .unwrap_or(now() + Duration::from_secs(1))
+            .min(last_heartbeat.map_or(now(), |(at, _)| at + cfg.heartbeat));
+        let sleep = wake.saturating_sub(now());
+        tokio::select! {
+            ev = region_rx.recv() => match ev {
+                Some(RegionEvent::Message(msg)) => core.region_message(now(), &msg),
+                Some(RegionEvent::Interrupted) => core.region_interrupted(),
+                None => break,
+            },
+            ev = global_rx.recv() => match ev {
+                Some((app, held)) => core.global_summary(now(), &app, held),
+                None => break,
+            },
+            _ = tokio::time::sleep(sleep) => {}
+            _ = &mut shutdown => break,
+        }
+        publish(&store, &cfg.region, &mut core, now()).await;
+        let due = last_heartbeat
+            .is_none_or(|(at, view)| now() >= at + cfg.heartbeat && core.view_hlc() > view);
+        if core.synced() && due {
+            if heartbeat(&store, &cfg.region, core.view_hlc()).await {
+                last_heartbeat = Some((now(), core.view_hlc()));
+            } else {
+                last_heartbeat = Some((now(), 0));
+            }
+        } else if last_heartbeat.is_none() {
+            last_heartbeat = Some((now(), 0));
+        }
+        if store.failure().is_some() {
+            break;
+        }
+    }
+    follower.abort();
+    watcher.abort();
+}
+
+/// Write the bridge's first heartbeat (its registration: the region it serves) unless the
+/// store holds one: summaries from an origin without it are refused by every peer.
+async fn register(store: &Store, region: &str) {
+    if store.get_live(&bridge_key(store.node())).is_none() {
+        heartbeat(store, region, 0).await;
+    }
+}
+
+async fn heartbeat(store: &Store, region: &str, view_hlc: u64) -> bool {
+    let value = BridgeRecord {
+        region: region.to_owned(),
+        view_hlc,
+    }
+    .encode_to_vec();
+    let op = LocalWrite::Put {
+        key: bridge_key(store.node()),
+        group: BRIDGES_GROUP.to_owned(),
+        value,
+    };
+    match store.write(vec![op]).await {
+        Ok(_) => true,
+        Err(StoreError::Stale(_)) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write the bridge's heartbeat");
+            false
+        }
+    }
+}
+
+/// Write what the core says is due, each on its own (a write that loses to a fresher
+/// summary must not take others with it); concurrent, so they share group commits.
+async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Duration) {
+    let due = core.due(now);
+    if due.is_empty() {
+        return;
+    }
+    let writes = due.iter().map(|p| {
+        let value = SummaryRecord {
+            region: region.to_owned(),
+            healthy: p.counts.healthy,
+            total: p.counts.total,
+            view_hlc: p.view_hlc,
+        }
+        .encode_to_vec();
+        store.write(vec![LocalWrite::Put {
+            key: summary_key(&p.app, region),
+            group: p.app.to_string(),
+            value,
+        }])
+    });
+    let results = futures_util::future::join_all(writes).await;
+    for (p, r) in due.iter().zip(results) {
+        match r {
+            Ok(_) => {
+                tracing::debug!(app = %p.app, healthy = p.counts.healthy, total = p.counts.total, "published");
+                core.published(p);
+            }
+            // A summary from a newer view stands: nothing to do.
+            Err(StoreError::Stale(_)) => {}
+            Err(e) => {
+                tracing::warn!(app = %p.app, error = %e, "could not publish a summary: retrying");
+                core.retry(now, &p.app);
+            }
+        }
+    }
+}
+
+/// Follow the global tier's summaries of `region` in the bridge's own store, and tell the
+/// loop what stands for each app (`None`: nothing, or hidden).
+async fn watch_global(store: Store, region: String, tx: mpsc::Sender<(String, Option<Held>)>) {
+    let mut cursor = store.watch(None, None, 1024);
+    while let Some(item) = cursor.next().await {
+        let entries: Vec<patina_store::Entry> = match item {
+            WatchItem::Snapshot { entries, .. } => entries,
+            WatchItem::Delta { changes, .. } => changes.into_iter().map(|c| c.entry).collect(),
+            WatchItem::SnapshotDone { .. } => continue,
+        };
+        for e in entries {
+            let Some(Key::Summary { app, region: r }) = parse_key(e.key()) else {
+                continue;
+            };
+            if r != region {
+                continue;
+            }
+            let held = e
+                .value()
+                .and_then(|v| decode_summary(v).ok())
+                .map(|s| Held {
+                    counts: Counts {
+                        healthy: s.healthy,
+                        total: s.total,
+                    },
+                    view_hlc: s.view_hlc,
+                });
+            if tx.send((app.to_owned(), held)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Follow the region's Watch stream at the first agent that answers, resuming after
+/// reconnects; a stream from an agent of another region is refused.
+async fn follow_region(cfg: BridgeConfig, tx: mpsc::Sender<RegionEvent>) {
+    let mut token = String::new();
+    let mut retry = RETRY_MIN;
+    loop {
+        for agent in &cfg.region_agents {
+            match stream_region(agent, &cfg, &mut token, &tx).await {
+                Ok(()) => {}
+                Err(e) => tracing::info!(%agent, error = %e, "region Watch stream ended"),
+            }
+            if tx.send(RegionEvent::Interrupted).await.is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+async fn stream_region(
+    agent: &str,
+    cfg: &BridgeConfig,
+    token: &mut String,
+    tx: &mpsc::Sender<RegionEvent>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let uri = if agent.contains("://") {
+        agent.to_owned()
+    } else {
+        format!("http://{agent}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(uri)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let mut client = RegionClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut stream = client
+        .watch(WatchRequest {
+            app: String::new(),
+            resume_token: token.clone(),
+            heartbeat_ms: cfg.watch_heartbeat.as_millis().min(u32::MAX as u128) as u32,
+        })
+        .await?
+        .into_inner();
+    // The Watch heartbeat bounds silence: a stream quiet for much longer is dead.
+    let silence = cfg.watch_heartbeat * 5 + Duration::from_secs(2);
+    loop {
+        let msg = match tokio::time::timeout(silence, stream.message()).await {
+            Ok(msg) => msg?,
+            Err(_) => return Err(format!("no message for {silence:?}").into()),
+        };
+        let Some(msg) = msg else { return Ok(()) };
+        for c in &msg.changes {
+            if let Some(machine_change::Change::Upserted(m)) = &c.change
+                && m.region != cfg.region
+            {
+                return Err(format!(
+                    "this agent serves region {:?}, not the bridge's {:?}",
+                    m.region, cfg.region
+                )
+                .into());
+            }
+        }
+        if !msg.resume_token.is_empty() {
+            token.clone_from(&msg.resume_token);
+        }
+        if tx.send(RegionEvent::Message(msg)).await.is_err() {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The global tier's records and their rules ([`SummaryKind`]).
+//!
+//! - A summary: key `APP/REGION`, group `APP`, value `patina.v1.SummaryRecord` (healthy and
+//!   total counts, and the region view it was made from). One per (app, region) stands.
+//! - A bridge's heartbeat: key `_bridge/ORIGIN` (the bridge's origin in 16 hex digits), group
+//!   `_bridges`, value `patina.v1.BridgeRecord` (its region and the freshness of its view).
+//!   It is the bridge's registration too: a bridge's region is fixed by its first heartbeat,
+//!   and a summary is accepted from a peer only when its origin's heartbeat names the
+//!   summary's region.
+//!
+//! Which summary of a key stands: the one made from the newer region view (its `view_hlc`),
+//! then the higher version. So a bridge that publishes late what it saw early loses to one
+//! that saw more recently, whichever published last.
+
+use patina_edge::is_dns_label;
+use patina_proto::v1::{BridgeRecord, SummaryRecord};
+use patina_store::{Candidate, Entry, Flags, Kind, NodeId};
+use prost::Message;
+
+/// The group of bridges' heartbeats (not a DNS label, so no app can take it).
+pub const BRIDGES_GROUP: &str = "_bridges";
+const BRIDGE_PREFIX: &str = "_bridge/";
+
+/// Largest stored summary or heartbeat value: a few fields; anything larger is refused.
+pub const MAX_VALUE_BYTES: usize = 256;
+
+/// Most instances one summary may count.
+pub const MAX_INSTANCES: u32 = patina_edge::table::MAX_INSTANCES;
+
+/// What a key names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Key<'a> {
+    Summary { app: &'a str, region: &'a str },
+    Bridge(NodeId),
+}
+
+pub fn summary_key(app: &str, region: &str) -> String {
+    format!("{app}/{region}")
+}
+
+pub fn bridge_key(bridge: NodeId) -> String {
+    format!("{BRIDGE_PREFIX}{:016x}", bridge.0)
+}
+
+/// Parse a record key; `None` for anything else.
+pub fn parse_key(key: &str) -> Option<Key<'_>> {
+    if let Some(hex) = key.strip_prefix(BRIDGE_PREFIX) {
+        if hex.len() != 16
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return None;
+        }
+        return u64::from_str_radix(hex, 16)
+            .ok()
+            .map(|n| Key::Bridge(NodeId(n)));
+    }
+    let (app, region) = key.split_once('/')?;
+    (is_dns_label(app) && is_dns_label(region)).then_some(Key::Summary { app, region })
+}
+
+/// Decode a summary value and check it on its own: counts in range, size.
+pub fn decode_summary(value: &[u8]) -> Result<SummaryRecord, String> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "a value of {} bytes, at most {MAX_VALUE_BYTES}",
+            value.len()
+        ));
+    }
+    let s = SummaryRecord::decode(value).map_err(|e| format!("not a summary: {e}"))?;
+    if s.healthy > s.total || s.total > MAX_INSTANCES {
+        return Err(format!(
+            "counts out of range: {} healthy of {}",
+            s.healthy, s.total
+        ));
+    }
+    Ok(s)
+}
+
+/// Decode a heartbeat value.
+pub fn decode_bridge(value: &[u8]) -> Result<BridgeRecord, String> {
+    if value.len() > MAX_VALUE_BYTES {
+        return Err(format!(
+            "a value of {} bytes, at most {MAX_VALUE_BYTES}",
+            value.len()
+        ));
+    }
+    let b = BridgeRecord::decode(value).map_err(|e| format!("not a bridge heartbeat: {e}"))?;
+    if !is_dns_label(&b.region) {
+        return Err("a heartbeat whose region is not a DNS label".into());
+    }
+    Ok(b)
+}
+
+/// The rules of the global tier's records.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SummaryKind;
+
+impl Kind for SummaryKind {
+    fn name(&self) -> &'static str {
+        "summary"
+    }
+
+    fn flags(&self, value: &[u8]) -> Flags {
+        // Heartbeats decode as summaries with no counts: not routable.
+        Flags {
+            routable: SummaryRecord::decode(value).is_ok_and(|s| s.healthy > 0),
+        }
+    }
+
+    fn check(&self, key: &str, group: &str, value: Option<&[u8]>) -> Result<(), String> {
+        match parse_key(key) {
+            Some(Key::Summary { app, region }) => {
+                if group != app {
+                    return Err("a summary whose group is not its app".into());
+                }
+                if let Some(v) = value {
+                    let s = decode_summary(v)?;
+                    if s.region != region {
+                        return Err("a summary whose region differs from its key's".into());
+                    }
+                }
+                Ok(())
+            }
+            Some(Key::Bridge(_)) => {
+                if group != BRIDGES_GROUP {
+                    return Err("a heartbeat outside the bridges' group".into());
+                }
+                value.map_or(Ok(()), |v| decode_bridge(v).map(|_| ()))
+            }
+            None => Err("a key that is neither APP/REGION nor a bridge's".into()),
+        }
+    }
+
+    fn check_held(
+        &self,
+        origin: NodeId,
+        key: &str,
+        value: Option<&[u8]>,
+        held: &dyn Fn(&str) -> Option<Entry>,
+    ) -> Result<(), String> {
+        let registered = |bridge: NodeId| -> Option<String> {
+            let e = held(&bridge_key(bridge))?;
+            decode_bridge(e.value()?).ok().map(|b| b.region)
+        };
+        match parse_key(key) {
+            Some(Key::Summary { region, .. }) => match registered(origin) {
+                Some(r) if r == region => Ok(()),
+                Some(r) => Err(format!(
+                    "a bridge of region {r} published for region {region}: refused"
+                )),
+                None => Err("a summary from an origin with no bridge heartbeat (yet)".into()),
+            },
+            Some(Key::Bridge(bridge)) => {
+                if bridge != origin {
+                    return Err("a heartbeat written for another bridge".into());
+                }
+                let Some(v) = value else { return Ok(()) };
+                let region = decode_bridge(v)?.region;
+                match registered(bridge) {
+                    Some(r) if r != region => Err(format!(
+                        "a bridge of region {r} now claims region {region}: a bridge's region is fixed"
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            None => Err("unknown key".into()),
+        }
+    }
+
+    fn wins(&self, incoming: &Candidate<'_>, current: &Candidate<'_>) -> bool {
+        (stamp(incoming), incoming.version) > (stamp(current), current.version)
+    }
+}
+
+/// The view a candidate was made from: its value's `view_hlc` (field 4 of both value
+/// messages); a tombstone's is its own timestamp, which is at or after any view it followed.
+fn stamp(c: &Candidate<'_>) -> u64 {
+    c.value.and_then(view_hlc_of).unwrap_or(c.version.hlc.0)
+}
+
+/// Field 4 (`view_hlc`) of an encoded summary or heartbeat, without decoding the rest.
+fn view_hlc_of(mut buf: &[u8]) -> Option<u64> {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    let mut hlc = 0;
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).ok()?;
+        match (tag, wire) {
+            (4, WireType::Varint) => hlc = decode_varint(&mut buf).ok()?,
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default()).ok()?,
+        }
+    }
+    Some(hlc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patina_store::{Hlc, Version};
+
+    fn summary(region: &str, healthy: u32, total: u32, view: u64) -> Vec<u8> {
+        SummaryRecord {
+            region: region.into(),
+            healthy,
+            total,
+            view_hlc: view,
+        }
+        .encode_to_vec()
+    }
+
+    fn v(hlc: u64, origin: u64, seq: u64) -> Version {
+        Version {
+            hlc: Hlc(hlc),
+            origin: NodeId(origin),
+            seq,
+        }
+    }
+
+    #[test]
+    fn keys_parse_and_refuse_what_they_should() {
+        assert_eq!(
+            parse_key("web/ord"),
+            Some(Key::Summary {
+                app: "web",
+                region: "ord"
+            })
+        );
+        assert_eq!(
+            parse_key(&bridge_key(NodeId(0xab))),
+            Some(Key::Bridge(NodeId(0xab)))
+        );
+        for bad in [
+            "web",
+            "web/",
+            "/ord",
+            "Web/ord",
+            "web/ord/x",
+            "_bridge/12",
+            "_bridge/00000000000000AB",
+        ] {
+            assert_eq!(parse_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_newer_view_wins_whoever_published_last() {
+        let k = SummaryKind;
+        let early = summary("ord", 1, 1, 100);
+        let late = summary("ord", 0, 1, 200);
+        // The early view published later (higher hlc, higher seq) still loses.
+        let lagging = Candidate {
+            version: v(900, 1, 5),
+            value: Some(&early),
+        };
+        let fresh = Candidate {
+            version: v(300, 2, 1),
+            value: Some(&late),
+        };
+        assert!(k.wins(&fresh, &lagging));
+        assert!(!k.wins(&lagging, &fresh));
+        // Same view: the version decides, so exactly one of two wins.
+        let same = summary("ord", 1, 1, 200);
+        let other = Candidate {
+            version: v(301, 3, 1),
+            value: Some(&same),
+        };
+        assert!(k.wins(&other, &fresh) != k.wins(&fresh, &other));
+        // A tombstone counts as a view of its own time.
+        let gone = Candidate {
+            version: v(250, 2, 2),
+            value: None,
+        };
+        assert!(k.wins(&gone, &fresh));
+        assert!(!k.wins(
+            &gone,
+            &Candidate {
+                version: v(260, 2, 3),
+                value: Some(&summary("ord", 1, 1, 255))
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let k = SummaryKind;
+        assert!(
+            k.check("web/ord", "web", Some(&summary("ord", 1, 2, 1)))
+                .is_ok()
+        );
+        assert!(
+            k.check("web/ord", "api", Some(&summary("ord", 1, 2, 1)))
+                .is_err()
+        );
+        assert!(
+            k.check("web/ord", "web", Some(&summary("fra", 1, 2, 1)))
+                .is_err()
+        );
+        assert!(
+            k.check("web/ord", "web", Some(&summary("ord", 3, 2, 1)))
+                .is_err()
+        );
+        assert!(k.check("web/ord", "web", Some(&[0xff, 0xff])).is_err());
+        assert!(k.check("web/ord", "web", Some(&vec![0u8; 300])).is_err());
+        let hb = BridgeRecord {
+            region: "ord".into(),
+            view_hlc: 1,
+        }
+        .encode_to_vec();
+        assert!(
+            k.check(&bridge_key(NodeId(1)), BRIDGES_GROUP, Some(&hb))
+                .is_ok()
+        );
+        assert!(k.check(&bridge_key(NodeId(1)), "web", Some(&hb)).is_err());
+        assert!(k.check("nope", "web", None).is_err());
+        assert!(!k.flags(&summary("ord", 0, 2, 1)).routable);
+        assert!(k.flags(&summary("ord", 1, 2, 1)).routable);
+        assert!(!k.flags(&hb).routable);
+    }
+}

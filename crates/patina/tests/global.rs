@@ -1,0 +1,296 @@
+//! The global tier with real processes on loopback: region agents, bridges (`patina bridge`)
+//! and global agents (`patina global`), each on an IP of its own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    Agent, bin, eventually, lookup, machine, start_bridge, start_global, start_region_agent,
+};
+use patina_proto::v1::{MachineState, UpsertMachineRequest};
+
+async fn put(agent: &Agent, id: &str, app: &str, started: bool) {
+    let mut m = machine(id, app, 80);
+    if !started {
+        m.state = MachineState::Stopped as i32;
+    }
+    agent
+        .client()
+        .await
+        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
+        .await
+        .expect("UpsertMachine");
+}
+
+fn lists(answer: &[(String, u32, u32)], region: &str) -> bool {
+    answer.iter().any(|(r, _, _)| r == region)
+}
+
+/// Down news, end to end: the last healthy instance of an app in one region stops; every
+/// global agent's lookup (from another region) stops listing that region; it starts again
+/// and the region comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_instance_of_an_app_stopping_in_a_region_reaches_every_global_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ord1 = start_region_agent(root, "ord1", "127.0.0.81", "ord", &[]);
+    let ord2 = start_region_agent(root, "ord2", "127.0.0.82", "ord", &["127.0.0.81".into()]);
+    let fra1 = start_region_agent(root, "fra1", "127.0.0.83", "fra", &[]);
+    let seeds = ["127.0.0.84".to_owned()];
+    let g1 = start_global(root, "g1", "127.0.0.84", "fra", &[], None);
+    let g2 = start_global(root, "g2", "127.0.0.85", "syd", &seeds, None);
+    let _b_ord = start_bridge(root, "b-ord", "127.0.0.86", "ord", &[&ord1, &ord2], &seeds);
+    let _b_fra = start_bridge(root, "b-fra", "127.0.0.87", "fra", &[&fra1], &seeds);
+    put(&ord2, "web-1", "web", true).await;
+    put(&fra1, "web-2", "web", true).await;
+    let globals = [&g1, &g2];
+    let both = eventually(Duration::from_secs(30), || async {
+        for g in globals {
+            let a = lookup(g, "web", "fra", false).await;
+            if !(lists(&a, "ord") && lists(&a, "fra")) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(both.is_some(), "every global agent lists both regions");
+    assert_eq!(
+        lookup(&g1, "web", "fra", false).await,
+        [("fra".to_owned(), 1, 1), ("ord".to_owned(), 1, 1)],
+        "nearest first from fra"
+    );
+    // Stop the last healthy instance in ord (through the other ord agent).
+    put(&ord1, "web-1", "web", false).await;
+    let gone = eventually(Duration::from_secs(10), || async {
+        for g in globals {
+            if lists(&lookup(g, "web", "fra", false).await, "ord") {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let took = gone.expect("every global agent stops listing ord");
+    eprintln!("down news reached every global agent in {took:?}");
+    // It is still known, with none healthy.
+    assert!(
+        lookup(&g2, "web", "fra", true)
+            .await
+            .contains(&("ord".to_owned(), 0, 1))
+    );
+    put(&ord2, "web-1", "web", true).await;
+    let back = eventually(Duration::from_secs(10), || async {
+        for g in globals {
+            if !lists(&lookup(g, "web", "fra", false).await, "ord") {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(back.is_some(), "ord comes back");
+}
+
+/// A bridge configured for one region but pointed at another region's agents publishes
+/// nothing (it refuses the stream); and a global agent never lists a region for an app the
+/// region does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_pointed_at_another_regions_agents_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ord = start_region_agent(root, "ord", "127.0.0.91", "ord", &[]);
+    let seeds = ["127.0.0.92".to_owned()];
+    let g = start_global(root, "g", "127.0.0.92", "ord", &[], None);
+    // Configured for fra, following ord's agent.
+    let _wrong = start_bridge(root, "b-wrong", "127.0.0.93", "fra", &[&ord], &seeds);
+    put(&ord, "web-1", "web", true).await;
+    // A correct bridge of ord shows the summary path works meanwhile.
+    let _right = start_bridge(root, "b-ord", "127.0.0.94", "ord", &[&ord], &seeds);
+    let listed = eventually(Duration::from_secs(30), || async {
+        lists(&lookup(&g, "web", "ord", true).await, "ord")
+    })
+    .await;
+    assert!(listed.is_some());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        lookup(&g, "web", "ord", true).await,
+        [("ord".to_owned(), 1, 1)],
+        "nothing for fra"
+    );
+}
+
+/// A region whose agents are all down leaves lookups after `global.stale_after_secs`; it
+/// comes back when an agent returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_whose_agents_are_all_down_ages_out_of_lookups() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut ord = start_region_agent(root, "ord", "127.0.0.101", "ord", &[]);
+    let fra = start_region_agent(root, "fra", "127.0.0.102", "fra", &[]);
+    let seeds = ["127.0.0.103".to_owned()];
+    let table = common::REGION_TABLE.replace("stale_after_secs = 30", "stale_after_secs = 3");
+    let g = start_global(root, "g", "127.0.0.103", "fra", &[], Some(&table));
+    let _b_ord = start_bridge(root, "b-ord", "127.0.0.104", "ord", &[&ord], &seeds);
+    let _b_fra = start_bridge(root, "b-fra", "127.0.0.105", "fra", &[&fra], &seeds);
+    put(&ord, "web-1", "web", true).await;
+    put(&fra, "web-2", "web", true).await;
+    let both = eventually(Duration::from_secs(30), || async {
+        lookup(&g, "web", "fra", false).await.len() == 2
+    })
+    .await;
+    assert!(both.is_some());
+    ord.kill9();
+    let aged = eventually(Duration::from_secs(30), || async {
+        lookup(&g, "web", "fra", false).await == [("fra".to_owned(), 1, 1)]
+    })
+    .await;
+    let took = aged.expect("ord ages out of lookups");
+    eprintln!("ord left lookups {took:?} after its only agent died (stale_after 3 s)");
+    ord.restart(bin(), "region").unwrap();
+    let back = eventually(Duration::from_secs(30), || async {
+        lookup(&g, "web", "fra", false).await.len() == 2
+    })
+    .await;
+    assert!(back.is_some(), "ord comes back with its agent");
+}
+
+/// (healthy, total) of every app in the region, from the region agent itself.
+async fn truth(agent: &Agent, apps: &[String]) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for app in apps {
+        let all: Vec<_> = patina_testkit::list_pages(&mut agent.client().await, app, true, 1000)
+            .await
+            .concat();
+        let healthy = all
+            .iter()
+            .filter(|m| {
+                m.state == MachineState::Started as i32
+                    && m.health == patina_proto::v1::Health::Passing as i32
+            })
+            .count();
+        out.push((healthy as u32, all.len() as u32));
+    }
+    out
+}
+
+/// What a global agent lists for each app in `region`: `(healthy, total)`, (0, 0) for none.
+/// Panics on two entries for one region.
+async fn listed(g: &Agent, apps: &[String], region: &str) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for app in apps {
+        let answer = lookup(g, app, region, true).await;
+        let mine: Vec<_> = answer.iter().filter(|(r, _, _)| r == region).collect();
+        assert!(
+            mine.len() <= 1,
+            "two summaries of {app} in {region}: {answer:?}"
+        );
+        out.push(mine.first().map_or((0, 0), |(_, h, t)| (*h, *t)));
+    }
+    out
+}
+
+/// Two bridges for one region, one killed mid-stream and restarted, then the other killed for
+/// good: the global tier ends with exactly the region's counts, one summary per app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bridges_one_killed_mid_stream_and_restarted_leave_exactly_the_right_summaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ord = start_region_agent(root, "ord", "127.0.0.111", "ord", &[]);
+    let seeds = ["127.0.0.112".to_owned()];
+    let g = start_global(root, "g", "127.0.0.112", "fra", &[], None);
+    let mut b1 = start_bridge(root, "b1", "127.0.0.113", "ord", &[&ord], &seeds);
+    let _b2 = start_bridge(root, "b2", "127.0.0.114", "ord", &[&ord], &seeds);
+    let apps: Vec<String> = (0..12).map(|i| format!("app-{i}")).collect();
+    let mut client = ord.client().await;
+    // A fixed pseudo-random stream of changes: machines start, stop, fail checks, go away.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for op in 0..400u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let app = &apps[(x % apps.len() as u64) as usize];
+        let id = format!("{app}-m{}", (x >> 8) % 6);
+        match (x >> 16) % 5 {
+            0 => {
+                let _ = client
+                    .delete_machine(patina_proto::v1::DeleteMachineRequest { id })
+                    .await;
+            }
+            k => {
+                let mut m = machine(&id, app, 80);
+                m.state = if k == 1 {
+                    MachineState::Stopped
+                } else {
+                    MachineState::Started
+                } as i32;
+                if k == 2 {
+                    m.health = patina_proto::v1::Health::Critical as i32;
+                }
+                client
+                    .upsert_machine(UpsertMachineRequest { machine: Some(m) })
+                    .await
+                    .unwrap();
+            }
+        }
+        if op == 150 {
+            b1.kill9();
+        }
+        if op == 300 {
+            b1.restart(bin(), "bridge").unwrap();
+        }
+        if op % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // One app with instances and none healthy, for certain.
+    for i in 0..6 {
+        put(&ord, &format!("app-0-m{i}"), "app-0", false).await;
+    }
+    let want = truth(&ord, &apps).await;
+    assert!(want.iter().any(|c| c.0 > 0) && want[0] == (0, 6));
+    let converged = eventually(Duration::from_secs(30), || async {
+        listed(&g, &apps, "ord").await == want
+    })
+    .await;
+    assert!(
+        converged.is_some(),
+        "the global tier has {:?}, the region {want:?}",
+        listed(&g, &apps, "ord").await
+    );
+    // The restarted bridge republished every app from its fresh snapshot, so its summaries
+    // stand: kill it for good and change the region. The other one alone takes over every
+    // summary (the dead one's are hidden by the liveness overlay, then replaced).
+    b1.kill9();
+    for app in &apps[..4] {
+        for i in 0..6 {
+            let _ = client
+                .delete_machine(patina_proto::v1::DeleteMachineRequest {
+                    id: format!("{app}-m{i}"),
+                })
+                .await;
+        }
+    }
+    put(&ord, "app-5-new", "app-5", true).await;
+    let want = truth(&ord, &apps).await;
+    // Until the global agent declares the dead bridge down, its summaries still show.
+    let down = eventually(Duration::from_secs(30), || async {
+        g.alive_members().await == 1
+    })
+    .await;
+    eprintln!("the killed bridge was declared down after {down:?}");
+    assert!(
+        down.is_some(),
+        "the global agent sees the killed bridge down"
+    );
+    let converged = eventually(Duration::from_secs(30), || async {
+        listed(&g, &apps, "ord").await == want
+    })
+    .await;
+    assert!(
+        converged.is_some(),
+        "after the restarted bridge died: the global tier has {:?}, the region {want:?}",
+        listed(&g, &apps, "ord").await
+    );
+}
