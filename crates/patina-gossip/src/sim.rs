@@ -151,6 +151,17 @@ fn addr_of(i: usize) -> SocketAddr {
 impl World {
     /// `n` nodes, each seeded through node 0 and 1, started at once.
     pub fn new(n: usize, cfg: Config, net: Net, seed: u64) -> World {
+        World::with_kind(n, cfg, net, seed, Arc::new(patina_store::OpaqueKind))
+    }
+
+    /// [`World::new`] whose stores hold records of `kind` (a tier's own rules).
+    pub fn with_kind(
+        n: usize,
+        cfg: Config,
+        net: Net,
+        seed: u64,
+        kind: patina_store::KindRef,
+    ) -> World {
         let mut w = World {
             now: Duration::ZERO,
             net,
@@ -175,6 +186,7 @@ impl World {
             let node_id = NodeId(1000 + i as u64);
             let opts = StoreOptions {
                 clock: Arc::new(ManualClock::new(1_700_000_000_000)),
+                kind: kind.clone(),
                 ..StoreOptions::default()
             };
             let store = Store::in_memory(node_id, seed ^ i as u64, opts);
