@@ -258,15 +258,37 @@ pub enum MemberState {
 struct Shared {
     known: BTreeMap<NodeId, OriginKnowledge>,
     pending: BTreeSet<(NodeId, u64)>,
+    /// Versions received and refused by the store (a record its kind refused), newest last:
+    /// a pushed or piggybacked copy of one is not taken again. Otherwise every copy would
+    /// count as new, be forwarded and queued for piggybacking again, and one refused record
+    /// would circulate through the cluster for ever. Anti-entropy still fetches them (with
+    /// its backoff), so a refusal that depended on a record that arrived later heals.
+    refused: BTreeSet<(NodeId, u64)>,
+    refused_order: std::collections::VecDeque<(NodeId, u64)>,
     inbox: Vec<Item>,
     backlog_full: bool,
     counters: Counters,
 }
 
+/// Most refused versions remembered (16 bytes each, twice).
+const MAX_REFUSED: usize = 4096;
+
 impl Shared {
     fn knows(&self, origin: NodeId, seq: u64) -> bool {
         self.known.get(&origin).is_some_and(|k| k.knows(seq))
             || self.pending.contains(&(origin, seq))
+            || self.refused.contains(&(origin, seq))
+    }
+
+    fn remember_refused(&mut self, v: (NodeId, u64)) {
+        if self.refused.insert(v) {
+            self.refused_order.push_back(v);
+            while self.refused_order.len() > MAX_REFUSED {
+                if let Some(old) = self.refused_order.pop_front() {
+                    self.refused.remove(&old);
+                }
+            }
+        }
     }
 
     /// Take an item received from a peer: `true` if it is new (now pending).
@@ -729,6 +751,16 @@ impl Node {
             let mut s = self.shared.lock().expect("gossip shared state");
             for v in settled {
                 s.pending.remove(v);
+            }
+            // Settled but not known: refused.
+            for &(origin, seq) in settled {
+                let known_now = known.iter().find(|(o, _)| *o == origin).map_or_else(
+                    || s.known.get(&origin).is_some_and(|k| k.knows(seq)),
+                    |(_, k)| k.knows(seq),
+                );
+                if !known_now {
+                    s.remember_refused((origin, seq));
+                }
             }
             let mut gaps = false;
             for (origin, k) in known {
