@@ -8,9 +8,14 @@
 //! - `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
 //!   [--skip-sim | --sim-only]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
 //!   bandwidth on a region of real agents; the simulation's spread at 100 and 1,000 nodes.
-//! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C.
+//! - `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
+//!   [--summaries N]`: region-to-edge latency, LookupApp over gRPC, the edge library's
+//!   lookup and memory per summary.
+//! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C;
+//!   `--regions R [--bridges B] [--globals G]`: the global world as real processes.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
+mod bench_global;
 mod bench_propagation;
 mod bench_store;
 mod bench_watchers;
@@ -18,6 +23,7 @@ mod cluster;
 mod harness;
 mod sim_figures;
 mod tidy;
+mod world;
 
 use anyhow::bail;
 
@@ -32,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "propagation", rest @ ..] => {
             bench_propagation::run(bench_propagation::Options::parse(rest)?)
         }
+        ["bench", "global", rest @ ..] => bench_global::run(bench_global::Options::parse(rest)?),
         ["cluster", rest @ ..] => cluster::run(cluster::Options::parse(rest)?),
         _ => bail!(
             "usage: cargo xtask bench store [--secs N] [--records N] [--samples N] \
@@ -39,7 +46,10 @@ fn main() -> anyhow::Result<()> {
                     cargo xtask bench watchers [--machines N] [--watchers N]\n\
                     cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] \
              [--idle-secs S] [--skip-sim | --sim-only]\n\
-                    cargo xtask cluster [--nodes N]\n\
+                    cargo xtask bench global [--regions R] [--edges E] [--events N] \
+             [--lookup-secs S] [--summaries N]\n\
+                    cargo xtask cluster [--nodes N] | --regions R [--nodes N] [--bridges B] \
+             [--globals G]\n\
              (see docs/benchmarks.md)"
         ),
     }

@@ -1,0 +1,424 @@
+//! `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
+//! [--summaries N]`: the global tier with real processes on loopback (release build).
+//!
+//! - region to edge: from the acknowledged stop of an app's last instance in a region until
+//!   every global agent's LookupApp leaves that region out (and back up: until all list it
+//!   again), over N events; baseline: one LookupApp round trip on an idle agent;
+//! - LookupApp over gRPC: requests/s and p99 on one global agent with 64 concurrent clients
+//!   (64 connections); baseline: the standard gRPC health check, same clients, same agent;
+//! - the edge library's lookup, in process, on a table of N summaries (100 regions' worth
+//!   of apps x 10 regions): p50 and p99; baseline: the cost of the two clock reads around
+//!   each timed call;
+//! - memory per summary at N summaries: the resident memory the table adds, divided by N;
+//!   baseline: the payload (the app's name and 12 bytes).
+//!
+//! Last line: one JSON object.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patina_proto::v1::global_client::GlobalClient;
+use patina_proto::v1::{LookupAppRequest, MachineState, MembersRequest, UpsertMachineRequest};
+use patina_testkit::{Agent, machine};
+use tonic::transport::Channel;
+
+use crate::harness::{build_patina, percentile_us};
+use crate::world::{Shape, World, region_name};
+
+pub struct Options {
+    regions: usize,
+    edges: usize,
+    events: usize,
+    lookup_secs: u64,
+    summaries: usize,
+}
+
+impl Options {
+    pub fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        let mut o = Options {
+            regions: 3,
+            edges: 3,
+            events: 200,
+            lookup_secs: 10,
+            summaries: 1_000_000,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let v: u64 = it.next().context("missing value")?.parse()?;
+            match *a {
+                "--regions" => o.regions = v as usize,
+                "--edges" => o.edges = v as usize,
+                "--events" => o.events = v as usize,
+                "--lookup-secs" => o.lookup_secs = v,
+                "--summaries" => o.summaries = v as usize,
+                other => bail!("unknown option {other}"),
+            }
+        }
+        if o.regions < 2 || o.edges < 1 || o.events < 1 || o.summaries < 10 {
+            bail!("--regions at least 2, --edges and --events at least 1, --summaries at least 10");
+        }
+        Ok(o)
+    }
+}
+
+const APP: &str = "lat";
+const CLIENTS: usize = 64;
+
+async fn connect(a: &Agent) -> anyhow::Result<GlobalClient<Channel>> {
+    Ok(GlobalClient::new(
+        Channel::from_shared(a.url.clone())?.connect().await?,
+    ))
+}
+
+async fn lists(c: &mut GlobalClient<Channel>, from: &str, region: &str) -> anyhow::Result<bool> {
+    let answer = c
+        .lookup_app(LookupAppRequest {
+            app: APP.into(),
+            from_region: from.into(),
+            include_empty: false,
+        })
+        .await?
+        .into_inner();
+    Ok(answer.regions.iter().any(|r| r.region == region))
+}
+
+/// Poll every edge (1 ms apart) until each one's answer about `region` is `want`; returns
+/// when the last one got there, or `None` after 10 s.
+async fn until_all(
+    edges: &mut [GlobalClient<Channel>],
+    from: &str,
+    region: &str,
+    want: bool,
+) -> anyhow::Result<Option<Instant>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut done = vec![false; edges.len()];
+    let mut last = Instant::now();
+    while done.iter().any(|d| !d) {
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        for (e, c) in edges.iter_mut().enumerate() {
+            if !done[e] && lists(c, from, region).await? == want {
+                done[e] = true;
+                last = Instant::now();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(Some(last))
+}
+
+struct Figures {
+    down_ms: Vec<f64>,
+    up_ms: Vec<f64>,
+    rtt_us: f64,
+    lookup_per_s: f64,
+    lookup_p99_us: f64,
+    health_per_s: f64,
+    health_p99_us: f64,
+}
+
+async fn region_to_edge(w: &World, events: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
+    let regions = w.regions.len();
+    let mut edges = Vec::new();
+    for g in &w.globals {
+        edges.push(connect(g).await?);
+    }
+    // Every bridge and global agent sees every other one.
+    let members = w.globals.len() + regions * w.bridges[0].len() - 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for g in &w.globals {
+        while g
+            .admin()
+            .await
+            .members(MembersRequest {})
+            .await?
+            .into_inner()
+            .members
+            .iter()
+            .filter(|m| m.state == "alive")
+            .count()
+            < members
+        {
+            if Instant::now() > deadline {
+                bail!("the global cluster did not form within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut writers = Vec::new();
+    for r in 0..regions {
+        let mut c = w.regions[r][0].client().await;
+        c.upsert_machine(UpsertMachineRequest {
+            machine: Some(machine(&format!("{APP}-{r}"), APP, 80)),
+        })
+        .await?;
+        writers.push(c);
+    }
+    for r in 0..regions {
+        let from = region_name((r + 1) % regions);
+        if until_all(&mut edges, &from, &region_name(r), true)
+            .await?
+            .is_none()
+        {
+            bail!("the edges never listed {APP} in {}", region_name(r));
+        }
+    }
+    // Baseline: one LookupApp round trip on an idle agent.
+    let mut rtts = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        lists(&mut edges[0], "ord", "ord").await?;
+        rtts.push(t.elapsed().as_nanos() as u64);
+    }
+    rtts.sort_unstable();
+    let rtt_us = percentile_us(&rtts, 50.0);
+    let (mut down, mut up) = (Vec::new(), Vec::new());
+    for k in 0..events {
+        let r = k % regions;
+        let (region, from) = (region_name(r), region_name((r + 1) % regions));
+        for started in [false, true] {
+            let mut m = machine(&format!("{APP}-{r}"), APP, 80);
+            if !started {
+                m.state = MachineState::Stopped as i32;
+            }
+            writers[r]
+                .upsert_machine(UpsertMachineRequest { machine: Some(m) })
+                .await?;
+            let acked = Instant::now();
+            let Some(last) = until_all(&mut edges, &from, &region, started).await? else {
+                bail!("event {k}: the edges did not follow within 10 s");
+            };
+            let ms = last.duration_since(acked).as_secs_f64() * 1000.0;
+            if started { &mut up } else { &mut down }.push(ms);
+        }
+    }
+    Ok((down, up, rtt_us))
+}
+
+/// `clients` tasks on their own connections call `call` for `secs`; requests/s and p99 (µs).
+async fn load<F, Fut>(a: &Agent, secs: u64, call: F) -> anyhow::Result<(f64, f64)>
+where
+    F: Fn(Channel) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    for _ in 0..CLIENTS {
+        let channel = Channel::from_shared(a.url.clone())?.connect().await?;
+        let call = call.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < end {
+                let t = Instant::now();
+                if !call(channel.clone()).await {
+                    break;
+                }
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let took = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    Ok((all.len() as f64 / took, percentile_us(&all, 99.0)))
+}
+
+async fn grpc_load(w: &World, secs: u64) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let a = &w.globals[0];
+    let (lookup_per_s, lookup_p99) = load(a, secs, |ch| async move {
+        GlobalClient::new(ch)
+            .lookup_app(LookupAppRequest {
+                app: APP.into(),
+                from_region: "fra".into(),
+                include_empty: false,
+            })
+            .await
+            .is_ok()
+    })
+    .await?;
+    let (health_per_s, health_p99) = load(a, secs, |ch| async move {
+        tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_ok()
+    })
+    .await?;
+    Ok((lookup_per_s, lookup_p99, health_per_s, health_p99))
+}
+
+fn rss_bytes() -> u64 {
+    patina_testkit::rss_of(std::process::id()).unwrap_or(0)
+}
+
+/// The edge library on `n` summaries: (lookup p50 µs, p99 µs, clock-pair overhead ns,
+/// bytes per summary, payload bytes per summary).
+fn edge(n: usize) -> (f64, f64, f64, f64, f64) {
+    use patina_edge::{RegionSpec, RegionTable, SummaryUpdate, Table};
+    const REGIONS: usize = 10;
+    let specs = (0..REGIONS)
+        .map(|r| RegionSpec {
+            name: region_name(r),
+            ..RegionSpec::default()
+        })
+        .collect();
+    let apps = n.div_ceil(REGIONS);
+    let names: Vec<String> = (0..apps).map(|a| format!("app-{a:07}")).collect();
+    let payload = names.iter().map(|s| s.len()).sum::<usize>() as f64 / n as f64 + 12.0;
+    let before = rss_bytes();
+    let table = Table::new(
+        RegionTable::new(specs).expect("a valid table"),
+        Some(Duration::from_secs(30)),
+    );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for r in 0..REGIONS {
+        table
+            .apply_bridge(r as u64, &region_name(r), now_ms + 3_600_000)
+            .expect("a bridge");
+    }
+    let mut added = 0;
+    'fill: for (a, app) in names.iter().enumerate() {
+        for r in 0..REGIONS {
+            if added == n {
+                break 'fill;
+            }
+            table
+                .apply_summary(SummaryUpdate {
+                    app,
+                    region: &region_name(r),
+                    healthy: ((a + r) % 4) as u32,
+                    total: 3,
+                    bridge: r as u64,
+                })
+                .expect("a summary");
+            added += 1;
+        }
+    }
+    let bytes = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    // Lookups of random apps from random regions, each timed.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(REGIONS);
+    let samples = 1_000_000;
+    let mut lat = Vec::with_capacity(samples);
+    let froms: Vec<String> = (0..REGIONS).map(region_name).collect();
+    for _ in 0..samples {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let app = &names[(x % apps as u64) as usize];
+        let from = &froms[((x >> 32) % REGIONS as u64) as usize];
+        let t = Instant::now();
+        table.lookup_into(app, from, false, &mut out);
+        lat.push(t.elapsed().as_nanos() as u64);
+        std::hint::black_box(&out);
+    }
+    lat.sort_unstable();
+    let mut clock = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        clock.push(t.elapsed().as_nanos() as u64);
+    }
+    clock.sort_unstable();
+    let overhead_ns = percentile_us(&clock, 50.0) * 1000.0;
+    drop(table);
+    (
+        percentile_us(&lat, 50.0),
+        percentile_us(&lat, 99.0),
+        overhead_ns,
+        bytes,
+        payload,
+    )
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    // In process first, while this process is small: the table's memory is its RSS growth.
+    let (edge_p50, edge_p99, clock_ns, bytes, payload) = edge(o.summaries);
+    println!(
+        "edge library, {} summaries: lookup p50 {edge_p50:.3} µs, p99 {edge_p99:.3} µs \
+         (clock reads around each call: {clock_ns:.0} ns); {bytes:.1} bytes per summary \
+         (payload {payload:.1})",
+        o.summaries
+    );
+    let bin = build_patina()?;
+    let root = crate::bench_store::tempdir()?.join("global");
+    let shape = Shape {
+        regions: o.regions,
+        agents: 2,
+        bridges: 2,
+        globals: o.edges,
+        stale_after_secs: 30,
+    };
+    let mut world = World::start(&bin, &root, shape)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let figures = rt.block_on(async {
+        let (down_ms, up_ms, rtt_us) = region_to_edge(&world, o.events).await?;
+        let (lookup_per_s, lookup_p99_us, health_per_s, health_p99_us) =
+            grpc_load(&world, o.lookup_secs).await?;
+        anyhow::Ok(Figures {
+            down_ms,
+            up_ms,
+            rtt_us,
+            lookup_per_s,
+            lookup_p99_us,
+            health_per_s,
+            health_p99_us,
+        })
+    });
+    world.stop();
+    let _ = std::fs::remove_dir_all(&root);
+    let f = figures?;
+    let pct = |v: &[f64], p: f64| {
+        let mut ns: Vec<u64> = v.iter().map(|ms| (ms * 1e6) as u64).collect();
+        ns.sort_unstable();
+        percentile_us(&ns, p) / 1000.0
+    };
+    let (down50, down99) = (pct(&f.down_ms, 50.0), pct(&f.down_ms, 99.0));
+    let (up50, up99) = (pct(&f.up_ms, 50.0), pct(&f.up_ms, 99.0));
+    println!(
+        "world: {} regions x 2 agents, 2 bridges each, {} global agents (release build, loopback)",
+        o.regions, o.edges
+    );
+    println!(
+        "region to every edge, {} events: down p50 {down50:.1} ms, p99 {down99:.1} ms; \
+         up p50 {up50:.1} ms, p99 {up99:.1} ms (one LookupApp round trip: {:.0} µs)",
+        f.down_ms.len(),
+        f.rtt_us
+    );
+    println!(
+        "LookupApp, {CLIENTS} clients on one global agent: {:.0}/s, p99 {:.0} µs \
+         (gRPC health check, same clients: {:.0}/s, p99 {:.0} µs)",
+        f.lookup_per_s, f.lookup_p99_us, f.health_per_s, f.health_p99_us
+    );
+    let json = serde_json::json!({
+        "regions": o.regions,
+        "edges": o.edges,
+        "events": f.down_ms.len(),
+        "region_to_edge_p50_ms": down50,
+        "region_to_edge_p99_ms": down99,
+        "region_to_edge_up_p50_ms": up50,
+        "region_to_edge_up_p99_ms": up99,
+        "baseline_lookup_rtt_us": f.rtt_us,
+        "lookup_grpc_per_s": f.lookup_per_s,
+        "lookup_grpc_p99_us": f.lookup_p99_us,
+        "baseline_health_grpc_per_s": f.health_per_s,
+        "baseline_health_grpc_p99_us": f.health_p99_us,
+        "edge_lookup_p50_us": edge_p50,
+        "edge_lookup_p99_us": edge_p99,
+        "baseline_clock_pair_ns": clock_ns,
+        "summaries": o.summaries,
+        "bytes_per_summary_1m": bytes,
+        "baseline_payload_bytes_per_summary": payload,
+    });
+    println!("{json}");
+    Ok(())
+}
