@@ -1,5 +1,5 @@
 //! `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
-//! [--summaries N]`: the global tier with real processes on loopback (release build).
+//! [--summaries N] [--edge-only]`: the global tier with real processes on loopback (release build).
 //!
 //! - region to edge: from the acknowledged stop of an app's last instance in a region until
 //!   every global agent's LookupApp leaves that region out (and back up: until all list it
@@ -31,6 +31,8 @@ pub struct Options {
     events: usize,
     lookup_secs: u64,
     summaries: usize,
+    /// Only the edge library's figures (no processes).
+    edge_only: bool,
 }
 
 impl Options {
@@ -41,9 +43,14 @@ impl Options {
             events: 200,
             lookup_secs: 10,
             summaries: 1_000_000,
+            edge_only: false,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {
+            if *a == "--edge-only" {
+                o.edge_only = true;
+                continue;
+            }
             let v: u64 = it.next().context("missing value")?.parse()?;
             match *a {
                 "--regions" => o.regions = v as usize,
@@ -346,6 +353,18 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (payload {payload:.1})",
         o.summaries
     );
+    if o.edge_only {
+        let json = serde_json::json!({
+            "edge_lookup_p50_us": edge_p50,
+            "edge_lookup_p99_us": edge_p99,
+            "baseline_clock_pair_ns": clock_ns,
+            "summaries": o.summaries,
+            "bytes_per_summary_1m": bytes,
+            "baseline_payload_bytes_per_summary": payload,
+        });
+        println!("{json}");
+        return Ok(());
+    }
     let bin = build_patina()?;
     let root = crate::bench_store::tempdir()?.join("global");
     let shape = Shape {

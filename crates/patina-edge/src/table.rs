@@ -81,7 +81,7 @@ impl std::fmt::Display for Refused {
 #[derive(Default)]
 struct Regions {
     names: Vec<Arc<str>>,
-    ids: HashMap<Arc<str>, RegionId>,
+    ids: HashMap<Arc<str>, RegionId, foldhash::fast::RandomState>,
     /// `rank[from][region]`: the region's place in the order from `from` (round trip, unknown
     /// last, then name).
     rank: Vec<Box<[u32]>>,
@@ -98,7 +98,9 @@ struct Regions {
 pub struct Table {
     table: RegionTable,
     stale_after: Option<Duration>,
-    apps: DashMap<Box<str>, Box<[Slot]>>,
+    /// foldhash: several times faster than SipHash on short names; the map is not keyed
+    /// by anything an attacker picks freely (apps are the operators').
+    apps: DashMap<Box<str>, Box<[Slot]>, foldhash::fast::RandomState>,
     regions: RwLock<Regions>,
     /// bridge -> (its region, its latest view in ms).
     bridges: Mutex<HashMap<u64, (RegionId, u64)>>,
@@ -124,7 +126,7 @@ impl Table {
         let t = Table {
             table,
             stale_after,
-            apps: DashMap::new(),
+            apps: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             regions: RwLock::new(Regions::default()),
             bridges: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
