@@ -294,3 +294,67 @@ async fn two_bridges_one_killed_mid_stream_and_restarted_leave_exactly_the_right
         listed(&g, &apps, "ord").await
     );
 }
+
+/// The edge library: a proxy's table follows a global agent through WatchApps, answers from
+/// memory what the agent answers, and when that agent dies, follows the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_library_follows_global_agents_and_fails_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ord = start_region_agent(root, "ord", "127.0.0.121", "ord", &[]);
+    let fra = start_region_agent(root, "fra", "127.0.0.122", "fra", &[]);
+    let seeds = ["127.0.0.123".to_owned()];
+    let mut g1 = start_global(root, "g1", "127.0.0.123", "ord", &[], None);
+    let g2 = start_global(root, "g2", "127.0.0.124", "fra", &seeds, None);
+    let _b_ord = start_bridge(root, "b-ord", "127.0.0.125", "ord", &[&ord], &seeds);
+    let _b_fra = start_bridge(root, "b-fra", "127.0.0.126", "fra", &[&fra], &seeds);
+    put(&ord, "web-1", "web", true).await;
+    put(&fra, "web-2", "web", true).await;
+    let table = std::sync::Arc::new(patina_edge::Table::new(
+        patina_edge::RegionTable::new(vec![
+            patina_edge::RegionSpec {
+                name: "ord".into(),
+                lat: Some(41.98),
+                lon: Some(-87.90),
+                ..Default::default()
+            },
+            patina_edge::RegionSpec {
+                name: "fra".into(),
+                lat: Some(50.03),
+                lon: Some(8.57),
+                ..Default::default()
+            },
+        ])
+        .unwrap(),
+        Some(Duration::from_secs(30)),
+    ));
+    let edge = patina_edge::follow(vec![g1.url.clone(), g2.url.clone()], table.clone());
+    let names = |t: &patina_edge::Table, app: &str, from: &str| -> Vec<String> {
+        t.lookup(app, from)
+            .iter()
+            .map(|h| t.region_name(h.region).unwrap().to_string())
+            .collect()
+    };
+    let both = eventually(Duration::from_secs(30), || async {
+        names(&table, "web", "fra") == ["fra", "ord"]
+    })
+    .await;
+    assert!(both.is_some(), "the edge table lists both, nearest first");
+    assert!(*edge.synced.borrow());
+    // Down news reaches the proxy's memory.
+    put(&ord, "web-1", "web", false).await;
+    let gone = eventually(Duration::from_secs(10), || async {
+        names(&table, "web", "fra") == ["fra"]
+    })
+    .await;
+    assert!(gone.is_some(), "the edge table leaves ord out");
+    // The agent it follows dies: it follows the other one, and still learns.
+    g1.kill9();
+    put(&ord, "web-1", "web", true).await;
+    let back = eventually(Duration::from_secs(20), || async {
+        names(&table, "web", "ord") == ["ord", "fra"]
+    })
+    .await;
+    assert!(back.is_some(), "the edge table follows the second agent");
+    assert_eq!(table.stats().refused, 0);
+}
