@@ -17,8 +17,9 @@ use crate::table::{SummaryUpdate, Table};
 /// answer from the last good state until then; refused summaries are counted and skipped.
 pub struct Replica {
     table: Arc<Table>,
-    /// Bridges seen in the snapshot being applied (`None`: no snapshot under way).
-    snapshot: Option<Vec<u64>>,
+    /// Bridges seen in the snapshot being applied (`None`: no snapshot under way); at most
+    /// one per heartbeat record, so bounded by the snapshot.
+    snapshot: Option<std::collections::HashSet<u64>>,
     token: String,
 }
 
@@ -44,7 +45,7 @@ impl Replica {
     pub fn apply(&mut self, msg: &WatchAppsResponse) -> bool {
         if msg.reset {
             self.table.begin_snapshot();
-            self.snapshot = Some(Vec::new());
+            self.snapshot = Some(std::collections::HashSet::new());
         }
         // Heartbeats first: a summary is checked against its bridge's region.
         for b in &msg.bridges {
@@ -56,7 +57,7 @@ impl Replica {
             match self.table.apply_bridge(b.bridge, &b.region, view_ms) {
                 Ok(()) => {
                     if let Some(seen) = &mut self.snapshot {
-                        seen.push(b.bridge);
+                        seen.insert(b.bridge);
                     }
                 }
                 Err(why) => {
@@ -106,6 +107,8 @@ impl Replica {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A stream that lasted this long was healthy: the next failure starts the backoff over.
+const HEALTHY_STREAM: Duration = Duration::from_secs(10);
 
 /// Largest WatchApps message accepted.
 const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
@@ -147,19 +150,32 @@ pub fn follow(servers: Vec<String>, table: Arc<Table>) -> Edge {
 async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<bool>) {
     let mut retry = RETRY_MIN;
     let mut i = 0usize;
+    let mut failures_here = 0;
     loop {
         let Some(server) = servers.get(i % servers.len().max(1)) else {
             return;
         };
+        let started = tokio::time::Instant::now();
         match stream_once(server, &mut replica, &synced).await {
-            Ok(()) => retry = RETRY_MIN,
+            Ok(()) => {}
             Err(e) => {
                 tracing::debug!(%server, error = %e, "WatchApps stream ended");
             }
         }
         synced.send_replace(false);
         replica.interrupted();
-        i += 1;
+        if started.elapsed() >= HEALTHY_STREAM {
+            retry = RETRY_MIN;
+            failures_here = 0;
+        }
+        // The same agent again first (its token resumes without a snapshot of the whole
+        // map); after two failures in a row, the next one (a token from another agent's
+        // store costs a snapshot).
+        failures_here += 1;
+        if failures_here > 2 {
+            i += 1;
+            failures_here = 0;
+        }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(RETRY_MAX);
     }

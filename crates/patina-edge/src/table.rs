@@ -95,6 +95,10 @@ struct Regions {
 
 /// The replica lookups read. Shared behind an `Arc`; writers are the follower (one at a
 /// time), readers any number of threads.
+///
+/// Locks: `bridges` before `regions` wherever both are taken, and neither is held while a
+/// dashmap guard of `apps` is taken except `regions` (read) in lookups; writers never hold a
+/// dashmap guard while they take `regions`.
 pub struct Table {
     table: RegionTable,
     stale_after: Option<Duration>,
@@ -133,9 +137,17 @@ impl Table {
             summaries: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         };
-        let names: Vec<String> = t.table.names().map(str::to_owned).collect();
-        for name in names {
-            let _ = t.intern(&name);
+        {
+            // The configured regions at once, ordered once.
+            let mut r = t.regions.write().expect("regions lock");
+            for name in t.table.names().take(MAX_REGIONS) {
+                let id = r.names.len() as RegionId;
+                let name: Arc<str> = name.into();
+                r.names.push(name.clone());
+                r.ids.insert(name, id);
+                r.fresh_ms.push(0);
+            }
+            t.reorder(&mut r);
         }
         t
     }
@@ -292,6 +304,8 @@ impl Table {
         let id = self.intern(region).inspect_err(|_| {
             self.refused.fetch_add(1, Ordering::Relaxed);
         })?;
+        // A view from the future (a clock stepped ahead) counts as now: it must still age.
+        let view_ms = view_ms.min(wall_ms());
         let mut bridges = self.bridges.lock().expect("bridges lock");
         if let Some((old, _)) = bridges.get(&bridge)
             && *old != id
@@ -322,7 +336,7 @@ impl Table {
 
     /// The snapshot is complete: remove the summaries it did not write, and the bridges not
     /// in `bridges` (the snapshot's heartbeats).
-    pub fn end_snapshot(&self, bridges: &[u64]) {
+    pub fn end_snapshot(&self, bridges: &std::collections::HashSet<u64>) {
         let generation = self.generation.load(Ordering::Relaxed) as u16;
         let mut removed = 0u64;
         self.apps.retain(|_, slots| {
@@ -348,11 +362,14 @@ impl Table {
     }
 
     pub fn stats(&self) -> TableStats {
+        // One lock at a time (the order elsewhere is bridges, then regions).
+        let bridges = self.bridges.lock().expect("bridges lock").len() as u64;
+        let regions = self.regions.read().expect("regions lock").names.len() as u64;
         TableStats {
             apps: self.apps.len() as u64,
             summaries: self.summaries.load(Ordering::Relaxed),
-            regions: self.regions.read().expect("regions lock").names.len() as u64,
-            bridges: self.bridges.lock().expect("bridges lock").len() as u64,
+            regions,
+            bridges,
             refused: self.refused.load(Ordering::Relaxed),
         }
     }
@@ -576,7 +593,7 @@ mod tests {
         put(&t, "web", "fra", 3, 3, 2);
         // Lookups still see the old state of what the snapshot has not reached.
         assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord", "fra"]);
-        t.end_snapshot(&[2]);
+        t.end_snapshot(&[2].into());
         assert_eq!(names(&t, &t.lookup("web", "ord")), ["fra"]);
         assert!(t.lookup("api", "ord").is_empty());
         let s = t.stats();

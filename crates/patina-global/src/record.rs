@@ -60,6 +60,21 @@ pub fn parse_key(key: &str) -> Option<Key<'_>> {
     (is_dns_label(app) && is_dns_label(region)).then_some(Key::Summary { app, region })
 }
 
+/// How far ahead of this host's clock a stored view may be (as for record timestamps): a view
+/// from further ahead could not be replaced by any real one until the clock caught up.
+pub const MAX_VIEW_AHEAD_MS: u64 = patina_store::MAX_CLOCK_AHEAD_MS;
+
+fn check_view(view_hlc: u64) -> Result<(), String> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let ahead = (view_hlc >> 16).saturating_sub(now_ms);
+    if ahead > MAX_VIEW_AHEAD_MS {
+        return Err(format!("a view {ahead} ms ahead of this host's clock"));
+    }
+    Ok(())
+}
+
 /// Decode a summary value and check it on its own: counts in range, size.
 pub fn decode_summary(value: &[u8]) -> Result<SummaryRecord, String> {
     if value.len() > MAX_VALUE_BYTES {
@@ -120,6 +135,7 @@ impl Kind for SummaryKind {
                     if s.region != region {
                         return Err("a summary whose region differs from its key's".into());
                     }
+                    check_view(s.view_hlc)?;
                 }
                 Ok(())
             }
@@ -127,7 +143,7 @@ impl Kind for SummaryKind {
                 if group != BRIDGES_GROUP {
                     return Err("a heartbeat outside the bridges' group".into());
                 }
-                value.map_or(Ok(()), |v| decode_bridge(v).map(|_| ()))
+                value.map_or(Ok(()), |v| check_view(decode_bridge(v)?.view_hlc))
             }
             None => Err("a key that is neither APP/REGION nor a bridge's".into()),
         }

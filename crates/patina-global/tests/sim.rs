@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use patina_global::SummaryKind;
-use patina_global::bridge::{BridgeCore, Held, Timing};
+use patina_global::bridge::{BridgeCore, Held, Standing, Timing};
 use patina_global::record::{BRIDGES_GROUP, bridge_key, decode_summary, summary_key};
 use patina_gossip::sim::{Net, World};
 use patina_gossip::{ClusterName, Config};
@@ -116,7 +116,7 @@ struct Bridge {
     /// Most lag this bridge sees its region with.
     max_lag: Duration,
     last_heartbeat: Duration,
-    seen: BTreeMap<usize, Option<Held>>,
+    seen: BTreeMap<usize, Standing>,
 }
 
 struct Sim {
@@ -283,17 +283,11 @@ impl Sim {
                     .region_message(now, &msg);
             }
             for app in 0..APPS {
-                let held = self.standing(node, app, &region).map(|(s, _)| Held {
-                    counts: patina_global::bridge::Counts {
-                        healthy: s.healthy,
-                        total: s.total,
-                    },
-                    view_hlc: s.view_hlc,
-                });
-                if self.bridges[b].seen.get(&app) != Some(&held) {
-                    self.bridges[b].seen.insert(app, held);
+                let standing = self.standing_at(node, app, &region);
+                if self.bridges[b].seen.get(&app) != Some(&standing) {
+                    self.bridges[b].seen.insert(app, standing);
                     let core = self.bridges[b].core.as_mut().unwrap();
-                    core.global_summary(now, &app_name(app), held);
+                    core.global_summary(now, &app_name(app), standing);
                 }
             }
             let due = self.bridges[b].core.as_mut().unwrap().due(now);
@@ -323,6 +317,25 @@ impl Sim {
                 self.w.write(node, &key, BRIDGES_GROUP, &hb.encode_to_vec());
                 self.bridges[b].last_heartbeat = now;
             }
+        }
+    }
+
+    /// What stands at node `i` for (app, region), as a bridge's watch of its store says.
+    fn standing_at(&self, i: usize, app: usize, region: &str) -> Standing {
+        let key = summary_key(&app_name(app), region);
+        match (
+            self.w.store(i).get_live(&key),
+            self.standing(i, app, region),
+        ) {
+            (_, Some((s, _))) => Standing::Summary(Held {
+                counts: patina_global::bridge::Counts {
+                    healthy: s.healthy,
+                    total: s.total,
+                },
+                view_hlc: s.view_hlc,
+            }),
+            (Some(_), None) => Standing::Hidden,
+            (None, None) => Standing::Nothing,
         }
     }
 

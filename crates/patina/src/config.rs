@@ -115,6 +115,14 @@ impl BridgeSection {
             (1..=1000).contains(&self.coalesce_ms),
             "config: bridge.coalesce_ms must be between 1 and 1000"
         );
+        anyhow::ensure!(
+            (100..=600_000).contains(&self.settle_ms),
+            "config: bridge.settle_ms must be between 100 and 600000"
+        );
+        anyhow::ensure!(
+            self.heartbeat_ms.get() <= 60_000 && self.watch_heartbeat_ms.get() <= 60_000,
+            "config: bridge.heartbeat_ms and bridge.watch_heartbeat_ms must be at most 60000"
+        );
         let ms = std::time::Duration::from_millis;
         let mut b = patina_global::bridge::BridgeConfig::new(region, self.region_agents.clone());
         b.timing.coalesce = ms(self.coalesce_ms);

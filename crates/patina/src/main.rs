@@ -375,6 +375,13 @@ pub(crate) async fn run_agent(
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    if let Role::Bridge(bridge) = &role
+        && let Err(why) = patina_global::bridge::check_registration(&store, &bridge.region)
+    {
+        let closing = store.clone();
+        tokio::task::spawn_blocking(move || closing.close()).await?;
+        anyhow::bail!("{why}");
+    }
     let limits = (&config.limits).into();
     // Gossip leaves the cluster when the agent shuts down, and only then does the server stop.
     let gossip_addr = config.gossip.listen_addr(config.listen);
@@ -433,6 +440,7 @@ pub(crate) async fn run_agent(
     };
     // A bridge stops publishing before gossip leaves and the store closes.
     let (stop_bridge, bridge_stopped) = tokio::sync::watch::channel(false);
+    let stopping_bridge = bridge_stopped.clone();
     let shutdown = async move {
         shutdown.await;
         stop_bridge.send_replace(true);
@@ -454,6 +462,7 @@ pub(crate) async fn run_agent(
                 shutdown,
             )
             .await
+            .map_err(anyhow::Error::from)
         }
         Role::Global | Role::Bridge(_) => {
             let table = Arc::new(patina_edge::Table::new(
@@ -478,6 +487,38 @@ pub(crate) async fn run_agent(
                 }
                 _ => None,
             };
+            // The table's follower and the bridge run as long as the agent: if one ends
+            // early (a panic), the agent stops rather than serve a frozen table or keep a
+            // silent bridge in the membership.
+            let (ended_tx, ended) = tokio::sync::oneshot::channel::<&'static str>();
+            let stopping = stopping_bridge;
+            let supervised = tokio::spawn(async move {
+                let which = match bridge {
+                    Some(mut bridge) => tokio::select! {
+                        _ = &mut bridge => "the bridge",
+                        _ = follower => "the table's follower",
+                    },
+                    None => {
+                        let _ = follower.await;
+                        "the table's follower"
+                    }
+                };
+                // A bridge stopped by the shutdown is not an early end.
+                if !*stopping.borrow() {
+                    let _ = ended_tx.send(which);
+                }
+            });
+            let early = Arc::new(std::sync::OnceLock::new());
+            let noted = early.clone();
+            let shutdown = async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    Ok(which) = ended => {
+                        tracing::error!(task = which, "a task of the agent ended: stopping");
+                        let _ = noted.set(which);
+                    }
+                }
+            };
             let served = patina_global::serve(
                 listener,
                 store.clone(),
@@ -488,18 +529,20 @@ pub(crate) async fn run_agent(
                 shutdown,
             )
             .await;
-            if let Some(bridge) = bridge {
-                bridge.abort();
+            supervised.abort();
+            match early.get() {
+                Some(which) => served
+                    .map_err(anyhow::Error::from)
+                    .and_then(|()| Err(anyhow::anyhow!("{which} ended unexpectedly"))),
+                None => served.map_err(Into::into),
             }
-            follower.abort();
-            served
         }
     };
     drop(gossip);
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("stopped");
-    served.map_err(Into::into)
+    served
 }
 
 async fn shutdown_signal() {

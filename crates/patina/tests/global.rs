@@ -358,3 +358,32 @@ async fn the_edge_library_follows_global_agents_and_fails_over() {
     assert!(back.is_some(), "the edge table follows the second agent");
     assert_eq!(table.stats().refused, 0);
 }
+
+/// A bridge's region is fixed by its first heartbeat: its data directory started again as a
+/// bridge of another region is refused at start with a clear error (peers would refuse its
+/// summaries for ever otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_data_directory_cannot_change_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ord = start_region_agent(root, "ord", "127.0.0.131", "ord", &[]);
+    let mut bridge = start_bridge(root, "b", "127.0.0.132", "ord", &[&ord], &[]);
+    // Its registration is written at start.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bridge.stop().unwrap(), "a clean stop");
+    let config = root.join("b").join("patina.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("region = \"ord\"", "region = \"fra\""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["bridge", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a bridge of region ord (not fra)"), "{err}");
+}

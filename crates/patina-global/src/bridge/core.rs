@@ -36,6 +36,18 @@ pub struct Held {
     pub view_hlc: u64,
 }
 
+/// What stands in the global tier for one of the region's apps, as the bridge's own store
+/// shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// No summary (never published, or deleted).
+    Nothing,
+    /// A summary whose bridge is down: hidden by the liveness overlay, and back if that
+    /// bridge returns, so it must be replaced even when the view has no instances.
+    Hidden,
+    Summary(Held),
+}
+
 /// A summary to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Publish {
@@ -82,9 +94,15 @@ pub struct BridgeCore {
     counts: HashMap<Arc<str>, Counts>,
     /// The region view: the `view_hlc` of the latest message applied (never goes back).
     view_hlc: u64,
+    /// The view of the snapshot under way, which becomes `view_hlc` when it is complete.
+    staging_view: u64,
     synced: bool,
-    held: HashMap<Arc<str>, Held>,
+    held: HashMap<Arc<str>, Standing>,
     pending: HashMap<Arc<str>, Pending>,
+    /// Per app, replacements made without news in a row: each doubles the margin the next
+    /// needs, so two bridges whose agents disagree for good (a region split in two) do not
+    /// overwrite each other every few seconds for ever.
+    overrides: HashMap<Arc<str>, u32>,
     last_sweep: Duration,
 }
 
@@ -99,9 +117,11 @@ impl BridgeCore {
             staging: None,
             counts: HashMap::new(),
             view_hlc: 0,
+            staging_view: 0,
             synced: false,
             held: HashMap::new(),
             pending: HashMap::new(),
+            overrides: HashMap::new(),
             last_sweep: Duration::ZERO,
         }
     }
@@ -111,9 +131,9 @@ impl BridgeCore {
         self.view_hlc
     }
 
-    /// Has a complete snapshot of the region been applied?
+    /// Has a complete snapshot of the region been applied, and is none under way?
     pub fn synced(&self) -> bool {
-        self.synced
+        self.synced && self.staging.is_none()
     }
 
     pub fn counts(&self, app: &str) -> Counts {
@@ -127,9 +147,16 @@ impl BridgeCore {
 
     /// Apply one message of the region's Watch stream.
     pub fn region_message(&mut self, now: Duration, msg: &WatchResponse) {
-        self.view_hlc = self.view_hlc.max(msg.view_hlc);
         if msg.reset {
             self.staging = Some(HashMap::new());
+            self.staging_view = 0;
+        }
+        // A snapshot's view counts only once it is complete: until then the counts are the
+        // previous view's and must not be stamped with the new one.
+        if self.staging.is_some() {
+            self.staging_view = self.staging_view.max(msg.view_hlc);
+        } else {
+            self.view_hlc = self.view_hlc.max(msg.view_hlc);
         }
         let kind = Kind::try_from(msg.kind).unwrap_or(Kind::Unspecified);
         for c in &msg.changes {
@@ -157,6 +184,7 @@ impl BridgeCore {
         }
         if kind == Kind::SnapshotDone {
             if let Some(staging) = self.staging.take() {
+                self.view_hlc = self.view_hlc.max(self.staging_view);
                 self.replace_view(now, staging);
             }
             self.synced = true;
@@ -169,16 +197,15 @@ impl BridgeCore {
         self.staging = None;
     }
 
-    /// What the global tier holds for `app` in this bridge's region (`None`: nothing
-    /// stands, or the summary that did is hidden because its bridge is down).
-    pub fn global_summary(&mut self, now: Duration, app: &str, held: Option<Held>) {
+    /// What the global tier holds for `app` in this bridge's region.
+    pub fn global_summary(&mut self, now: Duration, app: &str, standing: Standing) {
         let app = self.intern(app);
-        match held {
-            Some(h) => {
-                self.held.insert(app.clone(), h);
-            }
-            None => {
+        match standing {
+            Standing::Nothing => {
                 self.held.remove(&app);
+            }
+            s => {
+                self.held.insert(app.clone(), s);
             }
         }
         self.schedule(app, now, false);
@@ -187,13 +214,13 @@ impl BridgeCore {
     /// What to publish now. The caller writes each and, once written, calls
     /// [`BridgeCore::published`]; a write that loses (a fresher summary stands) is dropped.
     pub fn due(&mut self, now: Duration) -> Vec<Publish> {
-        if !self.synced {
+        if !self.synced() {
             return Vec::new();
         }
-        let mut ready: Vec<(Arc<str>, bool)> = Vec::new();
+        let mut ready: BTreeMap<Arc<str>, bool> = BTreeMap::new();
         self.pending.retain(|app, p| {
             if p.at <= now {
-                ready.push((app.clone(), p.news));
+                ready.insert(app.clone(), p.news);
                 false
             } else {
                 true
@@ -202,26 +229,33 @@ impl BridgeCore {
         if now.saturating_sub(self.last_sweep) >= SWEEP_EVERY {
             self.last_sweep = now;
             for app in self.counts.keys().chain(self.held.keys()) {
-                if !self.pending.contains_key(app) && !ready.iter().any(|(a, _)| a == app) {
-                    ready.push((app.clone(), false));
+                if !self.pending.contains_key(app) {
+                    ready.entry(app.clone()).or_insert(false);
                 }
             }
         }
-        ready.sort();
-        ready
-            .into_iter()
-            .filter_map(|(app, news)| self.decide(app, news))
-            .collect()
+        let mut out = Vec::new();
+        for (app, news) in ready {
+            if let Some(p) = self.decide(&app, news) {
+                if news {
+                    self.overrides.remove(&app);
+                } else if matches!(self.held.get(&app), Some(Standing::Summary(_))) {
+                    *self.overrides.entry(app.clone()).or_default() += 1;
+                }
+                out.push(p);
+            }
+        }
+        out
     }
 
     /// A publish was written (and stands, until the global tier says otherwise).
     pub fn published(&mut self, p: &Publish) {
         self.held.insert(
             p.app.clone(),
-            Held {
+            Standing::Summary(Held {
                 counts: p.counts,
                 view_hlc: p.view_hlc,
-            },
+            }),
         );
     }
 
@@ -247,16 +281,22 @@ impl BridgeCore {
             .map_or(Some(sweep), |at| Some(at.min(sweep)))
     }
 
-    fn decide(&self, app: Arc<str>, news: bool) -> Option<Publish> {
-        let want = self.counts(&app);
-        let publish = match self.held.get(&app) {
-            Some(h) if h.counts == want => false,
-            Some(h) if news => h.view_hlc < self.view_hlc,
-            Some(h) => h.view_hlc.saturating_add(settle_hlc(self.timing.settle)) < self.view_hlc,
-            None => want.total > 0,
+    fn decide(&self, app: &Arc<str>, news: bool) -> Option<Publish> {
+        let want = self.counts(app);
+        let publish = match self.held.get(app) {
+            Some(Standing::Summary(h)) if h.counts == want => false,
+            Some(Standing::Summary(h)) if news => h.view_hlc < self.view_hlc,
+            Some(Standing::Summary(h)) => {
+                let overrides = self.overrides.get(app).copied().unwrap_or(0).min(6);
+                let margin = settle_hlc(self.timing.settle).saturating_mul(1 << overrides);
+                h.view_hlc.saturating_add(margin) < self.view_hlc
+            }
+            // Hidden: its bridge may come back with it; replace it whatever the view holds.
+            Some(Standing::Hidden) => true,
+            Some(Standing::Nothing) | None => want.total > 0,
         };
-        publish.then_some(Publish {
-            app,
+        publish.then(|| Publish {
+            app: app.clone(),
             counts: want,
             view_hlc: self.view_hlc,
         })
@@ -477,7 +517,7 @@ mod tests {
             },
             view_hlc: hlc(5_000),
         };
-        b.global_summary(ms(100), "web", Some(theirs));
+        b.global_summary(ms(100), "web", Standing::Summary(theirs));
         assert!(b.due(ms(100)).is_empty(), "their view is newer");
         // Our view (a heartbeat) moves past theirs, but within the settle time: it stands.
         b.region_message(ms(200), &msg(Kind::Delta, false, hlc(6_000), vec![]));
@@ -503,7 +543,7 @@ mod tests {
         b.global_summary(
             ms(10),
             "web",
-            Some(Held {
+            Standing::Summary(Held {
                 counts: Counts {
                     healthy: 2,
                     total: 2,
@@ -512,7 +552,7 @@ mod tests {
             }),
         );
         assert!(b.due(ms(10)).is_empty(), "it agrees with ours");
-        b.global_summary(ms(20), "web", None);
+        b.global_summary(ms(20), "web", Standing::Hidden);
         let p = b.due(ms(20));
         assert_eq!(p.len(), 1);
         // An app that left the region altogether publishes zero to replace what stands.
@@ -528,6 +568,69 @@ mod tests {
         );
         let p = b.due(ms(30));
         assert_eq!(p[0].counts, Counts::default());
+    }
+
+    #[test]
+    fn a_hidden_summary_is_replaced_even_by_zero_and_disagreements_back_off() {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.region_message(
+            ms(10),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(60),
+                vec![deleted("a", "web"), deleted("b", "web")],
+            ),
+        );
+        // Another bridge's summary stood and is hidden (its bridge is down): it would be back
+        // if that bridge returned, so zero replaces it.
+        b.global_summary(ms(10), "web", Standing::Hidden);
+        let p = b.due(ms(10));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].counts, Counts::default());
+        // A summary that disagrees without news is replaced after the settle time, then
+        // after twice that, and so on.
+        b.published(&p[0]);
+        let theirs = |view| {
+            Standing::Summary(Held {
+                counts: Counts {
+                    healthy: 1,
+                    total: 1,
+                },
+                view_hlc: hlc(view),
+            })
+        };
+        b.global_summary(ms(20), "web", theirs(100));
+        b.region_message(ms(20), &msg(Kind::Delta, false, hlc(2_200), vec![]));
+        assert_eq!(b.due(ms(1_100)).len(), 1, "2.1 s newer: replaced");
+        b.global_summary(ms(1_200), "web", theirs(2_300));
+        b.region_message(ms(1_300), &msg(Kind::Delta, false, hlc(4_400), vec![]));
+        assert!(b.due(ms(2_400)).is_empty(), "the second time needs 4 s");
+        b.region_message(ms(3_000), &msg(Kind::Delta, false, hlc(6_400), vec![]));
+        assert_eq!(b.due(ms(3_500)).len(), 1);
+    }
+
+    #[test]
+    fn a_snapshot_under_way_publishes_nothing_and_stamps_nothing() {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.region_message(ms(10), &msg(Kind::Snapshot, true, hlc(90), vec![]));
+        assert_eq!(
+            b.view_hlc(),
+            hlc(11),
+            "the old view until the snapshot is done"
+        );
+        assert!(!b.synced());
+        b.global_summary(ms(20), "web", Standing::Hidden);
+        assert!(
+            b.due(ms(2_000)).is_empty(),
+            "nothing while the counts are the old view's"
+        );
+        b.region_message(ms(30), &msg(Kind::SnapshotDone, false, hlc(91), vec![]));
+        assert_eq!(b.view_hlc(), hlc(91));
+        let p = b.due(ms(3_000));
+        assert_eq!(p[0].view_hlc, hlc(91));
     }
 
     #[test]

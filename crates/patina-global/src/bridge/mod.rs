@@ -13,7 +13,7 @@ use patina_store::{LocalWrite, Store, StoreError, WatchItem};
 use prost::Message;
 use tokio::sync::mpsc;
 
-pub use self::core::{BridgeCore, Counts, Held, Publish, Timing};
+pub use self::core::{BridgeCore, Counts, Held, Publish, Standing, Timing};
 use crate::record::{BRIDGES_GROUP, Key, bridge_key, decode_summary, parse_key, summary_key};
 
 /// What a bridge is told.
@@ -109,6 +109,23 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     watcher.abort();
 }
 
+/// Check, before the bridge starts, that its store was not a bridge of another region: a
+/// bridge's region is fixed by its first heartbeat (peers refuse a change), so a data
+/// directory moved to another region must get a fresh origin (`patina new-origin`).
+pub fn check_registration(store: &Store, region: &str) -> Result<(), String> {
+    let Some(e) = store.get_live(&bridge_key(store.node())) else {
+        return Ok(());
+    };
+    match e.value().map(crate::record::decode_bridge) {
+        Some(Ok(b)) if b.region != region => Err(format!(
+            "this data directory is a bridge of region {} (not {region}): a bridge's region is fixed; \
+             give it a fresh origin with `patina new-origin` or use another data directory",
+            b.region
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Write the bridge's first heartbeat (its registration: the region it serves) unless the
 /// store holds one: summaries from an origin without it are refused by every peer.
 async fn register(store: &Store, region: &str) {
@@ -178,7 +195,7 @@ async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Durati
 
 /// Follow the global tier's summaries of `region` in the bridge's own store, and tell the
 /// loop what stands for each app (`None`: nothing, or hidden).
-async fn watch_global(store: Store, region: String, tx: mpsc::Sender<(String, Option<Held>)>) {
+async fn watch_global(store: Store, region: String, tx: mpsc::Sender<(String, Standing)>) {
     let mut cursor = store.watch(None, None, 1024);
     while let Some(item) = cursor.next().await {
         let entries: Vec<patina_store::Entry> = match item {
@@ -193,17 +210,22 @@ async fn watch_global(store: Store, region: String, tx: mpsc::Sender<(String, Op
             if r != region {
                 continue;
             }
-            let held = e
-                .value()
-                .and_then(|v| decode_summary(v).ok())
-                .map(|s| Held {
-                    counts: Counts {
-                        healthy: s.healthy,
-                        total: s.total,
-                    },
-                    view_hlc: s.view_hlc,
-                });
-            if tx.send((app.to_owned(), held)).await.is_err() {
+            let standing = if e.is_hidden() {
+                Standing::Hidden
+            } else {
+                match e.value().map(decode_summary) {
+                    Some(Ok(s)) => Standing::Summary(Held {
+                        counts: Counts {
+                            healthy: s.healthy,
+                            total: s.total,
+                        },
+                        view_hlc: s.view_hlc,
+                    }),
+                    // Checked before it was stored; a tombstone is nothing.
+                    Some(Err(_)) | None => Standing::Nothing,
+                }
+            };
+            if tx.send((app.to_owned(), standing)).await.is_err() {
                 return;
             }
         }
@@ -216,7 +238,11 @@ async fn follow_region(cfg: BridgeConfig, tx: mpsc::Sender<RegionEvent>) {
     let mut token = String::new();
     let mut retry = RETRY_MIN;
     loop {
+        // Always from the most preferred agent: the bridges of a region given the same list
+        // come back to the same agent after a blip, which keeps their views comparable (a
+        // token from another agent's store only costs a snapshot).
         for agent in &cfg.region_agents {
+            let started = tokio::time::Instant::now();
             match stream_region(agent, &cfg, &mut token, &tx).await {
                 Ok(()) => {}
                 Err(e) => tracing::info!(%agent, error = %e, "region Watch stream ended"),
@@ -224,10 +250,28 @@ async fn follow_region(cfg: BridgeConfig, tx: mpsc::Sender<RegionEvent>) {
             if tx.send(RegionEvent::Interrupted).await.is_err() {
                 return;
             }
+            if started.elapsed() >= HEALTHY_STREAM {
+                retry = RETRY_MIN;
+                break;
+            }
         }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(RETRY_MAX);
     }
+}
+
+/// A stream that lasted this long was healthy: the next failure starts the backoff over.
+const HEALTHY_STREAM: Duration = Duration::from_secs(10);
+
+/// How far ahead of this host's clock a region view may be: a region agent whose clock is
+/// further ahead (an NTP step) would otherwise stamp summaries that no later view could
+/// replace until real time caught up.
+const MAX_VIEW_AHEAD_MS: u64 = 1_000;
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn stream_region(
@@ -278,6 +322,12 @@ async fn stream_region(
         }
         if !msg.resume_token.is_empty() {
             token.clone_from(&msg.resume_token);
+        }
+        let mut msg = msg;
+        let limit = (wall_ms() + MAX_VIEW_AHEAD_MS) << 16;
+        if msg.view_hlc > limit {
+            tracing::warn!(%agent, ahead_ms = (msg.view_hlc >> 16).saturating_sub(wall_ms()), "the region agent's clock is ahead of this host's: its view is taken as of now");
+            msg.view_hlc = limit;
         }
         if tx.send(RegionEvent::Message(msg)).await.is_err() {
             return Ok(());
