@@ -270,8 +270,10 @@ struct Shared {
     counters: Counters,
 }
 
-/// Most refused versions remembered (16 bytes each, twice).
-const MAX_REFUSED: usize = 4096;
+/// Most refused versions remembered (16 bytes each, twice: about 1 MiB at most). More refused
+/// versions in flight at once than this (a peer with a bug writing many) start circulating
+/// again as the oldest are forgotten.
+const MAX_REFUSED: usize = 32_768;
 
 impl Shared {
     fn knows(&self, origin: NodeId, seq: u64) -> bool {

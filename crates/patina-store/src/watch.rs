@@ -141,6 +141,8 @@ pub struct Cursor {
     max_batch: usize,
     /// Once live and idle this long, yield an empty delta anyway (see [`Cursor::with_heartbeat`]).
     heartbeat: Option<std::time::Duration>,
+    /// When the cursor last yielded: changes outside its scope do not put a heartbeat off.
+    last_yield: tokio::time::Instant,
 }
 
 impl Cursor {
@@ -170,6 +172,7 @@ impl Cursor {
             rx,
             max_batch: max_batch.max(1),
             heartbeat: None,
+            last_yield: tokio::time::Instant::now(),
         };
         match resume {
             Some(t) if cursor.can_resume(t) => {
@@ -284,6 +287,12 @@ impl Cursor {
     /// (or a read of the stored rows failed, which only a failing disk does). Cancel-safe:
     /// dropping the future loses nothing.
     pub async fn next(&mut self) -> Option<WatchItem> {
+        let item = self.next_item().await;
+        self.last_yield = tokio::time::Instant::now();
+        item
+    }
+
+    async fn next_item(&mut self) -> Option<WatchItem> {
         loop {
             if self.state.feed.is_closed() && !matches!(self.phase, Phase::Live) {
                 return None;
@@ -453,7 +462,12 @@ impl Cursor {
                     }
                     let changed = match self.heartbeat {
                         None => self.rx.changed().await,
-                        Some(every) => match tokio::time::timeout(every, self.rx.changed()).await {
+                        Some(every) => match tokio::time::timeout_at(
+                            self.last_yield + every,
+                            self.rx.changed(),
+                        )
+                        .await
+                        {
                             Ok(changed) => changed,
                             Err(_idle) => {
                                 let token = self.token(self.pos);

@@ -560,3 +560,49 @@ fn after_a_restart_a_resumed_scoped_watch_gets_no_spurious_deletions() {
         "x left a; nothing else is news to a"
     );
 }
+
+#[test]
+fn heartbeats_keep_coming_while_only_other_apps_change() {
+    let rt = rt();
+    let store = Store::in_memory(NodeId(1), 1, opts());
+    rt.block_on(store.write(vec![put("w1", "web", "1", true)]))
+        .unwrap();
+    let every = std::time::Duration::from_millis(100);
+    let mut cursor = store
+        .watch(Some(Arc::from("web")), None, 10)
+        .with_heartbeat(every);
+    while !matches!(
+        rt.block_on(cursor.next()),
+        Some(WatchItem::SnapshotDone { .. })
+    ) {}
+    // Another app changes every 20 ms for 3 s. Each change wakes the cursor and finds nothing
+    // in its scope: that must not put its heartbeat off. (Progress notifications also come,
+    // but ever further apart as the log grows: by the end, more than a second apart.)
+    let writer = store.clone();
+    let busy = rt.spawn(async move {
+        for i in 0..150 {
+            let _ = writer
+                .write(vec![put(&format!("a{i}"), "api", "1", true)])
+                .await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut last = started;
+    let mut longest = std::time::Duration::ZERO;
+    while started.elapsed() < std::time::Duration::from_millis(2_500) {
+        match next(&rt, &mut cursor) {
+            WatchItem::Delta { changes, .. } => assert!(changes.is_empty(), "{changes:?}"),
+            other => panic!("expected empty deltas, got {other:?}"),
+        }
+        if last.duration_since(started) > std::time::Duration::from_millis(300) {
+            longest = longest.max(last.elapsed());
+        }
+        last = std::time::Instant::now();
+    }
+    assert!(
+        longest < every * 4,
+        "{longest:?} without a message while the watch's app was quiet"
+    );
+    busy.abort();
+}
