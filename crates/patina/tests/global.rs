@@ -61,6 +61,32 @@ async fn the_last_instance_of_an_app_stopping_in_a_region_reaches_every_global_a
         [("fra".to_owned(), 1, 1), ("ord".to_owned(), 1, 1)],
         "nearest first from fra"
     );
+    // The command line says the same.
+    let json = common::cli_ok(&[
+        "lookup",
+        "--server",
+        g2.host_port(),
+        "web",
+        "--from",
+        "fra",
+        "--json",
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let regions: Vec<&str> = doc["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(regions, ["fra", "ord"]);
+    assert_eq!(doc["regions"][0]["rtt_ms"], 0);
+    let bad = common::cli(&["lookup", "--server", g2.host_port(), "Not An App"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("not a DNS label"),
+        "{err}"
+    );
     // Stop the last healthy instance in ord (through the other ord agent).
     put(&ord1, "web-1", "web", false).await;
     let gone = eventually(Duration::from_secs(10), || async {
