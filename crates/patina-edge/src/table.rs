@@ -6,8 +6,10 @@
 //! sort of a few slots, with no allocation when the caller reuses its output vector.
 //!
 //! Freshness: each bridge's heartbeat says how fresh its view of its region is (the region
-//! agents' clock). A region whose freshest live bridge view is older than `stale_after` is
-//! left out of lookups, and so is one with no live bridge at all.
+//! agents' clock). A region whose freshest live bridge view is older than the freshest view
+//! of any region by more than `stale_after` is left out of lookups, and so is one with no
+//! live bridge at all. (Relative, not against the clock: an edge cut off from everything
+//! keeps answering from its last known state rather than nothing.)
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +93,8 @@ struct Regions {
     by_name: Box<[u32]>,
     /// Per region: the freshest view (ms) a live bridge showed of it; 0: none.
     fresh_ms: Vec<u64>,
+    /// The freshest view of any region.
+    newest_ms: u64,
 }
 
 /// The replica lookups read. Shared behind an `Arc`; writers are the follower (one at a
@@ -125,7 +129,8 @@ pub struct TableStats {
 
 impl Table {
     /// An empty table ordering regions by `table`. `stale_after`: regions whose freshest
-    /// bridge view is older are left out of lookups (`None`: never).
+    /// bridge view is older than the freshest region's by more are left out of lookups
+    /// (`None`: never).
     pub fn new(table: RegionTable, stale_after: Option<Duration>) -> Table {
         let t = Table {
             table,
@@ -193,16 +198,18 @@ impl Table {
     /// From memory: no I/O, no allocation once `out` has room.
     pub fn lookup_into(&self, app: &str, from: &str, include_empty: bool, out: &mut Vec<Hit>) {
         out.clear();
-        let now_ms = wall_ms();
         let regions = self.regions.read().expect("regions lock");
         let from = regions.ids.get(from).copied();
         let (rank, rtt) = match from {
             Some(f) => (&regions.rank[f as usize], Some(&regions.rtt[f as usize])),
             None => (&regions.by_name, None),
         };
+        // Stale: older than the freshest region's view by more than the bound. Measured
+        // against the freshest view rather than the clock, so that an edge cut off from
+        // everything (every view stops) answers from its last known state instead of nothing.
         let fresh_after = self
             .stale_after
-            .map(|d| now_ms.saturating_sub(d.as_millis() as u64));
+            .map(|d| regions.newest_ms.saturating_sub(d.as_millis() as u64));
         {
             let Some(slots) = self.apps.get(app) else {
                 return;
@@ -399,8 +406,10 @@ impl Table {
             .map(|(_, ms)| *ms)
             .max()
             .unwrap_or(0);
+        let newest = bridges.values().map(|(_, ms)| *ms).max().unwrap_or(0);
         let mut regions = self.regions.write().expect("regions lock");
         regions.fresh_ms[region as usize] = fresh;
+        regions.newest_ms = newest;
     }
 
     /// The id of `name`, interning it (and recomputing the orders) when it is new.
@@ -579,6 +588,14 @@ mod tests {
         t.remove_bridge(3);
         assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord"]);
         assert_eq!(t.region_view_ms(t.region_id("ord").unwrap()), now);
+        // Every view stops (this edge is cut off from everything): nothing is stale relative
+        // to the freshest, so it answers from its last known state.
+        let cut = table(Some(Duration::from_secs(10)));
+        put(&cut, "web", "ord", 1, 1, 1);
+        put(&cut, "web", "fra", 1, 1, 2);
+        cut.apply_bridge(1, "ord", now - 3_600_000).unwrap();
+        cut.apply_bridge(2, "fra", now - 3_600_000).unwrap();
+        assert_eq!(names(&cut, &cut.lookup("web", "ord")), ["ord", "fra"]);
     }
 
     #[test]

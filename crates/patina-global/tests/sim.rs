@@ -129,6 +129,10 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64) -> Sim {
+        Sim::with_config(seed, true)
+    }
+
+    fn with_config(seed: u64, fail_static: bool) -> Sim {
         let mut layout = Vec::new();
         for r in 0..REGIONS {
             for _ in 0..(2 + r % 2) {
@@ -136,7 +140,10 @@ impl Sim {
             }
         }
         let n = EDGES + layout.len();
-        let cfg = Config::lan(ClusterName::new("global").unwrap());
+        let cfg = Config {
+            fail_static,
+            ..Config::lan(ClusterName::new("global").unwrap())
+        };
         // A WAN: 5 to 80 ms one way, some loss and duplication.
         let net = Net {
             min_delay: Duration::from_millis(5),
@@ -495,4 +502,57 @@ fn every_edge_converges_to_the_regions_true_state() {
             std::panic::resume_unwind(e);
         }
     }
+}
+
+/// Fail static: an edge cut off from the whole cluster keeps every summary it had (the
+/// membership declares every bridge down, but it is the one alone); once healed it follows
+/// again. Without `fail_static` it would hide them all.
+fn cut_off_edge(seed: u64, fail_static: bool) -> (usize, usize) {
+    let mut sim = Sim::with_config(seed, fail_static);
+    for _ in 0..100 {
+        sim.step();
+    }
+    for _ in 0..60 {
+        sim.random_change();
+        sim.step();
+    }
+    for _ in 0..300 {
+        sim.step();
+    }
+    let before = sim.served(0);
+    assert_eq!(before, sim.truth(), "converged before the cut");
+    let others: Vec<usize> = (1..sim.w.len()).collect();
+    sim.w.partition(&[0], &others);
+    // 20 s alone: longer than failure detection takes to declare every member down.
+    for _ in 0..1_000 {
+        sim.step();
+    }
+    let alone = sim.served(0).len();
+    sim.w.heal();
+    for _ in 0..20 {
+        sim.random_change();
+        sim.step();
+    }
+    for _ in 0..1_500 {
+        sim.step();
+    }
+    assert_eq!(
+        sim.served(0),
+        sim.truth(),
+        "edge 0 follows again once healed"
+    );
+    (before.len(), alone)
+}
+
+#[test]
+fn an_edge_cut_off_from_everyone_keeps_answering_from_its_last_known_state() {
+    for seed in seeds() {
+        let (before, alone) = cut_off_edge(seed, true);
+        assert_eq!(alone, before, "seed {seed}: summaries served while cut off");
+    }
+    // The same cut without fail static hides the summaries of every bridge declared down
+    // meanwhile (its probes slow down as its own health drops, so not all of them in 20 s):
+    // the test can tell.
+    let (before, alone) = cut_off_edge(seeds()[0], false);
+    assert!(alone < before, "without fail static: {alone} of {before}");
 }

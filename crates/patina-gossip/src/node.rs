@@ -80,7 +80,17 @@ pub struct Config {
     pub announce_interval: Duration,
     /// How long a down member is remembered (and announced to, so partitions heal).
     pub remove_down_after: Duration,
+    /// Fail static: while this node sees fewer than half of the members it heard from in the
+    /// last [`QUORUM_WINDOW`] alive (itself included), it is more likely cut off than they
+    /// all dead, so it hides no owner's records (and shows again those it hid) until it sees
+    /// a majority again. For the global tier, where an edge cut off from the world must go on
+    /// answering from its last known state; a region's agents hide at once (`false`).
+    pub fail_static: bool,
 }
+
+/// Members heard from within this window count towards [`Config::fail_static`]'s majority:
+/// long-gone members (churn) do not make a node think it is alone.
+pub const QUORUM_WINDOW: Duration = Duration::from_secs(60);
 
 impl Config {
     pub fn lan(cluster: ClusterName) -> Config {
@@ -100,6 +110,7 @@ impl Config {
             retire_after: Duration::from_secs(3600),
             announce_interval: Duration::from_secs(1),
             remove_down_after: Duration::from_secs(24 * 3600),
+            fail_static: false,
         }
     }
 
@@ -398,6 +409,10 @@ pub struct Node {
     confirm_round: u64,
     /// Live identities per owner: an owner is down once none is left.
     live: BTreeMap<NodeId, BTreeSet<SocketAddr>>,
+    /// With `fail_static`: the owners the membership says are down, and those the store was
+    /// told to hide (none while this node lacks a majority).
+    want_down: BTreeSet<NodeId>,
+    shown_down: BTreeSet<NodeId>,
     last_seen: BTreeMap<SocketAddr, Duration>,
     syncing: BTreeSet<SocketAddr>,
     gap_armed: bool,
@@ -458,6 +473,8 @@ impl Node {
             held: BTreeMap::new(),
             confirm_round: 0,
             live: BTreeMap::new(),
+            want_down: BTreeSet::new(),
+            shown_down: BTreeSet::new(),
             last_seen: BTreeMap::new(),
             syncing: BTreeSet::new(),
             gap_armed: false,
@@ -1341,15 +1358,17 @@ impl Node {
                     .map(|(o, _)| *o),
             );
         }
-        for node in down.difference(&up) {
-            if *node != me && !self.live.contains_key(node) {
-                self.live.insert(*node, BTreeSet::new());
-                self.out.push(Output::Liveness {
-                    node: *node,
-                    down: true,
-                });
-            }
+        let newly: Vec<NodeId> = down
+            .difference(&up)
+            .filter(|node| **node != me && !self.live.contains_key(node))
+            .copied()
+            .collect();
+        for node in newly {
+            self.live.insert(node, BTreeSet::new());
+            self.liveness(node, true);
         }
+        // Members leave the majority's window as time passes.
+        self.gate_liveness();
         if settled && self.foca.num_members() > 0 {
             self.retire_gone(me, &up);
         } else {
@@ -1414,10 +1433,7 @@ impl Node {
         let was_down = set.is_empty();
         set.insert(id.addr);
         if was_down {
-            self.out.push(Output::Liveness {
-                node: id.node,
-                down: false,
-            });
+            self.liveness(id.node, false);
         }
     }
 
@@ -1430,18 +1446,81 @@ impl Node {
         let Some(set) = self.live.get_mut(&id.node) else {
             // Never seen up by us: its records (if any) must still go dark.
             self.live.insert(id.node, BTreeSet::new());
-            self.out.push(Output::Liveness {
-                node: id.node,
-                down: true,
-            });
+            self.liveness(id.node, true);
             return;
         };
         set.remove(&id.addr);
         if set.is_empty() {
+            self.liveness(id.node, true);
+        } else {
+            self.gate_liveness();
+        }
+    }
+
+    /// An owner's records are to be hidden (`down`) or shown: at once, or through the
+    /// fail-static gate.
+    fn liveness(&mut self, node: NodeId, down: bool) {
+        if !self.cfg.fail_static {
+            self.out.push(Output::Liveness { node, down });
+            return;
+        }
+        if down {
+            self.want_down.insert(node);
+        } else {
+            self.want_down.remove(&node);
+        }
+        self.gate_liveness();
+    }
+
+    /// Does this node see a majority of the members heard from lately (itself included)?
+    fn has_quorum(&self) -> bool {
+        let (mut alive, mut total) = (1usize, 1usize);
+        for m in self.foca.iter_membership_state() {
+            if m.state() != foca::State::Down {
+                alive += 1;
+                total += 1;
+            } else if self
+                .last_seen
+                .get(&m.id().addr)
+                .is_some_and(|t| self.now.saturating_sub(*t) < QUORUM_WINDOW)
+            {
+                total += 1;
+            }
+        }
+        alive * 2 > total
+    }
+
+    /// With `fail_static`: tell the store to hide what the membership says is down while this
+    /// node sees a majority, and to hide nothing while it does not.
+    fn gate_liveness(&mut self) {
+        if !self.cfg.fail_static {
+            return;
+        }
+        let quorum = self.has_quorum();
+        let target = if quorum {
+            self.want_down.clone()
+        } else {
+            BTreeSet::new()
+        };
+        if !quorum && !self.want_down.is_empty() && !self.shown_down.is_empty() {
+            tracing::warn!(
+                down = self.want_down.len(),
+                "fewer than half of the members heard from lately are alive: this node is \
+                 more likely cut off than they all dead, so it shows their records (fail static)"
+            );
+        }
+        for node in target.difference(&self.shown_down) {
             self.out.push(Output::Liveness {
-                node: id.node,
+                node: *node,
                 down: true,
             });
         }
+        for node in self.shown_down.difference(&target) {
+            self.out.push(Output::Liveness {
+                node: *node,
+                down: false,
+            });
+        }
+        self.shown_down = target;
     }
 }

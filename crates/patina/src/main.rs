@@ -371,7 +371,9 @@ pub(crate) async fn run_agent(
         Role::Region => (config.store.options(&config.region), config.region.as_str()),
         Role::Global | Role::Bridge(_) => (config.store.global_options(), config::GLOBAL_CLUSTER),
     };
-    let node = config.gossip.node(cluster_default)?;
+    let mut node = config.gossip.node(cluster_default)?;
+    // An edge cut off from the world answers from its last known state (docs/global.md).
+    node.fail_static = !matches!(role, Role::Region);
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
