@@ -172,9 +172,10 @@ async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<b
         // map); after two failures in a row, the next one (a token from another agent's
         // store costs a snapshot).
         failures_here += 1;
-        if failures_here > 2 {
+        if failures_here >= 2 {
             i += 1;
             failures_here = 0;
+            retry = RETRY_MIN;
         }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(RETRY_MAX);

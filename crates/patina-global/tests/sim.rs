@@ -311,7 +311,9 @@ impl Sim {
                     &p.app,
                     &value.encode_to_vec(),
                 ) {
-                    self.bridges[b].core.as_mut().unwrap().published(&p);
+                    self.bridges[b].core.as_mut().unwrap().published(now, &p);
+                } else {
+                    self.bridges[b].core.as_mut().unwrap().lost(&p);
                 }
             }
             let core = self.bridges[b].core.as_ref().unwrap();

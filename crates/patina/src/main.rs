@@ -442,15 +442,27 @@ pub(crate) async fn run_agent(
     };
     // A bridge stops publishing before gossip leaves and the store closes.
     let (stop_bridge, bridge_stopped) = tokio::sync::watch::channel(false);
-    let stopping_bridge = bridge_stopped.clone();
+    // A task that must run as long as the agent (the table's follower, the bridge) ends
+    // early: the agent stops as it does on a signal, and reports it.
+    let (ended_tx, ended) = tokio::sync::oneshot::channel::<&'static str>();
+    let early: Arc<std::sync::OnceLock<&'static str>> = Arc::default();
+    let noted = early.clone();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            Ok(which) = ended => {
+                tracing::error!(task = which, "a task of the agent ended: stopping");
+                let _ = noted.set(which);
+            }
+        }
         stop_bridge.send_replace(true);
         let _ = stop_gossip.send(());
         let _ = gossip_task.await;
     };
+    let mut tasks: Vec<tokio::task::AbortHandle> = Vec::new();
     let served = match role {
         Role::Region => {
+            drop(ended_tx);
             let id = AgentIdentity {
                 region: config.region.clone(),
                 host: config.host.clone(),
@@ -464,7 +476,6 @@ pub(crate) async fn run_agent(
                 shutdown,
             )
             .await
-            .map_err(anyhow::Error::from)
         }
         Role::Global | Role::Bridge(_) => {
             let table = Arc::new(patina_edge::Table::new(
@@ -475,26 +486,22 @@ pub(crate) async fn run_agent(
                 store.clone(),
                 table.clone(),
             ));
+            tasks.push(follower.abort_handle());
+            let stopping = bridge_stopped.clone();
             let bridge = match role {
                 Role::Bridge(cfg) => {
                     tracing::info!(region = %cfg.region, agents = ?cfg.region_agents, "bridging the region into the global tier");
                     let mut stopped = bridge_stopped;
-                    Some(tokio::spawn(patina_global::bridge::run(
-                        store.clone(),
-                        cfg,
-                        async move {
+                    let task =
+                        tokio::spawn(patina_global::bridge::run(store.clone(), cfg, async move {
                             let _ = stopped.wait_for(|s| *s).await;
-                        },
-                    )))
+                        }));
+                    tasks.push(task.abort_handle());
+                    Some(task)
                 }
                 _ => None,
             };
-            // The table's follower and the bridge run as long as the agent: if one ends
-            // early (a panic), the agent stops rather than serve a frozen table or keep a
-            // silent bridge in the membership.
-            let (ended_tx, ended) = tokio::sync::oneshot::channel::<&'static str>();
-            let stopping = stopping_bridge;
-            let supervised = tokio::spawn(async move {
+            let supervisor = tokio::spawn(async move {
                 let which = match bridge {
                     Some(mut bridge) => tokio::select! {
                         _ = &mut bridge => "the bridge",
@@ -510,18 +517,8 @@ pub(crate) async fn run_agent(
                     let _ = ended_tx.send(which);
                 }
             });
-            let early = Arc::new(std::sync::OnceLock::new());
-            let noted = early.clone();
-            let shutdown = async move {
-                tokio::select! {
-                    () = shutdown => {}
-                    Ok(which) = ended => {
-                        tracing::error!(task = which, "a task of the agent ended: stopping");
-                        let _ = noted.set(which);
-                    }
-                }
-            };
-            let served = patina_global::serve(
+            tasks.push(supervisor.abort_handle());
+            patina_global::serve(
                 listener,
                 store.clone(),
                 table,
@@ -530,15 +527,17 @@ pub(crate) async fn run_agent(
                 Some(cluster),
                 shutdown,
             )
-            .await;
-            supervised.abort();
-            match early.get() {
-                Some(which) => served
-                    .map_err(anyhow::Error::from)
-                    .and_then(|()| Err(anyhow::anyhow!("{which} ended unexpectedly"))),
-                None => served.map_err(Into::into),
-            }
+            .await
         }
+    };
+    for task in tasks {
+        task.abort();
+    }
+    let served = match early.get() {
+        Some(which) => served
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Err(anyhow::anyhow!("{which} ended unexpectedly"))),
+        None => served.map_err(anyhow::Error::from),
     };
     drop(gossip);
     let closing = store.clone();

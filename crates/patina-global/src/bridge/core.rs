@@ -15,7 +15,7 @@
 //! Nothing is published before the bridge's first complete snapshot of its region, and a
 //! snapshot that replaces the view (after a reset) is applied whole at its end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,15 +99,24 @@ pub struct BridgeCore {
     synced: bool,
     held: HashMap<Arc<str>, Standing>,
     pending: HashMap<Arc<str>, Pending>,
-    /// Per app, replacements made without news in a row: each doubles the margin the next
-    /// needs, so two bridges whose agents disagree for good (a region split in two) do not
-    /// overwrite each other every few seconds for ever.
-    overrides: HashMap<Arc<str>, u32>,
+    /// Per app, replacements made without news in a row, and when the last was: each
+    /// doubles the margin the next needs, so two bridges whose agents disagree for good (a
+    /// region split in two) do not overwrite each other every few seconds for ever. Forgotten
+    /// after [`OVERRIDES_FORGOTTEN`] without one, and on news.
+    overrides: HashMap<Arc<str>, (u32, Duration)>,
+    /// Replacements decided without news, not yet known to be written.
+    replacing: HashSet<Arc<str>>,
+    /// Per app, the view at which a write over a hidden or missing summary lost (a summary
+    /// from a newer view stands, hidden): not tried again until the view moves past it.
+    lost: HashMap<Arc<str>, u64>,
     last_sweep: Duration,
 }
 
 /// How often summaries that disagree with the view without news are looked at again.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a run of replacements without news is remembered.
+const OVERRIDES_FORGOTTEN: Duration = Duration::from_secs(600);
 
 impl BridgeCore {
     pub fn new(timing: Timing) -> BridgeCore {
@@ -122,6 +131,8 @@ impl BridgeCore {
             held: HashMap::new(),
             pending: HashMap::new(),
             overrides: HashMap::new(),
+            replacing: HashSet::new(),
+            lost: HashMap::new(),
             last_sweep: Duration::ZERO,
         }
     }
@@ -236,11 +247,12 @@ impl BridgeCore {
         }
         let mut out = Vec::new();
         for (app, news) in ready {
-            if let Some(p) = self.decide(&app, news) {
-                if news {
-                    self.overrides.remove(&app);
-                } else if matches!(self.held.get(&app), Some(Standing::Summary(_))) {
-                    *self.overrides.entry(app.clone()).or_default() += 1;
+            if news {
+                self.overrides.remove(&app);
+            }
+            if let Some(p) = self.decide(now, &app, news) {
+                if !news && matches!(self.held.get(&app), Some(Standing::Summary(_))) {
+                    self.replacing.insert(app.clone());
                 }
                 out.push(p);
             }
@@ -248,8 +260,20 @@ impl BridgeCore {
         out
     }
 
+    /// A publish lost to a summary from a newer view (its write was refused as stale).
+    pub fn lost(&mut self, p: &Publish) {
+        self.replacing.remove(&p.app);
+        self.lost.insert(p.app.clone(), p.view_hlc);
+    }
+
     /// A publish was written (and stands, until the global tier says otherwise).
-    pub fn published(&mut self, p: &Publish) {
+    pub fn published(&mut self, now: Duration, p: &Publish) {
+        self.lost.remove(&p.app);
+        if self.replacing.remove(&p.app) {
+            let o = self.overrides.entry(p.app.clone()).or_insert((0, now));
+            o.0 = o.0.saturating_add(1);
+            o.1 = now;
+        }
         self.held.insert(
             p.app.clone(),
             Standing::Summary(Held {
@@ -271,8 +295,12 @@ impl BridgeCore {
         p.news = true;
     }
 
-    /// When [`BridgeCore::due`] next has something to do.
+    /// When [`BridgeCore::due`] next has something to do (`None`: not before the next input,
+    /// since nothing is published while no complete view is held).
     pub fn next_due(&self) -> Option<Duration> {
+        if !self.synced() {
+            return None;
+        }
         let sweep = self.last_sweep + SWEEP_EVERY;
         self.pending
             .values()
@@ -281,19 +309,24 @@ impl BridgeCore {
             .map_or(Some(sweep), |at| Some(at.min(sweep)))
     }
 
-    fn decide(&self, app: &Arc<str>, news: bool) -> Option<Publish> {
+    fn decide(&self, now: Duration, app: &Arc<str>, news: bool) -> Option<Publish> {
         let want = self.counts(app);
+        // Lost to a newer hidden view at this very view: wait for the view to move on.
+        let lost_here = self.lost.get(app).is_some_and(|v| *v >= self.view_hlc);
         let publish = match self.held.get(app) {
             Some(Standing::Summary(h)) if h.counts == want => false,
             Some(Standing::Summary(h)) if news => h.view_hlc < self.view_hlc,
             Some(Standing::Summary(h)) => {
-                let overrides = self.overrides.get(app).copied().unwrap_or(0).min(6);
+                let overrides = match self.overrides.get(app) {
+                    Some((n, at)) if now.saturating_sub(*at) < OVERRIDES_FORGOTTEN => (*n).min(6),
+                    _ => 0,
+                };
                 let margin = settle_hlc(self.timing.settle).saturating_mul(1 << overrides);
                 h.view_hlc.saturating_add(margin) < self.view_hlc
             }
             // Hidden: its bridge may come back with it; replace it whatever the view holds.
-            Some(Standing::Hidden) => true,
-            Some(Standing::Nothing) | None => want.total > 0,
+            Some(Standing::Hidden) => !lost_here,
+            Some(Standing::Nothing) | None => want.total > 0 && !lost_here,
         };
         publish.then(|| Publish {
             app: app.clone(),
@@ -468,7 +501,7 @@ mod tests {
             }
         );
         assert_eq!(p[0].view_hlc, hlc(11));
-        b.published(&p[0]);
+        b.published(ms(0), &p[0]);
         // One goes unhealthy: 2 -> 1 healthy, coalesced.
         b.region_message(
             ms(10),
@@ -488,7 +521,7 @@ mod tests {
                 total: 2
             }
         );
-        b.published(&p[0]);
+        b.published(ms(0), &p[0]);
         // The last healthy one goes: at once.
         b.region_message(
             ms(600),
@@ -508,7 +541,7 @@ mod tests {
     #[test]
     fn a_fresher_disagreeing_summary_stands_until_the_view_is_newer_by_the_settle_time() {
         let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
         // Another bridge saw a later view: web down to 0 healthy.
         let theirs = Held {
             counts: Counts {
@@ -538,7 +571,7 @@ mod tests {
     #[test]
     fn a_missing_summary_is_taken_over_at_once() {
         let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
         // Another bridge's newer summary stood, then its bridge died: hidden, so nothing stands.
         b.global_summary(
             ms(10),
@@ -556,7 +589,7 @@ mod tests {
         let p = b.due(ms(20));
         assert_eq!(p.len(), 1);
         // An app that left the region altogether publishes zero to replace what stands.
-        b.published(&p[0]);
+        b.published(ms(0), &p[0]);
         b.region_message(
             ms(30),
             &msg(
@@ -573,7 +606,7 @@ mod tests {
     #[test]
     fn a_hidden_summary_is_replaced_even_by_zero_and_disagreements_back_off() {
         let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
         b.region_message(
             ms(10),
             &msg(
@@ -591,7 +624,7 @@ mod tests {
         assert_eq!(p[0].counts, Counts::default());
         // A summary that disagrees without news is replaced after the settle time, then
         // after twice that, and so on.
-        b.published(&p[0]);
+        b.published(ms(0), &p[0]);
         let theirs = |view| {
             Standing::Summary(Held {
                 counts: Counts {
@@ -603,18 +636,29 @@ mod tests {
         };
         b.global_summary(ms(20), "web", theirs(100));
         b.region_message(ms(20), &msg(Kind::Delta, false, hlc(2_200), vec![]));
-        assert_eq!(b.due(ms(1_100)).len(), 1, "2.1 s newer: replaced");
+        let p = b.due(ms(1_100));
+        assert_eq!(p.len(), 1, "2.1 s newer: replaced");
+        b.published(ms(1_100), &p[0]);
         b.global_summary(ms(1_200), "web", theirs(2_300));
         b.region_message(ms(1_300), &msg(Kind::Delta, false, hlc(4_400), vec![]));
         assert!(b.due(ms(2_400)).is_empty(), "the second time needs 4 s");
         b.region_message(ms(3_000), &msg(Kind::Delta, false, hlc(6_400), vec![]));
         assert_eq!(b.due(ms(3_500)).len(), 1);
+        // A write that loses (a newer hidden view stands) is not tried again at the same
+        // view, only once the view moves on.
+        b.global_summary(ms(4_000), "web", Standing::Hidden);
+        let p = b.due(ms(4_000));
+        assert_eq!(p.len(), 1);
+        b.lost(&p[0]);
+        assert!(b.due(ms(5_100)).is_empty(), "same view: not again");
+        b.region_message(ms(5_200), &msg(Kind::Delta, false, hlc(7_000), vec![]));
+        assert_eq!(b.due(ms(6_300)).len(), 1, "the view moved on");
     }
 
     #[test]
     fn a_snapshot_under_way_publishes_nothing_and_stamps_nothing() {
         let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
         b.region_message(ms(10), &msg(Kind::Snapshot, true, hlc(90), vec![]));
         assert_eq!(
             b.view_hlc(),
@@ -636,7 +680,7 @@ mod tests {
     #[test]
     fn a_reset_replaces_the_view_whole_at_its_end() {
         let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(p));
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
         b.region_message(
             ms(10),
             &msg(

@@ -67,14 +67,21 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     let follower = tokio::spawn(follow_region(cfg.clone(), region_tx));
     let watcher = tokio::spawn(watch_global(store.clone(), cfg.region.clone(), global_tx));
     let mut core = BridgeCore::new(cfg.timing);
-    let mut last_heartbeat: Option<(Duration, u64)> = None;
+    // The last heartbeat written: when, and with which view.
+    let mut heartbeat_at = now();
+    let mut heartbeat_view = 0u64;
     register(&store, &cfg.region).await;
     tokio::pin!(shutdown);
     loop {
-        let wake = core
-            .next_due()
-            .unwrap_or(now() + Duration::from_secs(1))
-            .min(last_heartbeat.map_or(now(), |(at, _)| at + cfg.heartbeat));
+        // A heartbeat is due only when there is a complete view newer than the last one
+        // written; otherwise the loop sleeps until the next input.
+        let heartbeat_due = (core.synced() && core.view_hlc() > heartbeat_view)
+            .then_some(heartbeat_at + cfg.heartbeat);
+        let wake = [core.next_due(), heartbeat_due]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now() + Duration::from_secs(1));
         let sleep = wake.saturating_sub(now());
         tokio::select! {
             ev = region_rx.recv() => match ev {
@@ -83,23 +90,23 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
                 None => break,
             },
             ev = global_rx.recv() => match ev {
-                Some((app, held)) => core.global_summary(now(), &app, held),
+                Some((app, standing)) => core.global_summary(now(), &app, standing),
                 None => break,
             },
             _ = tokio::time::sleep(sleep) => {}
             _ = &mut shutdown => break,
         }
         publish(&store, &cfg.region, &mut core, now()).await;
-        let due = last_heartbeat
-            .is_none_or(|(at, view)| now() >= at + cfg.heartbeat && core.view_hlc() > view);
-        if core.synced() && due {
-            if heartbeat(&store, &cfg.region, core.view_hlc()).await {
-                last_heartbeat = Some((now(), core.view_hlc()));
-            } else {
-                last_heartbeat = Some((now(), 0));
+        if core.synced()
+            && core.view_hlc() > heartbeat_view
+            && now() >= heartbeat_at + cfg.heartbeat
+        {
+            let view = core.view_hlc();
+            // Tried once per interval whatever the outcome (a failed write is retried then).
+            heartbeat_at = now();
+            if heartbeat(&store, &cfg.region, view).await {
+                heartbeat_view = view;
             }
-        } else if last_heartbeat.is_none() {
-            last_heartbeat = Some((now(), 0));
         }
         if store.failure().is_some() {
             break;
@@ -181,10 +188,10 @@ async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Durati
         match r {
             Ok(_) => {
                 tracing::debug!(app = %p.app, healthy = p.counts.healthy, total = p.counts.total, "published");
-                core.published(p);
+                core.published(now, p);
             }
-            // A summary from a newer view stands: nothing to do.
-            Err(StoreError::Stale(_)) => {}
+            // A summary from a newer view stands (perhaps hidden): not again at this view.
+            Err(StoreError::Stale(_)) => core.lost(p),
             Err(e) => {
                 tracing::warn!(app = %p.app, error = %e, "could not publish a summary: retrying");
                 core.retry(now, &p.app);

@@ -601,7 +601,7 @@ fn heartbeats_keep_coming_while_only_other_apps_change() {
         last = std::time::Instant::now();
     }
     assert!(
-        longest < every * 4,
+        longest < every * 9,
         "{longest:?} without a message while the watch's app was quiet"
     );
     busy.abort();
