@@ -107,6 +107,21 @@ impl Replica {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The agent did not answer, or its stream went silent, for [`SILENCE`]: it is stalled.
+#[derive(Debug)]
+struct Stalled;
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "nothing from the agent for {SILENCE:?}")
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+/// The heartbeat asked of the agent, and the silence after which its stream counts as dead.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const SILENCE: Duration = Duration::from_secs(5);
 /// A stream that lasted this long was healthy: the next failure starts the backoff over.
 const HEALTHY_STREAM: Duration = Duration::from_secs(10);
 
@@ -156,9 +171,11 @@ async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<b
             return;
         };
         let started = tokio::time::Instant::now();
+        let mut stalled = false;
         match stream_once(server, &mut replica, &synced).await {
             Ok(()) => {}
             Err(e) => {
+                stalled = e.is::<Stalled>();
                 tracing::debug!(%server, error = %e, "WatchApps stream ended");
             }
         }
@@ -171,7 +188,8 @@ async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<b
         // The same agent again first (its token resumes without a snapshot of the whole
         // map); after two failures in a row, the next one (a token from another agent's
         // store costs a snapshot).
-        failures_here += 1;
+        // A stalled agent is left at once; another failure gets one more try.
+        failures_here += if stalled { 2 } else { 1 };
         if failures_here >= 2 {
             i += 1;
             failures_here = 0;
@@ -192,15 +210,34 @@ async fn stream_once(
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await?;
-    let mut client = GlobalClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let mut stream = client
-        .watch_apps(WatchAppsRequest {
-            resume_token: replica.token().to_owned(),
-        })
-        .await?
-        .into_inner();
-    while let Some(msg) = stream.message().await? {
+    // A stalled agent still accepts TCP connections (the kernel does): bound the whole
+    // opening, not only the connect.
+    let token = replica.token().to_owned();
+    let opened = tokio::time::timeout(SILENCE, async move {
+        let channel = endpoint.connect().await?;
+        let mut client = GlobalClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let stream = client
+            .watch_apps(WatchAppsRequest {
+                resume_token: token,
+                heartbeat_ms: HEARTBEAT.as_millis() as u32,
+            })
+            .await?
+            .into_inner();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(stream)
+    })
+    .await;
+    let mut stream = match opened {
+        Ok(stream) => stream?,
+        Err(_) => return Err(Box::new(Stalled)),
+    };
+    // The agent sends at least a heartbeat every HEARTBEAT: a stream silent for much longer
+    // is a stalled agent (its connection may still answer pings), so move on.
+    loop {
+        let msg = match tokio::time::timeout(SILENCE, stream.message()).await {
+            Ok(msg) => msg?,
+            Err(_) => return Err(Box::new(Stalled)),
+        };
+        let Some(msg) = msg else { break };
         let complete = replica.apply(&msg);
         synced.send_if_modified(|s| {
             let changed = *s != complete;

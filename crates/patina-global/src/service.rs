@@ -201,7 +201,11 @@ impl Global for GlobalService {
         let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted("too many open WatchApps streams on this agent; retry later")
         })?;
-        let cursor = self.store.watch(None, resume, WATCH_BATCH);
+        let mut cursor = self.store.watch(None, resume, WATCH_BATCH);
+        if req.heartbeat_ms > 0 {
+            let ms = req.heartbeat_ms.clamp(100, 60_000);
+            cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
+        }
         let stopping = self.stopping.clone();
         // Polled only when the client has room (HTTP/2 flow control): a slow client stops its
         // cursor, which catches up later without buffering.

@@ -462,6 +462,48 @@ mod tests {
     }
 
     #[test]
+    fn the_global_and_bridge_examples_load() {
+        let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it");
+        let global = Path::new(&dir).join("../../deploy/global.example.toml");
+        let c = Config::load(Some(&global)).expect("the global example is valid");
+        let table = c.global.region_table().unwrap();
+        assert_eq!(table.rtt_ms("ord", "fra"), Some(97), "measured");
+        assert!(
+            table.rtt_ms("fra", "syd").unwrap() > 100,
+            "from coordinates"
+        );
+        let node = c.gossip.node(GLOBAL_CLUSTER).unwrap();
+        assert_eq!(node.cluster.as_str(), "global");
+        assert_eq!(
+            node.probe_period,
+            std::time::Duration::from_secs(1),
+            "WAN timings"
+        );
+        let bridge = Path::new(&dir).join("../../deploy/bridge.example.toml");
+        let c = Config::load(Some(&bridge)).expect("the bridge example is valid");
+        let b = c.bridge.bridge(&c.region).unwrap();
+        assert_eq!(b.region_agents.len(), 3);
+        assert_eq!(b.timing.coalesce, std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bridge_settings_that_cannot_work_are_refused() {
+        let mut b = BridgeSection {
+            region_agents: vec!["10.0.0.1:7600".into()],
+            ..BridgeSection::default()
+        };
+        assert!(b.bridge("ord").is_ok());
+        b.coalesce_ms = 5_000;
+        assert!(b.bridge("ord").is_err(), "coalescing above 1 s");
+        b.coalesce_ms = 500;
+        b.settle_ms = 0;
+        assert!(b.bridge("ord").is_err());
+        b.settle_ms = 2_000;
+        b.region_agents.clear();
+        assert!(b.bridge("ord").is_err(), "no agents to follow");
+    }
+
+    #[test]
     fn gossip_timings_that_cannot_work_are_refused() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

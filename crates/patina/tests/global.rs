@@ -374,15 +374,25 @@ async fn the_edge_library_follows_global_agents_and_fails_over() {
     })
     .await;
     assert!(gone.is_some(), "the edge table leaves ord out");
-    // The agent it follows dies: it follows the other one, and still learns.
-    g1.kill9();
+    // The agent it follows stalls (SIGSTOP: its connections stay open, nothing answers):
+    // the edge notices the silence, follows the other one, and still learns.
+    let stop = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &g1.child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(stop("-STOP").success());
     put(&ord, "web-1", "web", true).await;
     let back = eventually(Duration::from_secs(20), || async {
         names(&table, "web", "ord") == ["ord", "fra"]
     })
     .await;
-    assert!(back.is_some(), "the edge table follows the second agent");
+    assert!(stop("-CONT").success());
+    let took = back.expect("the edge table follows the second agent");
+    eprintln!("the edge followed the other agent {took:?} after its agent stalled");
     assert_eq!(table.stats().refused, 0);
+    g1.kill9();
 }
 
 /// A bridge's region is fixed by its first heartbeat: its data directory started again as a
