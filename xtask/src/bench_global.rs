@@ -10,10 +10,12 @@
 //!   of apps x 10 regions): p50 and p99; baseline: the cost of the two clock reads around
 //!   each timed call;
 //! - memory per summary at N summaries: the resident memory the table adds, divided by N;
-//!   baseline: the payload (the app's name and 12 bytes).
+//!   baseline: the payload (the app's name and 12 bytes); and beside it, what a global
+//!   agent's own store (SQLite, index, change log) adds per summary at N.
 //!
 //! Last line: one JSON object.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -259,6 +261,53 @@ async fn grpc_load(w: &World, secs: u64) -> anyhow::Result<(f64, f64, f64, f64)>
     Ok((lookup_per_s, lookup_p99, health_per_s, health_p99))
 }
 
+/// A global agent's store (SQLite, the serving index, the change log) holding `n` summaries
+/// (apps x 10 regions), written in group commits: resident bytes it adds per summary, and
+/// the seconds the writes took.
+fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
+    use patina_proto::v1::SummaryRecord;
+    use patina_store::{LocalWrite, Store, StoreOptions};
+    use prost::Message;
+    const REGIONS: usize = 10;
+    let before = rss_bytes();
+    let opts = StoreOptions {
+        kind: Arc::new(patina_global::SummaryKind),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir, opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let view = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64)
+        << 16;
+    let mut batch = Vec::with_capacity(4096);
+    for i in 0..n {
+        let (app, r) = (format!("app-{:07}", i / REGIONS), region_name(i % REGIONS));
+        let value = SummaryRecord {
+            region: r.clone(),
+            healthy: (i % 4) as u32,
+            total: 3,
+            view_hlc: view,
+        }
+        .encode_to_vec();
+        batch.push(LocalWrite::Put {
+            key: patina_global::record::summary_key(&app, &r),
+            group: app,
+            value,
+        });
+        if batch.len() == 4096 || i + 1 == n {
+            rt.block_on(store.write(std::mem::take(&mut batch)))?;
+        }
+    }
+    let took = started.elapsed().as_secs_f64();
+    let bytes = rss_bytes().saturating_sub(before) as f64 / n as f64;
+    store.close();
+    Ok((bytes, took))
+}
+
 fn rss_bytes() -> u64 {
     patina_testkit::rss_of(std::process::id()).unwrap_or(0)
 }
@@ -353,8 +402,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (payload {payload:.1})",
         o.summaries
     );
+    let store_dir = crate::bench_store::tempdir()?.join("global-store");
+    let (store_bytes, store_secs) = agent_store(o.summaries, &store_dir)?;
+    let _ = std::fs::remove_dir_all(&store_dir);
+    println!(
+        "a global agent's store, {} summaries: {store_bytes:.0} bytes per summary resident \
+         (index, change log, SQLite cache), written in {store_secs:.1} s",
+        o.summaries
+    );
     if o.edge_only {
         let json = serde_json::json!({
+            "agent_store_bytes_per_summary": store_bytes,
             "edge_lookup_p50_us": edge_p50,
             "edge_lookup_p99_us": edge_p99,
             "baseline_clock_pair_ns": clock_ns,
@@ -437,6 +495,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "summaries": o.summaries,
         "bytes_per_summary_1m": bytes,
         "baseline_payload_bytes_per_summary": payload,
+        "agent_store_bytes_per_summary": store_bytes,
     });
     println!("{json}");
     Ok(())
