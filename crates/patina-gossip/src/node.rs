@@ -1304,7 +1304,12 @@ impl Node {
                     }
                 }
             }
-            OwnedNotification::Rejoin(id) => self.out.push(Output::Renewed { identity: id }),
+            // A node on its way out does not come back (foca may renew it as others see it
+            // leave).
+            OwnedNotification::Rejoin(id) if !self.leaving => {
+                self.out.push(Output::Renewed { identity: id })
+            }
+            OwnedNotification::Rejoin(_) => {}
             OwnedNotification::DataReceived(header) => {
                 self.last_seen.insert(header.src.addr, self.now);
                 if matches!(
@@ -1473,20 +1478,27 @@ impl Node {
     }
 
     /// Does this node see a majority of the members heard from lately (itself included)?
+    /// Counted per member (origin), not per identity: an agent that restarted has a down
+    /// identity and a live one, and counts once, as alive.
     fn has_quorum(&self) -> bool {
-        let (mut alive, mut total) = (1usize, 1usize);
+        let me = self.identity().node;
+        let mut members: BTreeMap<NodeId, bool> = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
+            if m.id().node == me {
+                continue;
+            }
             if m.state() != foca::State::Down {
-                alive += 1;
-                total += 1;
+                members.insert(m.id().node, true);
             } else if self
                 .last_seen
                 .get(&m.id().addr)
                 .is_some_and(|t| self.now.saturating_sub(*t) < QUORUM_WINDOW)
             {
-                total += 1;
+                members.entry(m.id().node).or_insert(false);
             }
         }
+        let alive = 1 + members.values().filter(|a| **a).count();
+        let total = 1 + members.len();
         alive * 2 > total
     }
 
