@@ -48,9 +48,9 @@ fn app_name(a: usize) -> String {
     format!("app{a}")
 }
 
-/// The region agents' clock at virtual time `now`.
+/// The region agents' clock at virtual time `now` (the stores' wall clock too).
 fn region_hlc(now: Duration) -> u64 {
-    (1_700_000_000_000 + now.as_millis() as u64) << 16
+    (patina_gossip::sim::SIM_EPOCH_MS + now.as_millis() as u64) << 16
 }
 
 /// One region's true state: machine id -> (app, routable).
@@ -125,6 +125,8 @@ struct Sim {
     bridges: Vec<Bridge>,
     /// Per edge and key: the newest view that stood (it must never go back).
     stood: Vec<BTreeMap<String, u64>>,
+    /// Zero summaries deleted by bridges.
+    deletes: usize,
 }
 
 impl Sim {
@@ -173,6 +175,7 @@ impl Sim {
             regions: (0..REGIONS).map(|_| Region::default()).collect(),
             bridges,
             stood: vec![BTreeMap::new(); EDGES],
+            deletes: 0,
         };
         for b in 0..sim.bridges.len() {
             sim.boot_bridge(b);
@@ -196,7 +199,11 @@ impl Sim {
         let lag = self.lag(b);
         let snapshot = self.regions[region].snapshot(&name, now);
         let bridge = &mut self.bridges[b];
-        bridge.core = Some(BridgeCore::new(Timing::default()));
+        // Zero summaries are deleted after 5 s here, so that deletions happen in the run.
+        bridge.core = Some(BridgeCore::new(Timing {
+            zero_retain: Duration::from_secs(5),
+            ..Timing::default()
+        }));
         bridge.inbox.clear();
         bridge.seen.clear();
         for msg in snapshot {
@@ -305,12 +312,14 @@ impl Sim {
                     total: p.counts.total,
                     view_hlc: p.view_hlc,
                 };
-                if self.w.write(
-                    node,
-                    &summary_key(&p.app, &region),
-                    &p.app,
-                    &value.encode_to_vec(),
-                ) {
+                let key = summary_key(&p.app, &region);
+                let written = if p.delete {
+                    self.w.delete(node, &key)
+                } else {
+                    self.w.write(node, &key, &p.app, &value.encode_to_vec())
+                };
+                if written {
+                    self.deletes += usize::from(p.delete);
                     self.bridges[b].core.as_mut().unwrap().published(now, &p);
                 } else {
                     self.bridges[b].core.as_mut().unwrap().lost(&p);
@@ -479,12 +488,39 @@ fn run(seed: u64) {
         sim.step();
     }
     sim.w.heal();
+    // An app leaves a region altogether: its summary goes to zero, then is deleted.
+    sim.regions[0].machines.insert("app0-x".into(), (0, true));
+    sim.change(0, upsert("app0-x", 0, "r0", true));
+    for _ in 0..100 {
+        sim.step();
+    }
+    let gone: Vec<String> = sim.regions[0]
+        .machines
+        .iter()
+        .filter(|(_, (app, _))| *app == 0)
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in gone {
+        sim.regions[0].machines.remove(&id);
+        let change = MachineChange {
+            change: Some(machine_change::Change::Deleted(MachineDeleted {
+                id,
+                app: app_name(0),
+                version: None,
+            })),
+        };
+        sim.change(0, change);
+    }
     // Bridges still down stay down: their summaries must be taken over. Quiet time.
     for _ in 0..1_500 {
         sim.step();
     }
     let truth = sim.truth();
     assert!(truth.len() > REGIONS, "the scenario made apps: {truth:?}");
+    assert!(
+        sim.deletes > 0,
+        "zero summaries were deleted during the run"
+    );
     for edge in 0..EDGES {
         assert_eq!(
             sim.served(edge),

@@ -113,8 +113,13 @@ struct SimNode {
     paused_until: Duration,
 }
 
+/// The wall clock's reading at virtual time zero (ms since the Unix epoch).
+pub const SIM_EPOCH_MS: u64 = 1_700_000_000_000;
+
 /// A simulated cluster.
 pub struct World {
+    /// Every store's wall clock: virtual time, from [`SIM_EPOCH_MS`].
+    clock: Arc<ManualClock>,
     pub now: Duration,
     pub net: Net,
     cfg: Config,
@@ -162,7 +167,9 @@ impl World {
         seed: u64,
         kind: patina_store::KindRef,
     ) -> World {
+        let clock = Arc::new(ManualClock::new(SIM_EPOCH_MS));
         let mut w = World {
+            clock: clock.clone(),
             now: Duration::ZERO,
             net,
             cfg,
@@ -185,7 +192,7 @@ impl World {
         for i in 0..n {
             let node_id = NodeId(1000 + i as u64);
             let opts = StoreOptions {
-                clock: Arc::new(ManualClock::new(1_700_000_000_000)),
+                clock: clock.clone(),
                 kind: kind.clone(),
                 ..StoreOptions::default()
             };
@@ -644,11 +651,13 @@ impl World {
                 continue;
             }
             self.now = at;
+            self.clock.set(SIM_EPOCH_MS + at.as_millis() as u64);
             self.mix(at.as_nanos() as u64);
             self.mix(seq);
             self.handle(target, ev);
         }
         self.now = self.now.max(until);
+        self.clock.set(SIM_EPOCH_MS + self.now.as_millis() as u64);
     }
 
     /// Run for `d` more.

@@ -54,6 +54,9 @@ pub struct Publish {
     pub app: Arc<str>,
     pub counts: Counts,
     pub view_hlc: u64,
+    /// Delete the summary instead: it has said zero instances for `Timing::zero_retain`
+    /// and the view still says so (apps come and go; their summaries must not pile up).
+    pub delete: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +66,10 @@ pub struct Timing {
     /// How much newer this bridge's view must be to replace a disagreeing summary without
     /// news: more than replication takes between the region's agents.
     pub settle: Duration,
+    /// How long a zero summary (an app that left the region) stands before it is deleted.
+    /// Long enough for every edge to have seen the zero; the deletion's tombstone is then
+    /// collected after the tombstone TTL.
+    pub zero_retain: Duration,
 }
 
 impl Default for Timing {
@@ -70,6 +77,7 @@ impl Default for Timing {
         Timing {
             coalesce: Duration::from_millis(500),
             settle: Duration::from_secs(2),
+            zero_retain: Duration::from_secs(600),
         }
     }
 }
@@ -109,6 +117,8 @@ pub struct BridgeCore {
     /// Per app, the view at which a write over a hidden or missing summary lost (a summary
     /// from a newer view stands, hidden): not tried again until the view moves past it.
     lost: HashMap<Arc<str>, u64>,
+    /// Since when a zero summary has stood for an app with no instance in the view.
+    zero_since: HashMap<Arc<str>, Duration>,
     last_sweep: Duration,
 }
 
@@ -133,6 +143,7 @@ impl BridgeCore {
             overrides: HashMap::new(),
             replacing: HashSet::new(),
             lost: HashMap::new(),
+            zero_since: HashMap::new(),
             last_sweep: Duration::ZERO,
         }
     }
@@ -212,6 +223,14 @@ impl BridgeCore {
     pub fn global_summary(&mut self, now: Duration, app: &str, standing: Standing) {
         let app = self.intern(app);
         match standing {
+            Standing::Summary(h) if h.counts == Counts::default() => {
+                self.zero_since.entry(app.clone()).or_insert(now);
+            }
+            _ => {
+                self.zero_since.remove(&app);
+            }
+        }
+        match standing {
             Standing::Nothing => {
                 self.held.remove(&app);
             }
@@ -269,6 +288,15 @@ impl BridgeCore {
     /// A publish was written (and stands, until the global tier says otherwise).
     pub fn published(&mut self, now: Duration, p: &Publish) {
         self.lost.remove(&p.app);
+        if p.delete {
+            self.replacing.remove(&p.app);
+            self.zero_since.remove(&p.app);
+            self.held.remove(&p.app);
+            return;
+        }
+        if p.counts == Counts::default() {
+            self.zero_since.entry(p.app.clone()).or_insert(now);
+        }
         if self.replacing.remove(&p.app) {
             let o = self.overrides.entry(p.app.clone()).or_insert((0, now));
             o.0 = o.0.saturating_add(1);
@@ -309,8 +337,29 @@ impl BridgeCore {
             .map_or(Some(sweep), |at| Some(at.min(sweep)))
     }
 
-    fn decide(&self, now: Duration, app: &Arc<str>, news: bool) -> Option<Publish> {
+    fn decide(&mut self, now: Duration, app: &Arc<str>, news: bool) -> Option<Publish> {
         let want = self.counts(app);
+        // A zero that has stood long enough, with no instance in the view: delete it.
+        let zero = Counts::default();
+        match self.held.get(app) {
+            Some(Standing::Summary(h)) if h.counts == zero && want == zero => {
+                let since = *self.zero_since.entry(app.clone()).or_insert(now);
+                if now.saturating_sub(since) >= self.timing.zero_retain
+                    && h.view_hlc < self.view_hlc
+                {
+                    return Some(Publish {
+                        app: app.clone(),
+                        counts: zero,
+                        view_hlc: self.view_hlc,
+                        delete: true,
+                    });
+                }
+                return None;
+            }
+            _ => {
+                self.zero_since.remove(app);
+            }
+        }
         // Lost to a newer hidden view at this very view: wait for the view to move on.
         let lost_here = self.lost.get(app).is_some_and(|v| *v >= self.view_hlc);
         let publish = match self.held.get(app) {
@@ -332,6 +381,7 @@ impl BridgeCore {
             app: app.clone(),
             counts: want,
             view_hlc: self.view_hlc,
+            delete: false,
         })
     }
 
@@ -675,6 +725,46 @@ mod tests {
         assert_eq!(b.view_hlc(), hlc(91));
         let p = b.due(ms(3_000));
         assert_eq!(p[0].view_hlc, hlc(91));
+    }
+
+    #[test]
+    fn a_zero_summary_is_deleted_once_it_has_stood_long_enough() {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        b.region_message(
+            ms(10),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(20),
+                vec![deleted("a", "web"), deleted("b", "web")],
+            ),
+        );
+        let p = b.due(ms(10));
+        assert_eq!((p[0].counts, p[0].delete), (Counts::default(), false));
+        b.published(ms(10), &p[0]);
+        b.region_message(ms(20), &msg(Kind::Delta, false, hlc(30), vec![]));
+        assert!(b.due(ms(300_000)).is_empty(), "not yet");
+        let p = b.due(ms(601_000));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].delete);
+        b.published(ms(601_000), &p[0]);
+        assert!(
+            b.due(ms(700_000)).is_empty(),
+            "deleted: nothing stands, nothing to say"
+        );
+        // The app comes back: published as news.
+        b.region_message(
+            ms(700_100),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(800),
+                vec![machine("c", "web", true)],
+            ),
+        );
+        let p = b.due(ms(700_100));
+        assert_eq!((p[0].counts.healthy, p[0].delete), (1, false));
     }
 
     #[test]

@@ -170,6 +170,10 @@ async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Durati
         return;
     }
     let writes = due.iter().map(|p| {
+        let key = summary_key(&p.app, region);
+        if p.delete {
+            return store.write(vec![LocalWrite::Delete { key }]);
+        }
         let value = SummaryRecord {
             region: region.to_owned(),
             healthy: p.counts.healthy,
@@ -178,7 +182,7 @@ async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Durati
         }
         .encode_to_vec();
         store.write(vec![LocalWrite::Put {
-            key: summary_key(&p.app, region),
+            key,
             group: p.app.to_string(),
             value,
         }])
