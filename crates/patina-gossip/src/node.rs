@@ -409,9 +409,10 @@ pub struct Node {
     confirm_round: u64,
     /// Live identities per owner: an owner is down once none is left.
     live: BTreeMap<NodeId, BTreeSet<SocketAddr>>,
-    /// With `fail_static`: the owners the membership says are down, and those the store was
-    /// told to hide (none while this node lacks a majority).
-    want_down: BTreeSet<NodeId>,
+    /// With `fail_static`: the owners the membership says are down (and since when), and those
+    /// the store was told to hide (while this node lacks a majority, only those down well
+    /// before it stopped hearing from the others).
+    want_down: BTreeMap<NodeId, Duration>,
     shown_down: BTreeSet<NodeId>,
     last_seen: BTreeMap<SocketAddr, Duration>,
     syncing: BTreeSet<SocketAddr>,
@@ -473,7 +474,7 @@ impl Node {
             held: BTreeMap::new(),
             confirm_round: 0,
             live: BTreeMap::new(),
-            want_down: BTreeSet::new(),
+            want_down: BTreeMap::new(),
             shown_down: BTreeSet::new(),
             last_seen: BTreeMap::new(),
             syncing: BTreeSet::new(),
@@ -1470,7 +1471,7 @@ impl Node {
             return;
         }
         if down {
-            self.want_down.insert(node);
+            self.want_down.entry(node).or_insert(self.now);
         } else {
             self.want_down.remove(&node);
         }
@@ -1480,8 +1481,22 @@ impl Node {
     /// Does this node see a majority of the members heard from lately (itself included)?
     /// Counted per member (origin), not per identity: an agent that restarted has a down
     /// identity and a live one, and counts once, as alive.
+    /// The last time this node heard from any other member: the window is measured back from
+    /// there, not from now, so that a node cut off for longer than the window does not see
+    /// its missing members age out and think itself a majority again.
+    fn heard_last(&self) -> Duration {
+        let me = self.identity().addr;
+        self.last_seen
+            .iter()
+            .filter(|(addr, _)| **addr != me)
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap_or(self.now)
+    }
+
     fn has_quorum(&self) -> bool {
         let me = self.identity().node;
+        let horizon = self.heard_last();
         let mut members: BTreeMap<NodeId, bool> = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
             if m.id().node == me {
@@ -1492,7 +1507,7 @@ impl Node {
             } else if self
                 .last_seen
                 .get(&m.id().addr)
-                .is_some_and(|t| self.now.saturating_sub(*t) < QUORUM_WINDOW)
+                .is_some_and(|t| horizon.saturating_sub(*t) < QUORUM_WINDOW)
             {
                 members.entry(m.id().node).or_insert(false);
             }
@@ -1509,10 +1524,17 @@ impl Node {
             return;
         }
         let quorum = self.has_quorum();
-        let target = if quorum {
-            self.want_down.clone()
+        let target: BTreeSet<NodeId> = if quorum {
+            self.want_down.keys().copied().collect()
         } else {
-            BTreeSet::new()
+            // Alone: what went down around the time it stopped hearing from the others is
+            // likely its own isolation, and shown; what was down well before stays hidden.
+            let before = self.heard_last().saturating_sub(QUORUM_WINDOW);
+            self.want_down
+                .iter()
+                .filter(|(_, since)| **since < before)
+                .map(|(node, _)| *node)
+                .collect()
         };
         if !quorum && !self.want_down.is_empty() && !self.shown_down.is_empty() {
             tracing::warn!(

@@ -67,8 +67,9 @@ pub struct Timing {
     /// news: more than replication takes between the region's agents.
     pub settle: Duration,
     /// How long a zero summary (an app that left the region) stands before it is deleted.
-    /// Long enough for every edge to have seen the zero; the deletion's tombstone is then
-    /// collected after the tombstone TTL.
+    /// Long enough for every edge to have seen the zero, and longer than
+    /// `record::DELETE_LAG_MS` (or the deletion would lose to the zero it deletes); the
+    /// deletion's tombstone is then collected after the tombstone TTL.
     pub zero_retain: Duration,
 }
 
@@ -344,8 +345,10 @@ impl BridgeCore {
         match self.held.get(app) {
             Some(Standing::Summary(h)) if h.counts == zero && want == zero => {
                 let since = *self.zero_since.entry(app.clone()).or_insert(now);
+                let lost_here = self.lost.get(app).is_some_and(|v| *v >= self.view_hlc);
                 if now.saturating_sub(since) >= self.timing.zero_retain
                     && h.view_hlc < self.view_hlc
+                    && !lost_here
                 {
                     return Some(Publish {
                         app: app.clone(),
