@@ -410,17 +410,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (index, change log, SQLite cache), written in {store_secs:.1} s",
         o.summaries
     );
+    let edge_json = serde_json::json!({
+        "edge_lookup_p50_us": edge_p50,
+        "edge_lookup_p99_us": edge_p99,
+        "baseline_clock_pair_ns": clock_ns,
+        "summaries": o.summaries,
+        "bytes_per_summary_1m": bytes,
+        "baseline_payload_bytes_per_summary": payload,
+        "agent_store_bytes_per_summary": store_bytes,
+    });
     if o.edge_only {
-        let json = serde_json::json!({
-            "agent_store_bytes_per_summary": store_bytes,
-            "edge_lookup_p50_us": edge_p50,
-            "edge_lookup_p99_us": edge_p99,
-            "baseline_clock_pair_ns": clock_ns,
-            "summaries": o.summaries,
-            "bytes_per_summary_1m": bytes,
-            "baseline_payload_bytes_per_summary": payload,
-        });
-        println!("{json}");
+        println!("{edge_json}");
         return Ok(());
     }
     let bin = build_patina()?;
@@ -476,7 +476,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (gRPC health check, same clients: {:.0}/s, p99 {:.0} µs)",
         f.lookup_per_s, f.lookup_p99_us, f.health_per_s, f.health_p99_us
     );
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "regions": o.regions,
         "edges": o.edges,
         "events": f.down_ms.len(),
@@ -489,14 +489,10 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "lookup_grpc_p99_us": f.lookup_p99_us,
         "baseline_health_grpc_per_s": f.health_per_s,
         "baseline_health_grpc_p99_us": f.health_p99_us,
-        "edge_lookup_p50_us": edge_p50,
-        "edge_lookup_p99_us": edge_p99,
-        "baseline_clock_pair_ns": clock_ns,
-        "summaries": o.summaries,
-        "bytes_per_summary_1m": bytes,
-        "baseline_payload_bytes_per_summary": payload,
-        "agent_store_bytes_per_summary": store_bytes,
     });
+    if let (Some(all), serde_json::Value::Object(edge)) = (json.as_object_mut(), edge_json) {
+        all.extend(edge);
+    }
     println!("{json}");
     Ok(())
 }

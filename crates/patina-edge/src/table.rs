@@ -97,6 +97,18 @@ struct Regions {
     newest_ms: u64,
 }
 
+impl Regions {
+    /// Add a region (below [`MAX_REGIONS`]); the orders are the caller's to recompute.
+    fn push(&mut self, name: &str) -> RegionId {
+        let id = self.names.len() as RegionId;
+        let name: Arc<str> = name.into();
+        self.names.push(name.clone());
+        self.ids.insert(name, id);
+        self.fresh_ms.push(0);
+        id
+    }
+}
+
 /// The replica lookups read. Shared behind an `Arc`; writers are the follower (one at a
 /// time), readers any number of threads.
 ///
@@ -146,11 +158,7 @@ impl Table {
             // The configured regions at once, ordered once.
             let mut r = t.regions.write().expect("regions lock");
             for name in t.table.names().take(MAX_REGIONS) {
-                let id = r.names.len() as RegionId;
-                let name: Arc<str> = name.into();
-                r.names.push(name.clone());
-                r.ids.insert(name, id);
-                r.fresh_ms.push(0);
+                r.push(name);
             }
             t.reorder(&mut r);
         }
@@ -424,11 +432,7 @@ impl Table {
         if r.names.len() >= MAX_REGIONS {
             return Err(Refused::TooManyRegions);
         }
-        let id = r.names.len() as RegionId;
-        let name: Arc<str> = name.into();
-        r.names.push(name.clone());
-        r.ids.insert(name, id);
-        r.fresh_ms.push(0);
+        let id = r.push(name);
         self.reorder(&mut r);
         Ok(id)
     }

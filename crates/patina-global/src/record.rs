@@ -65,9 +65,7 @@ pub fn parse_key(key: &str) -> Option<Key<'_>> {
 pub const MAX_VIEW_AHEAD_MS: u64 = patina_store::MAX_CLOCK_AHEAD_MS;
 
 fn check_view(view_hlc: u64) -> Result<(), String> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = patina_store::Clock::now_ms(&patina_store::SystemClock);
     let ahead = (view_hlc >> 16).saturating_sub(now_ms);
     if ahead > MAX_VIEW_AHEAD_MS {
         return Err(format!("a view {ahead} ms ahead of this host's clock"));

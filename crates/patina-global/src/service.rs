@@ -1,17 +1,17 @@
 //! `patina.v1.Global`: LookupApp from the agent's in-memory table (the same code an edge
 //! proxy links, fed from the agent's own store), WatchApps from the store's change feed.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
-use patina_edge::{Hit, Replica, Table, is_dns_label};
+use patina_edge::{Hit, Replica, Table};
 use patina_proto::v1::global_server::Global;
 use patina_proto::v1::{
     AppSummary, BridgeState, LookupAppRequest, LookupAppResponse, RegionInstances,
     WatchAppsRequest, WatchAppsResponse, watch_apps_response,
 };
-use patina_store::{Entry, ResumeToken, Store, WatchItem};
+use patina_region::service::{MessageStream, WatchOpen, invalid, resume_token, watch_stream};
+use patina_region::validate;
+use patina_store::{Entry, Store, WatchItem};
 use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status};
 
@@ -147,8 +147,6 @@ fn to_instances(table: &Table, h: &Hit) -> RegionInstances {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchAppsResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl Global for GlobalService {
     async fn lookup_app(
@@ -156,21 +154,12 @@ impl Global for GlobalService {
         request: Request<LookupAppRequest>,
     ) -> Result<Response<LookupAppResponse>, Status> {
         let req = request.into_inner();
-        if !is_dns_label(&req.app) {
-            return Err(Status::invalid_argument(format!(
-                "app: {:?} is not a DNS label (1 to 63 of a-z, 0-9, '-')",
-                truncate(&req.app)
-            )));
-        }
+        validate::app_name(&req.app).map_err(invalid)?;
         let from = if req.from_region.is_empty() {
             self.region.as_str()
-        } else if is_dns_label(&req.from_region) {
-            req.from_region.as_str()
         } else {
-            return Err(Status::invalid_argument(format!(
-                "from_region: {:?} is not a DNS label",
-                truncate(&req.from_region)
-            )));
+            validate::region_name(&req.from_region).map_err(|e| invalid(e.at("from_")))?;
+            req.from_region.as_str()
         };
         let mut hits = Vec::new();
         self.table
@@ -182,57 +171,26 @@ impl Global for GlobalService {
         }))
     }
 
-    type WatchAppsStream = WatchStream;
+    type WatchAppsStream = MessageStream<WatchAppsResponse>;
 
     async fn watch_apps(
         &self,
         request: Request<WatchAppsRequest>,
     ) -> Result<Response<Self::WatchAppsStream>, Status> {
         let req = request.into_inner();
-        let resume = if req.resume_token.is_empty() {
-            None
-        } else {
-            Some(
-                req.resume_token
-                    .parse::<ResumeToken>()
-                    .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))?,
-            )
-        };
-        let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted("too many open WatchApps streams on this agent; retry later")
-        })?;
-        let mut cursor = self.store.watch(None, resume, WATCH_BATCH);
-        if req.heartbeat_ms > 0 {
-            let ms = req.heartbeat_ms.clamp(100, 60_000);
-            cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
-        }
-        let stopping = self.stopping.clone();
-        // Polled only when the client has room (HTTP/2 flow control): a slow client stops its
-        // cursor, which catches up later without buffering.
-        let stream = futures_util::stream::unfold(
-            (cursor, stopping, false, permit),
-            |(mut cursor, mut stopping, ended, permit)| async move {
-                if ended {
-                    return None;
-                }
-                let response = tokio::select! {
-                    item = cursor.next() => match item {
-                        Some(item) => Ok(watch_apps_response(item)),
-                        None => Err(Status::unavailable("the agent's store closed; resume elsewhere with the last token")),
-                    },
-                    _ = stopping.wait_for(|s| *s) => Err(Status::unavailable("the agent is shutting down; resume elsewhere")),
-                };
-                let ended = response.is_err();
-                Some((response, (cursor, stopping, ended, permit)))
+        let stream = watch_stream(
+            &self.store,
+            &self.watches,
+            self.stopping.clone(),
+            WatchOpen {
+                rpc: "WatchApps",
+                scope: None,
+                resume: resume_token(&req.resume_token)?,
+                heartbeat_ms: req.heartbeat_ms,
+                batch: WATCH_BATCH,
             },
-        );
-        Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-fn truncate(s: &str) -> &str {
-    match s.char_indices().nth(64) {
-        Some((i, _)) => &s[..i],
-        None => s,
+            |item, _| Ok(watch_apps_response(item)),
+        )?;
+        Ok(Response::new(stream))
     }
 }

@@ -30,14 +30,7 @@ const MACHINES_PER_APP: usize = 4;
 const STEP: Duration = Duration::from_millis(20);
 
 fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("PATINA_SIM_SEED") {
-        return vec![s.parse().expect("PATINA_SIM_SEED is a number")];
-    }
-    let runs: u64 = std::env::var("PATINA_SIM_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    (0..runs).map(|i| 0x610b_0000 + i).collect()
+    patina_gossip::sim::seeds(3, 0x610b_0000)
 }
 
 fn region_name(r: usize) -> String {

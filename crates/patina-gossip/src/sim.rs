@@ -113,6 +113,19 @@ struct SimNode {
     paused_until: Duration,
 }
 
+/// The seeds a simulation test runs: `PATINA_SIM_SEED=N` replays one; otherwise
+/// `PATINA_SIM_RUNS` (default `default_runs`) seeds counted up from `base`.
+pub fn seeds(default_runs: u64, base: u64) -> Vec<u64> {
+    if let Ok(s) = std::env::var("PATINA_SIM_SEED") {
+        return vec![s.parse().expect("PATINA_SIM_SEED is a number")];
+    }
+    let runs: u64 = std::env::var("PATINA_SIM_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_runs);
+    (0..runs).map(|i| base + i).collect()
+}
+
 /// The wall clock's reading at virtual time zero (ms since the Unix epoch).
 pub const SIM_EPOCH_MS: u64 = 1_700_000_000_000;
 

@@ -19,14 +19,7 @@ fn config() -> Config {
 }
 
 fn seeds() -> Vec<u64> {
-    if let Ok(s) = std::env::var("PATINA_SIM_SEED") {
-        return vec![s.parse().expect("PATINA_SIM_SEED is a number")];
-    }
-    let runs: u64 = std::env::var("PATINA_SIM_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    (0..runs).map(|i| 0x9a71_0000 + i).collect()
+    patina_gossip::sim::seeds(4, 0x9a71_0000)
 }
 
 /// Run `scenario` for every seed; on a failure, say how to replay it.

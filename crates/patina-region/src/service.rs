@@ -64,7 +64,8 @@ impl RegionService {
     }
 }
 
-pub(crate) fn invalid(e: Invalid) -> Status {
+/// An input error as the gRPC status it maps to.
+pub fn invalid(e: Invalid) -> Status {
     match e {
         Invalid::Argument(m) => Status::invalid_argument(m),
         Invalid::TooLarge(m) => Status::resource_exhausted(m),
@@ -291,8 +292,102 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-type WatchStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send + 'static>>;
+type WatchStream = MessageStream<WatchResponse>;
+
+/// A stream of watch messages, as both tiers' services return it.
+pub type MessageStream<T> =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A resume token from a request (empty: none); a malformed one is `INVALID_ARGUMENT`.
+pub fn resume_token(token: &str) -> Result<Option<ResumeToken>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    token
+        .parse::<ResumeToken>()
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))
+}
+
+/// What a watch RPC asks for.
+pub struct WatchOpen {
+    /// The RPC's name, for the error when no watch slot is free.
+    pub rpc: &'static str,
+    pub scope: Option<Arc<str>>,
+    pub resume: Option<ResumeToken>,
+    /// The request's `heartbeat_ms` (0: none; others taken within 100..=60000).
+    pub heartbeat_ms: u32,
+    /// Most records in one message.
+    pub batch: usize,
+}
+
+/// A watch stream over `store` for either tier: a slot from `watches` (`RESOURCE_EXHAUSTED`
+/// when none is free; the slot is held until the stream is dropped), heartbeats when asked,
+/// each cursor item made into a message by `make` (given the store, e.g. to stamp its
+/// clock), and `UNAVAILABLE` once the store closes or fails or the agent begins to stop.
+///
+/// The stream is polled only when the client has room (HTTP/2 flow control), so a slow
+/// client simply stops its cursor; the cursor catches up later without buffering.
+pub fn watch_stream<T, F>(
+    store: &Store,
+    watches: &Arc<Semaphore>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+    open: WatchOpen,
+    make: F,
+) -> Result<MessageStream<T>, Status>
+where
+    T: Send + 'static,
+    F: Fn(WatchItem, &Store) -> Result<T, Status> + Send + Sync + 'static,
+{
+    let permit = watches.clone().try_acquire_owned().map_err(|_| {
+        Status::resource_exhausted(format!(
+            "too many open {} streams on this agent (limits.max_watches); retry later",
+            open.rpc
+        ))
+    })?;
+    let mut cursor = store.watch(open.scope, open.resume, open.batch);
+    if open.heartbeat_ms > 0 {
+        let ms = open.heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);
+        cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
+    }
+    let make = Arc::new(make);
+    let stream = futures_util::stream::unfold(
+        (cursor, stopping, store.clone(), false),
+        move |(mut cursor, mut stopping, store, ended)| {
+            let make = make.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let response = tokio::select! {
+                    item = cursor.next() => match item {
+                        Some(item) => make(item, &store),
+                        None => Err(match store.failure() {
+                            Some(why) => Status::unavailable(format!(
+                                "the agent's store failed and the agent is stopping: {why}"
+                            )),
+                            None => Status::unavailable(
+                                "the watch ended: the agent's store closed or could not be read; resume with the last token",
+                            ),
+                        }),
+                    },
+                    _ = stopping.wait_for(|s| *s) => Err(Status::unavailable(
+                        "the agent is shutting down; resume elsewhere",
+                    )),
+                };
+                let ended = response.is_err();
+                Some((response, (cursor, stopping, store, ended)))
+            }
+        },
+    );
+    // The closure owns the permit, so it is released when the stream is dropped: when it
+    // ends or the client goes away.
+    let stream = futures_util::StreamExt::map(stream, move |item| {
+        let _held = &permit;
+        item
+    });
+    Ok(Box::pin(stream))
+}
 
 #[tonic::async_trait]
 impl Region for RegionService {
@@ -397,62 +492,21 @@ impl Region for RegionService {
             validate::app_name(&req.app).map_err(invalid)?;
             Some(Arc::from(req.app))
         };
-        let resume = if req.resume_token.is_empty() {
-            None
-        } else {
-            Some(
-                req.resume_token
-                    .parse::<ResumeToken>()
-                    .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))?,
-            )
-        };
-        let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(
-                "too many open Watch streams on this agent (limits.max_watches); retry later",
-            )
-        })?;
-        let mut cursor = self.store.watch(scope, resume, WATCH_BATCH);
-        if req.heartbeat_ms > 0 {
-            let ms = req.heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);
-            cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
-        }
-        // The stream is polled only when the client has room (HTTP/2 flow control), so a slow
-        // client simply stops its cursor; the cursor catches up later without buffering.
-        let stopping = self.stopping.clone();
-        let cursor_store = self.store.clone();
-        let stream = futures_util::stream::unfold(
-            (cursor, stopping, cursor_store, false),
-            |(mut cursor, mut stopping, store, ended)| async move {
-                if ended {
-                    return None;
-                }
-                let response = tokio::select! {
-                    item = cursor.next() => match item {
-                        // Read after the item is made: at or above every change in it.
-                        Some(item) => watch_response(item, store.view_hlc().0),
-                        None => Err(match store.failure() {
-                            Some(why) => Status::unavailable(format!(
-                                "the agent's store failed and the agent is stopping: {why}"
-                            )),
-                            None => Status::unavailable(
-                                "the watch ended: the agent's store closed or could not be read; resume with the last token",
-                            ),
-                        }),
-                    },
-                    _ = stopping.wait_for(|s| *s) => Err(Status::unavailable(
-                        "the agent is shutting down; resume elsewhere",
-                    )),
-                };
-                let ended = response.is_err();
-                Some((response, (cursor, stopping, store, ended)))
+        let resume = resume_token(&req.resume_token)?;
+        let stream = watch_stream(
+            &self.store,
+            &self.watches,
+            self.stopping.clone(),
+            WatchOpen {
+                rpc: "Watch",
+                scope,
+                resume,
+                heartbeat_ms: req.heartbeat_ms,
+                batch: WATCH_BATCH,
             },
-        );
-        // The closure owns the permit, so it is released when the stream is dropped: when it
-        // ends or the client goes away.
-        let stream = futures_util::StreamExt::map(stream, move |item| {
-            let _held = &permit;
-            item
-        });
-        Ok(Response::new(Box::pin(stream)))
+            // The clock is read after the item is made: at or above every change in it.
+            |item, store| watch_response(item, store.view_hlc().0),
+        )?;
+        Ok(Response::new(stream))
     }
 }

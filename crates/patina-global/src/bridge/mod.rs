@@ -280,9 +280,7 @@ const HEALTHY_STREAM: Duration = Duration::from_secs(10);
 const MAX_VIEW_AHEAD_MS: u64 = 1_000;
 
 fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    patina_store::Clock::now_ms(&patina_store::SystemClock)
 }
 
 async fn stream_region(
