@@ -541,6 +541,13 @@ mod tests {
         b
     }
 
+    /// A synced bridge whose first summaries are written.
+    fn published_bridge() -> BridgeCore {
+        let mut b = synced_bridge();
+        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        b
+    }
+
     #[test]
     fn a_snapshot_then_changes_publish_counts_down_at_once_and_others_coalesced() {
         let mut b = synced_bridge();
@@ -593,8 +600,7 @@ mod tests {
 
     #[test]
     fn a_fresher_disagreeing_summary_stands_until_the_view_is_newer_by_the_settle_time() {
-        let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        let mut b = published_bridge();
         // Another bridge saw a later view: web down to 0 healthy.
         let theirs = Held {
             counts: Counts {
@@ -623,8 +629,7 @@ mod tests {
 
     #[test]
     fn a_missing_summary_is_taken_over_at_once() {
-        let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        let mut b = published_bridge();
         // Another bridge's newer summary stood, then its bridge died: hidden, so nothing stands.
         b.global_summary(
             ms(10),
@@ -658,8 +663,7 @@ mod tests {
 
     #[test]
     fn a_hidden_summary_is_replaced_even_by_zero_and_disagreements_back_off() {
-        let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        let mut b = published_bridge();
         b.region_message(
             ms(10),
             &msg(
@@ -710,8 +714,7 @@ mod tests {
 
     #[test]
     fn a_snapshot_under_way_publishes_nothing_and_stamps_nothing() {
-        let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        let mut b = published_bridge();
         b.region_message(ms(10), &msg(Kind::Snapshot, true, hlc(90), vec![]));
         assert_eq!(
             b.view_hlc(),
@@ -732,8 +735,7 @@ mod tests {
 
     #[test]
     fn a_zero_summary_is_deleted_once_it_has_stood_long_enough() {
-        let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        let mut b = published_bridge();
         b.region_message(
             ms(10),
             &msg(
@@ -772,8 +774,7 @@ mod tests {
 
     #[test]
     fn a_reset_replaces_the_view_whole_at_its_end() {
-        let mut b = synced_bridge();
-        b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
+        let mut b = published_bridge();
         b.region_message(
             ms(10),
             &msg(
