@@ -14,14 +14,19 @@ use std::num::{NonZeroU8, NonZeroU32, NonZeroUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use foca::{AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification};
+use foca::{AccumulatingRuntime, Foca, OwnedNotification};
 use patina_store::{NodeId, OriginKnowledge, Record};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::envelope::{ClusterName, Envelope};
 use crate::identity::{Codec, Identity};
-use crate::wire::{self, Item, KIND_PUSH, KIND_SWIM, PUSH_OVERHEAD, Push, WireError};
+use crate::wire::{Item, KIND_PUSH, KIND_SWIM, PUSH_OVERHEAD, Push};
+
+mod shared;
+
+pub use shared::ItemKey;
+use shared::{Handler, Shared};
 
 /// The highest local-health score: probe timers stretch to at most 9x.
 pub const MAX_HEALTH: u32 = 8;
@@ -262,114 +267,6 @@ pub enum MemberState {
     Alive,
     Suspect,
     Down,
-}
-
-/// State shared with foca's broadcast handler (foca owns the handler).
-#[derive(Default)]
-struct Shared {
-    known: BTreeMap<NodeId, OriginKnowledge>,
-    pending: BTreeSet<(NodeId, u64)>,
-    /// Versions received and refused by the store (a record its kind refused), newest last:
-    /// a pushed or piggybacked copy of one is not taken again. Otherwise every copy would
-    /// count as new, be forwarded and queued for piggybacking again, and one refused record
-    /// would circulate through the cluster for ever. Anti-entropy still fetches them (with
-    /// its backoff), so a refusal that depended on a record that arrived later heals.
-    refused: BTreeSet<(NodeId, u64)>,
-    refused_order: std::collections::VecDeque<(NodeId, u64)>,
-    inbox: Vec<Item>,
-    backlog_full: bool,
-    counters: Counters,
-}
-
-/// Most refused versions remembered (16 bytes each, twice: about 1 MiB at most). More refused
-/// versions in flight at once than this (a peer with a bug writing many) start circulating
-/// again as the oldest are forgotten.
-const MAX_REFUSED: usize = 32_768;
-
-impl Shared {
-    fn knows(&self, origin: NodeId, seq: u64) -> bool {
-        self.known.get(&origin).is_some_and(|k| k.knows(seq))
-            || self.pending.contains(&(origin, seq))
-            || self.refused.contains(&(origin, seq))
-    }
-
-    fn remember_refused(&mut self, v: (NodeId, u64)) {
-        if self.refused.insert(v) {
-            self.refused_order.push_back(v);
-            while self.refused_order.len() > MAX_REFUSED {
-                if let Some(old) = self.refused_order.pop_front() {
-                    self.refused.remove(&old);
-                }
-            }
-        }
-    }
-
-    /// Take an item received from a peer: `true` if it is new (now pending).
-    fn take(&mut self, item: &Item) -> bool {
-        if self.knows(item.origin(), item.seq()) {
-            self.counters.items_seen += 1;
-            return false;
-        }
-        if self.pending.len() >= MAX_PENDING {
-            self.counters.items_dropped += 1;
-            return false;
-        }
-        self.counters.items_new += 1;
-        self.pending.insert((item.origin(), item.seq()));
-        true
-    }
-}
-
-/// What decides which queued piggyback item replaces which: a newer change of one key from
-/// one origin replaces an older one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ItemKey {
-    origin: NodeId,
-    seq: u64,
-    /// 0 for notices (which replace nothing).
-    key: u64,
-}
-
-impl Invalidates for ItemKey {
-    fn invalidates(&self, other: &Self) -> bool {
-        self.key != 0
-            && self.key == other.key
-            && self.origin == other.origin
-            && self.seq > other.seq
-    }
-}
-
-struct Handler(Arc<Mutex<Shared>>);
-
-impl BroadcastHandler<Identity> for Handler {
-    type Key = ItemKey;
-    type Error = WireError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        sender: Option<&Identity>,
-    ) -> Result<Option<ItemKey>, WireError> {
-        let item = Item::decode(data)?;
-        let key = ItemKey {
-            origin: item.origin(),
-            seq: item.seq(),
-            key: match &item {
-                Item::Record(r) => wire::key_hash(&r.key),
-                Item::Notice { .. } => 0,
-            },
-        };
-        let mut s = self.0.lock().expect("gossip shared state");
-        if sender.is_none() {
-            // Our own change, queued by `handle_local`.
-            return Ok(Some(key));
-        }
-        if !s.take(&item) {
-            return Ok(None);
-        }
-        s.inbox.push(item);
-        Ok((!s.backlog_full).then_some(key))
-    }
 }
 
 /// A suspicion timeout held by the node (Lifeguard: start long, cut short when corroborated).
@@ -1002,31 +899,8 @@ impl Node {
         }
         match timer.kind {
             TimerKind::Swim(t) => {
-                if let foca::Timer::ChangeSuspectToDown { member_id, .. } = &t {
-                    // The long timeout: only if still held (not cut short already), and not
-                    // yet: first a last check of the suspect itself.
-                    let member = *member_id;
-                    if !self
-                        .held
-                        .get(&member.addr)
-                        .is_some_and(|h| h.timer == t && h.confirming.is_none())
-                    {
-                        return;
-                    }
-                    if !self.suspect_under(&t) {
-                        self.held.remove(&member.addr); // refuted by itself meanwhile
-                        return;
-                    }
-                    self.confirm_round += 1;
-                    let round = self.confirm_round;
-                    if let Some(h) = self.held.get_mut(&member.addr) {
-                        h.confirming = Some(round);
-                    }
-                    self.out.push(Output::Confirm { member, round });
-                    self.schedule(
-                        CONFIRM_BACKSTOP,
-                        TimerKind::ConfirmTimeout(member.addr, round),
-                    );
+                if matches!(t, foca::Timer::ChangeSuspectToDown { .. }) {
+                    self.suspicion_ran_out(t);
                     return;
                 }
                 let _ = self.foca.handle_timer(t, &mut self.rt);
@@ -1050,33 +924,71 @@ impl Node {
                 }
                 self.schedule(self.cfg.announce_interval, TimerKind::Announce);
             }
-            TimerKind::SyncRound => {
-                self.reconcile_liveness();
-                if let Some(peer) = self.random_active() {
+            TimerKind::SyncRound => self.sync_round(),
+            TimerKind::GapCheck => self.gap_check(),
+        }
+    }
+
+    /// The long suspicion timeout of a held suspect ran out: unless it was cut short or
+    /// refuted meanwhile, ask the suspect itself first (the last check).
+    fn suspicion_ran_out(&mut self, t: foca::Timer<Identity>) {
+        let foca::Timer::ChangeSuspectToDown { member_id, .. } = &t else {
+            return;
+        };
+        // The long timeout: only if still held (not cut short already), and not
+        // yet: first a last check of the suspect itself.
+        let member = *member_id;
+        if !self
+            .held
+            .get(&member.addr)
+            .is_some_and(|h| h.timer == t && h.confirming.is_none())
+        {
+            return;
+        }
+        if !self.suspect_under(&t) {
+            self.held.remove(&member.addr); // refuted by itself meanwhile
+            return;
+        }
+        self.confirm_round += 1;
+        let round = self.confirm_round;
+        if let Some(h) = self.held.get_mut(&member.addr) {
+            h.confirming = Some(round);
+        }
+        self.out.push(Output::Confirm { member, round });
+        self.schedule(
+            CONFIRM_BACKSTOP,
+            TimerKind::ConfirmTimeout(member.addr, round),
+        );
+    }
+
+    /// The periodic round: reconcile liveness and sync with a random member.
+    fn sync_round(&mut self) {
+        self.reconcile_liveness();
+        if let Some(peer) = self.random_active() {
+            self.start_sync(peer);
+        }
+        let next = self.jittered(self.cfg.sync_interval);
+        self.schedule(next, TimerKind::SyncRound);
+    }
+
+    /// A gap (or a noticed version we lack) stayed open past the grace: sync for it.
+    fn gap_check(&mut self) {
+        self.gap_armed = false;
+        if self.has_gaps() || self.lacks_noticed() {
+            let peer = self
+                .gap_hint
+                .filter(|h| self.foca.iter_members().any(|m| m.id() == h))
+                .or_else(|| self.random_active());
+            match peer {
+                Some(peer)
+                    if !self.syncing.contains(&peer.addr)
+                        && self.syncing.len() < MAX_SYNCS_IN_FLIGHT =>
+                {
+                    self.count(|c| c.syncs_for_gaps += 1);
                     self.start_sync(peer);
                 }
-                let next = self.jittered(self.cfg.sync_interval);
-                self.schedule(next, TimerKind::SyncRound);
-            }
-            TimerKind::GapCheck => {
-                self.gap_armed = false;
-                if self.has_gaps() || self.lacks_noticed() {
-                    let peer = self
-                        .gap_hint
-                        .filter(|h| self.foca.iter_members().any(|m| m.id() == h))
-                        .or_else(|| self.random_active());
-                    match peer {
-                        Some(peer)
-                            if !self.syncing.contains(&peer.addr)
-                                && self.syncing.len() < MAX_SYNCS_IN_FLIGHT =>
-                        {
-                            self.count(|c| c.syncs_for_gaps += 1);
-                            self.start_sync(peer);
-                        }
-                        // Busy: `handle_sync_done` checks again when a session ends.
-                        _ => {}
-                    }
-                }
+                // Busy: `handle_sync_done` checks again when a session ends.
+                _ => {}
             }
         }
     }

@@ -1,0 +1,122 @@
+//! State the node shares with foca's broadcast handler (foca owns the handler): the mirror
+//! of the store's digest, pending and refused versions, the piggyback inbox and counters,
+//! and what decides which queued piggyback item replaces which.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use foca::{BroadcastHandler, Invalidates};
+use patina_store::{NodeId, OriginKnowledge};
+
+use super::{Counters, MAX_PENDING};
+use crate::identity::Identity;
+use crate::wire::{self, Item, WireError};
+
+/// State shared with foca's broadcast handler (foca owns the handler).
+#[derive(Default)]
+pub(super) struct Shared {
+    pub(super) known: BTreeMap<NodeId, OriginKnowledge>,
+    pub(super) pending: BTreeSet<(NodeId, u64)>,
+    /// Versions received and refused by the store (a record its kind refused), newest last:
+    /// a pushed or piggybacked copy of one is not taken again. Otherwise every copy would
+    /// count as new, be forwarded and queued for piggybacking again, and one refused record
+    /// would circulate through the cluster for ever. Anti-entropy still fetches them (with
+    /// its backoff), so a refusal that depended on a record that arrived later heals.
+    pub(super) refused: BTreeSet<(NodeId, u64)>,
+    pub(super) refused_order: VecDeque<(NodeId, u64)>,
+    pub(super) inbox: Vec<Item>,
+    pub(super) backlog_full: bool,
+    pub(super) counters: Counters,
+}
+
+/// Most refused versions remembered (16 bytes each, twice: about 1 MiB at most). More refused
+/// versions in flight at once than this (a peer with a bug writing many) start circulating
+/// again as the oldest are forgotten.
+const MAX_REFUSED: usize = 32_768;
+
+impl Shared {
+    pub(super) fn knows(&self, origin: NodeId, seq: u64) -> bool {
+        self.known.get(&origin).is_some_and(|k| k.knows(seq))
+            || self.pending.contains(&(origin, seq))
+            || self.refused.contains(&(origin, seq))
+    }
+
+    pub(super) fn remember_refused(&mut self, v: (NodeId, u64)) {
+        if self.refused.insert(v) {
+            self.refused_order.push_back(v);
+            while self.refused_order.len() > MAX_REFUSED {
+                if let Some(old) = self.refused_order.pop_front() {
+                    self.refused.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Take an item received from a peer: `true` if it is new (now pending).
+    pub(super) fn take(&mut self, item: &Item) -> bool {
+        if self.knows(item.origin(), item.seq()) {
+            self.counters.items_seen += 1;
+            return false;
+        }
+        if self.pending.len() >= MAX_PENDING {
+            self.counters.items_dropped += 1;
+            return false;
+        }
+        self.counters.items_new += 1;
+        self.pending.insert((item.origin(), item.seq()));
+        true
+    }
+}
+
+/// What decides which queued piggyback item replaces which: a newer change of one key from
+/// one origin replaces an older one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemKey {
+    pub(super) origin: NodeId,
+    pub(super) seq: u64,
+    /// 0 for notices (which replace nothing).
+    pub(super) key: u64,
+}
+
+impl Invalidates for ItemKey {
+    fn invalidates(&self, other: &Self) -> bool {
+        self.key != 0
+            && self.key == other.key
+            && self.origin == other.origin
+            && self.seq > other.seq
+    }
+}
+
+pub(super) struct Handler(pub(super) Arc<Mutex<Shared>>);
+
+impl BroadcastHandler<Identity> for Handler {
+    type Key = ItemKey;
+    type Error = WireError;
+
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        sender: Option<&Identity>,
+    ) -> Result<Option<ItemKey>, WireError> {
+        let item = Item::decode(data)?;
+        let key = ItemKey {
+            origin: item.origin(),
+            seq: item.seq(),
+            key: match &item {
+                Item::Record(r) => wire::key_hash(&r.key),
+                Item::Notice { .. } => 0,
+            },
+        };
+        let mut s = self.0.lock().expect("gossip shared state");
+        if sender.is_none() {
+            // Our own change, queued by `handle_local`.
+            return Ok(Some(key));
+        }
+        if !s.take(&item) {
+            return Ok(None);
+        }
+        s.inbox.push(item);
+        Ok((!s.backlog_full).then_some(key))
+    }
+}
+
