@@ -118,7 +118,13 @@ impl Node {
 
     /// Send encoded items to `fanout` random active members (not `exclude`), packed into
     /// as few datagrams as fit.
-    pub(super) fn push(&mut self, items: Vec<Vec<u8>>, hops: u8, fanout: usize, exclude: Option<SocketAddr>) {
+    pub(super) fn push(
+        &mut self,
+        items: Vec<Vec<u8>>,
+        hops: u8,
+        fanout: usize,
+        exclude: Option<SocketAddr>,
+    ) {
         let mut targets: Vec<Identity> = self
             .foca
             .iter_members()

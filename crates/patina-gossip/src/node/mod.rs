@@ -23,18 +23,19 @@ use crate::envelope::{ClusterName, Envelope};
 use crate::identity::{Codec, Identity};
 use crate::wire::{KIND_PUSH, KIND_SWIM, Push};
 
-mod dissemination;
 mod antientropy;
-mod suspicion;
+mod dissemination;
 mod liveness;
+mod retire;
 mod shared;
+mod suspicion;
 
+pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT};
+pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
 pub use shared::ItemKey;
 use shared::{Handler, Shared};
-pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
-pub use suspicion::{CONFIRM_ASK, CONFIRM_BACKSTOP};
 use suspicion::Held;
-pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT};
+pub use suspicion::{CONFIRM_ASK, CONFIRM_BACKSTOP};
 
 /// The highest local-health score: probe timers stretch to at most 9x.
 pub const MAX_HEALTH: u32 = 8;
@@ -44,8 +45,7 @@ pub const MAX_PENDING: usize = 65_536;
 /// Piggyback items queued in foca past which new ones are not queued (they still travel by
 /// push and anti-entropy). Bounds foca's queue under a write storm.
 pub const MAX_PIGGYBACK_BACKLOG: usize = 1_024;
-/// Retirements asked of the store per sync round at most (each is one writer request).
-const MAX_RETIRE_PER_ROUND: usize = 16;
+
 /// Tunables. Defaults suit a LAN where agents are one hop apart.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -756,47 +756,4 @@ impl Node {
             OwnedNotification::ProbeFailed(_, _) => self.bump_health(),
         }
     }
-
-    /// Ask the store to retire origins that no member names and that this node knows in
-    /// full, once they have been so for `retire_after` (asked again each `retire_after` while
-    /// the store keeps one, e.g. its records are still current somewhere).
-    fn retire_gone(&mut self, me: NodeId, up: &BTreeSet<NodeId>) {
-        let candidates: BTreeSet<NodeId> = {
-            let s = self.shared.lock().expect("gossip shared state");
-            s.known
-                .iter()
-                .filter(|(o, k)| **o != me && !up.contains(o) && k.gap_count() == 0)
-                .filter(|(o, _)| s.pending.range((**o, 0)..=(**o, u64::MAX)).next().is_none())
-                .filter(|(o, _)| !self.noticed.contains_key(o))
-                .map(|(o, _)| *o)
-                .collect()
-        };
-        self.gone_since.retain(|o, _| candidates.contains(o));
-        let mut asked = 0;
-        for origin in candidates {
-            let since = *self.gone_since.entry(origin).or_insert(self.now);
-            if self.now >= since + self.cfg.retire_after && asked < MAX_RETIRE_PER_ROUND {
-                asked += 1;
-                self.gone_since.insert(origin, self.now);
-                self.out.push(Output::Retire { origin });
-            }
-        }
-    }
-
-    /// The store retired `origin`: it leaves this node's mirror of the digest.
-    pub fn handle_retired(&mut self, now: Duration, origin: NodeId) {
-        self.now = now;
-        self.gone_since.remove(&origin);
-        let mut s = self.shared.lock().expect("gossip shared state");
-        s.known.remove(&origin);
-        let stale: Vec<(NodeId, u64)> = s
-            .pending
-            .range((origin, 0)..=(origin, u64::MAX))
-            .copied()
-            .collect();
-        for v in stale {
-            s.pending.remove(&v);
-        }
-    }
-
 }

@@ -119,4 +119,3 @@ impl BroadcastHandler<Identity> for Handler {
         Ok((!s.backlog_full).then_some(key))
     }
 }
-
