@@ -1,8 +1,11 @@
 //! A seeded, deterministic simulation of a cluster: many [`Node`]s with in-memory stores in
 //! one thread, on virtual time, over a network model that loses, delays, duplicates and
 //! reorders datagrams and can partition nodes; nodes crash, restart and pause (a SIGSTOPped
-//! or CPU-starved member). Anti-entropy sessions are modelled as whole exchanges that take a
-//! few round trips and fail across a partition, as a TCP session would.
+//! or CPU-starved member). Anti-entropy sessions run as the shell runs them, in steps a
+//! network delay apart (the client's hello; the server's hello and plan; the client's plan;
+//! each side's batches, checked against the sender's claim), so writes, pushes and applies
+//! land between a hello and its plan; a session fails across a partition or a crash, as a
+//! TCP session would.
 //!
 //! Everything that could make two runs differ is ordered: one RNG, an event queue ordered by
 //! (time, insertion), `BTreeMap`s where order reaches an output. A run's trace hash covers
@@ -27,7 +30,7 @@ use rand::{RngExt, SeedableRng};
 use crate::identity::Identity;
 use crate::node::{Config, Node, Output, TimerEvent};
 use crate::replica::{Touched, local_changes};
-use crate::sync::{BATCH_OPS, lacking};
+use crate::sync::{BATCH_OPS, Claim, within_claim};
 
 /// Run a future that the in-memory store completes without waiting (its commits are inline).
 fn now_or_never<T>(f: impl Future<Output = T>) -> T {
@@ -84,6 +87,24 @@ enum Event {
         peer: Identity,
         ok: bool,
     },
+    /// A session's client hello reaches its server (`node`), which answers with its own
+    /// hello and plans its half.
+    SessionHello {
+        node: usize,
+        session: u64,
+    },
+    /// The server's hello reaches the client (`node`), which plans its half.
+    SessionPlan {
+        node: usize,
+        session: u64,
+    },
+    /// One side's batches reach the other (`node`), checked against the sender's claim.
+    SessionBatches {
+        node: usize,
+        session: u64,
+        batches: Vec<RemoteBatch>,
+        claim: Digest,
+    },
     /// The last check of a suspect reaches it (`node`): it answers if it runs as `member`.
     Ask {
         node: usize,
@@ -99,6 +120,32 @@ enum Event {
         round: u64,
         incarnation: Option<u16>,
     },
+}
+
+/// A session under way, between the steps of [`Event::SessionHello`] and its done.
+struct SimSession {
+    client: usize,
+    client_life: u64,
+    server: usize,
+    server_life: u64,
+    /// The client's identity of the server, as the node asked for it.
+    peer: Identity,
+    claim_client: Claim,
+    claim_server: Option<Claim>,
+    /// Directions whose batches have arrived.
+    delivered: u8,
+    /// A batch fell outside its sender's claim (the receiver aborted).
+    refused: bool,
+}
+
+/// How sessions ended: the simulator's version of `patina status`'s session counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionCounts {
+    pub ok: u64,
+    /// Ended by a batch outside its sender's claim: a bug, never the network's doing.
+    pub refused: u64,
+    /// Ended by a cut, a crash or a peer that was not there.
+    pub broken: u64,
 }
 
 struct SimNode {
@@ -157,6 +204,9 @@ pub struct World {
     /// Per node: how many times it took itself for declared down and rejoined under a new
     /// epoch.
     pub renewals: BTreeMap<usize, u64>,
+    sessions: BTreeMap<u64, SimSession>,
+    next_session: u64,
+    pub session_counts: SessionCounts,
 }
 
 fn addr_of(i: usize) -> SocketAddr {
@@ -201,6 +251,9 @@ impl World {
             track_learning: false,
             downs: BTreeMap::new(),
             renewals: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            next_session: 0,
+            session_counts: SessionCounts::default(),
         };
         for i in 0..n {
             let node_id = NodeId(1000 + i as u64);
@@ -470,12 +523,13 @@ impl World {
         }
     }
 
-    /// What `from` sends `to` in a session: everything `to` lacks, within the budget.
-    fn session_batches(&self, from: usize, theirs: &Digest) -> Vec<RemoteBatch> {
+    /// What `from` sends in a session: everything its peer lacks by their claims, planned
+    /// from `from`'s own claim (its hello), as the shell's `send_lacking` does.
+    fn session_batches(&self, from: usize, ours: &Claim, theirs: &Digest) -> Vec<RemoteBatch> {
         let store = &self.nodes[from].store;
         let mut out = Vec::new();
         let mut batch = RemoteBatch::default();
-        for (origin, range) in lacking(&store.digest(), theirs) {
+        for (origin, range) in ours.plan(theirs) {
             let mut rest = Some(range);
             while let Some(r) = rest {
                 let got = now_or_never(store.read_origin(
@@ -503,16 +557,16 @@ impl World {
         out
     }
 
-    /// A whole session between `i` and its peer: both digests, both directions, applied
-    /// after a few round trips; a failure across a cut or with a crashed peer.
+    /// Node `i` starts a session with `peer`: its hello (and the claim it makes) leaves now;
+    /// the rest happens a network delay per step later ([`Event::SessionHello`]). A peer that
+    /// is not there fails it after a connect timeout.
     fn sync(&mut self, i: usize, peer: Identity) {
         let life = self.nodes[i].life;
-        let j = self.index_of(peer.addr);
-        let ok = j.is_some_and(|j| {
-            self.nodes[j].node.is_some() && self.reachable(i, j) && self.reachable(j, i)
-        });
-        let rtt = self.delay() * 2;
-        if !ok {
+        let j = self
+            .index_of(peer.addr)
+            .filter(|&j| self.nodes[j].node.is_some() && self.reachable(i, j));
+        let Some(j) = j else {
+            self.session_counts.broken += 1;
             self.push_event(
                 self.now + Duration::from_millis(1000),
                 Event::SyncDone {
@@ -523,27 +577,143 @@ impl World {
                 },
             );
             return;
-        }
-        let j = j.expect("checked");
-        let to_i = self.session_batches(j, &self.nodes[i].store.digest());
-        let to_j = self.session_batches(i, &self.nodes[j].store.digest());
-        // Modelled as applied at once, reported done after two round trips.
-        for b in to_i {
-            self.apply_batch(i, b);
-        }
-        for b in to_j {
-            self.apply_batch(j, b);
-        }
-        self.pump(j);
-        self.push_event(
-            self.now + rtt * 2,
-            Event::SyncDone {
-                node: i,
-                life,
+        };
+        let session = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(
+            session,
+            SimSession {
+                client: i,
+                client_life: life,
+                server: j,
+                server_life: self.nodes[j].life,
                 peer,
-                ok: true,
+                claim_client: Claim::of(self.nodes[i].store.digest()),
+                claim_server: None,
+                delivered: 0,
+                refused: false,
             },
         );
+        let at = self.now + self.delay();
+        self.push_event(at, Event::SessionHello { node: j, session });
+    }
+
+    /// Is session `id` still possible: both ends alive in the lives it started with, and the
+    /// path open both ways?
+    fn session_holds(&self, s: &SimSession) -> bool {
+        let up = |n: usize, life: u64| self.nodes[n].node.is_some() && self.nodes[n].life == life;
+        up(s.client, s.client_life)
+            && up(s.server, s.server_life)
+            && self.reachable(s.client, s.server)
+            && self.reachable(s.server, s.client)
+    }
+
+    /// End session `id`: its client hears how it went a network delay later.
+    fn end_session(&mut self, id: u64, ok: bool) {
+        let Some(s) = self.sessions.remove(&id) else {
+            return;
+        };
+        match (ok, s.refused) {
+            (true, _) => self.session_counts.ok += 1,
+            (false, true) => self.session_counts.refused += 1,
+            (false, false) => self.session_counts.broken += 1,
+        }
+        let at = self.now + self.delay();
+        self.push_event(
+            at,
+            Event::SyncDone {
+                node: s.client,
+                life: s.client_life,
+                peer: s.peer,
+                ok,
+            },
+        );
+    }
+
+    /// A step of session `id` at node `i`.
+    fn session_step(&mut self, i: usize, id: u64, ev: Event) {
+        let holds = self
+            .sessions
+            .get(&id)
+            .is_some_and(|s| self.session_holds(s));
+        if !holds {
+            self.end_session(id, false);
+            return;
+        }
+        match ev {
+            Event::SessionHello { .. } => {
+                // The server: its hello, its claim, its plan from that claim.
+                let claim = Claim::of(self.nodes[i].store.digest());
+                let theirs = self.sessions[&id].claim_client.digest().clone();
+                let batches = self.session_batches(i, &claim, &theirs);
+                let client = self.sessions[&id].client;
+                let at = self.now + self.delay();
+                self.push_event(
+                    at,
+                    Event::SessionBatches {
+                        node: client,
+                        session: id,
+                        batches,
+                        claim: claim.digest().clone(),
+                    },
+                );
+                self.push_event(
+                    at,
+                    Event::SessionPlan {
+                        node: client,
+                        session: id,
+                    },
+                );
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.claim_server = Some(claim);
+                }
+            }
+            Event::SessionPlan { .. } => {
+                // The client, a round trip after its hello: it plans from that hello's claim.
+                let s = &self.sessions[&id];
+                let ours = s.claim_client.clone();
+                let theirs = s
+                    .claim_server
+                    .as_ref()
+                    .map(|c| c.digest().clone())
+                    .unwrap_or_default();
+                let server = s.server;
+                let batches = self.session_batches(i, &ours, &theirs);
+                let at = self.now + self.delay();
+                self.push_event(
+                    at,
+                    Event::SessionBatches {
+                        node: server,
+                        session: id,
+                        batches,
+                        claim: ours.digest().clone(),
+                    },
+                );
+            }
+            Event::SessionBatches { batches, claim, .. } => {
+                for b in batches {
+                    if let Err(e) = within_claim(&b, &claim) {
+                        tracing::debug!(error = %e, "simulated session refused a batch");
+                        if let Some(s) = self.sessions.get_mut(&id) {
+                            s.refused = true;
+                        }
+                        self.end_session(id, false);
+                        self.pump(i);
+                        return;
+                    }
+                    self.apply_batch(i, b);
+                }
+                self.pump(i);
+                let done = self.sessions.get_mut(&id).is_some_and(|s| {
+                    s.delivered += 1;
+                    s.delivered == 2
+                });
+                if done {
+                    self.end_session(id, true);
+                }
+            }
+            _ => unreachable!("a session step"),
+        }
     }
 
     /// Hand node `i` its local changes from the store's feed, as the shell's follower does.
@@ -653,6 +823,9 @@ impl World {
                 Event::Timer { node, .. }
                 | Event::Corroborated { node, .. }
                 | Event::SyncDone { node, .. }
+                | Event::SessionHello { node, .. }
+                | Event::SessionPlan { node, .. }
+                | Event::SessionBatches { node, .. }
                 | Event::Ask { node, .. }
                 | Event::Confirmed { node, .. } => *node,
             };
@@ -709,6 +882,13 @@ impl World {
             }
             return;
         }
+        if let Event::SessionHello { session, .. }
+        | Event::SessionPlan { session, .. }
+        | Event::SessionBatches { session, .. } = ev
+        {
+            self.session_step(i, session, ev);
+            return;
+        }
         let Some(node) = self.nodes[i].node.as_mut() else {
             return;
         };
@@ -754,7 +934,10 @@ impl World {
                 }
                 node.handle_confirmation(now, member, round, incarnation);
             }
-            Event::Ask { .. } => unreachable!("handled above"),
+            Event::Ask { .. }
+            | Event::SessionHello { .. }
+            | Event::SessionPlan { .. }
+            | Event::SessionBatches { .. } => unreachable!("handled above"),
         }
         self.pump(i);
     }

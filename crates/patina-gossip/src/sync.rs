@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use patina_store::{Digest, NodeId, OriginKnowledge, SeqRange};
+use patina_store::{Digest, NodeId, OriginKnowledge, RemoteBatch, SeqRange};
 
 /// Bytes of records one side sends in one session. A peer that lacks more gets the rest in
 /// the next session (the periodic rounds, or at once while gaps remain).
@@ -92,6 +92,68 @@ pub fn lacking(ours: &Digest, theirs: &Digest) -> Vec<(NodeId, SeqRange)> {
         });
     }
     out
+}
+
+/// What one side of a session said it knows, in its hello: the only digest it plans from.
+/// The peer checks every record and covered range it receives against this claim
+/// ([`within_claim`]); a plan from a later digest would send numbers written or applied
+/// after the hello (the pushes a gap-triggered session races), and the peer would abort the
+/// session. Writes made after the hello reach the peer by push or in its next session.
+#[derive(Clone, Debug, Default)]
+pub struct Claim(Digest);
+
+impl Claim {
+    /// The digest sent in the hello.
+    pub fn of(digest: Digest) -> Claim {
+        Claim(digest)
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.0
+    }
+
+    /// What a peer that claimed `theirs` lacks of what we claimed, newest first.
+    pub fn plan(&self, theirs: &Digest) -> Vec<(NodeId, SeqRange)> {
+        lacking(&self.0, theirs)
+    }
+}
+
+/// Why a batch from a peer is refused: it holds numbers the peer's hello did not claim.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OutsideClaim {
+    /// A record whose version the peer did not claim to know.
+    #[error("a record ({origin:?}, {seq}) the peer's digest does not claim")]
+    Record { origin: NodeId, seq: u64 },
+    /// A covered range not wholly within what the peer claimed: taking it would raise our
+    /// knowledge past what the peer said it knows.
+    #[error("a covered range of {origin:?} ({lo}..={hi}) the peer's digest does not claim")]
+    Covered { origin: NodeId, lo: u64, hi: u64 },
+}
+
+/// Is everything in `batch` within what its sender claimed in its hello? A peer cannot claim,
+/// in passing, numbers it did not say it knows (a covered range raises the receiver's head,
+/// so a forged one could make it ignore an origin's future writes).
+pub fn within_claim(batch: &RemoteBatch, claim: &Digest) -> Result<(), OutsideClaim> {
+    for r in &batch.records {
+        let (origin, seq) = (r.version.origin, r.version.seq);
+        if !claim.get(&origin).is_some_and(|k| k.knows(seq)) {
+            return Err(OutsideClaim::Record { origin, seq });
+        }
+    }
+    for (origin, range) in &batch.covered {
+        let claimed = claim
+            .get(origin)
+            .map(|k| k.known_within(*range))
+            .unwrap_or_default();
+        if claimed != [*range] {
+            return Err(OutsideClaim::Covered {
+                origin: *origin,
+                lo: range.lo(),
+                hi: range.hi(),
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

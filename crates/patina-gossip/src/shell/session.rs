@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Gossip;
 use crate::identity::Identity;
-use crate::sync::{BATCH_BYTES, BATCH_OPS, SESSION_BYTES, lacking};
+use crate::sync::{BATCH_BYTES, BATCH_OPS, Claim, SESSION_BYTES, lacking, within_claim};
 
 /// Sessions this agent serves at once; more get RESOURCE_EXHAUSTED (the peer tries another
 /// member or the next round). Each holds at most a few batches in memory.
@@ -36,9 +36,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn hello(g: &Gossip) -> SyncMessage {
+/// Our hello, and the claim it makes: the digest this side plans its half of the session
+/// from.
+fn hello(g: &Gossip) -> (SyncMessage, Claim) {
     let digest = g.store.digest();
-    SyncMessage {
+    let message = SyncMessage {
         body: Some(Body::Hello(SyncHello {
             cluster: g.cluster.to_string(),
             node: g.store.node().0,
@@ -57,7 +59,8 @@ fn hello(g: &Gossip) -> SyncMessage {
                 })
                 .collect(),
         })),
-    }
+    };
+    (message, Claim::of(digest))
 }
 
 /// A peer's digest from its hello, checked.
@@ -111,14 +114,16 @@ fn record_bytes(r: &Record) -> usize {
     48 + r.key.len() + r.group.len() + r.value.as_ref().map_or(0, |v| v.len())
 }
 
-/// Stream what the peer lacks, then a done.
-async fn send_lacking(g: &Gossip, out: &Out, theirs: &Digest) -> Result<(), String> {
-    let ours = g.store.digest();
+/// Stream what the peer lacks, then a done. The plan comes from what we claimed in our
+/// hello, never from a later digest: everything sent is then within that claim (a range
+/// known at the hello stays known, and a read of it returns records and covered ranges
+/// inside it), which is all the peer will take.
+async fn send_lacking(g: &Gossip, out: &Out, ours: &Claim, theirs: &Digest) -> Result<(), String> {
     let mut budget = SESSION_BYTES;
     let mut batch = SyncBatch::default();
     let mut batch_bytes = 0usize;
     let mut truncated = false;
-    'plan: for (origin, range) in lacking(&ours, theirs) {
+    'plan: for (origin, range) in ours.plan(theirs) {
         let mut rest = Some(range);
         while let Some(r) = rest {
             if budget == 0 {
@@ -137,6 +142,14 @@ async fn send_lacking(g: &Gossip, out: &Out, theirs: &Digest) -> Result<(), Stri
                 )
                 .await
                 .map_err(|e| e.to_string())?;
+            debug_assert!(
+                got.records.iter().all(|x| r.contains(x.version.seq))
+                    && got
+                        .covered
+                        .iter()
+                        .all(|c| r.lo() <= c.lo() && c.hi() <= r.hi()),
+                "a read of a claimed range stays within it"
+            );
             for rec in got.records {
                 let n = record_bytes(&rec);
                 budget = budget.saturating_sub(n);
@@ -199,12 +212,9 @@ async fn flush(out: &Out, batch: &mut SyncBatch, bytes: &mut usize) -> Result<()
     }
 }
 
-/// A batch from a peer, checked and converted. Everything in it must be known to the peer
-/// by the digest it sent: a peer cannot claim, in passing, numbers it did not say it knows
-/// (a covered range raises the receiver's head, so a forged one could make it ignore an
-/// origin's future writes).
+/// A batch from a peer, converted and checked against what the peer claimed in its hello
+/// ([`within_claim`]).
 fn remote_batch(b: SyncBatch, theirs: &Digest) -> Result<RemoteBatch, String> {
-    let knows = |origin: u64, seq: u64| theirs.get(&NodeId(origin)).is_some_and(|k| k.knows(seq));
     if b.records.len() + b.covered.len() > BATCH_OPS {
         return Err("batch too large".into());
     }
@@ -212,9 +222,6 @@ fn remote_batch(b: SyncBatch, theirs: &Digest) -> Result<RemoteBatch, String> {
     for r in b.records {
         if r.seq == 0 || r.origin == 0 {
             return Err("record without a version".into());
-        }
-        if !knows(r.origin, r.seq) {
-            return Err("a record the peer's digest does not claim".into());
         }
         out.records.push(Record {
             key: r.key.into(),
@@ -229,15 +236,9 @@ fn remote_batch(b: SyncBatch, theirs: &Digest) -> Result<RemoteBatch, String> {
     }
     for c in b.covered {
         let range = SeqRange::new(c.lo, c.hi).ok_or("malformed covered range")?;
-        let claimed = theirs
-            .get(&NodeId(c.origin))
-            .map(|k| k.known_within(range))
-            .unwrap_or_default();
-        if claimed != [range] {
-            return Err("a covered range the peer's digest does not claim".into());
-        }
         out.covered.push((NodeId(c.origin), range));
     }
+    within_claim(&out, theirs).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -276,18 +277,19 @@ async fn both(
     g: &Gossip,
     out: Out,
     inbound: &mut Streaming<SyncMessage>,
+    ours: Claim,
     theirs: Digest,
     peer: Option<std::net::IpAddr>,
 ) -> bool {
-    // How far behind this peer we are: what it knows that we lack, at its hello.
-    let behind: u64 = crate::sync::lacking(&theirs, &g.store.digest())
+    // How far behind this peer we were at the hellos: what it knows that we lacked.
+    let behind: u64 = lacking(&theirs, ours.digest())
         .iter()
         .map(|(_, r)| r.hi() - r.lo() + 1)
         .sum();
     let received = std::sync::atomic::AtomicU64::new(0);
     let session = async {
         let (sent, got) = tokio::join!(
-            send_lacking(g, &out, &theirs),
+            send_lacking(g, &out, &ours, &theirs),
             receive(g, inbound, &theirs, &received)
         );
         sent.and(got)
@@ -324,7 +326,8 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        tx.send(hello(g)).await.map_err(|e| e.to_string())?;
+        let (hello, ours) = hello(g);
+        tx.send(hello).await.map_err(|e| e.to_string())?;
         let response = client
             .exchange(ReceiverStream::new(rx))
             .await
@@ -339,6 +342,7 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
             g,
             Out::Client(tx),
             &mut inbound,
+            ours,
             theirs,
             Some(peer.api_addr().ip()),
         )
@@ -452,10 +456,11 @@ impl Sync for SyncService {
             .map_err(|_| Status::deadline_exceeded("no hello"))??;
         let theirs = their_digest(&self.gossip, first)?;
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let _ = tx.send(Ok(hello(&self.gossip))).await;
+        let (hello, ours) = hello(&self.gossip);
+        let _ = tx.send(Ok(hello)).await;
         let g = self.gossip.clone();
         tokio::spawn(async move {
-            both(&g, Out::Server(tx), &mut inbound, theirs, peer_ip).await;
+            both(&g, Out::Server(tx), &mut inbound, ours, theirs, peer_ip).await;
             drop(slot);
             drop(permit);
         });
