@@ -156,6 +156,7 @@ impl Node {
     /// The periodic round: reconcile liveness and sync with a random member.
     pub(super) fn sync_round(&mut self) {
         self.reconcile_liveness();
+        self.hold_unheld_suspects();
         if let Some(peer) = self.random_active() {
             self.start_sync(peer);
         }

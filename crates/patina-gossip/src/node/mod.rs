@@ -281,6 +281,9 @@ pub struct Node {
     last_health_bump: Option<Duration>,
     incarnation: u16,
     held: BTreeMap<SocketAddr, Held>,
+    /// foca's current timer token (carried by every timer it schedules): a suspicion this node
+    /// holds of its own accord must carry it for foca to take it.
+    swim_token: Option<foca::TimerToken>,
     /// Numbers the rounds of the last check.
     confirm_round: u64,
     /// Live identities per owner: an owner is down once none is left.
@@ -348,6 +351,7 @@ impl Node {
             last_health_bump: None,
             incarnation: 0,
             held: BTreeMap::new(),
+            swim_token: None,
             confirm_round: 0,
             live: BTreeMap::new(),
             want_down: BTreeMap::new(),
@@ -662,6 +666,9 @@ impl Node {
     }
 
     fn schedule_swim(&mut self, after: Duration, timer: foca::Timer<Identity>) {
+        if let Some(token) = timer_token(&timer) {
+            self.swim_token = Some(token);
+        }
         match &timer {
             foca::Timer::ProbeRandomMember(_) | foca::Timer::SendIndirectProbe { .. } => {
                 // LHA-Probe: a node that misses acks or runs late probes more slowly, so its
@@ -669,28 +676,19 @@ impl Node {
                 let after = self.stretch(after);
                 self.schedule(after, TimerKind::Swim(timer));
             }
-            foca::Timer::ChangeSuspectToDown { member_id, .. } => {
-                // LHA-Suspicion: start long; corroboration cuts it short.
-                let member = *member_id;
-                self.held.insert(
-                    member.addr,
-                    Held {
-                        timer: timer.clone(),
-                        started: self.now,
-                        confirming: None,
-                    },
-                );
-                let after = self.stretch(self.cfg.suspicion_max);
-                self.schedule(after, TimerKind::Swim(timer));
-                self.out.push(Output::Corroborate { member });
-            }
+            foca::Timer::ChangeSuspectToDown { .. } => self.hold_suspicion(timer),
             _ => self.schedule(after, TimerKind::Swim(timer)),
         }
     }
 
     fn notified(&mut self, n: OwnedNotification<Identity>) {
         match n {
-            OwnedNotification::MemberUp(id) => self.member_up(id),
+            OwnedNotification::MemberUp(id) => {
+                self.member_up(id);
+                // A member first learned as suspect: foca times out only its own probes'
+                // suspicions, so this node holds one for it too.
+                self.hold_unheld_suspects();
+            }
             OwnedNotification::MemberDown(id) => self.member_down(id),
             OwnedNotification::Rename(old, new) => {
                 let was_live = self
@@ -755,5 +753,18 @@ impl Node {
             }
             OwnedNotification::ProbeFailed(_, _) => self.bump_health(),
         }
+    }
+}
+
+/// The token a foca timer carries, if any.
+fn timer_token(timer: &foca::Timer<Identity>) -> Option<foca::TimerToken> {
+    match timer {
+        foca::Timer::ProbeRandomMember(t)
+        | foca::Timer::PeriodicAnnounce(t)
+        | foca::Timer::PeriodicAnnounceDown(t)
+        | foca::Timer::PeriodicGossip(t) => Some(*t),
+        foca::Timer::SendIndirectProbe { token, .. }
+        | foca::Timer::ChangeSuspectToDown { token, .. } => Some(*token),
+        foca::Timer::RemoveDown(_) => None,
     }
 }

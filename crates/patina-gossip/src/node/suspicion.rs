@@ -28,6 +28,52 @@ pub const CONFIRM_ASK: Duration = Duration::from_millis(800);
 pub const CONFIRM_BACKSTOP: Duration = Duration::from_millis(3_000);
 
 impl Node {
+    /// LHA-Suspicion: hold a suspect-to-down timeout, starting long; corroboration (the
+    /// suspect's port refuses) cuts it short, and when it runs out the suspect is asked.
+    pub(super) fn hold_suspicion(&mut self, timer: foca::Timer<Identity>) {
+        let foca::Timer::ChangeSuspectToDown { member_id, .. } = &timer else {
+            return;
+        };
+        let member = *member_id;
+        self.held.insert(
+            member.addr,
+            Held {
+                timer: timer.clone(),
+                started: self.now,
+                confirming: None,
+            },
+        );
+        let after = self.stretch(self.cfg.suspicion_max);
+        self.schedule(after, TimerKind::Swim(timer));
+        self.out.push(Output::Corroborate { member });
+    }
+
+    /// foca times out a suspicion only when its own probe failed; a member it learned as
+    /// suspect from others (it joined while the member was suspect, or the news came by
+    /// gossip) stays suspect until this node happens to probe it, a whole probe cycle later
+    /// in a large cluster. A member that died in such a window stayed listed here for longer
+    /// than the simulation's 30 s of quiet. So every suspect without a held timeout gets one,
+    /// under its suspected incarnation: it goes down by the same path (corroboration, the last
+    /// check), and a refutation still clears it.
+    pub(super) fn hold_unheld_suspects(&mut self) {
+        let Some(token) = self.swim_token else {
+            return;
+        };
+        let unheld: Vec<foca::Timer<Identity>> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == foca::State::Suspect && !self.held.contains_key(&m.id().addr))
+            .map(|m| foca::Timer::ChangeSuspectToDown {
+                member_id: *m.id(),
+                incarnation: m.incarnation(),
+                token,
+            })
+            .collect();
+        for timer in unheld {
+            self.hold_suspicion(timer);
+        }
+    }
+
     /// The answer to [`Output::Corroborate`]: `gone` when the member's port refused or did
     /// not answer.
     pub fn handle_corroboration(&mut self, now: Duration, member: Identity, gone: bool) {
