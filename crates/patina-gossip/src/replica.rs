@@ -46,4 +46,34 @@ impl Touched {
             .filter_map(|o| digest.get(o).map(|k| (*o, k.clone())))
             .collect()
     }
+
+    /// What the node must be told once the store answered `applied` (did the batch commit?),
+    /// with `digest` read after that answer.
+    pub fn outcome(self, applied: bool, digest: &Digest) -> ApplyOutcome {
+        if applied {
+            ApplyOutcome::Learned {
+                known: self.known(digest),
+                settled: self.settled,
+            }
+        } else {
+            ApplyOutcome::Dropped(self.settled)
+        }
+    }
+}
+
+/// What a node learns from one apply of a batch from peers.
+#[derive(Debug)]
+pub enum ApplyOutcome {
+    /// The batch committed: the new knowledge of the origins it touched, and its versions,
+    /// settled (a settled version that is not known was refused by the store's rules, and
+    /// the node remembers it so that its copies do not circulate:
+    /// [`crate::Node::handle_learned`]).
+    Learned {
+        known: Vec<(NodeId, OriginKnowledge)>,
+        settled: Vec<(NodeId, u64)>,
+    },
+    /// The store did not take the batch at all (overloaded, a full disk, closing): nothing in
+    /// it was refused, and the node must take its copies again
+    /// ([`crate::Node::handle_dropped`]; anti-entropy brings them too).
+    Dropped(Vec<(NodeId, u64)>),
 }

@@ -29,7 +29,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::identity::Identity;
 use crate::node::{Config, Node, Output, TimerEvent};
-use crate::replica::{Touched, local_changes};
+use crate::replica::{ApplyOutcome, Touched, local_changes};
 use crate::sync::{BATCH_OPS, Claim, within_claim};
 
 /// Run a future that the in-memory store completes without waiting (its commits are inline).
@@ -206,6 +206,8 @@ pub struct World {
     pub renewals: BTreeMap<usize, u64>,
     sessions: BTreeMap<u64, SimSession>,
     next_session: u64,
+    /// Nodes whose store takes nothing from peers, as a full disk refuses.
+    disk_full: BTreeSet<usize>,
     pub session_counts: SessionCounts,
 }
 
@@ -253,6 +255,7 @@ impl World {
             renewals: BTreeMap::new(),
             sessions: BTreeMap::new(),
             next_session: 0,
+            disk_full: BTreeSet::new(),
             session_counts: SessionCounts::default(),
         };
         for i in 0..n {
@@ -497,15 +500,17 @@ impl World {
     }
 
     /// Commit a batch from peers at node `i` and tell its node what became known, as the
-    /// shell's reporter does.
-    fn apply_batch(&mut self, i: usize, batch: RemoteBatch) {
+    /// shell's reporter does. A node whose disk is full ([`World::set_disk_full`]) takes
+    /// nothing: its store answers as a full disk does, and the batch is dropped.
+    fn apply_batch(&mut self, i: usize, batch: RemoteBatch) -> bool {
         let touched = Touched::of(&batch);
         let before = if self.track_learning {
             Some(self.nodes[i].store.digest())
         } else {
             None
         };
-        let _ = now_or_never(self.nodes[i].store.apply(batch));
+        let applied =
+            !self.disk_full.contains(&i) && now_or_never(self.nodes[i].store.apply(batch)).is_ok();
         let digest = self.nodes[i].store.digest();
         if let Some(before) = before {
             for r in &touched.settled {
@@ -516,11 +521,17 @@ impl World {
                 }
             }
         }
-        let known = touched.known(&digest);
         let now = self.now;
+        let outcome = touched.outcome(applied, &digest);
         if let Some(node) = self.nodes[i].node.as_mut() {
-            node.handle_learned(now, known, &touched.settled);
+            match outcome {
+                ApplyOutcome::Learned { known, settled } => {
+                    node.handle_learned(now, known, &settled)
+                }
+                ApplyOutcome::Dropped(versions) => node.handle_dropped(now, &versions),
+            }
         }
+        applied
     }
 
     /// What `from` sends in a session: everything its peer lacks by their claims, planned
@@ -701,7 +712,12 @@ impl World {
                         self.pump(i);
                         return;
                     }
-                    self.apply_batch(i, b);
+                    if !self.apply_batch(i, b) {
+                        // The receiver's store took nothing: the session fails there.
+                        self.end_session(id, false);
+                        self.pump(i);
+                        return;
+                    }
                 }
                 self.pump(i);
                 let done = self.sessions.get_mut(&id).is_some_and(|s| {
@@ -783,6 +799,16 @@ impl World {
     }
 
     /// Freeze node `i` for `d` (SIGSTOP, or a starved CPU): its events wait until then.
+    /// Node `i`'s disk fills up (`true`: its store takes nothing from peers, as a full disk
+    /// refuses) or has room again.
+    pub fn set_disk_full(&mut self, i: usize, full: bool) {
+        if full {
+            self.disk_full.insert(i);
+        } else {
+            self.disk_full.remove(&i);
+        }
+    }
+
     pub fn pause(&mut self, i: usize, d: Duration) {
         self.nodes[i].paused_until = self.now + d;
     }

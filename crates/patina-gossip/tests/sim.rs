@@ -417,3 +417,40 @@ fn anti_entropy_sessions_finish_while_writes_go_on() {
         w.trace()
     });
 }
+
+/// A store that takes nothing for a while (a full disk, an overloaded writer) drops what it
+/// was sent; it has refused nothing. Once space returns, the copies still travelling (pushes
+/// forwarded, piggybacked items) and a session for what it noticed bring the change at once,
+/// long before the next periodic round (30 s here). Reported as refused, the versions were
+/// remembered and every copy ignored until that round.
+#[test]
+fn a_store_that_took_nothing_for_a_while_catches_up_when_space_returns() {
+    for_seeds("a_store_that_took_nothing", |seed| {
+        let cfg = Config {
+            sync_interval: Duration::from_secs(30),
+            ..config()
+        };
+        let mut w = World::new(8, cfg, Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        let full = 5;
+        w.set_disk_full(full, true);
+        let keys: BTreeSet<String> = (0..20).map(|k| format!("k{k}")).collect();
+        for k in &keys {
+            w.write(0, k, "app", b"+v");
+        }
+        w.run_for(Duration::from_millis(300));
+        assert!(
+            w.served(full).is_empty(),
+            "a node whose disk is full took nothing"
+        );
+        w.set_disk_full(full, false);
+        w.run_for(Duration::from_secs(3));
+        let served = w.served(full);
+        let missing: Vec<&String> = keys.iter().filter(|k| !served.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "3 s after space returned, node {full} still lacks {missing:?}"
+        );
+        w.trace()
+    });
+}

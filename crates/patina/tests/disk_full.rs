@@ -153,3 +153,90 @@ async fn count_instances(
         .map(Vec::len)
         .sum()
 }
+
+/// Fill the filesystem at `dir` with a ballast file until it refuses more; the ballast is
+/// removed to give the space back.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast-fill");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 << 10];
+    // Bounded: a 16 MiB filesystem holds at most 256 chunks.
+    for _ in 0..1024 {
+        if f.write_all(&chunk).and_then(|_| f.sync_data()).is_err() {
+            break;
+        }
+    }
+    path
+}
+
+/// Changes from a peer that arrive while this agent's disk is full are dropped, not refused:
+/// once space returns, the agent catches up without a restart. (A store that took nothing is
+/// told so, and takes the copies again; the simulation test
+/// `a_store_that_took_nothing_for_a_while_catches_up_when_space_returns` is the one that fails
+/// when such versions are remembered as refused: here the periodic round still repairs them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_that_arrive_while_the_disk_is_full_arrive_once_space_returns() {
+    if !common::is_root() {
+        eprintln!("SKIPPED: mounting a small filesystem needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "mount a tmpfs");
+    let fs = SmallFs(small);
+    let a = common::start_member(&fs.0, 0, "127.0.0.71", &[]);
+    let b = common::start_member(dir.path(), 1, "127.0.0.72", &["127.0.0.71".into()]);
+    let mut at_a = a.client().await;
+    let mut at_b = b.client().await;
+    at_b.upsert_machines(UpsertMachinesRequest {
+        machines: vec![big(0, 1)],
+    })
+    .await
+    .expect("a first write at b");
+    let joined = common::eventually(std::time::Duration::from_secs(20), || {
+        let mut c = at_a.clone();
+        async move { count_instances(&mut c).await == 1 }
+    })
+    .await;
+    assert!(joined.is_some(), "a and b replicate");
+
+    // a's disk fills up; b takes writes (each machine about 3.5 KiB, 1.4 MiB in all).
+    let ballast = fill(&fs.0);
+    let total = 400;
+    for start in (1..total).step_by(BATCH) {
+        let machines: Vec<Machine> = (start..(start + BATCH).min(total))
+            .map(|i| big(i, 1))
+            .collect();
+        at_b.upsert_machines(UpsertMachinesRequest { machines })
+            .await
+            .expect("b has room");
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let during = count_instances(&mut at_a).await;
+    assert!(
+        during < total,
+        "a full disk took everything ({during}): the fault did not happen"
+    );
+
+    // Space returns: a catches up, without a restart.
+    std::fs::remove_file(&ballast).unwrap();
+    let caught_up = common::eventually(std::time::Duration::from_secs(30), || {
+        let mut c = at_a.clone();
+        async move { count_instances(&mut c).await == total }
+    })
+    .await;
+    assert!(
+        caught_up.is_some(),
+        "a holds {} of {total} machines 30 s after space returned",
+        count_instances(&mut at_a).await
+    );
+    eprintln!("a had {during} of {total} while full; caught up {caught_up:?} after space returned");
+    drop((a, b));
+}

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::identity::Identity;
 use crate::node::{Config, Counters, Lane, MemberInfo, Node, Output, TimerEvent};
-use crate::replica::{Touched, local_changes};
+use crate::replica::{ApplyOutcome, Touched, local_changes};
 
 pub use admin::AdminService;
 pub use session::SyncService;
@@ -38,6 +38,8 @@ enum Input {
         known: Vec<(NodeId, OriginKnowledge)>,
         settled: Vec<(NodeId, u64)>,
     },
+    /// Versions from peers the store did not take (see [`ApplyOutcome::Dropped`]).
+    Dropped(Vec<(NodeId, u64)>),
     SyncDone {
         peer: Identity,
         ok: bool,
@@ -192,9 +194,14 @@ impl Reporter {
     async fn apply(&self, batch: patina_store::RemoteBatch) -> Result<usize, String> {
         let touched = Touched::of(&batch);
         let result = self.store.apply(batch).await;
-        let known = touched.known(&self.store.digest());
-        let settled = touched.settled;
-        let _ = self.inputs.send(Input::Learned { known, settled }).await;
+        // A batch the store did not take (overloaded, a full disk) is dropped, not refused:
+        // reported settled, its versions would be remembered as refused and their pushed
+        // copies ignored after space returns.
+        let input = match touched.outcome(result.is_ok(), &self.store.digest()) {
+            ApplyOutcome::Learned { known, settled } => Input::Learned { known, settled },
+            ApplyOutcome::Dropped(versions) => Input::Dropped(versions),
+        };
+        let _ = self.inputs.send(input).await;
         match result {
             Ok(report) => Ok(report.applied()),
             Err(e) => Err(e.to_string()),
@@ -833,6 +840,7 @@ impl Task {
         match input {
             Input::Local(records) => self.node.handle_local(now, &records),
             Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
+            Input::Dropped(versions) => self.node.handle_dropped(now, &versions),
             Input::SyncDone { peer, ok } => self.node.handle_sync_done(now, peer, ok),
             Input::NewOrigin(node) => self.node.handle_new_origin(now, node),
             Input::Retired(origin) => self.node.handle_retired(now, origin),
