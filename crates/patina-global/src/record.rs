@@ -14,7 +14,7 @@
 
 use patina_edge::is_dns_label;
 use patina_proto::v1::{BridgeRecord, SummaryRecord};
-use patina_store::{Candidate, Entry, Flags, Kind, NodeId};
+use patina_store::{Candidate, Entry, Flags, Hlc, Kind, NodeId};
 use prost::Message;
 
 /// The group of bridges' heartbeats (not a DNS label, so no app can take it).
@@ -188,10 +188,26 @@ impl Kind for SummaryKind {
     }
 }
 
+/// How far back a deletion is stamped. A bridge deletes a zero summary that has stood for
+/// `bridge::Timing::zero_retain` (10 min, far longer than this), so the deletion beats the
+/// zero it deletes; a summary from a view of the last minute (an instance that started while
+/// the deletion was on its way, seen by another bridge) beats the deletion instead, and the
+/// app is not lost from the region until the next zero. The same holds for the tombstones
+/// `Admin.Forget` writes: a forgotten bridge's records whose views are under a minute old
+/// outlive its tombstones (forget a bridge a minute after it died).
+pub const DELETE_LAG_MS: u64 = 60_000;
+
 /// The view a candidate was made from: its value's `view_hlc` (field 4 of both value
-/// messages); a tombstone's is its own timestamp, which is at or after any view it followed.
+/// messages); a tombstone's is its own timestamp set back by [`DELETE_LAG_MS`].
 fn stamp(c: &Candidate<'_>) -> u64 {
-    c.value.and_then(view_hlc_of).unwrap_or(c.version.hlc.0)
+    match c.value {
+        Some(v) => view_hlc_of(v).unwrap_or(c.version.hlc.0),
+        None => c
+            .version
+            .hlc
+            .0
+            .saturating_sub(Hlc::from_physical_ms(DELETE_LAG_MS).0),
+    }
 }
 
 /// Field 4 (`view_hlc`) of an encoded summary or heartbeat, without decoding the rest.
@@ -211,7 +227,7 @@ fn view_hlc_of(mut buf: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patina_store::{Hlc, Version};
+    use patina_store::Version;
 
     fn summary(region: &str, healthy: u32, total: u32, view: u64) -> Vec<u8> {
         SummaryRecord {
@@ -229,6 +245,46 @@ mod tests {
             origin: NodeId(origin),
             seq,
         }
+    }
+
+    #[test]
+    fn a_deletion_is_stamped_a_minute_before_it_was_written() {
+        let kind = SummaryKind;
+        let ms = |m: u64| Hlc::from_physical_ms(m).0;
+        let written = 1_700_000_000_000;
+        let deletion = Candidate {
+            version: v(ms(written), 2, 9),
+            value: None,
+        };
+        // The ten-minute-old zero it deletes: the deletion wins.
+        let old_zero = summary("ord", 0, 0, ms(written - 600_000));
+        let old_zero = Candidate {
+            version: v(ms(written - 600_000), 1, 3),
+            value: Some(&old_zero),
+        };
+        assert!(
+            kind.wins(&deletion, &old_zero),
+            "a deletion beats the old zero"
+        );
+        // A summary from a view of the last minute (an instance that just started, seen by
+        // another bridge while the deletion travelled): it wins, whichever came last.
+        let recent = summary("ord", 1, 1, ms(written - 30_000));
+        let recent = Candidate {
+            version: v(ms(written - 30_000), 1, 4),
+            value: Some(&recent),
+        };
+        assert!(
+            kind.wins(&recent, &deletion),
+            "a recent view beats the deletion"
+        );
+        assert!(!kind.wins(&deletion, &recent));
+        // From a view older than the lag, it loses to the deletion.
+        let stale = summary("ord", 1, 1, ms(written - 90_000));
+        let stale = Candidate {
+            version: v(ms(written - 90_000), 1, 5),
+            value: Some(&stale),
+        };
+        assert!(kind.wins(&deletion, &stale));
     }
 
     #[test]
@@ -280,9 +336,9 @@ mod tests {
             value: Some(&same),
         };
         assert!(k.wins(&other, &fresh) != k.wins(&fresh, &other));
-        // A tombstone counts as a view of its own time.
+        // A tombstone counts as a view of its own time set back by the deletion lag.
         let gone = Candidate {
-            version: v(250, 2, 2),
+            version: v(250 + Hlc::from_physical_ms(DELETE_LAG_MS).0, 2, 2),
             value: None,
         };
         assert!(k.wins(&gone, &fresh));

@@ -470,8 +470,10 @@ fn run(seed: u64) {
                 .iter()
                 .filter(|x| x.region == region && x.core.is_some())
                 .count();
-            // Crash it unless it is its region's last bridge.
-            if sim.bridges[b].core.is_some() && alive > 1 {
+            // Crash it unless it is its region's last bridge, or one of the region whose
+            // decommissioned app's zero must stand long enough to be deleted (a takeover
+            // stamps it anew).
+            if sim.bridges[b].core.is_some() && alive > 1 && region != 0 {
                 sim.w.crash(sim.bridges[b].node);
                 sim.bridges[b].core = None;
                 let back = Duration::from_millis(sim.w.rng().random_range(500..8_000));
@@ -499,6 +501,10 @@ fn run(seed: u64) {
             None if sim.w.rng().random_bool(0.003) => {
                 let b = sim.w.rng().random_range(0..sim.bridges.len());
                 let node = sim.bridges[b].node;
+                if sim.bridges[b].region == 0 {
+                    sim.step();
+                    continue; // as above: region 0's zero must stand
+                }
                 let others: Vec<usize> = (0..sim.w.len()).filter(|i| *i != node).collect();
                 sim.w.partition(&[node], &others);
                 healed_at =
