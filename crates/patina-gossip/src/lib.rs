@@ -26,4 +26,6 @@ pub mod wire;
 
 pub use envelope::{ClusterName, Envelope, EnvelopeError};
 pub use identity::Identity;
-pub use node::{Config, Lane, MemberInfo, MemberState, Node, Output, TimerEvent, TimerKind};
+pub use node::{
+    Config, Lane, MemberInfo, MemberState, Node, Output, StateSizes, TimerEvent, TimerKind,
+};

@@ -809,6 +809,12 @@ impl World {
         }
     }
 
+    /// A datagram from outside the cluster (forged, garbage) reaches node `i` now.
+    pub fn inject(&mut self, i: usize, bytes: Vec<u8>) {
+        let now = self.now;
+        self.push_event(now, Event::Datagram { to: i, bytes });
+    }
+
     pub fn pause(&mut self, i: usize, d: Duration) {
         self.nodes[i].paused_until = self.now + d;
     }

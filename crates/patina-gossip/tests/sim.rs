@@ -10,8 +10,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use patina_gossip::sim::{Net, World};
-use patina_gossip::{ClusterName, Config};
-use patina_store::Digest;
+use patina_gossip::wire::{Item, Push};
+use patina_gossip::{ClusterName, Config, Envelope};
+use patina_store::{Digest, NodeId};
 use rand::RngExt;
 
 fn config() -> Config {
@@ -451,6 +452,69 @@ fn a_store_that_took_nothing_for_a_while_catches_up_when_space_returns() {
             missing.is_empty(),
             "3 s after space returned, node {full} still lacks {missing:?}"
         );
+        w.trace()
+    });
+}
+
+/// A UDP sender floods every agent with notices from 100,000 origins it invented (in pushes,
+/// forged). Nothing it sent may pile up (notices only of origins of members seen up; a notice
+/// is never pending), so a real write afterwards is still taken from its push by every node:
+/// before, the notices filled `pending` to its bound and every later push was dropped.
+#[test]
+fn forged_notices_from_a_hundred_thousand_origins_leave_pushes_working() {
+    for_seeds("forged_notices", |seed| {
+        let cfg = Config {
+            sync_interval: Duration::from_secs(30),
+            ..config()
+        };
+        let nodes = 5;
+        let mut w = World::new(nodes, cfg, Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        let envelope = Envelope::new(&ClusterName::new("sim").unwrap());
+        for batch in 0..1_000u64 {
+            let items = (0..100u64)
+                .map(|k| {
+                    let origin = NodeId(0x00f0_0000_0000 + batch * 100 + k);
+                    Item::Notice { origin, seq: 7 }.to_bytes()
+                })
+                .collect();
+            let push = Push {
+                sender: NodeId(0xbad),
+                hops: 3,
+                items,
+            };
+            let mut payload = Vec::new();
+            push.encode(&mut payload);
+            let mut datagram = Vec::new();
+            envelope.seal(&payload, &mut datagram);
+            for i in 0..nodes {
+                w.inject(i, datagram.clone());
+            }
+        }
+        w.run_for(Duration::from_millis(200));
+        let mut dropped = Vec::new();
+        for i in 0..nodes {
+            let node = w.node(i).unwrap();
+            let sizes = node.sizes();
+            assert!(
+                sizes.noticed <= nodes && sizes.pending <= 16 && sizes.last_seen <= nodes,
+                "node {i} holds what forged datagrams sent: {sizes:?}"
+            );
+            dropped.push(node.counters().items_dropped);
+        }
+        w.write(0, "real", "app", b"+v");
+        w.run_for(Duration::from_millis(100));
+        for i in 0..nodes {
+            assert!(
+                w.served(i).contains_key("real"),
+                "node {i} lacks a real write 100 ms after it"
+            );
+            assert_eq!(
+                w.node(i).unwrap().counters().items_dropped,
+                dropped[i],
+                "node {i} dropped a push after the flood"
+            );
+        }
         w.trace()
     });
 }

@@ -66,20 +66,21 @@ impl Node {
         }
     }
 
-    /// The shell could not apply these pushed versions (too many applies in flight): they
-    /// are no longer pending, and count as noticed so that a sync fetches them soon rather
-    /// than at the next periodic round.
+    /// The shell or the store did not take these versions from peers (too many applies in
+    /// flight, the store overloaded or its disk full): they are no longer pending, nothing
+    /// refused them, and they count as noticed (for origins of members seen up) so that a
+    /// sync fetches them soon rather than at the next periodic round.
     pub fn handle_dropped(&mut self, now: Duration, versions: &[(NodeId, u64)]) {
         self.now = now;
         {
             let mut s = self.shared.lock().expect("gossip shared state");
+            s.now = now;
             for v in versions {
                 s.pending.remove(v);
             }
-        }
-        for (origin, seq) in versions {
-            let n = self.noticed.entry(*origin).or_default();
-            *n = (*n).max(*seq);
+            for (origin, seq) in versions {
+                s.notice(*origin, *seq);
+            }
         }
         if !versions.is_empty() {
             self.arm_gap_check();
@@ -87,10 +88,10 @@ impl Node {
     }
 
     pub(super) fn lacks_noticed(&self) -> bool {
-        let s = self.shared.lock().expect("gossip shared state");
-        self.noticed
-            .iter()
-            .any(|(o, seq)| !s.known.get(o).is_some_and(|k| k.knows(*seq)))
+        self.shared
+            .lock()
+            .expect("gossip shared state")
+            .lacks_noticed()
     }
 
     pub(super) fn has_gaps(&self) -> bool {
@@ -113,12 +114,12 @@ impl Node {
         if !ok {
             tracing::debug!(peer = %peer, "sync failed");
         }
-        // Clear notices we now know.
-        {
-            let s = self.shared.lock().expect("gossip shared state");
-            self.noticed
-                .retain(|o, seq| !s.known.get(o).is_some_and(|k| k.knows(*seq)));
-        }
+        // Clear notices we now know (and those too old to wait for).
+        let ttl = self.cfg.sync_interval * super::NOTICE_TTL_ROUNDS;
+        self.shared
+            .lock()
+            .expect("gossip shared state")
+            .prune_noticed(now, ttl);
         // Still lacking (a session cut short by its budget, or a peer that lacked it too):
         // go on soon, backing off while sessions bring nothing (a gap nobody can fill, such
         // as a refused record or a forged notice, must not keep sessions running back to
@@ -157,6 +158,7 @@ impl Node {
     pub(super) fn sync_round(&mut self) {
         self.reconcile_liveness();
         self.hold_unheld_suspects();
+        self.prune_peer_state();
         if let Some(peer) = self.random_active() {
             self.start_sync(peer);
         }
@@ -193,5 +195,22 @@ impl Node {
         self.syncing.insert(peer.addr);
         self.count(|c| c.syncs_started += 1);
         self.out.push(Output::Sync { peer });
+    }
+
+    /// What datagrams can make this node hold, bounded by members and time: notices nothing
+    /// filled, and arrival times of addresses that are not members (a forged source).
+    pub(super) fn prune_peer_state(&mut self) {
+        let ttl = self.cfg.sync_interval * super::NOTICE_TTL_ROUNDS;
+        let now = self.now;
+        self.shared
+            .lock()
+            .expect("gossip shared state")
+            .prune_noticed(now, ttl);
+        let members: std::collections::BTreeSet<std::net::SocketAddr> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| m.id().addr)
+            .collect();
+        self.last_seen.retain(|addr, _| members.contains(addr));
     }
 }

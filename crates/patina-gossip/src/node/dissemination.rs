@@ -81,9 +81,8 @@ impl Node {
         for item in items {
             match item {
                 Item::Record(r) => records.push(r),
-                Item::Notice { origin, seq } => {
-                    let n = self.noticed.entry(origin).or_default();
-                    *n = (*n).max(seq);
+                // Noticed when taken (`Shared::notice`).
+                Item::Notice { .. } => {
                     self.gap_hint = sender.or(self.gap_hint);
                     self.arm_gap_check();
                 }

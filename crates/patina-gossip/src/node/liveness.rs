@@ -67,6 +67,20 @@ impl Node {
         }
     }
 
+    /// Tell the shared state which origins have a member up (and ours): only theirs are
+    /// noticed.
+    pub(super) fn refresh_origins(&mut self) {
+        let me = self.identity().node;
+        let origins: BTreeSet<NodeId> = self
+            .live
+            .iter()
+            .filter(|(_, addrs)| !addrs.is_empty())
+            .map(|(o, _)| *o)
+            .chain([me])
+            .collect();
+        self.shared.lock().expect("gossip shared state").origins = origins;
+    }
+
     pub(super) fn member_up(&mut self, id: Identity) {
         let me = self.identity();
         if id.node == me.node {

@@ -45,6 +45,9 @@ pub const MAX_PENDING: usize = 65_536;
 /// Piggyback items queued in foca past which new ones are not queued (they still travel by
 /// push and anti-entropy). Bounds foca's queue under a write storm.
 pub const MAX_PIGGYBACK_BACKLOG: usize = 1_024;
+/// Sync intervals a noticed version may stay unfilled before it is forgotten (the periodic
+/// rounds still fetch it if it is real).
+pub const NOTICE_TTL_ROUNDS: u32 = 4;
 
 /// Tunables. Defaults suit a LAN where agents are one hop apart.
 #[derive(Clone, Debug)]
@@ -241,11 +244,24 @@ pub struct Counters {
     pub items_seen: u64,
     /// New items dropped because too many were pending (anti-entropy brings them).
     pub items_dropped: u64,
+    /// Notices (and dropped applies) of origins no member names, not noticed.
+    pub notices_refused: u64,
     /// Suspicions this node refuted for members that answered its last check.
     pub refuted_for_others: u64,
     pub syncs_started: u64,
     pub syncs_for_gaps: u64,
     pub late_timers: u64,
+}
+
+/// How many entries the node holds in each structure a peer's datagrams reach: for status
+/// pages, and for tests that check each stays bounded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateSizes {
+    pub pending: usize,
+    pub noticed: usize,
+    pub refused: usize,
+    pub last_seen: usize,
+    pub held_suspicions: usize,
 }
 
 /// A member as the node sees it.
@@ -293,13 +309,13 @@ pub struct Node {
     /// before it stopped hearing from the others).
     want_down: BTreeMap<NodeId, Duration>,
     shown_down: BTreeSet<NodeId>,
+    /// When a datagram from each member's address last arrived: members only (pruned to
+    /// foca's membership each sync round), so forged sources do not pile up.
     last_seen: BTreeMap<SocketAddr, Duration>,
     syncing: BTreeSet<SocketAddr>,
     gap_armed: bool,
     /// Who sent the latest change that we lacked: the best peer to sync a gap with.
     gap_hint: Option<Identity>,
-    /// Highest sequence number heard of per origin through notices.
-    noticed: BTreeMap<NodeId, u64>,
     seeds: Vec<SocketAddr>,
     leaving: bool,
     max_item: usize,
@@ -328,6 +344,7 @@ impl Node {
         let envelope = Envelope::new(&cfg.cluster);
         let shared = Arc::new(Mutex::new(Shared {
             known,
+            origins: BTreeSet::from([identity.node]),
             ..Shared::default()
         }));
         let foca = Foca::with_custom_broadcast(
@@ -360,7 +377,6 @@ impl Node {
             syncing: BTreeSet::new(),
             gap_armed: false,
             gap_hint: None,
-            noticed: BTreeMap::new(),
             seeds: seeds.into_iter().filter(|s| *s != identity.addr).collect(),
             leaving: false,
             max_item,
@@ -386,6 +402,17 @@ impl Node {
             .expect("gossip shared state")
             .counters
             .clone()
+    }
+
+    pub fn sizes(&self) -> StateSizes {
+        let s = self.shared.lock().expect("gossip shared state");
+        StateSizes {
+            pending: s.pending.len(),
+            noticed: s.noticed.len(),
+            refused: s.refused.len(),
+            last_seen: self.last_seen.len(),
+            held_suspicions: self.held.len(),
+        }
     }
 
     /// Start: announce to the seeds and arm the periodic timers.
@@ -437,6 +464,7 @@ impl Node {
         self.now = now;
         {
             let mut s = self.shared.lock().expect("gossip shared state");
+            s.now = now;
             s.counters.datagrams_in += 1;
             s.counters.bytes_in += bytes.len() as u64;
         }
@@ -535,6 +563,7 @@ impl Node {
             self.out.push(Output::Renewed { identity: new });
         }
         self.after_foca();
+        self.refresh_origins();
     }
 
     /// Leave the cluster gracefully: tell a few members we are going.
@@ -681,7 +710,8 @@ impl Node {
         }
     }
 
-    fn notified(&mut self, n: OwnedNotification<Identity>) {
+    /// A member came up, went down or was renamed (a new identity of one origin).
+    fn notified_membership(&mut self, n: OwnedNotification<Identity>) {
         match n {
             OwnedNotification::MemberUp(id) => {
                 self.member_up(id);
@@ -706,6 +736,18 @@ impl Node {
                     self.member_down(old);
                     self.member_up(new);
                 }
+            }
+            _ => {}
+        }
+    }
+
+    fn notified(&mut self, n: OwnedNotification<Identity>) {
+        match n {
+            n @ (OwnedNotification::MemberUp(_)
+            | OwnedNotification::MemberDown(_)
+            | OwnedNotification::Rename(..)) => {
+                self.notified_membership(n);
+                self.refresh_origins();
             }
             OwnedNotification::Active => {
                 self.active_since.get_or_insert(self.now);

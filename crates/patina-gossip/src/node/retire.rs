@@ -22,7 +22,7 @@ impl Node {
                 .iter()
                 .filter(|(o, k)| **o != me && !up.contains(o) && k.gap_count() == 0)
                 .filter(|(o, _)| s.pending.range((**o, 0)..=(**o, u64::MAX)).next().is_none())
-                .filter(|(o, _)| !self.noticed.contains_key(o))
+                .filter(|(o, _)| !s.noticed.contains_key(o))
                 .map(|(o, _)| *o)
                 .collect()
         };
@@ -44,6 +44,7 @@ impl Node {
         self.gone_since.remove(&origin);
         let mut s = self.shared.lock().expect("gossip shared state");
         s.known.remove(&origin);
+        s.noticed.remove(&origin);
         let stale: Vec<(NodeId, u64)> = s
             .pending
             .range((origin, 0)..=(origin, u64::MAX))

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use foca::{BroadcastHandler, Invalidates};
 use patina_store::{NodeId, OriginKnowledge};
@@ -27,7 +28,29 @@ pub(super) struct Shared {
     pub(super) inbox: Vec<Item>,
     pub(super) backlog_full: bool,
     pub(super) counters: Counters,
+    /// The highest sequence number heard of per origin through notices (records too large
+    /// for a datagram) and applies that were dropped, not yet known here: what a session must
+    /// fetch. Only origins of members seen up are noticed (a UDP sender cannot make this
+    /// grow with origins it invents), at most [`MAX_NOTICED`], and an entry nothing filled
+    /// within `Config::notice_ttl` goes ([`Shared::prune_noticed`]).
+    pub(super) noticed: BTreeMap<NodeId, Noticed>,
+    /// Origins of the members this node sees up, itself included.
+    pub(super) origins: BTreeSet<NodeId>,
+    /// The node's time at its latest input: when an item was noticed.
+    pub(super) now: Duration,
 }
+
+/// A noticed version (see [`Shared::noticed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Noticed {
+    pub(super) seq: u64,
+    /// When the highest number was first heard of.
+    pub(super) since: Duration,
+}
+
+/// Most origins noticed at once: a backstop for [`Shared::origins`] (members can be many,
+/// a notice per member is one entry).
+pub(super) const MAX_NOTICED: usize = 65_536;
 
 /// Most refused versions remembered (16 bytes each, twice: about 1 MiB at most). More refused
 /// versions in flight at once than this (a peer with a bug writing many) start circulating
@@ -52,11 +75,17 @@ impl Shared {
         }
     }
 
-    /// Take an item received from a peer: `true` if it is new (now pending).
+    /// Take an item received from a peer: `true` if it is new (a record now pending; a
+    /// notice now noticed). A notice is never pending: nothing applies it, and a pending entry
+    /// only a session could settle was how forged notices filled `pending` until every push
+    /// was dropped.
     pub(super) fn take(&mut self, item: &Item) -> bool {
         if self.knows(item.origin(), item.seq()) {
             self.counters.items_seen += 1;
             return false;
+        }
+        if let Item::Notice { origin, seq } = *item {
+            return self.notice(origin, seq);
         }
         if self.pending.len() >= MAX_PENDING {
             self.counters.items_dropped += 1;
@@ -65,6 +94,53 @@ impl Shared {
         self.counters.items_new += 1;
         self.pending.insert((item.origin(), item.seq()));
         true
+    }
+
+    /// Note that `origin` has issued `seq`, which a session must fetch: `true` if it is news.
+    /// Origins no member names are not noticed (counted): their numbers come with the
+    /// periodic sessions, if they are real.
+    pub(super) fn notice(&mut self, origin: NodeId, seq: u64) -> bool {
+        if self.noticed.get(&origin).is_some_and(|n| n.seq >= seq) {
+            self.counters.items_seen += 1;
+            return false;
+        }
+        if !self.origins.contains(&origin)
+            || (self.noticed.len() >= MAX_NOTICED && !self.noticed.contains_key(&origin))
+        {
+            self.counters.notices_refused += 1;
+            return false;
+        }
+        self.counters.items_new += 1;
+        let since = self.now;
+        self.noticed
+            .entry(origin)
+            .and_modify(|n| n.seq = seq)
+            .or_insert(Noticed { seq, since });
+        true
+    }
+
+    /// Does this node lack a version it noticed?
+    pub(super) fn lacks_noticed(&self) -> bool {
+        self.noticed
+            .iter()
+            .any(|(o, n)| !self.known.get(o).is_some_and(|k| k.knows(n.seq)))
+    }
+
+    /// Forget noticed versions now known, those of origins no member names any more, and
+    /// those nothing filled within `ttl` (a forged or lost notice must not keep sessions
+    /// going for ever; the periodic round still fetches a real one).
+    pub(super) fn prune_noticed(&mut self, now: Duration, ttl: Duration) {
+        let Shared {
+            noticed,
+            known,
+            origins,
+            ..
+        } = self;
+        noticed.retain(|o, n| {
+            !known.get(o).is_some_and(|k| k.knows(n.seq))
+                && origins.contains(o)
+                && now.saturating_sub(n.since) < ttl
+        });
     }
 }
 
