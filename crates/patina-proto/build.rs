@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "patina/v1/machine.proto",
+    "patina/v1/view.proto",
     "patina/v1/region.proto",
     "patina/v1/cluster.proto",
     "patina/v1/global.proto",

@@ -99,8 +99,15 @@ impl World {
             let mut agents = Vec::new();
             for i in 0..shape.agents {
                 let ip = region_ip(r, i);
+                // A region of one agent: its view stands alone (bridges follow only a view
+                // that stands).
+                let standalone = if shape.agents == 1 {
+                    "standalone = true\n"
+                } else {
+                    ""
+                };
                 let config = format!(
-                    "region = \"{name}\"\nhost = \"{name}-{}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}",
+                    "region = \"{name}\"\nhost = \"{name}-{}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}{standalone}",
                     i + 1,
                     gossip(&ip, &region_ip(r, 0))
                 );

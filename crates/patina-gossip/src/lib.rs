@@ -28,4 +28,5 @@ pub use envelope::{ClusterName, Envelope, EnvelopeError};
 pub use identity::Identity;
 pub use node::{
     Config, Lane, MemberInfo, MemberState, Node, Output, StateSizes, TimerEvent, TimerKind,
+    ViewReason, ViewStatus,
 };

@@ -72,6 +72,8 @@ pub const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct ClusterServices {
     pub sync: patina_proto::v1::sync_server::SyncServer<patina_gossip::shell::SyncService>,
     pub admin: patina_proto::v1::admin_server::AdminServer<patina_gossip::shell::AdminService>,
+    /// The gossip handle: whether the agent's view stands stamps every Watch message.
+    pub gossip: patina_gossip::shell::Gossip,
 }
 
 /// Serve the region API, health and reflection (and the cluster's services, when given) on
@@ -87,6 +89,7 @@ pub async fn serve(
     let max_watches = limits.max_watches;
     let (region, host) = (id.region.clone(), id.host.clone());
     let served = store.clone();
+    let gossip = cluster.as_ref().map(|c| c.gossip.clone());
     tracing::info!(region = %id.region, host = %id.host, "serving the region API");
     serve_with(
         listener,
@@ -95,8 +98,9 @@ pub async fn serve(
         <RegionServer<RegionService> as tonic::server::NamedService>::NAME,
         cluster,
         move |router, stopping| {
-            let service =
-                RegionService::new(served, &region, &host, stopping).with_max_watches(max_watches);
+            let service = RegionService::new(served, &region, &host, stopping)
+                .with_max_watches(max_watches)
+                .with_gossip(gossip);
             router.add_service(
                 RegionServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

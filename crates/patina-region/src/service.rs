@@ -9,7 +9,7 @@ use patina_proto::v1::{
     DeleteMachineRequest, DeleteMachineResponse, GetMachineRequest, GetMachineResponse,
     ListInstancesRequest, ListInstancesResponse, Machine, MachineChange, MachineDeleted,
     UpsertMachineRequest, UpsertMachineResponse, UpsertMachinesRequest, UpsertMachinesResponse,
-    WatchRequest, WatchResponse, machine_change, watch_response,
+    ViewStatus, WatchRequest, WatchResponse, machine_change, watch_response,
 };
 use patina_store::{Change, Entry, Filter, LocalWrite, ResumeToken, Store, StoreError, WatchItem};
 use prost::Message;
@@ -39,6 +39,18 @@ pub struct RegionService {
     /// One permit per open Watch stream, held by the stream: a new Watch is refused with
     /// `RESOURCE_EXHAUSTED` when none is left.
     watches: Arc<Semaphore>,
+    /// The agent's gossip, whose view stamps every Watch message (`None`: an agent without a
+    /// cluster, whose view never stands).
+    gossip: Option<patina_gossip::shell::Gossip>,
+}
+
+/// The view of an agent that runs no cluster: it does not stand.
+fn no_cluster_view() -> ViewStatus {
+    ViewStatus {
+        stands: false,
+        reasons: vec![patina_proto::v1::ViewReason::NoCluster as i32],
+        ..Default::default()
+    }
 }
 
 impl RegionService {
@@ -54,7 +66,14 @@ impl RegionService {
             host: Arc::from(host),
             stopping,
             watches: Arc::new(Semaphore::new(crate::Limits::default().max_watches.get())),
+            gossip: None,
         }
+    }
+
+    /// The agent's gossip: its view stamps every Watch message.
+    pub fn with_gossip(mut self, gossip: Option<patina_gossip::shell::Gossip>) -> RegionService {
+        self.gossip = gossip;
+        self
     }
 
     /// At most `max` Watch streams open at once.
@@ -166,10 +185,22 @@ fn change_to_proto(c: &Change) -> Result<MachineChange, Status> {
 const MIN_HEARTBEAT_MS: u32 = 100;
 const MAX_HEARTBEAT_MS: u32 = 60_000;
 
-/// One cursor item as a Watch message, stamped with the store's clock `view_hlc` (read after
-/// the item was made).
-pub fn watch_response(item: WatchItem, view_hlc: u64) -> Result<WatchResponse, Status> {
+/// What stamps a Watch message, read after its item was made: the store's clock, the region
+/// the agent serves, and whether its view stands.
+pub struct Stamp {
+    pub view_hlc: u64,
+    pub region: String,
+    pub view: Option<ViewStatus>,
+}
+
+/// One cursor item as a Watch message, stamped.
+pub fn watch_response(item: WatchItem, stamp: Stamp) -> Result<WatchResponse, Status> {
     use watch_response::Kind;
+    let Stamp {
+        view_hlc,
+        region,
+        view,
+    } = stamp;
     Ok(match item {
         WatchItem::Snapshot { reset, entries } => WatchResponse {
             kind: Kind::Snapshot as i32,
@@ -184,6 +215,8 @@ pub fn watch_response(item: WatchItem, view_hlc: u64) -> Result<WatchResponse, S
                 .collect::<Result<_, Status>>()?,
             resume_token: String::new(),
             view_hlc,
+            region,
+            view,
         },
         WatchItem::SnapshotDone { token } => WatchResponse {
             kind: Kind::SnapshotDone as i32,
@@ -191,6 +224,8 @@ pub fn watch_response(item: WatchItem, view_hlc: u64) -> Result<WatchResponse, S
             changes: Vec::new(),
             resume_token: token.to_string(),
             view_hlc,
+            region,
+            view,
         },
         WatchItem::Delta { changes, token } => WatchResponse {
             kind: Kind::Delta as i32,
@@ -201,6 +236,8 @@ pub fn watch_response(item: WatchItem, view_hlc: u64) -> Result<WatchResponse, S
                 .collect::<Result<_, _>>()?,
             resume_token: token.to_string(),
             view_hlc,
+            region,
+            view,
         },
     })
 }
@@ -493,6 +530,8 @@ impl Region for RegionService {
             Some(Arc::from(req.app))
         };
         let resume = resume_token(&req.resume_token)?;
+        let region = self.region.clone();
+        let gossip = self.gossip.clone();
         let stream = watch_stream(
             &self.store,
             &self.watches,
@@ -504,8 +543,21 @@ impl Region for RegionService {
                 heartbeat_ms: req.heartbeat_ms,
                 batch: WATCH_BATCH,
             },
-            // The clock is read after the item is made: at or above every change in it.
-            |item, store| watch_response(item, store.view_hlc().0),
+            // The clock and the view are read after the item is made: the clock is at or
+            // above every change in it, and a hide comes with the view judged before it.
+            move |item, store| {
+                watch_response(
+                    item,
+                    Stamp {
+                        view_hlc: store.view_hlc().0,
+                        region: region.to_string(),
+                        view: Some(match &gossip {
+                            Some(g) => g.view_message(),
+                            None => no_cluster_view(),
+                        }),
+                    },
+                )
+            },
         )?;
         Ok(Response::new(stream))
     }

@@ -88,6 +88,9 @@ pub struct BridgeSection {
     pub heartbeat_ms: NonZeroU64,
     /// How often a quiet region agent still shows the bridge a current view.
     pub watch_heartbeat_ms: NonZeroU64,
+    /// How long the followed agent's view may go on not standing before the bridge moves to
+    /// the next agent (1000 to 600000; longer than the agents' `gossip.view_settle_ms`).
+    pub unstanding_grace_ms: u64,
 }
 
 impl Default for BridgeSection {
@@ -100,6 +103,7 @@ impl Default for BridgeSection {
             settle_ms: ms(d.timing.settle),
             heartbeat_ms: NonZeroU64::new(ms(d.heartbeat)).expect("non-zero"),
             watch_heartbeat_ms: NonZeroU64::new(ms(d.watch_heartbeat)).expect("non-zero"),
+            unstanding_grace_ms: ms(d.unstanding_grace),
         }
     }
 }
@@ -123,8 +127,13 @@ impl BridgeSection {
             self.heartbeat_ms.get() <= 60_000 && self.watch_heartbeat_ms.get() <= 60_000,
             "config: bridge.heartbeat_ms and bridge.watch_heartbeat_ms must be at most 60000"
         );
+        anyhow::ensure!(
+            (1_000..=600_000).contains(&self.unstanding_grace_ms),
+            "config: bridge.unstanding_grace_ms must be between 1000 and 600000"
+        );
         let ms = std::time::Duration::from_millis;
         let mut b = patina_global::bridge::BridgeConfig::new(region, self.region_agents.clone());
+        b.unstanding_grace = ms(self.unstanding_grace_ms);
         b.timing.coalesce = ms(self.coalesce_ms);
         b.timing.settle = ms(self.settle_ms);
         b.heartbeat = ms(self.heartbeat_ms.get());
@@ -159,6 +168,14 @@ pub struct GossipConfig {
     pub sync_interval_ms: NonZeroU64,
     /// Age after which a tombstone (a deletion) is collected.
     pub tombstone_ttl_secs: NonZeroU64,
+    /// This agent is its region's only agent: its view stands alone (without members, a
+    /// majority or a completed session). Never on an agent of a region with others.
+    pub standalone: bool,
+    /// After this agent takes a member for down, its view stands again once it has heard from
+    /// a majority since, or after this long.
+    pub view_settle_ms: NonZeroU64,
+    /// A gap in what this agent knows open this long keeps its view from standing.
+    pub max_gap_age_ms: NonZeroU64,
 }
 
 impl Default for GossipConfig {
@@ -187,6 +204,9 @@ impl Default for GossipConfig {
                 patina_gossip::shell::DEFAULT_TOMBSTONE_TTL.as_secs(),
             )
             .expect("non-zero"),
+            standalone: false,
+            view_settle_ms: ms(d.view_settle),
+            max_gap_age_ms: ms(d.max_gap_age),
         }
     }
 }
@@ -227,6 +247,9 @@ impl GossipConfig {
             max_datagram: self.max_datagram_bytes.get(),
             sync_interval: ms(self.sync_interval_ms),
             retire_after: self.tombstone_ttl(),
+            standalone: self.standalone,
+            view_settle: ms(self.view_settle_ms),
+            max_gap_age: ms(self.max_gap_age_ms),
             ..patina_gossip::Config::lan(cluster)
         })
     }

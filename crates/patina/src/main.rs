@@ -402,6 +402,10 @@ pub(crate) async fn run_agent(
             epoch_file: config.data_dir.join("gossip-epoch"),
             seed: None,
             tombstone_ttl: config.gossip.tombstone_ttl(),
+            region: match role {
+                Role::Region => config.region.clone(),
+                Role::Global | Role::Bridge(_) => String::new(),
+            },
         };
         let started = patina_gossip::shell::Gossip::start(store.clone(), shell, async {
             let _ = gossip_stopped.await;
@@ -439,6 +443,7 @@ pub(crate) async fn run_agent(
     let cluster = patina_region::ClusterServices {
         sync: gossip.sync_service().into_server(),
         admin: gossip.admin_service().into_server(),
+        gossip: gossip.clone(),
     };
     // A bridge stops publishing before gossip leaves and the store closes.
     let (stop_bridge, bridge_stopped) = tokio::sync::watch::channel(false);

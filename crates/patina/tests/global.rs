@@ -34,7 +34,7 @@ fn lists(answer: &[(String, u32, u32)], region: &str) -> bool {
 async fn the_last_instance_of_an_app_stopping_in_a_region_reaches_every_global_agent() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let ord1 = start_region_agent(root, "ord1", "127.0.0.81", "ord", &[]);
+    let ord1 = start_region_agent(root, "ord1", "127.0.0.81", "ord", &["127.0.0.82".into()]);
     let ord2 = start_region_agent(root, "ord2", "127.0.0.82", "ord", &["127.0.0.81".into()]);
     let fra1 = start_region_agent(root, "fra1", "127.0.0.83", "fra", &[]);
     let seeds = ["127.0.0.84".to_owned()];

@@ -106,6 +106,11 @@ pub struct BridgeCore {
     /// The view of the snapshot under way, which becomes `view_hlc` when it is complete.
     staging_view: u64,
     synced: bool,
+    /// Did the latest message applied come from a view that stands (`WatchResponse.view`)?
+    /// Only a standing view is published from, stamps a summary or advances the view: an
+    /// agent cut off from its region, restarted empty or of another region shows a view that
+    /// is fresh and wrong, and the edges must keep the last good state instead.
+    standing: bool,
     held: HashMap<Arc<str>, Standing>,
     pending: HashMap<Arc<str>, Pending>,
     /// Per app, replacements made without news in a row, and when the last was: each
@@ -139,6 +144,7 @@ impl BridgeCore {
             view_hlc: 0,
             staging_view: 0,
             synced: false,
+            standing: false,
             held: HashMap::new(),
             pending: HashMap::new(),
             overrides: HashMap::new(),
@@ -159,6 +165,11 @@ impl BridgeCore {
         self.synced && self.staging.is_none()
     }
 
+    /// May the bridge publish (and heartbeat) now: synced, from a view that stands?
+    pub fn publishing(&self) -> bool {
+        self.synced() && self.standing
+    }
+
     pub fn counts(&self, app: &str) -> Counts {
         self.counts.get(app).copied().unwrap_or_default()
     }
@@ -168,18 +179,23 @@ impl BridgeCore {
         self.counts.len()
     }
 
-    /// Apply one message of the region's Watch stream.
+    /// Apply one message of the region's Watch stream. The counts follow every message; the
+    /// view advances, and publishing goes on, only with messages whose view stands.
     pub fn region_message(&mut self, now: Duration, msg: &WatchResponse) {
+        let stands = msg.view.as_ref().is_some_and(|v| v.stands);
         if msg.reset {
             self.staging = Some(HashMap::new());
             self.staging_view = 0;
         }
         // A snapshot's view counts only once it is complete: until then the counts are the
         // previous view's and must not be stamped with the new one.
-        if self.staging.is_some() {
+        if !stands {
+            self.standing = false;
+        } else if self.staging.is_some() {
             self.staging_view = self.staging_view.max(msg.view_hlc);
         } else {
             self.view_hlc = self.view_hlc.max(msg.view_hlc);
+            self.standing = true;
         }
         let kind = Kind::try_from(msg.kind).unwrap_or(Kind::Unspecified);
         for c in &msg.changes {
@@ -207,17 +223,21 @@ impl BridgeCore {
         }
         if kind == Kind::SnapshotDone {
             if let Some(staging) = self.staging.take() {
-                self.view_hlc = self.view_hlc.max(self.staging_view);
+                if stands {
+                    self.view_hlc = self.view_hlc.max(self.staging_view);
+                }
                 self.replace_view(now, staging);
             }
             self.synced = true;
+            self.standing = stands;
         }
     }
 
     /// The region's stream broke: a snapshot under way is dropped (the next stream starts
-    /// another, or resumes where the view is).
+    /// another, or resumes where the view is), and nothing stands until a message says so.
     pub fn region_interrupted(&mut self) {
         self.staging = None;
+        self.standing = false;
     }
 
     /// What the global tier holds for `app` in this bridge's region.
@@ -245,7 +265,7 @@ impl BridgeCore {
     /// What to publish now. The caller writes each and, once written, calls
     /// [`BridgeCore::published`]; a write that loses (a fresher summary stands) is dropped.
     pub fn due(&mut self, now: Duration) -> Vec<Publish> {
-        if !self.synced() {
+        if !self.publishing() {
             return Vec::new();
         }
         let mut ready: BTreeMap<Arc<str>, bool> = BTreeMap::new();
@@ -327,7 +347,7 @@ impl BridgeCore {
     /// When [`BridgeCore::due`] next has something to do (`None`: not before the next input,
     /// since nothing is published while no complete view is held).
     pub fn next_due(&self) -> Option<Duration> {
-        if !self.synced() {
+        if !self.publishing() {
             return None;
         }
         let sweep = self.last_sweep + SWEEP_EVERY;
@@ -519,6 +539,28 @@ mod tests {
             changes,
             resume_token: String::new(),
             view_hlc: view,
+            region: "ord".into(),
+            view: Some(patina_proto::v1::ViewStatus {
+                stands: true,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// [`msg`] from a view that does not stand.
+    fn unstanding(
+        kind: Kind,
+        reset: bool,
+        view: u64,
+        changes: Vec<MachineChange>,
+    ) -> WatchResponse {
+        WatchResponse {
+            view: Some(patina_proto::v1::ViewStatus {
+                stands: false,
+                reasons: vec![patina_proto::v1::ViewReason::NoMajority as i32],
+                ..Default::default()
+            }),
+            ..msg(kind, reset, view, changes)
         }
     }
 
@@ -546,6 +588,71 @@ mod tests {
         let mut b = synced_bridge();
         b.due(ms(0)).iter().for_each(|p| b.published(ms(0), p));
         b
+    }
+
+    #[test]
+    fn a_view_that_does_not_stand_publishes_nothing_and_stamps_nothing() {
+        let mut b = published_bridge();
+        // The agent is cut off from its region: it hides both machines, from a view that does
+        // not stand (fresher, and wrong).
+        b.region_message(
+            ms(100),
+            &unstanding(
+                Kind::Delta,
+                false,
+                hlc(50),
+                vec![deleted("a", "web"), deleted("b", "web")],
+            ),
+        );
+        assert!(!b.publishing());
+        assert!(b.due(ms(100)).is_empty(), "the zero is not published");
+        assert!(b.due(ms(5_000)).is_empty(), "nor later");
+        assert_eq!(b.next_due(), None, "and the loop sleeps");
+        assert_eq!(b.view_hlc(), hlc(11), "the view does not advance");
+        // It stands again, with both machines back: nothing to say.
+        b.region_message(
+            ms(6_000),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(60),
+                vec![machine("a", "web", true), machine("b", "web", true)],
+            ),
+        );
+        assert!(b.publishing());
+        assert!(b.due(ms(6_000)).is_empty(), "the standing summary is right");
+        assert_eq!(b.view_hlc(), hlc(60));
+        // A real loss, from a standing view, is published at once.
+        b.region_message(
+            ms(7_000),
+            &msg(
+                Kind::Delta,
+                false,
+                hlc(70),
+                vec![deleted("a", "web"), deleted("b", "web")],
+            ),
+        );
+        let p = b.due(ms(7_000));
+        assert_eq!((p[0].counts, p[0].view_hlc), (Counts::default(), hlc(70)));
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_stand_publishes_nothing_until_a_view_does() {
+        // An agent restarted empty: its snapshot shows nothing, and its view does not stand.
+        let mut b = published_bridge();
+        b.region_message(ms(100), &unstanding(Kind::Snapshot, true, hlc(50), vec![]));
+        b.region_message(
+            ms(100),
+            &unstanding(Kind::SnapshotDone, false, hlc(51), vec![]),
+        );
+        assert!(b.synced() && !b.publishing());
+        assert!(b.due(ms(100)).is_empty() && b.due(ms(9_000)).is_empty());
+        assert_eq!(b.view_hlc(), hlc(11));
+        // An interruption: nothing stands until a message says so.
+        b.region_message(ms(9_100), &msg(Kind::Delta, false, hlc(52), vec![]));
+        assert!(b.publishing());
+        b.region_interrupted();
+        assert!(!b.publishing());
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub struct BridgeConfig {
     /// The Watch heartbeat asked of the region agent: how often a quiet region still shows
     /// the bridge a current view.
     pub watch_heartbeat: Duration,
+    /// How long the followed agent's view may go on not standing before the bridge moves to
+    /// the next agent (a stream whose first message does not stand is left at once). Longer
+    /// than the agents' `gossip.view_settle_ms`, so that an agent settling after a real death
+    /// is waited for rather than left (a move costs a snapshot).
+    pub unstanding_grace: Duration,
 }
 
 impl BridgeConfig {
@@ -40,6 +45,7 @@ impl BridgeConfig {
             timing: Timing::default(),
             heartbeat: Duration::from_secs(2),
             watch_heartbeat: Duration::from_secs(1),
+            unstanding_grace: Duration::from_secs(6),
         }
     }
 }
@@ -75,7 +81,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     loop {
         // A heartbeat is due only when there is a complete view newer than the last one
         // written; otherwise the loop sleeps until the next input.
-        let heartbeat_due = (core.synced() && core.view_hlc() > heartbeat_view)
+        let heartbeat_due = (core.publishing() && core.view_hlc() > heartbeat_view)
             .then_some(heartbeat_at + cfg.heartbeat);
         let wake = [core.next_due(), heartbeat_due]
             .into_iter()
@@ -97,7 +103,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             _ = &mut shutdown => break,
         }
         publish(&store, &cfg.region, &mut core, now()).await;
-        if core.synced()
+        if core.publishing()
             && core.view_hlc() > heartbeat_view
             && now() >= heartbeat_at + cfg.heartbeat
         {
@@ -243,8 +249,11 @@ async fn watch_global(store: Store, region: String, tx: mpsc::Sender<(String, St
     }
 }
 
-/// Follow the region's Watch stream at the first agent that answers, resuming after
-/// reconnects; a stream from an agent of another region is refused.
+/// Follow the region's Watch stream at the first agent that answers and whose view stands,
+/// resuming after reconnects; a stream from an agent of another region is refused, and one
+/// whose view stops standing is left after `unstanding_grace`. While no agent stands the
+/// bridge publishes nothing: the edges keep the last good state (and the region goes stale
+/// after `global.stale_after_secs` if it lasts).
 async fn follow_region(cfg: BridgeConfig, tx: mpsc::Sender<RegionEvent>) {
     let mut token = String::new();
     let mut retry = RETRY_MIN;
@@ -268,6 +277,26 @@ async fn follow_region(cfg: BridgeConfig, tx: mpsc::Sender<RegionEvent>) {
         }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// Why a view does not stand, for logs.
+fn view_reasons(view: Option<&patina_proto::v1::ViewStatus>) -> String {
+    let Some(v) = view else {
+        return "the agent does not say (an older version?)".into();
+    };
+    let reasons: Vec<String> = v
+        .reasons()
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("VIEW_REASON_")
+                .to_lowercase()
+        })
+        .collect();
+    if reasons.is_empty() {
+        "no reason given".into()
+    } else {
+        reasons.join(", ")
     }
 }
 
@@ -312,12 +341,45 @@ async fn stream_region(
         .into_inner();
     // The Watch heartbeat bounds silence: a stream quiet for much longer is dead.
     let silence = cfg.watch_heartbeat * 5 + Duration::from_secs(2);
+    let mut first = true;
+    // Since when the agent's view has not stood.
+    let mut unstanding: Option<tokio::time::Instant> = None;
     loop {
         let msg = match tokio::time::timeout(silence, stream.message()).await {
             Ok(msg) => msg?,
             Err(_) => return Err(format!("no message for {silence:?}").into()),
         };
         let Some(msg) = msg else { return Ok(()) };
+        // The agent says which region it serves: one of another region (even one with no
+        // machine, which no check of machines would catch) is refused before anything of it
+        // is counted.
+        if msg.region != cfg.region {
+            return Err(format!(
+                "this agent serves region {:?}, not the bridge's {:?}",
+                msg.region, cfg.region
+            )
+            .into());
+        }
+        if msg.view.as_ref().is_some_and(|v| v.stands) {
+            unstanding = None;
+        } else {
+            let why = view_reasons(msg.view.as_ref());
+            if first {
+                return Err(format!("its view does not stand ({why})").into());
+            }
+            let since = *unstanding.get_or_insert_with(|| {
+                tracing::warn!(%agent, reasons = %why, "the region agent's view no longer stands: publishing nothing from it");
+                tokio::time::Instant::now()
+            });
+            if since.elapsed() >= cfg.unstanding_grace {
+                return Err(format!(
+                    "its view has not stood for {:?} ({why})",
+                    cfg.unstanding_grace
+                )
+                .into());
+            }
+        }
+        first = false;
         for c in &msg.changes {
             if let Some(machine_change::Change::Upserted(m)) = &c.change
                 && m.region != cfg.region

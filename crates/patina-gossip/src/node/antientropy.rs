@@ -45,6 +45,17 @@ impl Node {
             let mut gaps = false;
             for (origin, k) in known {
                 gaps |= k.gap_count() > 0;
+                match k.gaps().next() {
+                    Some(first) => {
+                        let at = self.gap_first.entry(origin).or_insert((first.lo(), now));
+                        if at.0 != first.lo() {
+                            *at = (first.lo(), now);
+                        }
+                    }
+                    None => {
+                        self.gap_first.remove(&origin);
+                    }
+                }
                 // Pending versions now known some other way (a covered range, a sync, a
                 // notice's record) are settled too: pending never outlives knowledge.
                 let first = (origin, 0);
@@ -111,7 +122,10 @@ impl Node {
     pub fn handle_sync_done(&mut self, now: Duration, peer: Identity, ok: bool) {
         self.now = now;
         self.syncing.remove(&peer.addr);
-        if !ok {
+        if ok {
+            self.synced_at = Some(now);
+            self.syncs_completed += 1;
+        } else {
             tracing::debug!(peer = %peer, "sync failed");
         }
         // Clear notices we now know (and those too old to wait for).

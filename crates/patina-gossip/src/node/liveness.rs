@@ -122,6 +122,10 @@ impl Node {
     /// An owner's records are to be hidden (`down`) or shown: at once, or through the
     /// fail-static gate.
     pub(super) fn liveness(&mut self, node: NodeId, down: bool) {
+        if down {
+            // The view settles again once a majority is heard from after this.
+            self.last_down_at = Some(self.now);
+        }
         if !self.cfg.fail_static {
             self.out.push(Output::Liveness { node, down });
             return;
@@ -151,6 +155,15 @@ impl Node {
     }
 
     pub(super) fn has_quorum(&self) -> bool {
+        let (alive, total) = self.census(None);
+        alive * 2 > total
+    }
+
+    /// The members counted for the majority (itself included: those alive, and those down
+    /// but heard from within [`QUORUM_WINDOW`] before it last heard from anyone), and how
+    /// many of them count as alive: all that are not down, or with `heard_since`, only those
+    /// heard from since then. Per member (origin), not per identity.
+    pub(super) fn census(&self, heard_since: Option<Duration>) -> (usize, usize) {
         let me = self.identity().node;
         let horizon = self.heard_last();
         let mut members: BTreeMap<NodeId, bool> = BTreeMap::new();
@@ -158,19 +171,16 @@ impl Node {
             if m.id().node == me {
                 continue;
             }
+            let seen = self.last_seen.get(&m.id().addr).copied();
             if m.state() != foca::State::Down {
-                members.insert(m.id().node, true);
-            } else if self
-                .last_seen
-                .get(&m.id().addr)
-                .is_some_and(|t| horizon.saturating_sub(*t) < QUORUM_WINDOW)
-            {
+                let counts = heard_since.is_none_or(|t| seen.is_some_and(|s| s >= t));
+                *members.entry(m.id().node).or_insert(false) |= counts;
+            } else if seen.is_some_and(|t| horizon.saturating_sub(t) < QUORUM_WINDOW) {
                 members.entry(m.id().node).or_insert(false);
             }
         }
         let alive = 1 + members.values().filter(|a| **a).count();
-        let total = 1 + members.len();
-        alive * 2 > total
+        (alive, 1 + members.len())
     }
 
     /// With `fail_static`: tell the store to hide what the membership says is down while this

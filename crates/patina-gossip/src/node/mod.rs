@@ -29,6 +29,7 @@ mod liveness;
 mod retire;
 mod shared;
 mod suspicion;
+mod view;
 
 pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT};
 pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
@@ -36,6 +37,7 @@ pub use shared::ItemKey;
 use shared::{Handler, Shared};
 use suspicion::Held;
 pub use suspicion::{CONFIRM_ASK, CONFIRM_BACKSTOP};
+pub use view::{ViewReason, ViewStatus};
 
 /// The highest local-health score: probe timers stretch to at most 9x.
 pub const MAX_HEALTH: u32 = 8;
@@ -94,6 +96,17 @@ pub struct Config {
     /// a majority again. For the global tier, where an edge cut off from the world must go on
     /// answering from its last known state; a region's agents hide at once (`false`).
     pub fail_static: bool,
+    /// This node is its cluster's only member (a region of one agent): its view stands
+    /// without members, majority or sessions ([`ViewStatus`]). Never set it on an agent of a
+    /// region with others: restarted on an empty data directory, it would stand empty.
+    pub standalone: bool,
+    /// After this node took an owner for down, its view stands again once it has heard from
+    /// a majority since, or after this long: longer than the time between two members an
+    /// isolated node takes for down (a probe period, stretched by local health up to 9x).
+    pub view_settle: Duration,
+    /// A gap open this long (a change known to exist and not received) keeps the view from
+    /// standing.
+    pub max_gap_age: Duration,
 }
 
 impl Config {
@@ -115,6 +128,9 @@ impl Config {
             announce_interval: Duration::from_secs(1),
             remove_down_after: Duration::from_secs(24 * 3600),
             fail_static: false,
+            standalone: false,
+            view_settle: Duration::from_secs(4),
+            max_gap_age: Duration::from_secs(10),
         }
     }
 
@@ -329,6 +345,15 @@ pub struct Node {
     active_since: Option<Duration>,
     /// Origins no member names and whose numbers are all known here, since when.
     gone_since: BTreeMap<NodeId, Duration>,
+    /// When this node last took an owner for down ([`ViewStatus`]'s settling).
+    last_down_at: Option<Duration>,
+    /// When an anti-entropy session last completed, and how many have.
+    synced_at: Option<Duration>,
+    syncs_completed: u64,
+    /// Since when this node has seen a majority (as [`Node::view_status`] last judged).
+    majority_since: Option<Duration>,
+    /// Per origin, the lowest number missing below its head and since when.
+    gap_first: BTreeMap<NodeId, (u64, Duration)>,
 }
 
 impl Node {
@@ -385,6 +410,11 @@ impl Node {
             known_at_last_sync: 0,
             active_since: None,
             gone_since: BTreeMap::new(),
+            last_down_at: None,
+            synced_at: None,
+            syncs_completed: 0,
+            majority_since: None,
+            gap_first: BTreeMap::new(),
         }
     }
 

@@ -42,6 +42,7 @@ impl Node {
     pub fn handle_retired(&mut self, now: Duration, origin: NodeId) {
         self.now = now;
         self.gone_since.remove(&origin);
+        self.gap_first.remove(&origin);
         let mut s = self.shared.lock().expect("gossip shared state");
         s.known.remove(&origin);
         s.noticed.remove(&origin);

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Gossip, Input};
 use crate::identity::Identity;
-use crate::node::{MemberInfo, MemberState};
+use crate::node::{MemberInfo, MemberState, ViewReason, ViewStatus};
 
 /// Deletes per write when forgetting a member: one group commit's share.
 const FORGET_CHUNK: usize = 500;
@@ -27,6 +27,16 @@ pub struct AdminService {
 impl AdminService {
     pub(super) fn new(gossip: Gossip) -> AdminService {
         AdminService { gossip }
+    }
+
+    /// This agent as Whoami and Members report it: with its region and whether its view
+    /// stands.
+    fn this(&self, snap: &super::Snapshot) -> Member {
+        Member {
+            region: self.gossip.region().to_owned(),
+            view: Some(self.gossip.view_message()),
+            ..member(&snap.me, snap.incarnation, "alive", Some(0))
+        }
     }
 
     pub fn into_server(self) -> AdminServer<AdminService> {
@@ -59,6 +69,40 @@ fn member(id: &Identity, incarnation: u16, state: &str, ago: Option<u64>) -> Mem
         incarnation: u32::from(incarnation),
         epoch: id.epoch,
         last_seen_ms_ago: ago,
+        region: String::new(),
+        view: None,
+    }
+}
+
+/// A view as the wire carries it; `None`: the gossip loop is gone.
+pub(super) fn view_message(view: Option<&ViewStatus>) -> patina_proto::v1::ViewStatus {
+    use patina_proto::v1::ViewReason as R;
+    let Some(v) = view else {
+        return patina_proto::v1::ViewStatus {
+            stands: false,
+            reasons: vec![R::NoCluster as i32],
+            ..Default::default()
+        };
+    };
+    patina_proto::v1::ViewStatus {
+        stands: v.stands,
+        reasons: v
+            .reasons
+            .iter()
+            .map(|r| {
+                (match r {
+                    ViewReason::NotJoined => R::NotJoined,
+                    ViewReason::NoMajority => R::NoMajority,
+                    ViewReason::Settling => R::Settling,
+                    ViewReason::NotSynced => R::NotSynced,
+                    ViewReason::OldGap => R::OldGap,
+                }) as i32
+            })
+            .collect(),
+        members_recent: v.members_recent,
+        members_alive: v.members_alive,
+        syncs_completed: v.syncs_completed,
+        oldest_gap_ms: v.oldest_gap.as_millis() as u64,
     }
 }
 
@@ -86,19 +130,14 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(MembersResponse {
-            this: Some(member(&snap.me, snap.incarnation, "alive", Some(0))),
+            this: Some(self.this(&snap)),
             members,
         }))
     }
 
     async fn whoami(&self, _: Request<WhoamiRequest>) -> Result<Response<Member>, Status> {
         let snap = self.snapshot().await?;
-        Ok(Response::new(member(
-            &snap.me,
-            snap.incarnation,
-            "alive",
-            Some(0),
-        )))
+        Ok(Response::new(self.this(&snap)))
     }
 
     async fn cluster_status(

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::identity::Identity;
-use crate::node::{Config, Counters, Lane, MemberInfo, Node, Output, TimerEvent};
+use crate::node::{Config, Counters, Lane, MemberInfo, Node, Output, TimerEvent, ViewStatus};
 use crate::replica::{ApplyOutcome, Touched, local_changes};
 
 pub use admin::AdminService;
@@ -64,6 +64,8 @@ enum Input {
 const INPUT_CAPACITY: usize = 1024;
 /// Largest datagram read; longer ones are truncated by the kernel and fail to decode.
 const RECV_BUFFER: usize = 65_536;
+/// How often the view is judged at least (and before every liveness change).
+const VIEW_EVERY: Duration = Duration::from_millis(50);
 /// Applies of pushed changes running at once; past it, pushed changes are left to
 /// anti-entropy (the node stops tracking them as pending).
 const MAX_APPLIES: usize = 8;
@@ -89,6 +91,8 @@ pub struct ShellConfig {
     pub seed: Option<u64>,
     /// Age after which tombstones are collected (see [`Store::collect_tombstones`]).
     pub tombstone_ttl: Duration,
+    /// The region this agent serves, as Whoami reports it (empty for the global tier).
+    pub region: String,
 }
 
 /// The default age after which tombstones are collected: far beyond the seconds
@@ -180,6 +184,10 @@ pub struct Gossip {
     reporter: Reporter,
     /// The gossip address other members reach this agent at.
     pub advertised: SocketAddr,
+    /// Whether the node's view stands, as its task last judged (before every liveness change
+    /// it carries out, and at least every [`VIEW_EVERY`]). Closed when the task ends.
+    view: tokio::sync::watch::Receiver<ViewStatus>,
+    region: Arc<str>,
 }
 
 /// What sessions and tasks use to tell the node what the store learned.
@@ -271,6 +279,7 @@ impl Gossip {
             inputs: inputs.clone(),
             store: store.clone(),
         };
+        let (view_tx, view) = tokio::sync::watch::channel(ViewStatus::default());
         let gossip = Gossip {
             inputs: inputs.clone(),
             store: store.clone(),
@@ -278,6 +287,8 @@ impl Gossip {
             sync_counters: Arc::new(SyncCounters::default()),
             reporter: reporter.clone(),
             advertised: advertise,
+            view,
+            region: cfg.region.as_str().into(),
         };
         let main = tokio::runtime::Handle::current();
         let task = Task {
@@ -294,6 +305,8 @@ impl Gossip {
             gossip: gossip.clone(),
             epoch_file: cfg.epoch_file.clone(),
             tasks: JoinSet::new(),
+            view_tx,
+            view_at: None,
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
         let rememberer = tokio::spawn(remember_members(gossip.clone(), members_file));
@@ -347,6 +360,25 @@ impl Gossip {
         let (tx, rx) = oneshot::channel();
         self.inputs.send(Input::Members(tx)).await.ok()?;
         rx.await.ok()
+    }
+
+    /// Whether this node's view stands, as its task last judged it; `None` once the task
+    /// has ended (the gossip loop is gone: nothing stands).
+    pub fn view(&self) -> Option<ViewStatus> {
+        if self.view.has_changed().is_err() {
+            return None;
+        }
+        Some(self.view.borrow().clone())
+    }
+
+    /// The view as a `patina.v1.ViewStatus` (the Watch stream and Whoami carry it).
+    pub fn view_message(&self) -> patina_proto::v1::ViewStatus {
+        admin::view_message(self.view().as_ref())
+    }
+
+    /// The region this agent serves (empty for the global tier).
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     pub fn sync_service(&self) -> SyncService {
@@ -702,6 +734,9 @@ struct Task {
     gossip: Gossip,
     epoch_file: PathBuf,
     tasks: JoinSet<()>,
+    view_tx: tokio::sync::watch::Sender<ViewStatus>,
+    /// When the view was last judged.
+    view_at: Option<Duration>,
 }
 
 /// A timer in the heap; ordered by (due, insertion) only.
@@ -874,7 +909,26 @@ impl Task {
     fn flush(&mut self, sockets: &Sockets) {
         // Reap finished helper tasks so the set stays small.
         while self.tasks.try_join_next().is_some() {}
-        for out in self.node.drain() {
+        let outputs = self.node.drain();
+        // The view is judged before a liveness change goes to the store: a follower then
+        // sees a hide only with the view that explains it (an isolated node's is not standing).
+        let now = self.now();
+        let liveness = outputs.iter().any(|o| matches!(o, Output::Liveness { .. }));
+        if liveness || self.view_at.is_none_or(|at| now >= at + VIEW_EVERY) {
+            self.view_at = Some(now);
+            let judged = self.node.view_status(now);
+            self.view_tx.send_if_modified(|v| {
+                let changed = *v != judged;
+                if changed {
+                    if v.stands != judged.stands {
+                        tracing::info!(stands = judged.stands, reasons = ?judged.reasons, "this agent's view of its cluster");
+                    }
+                    *v = judged;
+                }
+                changed
+            });
+        }
+        for out in outputs {
             match out {
                 Output::Send { to, bytes, lane } => {
                     let socket = match lane {

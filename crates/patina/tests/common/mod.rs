@@ -105,8 +105,14 @@ pub fn start_region_agent(
     region: &str,
     seeds: &[String],
 ) -> Agent {
+    // With no seeds it is its region's only agent: its view stands alone.
+    let standalone = if seeds.is_empty() {
+        "standalone = true\n"
+    } else {
+        ""
+    };
     let config = format!(
-        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}",
+        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}{standalone}",
         gossip_table(ip, seeds)
     );
     Agent::start_role(bin(), "region", &root.join(name), &config).expect("start a region agent")
