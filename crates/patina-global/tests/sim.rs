@@ -73,14 +73,26 @@ impl Region {
                 changes,
                 resume_token: String::new(),
                 view_hlc: region_hlc(now),
+                region: region.to_owned(),
+                view: stands(),
             },
             WatchResponse {
                 kind: Kind::SnapshotDone as i32,
                 view_hlc: region_hlc(now),
+                region: region.to_owned(),
+                view: stands(),
                 ..WatchResponse::default()
             },
         ]
     }
+}
+
+/// The view of a simulated region agent: it stands (the simulation's regions are the truth).
+fn stands() -> Option<patina_proto::v1::ViewStatus> {
+    Some(patina_proto::v1::ViewStatus {
+        stands: true,
+        ..Default::default()
+    })
 }
 
 fn upsert(id: &str, app: usize, region: &str, routable: bool) -> MachineChange {
@@ -217,6 +229,8 @@ impl Sim {
             kind: Kind::Delta as i32,
             changes: vec![change],
             view_hlc: region_hlc(now),
+            region: region_name(r),
+            view: stands(),
             ..WatchResponse::default()
         };
         self.send(r, msg);
@@ -270,6 +284,8 @@ impl Sim {
                 let msg = WatchResponse {
                     kind: Kind::Delta as i32,
                     view_hlc: region_hlc(now),
+                    region: region_name(r),
+                    view: stands(),
                     ..WatchResponse::default()
                 };
                 self.send(r, msg);
