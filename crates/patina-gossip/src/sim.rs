@@ -208,6 +208,8 @@ pub struct World {
     next_session: u64,
     /// Nodes whose store takes nothing from peers, as a full disk refuses.
     disk_full: BTreeSet<usize>,
+    /// Per node: owners it hid while its view (judged just before, as the shell does) stood.
+    pub hides_standing: BTreeMap<usize, u64>,
     pub session_counts: SessionCounts,
 }
 
@@ -256,6 +258,7 @@ impl World {
             sessions: BTreeMap::new(),
             next_session: 0,
             disk_full: BTreeSet::new(),
+            hides_standing: BTreeMap::new(),
             session_counts: SessionCounts::default(),
         };
         for i in 0..n {
@@ -308,6 +311,16 @@ impl World {
 
     pub fn node(&self, i: usize) -> Option<&Node> {
         self.nodes[i].node.as_ref()
+    }
+
+    /// Node `i`'s view, judged now (`i` must be up).
+    pub fn view(&mut self, i: usize) -> crate::node::ViewStatus {
+        let now = self.now;
+        self.nodes[i]
+            .node
+            .as_mut()
+            .expect("a node that is up")
+            .view_status(now)
     }
 
     pub fn node_id(&self, i: usize) -> NodeId {
@@ -370,6 +383,17 @@ impl World {
             let outs = node.drain();
             if outs.is_empty() {
                 return;
+            }
+            // As the shell: the view is judged before a liveness change goes to the store.
+            if outs.iter().any(|o| matches!(o, Output::Liveness { .. })) {
+                let view = node.view_status(self.now);
+                let hides = outs
+                    .iter()
+                    .filter(|o| matches!(o, Output::Liveness { down: true, .. }))
+                    .count() as u64;
+                if view.stands {
+                    *self.hides_standing.entry(i).or_default() += hides;
+                }
             }
             let life = self.nodes[i].life;
             for out in outs {

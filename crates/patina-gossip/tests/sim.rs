@@ -518,3 +518,50 @@ fn forged_notices_from_a_hundred_thousand_origins_leave_pushes_working() {
         w.trace()
     });
 }
+
+/// One agent of a region is cut off from the others: it takes them for down one after
+/// another and hides their records, from a view that must not stand while it does (a bridge
+/// following it would publish the losses to every edge). When one of the others really dies,
+/// the survivors hide it from views that stand again soon. After the heal and a session, the
+/// cut-off agent's view stands again.
+#[test]
+fn an_isolated_node_hides_its_peers_only_from_a_view_that_does_not_stand() {
+    for_seeds("an_isolated_node", |seed| {
+        let nodes = 5;
+        let mut w = World::new(nodes, config(), Net::lan(), seed);
+        w.run_for(Duration::from_secs(8));
+        for i in 0..nodes {
+            w.write(i, &format!("m{i}"), "app", b"+v");
+        }
+        w.run_for(Duration::from_secs(2));
+        for i in 0..nodes {
+            let view = w.view(i);
+            assert!(view.stands, "node {i} stands in a quiet region: {view:?}");
+        }
+        // Cut node 0 off: it hides all four others in time, never from a standing view.
+        w.partition(&[0], &(1..nodes).collect::<Vec<_>>());
+        w.run_for(Duration::from_secs(20));
+        assert!(w.served(0).len() <= 1, "the cut-off node hid its peers' records");
+        let view = w.view(0);
+        assert!(!view.stands, "the cut-off node's view does not stand: {view:?}");
+        assert_eq!(
+            w.hides_standing.get(&0).copied().unwrap_or(0),
+            0,
+            "the cut-off node hid an owner from a view that stood"
+        );
+        // Meanwhile a real death on the other side: the survivors hide it, and stand again.
+        w.crash(4);
+        w.run_for(Duration::from_secs(10));
+        for i in 1..4 {
+            let view = w.view(i);
+            assert!(view.stands, "survivor {i} stands again after a death: {view:?}");
+            assert!(!w.served(i).contains_key("m4"), "survivor {i} hides the dead one");
+        }
+        // Heal: the cut-off node rejoins, syncs, and its view stands again.
+        w.heal();
+        w.run_for(Duration::from_secs(15));
+        let view = w.view(0);
+        assert!(view.stands, "the healed node stands again: {view:?}");
+        w.trace()
+    });
+}
