@@ -541,9 +541,15 @@ fn an_isolated_node_hides_its_peers_only_from_a_view_that_does_not_stand() {
         // Cut node 0 off: it hides all four others in time, never from a standing view.
         w.partition(&[0], &(1..nodes).collect::<Vec<_>>());
         w.run_for(Duration::from_secs(20));
-        assert!(w.served(0).len() <= 1, "the cut-off node hid its peers' records");
+        assert!(
+            w.served(0).len() <= 1,
+            "the cut-off node hid its peers' records"
+        );
         let view = w.view(0);
-        assert!(!view.stands, "the cut-off node's view does not stand: {view:?}");
+        assert!(
+            !view.stands,
+            "the cut-off node's view does not stand: {view:?}"
+        );
         assert_eq!(
             w.hides_standing.get(&0).copied().unwrap_or(0),
             0,
@@ -554,8 +560,14 @@ fn an_isolated_node_hides_its_peers_only_from_a_view_that_does_not_stand() {
         w.run_for(Duration::from_secs(10));
         for i in 1..4 {
             let view = w.view(i);
-            assert!(view.stands, "survivor {i} stands again after a death: {view:?}");
-            assert!(!w.served(i).contains_key("m4"), "survivor {i} hides the dead one");
+            assert!(
+                view.stands,
+                "survivor {i} stands again after a death: {view:?}"
+            );
+            assert!(
+                !w.served(i).contains_key("m4"),
+                "survivor {i} hides the dead one"
+            );
         }
         // Heal: the cut-off node rejoins, syncs, and its view stands again.
         w.heal();
