@@ -13,7 +13,7 @@ use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{
     ClusterStatusRequest, DeleteMachineRequest, ForgetRequest, GetMachineRequest, Health,
     ListInstancesRequest, Machine, MachineState, Member, MembersRequest, UpsertMachineRequest,
-    WatchRequest, machine_change, watch_response,
+    WatchRequest, WhoamiRequest, machine_change, watch_response,
 };
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -107,8 +107,22 @@ struct PeerJson {
 }
 
 #[derive(Serialize)]
+struct ViewJson {
+    /// The region the agent serves (empty for the global tier).
+    region: String,
+    stands: bool,
+    /// Why it does not stand (lowercase reason names).
+    reasons: Vec<String>,
+    members_recent: u32,
+    members_alive: u32,
+    syncs_completed: u64,
+    oldest_gap_ms: u64,
+}
+
+#[derive(Serialize)]
 struct StatusJson {
     node: String,
+    view: Option<ViewJson>,
     keys: u64,
     live: u64,
     revision: u64,
@@ -134,8 +148,34 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
+    // Whoami says whether its view stands (an older agent answers without it).
+    let me = admin
+        .whoami(WhoamiRequest {})
+        .await
+        .ok()
+        .map(|m| m.into_inner());
+    let view = me.and_then(|m| {
+        let v = m.view?;
+        Some(ViewJson {
+            region: m.region,
+            stands: v.stands,
+            reasons: v
+                .reasons()
+                .map(|r| {
+                    r.as_str_name()
+                        .trim_start_matches("VIEW_REASON_")
+                        .to_lowercase()
+                })
+                .collect(),
+            members_recent: v.members_recent,
+            members_alive: v.members_alive,
+            syncs_completed: v.syncs_completed,
+            oldest_gap_ms: v.oldest_gap_ms,
+        })
+    });
     let s = StatusJson {
         node: r.node,
+        view,
         keys: r.keys,
         live: r.live,
         revision: r.revision,
@@ -187,6 +227,22 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.revision,
         s.health
     );
+    if let Some(v) = &s.view {
+        let region = if v.region.is_empty() {
+            String::new()
+        } else {
+            format!("region {}  ", term(&v.region))
+        };
+        let stands = if v.stands {
+            "stands".to_owned()
+        } else {
+            format!("does not stand ({})", v.reasons.join(", "))
+        };
+        println!(
+            "{region}view {stands}: {} of {} members alive, {} sessions completed, oldest gap {} ms",
+            v.members_alive, v.members_recent, v.syncs_completed, v.oldest_gap_ms
+        );
+    }
     println!(
         "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped, {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} records in, {} out",
         s.datagrams_in,

@@ -142,6 +142,11 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
         json["peers"].as_array().is_some_and(|p| !p.is_empty()),
         "{json}"
     );
+    assert_eq!(
+        (&json["view"]["stands"], &json["view"]["region"]),
+        (&serde_json::json!(true), &serde_json::json!("test")),
+        "a joined, synced agent's view stands: {json}"
+    );
 
     // SIGKILL the last agent: the others stop listing its machine, with no write.
     agents[AGENTS - 1].kill9();
@@ -155,6 +160,13 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     )
     .await;
     eprintln!("crash to excluded: {:?}", killed.elapsed());
+    // Having hidden it, the survivors' views stand again once each has heard from a majority
+    // since (a bridge following one publishes the loss then).
+    eventually(&survivors, "the survivors' views stand again", async |a| {
+        stands(a).await
+    })
+    .await;
+    eprintln!("crash to standing again: {:?}", killed.elapsed());
 
     // While it is down, a write happens elsewhere; it returns and catches up, and its own
     // machine comes back everywhere.
@@ -171,4 +183,17 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
         listed(a, "api").await == ["api-0"]
     })
     .await;
+}
+
+/// Whether `agent`'s view stands, by Whoami.
+async fn stands(agent: &Agent) -> bool {
+    let Ok(me) = agent
+        .admin()
+        .await
+        .whoami(patina_proto::v1::WhoamiRequest {})
+        .await
+    else {
+        return false;
+    };
+    me.into_inner().view.is_some_and(|v| v.stands)
 }
