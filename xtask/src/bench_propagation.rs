@@ -176,6 +176,22 @@ impl Cluster {
         (out, inn)
     }
 
+    /// Anti-entropy sessions ended so far over every live agent (each session counts at both
+    /// its ends): (all, failed after they began, never began).
+    async fn sync_counts(&self) -> (u64, u64, u64) {
+        let (mut all, mut failed, mut unstarted) = (0, 0, 0);
+        for a in self.agents.iter().flatten() {
+            let mut admin = a.admin().await;
+            if let Ok(r) = admin.cluster_status(ClusterStatusRequest {}).await {
+                let r = r.into_inner();
+                all += r.syncs;
+                failed += r.sync_failures;
+                unstarted += r.sync_unstarted;
+            }
+        }
+        (all, failed, unstarted)
+    }
+
     /// The highest local-health score of any agent.
     async fn max_health(&self) -> u32 {
         let mut h = 0;
@@ -490,9 +506,17 @@ async fn bench(
         }
     });
     let (o2, i2) = c.bytes().await;
+    let (s2, f2, u2) = c.sync_counts().await;
     let t = Instant::now();
     load.await?;
     let (o3, i3) = c.bytes().await;
+    // Sessions still running at the end of the load finish within a second or two.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (s3, f3, u3) = c.sync_counts().await;
+    let (sync_sessions, sync_failed, sync_unstarted) = (s3 - s2, f3 - f2, u3 - u2);
+    println!(
+        "anti-entropy sessions under {rate} writes/s (ends at both sides, over {n} agents): {sync_sessions} ended, {sync_failed} failed, {sync_unstarted} never began"
+    );
     let loaded = (o3 - o2 + i3 - i2) as f64 / 2.0 / t.elapsed().as_secs_f64() / n as f64;
     println!(
         "gossip bandwidth per node (mean of sent and received): idle {idle:.0} B/s, under {rate} writes/s {loaded:.0} B/s"
@@ -671,6 +695,9 @@ async fn bench(
         "idle_secs": o.idle_secs,
         "idle_bytes_per_s_per_node": idle,
         "loaded_bytes_per_s_per_node": loaded,
+        "sync_sessions": sync_sessions,
+        "sync_sessions_failed": sync_failed,
+        "sync_sessions_unstarted": sync_unstarted,
     }))
 }
 

@@ -136,6 +136,7 @@ struct StatusJson {
     refuted_for_others: u64,
     syncs: u64,
     sync_failures: u64,
+    sync_unstarted: u64,
     sync_records_in: u64,
     sync_records_out: u64,
     peers: Vec<PeerJson>,
@@ -200,6 +201,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         refuted_for_others: r.refuted_for_others,
         syncs: r.syncs,
         sync_failures: r.sync_failures,
+        sync_unstarted: r.sync_unstarted,
         sync_records_in: r.sync_records_in,
         sync_records_out: r.sync_records_out,
         peers: r
@@ -244,7 +246,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped, {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} records in, {} out",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped, {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} never began, {} records in, {} out",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,
@@ -253,6 +255,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.refuted_for_others,
         s.syncs,
         s.sync_failures,
+        s.sync_unstarted,
         s.sync_records_in,
         s.sync_records_out
     );

@@ -197,6 +197,7 @@ impl Admin for AdminService {
             },
             syncs: s.sessions.load(Ordering::Relaxed),
             sync_failures: s.failures.load(Ordering::Relaxed),
+            sync_unstarted: s.unstarted.load(Ordering::Relaxed),
             sync_records_in: s.records_in.load(Ordering::Relaxed),
             sync_records_out: s.records_out.load(Ordering::Relaxed),
         }))

@@ -124,7 +124,11 @@ pub struct SyncCounters {
     pub sessions: AtomicU64,
     /// Sessions that ran to the end (both directions).
     pub completed: AtomicU64,
+    /// Sessions that began (both hellos exchanged) and did not end well.
     pub failures: AtomicU64,
+    /// Sessions this agent asked for that never began: no connection, no hello, or the peer
+    /// answered `RESOURCE_EXHAUSTED` (its session slots were taken).
+    pub unstarted: AtomicU64,
     pub records_in: AtomicU64,
     pub records_out: AtomicU64,
 }

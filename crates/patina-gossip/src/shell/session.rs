@@ -363,7 +363,7 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
     match result {
         Ok(ok) => ok,
         Err(e) => {
-            g.sync_counters.failures.fetch_add(1, Ordering::Relaxed);
+            g.sync_counters.unstarted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peer = %peer, error = %e, "sync session failed to start");
             false
         }
