@@ -40,7 +40,7 @@ pub async fn serve(
     region: &str,
     limits: Limits,
     cluster: Option<ClusterServices>,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = patina_region::Stopped> + Send,
 ) -> Result<(), ServeError> {
     let max_watches = limits.max_watches.get();
     let region = region.to_owned();

@@ -51,6 +51,25 @@ pub enum ServeError {
     /// NOT_SERVING, ended every watch and stopped serving. It must exit.
     #[error("the store failed: {0}")]
     StoreFailed(std::sync::Arc<str>),
+    /// A part of the agent ended before it was asked to stop (its gossip shell, its bridge,
+    /// its table's follower): the agent reported NOT_SERVING, ended every watch and stopped
+    /// serving, as for a failed store. It must exit.
+    #[error("{0}")]
+    PartFailed(std::sync::Arc<str>),
+}
+
+/// Why a server stopped on its own.
+enum Failure {
+    Store(std::sync::Arc<str>),
+    Part(std::sync::Arc<str>),
+}
+
+/// How an agent's shutdown future ends: asked to stop (a signal), or because a part of the
+/// agent failed (reported as [`ServeError::PartFailed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    Asked,
+    Failed(std::sync::Arc<str>),
 }
 
 /// How long a failed agent keeps answering (health NOT_SERVING, writes UNAVAILABLE) before it
@@ -84,7 +103,7 @@ pub async fn serve(
     id: &AgentIdentity,
     limits: Limits,
     cluster: Option<ClusterServices>,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
     let max_watches = limits.max_watches;
     let (region, host) = (id.region.clone(), id.host.clone());
@@ -123,7 +142,7 @@ pub async fn serve_with(
     name: &'static str,
     cluster: Option<ClusterServices>,
     add: impl FnOnce(Router, tokio::sync::watch::Receiver<bool>) -> Router,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
     let (sync, admin) = match cluster {
         Some(c) => (Some(c.sync), Some(c.admin)),
@@ -144,7 +163,7 @@ pub async fn serve_with(
     // Admission sets TCP_NODELAY on each accepted socket: the server's own setting applies
     // only to listeners it binds.
     let (incoming, overflow) = listener::admit(listener, &limits);
-    let failure: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<str>>> = Default::default();
+    let failure: std::sync::Arc<std::sync::OnceLock<Failure>> = Default::default();
     let failed = failure.clone();
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection.get())
@@ -157,17 +176,28 @@ pub async fn serve_with(
         .add_optional_service(admin);
     let served = add(served, stopping.clone())
         .serve_with_incoming_shutdown(incoming, async move {
+            let not_serving = async || {
+                health_reporter
+                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                    .await;
+                health_reporter
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            };
             tokio::select! {
-                _ = shutdown => {}
+                stopped = shutdown => {
+                    if let Stopped::Failed(why) = stopped {
+                        tracing::error!(reason = %why, "a part of the agent failed: reporting NOT_SERVING and stopping");
+                        not_serving().await;
+                        let _ = failed.set(Failure::Part(why));
+                        stop_tx.send_replace(true);
+                        tokio::time::sleep(FAILED_GRACE).await;
+                    }
+                }
                 why = watched.failed() => {
                     tracing::error!(reason = %why, "the store failed: reporting NOT_SERVING and stopping");
-                    health_reporter
-                        .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                        .await;
-                    health_reporter
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
-                    let _ = failed.set(why);
+                    not_serving().await;
+                    let _ = failed.set(Failure::Store(why));
                     // Watches end now (their cursors closed with the store); the rest is
                     // answered for a moment so that clients learn why.
                     stop_tx.send_replace(true);
@@ -199,7 +229,8 @@ pub async fn serve_with(
     let (served, ()) = tokio::join!(served, refusing);
     served?;
     match failure.get() {
-        Some(why) => Err(ServeError::StoreFailed(why.clone())),
+        Some(Failure::Store(why)) => Err(ServeError::StoreFailed(why.clone())),
+        Some(Failure::Part(why)) => Err(ServeError::PartFailed(why.clone())),
         None => Ok(()),
     }
 }

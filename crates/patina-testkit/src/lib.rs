@@ -93,12 +93,34 @@ impl Agent {
         Agent::spawn(&[], bin, role, dir, config)
     }
 
+    /// [`Agent::start_role`] with `env` added to the agent's environment.
+    pub fn start_role_env(
+        bin: &Path,
+        role: &str,
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> std::io::Result<Agent> {
+        Agent::spawn_env(&[], bin, role, dir, config, env)
+    }
+
     fn spawn(
         wrapper: &[&str],
         bin: &Path,
         role: &str,
         dir: &Path,
         config: &str,
+    ) -> std::io::Result<Agent> {
+        Agent::spawn_env(wrapper, bin, role, dir, config, &[])
+    }
+
+    fn spawn_env(
+        wrapper: &[&str],
+        bin: &Path,
+        role: &str,
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
     ) -> std::io::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("patina.toml");
@@ -118,6 +140,7 @@ impl Agent {
             .args([role, "--config"])
             .arg(&path)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -15,6 +15,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use patina_region::AgentIdentity;
 use patina_store::Store;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
@@ -387,12 +389,19 @@ pub(crate) async fn run_agent(
     let limits = (&config.limits).into();
     // Gossip leaves the cluster when the agent shuts down, and only then does the server stop.
     let gossip_addr = config.gossip.listen_addr(config.listen);
+    // One signal stops the agent: `stop`, cancelled by a signal or when a part of the agent
+    // ends before it was asked to (then `failed` says which, and the agent reports
+    // NOT_SERVING, ends its watches and exits non-zero, as for a failed store). The teardown
+    // is ordered: the bridge stops publishing, then gossip leaves the cluster, and only then
+    // does the server stop.
+    let stop = CancellationToken::new();
+    let failed: Arc<std::sync::OnceLock<Arc<str>>> = Arc::default();
+    let gossip_stop = CancellationToken::new();
     let mut attempt = 0;
-    let (listener, addr, gossip, gossip_task, stop_gossip) = loop {
+    let (listener, addr, gossip, shell) = loop {
         attempt += 1;
         let listener = bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let (stop_gossip, gossip_stopped) = tokio::sync::oneshot::channel::<()>();
         let shell = patina_gossip::shell::ShellConfig {
             node: node.clone(),
             listen: gossip_addr,
@@ -406,13 +415,12 @@ pub(crate) async fn run_agent(
                 Role::Region => config.region.clone(),
                 Role::Global | Role::Bridge(_) => String::new(),
             },
+            fault: fault_from_env(),
         };
-        let started = patina_gossip::shell::Gossip::start(store.clone(), shell, async {
-            let _ = gossip_stopped.await;
-        })
-        .await;
+        let started =
+            patina_gossip::shell::Gossip::start(store.clone(), shell, gossip_stop.clone()).await;
         match started {
-            Ok((gossip, task)) => break (listener, addr, gossip, task, stop_gossip),
+            Ok((gossip, shell)) => break (listener, addr, gossip, shell),
             // Pushes arrive on UDP at the API's port number. A port the OS picked for the
             // API (`--listen ...:0`, as in tests) can be in use as a UDP port already (by
             // another agent's gossip socket): pick another one.
@@ -445,29 +453,103 @@ pub(crate) async fn run_agent(
         admin: gossip.admin_service().into_server(),
         gossip: gossip.clone(),
     };
-    // A bridge stops publishing before gossip leaves and the store closes.
-    let (stop_bridge, bridge_stopped) = tokio::sync::watch::channel(false);
-    // A task that must run as long as the agent (the table's follower, the bridge) ends
-    // early: the agent stops as it does on a signal, and reports it.
-    let (ended_tx, ended) = tokio::sync::oneshot::channel::<&'static str>();
-    let early: Arc<std::sync::OnceLock<&'static str>> = Arc::default();
-    let noted = early.clone();
-    let shutdown = async move {
-        tokio::select! {
-            () = shutdown => {}
-            Ok(which) = ended => {
-                tracing::error!(task = which, "a task of the agent ended: stopping");
-                let _ = noted.set(which);
+    // The parts that must run as long as the agent, each named; the first to end before
+    // `stop` is the agent's failure.
+    let mut parts: JoinSet<Result<(), Arc<str>>> = JoinSet::new();
+    // The gossip shell's end is awaited twice: by the supervisor and by the teardown.
+    let shell_done = CancellationToken::new();
+    {
+        let done = shell_done.clone();
+        parts.spawn(async move {
+            let ended = match shell.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Arc::from(format!("gossip: {e}"))),
+                Err(e) => Err(Arc::from(format!("gossip: its supervisor failed: {e}"))),
+            };
+            done.cancel();
+            ended.and(Err(Arc::from("gossip ended")))
+        });
+    }
+    let bridge_stop = CancellationToken::new();
+    let bridge_done = CancellationToken::new();
+    let mut has_bridge = false;
+    let table = match role {
+        Role::Region => None,
+        Role::Global | Role::Bridge(_) => {
+            let table = Arc::new(patina_edge::Table::new(
+                config.global.region_table()?,
+                config.global.stale_after(),
+            ));
+            let follower = patina_global::service::follow_store(store.clone(), table.clone());
+            parts.spawn(async move {
+                follower.await;
+                Err(Arc::from("the table's follower ended"))
+            });
+            if let Role::Bridge(cfg) = role {
+                has_bridge = true;
+                tracing::info!(region = %cfg.region, agents = ?cfg.region_agents, "bridging the region into the global tier");
+                let run = patina_global::bridge::run(
+                    store.clone(),
+                    cfg,
+                    bridge_stop.clone().cancelled_owned(),
+                );
+                let done = bridge_done.clone();
+                parts.spawn(async move {
+                    run.await;
+                    done.cancel();
+                    Err(Arc::from("the bridge ended"))
+                });
+            }
+            Some(table)
+        }
+    };
+    if !has_bridge {
+        bridge_done.cancel();
+    }
+    // The supervisor: the signal, or the first part to end.
+    let supervisor = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown => tracing::info!("asked to stop"),
+                Some(ended) = parts.join_next() => {
+                    let why = match ended {
+                        Ok(Err(why)) => why,
+                        Ok(Ok(())) => Arc::from("a part of the agent ended"),
+                        Err(e) => Arc::from(format!("a part of the agent panicked: {e}")),
+                    };
+                    if !stop.is_cancelled() {
+                        tracing::error!(part = %why, "a part of the agent ended: stopping");
+                        let _ = failed.set(why);
+                    }
+                }
+                () = stop.cancelled() => {}
+            }
+            stop.cancel();
+            // The teardown awaits the parts' ends through their tokens; what is left is
+            // aborted once the server has stopped (the set is dropped with this task).
+            let _ = tokio::time::timeout(LEAVE_TIMEOUT, async {
+                while parts.join_next().await.is_some() {}
+            })
+            .await;
+        })
+    };
+    let teardown = {
+        let (stop, failed) = (stop.clone(), failed.clone());
+        async move {
+            stop.cancelled().await;
+            bridge_stop.cancel();
+            let _ = tokio::time::timeout(LEAVE_TIMEOUT, bridge_done.cancelled()).await;
+            gossip_stop.cancel();
+            let _ = tokio::time::timeout(LEAVE_TIMEOUT, shell_done.cancelled()).await;
+            match failed.get() {
+                Some(why) => patina_region::Stopped::Failed(why.clone()),
+                None => patina_region::Stopped::Asked,
             }
         }
-        stop_bridge.send_replace(true);
-        let _ = stop_gossip.send(());
-        let _ = gossip_task.await;
     };
-    let mut tasks: Vec<tokio::task::AbortHandle> = Vec::new();
-    let served = match role {
-        Role::Region => {
-            drop(ended_tx);
+    let served = match table {
+        None => {
             let id = AgentIdentity {
                 region: config.region.clone(),
                 host: config.host.clone(),
@@ -478,51 +560,11 @@ pub(crate) async fn run_agent(
                 &id,
                 limits,
                 Some(cluster),
-                shutdown,
+                teardown,
             )
             .await
         }
-        Role::Global | Role::Bridge(_) => {
-            let table = Arc::new(patina_edge::Table::new(
-                config.global.region_table()?,
-                config.global.stale_after(),
-            ));
-            let follower = tokio::spawn(patina_global::service::follow_store(
-                store.clone(),
-                table.clone(),
-            ));
-            tasks.push(follower.abort_handle());
-            let stopping = bridge_stopped.clone();
-            let bridge = match role {
-                Role::Bridge(cfg) => {
-                    tracing::info!(region = %cfg.region, agents = ?cfg.region_agents, "bridging the region into the global tier");
-                    let mut stopped = bridge_stopped;
-                    let task =
-                        tokio::spawn(patina_global::bridge::run(store.clone(), cfg, async move {
-                            let _ = stopped.wait_for(|s| *s).await;
-                        }));
-                    tasks.push(task.abort_handle());
-                    Some(task)
-                }
-                _ => None,
-            };
-            let supervisor = tokio::spawn(async move {
-                let which = match bridge {
-                    Some(mut bridge) => tokio::select! {
-                        _ = &mut bridge => "the bridge",
-                        _ = follower => "the table's follower",
-                    },
-                    None => {
-                        let _ = follower.await;
-                        "the table's follower"
-                    }
-                };
-                // A bridge stopped by the shutdown is not an early end.
-                if !*stopping.borrow() {
-                    let _ = ended_tx.send(which);
-                }
-            });
-            tasks.push(supervisor.abort_handle());
+        Some(table) => {
             patina_global::serve(
                 listener,
                 store.clone(),
@@ -530,25 +572,33 @@ pub(crate) async fn run_agent(
                 &config.region,
                 limits,
                 Some(cluster),
-                shutdown,
+                teardown,
             )
             .await
         }
     };
-    for task in tasks {
-        task.abort();
-    }
-    let served = match early.get() {
-        Some(which) => served
-            .map_err(anyhow::Error::from)
-            .and_then(|()| Err(anyhow::anyhow!("{which} ended unexpectedly"))),
-        None => served.map_err(anyhow::Error::from),
-    };
+    // However the server stopped (a failed store too), every part stops.
+    stop.cancel();
+    let _ = supervisor.await;
     drop(gossip);
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("stopped");
-    served
+    served.map_err(anyhow::Error::from)
+}
+
+/// How long each step of the teardown may take (the bridge's stop, gossip's leave).
+const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A fault to inject, for tests of the agent's supervision only: `PATINA_FAULT` set to
+/// `gossip-panic-after-ms=N` makes the gossip loop panic N ms after it starts. Said loudly.
+fn fault_from_env() -> Option<patina_gossip::shell::Fault> {
+    let v = std::env::var("PATINA_FAULT").ok()?;
+    let ms = v.strip_prefix("gossip-panic-after-ms=")?.parse().ok()?;
+    tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
+    Some(patina_gossip::shell::Fault::GossipPanicAfter(
+        std::time::Duration::from_millis(ms),
+    ))
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::identity::Identity;
 use crate::node::{Config, Counters, Lane, MemberInfo, Node, Output, TimerEvent, ViewStatus};
@@ -93,7 +94,24 @@ pub struct ShellConfig {
     pub tombstone_ttl: Duration,
     /// The region this agent serves, as Whoami reports it (empty for the global tier).
     pub region: String,
+    /// A fault to inject, for tests of what supervises the shell (`None` in production).
+    pub fault: Option<Fault>,
 }
+
+/// A fault the shell injects into itself, for tests (the binary sets one only from
+/// `PATINA_FAULT`, and says so loudly).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The gossip loop panics this long after it starts.
+    GossipPanicAfter(Duration),
+}
+
+/// Why the shell ended before it was asked to stop: the part that ended. The agent must
+/// stop too: without the node, writes are acknowledged and never replicated, and the
+/// liveness overlay freezes.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ShellFailed(pub String);
 
 /// The default age after which tombstones are collected: far beyond the seconds
 /// anti-entropy takes to give every live member a deletion, and short enough that a region
@@ -222,13 +240,16 @@ impl Reporter {
 }
 
 impl Gossip {
-    /// Bind the socket, start the node and its tasks. They stop when `shutdown` resolves
-    /// (after a graceful leave) or when every [`Gossip`] handle is dropped.
+    /// Bind the socket, start the node and its tasks. They stop when `stop` is cancelled
+    /// (after a graceful leave). The handle returned ends when the shell has ended: `Ok` after
+    /// `stop`, [`ShellFailed`] when a part of it (the node's thread, the feed follower, the
+    /// liveness task, the tombstone collector, the members file writer) ended first; the shell
+    /// then cancels `stop` itself (the node leaves) and the caller must stop the agent.
     pub async fn start(
         store: Store,
         cfg: ShellConfig,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<(Gossip, tokio::task::JoinHandle<()>)> {
+        stop: CancellationToken,
+    ) -> std::io::Result<(Gossip, tokio::task::JoinHandle<Result<(), ShellFailed>>)> {
         // Bound here (errors reach the caller), driven on the node's own thread.
         let socket = bind_udp(cfg.listen)?;
         let advertise = match cfg.advertise {
@@ -284,6 +305,7 @@ impl Gossip {
             store: store.clone(),
         };
         let (view_tx, view) = tokio::sync::watch::channel(ViewStatus::default());
+        let (liveness_tx, liveness_task) = spawn_liveness(store.clone());
         let gossip = Gossip {
             inputs: inputs.clone(),
             store: store.clone(),
@@ -305,7 +327,7 @@ impl Gossip {
             store: store.clone(),
             reporter,
             applies: Arc::new(tokio::sync::Semaphore::new(MAX_APPLIES)),
-            liveness: spawn_liveness(store.clone()),
+            liveness: liveness_tx,
             gossip: gossip.clone(),
             epoch_file: cfg.epoch_file.clone(),
             tasks: JoinSet::new(),
@@ -320,6 +342,8 @@ impl Gossip {
             cfg.seeds.is_empty(),
         ));
         let follower = tokio::spawn(follow_feed(store, inputs));
+        let fault = cfg.fault;
+        let shutdown = stop.clone().cancelled_owned();
         // The node runs on a thread of its own with a runtime of its own: a busy API, a sync
         // flood or a slow commit on the agent's runtime never delays a probe or an ack.
         // Sessions, applies and checks it starts run on the agent's runtime (`main`).
@@ -341,21 +365,26 @@ impl Gossip {
                         UdpSocket::from_std(socket),
                         UdpSocket::from_std(push_socket),
                     ) {
-                        (Ok(swim), Ok(push)) => task.run(Sockets { swim, push }, shutdown).await,
+                        (Ok(swim), Ok(push)) => {
+                            task.run(Sockets { swim, push }, shutdown, fault).await
+                        }
                         (Err(e), _) | (_, Err(e)) => {
                             tracing::error!(error = %e, "gossip: cannot use its sockets")
                         }
                     }
                 });
-                follower.abort();
-                collector.abort();
-                rememberer.abort();
             })?;
-        let handle = tokio::task::spawn_blocking(move || {
-            if thread.join().is_err() {
-                tracing::error!("the gossip thread panicked");
-            }
-        });
+        let thread = tokio::task::spawn_blocking(move || thread.join().is_ok());
+        let handle = tokio::spawn(supervise(
+            stop,
+            thread,
+            vec![
+                ("the members file writer", rememberer),
+                ("the tombstone collector", collector),
+                ("the feed follower", follower),
+                ("the liveness task", liveness_task),
+            ],
+        ));
         Ok((gossip, handle))
     }
 
@@ -456,10 +485,15 @@ fn write_epoch(path: &std::path::Path, epoch: u64) -> std::io::Result<()> {
 /// Hide and show owners' records, the latest wish per owner winning. A change the store
 /// could not take (its queue full, the disk full) is retried until it is taken: down news
 /// must not be lost.
-fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
+fn spawn_liveness(
+    store: Store,
+) -> (
+    mpsc::UnboundedSender<(NodeId, bool)>,
+    tokio::task::JoinHandle<()>,
+) {
     // Unbounded but small: the wishes coalesce per owner, and foca bounds owners by members.
     let (tx, mut rx) = mpsc::unbounded_channel::<(NodeId, bool)>();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut wanted: std::collections::BTreeMap<NodeId, bool> = Default::default();
         loop {
             if wanted.is_empty() {
@@ -497,7 +531,72 @@ fn spawn_liveness(store: Store) -> mpsc::UnboundedSender<(NodeId, bool)> {
             }
         }
     });
-    tx
+    (tx, task)
+}
+
+/// How long after another part ends the node's thread is waited for, to name it as the cause.
+const THREAD_BLAME: Duration = Duration::from_millis(200);
+
+/// Wait for the shell to end: the node's thread after `stop` (a graceful leave), or any part
+/// first, which is a failure: `stop` is cancelled so that the node leaves, the rest is
+/// stopped, and the caller learns which part ended.
+async fn supervise(
+    stop: CancellationToken,
+    mut thread: tokio::task::JoinHandle<bool>,
+    parts: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+) -> Result<(), ShellFailed> {
+    let mut set = JoinSet::new();
+    let mut aborts = Vec::new();
+    for (name, part) in parts {
+        aborts.push(part.abort_handle());
+        set.spawn(async move {
+            let _ = part.await;
+            name
+        });
+    }
+    let mut thread_ended = None;
+    let first = tokio::select! {
+        biased;
+        joined = &mut thread => {
+            let clean = joined.unwrap_or(false);
+            thread_ended = Some(clean);
+            if clean { "the gossip thread" } else { "the gossip thread (it panicked)" }
+        }
+        Some(Ok(name)) = set.join_next() => {
+            // The node's task owns the liveness channel: when the thread dies, the liveness
+            // task ends with it, and may be seen first. Name the thread then.
+            match tokio::time::timeout(THREAD_BLAME, &mut thread).await {
+                Ok(joined) => {
+                    let clean = joined.unwrap_or(false);
+                    thread_ended = Some(clean);
+                    if clean { "the gossip thread" } else { "the gossip thread (it panicked)" }
+                }
+                Err(_) => name,
+            }
+        }
+    };
+    // Anything that ends after `stop` is part of the stop (the liveness task ends when the
+    // node's task is dropped).
+    let failed = match thread_ended {
+        Some(true) | None if stop.is_cancelled() => None,
+        _ => Some(format!("{first} ended")),
+    };
+    if let Some(why) = &failed {
+        tracing::error!(part = %why, "a part of the gossip shell ended: the agent must stop");
+        stop.cancel();
+    }
+    if thread_ended.is_none() {
+        // The node leaves (bounded: its loop ends LEAVE_GRACE after the stop).
+        let _ = tokio::time::timeout(LEAVE_GRACE * 4, &mut thread).await;
+    }
+    for a in aborts {
+        a.abort();
+    }
+    set.shutdown().await;
+    match failed {
+        Some(why) => Err(ShellFailed(why)),
+        None => Ok(()),
+    }
 }
 
 /// The file in the data directory that remembers the region's members between runs.
@@ -779,7 +878,15 @@ impl Task {
         mut self,
         sockets: Sockets,
         shutdown: impl std::future::Future<Output = ()> + Send,
+        fault: Option<Fault>,
     ) {
+        let fault = async move {
+            match fault {
+                Some(Fault::GossipPanicAfter(d)) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(fault);
         let now = self.now();
         self.node.start(now);
         self.flush(&sockets);
@@ -800,6 +907,7 @@ impl Task {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                () = &mut fault => panic!("fault injection (PATINA_FAULT): the gossip loop panics as asked"),
                 r = sockets.swim.recv_from(&mut buf) => {
                     let started = std::time::Instant::now();
                     if let Ok((n, _)) = r {
