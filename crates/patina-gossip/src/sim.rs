@@ -976,7 +976,12 @@ impl World {
                 if l != life {
                     return;
                 }
-                node.handle_sync_done(now, peer, ok);
+                let end = if ok {
+                    crate::node::SyncEnd::Complete
+                } else {
+                    crate::node::SyncEnd::Failed
+                };
+                node.handle_sync_done(now, peer, end);
             }
             Event::Confirmed {
                 life: l,

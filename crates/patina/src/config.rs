@@ -231,6 +231,10 @@ impl GossipConfig {
             "config: gossip.tombstone_ttl_secs must be between 60 (anti-entropy must have run) and 315360000 (10 years)"
         );
         anyhow::ensure!(
+            !(self.standalone && !self.seeds.is_empty()),
+            "config: gossip.standalone is for a region's only agent, which has no gossip.seeds"
+        );
+        anyhow::ensure!(
             (576..=65_000).contains(&self.max_datagram_bytes.get()),
             "config: gossip.max_datagram_bytes must be between 576 and 65000"
         );

@@ -45,11 +45,11 @@ impl Node {
             let mut gaps = false;
             for (origin, k) in known {
                 gaps |= k.gap_count() > 0;
-                match k.gaps().next() {
+                match s.first_gap(origin, &k) {
                     Some(first) => {
-                        let at = self.gap_first.entry(origin).or_insert((first.lo(), now));
-                        if at.0 != first.lo() {
-                            *at = (first.lo(), now);
+                        let at = self.gap_first.entry(origin).or_insert((first, now));
+                        if at.0 != first {
+                            *at = (first, now);
                         }
                     }
                     None => {
@@ -119,14 +119,18 @@ impl Node {
     }
 
     /// An anti-entropy session ended.
-    pub fn handle_sync_done(&mut self, now: Duration, peer: Identity, ok: bool) {
+    pub fn handle_sync_done(&mut self, now: Duration, peer: Identity, end: SyncEnd) {
         self.now = now;
         self.syncing.remove(&peer.addr);
-        if ok {
-            self.synced_at = Some(now);
-            self.syncs_completed += 1;
-        } else {
-            tracing::debug!(peer = %peer, "sync failed");
+        match end {
+            // Only a session the peer did not cut short counts as caught up: one that ran out
+            // of budget may have left whole origins unsent, with no gap to show for them.
+            SyncEnd::Complete => {
+                self.synced_at = Some(now);
+                self.syncs_completed += 1;
+            }
+            SyncEnd::Partial => self.syncs_completed += 1,
+            SyncEnd::Failed => tracing::debug!(peer = %peer, "sync failed"),
         }
         // Clear notices we now know (and those too old to wait for).
         let ttl = self.cfg.sync_interval * super::NOTICE_TTL_ROUNDS;
@@ -227,4 +231,16 @@ impl Node {
             .collect();
         self.last_seen.retain(|addr, _| members.contains(addr));
     }
+}
+
+/// How an anti-entropy session ended, as [`Node::handle_sync_done`] is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncEnd {
+    /// Both halves ran to their done, and the peer sent all it had for us.
+    Complete,
+    /// Both halves ran to their done, but the peer's budget ran out (`truncated`): more
+    /// remains, for the next session.
+    Partial,
+    /// The session failed or never began.
+    Failed,
 }

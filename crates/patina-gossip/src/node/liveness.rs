@@ -91,6 +91,7 @@ impl Node {
             }
             return;
         }
+        self.forgotten.remove(&id.node);
         let set = self.live.entry(id.node).or_default();
         let was_down = set.is_empty();
         set.insert(id.addr);
@@ -168,7 +169,7 @@ impl Node {
         let horizon = self.heard_last();
         let mut members: BTreeMap<NodeId, bool> = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
-            if m.id().node == me {
+            if m.id().node == me || self.forgotten.contains(&m.id().node) {
                 continue;
             }
             let seen = self.last_seen.get(&m.id().addr).copied();

@@ -31,7 +31,7 @@ mod shared;
 mod suspicion;
 mod view;
 
-pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT};
+pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT, SyncEnd};
 pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
 pub use shared::ItemKey;
 use shared::{Handler, Shared};
@@ -354,6 +354,9 @@ pub struct Node {
     majority_since: Option<Duration>,
     /// Per origin, the lowest number missing below its head and since when.
     gap_first: BTreeMap<NodeId, (u64, Duration)>,
+    /// Members an operator forgot (gone for good): they leave the majority's count, so that a
+    /// region that lost most of its agents can stand again without them. Bounded by members.
+    forgotten: BTreeSet<NodeId>,
 }
 
 impl Node {
@@ -415,6 +418,7 @@ impl Node {
             syncs_completed: 0,
             majority_since: None,
             gap_first: BTreeMap::new(),
+            forgotten: BTreeSet::new(),
         }
     }
 
@@ -609,6 +613,7 @@ impl Node {
         self.now = now;
         let known = self.foca.iter_membership_state().any(|m| *m.id() == member);
         if known {
+            self.forgotten.insert(member.node);
             let _ = self.foca.apply_many(
                 std::iter::once(foca::Member::down(member)),
                 true,

@@ -119,6 +119,22 @@ impl Shared {
         true
     }
 
+    /// The lowest number of `origin` below its head that this node lacks and has not
+    /// refused: a number it refused (its record broke the kind's rules) is a gap nothing
+    /// will fill, and must not keep the view from standing for ever.
+    pub(super) fn first_gap(&self, origin: NodeId, k: &OriginKnowledge) -> Option<u64> {
+        for g in k.gaps() {
+            let mut seq = g.lo();
+            while seq <= g.hi() && self.refused.contains(&(origin, seq)) {
+                seq += 1;
+            }
+            if seq <= g.hi() {
+                return Some(seq);
+            }
+        }
+        None
+    }
+
     /// Does this node lack a version it noticed?
     pub(super) fn lacks_noticed(&self) -> bool {
         self.noticed

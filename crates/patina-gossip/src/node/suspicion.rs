@@ -19,6 +19,10 @@ pub(super) struct Held {
     pub(super) confirming: Option<u64>,
 }
 
+/// A suspicion this node learned from others (it did not see the member fail) is held this
+/// many times as long as one of its own before the last check.
+pub const LEARNED_SUSPICION: u32 = 3;
+
 /// How long the shell (or the simulator) takes at most to answer [`Output::Confirm`]: an
 /// unanswered check is answered `None` then.
 pub const CONFIRM_ASK: Duration = Duration::from_millis(800);
@@ -35,6 +39,16 @@ impl Node {
             return;
         };
         let member = *member_id;
+        self.hold(timer, self.stretch(self.cfg.suspicion_max));
+        self.out.push(Output::Corroborate { member });
+    }
+
+    /// Hold `timer` for `after`, then the last check.
+    fn hold(&mut self, timer: foca::Timer<Identity>, after: Duration) {
+        let foca::Timer::ChangeSuspectToDown { member_id, .. } = &timer else {
+            return;
+        };
+        let member = *member_id;
         self.held.insert(
             member.addr,
             Held {
@@ -43,9 +57,7 @@ impl Node {
                 confirming: None,
             },
         );
-        let after = self.stretch(self.cfg.suspicion_max);
         self.schedule(after, TimerKind::Swim(timer));
-        self.out.push(Output::Corroborate { member });
     }
 
     /// foca times out a suspicion only when its own probe failed; a member it learned as
@@ -53,8 +65,11 @@ impl Node {
     /// gossip) stays suspect until this node happens to probe it, a whole probe cycle later
     /// in a large cluster. A member that died in such a window stayed listed here for longer
     /// than the simulation's 30 s of quiet. So every suspect without a held timeout gets one,
-    /// under its suspected incarnation: it goes down by the same path (corroboration, the last
-    /// check), and a refutation still clears it.
+    /// under its suspected incarnation. Not corroborated, and longer than a suspicion of our
+    /// own ([`LEARNED_SUSPICION`] times): this node did not see the member fail, and a path
+    /// of its own that is bad must not take down a member others merely suspect. The down
+    /// news of the node that suspected it first usually comes long before; otherwise the
+    /// last check decides, and a refutation still clears it.
     pub(super) fn hold_unheld_suspects(&mut self) {
         let Some(token) = self.swim_token else {
             return;
@@ -69,8 +84,9 @@ impl Node {
                 token,
             })
             .collect();
+        let after = self.stretch(self.cfg.suspicion_max) * LEARNED_SUSPICION;
         for timer in unheld {
-            self.hold_suspicion(timer);
+            self.hold(timer, after);
         }
     }
 

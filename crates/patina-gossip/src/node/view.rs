@@ -50,7 +50,14 @@ impl Node {
                 reasons.push(ViewReason::NotJoined);
             }
             if majority {
-                self.majority_since.get_or_insert(now);
+                if self.majority_since.is_none() {
+                    self.majority_since = Some(now);
+                    // Regained: catch up at once rather than at the next round (the view
+                    // stands only after a session).
+                    if let Some(peer) = self.random_active() {
+                        self.start_sync(peer);
+                    }
+                }
             } else {
                 self.majority_since = None;
                 reasons.push(ViewReason::NoMajority);
@@ -84,20 +91,87 @@ impl Node {
         }
     }
 
-    /// How long the oldest gap (a missing number below an origin's head, or a noticed number
-    /// not known) has been open.
+    /// How long the oldest gap (a missing number below an origin's head that this node did
+    /// not refuse) has been open. Noticed numbers do not count: a notice is an unchecked
+    /// datagram's word (a forged one must not keep the view from standing); a real one
+    /// brings its session, and its record, soon.
     fn oldest_gap(&self, now: Duration) -> Duration {
-        let s = self.shared.lock().expect("gossip shared state");
-        let noticed = s
-            .noticed
-            .iter()
-            .filter(|(o, n)| !s.known.get(o).is_some_and(|k| k.knows(n.seq)))
-            .map(|(_, n)| n.since);
         self.gap_first
             .values()
             .map(|(_, since)| *since)
-            .chain(noticed)
             .min()
             .map_or(Duration::ZERO, |since| now.saturating_sub(since))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use patina_store::{NodeId, OriginKnowledge, SeqRange};
+
+    use super::*;
+    use crate::envelope::ClusterName;
+    use crate::identity::Identity;
+    use crate::node::{Config, SyncEnd};
+
+    fn node() -> Node {
+        let me = Identity {
+            node: NodeId(1),
+            addr: "10.0.0.1:7000".parse().unwrap(),
+            api_port: 7001,
+            epoch: 1,
+        };
+        let cfg = Config::lan(ClusterName::new("view").unwrap());
+        Node::new(me, cfg, BTreeMap::new(), Vec::new(), 0x5eed)
+    }
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_gap_of_refused_numbers_never_ages_and_a_missing_one_does() {
+        let mut n = node();
+        let o = NodeId(7);
+        let gap = |ranges: &[(u64, u64)], head| {
+            let r: Vec<SeqRange> = ranges
+                .iter()
+                .map(|&(lo, hi)| SeqRange::new(lo, hi).unwrap())
+                .collect();
+            OriginKnowledge::from_parts(head, &r).unwrap()
+        };
+        // Number 2 arrived and was refused (settled, not known): nothing will fill it.
+        n.handle_learned(s(1), vec![(o, gap(&[(2, 2)], 3))], &[(o, 2)]);
+        assert_eq!(n.view_status(s(100)).oldest_gap, Duration::ZERO);
+        // Number 4 was never received: that gap ages from when it opened.
+        n.handle_learned(s(101), vec![(o, gap(&[(2, 2), (4, 4)], 5))], &[]);
+        let v = n.view_status(s(120));
+        assert_eq!(v.oldest_gap, s(19));
+        assert!(v.reasons.contains(&ViewReason::OldGap), "{v:?}");
+        // Filled: no gap left but the refused one.
+        n.handle_learned(s(121), vec![(o, gap(&[(2, 2)], 5))], &[]);
+        assert_eq!(n.view_status(s(122)).oldest_gap, Duration::ZERO);
+    }
+
+    #[test]
+    fn only_a_session_the_peer_did_not_cut_short_counts_as_caught_up() {
+        let mut n = node();
+        let peer = Identity {
+            node: NodeId(2),
+            addr: "10.0.0.2:7000".parse().unwrap(),
+            api_port: 7001,
+            epoch: 1,
+        };
+        assert!(n.view_status(s(1)).reasons.contains(&ViewReason::NotSynced));
+        n.handle_sync_done(s(2), peer, SyncEnd::Partial);
+        assert!(
+            n.view_status(s(3)).reasons.contains(&ViewReason::NotSynced),
+            "a truncated session leaves origins unsent"
+        );
+        n.handle_sync_done(s(4), peer, SyncEnd::Complete);
+        let v = n.view_status(s(5));
+        assert!(!v.reasons.contains(&ViewReason::NotSynced), "{v:?}");
+        assert_eq!(v.syncs_completed, 2);
     }
 }

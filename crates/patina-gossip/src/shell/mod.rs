@@ -43,7 +43,7 @@ enum Input {
     Dropped(Vec<(NodeId, u64)>),
     SyncDone {
         peer: Identity,
-        ok: bool,
+        end: crate::node::SyncEnd,
     },
     Corroborated {
         member: Identity,
@@ -988,7 +988,7 @@ impl Task {
             Input::Local(records) => self.node.handle_local(now, &records),
             Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
             Input::Dropped(versions) => self.node.handle_dropped(now, &versions),
-            Input::SyncDone { peer, ok } => self.node.handle_sync_done(now, peer, ok),
+            Input::SyncDone { peer, end } => self.node.handle_sync_done(now, peer, end),
             Input::NewOrigin(node) => self.node.handle_new_origin(now, node),
             Input::Retired(origin) => self.node.handle_retired(now, origin),
             Input::Corroborated { member, gone } => {
@@ -1120,8 +1120,8 @@ impl Task {
                     let gossip = self.gossip.clone();
                     self.tasks.spawn_on(
                         async move {
-                            let ok = session::run_client(&gossip, peer).await;
-                            let _ = gossip.inputs.send(Input::SyncDone { peer, ok }).await;
+                            let end = session::run_client(&gossip, peer).await;
+                            let _ = gossip.inputs.send(Input::SyncDone { peer, end }).await;
                         },
                         &self.main,
                     );

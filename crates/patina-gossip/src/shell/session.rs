@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Gossip;
 use crate::identity::Identity;
+use crate::node::SyncEnd;
 use crate::sync::{BATCH_BYTES, BATCH_OPS, Claim, SESSION_BYTES, lacking, within_claim};
 
 /// Sessions this agent serves at once; more get RESOURCE_EXHAUSTED (the peer tries another
@@ -242,13 +243,14 @@ fn remote_batch(b: SyncBatch, theirs: &Digest) -> Result<RemoteBatch, String> {
     Ok(out)
 }
 
-/// Apply what the peer sends until its done.
+/// Apply what the peer sends until its done; whether the peer cut its half short (its
+/// session budget ran out).
 async fn receive(
     g: &Gossip,
     inbound: &mut Streaming<SyncMessage>,
     theirs: &Digest,
     received: &std::sync::atomic::AtomicU64,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     loop {
         let next = tokio::time::timeout(MESSAGE_TIMEOUT, inbound.message())
             .await
@@ -264,8 +266,8 @@ async fn receive(
                 g.reporter.apply(batch).await?;
             }
             Ok(Some(SyncMessage {
-                body: Some(Body::Done(_)),
-            })) => return Ok(()),
+                body: Some(Body::Done(SyncDone { truncated })),
+            })) => return Ok(truncated),
             Ok(Some(_)) => return Err("unexpected message".into()),
             Ok(None) => return Err("stream ended before done".into()),
             Err(e) => return Err(e.to_string()),
@@ -280,7 +282,7 @@ async fn both(
     ours: Claim,
     theirs: Digest,
     peer: Option<std::net::IpAddr>,
-) -> bool {
+) -> SyncEnd {
     // How far behind this peer we were at the hellos: what it knows that we lacked.
     let behind: u64 = lacking(&theirs, ours.digest())
         .iter()
@@ -304,23 +306,28 @@ async fn both(
             .record_peer(ip, behind, received.load(Ordering::Relaxed), result.is_ok());
     }
     match result {
-        Ok(()) => {
+        Ok(truncated) => {
             g.sync_counters.completed.fetch_add(1, Ordering::Relaxed);
-            true
+            if truncated {
+                SyncEnd::Partial
+            } else {
+                SyncEnd::Complete
+            }
         }
         Err(e) => {
             g.sync_counters.failures.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(error = %e, "sync session failed");
-            false
+            SyncEnd::Failed
         }
     }
 }
 
 /// Run a session with `peer` as the client.
-pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
-    // One deadline over everything, the handshake included: a stopped peer whose kernel
-    // still accepts connections must not hold a session slot for ever.
-    let result = tokio::time::timeout(SESSION_TIMEOUT, async {
+pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
+    // A deadline over the handshake (a stopped peer whose kernel still accepts connections
+    // must not hold a session slot for ever); the session has its own. A session that began
+    // and failed is counted by `both`; one that never began, here.
+    let opened = tokio::time::timeout(SESSION_TIMEOUT, async {
         let endpoint =
             super::peer_endpoint(g.advertised, peer, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
@@ -338,36 +345,37 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> bool {
             .map_err(|_| "no hello".to_string())?
             .map_err(|e| e.to_string())?;
         let theirs = their_digest(g, first).map_err(|e| e.to_string())?;
-        let ok = both(
-            g,
-            Out::Client(tx),
-            &mut inbound,
-            ours,
-            theirs,
-            Some(peer.api_addr().ip()),
-        )
-        .await;
-        // Hold the call open until the server ends it, which it does once it has our done:
-        // dropping it earlier resets the stream, and the server could lose our last batch
-        // and our done (its session then failed with "stream ended before done").
-        if ok {
-            let _ = tokio::time::timeout(MESSAGE_TIMEOUT, async {
-                while let Ok(Some(_)) = inbound.message().await {}
-            })
-            .await;
-        }
-        Ok::<_, String>(ok)
+        Ok::<_, String>((tx, inbound, ours, theirs))
     })
     .await
-    .unwrap_or_else(|_| Err("session timed out".into()));
-    match result {
-        Ok(ok) => ok,
+    .unwrap_or_else(|_| Err("no session within its deadline".into()));
+    let (tx, mut inbound, ours, theirs) = match opened {
+        Ok(o) => o,
         Err(e) => {
             g.sync_counters.unstarted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(peer = %peer, error = %e, "sync session failed to start");
-            false
+            return SyncEnd::Failed;
         }
+    };
+    let end = both(
+        g,
+        Out::Client(tx),
+        &mut inbound,
+        ours,
+        theirs,
+        Some(peer.api_addr().ip()),
+    )
+    .await;
+    // Hold the call open until the server ends it, which it does once it has our done:
+    // dropping it earlier resets the stream, and the server could lose our last batch and our
+    // done (its session then failed with "stream ended before done").
+    if end != SyncEnd::Failed {
+        let _ = tokio::time::timeout(MESSAGE_TIMEOUT, async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
     }
+    end
 }
 
 /// The server side of `patina.v1.Sync`.
