@@ -231,7 +231,7 @@ impl GossipConfig {
             "config: gossip.tombstone_ttl_secs must be between 60 (anti-entropy must have run) and 315360000 (10 years)"
         );
         anyhow::ensure!(
-            !(self.standalone && !self.seeds.is_empty()),
+            !self.standalone || self.seeds.is_empty(),
             "config: gossip.standalone is for a region's only agent, which has no gossip.seeds"
         );
         anyhow::ensure!(
