@@ -65,6 +65,21 @@ pub enum StoreError {
     TooManyDown { limit: usize },
     /// The disk is full: the group commit this write was part of was rolled back, nothing of
     /// it was applied and no counter moved. Writes succeed again once there is space.
+    /// This agent's clock is off its peers' by more than `max_clock_offset` (measured by the
+    /// gossip node, [`crate::Store::set_clock_fence`]): local writes are refused, nothing was
+    /// written; reads go on.
+    #[error(
+        "this agent's clock is {offset_ms:+} ms off its peers' (bound {bound_ms} ms): writes are refused until it is within the bound; reads go on"
+    )]
+    ClockOffset { offset_ms: i64, bound_ms: u64 },
+    /// The store's hybrid logical clock is ahead of this host's wall clock by more than the
+    /// bound (the wall clock stepped back after timestamps were issued, or the store was
+    /// restored on a host whose clock is behind): a local write would be stamped in the
+    /// future, so it is refused until the wall clock catches up; nothing was written.
+    #[error(
+        "this store's clock is {lead_ms} ms ahead of this host's wall clock (bound {bound_ms} ms; did the clock step back?): writes are refused until the wall clock catches up"
+    )]
+    HlcAhead { lead_ms: u64, bound_ms: u64 },
     #[error("the disk is full; the write was not applied")]
     DiskFull,
     /// The store hit a fault it cannot recover from (a failed fsync, a writer panic) and

@@ -99,6 +99,23 @@ pub struct StoreOptions {
     /// whose origin may already have issued, elsewhere, the sequence numbers it would issue
     /// next. See `docs/replication.md`.
     pub renew_origin: bool,
+    /// How far ahead of this host's wall clock a timestamp may be taken: the clock never
+    /// adopts a peer's timestamp beyond it (a record stamped further ahead is applied, and
+    /// the clock moves to the bound only), and a local write is refused while the clock is
+    /// ahead of the wall clock by more ([`StoreError::HlcAhead`]). CockroachDB's default.
+    pub max_clock_offset_ms: u64,
+}
+
+/// The default [`StoreOptions::max_clock_offset_ms`].
+pub const DEFAULT_MAX_CLOCK_OFFSET_MS: u64 = 500;
+
+/// Why this agent refuses local writes for its clock: its offset from its peers, as its
+/// gossip node measured it ([`Store::set_clock_fence`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockFence {
+    /// Peers' clocks minus this host's (the median over recent samples), in ms.
+    pub offset_ms: i64,
+    pub bound_ms: u64,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -136,6 +153,7 @@ impl Default for StoreOptions {
             clock: Arc::new(SystemClock),
             failpoints: Arc::new(Failpoints::default()),
             renew_origin: false,
+            max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
         }
     }
 }
@@ -203,6 +221,9 @@ impl Failpoints {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusals {
     pub count: u64,
+    /// Of them, refused for a timestamp too far ahead ([`Refusal::ClockAhead`]): its
+    /// writer's clock is fast.
+    pub clock_ahead: u64,
     pub last: Refusal,
 }
 
@@ -239,6 +260,8 @@ pub(crate) struct State {
     wall: Arc<dyn Clock>,
     /// Set once, when the store fails for good.
     failure: tokio::sync::watch::Sender<Option<Arc<str>>>,
+    /// Set while this agent's clock is off its peers' ([`Store::set_clock_fence`]).
+    clock_fence: tokio::sync::watch::Sender<Option<ClockFence>>,
     commits: AtomicU64,
 }
 
@@ -320,14 +343,15 @@ impl State {
         if refused.is_empty() {
             return;
         }
-        let mut per_origin: BTreeMap<NodeId, (u64, Refusal)> = BTreeMap::new();
+        let mut per_origin: BTreeMap<NodeId, (u64, u64, Refusal)> = BTreeMap::new();
         for (origin, why) in refused {
-            let e = per_origin.entry(origin).or_insert((0, why.clone()));
+            let e = per_origin.entry(origin).or_insert((0, 0, why.clone()));
             e.0 += 1;
-            e.1 = why;
+            e.1 += u64::from(matches!(why, Refusal::ClockAhead { .. }));
+            e.2 = why;
         }
         let mut all = self.refusals.lock().expect("refusals lock");
-        for (origin, (count, last)) in per_origin {
+        for (origin, (count, clock_ahead, last)) in per_origin {
             let origin = if all.contains_key(&origin) || all.len() < MAX_REFUSAL_ORIGINS {
                 origin
             } else {
@@ -335,10 +359,12 @@ impl State {
             };
             let e = all.entry(origin).or_insert(Refusals {
                 count: 0,
+                clock_ahead: 0,
                 last: last.clone(),
             });
             let before = e.count;
             e.count += count;
+            e.clock_ahead += clock_ahead;
             // Logged when the total crosses a power of two: the first refusal at once, a
             // steady stream without flooding the log.
             if before.checked_ilog2() != e.count.checked_ilog2() {
@@ -467,6 +493,7 @@ fn new_state(
         retired: RwLock::new(meta.retired.clone()),
         refusals: Mutex::new(BTreeMap::new()),
         failure: tokio::sync::watch::Sender::new(None),
+        clock_fence: tokio::sync::watch::Sender::new(None),
         commits: AtomicU64::new(0),
     })
 }
@@ -558,6 +585,7 @@ impl Store {
                 kind: opts.kind.clone(),
                 wall: opts.clock.clone(),
                 ids,
+                max_offset_ms: opts.max_clock_offset_ms,
             },
             state: state.clone(),
             queue: queue.clone(),
@@ -631,6 +659,7 @@ impl Store {
                 kind: opts.kind.clone(),
                 wall: opts.clock.clone(),
                 ids: IdSource::Seeded(seed),
+                max_offset_ms: opts.max_clock_offset_ms,
             },
             backend: MemBackend::new(rows, opts.failpoints.clone()),
         };
@@ -700,12 +729,43 @@ impl Store {
 
     /// Apply local writes, all or nothing, and return once they are durable.
     pub async fn write(&self, ops: Vec<LocalWrite>) -> Result<Vec<Version>, StoreError> {
+        if let Some(f) = *self.state.clock_fence.borrow() {
+            return Err(StoreError::ClockOffset {
+                offset_ms: f.offset_ms,
+                bound_ms: f.bound_ms,
+            });
+        }
         let bytes = ops.iter().map(LocalWrite::queued_bytes).sum();
         let n = ops.len();
         let (reply, rx) = oneshot::channel();
         self.submit(Class::Local, Request::Local { ops, reply }, n, bytes)
             .await?;
         rx.await.map_err(|_| self.unanswered())?
+    }
+
+    /// Refuse local writes (`Some`) while this agent's clock is off its peers' by more than
+    /// the bound, as its gossip node measures it; `None` lifts it. Reads go on either way.
+    pub fn set_clock_fence(&self, fence: Option<ClockFence>) {
+        self.state.clock_fence.send_if_modified(|f| {
+            let changed = *f != fence;
+            *f = fence;
+            changed
+        });
+    }
+
+    /// The fence on local writes, if any ([`Store::set_clock_fence`]).
+    pub fn clock_fence(&self) -> Option<ClockFence> {
+        *self.state.clock_fence.borrow()
+    }
+
+    /// Changes of the fence on local writes (for the agent's readiness).
+    pub fn clock_fence_changes(&self) -> tokio::sync::watch::Receiver<Option<ClockFence>> {
+        self.state.clock_fence.subscribe()
+    }
+
+    /// This store's wall clock (milliseconds since the Unix epoch): the one it stamps with.
+    pub fn wall_ms(&self) -> u64 {
+        self.state.wall.now_ms()
     }
 
     /// Merge records and covered ranges from a peer. Returns what became of each; refusals

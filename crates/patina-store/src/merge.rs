@@ -14,7 +14,7 @@ use crate::entry::{ByKey, MAX_KEY_LEN};
 use crate::feed::{Change, LeftGroups};
 use crate::knowledge::{Digest, OriginKnowledge, SeqRange, TooManyGaps};
 use crate::overlay::{self, DownSet, MAX_DOWN_OWNERS, OverlayChange};
-use crate::{Candidate, Clock, Entry, HlcClock, KindRef, NodeId, State, StoreError, Version};
+use crate::{Candidate, Clock, Entry, Hlc, HlcClock, KindRef, NodeId, State, StoreError, Version};
 
 /// A write from this node's own clients.
 #[derive(Clone, Debug)]
@@ -353,6 +353,8 @@ pub(crate) struct Core {
     pub kind: KindRef,
     pub wall: Arc<dyn Clock>,
     pub ids: IdSource,
+    /// [`crate::StoreOptions::max_clock_offset_ms`].
+    pub max_offset_ms: u64,
 }
 
 /// States of keys written earlier in the current group, not yet in the index.
@@ -568,6 +570,13 @@ impl Core {
             live_group: Option<&'a str>,
             version: Version,
             value: Option<&'a [u8]>,
+        }
+        let lead_ms = self.clock.last().physical_ms().saturating_sub(g.now_ms);
+        if lead_ms > self.max_offset_ms {
+            return Err(StoreError::HlcAhead {
+                lead_ms,
+                bound_ms: self.max_offset_ms,
+            });
         }
         let mut local: HashMap<&str, After<'_>> = HashMap::new();
         let mut flags = Vec::with_capacity(ops.len());
@@ -1015,7 +1024,10 @@ impl Core {
         {
             return Ok(Refused(Refusal::TooManyGaps));
         }
-        self.clock.observe(v.hlc);
+        // Never adopt a timestamp beyond the bound: a peer with a fast clock must not drag
+        // this one (and through it everyone's) ahead. The record is applied all the same.
+        let ceiling = Hlc(Hlc::from_physical_ms(g.now_ms + self.max_offset_ms + 1).0 - 1);
+        self.clock.observe(v.hlc.min(ceiling));
         let prev = g.current(&record.key);
         let incoming = Candidate {
             version: v,

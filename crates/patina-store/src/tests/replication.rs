@@ -675,3 +675,82 @@ fn two_copies_of_one_data_directory_converge_once_one_moves() {
         assert_eq!(x, y, "{k} differs");
     }
 }
+
+/// A peer's fast clock does not spread: a record stamped 30 s ahead (within the 60 s refusal
+/// bound) is applied, but this store's clock moves only to its wall clock plus
+/// `max_clock_offset_ms`, so its own next write is not stamped 30 s ahead. Without the bound,
+/// the clock adopted the peer's timestamp and every write of this store, and of everyone who
+/// saw them, carried the fast clock on.
+#[test]
+fn a_peers_fast_clock_is_taken_only_up_to_the_bound() {
+    let rt = rt();
+    let (clock, opts) = clock_at(10_000_000);
+    let store = Store::in_memory(NodeId(100), 1, opts);
+    let fast = remote(
+        "k",
+        version(Hlc::from_physical_ms(10_030_000).0, 7, 1),
+        false,
+    );
+    let report = rt.block_on(store.apply(records(vec![fast]))).unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Applied]);
+    let bound = DEFAULT_MAX_CLOCK_OFFSET_MS;
+    assert!(
+        store.view_hlc().physical_ms() <= 10_000_000 + bound,
+        "the clock stays within the bound: {}",
+        store.view_hlc().physical_ms()
+    );
+    clock.advance(10);
+    let v = rt
+        .block_on(store.write(vec![put("m", "web", "x", true)]))
+        .unwrap()[0];
+    assert!(
+        v.hlc.physical_ms() <= 10_000_010 + bound,
+        "a local write is stamped near the wall clock, not the peer's: {}",
+        v.hlc.physical_ms()
+    );
+}
+
+/// A wall clock stepped back after timestamps were issued: local writes are refused (they
+/// would be stamped in the future, as far as peers can tell) until the wall clock is within
+/// the bound of the store's clock again; the fence the gossip node sets refuses them too,
+/// and reads go on.
+#[test]
+fn local_writes_are_refused_while_the_clock_is_off() {
+    let rt = rt();
+    let (clock, opts) = clock_at(10_000_000);
+    let store = Store::in_memory(NodeId(100), 1, opts);
+    rt.block_on(store.write(vec![put("a", "web", "x", true)]))
+        .unwrap();
+    clock.set(9_990_000); // stepped back 10 s
+    let err = rt
+        .block_on(store.write(vec![put("b", "web", "x", true)]))
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::HlcAhead { lead_ms, .. } if lead_ms >= 9_999),
+        "{err:?}"
+    );
+    assert!(store.get_latest("a").is_some(), "reads go on");
+    clock.set(10_000_400); // caught up within the bound
+    rt.block_on(store.write(vec![put("b", "web", "x", true)]))
+        .unwrap();
+    store.set_clock_fence(Some(ClockFence {
+        offset_ms: -300_000,
+        bound_ms: 500,
+    }));
+    let err = rt
+        .block_on(store.write(vec![put("c", "web", "x", true)]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::ClockOffset {
+                offset_ms: -300_000,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    store.set_clock_fence(None);
+    rt.block_on(store.write(vec![put("c", "web", "x", true)]))
+        .unwrap();
+}
