@@ -504,6 +504,7 @@ impl World {
                         *self.renewals.entry(i).or_default() += 1;
                         self.nodes[i].identity = identity;
                     }
+                    Output::ClockFence(fence) => self.nodes[i].store.set_clock_fence(fence),
                     Output::OriginConflict { .. } => {
                         let _ = now_or_never(self.nodes[i].store.leave_origin());
                         self.follow_feed(i);

@@ -155,6 +155,27 @@ pub async fn serve_with(
     health_reporter
         .set_service_status(name, tonic_health::ServingStatus::Serving)
         .await;
+    // Readiness follows the clock: NOT_SERVING while this agent's clock is off its peers'
+    // (its writes are refused; reads go on), SERVING again once it is back within the bound.
+    let readiness = {
+        let reporter = health_reporter.clone();
+        let mut fence = store.clock_fence_changes();
+        tokio::spawn(async move {
+            loop {
+                let status = if fence.borrow_and_update().is_some() {
+                    tonic_health::ServingStatus::NotServing
+                } else {
+                    tonic_health::ServingStatus::Serving
+                };
+                reporter.set_service_status(name, status).await;
+                reporter.set_service_status("", status).await;
+                if fence.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let stop_readiness = readiness.abort_handle();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(patina_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -177,6 +198,7 @@ pub async fn serve_with(
     let served = add(served, stopping.clone())
         .serve_with_incoming_shutdown(incoming, async move {
             let not_serving = async || {
+                stop_readiness.abort();
                 health_reporter
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)
                     .await;
@@ -227,6 +249,7 @@ pub async fn serve_with(
         let _ = stopping.wait_for(|s| *s).await;
     });
     let (served, ()) = tokio::join!(served, refusing);
+    readiness.abort();
     served?;
     match failure.get() {
         Some(Failure::Store(why)) => Err(ServeError::StoreFailed(why.clone())),

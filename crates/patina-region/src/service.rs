@@ -113,6 +113,9 @@ pub(crate) fn store_error(e: StoreError) -> Status {
         StoreError::Overloaded => {
             Status::resource_exhausted("the agent's write queue is full: retry later")
         }
+        e @ (StoreError::ClockOffset { .. } | StoreError::HlcAhead { .. }) => {
+            Status::unavailable(e.to_string())
+        }
         StoreError::TooLarge { bytes, limit } => Status::resource_exhausted(format!(
             "a request of {bytes} bytes exceeds the write queue's {limit} bytes"
         )),

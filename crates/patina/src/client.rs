@@ -93,6 +93,8 @@ struct OriginJson {
     gaps: u64,
     missing: u64,
     refused: u64,
+    /// Of them, stamped too far ahead: the origin's clock is fast.
+    clock_ahead: u64,
     hidden: bool,
 }
 
@@ -117,6 +119,9 @@ struct ViewJson {
     members_alive: u32,
     syncs_completed: u64,
     oldest_gap_ms: u64,
+    /// Peers' clocks minus this agent's (median), over how many peers.
+    clock_offset_ms: i64,
+    clock_samples: u32,
 }
 
 #[derive(Serialize)]
@@ -172,6 +177,8 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
             members_alive: v.members_alive,
             syncs_completed: v.syncs_completed,
             oldest_gap_ms: v.oldest_gap_ms,
+            clock_offset_ms: v.clock_offset_ms,
+            clock_samples: v.clock_samples,
         })
     });
     let s = StatusJson {
@@ -190,6 +197,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
                 gaps: o.gaps,
                 missing: o.missing,
                 refused: o.refused,
+                clock_ahead: o.clock_ahead,
                 hidden: o.hidden,
             })
             .collect(),
@@ -241,8 +249,13 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
             format!("does not stand ({})", v.reasons.join(", "))
         };
         println!(
-            "{region}view {stands}: {} of {} members alive, {} sessions completed, oldest gap {} ms",
-            v.members_alive, v.members_recent, v.syncs_completed, v.oldest_gap_ms
+            "{region}view {stands}: {} of {} members alive, {} sessions completed, oldest gap {} ms; peers' clocks {:+} ms from this one's ({} sampled)",
+            v.members_alive,
+            v.members_recent,
+            v.syncs_completed,
+            v.oldest_gap_ms,
+            v.clock_offset_ms,
+            v.clock_samples
         );
     }
     println!(
@@ -260,17 +273,18 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.sync_records_out
     );
     println!(
-        "{:<18} {:>10} {:>6} {:>10} {:>8} {:>7}",
-        "ORIGIN", "HEAD", "GAPS", "MISSING", "REFUSED", "HIDDEN"
+        "{:<18} {:>10} {:>6} {:>10} {:>8} {:>11} {:>7}",
+        "ORIGIN", "HEAD", "GAPS", "MISSING", "REFUSED", "CLOCK AHEAD", "HIDDEN"
     );
     for o in &s.origins {
         println!(
-            "{:<18} {:>10} {:>6} {:>10} {:>8} {:>7}",
+            "{:<18} {:>10} {:>6} {:>10} {:>8} {:>11} {:>7}",
             term(&o.origin),
             o.head,
             o.gaps,
             o.missing,
             o.refused,
+            o.clock_ahead,
             if o.hidden { "yes" } else { "" }
         );
     }

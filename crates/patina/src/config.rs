@@ -176,6 +176,9 @@ pub struct GossipConfig {
     pub view_settle_ms: NonZeroU64,
     /// A gap in what this agent knows open this long keeps its view from standing.
     pub max_gap_age_ms: NonZeroU64,
+    /// How far this agent's clock may be off its peers' (the median of its samples) before
+    /// it refuses local writes, and how far ahead of its wall clock it takes a timestamp.
+    pub max_clock_offset_ms: NonZeroU64,
 }
 
 impl Default for GossipConfig {
@@ -207,6 +210,7 @@ impl Default for GossipConfig {
             standalone: false,
             view_settle_ms: ms(d.view_settle),
             max_gap_age_ms: ms(d.max_gap_age),
+            max_clock_offset_ms: ms(d.max_clock_offset),
         }
     }
 }
@@ -229,6 +233,10 @@ impl GossipConfig {
         anyhow::ensure!(
             (60..=315_360_000).contains(&self.tombstone_ttl_secs.get()),
             "config: gossip.tombstone_ttl_secs must be between 60 (anti-entropy must have run) and 315360000 (10 years)"
+        );
+        anyhow::ensure!(
+            (10..=60_000).contains(&self.max_clock_offset_ms.get()),
+            "config: gossip.max_clock_offset_ms must be between 10 and 60000"
         );
         anyhow::ensure!(
             !self.standalone || self.seeds.is_empty(),
@@ -254,6 +262,7 @@ impl GossipConfig {
             standalone: self.standalone,
             view_settle: ms(self.view_settle_ms),
             max_gap_age: ms(self.max_gap_age_ms),
+            max_clock_offset: ms(self.max_clock_offset_ms),
             ..patina_gossip::Config::lan(cluster)
         })
     }

@@ -369,11 +369,15 @@ pub(crate) async fn run_agent(
 ) -> anyhow::Result<()> {
     raise_open_file_limit(&config);
     let dir = config.data_dir.clone();
-    let (opts, cluster_default) = match role {
+    let (mut opts, cluster_default) = match role {
         Role::Region => (config.store.options(&config.region), config.region.as_str()),
         Role::Global | Role::Bridge(_) => (config.store.global_options(), config::GLOBAL_CLUSTER),
     };
     let mut node = config.gossip.node(cluster_default)?;
+    opts.max_clock_offset_ms = node.max_clock_offset.as_millis() as u64;
+    if let Some(clock) = stepped_clock_from_env() {
+        opts.clock = clock;
+    }
     // An edge cut off from the world answers from its last known state (docs/global.md).
     node.fail_static = !matches!(role, Role::Region);
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
@@ -589,6 +593,39 @@ pub(crate) async fn run_agent(
 
 /// How long each step of the teardown may take (the bridge's stop, gossip's leave).
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A wall clock that steps: the system's, plus `step_ms` from `after` on. For tests of clock
+/// bounds only (`PATINA_FAULT=clock-step-ms=N,after-ms=M`).
+struct SteppedClock {
+    start: std::time::Instant,
+    after: std::time::Duration,
+    step_ms: i64,
+}
+
+impl patina_store::Clock for SteppedClock {
+    fn now_ms(&self) -> u64 {
+        let now = patina_store::SystemClock.now_ms();
+        if self.start.elapsed() >= self.after {
+            now.saturating_add_signed(self.step_ms)
+        } else {
+            now
+        }
+    }
+}
+
+/// `PATINA_FAULT=clock-step-ms=N,after-ms=M`: this agent's wall clock jumps by N ms M ms
+/// after it starts. Said loudly.
+fn stepped_clock_from_env() -> Option<Arc<dyn patina_store::Clock>> {
+    let v = std::env::var("PATINA_FAULT").ok()?;
+    let (step, after) = v.strip_prefix("clock-step-ms=")?.split_once(",after-ms=")?;
+    let (step_ms, after_ms): (i64, u64) = (step.parse().ok()?, after.parse().ok()?);
+    tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
+    Some(Arc::new(SteppedClock {
+        start: std::time::Instant::now(),
+        after: std::time::Duration::from_millis(after_ms),
+        step_ms,
+    }))
+}
 
 /// A fault to inject, for tests of the agent's supervision only: `PATINA_FAULT` set to
 /// `gossip-panic-after-ms=N` makes the gossip loop panic N ms after it starts. Said loudly.

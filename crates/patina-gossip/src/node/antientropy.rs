@@ -218,6 +218,7 @@ impl Node {
     /// What datagrams can make this node hold, bounded by members and time: notices nothing
     /// filled, and arrival times of addresses that are not members (a forged source).
     pub(super) fn prune_peer_state(&mut self) {
+        self.prune_clock_samples();
         let ttl = self.cfg.sync_interval * super::NOTICE_TTL_ROUNDS;
         let now = self.now;
         self.shared

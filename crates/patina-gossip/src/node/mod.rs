@@ -24,6 +24,7 @@ use crate::identity::{Codec, Identity};
 use crate::wire::{KIND_PUSH, KIND_SWIM, Push};
 
 mod antientropy;
+mod clock;
 mod dissemination;
 mod liveness;
 mod retire;
@@ -32,6 +33,7 @@ mod suspicion;
 mod view;
 
 pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT, SyncEnd};
+pub use clock::CLOCK_SAMPLE_TTL;
 pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
 pub use shared::ItemKey;
 use shared::{Handler, Shared};
@@ -107,6 +109,10 @@ pub struct Config {
     /// A gap open this long (a change known to exist and not received) keeps the view from
     /// standing.
     pub max_gap_age: Duration,
+    /// Past this offset from its peers' clocks (the median of its samples), the node fences
+    /// its store's local writes ([`Output::ClockFence`]); also how far ahead of the wall
+    /// clock the store may take a timestamp (`StoreOptions::max_clock_offset_ms`).
+    pub max_clock_offset: Duration,
 }
 
 impl Config {
@@ -131,6 +137,7 @@ impl Config {
             standalone: false,
             view_settle: Duration::from_secs(4),
             max_gap_age: Duration::from_secs(10),
+            max_clock_offset: Duration::from_millis(500),
         }
     }
 
@@ -231,6 +238,9 @@ pub enum Output {
     /// Another live member writes as our origin (a copy of our data directory): the store
     /// must move to a fresh origin before the two issue more numbers under one name.
     OriginConflict { other: Identity },
+    /// This node's clock is off its peers' (`Some`: refuse local writes, readiness false) or
+    /// within the bound again (`None`): [`patina_store::Store::set_clock_fence`].
+    ClockFence(Option<patina_store::ClockFence>),
 }
 
 /// Which socket a datagram leaves from and arrives at. Pushes travel apart from SWIM (to the
@@ -357,6 +367,8 @@ pub struct Node {
     /// Members an operator forgot (gone for good): they leave the majority's count, so that a
     /// region that lost most of its agents can stand again without them. Bounded by members.
     forgotten: BTreeSet<NodeId>,
+    /// This node's clock against its peers'.
+    clock: clock::ClockWatch,
 }
 
 impl Node {
@@ -419,6 +431,7 @@ impl Node {
             majority_since: None,
             gap_first: BTreeMap::new(),
             forgotten: BTreeSet::new(),
+            clock: clock::ClockWatch::default(),
         }
     }
 

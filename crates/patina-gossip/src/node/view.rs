@@ -22,6 +22,8 @@ pub enum ViewReason {
     Settling,
     NotSynced,
     OldGap,
+    /// The node's clock is off its peers' (it refuses writes).
+    ClockOff,
 }
 
 /// The node's view, as [`Node::view_status`] last judged it.
@@ -35,6 +37,10 @@ pub struct ViewStatus {
     pub members_alive: u32,
     pub syncs_completed: u64,
     pub oldest_gap: Duration,
+    /// Peers' clocks minus this node's (the median, with itself as 0), and how many peers
+    /// were sampled.
+    pub clock_offset_ms: i64,
+    pub clock_samples: u32,
 }
 
 impl Node {
@@ -81,7 +87,13 @@ impl Node {
         if oldest_gap > self.cfg.max_gap_age {
             reasons.push(ViewReason::OldGap);
         }
+        if self.clock.fence.is_some() {
+            reasons.push(ViewReason::ClockOff);
+        }
+        let (clock_offset_ms, clock_samples) = self.clock_offset();
         ViewStatus {
+            clock_offset_ms,
+            clock_samples: clock_samples as u32,
             stands: reasons.is_empty(),
             reasons,
             members_recent: total as u32,

@@ -96,6 +96,7 @@ pub(super) fn view_message(view: Option<&ViewStatus>) -> patina_proto::v1::ViewS
                     ViewReason::Settling => R::Settling,
                     ViewReason::NotSynced => R::NotSynced,
                     ViewReason::OldGap => R::OldGap,
+                    ViewReason::ClockOff => R::ClockOff,
                 }) as i32
             })
             .collect(),
@@ -103,6 +104,8 @@ pub(super) fn view_message(view: Option<&ViewStatus>) -> patina_proto::v1::ViewS
         members_alive: v.members_alive,
         syncs_completed: v.syncs_completed,
         oldest_gap_ms: v.oldest_gap.as_millis() as u64,
+        clock_offset_ms: v.clock_offset_ms,
+        clock_samples: v.clock_samples,
     }
 }
 
@@ -149,8 +152,8 @@ impl Admin for AdminService {
         let stats = store.stats();
         let refusals = store.refusals();
         let down = store.down_owners();
-        let origins = store
-            .digest()
+        let digest = store.digest();
+        let mut origins: Vec<OriginStatus> = digest
             .iter()
             .map(|(o, k)| OriginStatus {
                 origin: o.to_string(),
@@ -159,8 +162,23 @@ impl Admin for AdminService {
                 missing: k.gaps().map(|r| r.hi() - r.lo() + 1).sum(),
                 refused: refusals.get(o).map_or(0, |r| r.count),
                 hidden: down.contains(o),
+                clock_ahead: refusals.get(o).map_or(0, |r| r.clock_ahead),
             })
             .collect();
+        // Origins whose every record was refused (a fast clock's, say) are in no digest:
+        // shown all the same, never dropped in silence.
+        origins.extend(
+            refusals
+                .iter()
+                .filter(|(o, _)| !digest.contains_key(o))
+                .map(|(o, r)| OriginStatus {
+                    origin: o.to_string(),
+                    refused: r.count,
+                    clock_ahead: r.clock_ahead,
+                    hidden: down.contains(o),
+                    ..OriginStatus::default()
+                }),
+        );
         let c = &snap.counters;
         let s = &self.gossip.sync_counters;
         Ok(Response::new(ClusterStatusResponse {

@@ -41,6 +41,12 @@ enum Input {
     },
     /// Versions from peers the store did not take (see [`ApplyOutcome::Dropped`]).
     Dropped(Vec<(NodeId, u64)>),
+    /// A session's hellos measured `peer`'s clock minus ours.
+    ClockSample {
+        peer: Identity,
+        offset_ms: i64,
+        err_ms: u64,
+    },
     SyncDone {
         peer: Identity,
         end: crate::node::SyncEnd,
@@ -988,6 +994,11 @@ impl Task {
             Input::Local(records) => self.node.handle_local(now, &records),
             Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
             Input::Dropped(versions) => self.node.handle_dropped(now, &versions),
+            Input::ClockSample {
+                peer,
+                offset_ms,
+                err_ms,
+            } => self.node.handle_clock_sample(now, peer, offset_ms, err_ms),
             Input::SyncDone { peer, end } => self.node.handle_sync_done(now, peer, end),
             Input::NewOrigin(node) => self.node.handle_new_origin(now, node),
             Input::Retired(origin) => self.node.handle_retired(now, origin),
@@ -1021,12 +1032,17 @@ impl Task {
     fn flush(&mut self, sockets: &Sockets) {
         // Reap finished helper tasks so the set stays small.
         while self.tasks.try_join_next().is_some() {}
+        let now = self.now();
+        let due = self.view_at.is_none_or(|at| now >= at + VIEW_EVERY);
+        if due {
+            // A step of the wall clock fences local writes in this very turn.
+            self.node.handle_wall(now, self.store.wall_ms());
+        }
         let outputs = self.node.drain();
         // The view is judged before a liveness change goes to the store: a follower then
         // sees a hide only with the view that explains it (an isolated node's is not standing).
-        let now = self.now();
         let liveness = outputs.iter().any(|o| matches!(o, Output::Liveness { .. }));
-        if liveness || self.view_at.is_none_or(|at| now >= at + VIEW_EVERY) {
+        if liveness || due {
             self.view_at = Some(now);
             let judged = self.node.view_status(now);
             self.view_tx.send_if_modified(|v| {
@@ -1126,6 +1142,7 @@ impl Task {
                         &self.main,
                     );
                 }
+                Output::ClockFence(fence) => self.store.set_clock_fence(fence),
                 Output::OriginConflict { other } => {
                     tracing::error!(other = %other, "another live agent writes as this store's origin (a copy of this data directory): moving to a fresh origin");
                     let store = self.store.clone();

@@ -38,13 +38,16 @@ const SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Our hello, and the claim it makes: the digest this side plans its half of the session
-/// from.
-fn hello(g: &Gossip) -> (SyncMessage, Claim) {
+/// from. It carries our wall clock (and, in a server's, when the client's hello arrived),
+/// from which the client measures the offset between the two clocks.
+fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim) {
     let digest = g.store.digest();
     let message = SyncMessage {
         body: Some(Body::Hello(SyncHello {
             cluster: g.cluster.to_string(),
             node: g.store.node().0,
+            wall_ms: g.store.wall_ms(),
+            received_wall_ms,
             digest: digest
                 .iter()
                 .map(|(o, k)| OriginDigest {
@@ -64,8 +67,29 @@ fn hello(g: &Gossip) -> (SyncMessage, Claim) {
     (message, Claim::of(digest))
 }
 
+/// The clock readings a hello carries.
+#[derive(Clone, Copy, Debug, Default)]
+struct HelloClock {
+    wall_ms: u64,
+    received_wall_ms: u64,
+}
+
+/// The offset of the server's clock from ours (ms), within an error of half the round trip,
+/// from NTP's four timestamps: `t0` ours as our hello left, `t1` the server's as it arrived,
+/// `t2` the server's as its hello left, `t3` ours as it arrived. `None` when the server sent
+/// no readings.
+fn clock_sample(t0: u64, t1: u64, t2: u64, t3: u64) -> Option<(i64, u64)> {
+    if t1 == 0 || t2 == 0 {
+        return None;
+    }
+    let (t0, t1, t2, t3) = (t0 as i64, t1 as i64, t2 as i64, t3 as i64);
+    let offset = ((t1 - t0) + (t2 - t3)) / 2;
+    let round_trip = ((t3 - t0) - (t2 - t1)).max(0) as u64;
+    Some((offset, round_trip / 2))
+}
+
 /// A peer's digest from its hello, checked.
-fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<Digest, Status> {
+fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloClock), Status> {
     let Some(SyncMessage {
         body: Some(Body::Hello(h)),
     }) = msg
@@ -80,6 +104,10 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<Digest, Status> 
     if h.digest.len() > crate::sync::MAX_DIGEST_ORIGINS {
         return Err(Status::resource_exhausted("digest has too many origins"));
     }
+    let clock = HelloClock {
+        wall_ms: h.wall_ms,
+        received_wall_ms: h.received_wall_ms,
+    };
     let mut out = Digest::new();
     for d in h.digest {
         let gaps: Option<Vec<SeqRange>> =
@@ -89,7 +117,7 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<Digest, Status> 
             .ok_or_else(|| Status::invalid_argument("malformed digest"))?;
         out.insert(NodeId(d.origin), k);
     }
-    Ok(out)
+    Ok((out, clock))
 }
 
 /// Where a side's outbound messages go.
@@ -333,7 +361,12 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let (hello, ours) = hello(g);
+        let (hello, ours) = hello(g, 0);
+        let t0 = match &hello.body {
+            Some(Body::Hello(h)) => h.wall_ms,
+            _ => 0,
+        };
+        let sent = std::time::Instant::now();
         tx.send(hello).await.map_err(|e| e.to_string())?;
         let response = client
             .exchange(ReceiverStream::new(rx))
@@ -344,7 +377,22 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
             .await
             .map_err(|_| "no hello".to_string())?
             .map_err(|e| e.to_string())?;
-        let theirs = their_digest(g, first).map_err(|e| e.to_string())?;
+        // Our clock when it arrived: t0 plus the monotonic time since (a step of our wall
+        // clock in between cannot spoil the sample).
+        let t3 = t0 + sent.elapsed().as_millis() as u64;
+        let (theirs, clock) = their_digest(g, first).map_err(|e| e.to_string())?;
+        if let Some((offset_ms, err_ms)) =
+            clock_sample(t0, clock.received_wall_ms, clock.wall_ms, t3)
+        {
+            let _ = g
+                .inputs
+                .send(super::Input::ClockSample {
+                    peer,
+                    offset_ms,
+                    err_ms,
+                })
+                .await;
+        }
         Ok::<_, String>((tx, inbound, ours, theirs))
     })
     .await
@@ -462,9 +510,10 @@ impl Sync for SyncService {
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello"))??;
-        let theirs = their_digest(&self.gossip, first)?;
+        let arrived = self.gossip.store.wall_ms();
+        let (theirs, _) = their_digest(&self.gossip, first)?;
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let (hello, ours) = hello(&self.gossip);
+        let (hello, ours) = hello(&self.gossip, arrived);
         let _ = tx.send(Ok(hello)).await;
         let g = self.gossip.clone();
         tokio::spawn(async move {

@@ -1,0 +1,263 @@
+//! The agent's clock against its peers'. Timestamps decide merges, so a clock far ahead wins
+//! everything: the node measures its offset from samples the shell takes in anti-entropy
+//! hellos (NTP's four timestamps, [`Node::handle_clock_sample`]), takes the median over
+//! recent samples and itself (0), and fences the store's local writes while the median is
+//! beyond `Config::max_clock_offset` (lifted once it is back within half of it). A step of
+//! the wall clock against the node's monotonic time ([`Node::handle_wall`]) fences at once,
+//! until a sample taken after it says otherwise: the first seconds after a step are when a
+//! fast clock would stamp writes no peer will take.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use patina_store::ClockFence;
+
+use super::{Node, Output};
+use crate::identity::Identity;
+
+/// How long a sample counts.
+pub const CLOCK_SAMPLE_TTL: Duration = Duration::from_secs(60);
+/// A step detected with no member to sample stops fencing after this long (a region of one
+/// agent has no peer to compare with).
+const STEP_ALONE: Duration = Duration::from_secs(10);
+
+/// What the node knows of its clock.
+#[derive(Debug, Default)]
+pub(super) struct ClockWatch {
+    /// Per member address: its clock minus ours (ms), and when the sample was taken.
+    samples: BTreeMap<SocketAddr, (i64, Duration)>,
+    /// This host's wall clock minus the node's time, at the last reading.
+    wall_base: Option<i64>,
+    /// A step of the wall clock was seen then (and by how much); no sample since.
+    stepped: Option<(Duration, i64)>,
+    pub(super) fence: Option<ClockFence>,
+}
+
+impl Node {
+    /// This host's wall clock read `wall_ms` at `now`: a change of the wall clock against
+    /// the node's time by more than half the bound is a step, and fences at once.
+    pub fn handle_wall(&mut self, now: Duration, wall_ms: u64) {
+        self.now = now;
+        let base = wall_ms as i64 - now.as_millis() as i64;
+        let bound = self.cfg.max_clock_offset.as_millis() as i64;
+        if let Some(prev) = self.clock.wall_base
+            && (base - prev).abs() > bound / 2
+        {
+            tracing::warn!(
+                step_ms = base - prev,
+                "this host's wall clock stepped: local writes are refused until a peer's clock is sampled"
+            );
+            self.clock.stepped = Some((now, base - prev));
+            self.clock.samples.clear();
+        }
+        self.clock.wall_base = Some(base);
+        self.judge_clock();
+    }
+
+    /// A sample from an anti-entropy hello with `peer`: its clock minus ours is `offset_ms`,
+    /// within `err_ms` (half the round trip). Samples less precise than half the bound are
+    /// not taken.
+    pub fn handle_clock_sample(
+        &mut self,
+        now: Duration,
+        peer: Identity,
+        offset_ms: i64,
+        err_ms: u64,
+    ) {
+        self.now = now;
+        if err_ms as u128 > self.cfg.max_clock_offset.as_millis() / 2 {
+            return;
+        }
+        self.clock.samples.insert(peer.addr, (offset_ms, now));
+        self.clock.stepped = None;
+        self.judge_clock();
+    }
+
+    /// Samples of members only, and recent ones (called each sync round).
+    pub(super) fn prune_clock_samples(&mut self) {
+        let now = self.now;
+        let members: std::collections::BTreeSet<SocketAddr> =
+            self.foca.iter_members().map(|m| m.id().addr).collect();
+        self.clock.samples.retain(|addr, (_, at)| {
+            members.contains(addr) && now.saturating_sub(*at) < CLOCK_SAMPLE_TTL
+        });
+        self.judge_clock();
+    }
+
+    /// The median of the peers' offsets and our own (0): past the bound, the node is the
+    /// one off (a majority of clocks agree against it); with one peer, the lower-magnitude
+    /// middle wins, so a region of two never fences on one sample.
+    pub(super) fn clock_offset(&self) -> (i64, usize) {
+        let mut all: Vec<i64> = self.clock.samples.values().map(|(o, _)| *o).collect();
+        let n = all.len();
+        all.push(0);
+        all.sort_unstable();
+        let mid = all.len() / 2;
+        let median = if all.len() % 2 == 1 {
+            all[mid]
+        } else if all[mid - 1].abs() <= all[mid].abs() {
+            all[mid - 1]
+        } else {
+            all[mid]
+        };
+        (median, n)
+    }
+
+    fn judge_clock(&mut self) {
+        let bound = self.cfg.max_clock_offset.as_millis() as u64;
+        let (offset, _) = self.clock_offset();
+        let fenced_before = self.clock.fence.is_some();
+        let limit = if fenced_before { bound / 2 } else { bound };
+        let mut fence = (offset.unsigned_abs() > limit).then_some(ClockFence {
+            offset_ms: offset,
+            bound_ms: bound,
+        });
+        if let Some((at, step)) = self.clock.stepped {
+            let alone = self.foca.num_members() == 0 && self.now >= at + STEP_ALONE;
+            if alone {
+                self.clock.stepped = None;
+            } else if fence.is_none() {
+                // The offset the step made, as peers would see it.
+                fence = Some(ClockFence {
+                    offset_ms: -step,
+                    bound_ms: bound,
+                });
+            }
+        }
+        if fence.is_some() != fenced_before {
+            match fence {
+                Some(f) => tracing::error!(
+                    offset_ms = f.offset_ms,
+                    bound_ms = bound,
+                    "this agent's clock is off its peers': refusing local writes"
+                ),
+                None => tracing::warn!(
+                    offset_ms = offset,
+                    "this agent's clock is within the bound of its peers' again: taking writes"
+                ),
+            }
+        }
+        if fence != self.clock.fence {
+            self.clock.fence = fence;
+            self.out.push(Output::ClockFence(fence));
+        }
+    }
+
+    /// The fence on local writes, if the clock is off.
+    pub fn clock_fence(&self) -> Option<ClockFence> {
+        self.clock.fence
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use patina_store::NodeId;
+
+    use super::*;
+    use crate::envelope::ClusterName;
+    use crate::node::Config;
+
+    fn node() -> Node {
+        let me = Identity {
+            node: NodeId(1),
+            addr: "10.0.0.1:7000".parse().unwrap(),
+            api_port: 7001,
+            epoch: 1,
+        };
+        let cfg = Config::lan(ClusterName::new("clock").unwrap());
+        Node::new(me, cfg, BTreeMap::new(), Vec::new(), 7)
+    }
+
+    fn peer(i: u8) -> Identity {
+        Identity {
+            node: NodeId(u64::from(i) + 1),
+            addr: format!("10.0.0.{i}:7000").parse().unwrap(),
+            api_port: 7001,
+            epoch: 1,
+        }
+    }
+
+    fn fences(n: &mut Node) -> Vec<Option<ClockFence>> {
+        n.drain()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::ClockFence(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_node_whose_clock_is_five_minutes_ahead_of_two_peers_fences_its_writes() {
+        let mut n = node();
+        n.handle_clock_sample(ms(1), peer(2), -300_000, 1);
+        assert!(
+            fences(&mut n).is_empty(),
+            "one peer against itself: the median is 0"
+        );
+        n.handle_clock_sample(ms(2), peer(3), -300_001, 1);
+        let f = fences(&mut n);
+        assert_eq!(
+            f,
+            [Some(ClockFence {
+                offset_ms: -300_000,
+                bound_ms: 500
+            })]
+        );
+        assert!(
+            n.view_status(ms(3))
+                .reasons
+                .contains(&super::super::ViewReason::ClockOff)
+        );
+        // Back within half the bound: lifted (not at 400 ms: hysteresis).
+        n.handle_clock_sample(ms(4), peer(2), -400, 1);
+        n.handle_clock_sample(ms(5), peer(3), -400, 1);
+        assert!(
+            fences(&mut n).iter().all(Option::is_some) && n.clock_fence().is_some(),
+            "still beyond half the bound"
+        );
+        n.handle_clock_sample(ms(6), peer(2), -10, 1);
+        n.handle_clock_sample(ms(7), peer(3), -10, 1);
+        assert_eq!(fences(&mut n), [None]);
+    }
+
+    #[test]
+    fn a_healthy_node_with_one_fast_peer_takes_writes() {
+        let mut n = node();
+        n.handle_clock_sample(ms(1), peer(2), 300_000, 1);
+        n.handle_clock_sample(ms(2), peer(3), 3, 1);
+        n.handle_clock_sample(ms(3), peer(4), -2, 1);
+        assert!(fences(&mut n).is_empty());
+        assert_eq!(n.clock_fence(), None);
+        // A sample with a round trip of more than the bound says nothing.
+        n.handle_clock_sample(ms(4), peer(3), -300_000, 400);
+        n.handle_clock_sample(ms(5), peer(4), -300_000, 400);
+        assert_eq!(n.clock_fence(), None);
+    }
+
+    #[test]
+    fn a_step_of_the_wall_clock_fences_at_once_until_a_sample_says_otherwise() {
+        let mut n = node();
+        n.handle_wall(ms(0), 1_000_000);
+        n.handle_wall(ms(50), 1_000_050);
+        assert!(fences(&mut n).is_empty(), "no step");
+        n.handle_wall(ms(100), 1_300_100);
+        assert_eq!(
+            fences(&mut n),
+            [Some(ClockFence {
+                offset_ms: -300_000,
+                bound_ms: 500
+            })]
+        );
+        // A peer sampled after the step: it agrees with us (say the step was a correction).
+        n.handle_clock_sample(ms(200), peer(2), 5, 1);
+        assert_eq!(fences(&mut n), [None]);
+    }
+}
