@@ -308,14 +308,23 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// `patina new-origin`: open the (stopped) agent's store under a fresh origin and close it.
+/// Any agent's data directory: a region agent's (machines), a global agent's or a bridge's
+/// (summaries), whichever it holds.
 async fn new_origin(config: Config) -> anyhow::Result<()> {
     let dir = config.data_dir.clone();
-    let opts = patina_store::StoreOptions {
+    let machines = patina_store::StoreOptions {
         renew_origin: true,
         ..config.store.options(&config.region)
     };
+    let summaries = patina_store::StoreOptions {
+        renew_origin: true,
+        ..config.store.global_options()
+    };
     let node = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&dir, opts)?;
+        let store = match Store::open(&dir, machines) {
+            Err(patina_store::StoreError::WrongKind { .. }) => Store::open(&dir, summaries)?,
+            opened => opened?,
+        };
         let node = store.node();
         store.close();
         anyhow::Ok(node)
@@ -511,8 +520,9 @@ pub(crate) async fn run_agent(
         bridge_done.cancel();
     }
     // The supervisor: the signal, or the first part to end.
+    let served_done = CancellationToken::new();
     let supervisor = {
-        let (stop, failed) = (stop.clone(), failed.clone());
+        let (stop, failed, served_done) = (stop.clone(), failed.clone(), served_done.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = shutdown => tracing::info!("asked to stop"),
@@ -530,12 +540,10 @@ pub(crate) async fn run_agent(
                 () = stop.cancelled() => {}
             }
             stop.cancel();
-            // The teardown awaits the parts' ends through their tokens; what is left is
-            // aborted once the server has stopped (the set is dropped with this task).
-            let _ = tokio::time::timeout(LEAVE_TIMEOUT, async {
-                while parts.join_next().await.is_some() {}
-            })
-            .await;
+            // The teardown awaits the parts it must (the bridge, gossip) through their
+            // tokens; the rest (the table's follower) is aborted once the server has stopped.
+            served_done.cancelled().await;
+            parts.shutdown().await;
         })
     };
     let teardown = {
@@ -583,6 +591,7 @@ pub(crate) async fn run_agent(
     };
     // However the server stopped (a failed store too), every part stops.
     stop.cancel();
+    served_done.cancel();
     let _ = supervisor.await;
     drop(gossip);
     let closing = store.clone();
@@ -638,18 +647,18 @@ fn fault_from_env() -> Option<patina_gossip::shell::Fault> {
     ))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not when the future is
+/// first polled: a signal that arrives while the agent starts (before anything awaits this)
+/// must stop it cleanly, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    async move {
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
+        tracing::info!("shutting down");
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
 }

@@ -422,4 +422,21 @@ async fn a_bridge_data_directory_cannot_change_region() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a bridge of region ord (not fra)"), "{err}");
+    // The remedy it names works on a bridge's data directory (summaries, not machines).
+    let out = std::process::Command::new(bin())
+        .args(["new-origin", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "new-origin on a bridge's directory: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bridge
+        .restart(bin(), "bridge")
+        .expect("the bridge starts for fra under its new origin");
+    let stopping = std::time::Instant::now();
+    assert!(bridge.stop().unwrap(), "a clean stop");
+    eprintln!("stopped in {:?}", stopping.elapsed());
 }
