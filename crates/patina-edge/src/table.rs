@@ -346,7 +346,20 @@ impl Table {
     /// Lookups keep answering from the previous state meanwhile (updated as the snapshot's
     /// summaries arrive).
     pub fn begin_snapshot(&self) {
-        self.generation.fetch_add(1, Ordering::Relaxed);
+        let generation = self
+            .generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1) as u16;
+        // Slots carry the generation in 16 bits: one left from 65,536 snapshots ago (a run of
+        // snapshots that never ended) would pass for this one's and never be swept. Mark any
+        // such slot older (a snapshot is a pass over every summary anyway).
+        for mut slots in self.apps.iter_mut() {
+            for s in slots.value_mut().iter_mut() {
+                if s.generation == generation {
+                    s.generation = generation.wrapping_sub(1);
+                }
+            }
+        }
     }
 
     /// The snapshot is complete: remove the summaries it did not write, and the bridges not
@@ -619,5 +632,24 @@ mod tests {
         assert!(t.lookup("api", "ord").is_empty());
         let s = t.stats();
         assert_eq!((s.apps, s.summaries, s.bridges), (1, 1, 1));
+    }
+
+    #[test]
+    fn a_summary_from_65536_snapshots_ago_is_still_swept() {
+        let t = table(None);
+        put(&t, "web", "ord", 1, 1, 1);
+        // Snapshots that began and never ended (streams cut mid-snapshot), enough for the
+        // 16-bit generation to come round to the summary's.
+        for _ in 0..u32::from(u16::MAX) {
+            t.begin_snapshot();
+        }
+        t.begin_snapshot();
+        put(&t, "api", "fra", 1, 1, 2);
+        t.end_snapshot(&[2].into());
+        assert!(
+            t.lookup("web", "ord").is_empty(),
+            "the stale summary was not swept"
+        );
+        assert_eq!(t.stats().summaries, 1);
     }
 }
