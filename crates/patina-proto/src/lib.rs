@@ -1,7 +1,10 @@
 //! Patina's wire types: prost messages and tonic services generated from `proto/` at build
-//! time. Nothing else lives here; prost types stop at each service edge.
+//! time, and the codec they use ([`codec`]). Nothing else lives here; prost types stop at
+//! each service edge.
 
 #![forbid(unsafe_code)]
+
+pub mod codec;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

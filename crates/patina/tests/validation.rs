@@ -302,3 +302,76 @@ async fn every_validation_rule_rejects_with_a_clear_status_and_changes_nothing()
     let after = observe(&mut client).await;
     assert_eq!(before, after, "a rejected request changed the region");
 }
+
+/// Bytes as the message: a codec that sends what it is given and reads back raw bytes.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut v = vec![0; src.remaining()];
+        src.copy_to_slice(&mut v);
+        Ok(Some(v))
+    }
+}
+
+/// A body that is not a protobuf message at all is the caller's mistake: `INVALID_ARGUMENT`
+/// (tonic's own codec says `INTERNAL`), and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_protobuf_body_is_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = common::start(dir.path(), "127.0.0.1");
+    let mut client = agent.client().await;
+    let before = observe(&mut client).await;
+    let mut grpc = tonic::client::Grpc::new(agent.channel().await);
+    grpc.ready().await.unwrap();
+    // Field 1 (machine) as a length-delimited field claiming 100 bytes, with 2 present.
+    let body = vec![0x0a, 100, 1, 2];
+    let err = grpc
+        .unary(
+            tonic::Request::new(body),
+            "/patina.v1.Region/UpsertMachine".parse().unwrap(),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("malformed"), "{}", err.message());
+    assert_eq!(observe(&mut client).await, before, "nothing changed");
+}
