@@ -162,9 +162,31 @@ pub fn follow(servers: Vec<String>, table: Arc<Table>) -> Edge {
     }
 }
 
+/// A random number from the standard library's per-process keys: enough to spread retries
+/// and starting points, with no dependency.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    h.finish()
+}
+
+/// `d` jittered to between half and one and a half of it: clients that lost one server at
+/// once do not all come back in step.
+pub fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis().max(2) as u64;
+    Duration::from_millis(ms / 2 + random() % ms)
+}
+
 async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<bool>) {
     let mut retry = RETRY_MIN;
-    let mut i = 0usize;
+    // Edges start at a random one of their servers, so that a fleet given the same list
+    // spreads over it (and a server's death sends its edges to different next ones).
+    let mut i = (random() % servers.len().max(1) as u64) as usize;
     let mut failures_here = 0;
     loop {
         let Some(server) = servers.get(i % servers.len().max(1)) else {
@@ -195,7 +217,7 @@ async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<b
             failures_here = 0;
             retry = RETRY_MIN;
         }
-        tokio::time::sleep(retry).await;
+        tokio::time::sleep(jitter(retry)).await;
         retry = (retry * 2).min(RETRY_MAX);
     }
 }
@@ -246,4 +268,18 @@ async fn stream_once(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod jitter_tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_spread_between_half_and_one_and_a_half_of_the_delay() {
+        let d = Duration::from_millis(1_000);
+        let draws: Vec<Duration> = (0..1_000).map(|_| jitter(d)).collect();
+        assert!(draws.iter().all(|j| *j >= d / 2 && *j < d * 3 / 2));
+        let distinct: std::collections::BTreeSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 100, "spread: {} distinct", distinct.len());
+    }
 }

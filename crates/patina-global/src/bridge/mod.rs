@@ -275,7 +275,7 @@ async fn follow_region(cfg: BridgeConfig, tx: mpsc::Sender<RegionEvent>) {
                 break;
             }
         }
-        tokio::time::sleep(retry).await;
+        tokio::time::sleep(patina_edge::follow::jitter(retry)).await;
         retry = (retry * 2).min(RETRY_MAX);
     }
 }
