@@ -133,6 +133,8 @@ pub struct Edge {
     pub table: Arc<Table>,
     /// `true` once a snapshot has completed and while the stream is up.
     pub synced: watch::Receiver<bool>,
+    /// The server it follows now (or tries to).
+    pub following: watch::Receiver<String>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -148,16 +150,18 @@ impl Drop for Edge {
     }
 }
 
-/// Follow `WatchApps` at the first of `servers` (gRPC addresses such as
-/// `http://127.0.0.1:7700`) that answers, keeping `table` current; on a failure, the next.
+/// Follow `WatchApps` at one of `servers` (gRPC addresses such as `http://127.0.0.1:7700`),
+/// starting at a random one, keeping `table` current; on failures, the next.
 /// Runs on the current tokio runtime until the returned [`Edge`] is dropped.
 pub fn follow(servers: Vec<String>, table: Arc<Table>) -> Edge {
     let (tx, synced) = watch::channel(false);
+    let (following_tx, following) = watch::channel(String::new());
     let replica = Replica::new(table.clone());
-    let task = tokio::spawn(run(servers, replica, tx));
+    let task = tokio::spawn(run(servers, replica, tx, following_tx));
     Edge {
         table,
         synced,
+        following,
         task,
     }
 }
@@ -182,7 +186,12 @@ pub fn jitter(d: Duration) -> Duration {
     Duration::from_millis(ms / 2 + random() % ms)
 }
 
-async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<bool>) {
+async fn run(
+    servers: Vec<String>,
+    mut replica: Replica,
+    synced: watch::Sender<bool>,
+    following: watch::Sender<String>,
+) {
     let mut retry = RETRY_MIN;
     // Edges start at a random one of their servers, so that a fleet given the same list
     // spreads over it (and a server's death sends its edges to different next ones).
@@ -192,6 +201,7 @@ async fn run(servers: Vec<String>, mut replica: Replica, synced: watch::Sender<b
         let Some(server) = servers.get(i % servers.len().max(1)) else {
             return;
         };
+        following.send_replace(server.clone());
         let started = tokio::time::Instant::now();
         let mut stalled = false;
         match stream_once(server, &mut replica, &synced).await {

@@ -376,9 +376,17 @@ async fn the_edge_library_follows_global_agents_and_fails_over() {
     assert!(gone.is_some(), "the edge table leaves ord out");
     // The agent it follows stalls (SIGSTOP: its connections stay open, nothing answers):
     // the edge notices the silence, follows the other one, and still learns.
+    // It starts at a random one of its servers: stall the one it follows.
+    let followed = edge.following.borrow().clone();
+    let pid = if followed == g1.url {
+        g1.child.id()
+    } else {
+        assert_eq!(followed, g2.url, "it follows one of its servers");
+        g2.child.id()
+    };
     let stop = |sig: &str| {
         std::process::Command::new("kill")
-            .args([sig, &g1.child.id().to_string()])
+            .args([sig, &pid.to_string()])
             .status()
             .unwrap()
     };
