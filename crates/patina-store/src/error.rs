@@ -80,6 +80,10 @@ pub enum StoreError {
         "this store's clock is {lead_ms} ms ahead of this host's wall clock (bound {bound_ms} ms; did the clock step back?): writes are refused until the wall clock catches up"
     )]
     HlcAhead { lead_ms: u64, bound_ms: u64 },
+    /// A conditional deletion ([`crate::LocalWrite::DeleteIf`]) found the key written since
+    /// it was read; nothing of the request was written.
+    #[error("key {0:?} changed since it was read; nothing was written")]
+    Changed(Arc<str>),
     #[error("the disk is full; the write was not applied")]
     DiskFull,
     /// The store hit a fault it cannot recover from (a failed fsync, a writer panic) and

@@ -27,12 +27,21 @@ pub enum LocalWrite {
     Delete {
         key: String,
     },
+    /// Delete `key` only if its live version is still `version` (what the writer read):
+    /// otherwise the whole request is refused with [`StoreError::Changed`]. For deletions
+    /// decided on a scan (forgetting a member) that must not delete a newer write.
+    DeleteIf {
+        key: String,
+        version: Version,
+    },
 }
 
 impl LocalWrite {
     pub(crate) fn key(&self) -> &str {
         match self {
-            LocalWrite::Put { key, .. } | LocalWrite::Delete { key } => key,
+            LocalWrite::Put { key, .. }
+            | LocalWrite::Delete { key }
+            | LocalWrite::DeleteIf { key, .. } => key,
         }
     }
 
@@ -41,7 +50,7 @@ impl LocalWrite {
         OP_OVERHEAD
             + match self {
                 LocalWrite::Put { key, group, value } => key.len() + group.len() + value.len(),
-                LocalWrite::Delete { key } => key.len(),
+                LocalWrite::Delete { key } | LocalWrite::DeleteIf { key, .. } => key.len(),
             }
     }
 }
@@ -542,7 +551,7 @@ impl Core {
                 LocalWrite::Put { key, group, value } => {
                     Entry::new(key, group, Some(value), flags, version, self.meta.revision)
                 }
-                LocalWrite::Delete { key } => {
+                LocalWrite::Delete { key } | LocalWrite::DeleteIf { key, .. } => {
                     let prev = prev.as_ref().expect("checked: deletes name live keys");
                     Entry::new(key, prev.group(), None, flags, version, self.meta.revision)
                 }
@@ -628,9 +637,14 @@ impl Core {
                     flags.push(self.kind.flags(value));
                     (Some(group.as_str()), Some(value.as_slice()))
                 }
-                LocalWrite::Delete { .. } => {
+                LocalWrite::Delete { .. } | LocalWrite::DeleteIf { .. } => {
                     if live_group.is_none() {
                         return Err(StoreError::NotFound(Arc::from(key)));
+                    }
+                    if let LocalWrite::DeleteIf { version: seen, .. } = op
+                        && before.as_ref().map(|b| b.version) != Some(*seen)
+                    {
+                        return Err(StoreError::Changed(Arc::from(key)));
                     }
                     flags.push(crate::Flags::default());
                     (None, None)

@@ -8,7 +8,7 @@ use patina_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, ForgetRequest, ForgetResponse, Member,
     MembersRequest, MembersResponse, OriginStatus, PeerSync, WhoamiRequest,
 };
-use patina_store::{LocalWrite, NodeId};
+use patina_store::{LocalWrite, NodeId, StoreError};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
@@ -260,27 +260,44 @@ impl Admin for AdminService {
                 "{owner} is not down here: only the records of a member this agent holds down can be forgotten"
             )));
         }
-        let keys: Vec<String> = self
+        // Each key with the version read here: a key written again meanwhile (the member came
+        // back, or another agent took the key over) is not deleted.
+        let seen: Vec<(String, patina_store::Version)> = self
             .gossip
             .store
             .owned_by(owner)
             .iter()
             .filter(|e| e.is_live())
-            .map(|e| e.key().to_string())
+            .map(|e| (e.key().to_string(), e.version()))
             .collect();
         let mut tombstoned = 0u64;
-        for chunk in keys.chunks(FORGET_CHUNK) {
-            let ops = chunk
-                .iter()
-                .map(|k| LocalWrite::Delete { key: k.clone() })
-                .collect();
-            let done = self
-                .gossip
-                .store
-                .write(ops)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            tombstoned += done.len() as u64;
+        let mut skipped = 0u64;
+        for chunk in seen.chunks(FORGET_CHUNK) {
+            let mut chunk: Vec<(String, patina_store::Version)> = chunk.to_vec();
+            // Bounded: each refusal drops one key from the chunk.
+            while !chunk.is_empty() {
+                let ops = chunk
+                    .iter()
+                    .map(|(key, version)| LocalWrite::DeleteIf {
+                        key: key.clone(),
+                        version: *version,
+                    })
+                    .collect();
+                match self.gossip.store.write(ops).await {
+                    Ok(done) => {
+                        tombstoned += done.len() as u64;
+                        break;
+                    }
+                    Err(StoreError::Changed(key) | StoreError::NotFound(key)) => {
+                        chunk.retain(|(k, _)| **k != *key);
+                        skipped += 1;
+                    }
+                    Err(e) => return Err(Status::unavailable(e.to_string())),
+                }
+            }
+        }
+        if skipped > 0 {
+            tracing::info!(owner = %owner, skipped, "forget: keys written or deleted since they were read were left alone");
         }
         tracing::warn!(owner = %owner, tombstoned, "forgot a member: its records are deleted");
         Ok(Response::new(ForgetResponse { tombstoned }))
