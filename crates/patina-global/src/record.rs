@@ -186,6 +186,13 @@ impl Kind for SummaryKind {
     fn wins(&self, incoming: &Candidate<'_>, current: &Candidate<'_>) -> bool {
         (stamp(incoming), incoming.version) > (stamp(current), current.version)
     }
+
+    /// A bridge's summaries and heartbeat are bound to the origin that wrote them (a summary
+    /// is taken only from an origin whose heartbeat names its region): a bridge that moves
+    /// publishes again under its new origin, and its old origin's records go with it.
+    fn rename_on_move(&self) -> bool {
+        false
+    }
 }
 
 /// How far back a deletion is stamped. A bridge deletes a zero summary that has stood for

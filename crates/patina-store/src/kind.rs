@@ -81,6 +81,14 @@ pub trait Kind: Send + Sync + 'static {
     fn group_change(&self) -> GroupChange {
         GroupChange::Refuse
     }
+
+    /// Whether a store that moves to a fresh origin renames the records of its former origin
+    /// (its own and those it adopts) under the new one, each keeping its timestamp. `false`
+    /// for a kind whose records are bound to the origin that wrote them (a bridge's summaries
+    /// and heartbeat, which it publishes again under its new origin).
+    fn rename_on_move(&self) -> bool {
+        true
+    }
 }
 
 /// A shareable kind.

@@ -631,6 +631,7 @@ impl Store {
             overlay_rev: 0,
             collected_rev: 0,
             retired: Default::default(),
+            former: Default::default(),
         };
         let mut knowledge = Digest::new();
         knowledge.insert(node, OriginKnowledge::dense(0));
@@ -923,9 +924,10 @@ impl Store {
 
     /// Move this store to a fresh origin now, because another live agent writes as this
     /// origin (the membership saw it: a copy of this data directory runs there). Takes the
-    /// same path as a peer's record of our own origin that we never wrote (`Refusal::
-    /// OwnOriginConflict`): records held under the old origin are written again under the new
-    /// one, at most once while the store runs. Returns the origin the store writes as after.
+    /// same path as a peer's record of our own origin that we never wrote: records held under
+    /// the old origin are renamed under the new one (timestamps kept), at most once while the
+    /// store runs; the probe itself is refused (`Refusal::OwnOriginConflict`). Returns the
+    /// origin the store writes as after.
     pub async fn leave_origin(&self) -> Result<NodeId, StoreError> {
         let me = self.node();
         // A number above anything this origin issued: certainly not ours.

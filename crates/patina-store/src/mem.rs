@@ -131,6 +131,10 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn put_former(&mut self, _: &Meta) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+
     fn delete_record(&mut self, entry: &Entry) -> Result<(), rusqlite::Error> {
         self.staged.push((entry.clone(), None));
         Ok(())

@@ -221,7 +221,19 @@ pub(crate) struct Meta {
     /// hello); what arrives from them at or below the head is covered, and a number above it
     /// brings the origin back (see `Core::unretire`).
     pub retired: Retired,
+    /// Origins this store wrote as before it moved to a fresh one, each with the timestamp
+    /// it had reached when it moved: a record of such an origin at or below that timestamp
+    /// (written by this store, or by the copy it moved away from, before the move) is adopted
+    /// when it arrives: renamed under the current origin with its timestamp, so that its
+    /// owner is an agent that runs. At most [`MAX_FORMER`], the newest kept.
+    pub former: Former,
 }
+
+/// [`Meta::former`].
+pub type Former = std::collections::BTreeMap<NodeId, crate::Hlc>;
+
+/// Former origins remembered: a store moves at most once per start.
+pub const MAX_FORMER: usize = 16;
 
 /// Where new origin identities come from when a store must move to a fresh one.
 #[derive(Debug)]
@@ -281,6 +293,7 @@ pub(crate) trait Backend {
     fn holds_origin(&mut self, origin: NodeId) -> Result<bool, rusqlite::Error>;
     /// The retired set (`Meta::retired`), only when a group changed it.
     fn put_retired(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
+    fn put_former(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
     /// The overlay's part of the meta (`down`, `overlay_rev`), in the same transaction; only
     /// when a group changed it.
     fn put_overlay(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
@@ -340,6 +353,8 @@ pub(crate) struct Staged {
     pub forgotten: Vec<NodeId>,
     /// The group changed `Meta::retired`.
     pub retired: bool,
+    /// The former origins changed (a move).
+    pub former: bool,
 }
 
 /// What a group may change besides the index: restored as a whole when a commit fails.
@@ -465,6 +480,9 @@ impl Core {
         if g.staged.retired {
             g.backend.put_retired(&self.meta)?;
         }
+        if g.staged.former {
+            g.backend.put_former(&self.meta)?;
+        }
         if !g.staged.removals.is_empty() {
             // Before the rows go: a watch walking them must see that they may (a rollback
             // only costs it a needless snapshot).
@@ -510,7 +528,7 @@ impl Core {
             outcomes.push(outcome);
         }
         if let Some(old) = g.staged.moved_from {
-            self.reissue(g, old)?;
+            self.rename_held(g, old)?;
         }
         // Publish the final state of every origin touched (a retired one is gone).
         for origin in &g.staged.forgotten {
@@ -732,25 +750,22 @@ impl Core {
 
     /// Leave this origin for a fresh one: a copy of this data directory (or the original
     /// of a restored backup) issues the same sequence numbers, and one `(origin, seq)` must
-    /// never name two records. The records we hold under the old origin are written again
-    /// under the new one at the end of the group (`reissue`).
-    fn move_to_fresh_origin(&mut self, g: &mut Group<'_>) {
+    /// never name two records. The records we hold under the old origin are renamed under the
+    /// new one at the end of the group (`rename_held`), keeping their timestamps; what the
+    /// copy wrote under the old origin up to `seen` is adopted as it arrives (`adopt`).
+    /// Returns `false` if this store already moved since it opened (it moves once).
+    fn move_to_fresh_origin(&mut self, g: &mut Group<'_>, seen: Hlc) -> bool {
         if self.moved {
             tracing::error!(
                 origin = %self.meta.node,
                 "another record of this store's own origin that it never wrote: refused; this \
                  store already moved to a fresh origin since it opened and does not move again"
             );
-            return;
+            return false;
         }
         self.moved = true;
         let old = self.meta.node;
-        let new = loop {
-            let id = self.ids.next();
-            if id != old && !self.knowledge.contains_key(&id) {
-                break id;
-            }
-        };
+        let new = fresh_origin_above(&mut self.ids, old, &self.knowledge);
         tracing::error!(
             old = %old,
             new = %new,
@@ -761,19 +776,91 @@ impl Core {
         );
         // Forget what we knew of the old origin: its copy wrote other records under some of
         // the numbers we issued, and those must be taken when they arrive, not called known.
-        // Whatever we already hold merges as usual (and is written again, below).
+        // Whatever we already hold merges as usual (and is renamed, below).
         *Self::knowledge_mut(&mut self.knowledge, g, old) = OriginKnowledge::default();
         self.meta.node = new;
         self.meta.local_seq = 0;
         *Self::knowledge_mut(&mut self.knowledge, g, new) = OriginKnowledge::dense(0);
+        let bound = self.clock.last().max(seen);
+        self.meta.former.insert(old, bound);
+        while self.meta.former.len() > MAX_FORMER {
+            let oldest = self
+                .meta
+                .former
+                .iter()
+                .min_by_key(|(_, h)| **h)
+                .map(|(o, _)| *o);
+            if let Some(o) = oldest {
+                self.meta.former.remove(&o);
+            }
+        }
+        g.staged.former = true;
         g.staged.moved_from.get_or_insert(old);
+        true
     }
 
-    /// After a move: write every record held under the old origin again, under the new one,
-    /// in the same transaction. The copy that the old origin's numbers are shared with wrote
-    /// other records under some of them, so peers may have kept either; the new versions
-    /// (later timestamps, a fresh origin) win everywhere, whichever they kept.
-    fn reissue(&mut self, g: &mut Group<'_>, old: NodeId) -> Result<(), rusqlite::Error> {
+    /// A version under the current origin for `prev`, renamed: the next sequence number,
+    /// the same timestamp. The current origin is above the former one (`fresh_origin_above`),
+    /// so the rename wins over the version it copies, and over nothing written after it: any
+    /// later version has a later timestamp.
+    fn rename(&mut self, prev: &Entry) -> Entry {
+        self.meta.local_seq += 1;
+        self.meta.revision += 1;
+        let version = Version {
+            hlc: prev.version().hlc,
+            origin: self.meta.node,
+            seq: self.meta.local_seq,
+        };
+        debug_assert!(
+            version > prev.version(),
+            "a rename wins over what it copies"
+        );
+        let entry = Entry::new(
+            prev.key(),
+            prev.group(),
+            prev.value(),
+            prev.flags(),
+            version,
+            self.meta.revision,
+        );
+        mark_moves(entry, Some(prev))
+    }
+
+    /// A record of a former origin was just applied (`key` holds it): if it was written
+    /// before the move (at or below the former origin's bound), rename it under the current
+    /// origin, so that it is owned by an agent that runs (nothing names the former origin).
+    fn adopt(&mut self, g: &mut Group<'_>, key: &str) -> Result<(), rusqlite::Error> {
+        if !self.kind.rename_on_move() {
+            return Ok(());
+        }
+        let Some(prev) = g.current(key) else {
+            return Ok(());
+        };
+        let origin = prev.version().origin;
+        if self
+            .meta
+            .former
+            .get(&origin)
+            .is_none_or(|bound| prev.version().hlc > *bound)
+        {
+            return Ok(());
+        }
+        let entry = self.rename(&prev);
+        g.backend.put_record(&entry, Some(&prev))?;
+        g.stage_change(&self.meta.down, entry, Some(prev));
+        let (node, seq) = (self.meta.node, self.meta.local_seq);
+        *Self::knowledge_mut(&mut self.knowledge, g, node) = OriginKnowledge::dense(seq);
+        Ok(())
+    }
+
+    /// After a move: rename every record held under the old origin (its own writes, and the
+    /// copy's applied in this group) under the new one, in the same transaction, keeping
+    /// their timestamps. Peers that kept either copy's version of a key then order the two
+    /// as their timestamps say: a stale record of this store never wins over a newer write.
+    fn rename_held(&mut self, g: &mut Group<'_>, old: NodeId) -> Result<(), rusqlite::Error> {
+        if !self.kind.rename_on_move() {
+            return Ok(());
+        }
         let mut held: Vec<Entry> = g
             .state
             .index
@@ -788,18 +875,9 @@ impl Core {
                 .filter(|e| e.version().origin == old),
         );
         held.sort_by_key(Entry::rev);
-        tracing::warn!(records = held.len(), origin = %self.meta.node, "writing this store's records again under its new origin");
+        tracing::warn!(records = held.len(), origin = %self.meta.node, "renaming this store's records under its new origin, timestamps kept");
         for prev in held {
-            let version = self.next_local_version(g.now_ms);
-            let entry = Entry::new(
-                prev.key(),
-                prev.group(),
-                prev.value(),
-                prev.flags(),
-                version,
-                self.meta.revision,
-            );
-            let entry = mark_moves(entry, Some(&prev));
+            let entry = self.rename(&prev);
             g.backend.put_record(&entry, Some(&prev))?;
             g.stage_change(&self.meta.down, entry, Some(prev));
         }
@@ -987,11 +1065,17 @@ impl Core {
             None => {}
         }
         if v.origin == self.meta.node {
-            if self.is_foreign_copy(g, record) {
-                self.move_to_fresh_origin(g);
+            if !self.is_foreign_copy(g, record) {
+                return Ok(Covered);
+            }
+            // Another record under our origin: a copy of this store wrote it. Move, and take
+            // it as the other origin's it now is (adopted below, like the rest of that
+            // copy's writes before the move).
+            let ceiling = Hlc(Hlc::from_physical_ms(g.now_ms + self.max_offset_ms + 1).0 - 1);
+            if !self.move_to_fresh_origin(g, v.hlc.min(ceiling)) || v.seq == crate::MAX_SEQ {
+                // Already moved once; or `Store::leave_origin`'s probe, which is no record.
                 return Ok(Refused(Refusal::OwnOriginConflict));
             }
-            return Ok(Covered);
         }
         if self
             .knowledge
@@ -1071,6 +1155,9 @@ impl Core {
         let entry = mark_moves(entry, prev.as_ref());
         g.backend.put_record(&entry, prev.as_ref())?;
         g.stage_change(&self.meta.down, entry, prev);
+        if self.meta.former.contains_key(&v.origin) && g.staged.moved_from != Some(v.origin) {
+            self.adopt(g, &record.key)?;
+        }
         Ok(Applied)
     }
 
@@ -1082,10 +1169,15 @@ impl Core {
     ) -> ApplyOutcome {
         if origin == self.meta.node {
             if range.hi() > self.meta.local_seq {
-                self.move_to_fresh_origin(g);
-                return ApplyOutcome::Refused(Refusal::OwnOriginConflict);
+                self.move_to_fresh_origin(g, self.clock.last());
             }
-            return ApplyOutcome::Covered;
+            // Refused either way: the numbers of the old origin above what we issued are the
+            // copy's, and they come as its records.
+            return if range.hi() > self.meta.local_seq {
+                ApplyOutcome::Refused(Refusal::OwnOriginConflict)
+            } else {
+                ApplyOutcome::Covered
+            };
         }
         match self.meta.retired.get(&origin) {
             Some(&head) if range.hi() <= head => return ApplyOutcome::Covered,
@@ -1135,5 +1227,22 @@ fn mark_moves(entry: Entry, prev: Option<&Entry>) -> Entry {
         entry.with_moved()
     } else {
         entry
+    }
+}
+
+/// A fresh origin above `old` (so that a record renamed from `old` to it, with the same
+/// timestamp, wins over the original) and unknown to this store.
+fn fresh_origin_above(ids: &mut IdSource, old: NodeId, known: &Digest) -> NodeId {
+    let room = u64::MAX - old.0;
+    loop {
+        let draw = ids.next().0;
+        let id = if room == 0 {
+            draw // no origin is above u64::MAX: any fresh one (a rename may then lose a tie)
+        } else {
+            old.0 + 1 + draw % room
+        };
+        if id != old.0 && id != 0 && !known.contains_key(&NodeId(id)) {
+            return NodeId(id);
+        }
     }
 }

@@ -224,6 +224,21 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         Some(bytes) => decode_retired(&bytes)
             .ok_or_else(|| StoreError::Corrupt("the retired origins".into()))?,
     };
+    let former: Option<Vec<u8>> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'former_origins'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let former = match former {
+        None => Default::default(),
+        Some(bytes) => decode_retired(&bytes)
+            .ok_or_else(|| StoreError::Corrupt("the former origins".into()))?
+            .into_iter()
+            .map(|(o, h)| (o, Hlc(h)))
+            .collect(),
+    };
     let down: Option<Vec<u8>> = conn
         .query_row(
             "SELECT value FROM meta WHERE name = 'down_owners'",
@@ -246,6 +261,7 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         overlay_rev: meta_int(conn, "overlay_rev")?.unwrap_or(0) as u64,
         collected_rev: meta_int(conn, "collected_rev")?.unwrap_or(0) as u64,
         retired: std::sync::Arc::new(retired),
+        former,
     })
 }
 
@@ -636,6 +652,15 @@ impl Backend for SqliteBackend {
         self.conn
             .prepare_cached("DELETE FROM knowledge WHERE origin = ?1")?
             .execute([origin.0 as i64])?;
+        Ok(())
+    }
+
+    fn put_former(&mut self, meta: &Meta) -> Result<(), rusqlite::Error> {
+        let pairs: std::collections::BTreeMap<NodeId, u64> =
+            meta.former.iter().map(|(o, h)| (*o, h.0)).collect();
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?
+            .execute(params!["former_origins", encode_retired(&pairs)])?;
         Ok(())
     }
 

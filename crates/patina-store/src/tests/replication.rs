@@ -284,26 +284,33 @@ fn a_record_of_our_own_origin_that_we_never_wrote_moves_the_store_to_a_fresh_ori
     let report = rt
         .block_on(store.apply(records(vec![copy3.clone()])))
         .unwrap();
-    assert_eq!(
-        report.records,
-        vec![ApplyOutcome::Refused(Refusal::OwnOriginConflict)]
-    );
+    // Taken, as the copy's (the old origin is another's now), and adopted.
+    assert_eq!(report.records, vec![ApplyOutcome::Applied]);
     let new = store.node();
     assert_ne!(new, old, "moved to a fresh origin");
-    assert_eq!(store.refusals()[&old].count, 1);
-    // Its records were written again under the new origin (seq 1 and 2), and what it knew of
-    // the old origin is forgotten: the copy's records under those numbers must be taken.
-    assert_eq!(store.get_latest("a").unwrap().version.origin, new);
-    assert_eq!(store.get_latest("b").unwrap().version.origin, new);
-    assert_eq!(known(&store, old.0), (0, vec![]));
+    assert!(
+        new.0 > old.0,
+        "a fresh origin above the old one: a rename wins its ties"
+    );
+    assert!(!store.refusals().contains_key(&old), "nothing refused");
+    // Its records and the copy's were renamed under the new origin, each keeping its
+    // timestamp (a stale one must never win over a newer write), and what it knew of the old
+    // origin is forgotten but for the copy's number it took.
+    for (key, hlc) in [("a", None), ("b", None), ("c", Some(copy3.version.hlc))] {
+        let held = store.get_latest(key).unwrap();
+        assert_eq!(held.version.origin, new, "{key}");
+        if let Some(hlc) = hlc {
+            assert_eq!(held.version.hlc, hlc, "{key} keeps its timestamp");
+        }
+    }
+    assert_eq!(known(&store, old.0), (3, vec![(1, 2)]));
     let v = rt
         .block_on(store.write(vec![put("d", "g", "1", true)]))
         .unwrap()[0];
-    assert_eq!((v.origin, v.seq), (new, 3));
-    // The old origin is now just another origin: its copy's record is merged when it comes
-    // again.
+    assert_eq!((v.origin, v.seq), (new, 4));
+    // The old origin is now just another origin: its copy's record coming again is known.
     let again = rt.block_on(store.apply(records(vec![copy3]))).unwrap();
-    assert_eq!(again.records, vec![ApplyOutcome::Applied]);
+    assert_eq!(again.records, vec![ApplyOutcome::Covered]);
     // Tokens of the old identity reset: its revisions may have diverged in the copy.
     store.close();
     drop(store);
@@ -330,11 +337,15 @@ fn a_conflicting_version_below_our_head_is_detected_too() {
     );
     theirs.value = Some(Arc::from(&b"theirs"[..]));
     let report = rt.block_on(store.apply(records(vec![theirs]))).unwrap();
-    assert_eq!(
-        report.records,
-        vec![ApplyOutcome::Refused(Refusal::OwnOriginConflict)]
-    );
+    assert_eq!(report.records, vec![ApplyOutcome::Applied]);
     assert_ne!(store.node(), NodeId(100));
+    // The later write (theirs) stands, renamed with its timestamp.
+    let held = store.get_latest("a").unwrap();
+    assert_eq!(held.value.as_deref(), Some(&b"theirs"[..]));
+    assert_eq!(
+        (held.version.origin, held.version.hlc),
+        (store.node(), Hlc(v.hlc.0 + 1))
+    );
     // Our own write coming back is simply covered.
     let store = Store::in_memory(NodeId(200), 1, opts());
     let v = rt
@@ -794,4 +805,86 @@ fn a_conditional_deletion_spares_a_key_written_since_it_was_read() {
         store.get_live("b").is_none(),
         "the version it read is deleted"
     );
+}
+
+/// A restored backup: the store holds `m1` as written before the backup; after it, the
+/// original deleted `m1` and wrote `m3` (peers hold both), then died. The restored store
+/// moves when it meets a number it never issued, and renames what it holds keeping the
+/// timestamps: a peer that holds the deletion keeps it (the stale `m1` does not come back),
+/// and the write it never held (`m3`) is adopted under the new origin (its old owner runs
+/// nowhere). Before, the re-issued records carried new timestamps and beat the newer writes.
+#[test]
+fn a_restored_store_never_rolls_back_a_write_made_after_its_backup() {
+    let rt = rt();
+    let (clock, opts_r) = clock_at(10_000_000);
+    let restored = Store::in_memory(NodeId(100), 1, opts_r);
+    let m1 = rt
+        .block_on(restored.write(vec![put("m1", "web", "1", true)]))
+        .unwrap()[0];
+    // What the original wrote after the backup, at a peer.
+    let (_c, opts_p) = clock_at(10_000_000);
+    let peer = Store::in_memory(NodeId(7), 2, opts_p);
+    let m1_record = restored.get_latest("m1").unwrap();
+    rt.block_on(peer.apply(records(vec![m1_record.clone()])))
+        .unwrap();
+    let deletion = Record {
+        key: "m1".into(),
+        group: "web".into(),
+        value: None,
+        version: Version {
+            hlc: Hlc::from_physical_ms(10_000_500),
+            origin: NodeId(100),
+            seq: 2,
+        },
+    };
+    let m3 = remote(
+        "m3",
+        Version {
+            hlc: Hlc::from_physical_ms(10_000_600),
+            origin: NodeId(100),
+            seq: 3,
+        },
+        true,
+    );
+    rt.block_on(peer.apply(records(vec![deletion.clone(), m3.clone()])))
+        .unwrap();
+    clock.set(10_001_000);
+    // The restored store first meets m3 (a number it never issued): it moves, renames m1
+    // (stale, timestamp kept) and adopts m3.
+    let report = rt
+        .block_on(restored.apply(records(vec![m3.clone()])))
+        .unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Applied]);
+    let new = restored.node();
+    assert!(new.0 > 100);
+    let renamed_m1 = restored.get_latest("m1").unwrap();
+    assert_eq!(
+        (renamed_m1.version.origin, renamed_m1.version.hlc),
+        (new, m1.hlc),
+        "renamed, its timestamp kept"
+    );
+    let adopted = restored.get_latest("m3").unwrap();
+    assert_eq!(
+        (adopted.version.origin, adopted.version.hlc),
+        (new, m3.version.hlc)
+    );
+    // The peer that holds the deletion takes the renames: the deletion stands (it is newer
+    // than the stale m1), and m3 is owned by the new origin now.
+    let report = rt
+        .block_on(peer.apply(records(vec![renamed_m1, adopted])))
+        .unwrap();
+    assert_eq!(
+        report.records,
+        vec![ApplyOutcome::Covered, ApplyOutcome::Applied],
+        "the stale m1 loses to the deletion; the adopted m3 replaces its original"
+    );
+    assert!(
+        peer.get_live("m1").is_none(),
+        "the deleted machine stays deleted"
+    );
+    assert_eq!(peer.get_latest("m3").unwrap().version.origin, new);
+    // The deletion reaches the restored store too, and stands there.
+    rt.block_on(restored.apply(records(vec![deletion])))
+        .unwrap();
+    assert!(restored.get_live("m1").is_none());
 }
