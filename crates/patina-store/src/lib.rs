@@ -805,7 +805,7 @@ impl Store {
         }
         let (reply, rx) = oneshot::channel();
         let request = Request::Overlay { owner, down, reply };
-        self.submit(Class::Local, request, 1, merge::OP_OVERHEAD)
+        self.submit(Class::Overlay, request, 1, merge::OP_OVERHEAD)
             .await?;
         rx.await.map_err(|_| self.unanswered())?
     }

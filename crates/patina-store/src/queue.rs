@@ -1,5 +1,6 @@
-//! The writer thread's input: two bounded queues, one for local writes and one for records
-//! from peers, each with its own budget in requests and in bytes.
+//! The writer thread's input: bounded queues for liveness changes, local writes and records
+//! from peers, each with its own budget in requests and in bytes. Liveness changes (a dead
+//! member's records hidden) come first in every group: down news never waits behind writes.
 //!
 //! Separate budgets keep a sync flood from delaying local writes: the writer takes local
 //! requests first and only a bounded number of remote records per group commit. A caller
@@ -63,12 +64,23 @@ impl Queued {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Class {
+    /// Changes of the liveness overlay: taken before anything else.
+    Overlay,
     Local,
     Remote,
 }
 
+/// The overlay's queue: the liveness task sends one change at a time, so a few suffice.
+const OVERLAY_LIMITS: Limits = Limits {
+    requests: 64,
+    bytes: 64 << 10,
+    waiters: 64,
+    waiting_bytes: 64 << 10,
+};
+
 #[derive(Default)]
 struct Lists {
+    overlay: VecDeque<Queued>,
     local: VecDeque<Queued>,
     remote: VecDeque<Queued>,
     /// No request is taken any more; the writer drains what is queued, then stops.
@@ -78,6 +90,7 @@ struct Lists {
 pub(crate) struct Queue {
     lists: Mutex<Lists>,
     ready: Condvar,
+    overlay: Budget,
     local: Budget,
     remote: Budget,
 }
@@ -102,6 +115,7 @@ impl Queue {
         Queue {
             lists: Mutex::new(Lists::default()),
             ready: Condvar::new(),
+            overlay: Budget::new(OVERLAY_LIMITS),
             local: Budget::new(local),
             remote: Budget::new(remote),
         }
@@ -109,6 +123,7 @@ impl Queue {
 
     fn budget(&self, class: Class) -> &Budget {
         match class {
+            Class::Overlay => &self.overlay,
             Class::Local => &self.local,
             Class::Remote => &self.remote,
         }
@@ -155,6 +170,7 @@ impl Queue {
                 return Err(StoreError::Closed);
             }
             match class {
+                Class::Overlay => lists.overlay.push_back(queued),
                 Class::Local => lists.local.push_back(queued),
                 Class::Remote => lists.remote.push_back(queued),
             }
@@ -168,15 +184,24 @@ impl Queue {
     /// the queue is closed and drained.
     pub fn next_group(&self, max_local_ops: usize, max_remote_ops: usize) -> Option<Vec<Queued>> {
         let mut lists = self.lists.lock().expect("queue lock");
-        while lists.local.is_empty() && lists.remote.is_empty() {
+        while lists.overlay.is_empty() && lists.local.is_empty() && lists.remote.is_empty() {
             if lists.closed {
                 return None;
             }
             lists = self.ready.wait(lists).expect("queue lock");
         }
         let mut group = Vec::new();
-        let Lists { local, remote, .. } = &mut *lists;
-        for (list, max) in [(local, max_local_ops), (remote, max_remote_ops)] {
+        let Lists {
+            overlay,
+            local,
+            remote,
+            ..
+        } = &mut *lists;
+        for (list, max) in [
+            (overlay, usize::MAX),
+            (local, max_local_ops),
+            (remote, max_remote_ops),
+        ] {
             let mut ops = 0;
             while let Some(next) = list.front() {
                 if ops > 0 && ops + next.ops > max {
@@ -192,7 +217,7 @@ impl Queue {
     /// Is any request queued for the writer?
     pub fn has_work(&self) -> bool {
         let lists = self.lists.lock().expect("queue lock");
-        !lists.local.is_empty() || !lists.remote.is_empty()
+        !lists.overlay.is_empty() || !lists.local.is_empty() || !lists.remote.is_empty()
     }
 
     /// Take no more requests. With `drain`, the writer still gets what is queued; without,
@@ -203,11 +228,14 @@ impl Queue {
         let dropped = if drain {
             Vec::new()
         } else {
-            let mut all: Vec<Queued> = lists.local.drain(..).collect();
+            let mut all: Vec<Queued> = lists.overlay.drain(..).collect();
+            all.extend(lists.local.drain(..));
             all.extend(lists.remote.drain(..));
             all
         };
         drop(lists);
+        self.overlay.requests.close();
+        self.overlay.bytes.close();
         self.local.requests.close();
         self.local.bytes.close();
         self.remote.requests.close();
@@ -265,6 +293,21 @@ mod tests {
             "and only as much of the sync flood as 1024 ops allow"
         );
         assert_eq!(q.next_group(4096, 1024).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_liveness_change_never_waits_behind_local_writes() {
+        let q = Arc::new(Queue::new(limits(1), limits(1)));
+        q.push(Class::Local, local(), 1, 10).await.unwrap();
+        // The local queue is full; a liveness change has its own budget, and goes first.
+        // (A request of another shape, to tell them apart.)
+        q.push(Class::Overlay, remote(), 1, 10).await.unwrap();
+        let group = q.next_group(10, 10).unwrap();
+        assert_eq!(group.len(), 2);
+        assert!(
+            !is_local(&group[0]) && is_local(&group[1]),
+            "the liveness change comes first"
+        );
     }
 
     #[tokio::test]
