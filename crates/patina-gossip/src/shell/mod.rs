@@ -8,6 +8,7 @@
 //! timers that came due meanwhile, so acks that did arrive are not taken for silence.
 
 mod admin;
+mod checks;
 mod session;
 
 use std::cmp::Reverse;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::identity::Identity;
 use crate::node::{Config, Counters, Lane, MemberInfo, Node, Output, TimerEvent, ViewStatus};
 use crate::replica::{ApplyOutcome, Touched, local_changes};
+use checks::{ask_incarnation, local_ip, peer_endpoint, port_answers};
 
 pub use admin::AdminService;
 pub use session::SyncService;
@@ -1210,74 +1212,6 @@ fn report_turn(started: std::time::Instant, what: &'static str) {
             "gossip loop turn over budget"
         );
     }
-}
-
-/// Does anything accept connections on `addr`? A refused connection or a timeout says the
-/// process (or its host) is gone; a stopped or starved process still has its socket accepted
-/// by the kernel, so it is given the long suspicion.
-async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool {
-    let connect = async {
-        let socket = match addr {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        if let Some(ip) = local.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        socket.connect(addr).await
-    };
-    matches!(
-        tokio::time::timeout(CORROBORATE_TIMEOUT, connect).await,
-        Ok(Ok(_))
-    )
-}
-
-/// Ask a suspect itself for its incarnation: its Admin service answers through its gossip
-/// loop, so an answer says that loop runs. `None`: no answer within the node's wait (less a
-/// margin), or another identity answered (a restart under a new epoch).
-async fn ask_incarnation(advertised: SocketAddr, member: Identity) -> Option<u16> {
-    use patina_proto::v1::WhoamiRequest;
-    use patina_proto::v1::admin_client::AdminClient;
-    let ask = async {
-        let channel = peer_endpoint(advertised, member, crate::node::CONFIRM_ASK)
-            .ok()?
-            .timeout(crate::node::CONFIRM_ASK)
-            .connect()
-            .await
-            .ok()?;
-        let this = AdminClient::new(channel)
-            .whoami(WhoamiRequest {})
-            .await
-            .ok()?
-            .into_inner();
-        (this.id == member.node.to_string() && this.epoch == member.epoch)
-            .then(|| u16::try_from(this.incarnation).ok())
-            .flatten()
-    };
-    tokio::time::timeout(crate::node::CONFIRM_ASK, ask)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// A peer's gRPC server, reached from our advertised address: on a multi-homed host the call
-/// leaves by the interface the cluster knows us by (and a partition cuts it as it cuts our
-/// datagrams). Anti-entropy sessions and the last check of a suspect both use it.
-fn peer_endpoint(
-    advertised: SocketAddr,
-    peer: Identity,
-    connect_timeout: Duration,
-) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", peer.api_addr()))?
-            .connect_timeout(connect_timeout)
-            .local_address(local_ip(advertised)),
-    )
-}
-
-/// The IP to send from: the advertised one, unless it is a wildcard.
-fn local_ip(advertised: SocketAddr) -> Option<std::net::IpAddr> {
-    Some(advertised.ip()).filter(|ip| !ip.is_unspecified())
 }
 
 #[cfg(test)]
