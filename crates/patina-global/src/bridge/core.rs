@@ -182,6 +182,18 @@ impl BridgeCore {
     /// Apply one message of the region's Watch stream. The counts follow every message; the
     /// view advances, and publishing goes on, only with messages whose view stands.
     pub fn region_message(&mut self, now: Duration, msg: &WatchResponse) {
+        let view_before = self.view_hlc;
+        self.apply_region_message(now, msg);
+        // The view a bridge stamps with never goes back, and moves only with a view that
+        // stands.
+        debug_assert!(self.view_hlc >= view_before, "the bridge's view went back");
+        debug_assert!(
+            self.view_hlc == view_before || msg.view.as_ref().is_some_and(|v| v.stands),
+            "the bridge's view advanced from a view that does not stand"
+        );
+    }
+
+    fn apply_region_message(&mut self, now: Duration, msg: &WatchResponse) {
         let stands = msg.view.as_ref().is_some_and(|v| v.stands);
         if msg.reset {
             self.staging = Some(HashMap::new());
