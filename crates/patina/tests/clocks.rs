@@ -119,6 +119,19 @@ async fn an_agent_whose_clock_jumps_five_minutes_ahead_fences_itself_and_spreads
         "the fast agent refuses writes with UNAVAILABLE naming its clock"
     );
     eprintln!("writes refused {refused:?} after the step");
+    // And it stays fenced while its clock is off: sessions with its peers (which confirm the
+    // step) must not lift it. Every write for 10 s is refused; none is acknowledged.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut tries = 0;
+    while Instant::now() < until {
+        let r = put(&fast, &format!("after-{tries}")).await;
+        assert!(
+            matches!(&r, Err(s) if s.code() == tonic::Code::Unavailable),
+            "write {tries} after the step was not refused: {r:?}"
+        );
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(has(&fast, "before").await, "its reads go on");
     let health = HealthClient::new(fast.channel().await)
         .check(HealthCheckRequest::default())

@@ -29,7 +29,8 @@ pub(super) struct ClockWatch {
     samples: BTreeMap<SocketAddr, (i64, Duration)>,
     /// This host's wall clock minus the node's time, at the last reading.
     wall_base: Option<i64>,
-    /// A step of the wall clock was seen then (and by how much); no sample since.
+    /// A step of the wall clock was seen then (and by how much), and no sample taken since
+    /// has said the clock is within the bound.
     stepped: Option<(Duration, i64)>,
     pub(super) fence: Option<ClockFence>,
 }
@@ -55,22 +56,33 @@ impl Node {
         self.judge_clock();
     }
 
-    /// A sample from an anti-entropy hello with `peer`: its clock minus ours is `offset_ms`,
-    /// within `err_ms` (half the round trip). Samples less precise than half the bound are
-    /// not taken.
+    /// A sample from an anti-entropy hello with `peer`, whose hello left at `sent`: its clock
+    /// minus ours is `offset_ms`, within `err_ms` (half the round trip). Samples less precise
+    /// than half the bound are not taken, nor ones from hellos that left before a step (they
+    /// measured the clock before it). After a step, only a sample that finds the clock within
+    /// half the bound lifts the fence; others keep it.
     pub fn handle_clock_sample(
         &mut self,
         now: Duration,
         peer: Identity,
         offset_ms: i64,
         err_ms: u64,
+        sent: Duration,
     ) {
         self.now = now;
-        if err_ms as u128 > self.cfg.max_clock_offset.as_millis() / 2 {
+        let bound = self.cfg.max_clock_offset.as_millis() as u64;
+        if err_ms > bound / 2 {
             return;
         }
+        if let Some((at, _)) = self.clock.stepped {
+            if sent < at {
+                return;
+            }
+            if offset_ms.unsigned_abs() <= bound / 2 {
+                self.clock.stepped = None;
+            }
+        }
         self.clock.samples.insert(peer.addr, (offset_ms, now));
-        self.clock.stepped = None;
         self.judge_clock();
     }
 
@@ -106,8 +118,13 @@ impl Node {
 
     fn judge_clock(&mut self) {
         let bound = self.cfg.max_clock_offset.as_millis() as u64;
-        let (offset, _) = self.clock_offset();
+        let (offset, samples) = self.clock_offset();
         let fenced_before = self.clock.fence.is_some();
+        if samples == 0 && fenced_before && self.clock.stepped.is_none() {
+            // No evidence either way (samples aged out, or the peers are unreachable): the
+            // last judgement stands. A fast agent cut off from its peers must not take writes.
+            return;
+        }
         let limit = if fenced_before { bound / 2 } else { bound };
         let mut fence = (offset.unsigned_abs() > limit).then_some(ClockFence {
             offset_ms: offset,
@@ -197,12 +214,12 @@ mod tests {
     #[test]
     fn a_node_whose_clock_is_five_minutes_ahead_of_two_peers_fences_its_writes() {
         let mut n = node();
-        n.handle_clock_sample(ms(1), peer(2), -300_000, 1);
+        n.handle_clock_sample(ms(1), peer(2), -300_000, 1, ms(1));
         assert!(
             fences(&mut n).is_empty(),
             "one peer against itself: the median is 0"
         );
-        n.handle_clock_sample(ms(2), peer(3), -300_001, 1);
+        n.handle_clock_sample(ms(2), peer(3), -300_001, 1, ms(2));
         let f = fences(&mut n);
         assert_eq!(
             f,
@@ -217,28 +234,28 @@ mod tests {
                 .contains(&super::super::ViewReason::ClockOff)
         );
         // Back within half the bound: lifted (not at 400 ms: hysteresis).
-        n.handle_clock_sample(ms(4), peer(2), -400, 1);
-        n.handle_clock_sample(ms(5), peer(3), -400, 1);
+        n.handle_clock_sample(ms(4), peer(2), -400, 1, ms(4));
+        n.handle_clock_sample(ms(5), peer(3), -400, 1, ms(5));
         assert!(
             fences(&mut n).iter().all(Option::is_some) && n.clock_fence().is_some(),
             "still beyond half the bound"
         );
-        n.handle_clock_sample(ms(6), peer(2), -10, 1);
-        n.handle_clock_sample(ms(7), peer(3), -10, 1);
+        n.handle_clock_sample(ms(6), peer(2), -10, 1, ms(6));
+        n.handle_clock_sample(ms(7), peer(3), -10, 1, ms(7));
         assert_eq!(fences(&mut n), [None]);
     }
 
     #[test]
     fn a_healthy_node_with_one_fast_peer_takes_writes() {
         let mut n = node();
-        n.handle_clock_sample(ms(1), peer(2), 300_000, 1);
-        n.handle_clock_sample(ms(2), peer(3), 3, 1);
-        n.handle_clock_sample(ms(3), peer(4), -2, 1);
+        n.handle_clock_sample(ms(1), peer(2), 300_000, 1, ms(1));
+        n.handle_clock_sample(ms(2), peer(3), 3, 1, ms(2));
+        n.handle_clock_sample(ms(3), peer(4), -2, 1, ms(3));
         assert!(fences(&mut n).is_empty());
         assert_eq!(n.clock_fence(), None);
         // A sample with a round trip of more than the bound says nothing.
-        n.handle_clock_sample(ms(4), peer(3), -300_000, 400);
-        n.handle_clock_sample(ms(5), peer(4), -300_000, 400);
+        n.handle_clock_sample(ms(4), peer(3), -300_000, 400, ms(4));
+        n.handle_clock_sample(ms(5), peer(4), -300_000, 400, ms(5));
         assert_eq!(n.clock_fence(), None);
     }
 
@@ -256,8 +273,18 @@ mod tests {
                 bound_ms: 500
             })]
         );
-        // A peer sampled after the step: it agrees with us (say the step was a correction).
-        n.handle_clock_sample(ms(200), peer(2), 5, 1);
-        assert_eq!(fences(&mut n), [None]);
+        // A sample from a hello that left before the step says nothing; one after it that
+        // finds the clock 5 minutes off keeps the fence (one peer against our 0 would not);
+        // one that finds it within the bound (the step was a correction) lifts it.
+        n.handle_clock_sample(ms(150), peer(2), 2, 1, ms(90));
+        assert!(n.clock_fence().is_some(), "a pre-step sample lifts nothing");
+        n.handle_clock_sample(ms(200), peer(2), -300_000, 1, ms(150));
+        assert!(
+            n.clock_fence().is_some(),
+            "a sample that confirms the step keeps it"
+        );
+        n.handle_clock_sample(ms(300), peer(2), 5, 1, ms(250));
+        assert_eq!(n.clock_fence(), None);
+        fences(&mut n);
     }
 }

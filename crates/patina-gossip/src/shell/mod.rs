@@ -56,6 +56,8 @@ enum Input {
         peer: Identity,
         offset_ms: i64,
         err_ms: u64,
+        /// When the session's hello left (a sample from before a step says nothing of it).
+        sent: std::time::Instant,
     },
     SyncDone {
         peer: Identity,

@@ -82,10 +82,18 @@ fn clock_sample(t0: u64, t1: u64, t2: u64, t3: u64) -> Option<(i64, u64)> {
     if t1 == 0 || t2 == 0 {
         return None;
     }
-    let (t0, t1, t2, t3) = (t0 as i64, t1 as i64, t2 as i64, t3 as i64);
+    // A server's readings are its word: ones that cannot be (its hello took it longer than
+    // a session may last) are dropped, and the arithmetic cannot overflow.
+    if t2 < t1 || t2 - t1 > SESSION_TIMEOUT.as_millis() as u64 {
+        return None;
+    }
+    let (t0, t1, t2, t3) = (t0 as i128, t1 as i128, t2 as i128, t3 as i128);
     let offset = ((t1 - t0) + (t2 - t3)) / 2;
-    let round_trip = ((t3 - t0) - (t2 - t1)).max(0) as u64;
-    Some((offset, round_trip / 2))
+    let round_trip = ((t3 - t0) - (t2 - t1)).max(0);
+    Some((
+        offset.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+        (round_trip / 2).min(u64::MAX as i128) as u64,
+    ))
 }
 
 /// A peer's digest from its hello, checked.
@@ -384,14 +392,13 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
         if let Some((offset_ms, err_ms)) =
             clock_sample(t0, clock.received_wall_ms, clock.wall_ms, t3)
         {
-            let _ = g
-                .inputs
-                .send(super::Input::ClockSample {
-                    peer,
-                    offset_ms,
-                    err_ms,
-                })
-                .await;
+            // Not awaited: a full input channel drops a sample, never holds a session.
+            let _ = g.inputs.try_send(super::Input::ClockSample {
+                peer,
+                offset_ms,
+                err_ms,
+                sent,
+            });
         }
         Ok::<_, String>((tx, inbound, ours, theirs))
     })

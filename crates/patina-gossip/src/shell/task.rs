@@ -200,7 +200,13 @@ impl Task {
                 peer,
                 offset_ms,
                 err_ms,
-            } => self.node.handle_clock_sample(now, peer, offset_ms, err_ms),
+                sent,
+            } => {
+                let sent =
+                    tokio::time::Instant::from_std(sent).saturating_duration_since(self.base);
+                self.node
+                    .handle_clock_sample(now, peer, offset_ms, err_ms, sent)
+            }
             Input::SyncDone { peer, end } => self.node.handle_sync_done(now, peer, end),
             Input::NewOrigin(node) => self.node.handle_new_origin(now, node),
             Input::Retired(origin) => self.node.handle_retired(now, origin),
