@@ -529,13 +529,14 @@ impl Store {
         // Our own origin is known exactly up to what it issued.
         knowledge.insert(meta.node, OriginKnowledge::dense(meta.local_seq));
         if opts.renew_origin {
-            let new = loop {
-                let id = ids.next();
-                if !knowledge.contains_key(&id) {
-                    break id;
-                }
-            };
-            sqlite::renew_origin(&mut conn, &mut meta, &mut knowledge, new)?;
+            // Above the old origin and every former one, as a move draws: renames win ties.
+            let floor = meta.former.keys().copied().fold(meta.node, NodeId::max);
+            let new = merge::fresh_origin_above(&mut ids, floor, &knowledge);
+            // What the old origin wrote elsewhere (the original after this backup) is adopted
+            // when it arrives, as after a move.
+            let bound =
+                Hlc::from_physical_ms(opts.clock.now_ms() + opts.max_clock_offset_ms).max(meta.hlc);
+            sqlite::renew_origin(&mut conn, &mut meta, &mut knowledge, new, bound)?;
         }
         let index = Index::default();
         let stale = sqlite::load_index(&conn, &index, &opts.kind)?;

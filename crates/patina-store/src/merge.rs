@@ -765,7 +765,8 @@ impl Core {
         }
         self.moved = true;
         let old = self.meta.node;
-        let new = fresh_origin_above(&mut self.ids, old, &self.knowledge);
+        let floor = self.meta.former.keys().copied().fold(old, NodeId::max);
+        let new = fresh_origin_above(&mut self.ids, floor, &self.knowledge);
         tracing::error!(
             old = %old,
             new = %new,
@@ -781,7 +782,13 @@ impl Core {
         self.meta.node = new;
         self.meta.local_seq = 0;
         *Self::knowledge_mut(&mut self.knowledge, g, new) = OriginKnowledge::dense(0);
-        let bound = self.clock.last().max(seen);
+        // Everything the old origin wrote up to now (and up to the bound ahead) is the copy's
+        // or this store's own past: adopted whenever it arrives, in this group or later.
+        let bound = self
+            .clock
+            .last()
+            .max(seen)
+            .max(Hlc::from_physical_ms(g.now_ms + self.max_offset_ms));
         self.meta.former.insert(old, bound);
         while self.meta.former.len() > MAX_FORMER {
             let oldest = self
@@ -1071,7 +1078,7 @@ impl Core {
             // Another record under our origin: a copy of this store wrote it. Move, and take
             // it as the other origin's it now is (adopted below, like the rest of that
             // copy's writes before the move).
-            let ceiling = Hlc(Hlc::from_physical_ms(g.now_ms + self.max_offset_ms + 1).0 - 1);
+            let ceiling = Hlc::from_physical_ms(g.now_ms + self.max_offset_ms);
             if !self.move_to_fresh_origin(g, v.hlc.min(ceiling)) || v.seq == crate::MAX_SEQ {
                 // Already moved once; or `Store::leave_origin`'s probe, which is no record.
                 return Ok(Refused(Refusal::OwnOriginConflict));
@@ -1124,7 +1131,8 @@ impl Core {
         }
         // Never adopt a timestamp beyond the bound: a peer with a fast clock must not drag
         // this one (and through it everyone's) ahead. The record is applied all the same.
-        let ceiling = Hlc(Hlc::from_physical_ms(g.now_ms + self.max_offset_ms + 1).0 - 1);
+        // (The ceiling's logical part is 0: ticks after it stay within the bound's millisecond.)
+        let ceiling = Hlc::from_physical_ms(g.now_ms + self.max_offset_ms);
         self.clock.observe(v.hlc.min(ceiling));
         let prev = g.current(&record.key);
         let incoming = Candidate {
@@ -1232,7 +1240,7 @@ fn mark_moves(entry: Entry, prev: Option<&Entry>) -> Entry {
 
 /// A fresh origin above `old` (so that a record renamed from `old` to it, with the same
 /// timestamp, wins over the original) and unknown to this store.
-fn fresh_origin_above(ids: &mut IdSource, old: NodeId, known: &Digest) -> NodeId {
+pub(crate) fn fresh_origin_above(ids: &mut IdSource, old: NodeId, known: &Digest) -> NodeId {
     let room = u64::MAX - old.0;
     loop {
         let draw = ids.next().0;

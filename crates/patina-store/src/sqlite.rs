@@ -272,6 +272,7 @@ pub(crate) fn renew_origin(
     meta: &mut Meta,
     knowledge: &mut Digest,
     new: NodeId,
+    former_bound: Hlc,
 ) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     let old = meta.node;
@@ -282,12 +283,27 @@ pub(crate) fn renew_origin(
         "INSERT OR REPLACE INTO meta (name, value) VALUES ('node_id', ?1), ('local_seq', 0)",
         [new.0 as i64],
     )?;
+    let mut former = meta.former.clone();
+    former.insert(old, former_bound);
+    while former.len() > crate::merge::MAX_FORMER {
+        let oldest = former.iter().min_by_key(|(_, h)| **h).map(|(o, _)| *o);
+        if let Some(o) = oldest {
+            former.remove(&o);
+        }
+    }
+    let pairs: std::collections::BTreeMap<NodeId, u64> =
+        former.iter().map(|(o, h)| (*o, h.0)).collect();
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (name, value) VALUES ('former_origins', ?1)",
+        [encode_retired(&pairs)],
+    )?;
     tx.commit()?;
     knowledge.insert(old, issued);
     knowledge.insert(new, OriginKnowledge::dense(0));
     tracing::warn!(old = %old, new = %new, "the store starts under a fresh origin, as asked");
     meta.node = new;
     meta.local_seq = 0;
+    meta.former = former;
     Ok(())
 }
 

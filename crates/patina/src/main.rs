@@ -546,6 +546,10 @@ pub(crate) async fn run_agent(
             parts.shutdown().await;
         })
     };
+    // What the teardown cancels, also cancelled after the server stopped however it did (a
+    // failed store drops the teardown): the bridge stops and gossip leaves in every case.
+    let (after_bridge, after_gossip, after_shell) =
+        (bridge_stop.clone(), gossip_stop.clone(), shell_done.clone());
     let teardown = {
         let (stop, failed) = (stop.clone(), failed.clone());
         async move {
@@ -591,6 +595,9 @@ pub(crate) async fn run_agent(
     };
     // However the server stopped (a failed store too), every part stops.
     stop.cancel();
+    after_bridge.cancel();
+    after_gossip.cancel();
+    let _ = tokio::time::timeout(LEAVE_TIMEOUT, after_shell.cancelled()).await;
     served_done.cancel();
     let _ = supervisor.await;
     drop(gossip);

@@ -288,7 +288,13 @@ impl Admin for AdminService {
                         tombstoned += done.len() as u64;
                         break;
                     }
-                    Err(StoreError::Changed(key) | StoreError::NotFound(key)) => {
+                    // Rewritten, deleted, or held at a newer version (a fast writer's) since
+                    // the scan: left alone.
+                    Err(
+                        StoreError::Changed(key)
+                        | StoreError::NotFound(key)
+                        | StoreError::Stale(key),
+                    ) => {
                         chunk.retain(|(k, _)| **k != *key);
                         skipped += 1;
                     }

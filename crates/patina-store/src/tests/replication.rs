@@ -888,3 +888,35 @@ fn a_restored_store_never_rolls_back_a_write_made_after_its_backup() {
         .unwrap();
     assert!(restored.get_live("m1").is_none());
 }
+
+/// The copy's (or the original's) writes under the former origin that arrive after the move,
+/// in later batches and stamped later than the one that revealed it, are adopted too: none
+/// stays hidden under an origin nothing runs.
+#[test]
+fn a_former_origins_later_writes_arriving_later_are_adopted() {
+    let rt = rt();
+    let (clock, opts) = clock_at(10_000_000);
+    let store = Store::in_memory(NodeId(100), 1, opts);
+    rt.block_on(store.write(vec![put("m1", "web", "1", true)]))
+        .unwrap();
+    let at = |ms: u64, seq: u64| Version {
+        hlc: Hlc::from_physical_ms(ms),
+        origin: NodeId(100),
+        seq,
+    };
+    clock.set(10_002_000);
+    let first = remote("m2", at(10_000_500, 2), true);
+    rt.block_on(store.apply(records(vec![first]))).unwrap();
+    let new = store.node();
+    assert_ne!(new, NodeId(100), "moved");
+    // A later write of the former origin, in another batch.
+    let later = remote("m3", at(10_001_500, 3), true);
+    let report = rt.block_on(store.apply(records(vec![later]))).unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Applied]);
+    let held = store.get_latest("m3").unwrap();
+    assert_eq!(
+        (held.version.origin, held.version.hlc),
+        (new, Hlc::from_physical_ms(10_001_500)),
+        "adopted, its timestamp kept"
+    );
+}
