@@ -23,6 +23,9 @@ use crate::regions::{RegionTable, is_dns_label};
 /// A region as the table names it: an index into its interned names.
 pub type RegionId = u16;
 
+/// How often (in snapshots) slot generations are renormalized: half the 16-bit range.
+const RENORMALIZE_EVERY: u64 = 1 << 15;
+
 /// Most distinct regions a table interns. Each region keeps an order of all the others
 /// (8 bytes a pair), so this bounds that to 8 MiB; the world has a few hundred regions.
 pub const MAX_REGIONS: usize = 1024;
@@ -349,14 +352,17 @@ impl Table {
         let generation = self
             .generation
             .fetch_add(1, Ordering::Relaxed)
-            .wrapping_add(1) as u16;
+            .wrapping_add(1);
         // Slots carry the generation in 16 bits: one left from 65,536 snapshots ago (a run of
-        // snapshots that never ended) would pass for this one's and never be swept. Mark any
-        // such slot older (a snapshot is a pass over every summary anyway).
-        for mut slots in self.apps.iter_mut() {
-            for s in slots.value_mut().iter_mut() {
-                if s.generation == generation {
-                    s.generation = generation.wrapping_sub(1);
+        // snapshots that never ended) would pass for this one's and never be swept. Every
+        // 32,768 snapshots, before this one writes anything, every slot is marked as of the
+        // previous one: no slot is then ever 65,536 behind. (Amortized: one pass over the
+        // slots per 32,768 snapshots, each of which passes over every summary anyway.)
+        if generation % RENORMALIZE_EVERY == 0 {
+            let previous = generation.wrapping_sub(1) as u16;
+            for mut slots in self.apps.iter_mut() {
+                for s in slots.value_mut().iter_mut() {
+                    s.generation = previous;
                 }
             }
         }
