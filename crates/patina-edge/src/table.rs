@@ -358,7 +358,7 @@ impl Table {
         // 32,768 snapshots, before this one writes anything, every slot is marked as of the
         // previous one: no slot is then ever 65,536 behind. (Amortized: one pass over the
         // slots per 32,768 snapshots, each of which passes over every summary anyway.)
-        if generation % RENORMALIZE_EVERY == 0 {
+        if generation.is_multiple_of(RENORMALIZE_EVERY) {
             let previous = generation.wrapping_sub(1) as u16;
             for mut slots in self.apps.iter_mut() {
                 for s in slots.value_mut().iter_mut() {
