@@ -19,10 +19,10 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Agent, eventually, machine, start_bridge, start_global, start_region_agent};
-use patina_proto::v1::{
-    ListInstancesRequest, LookupAppRequest, MachineState, UpsertMachineRequest, WhoamiRequest,
+use common::{
+    Agent, eventually, put_app_machine as put, start_bridge, start_global, start_region_agent,
 };
+use patina_proto::v1::{ListInstancesRequest, LookupAppRequest, WhoamiRequest};
 
 const IN_NETNS: &str = "PATINA_CONTAINMENT_IN_NETNS";
 const INNER: &str = "inside_a_namespace_faulty_agents_never_reach_the_edges";
@@ -117,19 +117,6 @@ fn cut(a: &[&str], b: &[&str], heal: bool) {
             }
         }
     }
-}
-
-async fn put(agent: &Agent, id: &str, app: &str, started: bool) {
-    let mut m = machine(id, app, 80);
-    if !started {
-        m.state = MachineState::Stopped as i32;
-    }
-    agent
-        .client()
-        .await
-        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
-        .await
-        .expect("UpsertMachine");
 }
 
 /// `(healthy, total)` of `app` in ord as edge `g` answers; `None` when ord is not listed

@@ -6,22 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Agent, bin, eventually, lookup, machine, start_bridge, start_global, start_region_agent,
+    Agent, bin, eventually, lookup, machine, put_app_machine as put, start_bridge, start_global,
+    start_region_agent,
 };
 use patina_proto::v1::{MachineState, UpsertMachineRequest};
-
-async fn put(agent: &Agent, id: &str, app: &str, started: bool) {
-    let mut m = machine(id, app, 80);
-    if !started {
-        m.state = MachineState::Stopped as i32;
-    }
-    agent
-        .client()
-        .await
-        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
-        .await
-        .expect("UpsertMachine");
-}
 
 fn lists(answer: &[(String, u32, u32)], region: &str) -> bool {
     answer.iter().any(|(r, _, _)| r == region)

@@ -169,32 +169,11 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use patina_store::NodeId;
-
     use super::*;
-    use crate::envelope::ClusterName;
-    use crate::node::Config;
-
-    fn node() -> Node {
-        let me = Identity {
-            node: NodeId(1),
-            addr: "10.0.0.1:7000".parse().unwrap(),
-            api_port: 7001,
-            epoch: 1,
-        };
-        let cfg = Config::lan(ClusterName::new("clock").unwrap());
-        Node::new(me, cfg, BTreeMap::new(), Vec::new(), 7)
-    }
+    use crate::node::testing::{member, node};
 
     fn peer(i: u8) -> Identity {
-        Identity {
-            node: NodeId(u64::from(i) + 1),
-            addr: format!("10.0.0.{i}:7000").parse().unwrap(),
-            api_port: 7001,
-            epoch: 1,
-        }
+        member(i + 1)
     }
 
     fn fences(n: &mut Node) -> Vec<Option<ClockFence>> {

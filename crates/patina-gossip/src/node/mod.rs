@@ -858,3 +858,23 @@ fn timer_token(timer: &foca::Timer<Identity>) -> Option<foca::TimerToken> {
         foca::Timer::RemoveDown(_) => None,
     }
 }
+
+/// A node and members for the rooms' unit tests: member `i` at 10.0.0.`i`, this node is 1.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn member(i: u8) -> Identity {
+        Identity {
+            node: NodeId(u64::from(i)),
+            addr: format!("10.0.0.{i}:7000").parse().expect("an address"),
+            api_port: 7001,
+            epoch: 1,
+        }
+    }
+
+    pub fn node() -> Node {
+        let cfg = Config::lan(ClusterName::new("unit").expect("a name"));
+        Node::new(member(1), cfg, BTreeMap::new(), Vec::new(), 7)
+    }
+}

@@ -118,25 +118,11 @@ impl Node {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use patina_store::{NodeId, OriginKnowledge, SeqRange};
 
     use super::*;
-    use crate::envelope::ClusterName;
-    use crate::identity::Identity;
-    use crate::node::{Config, SyncEnd};
-
-    fn node() -> Node {
-        let me = Identity {
-            node: NodeId(1),
-            addr: "10.0.0.1:7000".parse().unwrap(),
-            api_port: 7001,
-            epoch: 1,
-        };
-        let cfg = Config::lan(ClusterName::new("view").unwrap());
-        Node::new(me, cfg, BTreeMap::new(), Vec::new(), 0x5eed)
-    }
+    use crate::node::SyncEnd;
+    use crate::node::testing::{member, node};
 
     fn s(secs: u64) -> Duration {
         Duration::from_secs(secs)
@@ -169,12 +155,7 @@ mod tests {
     #[test]
     fn only_a_session_the_peer_did_not_cut_short_counts_as_caught_up() {
         let mut n = node();
-        let peer = Identity {
-            node: NodeId(2),
-            addr: "10.0.0.2:7000".parse().unwrap(),
-            api_port: 7001,
-            epoch: 1,
-        };
+        let peer = member(2);
         assert!(n.view_status(s(1)).reasons.contains(&ViewReason::NotSynced));
         n.handle_sync_done(s(2), peer, SyncEnd::Partial);
         assert!(
