@@ -11,7 +11,9 @@
 //!   each timed call;
 //! - memory per summary at N summaries: the resident memory the table adds, divided by N;
 //!   baseline: the payload (the app's name and 12 bytes); and beside it, what a global
-//!   agent's own store (SQLite, index, change log) adds per summary at N.
+//!   agent's own store (SQLite, index, change log) adds per summary at N;
+//! - an edge's snapshot of that store's N summaries from a real `patina global` (what a global
+//!   agent's death costs each edge that followed it); baseline: the store's write time.
 //!
 //! Last line: one JSON object.
 
@@ -308,6 +310,43 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     Ok((bytes, took))
 }
 
+/// Start `patina global` on the store in `dir` (its `data/`), follow it with the edge library
+/// and time the snapshot of its `n` summaries: (seconds until the edge is synced, the agent's
+/// resident bytes).
+fn edge_snapshot(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<(f64, u64)> {
+    use patina_edge::{RegionSpec, RegionTable, Table};
+    let config = "region = \"r00\"\nhost = \"snapshot\"\nlisten = \"127.0.0.1:0\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n";
+    let agent = Agent::start_role(bin, "global", dir, config).context("starting a global agent")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let secs = rt.block_on(async {
+        let specs = (0..10)
+            .map(|r| RegionSpec {
+                name: region_name(r),
+                ..RegionSpec::default()
+            })
+            .collect();
+        let table = Arc::new(Table::new(RegionTable::new(specs).expect("a table"), None));
+        let started = Instant::now();
+        let edge = patina_edge::follow(vec![agent.url.clone()], table.clone());
+        let mut synced = edge.synced.clone();
+        let ok = tokio::time::timeout(Duration::from_secs(600), synced.wait_for(|s| *s)).await;
+        let secs = started.elapsed().as_secs_f64();
+        anyhow::ensure!(ok.is_ok(), "the edge never synced");
+        let held = table.stats().summaries;
+        anyhow::ensure!(held as usize == n, "the edge holds {held} of {n} summaries");
+        Ok::<_, anyhow::Error>(secs)
+    })?;
+    let rss = agent.rss_bytes().unwrap_or(0);
+    Ok((secs, rss))
+}
+
 fn rss_bytes() -> u64 {
     patina_testkit::rss_of(std::process::id()).unwrap_or(0)
 }
@@ -402,14 +441,29 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (payload {payload:.1})",
         o.summaries
     );
-    let store_dir = crate::bench_store::tempdir()?.join("global-store");
-    let (store_bytes, store_secs) = agent_store(o.summaries, &store_dir)?;
-    let _ = std::fs::remove_dir_all(&store_dir);
+    let agent_dir = crate::bench_store::tempdir()?.join("global-store");
+    let (store_bytes, store_secs) = agent_store(o.summaries, &agent_dir.join("data"))?;
     println!(
         "a global agent's store, {} summaries: {store_bytes:.0} bytes per summary resident \
          (index, change log, SQLite cache), written in {store_secs:.1} s",
         o.summaries
     );
+    // What a global agent's death costs its edges: each that follows it takes a snapshot of
+    // the whole map from the next one. One edge's snapshot of N summaries from a real agent.
+    let snapshot = if o.edge_only {
+        None
+    } else {
+        Some(edge_snapshot(&build_patina()?, &agent_dir, o.summaries)?)
+    };
+    let _ = std::fs::remove_dir_all(&agent_dir);
+    if let Some((secs, rss)) = snapshot {
+        println!(
+            "an edge's snapshot of {} summaries from a global agent: {secs:.2} s ({:.0} summaries/s; the agent's RSS {:.0} MiB)",
+            o.summaries,
+            o.summaries as f64 / secs,
+            rss as f64 / (1 << 20) as f64
+        );
+    }
     let edge_json = serde_json::json!({
         "edge_lookup_p50_us": edge_p50,
         "edge_lookup_p99_us": edge_p99,
@@ -418,6 +472,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "bytes_per_summary_1m": bytes,
         "baseline_payload_bytes_per_summary": payload,
         "agent_store_bytes_per_summary": store_bytes,
+        "edge_snapshot_secs": snapshot.map(|(s, _)| s),
+        "baseline_store_write_secs": store_secs,
     });
     if o.edge_only {
         println!("{edge_json}");
