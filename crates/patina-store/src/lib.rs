@@ -587,6 +587,7 @@ impl Store {
                 wall: opts.clock.clone(),
                 ids,
                 max_offset_ms: opts.max_clock_offset_ms,
+                overlay_unpersisted: false,
             },
             state: state.clone(),
             queue: queue.clone(),
@@ -662,6 +663,7 @@ impl Store {
                 wall: opts.clock.clone(),
                 ids: IdSource::Seeded(seed),
                 max_offset_ms: opts.max_clock_offset_ms,
+                overlay_unpersisted: false,
             },
             backend: MemBackend::new(rows, opts.failpoints.clone()),
         };

@@ -168,3 +168,44 @@ impl Backend for MemBackend {
         self.staged.clear();
     }
 }
+
+/// A backend that stores nothing: for changes applied in memory only (the liveness overlay
+/// while the disk is full), persisted by a later commit.
+pub(crate) struct NullBackend;
+
+impl Backend for NullBackend {
+    fn begin(&mut self) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn put_record(&mut self, _: &Entry, _: Option<&Entry>) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn put_knowledge(&mut self, _: NodeId, _: &OriginKnowledge) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn put_meta(&mut self, _: &Meta, _: &str) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn delete_record(&mut self, _: &Entry) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn delete_knowledge(&mut self, _: NodeId) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn holds_origin(&mut self, _: NodeId) -> Result<bool, rusqlite::Error> {
+        Ok(true)
+    }
+    fn put_retired(&mut self, _: &Meta) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn put_former(&mut self, _: &Meta) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn put_overlay(&mut self, _: &Meta) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn commit(&mut self) -> Result<(), rusqlite::Error> {
+        Ok(())
+    }
+    fn rollback(&mut self) {}
+}

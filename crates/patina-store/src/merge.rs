@@ -379,6 +379,9 @@ pub(crate) struct Core {
     pub ids: IdSource,
     /// [`crate::StoreOptions::max_clock_offset_ms`].
     pub max_offset_ms: u64,
+    /// The overlay was changed in memory only (the disk was full): the next commit persists
+    /// it.
+    pub overlay_unpersisted: bool,
 }
 
 /// States of keys written earlier in the current group, not yet in the index.
@@ -469,7 +472,7 @@ impl Core {
         for (origin, k) in &g.staged.knowledge {
             g.backend.put_knowledge(*origin, k)?;
         }
-        if g.staged.overlay {
+        if g.staged.overlay || self.overlay_unpersisted {
             g.backend.put_overlay(&self.meta)?;
         }
         for origin in &g.staged.forgotten {
@@ -490,6 +493,7 @@ impl Core {
         }
         g.backend.put_meta(&self.meta, self.kind.name())?;
         g.backend.commit()?;
+        self.overlay_unpersisted = false;
         Ok(outcomes)
     }
 

@@ -256,6 +256,33 @@ impl Writer {
         }
     }
 
+    /// Apply liveness changes without the disk (it is full): in memory, persisted later.
+    fn commit_in_memory(&mut self, requests: Vec<Request>) -> Result<(), String> {
+        let work: Vec<Work<'_>> = requests.iter().map(Request::work).collect();
+        let result = self
+            .core
+            .commit_group(&self.state, &work, &mut crate::mem::NullBackend);
+        drop(work);
+        match result {
+            Ok((outcomes, staged)) => {
+                self.core.overlay_unpersisted = true;
+                tracing::warn!(
+                    changes = requests.len(),
+                    "disk full: liveness changes applied in memory, persisted once space returns"
+                );
+                finish_group(&self.state, &self.core, requests, outcomes, staged);
+                Ok(())
+            }
+            Err(e) => {
+                for req in requests {
+                    req.fail(&StoreError::DiskFull);
+                }
+                tracing::warn!(error = %e, "liveness changes could not be applied in memory");
+                Ok(())
+            }
+        }
+    }
+
     /// Commit one group. `Err` is fatal: the store must stop.
     fn commit_group(&mut self, group: Vec<Queued>) -> Result<(), String> {
         let (requests, permits): (Vec<Request>, Vec<_>) = group
@@ -278,9 +305,21 @@ impl Writer {
             }
             Err(e) if is_disk_full(&e) => {
                 tracing::warn!(error = %e, requests = requests.len(), "disk full: group commit rolled back");
-                for req in requests {
+                let (overlay, rest): (Vec<Request>, Vec<Request>) = requests
+                    .into_iter()
+                    .partition(|r| matches!(r, Request::Overlay { .. }));
+                for req in rest {
                     req.fail(&StoreError::DiskFull);
                 }
+                // Down news must not wait for disk space: the overlay is this agent's own view
+                // (never replicated, recomputed from the membership after a restart), so its
+                // changes are applied in memory now and persisted with the next commit that
+                // succeeds. Its revisions are not durable meanwhile: a watcher's token above
+                // what a crash leaves gets a reset, never a silent skip.
+                if !overlay.is_empty() {
+                    self.commit_in_memory(overlay)?;
+                }
+                drop(permits);
                 Ok(())
             }
             Err(e) => {

@@ -145,3 +145,35 @@ fn the_in_memory_store_fails_the_same_way() {
     assert!(matches!(err, StoreError::Failed(_)), "{err}");
     assert_fails_for_good(&rt, &store, &mut cursor, "commit failed");
 }
+
+/// Down news does not wait for disk space: with the disk full, hiding a dead owner's records
+/// takes effect at once (in memory; listings skip them) while writes are refused, and it is
+/// persisted by the first commit once space returns.
+#[test]
+fn a_full_disk_does_not_hold_back_down_news() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let dead = NodeId(7);
+    let theirs = remote("m", version(Hlc::from_physical_ms(1).0, dead.0, 1), false);
+    rt.block_on(store.apply(records(vec![theirs]))).unwrap();
+    assert_eq!(store.list("app", Filter::All).len(), 1);
+    fp.arm(InjectedFault::DiskFull);
+    let change = rt.block_on(store.set_owner_down(dead, true)).unwrap();
+    assert!(change.changed, "applied although the disk is full");
+    assert!(
+        store.list("app", Filter::All).is_empty(),
+        "the dead owner's machine is hidden at once"
+    );
+    // Space returns: the next commit persists the overlay with it.
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert!(
+        store.down_owners().contains(&dead),
+        "persisted once space returned"
+    );
+}
