@@ -155,22 +155,30 @@ pub async fn serve_with(
     health_reporter
         .set_service_status(name, tonic_health::ServingStatus::Serving)
         .await;
-    // Readiness follows the clock: NOT_SERVING while this agent's clock is off its peers'
-    // (its writes are refused; reads go on), SERVING again once it is back within the bound.
+    // Readiness follows the clock: NOT_SERVING while this agent's clock is off its peers', or
+    // its store's clock leads its wall clock (its writes are refused; reads go on), SERVING
+    // again once it is back within the bound. Checked on every fence change and every second.
     let readiness = {
         let reporter = health_reporter.clone();
         let mut fence = store.clock_fence_changes();
+        let store = store.clone();
         tokio::spawn(async move {
+            let mut last = None;
             loop {
-                let status = if fence.borrow_and_update().is_some() {
+                let off = fence.borrow_and_update().is_some() || store.clock_ahead_ms().is_some();
+                let status = if off {
                     tonic_health::ServingStatus::NotServing
                 } else {
                     tonic_health::ServingStatus::Serving
                 };
-                reporter.set_service_status(name, status).await;
-                reporter.set_service_status("", status).await;
-                if fence.changed().await.is_err() {
-                    return;
+                if last != Some(status) {
+                    reporter.set_service_status(name, status).await;
+                    reporter.set_service_status("", status).await;
+                    last = Some(status);
+                }
+                tokio::select! {
+                    changed = fence.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
             }
         })

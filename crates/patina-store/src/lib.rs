@@ -463,6 +463,8 @@ pub struct Store {
     kind: KindRef,
     /// Most items of one batch from a peer (one group commit's share).
     max_remote_ops: usize,
+    /// [`StoreOptions::max_clock_offset_ms`].
+    max_offset_ms: u64,
 }
 
 /// Name of the database file inside the data directory.
@@ -616,6 +618,7 @@ impl Store {
             }),
             kind: opts.kind,
             max_remote_ops: opts.max_remote_batch_ops.get(),
+            max_offset_ms: opts.max_clock_offset_ms,
         })
     }
 
@@ -672,6 +675,7 @@ impl Store {
             engine: Arc::new(Engine::Inline(Mutex::new(inline))),
             kind: opts.kind,
             max_remote_ops: opts.max_remote_batch_ops.get(),
+            max_offset_ms: opts.max_clock_offset_ms,
         }
     }
 
@@ -1007,6 +1011,17 @@ impl Store {
     /// clock as of the latest commit). Watch messages carry it; nothing is persisted.
     pub fn view_hlc(&self) -> Hlc {
         self.state.view_hlc()
+    }
+
+    /// How far this store's clock leads its wall clock, when by more than the bound: local
+    /// writes are refused meanwhile ([`StoreError::HlcAhead`]), and the agent is not ready.
+    /// It ends by itself when the wall clock catches up; a data directory whose clock ran
+    /// far ahead can instead be wiped (the agent then catches up from its peers).
+    pub fn clock_ahead_ms(&self) -> Option<u64> {
+        let lead = Hlc(self.state.hlc.load(Ordering::Acquire))
+            .physical_ms()
+            .saturating_sub(self.state.wall.now_ms());
+        (lead > self.max_offset_ms).then_some(lead)
     }
 
     /// What this store knows, per origin, as of the latest commit.

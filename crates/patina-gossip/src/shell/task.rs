@@ -19,7 +19,7 @@ use super::{
     Fault, Gossip, Input, LEAVE_GRACE, RECV_BUFFER, Reporter, Snapshot, VIEW_EVERY,
     ask_incarnation, local_ip, port_answers, session, write_epoch,
 };
-use crate::node::{Lane, Node, Output, TimerEvent, ViewStatus};
+use crate::node::{Lane, Node, Output, TimerEvent, ViewReason, ViewStatus};
 use crate::replica::Touched;
 
 /// The node's two sockets: SWIM at the gossip address, pushes at the gRPC port's number.
@@ -252,7 +252,14 @@ impl Task {
         let liveness = outputs.iter().any(|o| matches!(o, Output::Liveness { .. }));
         if liveness || due {
             self.view_at = Some(now);
-            let judged = self.node.view_status(now);
+            let mut judged = self.node.view_status(now);
+            // A store whose clock leads its wall clock refuses writes: not a view to count.
+            if self.store.clock_ahead_ms().is_some()
+                && !judged.reasons.contains(&ViewReason::ClockOff)
+            {
+                judged.reasons.push(ViewReason::ClockOff);
+                judged.stands = false;
+            }
             self.view_tx.send_if_modified(|v| {
                 let changed = *v != judged;
                 if changed {

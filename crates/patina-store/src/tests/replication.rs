@@ -741,7 +741,12 @@ fn local_writes_are_refused_while_the_clock_is_off() {
         "{err:?}"
     );
     assert!(store.get_latest("a").is_some(), "reads go on");
+    assert!(
+        store.clock_ahead_ms().is_some_and(|lead| lead >= 9_999),
+        "reported, for readiness and the view"
+    );
     clock.set(10_000_400); // caught up within the bound
+    assert_eq!(store.clock_ahead_ms(), None);
     rt.block_on(store.write(vec![put("b", "web", "x", true)]))
         .unwrap();
     store.set_clock_fence(Some(ClockFence {
