@@ -263,6 +263,11 @@ pub(crate) struct State {
     /// Set while this agent's clock is off its peers' ([`Store::set_clock_fence`]).
     clock_fence: tokio::sync::watch::Sender<Option<ClockFence>>,
     commits: AtomicU64,
+    /// The revision of the latest commit that reached the disk: above it, changes were
+    /// applied in memory only (the disk was full) and a crash may lose them.
+    durable_rev: AtomicU64,
+    /// This opening of the store (random): tokens issued above `durable_rev` carry it.
+    pub incarnation: u64,
 }
 
 /// Most origins whose refusals are counted one by one; the rest are counted under origin 0.
@@ -272,6 +277,15 @@ const MAX_REFUSAL_ORIGINS: usize = 1024;
 impl State {
     pub fn node(&self) -> NodeId {
         NodeId(self.node.load(Ordering::Acquire))
+    }
+
+    /// See `durable_rev`.
+    pub fn durable_rev(&self) -> u64 {
+        self.durable_rev.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_durable_rev(&self, rev: u64) {
+        self.durable_rev.store(rev, Ordering::Release);
     }
 
     fn set_node(&self, node: NodeId) {
@@ -480,6 +494,7 @@ fn new_state(
     rows: Rows,
     knowledge: Digest,
     wall: Arc<dyn Clock>,
+    incarnation: NodeId,
 ) -> Arc<State> {
     Arc::new(State {
         hlc: AtomicU64::new(meta.hlc.0),
@@ -497,6 +512,8 @@ fn new_state(
         failure: tokio::sync::watch::Sender::new(None),
         clock_fence: tokio::sync::watch::Sender::new(None),
         commits: AtomicU64::new(0),
+        durable_rev: AtomicU64::new(meta.revision),
+        incarnation: incarnation.0,
     })
 }
 
@@ -572,6 +589,7 @@ impl Store {
             Rows::Sqlite(sqlite::Readers::new(path)),
             knowledge.clone(),
             opts.clock.clone(),
+            ids.next(),
         );
         let (local, remote) = opts.queue_limits();
         let queue = Arc::new(Queue::new(local, remote));
@@ -655,6 +673,7 @@ impl Store {
             Rows::Memory(rows.clone()),
             knowledge.clone(),
             opts.clock.clone(),
+            IdSource::Seeded(seed ^ 0x1).next(),
         );
         let inline = Inline {
             core: Core {

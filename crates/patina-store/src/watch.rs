@@ -36,6 +36,11 @@ pub struct ResumeToken {
     /// A hash of the scope the token was issued for; `None` in tokens of the first format,
     /// which are honoured by a reset.
     pub scope: Option<u32>,
+    /// Set in a token whose revision was not yet durable when it was issued (changes the
+    /// store applied in memory while its disk was full): which opening of the store issued
+    /// it. Another opening cannot honour it (those revisions may have been lost and issued
+    /// again for other changes), so it gets a reset, never a silent skip.
+    pub incarnation: Option<u64>,
 }
 
 impl fmt::Display for ResumeToken {
@@ -43,6 +48,9 @@ impl fmt::Display for ResumeToken {
         write!(f, "{:016x}.{}", self.store.0, self.rev)?;
         if let Some(scope) = self.scope {
             write!(f, ".{scope:08x}")?;
+            if let Some(inc) = self.incarnation {
+                write!(f, ".{inc:016x}")?;
+            }
         }
         Ok(())
     }
@@ -61,18 +69,32 @@ impl FromStr for ResumeToken {
         let (Some(store), Some(rev)) = (parts.next(), parts.next()) else {
             return Err(BadToken);
         };
+        let hex = |h: &str, len: usize| -> Result<u64, BadToken> {
+            if h.len() != len || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(BadToken);
+            }
+            u64::from_str_radix(h, 16).map_err(|_| BadToken)
+        };
         let scope = match parts.next() {
             None => None,
-            Some(h) if h.len() == 8 => Some(u32::from_str_radix(h, 16).map_err(|_| BadToken)?),
-            Some(_) => return Err(BadToken),
+            Some(h) => Some(hex(h, 8)? as u32),
         };
-        if store.len() != 16 || parts.next().is_some() || rev.is_empty() || rev.len() > 20 {
+        let incarnation = match parts.next() {
+            None => None,
+            Some(h) => Some(hex(h, 16)?),
+        };
+        if parts.next().is_some()
+            || rev.is_empty()
+            || rev.len() > 20
+            || !rev.bytes().all(|b| b.is_ascii_digit())
+        {
             return Err(BadToken);
         }
         Ok(ResumeToken {
-            store: NodeId(u64::from_str_radix(store, 16).map_err(|_| BadToken)?),
+            store: NodeId(hex(store, 16)?),
             rev: rev.parse().map_err(|_| BadToken)?,
             scope,
+            incarnation,
         })
     }
 }
@@ -185,7 +207,8 @@ impl Cursor {
     }
 
     /// Can this cursor go on from `t` without a reset? The token must be of this store and
-    /// scope and not from the future. A token older than the log catches up by walking the
+    /// scope and not from the future, and one issued above the durable revision must be of
+    /// this opening of the store. A token older than the log catches up by walking the
     /// stored rows (each row lists the groups its key left): exact as long as no tombstone
     /// was collected after `t`; one below a collected tombstone gets a snapshot instead (see
     /// `catch_up`).
@@ -193,6 +216,7 @@ impl Cursor {
         t.store == self.state.node()
             && t.scope == Some(self.scope_hash)
             && t.rev <= self.state.feed.revision()
+            && t.incarnation.is_none_or(|i| i == self.state.incarnation)
     }
 
     fn token(&mut self, rev: u64) -> ResumeToken {
@@ -201,6 +225,7 @@ impl Cursor {
             store: self.state.node(),
             rev,
             scope: Some(self.scope_hash),
+            incarnation: (rev > self.state.durable_rev()).then_some(self.state.incarnation),
         }
     }
 

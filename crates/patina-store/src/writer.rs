@@ -162,6 +162,10 @@ pub(crate) fn finish_group(
     state.count_refusals(staged.refusals);
     // The clock before the feed: a watch message made after a change is stamped above it.
     state.publish_hlc(core.clock.last());
+    // Before the feed: a token for a revision the disk holds needs no incarnation.
+    if !core.overlay_unpersisted {
+        state.set_durable_rev(core.meta.revision);
+    }
     state.feed.publish(staged.changes);
     for (req, outcome) in requests.into_iter().zip(outcomes) {
         req.answer(outcome);

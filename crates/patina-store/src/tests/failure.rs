@@ -177,3 +177,59 @@ fn a_full_disk_does_not_hold_back_down_news() {
         "persisted once space returned"
     );
 }
+
+/// A change applied in memory while the disk is full has a revision a crash (or a stop before
+/// space returns) loses; the reopened store issues it again for another change. A watcher
+/// holding a token past the durable revision must then get a reset, not resume and silently
+/// miss the change that reused its number; within the same opening it resumes as usual.
+#[test]
+fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let dead = NodeId(7);
+    let theirs = remote("m", version(Hlc::from_physical_ms(1).0, dead.0, 1), false);
+    rt.block_on(store.apply(records(vec![theirs]))).unwrap();
+    let durable = super::watch::snapshot_token(&rt, &store);
+    assert_eq!(durable.incarnation, None, "the disk holds its revision");
+    let mut cursor = store.watch(None, Some(durable), 100);
+    fp.arm(InjectedFault::DiskFull);
+    assert!(rt.block_on(store.set_owner_down(dead, true)).unwrap().changed);
+    let WatchItem::Delta { token: volatile, .. } = super::watch::next(&rt, &mut cursor) else {
+        panic!("expected the hide as a delta")
+    };
+    assert_eq!(volatile.rev, durable.rev + 1);
+    assert!(volatile.incarnation.is_some(), "{volatile}");
+    let parsed: ResumeToken = volatile.to_string().parse().unwrap();
+    assert_eq!(parsed, volatile, "the incarnation survives the wire");
+    // The same opening resumes from it: nothing new to send.
+    let mut same = store.watch(None, Some(volatile), 100);
+    let item = rt.block_on(async {
+        tokio::time::timeout(Duration::from_millis(300), same.next()).await
+    });
+    assert!(item.is_err(), "resumed quietly, got {item:?}");
+    // Stopped before space returned: the hide is lost, its revision goes to another write.
+    store.close();
+    drop(store);
+    let (_fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert_eq!(store.stats().revision, durable.rev, "the hide never reached the disk");
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    assert!(store.stats().revision >= volatile.rev);
+    let mut after = store.watch(None, Some(volatile), 100);
+    assert!(
+        matches!(
+            super::watch::next(&rt, &mut after),
+            WatchItem::Snapshot { reset: true, .. }
+        ),
+        "a token of the lost revisions gets a reset"
+    );
+    // A token the disk held resumes across the restart.
+    let mut old = store.watch(None, Some(durable), 100);
+    let WatchItem::Delta { changes, .. } = super::watch::next(&rt, &mut old) else {
+        panic!("expected the write as a delta")
+    };
+    assert_eq!(changes.len(), 1);
+}

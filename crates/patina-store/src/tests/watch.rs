@@ -484,6 +484,9 @@ fn a_token_of_one_scope_used_on_another_gets_a_reset() {
         "0123456789abcdef.",
         "0123456789abcdef.1.zz",
         "0123456789abcdef.1.00000000.1",
+        "0123456789abcdef.1.00000000.0123456789abcdef.0",
+        "+123456789abcdef.1",
+        "0123456789abcdef.+1",
     ] {
         assert!(bad.parse::<ResumeToken>().is_err(), "{bad:?}");
     }
