@@ -369,12 +369,14 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        // Before the hello reads the wall clock: a step between the two readings must not
+        // pass a sample of the clock before it as one taken after it.
+        let sent = std::time::Instant::now();
         let (hello, ours) = hello(g, 0);
         let t0 = match &hello.body {
             Some(Body::Hello(h)) => h.wall_ms,
             _ => 0,
         };
-        let sent = std::time::Instant::now();
         tx.send(hello).await.map_err(|e| e.to_string())?;
         let response = client
             .exchange(ReceiverStream::new(rx))

@@ -195,8 +195,15 @@ fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
     assert_eq!(durable.incarnation, None, "the disk holds its revision");
     let mut cursor = store.watch(None, Some(durable), 100);
     fp.arm(InjectedFault::DiskFull);
-    assert!(rt.block_on(store.set_owner_down(dead, true)).unwrap().changed);
-    let WatchItem::Delta { token: volatile, .. } = super::watch::next(&rt, &mut cursor) else {
+    assert!(
+        rt.block_on(store.set_owner_down(dead, true))
+            .unwrap()
+            .changed
+    );
+    let WatchItem::Delta {
+        token: volatile, ..
+    } = super::watch::next(&rt, &mut cursor)
+    else {
         panic!("expected the hide as a delta")
     };
     assert_eq!(volatile.rev, durable.rev + 1);
@@ -205,16 +212,19 @@ fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
     assert_eq!(parsed, volatile, "the incarnation survives the wire");
     // The same opening resumes from it: nothing new to send.
     let mut same = store.watch(None, Some(volatile), 100);
-    let item = rt.block_on(async {
-        tokio::time::timeout(Duration::from_millis(300), same.next()).await
-    });
+    let item =
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(300), same.next()).await });
     assert!(item.is_err(), "resumed quietly, got {item:?}");
     // Stopped before space returned: the hide is lost, its revision goes to another write.
     store.close();
     drop(store);
     let (_fp, opts) = with_failpoints();
     let store = Store::open(dir.path(), opts).unwrap();
-    assert_eq!(store.stats().revision, durable.rev, "the hide never reached the disk");
+    assert_eq!(
+        store.stats().revision,
+        durable.rev,
+        "the hide never reached the disk"
+    );
     rt.block_on(store.write(vec![put("a", "g", "1", true)]))
         .unwrap();
     assert!(store.stats().revision >= volatile.rev);
