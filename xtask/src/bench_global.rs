@@ -442,6 +442,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         o.summaries
     );
     let agent_dir = crate::bench_store::tempdir()?.join("global-store");
+    // Removed however this ends (a failed step returns early with `?`): 1M summaries are
+    // hundreds of MiB.
+    let _remove = RemoveOnDrop(agent_dir.clone());
     let (store_bytes, store_secs) = agent_store(o.summaries, &agent_dir.join("data"))?;
     println!(
         "a global agent's store, {} summaries: {store_bytes:.0} bytes per summary resident \
@@ -455,7 +458,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     } else {
         Some(edge_snapshot(&build_patina()?, &agent_dir, o.summaries)?)
     };
-    let _ = std::fs::remove_dir_all(&agent_dir);
+    drop(_remove);
     if let Some((secs, rss)) = snapshot {
         println!(
             "an edge's snapshot of {} summaries from a global agent: {secs:.2} s ({:.0} summaries/s; the agent's RSS {:.0} MiB)",
@@ -551,4 +554,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     println!("{json}");
     Ok(())
+}
+
+/// A directory removed when this goes out of scope.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

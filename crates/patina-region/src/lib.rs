@@ -184,6 +184,7 @@ pub async fn serve_with(
         })
     };
     let stop_readiness = readiness.abort_handle();
+    let mut readiness = readiness;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(patina_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -205,8 +206,11 @@ pub async fn serve_with(
         .add_optional_service(admin);
     let served = add(served, stopping.clone())
         .serve_with_incoming_shutdown(incoming, async move {
-            let not_serving = async || {
-                stop_readiness.abort();
+            let mut not_serving = async || {
+                // Ended before the status is set: a readiness check running on another
+                // thread could otherwise set SERVING after it.
+                readiness.abort();
+                let _ = (&mut readiness).await;
                 health_reporter
                     .set_service_status(name, tonic_health::ServingStatus::NotServing)
                     .await;
@@ -257,7 +261,7 @@ pub async fn serve_with(
         let _ = stopping.wait_for(|s| *s).await;
     });
     let (served, ()) = tokio::join!(served, refusing);
-    readiness.abort();
+    stop_readiness.abort();
     served?;
     match failure.get() {
         Some(Failure::Store(why)) => Err(ServeError::StoreFailed(why.clone())),

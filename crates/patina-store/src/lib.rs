@@ -733,6 +733,13 @@ impl Store {
                     Ok((outcomes, staged)) => {
                         writer::finish_group(&self.state, core, vec![request], outcomes, staged)
                     }
+                    // As the writer thread does: down news does not wait for disk space.
+                    Err(e)
+                        if writer::is_disk_full(&e)
+                            && matches!(request, Request::Overlay { .. }) =>
+                    {
+                        writer::commit_in_memory(&self.state, core, vec![request]);
+                    }
                     Err(e) if writer::is_disk_full(&e) => request.fail(&StoreError::DiskFull),
                     Err(e) => {
                         self.state.set_failed(format!("commit failed: {e}"));

@@ -202,6 +202,30 @@ impl Drop for PanicGuard {
     }
 }
 
+/// Apply liveness changes without the disk (it is full): in memory, persisted by the next
+/// commit that succeeds. A change that cannot be applied even so fails with `DiskFull`.
+pub(crate) fn commit_in_memory(state: &State, core: &mut Core, requests: Vec<Request>) {
+    let work: Vec<Work<'_>> = requests.iter().map(Request::work).collect();
+    let result = core.commit_group(state, &work, &mut crate::mem::NullBackend);
+    drop(work);
+    match result {
+        Ok((outcomes, staged)) => {
+            core.overlay_unpersisted = true;
+            tracing::warn!(
+                changes = requests.len(),
+                "disk full: liveness changes applied in memory, persisted once space returns"
+            );
+            finish_group(state, core, requests, outcomes, staged);
+        }
+        Err(e) => {
+            for req in requests {
+                req.fail(&StoreError::DiskFull);
+            }
+            tracing::warn!(error = %e, "liveness changes could not be applied in memory");
+        }
+    }
+}
+
 /// The fatal path: record why, fail everything queued, end every watch.
 pub(crate) fn fail_store(state: &State, queue: &Queue, reason: String) {
     tracing::error!(reason = %reason, "the store failed and stops: no write is accepted any more");
@@ -260,33 +284,6 @@ impl Writer {
         }
     }
 
-    /// Apply liveness changes without the disk (it is full): in memory, persisted later.
-    fn commit_in_memory(&mut self, requests: Vec<Request>) -> Result<(), String> {
-        let work: Vec<Work<'_>> = requests.iter().map(Request::work).collect();
-        let result = self
-            .core
-            .commit_group(&self.state, &work, &mut crate::mem::NullBackend);
-        drop(work);
-        match result {
-            Ok((outcomes, staged)) => {
-                self.core.overlay_unpersisted = true;
-                tracing::warn!(
-                    changes = requests.len(),
-                    "disk full: liveness changes applied in memory, persisted once space returns"
-                );
-                finish_group(&self.state, &self.core, requests, outcomes, staged);
-                Ok(())
-            }
-            Err(e) => {
-                for req in requests {
-                    req.fail(&StoreError::DiskFull);
-                }
-                tracing::warn!(error = %e, "liveness changes could not be applied in memory");
-                Ok(())
-            }
-        }
-    }
-
     /// Commit one group. `Err` is fatal: the store must stop.
     fn commit_group(&mut self, group: Vec<Queued>) -> Result<(), String> {
         let (requests, permits): (Vec<Request>, Vec<_>) = group
@@ -321,7 +318,7 @@ impl Writer {
                 // succeeds. Its revisions are not durable meanwhile: a watcher's token above
                 // what a crash leaves gets a reset, never a silent skip.
                 if !overlay.is_empty() {
-                    self.commit_in_memory(overlay)?;
+                    commit_in_memory(&self.state, &mut self.core, overlay);
                 }
                 drop(permits);
                 Ok(())

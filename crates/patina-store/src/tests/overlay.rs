@@ -402,15 +402,26 @@ fn a_full_disk_does_not_hold_back_a_hide() {
         failpoints: fp.clone(),
         ..opts()
     };
-    let store = Store::open(dir.path(), opts).unwrap();
-    seed(&rt, &store);
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    hides_with_the_disk_full(&rt, &store, &fp);
+    // The simulations' store (no writer thread) does the same.
+    let fp = Arc::new(Failpoints::default());
+    let opts = StoreOptions {
+        failpoints: fp.clone(),
+        ..opts
+    };
+    hides_with_the_disk_full(&rt, &Store::in_memory(NodeId(1), 1, opts), &fp);
+}
+
+fn hides_with_the_disk_full(rt: &tokio::runtime::Runtime, store: &Store, fp: &Failpoints) {
+    seed(rt, store);
     let revision = store.stats().revision;
     fp.arm(InjectedFault::DiskFull);
     // Applied in memory at once (persisted by the next commit that succeeds).
-    assert_eq!(hide(&rt, &store, HOST).records, 3);
+    assert_eq!(hide(rt, store, HOST).records, 3);
     assert!(store.down_owners().contains(&HOST));
     assert_eq!(store.stats().revision, revision + 3);
     assert_eq!(store.list("web", Filter::All).len(), 2, "a and b hidden");
     // Asked again once space returns: nothing left to change.
-    assert_eq!(hide(&rt, &store, HOST).records, 0);
+    assert_eq!(hide(rt, store, HOST).records, 0);
 }
