@@ -268,6 +268,9 @@ pub(crate) struct State {
     durable_rev: AtomicU64,
     /// This opening of the store (random): tokens issued above `durable_rev` carry it.
     pub incarnation: u64,
+    /// The opening that made the latest commit before this one opened, and the revision
+    /// it had reached (all durable): its tokens up to there resume.
+    pub previous: (u64, u64),
 }
 
 /// Most origins whose refusals are counted one by one; the rest are counted under origin 0.
@@ -514,6 +517,7 @@ fn new_state(
         commits: AtomicU64::new(0),
         durable_rev: AtomicU64::new(meta.revision),
         incarnation: incarnation.0,
+        previous: (meta.incarnation, meta.revision),
     })
 }
 
@@ -591,6 +595,8 @@ impl Store {
             opts.clock.clone(),
             ids.next(),
         );
+        // Every commit from now on records this opening.
+        meta.incarnation = state.incarnation;
         let (local, remote) = opts.queue_limits();
         let queue = Arc::new(Queue::new(local, remote));
         let writer = Writer {
@@ -655,6 +661,7 @@ impl Store {
             collected_rev: 0,
             retired: Default::default(),
             former: Default::default(),
+            incarnation: 0,
         };
         let mut knowledge = Digest::new();
         knowledge.insert(node, OriginKnowledge::dense(0));
@@ -675,6 +682,8 @@ impl Store {
             opts.clock.clone(),
             IdSource::Seeded(seed ^ 0x1).next(),
         );
+        let mut meta = meta;
+        meta.incarnation = state.incarnation;
         let inline = Inline {
             core: Core {
                 moved: false,

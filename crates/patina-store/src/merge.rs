@@ -227,6 +227,10 @@ pub(crate) struct Meta {
     /// when it arrives: renamed under the current origin with its timestamp, so that its
     /// owner is an agent that runs. At most [`MAX_FORMER`], the newest kept.
     pub former: Former,
+    /// The opening of the store that made the latest commit (0: none recorded). Every
+    /// revision up to `revision` is durable under it, so a watch token of that opening at or
+    /// below `revision` resumes after a restart (see `watch.rs`).
+    pub incarnation: u64,
 }
 
 /// [`Meta::former`].

@@ -262,6 +262,7 @@ pub(crate) fn load_meta(conn: &Connection) -> Result<Meta, StoreError> {
         collected_rev: meta_int(conn, "collected_rev")?.unwrap_or(0) as u64,
         retired: std::sync::Arc::new(retired),
         former,
+        incarnation: meta_int(conn, "incarnation")?.unwrap_or(0) as u64,
     })
 }
 
@@ -652,6 +653,7 @@ impl Backend for SqliteBackend {
         stmt.execute(params!["hlc", meta.hlc.0 as i64])?;
         stmt.execute(params!["revision", meta.revision as i64])?;
         stmt.execute(params!["collected_rev", meta.collected_rev as i64])?;
+        stmt.execute(params!["incarnation", meta.incarnation as i64])?;
         Ok(())
     }
 

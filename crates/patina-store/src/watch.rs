@@ -208,7 +208,8 @@ impl Cursor {
 
     /// Can this cursor go on from `t` without a reset? The token must be of this store and
     /// scope and not from the future, and one issued above the durable revision must be of
-    /// this opening of the store. A token older than the log catches up by walking the
+    /// this opening of the store, or of the one that made the last commit before it and no
+    /// higher than the revision that commit reached (a later commit persisted it). A token older than the log catches up by walking the
     /// stored rows (each row lists the groups its key left): exact as long as no tombstone
     /// was collected after `t`; one below a collected tombstone gets a snapshot instead (see
     /// `catch_up`).
@@ -216,7 +217,10 @@ impl Cursor {
         t.store == self.state.node()
             && t.scope == Some(self.scope_hash)
             && t.rev <= self.state.feed.revision()
-            && t.incarnation.is_none_or(|i| i == self.state.incarnation)
+            && t.incarnation.is_none_or(|i| {
+                let (previous, reached) = self.state.previous;
+                i == self.state.incarnation || (i == previous && t.rev <= reached)
+            })
     }
 
     fn token(&mut self, rev: u64) -> ResumeToken {

@@ -40,13 +40,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Our hello, and the claim it makes: the digest this side plans its half of the session
 /// from. It carries our wall clock (and, in a server's, when the client's hello arrived),
 /// from which the client measures the offset between the two clocks.
-fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim) {
+/// Also the monotonic time read beside the wall clock (a sample measures from it).
+fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim, std::time::Instant) {
     let digest = g.store.digest();
+    let sent = std::time::Instant::now();
+    let wall_ms = g.store.wall_ms();
     let message = SyncMessage {
         body: Some(Body::Hello(SyncHello {
             cluster: g.cluster.to_string(),
             node: g.store.node().0,
-            wall_ms: g.store.wall_ms(),
+            wall_ms,
             received_wall_ms,
             digest: digest
                 .iter()
@@ -64,7 +67,7 @@ fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim) {
                 .collect(),
         })),
     };
-    (message, Claim::of(digest))
+    (message, Claim::of(digest), sent)
 }
 
 /// The clock readings a hello carries.
@@ -369,10 +372,9 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        // Before the hello reads the wall clock: a step between the two readings must not
-        // pass a sample of the clock before it as one taken after it.
-        let sent = std::time::Instant::now();
-        let (hello, ours) = hello(g, 0);
+        // Read beside the hello's wall clock: a step between the two readings could pass a
+        // sample of the clock before it as one taken after it.
+        let (hello, ours, sent) = hello(g, 0);
         let t0 = match &hello.body {
             Some(Body::Hello(h)) => h.wall_ms,
             _ => 0,
@@ -522,7 +524,7 @@ impl Sync for SyncService {
         let arrived = self.gossip.store.wall_ms();
         let (theirs, _) = their_digest(&self.gossip, first)?;
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let (hello, ours) = hello(&self.gossip, arrived);
+        let (hello, ours, _) = hello(&self.gossip, arrived);
         let _ = tx.send(Ok(hello)).await;
         let g = self.gossip.clone();
         tokio::spawn(async move {

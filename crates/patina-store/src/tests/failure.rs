@@ -243,3 +243,56 @@ fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
     };
     assert_eq!(changes.len(), 1);
 }
+
+/// Once a commit reaches the disk after the full spell, the revisions applied in memory are
+/// durable: a token of them resumes after a restart (no needless snapshot), until another
+/// opening has committed.
+#[test]
+fn a_token_of_revisions_a_later_commit_persisted_resumes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (fp, opts) = with_failpoints();
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let dead = NodeId(7);
+    let theirs = remote("m", version(Hlc::from_physical_ms(1).0, dead.0, 1), false);
+    rt.block_on(store.apply(records(vec![theirs]))).unwrap();
+    let durable = super::watch::snapshot_token(&rt, &store);
+    let mut cursor = store.watch(None, Some(durable), 100);
+    fp.arm(InjectedFault::DiskFull);
+    assert!(
+        rt.block_on(store.set_owner_down(dead, true))
+            .unwrap()
+            .changed
+    );
+    let WatchItem::Delta {
+        token: volatile, ..
+    } = super::watch::next(&rt, &mut cursor)
+    else {
+        panic!("expected the hide as a delta")
+    };
+    assert!(volatile.incarnation.is_some());
+    // Space returns: this commit persists the hide's revision with its own.
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let mut resumed = store.watch(None, Some(volatile), 100);
+    let WatchItem::Delta { changes, .. } = super::watch::next(&rt, &mut resumed) else {
+        panic!("expected the write as a delta, not a reset")
+    };
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].entry.key(), "a");
+    // Another opening that commits makes it unknown: a reset, as for any token it cannot
+    // vouch for.
+    rt.block_on(store.write(vec![put("b", "g", "1", true)]))
+        .unwrap();
+    store.close();
+    drop(store);
+    let store = Store::open(dir.path(), opts).unwrap();
+    let mut reset = store.watch(None, Some(volatile), 100);
+    assert!(matches!(
+        super::watch::next(&rt, &mut reset),
+        WatchItem::Snapshot { reset: true, .. }
+    ));
+}
