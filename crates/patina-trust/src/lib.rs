@@ -1,0 +1,10 @@
+//! Who may speak. Certificates name principals by URI ([`principal`]); an agent's and a
+//! client's TLS material is read from files and checked whole ([`material`]); small
+//! deployments and tests make their certificates here too ([`certs`]).
+
+pub mod certs;
+pub mod material;
+pub mod principal;
+
+pub use material::{Material, MaterialError, Paths};
+pub use principal::{Grant, Need, Principal, Role, Scope, Tier};
