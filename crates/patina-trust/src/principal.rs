@@ -181,13 +181,13 @@ impl Principal {
     pub fn allows(&self, scope: &Scope, need: Need) -> bool {
         self.grants.iter().any(|g| {
             g.scope == *scope
-                && match (need, &g.role) {
-                    (_, Role::Agent) => true,
-                    (Need::Peer, Role::Bridge(_)) => true,
-                    (Need::Writer, Role::Writer(_)) => true,
-                    (Need::Reader, _) => true,
-                    _ => false,
-                }
+                && matches!(
+                    (need, &g.role),
+                    (_, Role::Agent)
+                        | (Need::Peer, Role::Bridge(_))
+                        | (Need::Writer, Role::Writer(_))
+                        | (Need::Reader, _)
+                )
         })
     }
 
