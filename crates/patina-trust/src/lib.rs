@@ -3,8 +3,14 @@
 //! deployments and tests make their certificates here too ([`certs`]).
 
 pub mod certs;
+pub mod client;
 pub mod material;
 pub mod principal;
+pub mod reload;
+pub mod server;
 
+pub use client::Dial;
 pub use material::{Material, MaterialError, Paths};
 pub use principal::{Grant, Need, Principal, Role, Scope, Tier};
+pub use reload::Trust;
+pub use server::{AuthorizeLayer, PeerInfo, TlsIncoming};
