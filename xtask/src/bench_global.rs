@@ -334,7 +334,11 @@ fn edge_snapshot(
             .collect();
         let table = Arc::new(Table::new(RegionTable::new(specs).expect("a table"), None));
         let started = Instant::now();
-        let edge = patina_edge::follow(vec![agent.url.clone()], table.clone());
+        let edge = patina_edge::follow(
+            vec![agent.url.clone()],
+            table.clone(),
+            patina_trust::Dial::Plain,
+        );
         let mut synced = edge.synced.clone();
         let ok = tokio::time::timeout(Duration::from_secs(600), synced.wait_for(|s| *s)).await;
         let secs = started.elapsed().as_secs_f64();

@@ -153,11 +153,13 @@ impl Drop for Edge {
 /// Follow `WatchApps` at one of `servers` (gRPC addresses such as `http://127.0.0.1:7700`),
 /// starting at a random one, keeping `table` current; on failures, the next.
 /// Runs on the current tokio runtime until the returned [`Edge`] is dropped.
-pub fn follow(servers: Vec<String>, table: Arc<Table>) -> Edge {
+/// `dial`: TLS with the proxy's certificate, expecting agents of the global cluster (or
+/// plaintext where TLS is off).
+pub fn follow(servers: Vec<String>, table: Arc<Table>, dial: patina_trust::Dial) -> Edge {
     let (tx, synced) = watch::channel(false);
     let (following_tx, following) = watch::channel(String::new());
     let replica = Replica::new(table.clone());
-    let task = tokio::spawn(run(servers, replica, tx, following_tx));
+    let task = tokio::spawn(run(servers, replica, tx, following_tx, dial));
     Edge {
         table,
         synced,
@@ -191,6 +193,7 @@ async fn run(
     mut replica: Replica,
     synced: watch::Sender<bool>,
     following: watch::Sender<String>,
+    dial: patina_trust::Dial,
 ) {
     let mut retry = RETRY_MIN;
     // Edges start at a random one of their servers, so that a fleet given the same list
@@ -204,7 +207,7 @@ async fn run(
         following.send_replace(server.clone());
         let started = tokio::time::Instant::now();
         let mut stalled = false;
-        match stream_once(server, &mut replica, &synced).await {
+        match stream_once(server, &mut replica, &synced, &dial).await {
             Ok(()) => {}
             Err(e) => {
                 stalled = e.is::<Stalled>();
@@ -236,6 +239,7 @@ async fn stream_once(
     server: &str,
     replica: &mut Replica,
     synced: &watch::Sender<bool>,
+    dial: &patina_trust::Dial,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -246,7 +250,7 @@ async fn stream_once(
     // opening, not only the connect.
     let token = replica.token().to_owned();
     let opened = tokio::time::timeout(SILENCE, async move {
-        let channel = endpoint.connect().await?;
+        let channel = dial.connect(endpoint).await?;
         let mut client = GlobalClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let stream = client
             .watch_apps(WatchAppsRequest {

@@ -40,6 +40,7 @@ pub async fn serve(
     region: &str,
     limits: Limits,
     cluster: Option<ClusterServices>,
+    tls: Option<patina_region::ServerTls>,
     shutdown: impl Future<Output = patina_region::Stopped> + Send,
 ) -> Result<(), ServeError> {
     let max_watches = limits.max_watches.get();
@@ -51,6 +52,7 @@ pub async fn serve(
         limits,
         <GlobalServer<GlobalService> as tonic::server::NamedService>::NAME,
         cluster,
+        tls,
         move |router, stopping| {
             let service = GlobalService::new(served, table, &region, max_watches, stopping);
             router.add_service(

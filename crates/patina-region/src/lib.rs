@@ -21,6 +21,18 @@ use patina_store::Store;
 use tokio::net::TcpListener;
 use tonic::transport::server::Router;
 
+/// The layers every agent's API sits behind: the role check of each call.
+pub type ApiLayers = tower_layer::Stack<patina_trust::AuthorizeLayer, tower_layer::Identity>;
+/// The router an agent's API is added to.
+pub type ApiRouter = Router<ApiLayers>;
+
+/// TLS on an agent's listener: its material, and the cluster its callers' roles must be in.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub trust: patina_trust::Trust,
+    pub scope: patina_trust::Scope,
+}
+
 pub use kind::MachineKind;
 pub use limits::Limits;
 pub use service::RegionService;
@@ -103,9 +115,11 @@ pub async fn serve(
     id: &AgentIdentity,
     limits: Limits,
     cluster: Option<ClusterServices>,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
     let max_watches = limits.max_watches;
+    let scope = tls.as_ref().map(|t| t.scope.clone());
     let (region, host) = (id.region.clone(), id.host.clone());
     let served = store.clone();
     let gossip = cluster.as_ref().map(|c| c.gossip.clone());
@@ -116,10 +130,12 @@ pub async fn serve(
         limits,
         <RegionServer<RegionService> as tonic::server::NamedService>::NAME,
         cluster,
+        tls,
         move |router, stopping| {
             let service = RegionService::new(served, &region, &host, stopping)
                 .with_max_watches(max_watches)
-                .with_gossip(gossip);
+                .with_gossip(gossip)
+                .with_scope(scope);
             router.add_service(
                 RegionServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -134,14 +150,18 @@ pub async fn serve(
 /// Serve a tier's API (added to the router by `add`, which is given the receiver that turns
 /// true when the server begins to stop), health (`name` and the whole server) and
 /// reflection, and the cluster's services when given, on `listener` within `limits`, until
-/// `shutdown` resolves or the store fails. Shared by the region and global agents.
+/// `shutdown` resolves or the store fails. Shared by the region and global agents. With
+/// `tls`, every connection is a TLS one whose client certificate the bundle signs, and every
+/// call is checked against its caller's role ([`patina_trust::server::need_of`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_with(
     listener: TcpListener,
     store: Store,
     limits: Limits,
     name: &'static str,
     cluster: Option<ClusterServices>,
-    add: impl FnOnce(Router, tokio::sync::watch::Receiver<bool>) -> Router,
+    tls: Option<ServerTls>,
+    add: impl FnOnce(ApiRouter, tokio::sync::watch::Receiver<bool>) -> ApiRouter,
     shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
     let (sync, admin) = match cluster {
@@ -195,51 +215,67 @@ pub async fn serve_with(
     let (incoming, overflow) = listener::admit(listener, &limits);
     let failure: std::sync::Arc<std::sync::OnceLock<Failure>> = Default::default();
     let failed = failure.clone();
+    // Without TLS the layer has no principal to check and lets every call through.
+    let authorize = patina_trust::AuthorizeLayer::new(tls.as_ref().map_or_else(
+        || patina_trust::Scope::new(patina_trust::Tier::Region, "plaintext"),
+        |t| t.scope.clone(),
+    ));
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection.get())
         // A peer that vanished (host down, cable cut) frees its connection and watches.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(authorize)
         .add_service(health)
         .add_service(reflection)
         .add_optional_service(sync)
         .add_optional_service(admin);
-    let served = add(served, stopping.clone())
-        .serve_with_incoming_shutdown(incoming, async move {
-            let mut not_serving = async || {
-                // Ended before the status is set: a readiness check running on another
-                // thread could otherwise set SERVING after it.
-                readiness.abort();
-                let _ = (&mut readiness).await;
-                health_reporter
-                    .set_service_status(name, tonic_health::ServingStatus::NotServing)
-                    .await;
-                health_reporter
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            };
-            tokio::select! {
-                stopped = shutdown => {
-                    if let Stopped::Failed(why) = stopped {
-                        tracing::error!(reason = %why, "a part of the agent failed: reporting NOT_SERVING and stopping");
-                        not_serving().await;
-                        let _ = failed.set(Failure::Part(why));
-                        stop_tx.send_replace(true);
-                        tokio::time::sleep(FAILED_GRACE).await;
-                    }
-                }
-                why = watched.failed() => {
-                    tracing::error!(reason = %why, "the store failed: reporting NOT_SERVING and stopping");
+    let router = add(served, stopping.clone());
+    let shutdown = async move {
+        let mut not_serving = async || {
+            // Ended before the status is set: a readiness check running on another
+            // thread could otherwise set SERVING after it.
+            readiness.abort();
+            let _ = (&mut readiness).await;
+            health_reporter
+                .set_service_status(name, tonic_health::ServingStatus::NotServing)
+                .await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        };
+        tokio::select! {
+            stopped = shutdown => {
+                if let Stopped::Failed(why) = stopped {
+                    tracing::error!(reason = %why, "a part of the agent failed: reporting NOT_SERVING and stopping");
                     not_serving().await;
-                    let _ = failed.set(Failure::Store(why));
-                    // Watches end now (their cursors closed with the store); the rest is
-                    // answered for a moment so that clients learn why.
+                    let _ = failed.set(Failure::Part(why));
                     stop_tx.send_replace(true);
                     tokio::time::sleep(FAILED_GRACE).await;
                 }
             }
-            stop_tx.send_replace(true);
-        });
+            why = watched.failed() => {
+                tracing::error!(reason = %why, "the store failed: reporting NOT_SERVING and stopping");
+                not_serving().await;
+                let _ = failed.set(Failure::Store(why));
+                // Watches end now (their cursors closed with the store); the rest is
+                // answered for a moment so that clients learn why.
+                stop_tx.send_replace(true);
+                tokio::time::sleep(FAILED_GRACE).await;
+            }
+        }
+        stop_tx.send_replace(true);
+    };
+    let handshake_timeout = limits.handshake_timeout;
+    let served: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match &tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown)),
+        Some(t) => Box::pin(router.serve_with_incoming_shutdown(
+            patina_trust::TlsIncoming::new(incoming, t.trust.clone(), handshake_timeout),
+            shutdown,
+        )),
+    };
     let mut draining = stopping.clone();
     let served = async move {
         tokio::select! {
@@ -257,9 +293,12 @@ pub async fn serve_with(
         }
     };
     let mut stopping = stopping;
-    let refusing = overflow.serve(async move {
-        let _ = stopping.wait_for(|s| *s).await;
-    });
+    let refusing = overflow.serve(
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        },
+        tls.map(|t| t.trust),
+    );
     let (served, ()) = tokio::join!(served, refusing);
     stop_readiness.abort();
     served?;

@@ -265,22 +265,32 @@ pub struct Overflow {
 impl Overflow {
     /// Serve refused connections until [`Incoming`] is dropped or `stop` resolves, then wait
     /// for them to close (at most [`OVERFLOW_LINGER`]).
-    pub async fn serve(self, stop: impl Future<Output = ()>) {
+    /// With `tls`, refused connections are told over TLS too (their handshake bounded by
+    /// [`OVERFLOW_LINGER`]).
+    pub async fn serve(self, stop: impl Future<Output = ()>, tls: Option<patina_trust::Trust>) {
         use tokio_stream::StreamExt;
         let incoming =
             tokio_stream::wrappers::ReceiverStream::new(self.refused).map(Ok::<_, Infallible>);
-        let served = tonic::transport::Server::builder()
+        let server = tonic::transport::Server::builder()
             // No grace: the connection is dropped at OVERFLOW_LINGER whatever the client does.
             .max_connection_age(OVERFLOW_LINGER)
-            .max_connection_age_grace(Duration::ZERO)
-            .serve_with_incoming_shutdown(
-                TooManyConnections {
-                    max: self.max_connections,
-                },
-                incoming,
-                stop,
-            )
-            .await;
+            .max_connection_age_grace(Duration::ZERO);
+        let refuse = TooManyConnections {
+            max: self.max_connections,
+        };
+        let served = match tls {
+            None => {
+                server
+                    .serve_with_incoming_shutdown(refuse, incoming, stop)
+                    .await
+            }
+            Some(trust) => {
+                let incoming = patina_trust::TlsIncoming::new(incoming, trust, OVERFLOW_LINGER);
+                server
+                    .serve_with_incoming_shutdown(refuse, incoming, stop)
+                    .await
+            }
+        };
         if let Err(e) = served {
             tracing::error!(error = %e, "the server for refused connections stopped");
         }

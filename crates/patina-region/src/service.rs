@@ -42,6 +42,9 @@ pub struct RegionService {
     /// The agent's gossip, whose view stamps every Watch message (`None`: an agent without a
     /// cluster, whose view never stands).
     gossip: Option<patina_gossip::shell::Gossip>,
+    /// The cluster callers' grants are checked in (`None`: a listener without TLS, whose
+    /// callers are not known).
+    scope: Option<Arc<patina_trust::Scope>>,
 }
 
 /// The view of an agent that runs no cluster: it does not stand.
@@ -67,6 +70,7 @@ impl RegionService {
             stopping,
             watches: Arc::new(Semaphore::new(crate::Limits::default().max_watches.get())),
             gossip: None,
+            scope: None,
         }
     }
 
@@ -74,6 +78,48 @@ impl RegionService {
     pub fn with_gossip(mut self, gossip: Option<patina_gossip::shell::Gossip>) -> RegionService {
         self.gossip = gossip;
         self
+    }
+
+    /// Check the hosts a writer's certificate names against the machines it writes, in
+    /// `scope` (the agent's listener has TLS).
+    pub fn with_scope(mut self, scope: Option<patina_trust::Scope>) -> RegionService {
+        self.scope = scope.map(Arc::new);
+        self
+    }
+
+    /// A writer whose certificate names hosts may write only machines of those hosts: the
+    /// one it sends, and the one the stored machine of that id is on (no taking over another
+    /// host's machine by its id). `None` for a write that sends no host (a deletion).
+    fn check_hosts<'a, T>(
+        &self,
+        request: &Request<T>,
+        writes: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+    ) -> Result<(), Status> {
+        let (Some(scope), Some(principal)) = (
+            self.scope.as_deref(),
+            patina_trust::server::principal(request),
+        ) else {
+            return Ok(());
+        };
+        for (id, host) in writes {
+            // A machine sent without a host is on this agent's.
+            let sent = host.map(|h| if h.is_empty() { &*self.host } else { h });
+            let stored = self
+                .store
+                .get_live(id)
+                .and_then(|e| e.value().and_then(|v| Machine::decode(v).ok()))
+                .map(|m| m.host);
+            for h in sent.into_iter().chain(stored.as_deref()) {
+                if !principal.may_write_host(scope, h) {
+                    return Err(Status::permission_denied(format!(
+                        "machine {}: the certificate of {principal} may not write machines of host {}",
+                        echo(id),
+                        echo(h)
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// At most `max` Watch streams open at once.
@@ -436,10 +482,12 @@ impl Region for RegionService {
         request: Request<UpsertMachineRequest>,
     ) -> Result<Response<UpsertMachineResponse>, Status> {
         let m = request
-            .into_inner()
+            .get_ref()
             .machine
+            .as_ref()
             .ok_or_else(|| Status::invalid_argument("machine: required"))?;
-        let valid = validate::machine(&m, &self.region, &self.host).map_err(invalid)?;
+        let valid = validate::machine(m, &self.region, &self.host).map_err(invalid)?;
+        self.check_hosts(&request, [(m.id.as_str(), Some(m.host.as_str()))])?;
         let versions = self
             .store
             .write(vec![put(valid.clone())])
@@ -455,8 +503,12 @@ impl Region for RegionService {
         &self,
         request: Request<UpsertMachinesRequest>,
     ) -> Result<Response<UpsertMachinesResponse>, Status> {
-        let ms = request.into_inner().machines;
-        let valid = validate::batch(&ms, &self.region, &self.host).map_err(invalid)?;
+        let ms = &request.get_ref().machines;
+        let valid = validate::batch(ms, &self.region, &self.host).map_err(invalid)?;
+        self.check_hosts(
+            &request,
+            ms.iter().map(|m| (m.id.as_str(), Some(m.host.as_str()))),
+        )?;
         let ops = valid.into_iter().map(put).collect();
         let versions = self.store.write(ops).await.map_err(store_error)?;
         Ok(Response::new(UpsertMachinesResponse {
@@ -468,11 +520,13 @@ impl Region for RegionService {
         &self,
         request: Request<DeleteMachineRequest>,
     ) -> Result<Response<DeleteMachineResponse>, Status> {
-        let id = request.into_inner().id;
-        validate::machine_id(&id).map_err(invalid)?;
+        let id = &request.get_ref().id;
+        validate::machine_id(id).map_err(invalid)?;
+        // The stored machine's host only: a deletion sends none.
+        self.check_hosts(&request, [(id.as_str(), None)])?;
         let versions = self
             .store
-            .write(vec![LocalWrite::Delete { key: id }])
+            .write(vec![LocalWrite::Delete { key: id.clone() }])
             .await
             .map_err(store_error)?;
         Ok(Response::new(DeleteMachineResponse {

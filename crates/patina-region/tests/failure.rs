@@ -52,6 +52,7 @@ async fn a_failed_fsync_turns_the_agent_not_serving_ends_watches_and_stops() {
             &id,
             Default::default(),
             None,
+            None,
             std::future::pending(),
         )
         .await

@@ -124,9 +124,19 @@ impl Agent {
     ) -> std::io::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("patina.toml");
+        // Plaintext unless the test gives TLS settings of its own.
+        let gives_tls = config.lines().any(|l| {
+            l.trim() == "[tls]"
+                || l.trim_start().starts_with("tls ")
+                || l.trim_start().starts_with("tls=")
+        });
+        let tls = if gives_tls { "" } else { "tls = \"off\"\n" };
         std::fs::write(
             &path,
-            format!("data_dir = \"{}\"\n{config}", dir.join("data").display()),
+            format!(
+                "data_dir = \"{}\"\n{tls}{config}",
+                dir.join("data").display()
+            ),
         )?;
         let mut command = match wrapper.split_first() {
             Some((first, rest)) => {

@@ -148,6 +148,35 @@ impl Authority {
     }
 }
 
+/// Write a set as agents and clients read it: `ca.pem` (the bundle), `cert.pem` and
+/// `key.pem` (owner-only) in `dir`, each written whole to a temporary file first and renamed
+/// into place (a reloading agent never reads half a file).
+pub fn write_set(dir: &std::path::Path, ca_pem: &str, issued: &Issued) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_file(&dir.join("ca.pem"), ca_pem.as_bytes(), false)?;
+    write_file(&dir.join("key.pem"), issued.key_pem.as_bytes(), true)?;
+    write_file(&dir.join("cert.pem"), issued.cert_pem.as_bytes(), false)
+}
+
+/// Write `path` through a temporary file and a rename; `secret`: readable by its owner only.
+pub fn write_file(path: &std::path::Path, bytes: &[u8], secret: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let mut f = options.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

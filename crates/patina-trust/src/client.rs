@@ -15,7 +15,7 @@ use tokio_rustls::client::TlsStream;
 use tonic::codegen::http::Uri;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::principal::{Need, Principal, Scope, principal_of};
+use crate::principal::{Need, Principal, Role, Scope, principal_of};
 use crate::reload::Trust;
 
 /// How a client reaches agents: over TLS with this material, expecting servers of `scope`;
@@ -23,15 +23,25 @@ use crate::reload::Trust;
 #[derive(Clone, Debug)]
 pub enum Dial {
     Plain,
-    Tls { trust: Trust, scope: Arc<Scope> },
+    /// `scope: None`: any agent the CA vouches for (the command-line client, which is
+    /// pointed at one).
+    Tls {
+        trust: Trust,
+        scope: Option<Arc<Scope>>,
+    },
 }
 
 impl Dial {
     pub fn tls(trust: Trust, scope: Scope) -> Dial {
         Dial::Tls {
             trust,
-            scope: Arc::new(scope),
+            scope: Some(Arc::new(scope)),
         }
+    }
+
+    /// TLS to any agent the CA vouches for.
+    pub fn tls_any(trust: Trust) -> Dial {
+        Dial::Tls { trust, scope: None }
     }
 
     /// The same material, expecting servers of another cluster (a bridge reaches its region
@@ -74,7 +84,7 @@ impl Dial {
 #[derive(Clone)]
 struct Connector {
     trust: Trust,
-    scope: Arc<Scope>,
+    scope: Option<Arc<Scope>>,
 }
 
 /// Why a connection was not made.
@@ -128,11 +138,21 @@ impl tower_service::Service<Uri> for Connector {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| principal_of(c).ok());
+                let serves = |p: &Principal| match this.scope.as_deref() {
+                    Some(scope) => p.allows(scope, Need::Peer),
+                    None => p
+                        .grants
+                        .iter()
+                        .any(|g| matches!(g.role, Role::Agent | Role::Bridge(_))),
+                };
                 match principal {
-                    Some(p) if p.allows(&this.scope, Need::Peer) => Ok(TokioIo::new(tls)),
+                    Some(p) if serves(&p) => Ok(TokioIo::new(tls)),
                     other => Err(DialError::WrongServer {
                         addr: format!("{host}:{port}"),
-                        scope: this.scope.to_string(),
+                        scope: this
+                            .scope
+                            .as_deref()
+                            .map_or_else(|| "any cluster".into(), Scope::to_string),
                         principal: other.map_or_else(|| "nothing".into(), |p: Principal| p.name),
                     }),
                 }

@@ -85,7 +85,12 @@ impl Trust {
     /// [`Trust::follow`], checking every `interval` (tests).
     pub fn follow_every(paths: Paths, interval: Duration) -> Result<Trust, MaterialError> {
         let first = Material::load(&paths)?;
-        let seen = stamps(&paths);
+        Ok(Trust::start(first, paths, interval))
+    }
+
+    /// Follow the files from `first`, a set just loaded from them, on a task of the current
+    /// runtime until every handle is dropped. Not blocking.
+    pub fn start(first: Material, paths: Paths, interval: Duration) -> Trust {
         log_loaded(&first, "loaded");
         let (tx, rx) = watch::channel(Arc::new(first));
         let counters = Arc::new(ReloadCounters::default());
@@ -95,8 +100,8 @@ impl Trust {
             counters: counters.clone(),
             _fixed: None,
         };
-        tokio::spawn(follow(paths, tx, counters, seen, interval));
-        Ok(trust)
+        tokio::spawn(follow(paths, tx, counters, interval));
+        trust
     }
 
     /// Seconds until this agent's own certificate expires (negative once it has).
@@ -134,9 +139,14 @@ async fn follow(
     paths: Paths,
     tx: watch::Sender<Arc<Material>>,
     counters: Arc<ReloadCounters>,
-    mut seen: [Stamp; 3],
     interval: Duration,
 ) {
+    // The files as the first set was read from them (or very nearly: a change in between
+    // is caught by the next full reload).
+    let p = paths.clone();
+    let Ok(mut seen) = tokio::task::spawn_blocking(move || stamps(&p)).await else {
+        return;
+    };
     let mut failed_at: Option<[Stamp; 3]> = None;
     let mut last_full = tokio::time::Instant::now();
     loop {

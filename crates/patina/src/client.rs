@@ -330,6 +330,64 @@ pub async fn connect(server: &str) -> anyhow::Result<RegionClient<Channel>> {
     Ok(RegionClient::new(channel(server).await?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
+/// How the client commands reach agents: mTLS with the files given, or plaintext when none
+/// is (agents with `tls = "off"`).
+#[derive(clap::Args, Debug, Default)]
+pub struct ClientTls {
+    /// Client TLS: a directory holding `ca.pem`, `cert.pem` and `key.pem` (as `patina certs`
+    /// writes them); `--tls-ca`, `--tls-cert` and `--tls-key` name files one by one.
+    #[arg(long, global = true, env = "PATINA_TLS_DIR")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "PATINA_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "PATINA_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "PATINA_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+static DIAL: std::sync::OnceLock<patina_trust::Dial> = std::sync::OnceLock::new();
+
+impl ClientTls {
+    /// The files to use, if any was given.
+    pub fn paths(&self) -> Option<patina_trust::Paths> {
+        if self.tls_dir.is_none()
+            && self.tls_ca.is_none()
+            && self.tls_cert.is_none()
+            && self.tls_key.is_none()
+        {
+            return None;
+        }
+        let dir = self.tls_dir.clone().unwrap_or_default();
+        let or = |p: &Option<std::path::PathBuf>, name: &str| {
+            p.clone().unwrap_or_else(|| dir.join(name))
+        };
+        Some(patina_trust::Paths {
+            ca: or(&self.tls_ca, "ca.pem"),
+            cert: or(&self.tls_cert, "cert.pem"),
+            key: or(&self.tls_key, "key.pem"),
+        })
+    }
+
+    /// Load the files (once, for this process's client calls).
+    pub fn install(&self) -> anyhow::Result<()> {
+        let dial = match self.paths() {
+            None => patina_trust::Dial::Plain,
+            Some(paths) => {
+                let m = patina_trust::Material::load(&paths).context("client TLS files")?;
+                patina_trust::Dial::tls_any(patina_trust::Trust::fixed(m))
+            }
+        };
+        let _ = DIAL.set(dial);
+        Ok(())
+    }
+}
+
+/// How this process's client calls reach agents.
+pub fn dial() -> patina_trust::Dial {
+    DIAL.get().cloned().unwrap_or(patina_trust::Dial::Plain)
+}
+
 /// A channel to an agent; `ADDR` may be `host:port` or a full `http://` URL.
 async fn channel(server: &str) -> anyhow::Result<Channel> {
     let url = if server.contains("://") {
@@ -337,11 +395,27 @@ async fn channel(server: &str) -> anyhow::Result<Channel> {
     } else {
         format!("http://{server}")
     };
-    Channel::from_shared(url.clone())
-        .with_context(|| format!("bad server address {server:?}"))?
-        .connect()
+    let endpoint = Channel::from_shared(url.clone())
+        .with_context(|| format!("bad server address {server:?}"))?;
+    let dial = dial();
+    let hint = match dial {
+        patina_trust::Dial::Plain => {
+            " (agents run with TLS unless tls = \"off\": give the client's files with --tls-dir or PATINA_TLS_DIR)"
+        }
+        patina_trust::Dial::Tls { .. } => "",
+    };
+    dial.connect(endpoint)
         .await
-        .with_context(|| format!("cannot connect to {url}"))
+        .map_err(|e| {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why = format!("{why}: {s}");
+                source = s.source();
+            }
+            anyhow::anyhow!("{why}")
+        })
+        .with_context(|| format!("cannot connect to {url}{hint}"))
 }
 
 /// A gRPC error as one readable line: code and message.

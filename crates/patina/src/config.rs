@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// not configuration and are ignored here.
 const KEYS: &[&str] = &[
     "region", "host", "data_dir", "listen", "log", "store", "limits", "gossip", "global", "bridge",
+    "tls",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,6 +38,52 @@ pub struct Config {
     pub global: GlobalConfig,
     /// A bridge (`patina bridge`): the region agents it follows and its timings.
     pub bridge: BridgeSection,
+    /// mTLS on every listener and every connection this agent makes: `"on"` (the default:
+    /// the files in `<data_dir>/tls/`), `"off"` (plaintext; dev and tests), or a table naming
+    /// the files (`ca`, `cert`, `key`).
+    pub tls: TlsSetting,
+}
+
+/// See [`Config::tls`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TlsSetting {
+    Mode(String),
+    Files(TlsFiles),
+}
+
+/// The TLS files; each defaults to its name in `<data_dir>/tls/`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM CA bundle: the CAs whose certificates this agent trusts (old and new together
+    /// while a CA rotates). Default `ca.pem`.
+    pub ca: Option<PathBuf>,
+    /// PEM certificate of this agent (then any intermediates). Default `cert.pem`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate. Default `key.pem`.
+    pub key: Option<PathBuf>,
+}
+
+impl Config {
+    /// The TLS files to use, or `None` when TLS is off.
+    pub fn tls_paths(&self) -> anyhow::Result<Option<patina_trust::Paths>> {
+        let files = match &self.tls {
+            TlsSetting::Mode(m) if m == "off" => return Ok(None),
+            TlsSetting::Mode(m) if m == "on" => TlsFiles::default(),
+            TlsSetting::Mode(m) => {
+                anyhow::bail!("config: tls must be \"on\", \"off\" or a table of files, not {m:?}")
+            }
+            TlsSetting::Files(f) => f.clone(),
+        };
+        let dir = self.data_dir.join("tls");
+        let or = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| dir.join(name));
+        Ok(Some(patina_trust::Paths {
+            ca: or(&files.ca, "ca.pem"),
+            cert: or(&files.cert, "cert.pem"),
+            key: or(&files.key, "key.pem"),
+        }))
+    }
 }
 
 /// The global tier's cluster name when `gossip.cluster` is not given.
@@ -388,6 +435,7 @@ impl Default for Config {
             gossip: GossipConfig::default(),
             global: GlobalConfig::default(),
             bridge: BridgeSection::default(),
+            tls: TlsSetting::Mode("on".into()),
         }
     }
 }
@@ -430,6 +478,7 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         self.gossip.node(&self.region)?;
         self.global.region_table()?;
+        self.tls_paths()?;
         Ok(())
     }
 }

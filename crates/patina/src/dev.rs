@@ -10,7 +10,9 @@ use patina_proto::v1::{Health, Machine, MachineState, UpsertMachineRequest};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::config::Config;
+use patina_trust::{Grant, Role as R, Tier};
+
+use crate::config::{Config, GLOBAL_CLUSTER as GLOBAL};
 use crate::{Ready, Role, run_agent, shutdown_signal};
 
 /// The regions of the dev world, with coordinates (Chicago, Frankfurt, Sydney).
@@ -37,11 +39,89 @@ const DEMO: &[(&str, usize, bool)] = &[
 struct World {
     tasks: JoinSet<anyhow::Result<()>>,
     stopped: watch::Receiver<bool>,
+    /// The world's throwaway CA (`None`: the world runs without TLS, `tls = "off"`).
+    ca: Option<DevCa>,
+}
+
+/// The dev world's certificate authority, kept in `<root>/tls/`, and what it issues.
+struct DevCa {
+    authority: patina_trust::certs::Authority,
+    root: std::path::PathBuf,
+    ip: std::net::IpAddr,
+}
+
+/// How long the dev world's certificates last.
+const DEV_CERT_DAYS: u64 = 90;
+
+impl DevCa {
+    /// The CA in `<root>/tls/` (made there on first use), blocking.
+    fn open(root: &Path, ip: std::net::IpAddr) -> anyhow::Result<DevCa> {
+        use anyhow::Context as _;
+        let dir = root.join("tls");
+        let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        let authority = if cert.exists() {
+            patina_trust::certs::Authority::from_pem(
+                &std::fs::read_to_string(&cert)?,
+                &std::fs::read_to_string(&key)?,
+            )
+            .with_context(|| format!("the dev world's CA in {}", dir.display()))?
+        } else {
+            let a = patina_trust::certs::Authority::generate(
+                "patina dev CA",
+                std::time::Duration::from_secs(365 * 86_400),
+            )?;
+            std::fs::create_dir_all(&dir)?;
+            patina_trust::certs::write_file(&key, a.key_pem().as_bytes(), true)?;
+            patina_trust::certs::write_file(&cert, a.cert_pem().as_bytes(), false)?;
+            a
+        };
+        Ok(DevCa {
+            authority,
+            root: root.to_path_buf(),
+            ip,
+        })
+    }
+
+    /// Issue a certificate with `grants` into `dir` (ca.pem, cert.pem, key.pem).
+    fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        grants: Vec<patina_trust::Grant>,
+    ) -> anyhow::Result<()> {
+        let issued = self.authority.issue(&patina_trust::certs::Leaf {
+            name: name.into(),
+            grants,
+            dns: vec!["localhost".into()],
+            ips: vec![self.ip],
+            valid_for: std::time::Duration::from_secs(DEV_CERT_DAYS * 86_400),
+            ..Default::default()
+        })?;
+        patina_trust::certs::write_set(dir, self.authority.cert_pem(), &issued)?;
+        Ok(())
+    }
+
+    /// The operator's client certificate: writer and reader of every region, reader of the
+    /// global cluster.
+    fn client_dir(&self) -> std::path::PathBuf {
+        self.root.join("tls").join("client")
+    }
 }
 
 impl World {
-    /// Start one agent; returns where it is once it serves.
-    async fn start(&mut self, config: Config, role: Role, label: String) -> anyhow::Result<Ready> {
+    /// Start one agent with `grants` (when the world runs with TLS); returns where it is
+    /// once it serves.
+    async fn start(
+        &mut self,
+        config: Config,
+        role: Role,
+        label: String,
+        grants: Vec<patina_trust::Grant>,
+    ) -> anyhow::Result<Ready> {
+        if let Some(ca) = &self.ca {
+            // Files: off the runtime's other tasks.
+            tokio::task::block_in_place(|| ca.issue(&config.data_dir.join("tls"), &label, grants))?;
+        }
         let (tx, rx) = oneshot::channel();
         let mut stopped = self.stopped.clone();
         let shutdown = async move {
@@ -74,9 +154,19 @@ pub(crate) async fn run(base: Config, root: &Path, listen: SocketAddr) -> anyhow
         shutdown_signal().await;
         signal_stop.send_replace(true);
     });
+    let ca = match &base.tls {
+        crate::config::TlsSetting::Mode(m) if m == "off" => None,
+        crate::config::TlsSetting::Mode(m) if m == "on" => {
+            Some(tokio::task::block_in_place(|| DevCa::open(root, ip))?)
+        }
+        _ => anyhow::bail!(
+            "patina dev makes its own certificates: give tls = \"on\" (the default) or \"off\", not files"
+        ),
+    };
     let mut world = World {
         tasks: JoinSet::new(),
         stopped,
+        ca,
     };
     let started = start_world(&mut world, &base, root, listen, ip).await;
     if let Err(e) = started {
@@ -135,12 +225,35 @@ async fn start_world(
             } else {
                 format!("region {region} agent {} API: ", i + 1)
             };
-            let ready = world.start(c, Role::Region, label).await?;
+            let cluster = c.gossip.cluster.clone().unwrap_or_else(|| (*region).into());
+            let grants = vec![Grant::new(Tier::Region, &cluster, R::Agent)];
+            let ready = world.start(c, Role::Region, label, grants).await?;
             apis.push(ready.api);
         }
         region_apis.push(apis);
     }
-    write_demo(&region_apis).await?;
+    let dial = match &world.ca {
+        None => patina_trust::Dial::Plain,
+        Some(ca) => {
+            let mut grants = vec![Grant::new(Tier::Global, GLOBAL, R::Reader)];
+            for (region, _, _) in REGIONS {
+                grants.push(Grant::new(Tier::Region, region, R::Writer(None)));
+                grants.push(Grant::new(Tier::Region, region, R::Reader));
+            }
+            let dir = ca.client_dir();
+            let paths = patina_trust::Paths {
+                ca: dir.join("ca.pem"),
+                cert: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+            };
+            let material = tokio::task::block_in_place(|| {
+                ca.issue(&dir, "operator", grants)?;
+                anyhow::Ok(patina_trust::Material::load(&paths)?)
+            })?;
+            patina_trust::Dial::tls_any(patina_trust::Trust::fixed(material))
+        }
+    };
+    write_demo(&region_apis, &dial).await?;
     let global_seed = free_udp(ip)?;
     let mut globals = Vec::new();
     for (g, (region, _, _)) in REGIONS.iter().enumerate() {
@@ -156,6 +269,7 @@ async fn start_world(
                 c,
                 Role::Global,
                 format!("global agent {} ({region}) API: ", g + 1),
+                vec![Grant::new(Tier::Global, GLOBAL, R::Agent)],
             )
             .await?;
         globals.push(ready.api);
@@ -177,21 +291,35 @@ async fn start_world(
                     c,
                     Role::Bridge(bridge),
                     format!("bridge {region} {} API: ", b + 1),
+                    vec![
+                        Grant::new(Tier::Global, GLOBAL, R::Bridge((*region).into())),
+                        Grant::new(Tier::Region, region, R::Reader),
+                    ],
                 )
                 .await?;
             bridges.push(ready.api);
         }
     }
-    print_banner(root, &region_apis, &globals, &bridges);
+    print_banner(
+        root,
+        &region_apis,
+        &globals,
+        &bridges,
+        world.ca.as_ref().map(DevCa::client_dir),
+    );
     Ok(())
 }
 
 /// Write the demo machines, each through an agent of its region.
-async fn write_demo(region_apis: &[Vec<SocketAddr>]) -> anyhow::Result<()> {
+async fn write_demo(
+    region_apis: &[Vec<SocketAddr>],
+    dial: &patina_trust::Dial,
+) -> anyhow::Result<()> {
     for (n, (app, r, healthy)) in DEMO.iter().enumerate() {
         let agents = &region_apis[*r];
         let agent = agents[n % agents.len()];
-        let mut client = RegionClient::connect(format!("http://{agent}")).await?;
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{agent}"))?;
+        let mut client = RegionClient::new(dial.connect(endpoint).await?);
         let machine = Machine {
             id: format!("{app}-{}-{n}", REGIONS[*r].0),
             app: (*app).into(),
@@ -218,6 +346,7 @@ fn print_banner(
     region_apis: &[Vec<SocketAddr>],
     globals: &[SocketAddr],
     bridges: &[SocketAddr],
+    client_tls: Option<std::path::PathBuf>,
 ) {
     println!(
         "patina dev: {} regions of {AGENTS_PER_REGION} agents, {BRIDGES_PER_REGION} bridges each, {} global agents; data in {}",
@@ -235,6 +364,20 @@ fn print_banner(
     println!("  bridges (global agents too): {}", list.join(", "));
     let (ord, global) = (region_apis[0][0], globals[0]);
     println!("demo apps: web (every region), api (ord, fra), batch (syd, none healthy)");
+    match &client_tls {
+        Some(dir) => {
+            println!(
+                "mTLS is on (a throwaway CA in {}); the client commands need the operator's certificate:",
+                root.join("tls").display()
+            );
+            println!("  export PATINA_TLS_DIR={}", dir.display());
+            println!(
+                "  grpcurl -cacert {d}/ca.pem -cert {d}/cert.pem -key {d}/key.pem {ord} list",
+                d = dir.display()
+            );
+        }
+        None => println!("TLS is off (tls = \"off\"): anyone on this host can call the agents"),
+    }
     println!("try:");
     println!("  patina lookup --server {global} web --from syd");
     println!("  patina lookup --server {global} batch --all");

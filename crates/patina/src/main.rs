@@ -26,6 +26,8 @@ use crate::config::Config;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    tls: client::ClientTls,
 }
 
 /// Default agent address for client commands.
@@ -172,6 +174,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // The client commands' TLS (agents read theirs from their configuration).
+    cli.tls.install()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("patina-rt")
@@ -369,6 +373,67 @@ pub(crate) struct Ready {
 /// cluster, then close the store cleanly. `label` replaces the announcement line's prefix
 /// (the agents of `patina dev` after the first, so that scripts find the first one);
 /// `ready` is told where the agent is once it serves.
+/// This agent's TLS material, or `None` when TLS is off (warned at every start). The
+/// certificate must grant what the agent's role needs, or every peer would refuse it.
+async fn load_trust(
+    config: &Config,
+    role: &Role,
+    scope: &patina_trust::Scope,
+) -> anyhow::Result<Option<patina_trust::Trust>> {
+    let Some(paths) = config.tls_paths()? else {
+        tracing::warn!(
+            "TLS is off (tls = \"off\"): anyone who reaches this agent's ports can read, write, \
+             forget members and join its cluster; for development and tests only"
+        );
+        return Ok(None);
+    };
+    let p = paths.clone();
+    let first = tokio::task::spawn_blocking(move || patina_trust::Material::load(&p))
+        .await?
+        .with_context(|| {
+            format!(
+                "TLS is on (the default) and its files do not load: {}, {}, {} \
+                 (`patina certs` makes them; tls = \"off\" turns TLS off)",
+                paths.ca.display(),
+                paths.cert.display(),
+                paths.key.display()
+            )
+        })?;
+    use patina_trust::{Grant, Role as R, Tier};
+    let needed = match role {
+        Role::Region | Role::Global => vec![Grant {
+            scope: scope.clone(),
+            role: R::Agent,
+        }],
+        Role::Bridge(b) => vec![
+            Grant {
+                scope: scope.clone(),
+                role: R::Bridge(b.region.clone()),
+            },
+            Grant::new(Tier::Region, &b.region, R::Reader),
+        ],
+    };
+    for g in needed {
+        let held = first.own.grants.contains(&g)
+            || (g.role == R::Reader && first.own.allows(&g.scope, patina_trust::Need::Reader));
+        anyhow::ensure!(
+            held,
+            "the certificate {} does not grant {} (this agent's role needs it; every peer would refuse it)",
+            paths.cert.display(),
+            g.uri()
+        );
+    }
+    let days = (first.own.not_after - patina_trust::reload::now_secs()) / 86_400;
+    if days < 30 {
+        tracing::warn!(days, "this agent's certificate expires soon");
+    }
+    Ok(Some(patina_trust::Trust::start(
+        first,
+        paths,
+        patina_trust::reload::CHECK_INTERVAL,
+    )))
+}
+
 pub(crate) async fn run_agent(
     config: Config,
     role: Role,
@@ -389,6 +454,25 @@ pub(crate) async fn run_agent(
     }
     // An edge cut off from the world answers from its last known state (docs/global.md).
     node.fail_static = !matches!(role, Role::Region);
+    let scope = match role {
+        Role::Region => patina_trust::Scope::new(patina_trust::Tier::Region, node.cluster.as_str()),
+        Role::Global | Role::Bridge(_) => {
+            patina_trust::Scope::new(patina_trust::Tier::Global, node.cluster.as_str())
+        }
+    };
+    let trust = load_trust(&config, &role, &scope).await?;
+    let dial = match &trust {
+        Some(t) => patina_trust::Dial::tls(t.clone(), scope.clone()),
+        None => patina_trust::Dial::Plain,
+    };
+    let mut role = role;
+    if let Role::Bridge(bridge) = &mut role {
+        // Its region's agents: of the region's cluster, named after the region.
+        bridge.dial = dial.to(patina_trust::Scope::new(
+            patina_trust::Tier::Region,
+            bridge.region.as_str(),
+        ));
+    }
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
@@ -429,6 +513,7 @@ pub(crate) async fn run_agent(
                 Role::Global | Role::Bridge(_) => String::new(),
             },
             fault: fault_from_env(),
+            dial: dial.clone(),
         };
         let started =
             patina_gossip::shell::Gossip::start(store.clone(), shell, gossip_stop.clone()).await;
@@ -564,6 +649,7 @@ pub(crate) async fn run_agent(
             }
         }
     };
+    let server_tls = trust.map(|trust| patina_region::ServerTls { trust, scope });
     let served = match table {
         None => {
             let id = AgentIdentity {
@@ -576,6 +662,7 @@ pub(crate) async fn run_agent(
                 &id,
                 limits,
                 Some(cluster),
+                server_tls,
                 teardown,
             )
             .await
@@ -588,6 +675,7 @@ pub(crate) async fn run_agent(
                 &config.region,
                 limits,
                 Some(cluster),
+                server_tls,
                 teardown,
             )
             .await

@@ -342,7 +342,11 @@ async fn the_edge_library_follows_global_agents_and_fails_over() {
         .unwrap(),
         Some(Duration::from_secs(30)),
     ));
-    let edge = patina_edge::follow(vec![g1.url.clone(), g2.url.clone()], table.clone());
+    let edge = patina_edge::follow(
+        vec![g1.url.clone(), g2.url.clone()],
+        table.clone(),
+        patina_trust::Dial::Plain,
+    );
     let names = |t: &patina_edge::Table, app: &str, from: &str| -> Vec<String> {
         t.lookup(app, from)
             .iter()

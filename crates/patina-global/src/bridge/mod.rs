@@ -35,6 +35,9 @@ pub struct BridgeConfig {
     /// than the agents' `gossip.view_settle_ms`, so that an agent settling after a real death
     /// is waited for rather than left (a move costs a snapshot).
     pub unstanding_grace: Duration,
+    /// How it reaches the region's agents: TLS expecting agents of its region's cluster, or
+    /// plaintext.
+    pub dial: patina_trust::Dial,
 }
 
 impl BridgeConfig {
@@ -46,6 +49,7 @@ impl BridgeConfig {
             heartbeat: Duration::from_secs(2),
             watch_heartbeat: Duration::from_secs(1),
             unstanding_grace: Duration::from_secs(6),
+            dial: patina_trust::Dial::Plain,
         }
     }
 }
@@ -323,13 +327,12 @@ async fn stream_region(
     } else {
         format!("http://{agent}")
     };
-    let channel = tonic::transport::Endpoint::from_shared(uri)?
+    let endpoint = tonic::transport::Endpoint::from_shared(uri)?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = cfg.dial.connect(endpoint).await?;
     let mut client = RegionClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut stream = client
         .watch(WatchRequest {

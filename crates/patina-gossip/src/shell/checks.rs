@@ -32,16 +32,18 @@ pub(super) async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAd
 /// Ask a suspect itself for its incarnation: its Admin service answers through its gossip
 /// loop, so an answer says that loop runs. `None`: no answer within the node's wait (less a
 /// margin), or another identity answered (a restart under a new epoch).
-pub(super) async fn ask_incarnation(advertised: SocketAddr, member: Identity) -> Option<u16> {
+pub(super) async fn ask_incarnation(
+    advertised: SocketAddr,
+    dial: patina_trust::Dial,
+    member: Identity,
+) -> Option<u16> {
     use patina_proto::v1::WhoamiRequest;
     use patina_proto::v1::admin_client::AdminClient;
     let ask = async {
-        let channel = peer_endpoint(advertised, member, crate::node::CONFIRM_ASK)
+        let endpoint = peer_endpoint(advertised, member, crate::node::CONFIRM_ASK)
             .ok()?
-            .timeout(crate::node::CONFIRM_ASK)
-            .connect()
-            .await
-            .ok()?;
+            .timeout(crate::node::CONFIRM_ASK);
+        let channel = dial.connect(endpoint).await.ok()?;
         let this = AdminClient::new(channel)
             .whoami(WhoamiRequest {})
             .await

@@ -114,6 +114,9 @@ pub struct ShellConfig {
     pub region: String,
     /// A fault to inject, for tests of what supervises the shell (`None` in production).
     pub fault: Option<Fault>,
+    /// How sessions and last checks reach peers' gRPC servers (TLS with this agent's
+    /// certificate, or plaintext).
+    pub dial: patina_trust::Dial,
 }
 
 /// A fault the shell injects into itself, for tests (the binary sets one only from
@@ -224,6 +227,7 @@ pub struct Gossip {
     /// it carries out, and at least every [`VIEW_EVERY`]). Closed when the task ends.
     view: tokio::sync::watch::Receiver<ViewStatus>,
     region: Arc<str>,
+    dial: patina_trust::Dial,
 }
 
 /// What sessions and tasks use to tell the node what the store learned.
@@ -329,6 +333,7 @@ impl Gossip {
             advertised: advertise,
             view,
             region: cfg.region.as_str().into(),
+            dial: cfg.dial.clone(),
         };
         let main = tokio::runtime::Handle::current();
         let task = Task {

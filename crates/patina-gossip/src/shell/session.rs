@@ -369,7 +369,7 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
     let opened = tokio::time::timeout(SESSION_TIMEOUT, async {
         let endpoint =
             super::peer_endpoint(g.advertised, peer, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
-        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let channel = g.dial.connect(endpoint).await.map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         // Read beside the hello's wall clock: a step between the two readings could pass a
@@ -510,13 +510,14 @@ impl Sync for SyncService {
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many sync sessions"))?;
         // Loopback is exempt: agents that share a host (`patina dev`, tests) share an IP.
-        let slot = match request.remote_addr().filter(|a| !a.ip().is_loopback()) {
-            Some(addr) => Some(PeerSlot::take(&self.per_peer, addr.ip()).ok_or_else(|| {
-                Status::resource_exhausted("too many sync sessions from this peer")
-            })?),
-            None => None,
-        };
-        let peer_ip = request.remote_addr().map(|a| a.ip());
+        let slot =
+            match patina_trust::server::remote_addr(&request).filter(|a| !a.ip().is_loopback()) {
+                Some(addr) => Some(PeerSlot::take(&self.per_peer, addr.ip()).ok_or_else(|| {
+                    Status::resource_exhausted("too many sync sessions from this peer")
+                })?),
+                None => None,
+            };
+        let peer_ip = patina_trust::server::remote_addr(&request).map(|a| a.ip());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await

@@ -309,9 +309,10 @@ impl Task {
                 Output::Confirm { member, round } => {
                     let inputs = self.gossip.inputs.clone();
                     let advertised = self.gossip.advertised;
+                    let dial = self.gossip.dial.clone();
                     self.tasks.spawn_on(
                         async move {
-                            let incarnation = ask_incarnation(advertised, member).await;
+                            let incarnation = ask_incarnation(advertised, dial, member).await;
                             if incarnation.is_none() {
                                 tracing::warn!(suspect = %member, "a suspect did not answer the last check: it goes down");
                             }
