@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod certs;
 mod client;
 mod config;
 mod dev;
@@ -55,6 +56,12 @@ enum Command {
         /// TOML configuration file (see docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Make certificates for small deployments and tests: a CA, then certificates it issues
+    /// with Patina's grants (docs/security.md).
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
     },
     /// Move a stopped agent's store to a fresh origin identity: once, after restoring its
     /// data directory from a backup or copying it (docs/replication.md).
@@ -198,6 +205,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let bridge = config.bridge.bridge(&config.region)?;
                 run_agent(config, Role::Bridge(bridge), None, None, shutdown_signal()).await
             }
+            Command::Certs { command } => certs::run(&command),
             Command::NewOrigin { config } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);

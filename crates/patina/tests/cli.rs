@@ -277,7 +277,7 @@ fn a_taken_udp_port_at_the_api_port_is_a_clear_start_error() {
     std::fs::write(
         &config,
         format!(
-            "region = \"test\"\nhost = \"w1\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n",
+            "region = \"test\"\nhost = \"w1\"\ntls = \"off\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n",
             dir.path().join("data").display()
         ),
     )

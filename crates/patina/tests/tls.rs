@@ -1,0 +1,252 @@
+//! Who may speak, with real processes: certificates made by `patina certs`, two region agents
+//! with TLS on (as by default) replicating over it, and callers refused with the right code
+//! while nothing changes: no certificate, another CA's, a reader writing, a host-bound writer
+//! writing another host's machine, another cluster's agent opening a Sync session or
+//! forgetting a member.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Agent, GOSSIP_PORT, machine};
+use patina_proto::v1::admin_client::AdminClient;
+use patina_proto::v1::region_client::RegionClient;
+use patina_proto::v1::sync_client::SyncClient;
+use patina_proto::v1::{
+    ForgetRequest, GetMachineRequest, ListInstancesRequest, SyncMessage, UpsertMachineRequest,
+};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+fn certs(args: &[&str]) {
+    let out = common::cli(&[&["certs"], args].concat());
+    assert!(
+        out.status.success(),
+        "patina certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn issue(ca: &Path, out: &Path, grants: &[&str]) -> PathBuf {
+    let mut args = vec![
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--name",
+        "test",
+        "--ip",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(grants);
+    certs(&args);
+    out.to_path_buf()
+}
+
+fn dial(dir: &Path) -> patina_trust::Dial {
+    let m = patina_trust::Material::load(&patina_trust::Paths {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    })
+    .expect("client files");
+    patina_trust::Dial::tls_any(patina_trust::Trust::fixed(m))
+}
+
+async fn channel(dial: &patina_trust::Dial, agent: &Agent) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(agent.url.clone())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5));
+    dial.connect(endpoint).await.map_err(|e| format!("{e:?}"))
+}
+
+fn start(root: &Path, i: usize, ca: &Path, seeds: &[usize]) -> Agent {
+    let ip = format!("127.0.0.{}", 171 + i);
+    let dir = root.join(format!("agent{i}"));
+    // The agent reads its files from <data_dir>/tls/ (the harness puts data in dir/data).
+    issue(
+        ca,
+        &dir.join("data").join("tls"),
+        &["--region-agent", "test", "--ip", &ip],
+    );
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|s| format!("\"127.0.0.{}:{GOSSIP_PORT}\"", 171 + s))
+        .collect();
+    let extra = format!(
+        "tls = \"on\"\n[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [{}]\n",
+        seeds.join(", ")
+    );
+    Agent::start_host(
+        Path::new(env!("CARGO_BIN_EXE_patina")),
+        &dir,
+        &ip,
+        &format!("worker-{i}"),
+        &extra,
+    )
+    .expect("start patina with TLS")
+}
+
+fn put(id: &str, host: &str) -> UpsertMachineRequest {
+    let mut m = machine(id, "web", 8080);
+    m.host = host.into();
+    UpsertMachineRequest { machine: Some(m) }
+}
+
+async fn count(ch: &Channel) -> usize {
+    RegionClient::new(ch.clone())
+        .list_instances(ListInstancesRequest {
+            app: "web".into(),
+            include_all: true,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .machines
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_roles_certificates_grant_may_speak() {
+    let root = tempfile::tempdir().unwrap();
+    let ca = root.path().join("ca");
+    certs(&["ca", "--dir", ca.to_str().unwrap()]);
+    let other_ca = root.path().join("other-ca");
+    certs(&["ca", "--dir", other_ca.to_str().unwrap()]);
+
+    let a = start(root.path(), 0, &ca, &[]);
+    let b = start(root.path(), 1, &ca, &[0]);
+
+    let writer = dial(&issue(
+        &ca,
+        &root.path().join("writer"),
+        &["--writer", "test"],
+    ));
+    let host_writer = dial(&issue(
+        &ca,
+        &root.path().join("host-writer"),
+        &["--writer", "test/worker-1"],
+    ));
+    let reader = dial(&issue(
+        &ca,
+        &root.path().join("reader"),
+        &["--reader", "region/test"],
+    ));
+    let stranger = dial(&issue(
+        &other_ca,
+        &root.path().join("stranger"),
+        &["--region-agent", "test"],
+    ));
+    let fra_agent = dial(&issue(
+        &ca,
+        &root.path().join("fra"),
+        &["--region-agent", "fra"],
+    ));
+
+    // A writer writes through A; B, a peer over TLS, gets it.
+    let wa = channel(&writer, &a).await.expect("writer connects");
+    RegionClient::new(wa.clone())
+        .upsert_machine(put("m1", "worker-0"))
+        .await
+        .expect("the writer writes");
+    let rb = channel(&reader, &b).await.expect("reader connects");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = RegionClient::new(rb.clone())
+            .get_machine(GetMachineRequest { id: "m1".into() })
+            .await;
+        if got.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "m1 never reached B over TLS");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count(&rb).await, 1);
+
+    // A reader may not write.
+    let ra = channel(&reader, &a).await.unwrap();
+    let err = RegionClient::new(ra.clone())
+        .upsert_machine(put("m2", "worker-0"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("writer role"), "{}", err.message());
+
+    // A writer bound to worker-1 writes worker-1's machines only (through worker-1's agent,
+    // B), and cannot take over another host's machine by its id.
+    let ha = channel(&host_writer, &a).await.unwrap();
+    let hb = channel(&host_writer, &b).await.unwrap();
+    RegionClient::new(hb.clone())
+        .upsert_machine(put("m7", "worker-1"))
+        .await
+        .expect("its own host");
+    for (ch, id, host) in [(&ha, "m3", "worker-0"), (&hb, "m1", "worker-1")] {
+        let err = RegionClient::new(ch.clone())
+            .upsert_machine(put(id, host))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{id}: {err:?}");
+    }
+
+    // Another cluster's agent may neither open a Sync session nor forget a member.
+    let fa = channel(&fra_agent, &a).await.unwrap();
+    let hello = tokio_stream::iter(vec![SyncMessage::default()]);
+    let err = SyncClient::new(fa.clone())
+        .exchange(hello)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = AdminClient::new(fa)
+        .forget(ForgetRequest {
+            member: "anything".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // No certificate, or one of another CA: no connection at all.
+    let plain = Channel::from_shared(a.url.clone()).unwrap().connect().await;
+    let refused = match plain {
+        Err(_) => true,
+        Ok(ch) => RegionClient::new(ch)
+            .list_instances(ListInstancesRequest {
+                app: "web".into(),
+                ..Default::default()
+            })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plaintext client was served");
+    let strange = match channel(&stranger, &a).await {
+        Err(_) => true,
+        Ok(ch) => count_result(&ch).await.is_err(),
+    };
+    assert!(strange, "another CA's certificate was served");
+
+    // Nothing of the refused calls changed anything: m1 and m7 only, m1 still worker-0's.
+    assert_eq!(count(&rb).await, 2);
+    let m1 = RegionClient::new(rb)
+        .get_machine(GetMachineRequest { id: "m1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .machine
+        .unwrap();
+    assert_eq!(m1.host, "worker-0");
+}
+
+async fn count_result(ch: &Channel) -> Result<usize, tonic::Status> {
+    Ok(RegionClient::new(ch.clone())
+        .list_instances(ListInstancesRequest {
+            app: "web".into(),
+            include_all: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .machines
+        .len())
+}
