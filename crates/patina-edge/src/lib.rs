@@ -6,7 +6,12 @@
 //! use std::sync::Arc;
 //! use patina_edge::{RegionTable, Table, follow};
 //! let table = Arc::new(Table::new(RegionTable::default(), Some(std::time::Duration::from_secs(30))));
-//! let edge = follow(vec!["http://127.0.0.1:7700".into()], table.clone());
+//! // TLS with the proxy's certificate in production (`patina_trust::Dial::tls`).
+//! let edge = follow(
+//!     vec!["http://127.0.0.1:7700".into()],
+//!     table.clone(),
+//!     patina_trust::Dial::Plain,
+//! );
 //! // ... on every request:
 //! for hit in table.lookup("web", "ord") {
 //!     let _region = table.region_name(hit.region);

@@ -33,6 +33,7 @@ pub use service::GlobalService;
 /// Serve `patina.v1.Global` (lookups from `table`, which [`service::follow_store`] keeps
 /// current), health, reflection and the cluster's services on `listener`, until `shutdown`
 /// resolves or the store fails. `region`: where this agent is (the default `from_region`).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     store: Store,

@@ -49,6 +49,8 @@ pub struct Material {
     pub ca_not_after: i64,
     /// How many CA certificates the bundle holds.
     pub cas: usize,
+    /// A hash of what it was made from: tells a changed set from the same one read again.
+    pub source: u64,
 }
 
 impl std::fmt::Debug for Material {
@@ -92,7 +94,15 @@ impl Material {
         let key_bytes = std::fs::read(&paths.key).map_err(|e| file_error(&paths.key, e))?;
         let key = PrivateKeyDer::from_pem_slice(&key_bytes)
             .map_err(|e| file_error(&paths.key, format!("not a PEM private key: {e}")))?;
-        Material::from_parts(cas, chain, key)
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for c in cas.iter().chain(&chain) {
+            c.as_ref().hash(&mut h);
+        }
+        key_bytes.hash(&mut h);
+        let mut m = Material::from_parts(cas, chain, key)?;
+        m.source = h.finish();
+        Ok(m)
     }
 
     /// Check and assemble a set already read.
@@ -147,6 +157,7 @@ impl Material {
             own,
             ca_not_after,
             cas: cas.len(),
+            source: 0,
         })
     }
 }

@@ -141,12 +141,9 @@ async fn follow(
     counters: Arc<ReloadCounters>,
     interval: Duration,
 ) {
-    // The files as the first set was read from them (or very nearly: a change in between
-    // is caught by the next full reload).
-    let p = paths.clone();
-    let Ok(mut seen) = tokio::task::spawn_blocking(move || stamps(&p)).await else {
-        return;
-    };
+    // Unknown: the first check reads the files again, and takes them only if they changed
+    // since the first set was read (a change in between is not missed).
+    let mut seen: [Stamp; 3] = [None, None, None];
     let mut failed_at: Option<[Stamp; 3]> = None;
     let mut last_full = tokio::time::Instant::now();
     loop {
@@ -175,12 +172,12 @@ async fn follow(
         }
         match loaded {
             Ok(m) => {
-                let changed = now != seen;
                 seen = now;
                 failed_at = None;
-                if changed {
-                    log_loaded(&m, "reloaded");
+                if m.source == tx.borrow().source {
+                    continue;
                 }
+                log_loaded(&m, "reloaded");
                 counters.loaded.fetch_add(1, Ordering::Relaxed);
                 tx.send_replace(Arc::new(m));
             }

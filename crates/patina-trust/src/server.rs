@@ -193,7 +193,9 @@ where
 /// Which role a method needs. Methods this code does not know need a peer: a new service
 /// is closed until its line is added here.
 pub fn need_of(path: &str) -> Option<Need> {
-    let (service, _method) = path.trim_start_matches('/').split_once('/')?;
+    let Some((service, _method)) = path.trim_start_matches('/').split_once('/') else {
+        return Some(Need::Peer);
+    };
     let need = match path {
         "/patina.v1.Sync/Exchange" | "/patina.v1.Admin/Forget" => Need::Peer,
         "/patina.v1.Region/UpsertMachine"
@@ -253,6 +255,12 @@ pub struct Authorize<S> {
 
 /// Why `principal` may not make a call to `path` in `scope`, if it may not.
 pub fn refusal(principal: &Principal, scope: &Scope, path: &str) -> Option<tonic::Status> {
+    // A connection outlives its certificate: each call checks it is still valid.
+    if principal.not_after < crate::reload::now_secs() {
+        return Some(tonic::Status::unauthenticated(format!(
+            "the certificate of {principal} has expired: reconnect with a current one"
+        )));
+    }
     let need = need_of(path)?;
     if principal.allows(scope, need) {
         return None;
@@ -298,7 +306,7 @@ mod tests {
         let ord = Scope::new(Tier::Region, "ord");
         let p = |role| Principal {
             grants: vec![Grant::new(Tier::Region, "ord", role)],
-            not_after: 0,
+            not_after: i64::MAX,
             name: "t".into(),
         };
         let reader = p(Role::Reader);
@@ -306,9 +314,15 @@ mod tests {
         let agent = p(Role::Agent);
         let none = Principal {
             grants: vec![],
-            not_after: 0,
+            not_after: i64::MAX,
             name: "t".into(),
         };
+        let expired = Principal {
+            not_after: 1,
+            ..agent.clone()
+        };
+        let status = refusal(&expired, &ord, "/grpc.health.v1.Health/Check").unwrap();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
         let ok = |p: &Principal, path| refusal(p, &ord, path).is_none();
         assert!(ok(&reader, "/patina.v1.Region/Watch"));
         assert!(!ok(&reader, "/patina.v1.Region/UpsertMachine"));

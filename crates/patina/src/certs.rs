@@ -11,6 +11,7 @@ use patina_trust::certs::{Authority, Leaf, write_file, write_set};
 use patina_trust::{Grant, Role, Tier};
 
 #[derive(clap::Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum CertsCommand {
     /// Make a CA: `ca.pem` and `ca-key.pem` (owner-only) in `--dir`.
     Ca {

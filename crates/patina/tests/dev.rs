@@ -36,7 +36,8 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
     let mut url = None;
     let mut data = None;
     let mut global = None;
-    while url.is_none() || data.is_none() || global.is_none() {
+    let mut tls_dir = None;
+    while url.is_none() || data.is_none() || global.is_none() || tls_dir.is_none() {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("dev banner");
@@ -46,14 +47,41 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         if let Some((_, d)) = line.split_once("data in ") {
             data = Some(PathBuf::from(d.trim()));
         }
+        if let Some(d) = line.trim().strip_prefix("export PATINA_TLS_DIR=") {
+            tls_dir = Some(PathBuf::from(d));
+        }
         if let Some(list) = line.trim().strip_prefix("global agents: ") {
             global = list.split(", ").next().map(|a| format!("http://{a}"));
         }
     }
     let (url, data, global) = (url.unwrap(), data.unwrap(), global.unwrap());
     assert!(data.exists(), "dev keeps its data in {}", data.display());
+    // The world runs with mTLS: the banner names the operator's certificate.
+    let tls_dir = tls_dir.unwrap();
+    let material = patina_trust::Material::load(&patina_trust::Paths {
+        ca: tls_dir.join("ca.pem"),
+        cert: tls_dir.join("cert.pem"),
+        key: tls_dir.join("key.pem"),
+    })
+    .expect("the operator's certificate");
+    let dial = patina_trust::Dial::tls_any(patina_trust::Trust::fixed(material));
+    let connect = async |url: &str| {
+        dial.connect(tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap())
+            .await
+            .unwrap()
+    };
+    // Without it, nothing is served.
+    assert!(
+        RegionClient::connect(url.clone()).await.is_err()
+            || RegionClient::connect(url.clone())
+                .await
+                .unwrap()
+                .upsert_machine(UpsertMachineRequest::default())
+                .await
+                .is_err()
+    );
 
-    let mut client = RegionClient::connect(url).await.unwrap();
+    let mut client = RegionClient::new(connect(&url).await);
     let machine = Machine {
         id: "web-1".into(),
         app: "web".into(),
@@ -73,7 +101,7 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         .unwrap();
     assert_eq!(stored.region, "ord", "the first region of the dev world");
     // The whole world answers: the demo app "web" runs in every region, nearest first.
-    let mut lookups = GlobalClient::connect(global).await.unwrap();
+    let mut lookups = GlobalClient::new(connect(&global).await);
     let deadline = Instant::now() + Duration::from_secs(30);
     let regions = loop {
         let answer = lookups
