@@ -404,8 +404,11 @@ async fn channel(server: &str) -> anyhow::Result<Channel> {
         }
         patina_trust::Dial::Tls { .. } => "",
     };
-    dial.connect(endpoint)
+    // A server that accepts but never finishes its TLS handshake must not hang the command.
+    tokio::time::timeout(std::time::Duration::from_secs(10), dial.connect(endpoint))
         .await
+        .map_err(|_| anyhow::anyhow!("no connection within 10 s"))
+        .with_context(|| format!("cannot connect to {url}"))?
         .map_err(|e| {
             let mut why = e.to_string();
             let mut source = std::error::Error::source(&e);
@@ -420,7 +423,17 @@ async fn channel(server: &str) -> anyhow::Result<Channel> {
 
 /// A gRPC error as one readable line: code and message.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), term(s.message()))
+    // A plaintext client talking to a TLS agent sees the connection fail at its first call.
+    let hint = match (dial(), s.code()) {
+        (
+            patina_trust::Dial::Plain,
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal,
+        ) => {
+            " (agents run with TLS unless tls = \"off\": give the client's files with --tls-dir or PATINA_TLS_DIR)"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("{:?}: {}{hint}", s.code(), term(s.message()))
 }
 
 /// A string from the agent as it may go to a terminal: every control character (C0, DEL and
