@@ -153,9 +153,10 @@ impl Authority {
 /// into place (a reloading agent never reads half a file).
 pub fn write_set(dir: &std::path::Path, ca_pem: &str, issued: &Issued) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    write_file(&dir.join("ca.pem"), ca_pem.as_bytes(), false)?;
-    write_file(&dir.join("key.pem"), issued.key_pem.as_bytes(), true)?;
-    write_file(&dir.join("cert.pem"), issued.cert_pem.as_bytes(), false)
+    let paths = crate::Paths::in_dir(dir);
+    write_file(&paths.ca, ca_pem.as_bytes(), false)?;
+    write_file(&paths.key, issued.key_pem.as_bytes(), true)?;
+    write_file(&paths.cert, issued.cert_pem.as_bytes(), false)
 }
 
 /// Write `path` through a temporary file and a rename; `secret`: readable by its owner only.

@@ -26,6 +26,32 @@ pub struct Paths {
     pub key: PathBuf,
 }
 
+impl Paths {
+    /// The files as `patina certs` and `patina dev` write them: `ca.pem`, `cert.pem` and
+    /// `key.pem` in `dir`.
+    pub fn in_dir(dir: &Path) -> Paths {
+        Paths {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    /// These paths, with each file given replacing its default.
+    pub fn or_given(
+        self,
+        ca: Option<&PathBuf>,
+        cert: Option<&PathBuf>,
+        key: Option<&PathBuf>,
+    ) -> Paths {
+        Paths {
+            ca: ca.cloned().unwrap_or(self.ca),
+            cert: cert.cloned().unwrap_or(self.cert),
+            key: key.cloned().unwrap_or(self.key),
+        }
+    }
+}
+
 /// Why a set of files cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MaterialError {
@@ -245,11 +271,7 @@ pub(crate) mod tests {
     }
 
     pub fn write(dir: &Path, ca_pem: &str, issued: &Issued) -> Paths {
-        let paths = Paths {
-            ca: dir.join("ca.pem"),
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-        };
+        let paths = Paths::in_dir(dir);
         std::fs::write(&paths.ca, ca_pem).unwrap();
         std::fs::write(&paths.cert, &issued.cert_pem).unwrap();
         std::fs::write(&paths.key, &issued.key_pem).unwrap();

@@ -359,14 +359,11 @@ impl ClientTls {
             return None;
         }
         let dir = self.tls_dir.clone().unwrap_or_default();
-        let or = |p: &Option<std::path::PathBuf>, name: &str| {
-            p.clone().unwrap_or_else(|| dir.join(name))
-        };
-        Some(patina_trust::Paths {
-            ca: or(&self.tls_ca, "ca.pem"),
-            cert: or(&self.tls_cert, "cert.pem"),
-            key: or(&self.tls_key, "key.pem"),
-        })
+        Some(patina_trust::Paths::in_dir(&dir).or_given(
+            self.tls_ca.as_ref(),
+            self.tls_cert.as_ref(),
+            self.tls_key.as_ref(),
+        ))
     }
 
     /// Load the files (once, for this process's client calls).
@@ -409,15 +406,8 @@ async fn channel(server: &str) -> anyhow::Result<Channel> {
         .await
         .map_err(|_| anyhow::anyhow!("no connection within 10 s"))
         .with_context(|| format!("cannot connect to {url}"))?
-        .map_err(|e| {
-            let mut why = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                why = format!("{why}: {s}");
-                source = s.source();
-            }
-            anyhow::anyhow!("{why}")
-        })
+        // The error's causes are printed with it (`{:#}`).
+        .map_err(anyhow::Error::from)
         .with_context(|| format!("cannot connect to {url}{hint}"))
 }
 

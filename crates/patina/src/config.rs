@@ -76,13 +76,13 @@ impl Config {
             }
             TlsSetting::Files(f) => f.clone(),
         };
-        let dir = self.data_dir.join("tls");
-        let or = |p: &Option<PathBuf>, name: &str| p.clone().unwrap_or_else(|| dir.join(name));
-        Ok(Some(patina_trust::Paths {
-            ca: or(&files.ca, "ca.pem"),
-            cert: or(&files.cert, "cert.pem"),
-            key: or(&files.key, "key.pem"),
-        }))
+        Ok(Some(
+            patina_trust::Paths::in_dir(&self.data_dir.join("tls")).or_given(
+                files.ca.as_ref(),
+                files.cert.as_ref(),
+                files.key.as_ref(),
+            ),
+        ))
     }
 }
 

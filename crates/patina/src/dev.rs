@@ -241,11 +241,7 @@ async fn start_world(
                 grants.push(Grant::new(Tier::Region, region, R::Reader));
             }
             let dir = ca.client_dir();
-            let paths = patina_trust::Paths {
-                ca: dir.join("ca.pem"),
-                cert: dir.join("cert.pem"),
-                key: dir.join("key.pem"),
-            };
+            let paths = patina_trust::Paths::in_dir(&dir);
             let material = tokio::task::block_in_place(|| {
                 ca.issue(&dir, "operator", grants)?;
                 anyhow::Ok(patina_trust::Material::load(&paths)?)

@@ -58,12 +58,8 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
     assert!(data.exists(), "dev keeps its data in {}", data.display());
     // The world runs with mTLS: the banner names the operator's certificate.
     let tls_dir = tls_dir.unwrap();
-    let material = patina_trust::Material::load(&patina_trust::Paths {
-        ca: tls_dir.join("ca.pem"),
-        cert: tls_dir.join("cert.pem"),
-        key: tls_dir.join("key.pem"),
-    })
-    .expect("the operator's certificate");
+    let material = patina_trust::Material::load(&patina_trust::Paths::in_dir(&tls_dir))
+        .expect("the operator's certificate");
     let dial = patina_trust::Dial::tls_any(patina_trust::Trust::fixed(material));
     let connect = async |url: &str| {
         dial.connect(tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap())

@@ -46,12 +46,7 @@ fn issue(ca: &Path, out: &Path, grants: &[&str]) -> PathBuf {
 }
 
 fn dial(dir: &Path) -> patina_trust::Dial {
-    let m = patina_trust::Material::load(&patina_trust::Paths {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("cert.pem"),
-        key: dir.join("key.pem"),
-    })
-    .expect("client files");
+    let m = patina_trust::Material::load(&patina_trust::Paths::in_dir(dir)).expect("client files");
     patina_trust::Dial::tls_any(patina_trust::Trust::fixed(m))
 }
 
@@ -96,17 +91,7 @@ fn put(id: &str, host: &str) -> UpsertMachineRequest {
 }
 
 async fn count(ch: &Channel) -> usize {
-    RegionClient::new(ch.clone())
-        .list_instances(ListInstancesRequest {
-            app: "web".into(),
-            include_all: true,
-            ..Default::default()
-        })
-        .await
-        .expect("list")
-        .into_inner()
-        .machines
-        .len()
+    count_result(ch).await.expect("list")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -178,20 +178,19 @@ fn a_full_disk_does_not_hold_back_down_news() {
     );
 }
 
-/// A change applied in memory while the disk is full has a revision a crash (or a stop before
-/// space returns) loses; the reopened store issues it again for another change. A watcher
-/// holding a token past the durable revision must then get a reset, not resume and silently
-/// miss the change that reused its number; within the same opening it resumes as usual.
-#[test]
-fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = rt();
+/// A store in `dir` holding a dead owner's machine, whose hide is applied in memory while the
+/// disk is full. Returns the store, its options, a token the disk holds (just before the hide)
+/// and the token of the hide (past what the disk holds).
+fn hidden_while_the_disk_is_full(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+) -> (Store, StoreOptions, ResumeToken, ResumeToken) {
     let (fp, opts) = with_failpoints();
-    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let store = Store::open(dir, opts.clone()).unwrap();
     let dead = NodeId(7);
     let theirs = remote("m", version(Hlc::from_physical_ms(1).0, dead.0, 1), false);
     rt.block_on(store.apply(records(vec![theirs]))).unwrap();
-    let durable = super::watch::snapshot_token(&rt, &store);
+    let durable = super::watch::snapshot_token(rt, &store);
     assert_eq!(durable.incarnation, None, "the disk holds its revision");
     let mut cursor = store.watch(None, Some(durable), 100);
     fp.arm(InjectedFault::DiskFull);
@@ -202,12 +201,24 @@ fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
     );
     let WatchItem::Delta {
         token: volatile, ..
-    } = super::watch::next(&rt, &mut cursor)
+    } = super::watch::next(rt, &mut cursor)
     else {
         panic!("expected the hide as a delta")
     };
     assert_eq!(volatile.rev, durable.rev + 1);
     assert!(volatile.incarnation.is_some(), "{volatile}");
+    (store, opts, durable, volatile)
+}
+
+/// A change applied in memory while the disk is full has a revision a crash (or a stop before
+/// space returns) loses; the reopened store issues it again for another change. A watcher
+/// holding a token past the durable revision must then get a reset, not resume and silently
+/// miss the change that reused its number; within the same opening it resumes as usual.
+#[test]
+fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = rt();
+    let (store, _opts, durable, volatile) = hidden_while_the_disk_is_full(&rt, dir.path());
     let parsed: ResumeToken = volatile.to_string().parse().unwrap();
     assert_eq!(parsed, volatile, "the incarnation survives the wire");
     // The same opening resumes from it: nothing new to send.
@@ -251,26 +262,7 @@ fn a_token_past_what_the_disk_holds_resumes_only_in_the_same_opening() {
 fn a_token_of_revisions_a_later_commit_persisted_resumes_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let rt = rt();
-    let (fp, opts) = with_failpoints();
-    let store = Store::open(dir.path(), opts.clone()).unwrap();
-    let dead = NodeId(7);
-    let theirs = remote("m", version(Hlc::from_physical_ms(1).0, dead.0, 1), false);
-    rt.block_on(store.apply(records(vec![theirs]))).unwrap();
-    let durable = super::watch::snapshot_token(&rt, &store);
-    let mut cursor = store.watch(None, Some(durable), 100);
-    fp.arm(InjectedFault::DiskFull);
-    assert!(
-        rt.block_on(store.set_owner_down(dead, true))
-            .unwrap()
-            .changed
-    );
-    let WatchItem::Delta {
-        token: volatile, ..
-    } = super::watch::next(&rt, &mut cursor)
-    else {
-        panic!("expected the hide as a delta")
-    };
-    assert!(volatile.incarnation.is_some());
+    let (store, opts, _durable, volatile) = hidden_while_the_disk_is_full(&rt, dir.path());
     // Space returns: this commit persists the hide's revision with its own.
     rt.block_on(store.write(vec![put("a", "g", "1", true)]))
         .unwrap();
