@@ -10,20 +10,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, GOSSIP_PORT, machine};
+use common::{Agent, machine};
 use patina_proto::v1::{
     DeleteMachineRequest, ListInstancesRequest, MembersRequest, UpsertMachineRequest,
 };
 
 fn start(root: &Path, name: &str, ip: &str, seeds: &[&str]) -> Agent {
-    let seeds: Vec<String> = seeds
-        .iter()
-        .map(|s| format!("\"{s}:{GOSSIP_PORT}\""))
-        .collect();
-    let extra = format!(
-        "[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [{}]\n",
-        seeds.join(", ")
-    );
+    let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+    let extra = common::gossip_table(ip, &seeds);
     Agent::start_host(
         common::bin(),
         &root.join(name),

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Agent, GOSSIP_PORT, machine};
+use common::{Agent, machine};
 use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::sync_client::SyncClient;
@@ -68,12 +68,9 @@ fn start(root: &Path, i: usize, ca: &Path, seeds: &[usize]) -> Agent {
     );
     let seeds: Vec<String> = seeds
         .iter()
-        .map(|s| format!("\"127.0.0.{}:{GOSSIP_PORT}\"", 171 + s))
+        .map(|s| format!("127.0.0.{}", 171 + s))
         .collect();
-    let extra = format!(
-        "tls = \"on\"\n[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [{}]\n",
-        seeds.join(", ")
-    );
+    let extra = format!("tls = \"on\"\n{}", common::gossip_table(&ip, &seeds));
     Agent::start_host(
         Path::new(env!("CARGO_BIN_EXE_patina")),
         &dir,

@@ -24,14 +24,7 @@ pub const GOSSIP_PORT: u16 = 7946;
 /// API on a fresh port of `ip`, gossip on `ip:GOSSIP_PORT`, joined through the agents at
 /// `seeds` (IPs).
 pub fn start_member(root: &Path, i: usize, ip: &str, seeds: &[String]) -> Agent {
-    let seeds: Vec<String> = seeds
-        .iter()
-        .map(|s| format!("\"{s}:{GOSSIP_PORT}\""))
-        .collect();
-    let extra = format!(
-        "[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [{}]\n",
-        seeds.join(", ")
-    );
+    let extra = gossip_table(ip, seeds);
     Agent::start_host(
         Path::new(env!("CARGO_BIN_EXE_patina")),
         &root.join(format!("agent{i}")),
@@ -81,7 +74,9 @@ pub const REGION_TABLE: &str = "[global]\nstale_after_secs = 30\n\
 [[global.regions]]\nname = \"fra\"\nlat = 50.03\nlon = 8.57\n\
 [[global.regions]]\nname = \"syd\"\nlat = -33.94\nlon = 151.18\n";
 
-fn gossip_table(ip: &str, seeds: &[String]) -> String {
+/// The `[gossip]` table of an agent gossiping on `ip:GOSSIP_PORT`, joined through the agents
+/// at `seeds` (IPs).
+pub fn gossip_table(ip: &str, seeds: &[String]) -> String {
     let seeds: Vec<String> = seeds
         .iter()
         .map(|s| format!("\"{s}:{GOSSIP_PORT}\""))
