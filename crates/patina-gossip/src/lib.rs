@@ -1,7 +1,9 @@
 //! patina-gossip: the replication engine both tiers share (membership with SWIM, push
 //! dissemination, anti-entropy), built as a sans-IO core driven by a thin async shell.
 //!
-//! - [`envelope`]: the frame around every datagram (magic, version, cluster name);
+//! - [`envelope`]: the frame around every datagram (magic, version, cluster name), sealed
+//!   with the [`keyring`]'s key in use;
+//! - [`keyring`]: gossip keys (install, use, remove; plaintext accepted or refused);
 //! - [`identity`]: a member's identity and foca's codec for it;
 //! - [`wire`]: pushes and the items that carry changes;
 //! - [`node`]: the sans-IO node (membership, Lifeguard-style health, dissemination, when to
@@ -17,6 +19,7 @@
 
 pub mod envelope;
 pub mod identity;
+pub mod keyring;
 pub mod node;
 pub mod replica;
 pub mod shell;
@@ -26,6 +29,7 @@ pub mod wire;
 
 pub use envelope::{ClusterName, Envelope, EnvelopeError};
 pub use identity::Identity;
+pub use keyring::{GossipKey, Keyring, KeyringError, KeyringOp};
 pub use node::{
     Config, Lane, MemberInfo, MemberState, Node, Output, StateSizes, TimerEvent, TimerKind,
     ViewReason, ViewStatus,

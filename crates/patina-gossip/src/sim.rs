@@ -158,6 +158,8 @@ struct SimNode {
     feed_after: u64,
     /// Until when the node is paused (events for it wait).
     paused_until: Duration,
+    /// Its gossip keys (kept across restarts, as the keyring file keeps them).
+    keyring: crate::keyring::Keyring,
 }
 
 /// The seeds a simulation test runs: `PATINA_SIM_SEED=N` replays one; otherwise
@@ -234,6 +236,36 @@ impl World {
         seed: u64,
         kind: patina_store::KindRef,
     ) -> World {
+        World::build(n, cfg, net, seed, kind, |_| None)
+    }
+
+    /// [`World::new`] where node `i` starts with `keyring(i)` when it gives one (others with
+    /// the config's).
+    pub fn with_keyrings(
+        n: usize,
+        cfg: Config,
+        net: Net,
+        seed: u64,
+        keyring: impl Fn(usize) -> Option<crate::keyring::Keyring>,
+    ) -> World {
+        World::build(
+            n,
+            cfg,
+            net,
+            seed,
+            Arc::new(patina_store::OpaqueKind),
+            keyring,
+        )
+    }
+
+    fn build(
+        n: usize,
+        cfg: Config,
+        net: Net,
+        seed: u64,
+        kind: patina_store::KindRef,
+        keyring: impl Fn(usize) -> Option<crate::keyring::Keyring>,
+    ) -> World {
         let clock = Arc::new(ManualClock::new(SIM_EPOCH_MS));
         let mut w = World {
             clock: clock.clone(),
@@ -282,6 +314,7 @@ impl World {
                 life: 0,
                 feed_after: 0,
                 paused_until: Duration::ZERO,
+                keyring: keyring(i).unwrap_or_else(|| w.cfg.keyring.clone()),
             });
             w.boot(i);
         }
@@ -341,7 +374,11 @@ impl World {
         let seed = self.rng.random::<u64>();
         let n = &mut self.nodes[i];
         n.identity.epoch += 1;
-        let mut node = Node::new(n.identity, self.cfg.clone(), n.store.digest(), seeds, seed);
+        let cfg = Config {
+            keyring: n.keyring.clone(),
+            ..self.cfg.clone()
+        };
+        let mut node = Node::new(n.identity, cfg, n.store.digest(), seeds, seed);
         n.feed_after = n.store.feed().revision();
         node.start(self.now);
         n.node = Some(node);
@@ -804,6 +841,20 @@ impl World {
         .is_ok();
         self.follow_feed(i);
         ok
+    }
+
+    /// Node `i` seals and opens datagrams with `keyring` from now on (and after restarts).
+    pub fn set_keyring(&mut self, i: usize, keyring: crate::keyring::Keyring) {
+        let n = &mut self.nodes[i];
+        n.keyring = keyring.clone();
+        if let Some(node) = n.node.as_mut() {
+            node.set_keyring(keyring);
+        }
+    }
+
+    /// The keyring node `i` holds.
+    pub fn keyring(&self, i: usize) -> &crate::keyring::Keyring {
+        &self.nodes[i].keyring
     }
 
     /// Stop node `i` as kill -9 would: nothing more is sent, its timers die. Its store is

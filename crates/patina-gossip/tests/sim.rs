@@ -559,3 +559,125 @@ fn an_isolated_node_hides_its_peers_only_from_a_view_that_does_not_stand() {
         w.trace()
     });
 }
+
+/// Addresses node `i` holds as active members.
+fn active_addrs(w: &World, i: usize) -> BTreeSet<std::net::SocketAddr> {
+    w.node(i)
+        .map(|n| n.active().iter().map(|m| m.addr).collect())
+        .unwrap_or_default()
+}
+
+/// A node whose datagrams no member's keyring opens (another key, or none at all) never
+/// becomes a member: its datagrams are dropped before decoding and counted by reason, and
+/// its writes reach no one.
+#[test]
+fn an_agent_without_the_key_never_becomes_a_member() {
+    use patina_gossip::{GossipKey, Keyring};
+    for_seeds("an_agent_without_the_key", |seed| {
+        let key = GossipKey::generate();
+        let mut cfg = config();
+        cfg.keyring = Keyring::with_key(key);
+        // Node 8 has no keys (plaintext); node 9 another key. Both seed through 0 and 1.
+        let mut w = World::with_keyrings(10, cfg, Net::lan(), seed, |i| match i {
+            8 => Some(Keyring::default()),
+            9 => Some(Keyring::with_key(GossipKey::generate())),
+            _ => None,
+        });
+        let outsiders: Vec<std::net::SocketAddr> = [8, 9]
+            .iter()
+            .filter_map(|i| w.node(*i).map(|n| n.identity().addr))
+            .collect();
+        w.write(8, "m8", "app", b"+up");
+        w.write(9, "m9", "app", b"+up");
+        for step in 0..50 {
+            w.run_for(Duration::from_millis(100));
+            for i in 0..8 {
+                let members = active_addrs(&w, i);
+                assert!(
+                    outsiders.iter().all(|o| !members.contains(o)),
+                    "node {i} took an outsider for a member at {:?}",
+                    w.trace()
+                );
+                if step >= 30 {
+                    assert_eq!(members.len(), 7, "node {i} lacks an insider: {members:?}");
+                }
+            }
+        }
+        for i in 8..10 {
+            assert!(
+                active_addrs(&w, i).is_empty(),
+                "outsider {i} joined someone"
+            );
+        }
+        for i in 0..8 {
+            let served = w.served(i);
+            assert!(!served.contains_key("m8") && !served.contains_key("m9"));
+        }
+        let (no_key, plaintext) = (0..8).fold((0, 0), |(a, b), i| {
+            let c = w.node(i).unwrap().counters();
+            (a + c.dropped_no_key, b + c.dropped_plaintext)
+        });
+        assert!(
+            no_key > 0 && plaintext > 0,
+            "no_key {no_key} plaintext {plaintext}"
+        );
+        0
+    });
+}
+
+/// Encryption turned on in a running plaintext cluster, one node at a time in each step
+/// (install the key everywhere, use it everywhere, refuse plaintext everywhere), with writes
+/// going on: no member is ever taken for down and every write reaches every node. After it,
+/// a plaintext node cannot join.
+#[test]
+fn a_rolling_enable_takes_no_member_down() {
+    use patina_gossip::{GossipKey, Keyring, KeyringOp};
+    for_seeds("a_rolling_enable", |seed| {
+        const N: usize = 12;
+        let mut w = World::new(N, config(), Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        let key = GossipKey::generate();
+        let mut keys = BTreeSet::new();
+        let mut n = 0;
+        for op in [
+            KeyringOp::Install(key.clone()),
+            KeyringOp::Use(key.clone()),
+            KeyringOp::AcceptPlaintext(false),
+        ] {
+            let mut order: Vec<usize> = (0..N).collect();
+            for j in (1..N).rev() {
+                let k = w.rng().random_range(0..=j);
+                order.swap(j, k);
+            }
+            for i in order {
+                let mut ring = w.keyring(i).clone();
+                ring.apply(&op).unwrap();
+                w.set_keyring(i, ring);
+                let key = format!("k{n}");
+                assert!(w.write(i, &key, "app", b"+up"));
+                keys.insert(key);
+                n += 1;
+                w.run_for(Duration::from_millis(400));
+            }
+        }
+        w.run_for(Duration::from_secs(8));
+        assert!(w.downs.is_empty(), "members taken for down: {:?}", w.downs);
+        assert_converged(&w, &keys);
+        for i in 0..N {
+            assert_eq!(active_addrs(&w, i).len(), N - 1, "node {i}");
+            assert_eq!(w.served(i).len(), keys.len(), "node {i}");
+            let c = w.node(i).unwrap().counters();
+            assert_eq!(c.dropped_no_key, 0, "node {i}");
+        }
+        // Plaintext is refused now: a node that lost its keyring stays out.
+        let addr = w.node(5).unwrap().identity().addr;
+        w.crash(5);
+        w.set_keyring(5, Keyring::default());
+        w.restart(5);
+        w.run_for(Duration::from_secs(5));
+        for i in (0..N).filter(|i| *i != 5) {
+            assert!(!active_addrs(&w, i).contains(&addr), "node {i} took 5 back");
+        }
+        0
+    });
+}

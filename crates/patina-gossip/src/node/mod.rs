@@ -19,7 +19,7 @@ use patina_store::{NodeId, OriginKnowledge, Record};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::envelope::{ClusterName, Envelope};
+use crate::envelope::{ClusterName, Envelope, EnvelopeError};
 use crate::identity::{Codec, Identity};
 use crate::wire::{KIND_PUSH, KIND_SWIM, Push};
 
@@ -113,6 +113,9 @@ pub struct Config {
     /// its store's local writes ([`Output::ClockFence`]); also how far ahead of the wall
     /// clock the store may take a timestamp (`StoreOptions::max_clock_offset_ms`).
     pub max_clock_offset: Duration,
+    /// The gossip keys this node starts with (see [`crate::keyring`]); changed while it runs
+    /// by [`Node::set_keyring`].
+    pub keyring: crate::keyring::Keyring,
 }
 
 impl Config {
@@ -138,6 +141,7 @@ impl Config {
             view_settle: Duration::from_secs(4),
             max_gap_age: Duration::from_secs(10),
             max_clock_offset: Duration::from_millis(500),
+            keyring: crate::keyring::Keyring::default(),
         }
     }
 
@@ -264,6 +268,10 @@ pub struct Counters {
     pub bytes_out: u64,
     /// Datagrams dropped by the envelope (garbage, other versions, other clusters).
     pub dropped_envelope: u64,
+    /// Sealed datagrams no installed key opened (another key, forged, damaged).
+    pub dropped_no_key: u64,
+    /// Plaintext datagrams dropped because the keyring refuses plaintext.
+    pub dropped_plaintext: u64,
     /// Datagrams dropped while decoding SWIM or pushes.
     pub dropped_decode: u64,
     pub items_new: u64,
@@ -381,7 +389,7 @@ impl Node {
         seeds: Vec<SocketAddr>,
         seed: u64,
     ) -> Node {
-        let envelope = Envelope::new(&cfg.cluster);
+        let envelope = Envelope::with_keyring(&cfg.cluster, cfg.keyring.clone());
         let shared = Arc::new(Mutex::new(Shared {
             known,
             origins: BTreeSet::from([identity.node]),
@@ -519,7 +527,11 @@ impl Node {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(error = %e, "datagram dropped");
-                self.count(|c| c.dropped_envelope += 1);
+                self.count(|c| match e {
+                    EnvelopeError::NoKey => c.dropped_no_key += 1,
+                    EnvelopeError::Plaintext => c.dropped_plaintext += 1,
+                    _ => c.dropped_envelope += 1,
+                });
                 return;
             }
         };
@@ -544,6 +556,16 @@ impl Node {
             },
             _ => self.count(|c| c.dropped_decode += 1),
         }
+    }
+
+    /// The gossip keys as they are now.
+    pub fn keyring(&self) -> &crate::keyring::Keyring {
+        self.envelope.keyring()
+    }
+
+    /// Seal and open datagrams with `keyring` from now on.
+    pub fn set_keyring(&mut self, keyring: crate::keyring::Keyring) {
+        self.envelope.set_keyring(keyring);
     }
 
     /// This node's incarnation, as its latest SWIM packet carried it.
