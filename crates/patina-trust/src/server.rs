@@ -197,7 +197,9 @@ pub fn need_of(path: &str) -> Option<Need> {
         return Some(Need::Peer);
     };
     let need = match path {
-        "/patina.v1.Sync/Exchange" | "/patina.v1.Admin/Forget" => Need::Peer,
+        "/patina.v1.Sync/Exchange" | "/patina.v1.Admin/Forget" | "/patina.v1.Admin/Keyring" => {
+            Need::Peer
+        }
         "/patina.v1.Region/UpsertMachine"
         | "/patina.v1.Region/UpsertMachines"
         | "/patina.v1.Region/DeleteMachine" => Need::Writer,
@@ -329,6 +331,8 @@ mod tests {
         assert!(ok(&writer, "/patina.v1.Region/UpsertMachine"));
         assert!(!ok(&writer, "/patina.v1.Sync/Exchange"));
         assert!(!ok(&writer, "/patina.v1.Admin/Forget"));
+        assert!(!ok(&reader, "/patina.v1.Admin/Keyring"));
+        assert!(ok(&agent, "/patina.v1.Admin/Keyring"));
         assert!(ok(&agent, "/patina.v1.Sync/Exchange"));
         assert!(!ok(&agent, "/patina.v1.Unknown/Call") || agent.allows(&ord, Need::Peer));
         assert!(!ok(&reader, "/patina.v1.Unknown/Call"));

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 /// Connect to an agent's admin service.
-async fn connect_admin(server: &str) -> anyhow::Result<AdminClient<Channel>> {
+pub async fn connect_admin(server: &str) -> anyhow::Result<AdminClient<Channel>> {
     Ok(AdminClient::new(channel(server).await?))
 }
 

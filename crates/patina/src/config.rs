@@ -226,6 +226,10 @@ pub struct GossipConfig {
     /// How far this agent's clock may be off its peers' (the median of its samples) before
     /// it refuses local writes, and how far ahead of its wall clock it takes a timestamp.
     pub max_clock_offset_ms: NonZeroU64,
+    /// The gossip key this agent starts with (32 bytes, base64; `patina keyring generate`),
+    /// or "off". Required while TLS is on; once the agent has a keyring file (written at its
+    /// first start with a key, and at each `patina keyring` change) the file wins.
+    pub encrypt: Option<String>,
 }
 
 impl Default for GossipConfig {
@@ -258,6 +262,7 @@ impl Default for GossipConfig {
             view_settle_ms: ms(d.view_settle),
             max_gap_age_ms: ms(d.max_gap_age),
             max_clock_offset_ms: ms(d.max_clock_offset),
+            encrypt: None,
         }
     }
 }
@@ -312,6 +317,25 @@ impl GossipConfig {
             max_clock_offset: ms(self.max_clock_offset_ms),
             ..patina_gossip::Config::lan(cluster)
         })
+    }
+
+    /// The keyring to start with when the data directory holds none: `gossip.encrypt`'s key
+    /// (in use, plaintext refused), or none when it is "off" or (with TLS off) unset.
+    pub fn keyring(&self, tls_on: bool) -> anyhow::Result<patina_gossip::Keyring> {
+        match self.encrypt.as_deref() {
+            Some("off") => Ok(patina_gossip::Keyring::default()),
+            Some(key) => {
+                let key = patina_gossip::GossipKey::parse(key)
+                    .map_err(|e| anyhow::anyhow!("config: gossip.encrypt: {e}"))?;
+                Ok(patina_gossip::Keyring::with_key(key))
+            }
+            None if tls_on => anyhow::bail!(
+                "config: gossip.encrypt: gossip is encrypted by default and this agent has no \
+                 key: set gossip.encrypt to the cluster's key on every agent (`patina keyring \
+                 generate` makes one), or gossip.encrypt = \"off\""
+            ),
+            None => Ok(patina_gossip::Keyring::default()),
+        }
     }
 
     /// How old a tombstone must be before it is collected.

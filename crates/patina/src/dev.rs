@@ -203,8 +203,16 @@ async fn start_world(
         })
         .collect();
     let any = SocketAddr::new(ip, 0);
+    // With TLS on, each cluster's gossip is sealed under a key of its own (kept in each
+    // agent's keyring file), unless the configuration gives one.
+    let (tls_on, given) = (world.ca.is_some(), base.gossip.encrypt.clone());
+    let gossip_key = move || match (tls_on, &given) {
+        (true, None) => Some(patina_gossip::GossipKey::generate().encode()),
+        (_, given) => given.clone(),
+    };
     let mut region_apis: Vec<Vec<SocketAddr>> = Vec::new();
     for (r, (region, _, _)) in REGIONS.iter().enumerate() {
+        let region_key = gossip_key();
         let seed = match (r, listen.port()) {
             (0, p) if p != 0 => SocketAddr::new(ip, p.wrapping_add(1)),
             _ => free_udp(ip)?,
@@ -218,6 +226,7 @@ async fn start_world(
             c.gossip.seeds = vec![seed];
             c.listen = if r == 0 && i == 0 { listen } else { any };
             c.gossip.listen = Some(if i == 0 { seed } else { any });
+            c.gossip.encrypt = region_key.clone();
             // The first agent of the first region announces itself as a lone region agent
             // would, so that scripts find it.
             let label = if r == 0 && i == 0 {
@@ -235,10 +244,15 @@ async fn start_world(
     let dial = match &world.ca {
         None => patina_trust::Dial::Plain,
         Some(ca) => {
-            let mut grants = vec![Grant::new(Tier::Global, GLOBAL, R::Reader)];
+            // The operator may do anything, `patina keyring` (an agent's call) included.
+            let mut grants = vec![
+                Grant::new(Tier::Global, GLOBAL, R::Reader),
+                Grant::new(Tier::Global, GLOBAL, R::Agent),
+            ];
             for (region, _, _) in REGIONS {
                 grants.push(Grant::new(Tier::Region, region, R::Writer(None)));
                 grants.push(Grant::new(Tier::Region, region, R::Reader));
+                grants.push(Grant::new(Tier::Region, region, R::Agent));
             }
             let dir = ca.client_dir();
             let paths = patina_trust::Paths::in_dir(&dir);
@@ -251,6 +265,7 @@ async fn start_world(
     };
     write_demo(&region_apis, &dial).await?;
     let global_seed = free_udp(ip)?;
+    let global_key = gossip_key();
     let mut globals = Vec::new();
     for (g, (region, _, _)) in REGIONS.iter().enumerate() {
         let mut c = base.clone();
@@ -260,6 +275,7 @@ async fn start_world(
         c.listen = any;
         c.gossip.seeds = vec![global_seed];
         c.gossip.listen = Some(if g == 0 { global_seed } else { any });
+        c.gossip.encrypt = global_key.clone();
         let ready = world
             .start(
                 c,
@@ -280,6 +296,7 @@ async fn start_world(
             c.listen = any;
             c.gossip.seeds = vec![global_seed];
             c.gossip.listen = Some(any);
+            c.gossip.encrypt = global_key.clone();
             c.bridge.region_agents = region_apis[r].iter().map(|a| a.to_string()).collect();
             let bridge = c.bridge.bridge(region)?;
             let ready = world
@@ -373,6 +390,11 @@ fn print_banner(
             );
         }
         None => println!("TLS is off (tls = \"off\"): anyone on this host can call the agents"),
+    }
+    if client_tls.is_some() {
+        println!(
+            "gossip is encrypted, a key per cluster: patina keyring list --server {ord} (and --server {global})"
+        );
     }
     println!("try:");
     println!("  patina lookup --server {global} web --from syd");

@@ -7,6 +7,7 @@ mod certs;
 mod client;
 mod config;
 mod dev;
+mod keyring;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +63,12 @@ enum Command {
     Certs {
         #[command(subcommand)]
         command: certs::CertsCommand,
+    },
+    /// The gossip keyring of a whole cluster: generate, list, install, use, remove keys, and
+    /// take or refuse plaintext datagrams (docs/security.md).
+    Keyring {
+        #[command(subcommand)]
+        command: keyring::KeyringCommand,
     },
     /// Move a stopped agent's store to a fresh origin identity: once, after restoring its
     /// data directory from a backup or copying it (docs/replication.md).
@@ -206,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 run_agent(config, Role::Bridge(bridge), None, None, shutdown_signal()).await
             }
             Command::Certs { command } => certs::run(&command),
+            Command::Keyring { command } => keyring::run(command).await,
             Command::NewOrigin { config } => {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
@@ -383,6 +391,32 @@ pub(crate) struct Ready {
 /// `ready` is told where the agent is once it serves.
 /// This agent's TLS material, or `None` when TLS is off (warned at every start). The
 /// certificate must grant what the agent's role needs, or every peer would refuse it.
+/// The gossip keyring to start with. A keyring file in the data directory wins (the shell
+/// reads it again); without one, `gossip.encrypt` decides, and TLS on without a key is an
+/// error. Warns at every start while gossip is not fully encrypted.
+async fn start_keyring(config: &Config, tls_on: bool) -> anyhow::Result<patina_gossip::Keyring> {
+    let path = config.data_dir.join(patina_gossip::shell::KEYRING_FILE);
+    let kept = tokio::task::spawn_blocking(move || patina_gossip::shell::read_keyring(&path))
+        .await?
+        .map_err(|e| anyhow::anyhow!("the gossip keyring file does not load: {e}"))?;
+    let ring = match kept {
+        Some(ring) => ring,
+        None => config.gossip.keyring(tls_on)?,
+    };
+    if ring.primary().is_none() {
+        tracing::warn!(
+            "gossip is not encrypted: anyone who reaches this agent's UDP ports can join its \
+             cluster and push records (set gossip.encrypt, or `patina keyring`)"
+        );
+    } else if ring.accepts_plaintext() {
+        tracing::warn!(
+            "gossip takes plaintext datagrams: finish the rolling enable with \
+             `patina keyring plaintext refuse`"
+        );
+    }
+    Ok(ring)
+}
+
 async fn load_trust(
     config: &Config,
     role: &Role,
@@ -469,6 +503,7 @@ pub(crate) async fn run_agent(
         }
     };
     let trust = load_trust(&config, &role, &scope).await?;
+    node.keyring = start_keyring(&config, trust.is_some()).await?;
     let dial = match &trust {
         Some(t) => patina_trust::Dial::tls(t.clone(), scope.clone()),
         None => patina_trust::Dial::Plain,

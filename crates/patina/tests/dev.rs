@@ -126,6 +126,27 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         .unwrap()
         .into_inner();
     assert!(watch.message().await.unwrap().unwrap().reset);
+    // Gossip is sealed in every cluster: the operator's certificate lists each keyring.
+    for server in [&url, &global] {
+        let out = Command::new(env!("CARGO_BIN_EXE_patina"))
+            .args(["keyring", "list", "--server"])
+            .arg(server.trim_start_matches("http://"))
+            .env("PATINA_TLS_DIR", &tls_dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            text.matches("(in use); plaintext refused").count(),
+            text.matches(" ok ").count(),
+            "{text}"
+        );
+        assert!(text.contains("in use on"), "{text}");
+    }
 
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])

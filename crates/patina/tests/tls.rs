@@ -70,7 +70,12 @@ fn start(root: &Path, i: usize, ca: &Path, seeds: &[usize]) -> Agent {
         .iter()
         .map(|s| format!("127.0.0.{}", 171 + s))
         .collect();
-    let extra = format!("tls = \"on\"\n{}", common::gossip_table(&ip, &seeds));
+    // TLS on needs a gossip key too (gossip is encrypted by default).
+    let extra = format!(
+        "tls = \"on\"\n{}encrypt = \"{}\"\n",
+        common::gossip_table(&ip, &seeds),
+        common::GOSSIP_KEY
+    );
     Agent::start_host(
         Path::new(env!("CARGO_BIN_EXE_patina")),
         &dir,

@@ -5,8 +5,9 @@ use std::sync::atomic::Ordering;
 
 use patina_proto::v1::admin_server::{Admin, AdminServer};
 use patina_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, ForgetRequest, ForgetResponse, Member,
-    MembersRequest, MembersResponse, OriginStatus, PeerSync, WhoamiRequest,
+    ClusterStatusRequest, ClusterStatusResponse, ForgetRequest, ForgetResponse, KeyringRequest,
+    KeyringResponse, Member, MembersRequest, MembersResponse, OriginStatus, PeerSync,
+    WhoamiRequest,
 };
 use patina_store::{LocalWrite, NodeId, StoreError};
 use tokio::sync::oneshot;
@@ -192,7 +193,15 @@ impl Admin for AdminService {
             datagrams_out: c.datagrams_out,
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
-            dropped_datagrams: c.dropped_envelope + c.dropped_decode,
+            dropped_datagrams: c.dropped_envelope
+                + c.dropped_decode
+                + c.dropped_no_key
+                + c.dropped_plaintext,
+            dropped_no_key: c.dropped_no_key,
+            dropped_plaintext: c.dropped_plaintext,
+            keyring: super::keys::current(&self.gossip)
+                .await
+                .map(|r| super::keys::state(&r)),
             refuted_for_others: c.refuted_for_others,
             peers: {
                 let now = std::time::Instant::now();
@@ -307,5 +316,14 @@ impl Admin for AdminService {
         }
         tracing::warn!(owner = %owner, tombstoned, "forgot a member: its records are deleted");
         Ok(Response::new(ForgetResponse { tombstoned }))
+    }
+
+    async fn keyring(
+        &self,
+        request: Request<KeyringRequest>,
+    ) -> Result<Response<KeyringResponse>, Status> {
+        super::keys::keyring(&self.gossip, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Gossip;
+use crate::keyring::Keyring;
 
 /// The epoch of this start: more than the one persisted and at least the wall clock's
 /// seconds, so a restarted agent's identity wins over its old one even when the file could
@@ -112,4 +113,43 @@ pub(super) async fn remember_members(gossip: Gossip, path: PathBuf) {
             Err(_) => return,
         }
     }
+}
+
+/// The file in the data directory that holds the gossip keyring (see [`crate::keyring`]).
+/// Once written it wins over the configured key, so keys changed through `Admin.Keyring`
+/// outlive restarts.
+pub const KEYRING_FILE: &str = "gossip-keyring";
+
+/// The keyring persisted at `path`: `None` when there is no file. A file that does not
+/// parse is an error (an agent must not run with keys other than the ones it was given).
+/// Blocking: call it from a blocking thread or before the runtime runs.
+pub fn read_keyring(path: &std::path::Path) -> Result<Option<Keyring>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Keyring::from_text(&text)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Write the keyring durably (a temporary file, fsynced, renamed, the directory fsynced),
+/// readable by the agent's user only. Blocking.
+pub fn write_keyring(path: &std::path::Path, keyring: &Keyring) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(keyring.to_text().as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

@@ -11,6 +11,7 @@ mod admin;
 mod checks;
 mod collector;
 mod files;
+mod keys;
 mod parts;
 mod session;
 mod task;
@@ -34,7 +35,7 @@ use crate::node::{Config, Counters, MemberInfo, Node, ViewStatus};
 use crate::replica::{ApplyOutcome, Touched, local_changes};
 use checks::{ask_incarnation, local_ip, peer_endpoint, port_answers};
 use collector::collect_tombstones;
-pub use files::MEMBERS_FILE;
+pub use files::{KEYRING_FILE, MEMBERS_FILE, read_keyring, write_keyring};
 use files::{MAX_REMEMBERED_SEEDS, bump_epoch, read_members, remember_members, write_epoch};
 use parts::{spawn_liveness, supervise};
 use task::{Sockets, Task};
@@ -76,6 +77,12 @@ enum Input {
     Retired(NodeId),
     Members(oneshot::Sender<Snapshot>),
     Forget(Identity, oneshot::Sender<bool>),
+    /// Apply a keyring operation (`None`: read only); answered with the keyring after it
+    /// and its generation (each change bumps it; the file is written in that order).
+    Keyring(
+        Option<crate::keyring::KeyringOp>,
+        oneshot::Sender<Result<(u64, crate::keyring::Keyring), crate::keyring::KeyringError>>,
+    ),
 }
 
 /// Inputs waiting for the node's task. Senders wait when it is full (back-pressure on the
@@ -228,6 +235,9 @@ pub struct Gossip {
     view: tokio::sync::watch::Receiver<ViewStatus>,
     region: Arc<str>,
     dial: patina_trust::Dial,
+    /// Where the keyring is kept, and the generation last written there.
+    keyring_file: Arc<std::path::Path>,
+    keyring_saved: Arc<std::sync::Mutex<u64>>,
 }
 
 /// What sessions and tasks use to tell the node what the store learned.
@@ -291,6 +301,9 @@ impl Gossip {
             )
         })?;
         let epoch = bump_epoch(cfg.epoch_file.clone()).await?;
+        let mut cfg = cfg;
+        let keyring_file: Arc<std::path::Path> = cfg.epoch_file.with_file_name(KEYRING_FILE).into();
+        cfg.node.keyring = start_keyring(keyring_file.clone(), cfg.node.keyring.clone()).await?;
         let identity = Identity {
             node: store.node(),
             addr: advertise,
@@ -334,6 +347,8 @@ impl Gossip {
             view,
             region: cfg.region.as_str().into(),
             dial: cfg.dial.clone(),
+            keyring_file,
+            keyring_saved: Arc::new(std::sync::Mutex::new(0)),
         };
         let main = tokio::runtime::Handle::current();
         let task = Task {
@@ -352,6 +367,7 @@ impl Gossip {
             tasks: JoinSet::new(),
             view_tx,
             view_at: None,
+            keyring_gen: 0,
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
         let rememberer = tokio::spawn(remember_members(gossip.clone(), members_file));
@@ -440,6 +456,34 @@ impl Gossip {
     pub fn admin_service(&self) -> AdminService {
         AdminService::new(self.clone())
     }
+}
+
+/// The keyring to start with: the file's if there is one (changes made through the Admin
+/// API outlive restarts), else the configured one, written to the file when it holds keys.
+async fn start_keyring(
+    path: Arc<std::path::Path>,
+    configured: crate::keyring::Keyring,
+) -> std::io::Result<crate::keyring::Keyring> {
+    tokio::task::spawn_blocking(move || match read_keyring(&path) {
+        Ok(Some(kept)) => {
+            if configured.primary().is_some_and(|k| !kept.keys().contains(k)) {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the configured gossip key is not in the keyring file, which wins: change keys with `patina keyring`"
+                );
+            }
+            Ok(kept)
+        }
+        Ok(None) => {
+            if !configured.keys().is_empty() {
+                write_keyring(&path, &configured)?;
+            }
+            Ok(configured)
+        }
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Socket buffer each gossip socket asks for, each way. A busy region sends an agent many

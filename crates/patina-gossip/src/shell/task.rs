@@ -46,6 +46,8 @@ pub(super) struct Task {
     pub(super) view_tx: tokio::sync::watch::Sender<ViewStatus>,
     /// When the view was last judged.
     pub(super) view_at: Option<Duration>,
+    /// Bumped at each keyring change (see [`Input::Keyring`]).
+    pub(super) keyring_gen: u64,
 }
 
 /// A timer in the heap; ordered by (due, insertion) only.
@@ -232,6 +234,18 @@ impl Task {
             }
             Input::Forget(member, reply) => {
                 let _ = reply.send(self.node.forget(now, member));
+            }
+            Input::Keyring(op, reply) => {
+                let mut ring = self.node.keyring().clone();
+                let result = match op {
+                    None => Ok(()),
+                    Some(op) => ring.apply(&op).map(|()| {
+                        tracing::info!(?op, "gossip keyring changed");
+                        self.keyring_gen += 1;
+                        self.node.set_keyring(ring.clone());
+                    }),
+                };
+                let _ = reply.send(result.map(|()| (self.keyring_gen, ring)));
             }
         }
     }

@@ -17,6 +17,11 @@ pub fn start_with(dir: &Path, ip: &str, extra: &str) -> Agent {
     Agent::start(Path::new(env!("CARGO_BIN_EXE_patina")), dir, ip, extra).expect("start patina")
 }
 
+/// A gossip key for tests (`gossip.encrypt`): 32 bytes in base64.
+pub const GOSSIP_KEY: &str = "cGF0aW5hLXRlc3QtZ29zc2lwLWtleS0zMi1ieXRlcyE=";
+/// Another one: of another cluster, or an attacker's.
+pub const OTHER_GOSSIP_KEY: &str = "YW5vdGhlci1jbHVzdGVyLWdvc3NpcC1rZXktMzItYiE=";
+
 /// The gossip port of the agents of a loopback region (each agent has an IP of its own).
 pub const GOSSIP_PORT: u16 = 7946;
 

@@ -1,0 +1,190 @@
+//! `Admin.Keyring`: a keyring operation applied on this agent, written to its keyring file,
+//! then sent to every active member (each applies it to itself and answers for itself), as
+//! `consul keyring` does. A refusal here changes nothing anywhere.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use patina_proto::v1::admin_client::AdminClient;
+use patina_proto::v1::{
+    KeyInfo, KeyringAgent, KeyringOp as WireOp, KeyringRequest, KeyringResponse, KeyringState,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tonic::Status;
+
+use super::checks::peer_endpoint;
+use super::{Gossip, Input, write_keyring};
+use crate::identity::Identity;
+use crate::keyring::{GossipKey, Keyring, KeyringError, KeyringOp};
+use crate::node::MemberState;
+
+/// How long each member gets to answer.
+const MEMBER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Members asked at once.
+const MEMBER_CONCURRENCY: usize = 32;
+
+/// The operation a request asks for (`None`: list), or INVALID_ARGUMENT.
+fn parse(req: &KeyringRequest) -> Result<Option<KeyringOp>, Status> {
+    let op = WireOp::try_from(req.op)
+        .map_err(|_| Status::invalid_argument(format!("unknown keyring op {}", req.op)))?;
+    let key = || GossipKey::parse(&req.key).map_err(|e| Status::invalid_argument(e.to_string()));
+    Ok(match op {
+        WireOp::KeyringList => None,
+        WireOp::KeyringInstall => Some(KeyringOp::Install(key()?)),
+        WireOp::KeyringUse => Some(KeyringOp::Use(key()?)),
+        WireOp::KeyringRemove => Some(KeyringOp::Remove(key()?)),
+        WireOp::KeyringAcceptPlaintext => Some(KeyringOp::AcceptPlaintext(true)),
+        WireOp::KeyringRefusePlaintext => Some(KeyringOp::AcceptPlaintext(false)),
+        WireOp::KeyringStopSealing => Some(KeyringOp::StopSealing),
+    })
+}
+
+pub(super) fn state(ring: &Keyring) -> KeyringState {
+    KeyringState {
+        keys: ring
+            .keys()
+            .iter()
+            .map(|k| KeyInfo {
+                fingerprint: k.fingerprint(),
+                in_use: ring.primary() == Some(k),
+            })
+            .collect(),
+        accepts_plaintext: ring.accepts_plaintext(),
+    }
+}
+
+/// The keyring as this agent's node holds it now.
+pub(super) async fn current(gossip: &Gossip) -> Option<Keyring> {
+    let (tx, rx) = oneshot::channel();
+    gossip.inputs.send(Input::Keyring(None, tx)).await.ok()?;
+    rx.await.ok()?.ok().map(|(_, ring)| ring)
+}
+
+/// Apply `op` on this agent and write the keyring file (changes in the order the node
+/// made them: an older generation never overwrites a newer one).
+async fn apply_here(gossip: &Gossip, op: Option<KeyringOp>) -> Result<Keyring, Status> {
+    let (tx, rx) = oneshot::channel();
+    let gone = || Status::unavailable("gossip stopped");
+    gossip
+        .inputs
+        .send(Input::Keyring(op.clone(), tx))
+        .await
+        .map_err(|_| gone())?;
+    let (generation, ring) = rx.await.map_err(|_| gone())?.map_err(refusal)?;
+    if op.is_some() {
+        let path = gossip.keyring_file.clone();
+        let saved = gossip.keyring_saved.clone();
+        let to_write = ring.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut last = saved.lock().expect("keyring generation");
+            if generation > *last {
+                write_keyring(&path, &to_write)?;
+                *last = generation;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "the keyring changed but could not be written (it is lost at restart): {e}"
+            ))
+        })?;
+    }
+    Ok(ring)
+}
+
+fn refusal(e: KeyringError) -> Status {
+    match e {
+        KeyringError::BadKey => Status::invalid_argument(e.to_string()),
+        _ => Status::failed_precondition(e.to_string()),
+    }
+}
+
+pub(super) async fn keyring(
+    gossip: &Gossip,
+    req: KeyringRequest,
+) -> Result<KeyringResponse, Status> {
+    let op = parse(&req)?;
+    let here = apply_here(gossip, op).await?;
+    let snap = gossip
+        .snapshot()
+        .await
+        .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+    let mut agents = vec![KeyringAgent {
+        member: snap.me.addr.to_string(),
+        api_address: snap.me.api_addr().to_string(),
+        ok: true,
+        error: String::new(),
+        keyring: Some(state(&here)),
+    }];
+    if req.local_only {
+        return Ok(KeyringResponse { agents });
+    }
+    let members: Vec<Identity> = snap
+        .members
+        .iter()
+        .filter(|m| m.state != MemberState::Down)
+        .map(|m| m.identity)
+        .collect();
+    let forward = KeyringRequest {
+        local_only: true,
+        ..req
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MEMBER_CONCURRENCY));
+    let mut asks = JoinSet::new();
+    for (i, member) in members.into_iter().enumerate() {
+        let (dial, slots, forward, advertised) = (
+            gossip.dial.clone(),
+            slots.clone(),
+            forward.clone(),
+            gossip.advertised,
+        );
+        asks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            let answer = tokio::time::timeout(MEMBER_TIMEOUT, async {
+                let endpoint = peer_endpoint(advertised, member, MEMBER_TIMEOUT)
+                    .map_err(|e| e.to_string())?
+                    .timeout(MEMBER_TIMEOUT);
+                let channel = dial.connect(endpoint).await.map_err(|e| e.to_string())?;
+                AdminClient::new(channel)
+                    .keyring(forward)
+                    .await
+                    .map_err(|s| format!("{}: {}", s.code(), s.message()))
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+            let agent = match answer {
+                Ok(r) => {
+                    let mut r = r.into_inner();
+                    match r.agents.drain(..).next() {
+                        Some(a) => a,
+                        None => failed(member, "an empty answer".into()),
+                    }
+                }
+                Err(e) => failed(member, e),
+            };
+            (i, agent)
+        });
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = asks.join_next().await {
+        if let Ok(a) = done {
+            answers.push(a);
+        }
+    }
+    answers.sort_by_key(|(i, _)| *i);
+    agents.extend(answers.into_iter().map(|(_, a)| a));
+    Ok(KeyringResponse { agents })
+}
+
+fn failed(member: Identity, error: String) -> KeyringAgent {
+    KeyringAgent {
+        member: member.addr.to_string(),
+        api_address: member.api_addr().to_string(),
+        ok: false,
+        error,
+        keyring: None,
+    }
+}
