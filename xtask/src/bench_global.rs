@@ -273,7 +273,7 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     const REGIONS: usize = 10;
     let before = rss_bytes();
     let opts = StoreOptions {
-        kind: Arc::new(patina_global::SummaryKind),
+        kind: Arc::new(patina_global::SummaryKind::default()),
         ..StoreOptions::default()
     };
     let store = Store::open(dir, opts)?;
@@ -293,6 +293,7 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
             healthy: (i % 4) as u32,
             total: 3,
             view_hlc: view,
+            signature: Vec::new(),
         }
         .encode_to_vec();
         batch.push(LocalWrite::Put {

@@ -21,6 +21,9 @@ pub struct Replica {
     /// one per heartbeat record, so bounded by the snapshot.
     snapshot: Option<std::collections::HashSet<u64>>,
     token: String,
+    /// Signature checks on what arrives (`None`: taken as it comes, from a store that
+    /// checked it already, or where TLS is off).
+    checks: Option<crate::signed::EdgeChecks>,
 }
 
 impl Replica {
@@ -29,7 +32,25 @@ impl Replica {
             table,
             snapshot: None,
             token: String::new(),
+            checks: None,
         }
+    }
+
+    /// A replica that takes a heartbeat or summary only when its bridge signed it (see
+    /// [`crate::signed::EdgeChecks`]); what fails is dropped and the table keeps what it held.
+    pub fn checked(table: Arc<Table>, checks: crate::signed::EdgeChecks) -> Replica {
+        Replica {
+            checks: Some(checks),
+            ..Replica::new(table)
+        }
+    }
+
+    /// Records refused for want of a signature, and for a bad one (wrong key, another
+    /// region's bridge, an untrusted certificate).
+    pub fn refused(&self) -> (u64, u64) {
+        self.checks
+            .as_ref()
+            .map_or((0, 0), |c| (c.refused_unsigned, c.refused_bad))
     }
 
     pub fn table(&self) -> &Arc<Table> {
@@ -49,6 +70,12 @@ impl Replica {
         }
         // Heartbeats first: a summary is checked against its bridge's region.
         for b in &msg.bridges {
+            if let Some(checks) = &mut self.checks
+                && let Err(why) = checks.bridge(b)
+            {
+                tracing::warn!(bridge = %format_args!("{:016x}", b.bridge), region = %b.region.escape_debug(), %why, "refused a bridge heartbeat: keeping the last good state");
+                continue;
+            }
             if b.removed {
                 self.table.remove_bridge(b.bridge);
                 continue;
@@ -66,6 +93,12 @@ impl Replica {
             }
         }
         for s in &msg.summaries {
+            if let Some(checks) = &mut self.checks
+                && let Err(why) = checks.summary(s)
+            {
+                tracing::warn!(app = %s.app.escape_debug(), region = %s.region.escape_debug(), %why, "refused a summary: keeping the last good state");
+                continue;
+            }
             if s.removed {
                 self.table.remove_summary(&s.app, &s.region);
                 continue;
@@ -154,11 +187,27 @@ impl Drop for Edge {
 /// starting at a random one, keeping `table` current; on failures, the next.
 /// Runs on the current tokio runtime until the returned [`Edge`] is dropped.
 /// `dial`: TLS with the proxy's certificate, expecting agents of the global cluster (or
-/// plaintext where TLS is off).
+/// plaintext where TLS is off). With TLS, every heartbeat and summary is checked against the
+/// CA bundle before it is taken: its bridge's certificate must name its region in the
+/// global cluster the dial expects (`global` when it names none), and its signature must
+/// hold ([`crate::signed`]).
 pub fn follow(servers: Vec<String>, table: Arc<Table>, dial: patina_trust::Dial) -> Edge {
     let (tx, synced) = watch::channel(false);
     let (following_tx, following) = watch::channel(String::new());
-    let replica = Replica::new(table.clone());
+    let replica = match &dial {
+        patina_trust::Dial::Plain => Replica::new(table.clone()),
+        patina_trust::Dial::Tls { trust, scope } => {
+            let scope = scope
+                .as_deref()
+                .cloned()
+                .unwrap_or_else(|| patina_trust::Scope::new(patina_trust::Tier::Global, "global"));
+            let verifier = Arc::new(patina_trust::Verifier::new(trust.clone()));
+            Replica::checked(
+                table.clone(),
+                crate::signed::EdgeChecks::new(verifier, scope),
+            )
+        }
+    };
     let task = tokio::spawn(run(servers, replica, tx, following_tx, dial));
     Edge {
         table,

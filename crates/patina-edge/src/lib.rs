@@ -23,12 +23,14 @@
 //! - [`regions`]: the region table (coordinates, measured round trips) and the order it gives;
 //! - [`table`]: the compact replica lookups read (about 12 bytes a summary plus the app's
 //!   name), with per-region freshness from the bridges' heartbeats;
-//! - [`follow`]: keeping it current through `patina.v1.Global.WatchApps`.
+//! - [`follow`]: keeping it current through `patina.v1.Global.WatchApps`;
+//! - [`signed`]: what bridges sign, and the checks an edge makes before it takes a record.
 
 #![forbid(unsafe_code)]
 
 pub mod follow;
 pub mod regions;
+pub mod signed;
 pub mod table;
 
 pub use follow::{Edge, Replica, follow};

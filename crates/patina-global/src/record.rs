@@ -7,19 +7,33 @@
 //!   It is the bridge's registration too: a bridge's region is fixed by its first heartbeat,
 //!   and a summary is accepted from a peer only when its origin's heartbeat names the
 //!   summary's region.
+//! - A bridge's certificate: key `_bridgecert/ORIGIN`, group `_bridges`, value
+//!   `patina.v1.BridgeCertRecord`. With TLS on ([`SummaryKind::signed`]), a peer's heartbeat
+//!   and summaries are taken only when signed with the key of that certificate, which must
+//!   chain to the operator's CA and name a bridge of their region (see
+//!   [`patina_edge::signed`]). Deletions are not signed: a faulty global agent can withdraw
+//!   a summary, never make one up.
 //!
 //! Which summary of a key stands: the one made from the newer region view (its `view_hlc`),
 //! then the higher version. So a bridge that publishes late what it saw early loses to one
 //! that saw more recently, whichever published last.
 
+use std::sync::Arc;
+
 use patina_edge::is_dns_label;
-use patina_proto::v1::{BridgeRecord, SummaryRecord};
+use patina_edge::signed::{bridge_of, heartbeat_message, summary_message};
+use patina_proto::v1::{BridgeCertRecord, BridgeRecord, SummaryRecord};
 use patina_store::{Candidate, Entry, Flags, Hlc, Kind, NodeId};
+use patina_trust::{Scope, Verifier};
 use prost::Message;
 
-/// The group of bridges' heartbeats (not a DNS label, so no app can take it).
+/// The group of bridges' heartbeats and certificates (not a DNS label, so no app can take
+/// it).
 pub const BRIDGES_GROUP: &str = "_bridges";
 const BRIDGE_PREFIX: &str = "_bridge/";
+const CERT_PREFIX: &str = "_bridgecert/";
+/// Largest stored certificate record.
+pub const MAX_CERT_VALUE_BYTES: usize = patina_trust::signing::MAX_CERTIFICATE + 16;
 
 /// Largest stored summary or heartbeat value: a few fields; anything larger is refused.
 pub const MAX_VALUE_BYTES: usize = 256;
@@ -32,6 +46,7 @@ pub const MAX_INSTANCES: u32 = patina_edge::table::MAX_INSTANCES;
 pub enum Key<'a> {
     Summary { app: &'a str, region: &'a str },
     Bridge(NodeId),
+    BridgeCert(NodeId),
 }
 
 pub fn summary_key(app: &str, region: &str) -> String {
@@ -42,19 +57,29 @@ pub fn bridge_key(bridge: NodeId) -> String {
     format!("{BRIDGE_PREFIX}{:016x}", bridge.0)
 }
 
+pub fn bridge_cert_key(bridge: NodeId) -> String {
+    format!("{CERT_PREFIX}{:016x}", bridge.0)
+}
+
+/// Sixteen lowercase hex digits.
+fn node_hex(hex: &str) -> Option<NodeId> {
+    if hex.len() != 16
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok().map(NodeId)
+}
+
 /// Parse a record key; `None` for anything else.
 pub fn parse_key(key: &str) -> Option<Key<'_>> {
     if let Some(hex) = key.strip_prefix(BRIDGE_PREFIX) {
-        if hex.len() != 16
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-        {
-            return None;
-        }
-        return u64::from_str_radix(hex, 16)
-            .ok()
-            .map(|n| Key::Bridge(NodeId(n)));
+        return node_hex(hex).map(Key::Bridge);
+    }
+    if let Some(hex) = key.strip_prefix(CERT_PREFIX) {
+        return node_hex(hex).map(Key::BridgeCert);
     }
     let (app, region) = key.split_once('/')?;
     (is_dns_label(app) && is_dns_label(region)).then_some(Key::Summary { app, region })
@@ -106,9 +131,56 @@ pub fn decode_bridge(value: &[u8]) -> Result<BridgeRecord, String> {
     Ok(b)
 }
 
-/// The rules of the global tier's records.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SummaryKind;
+/// Decode a certificate record.
+pub fn decode_cert(value: &[u8]) -> Result<BridgeCertRecord, String> {
+    if value.len() > MAX_CERT_VALUE_BYTES {
+        return Err(format!(
+            "a certificate record of {} bytes, at most {MAX_CERT_VALUE_BYTES}",
+            value.len()
+        ));
+    }
+    BridgeCertRecord::decode(value).map_err(|e| format!("not a certificate record: {e}"))
+}
+
+/// The rules of the global tier's records. [`SummaryKind::signed`] also checks bridges'
+/// signatures (TLS on); the default takes unsigned records (TLS off).
+#[derive(Clone, Debug, Default)]
+pub struct SummaryKind {
+    signed: Option<Signed>,
+}
+
+/// What signatures are checked against: the CA bundle, and the global cluster whose bridges
+/// may sign.
+#[derive(Clone, Debug)]
+struct Signed {
+    verifier: Arc<Verifier>,
+    scope: Scope,
+}
+
+impl SummaryKind {
+    /// Rules that take a peer's heartbeat or summary only when a bridge of its region in
+    /// `scope` (the global cluster) signed it.
+    pub fn signed(verifier: Arc<Verifier>, scope: Scope) -> SummaryKind {
+        SummaryKind {
+            signed: Some(Signed { verifier, scope }),
+        }
+    }
+
+    /// The certificate `origin` published, vouched for as a bridge of `region`.
+    fn signer(
+        &self,
+        s: &Signed,
+        origin: NodeId,
+        region: &str,
+        held: &dyn Fn(&str) -> Option<Entry>,
+    ) -> Result<Arc<patina_trust::Vouched>, String> {
+        let cert = held(&bridge_cert_key(origin))
+            .and_then(|e| e.value().map(<[u8]>::to_vec))
+            .ok_or("a signed record from an origin with no bridge certificate (yet)")?;
+        let cert = decode_cert(&cert)?.certificate;
+        bridge_of(&s.verifier, &s.scope, &cert, region)
+    }
+}
 
 impl Kind for SummaryKind {
     fn name(&self) -> &'static str {
@@ -143,6 +215,12 @@ impl Kind for SummaryKind {
                 }
                 value.map_or(Ok(()), |v| check_view(decode_bridge(v)?.view_hlc))
             }
+            Some(Key::BridgeCert(_)) => {
+                if group != BRIDGES_GROUP {
+                    return Err("a certificate outside the bridges' group".into());
+                }
+                value.map_or(Ok(()), |v| decode_cert(v).map(|_| ()))
+            }
             None => Err("a key that is neither APP/REGION nor a bridge's".into()),
         }
     }
@@ -159,24 +237,85 @@ impl Kind for SummaryKind {
             decode_bridge(e.value()?).ok().map(|b| b.region)
         };
         match parse_key(key) {
-            Some(Key::Summary { region, .. }) => match registered(origin) {
-                Some(r) if r == region => Ok(()),
-                Some(r) => Err(format!(
-                    "a bridge of region {r} published for region {region}: refused"
-                )),
-                None => Err("a summary from an origin with no bridge heartbeat (yet)".into()),
-            },
+            Some(Key::Summary { app, region }) => {
+                match registered(origin) {
+                    Some(r) if r == region => {}
+                    Some(r) => {
+                        return Err(format!(
+                            "a bridge of region {r} published for region {region}: refused"
+                        ));
+                    }
+                    None => {
+                        return Err(
+                            "a summary from an origin with no bridge heartbeat (yet)".into()
+                        );
+                    }
+                }
+                let (Some(s), Some(v)) = (&self.signed, value) else {
+                    return Ok(());
+                };
+                let summary = decode_summary(v)?;
+                let signer = self.signer(s, origin, region, held)?;
+                let message = summary_message(
+                    app,
+                    region,
+                    summary.healthy,
+                    summary.total,
+                    summary.view_hlc,
+                );
+                signer
+                    .verify(&message, &summary.signature)
+                    .map_err(|e| format!("summary {app}/{region}: {e}"))
+            }
             Some(Key::Bridge(bridge)) => {
                 if bridge != origin {
                     return Err("a heartbeat written for another bridge".into());
                 }
                 let Some(v) = value else { return Ok(()) };
-                let region = decode_bridge(v)?.region;
+                let heartbeat = decode_bridge(v)?;
+                let region = &heartbeat.region;
                 match registered(bridge) {
-                    Some(r) if r != region => Err(format!(
-                        "a bridge of region {r} now claims region {region}: a bridge's region is fixed"
+                    Some(r) if r != *region => {
+                        return Err(format!(
+                            "a bridge of region {r} now claims region {region}: a bridge's region is fixed"
+                        ));
+                    }
+                    _ => {}
+                }
+                let Some(s) = &self.signed else { return Ok(()) };
+                let signer = self.signer(s, origin, region, held)?;
+                signer
+                    .verify(
+                        &heartbeat_message(origin.0, region, heartbeat.view_hlc),
+                        &heartbeat.signature,
+                    )
+                    .map_err(|e| format!("heartbeat: {e}"))
+            }
+            Some(Key::BridgeCert(bridge)) => {
+                if bridge != origin {
+                    return Err("a certificate written for another bridge".into());
+                }
+                let (Some(s), Some(v)) = (&self.signed, value) else {
+                    return Ok(());
+                };
+                let cert = decode_cert(v)?.certificate;
+                let vouched = s.verifier.vouched(&cert).map_err(|e| e.to_string())?;
+                let mut regions = vouched.principal.bridge_regions(&s.scope);
+                match (registered(bridge), regions.next()) {
+                    (_, None) => Err(format!(
+                        "a certificate ({}) that names no bridge of this cluster",
+                        vouched.principal.name
                     )),
-                    _ => Ok(()),
+                    (Some(r), Some(first)) => {
+                        if first == r || regions.any(|x| x == r) {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "a certificate for a bridge of region {r} that does not name it"
+                            ))
+                        }
+                    }
+                    (None, Some(_)) => Ok(()),
                 }
             }
             None => Err("unknown key".into()),
@@ -242,6 +381,7 @@ mod tests {
             healthy,
             total,
             view_hlc: view,
+            signature: Vec::new(),
         }
         .encode_to_vec()
     }
@@ -256,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_deletion_is_stamped_a_minute_before_it_was_written() {
-        let kind = SummaryKind;
+        let kind = SummaryKind::default();
         let ms = |m: u64| Hlc::from_physical_ms(m).0;
         let written = 1_700_000_000_000;
         let deletion = Candidate {
@@ -322,7 +462,7 @@ mod tests {
 
     #[test]
     fn the_newer_view_wins_whoever_published_last() {
-        let k = SummaryKind;
+        let k = SummaryKind::default();
         let early = summary("ord", 1, 1, 100);
         let late = summary("ord", 0, 1, 200);
         // The early view published later (higher hlc, higher seq) still loses.
@@ -360,7 +500,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        let k = SummaryKind;
+        let k = SummaryKind::default();
         assert!(
             k.check("web/ord", "web", Some(&summary("ord", 1, 2, 1)))
                 .is_ok()
@@ -382,6 +522,7 @@ mod tests {
         let hb = BridgeRecord {
             region: "ord".into(),
             view_hlc: 1,
+            signature: Vec::new(),
         }
         .encode_to_vec();
         assert!(
@@ -393,5 +534,194 @@ mod tests {
         assert!(!k.flags(&summary("ord", 0, 2, 1)).routable);
         assert!(k.flags(&summary("ord", 1, 2, 1)).routable);
         assert!(!k.flags(&hb).routable);
+    }
+
+    mod signed {
+        use std::collections::BTreeMap;
+        use std::time::Duration;
+
+        use patina_trust::certs::Authority;
+        use patina_trust::{Grant, Material, Role, Scope, Tier, Trust, Verifier};
+
+        use super::*;
+
+        fn material(ca: &Authority, grants: Vec<Grant>) -> Material {
+            ca.issue_set(grants, Duration::from_secs(3600)).unwrap()
+        }
+
+        fn bridge(ca: &Authority, region: &str) -> Material {
+            material(
+                ca,
+                vec![Grant::new(
+                    Tier::Global,
+                    "global",
+                    Role::Bridge(region.into()),
+                )],
+            )
+        }
+
+        /// A store's view: key -> (origin, value).
+        #[derive(Default)]
+        struct Held(BTreeMap<String, (NodeId, Vec<u8>)>);
+
+        impl Held {
+            fn put(&mut self, origin: NodeId, key: &str, value: Vec<u8>) {
+                self.0.insert(key.to_owned(), (origin, value));
+            }
+
+            fn check(
+                &self,
+                kind: &SummaryKind,
+                origin: NodeId,
+                key: &str,
+                v: &[u8],
+            ) -> Result<(), String> {
+                let held = |k: &str| {
+                    self.0.get(k).map(|(o, v)| {
+                        let version = patina_store::Version {
+                            hlc: Hlc(1),
+                            origin: *o,
+                            seq: 1,
+                        };
+                        Entry::new(k, BRIDGES_GROUP, Some(v), Flags::default(), version, 1)
+                    })
+                };
+                let group = match parse_key(key) {
+                    Some(Key::Summary { app, .. }) => app.to_owned(),
+                    _ => BRIDGES_GROUP.to_owned(),
+                };
+                kind.check(key, &group, Some(v))?;
+                kind.check_held(origin, key, Some(v), &held)
+            }
+        }
+
+        fn cert_record(m: &Material) -> Vec<u8> {
+            BridgeCertRecord {
+                certificate: m.certificate().to_vec(),
+            }
+            .encode_to_vec()
+        }
+
+        fn heartbeat(m: Option<&Material>, origin: NodeId, region: &str, view: u64) -> Vec<u8> {
+            let message = heartbeat_message(origin.0, region, view);
+            BridgeRecord {
+                region: region.into(),
+                view_hlc: view,
+                signature: m.map(|m| m.sign(&message).unwrap()).unwrap_or_default(),
+            }
+            .encode_to_vec()
+        }
+
+        fn summary(m: &Material, app: &str, region: &str, healthy: u32, view: u64) -> Vec<u8> {
+            SummaryRecord {
+                region: region.into(),
+                healthy,
+                total: healthy,
+                view_hlc: view,
+                signature: m
+                    .sign(&summary_message(app, region, healthy, healthy, view))
+                    .unwrap(),
+            }
+            .encode_to_vec()
+        }
+
+        #[test]
+        fn only_what_a_bridge_of_the_region_signed_is_taken() {
+            let ca = Authority::generate("ca", Duration::from_secs(3600)).unwrap();
+            let other_ca = Authority::generate("other", Duration::from_secs(3600)).unwrap();
+            let agent = material(&ca, vec![Grant::new(Tier::Global, "global", Role::Agent)]);
+            let kind = SummaryKind::signed(
+                Arc::new(Verifier::new(Trust::fixed(agent))),
+                Scope::new(Tier::Global, "global"),
+            );
+            let (ord, fra) = (bridge(&ca, "ord"), bridge(&ca, "fra"));
+            let (o, f) = (NodeId(1), NodeId(2));
+            let view = Hlc::from_physical_ms(1_000).0;
+            let mut held = Held::default();
+
+            // The ord bridge: its certificate, its signed heartbeat, its signed summary.
+            let cert = cert_record(&ord);
+            assert_eq!(held.check(&kind, o, &bridge_cert_key(o), &cert), Ok(()));
+            held.put(o, &bridge_cert_key(o), cert);
+            let hb = heartbeat(Some(&ord), o, "ord", view);
+            assert_eq!(held.check(&kind, o, &bridge_key(o), &hb), Ok(()));
+            held.put(o, &bridge_key(o), hb);
+            let good = summary(&ord, "web", "ord", 3, view);
+            assert_eq!(held.check(&kind, o, "web/ord", &good), Ok(()));
+
+            // Unsigned, or signed over other counts: refused.
+            let mut unsigned = decode_summary(&good).unwrap();
+            unsigned.signature.clear();
+            assert!(
+                held.check(&kind, o, "web/ord", &unsigned.encode_to_vec())
+                    .is_err()
+            );
+            let mut inflated = decode_summary(&good).unwrap();
+            inflated.healthy = 9;
+            inflated.total = 9;
+            assert!(
+                held.check(&kind, o, "web/ord", &inflated.encode_to_vec())
+                    .is_err()
+            );
+            assert!(
+                held.check(&kind, o, &bridge_key(o), &heartbeat(None, o, "ord", view))
+                    .is_err()
+            );
+            // A valid summary replayed under another key (another app): refused.
+            let err = held
+                .check(&kind, o, "api/ord", &summary(&ord, "web", "ord", 3, view))
+                .unwrap_err();
+            assert!(err.contains("signature"), "{err}");
+            // The heartbeat of origin 1 carried by another origin: refused.
+            held.put(f, &bridge_cert_key(f), cert_record(&ord));
+            assert!(
+                held.check(
+                    &kind,
+                    f,
+                    &bridge_key(f),
+                    &heartbeat(Some(&ord), o, "ord", view)
+                )
+                .is_err()
+            );
+
+            // Another region's bridge signing for ord, under an origin registered for ord:
+            // its certificate does not name ord.
+            let n = NodeId(3);
+            held.put(n, &bridge_key(n), heartbeat(None, n, "ord", 0));
+            let err = held
+                .check(&kind, n, &bridge_cert_key(n), &cert_record(&fra))
+                .unwrap_err();
+            assert!(err.contains("does not name"), "{err}");
+            held.put(n, &bridge_cert_key(n), cert_record(&fra));
+            let err = held
+                .check(&kind, n, "web/ord", &summary(&fra, "web", "ord", 3, view))
+                .unwrap_err();
+            assert!(
+                err.contains("does not name a bridge of region ord"),
+                "{err}"
+            );
+            // A certificate of another CA, or of an agent (no bridge grant): refused.
+            let m = NodeId(4);
+            let stranger = bridge(&other_ca, "ord");
+            assert!(
+                held.check(&kind, m, &bridge_cert_key(m), &cert_record(&stranger))
+                    .is_err()
+            );
+            let not_a_bridge = material(&ca, vec![Grant::new(Tier::Global, "global", Role::Agent)]);
+            assert!(
+                held.check(&kind, m, &bridge_cert_key(m), &cert_record(&not_a_bridge))
+                    .is_err()
+            );
+            // Without TLS (the default kind), unsigned records pass as before.
+            assert_eq!(
+                held.check(
+                    &SummaryKind::default(),
+                    o,
+                    "web/ord",
+                    &unsigned.encode_to_vec()
+                ),
+                Ok(())
+            );
+        }
     }
 }

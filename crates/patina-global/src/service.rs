@@ -15,7 +15,9 @@ use patina_store::{Entry, Store, WatchItem};
 use tokio::sync::{Semaphore, watch};
 use tonic::{Request, Response, Status};
 
-use crate::record::{Key, decode_bridge, decode_summary, parse_key};
+use crate::record::{
+    Key, bridge_cert_key, bridge_key, decode_bridge, decode_cert, decode_summary, parse_key,
+};
 
 /// Most summaries and heartbeats in one WatchApps message.
 const WATCH_BATCH: usize = 1024;
@@ -53,7 +55,34 @@ enum Shown {
     Bridge(BridgeState),
 }
 
-fn show(e: &Entry) -> Option<Shown> {
+/// A bridge's heartbeat as WatchApps shows it, with the certificate its origin published
+/// (so that an edge can check the signatures itself).
+fn bridge_state(
+    store: &Store,
+    node: patina_store::NodeId,
+    heartbeat: Option<&[u8]>,
+) -> Option<BridgeState> {
+    let mut b = BridgeState {
+        bridge: node.0,
+        removed: true,
+        ..BridgeState::default()
+    };
+    if let Some(v) = heartbeat {
+        let r = decode_bridge(v).ok()?;
+        b.region = r.region;
+        b.view_hlc = r.view_hlc;
+        b.signature = r.signature;
+        b.removed = false;
+        b.certificate = store
+            .get_live(&bridge_cert_key(node))
+            .and_then(|c| c.value().and_then(|v| decode_cert(v).ok()))
+            .map(|c| c.certificate)
+            .unwrap_or_default();
+    }
+    Some(b)
+}
+
+fn show(store: &Store, e: &Entry) -> Option<Shown> {
     let origin = e.version().origin.0;
     match parse_key(e.key())? {
         Key::Summary { app, region } => {
@@ -70,30 +99,23 @@ fn show(e: &Entry) -> Option<Shown> {
                 s.healthy = r.healthy;
                 s.total = r.total;
                 s.view_hlc = r.view_hlc;
+                s.signature = r.signature;
                 s.removed = false;
             }
             Some(Shown::Summary(s))
         }
-        Key::Bridge(node) => {
-            let mut b = BridgeState {
-                bridge: node.0,
-                removed: true,
-                ..BridgeState::default()
-            };
-            if let Some(v) = e.value() {
-                let r = decode_bridge(v).ok()?;
-                b.region = r.region;
-                b.view_hlc = r.view_hlc;
-                b.removed = false;
-            }
-            Some(Shown::Bridge(b))
+        Key::Bridge(node) => bridge_state(store, node, e.value()).map(Shown::Bridge),
+        // A new certificate: the bridge's heartbeat again, carrying it.
+        Key::BridgeCert(node) => {
+            let heartbeat = store.get_live(&bridge_key(node))?;
+            bridge_state(store, node, heartbeat.value()).map(Shown::Bridge)
         }
     }
 }
 
-fn fill<'a>(msg: &mut WatchAppsResponse, entries: impl Iterator<Item = &'a Entry>) {
+fn fill<'a>(store: &Store, msg: &mut WatchAppsResponse, entries: impl Iterator<Item = &'a Entry>) {
     for e in entries {
-        match show(e) {
+        match show(store, e) {
             Some(Shown::Summary(s)) => msg.summaries.push(s),
             Some(Shown::Bridge(b)) => msg.bridges.push(b),
             None => {}
@@ -102,14 +124,14 @@ fn fill<'a>(msg: &mut WatchAppsResponse, entries: impl Iterator<Item = &'a Entry
 }
 
 /// One store cursor item as a WatchApps message.
-pub fn watch_apps_response(item: WatchItem) -> WatchAppsResponse {
+pub fn watch_apps_response(store: &Store, item: WatchItem) -> WatchAppsResponse {
     use watch_apps_response::Kind;
     let mut msg = WatchAppsResponse::default();
     match item {
         WatchItem::Snapshot { reset, entries } => {
             msg.kind = Kind::Snapshot as i32;
             msg.reset = reset;
-            fill(&mut msg, entries.iter());
+            fill(store, &mut msg, entries.iter());
         }
         WatchItem::SnapshotDone { token } => {
             msg.kind = Kind::SnapshotDone as i32;
@@ -117,7 +139,7 @@ pub fn watch_apps_response(item: WatchItem) -> WatchAppsResponse {
         }
         WatchItem::Delta { changes, token } => {
             msg.kind = Kind::Delta as i32;
-            fill(&mut msg, changes.iter().map(|c| &c.entry));
+            fill(store, &mut msg, changes.iter().map(|c| &c.entry));
             msg.resume_token = token.to_string();
         }
     }
@@ -130,7 +152,7 @@ pub async fn follow_store(store: Store, table: Arc<Table>) {
     let mut replica = Replica::new(table);
     let mut cursor = store.watch(None, None, WATCH_BATCH);
     while let Some(item) = cursor.next().await {
-        replica.apply(&watch_apps_response(item));
+        replica.apply(&watch_apps_response(&store, item));
     }
 }
 
@@ -189,7 +211,10 @@ impl Global for GlobalService {
                 heartbeat_ms: req.heartbeat_ms,
                 batch: WATCH_BATCH,
             },
-            |item, _| Ok(watch_apps_response(item)),
+            {
+                let store = self.store.clone();
+                move |item, _| Ok(watch_apps_response(&store, item))
+            },
         )?;
         Ok(Response::new(stream))
     }

@@ -19,6 +19,7 @@ fn summary(region: &str, healthy: u32, view: u64) -> Vec<u8> {
         healthy,
         total: healthy,
         view_hlc: view,
+        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -27,6 +28,7 @@ fn heartbeat(region: &str, view: u64) -> Vec<u8> {
     BridgeRecord {
         region: region.into(),
         view_hlc: view,
+        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -40,7 +42,7 @@ fn held(w: &World, i: usize, key: &str) -> Option<u32> {
 #[test]
 fn summaries_for_another_region_and_moved_registrations_are_refused_by_every_peer() {
     let cfg = Config::lan(ClusterName::new("global").unwrap());
-    let mut w = World::with_kind(4, cfg, Net::lan(), 7, Arc::new(SummaryKind));
+    let mut w = World::with_kind(4, cfg, Net::lan(), 7, Arc::new(SummaryKind::default()));
     w.run_for(Duration::from_secs(3));
     let (ord_bridge, fra_bridge) = (2, 3);
     let ord_key = bridge_key(w.node_id(ord_bridge));

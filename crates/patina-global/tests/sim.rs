@@ -158,7 +158,7 @@ impl Sim {
             loss: 0.02,
             duplicate: 0.01,
         };
-        let mut w = World::with_kind(n, cfg, net, seed, Arc::new(SummaryKind));
+        let mut w = World::with_kind(n, cfg, net, seed, Arc::new(SummaryKind::default()));
         let bridges = layout
             .into_iter()
             .enumerate()
@@ -198,6 +198,7 @@ impl Sim {
             let hb = BridgeRecord {
                 region: name.clone(),
                 view_hlc: 0,
+                ..Default::default()
             };
             self.w.write(node, &key, BRIDGES_GROUP, &hb.encode_to_vec());
         }
@@ -324,6 +325,7 @@ impl Sim {
                     healthy: p.counts.healthy,
                     total: p.counts.total,
                     view_hlc: p.view_hlc,
+                    ..Default::default()
                 };
                 let key = summary_key(&p.app, &region);
                 let written = if p.delete {
@@ -343,6 +345,7 @@ impl Sim {
                 let hb = BridgeRecord {
                     region: region.clone(),
                     view_hlc: core.view_hlc(),
+                    ..Default::default()
                 };
                 let key = bridge_key(self.w.node_id(node));
                 self.w.write(node, &key, BRIDGES_GROUP, &hb.encode_to_vec());

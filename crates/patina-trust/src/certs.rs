@@ -1,5 +1,6 @@
 //! Certificates for small deployments and tests (`patina certs`, `patina dev`): a CA, and
-//! leaves it issues with Patina's grants. Keys are ECDSA P-256. Large deployments issue from
+//! leaves it issues with Patina's grants. Keys are ECDSA P-256, but a bridge's (which signs
+//! summaries) is Ed25519. Large deployments issue from
 //! their own PKI; all Patina needs of a certificate is its chain and its URIs
 //! ([`crate::principal`]).
 
@@ -22,6 +23,8 @@ pub enum CertError {
     Time(String),
     #[error("the CA files do not parse: {0}")]
     Ca(String),
+    #[error("the issued set does not load: {0}")]
+    Material(String),
 }
 
 /// A certificate authority that can issue leaves.
@@ -105,11 +108,37 @@ impl Authority {
         self.key.serialize_pem()
     }
 
+    /// Issue a leaf with `grants`, valid from now for `valid_for`, and load it as a set that
+    /// trusts this CA alone (tests and tools).
+    pub fn issue_set(
+        &self,
+        grants: Vec<Grant>,
+        valid_for: Duration,
+    ) -> Result<crate::Material, CertError> {
+        let issued = self.issue(&Leaf {
+            name: "patina".into(),
+            grants,
+            valid_for,
+            ..Leaf::default()
+        })?;
+        crate::Material::from_pem(&self.cert_pem, &issued.cert_pem, &issued.key_pem)
+            .map_err(|e| CertError::Material(e.to_string()))
+    }
+
     /// Issue a leaf for client and server authentication, with a fresh key.
     pub fn issue(&self, leaf: &Leaf) -> Result<Issued, CertError> {
         let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)
             .map_err(|e| CertError::Ca(e.to_string()))?;
-        let key = KeyPair::generate()?;
+        // A bridge signs what it publishes: Ed25519, short and fast to check everywhere.
+        let bridge = leaf
+            .grants
+            .iter()
+            .any(|g| matches!(g.role, crate::principal::Role::Bridge(_)));
+        let key = if bridge {
+            KeyPair::generate_for(&rcgen::PKCS_ED25519)?
+        } else {
+            KeyPair::generate()?
+        };
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params

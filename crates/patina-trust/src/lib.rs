@@ -8,9 +8,11 @@ pub mod material;
 pub mod principal;
 pub mod reload;
 pub mod server;
+pub mod signing;
 
 pub use client::Dial;
 pub use material::{Material, MaterialError, Paths};
 pub use principal::{Grant, Need, Principal, Role, Scope, Tier};
 pub use reload::Trust;
 pub use server::{AuthorizeLayer, PeerInfo, TlsIncoming};
+pub use signing::{SignError, Verifier, Vouched};

@@ -77,6 +77,12 @@ pub struct Material {
     pub cas: usize,
     /// A hash of what it was made from: tells a changed set from the same one read again.
     pub source: u64,
+    /// This set's own certificate, and its key for signing (a bridge's summaries).
+    pub(crate) cert: CertificateDer<'static>,
+    pub(crate) signing: Arc<dyn rustls::sign::SigningKey>,
+    /// The CA bundle, for certificates met outside a handshake (a bridge's, on a record).
+    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) algs: WebPkiSupportedAlgorithms,
 }
 
 impl std::fmt::Debug for Material {
@@ -131,6 +137,22 @@ impl Material {
         Ok(m)
     }
 
+    /// Check and assemble a set from PEM text (as [`crate::certs`] makes it).
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Material, MaterialError> {
+        let certs = |pem: &str, what: &str| {
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| MaterialError::Config(format!("{what}: {e}")))
+        };
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes())
+            .map_err(|e| MaterialError::Config(format!("the key: {e}")))?;
+        let (cas, chain) = (certs(ca, "the CA")?, certs(cert, "the certificate")?);
+        if cas.is_empty() || chain.is_empty() {
+            return Err(MaterialError::Config("no certificate in the PEM".into()));
+        }
+        Material::from_parts(cas, chain, key)
+    }
+
     /// Check and assemble a set already read.
     pub fn from_parts(
         cas: Vec<CertificateDer<'static>>,
@@ -169,6 +191,11 @@ impl Material {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| MaterialError::Config(e.to_string()))?;
         server.alpn_protocols = vec![b"h2".to_vec()];
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| MaterialError::Config(e.to_string()))?;
+        let cert = chain[0].clone();
         let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| MaterialError::Config(e.to_string()))?
@@ -184,6 +211,10 @@ impl Material {
             ca_not_after,
             cas: cas.len(),
             source: 0,
+            cert,
+            signing,
+            roots,
+            algs: provider.signature_verification_algorithms,
         })
     }
 }
@@ -192,13 +223,13 @@ impl Material {
 /// address, and what it needs of the server is its grant, which the caller checks on the
 /// finished connection ([`crate::client`]).
 #[derive(Debug)]
-struct PeerVerifier {
-    roots: Arc<RootCertStore>,
-    algs: WebPkiSupportedAlgorithms,
+pub(crate) struct PeerVerifier {
+    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) algs: WebPkiSupportedAlgorithms,
 }
 
 impl PeerVerifier {
-    fn check_chain(
+    pub(crate) fn check_chain(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],

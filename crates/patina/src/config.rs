@@ -393,7 +393,7 @@ impl StoreConfig {
 
     /// Store options for a global agent's (or bridge's) store of summaries.
     pub fn global_options(&self) -> patina_store::StoreOptions {
-        self.options_of(std::sync::Arc::new(patina_global::SummaryKind))
+        self.options_of(std::sync::Arc::new(patina_global::SummaryKind::default()))
     }
 
     fn options_of(&self, kind: patina_store::KindRef) -> patina_store::StoreOptions {

@@ -302,7 +302,7 @@ async fn start_world(
             let ready = world
                 .start(
                     c,
-                    Role::Bridge(bridge),
+                    Role::Bridge(Box::new(bridge)),
                     format!("bridge {region} {} API: ", b + 1),
                     vec![
                         Grant::new(Tier::Global, GLOBAL, R::Bridge((*region).into())),

@@ -210,7 +210,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let config = Config::load(config.as_deref())?;
                 init_logs(&config.log);
                 let bridge = config.bridge.bridge(&config.region)?;
-                run_agent(config, Role::Bridge(bridge), None, None, shutdown_signal()).await
+                run_agent(
+                    config,
+                    Role::Bridge(Box::new(bridge)),
+                    None,
+                    None,
+                    shutdown_signal(),
+                )
+                .await
             }
             Command::Certs { command } => certs::run(&command),
             Command::Keyring { command } => keyring::run(command).await,
@@ -365,7 +372,7 @@ pub(crate) enum Role {
     /// A global agent: the global map, for an edge proxy.
     Global,
     /// A bridge: a global agent that also publishes its region's summaries.
-    Bridge(patina_global::bridge::BridgeConfig),
+    Bridge(Box<patina_global::bridge::BridgeConfig>),
 }
 
 impl Role {
@@ -515,6 +522,14 @@ pub(crate) async fn run_agent(
             patina_trust::Tier::Region,
             bridge.region.as_str(),
         ));
+        // It signs what it publishes with its certificate's key.
+        bridge.signer = trust.clone();
+    }
+    if let (Role::Global | Role::Bridge(_), Some(trust)) = (&role, &trust) {
+        // A peer's heartbeats and summaries are taken only when a bridge of their region
+        // signed them.
+        let verifier = Arc::new(patina_trust::Verifier::new(trust.clone()));
+        opts.kind = Arc::new(patina_global::SummaryKind::signed(verifier, scope.clone()));
     }
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
@@ -631,7 +646,7 @@ pub(crate) async fn run_agent(
                 tracing::info!(region = %cfg.region, agents = ?cfg.region_agents, "bridging the region into the global tier");
                 let run = patina_global::bridge::run(
                     store.clone(),
-                    cfg,
+                    *cfg,
                     bridge_stop.clone().cancelled_owned(),
                 );
                 let done = bridge_done.clone();

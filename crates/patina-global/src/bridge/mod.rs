@@ -14,7 +14,10 @@ use prost::Message;
 use tokio::sync::mpsc;
 
 pub use self::core::{BridgeCore, Counts, Held, Publish, Standing, Timing};
-use crate::record::{BRIDGES_GROUP, Key, bridge_key, decode_summary, parse_key, summary_key};
+use crate::record::{
+    BRIDGES_GROUP, Key, bridge_cert_key, bridge_key, decode_cert, decode_summary, parse_key,
+    summary_key,
+};
 
 /// What a bridge is told.
 #[derive(Clone, Debug)]
@@ -38,6 +41,9 @@ pub struct BridgeConfig {
     /// How it reaches the region's agents: TLS expecting agents of its region's cluster, or
     /// plaintext.
     pub dial: patina_trust::Dial,
+    /// The set whose key signs its heartbeats and summaries, and whose certificate it
+    /// publishes (`None`: TLS off, nothing signed, and peers with TLS on refuse it all).
+    pub signer: Option<patina_trust::Trust>,
 }
 
 impl BridgeConfig {
@@ -50,6 +56,7 @@ impl BridgeConfig {
             watch_heartbeat: Duration::from_secs(1),
             unstanding_grace: Duration::from_secs(6),
             dial: patina_trust::Dial::Plain,
+            signer: None,
         }
     }
 }
@@ -80,7 +87,10 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     // The last heartbeat written: when, and with which view.
     let mut heartbeat_at = now();
     let mut heartbeat_view = 0u64;
-    register(&store, &cfg.region).await;
+    let signer = Signer(cfg.signer.clone());
+    // The certificate last published: a rotated one is published, and everything the bridge
+    // holds signed again with its key.
+    let mut published_cert = register(&store, &cfg.region, &signer).await;
     tokio::pin!(shutdown);
     loop {
         // A heartbeat is due only when there is a complete view newer than the last one
@@ -106,7 +116,18 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             _ = tokio::time::sleep(sleep) => {}
             _ = &mut shutdown => break,
         }
-        publish(&store, &cfg.region, &mut core, now()).await;
+        if let Some(cert) = signer.certificate()
+            && Some(&cert) != published_cert.as_ref()
+            && publish_cert(&store, &cert).await
+        {
+            tracing::info!(
+                "the bridge's certificate changed: published, and its summaries signed again"
+            );
+            published_cert = Some(cert);
+            resign(&store, &cfg.region, &signer).await;
+            heartbeat_view = 0;
+        }
+        publish(&store, &cfg.region, &mut core, now(), &signer).await;
         if core.publishing()
             && core.view_hlc() > heartbeat_view
             && now() >= heartbeat_at + cfg.heartbeat
@@ -114,7 +135,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             let view = core.view_hlc();
             // Tried once per interval whatever the outcome (a failed write is retried then).
             heartbeat_at = now();
-            if heartbeat(&store, &cfg.region, view).await {
+            if heartbeat(&store, &cfg.region, view, &signer).await {
                 heartbeat_view = view;
             }
         }
@@ -143,18 +164,125 @@ pub fn check_registration(store: &Store, region: &str) -> Result<(), String> {
     }
 }
 
-/// Write the bridge's first heartbeat (its registration: the region it serves) unless the
-/// store holds one: summaries from an origin without it are refused by every peer.
-async fn register(store: &Store, region: &str) {
-    if store.get_live(&bridge_key(store.node())).is_none() {
-        heartbeat(store, region, 0).await;
+/// Signs with the bridge's current TLS key (`None`: TLS off, signs nothing).
+struct Signer(Option<patina_trust::Trust>);
+
+impl Signer {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        let Some(trust) = &self.0 else {
+            return Vec::new();
+        };
+        trust.current().sign(message).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the bridge's key cannot sign: its records will be refused");
+            Vec::new()
+        })
+    }
+
+    fn certificate(&self) -> Option<Vec<u8>> {
+        self.0.as_ref().map(|t| t.current().certificate().to_vec())
+    }
+
+    fn summary(&self, app: &str, region: &str, counts: Counts, view_hlc: u64) -> SummaryRecord {
+        let message = patina_edge::signed::summary_message(
+            app,
+            region,
+            counts.healthy,
+            counts.total,
+            view_hlc,
+        );
+        SummaryRecord {
+            region: region.to_owned(),
+            healthy: counts.healthy,
+            total: counts.total,
+            view_hlc,
+            signature: self.sign(&message),
+        }
     }
 }
 
-async fn heartbeat(store: &Store, region: &str, view_hlc: u64) -> bool {
+/// Publish the bridge's certificate (before anything it signs, so peers can check it).
+async fn publish_cert(store: &Store, cert: &[u8]) -> bool {
+    let value = patina_proto::v1::BridgeCertRecord {
+        certificate: cert.to_vec(),
+    }
+    .encode_to_vec();
+    let op = LocalWrite::Put {
+        key: bridge_cert_key(store.node()),
+        group: BRIDGES_GROUP.to_owned(),
+        value,
+    };
+    match store.write(vec![op]).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the bridge's certificate");
+            false
+        }
+    }
+}
+
+/// Write the bridge's certificate and first heartbeat (its registration: the region it
+/// serves) unless the store holds them: summaries from an origin without them are refused
+/// by every peer. Returns the certificate the store holds for the bridge.
+async fn register(store: &Store, region: &str, signer: &Signer) -> Option<Vec<u8>> {
+    let held = store
+        .get_live(&bridge_cert_key(store.node()))
+        .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()))
+        .map(|c| c.certificate);
+    let mut published = held.clone();
+    if let Some(cert) = signer.certificate()
+        && held.as_ref() != Some(&cert)
+        && publish_cert(store, &cert).await
+    {
+        published = Some(cert);
+        if held.is_some() {
+            resign(store, region, signer).await;
+        }
+    }
+    if store.get_live(&bridge_key(store.node())).is_none() {
+        heartbeat(store, region, 0, signer).await;
+    }
+    published
+}
+
+/// Sign again, with the current key, every summary the bridge holds under its origin (after
+/// its certificate changed: a peer that meets them later checks them against the new one).
+async fn resign(store: &Store, region: &str, signer: &Signer) {
+    let mine: Vec<(String, String, Counts, u64)> = store
+        .owned_by(store.node())
+        .iter()
+        .filter_map(|e| {
+            let Some(Key::Summary { app, .. }) = parse_key(e.key()) else {
+                return None;
+            };
+            let s = decode_summary(e.value()?).ok()?;
+            let counts = Counts {
+                healthy: s.healthy,
+                total: s.total,
+            };
+            Some((e.key().to_owned(), app.to_owned(), counts, s.view_hlc))
+        })
+        .collect();
+    for (key, app, counts, view_hlc) in mine {
+        let value = signer
+            .summary(&app, region, counts, view_hlc)
+            .encode_to_vec();
+        let op = LocalWrite::Put {
+            key,
+            group: app,
+            value,
+        };
+        if let Err(e) = store.write(vec![op]).await {
+            tracing::debug!(error = %e, "a summary was not signed again (a newer one stands)");
+        }
+    }
+}
+
+async fn heartbeat(store: &Store, region: &str, view_hlc: u64, signer: &Signer) -> bool {
+    let message = patina_edge::signed::heartbeat_message(store.node().0, region, view_hlc);
     let value = BridgeRecord {
         region: region.to_owned(),
         view_hlc,
+        signature: signer.sign(&message),
     }
     .encode_to_vec();
     let op = LocalWrite::Put {
@@ -174,7 +302,13 @@ async fn heartbeat(store: &Store, region: &str, view_hlc: u64) -> bool {
 
 /// Write what the core says is due, each on its own (a write that loses to a fresher
 /// summary must not take others with it); concurrent, so they share group commits.
-async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Duration) {
+async fn publish(
+    store: &Store,
+    region: &str,
+    core: &mut BridgeCore,
+    now: Duration,
+    signer: &Signer,
+) {
     let due = core.due(now);
     if due.is_empty() {
         return;
@@ -184,13 +318,9 @@ async fn publish(store: &Store, region: &str, core: &mut BridgeCore, now: Durati
         if p.delete {
             return store.write(vec![LocalWrite::Delete { key }]);
         }
-        let value = SummaryRecord {
-            region: region.to_owned(),
-            healthy: p.counts.healthy,
-            total: p.counts.total,
-            view_hlc: p.view_hlc,
-        }
-        .encode_to_vec();
+        let value = signer
+            .summary(&p.app, region, p.counts, p.view_hlc)
+            .encode_to_vec();
         store.write(vec![LocalWrite::Put {
             key,
             group: p.app.to_string(),

@@ -1,0 +1,183 @@
+//! What a bridge signs, and the check every global agent and edge makes before it takes a
+//! summary or a heartbeat: the bridge's certificate chains to the operator's CA and names the
+//! record's region in the global cluster, and the signature covers exactly this record (its
+//! app and region included, so a signed summary cannot be replayed under another key).
+//!
+//! Messages are domain-separated and length-prefixed, so no summary's bytes are a heartbeat's
+//! or another summary's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use patina_proto::v1::{AppSummary, BridgeState};
+use patina_trust::{Scope, SignError, Verifier, Vouched};
+
+fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// The bytes a bridge signs for a summary.
+pub fn summary_message(
+    app: &str,
+    region: &str,
+    healthy: u32,
+    total: u32,
+    view_hlc: u64,
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64 + app.len() + region.len());
+    field(&mut m, b"patina-summary-v1");
+    field(&mut m, app.as_bytes());
+    field(&mut m, region.as_bytes());
+    m.extend_from_slice(&healthy.to_be_bytes());
+    m.extend_from_slice(&total.to_be_bytes());
+    m.extend_from_slice(&view_hlc.to_be_bytes());
+    m
+}
+
+/// The bytes a bridge signs for a heartbeat: its origin, so that no other origin can carry it.
+pub fn heartbeat_message(bridge: u64, region: &str, view_hlc: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64 + region.len());
+    field(&mut m, b"patina-heartbeat-v1");
+    m.extend_from_slice(&bridge.to_be_bytes());
+    field(&mut m, region.as_bytes());
+    m.extend_from_slice(&view_hlc.to_be_bytes());
+    m
+}
+
+/// Whether `cert` is a bridge of `region` in the global cluster `scope`, vouched for by the
+/// CA bundle `verifier` follows.
+pub fn bridge_of(
+    verifier: &Verifier,
+    scope: &Scope,
+    cert: &[u8],
+    region: &str,
+) -> Result<Arc<Vouched>, String> {
+    if cert.is_empty() {
+        return Err("no bridge certificate".into());
+    }
+    let v = verifier.vouched(cert).map_err(|e| e.to_string())?;
+    if !v.principal.bridge_regions(scope).any(|r| r == region) {
+        return Err(format!(
+            "the certificate ({}) does not name a bridge of region {region}",
+            v.principal.name
+        ));
+    }
+    Ok(v)
+}
+
+/// Bridges an edge vouched for: at most this many are kept (each came with a certificate the
+/// CA signed, so only the operator can make more).
+pub const MAX_BRIDGES: usize = 65_536;
+
+/// The checks an edge makes on what a global agent streams: heartbeats carry the bridge's
+/// certificate and signature; a summary is taken only from a bridge whose heartbeat passed,
+/// for that bridge's region, with its signature. What fails is dropped and counted, and the
+/// table keeps what it held.
+pub struct EdgeChecks {
+    verifier: Arc<Verifier>,
+    scope: Scope,
+    bridges: HashMap<u64, (String, Arc<Vouched>)>,
+    /// Records refused, by reason.
+    pub refused_unsigned: u64,
+    pub refused_bad: u64,
+}
+
+impl EdgeChecks {
+    pub fn new(verifier: Arc<Verifier>, scope: Scope) -> EdgeChecks {
+        EdgeChecks {
+            verifier,
+            scope,
+            bridges: HashMap::new(),
+            refused_unsigned: 0,
+            refused_bad: 0,
+        }
+    }
+
+    /// Forget every bridge (a reset snapshot follows).
+    pub fn reset(&mut self) {
+        self.bridges.clear();
+    }
+
+    fn refuse(&mut self, why: String, unsigned: bool) -> Result<(), String> {
+        if unsigned {
+            self.refused_unsigned += 1;
+        } else {
+            self.refused_bad += 1;
+        }
+        Err(why)
+    }
+
+    /// Check a heartbeat (a removal passes: it withdraws, it claims nothing).
+    pub fn bridge(&mut self, b: &BridgeState) -> Result<(), String> {
+        if b.removed {
+            self.bridges.remove(&b.bridge);
+            return Ok(());
+        }
+        let vouched = match bridge_of(&self.verifier, &self.scope, &b.certificate, &b.region) {
+            Ok(v) => v,
+            Err(e) => return self.refuse(e, b.certificate.is_empty()),
+        };
+        let message = heartbeat_message(b.bridge, &b.region, b.view_hlc);
+        if let Err(e) = vouched.verify(&message, &b.signature) {
+            return self.refuse(format!("heartbeat: {e}"), e == SignError::Unsigned);
+        }
+        if self.bridges.len() >= MAX_BRIDGES && !self.bridges.contains_key(&b.bridge) {
+            return self.refuse("too many bridges".into(), false);
+        }
+        self.bridges.insert(b.bridge, (b.region.clone(), vouched));
+        Ok(())
+    }
+
+    /// Check a summary (a removal passes, as for heartbeats).
+    pub fn summary(&mut self, s: &AppSummary) -> Result<(), String> {
+        if s.removed {
+            return Ok(());
+        }
+        let Some((region, vouched)) = self.bridges.get(&s.bridge) else {
+            return self.refuse(
+                format!(
+                    "a summary of {}/{} from a bridge with no checked heartbeat",
+                    s.app, s.region
+                ),
+                s.signature.is_empty(),
+            );
+        };
+        if *region != s.region {
+            let why = format!("a bridge of {region} signed for region {}", s.region);
+            return self.refuse(why, false);
+        }
+        let message = summary_message(&s.app, &s.region, s.healthy, s.total, s.view_hlc);
+        if let Err(e) = vouched.verify(&message, &s.signature) {
+            let why = format!("summary {}/{}: {e}", s.app, s.region);
+            return self.refuse(why, e == SignError::Unsigned);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_differ_whenever_a_field_does() {
+        let base = summary_message("web", "ord", 1, 2, 3);
+        for other in [
+            summary_message("web2", "ord", 1, 2, 3),
+            summary_message("web", "fra", 1, 2, 3),
+            summary_message("web", "ord", 2, 2, 3),
+            summary_message("web", "ord", 1, 3, 3),
+            summary_message("web", "ord", 1, 2, 4),
+            // Moving a byte from the app to the region changes the message too.
+            summary_message("we", "bord", 1, 2, 3),
+            heartbeat_message(1, "ord", 3),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_ne!(
+            heartbeat_message(1, "ord", 3),
+            heartbeat_message(2, "ord", 3)
+        );
+    }
+}
