@@ -216,10 +216,14 @@ pub async fn serve_with(
     let failure: std::sync::Arc<std::sync::OnceLock<Failure>> = Default::default();
     let failed = failure.clone();
     // Without TLS the layer has no principal to check and lets every call through.
-    let authorize = patina_trust::AuthorizeLayer::new(tls.as_ref().map_or_else(
-        || patina_trust::Scope::new(patina_trust::Tier::Region, "plaintext"),
-        |t| t.scope.clone(),
-    ));
+    let authorize = match tls.as_ref() {
+        None => patina_trust::AuthorizeLayer::new(patina_trust::Scope::new(
+            patina_trust::Tier::Region,
+            "plaintext",
+        )),
+        Some(t) => patina_trust::AuthorizeLayer::new(t.scope.clone())
+            .reporting_peers(t.trust.peers.clone()),
+    };
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_streams_per_connection.get())
         // A peer that vanished (host down, cable cut) frees its connection and watches.

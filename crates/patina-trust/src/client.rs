@@ -55,13 +55,25 @@ impl Dial {
 
     /// Connect `endpoint` now.
     pub async fn connect(&self, endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
+        self.connect_from(endpoint, None).await
+    }
+
+    /// Connect `endpoint` now, from the local address `local` (an agent's peers are reached
+    /// from its advertised address, so a partition cuts its calls as it cuts its datagrams).
+    /// Over TLS the endpoint's own `local_address` is not seen: give it here.
+    pub async fn connect_from(
+        &self,
+        endpoint: Endpoint,
+        local: Option<std::net::IpAddr>,
+    ) -> Result<Channel, tonic::transport::Error> {
         match self {
-            Dial::Plain => endpoint.connect().await,
+            Dial::Plain => endpoint.local_address(local).connect().await,
             Dial::Tls { trust, scope } => {
                 endpoint
                     .connect_with_connector(Connector {
                         trust: trust.clone(),
                         scope: scope.clone(),
+                        local,
                     })
                     .await
             }
@@ -75,6 +87,7 @@ impl Dial {
             Dial::Tls { trust, scope } => endpoint.connect_with_connector_lazy(Connector {
                 trust: trust.clone(),
                 scope: scope.clone(),
+                local: None,
             }),
         }
     }
@@ -85,6 +98,8 @@ impl Dial {
 struct Connector {
     trust: Trust,
     scope: Option<Arc<Scope>>,
+    /// The local address to connect from (`None`: the OS picks).
+    local: Option<std::net::IpAddr>,
 }
 
 /// Why a connection was not made.
@@ -124,7 +139,24 @@ impl tower_service::Service<Uri> for Connector {
                 .port_u16()
                 .ok_or_else(|| DialError::Address(uri.to_string()))?;
             {
-                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let tcp = match this.local {
+                    None => TcpStream::connect((host.as_str(), port)).await?,
+                    Some(local) => {
+                        let to = tokio::net::lookup_host((host.as_str(), port))
+                            .await?
+                            .next()
+                            .ok_or_else(|| DialError::Address(uri.to_string()))?;
+                        let socket = if to.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        if local.is_ipv4() == to.is_ipv4() {
+                            socket.bind(std::net::SocketAddr::new(local, 0))?;
+                        }
+                        socket.connect(to).await?
+                    }
+                };
                 tcp.set_nodelay(true)?;
                 let name = ServerName::try_from(host.clone())
                     .map_err(|_| DialError::Address(uri.to_string()))?;

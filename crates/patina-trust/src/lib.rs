@@ -13,6 +13,6 @@ pub mod signing;
 pub use client::Dial;
 pub use material::{Material, MaterialError, Paths};
 pub use principal::{Grant, Need, Principal, Role, Scope, Tier};
-pub use reload::Trust;
+pub use reload::{Expiry, ExpiryReport, Trust};
 pub use server::{AuthorizeLayer, PeerInfo, TlsIncoming};
 pub use signing::{SignError, Verifier, Vouched};

@@ -42,11 +42,118 @@ pub struct ReloadCounters {
     pub failed: AtomicU64,
 }
 
+/// Seconds before expiry at which a certificate is reported as a warning (Consul's 30 days)
+/// and as degraded (7 days).
+pub const WARN_BEFORE: i64 = 30 * 86_400;
+pub const DEGRADED_BEFORE: i64 = 7 * 86_400;
+
+/// How near a certificate is to its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Expiry {
+    Ok,
+    /// Under 30 days left.
+    Warning,
+    /// Under 7 days left.
+    Degraded,
+    Expired,
+}
+
+impl Expiry {
+    pub fn of(seconds_left: i64) -> Expiry {
+        if seconds_left <= 0 {
+            Expiry::Expired
+        } else if seconds_left < DEGRADED_BEFORE {
+            Expiry::Degraded
+        } else if seconds_left < WARN_BEFORE {
+            Expiry::Warning
+        } else {
+            Expiry::Ok
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expiry::Ok => "ok",
+            Expiry::Warning => "warning",
+            Expiry::Degraded => "degraded",
+            Expiry::Expired => "expired",
+        }
+    }
+}
+
+/// Peers (agents and bridges of its cluster) that called this agent: when each one's
+/// certificate expires, for the report of the soonest.
+#[derive(Debug, Default)]
+pub struct PeerExpiry {
+    seen: std::sync::Mutex<std::collections::HashMap<String, (i64, i64)>>,
+}
+
+/// Peers remembered at most (the one seen longest ago goes first).
+pub const MAX_PEERS_TRACKED: usize = 1024;
+/// A peer not seen for this long is left out of the report (it left, or was rotated).
+pub const PEER_FORGET_AFTER: i64 = 86_400;
+
+impl PeerExpiry {
+    /// A call from `p`, a peer at `from`: remembered when it is an agent or a bridge (by its
+    /// name and address: agents of a cluster may share a name).
+    pub fn record(&self, p: &crate::Principal, from: Option<std::net::IpAddr>) {
+        use crate::Role;
+        if !p
+            .grants
+            .iter()
+            .any(|g| matches!(g.role, Role::Agent | Role::Bridge(_)))
+        {
+            return;
+        }
+        let now = now_secs();
+        let who = match from {
+            Some(ip) => format!("{} at {ip}", p.name),
+            None => p.name.clone(),
+        };
+        let mut seen = self.seen.lock().expect("peer expiry");
+        if seen.len() >= MAX_PEERS_TRACKED
+            && !seen.contains_key(&who)
+            && let Some(oldest) = seen
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(n, _)| n.clone())
+        {
+            seen.remove(&oldest);
+        }
+        seen.insert(who, (p.not_after, now));
+    }
+
+    /// The peer whose certificate ends first, among those seen in the last day: its name
+    /// and seconds left.
+    pub fn soonest(&self) -> Option<(String, i64)> {
+        let now = now_secs();
+        self.seen
+            .lock()
+            .expect("peer expiry")
+            .iter()
+            .filter(|(_, (_, at))| now - at < PEER_FORGET_AFTER)
+            .min_by_key(|(_, (not_after, _))| *not_after)
+            .map(|(n, (not_after, _))| (n.clone(), not_after - now))
+    }
+}
+
+/// What an agent reports of its certificates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpiryReport {
+    pub own_secs: i64,
+    pub ca_secs: i64,
+    pub soonest_peer: Option<(String, i64)>,
+    /// The worst of its own certificate's and the bundle's.
+    pub state: Expiry,
+}
+
 /// The current material, shared by every listener and client of an agent.
 #[derive(Clone)]
 pub struct Trust {
     rx: watch::Receiver<Arc<Material>>,
     pub counters: Arc<ReloadCounters>,
+    /// Peers' certificates met in handshakes.
+    pub peers: Arc<PeerExpiry>,
     /// Fixed material's sender (a following task holds its own).
     _fixed: Option<Arc<watch::Sender<Arc<Material>>>>,
 }
@@ -71,6 +178,7 @@ impl Trust {
         Trust {
             rx,
             counters: Arc::default(),
+            peers: Arc::default(),
             _fixed: Some(Arc::new(tx)),
         }
     }
@@ -98,6 +206,7 @@ impl Trust {
         let trust = Trust {
             rx,
             counters: counters.clone(),
+            peers: Arc::default(),
             _fixed: None,
         };
         tokio::spawn(follow(paths, tx, counters, interval));
@@ -112,6 +221,17 @@ impl Trust {
     /// Seconds until the first CA of the bundle expires.
     pub fn ca_expires_in(&self) -> i64 {
         self.current().ca_not_after - now_secs()
+    }
+
+    /// Its own certificate's, the bundle's and the soonest peer's time left.
+    pub fn expiry(&self) -> ExpiryReport {
+        let (own_secs, ca_secs) = (self.own_expires_in(), self.ca_expires_in());
+        ExpiryReport {
+            own_secs,
+            ca_secs,
+            soonest_peer: self.peers.soonest(),
+            state: Expiry::of(own_secs).max(Expiry::of(ca_secs)),
+        }
     }
 
     /// Changes of the material, for tasks that rebuild something from it.
@@ -227,5 +347,44 @@ mod tests {
             .expect("reloaded within 5 s")
             .unwrap();
         assert_eq!(trust.current().own.grants[0].role, Role::Reader);
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::*;
+    use crate::{Grant, Principal, Role, Tier};
+
+    #[test]
+    fn thresholds_are_consuls_and_the_soonest_peer_is_reported() {
+        let day = 86_400;
+        assert_eq!(Expiry::of(31 * day), Expiry::Ok);
+        assert_eq!(Expiry::of(29 * day), Expiry::Warning);
+        assert_eq!(Expiry::of(6 * day), Expiry::Degraded);
+        assert_eq!(Expiry::of(0), Expiry::Expired);
+        let now = now_secs();
+        let peers = PeerExpiry::default();
+        let principal = |name: &str, role: Role, days: i64| Principal {
+            grants: vec![Grant::new(Tier::Region, "ord", role)],
+            not_after: now + days * day,
+            name: name.into(),
+        };
+        let ip = |n: u8| Some(std::net::IpAddr::from([10, 0, 0, n]));
+        peers.record(&principal("a", Role::Agent, 90), ip(1));
+        peers.record(&principal("b", Role::Agent, 20), ip(2));
+        // Another agent under the same name elsewhere is another peer.
+        peers.record(&principal("b", Role::Agent, 60), ip(3));
+        // A reader is not a peer: not tracked however soon it ends.
+        peers.record(&principal("r", Role::Reader, 1), ip(4));
+        let (name, left) = peers.soonest().unwrap();
+        assert_eq!(name, "b at 10.0.0.2");
+        assert!((left - 20 * day).abs() < 5);
+        // Renewed: the same peer's new certificate replaces the old.
+        peers.record(&principal("b", Role::Agent, 80), ip(2));
+        assert_eq!(peers.soonest().unwrap().0, "b at 10.0.0.3");
+        for i in 0..(MAX_PEERS_TRACKED + 10) {
+            peers.record(&principal(&format!("p{i}"), Role::Agent, 100), None);
+        }
+        assert!(peers.seen.lock().unwrap().len() <= MAX_PEERS_TRACKED);
     }
 }

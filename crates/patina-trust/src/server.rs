@@ -228,13 +228,22 @@ pub fn need_of(path: &str) -> Option<Need> {
 #[derive(Clone)]
 pub struct AuthorizeLayer {
     scope: Arc<Scope>,
+    peers: Option<Arc<crate::reload::PeerExpiry>>,
 }
 
 impl AuthorizeLayer {
     pub fn new(scope: Scope) -> Self {
         AuthorizeLayer {
             scope: Arc::new(scope),
+            peers: None,
         }
+    }
+
+    /// Also remember when each peer's certificate (an agent or a bridge of this cluster
+    /// making a call) expires, for [`crate::Trust::expiry`].
+    pub fn reporting_peers(mut self, peers: Arc<crate::reload::PeerExpiry>) -> Self {
+        self.peers = Some(peers);
+        self
     }
 }
 
@@ -245,6 +254,7 @@ impl<S> tower_layer::Layer<S> for AuthorizeLayer {
         Authorize {
             inner,
             scope: self.scope.clone(),
+            peers: self.peers.clone(),
         }
     }
 }
@@ -253,6 +263,7 @@ impl<S> tower_layer::Layer<S> for AuthorizeLayer {
 pub struct Authorize<S> {
     inner: S,
     scope: Arc<Scope>,
+    peers: Option<Arc<crate::reload::PeerExpiry>>,
 }
 
 /// Why `principal` may not make a call to `path` in `scope`, if it may not.
@@ -288,11 +299,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if let Some(info) = req.extensions().get::<PeerInfo>()
-            && let Some(status) = refusal(&info.principal, &self.scope, req.uri().path())
-        {
-            tracing::debug!(peer = ?info.remote, %status, "call refused");
-            return Box::pin(std::future::ready(Ok(status.into_http())));
+        if let Some(info) = req.extensions().get::<PeerInfo>() {
+            if let Some(status) = refusal(&info.principal, &self.scope, req.uri().path()) {
+                tracing::debug!(peer = ?info.remote, %status, "call refused");
+                return Box::pin(std::future::ready(Ok(status.into_http())));
+            }
+            if let Some(peers) = &self.peers
+                && info.principal.allows(&self.scope, Need::Peer)
+            {
+                peers.record(&info.principal, info.remote.map(|a| a.ip()));
+            }
         }
         Box::pin(self.inner.call(req))
     }

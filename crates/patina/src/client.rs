@@ -145,6 +145,29 @@ struct StatusJson {
     sync_records_in: u64,
     sync_records_out: u64,
     peers: Vec<PeerJson>,
+    dropped_no_key: u64,
+    dropped_plaintext: u64,
+    tls: Option<TlsJson>,
+}
+
+#[derive(Serialize)]
+struct TlsJson {
+    state: String,
+    own_expires_in_secs: i64,
+    ca_expires_in_secs: i64,
+    soonest_peer: String,
+    soonest_peer_expires_in_secs: i64,
+    reloads: u64,
+    reload_failures: u64,
+}
+
+/// Seconds as days (or hours, under two days).
+fn days(secs: i64) -> String {
+    if secs.abs() < 2 * 86_400 {
+        format!("{} h", secs / 3600)
+    } else {
+        format!("{} days", secs / 86_400)
+    }
 }
 
 pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
@@ -224,6 +247,17 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
                 sessions: p.sessions,
             })
             .collect(),
+        dropped_no_key: r.dropped_no_key,
+        dropped_plaintext: r.dropped_plaintext,
+        tls: r.tls.map(|t| TlsJson {
+            state: t.state,
+            own_expires_in_secs: t.own_expires_in_secs,
+            ca_expires_in_secs: t.ca_expires_in_secs,
+            soonest_peer: t.soonest_peer,
+            soonest_peer_expires_in_secs: t.soonest_peer_expires_in_secs,
+            reloads: t.reloads,
+            reload_failures: t.reload_failures,
+        }),
     };
     if json {
         println!("{}", to_json(&s)?);
@@ -258,13 +292,37 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
             v.clock_samples
         );
     }
+    match &s.tls {
+        Some(t) => {
+            let peer = if t.soonest_peer.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; soonest peer {} in {}",
+                    term(&t.soonest_peer),
+                    days(t.soonest_peer_expires_in_secs)
+                )
+            };
+            println!(
+                "tls {}: certificate expires in {}, CA in {}{peer}; {} sets loaded, {} failed",
+                t.state,
+                days(t.own_expires_in_secs),
+                days(t.ca_expires_in_secs),
+                t.reloads,
+                t.reload_failures
+            );
+        }
+        None => println!("tls off"),
+    }
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped, {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} never began, {} records in, {} out",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} never began, {} records in, {} out",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,
         s.bytes_out,
         s.dropped_datagrams,
+        s.dropped_no_key,
+        s.dropped_plaintext,
         s.refuted_for_others,
         s.syncs,
         s.sync_failures,

@@ -424,6 +424,45 @@ async fn start_keyring(config: &Config, tls_on: bool) -> anyhow::Result<patina_g
     Ok(ring)
 }
 
+/// A task that ends when this handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Log the certificates' time left every hour while it is short: a warning under 30 days,
+/// an error under 7 (and once expired), naming the peer whose certificate ends first.
+fn watch_expiry(trust: patina_trust::Trust) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            let r = trust.expiry();
+            let days = |s: i64| s / 86_400;
+            let peer = r.soonest_peer.clone().unwrap_or_default();
+            match r.state {
+                patina_trust::Expiry::Ok => {}
+                patina_trust::Expiry::Warning => tracing::warn!(
+                    own_days = days(r.own_secs),
+                    ca_days = days(r.ca_secs),
+                    soonest_peer = %peer.0,
+                    "a certificate expires within 30 days: rotate it (docs/security.md)"
+                ),
+                patina_trust::Expiry::Degraded | patina_trust::Expiry::Expired => tracing::error!(
+                    own_days = days(r.own_secs),
+                    ca_days = days(r.ca_secs),
+                    soonest_peer = %peer.0,
+                    state = r.state.as_str(),
+                    "a certificate expires within 7 days or has expired: rotate it now (docs/security.md)"
+                ),
+            }
+        }
+    })
+}
+
 async fn load_trust(
     config: &Config,
     role: &Role,
@@ -510,6 +549,8 @@ pub(crate) async fn run_agent(
         }
     };
     let trust = load_trust(&config, &role, &scope).await?;
+    // Ends with the agent (aborted when this function returns).
+    let _expiry = trust.clone().map(watch_expiry).map(AbortOnDrop);
     node.keyring = start_keyring(&config, trust.is_some()).await?;
     let dial = match &trust {
         Some(t) => patina_trust::Dial::tls(t.clone(), scope.clone()),

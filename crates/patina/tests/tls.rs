@@ -14,7 +14,8 @@ use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::sync_client::SyncClient;
 use patina_proto::v1::{
-    ForgetRequest, GetMachineRequest, ListInstancesRequest, SyncMessage, UpsertMachineRequest,
+    ClusterStatusRequest, ForgetRequest, GetMachineRequest, ListInstancesRequest, SyncMessage,
+    UpsertMachineRequest,
 };
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -61,10 +62,12 @@ fn start(root: &Path, i: usize, ca: &Path, seeds: &[usize]) -> Agent {
     let ip = format!("127.0.0.{}", 171 + i);
     let dir = root.join(format!("agent{i}"));
     // The agent reads its files from <data_dir>/tls/ (the harness puts data in dir/data).
+    // Agent 1's certificate ends in 20 days: its status warns, and its peers report it.
+    let days = if i == 1 { "20" } else { "90" };
     issue(
         ca,
         &dir.join("data").join("tls"),
-        &["--region-agent", "test", "--ip", &ip],
+        &["--region-agent", "test", "--ip", &ip, "--days", days],
     );
     let seeds: Vec<String> = seeds
         .iter()
@@ -212,6 +215,58 @@ async fn only_the_roles_certificates_grant_may_speak() {
         Ok(ch) => count_result(&ch).await.is_err(),
     };
     assert!(strange, "another CA's certificate was served");
+
+    // Expiry is reported: B's own certificate warns (under 30 days); A reports B, which it met
+    // in B's sessions, as its soonest peer.
+    let peer = dial(&issue(
+        &ca,
+        &root.path().join("peer"),
+        &["--region-agent", "test"],
+    ));
+    let status = |agent: &Agent| {
+        let peer = peer.clone();
+        let url = agent.url.clone();
+        async move {
+            let ch = peer
+                .connect(Endpoint::from_shared(url).unwrap())
+                .await
+                .unwrap();
+            AdminClient::new(ch)
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .tls
+                .expect("TLS status")
+        }
+    };
+    // B's next anti-entropy session (every 5 s or so) calls A.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ta = loop {
+        let ta = status(&a).await;
+        if ta.soonest_peer_expires_in_secs < 30 * 86_400 || Instant::now() > deadline {
+            break ta;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let tb = status(&b).await;
+    assert_eq!((ta.state.as_str(), tb.state.as_str()), ("ok", "warning"));
+    let day = 86_400;
+    assert!(
+        (89 * day..=90 * day).contains(&ta.own_expires_in_secs),
+        "{ta:?}"
+    );
+    assert!(
+        (19 * day..=20 * day).contains(&tb.own_expires_in_secs),
+        "{tb:?}"
+    );
+    assert!(
+        (19 * day..=20 * day).contains(&ta.soonest_peer_expires_in_secs)
+            && ta
+                .soonest_peer
+                .ends_with("region/test/agent at 127.0.0.172"),
+        "{ta:?}"
+    );
 
     // Nothing of the refused calls changed anything: m1 and m7 only, m1 still worker-0's.
     assert_eq!(count(&rb).await, 2);

@@ -110,6 +110,20 @@ pub(super) fn view_message(view: Option<&ViewStatus>) -> patina_proto::v1::ViewS
     }
 }
 
+fn tls_status(trust: &patina_trust::Trust) -> patina_proto::v1::TlsStatus {
+    let r = trust.expiry();
+    let (peer, peer_secs) = r.soonest_peer.unwrap_or_default();
+    patina_proto::v1::TlsStatus {
+        own_expires_in_secs: r.own_secs,
+        ca_expires_in_secs: r.ca_secs,
+        soonest_peer: peer,
+        soonest_peer_expires_in_secs: peer_secs,
+        state: r.state.as_str().to_owned(),
+        reloads: trust.counters.loaded.load(Ordering::Relaxed),
+        reload_failures: trust.counters.failed.load(Ordering::Relaxed),
+    }
+}
+
 fn parse_node(s: &str) -> Option<NodeId> {
     u64::from_str_radix(s.trim_start_matches("0x"), 16)
         .ok()
@@ -202,6 +216,10 @@ impl Admin for AdminService {
             keyring: super::keys::current(&self.gossip)
                 .await
                 .map(|r| super::keys::state(&r)),
+            tls: match &self.gossip.dial {
+                patina_trust::Dial::Tls { trust, .. } => Some(tls_status(trust)),
+                patina_trust::Dial::Plain => None,
+            },
             refuted_for_others: c.refuted_for_others,
             peers: {
                 let now = std::time::Instant::now();

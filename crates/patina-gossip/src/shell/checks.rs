@@ -43,7 +43,10 @@ pub(super) async fn ask_incarnation(
         let endpoint = peer_endpoint(advertised, member, crate::node::CONFIRM_ASK)
             .ok()?
             .timeout(crate::node::CONFIRM_ASK);
-        let channel = dial.connect(endpoint).await.ok()?;
+        let channel = dial
+            .connect_from(endpoint, local_ip(advertised))
+            .await
+            .ok()?;
         let this = AdminClient::new(channel)
             .whoami(WhoamiRequest {})
             .await

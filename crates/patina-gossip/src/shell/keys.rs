@@ -147,7 +147,10 @@ pub(super) async fn keyring(
                 let endpoint = peer_endpoint(advertised, member, MEMBER_TIMEOUT)
                     .map_err(|e| e.to_string())?
                     .timeout(MEMBER_TIMEOUT);
-                let channel = dial.connect(endpoint).await.map_err(|e| e.to_string())?;
+                let channel = dial
+                    .connect_from(endpoint, super::checks::local_ip(advertised))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 AdminClient::new(channel)
                     .keyring(forward)
                     .await

@@ -369,7 +369,11 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
     let opened = tokio::time::timeout(SESSION_TIMEOUT, async {
         let endpoint =
             super::peer_endpoint(g.advertised, peer, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
-        let channel = g.dial.connect(endpoint).await.map_err(|e| e.to_string())?;
+        let channel = g
+            .dial
+            .connect_from(endpoint, super::local_ip(g.advertised))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut client = SyncClient::new(channel);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         // Read beside the hello's wall clock: a step between the two readings could pass a
