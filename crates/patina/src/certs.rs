@@ -57,6 +57,11 @@ pub enum CertsCommand {
         dns: Vec<String>,
         #[arg(long, default_value_t = 365)]
         days: u64,
+        /// Write `key.pem` and `cert.pem` only (key first), leaving `ca.pem` as it is: a leaf
+        /// renewed in place, or issued from a new CA while the bundle holds both (the rotation
+        /// runbooks in docs/security.md).
+        #[arg(long)]
+        keep_ca: bool,
     },
 }
 
@@ -96,6 +101,7 @@ pub fn run(command: &CertsCommand) -> anyhow::Result<()> {
             ip,
             dns,
             days,
+            keep_ca,
         } => {
             let read = |f: &str| {
                 std::fs::read_to_string(ca_dir.join(f))
@@ -147,7 +153,18 @@ pub fn run(command: &CertsCommand) -> anyhow::Result<()> {
                 not_before: None,
                 valid_for: Duration::from_secs(days * 86_400),
             })?;
-            write_set(out, ca.cert_pem(), &issued)?;
+            if *keep_ca {
+                let paths = patina_trust::Paths::in_dir(out);
+                anyhow::ensure!(
+                    paths.ca.exists(),
+                    "--keep-ca: {} holds no ca.pem to keep",
+                    out.display()
+                );
+                write_file(&paths.key, issued.key_pem.as_bytes(), true)?;
+                write_file(&paths.cert, issued.cert_pem.as_bytes(), false)?;
+            } else {
+                write_set(out, ca.cert_pem(), &issued)?;
+            }
             println!("{} in {}:", subject, out.display());
             for g in grants {
                 println!("  {}", g.uri());

@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, machine};
+use common::{Agent, certs, issue, machine, tls_channel as channel, tls_dial as dial};
 use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::sync_client::SyncClient;
@@ -20,73 +20,10 @@ use patina_proto::v1::{
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-fn certs(args: &[&str]) {
-    let out = common::cli(&[&["certs"], args].concat());
-    assert!(
-        out.status.success(),
-        "patina certs {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn issue(ca: &Path, out: &Path, grants: &[&str]) -> PathBuf {
-    let mut args = vec![
-        "issue",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--name",
-        "test",
-        "--ip",
-        "127.0.0.1",
-    ];
-    args.extend_from_slice(grants);
-    certs(&args);
-    out.to_path_buf()
-}
-
-fn dial(dir: &Path) -> patina_trust::Dial {
-    let m = patina_trust::Material::load(&patina_trust::Paths::in_dir(dir)).expect("client files");
-    patina_trust::Dial::tls_any(patina_trust::Trust::fixed(m))
-}
-
-async fn channel(dial: &patina_trust::Dial, agent: &Agent) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(agent.url.clone())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5));
-    dial.connect(endpoint).await.map_err(|e| format!("{e:?}"))
-}
-
 fn start(root: &Path, i: usize, ca: &Path, seeds: &[usize]) -> Agent {
-    let ip = format!("127.0.0.{}", 171 + i);
-    let dir = root.join(format!("agent{i}"));
-    // The agent reads its files from <data_dir>/tls/ (the harness puts data in dir/data).
     // Agent 1's certificate ends in 20 days: its status warns, and its peers report it.
-    let days = if i == 1 { "20" } else { "90" };
-    issue(
-        ca,
-        &dir.join("data").join("tls"),
-        &["--region-agent", "test", "--ip", &ip, "--days", days],
-    );
-    let seeds: Vec<String> = seeds
-        .iter()
-        .map(|s| format!("127.0.0.{}", 171 + s))
-        .collect();
-    // TLS on needs a gossip key too (gossip is encrypted by default).
-    let extra = format!(
-        "tls = \"on\"\n{}encrypt = \"{}\"\n",
-        common::gossip_table(&ip, &seeds),
-        common::GOSSIP_KEY
-    );
-    Agent::start_host(
-        Path::new(env!("CARGO_BIN_EXE_patina")),
-        &dir,
-        &ip,
-        &format!("worker-{i}"),
-        &extra,
-    )
-    .expect("start patina with TLS")
+    let days = if i == 1 { 20 } else { 90 };
+    common::start_tls_agent(root, i, 171, ca, seeds, days)
 }
 
 fn put(id: &str, host: &str) -> UpsertMachineRequest {

@@ -208,3 +208,92 @@ pub async fn put_app_machine(agent: &Agent, id: &str, app: &str, started: bool) 
         .await
         .expect("UpsertMachine");
 }
+
+/// `patina certs ARGS`, which must succeed.
+pub fn certs(args: &[&str]) {
+    let out = cli(&[&["certs"], args].concat());
+    assert!(
+        out.status.success(),
+        "patina certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issue a certificate with `grants` (`patina certs issue` flags) from the CA in `ca` into
+/// `out`; returns `out`.
+pub fn issue(ca: &Path, out: &Path, grants: &[&str]) -> std::path::PathBuf {
+    let mut args = vec![
+        "issue",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--name",
+        "test",
+        "--ip",
+        "127.0.0.1",
+    ];
+    args.extend_from_slice(grants);
+    certs(&args);
+    out.to_path_buf()
+}
+
+/// A client's TLS dial with the set in `dir` (fixed: read once).
+pub fn tls_dial(dir: &Path) -> patina_trust::Dial {
+    let m = patina_trust::Material::load(&patina_trust::Paths::in_dir(dir)).expect("client files");
+    patina_trust::Dial::tls_any(patina_trust::Trust::fixed(m))
+}
+
+/// A channel to `agent` through `dial` (5 s to connect), or why not.
+pub async fn tls_channel(
+    dial: &patina_trust::Dial,
+    agent: &Agent,
+) -> Result<tonic::transport::Channel, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(agent.url.clone())
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(5));
+    dial.connect(endpoint).await.map_err(|e| format!("{e:?}"))
+}
+
+/// Where a harness agent started in `dir` reads its TLS files.
+pub fn tls_dir(dir: &Path) -> std::path::PathBuf {
+    dir.join("data").join("tls")
+}
+
+/// Region agent `i` of cluster `test` with TLS on (a certificate from `ca` valid `days`) and
+/// encrypted gossip: IP `127.0.0.{base + i}`, data in `root/agent{i}`, joined through the
+/// agents numbered `seeds`.
+pub fn start_tls_agent(
+    root: &Path,
+    i: usize,
+    base: usize,
+    ca: &Path,
+    seeds: &[usize],
+    days: u32,
+) -> Agent {
+    let ip = format!("127.0.0.{}", base + i);
+    let dir = root.join(format!("agent{i}"));
+    issue(
+        ca,
+        &tls_dir(&dir),
+        &[
+            "--region-agent",
+            "test",
+            "--ip",
+            &ip,
+            "--days",
+            &days.to_string(),
+        ],
+    );
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|s| format!("127.0.0.{}", base + s))
+        .collect();
+    // TLS on needs a gossip key too (gossip is encrypted by default).
+    let extra = format!(
+        "tls = \"on\"\n{}encrypt = \"{GOSSIP_KEY}\"\n",
+        gossip_table(&ip, &seeds)
+    );
+    Agent::start_host(bin(), &dir, &ip, &format!("worker-{i}"), &extra)
+        .expect("start patina with TLS")
+}
