@@ -76,9 +76,7 @@ const APP: &str = "lat";
 const CLIENTS: usize = 64;
 
 async fn connect(a: &Agent) -> anyhow::Result<GlobalClient<Channel>> {
-    Ok(GlobalClient::new(
-        Channel::from_shared(a.url.clone())?.connect().await?,
-    ))
+    Ok(GlobalClient::new(a.channel().await))
 }
 
 async fn lists(c: &mut GlobalClient<Channel>, from: &str, region: &str) -> anyhow::Result<bool> {
@@ -217,7 +215,7 @@ where
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
     for _ in 0..CLIENTS {
-        let channel = Channel::from_shared(a.url.clone())?.connect().await?;
+        let channel = a.channel().await;
         let call = call.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -488,15 +486,84 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         return Ok(());
     }
     let bin = build_patina()?;
+    // Security on (mTLS, encrypted gossip, signed summaries: as agents run by default), then
+    // the same world in plaintext, in the same run.
+    let f = world_figures(&bin, &o, true)?;
+    let plain = world_figures(&bin, &o, false)?;
+    let pct = |v: &[f64], p: f64| {
+        let mut ns: Vec<u64> = v.iter().map(|ms| (ms * 1e6) as u64).collect();
+        ns.sort_unstable();
+        percentile_us(&ns, p) / 1000.0
+    };
+    let (down50, down99) = (pct(&f.down_ms, 50.0), pct(&f.down_ms, 99.0));
+    let (up50, up99) = (pct(&f.up_ms, 50.0), pct(&f.up_ms, 99.0));
+    let (plain_down99, plain_up99) = (pct(&plain.down_ms, 99.0), pct(&plain.up_ms, 99.0));
+    println!(
+        "world: {} regions x 2 agents, 2 bridges each, {} global agents (release build, loopback); \
+         security on (mTLS, encrypted gossip, signed summaries), and the same world in plaintext",
+        o.regions, o.edges
+    );
+    println!(
+        "region to every edge, {} events: down p50 {down50:.1} ms, p99 {down99:.1} ms; \
+         up p50 {up50:.1} ms, p99 {up99:.1} ms (one LookupApp round trip: {:.0} µs); \
+         plaintext: down p99 {plain_down99:.1} ms, up p99 {plain_up99:.1} ms",
+        f.down_ms.len(),
+        f.rtt_us
+    );
+    println!(
+        "LookupApp, {CLIENTS} clients on one global agent: {:.0}/s, p99 {:.0} µs \
+         (gRPC health check, same clients: {:.0}/s, p99 {:.0} µs); plaintext: {:.0}/s, p99 {:.0} µs \
+         (health {:.0}/s): with mTLS {:.2}x plaintext",
+        f.lookup_per_s,
+        f.lookup_p99_us,
+        f.health_per_s,
+        f.health_p99_us,
+        plain.lookup_per_s,
+        plain.lookup_p99_us,
+        plain.health_per_s,
+        f.lookup_per_s / plain.lookup_per_s
+    );
+    let mut json = serde_json::json!({
+        "regions": o.regions,
+        "edges": o.edges,
+        "events": f.down_ms.len(),
+        "region_to_edge_p50_ms": down50,
+        "region_to_edge_p99_ms": down99,
+        "region_to_edge_up_p50_ms": up50,
+        "region_to_edge_up_p99_ms": up99,
+        "baseline_lookup_rtt_us": f.rtt_us,
+        "lookup_grpc_per_s": f.lookup_per_s,
+        "lookup_grpc_p99_us": f.lookup_p99_us,
+        "baseline_health_grpc_per_s": f.health_per_s,
+        "baseline_health_grpc_p99_us": f.health_p99_us,
+        "plaintext_region_to_edge_p99_ms": plain_down99,
+        "plaintext_region_to_edge_up_p99_ms": plain_up99,
+        "plaintext_lookup_grpc_per_s": plain.lookup_per_s,
+        "plaintext_lookup_grpc_p99_us": plain.lookup_p99_us,
+        "plaintext_health_grpc_per_s": plain.health_per_s,
+        "lookup_tls_over_plaintext": f.lookup_per_s / plain.lookup_per_s,
+    });
+    if let (Some(all), serde_json::Value::Object(edge)) = (json.as_object_mut(), edge_json) {
+        all.extend(edge);
+    }
+    println!("{json}");
+    Ok(())
+}
+
+/// The world's figures (region to edge, LookupApp and health under load), with security on
+/// or in plaintext.
+fn world_figures(bin: &std::path::Path, o: &Options, secure: bool) -> anyhow::Result<Figures> {
     let root = crate::bench_store::tempdir()?.join("global");
+    let _ = std::fs::remove_dir_all(&root);
     let shape = Shape {
         regions: o.regions,
         agents: 2,
         bridges: 2,
         globals: o.edges,
         stale_after_secs: 30,
+        secure,
     };
-    let mut world = World::start(&bin, &root, shape)?;
+    let mut world = World::start(bin, &root, shape)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -517,48 +584,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     });
     world.stop();
     let _ = std::fs::remove_dir_all(&root);
-    let f = figures?;
-    let pct = |v: &[f64], p: f64| {
-        let mut ns: Vec<u64> = v.iter().map(|ms| (ms * 1e6) as u64).collect();
-        ns.sort_unstable();
-        percentile_us(&ns, p) / 1000.0
-    };
-    let (down50, down99) = (pct(&f.down_ms, 50.0), pct(&f.down_ms, 99.0));
-    let (up50, up99) = (pct(&f.up_ms, 50.0), pct(&f.up_ms, 99.0));
-    println!(
-        "world: {} regions x 2 agents, 2 bridges each, {} global agents (release build, loopback)",
-        o.regions, o.edges
-    );
-    println!(
-        "region to every edge, {} events: down p50 {down50:.1} ms, p99 {down99:.1} ms; \
-         up p50 {up50:.1} ms, p99 {up99:.1} ms (one LookupApp round trip: {:.0} µs)",
-        f.down_ms.len(),
-        f.rtt_us
-    );
-    println!(
-        "LookupApp, {CLIENTS} clients on one global agent: {:.0}/s, p99 {:.0} µs \
-         (gRPC health check, same clients: {:.0}/s, p99 {:.0} µs)",
-        f.lookup_per_s, f.lookup_p99_us, f.health_per_s, f.health_p99_us
-    );
-    let mut json = serde_json::json!({
-        "regions": o.regions,
-        "edges": o.edges,
-        "events": f.down_ms.len(),
-        "region_to_edge_p50_ms": down50,
-        "region_to_edge_p99_ms": down99,
-        "region_to_edge_up_p50_ms": up50,
-        "region_to_edge_up_p99_ms": up99,
-        "baseline_lookup_rtt_us": f.rtt_us,
-        "lookup_grpc_per_s": f.lookup_per_s,
-        "lookup_grpc_p99_us": f.lookup_p99_us,
-        "baseline_health_grpc_per_s": f.health_per_s,
-        "baseline_health_grpc_p99_us": f.health_p99_us,
-    });
-    if let (Some(all), serde_json::Value::Object(edge)) = (json.as_object_mut(), edge_json) {
-        all.extend(edge);
-    }
-    println!("{json}");
-    Ok(())
+    figures
 }
 
 /// A directory removed when this goes out of scope.

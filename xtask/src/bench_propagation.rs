@@ -16,7 +16,9 @@ use anyhow::{Context, bail};
 use patina_proto::v1::{
     ClusterStatusRequest, MembersRequest, UpsertMachineRequest, WatchRequest, machine_change,
 };
+use patina_testkit::secure::Secure;
 use patina_testkit::{Agent, machine};
+use tonic::transport::Channel;
 
 use crate::cluster::start_agent;
 use crate::harness::build_patina;
@@ -76,12 +78,17 @@ struct Seen {
 
 type SeenRef = Arc<Mutex<Seen>>;
 
-async fn watch_all(url: String, seen: SeenRef) {
-    let Ok(channel) = tonic::transport::Channel::from_shared(url)
-        .expect("url")
-        .connect()
-        .await
-    else {
+/// A channel to `url`, through `dial` (TLS with the harness's certificate) when given.
+async fn channel(dial: &Option<patina_trust::Dial>, url: &str) -> anyhow::Result<Channel> {
+    let endpoint = Channel::from_shared(url.to_owned())?;
+    Ok(match dial {
+        Some(d) => d.connect(endpoint).await?,
+        None => endpoint.connect().await?,
+    })
+}
+
+async fn watch_all(url: String, seen: SeenRef, dial: Option<patina_trust::Dial>) {
+    let Ok(channel) = channel(&dial, &url).await else {
         return;
     };
     let mut client = patina_proto::v1::region_client::RegionClient::new(channel);
@@ -127,9 +134,25 @@ struct Cluster {
     agents: Vec<Option<Agent>>,
     seen: Vec<SeenRef>,
     watchers: Vec<tokio::task::JoinHandle<()>>,
+    /// The CA and client when security is on.
+    secure: Option<Secure>,
 }
 
 impl Cluster {
+    /// Start agent `i` (again): with its certificate and the gossip key when secure.
+    fn start(&self, i: usize) -> anyhow::Result<Agent> {
+        let Some(s) = &self.secure else {
+            return start_agent(&self.bin, &self.root, i, "");
+        };
+        let dir = self.root.join(format!("agent-{}", i + 1));
+        let extra = s.agent_config(&dir, &crate::cluster::ip(i), Secure::region_agent("test"));
+        Ok(start_agent(&self.bin, &self.root, i, &extra)?.with_dial(s.dial.clone()))
+    }
+
+    fn dial(&self) -> Option<patina_trust::Dial> {
+        self.secure.as_ref().map(|s| s.dial.clone())
+    }
+
     fn agent(&self, i: usize) -> &Agent {
         self.agents[i].as_ref().expect("running")
     }
@@ -138,7 +161,7 @@ impl Cluster {
         let seen = Arc::new(Mutex::new(Seen::default()));
         self.seen[i] = seen.clone();
         let url = self.agent(i).url.clone();
-        self.watchers[i] = tokio::spawn(watch_all(url, seen));
+        self.watchers[i] = tokio::spawn(watch_all(url, seen, self.dial()));
     }
 
     async fn wait_joined(&self, within: Duration) -> anyhow::Result<()> {
@@ -288,9 +311,42 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let result = rt.block_on(bench(&o, bin, root.clone()));
+    // Security on (mTLS and encrypted gossip, as agents run by default); then, in the same
+    // run, the same region in plaintext for the figures security could cost: write to
+    // everywhere, crash to excluded, idle bandwidth.
+    let result = rt.block_on(bench(&o, bin.clone(), root.clone(), true));
     let _ = std::fs::remove_dir_all(&root);
     let mut json = result?;
+    let plain = rt.block_on(bench(&o, bin, root.clone(), false));
+    let _ = std::fs::remove_dir_all(&root);
+    let plain = plain?;
+    println!(
+        "security on vs plaintext: write to everywhere p99 {:.2} vs {:.2} ms; crash to excluded p50 {:.0} vs {:.0} ms; idle gossip {:.0} vs {:.0} B/s per node",
+        json["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        plain["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        json["crash_to_excluded_p50_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        plain["crash_to_excluded_p50_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        json["idle_bytes_per_s_per_node"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        plain["idle_bytes_per_s_per_node"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+    );
+    for k in [
+        "write_to_all_p50_ms",
+        "write_to_all_p99_ms",
+        "crash_to_excluded_p50_ms",
+        "crash_to_excluded_p99_ms",
+        "idle_bytes_per_s_per_node",
+        "grpc_rtt_us",
+    ] {
+        json[format!("plaintext_{k}")] = plain[k].clone();
+    }
     if o.sim {
         sim_figures(&mut json);
     }
@@ -336,21 +392,35 @@ fn sim_figures(json: &mut serde_json::Value) {
     json["sim_bytes_per_s_per_node_1000"] = b1000.into();
 }
 
+/// The benchmark over a region of real agents, security on (`secure`) or in plaintext. The
+/// plaintext pass stops after crash to excluded (what security could change); the secure
+/// one goes on to the false-down phases.
 async fn bench(
     o: &Options,
     bin: std::path::PathBuf,
     root: std::path::PathBuf,
+    secure: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let n = o.nodes;
+    println!(
+        "{}",
+        if secure {
+            "security on: mTLS and encrypted gossip"
+        } else {
+            "plaintext, for comparison"
+        }
+    );
     let mut c = Cluster {
         bin,
         root,
         agents: Vec::new(),
         seen: (0..n).map(|_| Arc::default()).collect(),
         watchers: (0..n).map(|_| tokio::spawn(async {})).collect(),
+        secure: secure.then(|| Secure::new(&["test".to_owned()])),
     };
     for i in 0..n {
-        c.agents.push(Some(start_agent(&c.bin, &c.root, i, "")?));
+        let agent = c.start(i)?;
+        c.agents.push(Some(agent));
     }
     c.wait_joined(Duration::from_secs(60)).await?;
     println!("{n} agents joined");
@@ -387,13 +457,14 @@ async fn bench(
     let sampler = {
         let urls: Vec<String> = c.agents.iter().flatten().map(|a| a.url.clone()).collect();
         let sampling = sampling.clone();
+        let dial = c.dial();
         tokio::spawn(async move {
             let mut worst = 0u32;
             let mut refuted = 0u64;
             let mut clients = Vec::new();
             for u in urls {
-                if let Ok(c) = patina_proto::v1::admin_client::AdminClient::connect(u).await {
-                    clients.push(c);
+                if let Ok(ch) = channel(&dial, &u).await {
+                    clients.push(patina_proto::v1::admin_client::AdminClient::new(ch));
                 }
             }
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
@@ -422,14 +493,11 @@ async fn bench(
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..writers {
         let urls: Vec<String> = c.agents.iter().flatten().map(|a| a.url.clone()).collect();
+        let dial = c.dial();
         tasks.spawn(async move {
             let mut clients = Vec::new();
             for u in &urls {
-                let ch = tonic::transport::Channel::from_shared(u.clone())
-                    .expect("url")
-                    .connect()
-                    .await
-                    .expect("connect");
+                let ch = channel(&dial, u).await.expect("connect");
                 clients.push(patina_proto::v1::region_client::RegionClient::new(ch));
             }
             let mut acks = Vec::new();
@@ -487,12 +555,9 @@ async fn bench(
     let loaded_secs = 5u64;
     let rate = 1000u64;
     let url = c.agent(2).url.clone();
+    let dial = c.dial();
     let load = tokio::spawn(async move {
-        let ch = tonic::transport::Channel::from_shared(url)
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
+        let ch = channel(&dial, &url).await.expect("connect");
         let mut client = patina_proto::v1::region_client::RegionClient::new(ch);
         let start = Instant::now();
         for k in 0..rate * loaded_secs {
@@ -594,7 +659,7 @@ async fn bench(
             victim + 1,
             last.as_secs_f64() * 1e3
         );
-        c.agents[victim] = Some(start_agent(&c.bin, &c.root, victim, "")?);
+        c.agents[victim] = Some(c.start(victim)?);
         c.wait_joined(Duration::from_secs(30)).await?;
         c.watch(victim);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -608,6 +673,19 @@ async fn bench(
         pct(&crash, 100.0)
     );
 
+    if !secure {
+        for w in &c.watchers {
+            w.abort();
+        }
+        return Ok(serde_json::json!({
+            "write_to_all_p50_ms": pct(&lat, 50.0),
+            "write_to_all_p99_ms": pct(&lat, 99.0),
+            "crash_to_excluded_p50_ms": pct(&crash, 50.0),
+            "crash_to_excluded_p99_ms": pct(&crash, 99.0),
+            "idle_bytes_per_s_per_node": idle,
+            "grpc_rtt_us": rtt,
+        }));
+    }
     // False downs: idle, then with one member starved by SIGSTOP/SIGCONT cycles.
     let (downs, renewed) = c.false_downs(o.idle_secs, None).await;
     println!(

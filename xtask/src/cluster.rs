@@ -91,6 +91,9 @@ fn run_world(o: &Options, regions: usize) -> anyhow::Result<()> {
         bridges: o.bridges,
         globals: o.globals,
         stale_after_secs: 30,
+        // In plaintext, so that the client commands it prints need no certificate (`patina
+        // dev` runs a world with security on).
+        secure: false,
     };
     let mut world = crate::world::World::start(&bin, &root, shape)?;
     world.print();

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use patina_testkit::Agent;
+use patina_testkit::secure::Secure;
 
 pub const GOSSIP_PORT: u16 = 7946;
 pub const REGION_API_PORT: u16 = 7600;
@@ -59,12 +60,33 @@ pub struct Shape {
     pub bridges: usize,
     pub globals: usize,
     pub stale_after_secs: u64,
+    /// mTLS, encrypted gossip and signed summaries, as agents run by default (`false`:
+    /// everything in plaintext, for comparison).
+    pub secure: bool,
 }
 
 pub struct World {
     pub regions: Vec<Vec<Agent>>,
     pub bridges: Vec<Vec<Agent>>,
     pub globals: Vec<Agent>,
+}
+
+/// What an agent's configuration adds when the world is secure (after its `[gossip]` keys),
+/// and the agent started, reached with the world's client certificate.
+fn secured(
+    secure: Option<&Secure>,
+    dir: &Path,
+    ip: &str,
+    grants: Vec<patina_trust::Grant>,
+) -> String {
+    secure.map_or_else(String::new, |s| s.agent_config(dir, ip, grants))
+}
+
+fn reached(secure: Option<&Secure>, agent: Agent) -> Agent {
+    match secure {
+        Some(s) => agent.with_dial(s.dial.clone()),
+        None => agent,
+    }
 }
 
 fn gossip(ip: &str, seed: &str) -> String {
@@ -93,6 +115,9 @@ impl World {
             "regions 1-200, agents, bridges and global agents 1-250"
         );
         let table = region_table(shape.regions, shape.stale_after_secs);
+        let names: Vec<String> = (0..shape.regions).map(region_name).collect();
+        let secure = shape.secure.then(|| Secure::new(&names));
+        let sec = secure.as_ref();
         let mut regions = Vec::new();
         for r in 0..shape.regions {
             let name = region_name(r);
@@ -106,16 +131,16 @@ impl World {
                 } else {
                     ""
                 };
-                let config = format!(
-                    "region = \"{name}\"\nhost = \"{name}-{}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}{standalone}",
-                    i + 1,
-                    gossip(&ip, &region_ip(r, 0))
-                );
                 let dir = root.join(&name).join(format!("agent-{}", i + 1));
-                agents.push(
-                    Agent::start_role(bin, "region", &dir, &config)
-                        .with_context(|| format!("starting agent {} of {name}", i + 1))?,
+                let config = format!(
+                    "region = \"{name}\"\nhost = \"{name}-{}\"\nlisten = \"{ip}:{REGION_API_PORT}\"\nlog = \"warn\"\n{}{standalone}{}",
+                    i + 1,
+                    gossip(&ip, &region_ip(r, 0)),
+                    secured(sec, &dir, &ip, Secure::region_agent(&name)),
                 );
+                let agent = Agent::start_role(bin, "region", &dir, &config)
+                    .with_context(|| format!("starting agent {} of {name}", i + 1))?;
+                agents.push(reached(sec, agent));
             }
             regions.push(agents);
         }
@@ -123,16 +148,16 @@ impl World {
         for g in 0..shape.globals {
             let ip = global_ip(g);
             let home = region_name(g % shape.regions);
-            let config = format!(
-                "region = \"{home}\"\nhost = \"edge-{}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{table}",
-                g + 1,
-                gossip(&ip, &global_ip(0))
-            );
             let dir = root.join("global").join(format!("agent-{}", g + 1));
-            globals.push(
-                Agent::start_role(bin, "global", &dir, &config)
-                    .with_context(|| format!("starting global agent {}", g + 1))?,
+            let config = format!(
+                "region = \"{home}\"\nhost = \"edge-{}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{}{table}",
+                g + 1,
+                gossip(&ip, &global_ip(0)),
+                secured(sec, &dir, &ip, Secure::global_agent()),
             );
+            let agent = Agent::start_role(bin, "global", &dir, &config)
+                .with_context(|| format!("starting global agent {}", g + 1))?;
+            globals.push(reached(sec, agent));
         }
         let mut bridges = Vec::new();
         for (r, agents) in regions.iter().enumerate() {
@@ -144,17 +169,17 @@ impl World {
             let mut mine = Vec::new();
             for b in 0..shape.bridges {
                 let ip = bridge_ip(r, b);
+                let dir = root.join(&name).join(format!("bridge-{}", b + 1));
                 let config = format!(
-                    "region = \"{name}\"\nhost = \"bridge-{name}-{}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{table}[bridge]\nregion_agents = [{}]\n",
+                    "region = \"{name}\"\nhost = \"bridge-{name}-{}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{}{table}[bridge]\nregion_agents = [{}]\n",
                     b + 1,
                     gossip(&ip, &global_ip(0)),
+                    secured(sec, &dir, &ip, Secure::bridge(&name)),
                     list.join(", ")
                 );
-                let dir = root.join(&name).join(format!("bridge-{}", b + 1));
-                mine.push(
-                    Agent::start_role(bin, "bridge", &dir, &config)
-                        .with_context(|| format!("starting bridge {} of {name}", b + 1))?,
-                );
+                let agent = Agent::start_role(bin, "bridge", &dir, &config)
+                    .with_context(|| format!("starting bridge {} of {name}", b + 1))?;
+                mine.push(reached(sec, agent));
             }
             bridges.push(mine);
         }

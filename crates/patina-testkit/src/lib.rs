@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod secure;
 pub mod watchers;
 
 use std::io::{BufRead, BufReader};
@@ -50,6 +51,9 @@ pub struct Agent {
     pub dir: PathBuf,
     /// Its stdout, after the announcement.
     pub stdout: mpsc::Receiver<String>,
+    /// How [`Agent::channel`] reaches it: TLS with a client certificate for an agent that
+    /// runs with TLS (see [`secure::Secure`]), else plaintext.
+    pub dial: Option<patina_trust::Dial>,
 }
 
 impl Agent {
@@ -170,7 +174,14 @@ impl Agent {
             url,
             dir: dir.to_path_buf(),
             stdout,
+            dial: None,
         })
+    }
+
+    /// This agent, reached through `dial` from now on.
+    pub fn with_dial(mut self, dial: patina_trust::Dial) -> Agent {
+        self.dial = Some(dial);
+        self
     }
 
     /// Start it again after a stop or a kill: same directory and config, a new port.
@@ -181,7 +192,9 @@ impl Agent {
             .filter(|l| !l.starts_with("data_dir ="))
             .map(|l| format!("{l}\n"))
             .collect();
+        let dial = self.dial.take();
         *self = Agent::spawn(&[], bin, role, &self.dir.clone(), &config)?;
+        self.dial = dial;
         Ok(())
     }
 
@@ -191,11 +204,12 @@ impl Agent {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url.clone())
-            .expect("a valid URL")
-            .connect()
-            .await
-            .expect("connect to the agent")
+        let endpoint = Channel::from_shared(self.url.clone()).expect("a valid URL");
+        match &self.dial {
+            Some(dial) => dial.connect(endpoint).await,
+            None => endpoint.connect().await,
+        }
+        .expect("connect to the agent")
     }
 
     /// A gRPC client of its admin service.
