@@ -728,6 +728,38 @@ impl Core {
         Ok(report)
     }
 
+    /// Why a record from a peer is refused on its own merits (its timestamp, size, the
+    /// kind's checks, and what the kind requires held), if it is.
+    fn refusal_of(&self, g: &Group<'_>, record: &Record) -> Option<Refusal> {
+        let v = record.version;
+        let ahead_ms = v.hlc.physical_ms().saturating_sub(g.now_ms);
+        if ahead_ms > MAX_CLOCK_AHEAD_MS {
+            return Some(Refusal::ClockAhead { ahead_ms });
+        }
+        if record
+            .value
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_VALUE_LEN)
+        {
+            return Some(Refusal::ValueTooLarge);
+        }
+        if let Err(why) = self
+            .kind
+            .check(&record.key, &record.group, record.value.as_deref())
+        {
+            return Some(Refusal::Invalid(why));
+        }
+        if let Err(why) =
+            self.kind
+                .check_held(v.origin, &record.key, record.value.as_deref(), &|key| {
+                    g.current(key)
+                })
+        {
+            return Some(Refusal::Unmet(why));
+        }
+        None
+    }
+
     /// Is a version of our own origin one we never issued? Above our head it certainly is.
     /// At or below it, it is when it would beat what we hold for its key: we hold our own
     /// write of that number or something newer. A key we hold nothing for proves nothing
@@ -1083,6 +1115,11 @@ impl Core {
             if !self.is_foreign_copy(g, record) {
                 return Ok(Covered);
             }
+            // Only a record this store would take from a peer is evidence of a copy: a forged
+            // one (a bad signature, a value the kind refuses) must not make it move.
+            if let Some(why) = self.refusal_of(g, record) {
+                return Ok(Refused(why));
+            }
             // Another record under our origin: a copy of this store wrote it. Move, and take
             // it as the other origin's it now is (adopted below, like the rest of that
             // copy's writes before the move).
@@ -1099,30 +1136,8 @@ impl Core {
         {
             return Ok(Covered);
         }
-        let ahead_ms = v.hlc.physical_ms().saturating_sub(g.now_ms);
-        if ahead_ms > MAX_CLOCK_AHEAD_MS {
-            return Ok(Refused(Refusal::ClockAhead { ahead_ms }));
-        }
-        if record
-            .value
-            .as_ref()
-            .is_some_and(|v| v.len() > MAX_VALUE_LEN)
-        {
-            return Ok(Refused(Refusal::ValueTooLarge));
-        }
-        if let Err(why) = self
-            .kind
-            .check(&record.key, &record.group, record.value.as_deref())
-        {
-            return Ok(Refused(Refusal::Invalid(why)));
-        }
-        if let Err(why) =
-            self.kind
-                .check_held(v.origin, &record.key, record.value.as_deref(), &|key| {
-                    g.current(key)
-                })
-        {
-            return Ok(Refused(Refusal::Unmet(why)));
+        if let Some(why) = self.refusal_of(g, record) {
+            return Ok(Refused(why));
         }
         let flags = record
             .value

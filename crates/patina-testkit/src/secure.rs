@@ -69,6 +69,11 @@ impl Secure {
         )
     }
 
+    /// A set with `grants` from this CA (what an attacker holding such a certificate has).
+    pub fn issue(&self, grants: Vec<Grant>) -> patina_trust::Material {
+        self.ca.issue_set(grants, VALID).expect("a certificate")
+    }
+
     /// A region agent's grants.
     pub fn region_agent(region: &str) -> Vec<Grant> {
         vec![Grant::new(Tier::Region, region, Role::Agent)]

@@ -319,6 +319,35 @@ fn a_record_of_our_own_origin_that_we_never_wrote_moves_the_store_to_a_fresh_ori
     assert_eq!(known(&store, old.0), (3, vec![(1, 2)]));
 }
 
+/// A record of our own origin the kind refuses (a forged one: a bad signature in the global
+/// tier) is no evidence of a copy: the store does not move, and refuses it.
+#[test]
+fn a_forged_record_of_our_own_origin_is_refused_without_a_move() {
+    let rt = rt();
+    let opts = StoreOptions {
+        kind: Arc::new(Utf8Kind),
+        ..opts()
+    };
+    let store = Store::in_memory(NodeId(100), 1, opts);
+    rt.block_on(store.write(vec![put("a", "g", "1", true)]))
+        .unwrap();
+    let me = store.node();
+    let mut forged = remote("c", version(u64::from(u16::MAX), me.0, 1_000), false);
+    forged.value = Some(Arc::from(&b"\xff\xfe"[..]));
+    let report = rt.block_on(store.apply(records(vec![forged]))).unwrap();
+    assert!(matches!(
+        report.records[0],
+        ApplyOutcome::Refused(Refusal::Invalid(_))
+    ));
+    assert_eq!(store.node(), me, "no move");
+    assert!(store.get_latest("c").is_none());
+    // A valid one still moves it (a real copy).
+    let copy = remote("c", version(u64::from(u16::MAX), me.0, 1_001), false);
+    let report = rt.block_on(store.apply(records(vec![copy]))).unwrap();
+    assert_eq!(report.records, vec![ApplyOutcome::Applied]);
+    assert_ne!(store.node(), me);
+}
+
 #[test]
 fn a_conflicting_version_below_our_head_is_detected_too() {
     let rt = rt();

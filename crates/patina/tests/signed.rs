@@ -1,0 +1,304 @@
+//! Summaries signed by their region's bridges, with real processes and security on: a
+//! region `ord` (one agent), its bridge, two global agents and an edge following one of them.
+//! An attacker holding the global cluster's gossip key (a compromised global agent) pushes
+//! forged records straight into both global agents: a summary with inflated counts under the
+//! bridge's origin and a bad signature, the bridge's real signed summary replayed under
+//! another app, and a summary for ord signed by a bridge of fra under an origin registered
+//! for ord. Every global agent and the edge refuse them all and keep the true state.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Agent, REGION_TABLE, bin, put_app_machine};
+use patina_edge::{RegionTable, Table};
+use patina_gossip::wire::{Item, Push};
+use patina_gossip::{ClusterName, Envelope, GossipKey, Keyring};
+use patina_proto::v1::global_client::GlobalClient;
+use patina_proto::v1::{
+    BridgeCertRecord, BridgeRecord, ClusterStatusRequest, LookupAppRequest, SummaryRecord,
+    WatchAppsRequest,
+};
+use patina_store::{Hlc, NodeId, Record, Version};
+use patina_testkit::secure::Secure;
+use prost::Message;
+
+fn gossip(ip: &str, seed: Option<&str>) -> String {
+    let seeds = seed.map_or_else(String::new, |s| format!("\"{s}:7946\""));
+    format!("[gossip]\nlisten = \"{ip}:7946\"\nseeds = [{seeds}]\n")
+}
+
+fn start(root: &Path, role: &str, name: &str, config: String, s: &Secure) -> Agent {
+    Agent::start_role(bin(), role, &root.join(name), &config)
+        .expect("start an agent")
+        .with_dial(s.dial.clone())
+}
+
+/// Healthy instances of `app` in ord, as a global agent answers (`None`: ord not listed).
+async fn healthy_at(agent: &Agent, app: &str) -> Option<u32> {
+    let answer = GlobalClient::new(agent.channel().await)
+        .lookup_app(LookupAppRequest {
+            app: app.into(),
+            from_region: "ord".into(),
+            include_empty: true,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    answer
+        .regions
+        .iter()
+        .find(|r| r.region == "ord")
+        .map(|r| r.healthy)
+}
+
+/// A push of `records`, sealed with the cluster's gossip key.
+fn datagram(key: &str, records: Vec<Record>) -> Vec<u8> {
+    let envelope = Envelope::with_keyring(
+        &ClusterName::new("global").unwrap(),
+        Keyring::with_key(GossipKey::parse(key).unwrap()),
+    );
+    let push = Push {
+        sender: NodeId(0xbad),
+        hops: 0,
+        items: records
+            .iter()
+            .map(|r| Item::Record(r.clone()).to_bytes())
+            .collect(),
+    };
+    let mut payload = Vec::new();
+    push.encode(&mut payload);
+    let mut out = Vec::new();
+    envelope.seal(&payload, &mut out);
+    out
+}
+
+fn record(key: &str, group: &str, value: Vec<u8>, origin: u64, seq: u64) -> Record {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    Record {
+        key: key.into(),
+        group: group.into(),
+        value: Some(value.into()),
+        version: Version {
+            hlc: Hlc::from_physical_ms(now_ms),
+            origin: NodeId(origin),
+            seq,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
+    let root = tempfile::tempdir().unwrap();
+    let s = Secure::new(&["ord".to_owned()]);
+    let (rip, bip, g1, g2) = ("127.0.0.221", "127.0.0.222", "127.0.0.223", "127.0.0.224");
+    let dir = |n: &str| root.path().join(n);
+    let region = start(
+        root.path(),
+        "region",
+        "region",
+        format!(
+            "region = \"ord\"\nhost = \"ord-1\"\nlisten = \"{rip}:7600\"\nlog = \"warn\"\n{}standalone = true\n{}",
+            gossip(rip, None),
+            s.agent_config(&dir("region"), rip, Secure::region_agent("ord"))
+        ),
+        &s,
+    );
+    let global = |name: &str, ip: &str| {
+        start(
+            root.path(),
+            "global",
+            name,
+            format!(
+                "region = \"ord\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{}{REGION_TABLE}",
+                gossip(ip, Some(g1)),
+                s.agent_config(&dir(name), ip, Secure::global_agent())
+            ),
+            &s,
+        )
+    };
+    let globals = [global("g1", g1), global("g2", g2)];
+    let _bridge = start(
+        root.path(),
+        "bridge",
+        "bridge",
+        format!(
+            "region = \"ord\"\nhost = \"bridge\"\nlisten = \"{bip}:0\"\nlog = \"warn\"\n{}{}{REGION_TABLE}[bridge]\nregion_agents = [\"{}\"]\n",
+            gossip(bip, Some(g1)),
+            s.agent_config(&dir("bridge"), bip, Secure::bridge("ord")),
+            region.host_port()
+        ),
+        &s,
+    );
+    put_app_machine(&region, "web-1", "web", true).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for g in &globals {
+        while healthy_at(g, "web").await != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "web never reached the global agents"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // An edge follows g1 over TLS, checking signatures itself.
+    let regions = RegionTable::new(
+        ["ord", "fra", "syd"]
+            .iter()
+            .map(|n| patina_edge::RegionSpec {
+                name: (*n).into(),
+                ..Default::default()
+            })
+            .collect(),
+    )
+    .unwrap();
+    let table = Arc::new(Table::new(regions, None));
+    let edge = patina_edge::follow(vec![globals[0].url.clone()], table.clone(), s.dial.clone());
+    let edge_healthy = |app: &str| {
+        table
+            .lookup(app, "ord")
+            .iter()
+            .find(|h| table.region_name(h.region).as_deref() == Some("ord"))
+            .map(|h| h.healthy)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while edge_healthy("web") != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the edge never took the signed summary"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // What the attacker reads from any global agent: the bridge's origin and its signed
+    // summary of web.
+    let mut watch = GlobalClient::new(globals[0].channel().await)
+        .watch_apps(WatchAppsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let real = loop {
+        let msg = watch.message().await.unwrap().expect("a snapshot");
+        if let Some(s) = msg.summaries.into_iter().find(|s| s.app == "web") {
+            break s;
+        }
+    };
+    let bridge = real.bridge;
+    let signed = SummaryRecord {
+        region: "ord".into(),
+        healthy: real.healthy,
+        total: real.total,
+        view_hlc: real.view_hlc,
+        signature: real.signature.clone(),
+    };
+    assert!(!signed.signature.is_empty(), "the bridge signs");
+    let mut inflated = signed.clone();
+    inflated.healthy = 99;
+    inflated.total = 99;
+    inflated.view_hlc += 1 << 20;
+    // A bridge of fra, with its real certificate and key, under a new origin whose heartbeat
+    // says ord.
+    let fra = s.issue(Secure::bridge("fra"));
+    let forger = 0x0f0f_0f0f_0f0f_0f0f;
+    let view = real.view_hlc + (1 << 20);
+    let heartbeat = BridgeRecord {
+        region: "ord".into(),
+        view_hlc: view,
+        signature: fra
+            .sign(&patina_edge::signed::heartbeat_message(forger, "ord", view))
+            .unwrap(),
+    };
+    let fra_summary = SummaryRecord {
+        region: "ord".into(),
+        healthy: 50,
+        total: 50,
+        view_hlc: view,
+        signature: fra
+            .sign(&patina_edge::signed::summary_message(
+                "web", "ord", 50, 50, view,
+            ))
+            .unwrap(),
+    };
+    let forged = vec![
+        record(
+            "web/ord",
+            "web",
+            inflated.encode_to_vec(),
+            bridge,
+            1_000_000,
+        ),
+        record("api/ord", "api", signed.encode_to_vec(), bridge, 1_000_001),
+        record(
+            &format!("_bridgecert/{forger:016x}"),
+            "_bridges",
+            BridgeCertRecord {
+                certificate: fra.certificate().to_vec(),
+            }
+            .encode_to_vec(),
+            forger,
+            1,
+        ),
+        record(
+            &format!("_bridge/{forger:016x}"),
+            "_bridges",
+            heartbeat.encode_to_vec(),
+            forger,
+            2,
+        ),
+        record("web/ord", "web", fra_summary.encode_to_vec(), forger, 3),
+    ];
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for g in &globals {
+        let push_port: u16 = g.host_port().rsplit(':').next().unwrap().parse().unwrap();
+        for r in &forged {
+            // One record per datagram, each sent a few times.
+            for _ in 0..3 {
+                socket
+                    .send_to(
+                        &datagram(&s.key, vec![r.clone()]),
+                        (g.host_port().split(':').next().unwrap(), push_port),
+                    )
+                    .unwrap();
+            }
+        }
+    }
+    // Given time to spread (and anti-entropy to ask for them again), nothing changed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for g in &globals {
+        assert_eq!(healthy_at(g, "web").await, Some(1), "{}", g.url);
+        assert_eq!(healthy_at(g, "api").await, None, "{}", g.url);
+        let status = g
+            .admin()
+            .await
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let refused: u64 = status.origins.iter().map(|o| o.refused).sum();
+        assert!(
+            refused >= 3,
+            "{} refused {refused}: {:?}",
+            g.url,
+            status.origins
+        );
+    }
+    assert_eq!(edge_healthy("web"), Some(1));
+    assert_eq!(edge_healthy("api"), None);
+    // The true bridge still publishes: a second instance reaches the edge.
+    put_app_machine(&region, "web-2", "web", true).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while edge_healthy("web") != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "the real bridge's next summary did not arrive"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(edge);
+}
