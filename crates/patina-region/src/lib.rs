@@ -229,6 +229,8 @@ pub async fn serve_with(
         // A peer that vanished (host down, cable cut) frees its connection and watches.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(limits.max_connection_age)
+        .max_connection_age_grace(limits.connection_age_grace())
         .layer(authorize)
         .add_service(health)
         .add_service(reflection)

@@ -19,6 +19,18 @@ pub struct Limits {
     pub max_streams_per_connection: NonZeroU32,
     /// Open Watch streams across the agent. One more is answered `RESOURCE_EXHAUSTED` at once.
     pub max_watches: NonZeroUsize,
+    /// A connection this old is asked to go away (HTTP/2 GOAWAY: no new calls on it), and
+    /// closed [`Limits::connection_age_grace`] later with whatever still runs on it (a Watch
+    /// resumes from its token on a new connection). Bounds how long a certificate the agent
+    /// no longer trusts (its CA dropped from the bundle) keeps a connection.
+    pub max_connection_age: Duration,
+}
+
+impl Limits {
+    /// How long calls on a connection past its age may go on: the age, at most 5 minutes.
+    pub fn connection_age_grace(&self) -> Duration {
+        self.max_connection_age.min(Duration::from_secs(300))
+    }
 }
 
 impl Default for Limits {
@@ -40,6 +52,9 @@ impl Default for Limits {
             // costs ~350 MiB with typical records (~2.4 GiB at the 4 KiB record limit): lower
             // it on small hosts.
             max_watches: NonZeroUsize::new(1024).expect("non-zero"),
+            // An hour: a dropped CA's connections are gone within 65 minutes, and every
+            // client reconnects (a watch resumes) about once an hour.
+            max_connection_age: Duration::from_secs(3600),
         }
     }
 }

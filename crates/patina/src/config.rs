@@ -420,6 +420,7 @@ pub struct LimitsConfig {
     pub handshake_timeout_ms: NonZeroU64,
     pub max_streams_per_connection: NonZeroU32,
     pub max_watches: NonZeroUsize,
+    pub max_connection_age_secs: NonZeroU64,
 }
 
 impl Default for LimitsConfig {
@@ -431,6 +432,8 @@ impl Default for LimitsConfig {
                 .expect("a non-zero default"),
             max_streams_per_connection: d.max_streams_per_connection,
             max_watches: d.max_watches,
+            max_connection_age_secs: NonZeroU64::new(d.max_connection_age.as_secs())
+                .expect("a non-zero default"),
         }
     }
 }
@@ -442,6 +445,7 @@ impl From<&LimitsConfig> for patina_region::Limits {
             handshake_timeout: std::time::Duration::from_millis(c.handshake_timeout_ms.get()),
             max_streams_per_connection: c.max_streams_per_connection,
             max_watches: c.max_watches,
+            max_connection_age: std::time::Duration::from_secs(c.max_connection_age_secs.get()),
         }
     }
 }

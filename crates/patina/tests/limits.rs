@@ -306,3 +306,45 @@ async fn a_watch_over_max_watches_gets_resource_exhausted_until_one_ends() {
     let err = client.watch(watch("")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
 }
+
+/// A connection past `limits.max_connection_age_secs` is closed after the grace, a Watch on it
+/// included; the client's next call opens a new connection and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_connection_is_closed_and_its_client_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = common::start_with(
+        dir.path(),
+        "127.0.0.1",
+        "[limits]\nmax_connection_age_secs = 1\n",
+    );
+    let mut client = agent.client().await;
+    let mut stream = client
+        .watch(WatchRequest {
+            app: "web".into(),
+            resume_token: String::new(),
+            heartbeat_ms: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let started = Instant::now();
+    // The stream ends (or fails) once the connection's age and grace have passed: 2 s here.
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(_))) if started.elapsed() < Duration::from_secs(10) => continue,
+            Ok(Ok(Some(_))) | Err(_) => break None,
+            Ok(Ok(None)) | Ok(Err(_)) => break Some(started.elapsed()),
+        }
+    };
+    let ended = ended.expect("the watch outlived its connection's age");
+    assert!(ended >= Duration::from_millis(900), "ended after {ended:?}");
+    // The same client is served again (tonic reconnects).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match list(&mut client).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "not served again: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
