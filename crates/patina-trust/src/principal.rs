@@ -150,6 +150,9 @@ pub fn valid_name(s: &str) -> bool {
 pub enum Need {
     /// An agent of this cluster (or, in a global cluster, a bridge: bridges are peers there).
     Peer,
+    /// An agent of this cluster, never a bridge: what changes the cluster itself (forgetting
+    /// a member, the gossip keyring).
+    Agent,
     /// A writer of this cluster (host restrictions are checked where the request is read).
     Writer,
     /// Any grant in this cluster: reads are open to every role of it.
@@ -160,6 +163,7 @@ impl Need {
     pub fn as_str(self) -> &'static str {
         match self {
             Need::Peer => "peer",
+            Need::Agent => "agent",
             Need::Writer => "writer",
             Need::Reader => "reader",
         }

@@ -197,9 +197,8 @@ pub fn need_of(path: &str) -> Option<Need> {
         return Some(Need::Peer);
     };
     let need = match path {
-        "/patina.v1.Sync/Exchange" | "/patina.v1.Admin/Forget" | "/patina.v1.Admin/Keyring" => {
-            Need::Peer
-        }
+        "/patina.v1.Sync/Exchange" => Need::Peer,
+        "/patina.v1.Admin/Forget" | "/patina.v1.Admin/Keyring" => Need::Agent,
         "/patina.v1.Region/UpsertMachine"
         | "/patina.v1.Region/UpsertMachines"
         | "/patina.v1.Region/DeleteMachine" => Need::Writer,
@@ -349,6 +348,22 @@ mod tests {
         assert!(!ok(&writer, "/patina.v1.Admin/Forget"));
         assert!(!ok(&reader, "/patina.v1.Admin/Keyring"));
         assert!(ok(&agent, "/patina.v1.Admin/Keyring"));
+        // A bridge is a peer of the global cluster (it syncs), never one that changes it.
+        let global = Scope::new(Tier::Global, "global");
+        let bridge = Principal {
+            grants: vec![Grant::new(
+                Tier::Global,
+                "global",
+                Role::Bridge("ord".into()),
+            )],
+            not_after: i64::MAX,
+            name: "b".into(),
+        };
+        assert!(refusal(&bridge, &global, "/patina.v1.Sync/Exchange").is_none());
+        for path in ["/patina.v1.Admin/Forget", "/patina.v1.Admin/Keyring"] {
+            let status = refusal(&bridge, &global, path).unwrap();
+            assert!(status.message().contains("agent role"), "{status:?}");
+        }
         assert!(ok(&agent, "/patina.v1.Sync/Exchange"));
         assert!(!ok(&agent, "/patina.v1.Unknown/Call") || agent.allows(&ord, Need::Peer));
         assert!(!ok(&reader, "/patina.v1.Unknown/Call"));
