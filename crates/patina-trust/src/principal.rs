@@ -57,6 +57,19 @@ impl Scope {
     }
 }
 
+impl Scope {
+    /// `region/NAME` or `global/NAME`, as [`Scope`] displays itself.
+    pub fn parse(text: &str) -> Option<Scope> {
+        let (tier, name) = text.split_once('/')?;
+        let tier = match tier {
+            "region" => Tier::Region,
+            "global" => Tier::Global,
+            _ => return None,
+        };
+        valid_name(name).then(|| Scope::new(tier, name))
+    }
+}
+
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.tier.as_str(), self.cluster)
@@ -264,6 +277,19 @@ pub fn principal_of(der: &[u8]) -> Result<Principal, PrincipalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scopes_parse_as_they_display() {
+        for s in [
+            Scope::new(Tier::Region, "ord"),
+            Scope::new(Tier::Global, "global"),
+        ] {
+            assert_eq!(Scope::parse(&s.to_string()), Some(s));
+        }
+        for bad in ["ord", "edge/ord", "region/", "region/Ord", "region/a/b"] {
+            assert_eq!(Scope::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn uris_round_trip_and_strangers_grant_nothing() {

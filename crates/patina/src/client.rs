@@ -402,6 +402,11 @@ pub struct ClientTls {
     pub tls_cert: Option<std::path::PathBuf>,
     #[arg(long, global = true, env = "PATINA_TLS_KEY")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// The cluster the server must be an agent of (`region/NAME` or `global/NAME`): a server
+    /// whose certificate names another cluster is refused before any call. Without it, any
+    /// agent or bridge the CA vouches for is taken.
+    #[arg(long, global = true, env = "PATINA_CLUSTER")]
+    pub cluster: Option<String>,
 }
 
 static DIAL: std::sync::OnceLock<patina_trust::Dial> = std::sync::OnceLock::new();
@@ -430,7 +435,16 @@ impl ClientTls {
             None => patina_trust::Dial::Plain,
             Some(paths) => {
                 let m = patina_trust::Material::load(&paths).context("client TLS files")?;
-                patina_trust::Dial::tls_any(patina_trust::Trust::fixed(m))
+                let trust = patina_trust::Trust::fixed(m);
+                match &self.cluster {
+                    None => patina_trust::Dial::tls_any(trust),
+                    Some(c) => {
+                        let scope = patina_trust::Scope::parse(c).with_context(|| {
+                            format!("--cluster {c:?}: region/NAME or global/NAME")
+                        })?;
+                        patina_trust::Dial::tls(trust, scope)
+                    }
+                }
             }
         };
         let _ = DIAL.set(dial);

@@ -205,6 +205,28 @@ async fn only_the_roles_certificates_grant_may_speak() {
         "{ta:?}"
     );
 
+    // The command-line client checks the server's cluster when told which to expect.
+    let peer_dir = root.path().join("peer");
+    let status_cli = |cluster: &str| {
+        common::cli(&[
+            "status",
+            "--server",
+            a.host_port(),
+            "--tls-dir",
+            peer_dir.to_str().unwrap(),
+            "--cluster",
+            cluster,
+        ])
+    };
+    let wrong = status_cli("region/fra");
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("not an agent of region/fra"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    assert!(status_cli("region/test").status.success());
+
     // Nothing of the refused calls changed anything: m1 and m7 only, m1 still worker-0's.
     assert_eq!(count(&rb).await, 2);
     let m1 = RegionClient::new(rb)
