@@ -138,6 +138,9 @@ pub struct BridgeSection {
     /// How long the followed agent's view may go on not standing before the bridge moves to
     /// the next agent (1000 to 600000; longer than the agents' `gossip.view_settle_ms`).
     pub unstanding_grace_ms: u64,
+    /// The gossip cluster name of the region's agents (their `gossip.cluster`), which their
+    /// certificates name: defaults to the region's name, as theirs does.
+    pub region_cluster: Option<String>,
 }
 
 impl Default for BridgeSection {
@@ -151,6 +154,7 @@ impl Default for BridgeSection {
             heartbeat_ms: NonZeroU64::new(ms(d.heartbeat)).expect("non-zero"),
             watch_heartbeat_ms: NonZeroU64::new(ms(d.watch_heartbeat)).expect("non-zero"),
             unstanding_grace_ms: ms(d.unstanding_grace),
+            region_cluster: None,
         }
     }
 }
@@ -185,6 +189,13 @@ impl BridgeSection {
         b.timing.settle = ms(self.settle_ms);
         b.heartbeat = ms(self.heartbeat_ms.get());
         b.watch_heartbeat = ms(self.watch_heartbeat_ms.get());
+        if let Some(c) = &self.region_cluster {
+            anyhow::ensure!(
+                patina_trust::principal::valid_name(c),
+                "config: bridge.region_cluster: 1 to 63 characters of a-z, 0-9, '.', '_' and '-'"
+            );
+            b.region_cluster = c.clone();
+        }
         Ok(b)
     }
 }
@@ -605,7 +616,16 @@ mod tests {
             region_agents: vec!["10.0.0.1:7600".into()],
             ..BridgeSection::default()
         };
-        assert!(b.bridge("ord").is_ok());
+        assert_eq!(
+            b.bridge("ord").unwrap().region_cluster,
+            "ord",
+            "the region's name"
+        );
+        b.region_cluster = Some("ord-prod".into());
+        assert_eq!(b.bridge("ord").unwrap().region_cluster, "ord-prod");
+        b.region_cluster = Some("Bad Name".into());
+        assert!(b.bridge("ord").is_err());
+        b.region_cluster = None;
         b.coalesce_ms = 5_000;
         assert!(b.bridge("ord").is_err(), "coalescing above 1 s");
         b.coalesce_ms = 500;

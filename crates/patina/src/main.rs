@@ -498,7 +498,7 @@ async fn load_trust(
                 scope: scope.clone(),
                 role: R::Bridge(b.region.clone()),
             },
-            Grant::new(Tier::Region, &b.region, R::Reader),
+            Grant::new(Tier::Region, &b.region_cluster, R::Reader),
         ],
     };
     for g in needed {
@@ -558,10 +558,11 @@ pub(crate) async fn run_agent(
     };
     let mut role = role;
     if let Role::Bridge(bridge) = &mut role {
-        // Its region's agents: of the region's cluster, named after the region.
+        // Its region's agents: of the region's cluster (named after the region unless
+        // `bridge.region_cluster` says otherwise).
         bridge.dial = dial.to(patina_trust::Scope::new(
             patina_trust::Tier::Region,
-            bridge.region.as_str(),
+            bridge.region_cluster.as_str(),
         ));
         // It signs what it publishes with its certificate's key.
         bridge.signer = trust.clone();

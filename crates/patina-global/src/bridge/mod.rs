@@ -41,6 +41,9 @@ pub struct BridgeConfig {
     /// How it reaches the region's agents: TLS expecting agents of its region's cluster, or
     /// plaintext.
     pub dial: patina_trust::Dial,
+    /// The gossip cluster of the region's agents (their certificates name it): the region's
+    /// name unless they were given another.
+    pub region_cluster: String,
     /// The set whose key signs its heartbeats and summaries, and whose certificate it
     /// publishes (`None`: TLS off, nothing signed, and peers with TLS on refuse it all).
     pub signer: Option<patina_trust::Trust>,
@@ -56,6 +59,7 @@ impl BridgeConfig {
             watch_heartbeat: Duration::from_secs(1),
             unstanding_grace: Duration::from_secs(6),
             dial: patina_trust::Dial::Plain,
+            region_cluster: region.to_owned(),
             signer: None,
         }
     }
