@@ -1116,8 +1116,12 @@ impl Core {
                 return Ok(Covered);
             }
             // Only a record this store would take from a peer is evidence of a copy: a forged
-            // one (a bad signature, a value the kind refuses) must not make it move.
-            if let Some(why) = self.refusal_of(g, record) {
+            // one (a bad signature, a value the kind refuses) must not make it move. (The last
+            // number is `Store::leave_origin`'s own probe, which is no record; the gossip
+            // shell drops it from peers.)
+            if v.seq != crate::MAX_SEQ
+                && let Some(why) = self.refusal_of(g, record)
+            {
                 return Ok(Refused(why));
             }
             // Another record under our origin: a copy of this store wrote it. Move, and take

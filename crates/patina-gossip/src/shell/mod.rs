@@ -249,7 +249,12 @@ struct Reporter {
 
 impl Reporter {
     /// Apply a batch from a peer and report what became known. Returns the records applied.
-    async fn apply(&self, batch: patina_store::RemoteBatch) -> Result<usize, String> {
+    async fn apply(&self, mut batch: patina_store::RemoteBatch) -> Result<usize, String> {
+        // The last number is the store's own probe for leaving its origin
+        // (`Store::leave_origin`), never a record: from a peer it is forged.
+        batch
+            .records
+            .retain(|r| r.version.seq < patina_store::MAX_SEQ);
         let touched = Touched::of(&batch);
         let result = self.store.apply(batch).await;
         // A batch the store did not take (overloaded, a full disk) is dropped, not refused:
