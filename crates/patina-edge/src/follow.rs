@@ -22,8 +22,9 @@ pub struct Replica {
     snapshot: Option<std::collections::HashSet<u64>>,
     token: String,
     /// Signature checks on what arrives (`None`: taken as it comes, from a store that
-    /// checked it already, or where TLS is off).
-    checks: Option<crate::signed::EdgeChecks>,
+    /// checked it already, or where TLS is off). Shared with the blocking thread [`follow`]
+    /// checks on; never locked across an await.
+    checks: Option<Arc<std::sync::Mutex<crate::signed::EdgeChecks>>>,
 }
 
 impl Replica {
@@ -40,7 +41,7 @@ impl Replica {
     /// [`crate::signed::EdgeChecks`]); what fails is dropped and the table keeps what it held.
     pub fn checked(table: Arc<Table>, checks: crate::signed::EdgeChecks) -> Replica {
         Replica {
-            checks: Some(checks),
+            checks: Some(Arc::new(std::sync::Mutex::new(checks))),
             ..Replica::new(table)
         }
     }
@@ -48,9 +49,10 @@ impl Replica {
     /// Records refused for want of a signature, and for a bad one (wrong key, another
     /// region's bridge, an untrusted certificate).
     pub fn refused(&self) -> (u64, u64) {
-        self.checks
-            .as_ref()
-            .map_or((0, 0), |c| (c.refused_unsigned, c.refused_bad))
+        self.checks.as_ref().map_or((0, 0), |c| {
+            let c = c.lock().expect("edge checks");
+            (c.refused_unsigned, c.refused_bad)
+        })
     }
 
     pub fn table(&self) -> &Arc<Table> {
@@ -62,20 +64,33 @@ impl Replica {
         &self.token
     }
 
-    /// Apply one message. Returns whether the replica is complete (not inside a snapshot).
+    /// Apply one message, checking its signatures first when the replica checks them.
+    /// Returns whether the replica is complete (not inside a snapshot).
     pub fn apply(&mut self, msg: &WatchAppsResponse) -> bool {
+        match &self.checks {
+            Some(checks) => {
+                let mut msg = msg.clone();
+                checks.lock().expect("edge checks").filter(&mut msg);
+                self.apply_checked(&msg)
+            }
+            None => self.apply_checked(msg),
+        }
+    }
+
+    /// The checks to run on a message before [`Replica::apply_checked`], if any: on a
+    /// blocking thread, as [`follow`] does (a snapshot's signatures take milliseconds).
+    pub fn checks(&self) -> Option<Arc<std::sync::Mutex<crate::signed::EdgeChecks>>> {
+        self.checks.clone()
+    }
+
+    /// Apply a message whose signatures were checked already (or need none).
+    pub fn apply_checked(&mut self, msg: &WatchAppsResponse) -> bool {
         if msg.reset {
             self.table.begin_snapshot();
             self.snapshot = Some(std::collections::HashSet::new());
         }
         // Heartbeats first: a summary is checked against its bridge's region.
         for b in &msg.bridges {
-            if let Some(checks) = &mut self.checks
-                && let Err(why) = checks.bridge(b)
-            {
-                tracing::warn!(bridge = %format_args!("{:016x}", b.bridge), region = %b.region.escape_debug(), %why, "refused a bridge heartbeat: keeping the last good state");
-                continue;
-            }
             if b.removed {
                 self.table.remove_bridge(b.bridge);
                 continue;
@@ -93,12 +108,6 @@ impl Replica {
             }
         }
         for s in &msg.summaries {
-            if let Some(checks) = &mut self.checks
-                && let Err(why) = checks.summary(s)
-            {
-                tracing::warn!(app = %s.app.escape_debug(), region = %s.region.escape_debug(), %why, "refused a summary: keeping the last good state");
-                continue;
-            }
             if s.removed {
                 self.table.remove_summary(&s.app, &s.region);
                 continue;
@@ -322,8 +331,16 @@ async fn stream_once(
             Ok(msg) => msg?,
             Err(_) => return Err(Box::new(Stalled)),
         };
-        let Some(msg) = msg else { break };
-        let complete = replica.apply(&msg);
+        let Some(mut msg) = msg else { break };
+        // Signatures are checked off the proxy's runtime threads.
+        if let Some(checks) = replica.checks() {
+            msg = tokio::task::spawn_blocking(move || {
+                checks.lock().expect("edge checks").filter(&mut msg);
+                msg
+            })
+            .await?;
+        }
+        let complete = replica.apply_checked(&msg);
         synced.send_if_modified(|s| {
             let changed = *s != complete;
             *s = complete;

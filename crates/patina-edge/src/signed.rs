@@ -77,7 +77,10 @@ pub const MAX_BRIDGES: usize = 65_536;
 pub struct EdgeChecks {
     verifier: Arc<Verifier>,
     scope: Scope,
-    bridges: HashMap<u64, (String, Arc<Vouched>)>,
+    /// Each bridge whose heartbeat passed: its region and certificate (checked again against
+    /// the bundle, cached, for every summary: an expired certificate or a dropped CA stops
+    /// vouching at once).
+    bridges: HashMap<u64, (String, Vec<u8>)>,
     /// Records refused, by reason.
     pub refused_unsigned: u64,
     pub refused_bad: u64,
@@ -92,11 +95,6 @@ impl EdgeChecks {
             refused_unsigned: 0,
             refused_bad: 0,
         }
-    }
-
-    /// Forget every bridge (a reset snapshot follows).
-    pub fn reset(&mut self) {
-        self.bridges.clear();
     }
 
     fn refuse(&mut self, why: String, unsigned: bool) -> Result<(), String> {
@@ -125,8 +123,28 @@ impl EdgeChecks {
         if self.bridges.len() >= MAX_BRIDGES && !self.bridges.contains_key(&b.bridge) {
             return self.refuse("too many bridges".into(), false);
         }
-        self.bridges.insert(b.bridge, (b.region.clone(), vouched));
+        self.bridges
+            .insert(b.bridge, (b.region.clone(), b.certificate.clone()));
         Ok(())
+    }
+
+    /// Keep in `msg` only the heartbeats and summaries that pass (heartbeats first: a summary
+    /// is checked against its bridge's), logging each refusal.
+    pub fn filter(&mut self, msg: &mut patina_proto::v1::WatchAppsResponse) {
+        msg.bridges.retain(|b| match self.bridge(b) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(bridge = %format_args!("{:016x}", b.bridge), region = %b.region.escape_debug(), %why, "refused a bridge heartbeat: keeping the last good state");
+                false
+            }
+        });
+        msg.summaries.retain(|s| match self.summary(s) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::warn!(app = %s.app.escape_debug(), region = %s.region.escape_debug(), %why, "refused a summary: keeping the last good state");
+                false
+            }
+        });
     }
 
     /// Check a summary (a removal passes, as for heartbeats).
@@ -134,7 +152,7 @@ impl EdgeChecks {
         if s.removed {
             return Ok(());
         }
-        let Some((region, vouched)) = self.bridges.get(&s.bridge) else {
+        let Some((region, cert)) = self.bridges.get(&s.bridge) else {
             return self.refuse(
                 format!(
                     "a summary of {}/{} from a bridge with no checked heartbeat",
@@ -147,6 +165,13 @@ impl EdgeChecks {
             let why = format!("a bridge of {region} signed for region {}", s.region);
             return self.refuse(why, false);
         }
+        let vouched = match bridge_of(&self.verifier, &self.scope, cert, region) {
+            Ok(v) => v,
+            Err(why) => {
+                self.bridges.remove(&s.bridge);
+                return self.refuse(why, false);
+            }
+        };
         let message = summary_message(&s.app, &s.region, s.healthy, s.total, s.view_hlc);
         if let Err(e) = vouched.verify(&message, &s.signature) {
             let why = format!("summary {}/{}: {e}", s.app, s.region);

@@ -44,7 +44,7 @@ pub async fn serve(
     tls: Option<patina_region::ServerTls>,
     shutdown: impl Future<Output = patina_region::Stopped> + Send,
 ) -> Result<(), ServeError> {
-    let max_watches = limits.max_watches.get();
+    let watches = patina_region::service::Watches::new(&limits);
     let region = region.to_owned();
     let served = store.clone();
     patina_region::serve_with(
@@ -55,7 +55,7 @@ pub async fn serve(
         cluster,
         tls,
         move |router, stopping| {
-            let service = GlobalService::new(served, table, &region, max_watches, stopping);
+            let service = GlobalService::new(served, table, &region, watches, stopping);
             router.add_service(
                 GlobalServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -12,7 +12,7 @@
 //!   and summaries are taken only when signed with the key of that certificate, which must
 //!   chain to the operator's CA and name a bridge of their region (see
 //!   [`patina_edge::signed`]). Deletions are not signed: a faulty global agent can withdraw
-//!   a summary, never make one up.
+//!   a summary, never make one up; a certificate's deletion from a peer is refused.
 //!
 //! Which summary of a key stands: the one made from the newer region view (its `view_hlc`),
 //! then the higher version. So a bridge that publishes late what it saw early loses to one
@@ -295,8 +295,13 @@ impl Kind for SummaryKind {
                 if bridge != origin {
                     return Err("a certificate written for another bridge".into());
                 }
-                let (Some(s), Some(v)) = (&self.signed, value) else {
+                let Some(s) = &self.signed else {
                     return Ok(());
+                };
+                // Deletions are not signed: a peer cannot withdraw a bridge's certificate
+                // (its summaries would be refused everywhere until it published again).
+                let Some(v) = value else {
+                    return Err("a deletion of a bridge's certificate from a peer".into());
                 };
                 let cert = decode_cert(v)?.certificate;
                 let vouched = s.verifier.vouched(&cert).map_err(|e| e.to_string())?;
@@ -598,6 +603,7 @@ mod tests {
         fn cert_record(m: &Material) -> Vec<u8> {
             BridgeCertRecord {
                 certificate: m.certificate().to_vec(),
+                published_hlc: 1,
             }
             .encode_to_vec()
         }

@@ -9,15 +9,15 @@ use patina_proto::v1::{
     AppSummary, BridgeState, LookupAppRequest, LookupAppResponse, RegionInstances,
     WatchAppsRequest, WatchAppsResponse, watch_apps_response,
 };
-use patina_region::service::{MessageStream, WatchOpen, invalid, resume_token, watch_stream};
+use patina_region::service::{
+    MessageStream, WatchOpen, Watches, invalid, resume_token, watch_stream,
+};
 use patina_region::validate;
 use patina_store::{Entry, Store, WatchItem};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::record::{
-    Key, bridge_cert_key, bridge_key, decode_bridge, decode_cert, decode_summary, parse_key,
-};
+use crate::record::{Key, bridge_cert_key, decode_bridge, decode_cert, decode_summary, parse_key};
 
 /// Most summaries and heartbeats in one WatchApps message.
 const WATCH_BATCH: usize = 1024;
@@ -26,7 +26,7 @@ pub struct GlobalService {
     store: Store,
     table: Arc<Table>,
     region: String,
-    watches: Arc<Semaphore>,
+    watches: Watches,
     stopping: watch::Receiver<bool>,
 }
 
@@ -36,14 +36,14 @@ impl GlobalService {
         store: Store,
         table: Arc<Table>,
         region: &str,
-        max_watches: usize,
+        watches: Watches,
         stopping: watch::Receiver<bool>,
     ) -> GlobalService {
         GlobalService {
             store,
             table,
             region: region.to_owned(),
-            watches: Arc::new(Semaphore::new(max_watches)),
+            watches,
             stopping,
         }
     }
@@ -105,11 +105,9 @@ fn show(store: &Store, e: &Entry) -> Option<Shown> {
             Some(Shown::Summary(s))
         }
         Key::Bridge(node) => bridge_state(store, node, e.value()).map(Shown::Bridge),
-        // A new certificate: the bridge's heartbeat again, carrying it.
-        Key::BridgeCert(node) => {
-            let heartbeat = store.get_live(&bridge_key(node))?;
-            bridge_state(store, node, heartbeat.value()).map(Shown::Bridge)
-        }
+        // A new certificate comes to edges with the heartbeat the bridge writes after it
+        // (signed with its key): the held heartbeat's signature would not verify under it.
+        Key::BridgeCert(_) => None,
     }
 }
 

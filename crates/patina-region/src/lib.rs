@@ -118,7 +118,6 @@ pub async fn serve(
     tls: Option<ServerTls>,
     shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
-    let max_watches = limits.max_watches;
     let scope = tls.as_ref().map(|t| t.scope.clone());
     let (region, host) = (id.region.clone(), id.host.clone());
     let served = store.clone();
@@ -133,7 +132,7 @@ pub async fn serve(
         tls,
         move |router, stopping| {
             let service = RegionService::new(served, &region, &host, stopping)
-                .with_max_watches(max_watches)
+                .with_limits(&limits)
                 .with_gossip(gossip)
                 .with_scope(scope);
             router.add_service(
@@ -229,8 +228,10 @@ pub async fn serve_with(
         // A peer that vanished (host down, cable cut) frees its connection and watches.
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // GOAWAY at the age: calls in flight finish, the next ones go on a new connection.
+        // (No grace: tonic's grace drops the connection at age + grace with no GOAWAY at
+        // all.) Watch streams end by themselves at about the same age (`Watches`).
         .max_connection_age(limits.max_connection_age)
-        .max_connection_age_grace(limits.connection_age_grace())
         .layer(authorize)
         .add_service(health)
         .add_service(reflection)

@@ -19,18 +19,11 @@ pub struct Limits {
     pub max_streams_per_connection: NonZeroU32,
     /// Open Watch streams across the agent. One more is answered `RESOURCE_EXHAUSTED` at once.
     pub max_watches: NonZeroUsize,
-    /// A connection this old is asked to go away (HTTP/2 GOAWAY: no new calls on it), and
-    /// closed [`Limits::connection_age_grace`] later with whatever still runs on it (a Watch
-    /// resumes from its token on a new connection). Bounds how long a certificate the agent
-    /// no longer trusts (its CA dropped from the bundle) keeps a connection.
+    /// A connection this old is asked to go away (HTTP/2 GOAWAY: calls in flight finish,
+    /// the client makes its next ones on a new connection), and a Watch stream ends at 90 to
+    /// 100 % of this age (its client resumes with its token). Bounds how long a certificate
+    /// the agent no longer trusts (its CA dropped from the bundle) keeps being served.
     pub max_connection_age: Duration,
-}
-
-impl Limits {
-    /// How long calls on a connection past its age may go on: the age, at most 5 minutes.
-    pub fn connection_age_grace(&self) -> Duration {
-        self.max_connection_age.min(Duration::from_secs(300))
-    }
 }
 
 impl Default for Limits {

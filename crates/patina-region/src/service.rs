@@ -1,6 +1,5 @@
 //! The `patina.v1.Region` gRPC service: the edge where prost types meet the store.
 
-use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -38,7 +37,7 @@ pub struct RegionService {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// One permit per open Watch stream, held by the stream: a new Watch is refused with
     /// `RESOURCE_EXHAUSTED` when none is left.
-    watches: Arc<Semaphore>,
+    watches: Watches,
     /// The agent's gossip, whose view stamps every Watch message (`None`: an agent without a
     /// cluster, whose view never stands).
     gossip: Option<patina_gossip::shell::Gossip>,
@@ -68,7 +67,7 @@ impl RegionService {
             region: Arc::from(region),
             host: Arc::from(host),
             stopping,
-            watches: Arc::new(Semaphore::new(crate::Limits::default().max_watches.get())),
+            watches: Watches::new(&crate::Limits::default()),
             gossip: None,
             scope: None,
         }
@@ -122,9 +121,9 @@ impl RegionService {
         Ok(())
     }
 
-    /// At most `max` Watch streams open at once.
-    pub fn with_max_watches(mut self, max: NonZeroUsize) -> RegionService {
-        self.watches = Arc::new(Semaphore::new(max.get()));
+    /// Watch streams within `limits` (how many at once, and how long each).
+    pub fn with_limits(mut self, limits: &crate::Limits) -> RegionService {
+        self.watches = Watches::new(limits);
         self
     }
 }
@@ -396,6 +395,34 @@ pub fn resume_token(token: &str) -> Result<Option<ResumeToken>, Status> {
 }
 
 /// What a watch RPC asks for.
+/// An agent's Watch streams: slots (`limits.max_watches`) and the age at which each ends
+/// (about `limits.max_connection_age`, each a little earlier at random so that they do not
+/// all end together), after which its client resumes with its token on a new connection.
+#[derive(Clone)]
+pub struct Watches {
+    slots: Arc<Semaphore>,
+    max_age: std::time::Duration,
+}
+
+impl Watches {
+    pub fn new(limits: &crate::Limits) -> Watches {
+        Watches {
+            slots: Arc::new(Semaphore::new(limits.max_watches.get())),
+            max_age: limits.max_connection_age,
+        }
+    }
+
+    /// This stream's age: 90 to 100 % of the maximum.
+    fn age(&self) -> std::time::Duration {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0);
+        let tenth = self.max_age / 10;
+        let spread = tenth.as_millis().max(1) as u64;
+        self.max_age - tenth + std::time::Duration::from_millis(h.finish() % spread)
+    }
+}
+
 pub struct WatchOpen {
     /// The RPC's name, for the error when no watch slot is free.
     pub rpc: &'static str,
@@ -416,7 +443,7 @@ pub struct WatchOpen {
 /// client simply stops its cursor; the cursor catches up later without buffering.
 pub fn watch_stream<T, F>(
     store: &Store,
-    watches: &Arc<Semaphore>,
+    watches: &Watches,
     stopping: tokio::sync::watch::Receiver<bool>,
     open: WatchOpen,
     make: F,
@@ -425,7 +452,7 @@ where
     T: Send + 'static,
     F: Fn(WatchItem, &Store) -> Result<T, Status> + Send + Sync + 'static,
 {
-    let permit = watches.clone().try_acquire_owned().map_err(|_| {
+    let permit = watches.slots.clone().try_acquire_owned().map_err(|_| {
         Status::resource_exhausted(format!(
             "too many open {} streams on this agent (limits.max_watches); retry later",
             open.rpc
@@ -437,6 +464,7 @@ where
         cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
     }
     let make = Arc::new(make);
+    let deadline = tokio::time::Instant::now() + watches.age();
     let stream = futures_util::stream::unfold(
         (cursor, stopping, store.clone(), false),
         move |(mut cursor, mut stopping, store, ended)| {
@@ -459,6 +487,9 @@ where
                     },
                     _ = stopping.wait_for(|s| *s) => Err(Status::unavailable(
                         "the agent is shutting down; resume elsewhere",
+                    )),
+                    _ = tokio::time::sleep_until(deadline) => Err(Status::unavailable(
+                        "this stream reached its maximum age (limits.max_connection_age_secs): resume with the last token",
                     )),
                 };
                 let ended = response.is_err();

@@ -392,12 +392,6 @@ pub(crate) struct Ready {
     pub api: SocketAddr,
 }
 
-/// Run one agent: open the store, bind, start gossip, serve until `shutdown`, leave the
-/// cluster, then close the store cleanly. `label` replaces the announcement line's prefix
-/// (the agents of `patina dev` after the first, so that scripts find the first one);
-/// `ready` is told where the agent is once it serves.
-/// This agent's TLS material, or `None` when TLS is off (warned at every start). The
-/// certificate must grant what the agent's role needs, or every peer would refuse it.
 /// The gossip keyring to start with. A keyring file in the data directory wins (the shell
 /// reads it again); without one, `gossip.encrypt` decides, and TLS on without a key is an
 /// error. Warns at every start while gossip is not fully encrypted.
@@ -463,6 +457,8 @@ fn watch_expiry(trust: patina_trust::Trust) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// This agent's TLS material, or `None` when TLS is off (warned at every start). The
+/// certificate must grant what the agent's role needs, or every peer would refuse it.
 async fn load_trust(
     config: &Config,
     role: &Role,
@@ -522,6 +518,10 @@ async fn load_trust(
     )))
 }
 
+/// Run one agent: open the store, bind, start gossip, serve until `shutdown`, leave the
+/// cluster, then close the store cleanly. `label` replaces the announcement line's prefix
+/// (the agents of `patina dev` after the first, so that scripts find the first one);
+/// `ready` is told where the agent is once it serves.
 pub(crate) async fn run_agent(
     config: Config,
     role: Role,

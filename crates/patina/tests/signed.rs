@@ -55,6 +55,36 @@ async fn healthy_at(agent: &Agent, app: &str) -> Option<u32> {
         .map(|r| r.healthy)
 }
 
+/// Push each of `records` into every agent of `to` (its push port is its API port's number,
+/// over UDP), one record per datagram, each sent a few times.
+fn push(to: &[Agent], key: &str, records: &[Record]) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for g in to {
+        for r in records {
+            for _ in 0..3 {
+                socket
+                    .send_to(&datagram(key, vec![r.clone()]), g.host_port())
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// The bridge (origin) whose summary of `app` a global agent holds.
+async fn bridge_of(agent: &Agent, app: &str) -> u64 {
+    let mut watch = GlobalClient::new(agent.channel().await)
+        .watch_apps(WatchAppsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let msg = watch.message().await.unwrap().expect("a snapshot");
+        if let Some(s) = msg.summaries.into_iter().find(|s| s.app == app) {
+            return s.bridge;
+        }
+    }
+}
+
 /// A push of `records`, sealed with the cluster's gossip key.
 fn datagram(key: &str, records: Vec<Record>) -> Vec<u8> {
     let envelope = Envelope::with_keyring(
@@ -77,6 +107,13 @@ fn datagram(key: &str, records: Vec<Record>) -> Vec<u8> {
 }
 
 fn record(key: &str, group: &str, value: Vec<u8>, origin: u64, seq: u64) -> Record {
+    Record {
+        value: Some(value.into()),
+        ..tombstone(key, group, origin, seq)
+    }
+}
+
+fn tombstone(key: &str, group: &str, origin: u64, seq: u64) -> Record {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -84,7 +121,7 @@ fn record(key: &str, group: &str, value: Vec<u8>, origin: u64, seq: u64) -> Reco
     Record {
         key: key.into(),
         group: group.into(),
-        value: Some(value.into()),
+        value: None,
         version: Version {
             hlc: Hlc::from_physical_ms(now_ms),
             origin: NodeId(origin),
@@ -239,6 +276,7 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
             "_bridges",
             BridgeCertRecord {
                 certificate: fra.certificate().to_vec(),
+                published_hlc: view,
             }
             .encode_to_vec(),
             forger,
@@ -253,21 +291,7 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
         ),
         record("web/ord", "web", fra_summary.encode_to_vec(), forger, 3),
     ];
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for g in &globals {
-        let push_port: u16 = g.host_port().rsplit(':').next().unwrap().parse().unwrap();
-        for r in &forged {
-            // One record per datagram, each sent a few times.
-            for _ in 0..3 {
-                socket
-                    .send_to(
-                        &datagram(&s.key, vec![r.clone()]),
-                        (g.host_port().split(':').next().unwrap(), push_port),
-                    )
-                    .unwrap();
-            }
-        }
-    }
+    push(&globals, &s.key, &forged);
     // Given time to spread (and anti-entropy to ask for them again), nothing changed.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for g in &globals {
@@ -299,6 +323,52 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
             "the real bridge's next summary did not arrive"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Deletions forged under the bridge's origin: of its certificate (refused by every
+    // peer), and of a number above its head. Peers take that one (deletions are not signed),
+    // so the bridge must never issue that number itself: it moves to a fresh origin, and
+    // registers again under it (certificate, heartbeat).
+    push(
+        &globals,
+        &s.key,
+        &[
+            tombstone(
+                &format!("_bridgecert/{bridge:016x}"),
+                "_bridges",
+                bridge,
+                2_000_000,
+            ),
+            tombstone("nothing/ord", "nothing", bridge, 2_000_001),
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bridge_of(&globals[0], "web").await == bridge {
+        assert!(
+            Instant::now() < deadline,
+            "the bridge never left its origin"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The bridge's certificate is rotated in place (a new key from the same CA): it publishes
+    // it, a heartbeat and its summaries signed again, and both the global agents and the
+    // edge take what it writes next, under its new origin.
+    s.agent_config(&dir("bridge"), bip, Secure::bridge("ord"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    put_app_machine(&region, "web-3", "web", true).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while edge_healthy("web") != Some(3) {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated bridge's summary did not reach the edge"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for g in &globals {
+        assert_eq!(healthy_at(g, "web").await, Some(3), "{}", g.url);
+        assert_ne!(bridge_of(g, "web").await, bridge, "under the new origin");
     }
     drop(edge);
 }

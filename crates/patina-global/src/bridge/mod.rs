@@ -92,9 +92,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     let mut heartbeat_at = now();
     let mut heartbeat_view = 0u64;
     let signer = Signer(cfg.signer.clone());
-    // The certificate last published: a rotated one is published, and everything the bridge
-    // holds signed again with its key.
-    let mut published_cert = register(&store, &cfg.region, &signer).await;
+    register(&store, &cfg.region, &signer, 0).await;
     tokio::pin!(shutdown);
     loop {
         // A heartbeat is due only when there is a complete view newer than the last one
@@ -120,16 +118,12 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             _ = tokio::time::sleep(sleep) => {}
             _ = &mut shutdown => break,
         }
-        if let Some(cert) = signer.certificate()
-            && Some(&cert) != published_cert.as_ref()
-            && publish_cert(&store, &cert).await
-        {
-            tracing::info!(
-                "the bridge's certificate changed: published, and its summaries signed again"
-            );
-            published_cert = Some(cert);
-            resign(&store, &cfg.region, &signer).await;
-            heartbeat_view = 0;
+        // Registered again whenever the store lacks its registration under the origin it
+        // writes as now: a rotated certificate, a move to a fresh origin, or a record a peer
+        // deleted.
+        if register(&store, &cfg.region, &signer, core.view_hlc()).await {
+            heartbeat_at = now();
+            heartbeat_view = heartbeat_view.max(core.view_hlc());
         }
         publish(&store, &cfg.region, &mut core, now(), &signer).await;
         if core.publishing()
@@ -206,8 +200,14 @@ impl Signer {
 
 /// Publish the bridge's certificate (before anything it signs, so peers can check it).
 async fn publish_cert(store: &Store, cert: &[u8]) -> bool {
+    // Stamped with the wall clock (its field 4, which orders records of the global tier):
+    // a newer publication beats an older one, and a deletion older than it.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let value = patina_proto::v1::BridgeCertRecord {
         certificate: cert.to_vec(),
+        published_hlc: patina_store::Hlc::from_physical_ms(now_ms).0,
     }
     .encode_to_vec();
     let op = LocalWrite::Put {
@@ -224,28 +224,43 @@ async fn publish_cert(store: &Store, cert: &[u8]) -> bool {
     }
 }
 
-/// Write the bridge's certificate and first heartbeat (its registration: the region it
-/// serves) unless the store holds them: summaries from an origin without them are refused
-/// by every peer. Returns the certificate the store holds for the bridge.
-async fn register(store: &Store, region: &str, signer: &Signer) -> Option<Vec<u8>> {
-    let held = store
-        .get_live(&bridge_cert_key(store.node()))
-        .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()))
-        .map(|c| c.certificate);
-    let mut published = held.clone();
-    if let Some(cert) = signer.certificate()
-        && held.as_ref() != Some(&cert)
-        && publish_cert(store, &cert).await
-    {
-        published = Some(cert);
-        if held.is_some() {
-            resign(store, region, signer).await;
+/// Make sure the store holds the bridge's registration under the origin it writes as now:
+/// its certificate (as the bridge holds it now) and a heartbeat (the region it serves), which
+/// every peer needs before it takes the bridge's summaries. A certificate written here is
+/// followed by a fresh heartbeat signed with its key, then (when it replaced another) every
+/// summary the bridge holds signed again, in that order, so a peer or an edge meets the
+/// certificate, then the heartbeat, then summaries it can check. Returns whether it wrote a
+/// heartbeat.
+async fn register(store: &Store, region: &str, signer: &Signer, view_hlc: u64) -> bool {
+    let me = store.node();
+    let held_view = store
+        .get_live(&bridge_key(me))
+        .and_then(|e| e.value().and_then(|v| crate::record::decode_bridge(v).ok()))
+        .map(|b| b.view_hlc);
+    let mut write_heartbeat = held_view.is_none();
+    let mut resign_all = false;
+    if let Some(cert) = signer.certificate() {
+        let held = store
+            .get_live(&bridge_cert_key(me))
+            .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()))
+            .map(|c| c.certificate);
+        if held.as_ref() != Some(&cert) && publish_cert(store, &cert).await {
+            tracing::info!(origin = %me, "published the bridge's certificate");
+            write_heartbeat = true;
+            resign_all = held.is_some();
         }
     }
-    if store.get_live(&bridge_key(store.node())).is_none() {
-        heartbeat(store, region, 0, signer).await;
+    let mut wrote = false;
+    if write_heartbeat {
+        // Never an older view than the heartbeat held: the same view signed again wins by
+        // its version.
+        let view = view_hlc.max(held_view.unwrap_or(0));
+        wrote = heartbeat(store, region, view, signer).await;
     }
-    published
+    if resign_all {
+        resign(store, region, signer).await;
+    }
+    wrote
 }
 
 /// Sign again, with the current key, every summary the bridge holds under its origin (after
