@@ -104,6 +104,27 @@ async fn a_rolling_enable_encrypts_gossip_and_keeps_outsiders_out() {
     }
 
     let server = agents[0].host_port().to_owned();
+    // What would cut members off is refused on every agent before anything changes: using a
+    // key one of them lacks, refusing plaintext while they send it.
+    cli_ok(&[
+        "keyring",
+        "install",
+        GOSSIP_KEY,
+        "--local-only",
+        "--server",
+        &server,
+    ]);
+    for refused in [
+        vec!["keyring", "use", GOSSIP_KEY],
+        vec!["keyring", "plaintext", "refuse"],
+    ] {
+        let out = cli(&[&refused[..], &["--server", &server]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{refused:?}");
+        assert!(err.contains("nothing was changed"), "{refused:?}: {err}");
+    }
+    let list = cli_ok(&["keyring", "list", "--server", &server]);
+    assert!(list.contains("installed on 1, in use on 0"), "{list}");
     let mut written = 0;
     for step in [
         vec!["keyring", "install", GOSSIP_KEY],

@@ -107,11 +107,62 @@ pub(super) async fn keyring(
     req: KeyringRequest,
 ) -> Result<KeyringResponse, Status> {
     let op = parse(&req)?;
-    let here = apply_here(gossip, op).await?;
     let snap = gossip
         .snapshot()
         .await
         .ok_or_else(|| Status::unavailable("gossip stopped"))?;
+    let members: Vec<Identity> = if req.local_only {
+        Vec::new()
+    } else {
+        snap.members
+            .iter()
+            .filter(|m| m.state != MemberState::Down)
+            .map(|m| m.identity)
+            .collect()
+    };
+    // Changes that would cut members off are checked on every member first: sealing with a
+    // key one of them lacks, or refusing plaintext while one of them still sends it.
+    let precondition = match &op {
+        Some(KeyringOp::Use(k)) => Some((
+            format!("key {} is not installed on", k.fingerprint()),
+            k.fingerprint(),
+        )),
+        Some(KeyringOp::AcceptPlaintext(false)) => {
+            Some(("plaintext is still sent by".to_owned(), String::new()))
+        }
+        _ => None,
+    };
+    if let Some((what, fingerprint)) = precondition
+        && !members.is_empty()
+    {
+        let list = KeyringRequest {
+            op: WireOp::KeyringList as i32,
+            key: String::new(),
+            local_only: true,
+        };
+        let lacking: Vec<String> = ask_all(gossip, &members, list)
+            .await
+            .into_iter()
+            .filter(|a| {
+                let Some(ring) = a.keyring.as_ref().filter(|_| a.ok) else {
+                    return true;
+                };
+                if fingerprint.is_empty() {
+                    !ring.keys.iter().any(|k| k.in_use)
+                } else {
+                    !ring.keys.iter().any(|k| k.fingerprint == fingerprint)
+                }
+            })
+            .map(|a| a.api_address)
+            .collect();
+        if !lacking.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "{what} {} (or they did not answer): nothing was changed",
+                lacking.join(", ")
+            )));
+        }
+    }
+    let here = apply_here(gossip, op).await?;
     let mut agents = vec![KeyringAgent {
         member: snap.me.addr.to_string(),
         api_address: snap.me.api_addr().to_string(),
@@ -122,23 +173,24 @@ pub(super) async fn keyring(
     if req.local_only {
         return Ok(KeyringResponse { agents });
     }
-    let members: Vec<Identity> = snap
-        .members
-        .iter()
-        .filter(|m| m.state != MemberState::Down)
-        .map(|m| m.identity)
-        .collect();
     let forward = KeyringRequest {
         local_only: true,
         ..req
     };
+    agents.extend(ask_all(gossip, &members, forward).await);
+    Ok(KeyringResponse { agents })
+}
+
+/// `req` sent to every one of `members` (a few at a time, each within
+/// [`MEMBER_TIMEOUT`]): each one's answer for itself, in the order of `members`.
+async fn ask_all(gossip: &Gossip, members: &[Identity], req: KeyringRequest) -> Vec<KeyringAgent> {
     let slots = Arc::new(tokio::sync::Semaphore::new(MEMBER_CONCURRENCY));
     let mut asks = JoinSet::new();
-    for (i, member) in members.into_iter().enumerate() {
+    for (i, member) in members.iter().copied().enumerate() {
         let (dial, slots, forward, advertised) = (
             gossip.dial.clone(),
             slots.clone(),
-            forward.clone(),
+            req.clone(),
             gossip.advertised,
         );
         asks.spawn(async move {
@@ -178,8 +230,7 @@ pub(super) async fn keyring(
         }
     }
     answers.sort_by_key(|(i, _)| *i);
-    agents.extend(answers.into_iter().map(|(_, a)| a));
-    Ok(KeyringResponse { agents })
+    answers.into_iter().map(|(_, a)| a).collect()
 }
 
 fn failed(member: Identity, error: String) -> KeyringAgent {
