@@ -177,10 +177,21 @@ pub struct Edge {
     pub synced: watch::Receiver<bool>,
     /// The server it follows now (or tries to).
     pub following: watch::Receiver<String>,
+    /// The signature checks (following over TLS), for their counts.
+    checks: Option<Arc<std::sync::Mutex<crate::signed::EdgeChecks>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Edge {
+    /// Records refused for want of a signature, and for a bad one (wrong key, another
+    /// region's bridge, an untrusted or expired certificate): `(0, 0)` without TLS.
+    pub fn refused(&self) -> (u64, u64) {
+        self.checks.as_ref().map_or((0, 0), |c| {
+            let c = c.lock().expect("edge checks");
+            (c.refused_unsigned, c.refused_bad)
+        })
+    }
+
     pub fn stop(self) {
         self.task.abort();
     }
@@ -217,11 +228,13 @@ pub fn follow(servers: Vec<String>, table: Arc<Table>, dial: patina_trust::Dial)
             )
         }
     };
+    let checks = replica.checks();
     let task = tokio::spawn(run(servers, replica, tx, following_tx, dial));
     Edge {
         table,
         synced,
         following,
+        checks,
         task,
     }
 }

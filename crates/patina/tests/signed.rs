@@ -314,6 +314,8 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
     }
     assert_eq!(edge_healthy("web"), Some(1));
     assert_eq!(edge_healthy("api"), None);
+    // The edge refused nothing itself: the global agent it follows never passed a forgery on.
+    assert_eq!(edge.refused(), (0, 0));
     // The true bridge still publishes: a second instance reaches the edge.
     put_app_machine(&region, "web-2", "web", true).await;
     let deadline = Instant::now() + Duration::from_secs(20);
