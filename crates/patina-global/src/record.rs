@@ -219,7 +219,8 @@ impl Kind for SummaryKind {
                 if group != BRIDGES_GROUP {
                     return Err("a certificate outside the bridges' group".into());
                 }
-                value.map_or(Ok(()), |v| decode_cert(v).map(|_| ()))
+                // Its publication time orders it (field 4): bounded as a view is.
+                value.map_or(Ok(()), |v| check_view(decode_cert(v)?.published_hlc))
             }
             None => Err("a key that is neither APP/REGION nor a bridge's".into()),
         }

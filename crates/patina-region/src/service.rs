@@ -394,7 +394,6 @@ pub fn resume_token(token: &str) -> Result<Option<ResumeToken>, Status> {
         .map_err(|e| Status::invalid_argument(format!("resume_token: {e}")))
 }
 
-/// What a watch RPC asks for.
 /// An agent's Watch streams: slots (`limits.max_watches`) and the age at which each ends
 /// (about `limits.max_connection_age`, each a little earlier at random so that they do not
 /// all end together), after which its client resumes with its token on a new connection.
@@ -423,6 +422,7 @@ impl Watches {
     }
 }
 
+/// What a watch RPC asks for.
 pub struct WatchOpen {
     /// The RPC's name, for the error when no watch slot is free.
     pub rpc: &'static str,

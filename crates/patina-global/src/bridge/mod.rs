@@ -199,7 +199,7 @@ impl Signer {
 }
 
 /// Publish the bridge's certificate (before anything it signs, so peers can check it).
-async fn publish_cert(store: &Store, cert: &[u8]) -> bool {
+async fn publish_cert(store: &Store, cert: &[u8], held_hlc: u64) -> bool {
     // Stamped with the wall clock (its field 4, which orders records of the global tier):
     // a newer publication beats an older one, and a deletion older than it.
     let now_ms = std::time::SystemTime::now()
@@ -207,7 +207,11 @@ async fn publish_cert(store: &Store, cert: &[u8]) -> bool {
         .map_or(0, |d| d.as_millis() as u64);
     let value = patina_proto::v1::BridgeCertRecord {
         certificate: cert.to_vec(),
-        published_hlc: patina_store::Hlc::from_physical_ms(now_ms).0,
+        // Never at or before the one held (a clock stepped back would make every write
+        // stale, and the bridge retry on every pass).
+        published_hlc: patina_store::Hlc::from_physical_ms(now_ms)
+            .0
+            .max(held_hlc.saturating_add(1)),
     }
     .encode_to_vec();
     let op = LocalWrite::Put {
@@ -240,11 +244,12 @@ async fn register(store: &Store, region: &str, signer: &Signer, view_hlc: u64) -
     let mut write_heartbeat = held_view.is_none();
     let mut resign_all = false;
     if let Some(cert) = signer.certificate() {
-        let held = store
+        let held_record = store
             .get_live(&bridge_cert_key(me))
-            .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()))
-            .map(|c| c.certificate);
-        if held.as_ref() != Some(&cert) && publish_cert(store, &cert).await {
+            .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()));
+        let held_hlc = held_record.as_ref().map_or(0, |c| c.published_hlc);
+        let held = held_record.map(|c| c.certificate);
+        if held.as_ref() != Some(&cert) && publish_cert(store, &cert, held_hlc).await {
             tracing::info!(origin = %me, "published the bridge's certificate");
             write_heartbeat = true;
             resign_all = held.is_some();
