@@ -19,8 +19,7 @@ use patina_gossip::wire::{Item, Push};
 use patina_gossip::{ClusterName, Envelope, GossipKey, Keyring};
 use patina_proto::v1::global_client::GlobalClient;
 use patina_proto::v1::{
-    BridgeCertRecord, BridgeRecord, ClusterStatusRequest, LookupAppRequest, SummaryRecord,
-    WatchAppsRequest,
+    BridgeCertRecord, BridgeRecord, ClusterStatusRequest, SummaryRecord, WatchAppsRequest,
 };
 use patina_store::{Hlc, NodeId, Record, Version};
 use patina_testkit::secure::Secure;
@@ -39,20 +38,11 @@ fn start(root: &Path, role: &str, name: &str, config: String, s: &Secure) -> Age
 
 /// Healthy instances of `app` in ord, as a global agent answers (`None`: ord not listed).
 async fn healthy_at(agent: &Agent, app: &str) -> Option<u32> {
-    let answer = GlobalClient::new(agent.channel().await)
-        .lookup_app(LookupAppRequest {
-            app: app.into(),
-            from_region: "ord".into(),
-            include_empty: true,
-        })
+    common::lookup(agent, app, "ord", true)
         .await
-        .ok()?
-        .into_inner();
-    answer
-        .regions
-        .iter()
-        .find(|r| r.region == "ord")
-        .map(|r| r.healthy)
+        .into_iter()
+        .find(|(region, _, _)| region == "ord")
+        .map(|(_, healthy, _)| healthy)
 }
 
 /// Push each of `records` into every agent of `to` (its push port is its API port's number,
