@@ -45,6 +45,17 @@ pub fn heartbeat_message(bridge: u64, region: &str, view_hlc: u64) -> Vec<u8> {
     m
 }
 
+/// The bytes a bridge signs for its certificate record: the origin it is stored under and
+/// when it was published, so that no other origin can carry it and no peer can re-date it.
+pub fn certificate_message(bridge: u64, published_hlc: u64, cert: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64 + cert.len());
+    field(&mut m, b"patina-bridgecert-v1");
+    m.extend_from_slice(&bridge.to_be_bytes());
+    m.extend_from_slice(&published_hlc.to_be_bytes());
+    field(&mut m, cert);
+    m
+}
+
 /// Whether `cert` is a bridge of `region` in the global cluster `scope`, vouched for by the
 /// CA bundle `verifier` follows.
 pub fn bridge_of(

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use patina_edge::is_dns_label;
-use patina_edge::signed::{bridge_of, heartbeat_message, summary_message};
+use patina_edge::signed::{bridge_of, certificate_message, heartbeat_message, summary_message};
 use patina_proto::v1::{BridgeCertRecord, BridgeRecord, SummaryRecord};
 use patina_store::{Candidate, Entry, Flags, Hlc, Kind, NodeId};
 use patina_trust::{Scope, Verifier};
@@ -304,8 +304,18 @@ impl Kind for SummaryKind {
                 let Some(v) = value else {
                     return Err("a deletion of a bridge's certificate from a peer".into());
                 };
-                let cert = decode_cert(v)?.certificate;
+                let record = decode_cert(v)?;
+                let cert = record.certificate;
                 let vouched = s.verifier.vouched(&cert).map_err(|e| e.to_string())?;
+                // Signed by the certified key for this origin and this publication: no peer
+                // can store a certificate under an origin that never held its key, nor date
+                // one again to make it win.
+                vouched
+                    .verify(
+                        &certificate_message(bridge.0, record.published_hlc, &cert),
+                        &record.signature,
+                    )
+                    .map_err(|e| format!("certificate record: {e}"))?;
                 let mut regions = vouched.principal.bridge_regions(&s.scope);
                 match (registered(bridge), regions.next()) {
                     (_, None) => Err(format!(
@@ -601,10 +611,14 @@ mod tests {
             }
         }
 
-        fn cert_record(m: &Material) -> Vec<u8> {
+        /// `m`'s certificate record as a bridge stored under `origin` publishes it.
+        fn cert_record(m: &Material, origin: NodeId) -> Vec<u8> {
             BridgeCertRecord {
                 certificate: m.certificate().to_vec(),
                 published_hlc: 1,
+                signature: m
+                    .sign(&certificate_message(origin.0, 1, m.certificate()))
+                    .unwrap(),
             }
             .encode_to_vec()
         }
@@ -647,9 +661,27 @@ mod tests {
             let mut held = Held::default();
 
             // The ord bridge: its certificate, its signed heartbeat, its signed summary.
-            let cert = cert_record(&ord);
+            let cert = cert_record(&ord, o);
             assert_eq!(held.check(&kind, o, &bridge_cert_key(o), &cert), Ok(()));
             held.put(o, &bridge_cert_key(o), cert);
+            // The same record under another origin, re-dated, or with no signature: refused
+            // (no peer can publish a bridge's certificate under an origin it never held).
+            let err = held
+                .check(&kind, f, &bridge_cert_key(f), &cert_record(&ord, o))
+                .unwrap_err();
+            assert!(err.contains("certificate record"), "{err}");
+            let mut redated = decode_cert(&cert_record(&ord, o)).unwrap();
+            redated.published_hlc = 2;
+            assert!(
+                held.check(&kind, o, &bridge_cert_key(o), &redated.encode_to_vec())
+                    .is_err()
+            );
+            redated.published_hlc = 1;
+            redated.signature.clear();
+            assert!(
+                held.check(&kind, o, &bridge_cert_key(o), &redated.encode_to_vec())
+                    .is_err()
+            );
             let hb = heartbeat(Some(&ord), o, "ord", view);
             assert_eq!(held.check(&kind, o, &bridge_key(o), &hb), Ok(()));
             held.put(o, &bridge_key(o), hb);
@@ -680,7 +712,7 @@ mod tests {
                 .unwrap_err();
             assert!(err.contains("signature"), "{err}");
             // The heartbeat of origin 1 carried by another origin: refused.
-            held.put(f, &bridge_cert_key(f), cert_record(&ord));
+            held.put(f, &bridge_cert_key(f), cert_record(&ord, f));
             assert!(
                 held.check(
                     &kind,
@@ -696,10 +728,10 @@ mod tests {
             let n = NodeId(3);
             held.put(n, &bridge_key(n), heartbeat(None, n, "ord", 0));
             let err = held
-                .check(&kind, n, &bridge_cert_key(n), &cert_record(&fra))
+                .check(&kind, n, &bridge_cert_key(n), &cert_record(&fra, n))
                 .unwrap_err();
             assert!(err.contains("does not name"), "{err}");
-            held.put(n, &bridge_cert_key(n), cert_record(&fra));
+            held.put(n, &bridge_cert_key(n), cert_record(&fra, n));
             let err = held
                 .check(&kind, n, "web/ord", &summary(&fra, "web", "ord", 3, view))
                 .unwrap_err();
@@ -711,13 +743,18 @@ mod tests {
             let m = NodeId(4);
             let stranger = bridge(&other_ca, "ord");
             assert!(
-                held.check(&kind, m, &bridge_cert_key(m), &cert_record(&stranger))
+                held.check(&kind, m, &bridge_cert_key(m), &cert_record(&stranger, m))
                     .is_err()
             );
             let not_a_bridge = material(&ca, vec![Grant::new(Tier::Global, "global", Role::Agent)]);
             assert!(
-                held.check(&kind, m, &bridge_cert_key(m), &cert_record(&not_a_bridge))
-                    .is_err()
+                held.check(
+                    &kind,
+                    m,
+                    &bridge_cert_key(m),
+                    &cert_record(&not_a_bridge, m)
+                )
+                .is_err()
             );
             // Without TLS (the default kind), unsigned records pass as before.
             assert_eq!(

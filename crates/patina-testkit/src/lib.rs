@@ -17,7 +17,10 @@ use std::time::Duration;
 
 use patina_proto::v1::admin_client::AdminClient;
 use patina_proto::v1::region_client::RegionClient;
-use patina_proto::v1::{Health, ListInstancesRequest, Machine, MachineState, MembersRequest};
+use patina_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, Health, ListInstancesRequest, Machine,
+    MachineState, MembersRequest,
+};
 use tonic::transport::Channel;
 
 /// The line an agent prints on stdout once it serves, followed by its URL.
@@ -215,6 +218,16 @@ impl Agent {
     /// A gRPC client of its admin service.
     pub async fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel().await)
+    }
+
+    /// Its `Admin.ClusterStatus` (panics when it does not answer: call it on a running agent).
+    pub async fn cluster_status(&self) -> ClusterStatusResponse {
+        self.admin()
+            .await
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("{}: ClusterStatus: {e}", self.url))
+            .into_inner()
     }
 
     /// How many other members the agent sees alive (0 when its admin service does not

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{Agent, GOSSIP_KEY, OTHER_GOSSIP_KEY, cli, cli_ok, eventually, gossip_table};
-use patina_proto::v1::{ClusterStatusRequest, MembersRequest};
+use patina_proto::v1::MembersRequest;
 
 fn member(root: &Path, i: usize, seeds: &[usize], extra: &str) -> Agent {
     let ip = format!("127.0.0.{}", 191 + i);
@@ -200,13 +200,7 @@ async fn a_rolling_enable_encrypts_gossip_and_keeps_outsiders_out() {
         assert_eq!(ids(a).await, written, "an outsider's write got in");
     }
     assert!(listed(&plain).await.is_empty() && listed(&other).await.is_empty());
-    let status = agents[0]
-        .admin()
-        .await
-        .cluster_status(ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = agents[0].cluster_status().await;
     assert!(status.dropped_plaintext > 0, "{status:?}");
     assert!(status.dropped_no_key > 0, "{status:?}");
 

@@ -18,9 +18,7 @@ use patina_edge::{RegionTable, Table};
 use patina_gossip::wire::{Item, Push};
 use patina_gossip::{ClusterName, Envelope, GossipKey, Keyring};
 use patina_proto::v1::global_client::GlobalClient;
-use patina_proto::v1::{
-    BridgeCertRecord, BridgeRecord, ClusterStatusRequest, SummaryRecord, WatchAppsRequest,
-};
+use patina_proto::v1::{BridgeCertRecord, BridgeRecord, SummaryRecord, WatchAppsRequest};
 use patina_store::{Hlc, NodeId, Record, Version};
 use patina_testkit::secure::Secure;
 use prost::Message;
@@ -47,6 +45,12 @@ async fn healthy_at(agent: &Agent, app: &str) -> Option<u32> {
 
 /// Push each of `records` into every agent of `to` (its push port is its API port's number,
 /// over UDP), one record per datagram, each sent a few times.
+/// Records a global agent refused from peers, over all origins.
+async fn refused_at(agent: &Agent) -> u64 {
+    let status = agent.cluster_status().await;
+    status.origins.iter().map(|o| o.refused).sum()
+}
+
 fn push(to: &[Agent], key: &str, records: &[Record]) {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     for g in to {
@@ -210,13 +214,26 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
         .await
         .unwrap()
         .into_inner();
+    let mut msg_bridges = Vec::new();
     let real = loop {
         let msg = watch.message().await.unwrap().expect("a snapshot");
+        msg_bridges.extend(msg.bridges);
         if let Some(s) = msg.summaries.into_iter().find(|s| s.app == "web") {
             break s;
         }
     };
     let bridge = real.bridge;
+    let bridge_cert = loop {
+        if let Some(b) = msg_bridges.iter().find(|b| b.bridge == bridge) {
+            break b.certificate.clone();
+        }
+        let msg = watch.message().await.unwrap().expect("the bridge's state");
+        msg_bridges.extend(msg.bridges);
+    };
+    assert!(
+        !bridge_cert.is_empty(),
+        "edges are sent the bridge's certificate"
+    );
     let signed = SummaryRecord {
         region: "ord".into(),
         healthy: real.healthy,
@@ -267,6 +284,13 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
             BridgeCertRecord {
                 certificate: fra.certificate().to_vec(),
                 published_hlc: view,
+                signature: fra
+                    .sign(&patina_edge::signed::certificate_message(
+                        forger,
+                        view,
+                        fra.certificate(),
+                    ))
+                    .unwrap(),
             }
             .encode_to_vec(),
             forger,
@@ -280,6 +304,33 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
             2,
         ),
         record("web/ord", "web", fra_summary.encode_to_vec(), forger, 3),
+        // The bridge's own certificate (as edges see it), dated again to win, and another
+        // ord bridge's, under the bridge's origin: neither signed by the key it certifies
+        // for this origin and date.
+        record(
+            &format!("_bridgecert/{bridge:016x}"),
+            "_bridges",
+            BridgeCertRecord {
+                certificate: bridge_cert.clone(),
+                published_hlc: view,
+                signature: real.signature.clone(),
+            }
+            .encode_to_vec(),
+            bridge,
+            1_000_002,
+        ),
+        record(
+            &format!("_bridgecert/{bridge:016x}"),
+            "_bridges",
+            BridgeCertRecord {
+                certificate: s.issue(Secure::bridge("ord")).certificate().to_vec(),
+                published_hlc: view + 1,
+                signature: Vec::new(),
+            }
+            .encode_to_vec(),
+            bridge,
+            1_000_003,
+        ),
     ];
     push(&globals, &s.key, &forged);
     // Given time to spread (and anti-entropy to ask for them again), nothing changed.
@@ -287,16 +338,10 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
     for g in &globals {
         assert_eq!(healthy_at(g, "web").await, Some(1), "{}", g.url);
         assert_eq!(healthy_at(g, "api").await, None, "{}", g.url);
-        let status = g
-            .admin()
-            .await
-            .cluster_status(ClusterStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let status = g.cluster_status().await;
         let refused: u64 = status.origins.iter().map(|o| o.refused).sum();
         assert!(
-            refused >= 3,
+            refused >= 5,
             "{} refused {refused}: {:?}",
             g.url,
             status.origins
@@ -317,22 +362,54 @@ async fn forged_summaries_pushed_into_global_agents_are_refused_everywhere() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Deletions forged under the bridge's origin: of its certificate (refused by every
-    // peer), and of a number above its head. Peers take that one (deletions are not signed),
-    // so the bridge must never issue that number itself: it moves to a fresh origin, and
-    // registers again under it (certificate, heartbeat).
+    // A deletion of the bridge's certificate, forged under its origin: refused by every
+    // peer, which keeps the certificate and the bridge's summaries.
+    let mut before = Vec::new();
+    for g in &globals {
+        before.push(refused_at(g).await);
+    }
     push(
         &globals,
         &s.key,
-        &[
-            tombstone(
-                &format!("_bridgecert/{bridge:016x}"),
-                "_bridges",
-                bridge,
-                2_000_000,
-            ),
-            tombstone("nothing/ord", "nothing", bridge, 2_000_001),
-        ],
+        &[tombstone(
+            &format!("_bridgecert/{bridge:016x}"),
+            "_bridges",
+            bridge,
+            2_000_000,
+        )],
+    );
+    for (g, before) in globals.iter().zip(before) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while refused_at(g).await <= before {
+            assert!(
+                Instant::now() < deadline,
+                "{} never refused the certificate's deletion",
+                g.url
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Not taken: the origin's head stayed below the forged number.
+        let status = g.cluster_status().await;
+        let head = status
+            .origins
+            .iter()
+            .find(|o| o.origin == format!("{bridge:016x}"))
+            .map(|o| o.head);
+        assert!(
+            head.is_some_and(|h| h < 2_000_000),
+            "{}: head {head:?}",
+            g.url
+        );
+        assert_eq!(healthy_at(g, "web").await, Some(2), "{}", g.url);
+        assert_eq!(bridge_of(g, "web").await, bridge, "{}", g.url);
+    }
+    // A deletion of a number above the bridge's head. Peers take that one (deletions are not
+    // signed), so the bridge must never issue that number itself: it moves to a fresh origin,
+    // and registers again under it (certificate, heartbeat).
+    push(
+        &globals,
+        &s.key,
+        &[tombstone("nothing/ord", "nothing", bridge, 2_000_001)],
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
 

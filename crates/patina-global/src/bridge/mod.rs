@@ -5,11 +5,13 @@
 pub mod core;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use patina_proto::v1::region_client::RegionClient;
 use patina_proto::v1::{BridgeRecord, SummaryRecord, WatchRequest, WatchResponse, machine_change};
-use patina_store::{LocalWrite, Store, StoreError, WatchItem};
+use patina_store::{LocalWrite, NodeId, Store, StoreError, WatchItem};
+use patina_trust::Material;
 use prost::Message;
 use tokio::sync::mpsc;
 
@@ -92,7 +94,9 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     let mut heartbeat_at = now();
     let mut heartbeat_view = 0u64;
     let signer = Signer(cfg.signer.clone());
-    register(&store, &cfg.region, &signer, 0).await;
+    // Summaries still to be signed again with a replaced certificate's successor.
+    let mut resign_pending = false;
+    register(&store, &cfg.region, &signer, 0, &mut resign_pending).await;
     tokio::pin!(shutdown);
     loop {
         // A heartbeat is due only when there is a complete view newer than the last one
@@ -121,7 +125,15 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
         // Registered again whenever the store lacks its registration under the origin it
         // writes as now: a rotated certificate, a move to a fresh origin, or a record a peer
         // deleted.
-        if register(&store, &cfg.region, &signer, core.view_hlc()).await {
+        if register(
+            &store,
+            &cfg.region,
+            &signer,
+            core.view_hlc(),
+            &mut resign_pending,
+        )
+        .await
+        {
             heartbeat_at = now();
             heartbeat_view = heartbeat_view.max(core.view_hlc());
         }
@@ -165,19 +177,23 @@ pub fn check_registration(store: &Store, region: &str) -> Result<(), String> {
 /// Signs with the bridge's current TLS key (`None`: TLS off, signs nothing).
 struct Signer(Option<patina_trust::Trust>);
 
-impl Signer {
-    fn sign(&self, message: &[u8]) -> Vec<u8> {
-        let Some(trust) = &self.0 else {
-            return Vec::new();
-        };
-        trust.current().sign(message).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "the bridge's key cannot sign: its records will be refused");
-            Vec::new()
-        })
-    }
+/// `message` signed with `key` (nothing without TLS; an error is logged, and what carries the
+/// empty signature is refused by peers).
+fn sign_with(key: Option<&Material>, message: &[u8]) -> Vec<u8> {
+    let Some(key) = key else {
+        return Vec::new();
+    };
+    key.sign(message).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "the bridge's key cannot sign: its records will be refused");
+        Vec::new()
+    })
+}
 
-    fn certificate(&self) -> Option<Vec<u8>> {
-        self.0.as_ref().map(|t| t.current().certificate().to_vec())
+impl Signer {
+    /// The key and certificate as they stand now (one snapshot: a reload between a signature
+    /// and the certificate it is checked against cannot split them).
+    fn key(&self) -> Option<Arc<Material>> {
+        self.0.as_ref().map(patina_trust::Trust::current)
     }
 
     fn summary(&self, app: &str, region: &str, counts: Counts, view_hlc: u64) -> SummaryRecord {
@@ -193,84 +209,116 @@ impl Signer {
             healthy: counts.healthy,
             total: counts.total,
             view_hlc,
-            signature: self.sign(&message),
+            signature: sign_with(self.key().as_deref(), &message),
         }
     }
 }
 
-/// Publish the bridge's certificate (before anything it signs, so peers can check it).
-async fn publish_cert(store: &Store, cert: &[u8], held_hlc: u64) -> bool {
+/// The write of the bridge's certificate record under `origin`, signed with its key for that
+/// origin and publication.
+fn cert_op(origin: NodeId, key: &Material, held_hlc: u64) -> LocalWrite {
     // Stamped with the wall clock (its field 4, which orders records of the global tier):
     // a newer publication beats an older one, and a deletion older than it.
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    // Never at or before the one held (a clock stepped back would make every write stale,
+    // and the bridge retry on every pass).
+    let published_hlc = patina_store::Hlc::from_physical_ms(now_ms)
+        .0
+        .max(held_hlc.saturating_add(1));
+    let certificate = key.certificate().to_vec();
+    let message = patina_edge::signed::certificate_message(origin.0, published_hlc, &certificate);
     let value = patina_proto::v1::BridgeCertRecord {
-        certificate: cert.to_vec(),
-        // Never at or before the one held (a clock stepped back would make every write
-        // stale, and the bridge retry on every pass).
-        published_hlc: patina_store::Hlc::from_physical_ms(now_ms)
-            .0
-            .max(held_hlc.saturating_add(1)),
+        signature: sign_with(Some(key), &message),
+        certificate,
+        published_hlc,
     }
     .encode_to_vec();
-    let op = LocalWrite::Put {
-        key: bridge_cert_key(store.node()),
+    LocalWrite::Put {
+        key: bridge_cert_key(origin),
         group: BRIDGES_GROUP.to_owned(),
         value,
-    };
-    match store.write(vec![op]).await {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not publish the bridge's certificate");
-            false
-        }
+    }
+}
+
+/// The write of a heartbeat of `origin` for `region` at `view_hlc`, signed with `key`.
+fn heartbeat_op(origin: NodeId, region: &str, view_hlc: u64, key: Option<&Material>) -> LocalWrite {
+    let message = patina_edge::signed::heartbeat_message(origin.0, region, view_hlc);
+    let value = BridgeRecord {
+        region: region.to_owned(),
+        view_hlc,
+        signature: sign_with(key, &message),
+    }
+    .encode_to_vec();
+    LocalWrite::Put {
+        key: bridge_key(origin),
+        group: BRIDGES_GROUP.to_owned(),
+        value,
     }
 }
 
 /// Make sure the store holds the bridge's registration under the origin it writes as now:
 /// its certificate (as the bridge holds it now) and a heartbeat (the region it serves), which
-/// every peer needs before it takes the bridge's summaries. A certificate written here is
-/// followed by a fresh heartbeat signed with its key, then (when it replaced another) every
-/// summary the bridge holds signed again, in that order, so a peer or an edge meets the
-/// certificate, then the heartbeat, then summaries it can check. Returns whether it wrote a
-/// heartbeat.
-async fn register(store: &Store, region: &str, signer: &Signer, view_hlc: u64) -> bool {
+/// every peer needs before it takes the bridge's summaries. A new certificate is written in
+/// one batch with a fresh heartbeat signed with its key (both or neither); when it replaced
+/// another, every summary the bridge holds is then signed again, and `resign_pending` stays
+/// set until all of them are (a failed pass is retried on the next). Returns whether it wrote
+/// a heartbeat.
+async fn register(
+    store: &Store,
+    region: &str,
+    signer: &Signer,
+    view_hlc: u64,
+    resign_pending: &mut bool,
+) -> bool {
     let me = store.node();
     let held_view = store
         .get_live(&bridge_key(me))
         .and_then(|e| e.value().and_then(|v| crate::record::decode_bridge(v).ok()))
         .map(|b| b.view_hlc);
-    let mut write_heartbeat = held_view.is_none();
-    let mut resign_all = false;
-    if let Some(cert) = signer.certificate() {
+    let key = signer.key();
+    let mut ops = Vec::with_capacity(2);
+    let mut replaces = false;
+    if let Some(key) = &key {
         let held_record = store
             .get_live(&bridge_cert_key(me))
             .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()));
         let held_hlc = held_record.as_ref().map_or(0, |c| c.published_hlc);
         let held = held_record.map(|c| c.certificate);
-        if held.as_ref() != Some(&cert) && publish_cert(store, &cert, held_hlc).await {
-            tracing::info!(origin = %me, "published the bridge's certificate");
-            write_heartbeat = true;
-            resign_all = held.is_some();
+        if held.as_deref() != Some(key.certificate()) {
+            ops.push(cert_op(me, key, held_hlc));
+            replaces = held.is_some();
         }
     }
     let mut wrote = false;
-    if write_heartbeat {
+    if !ops.is_empty() || held_view.is_none() {
         // Never an older view than the heartbeat held: the same view signed again wins by
         // its version.
         let view = view_hlc.max(held_view.unwrap_or(0));
-        wrote = heartbeat(store, region, view, signer).await;
+        let with_cert = !ops.is_empty();
+        ops.push(heartbeat_op(me, region, view, key.as_deref()));
+        match store.write(ops).await {
+            Ok(_) => {
+                if with_cert {
+                    tracing::info!(origin = %me, "published the bridge's certificate");
+                }
+                wrote = true;
+                *resign_pending |= replaces;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not register the bridge"),
+        }
     }
-    if resign_all {
-        resign(store, region, signer).await;
+    if *resign_pending {
+        *resign_pending = !resign(store, region, signer).await;
     }
     wrote
 }
 
 /// Sign again, with the current key, every summary the bridge holds under its origin (after
 /// its certificate changed: a peer that meets them later checks them against the new one).
-async fn resign(store: &Store, region: &str, signer: &Signer) {
+/// Returns whether every one was (or a newer one stands).
+async fn resign(store: &Store, region: &str, signer: &Signer) -> bool {
     let mine: Vec<(String, String, Counts, u64)> = store
         .owned_by(store.node())
         .iter()
@@ -286,6 +334,7 @@ async fn resign(store: &Store, region: &str, signer: &Signer) {
             Some((e.key().to_owned(), app.to_owned(), counts, s.view_hlc))
         })
         .collect();
+    let mut all = true;
     for (key, app, counts, view_hlc) in mine {
         let value = signer
             .summary(&app, region, counts, view_hlc)
@@ -295,25 +344,22 @@ async fn resign(store: &Store, region: &str, signer: &Signer) {
             group: app,
             value,
         };
-        if let Err(e) = store.write(vec![op]).await {
-            tracing::debug!(error = %e, "a summary was not signed again (a newer one stands)");
+        match store.write(vec![op]).await {
+            Ok(_) => {}
+            Err(StoreError::Stale(_)) => {
+                tracing::debug!("a summary was not signed again: a newer one stands");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a summary was not signed again (retried)");
+                all = false;
+            }
         }
     }
+    all
 }
 
 async fn heartbeat(store: &Store, region: &str, view_hlc: u64, signer: &Signer) -> bool {
-    let message = patina_edge::signed::heartbeat_message(store.node().0, region, view_hlc);
-    let value = BridgeRecord {
-        region: region.to_owned(),
-        view_hlc,
-        signature: signer.sign(&message),
-    }
-    .encode_to_vec();
-    let op = LocalWrite::Put {
-        key: bridge_key(store.node()),
-        group: BRIDGES_GROUP.to_owned(),
-        value,
-    };
+    let op = heartbeat_op(store.node(), region, view_hlc, signer.key().as_deref());
     match store.write(vec![op]).await {
         Ok(_) => true,
         Err(StoreError::Stale(_)) => false,
