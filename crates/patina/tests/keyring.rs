@@ -224,4 +224,35 @@ async fn a_rolling_enable_encrypts_gossip_and_keeps_outsiders_out() {
         back.host_port(),
     ]);
     assert!(list.contains("(in use); plaintext refused"), "{list}");
+
+    // Two more changes that would cut members off, refused when another member would be:
+    // removing a key another member still seals with, and sending plaintext while other
+    // members refuse it. Agent 0 alone would take both.
+    let next = cli_ok(&["keyring", "generate"]).trim().to_owned();
+    cli_ok(&["keyring", "install", &next, "--server", &server]);
+    cli_ok(&["keyring", "use", &next, "--local-only", "--server", &server]);
+    cli_ok(&[
+        "keyring",
+        "plaintext",
+        "accept",
+        "--local-only",
+        "--server",
+        &server,
+    ]);
+    for (refused, why) in [
+        (vec!["keyring", "remove", GOSSIP_KEY], "still in use on"),
+        (vec!["keyring", "stop-sealing"], "plaintext is refused by"),
+    ] {
+        let out = cli(&[&refused[..], &["--server", &server]].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{refused:?}");
+        assert!(
+            err.contains(why) && err.contains("nothing was changed"),
+            "{refused:?}: {err}"
+        );
+    }
+    let list = cli_ok(&["keyring", "list", "--local-only", "--server", &server]);
+    assert_eq!(list.matches("(in use)").count(), 1, "{list}");
+    let list = cli_ok(&["keyring", "list", "--server", &server]);
+    assert_eq!(list.matches("installed on 3").count(), 2, "{list}");
 }

@@ -102,6 +102,35 @@ fn refusal(e: KeyringError) -> Status {
     }
 }
 
+/// What a member that `op` would cut off is doing, for operations checked on every member
+/// first (`None`: applied without a check).
+fn precondition(op: &KeyringOp) -> Option<String> {
+    match op {
+        KeyringOp::Use(k) => Some(format!("key {} is not installed on", k.fingerprint())),
+        KeyringOp::Remove(k) => Some(format!("key {} is still in use on", k.fingerprint())),
+        KeyringOp::AcceptPlaintext(false) => Some("plaintext is still sent by".to_owned()),
+        KeyringOp::StopSealing => Some("plaintext is refused by".to_owned()),
+        _ => None,
+    }
+}
+
+/// Whether `op`, applied everywhere, would cut off a member whose keyring is `ring`: sealing
+/// with a key it lacks, refusing plaintext while it still sends plaintext, removing the key it
+/// still seals with (its datagrams could no longer be opened), or sending plaintext while it
+/// refuses plaintext.
+fn cuts_off(op: &KeyringOp, ring: &KeyringState) -> bool {
+    match op {
+        KeyringOp::Use(k) => !ring.keys.iter().any(|x| x.fingerprint == k.fingerprint()),
+        KeyringOp::Remove(k) => ring
+            .keys
+            .iter()
+            .any(|x| x.in_use && x.fingerprint == k.fingerprint()),
+        KeyringOp::AcceptPlaintext(false) => !ring.keys.iter().any(|x| x.in_use),
+        KeyringOp::StopSealing => !ring.accepts_plaintext,
+        _ => false,
+    }
+}
+
 pub(super) async fn keyring(
     gossip: &Gossip,
     req: KeyringRequest,
@@ -120,19 +149,9 @@ pub(super) async fn keyring(
             .map(|m| m.identity)
             .collect()
     };
-    // Changes that would cut members off are checked on every member first: sealing with a
-    // key one of them lacks, or refusing plaintext while one of them still sends it.
-    let precondition = match &op {
-        Some(KeyringOp::Use(k)) => Some((
-            format!("key {} is not installed on", k.fingerprint()),
-            k.fingerprint(),
-        )),
-        Some(KeyringOp::AcceptPlaintext(false)) => {
-            Some(("plaintext is still sent by".to_owned(), String::new()))
-        }
-        _ => None,
-    };
-    if let Some((what, fingerprint)) = precondition
+    // Changes that would cut members off are checked on every member first (see
+    // [`cuts_off`]); a member that does not answer counts as one that would be.
+    if let Some(what) = op.as_ref().and_then(precondition)
         && !members.is_empty()
     {
         let list = KeyringRequest {
@@ -140,18 +159,15 @@ pub(super) async fn keyring(
             key: String::new(),
             local_only: true,
         };
+        let op = op.as_ref().expect("a precondition comes from an op");
         let lacking: Vec<String> = ask_all(gossip, &members, list)
             .await
             .into_iter()
             .filter(|a| {
-                let Some(ring) = a.keyring.as_ref().filter(|_| a.ok) else {
-                    return true;
-                };
-                if fingerprint.is_empty() {
-                    !ring.keys.iter().any(|k| k.in_use)
-                } else {
-                    !ring.keys.iter().any(|k| k.fingerprint == fingerprint)
-                }
+                a.keyring
+                    .as_ref()
+                    .filter(|_| a.ok)
+                    .is_none_or(|ring| cuts_off(op, ring))
             })
             .map(|a| a.api_address)
             .collect();
