@@ -1,5 +1,5 @@
 //! `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
-//! [--summaries N] [--edge-only]`: the global tier with real processes on loopback (release build).
+//! [--summaries N] [--checked N] [--edge-only]`: the global tier with real processes on loopback (release build).
 //!
 //! - region to edge: from the acknowledged stop of an app's last instance in a region until
 //!   every global agent's LookupApp leaves that region out (and back up: until all list it
@@ -9,6 +9,9 @@
 //! - the edge library's lookup, in process, on a table of N summaries (100 regions' worth
 //!   of apps x 10 regions): p50 and p99; baseline: the cost of the two clock reads around
 //!   each timed call;
+//! - an edge's signature checks on a snapshot of `--checked` signed summaries (what a
+//!   failover costs an edge following over TLS), on the threads the checks use; baseline: the same snapshot's
+//!   apply without checks;
 //! - memory per summary at N summaries: the resident memory the table adds, divided by N;
 //!   baseline: the payload (the app's name and 12 bytes); and beside it, what a global
 //!   agent's own store (SQLite, index, change log) adds per summary at N;
@@ -35,6 +38,8 @@ pub struct Options {
     events: usize,
     lookup_secs: u64,
     summaries: usize,
+    /// Signed summaries in the edge's signature-check figure.
+    checked: usize,
     /// Only the edge library's figures (no processes).
     edge_only: bool,
 }
@@ -47,6 +52,7 @@ impl Options {
             events: 200,
             lookup_secs: 10,
             summaries: 1_000_000,
+            checked: 100_000,
             edge_only: false,
         };
         let mut it = args.iter();
@@ -62,11 +68,14 @@ impl Options {
                 "--events" => o.events = v as usize,
                 "--lookup-secs" => o.lookup_secs = v,
                 "--summaries" => o.summaries = v as usize,
+                "--checked" => o.checked = v as usize,
                 other => bail!("unknown option {other}"),
             }
         }
-        if o.regions < 2 || o.edges < 1 || o.events < 1 || o.summaries < 10 {
-            bail!("--regions at least 2, --edges and --events at least 1, --summaries at least 10");
+        if o.regions < 2 || o.edges < 1 || o.events < 1 || o.summaries < 10 || o.checked < 10 {
+            bail!(
+                "--regions at least 2, --edges and --events at least 1, --summaries and --checked at least 10"
+            );
         }
         Ok(o)
     }
@@ -435,6 +444,101 @@ fn edge(n: usize) -> (f64, f64, f64, f64, f64) {
     )
 }
 
+/// An edge's signature checks on a snapshot of `n` signed summaries (10 regions, a bridge
+/// each, Ed25519 as `patina certs` issues): (seconds to check them all, the
+/// same snapshot's apply without checks, seconds).
+fn edge_checks(n: usize) -> anyhow::Result<(f64, f64)> {
+    use patina_edge::signed::{EdgeChecks, heartbeat_message, summary_message};
+    use patina_edge::{RegionSpec, RegionTable, Replica, Table};
+    use patina_proto::v1::watch_apps_response::Kind;
+    use patina_proto::v1::{AppSummary, BridgeState, WatchAppsResponse};
+    use patina_trust::{Grant, Role, Scope, Tier, Trust, Verifier};
+    const REGIONS: usize = 10;
+    const HOUR: Duration = Duration::from_secs(3600);
+    let ca = patina_trust::certs::Authority::generate("bench", HOUR)?;
+    let agent = ca.issue_set(vec![Grant::new(Tier::Global, "global", Role::Agent)], HOUR)?;
+    let view = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64)
+        << 16;
+    let mut bridges = Vec::with_capacity(REGIONS);
+    let mut keys = Vec::with_capacity(REGIONS);
+    for r in 0..REGIONS {
+        let region = region_name(r);
+        let m = ca.issue_set(
+            vec![Grant::new(
+                Tier::Global,
+                "global",
+                Role::Bridge(region.clone()),
+            )],
+            HOUR,
+        )?;
+        bridges.push(BridgeState {
+            bridge: r as u64,
+            region: region.clone(),
+            view_hlc: view,
+            removed: false,
+            certificate: m.certificate().to_vec(),
+            signature: m.sign(&heartbeat_message(r as u64, &region, view))?,
+        });
+        keys.push(m);
+    }
+    let mut summaries = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = i % REGIONS;
+        let (app, region) = (format!("app-{:07}", i / REGIONS), region_name(r));
+        let healthy = (i % 4) as u32;
+        summaries.push(AppSummary {
+            signature: keys[r].sign(&summary_message(&app, &region, healthy, 3, view))?,
+            app,
+            region,
+            healthy,
+            total: 3,
+            view_hlc: view,
+            bridge: r as u64,
+            removed: false,
+        });
+    }
+    let snapshot = WatchAppsResponse {
+        kind: Kind::SnapshotDone as i32,
+        reset: true,
+        bridges,
+        summaries,
+        resume_token: String::new(),
+    };
+    let table = || {
+        let specs = (0..REGIONS)
+            .map(|r| RegionSpec {
+                name: region_name(r),
+                ..RegionSpec::default()
+            })
+            .collect();
+        Arc::new(Table::new(
+            RegionTable::new(specs).expect("a valid table"),
+            Some(Duration::from_secs(30)),
+        ))
+    };
+    let mut checks = EdgeChecks::new(
+        Arc::new(Verifier::new(Trust::fixed(agent))),
+        Scope::new(Tier::Global, "global"),
+    );
+    let mut msg = snapshot.clone();
+    let t = Instant::now();
+    checks.filter(&mut msg);
+    let check_secs = t.elapsed().as_secs_f64();
+    if msg.summaries.len() != n || checks.refusals().get() != (0, 0) {
+        bail!(
+            "the edge refused good summaries: {:?}",
+            checks.refusals().get()
+        );
+    }
+    let mut replica = Replica::new(table());
+    let t = Instant::now();
+    replica.apply_checked(&snapshot);
+    let apply_secs = t.elapsed().as_secs_f64();
+    Ok((check_secs, apply_secs))
+}
+
 pub fn run(o: Options) -> anyhow::Result<()> {
     // In process first, while this process is small: the table's memory is its RSS growth.
     let (edge_p50, edge_p99, clock_ns, bytes, payload) = edge(o.summaries);
@@ -443,6 +547,16 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (clock reads around each call: {clock_ns:.0} ns); {bytes:.1} bytes per summary \
          (payload {payload:.1})",
         o.summaries
+    );
+    let (check_secs, apply_secs) = edge_checks(o.checked)?;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(patina_edge::signed::MAX_THREADS);
+    println!(
+        "an edge's signature checks on a snapshot of {} signed summaries: {check_secs:.2} s on \
+         {threads} threads ({:.1} µs each); the same snapshot applied without checks: {apply_secs:.2} s",
+        o.checked,
+        check_secs * 1e6 / o.checked as f64
     );
     let agent_dir = crate::bench_store::tempdir()?.join("global-store");
     // Removed however this ends (a failed step returns early with `?`): 1M summaries are
@@ -480,6 +594,11 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "agent_store_bytes_per_summary": store_bytes,
         "edge_snapshot_secs": snapshot.map(|(s, _)| s),
         "baseline_store_write_secs": store_secs,
+        "edge_checked_summaries": o.checked,
+        "edge_check_secs": check_secs,
+        "edge_check_threads": threads,
+        "edge_check_us_per_summary": check_secs * 1e6 / o.checked as f64,
+        "baseline_edge_apply_unchecked_secs": apply_secs,
     });
     if o.edge_only {
         println!("{edge_json}");

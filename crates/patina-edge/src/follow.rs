@@ -25,6 +25,8 @@ pub struct Replica {
     /// checked it already, or where TLS is off). Shared with the blocking thread [`follow`]
     /// checks on; never locked across an await.
     checks: Option<Arc<std::sync::Mutex<crate::signed::EdgeChecks>>>,
+    /// The checks' counts, read without their lock.
+    refusals: Option<Arc<crate::signed::Refusals>>,
 }
 
 impl Replica {
@@ -34,6 +36,7 @@ impl Replica {
             snapshot: None,
             token: String::new(),
             checks: None,
+            refusals: None,
         }
     }
 
@@ -41,6 +44,7 @@ impl Replica {
     /// [`crate::signed::EdgeChecks`]); what fails is dropped and the table keeps what it held.
     pub fn checked(table: Arc<Table>, checks: crate::signed::EdgeChecks) -> Replica {
         Replica {
+            refusals: Some(checks.refusals()),
             checks: Some(Arc::new(std::sync::Mutex::new(checks))),
             ..Replica::new(table)
         }
@@ -49,10 +53,12 @@ impl Replica {
     /// Records refused for want of a signature, and for a bad one (wrong key, another
     /// region's bridge, an untrusted certificate).
     pub fn refused(&self) -> (u64, u64) {
-        self.checks.as_ref().map_or((0, 0), |c| {
-            let c = c.lock().expect("edge checks");
-            (c.refused_unsigned, c.refused_bad)
-        })
+        self.refusals.as_ref().map_or((0, 0), |r| r.get())
+    }
+
+    /// The shared counts behind [`Replica::refused`] (`None` without checks).
+    pub fn refusals(&self) -> Option<Arc<crate::signed::Refusals>> {
+        self.refusals.clone()
     }
 
     pub fn table(&self) -> &Arc<Table> {
@@ -177,8 +183,8 @@ pub struct Edge {
     pub synced: watch::Receiver<bool>,
     /// The server it follows now (or tries to).
     pub following: watch::Receiver<String>,
-    /// The signature checks (following over TLS), for their counts.
-    checks: Option<Arc<std::sync::Mutex<crate::signed::EdgeChecks>>>,
+    /// The signature checks' counts (following over TLS).
+    refusals: Option<Arc<crate::signed::Refusals>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -186,10 +192,7 @@ impl Edge {
     /// Records refused for want of a signature, and for a bad one (wrong key, another
     /// region's bridge, an untrusted or expired certificate): `(0, 0)` without TLS.
     pub fn refused(&self) -> (u64, u64) {
-        self.checks.as_ref().map_or((0, 0), |c| {
-            let c = c.lock().expect("edge checks");
-            (c.refused_unsigned, c.refused_bad)
-        })
+        self.refusals.as_ref().map_or((0, 0), |r| r.get())
     }
 
     pub fn stop(self) {
@@ -228,13 +231,13 @@ pub fn follow(servers: Vec<String>, table: Arc<Table>, dial: patina_trust::Dial)
             )
         }
     };
-    let checks = replica.checks();
+    let refusals = replica.refusals();
     let task = tokio::spawn(run(servers, replica, tx, following_tx, dial));
     Edge {
         table,
         synced,
         following,
-        checks,
+        refusals,
         task,
     }
 }

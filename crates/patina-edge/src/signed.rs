@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use patina_proto::v1::{AppSummary, BridgeState};
 use patina_trust::{Scope, SignError, Verifier, Vouched};
@@ -92,9 +93,26 @@ pub struct EdgeChecks {
     /// the bundle, cached, for every summary: an expired certificate or a dropped CA stops
     /// vouching at once).
     bridges: HashMap<u64, (String, Vec<u8>)>,
-    /// Records refused, by reason.
-    pub refused_unsigned: u64,
-    pub refused_bad: u64,
+    refusals: Arc<Refusals>,
+}
+
+/// Records an edge refused, by reason: read without the checks' lock (the checks run on a
+/// blocking thread; a proxy's metrics read these from its own threads at any time).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    unsigned: AtomicU64,
+    bad: AtomicU64,
+}
+
+impl Refusals {
+    /// Refused for want of a signature, and for a bad one (wrong key, another region's
+    /// bridge, an untrusted or expired certificate).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.unsigned.load(Ordering::Relaxed),
+            self.bad.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl EdgeChecks {
@@ -103,17 +121,22 @@ impl EdgeChecks {
             verifier,
             scope,
             bridges: HashMap::new(),
-            refused_unsigned: 0,
-            refused_bad: 0,
+            refusals: Arc::default(),
         }
     }
 
+    /// Its counts of refusals, shared (they go on counting as the checks run).
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
+    }
+
     fn refuse(&mut self, why: String, unsigned: bool) -> Result<(), String> {
-        if unsigned {
-            self.refused_unsigned += 1;
+        let count = if unsigned {
+            &self.refusals.unsigned
         } else {
-            self.refused_bad += 1;
-        }
+            &self.refusals.bad
+        };
+        count.fetch_add(1, Ordering::Relaxed);
         Err(why)
     }
 
@@ -140,55 +163,193 @@ impl EdgeChecks {
     }
 
     /// Keep in `msg` only the heartbeats and summaries that pass (heartbeats first: a summary
-    /// is checked against its bridge's), logging each refusal.
+    /// is checked against its bridge's). Summaries are checked on up to [`MAX_THREADS`]
+    /// threads when there are many (a snapshot after a failover). Refusals are counted, and
+    /// the first few of each message logged, then how many more.
     pub fn filter(&mut self, msg: &mut patina_proto::v1::WatchAppsResponse) {
+        let mut log = RefusalLog::default();
         msg.bridges.retain(|b| match self.bridge(b) {
             Ok(()) => true,
             Err(why) => {
-                tracing::warn!(bridge = %format_args!("{:016x}", b.bridge), region = %b.region.escape_debug(), %why, "refused a bridge heartbeat: keeping the last good state");
+                if log.take() {
+                    tracing::warn!(bridge = %format_args!("{:016x}", b.bridge), region = %b.region.escape_debug(), %why, "refused a bridge heartbeat: keeping the last good state");
+                }
                 false
             }
         });
-        msg.summaries.retain(|s| match self.summary(s) {
-            Ok(()) => true,
-            Err(why) => {
+        let verdicts = self.check_all(&msg.summaries);
+        let mut verdicts = verdicts.into_iter();
+        msg.summaries.retain(|s| {
+            let Some(Err(refusal)) = verdicts.next() else {
+                return true;
+            };
+            let why = self.refused(refusal, s.bridge);
+            if log.take() {
                 tracing::warn!(app = %s.app.escape_debug(), region = %s.region.escape_debug(), %why, "refused a summary: keeping the last good state");
-                false
             }
+            false
         });
+        if log.more > 0 {
+            tracing::warn!(
+                more = log.more,
+                "refused more heartbeats or summaries in the same message"
+            );
+        }
+    }
+
+    /// Each summary's verdict, in order: on one thread for a few, split across threads for
+    /// many.
+    fn check_all(&self, summaries: &[AppSummary]) -> Vec<Result<(), Refusal>> {
+        // Each bridge's certificate checked against the bundle once per message (not once
+        // per summary).
+        let mut vouched = HashMap::new();
+        for s in summaries {
+            if let Some((region, cert)) = self.bridges.get(&s.bridge) {
+                vouched
+                    .entry(s.bridge)
+                    .or_insert_with(|| bridge_of(&self.verifier, &self.scope, cert, region));
+            }
+        }
+        let vouched = &vouched;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS)
+            .min(summaries.len() / PER_THREAD)
+            .max(1);
+        if threads == 1 {
+            return summaries
+                .iter()
+                .map(|s| self.check_summary(s, vouched))
+                .collect();
+        }
+        let chunk = summaries.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = summaries
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|s| self.check_summary(s, vouched))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().expect("a signature check panicked"))
+                .collect()
+        })
     }
 
     /// Check a summary (a removal passes, as for heartbeats).
     pub fn summary(&mut self, s: &AppSummary) -> Result<(), String> {
+        let vouched = self
+            .bridges
+            .get(&s.bridge)
+            .map(|(region, cert)| {
+                (
+                    s.bridge,
+                    bridge_of(&self.verifier, &self.scope, cert, region),
+                )
+            })
+            .into_iter()
+            .collect();
+        match self.check_summary(s, &vouched) {
+            Ok(()) => Ok(()),
+            Err(refusal) => Err(self.refused(refusal, s.bridge)),
+        }
+    }
+
+    /// Count a refusal (and forget a bridge whose certificate stopped vouching): its reason.
+    fn refused(&mut self, refusal: Refusal, bridge: u64) -> String {
+        if refusal.forget_bridge {
+            self.bridges.remove(&bridge);
+        }
+        self.refuse(refusal.why, refusal.unsigned)
+            .expect_err("a refusal")
+    }
+
+    /// `vouched`: each bridge's certificate as the bundle judges it now.
+    fn check_summary(
+        &self,
+        s: &AppSummary,
+        vouched: &HashMap<u64, Result<Arc<Vouched>, String>>,
+    ) -> Result<(), Refusal> {
         if s.removed {
             return Ok(());
         }
-        let Some((region, cert)) = self.bridges.get(&s.bridge) else {
-            return self.refuse(
+        let Some((region, _)) = self.bridges.get(&s.bridge) else {
+            return Err(Refusal::new(
                 format!(
                     "a summary of {}/{} from a bridge with no checked heartbeat",
                     s.app, s.region
                 ),
                 s.signature.is_empty(),
-            );
+            ));
         };
         if *region != s.region {
             let why = format!("a bridge of {region} signed for region {}", s.region);
-            return self.refuse(why, false);
+            return Err(Refusal::new(why, false));
         }
-        let vouched = match bridge_of(&self.verifier, &self.scope, cert, region) {
-            Ok(v) => v,
-            Err(why) => {
-                self.bridges.remove(&s.bridge);
-                return self.refuse(why, false);
+        let vouched = match vouched.get(&s.bridge) {
+            Some(Ok(v)) => v,
+            Some(Err(why)) => {
+                return Err(Refusal {
+                    forget_bridge: true,
+                    ..Refusal::new(why.clone(), false)
+                });
             }
+            None => return Err(Refusal::new("a bridge not checked".into(), false)),
         };
         let message = summary_message(&s.app, &s.region, s.healthy, s.total, s.view_hlc);
-        if let Err(e) = vouched.verify(&message, &s.signature) {
+        vouched.verify(&message, &s.signature).map_err(|e| {
             let why = format!("summary {}/{}: {e}", s.app, s.region);
-            return self.refuse(why, e == SignError::Unsigned);
+            Refusal::new(why, e == SignError::Unsigned)
+        })
+    }
+}
+
+/// At most this many threads check one message's summaries.
+pub const MAX_THREADS: usize = 8;
+/// Fewest summaries worth a thread of their own (below, one thread checks them all).
+const PER_THREAD: usize = 1024;
+/// Refusals logged one by one per message; the rest are counted in one line.
+const LOGGED_PER_MESSAGE: u32 = 8;
+
+/// Why a summary was refused, before it is counted.
+struct Refusal {
+    why: String,
+    unsigned: bool,
+    /// Its bridge's certificate no longer vouches: forget the bridge.
+    forget_bridge: bool,
+}
+
+impl Refusal {
+    fn new(why: String, unsigned: bool) -> Refusal {
+        Refusal {
+            why,
+            unsigned,
+            forget_bridge: false,
         }
-        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct RefusalLog {
+    logged: u32,
+    more: u64,
+}
+
+impl RefusalLog {
+    /// Whether to log this refusal (else it is counted for the closing line).
+    fn take(&mut self) -> bool {
+        if self.logged < LOGGED_PER_MESSAGE {
+            self.logged += 1;
+            true
+        } else {
+            self.more += 1;
+            false
+        }
     }
 }
 

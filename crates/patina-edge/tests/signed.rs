@@ -154,3 +154,68 @@ fn an_edge_takes_only_what_a_bridge_of_the_region_signed() {
     ));
     assert_eq!(healthy(&table, "web", "ord"), Some(4));
 }
+
+/// A snapshot large enough to be checked on several threads: every verdict lands on its own
+/// summary (the good ones are taken, each bad one is refused and counted), whatever thread
+/// checked it.
+#[test]
+fn a_large_snapshot_checked_on_several_threads_keeps_each_verdict_with_its_summary() {
+    let ca = Authority::generate("ca", HOUR).unwrap();
+    let edge = ca
+        .issue_set(vec![Grant::new(Tier::Global, "global", Role::Reader)], HOUR)
+        .unwrap();
+    let regions = ["ord", "fra"]
+        .iter()
+        .map(|n| RegionSpec {
+            name: (*n).into(),
+            ..Default::default()
+        })
+        .collect();
+    let table = Arc::new(Table::new(RegionTable::new(regions).unwrap(), None));
+    let checks = EdgeChecks::new(
+        Arc::new(Verifier::new(Trust::fixed(edge))),
+        Scope::new(Tier::Global, "global"),
+    );
+    let mut replica = Replica::checked(table.clone(), checks);
+    let (ord, fra) = (bridge(&ca, "ord"), bridge(&ca, "fra"));
+    let view = now_hlc();
+    // More than two threads' worth (the checks split at 1,024 per thread), the bad ones
+    // spread over every part.
+    let n = 5_000;
+    let mut summaries = Vec::with_capacity(n);
+    let mut bad = 0;
+    for i in 0..n {
+        let app = format!("app-{i}");
+        let (m, id, region) = if i % 2 == 0 {
+            (&ord, 1, "ord")
+        } else {
+            (&fra, 2, "fra")
+        };
+        let mut s = summary(m, id, &app, region, 1 + (i % 5) as u32, view);
+        if i % 7 == 3 {
+            s.healthy += 10;
+            bad += 1;
+        }
+        summaries.push(s);
+    }
+    let mut snapshot = delta(
+        vec![
+            heartbeat(&ord, 1, "ord", view),
+            heartbeat(&fra, 2, "fra", view),
+        ],
+        summaries,
+    );
+    snapshot.kind = Kind::SnapshotDone as i32;
+    snapshot.reset = true;
+    replica.apply(&snapshot);
+    assert_eq!(replica.refused(), (0, bad));
+    for i in 0..n {
+        let region = if i % 2 == 0 { "ord" } else { "fra" };
+        let expected = (i % 7 != 3).then_some(1 + (i % 5) as u32);
+        assert_eq!(
+            healthy(&table, &format!("app-{i}"), region),
+            expected,
+            "app-{i}"
+        );
+    }
+}
