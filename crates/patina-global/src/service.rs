@@ -197,6 +197,7 @@ impl Global for GlobalService {
         &self,
         request: Request<WatchAppsRequest>,
     ) -> Result<Response<Self::WatchAppsStream>, Status> {
+        let accepted = patina_trust::server::accepted_at(&request);
         let req = request.into_inner();
         let stream = watch_stream(
             &self.store,
@@ -204,6 +205,7 @@ impl Global for GlobalService {
             self.stopping.clone(),
             WatchOpen {
                 rpc: "WatchApps",
+                accepted,
                 scope: None,
                 resume: resume_token(&req.resume_token)?,
                 heartbeat_ms: req.heartbeat_ms,

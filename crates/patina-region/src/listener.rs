@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use patina_trust::server::Accepted;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -20,7 +21,7 @@ use tokio_stream::Stream;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::http;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 use crate::Limits;
 
@@ -47,6 +48,8 @@ pub struct Connection {
     first_byte_by: Option<Pin<Box<Sleep>>>,
     /// Released on drop, whoever drops the connection and however it ended.
     _slot: OwnedSemaphorePermit,
+    /// When it was accepted: services bound its streams by its age.
+    accepted: std::time::Instant,
 }
 
 impl Connection {
@@ -55,6 +58,7 @@ impl Connection {
             io,
             first_byte_by: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
             _slot: slot,
+            accepted: std::time::Instant::now(),
         }
     }
 }
@@ -119,10 +123,13 @@ impl AsyncWrite for Connection {
 }
 
 impl Connected for Connection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = Accepted;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.io.connect_info()
+    fn connect_info(&self) -> Accepted {
+        Accepted {
+            tcp: self.io.connect_info(),
+            at: self.accepted,
+        }
     }
 }
 

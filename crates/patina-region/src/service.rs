@@ -411,14 +411,24 @@ impl Watches {
         }
     }
 
-    /// This stream's age: 90 to 100 % of the maximum.
-    fn age(&self) -> std::time::Duration {
+    /// When a stream opened now ends: at 90 to 100 % of the maximum age from now, and no
+    /// later than its connection's maximum age plus the same spread (the connection gets its
+    /// GOAWAY at that age, so a stream opened just before then ends soon after it, not a
+    /// whole age later). `accepted`: when the connection was accepted, if known.
+    fn deadline(&self, accepted: Option<std::time::Instant>) -> tokio::time::Instant {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(0);
         let tenth = self.max_age / 10;
         let spread = tenth.as_millis().max(1) as u64;
-        self.max_age - tenth + std::time::Duration::from_millis(h.finish() % spread)
+        let jitter = std::time::Duration::from_millis(h.finish() % spread);
+        let now = std::time::Instant::now();
+        let own = now + (self.max_age - tenth + jitter);
+        let end = match accepted {
+            Some(at) => own.min(at + self.max_age + jitter),
+            None => own,
+        };
+        tokio::time::Instant::from_std(end)
     }
 }
 
@@ -428,6 +438,9 @@ pub struct WatchOpen {
     pub rpc: &'static str,
     pub scope: Option<Arc<str>>,
     pub resume: Option<ResumeToken>,
+    /// When the request's connection was accepted ([`patina_trust::server::accepted_at`]):
+    /// the stream ends by the connection's age.
+    pub accepted: Option<std::time::Instant>,
     /// The request's `heartbeat_ms` (0: none; others taken within 100..=60000).
     pub heartbeat_ms: u32,
     /// Most records in one message.
@@ -464,7 +477,7 @@ where
         cursor = cursor.with_heartbeat(std::time::Duration::from_millis(ms.into()));
     }
     let make = Arc::new(make);
-    let deadline = tokio::time::Instant::now() + watches.age();
+    let deadline = watches.deadline(open.accepted);
     let stream = futures_util::stream::unfold(
         (cursor, stopping, store.clone(), false),
         move |(mut cursor, mut stopping, store, ended)| {
@@ -610,6 +623,7 @@ impl Region for RegionService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let accepted = patina_trust::server::accepted_at(&request);
         let req = request.into_inner();
         let scope = if req.app.is_empty() {
             None
@@ -626,6 +640,7 @@ impl Region for RegionService {
             self.stopping.clone(),
             WatchOpen {
                 rpc: "Watch",
+                accepted,
                 scope,
                 resume,
                 heartbeat_ms: req.heartbeat_ms,

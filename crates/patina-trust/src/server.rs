@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinSet;
@@ -30,15 +30,61 @@ use crate::reload::Trust;
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     pub principal: Arc<Principal>,
+    /// When the listener accepted the connection (or, when it does not say, when the
+    /// handshake began).
+    pub accepted: Instant,
+}
+
+/// What a listener that admits connections knows of one: its TCP addresses and when it was
+/// accepted (so a service can bound what a connection does by its age).
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub tcp: TcpConnectInfo,
+    pub at: Instant,
+}
+
+/// What a connection's info says of it, whichever listener made it.
+pub trait AcceptInfo: Clone + Send + Sync + 'static {
+    fn remote(&self) -> Option<SocketAddr>;
+    /// When it was accepted, if the listener recorded it.
+    fn accepted_at(&self) -> Option<Instant>;
+}
+
+impl AcceptInfo for TcpConnectInfo {
+    fn remote(&self) -> Option<SocketAddr> {
+        self.remote_addr()
+    }
+
+    fn accepted_at(&self) -> Option<Instant> {
+        None
+    }
+}
+
+impl AcceptInfo for Accepted {
+    fn remote(&self) -> Option<SocketAddr> {
+        self.tcp.remote_addr()
+    }
+
+    fn accepted_at(&self) -> Option<Instant> {
+        Some(self.at)
+    }
 }
 
 /// The client's address, over TLS or not.
 pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
-    request
-        .extensions()
-        .get::<PeerInfo>()
+    let ext = request.extensions();
+    ext.get::<PeerInfo>()
         .and_then(|p| p.remote)
+        .or_else(|| ext.get::<Accepted>().and_then(|a| a.tcp.remote_addr()))
         .or_else(|| request.remote_addr())
+}
+
+/// When the request's connection was accepted (`None`: a listener that does not say).
+pub fn accepted_at<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    let ext = request.extensions();
+    ext.get::<PeerInfo>()
+        .map(|p| p.accepted)
+        .or_else(|| ext.get::<Accepted>().map(|a| a.at))
 }
 
 /// The caller's principal (`None` on a listener without TLS).
@@ -125,9 +171,14 @@ impl<S, IO> TlsIncoming<S, IO> {
 
 async fn handshake<IO>(io: IO, trust: Trust, timeout: Duration) -> Option<TlsConn<IO>>
 where
-    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = TcpConnectInfo> + Unpin,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin,
+    IO::ConnectInfo: AcceptInfo,
 {
-    let remote = io.connect_info().remote_addr();
+    let info = io.connect_info();
+    let (remote, accepted) = (
+        info.remote(),
+        info.accepted_at().unwrap_or_else(Instant::now),
+    );
     let acceptor = tokio_rustls::TlsAcceptor::from(trust.current().server.clone());
     let stream = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
@@ -147,6 +198,7 @@ where
             info: PeerInfo {
                 remote,
                 principal: Arc::new(p),
+                accepted,
             },
             inner: stream,
         }),
@@ -160,7 +212,8 @@ where
 impl<S, IO, E> Stream for TlsIncoming<S, IO>
 where
     S: Stream<Item = Result<IO, E>> + Unpin,
-    IO: AsyncRead + AsyncWrite + Connected<ConnectInfo = TcpConnectInfo> + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: AcceptInfo,
 {
     type Item = Result<TlsConn<IO>, E>;
 

@@ -354,3 +354,52 @@ async fn a_watch_ends_at_the_connection_age_and_its_client_is_served_again() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A Watch opened late in its connection's life ends by the connection's age (its GOAWAY
+/// comes then), not a whole age after it opened: a connection lives about its maximum age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_opened_late_ends_by_its_connections_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = common::start_with(
+        dir.path(),
+        "127.0.0.1",
+        "[limits]\nmax_connection_age_secs = 2\n",
+    );
+    let mut client = agent.client().await;
+    let connected = Instant::now();
+    list(&mut client).await.unwrap();
+    // Late in the connection's life: 60 % of its age gone.
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(connected.elapsed())).await;
+    let mut stream = client
+        .watch(WatchRequest {
+            app: "web".into(),
+            resume_token: String::new(),
+            heartbeat_ms: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let opened = Instant::now();
+    // Bounded: the stream must end within 10 s.
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Ok(Ok(Some(_))) if opened.elapsed() < Duration::from_secs(10) => continue,
+            Ok(Err(status)) => break status,
+            other => panic!("the watch did not end with its age: {other:?}"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("maximum age"), "{status:?}");
+    // By the connection's age plus its spread (2.2 s after it was accepted), where a stream
+    // timed from its own opening would run 1.8 to 2 s.
+    let ended = opened.elapsed();
+    assert!(
+        ended < Duration::from_millis(1500),
+        "ended {ended:?} after it opened"
+    );
+    assert!(
+        connected.elapsed() >= Duration::from_millis(1900),
+        "ended before the connection's age: {:?}",
+        connected.elapsed()
+    );
+}
