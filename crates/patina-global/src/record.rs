@@ -32,8 +32,10 @@ use prost::Message;
 pub const BRIDGES_GROUP: &str = "_bridges";
 const BRIDGE_PREFIX: &str = "_bridge/";
 const CERT_PREFIX: &str = "_bridgecert/";
-/// Largest stored certificate record.
-pub const MAX_CERT_VALUE_BYTES: usize = patina_trust::signing::MAX_CERTIFICATE + 16;
+/// Largest stored certificate record: the certificate, its publication time and its
+/// signature, each with its tag and length.
+pub const MAX_CERT_VALUE_BYTES: usize =
+    patina_trust::signing::MAX_CERTIFICATE + patina_trust::signing::MAX_SIGNATURE + 32;
 
 /// Largest stored summary or heartbeat value: a few fields; anything larger is refused.
 pub const MAX_VALUE_BYTES: usize = 256;

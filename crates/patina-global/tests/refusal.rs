@@ -91,3 +91,113 @@ fn summaries_for_another_region_and_moved_registrations_are_refused_by_every_pee
     w.run_for(Duration::from_secs(3));
     assert_eq!(held(&w, 0, "web/fra"), Some(1));
 }
+
+/// A bridge's first registration reaches a peer in one batch, newest first: its summary,
+/// then its heartbeat, then its certificate (each needs the one after it). The peer takes all
+/// three and counts no refusal (a refusal is what operators are alerted on).
+#[tokio::test]
+async fn a_registration_sent_newest_first_is_taken_whole_without_refusals() {
+    use patina_edge::signed::{certificate_message, heartbeat_message, summary_message};
+    use patina_global::record::bridge_cert_key;
+    use patina_proto::v1::BridgeCertRecord;
+    use patina_store::{ApplyOutcome, Hlc, NodeId, Record, RemoteBatch, Store, Version};
+    use patina_trust::certs::Authority;
+    use patina_trust::{Grant, Role, Scope, Tier, Trust, Verifier};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    let ca = Authority::generate("ca", HOUR).unwrap();
+    let agent = ca
+        .issue_set(vec![Grant::new(Tier::Global, "global", Role::Agent)], HOUR)
+        .unwrap();
+    let bridge = ca
+        .issue_set(
+            vec![Grant::new(
+                Tier::Global,
+                "global",
+                Role::Bridge("ord".into()),
+            )],
+            HOUR,
+        )
+        .unwrap();
+    let kind = SummaryKind::signed(
+        Arc::new(Verifier::new(Trust::fixed(agent))),
+        Scope::new(Tier::Global, "global"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        patina_store::StoreOptions {
+            kind: Arc::new(kind),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let origin = NodeId(0x0b0b);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hlc = Hlc::from_physical_ms(now_ms);
+    let view = hlc.0;
+    let record = |key: String, group: &str, value: Vec<u8>, seq: u64| Record {
+        key: key.into(),
+        group: group.into(),
+        value: Some(value.into()),
+        version: Version { hlc, origin, seq },
+    };
+    let cert = BridgeCertRecord {
+        certificate: bridge.certificate().to_vec(),
+        published_hlc: view,
+        signature: bridge
+            .sign(&certificate_message(origin.0, view, bridge.certificate()))
+            .unwrap(),
+    };
+    let heartbeat = BridgeRecord {
+        region: "ord".into(),
+        view_hlc: view,
+        signature: bridge
+            .sign(&heartbeat_message(origin.0, "ord", view))
+            .unwrap(),
+    };
+    let summary = SummaryRecord {
+        region: "ord".into(),
+        healthy: 2,
+        total: 2,
+        view_hlc: view,
+        signature: bridge
+            .sign(&summary_message("web", "ord", 2, 2, view))
+            .unwrap(),
+    };
+    let report = store
+        .apply(RemoteBatch {
+            records: vec![
+                record(summary_key("web", "ord"), "web", summary.encode_to_vec(), 3),
+                record(
+                    bridge_key(origin),
+                    BRIDGES_GROUP,
+                    heartbeat.encode_to_vec(),
+                    2,
+                ),
+                record(
+                    bridge_cert_key(origin),
+                    BRIDGES_GROUP,
+                    cert.encode_to_vec(),
+                    1,
+                ),
+            ],
+            covered: Vec::new(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        report
+            .records
+            .iter()
+            .all(|o| matches!(o, ApplyOutcome::Applied)),
+        "{:?}",
+        report.records
+    );
+    assert!(store.refusals().is_empty(), "{:?}", store.refusals());
+    let held = decode_summary(store.get_live("web/ord").unwrap().value().unwrap()).unwrap();
+    assert_eq!(held.healthy, 2);
+}

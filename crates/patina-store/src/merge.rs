@@ -185,6 +185,10 @@ impl ApplyReport {
 /// Records are replicated to every node and served in bounded messages: one huge record
 /// must not break every snapshot that contains it.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
+/// Passes over a batch's records refused against what is held, each after the last took
+/// one: the depth of the longest chain of records that need one another (a summary needs
+/// its bridge's heartbeat, which needs its certificate) and then some.
+const MAX_DEPENDENCY_PASSES: usize = 4;
 
 /// How far ahead of our wall clock a remote record's timestamp may be. A peer with a clock
 /// (or a bug) far in the future would otherwise drag every later local write with it, up to
@@ -709,12 +713,23 @@ impl Core {
             report.records.push(self.stage_record(g, record)?);
         }
         // A record refused against what is held may depend on one later in the batch (a
-        // peer sends newest first: a bridge's summaries before its registration): once more.
-        for (record, outcome) in batch.records.iter().zip(report.records.iter_mut()) {
-            if matches!(outcome, ApplyOutcome::Refused(Refusal::Unmet(_))) {
-                *outcome = self.stage_record(g, record)?;
+        // peer sends newest first: a bridge's summaries before its heartbeat, its heartbeat
+        // before its certificate): again, while a pass takes one more, at most
+        // MAX_DEPENDENCY_PASSES times (each pass only retries what is still unmet).
+        for _ in 0..MAX_DEPENDENCY_PASSES {
+            let mut took = false;
+            for (record, outcome) in batch.records.iter().zip(report.records.iter_mut()) {
+                if matches!(outcome, ApplyOutcome::Refused(Refusal::Unmet(_))) {
+                    *outcome = self.stage_record(g, record)?;
+                    took |= !matches!(outcome, ApplyOutcome::Refused(Refusal::Unmet(_)));
+                }
             }
-            if let ApplyOutcome::Refused(why) = &outcome {
+            if !took {
+                break;
+            }
+        }
+        for (record, outcome) in batch.records.iter().zip(report.records.iter()) {
+            if let ApplyOutcome::Refused(why) = outcome {
                 g.staged.refusals.push((record.version.origin, why.clone()));
             }
         }

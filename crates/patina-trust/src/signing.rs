@@ -104,23 +104,37 @@ pub struct Vouched {
 impl Vouched {
     /// Whether `sig` (as [`Material::sign`] made it) signs `message` under this key.
     pub fn verify(&self, message: &[u8], sig: &[u8]) -> Result<(), SignError> {
-        if sig.is_empty() {
-            return Err(SignError::Unsigned);
-        }
-        if sig.len() < 2 || sig.len() > MAX_SIGNATURE {
-            return Err(SignError::BadSignature);
-        }
-        let scheme = SignatureScheme::from(u16::from_be_bytes([sig[0], sig[1]]));
-        let alg: &dyn signature::VerificationAlgorithm = match scheme {
-            SignatureScheme::ED25519 => &signature::ED25519,
-            SignatureScheme::ECDSA_NISTP256_SHA256 => &signature::ECDSA_P256_SHA256_ASN1,
-            SignatureScheme::ECDSA_NISTP384_SHA384 => &signature::ECDSA_P384_SHA384_ASN1,
-            _ => return Err(SignError::BadSignature),
-        };
-        UnparsedPublicKey::new(alg, &self.public_key)
-            .verify(message, &sig[2..])
-            .map_err(|_| SignError::BadSignature)
+        verify_with(&self.public_key, message, sig)
     }
+}
+
+impl Material {
+    /// Whether `sig` signs `message` under this set's own key (what it signed earlier, read
+    /// back: no chain check, the set's certificate is its own).
+    pub fn signed(&self, message: &[u8], sig: &[u8]) -> Result<(), SignError> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(self.cert.as_ref())
+            .map_err(|e| SignError::Untrusted(e.to_string()))?;
+        verify_with(&parsed.public_key().subject_public_key.data, message, sig)
+    }
+}
+
+fn verify_with(public_key: &[u8], message: &[u8], sig: &[u8]) -> Result<(), SignError> {
+    if sig.is_empty() {
+        return Err(SignError::Unsigned);
+    }
+    if sig.len() < 2 || sig.len() > MAX_SIGNATURE {
+        return Err(SignError::BadSignature);
+    }
+    let scheme = SignatureScheme::from(u16::from_be_bytes([sig[0], sig[1]]));
+    let alg: &dyn signature::VerificationAlgorithm = match scheme {
+        SignatureScheme::ED25519 => &signature::ED25519,
+        SignatureScheme::ECDSA_NISTP256_SHA256 => &signature::ECDSA_P256_SHA256_ASN1,
+        SignatureScheme::ECDSA_NISTP384_SHA384 => &signature::ECDSA_P384_SHA384_ASN1,
+        _ => return Err(SignError::BadSignature),
+    };
+    UnparsedPublicKey::new(alg, public_key)
+        .verify(message, &sig[2..])
+        .map_err(|_| SignError::BadSignature)
 }
 
 /// Checks records' certificates against the current CA bundle (following its reloads),

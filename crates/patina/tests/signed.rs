@@ -43,13 +43,26 @@ async fn healthy_at(agent: &Agent, app: &str) -> Option<u32> {
         .map(|(_, healthy, _)| healthy)
 }
 
-/// Push each of `records` into every agent of `to` (its push port is its API port's number,
-/// over UDP), one record per datagram, each sent a few times.
 /// Records a global agent refused from peers, over all origins.
 async fn refused_at(agent: &Agent) -> u64 {
     let status = agent.cluster_status().await;
     status.origins.iter().map(|o| o.refused).sum()
 }
+
+/// Records a global agent refused from peers under `origin`.
+async fn refused_from(agent: &Agent, origin: u64) -> u64 {
+    let status = agent.cluster_status().await;
+    let origin = format!("{origin:016x}");
+    status
+        .origins
+        .iter()
+        .filter(|o| o.origin == origin)
+        .map(|o| o.refused)
+        .sum()
+}
+
+/// Push each of `records` into every agent of `to` (its push port is its API port's number,
+/// over UDP), one record per datagram, each sent a few times.
 
 fn push(to: &[Agent], key: &str, records: &[Record]) {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -94,9 +94,8 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     let mut heartbeat_at = now();
     let mut heartbeat_view = 0u64;
     let signer = Signer(cfg.signer.clone());
-    // Summaries still to be signed again with a replaced certificate's successor.
-    let mut resign_pending = false;
-    register(&store, &cfg.region, &signer, 0, &mut resign_pending).await;
+    let mut registration = Registration::default();
+    register(&store, &cfg.region, &signer, 0, &mut registration).await;
     tokio::pin!(shutdown);
     loop {
         // A heartbeat is due only when there is a complete view newer than the last one
@@ -130,7 +129,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             &cfg.region,
             &signer,
             core.view_hlc(),
-            &mut resign_pending,
+            &mut registration,
         )
         .await
         {
@@ -258,20 +257,41 @@ fn heartbeat_op(origin: NodeId, region: &str, view_hlc: u64, key: Option<&Materi
     }
 }
 
+/// What registration remembers between passes of the bridge's loop.
+#[derive(Default)]
+struct Registration {
+    /// The certificate record last found signed by the current key, as (origin, publication
+    /// time, signature): checked again only when the held record changes.
+    checked: Option<(NodeId, u64, Vec<u8>)>,
+    /// Summaries still to be signed again with a replaced certificate's successor.
+    resign_pending: bool,
+    /// After a failed write, registration waits until then (a full write queue or a fenced
+    /// clock is not hammered once per region message).
+    retry_at: Option<std::time::Instant>,
+}
+
+/// How long registration waits after a failed write.
+const REGISTER_RETRY: Duration = Duration::from_secs(1);
+
 /// Make sure the store holds the bridge's registration under the origin it writes as now:
-/// its certificate (as the bridge holds it now) and a heartbeat (the region it serves), which
-/// every peer needs before it takes the bridge's summaries. A new certificate is written in
-/// one batch with a fresh heartbeat signed with its key (both or neither); when it replaced
-/// another, every summary the bridge holds is then signed again, and `resign_pending` stays
-/// set until all of them are (a failed pass is retried on the next). Returns whether it wrote
-/// a heartbeat.
+/// its certificate record (the certificate the bridge holds now, signed by its key for this
+/// origin) and a heartbeat (the region it serves), which every peer needs before it takes
+/// the bridge's summaries. A new record is written in one batch with a fresh heartbeat
+/// signed with its key (both or neither); a held record with the same certificate but no
+/// valid signature (written before records were signed) is published again. When the
+/// certificate replaced another, every summary the bridge holds that its new key did not sign
+/// is signed again, retried after [`REGISTER_RETRY`] until every one is. Returns whether it
+/// wrote a heartbeat.
 async fn register(
     store: &Store,
     region: &str,
     signer: &Signer,
     view_hlc: u64,
-    resign_pending: &mut bool,
+    reg: &mut Registration,
 ) -> bool {
+    if reg.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+        return false;
+    }
     let me = store.node();
     let held_view = store
         .get_live(&bridge_key(me))
@@ -281,14 +301,28 @@ async fn register(
     let mut ops = Vec::with_capacity(2);
     let mut replaces = false;
     if let Some(key) = &key {
-        let held_record = store
+        let held = store
             .get_live(&bridge_cert_key(me))
             .and_then(|e| e.value().and_then(|v| decode_cert(v).ok()));
-        let held_hlc = held_record.as_ref().map_or(0, |c| c.published_hlc);
-        let held = held_record.map(|c| c.certificate);
-        if held.as_deref() != Some(key.certificate()) {
-            ops.push(cert_op(me, key, held_hlc));
-            replaces = held.is_some();
+        let held_hlc = held.as_ref().map_or(0, |c| c.published_hlc);
+        match held {
+            Some(c) if c.certificate == key.certificate() => {
+                let id = (me, c.published_hlc, c.signature);
+                if reg.checked.as_ref() != Some(&id) {
+                    let message =
+                        patina_edge::signed::certificate_message(me.0, id.1, key.certificate());
+                    if key.signed(&message, &id.2).is_ok() {
+                        reg.checked = Some(id);
+                    } else {
+                        ops.push(cert_op(me, key, held_hlc));
+                    }
+                }
+            }
+            Some(_) => {
+                ops.push(cert_op(me, key, held_hlc));
+                replaces = true;
+            }
+            None => ops.push(cert_op(me, key, held_hlc)),
         }
     }
     let mut wrote = false;
@@ -304,22 +338,32 @@ async fn register(
                     tracing::info!(origin = %me, "published the bridge's certificate");
                 }
                 wrote = true;
-                *resign_pending |= replaces;
+                reg.resign_pending |= replaces;
             }
-            Err(e) => tracing::warn!(error = %e, "could not register the bridge"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not register the bridge (retried)");
+                reg.retry_at = Some(std::time::Instant::now() + REGISTER_RETRY);
+                return false;
+            }
         }
     }
-    if *resign_pending {
-        *resign_pending = !resign(store, region, signer).await;
+    if reg.resign_pending {
+        if resign(store, region, key.as_deref()).await {
+            reg.resign_pending = false;
+        } else {
+            reg.retry_at = Some(std::time::Instant::now() + REGISTER_RETRY);
+        }
     }
     wrote
 }
 
-/// Sign again, with the current key, every summary the bridge holds under its origin (after
-/// its certificate changed: a peer that meets them later checks them against the new one).
-/// Returns whether every one was (or a newer one stands).
-async fn resign(store: &Store, region: &str, signer: &Signer) -> bool {
-    let mine: Vec<(String, String, Counts, u64)> = store
+/// Sign again, with `key`, every summary the bridge holds under its origin that `key` did
+/// not sign (after its certificate changed: a peer that meets them later checks them
+/// against the new one). Returns whether every one is signed now (or a newer one stands);
+/// stops at the first write that fails otherwise.
+async fn resign(store: &Store, region: &str, key: Option<&Material>) -> bool {
+    let Some(key) = key else { return true };
+    let stale: Vec<(String, String, SummaryRecord)> = store
         .owned_by(store.node())
         .iter()
         .filter_map(|e| {
@@ -327,20 +371,23 @@ async fn resign(store: &Store, region: &str, signer: &Signer) -> bool {
                 return None;
             };
             let s = decode_summary(e.value()?).ok()?;
-            let counts = Counts {
-                healthy: s.healthy,
-                total: s.total,
-            };
-            Some((e.key().to_owned(), app.to_owned(), counts, s.view_hlc))
+            let message =
+                patina_edge::signed::summary_message(app, region, s.healthy, s.total, s.view_hlc);
+            key.signed(&message, &s.signature)
+                .is_err()
+                .then(|| (e.key().to_owned(), app.to_owned(), s))
         })
         .collect();
-    let mut all = true;
-    for (key, app, counts, view_hlc) in mine {
-        let value = signer
-            .summary(&app, region, counts, view_hlc)
-            .encode_to_vec();
+    for (key_name, app, s) in stale {
+        let message =
+            patina_edge::signed::summary_message(&app, region, s.healthy, s.total, s.view_hlc);
+        let value = SummaryRecord {
+            signature: sign_with(Some(key), &message),
+            ..s
+        }
+        .encode_to_vec();
         let op = LocalWrite::Put {
-            key,
+            key: key_name,
             group: app,
             value,
         };
@@ -350,12 +397,12 @@ async fn resign(store: &Store, region: &str, signer: &Signer) -> bool {
                 tracing::debug!("a summary was not signed again: a newer one stands");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "a summary was not signed again (retried)");
-                all = false;
+                tracing::warn!(error = %e, "summaries were not all signed again (retried)");
+                return false;
             }
         }
     }
-    all
+    true
 }
 
 async fn heartbeat(store: &Store, region: &str, view_hlc: u64, signer: &Signer) -> bool {
@@ -606,5 +653,119 @@ async fn stream_region(
         if tx.send(RegionEvent::Message(msg)).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod registration_tests {
+    use std::time::Duration;
+
+    use patina_trust::certs::Authority;
+    use patina_trust::{Grant, Role, Tier, Trust};
+
+    use super::*;
+    use crate::SummaryKind;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn bridge(ca: &Authority) -> Material {
+        ca.issue_set(
+            vec![Grant::new(
+                Tier::Global,
+                "global",
+                Role::Bridge("ord".into()),
+            )],
+            HOUR,
+        )
+        .unwrap()
+    }
+
+    fn held_cert(store: &Store) -> patina_proto::v1::BridgeCertRecord {
+        let e = store.get_live(&bridge_cert_key(store.node())).unwrap();
+        decode_cert(e.value().unwrap()).unwrap()
+    }
+
+    fn held_summary(store: &Store, key: &str) -> SummaryRecord {
+        decode_summary(store.get_live(key).unwrap().value().unwrap()).unwrap()
+    }
+
+    /// A certificate record written before records were signed is published again, signed;
+    /// a signed one is left alone; after a rotation, the summaries the old key signed are
+    /// signed again with the new one.
+    #[tokio::test]
+    async fn registration_signs_what_it_holds_with_the_key_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path(),
+            patina_store::StoreOptions {
+                kind: Arc::new(SummaryKind::default()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let me = store.node();
+        let ca = Authority::generate("ca", HOUR).unwrap();
+        let signer = Signer(Some(Trust::fixed(bridge(&ca))));
+        let first = signer.key().unwrap();
+        // As a bridge of the previous release left it: its certificate unsigned, a heartbeat
+        // and a summary.
+        let unsigned = patina_proto::v1::BridgeCertRecord {
+            certificate: first.certificate().to_vec(),
+            published_hlc: 1,
+            signature: Vec::new(),
+        };
+        let summary = SummaryRecord {
+            region: "ord".into(),
+            healthy: 2,
+            total: 3,
+            view_hlc: 5,
+            signature: first
+                .sign(&patina_edge::signed::summary_message("web", "ord", 2, 3, 5))
+                .unwrap(),
+        };
+        store
+            .write(vec![
+                LocalWrite::Put {
+                    key: bridge_cert_key(me),
+                    group: BRIDGES_GROUP.into(),
+                    value: unsigned.encode_to_vec(),
+                },
+                heartbeat_op(me, "ord", 5, Some(&first)),
+                LocalWrite::Put {
+                    key: summary_key("web", "ord"),
+                    group: "web".into(),
+                    value: summary.encode_to_vec(),
+                },
+            ])
+            .await
+            .unwrap();
+
+        let mut reg = Registration::default();
+        assert!(register(&store, "ord", &signer, 5, &mut reg).await);
+        let cert = held_cert(&store);
+        assert!(cert.published_hlc > 1);
+        let message =
+            patina_edge::signed::certificate_message(me.0, cert.published_hlc, &cert.certificate);
+        assert_eq!(first.signed(&message, &cert.signature), Ok(()));
+        // Signed now: the next pass writes nothing.
+        assert!(!register(&store, "ord", &signer, 5, &mut reg).await);
+        assert_eq!(held_cert(&store), cert);
+        // The summary was not rewritten (the same key signed it).
+        assert_eq!(held_summary(&store, "web/ord"), summary);
+
+        // A rotated leaf: a new record and heartbeat, then the summary signed again.
+        let signer = Signer(Some(Trust::fixed(bridge(&ca))));
+        let second = signer.key().unwrap();
+        assert!(register(&store, "ord", &signer, 5, &mut reg).await);
+        assert!(!reg.resign_pending);
+        assert_eq!(held_cert(&store).certificate, second.certificate());
+        let resigned = held_summary(&store, "web/ord");
+        assert_eq!(
+            (resigned.healthy, resigned.total, resigned.view_hlc),
+            (2, 3, 5)
+        );
+        let message = patina_edge::signed::summary_message("web", "ord", 2, 3, 5);
+        assert_eq!(second.signed(&message, &resigned.signature), Ok(()));
+        assert!(first.signed(&message, &resigned.signature).is_err());
     }
 }
