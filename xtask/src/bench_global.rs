@@ -549,9 +549,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         o.summaries
     );
     let (check_secs, apply_secs) = edge_checks(o.checked)?;
+    // As the checks split a message: up to the machine's threads (at most MAX_THREADS),
+    // 1,024 summaries or more each.
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(patina_edge::signed::MAX_THREADS);
+        .min(patina_edge::signed::MAX_THREADS)
+        .min(o.checked / patina_edge::signed::PER_THREAD)
+        .max(1);
     println!(
         "an edge's signature checks on a snapshot of {} signed summaries: {check_secs:.2} s on \
          {threads} threads ({:.1} µs each); the same snapshot applied without checks: {apply_secs:.2} s",

@@ -94,6 +94,8 @@ pub struct EdgeChecks {
     /// vouching at once).
     bridges: HashMap<u64, (String, Vec<u8>)>,
     refusals: Arc<Refusals>,
+    /// Most threads one message's summaries are checked on.
+    threads: usize,
 }
 
 /// Records an edge refused, by reason: read without the checks' lock (the checks run on a
@@ -122,6 +124,9 @@ impl EdgeChecks {
             scope,
             bridges: HashMap::new(),
             refusals: Arc::default(),
+            threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_THREADS),
         }
     }
 
@@ -211,34 +216,44 @@ impl EdgeChecks {
             }
         }
         let vouched = &vouched;
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(MAX_THREADS)
-            .min(summaries.len() / PER_THREAD)
-            .max(1);
-        if threads == 1 {
-            return summaries
-                .iter()
+        let threads = self.threads.min(summaries.len() / PER_THREAD).max(1);
+        let check = |part: &[AppSummary]| -> Vec<Result<(), Refusal>> {
+            part.iter()
                 .map(|s| self.check_summary(s, vouched))
-                .collect();
+                .collect()
+        };
+        if threads == 1 {
+            return check(summaries);
         }
         let chunk = summaries.len().div_ceil(threads);
         std::thread::scope(|scope| {
+            // A part whose thread could not be started is checked here, after the others
+            // start; a part whose thread failed is checked here again.
             let parts: Vec<_> = summaries
                 .chunks(chunk)
                 .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|s| self.check_summary(s, vouched))
-                            .collect::<Vec<_>>()
-                    })
+                    let spawned = std::thread::Builder::new()
+                        .name("patina-edge-check".into())
+                        .spawn_scoped(scope, move || check(part));
+                    (part, spawned.ok())
                 })
                 .collect();
             parts
                 .into_iter()
-                .flat_map(|p| p.join().expect("a signature check panicked"))
+                .flat_map(|(part, handle)| {
+                    handle
+                        .and_then(|h| h.join().ok())
+                        .unwrap_or_else(|| check(part))
+                })
                 .collect()
         })
+    }
+
+    /// Check a message's summaries on at most `threads` threads (at least one; by default
+    /// as many as the machine has, up to [`MAX_THREADS`]).
+    pub fn with_threads(mut self, threads: usize) -> EdgeChecks {
+        self.threads = threads.max(1);
+        self
     }
 
     /// Check a summary (a removal passes, as for heartbeats).
@@ -312,7 +327,7 @@ impl EdgeChecks {
 /// At most this many threads check one message's summaries.
 pub const MAX_THREADS: usize = 8;
 /// Fewest summaries worth a thread of their own (below, one thread checks them all).
-const PER_THREAD: usize = 1024;
+pub const PER_THREAD: usize = 1024;
 /// Refusals logged one by one per message; the rest are counted in one line.
 const LOGGED_PER_MESSAGE: u32 = 8;
 

@@ -172,14 +172,16 @@ fn a_large_snapshot_checked_on_several_threads_keeps_each_verdict_with_its_summa
         })
         .collect();
     let table = Arc::new(Table::new(RegionTable::new(regions).unwrap(), None));
+    // Four threads, whatever the machine has.
     let checks = EdgeChecks::new(
         Arc::new(Verifier::new(Trust::fixed(edge))),
         Scope::new(Tier::Global, "global"),
-    );
+    )
+    .with_threads(4);
     let mut replica = Replica::checked(table.clone(), checks);
     let (ord, fra) = (bridge(&ca, "ord"), bridge(&ca, "fra"));
     let view = now_hlc();
-    // More than two threads' worth (the checks split at 1,024 per thread), the bad ones
+    // More than four threads' worth (the checks split at 1,024 per thread), the bad ones
     // spread over every part.
     let n = 5_000;
     let mut summaries = Vec::with_capacity(n);

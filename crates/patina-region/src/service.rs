@@ -414,7 +414,8 @@ impl Watches {
     /// When a stream opened now ends: at 90 to 100 % of the maximum age from now, and no
     /// later than its connection's maximum age plus the same spread (the connection gets its
     /// GOAWAY at that age, so a stream opened just before then ends soon after it, not a
-    /// whole age later). `accepted`: when the connection was accepted, if known.
+    /// whole age later), but never sooner than a tenth of the age from now. `accepted`: when
+    /// the connection was accepted, if known.
     fn deadline(&self, accepted: Option<std::time::Instant>) -> tokio::time::Instant {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -424,8 +425,12 @@ impl Watches {
         let jitter = std::time::Duration::from_millis(h.finish() % spread);
         let now = std::time::Instant::now();
         let own = now + (self.max_age - tenth + jitter);
+        // Never sooner than a tenth of the age from now: over TLS the connection's GOAWAY
+        // timer starts after its handshake, so a stream may open a little past the accept
+        // time plus the age; it must not end at once (its client would reopen it on the
+        // same connection, again and again, until the GOAWAY).
         let end = match accepted {
-            Some(at) => own.min(at + self.max_age + jitter),
+            Some(at) => own.min((at + self.max_age + jitter).max(now + tenth)),
             None => own,
         };
         tokio::time::Instant::from_std(end)
