@@ -8,7 +8,8 @@
 //!   and a summary is accepted from a peer only when its origin's heartbeat names the
 //!   summary's region.
 //! - A bridge's certificate: key `_bridgecert/ORIGIN`, group `_bridges`, value
-//!   `patina.v1.BridgeCertRecord`. With TLS on ([`SummaryKind::signed`]), a peer's heartbeat
+//!   `patina.v1.BridgeCertRecord`, signed by the certified key over the origin, the
+//!   publication time and the certificate. With TLS on ([`SummaryKind::signed`]), a peer's heartbeat
 //!   and summaries are taken only when signed with the key of that certificate, which must
 //!   chain to the operator's CA and name a bridge of their region (see
 //!   [`patina_edge::signed`]). Deletions are not signed: a faulty global agent can withdraw
