@@ -446,8 +446,8 @@ fn edge(n: usize) -> (f64, f64, f64, f64, f64) {
 
 /// An edge's signature checks on a snapshot of `n` signed summaries (10 regions, a bridge
 /// each, Ed25519 as `patina certs` issues): (seconds to check them all, the
-/// same snapshot's apply without checks, seconds).
-fn edge_checks(n: usize) -> anyhow::Result<(f64, f64)> {
+/// same snapshot's apply without checks, seconds; the threads the checks used).
+fn edge_checks(n: usize) -> anyhow::Result<(f64, f64, usize)> {
     use patina_edge::signed::{EdgeChecks, heartbeat_message, summary_message};
     use patina_edge::{RegionSpec, RegionTable, Replica, Table};
     use patina_proto::v1::watch_apps_response::Kind;
@@ -522,6 +522,7 @@ fn edge_checks(n: usize) -> anyhow::Result<(f64, f64)> {
         Arc::new(Verifier::new(Trust::fixed(agent))),
         Scope::new(Tier::Global, "global"),
     );
+    let threads = checks.threads_for(n);
     let mut msg = snapshot.clone();
     let t = Instant::now();
     checks.filter(&mut msg);
@@ -536,7 +537,7 @@ fn edge_checks(n: usize) -> anyhow::Result<(f64, f64)> {
     let t = Instant::now();
     replica.apply_checked(&snapshot);
     let apply_secs = t.elapsed().as_secs_f64();
-    Ok((check_secs, apply_secs))
+    Ok((check_secs, apply_secs, threads))
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
@@ -548,14 +549,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
          (payload {payload:.1})",
         o.summaries
     );
-    let (check_secs, apply_secs) = edge_checks(o.checked)?;
-    // As the checks split a message: up to the machine's threads (at most MAX_THREADS),
-    // 1,024 summaries or more each.
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(patina_edge::signed::MAX_THREADS)
-        .min(o.checked / patina_edge::signed::PER_THREAD)
-        .max(1);
+    let (check_secs, apply_secs, threads) = edge_checks(o.checked)?;
     println!(
         "an edge's signature checks on a snapshot of {} signed summaries: {check_secs:.2} s on \
          {threads} threads ({:.1} µs each); the same snapshot applied without checks: {apply_secs:.2} s",

@@ -216,7 +216,7 @@ impl EdgeChecks {
             }
         }
         let vouched = &vouched;
-        let threads = self.threads.min(summaries.len() / PER_THREAD).max(1);
+        let threads = self.threads_for(summaries.len());
         let check = |part: &[AppSummary]| -> Vec<Result<(), Refusal>> {
             part.iter()
                 .map(|s| self.check_summary(s, vouched))
@@ -228,7 +228,7 @@ impl EdgeChecks {
         let chunk = summaries.len().div_ceil(threads);
         std::thread::scope(|scope| {
             // A part whose thread could not be started is checked here, after the others
-            // start; a part whose thread failed is checked here again.
+            // start; a part whose thread failed (a check panicked) is refused whole.
             let parts: Vec<_> = summaries
                 .chunks(chunk)
                 .map(|part| {
@@ -240,20 +240,28 @@ impl EdgeChecks {
                 .collect();
             parts
                 .into_iter()
-                .flat_map(|(part, handle)| {
-                    handle
-                        .and_then(|h| h.join().ok())
-                        .unwrap_or_else(|| check(part))
+                .flat_map(|(part, handle)| match handle {
+                    None => check(part),
+                    Some(h) => h.join().unwrap_or_else(|_| {
+                        part.iter()
+                            .map(|_| Err(Refusal::new("a signature check failed".into(), false)))
+                            .collect()
+                    }),
                 })
                 .collect()
         })
     }
 
-    /// Check a message's summaries on at most `threads` threads (at least one; by default
-    /// as many as the machine has, up to [`MAX_THREADS`]).
+    /// Check a message's summaries on at most `threads` threads (1 to [`MAX_THREADS`]; by
+    /// default as many as the machine has, up to that).
     pub fn with_threads(mut self, threads: usize) -> EdgeChecks {
-        self.threads = threads.max(1);
+        self.threads = threads.clamp(1, MAX_THREADS);
         self
+    }
+
+    /// How many threads a message of `summaries` summaries is checked on.
+    pub fn threads_for(&self, summaries: usize) -> usize {
+        self.threads.min(summaries / PER_THREAD).max(1)
     }
 
     /// Check a summary (a removal passes, as for heartbeats).

@@ -721,7 +721,7 @@ impl Core {
             for (record, outcome) in batch.records.iter().zip(report.records.iter_mut()) {
                 if matches!(outcome, ApplyOutcome::Refused(Refusal::Unmet(_))) {
                     *outcome = self.stage_record(g, record)?;
-                    took |= !matches!(outcome, ApplyOutcome::Refused(Refusal::Unmet(_)));
+                    took |= !matches!(outcome, ApplyOutcome::Refused(_));
                 }
             }
             if !took {

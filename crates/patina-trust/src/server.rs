@@ -30,8 +30,8 @@ use crate::reload::Trust;
 pub struct PeerInfo {
     pub remote: Option<SocketAddr>,
     pub principal: Arc<Principal>,
-    /// When the listener accepted the connection (or, when it does not say, when the
-    /// handshake began).
+    /// When its handshake completed and the server began serving it (its connection age
+    /// counts from then).
     pub accepted: Instant,
 }
 
@@ -174,11 +174,7 @@ where
     IO: AsyncRead + AsyncWrite + Connected + Unpin,
     IO::ConnectInfo: AcceptInfo,
 {
-    let info = io.connect_info();
-    let (remote, accepted) = (
-        info.remote(),
-        info.accepted_at().unwrap_or_else(Instant::now),
-    );
+    let remote = io.connect_info().remote();
     let acceptor = tokio_rustls::TlsAcceptor::from(trust.current().server.clone());
     let stream = match tokio::time::timeout(timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
@@ -191,6 +187,8 @@ where
             return None;
         }
     };
+    // Served from now: the server's connection age (its GOAWAY timer) starts here.
+    let accepted = Instant::now();
     // The verifier required a certificate signed by the bundle: it is there.
     let cert = stream.get_ref().1.peer_certificates()?.first()?;
     match principal_of(cert) {

@@ -94,7 +94,12 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     let mut heartbeat_at = now();
     let mut heartbeat_view = 0u64;
     let signer = Signer(cfg.signer.clone());
-    let mut registration = Registration::default();
+    // Summaries a previous run left signed by a replaced key (it may have stopped between
+    // the new certificate and signing them again) are looked for once at start.
+    let mut registration = Registration {
+        resign_pending: cfg.signer.is_some(),
+        ..Registration::default()
+    };
     register(&store, &cfg.region, &signer, 0, &mut registration).await;
     tokio::pin!(shutdown);
     loop {
@@ -313,8 +318,12 @@ async fn register(
                         patina_edge::signed::certificate_message(me.0, id.1, key.certificate());
                     if key.signed(&message, &id.2).is_ok() {
                         reg.checked = Some(id);
-                    } else {
+                    } else if key.sign(&message).is_ok() {
                         ops.push(cert_op(me, key, held_hlc));
+                    } else {
+                        // A key that cannot sign (logged as its records are made): publishing
+                        // again would write the same unsigned record on every pass.
+                        reg.checked = Some(id);
                     }
                 }
             }
@@ -348,7 +357,7 @@ async fn register(
         }
     }
     if reg.resign_pending {
-        if resign(store, region, key.as_deref()).await {
+        if resign(store, region, key.clone()).await {
             reg.resign_pending = false;
         } else {
             reg.retry_at = Some(std::time::Instant::now() + REGISTER_RETRY);
@@ -361,9 +370,9 @@ async fn register(
 /// not sign (after its certificate changed: a peer that meets them later checks them
 /// against the new one). Returns whether every one is signed now (or a newer one stands);
 /// stops at the first write that fails otherwise.
-async fn resign(store: &Store, region: &str, key: Option<&Material>) -> bool {
+async fn resign(store: &Store, region: &str, key: Option<Arc<Material>>) -> bool {
     let Some(key) = key else { return true };
-    let stale: Vec<(String, String, SummaryRecord)> = store
+    let mine: Vec<(String, String, SummaryRecord)> = store
         .owned_by(store.node())
         .iter()
         .filter_map(|e| {
@@ -371,18 +380,32 @@ async fn resign(store: &Store, region: &str, key: Option<&Material>) -> bool {
                 return None;
             };
             let s = decode_summary(e.value()?).ok()?;
-            let message =
-                patina_edge::signed::summary_message(app, region, s.healthy, s.total, s.view_hlc);
-            key.signed(&message, &s.signature)
-                .is_err()
-                .then(|| (e.key().to_owned(), app.to_owned(), s))
+            Some((e.key().to_owned(), app.to_owned(), s))
         })
         .collect();
+    // Which of them the key did not sign: a signature check each, off the runtime's threads.
+    let (checker, region_name) = (key.clone(), region.to_owned());
+    let stale = tokio::task::spawn_blocking(move || {
+        mine.into_iter()
+            .filter(|(_, app, s)| {
+                let message = patina_edge::signed::summary_message(
+                    app,
+                    &region_name,
+                    s.healthy,
+                    s.total,
+                    s.view_hlc,
+                );
+                checker.signed(&message, &s.signature).is_err()
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
     for (key_name, app, s) in stale {
         let message =
             patina_edge::signed::summary_message(&app, region, s.healthy, s.total, s.view_hlc);
         let value = SummaryRecord {
-            signature: sign_with(Some(key), &message),
+            signature: sign_with(Some(&key), &message),
             ..s
         }
         .encode_to_vec();
@@ -707,6 +730,8 @@ mod registration_tests {
         let ca = Authority::generate("ca", HOUR).unwrap();
         let signer = Signer(Some(Trust::fixed(bridge(&ca))));
         let first = signer.key().unwrap();
+        let next = Signer(Some(Trust::fixed(bridge(&ca))));
+        let second = next.key().unwrap();
         // As a bridge of the previous release left it: its certificate unsigned, a heartbeat
         // and a summary.
         let unsigned = patina_proto::v1::BridgeCertRecord {
@@ -736,12 +761,31 @@ mod registration_tests {
                     group: "web".into(),
                     value: summary.encode_to_vec(),
                 },
+                // One signed by another key (a run that stopped mid-rotation).
+                LocalWrite::Put {
+                    key: summary_key("api", "ord"),
+                    group: "api".into(),
+                    value: SummaryRecord {
+                        signature: second
+                            .sign(&patina_edge::signed::summary_message("api", "ord", 2, 3, 5))
+                            .unwrap(),
+                        ..summary.clone()
+                    }
+                    .encode_to_vec(),
+                },
             ])
             .await
             .unwrap();
 
-        let mut reg = Registration::default();
+        // As at start: summaries another key signed are looked for.
+        let mut reg = Registration {
+            resign_pending: true,
+            ..Registration::default()
+        };
+        let version = |key: &str| store.get_live(key).unwrap().version();
+        let web_version = version("web/ord");
         assert!(register(&store, "ord", &signer, 5, &mut reg).await);
+        assert!(!reg.resign_pending);
         let cert = held_cert(&store);
         assert!(cert.published_hlc > 1);
         let message =
@@ -750,12 +794,15 @@ mod registration_tests {
         // Signed now: the next pass writes nothing.
         assert!(!register(&store, "ord", &signer, 5, &mut reg).await);
         assert_eq!(held_cert(&store), cert);
-        // The summary was not rewritten (the same key signed it).
+        // The summary the key signed was left alone; the other one was signed again.
+        assert_eq!(version("web/ord"), web_version);
         assert_eq!(held_summary(&store, "web/ord"), summary);
+        let api = held_summary(&store, "api/ord");
+        let message = patina_edge::signed::summary_message("api", "ord", 2, 3, 5);
+        assert_eq!(first.signed(&message, &api.signature), Ok(()));
 
-        // A rotated leaf: a new record and heartbeat, then the summary signed again.
-        let signer = Signer(Some(Trust::fixed(bridge(&ca))));
-        let second = signer.key().unwrap();
+        // A rotated leaf: a new record and heartbeat, then the summaries signed again.
+        let signer = next;
         assert!(register(&store, "ord", &signer, 5, &mut reg).await);
         assert!(!reg.resign_pending);
         assert_eq!(held_cert(&store).certificate, second.certificate());
@@ -767,5 +814,8 @@ mod registration_tests {
         let message = patina_edge::signed::summary_message("web", "ord", 2, 3, 5);
         assert_eq!(second.signed(&message, &resigned.signature), Ok(()));
         assert!(first.signed(&message, &resigned.signature).is_err());
+        let api = held_summary(&store, "api/ord");
+        let message = patina_edge::signed::summary_message("api", "ord", 2, 3, 5);
+        assert_eq!(second.signed(&message, &api.signature), Ok(()));
     }
 }
