@@ -13,6 +13,8 @@
 //!   lookup and memory per summary.
 //! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C;
 //!   `--regions R [--bridges B] [--globals G]`: the global world as real processes.
+//! - `cargo xtask test [ARGS]`: installs the tools the tests drive (promtool) when missing,
+//!   then runs `cargo test --workspace ARGS`: the README's test command.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
 mod bench_global;
@@ -22,6 +24,7 @@ mod bench_watchers;
 mod cluster;
 mod harness;
 mod sim_figures;
+mod test;
 mod tidy;
 mod world;
 
@@ -40,6 +43,7 @@ fn main() -> anyhow::Result<()> {
         }
         ["bench", "global", rest @ ..] => bench_global::run(bench_global::Options::parse(rest)?),
         ["cluster", rest @ ..] => cluster::run(cluster::Options::parse(rest)?),
+        ["test", rest @ ..] => test::run(rest),
         _ => bail!(
             "usage: cargo xtask bench store [--secs N] [--records N] [--samples N] \
              [--only latency,upserts,loaded] [--patina BIN]\n\
@@ -50,6 +54,7 @@ fn main() -> anyhow::Result<()> {
              [--lookup-secs S] [--summaries N]\n\
                     cargo xtask cluster [--nodes N] | --regions R [--nodes N] [--bridges B] \
              [--globals G]\n\
+                    cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"
         ),
     }

@@ -1,4 +1,4 @@
-//! Tidy checks over the source tree, run as tests (`cargo test --workspace`): every module
+//! Tidy checks over the source tree, run as tests (`cargo xtask test`): every module
 //! says what it is for, and the architecture invariants of `docs/ARCHITECTURE.md` that can be
 //! checked by reading the source hold.
 

@@ -51,6 +51,7 @@ pub use merge::{
     MAX_VALUE_LEN, Record, Refusal, RemoteBatch,
 };
 pub use overlay::{MAX_DOWN_OWNERS, OverlayChange};
+pub use queue::QueueDepth;
 pub use version::{Clock, Hlc, HlcClock, ManualClock, NodeId, SystemClock, Version};
 pub use watch::{BadToken, Cursor, ResumeToken, WatchItem};
 
@@ -1097,6 +1098,15 @@ impl Store {
             groups: self.state.index.len_groups(),
             revision: self.state.feed.revision(),
             commits: self.state.commits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How full the write queues are: (local writes, peers' batches); `None` for the
+    /// in-memory store, which has none.
+    pub fn queue_depths(&self) -> Option<(QueueDepth, QueueDepth)> {
+        match &*self.engine {
+            Engine::Thread { queue, .. } => Some(queue.depths()),
+            Engine::Inline(_) => None,
         }
     }
 

@@ -110,7 +110,41 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// How full one class of the write queue is: requests and bytes queued (waiting for the
+/// writer or being written), their limits, and callers waiting for a place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub requests: usize,
+    pub requests_limit: usize,
+    pub bytes: usize,
+    pub bytes_limit: usize,
+    pub waiters: usize,
+}
+
+impl Budget {
+    fn depth(&self) -> QueueDepth {
+        QueueDepth {
+            requests: self
+                .limits
+                .requests
+                .saturating_sub(self.requests.available_permits()),
+            requests_limit: self.limits.requests,
+            bytes: self
+                .limits
+                .bytes
+                .saturating_sub(self.bytes.available_permits()),
+            bytes_limit: self.limits.bytes,
+            waiters: self.waiters.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl Queue {
+    /// How full the local writes' and peers' batches' queues are.
+    pub fn depths(&self) -> (QueueDepth, QueueDepth) {
+        (self.local.depth(), self.remote.depth())
+    }
+
     pub fn new(local: Limits, remote: Limits) -> Queue {
         Queue {
             lists: Mutex::new(Lists::default()),

@@ -220,6 +220,23 @@ impl Agent {
         AdminClient::new(self.channel().await)
     }
 
+    /// The URL of its operator's listener (`metrics: http://...`, printed after its
+    /// announcement): reads its stdout up to that line (the lines before it are gone).
+    pub fn metrics_url(&self) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("metrics: ") {
+                        return url.trim().to_owned();
+                    }
+                }
+                Err(e) => panic!("{}: no metrics line: {e}", self.url),
+            }
+        }
+    }
+
     /// Its `Admin.ClusterStatus` (panics when it does not answer: call it on a running agent).
     pub async fn cluster_status(&self) -> ClusterStatusResponse {
         self.admin()
@@ -344,4 +361,30 @@ pub async fn list_pages(
         page_token = page.next_page_token;
     }
     panic!("paging {app} with size {page_size} never ended");
+}
+
+/// `GET url` over plain HTTP/1.0 (the operator's listener): its status code and body.
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| std::io::Error::other(format!("not an http URL: {url}")))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut conn = std::net::TcpStream::connect(host)?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    Ok((status, body.to_owned()))
 }

@@ -42,6 +42,39 @@ pub struct Config {
     /// the files in `<data_dir>/tls/`), `"off"` (plaintext; dev and tests), or a table naming
     /// the files (`ca`, `cert`, `key`).
     pub tls: TlsSetting,
+    /// The operator's HTTP listener: metrics, `/livez`, `/readyz` (`docs/operations.md`).
+    pub metrics: MetricsConfig,
+}
+
+/// The operator's listener (`[metrics]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address of `/metrics`, `/livez`, `/readyz` and `/v1/health` (plain HTTP,
+    /// read-only): an address, or `"off"`. Default: the API's IP, its port + 2 (any free
+    /// port when the API's is 0, as in tests).
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    /// The address to bind (`None`: off).
+    pub fn listen_addr(&self, api: SocketAddr) -> anyhow::Result<Option<SocketAddr>> {
+        match self.listen.as_deref().map(str::trim) {
+            Some("off") => Ok(None),
+            Some(a) => a.parse().map(Some).map_err(|e| {
+                anyhow::anyhow!(
+                    "metrics.listen = {a:?}: {e} (an address such as 127.0.0.1:7602, or \"off\")"
+                )
+            }),
+            None => {
+                let port = match api.port() {
+                    0 => 0,
+                    p => p.wrapping_add(2),
+                };
+                Ok(Some(SocketAddr::new(api.ip(), port)))
+            }
+        }
+    }
 }
 
 /// See [`Config::tls`].
@@ -475,6 +508,7 @@ impl Default for Config {
             global: GlobalConfig::default(),
             bridge: BridgeSection::default(),
             tls: TlsSetting::Mode("on".into()),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -668,6 +668,11 @@ pub(crate) async fn run_agent(
             ended.and(Err(Arc::from("gossip ended")))
         });
     }
+    let role_name = match &role {
+        Role::Region => "region",
+        Role::Global => "global",
+        Role::Bridge(_) => "bridge",
+    };
     let bridge_stop = CancellationToken::new();
     let bridge_done = CancellationToken::new();
     let mut has_bridge = false;
@@ -703,6 +708,34 @@ pub(crate) async fn run_agent(
     };
     if !has_bridge {
         bridge_done.cancel();
+    }
+    // The operator's listener: metrics, /livez, /readyz (a part: it must run as long as
+    // the agent).
+    if let Some(metrics_addr) = config.metrics.listen_addr(addr)? {
+        let listener =
+            bind(metrics_addr).with_context(|| format!("binding metrics.listen {metrics_addr}"))?;
+        // Scripts and tests read this line to find the operator's listener.
+        println!("metrics: http://{}", listener.local_addr()?);
+        let sources = Arc::new(patina_ops::Sources {
+            role: role_name,
+            store: store.clone(),
+            gossip: gossip.clone(),
+            table: table.clone(),
+            expects_peers: !config.gossip.seeds.is_empty(),
+        });
+        let stopped = stop.clone();
+        parts.spawn(async move {
+            let served =
+                patina_ops::serve(listener, sources, stopped.clone().cancelled_owned()).await;
+            if stopped.is_cancelled() {
+                // Asked to stop: parts are not awaited past the stop.
+                return Ok(());
+            }
+            Err(Arc::from(match served {
+                Ok(()) => "the metrics listener ended".to_owned(),
+                Err(e) => format!("the metrics listener failed: {e}"),
+            }))
+        });
     }
     // The supervisor: the signal, or the first part to end.
     let served_done = CancellationToken::new();

@@ -162,90 +162,11 @@ impl Admin for AdminService {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let snap = self.snapshot().await?;
-        let store = &self.gossip.store;
-        let stats = store.stats();
-        let refusals = store.refusals();
-        let down = store.down_owners();
-        let digest = store.digest();
-        let mut origins: Vec<OriginStatus> = digest
-            .iter()
-            .map(|(o, k)| OriginStatus {
-                origin: o.to_string(),
-                head: k.head(),
-                gaps: k.gap_count() as u64,
-                missing: k.gaps().map(|r| r.hi() - r.lo() + 1).sum(),
-                refused: refusals.get(o).map_or(0, |r| r.count),
-                hidden: down.contains(o),
-                clock_ahead: refusals.get(o).map_or(0, |r| r.clock_ahead),
-            })
-            .collect();
-        // Origins whose every record was refused (a fast clock's, say) are in no digest:
-        // shown all the same, never dropped in silence.
-        origins.extend(
-            refusals
-                .iter()
-                .filter(|(o, _)| !digest.contains_key(o))
-                .map(|(o, r)| OriginStatus {
-                    origin: o.to_string(),
-                    refused: r.count,
-                    clock_ahead: r.clock_ahead,
-                    hidden: down.contains(o),
-                    ..OriginStatus::default()
-                }),
-        );
-        let c = &snap.counters;
-        let s = &self.gossip.sync_counters;
-        Ok(Response::new(ClusterStatusResponse {
-            node: stats.node.to_string(),
-            keys: stats.keys as u64,
-            live: stats.live as u64,
-            revision: stats.revision,
-            origins,
-            health: snap.health,
-            datagrams_in: c.datagrams_in,
-            datagrams_out: c.datagrams_out,
-            bytes_in: c.bytes_in,
-            bytes_out: c.bytes_out,
-            dropped_datagrams: c.dropped_envelope
-                + c.dropped_decode
-                + c.dropped_no_key
-                + c.dropped_plaintext,
-            dropped_no_key: c.dropped_no_key,
-            dropped_plaintext: c.dropped_plaintext,
-            keyring: super::keys::current(&self.gossip)
-                .await
-                .map(|r| super::keys::state(&r)),
-            tls: match &self.gossip.dial {
-                patina_trust::Dial::Tls { trust, .. } => Some(tls_status(trust)),
-                patina_trust::Dial::Plain => None,
-            },
-            refuted_for_others: c.refuted_for_others,
-            peers: {
-                let now = std::time::Instant::now();
-                let mut peers: Vec<PeerSync> = s
-                    .peers
-                    .lock()
-                    .expect("peer records")
-                    .iter()
-                    .map(|(ip, p)| PeerSync {
-                        peer: ip.to_string(),
-                        last_ms_ago: now.saturating_duration_since(p.at).as_millis() as u64,
-                        lacking: p.lacking,
-                        records_in: p.records_in,
-                        ok: p.ok,
-                        sessions: p.sessions,
-                    })
-                    .collect();
-                peers.sort_by_key(|p| p.last_ms_ago);
-                peers
-            },
-            syncs: s.sessions.load(Ordering::Relaxed),
-            sync_failures: s.failures.load(Ordering::Relaxed),
-            sync_unstarted: s.unstarted.load(Ordering::Relaxed),
-            sync_records_in: s.records_in.load(Ordering::Relaxed),
-            sync_records_out: s.records_out.load(Ordering::Relaxed),
-        }))
+        self.gossip
+            .cluster_status()
+            .await
+            .map(Response::new)
+            .ok_or_else(|| Status::unavailable("gossip stopped"))
     }
 
     async fn forget(
@@ -343,5 +264,95 @@ impl Admin for AdminService {
         super::keys::keyring(&self.gossip, request.into_inner())
             .await
             .map(Response::new)
+    }
+}
+
+impl Gossip {
+    /// The agent's status, as `Admin.ClusterStatus` answers it (`None`: gossip stopped).
+    pub async fn cluster_status(&self) -> Option<ClusterStatusResponse> {
+        let snap = self.snapshot().await?;
+        let store = &self.store;
+        let stats = store.stats();
+        let refusals = store.refusals();
+        let down = store.down_owners();
+        let digest = store.digest();
+        let mut origins: Vec<OriginStatus> = digest
+            .iter()
+            .map(|(o, k)| OriginStatus {
+                origin: o.to_string(),
+                head: k.head(),
+                gaps: k.gap_count() as u64,
+                missing: k.gaps().map(|r| r.hi() - r.lo() + 1).sum(),
+                refused: refusals.get(o).map_or(0, |r| r.count),
+                hidden: down.contains(o),
+                clock_ahead: refusals.get(o).map_or(0, |r| r.clock_ahead),
+            })
+            .collect();
+        // Origins whose every record was refused (a fast clock's, say) are in no digest:
+        // shown all the same, never dropped in silence.
+        origins.extend(
+            refusals
+                .iter()
+                .filter(|(o, _)| !digest.contains_key(o))
+                .map(|(o, r)| OriginStatus {
+                    origin: o.to_string(),
+                    refused: r.count,
+                    clock_ahead: r.clock_ahead,
+                    hidden: down.contains(o),
+                    ..OriginStatus::default()
+                }),
+        );
+        let c = &snap.counters;
+        let s = &self.sync_counters;
+        Some(ClusterStatusResponse {
+            node: stats.node.to_string(),
+            keys: stats.keys as u64,
+            live: stats.live as u64,
+            revision: stats.revision,
+            origins,
+            health: snap.health,
+            datagrams_in: c.datagrams_in,
+            datagrams_out: c.datagrams_out,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            dropped_datagrams: c.dropped_envelope
+                + c.dropped_decode
+                + c.dropped_no_key
+                + c.dropped_plaintext,
+            dropped_no_key: c.dropped_no_key,
+            dropped_plaintext: c.dropped_plaintext,
+            keyring: super::keys::current(self)
+                .await
+                .map(|r| super::keys::state(&r)),
+            tls: match &self.dial {
+                patina_trust::Dial::Tls { trust, .. } => Some(tls_status(trust)),
+                patina_trust::Dial::Plain => None,
+            },
+            refuted_for_others: c.refuted_for_others,
+            peers: {
+                let now = std::time::Instant::now();
+                let mut peers: Vec<PeerSync> = s
+                    .peers
+                    .lock()
+                    .expect("peer records")
+                    .iter()
+                    .map(|(ip, p)| PeerSync {
+                        peer: ip.to_string(),
+                        last_ms_ago: now.saturating_duration_since(p.at).as_millis() as u64,
+                        lacking: p.lacking,
+                        records_in: p.records_in,
+                        ok: p.ok,
+                        sessions: p.sessions,
+                    })
+                    .collect();
+                peers.sort_by_key(|p| p.last_ms_ago);
+                peers
+            },
+            syncs: s.sessions.load(Ordering::Relaxed),
+            sync_failures: s.failures.load(Ordering::Relaxed),
+            sync_unstarted: s.unstarted.load(Ordering::Relaxed),
+            sync_records_in: s.records_in.load(Ordering::Relaxed),
+            sync_records_out: s.records_out.load(Ordering::Relaxed),
+        })
     }
 }

@@ -1,0 +1,423 @@
+//! The Prometheus exposition: read at each scrape from the agent's snapshots (the gossip
+//! loop's status, its view, the store's counters and queues, the table), so a scrape costs
+//! one round trip to the gossip loop and no lock held across an await.
+//!
+//! Conventions: `patina_` prefix, base units (seconds, bytes), `_total` counters, and labels
+//! whose values the cluster bounds: member states, directions, reasons, queue classes, check
+//! names, and peers (at most the agent's peer records) — never apps or machines.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::Sources;
+use crate::ready;
+
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn counter(v: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(v);
+    c
+}
+
+fn gauge(v: i64) -> Gauge {
+    let g = Gauge::default();
+    g.set(v);
+    g
+}
+
+fn float(v: f64) -> FloatGauge {
+    let g = FloatGauge::default();
+    g.set(v);
+    g
+}
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// A family of counters, one per label set given.
+fn counters(values: &[(Labels, u64)]) -> Family<Labels, Counter> {
+    let f = Family::<Labels, Counter>::default();
+    for (l, v) in values {
+        f.get_or_create(l).inc_by(*v);
+    }
+    f
+}
+
+fn gauges(values: &[(Labels, i64)]) -> Family<Labels, Gauge> {
+    let f = Family::<Labels, Gauge>::default();
+    for (l, v) in values {
+        f.get_or_create(l).set(*v);
+    }
+    f
+}
+
+fn floats(values: &[(Labels, f64)]) -> Family<Labels, FloatGauge> {
+    let f = Family::<Labels, FloatGauge>::default();
+    for (l, v) in values {
+        f.get_or_create(l).set(*v);
+    }
+    f
+}
+
+/// The same exposition in Prometheus's classic text format (version 0.0.4), which promtool
+/// and scrapers that do not ask for OpenMetrics read: a counter's family is named with its
+/// `_total` suffix, and the `# UNIT` and `# EOF` lines go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.insert(name.to_owned());
+        }
+    }
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The exposition as of now (OpenMetrics text).
+pub async fn scrape(s: &Sources) -> String {
+    let status = ready::status(s).await;
+    let snapshot = tokio::time::timeout(crate::LOOP_ANSWER, s.gossip.snapshot())
+        .await
+        .ok()
+        .flatten();
+    let view = s.gossip.view();
+    let mut r = Registry::with_prefix("patina");
+
+    // A gauge of 1, as Prometheus's own `prometheus_build_info` (the text format that
+    // promtool and older servers read has no info type).
+    r.register(
+        "build_info",
+        "The agent's build and role (always 1)",
+        gauges(&[(
+            labels(&[("version", env!("CARGO_PKG_VERSION")), ("role", s.role)]),
+            1,
+        )]),
+    );
+
+    // Readiness, each check.
+    let checks = ready::evaluate(s, status.as_ref(), view.as_ref());
+    r.register(
+        "ready",
+        "1 when every readiness check passes (as /readyz)",
+        gauge(i64::from(checks.iter().all(|c| c.ok))),
+    );
+    r.register(
+        "readiness_check",
+        "Each readiness check: 1 passing, 0 failing",
+        gauges(
+            &checks
+                .iter()
+                .map(|c| (labels(&[("check", c.name)]), i64::from(c.ok)))
+                .collect::<Vec<_>>(),
+        ),
+    );
+
+    // The store.
+    let stats = s.store.stats();
+    r.register(
+        "store_records",
+        "Records held, by kind: live, or tombstones (deletions kept until collected)",
+        gauges(&[
+            (labels(&[("kind", "live")]), stats.live as i64),
+            (
+                labels(&[("kind", "tombstone")]),
+                stats.keys.saturating_sub(stats.live) as i64,
+            ),
+        ]),
+    );
+    r.register(
+        "store_revision",
+        "The store's revision: changes applied since it was created",
+        gauge(stats.revision as i64),
+    );
+    r.register(
+        "store_commits",
+        "Group commits (one transaction, one fsync each) since the store opened",
+        counter(stats.commits),
+    );
+    r.register(
+        "store_failed",
+        "1 when the store failed for good (the agent stops)",
+        gauge(i64::from(s.store.failure().is_some())),
+    );
+    if let Some((local, remote)) = s.store.queue_depths() {
+        let q = |f: fn(&patina_store::QueueDepth) -> usize| {
+            gauges(&[
+                (labels(&[("class", "local")]), f(&local) as i64),
+                (labels(&[("class", "remote")]), f(&remote) as i64),
+            ])
+        };
+        r.register(
+            "store_queue_requests",
+            "Requests queued for the store's writer, by class: local writes or peers' batches",
+            q(|d| d.requests),
+        );
+        r.register(
+            "store_queue_requests_limit",
+            "Most requests each class may queue",
+            q(|d| d.requests_limit),
+        );
+        r.register_with_unit(
+            "store_queue",
+            "Bytes queued for the store's writer, by class",
+            Unit::Bytes,
+            q(|d| d.bytes),
+        );
+        r.register_with_unit(
+            "store_queue_limit",
+            "Most bytes each class may queue",
+            Unit::Bytes,
+            q(|d| d.bytes_limit),
+        );
+        r.register(
+            "store_queue_waiters",
+            "Callers waiting for a place in a full queue, by class",
+            q(|d| d.waiters),
+        );
+    }
+    r.register_with_unit(
+        "clock_ahead",
+        "How far the store's clock leads this host's wall clock (0 when it does not)",
+        Unit::Seconds,
+        float(s.store.clock_ahead_ms().unwrap_or(0) as f64 / 1000.0),
+    );
+
+    // Membership and the view.
+    if let Some(snap) = &snapshot {
+        let count = |state: patina_gossip::MemberState| {
+            snap.members.iter().filter(|m| m.state == state).count() as i64
+        };
+        r.register(
+            "members",
+            "Other members of the cluster as this agent sees them, by state",
+            gauges(&[
+                (
+                    labels(&[("state", "alive")]),
+                    count(patina_gossip::MemberState::Alive),
+                ),
+                (
+                    labels(&[("state", "suspect")]),
+                    count(patina_gossip::MemberState::Suspect),
+                ),
+                (
+                    labels(&[("state", "down")]),
+                    count(patina_gossip::MemberState::Down),
+                ),
+            ]),
+        );
+        let c = &snap.counters;
+        r.register(
+            "gossip_items",
+            "Pushed items received, by outcome: new, seen before, or dropped (too many pending)",
+            counters(&[
+                (labels(&[("outcome", "new")]), c.items_new),
+                (labels(&[("outcome", "seen")]), c.items_seen),
+                (labels(&[("outcome", "dropped")]), c.items_dropped),
+            ]),
+        );
+        r.register(
+            "gossip_late_timers",
+            "SWIM timers that fired late (the gossip loop was held up)",
+            counter(c.late_timers),
+        );
+    }
+    if let Some(v) = &view {
+        r.register(
+            "view_standing",
+            "1 when this agent's view of the cluster stands (majority, settled, synced)",
+            gauge(i64::from(v.stands)),
+        );
+        r.register_with_unit(
+            "clock_offset",
+            "Peers' clocks minus this agent's (the median)",
+            Unit::Seconds,
+            float(v.clock_offset_ms as f64 / 1000.0),
+        );
+        r.register_with_unit(
+            "oldest_gap",
+            "How long the oldest version lacking from any origin has been lacking",
+            Unit::Seconds,
+            float(v.oldest_gap.as_secs_f64()),
+        );
+    }
+
+    if let Some(st) = &status {
+        r.register(
+            "gossip_health_score",
+            "The local health score (0 healthy; higher: this agent probes and suspects slower, as memberlist's)",
+            gauge(i64::from(st.health)),
+        );
+        r.register(
+            "gossip_datagrams",
+            "Gossip datagrams, by direction",
+            counters(&[
+                (labels(&[("direction", "in")]), st.datagrams_in),
+                (labels(&[("direction", "out")]), st.datagrams_out),
+            ]),
+        );
+        r.register_with_unit(
+            "gossip",
+            "Gossip bytes, by direction",
+            Unit::Bytes,
+            counters(&[
+                (labels(&[("direction", "in")]), st.bytes_in),
+                (labels(&[("direction", "out")]), st.bytes_out),
+            ]),
+        );
+        let other = st
+            .dropped_datagrams
+            .saturating_sub(st.dropped_no_key + st.dropped_plaintext);
+        r.register(
+            "gossip_dropped_datagrams",
+            "Datagrams dropped, by reason: no installed key opened it, plaintext refused, or malformed (envelope or decoding)",
+            counters(&[
+                (labels(&[("reason", "no_key")]), st.dropped_no_key),
+                (labels(&[("reason", "plaintext")]), st.dropped_plaintext),
+                (labels(&[("reason", "malformed")]), other),
+            ]),
+        );
+        r.register(
+            "gossip_refutations_for_others",
+            "Suspicions of other members this agent refuted (they answered its last check)",
+            counter(st.refuted_for_others),
+        );
+        r.register(
+            "sync_sessions",
+            "Anti-entropy sessions, by outcome: begun, failed after beginning, or never begun",
+            counters(&[
+                (labels(&[("outcome", "begun")]), st.syncs),
+                (labels(&[("outcome", "failed")]), st.sync_failures),
+                (labels(&[("outcome", "unstarted")]), st.sync_unstarted),
+            ]),
+        );
+        r.register(
+            "sync_records",
+            "Records carried by anti-entropy sessions, by direction",
+            counters(&[
+                (labels(&[("direction", "in")]), st.sync_records_in),
+                (labels(&[("direction", "out")]), st.sync_records_out),
+            ]),
+        );
+        r.register(
+            "peer_versions_lacking",
+            "Versions this agent lacked that each peer had, at their last session",
+            gauges(
+                &st.peers
+                    .iter()
+                    .map(|p| (labels(&[("peer", &p.peer)]), p.lacking as i64))
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        r.register_with_unit(
+            "peer_last_session_age",
+            "Time since the last anti-entropy session with each peer",
+            Unit::Seconds,
+            floats(
+                &st.peers
+                    .iter()
+                    .map(|p| (labels(&[("peer", &p.peer)]), p.last_ms_ago as f64 / 1000.0))
+                    .collect::<Vec<_>>(),
+            ),
+        );
+        let missing: u64 = st.origins.iter().map(|o| o.missing).sum();
+        r.register(
+            "versions_lacking",
+            "Versions lacking from every origin this agent knows of, summed",
+            gauge(missing as i64),
+        );
+        let refused: u64 = st.origins.iter().map(|o| o.refused).sum();
+        let clock_ahead: u64 = st.origins.iter().map(|o| o.clock_ahead).sum();
+        r.register(
+            "refused_records",
+            "Records refused from peers, by reason: stamped too far ahead of this clock, or failing the record checks",
+            counters(&[
+                (labels(&[("reason", "clock_ahead")]), clock_ahead),
+                (
+                    labels(&[("reason", "checks")]),
+                    refused.saturating_sub(clock_ahead),
+                ),
+            ]),
+        );
+        if let Some(t) = &st.tls {
+            r.register_with_unit(
+                "certificate_expiry",
+                "Time left on a certificate: this agent's own, its CA's, or the soonest of its peers' (negative once expired)",
+                Unit::Seconds,
+                floats(&[
+                    (labels(&[("certificate", "own")]), t.own_expires_in_secs as f64),
+                    (labels(&[("certificate", "ca")]), t.ca_expires_in_secs as f64),
+                    (
+                        labels(&[("certificate", "soonest_peer")]),
+                        t.soonest_peer_expires_in_secs as f64,
+                    ),
+                ]),
+            );
+            r.register(
+                "certificate_reloads",
+                "Certificate and CA bundle reloads, by outcome",
+                counters(&[
+                    (labels(&[("outcome", "taken")]), t.reloads),
+                    (labels(&[("outcome", "failed")]), t.reload_failures),
+                ]),
+            );
+        }
+    }
+
+    // The global tier's table.
+    if let Some(table) = &s.table {
+        let t = table.stats();
+        r.register(
+            "table_summaries",
+            "Summaries (app, region) in the agent's table",
+            gauge(t.summaries as i64),
+        );
+        r.register(
+            "table_apps",
+            "Apps in the agent's table",
+            gauge(t.apps as i64),
+        );
+        r.register(
+            "table_bridges",
+            "Bridges whose heartbeats the table holds",
+            gauge(t.bridges as i64),
+        );
+        r.register(
+            "table_refused",
+            "Summaries and heartbeats the table refused (bad names, counts, or regions)",
+            counter(t.refused),
+        );
+    }
+
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &r) {
+        tracing::error!(error = %e, "could not encode the metrics");
+    }
+    out
+}

@@ -1,0 +1,165 @@
+//! The operator's listener of a real agent: `/metrics` passes `promtool check metrics`
+//! (Prometheus's own linter, installed by `cargo xtask test`), and carries the figures an
+//! operator alerts on; `/livez`, `/readyz` and `/v1/health` answer with each check, and say
+//! why when one fails.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use patina_testkit::http_get;
+
+/// `promtool check metrics` on `exposition`: its complaints (empty: none). Fails the test
+/// when promtool is missing: `cargo xtask test` installs it (Debian's `prometheus`).
+fn promtool(exposition: &str) -> String {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is missing: run the tests with `cargo xtask test`, which installs it");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        said.trim().to_owned()
+    } else {
+        format!("promtool failed: {said}")
+    }
+}
+
+/// The value of the first sample of `name` (with exactly `labels`, e.g. `{kind="live"}`).
+fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let rest = l.strip_prefix(name_and_labels)?;
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+fn eventually_get(url: &str, want: u16) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = http_get(url).expect("the operator's listener answers");
+        if status == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url}: {status}, not {want}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_probes_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    // A region's only agent: its view stands alone.
+    let agent = common::start_with(dir.path(), "127.0.0.1", "[gossip]\nstandalone = true\n");
+    let ops = agent.metrics_url();
+    common::put_app_machine(&agent, "web-1", "web", true).await;
+
+    let body = eventually_get(&format!("{ops}/readyz?verbose"), 200);
+    for check in [
+        "store",
+        "gossip_loop",
+        "gossip_joined",
+        "view_standing",
+        "caught_up",
+        "write_queue",
+        "clock",
+        "certificates",
+    ] {
+        assert!(body.contains(&format!("[+]{check} ok")), "{body}");
+    }
+    assert!(body.ends_with("readyz check ok\n"), "{body}");
+    let (status, body) = http_get(&format!("{ops}/livez")).unwrap();
+    assert_eq!((status, body.as_str()), (200, "livez check ok\n"));
+
+    let exposition = eventually_get(&format!("{ops}/metrics"), 200);
+    assert_eq!(promtool(&exposition), "", "{exposition}");
+    assert!(
+        exposition.contains("patina_build_info{version=\"")
+            && exposition.contains("role=\"region\""),
+        "{exposition}"
+    );
+    assert_eq!(sample(&exposition, "patina_ready"), Some(1.0));
+    assert_eq!(
+        sample(&exposition, "patina_store_records{kind=\"live\"}"),
+        Some(1.0),
+        "{exposition}"
+    );
+    assert!(sample(&exposition, "patina_store_commits_total").is_some_and(|c| c >= 1.0));
+    assert_eq!(
+        sample(&exposition, "patina_store_queue_requests{class=\"local\"}"),
+        Some(0.0)
+    );
+    assert!(
+        sample(
+            &exposition,
+            "patina_store_queue_requests_limit{class=\"local\"}"
+        )
+        .is_some_and(|l| l > 0.0)
+    );
+    assert_eq!(sample(&exposition, "patina_view_standing"), Some(1.0));
+    assert!(
+        !exposition.contains("# EOF"),
+        "the classic text format has no EOF line"
+    );
+
+    // Thresholds for load balancers; bad ones are refused.
+    let (status, body) = http_get(&format!("{ops}/v1/health?gaps=0&lag=5")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"ok\":true"), "{body}");
+    let (status, body) = http_get(&format!("{ops}/v1/health?gaps=many")).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("gaps=many"), "{body}");
+}
+
+/// An agent given seeds it cannot reach is live but not ready: `/readyz` says it has not
+/// joined, and so do the metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_join_is_live_but_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    // A seed where nobody listens (a port of loopback no agent uses).
+    let agent = common::start_with(
+        dir.path(),
+        "127.0.0.1",
+        "[gossip]\nseeds = [\"127.0.0.1:9\"]\n",
+    );
+    let ops = agent.metrics_url();
+    let (status, body) = http_get(&format!("{ops}/livez")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body = eventually_get(&format!("{ops}/readyz"), 503);
+    assert!(body.contains("[-]gossip_joined failed: "), "{body}");
+    assert!(body.contains("[+]store ok"), "{body}");
+    assert!(body.ends_with("readyz check failed\n"), "{body}");
+    let (_, exposition) = http_get(&format!("{ops}/metrics")).unwrap();
+    assert_eq!(sample(&exposition, "patina_ready"), Some(0.0));
+    assert_eq!(
+        sample(
+            &exposition,
+            "patina_readiness_check{check=\"gossip_joined\"}"
+        ),
+        Some(0.0)
+    );
+    let (status, body) = http_get(&format!("{ops}/v1/health")).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("gossip_joined"), "{body}");
+}
