@@ -166,6 +166,37 @@ pub fn evaluate(
     checks
 }
 
+/// How often [`judge`] checks readiness.
+pub const JUDGE_EVERY: Duration = Duration::from_secs(1);
+
+/// Judge readiness every [`JUDGE_EVERY`] into `ready` (what gRPC health follows), logging
+/// each change with the checks that failed. Returns once every receiver is gone.
+pub async fn judge(s: &Sources, ready: tokio::sync::watch::Sender<bool>) {
+    let mut last: Option<bool> = None;
+    loop {
+        let checks = self::ready(s).await;
+        let ok = checks.iter().all(|c| c.ok);
+        if last != Some(ok) {
+            if ok {
+                tracing::info!("ready");
+            } else {
+                let failed: Vec<String> = checks
+                    .iter()
+                    .filter(|c| !c.ok)
+                    .map(|c| format!("{}: {}", c.name, c.detail))
+                    .collect();
+                tracing::info!(checks = ?failed, "not ready");
+            }
+            last = Some(ok);
+        }
+        if ready.is_closed() {
+            return;
+        }
+        ready.send_if_modified(|r| std::mem::replace(r, ok) != ok);
+        tokio::time::sleep(JUDGE_EVERY).await;
+    }
+}
+
 /// What `/v1/health` answers.
 pub struct Thresholds {
     pub ok: bool,

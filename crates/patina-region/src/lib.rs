@@ -105,6 +105,9 @@ pub struct ClusterServices {
     pub admin: patina_proto::v1::admin_server::AdminServer<patina_gossip::shell::AdminService>,
     /// The gossip handle: whether the agent's view stands stamps every Watch message.
     pub gossip: patina_gossip::shell::Gossip,
+    /// The agent's readiness (`/readyz`), which gRPC health follows: NOT_SERVING while it is
+    /// false (`None`: health follows the clock alone).
+    pub ready: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Serve the region API, health and reflection (and the cluster's services, when given) on
@@ -163,9 +166,9 @@ pub async fn serve_with(
     add: impl FnOnce(ApiRouter, tokio::sync::watch::Receiver<bool>) -> ApiRouter,
     shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
-    let (sync, admin) = match cluster {
-        Some(c) => (Some(c.sync), Some(c.admin)),
-        None => (None, None),
+    let (sync, admin, ready) = match cluster {
+        Some(c) => (Some(c.sync), Some(c.admin), c.ready),
+        None => (None, None, None),
     };
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
@@ -174,17 +177,22 @@ pub async fn serve_with(
     health_reporter
         .set_service_status(name, tonic_health::ServingStatus::Serving)
         .await;
-    // Readiness follows the clock: NOT_SERVING while this agent's clock is off its peers', or
-    // its store's clock leads its wall clock (its writes are refused; reads go on), SERVING
-    // again once it is back within the bound. Checked on every fence change and every second.
+    // Health follows readiness: NOT_SERVING while this agent's clock is off its peers', or
+    // its store's clock leads its wall clock (its writes are refused; reads go on), or the
+    // agent's readiness checks fail (`ready`, as `/readyz`), SERVING again once all hold.
+    // Checked on every change of either and every second.
     let readiness = {
         let reporter = health_reporter.clone();
         let mut fence = store.clock_fence_changes();
         let store = store.clone();
+        let mut ready = ready;
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let off = fence.borrow_and_update().is_some() || store.clock_ahead_ms().is_some();
+                let unready = ready.as_mut().is_some_and(|r| !*r.borrow_and_update());
+                let off = fence.borrow_and_update().is_some()
+                    || store.clock_ahead_ms().is_some()
+                    || unready;
                 let status = if off {
                     tonic_health::ServingStatus::NotServing
                 } else {
@@ -195,8 +203,16 @@ pub async fn serve_with(
                     reporter.set_service_status("", status).await;
                     last = Some(status);
                 }
+                let ready_changed = async {
+                    match ready.as_mut() {
+                        Some(r) => r.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     changed = fence.changed() => if changed.is_err() { return },
+                    // The readiness task ended (the agent stops): keep the last status.
+                    live = ready_changed => if !live { ready = None },
                     () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                 }
             }

@@ -646,10 +646,13 @@ pub(crate) async fn run_agent(
     if let Some(ready) = ready {
         let _ = ready.send(Ready { api: addr });
     }
+    // The agent's readiness (`/readyz`), judged every second: gRPC health follows it.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let cluster = patina_region::ClusterServices {
         sync: gossip.sync_service().into_server(),
         admin: gossip.admin_service().into_server(),
         gossip: gossip.clone(),
+        ready: Some(ready_rx),
     };
     // The parts that must run as long as the agent, each named; the first to end before
     // `stop` is the agent's failure.
@@ -709,6 +712,20 @@ pub(crate) async fn run_agent(
     if !has_bridge {
         bridge_done.cancel();
     }
+    let sources = Arc::new(patina_ops::Sources {
+        role: role_name,
+        store: store.clone(),
+        gossip: gossip.clone(),
+        table: table.clone(),
+        expects_peers: !config.gossip.seeds.is_empty(),
+    });
+    {
+        let sources = sources.clone();
+        parts.spawn(async move {
+            patina_ops::ready::judge(&sources, ready_tx).await;
+            Err(Arc::from("the readiness checks ended"))
+        });
+    }
     // The operator's listener: metrics, /livez, /readyz (a part: it must run as long as
     // the agent).
     if let Some(metrics_addr) = config.metrics.listen_addr(addr)? {
@@ -716,13 +733,6 @@ pub(crate) async fn run_agent(
             bind(metrics_addr).with_context(|| format!("binding metrics.listen {metrics_addr}"))?;
         // Scripts and tests read this line to find the operator's listener.
         println!("metrics: http://{}", listener.local_addr()?);
-        let sources = Arc::new(patina_ops::Sources {
-            role: role_name,
-            store: store.clone(),
-            gossip: gossip.clone(),
-            table: table.clone(),
-            expects_peers: !config.gossip.seeds.is_empty(),
-        });
         let stopped = stop.clone();
         parts.spawn(async move {
             let served =

@@ -123,21 +123,26 @@ async fn health_and_reflection_are_served() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let dir = tempfile::tempdir().unwrap();
-    let agent = common::start(dir.path(), "127.0.0.1");
+    // A region's only agent: ready once its first readiness check ran.
+    let agent = common::start_with(dir.path(), "127.0.0.1", "[gossip]\nstandalone = true\n");
     let channel = tonic::transport::Channel::from_shared(agent.url.clone())
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let status = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: "patina.v1.Region".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::Serving as i32);
+    let serving = common::eventually(std::time::Duration::from_secs(10), || {
+        let channel = channel.clone();
+        async move {
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: "patina.v1.Region".into(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+        }
+    })
+    .await;
+    assert!(serving.is_some(), "the agent never became SERVING");
 
     let request = ServerReflectionRequest {
         host: String::new(),

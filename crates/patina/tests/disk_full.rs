@@ -62,7 +62,12 @@ async fn a_full_disk_refuses_writes_reads_go_on_and_writes_resume_when_space_ret
     let fs = SmallFs::mount(&dir.path().join("small")).expect("mount a tmpfs");
     let ballast = fs.0.join("ballast");
     std::fs::write(&ballast, vec![0u8; BALLAST_BYTES]).unwrap();
-    let mut agent = common::start(&fs.0.join("agent"), "127.0.0.1");
+    // A region's only agent (its view stands alone, so it is ready).
+    let mut agent = common::start_with(
+        &fs.0.join("agent"),
+        "127.0.0.1",
+        "[gossip]\nstandalone = true\n",
+    );
     let mut client = agent.client().await;
     let mut health = HealthClient::new(agent.channel().await);
 

@@ -52,6 +52,16 @@ fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
+/// The agent's gRPC health (the whole server's).
+async fn grpc_health(agent: &common::Agent) -> i32 {
+    tonic_health::pb::health_client::HealthClient::new(agent.channel().await)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
 fn eventually_get(url: &str, want: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -91,6 +101,11 @@ async fn metrics_pass_promtool_and_probes_say_why() {
     assert!(body.ends_with("readyz check ok\n"), "{body}");
     let (status, body) = http_get(&format!("{ops}/livez")).unwrap();
     assert_eq!((status, body.as_str()), (200, "livez check ok\n"));
+    // gRPC health follows readiness.
+    assert_eq!(
+        grpc_health(&agent).await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let exposition = eventually_get(&format!("{ops}/metrics"), 200);
     assert_eq!(promtool(&exposition), "", "{exposition}");
@@ -150,6 +165,11 @@ async fn an_agent_that_cannot_join_is_live_but_not_ready() {
     assert!(body.contains("[-]gossip_joined failed: "), "{body}");
     assert!(body.contains("[+]store ok"), "{body}");
     assert!(body.ends_with("readyz check failed\n"), "{body}");
+    // gRPC health follows readiness: load balancers that use it leave the agent out.
+    assert_eq!(
+        grpc_health(&agent).await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
     let (_, exposition) = http_get(&format!("{ops}/metrics")).unwrap();
     assert_eq!(sample(&exposition, "patina_ready"), Some(0.0));
     assert_eq!(
