@@ -18,6 +18,35 @@ use crate::Sources;
 use crate::ready;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// A histogram the store kept, as read at the scrape.
+#[derive(Debug)]
+struct Latencies(patina_store::timing::HistogramSnapshot);
+
+impl prometheus_client::encoding::EncodeMetric for Latencies {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        // Per bucket, the last past every bound (+Inf, which the encoder writes for f64::MAX).
+        let buckets: Vec<(f64, u64)> = patina_store::timing::BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(self.0.counts.iter().copied())
+            .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.0.sum_secs,
+            self.0.count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn counter(v: u64) -> Counter {
@@ -202,6 +231,25 @@ pub async fn scrape(s: &Sources) -> String {
             q(|d| d.waiters),
         );
     }
+    let t = s.store.timings();
+    r.register_with_unit(
+        "store_write",
+        "Local writes, from the call to the answer (queueing, the group commit and its fsync)",
+        Unit::Seconds,
+        Latencies(t.write.snapshot()),
+    );
+    r.register_with_unit(
+        "store_apply",
+        "Batches from peers, from the call to the answer",
+        Unit::Seconds,
+        Latencies(t.apply.snapshot()),
+    );
+    r.register_with_unit(
+        "store_fsync",
+        "Group commits' COMMIT: the write-ahead log's write and fsync",
+        Unit::Seconds,
+        Latencies(t.fsync.snapshot()),
+    );
     r.register_with_unit(
         "clock_ahead",
         "How far the store's clock leads this host's wall clock (0 when it does not)",

@@ -24,6 +24,7 @@ mod merge;
 mod overlay;
 mod queue;
 mod sqlite;
+pub mod timing;
 mod version;
 mod watch;
 mod writer;
@@ -237,6 +238,8 @@ pub(crate) enum Rows {
 
 /// What readers share with the writer.
 pub(crate) struct State {
+    /// Latencies for operators.
+    pub timings: Arc<timing::Timings>,
     /// This store's origin; changes only when the store moves to a fresh origin.
     node: AtomicU64,
     pub index: Index,
@@ -501,6 +504,7 @@ fn new_state(
     incarnation: NodeId,
 ) -> Arc<State> {
     Arc::new(State {
+        timings: Arc::default(),
         hlc: AtomicU64::new(meta.hlc.0),
         wall,
         node: AtomicU64::new(meta.node.0),
@@ -604,6 +608,7 @@ impl Store {
             backend: sqlite::SqliteBackend {
                 conn,
                 failpoints: opts.failpoints.clone(),
+                timings: state.timings.clone(),
             },
             core: Core {
                 moved: false,
@@ -781,10 +786,13 @@ impl Store {
         }
         let bytes = ops.iter().map(LocalWrite::queued_bytes).sum();
         let n = ops.len();
+        let started = std::time::Instant::now();
         let (reply, rx) = oneshot::channel();
         self.submit(Class::Local, Request::Local { ops, reply }, n, bytes)
             .await?;
-        rx.await.map_err(|_| self.unanswered())?
+        let answer = rx.await.map_err(|_| self.unanswered())?;
+        self.state.timings.write.observe(started.elapsed());
+        answer
     }
 
     /// Refuse local writes (`Some`) while this agent's clock is off its peers' by more than
@@ -825,10 +833,13 @@ impl Store {
                 limit: self.max_remote_ops,
             });
         }
+        let started = std::time::Instant::now();
         let (reply, rx) = oneshot::channel();
         self.submit(Class::Remote, Request::Remote { batch, reply }, n, bytes)
             .await?;
-        rx.await.map_err(|_| self.unanswered())?
+        let answer = rx.await.map_err(|_| self.unanswered())?;
+        self.state.timings.apply.observe(started.elapsed());
+        answer
     }
 
     /// Mark `owner` down (`true`: hide every live record it owns, see [`Entry::owner`]) or up
@@ -1099,6 +1110,11 @@ impl Store {
             revision: self.state.feed.revision(),
             commits: self.state.commits.load(Ordering::Relaxed),
         }
+    }
+
+    /// The store's latency histograms (writes, peers' batches, fsyncs).
+    pub fn timings(&self) -> &timing::Timings {
+        &self.state.timings
     }
 
     /// How full the write queues are: (local writes, peers' batches); `None` for the

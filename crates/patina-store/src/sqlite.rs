@@ -523,6 +523,8 @@ pub(crate) struct Checkpointed {
 pub(crate) struct SqliteBackend {
     pub conn: Connection,
     pub failpoints: std::sync::Arc<crate::Failpoints>,
+    /// Where each COMMIT's duration (the WAL's write and fsync) is counted.
+    pub timings: std::sync::Arc<crate::timing::Timings>,
 }
 
 impl SqliteBackend {
@@ -707,7 +709,10 @@ impl Backend for SqliteBackend {
 
     fn commit(&mut self) -> Result<(), rusqlite::Error> {
         self.failpoints.check_commit()?;
-        self.conn.execute_batch("COMMIT")
+        let started = std::time::Instant::now();
+        let committed = self.conn.execute_batch("COMMIT");
+        self.timings.fsync.observe(started.elapsed());
+        committed
     }
 
     fn rollback(&mut self) {
@@ -887,6 +892,7 @@ mod tests {
         let mut backend = SqliteBackend {
             conn,
             failpoints: Default::default(),
+            timings: Default::default(),
         };
         backend.manage_checkpoints();
         // One 3 KiB row per commit: a page or two each. SQLite's automatic checkpoint would

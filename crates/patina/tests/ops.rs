@@ -133,6 +133,21 @@ async fn metrics_pass_promtool_and_probes_say_why() {
         .is_some_and(|l| l > 0.0)
     );
     assert_eq!(sample(&exposition, "patina_view_standing"), Some(1.0));
+    // Latency histograms: the one write, and at least its commit's fsync.
+    assert_eq!(
+        sample(&exposition, "patina_store_write_seconds_count"),
+        Some(1.0),
+        "{exposition}"
+    );
+    assert_eq!(
+        sample(
+            &exposition,
+            "patina_store_write_seconds_bucket{le=\"+Inf\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(sample(&exposition, "patina_store_fsync_seconds_count").is_some_and(|n| n >= 1.0));
+    assert!(sample(&exposition, "patina_store_fsync_seconds_sum").is_some_and(|s| s > 0.0));
     assert!(
         !exposition.contains("# EOF"),
         "the classic text format has no EOF line"
