@@ -41,6 +41,8 @@ pub struct Sources {
     pub table: Option<Arc<Table>>,
     /// Whether the agent was given seeds: then it is ready only once it has joined others.
     pub expects_peers: bool,
+    /// The watchdog over the agent's loops, and the silence past which a loop is late.
+    pub watchdog: Option<(patina_watchdog::Watchdog, Duration)>,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

@@ -150,6 +150,21 @@ pub async fn scrape(s: &Sources) -> String {
         )]),
     );
 
+    // The watchdog: how long since each loop last turned.
+    if let Some((dog, _)) = &s.watchdog {
+        r.register_with_unit(
+            "watchdog_silence",
+            "Time since each of the agent's loops last turned (the watchdog's view; a loop past watchdog.budget_ms is late)",
+            Unit::Seconds,
+            floats(
+                &dog.silences()
+                    .iter()
+                    .map(|l| (labels(&[("loop", &l.name)]), l.since.as_secs_f64()))
+                    .collect::<Vec<_>>(),
+            ),
+        );
+    }
+
     // Readiness, each check.
     let checks = ready::evaluate(s, status.as_ref(), view.as_ref());
     r.register(

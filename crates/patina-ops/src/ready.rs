@@ -51,10 +51,21 @@ pub async fn status(s: &Sources) -> Option<ClusterStatusResponse> {
         .flatten()
 }
 
-/// Whether the agent's loops turn: the gossip loop answers, the store has not failed.
+/// Whether the agent's loops turn: each loop the watchdog sees stamped within its budget,
+/// the gossip loop answers, the store has not failed.
 pub async fn live(s: &Sources) -> Vec<Check> {
     let gossip = status(s).await;
+    let late = s.watchdog.as_ref().and_then(|(dog, budget)| {
+        let late: Vec<String> = dog
+            .silences()
+            .into_iter()
+            .filter(|l| l.since > *budget)
+            .map(|l| format!("{} silent for {} ms", l.name, l.since.as_millis()))
+            .collect();
+        (!late.is_empty()).then(|| late.join(", "))
+    });
     vec![
+        Check::of("loops", late),
         Check::of(
             "gossip_loop",
             gossip

@@ -97,6 +97,9 @@ pub struct StoreOptions {
     pub clock: Arc<dyn Clock>,
     /// Faults to inject, for tests.
     pub failpoints: Arc<Failpoints>,
+    /// The agent's watchdog: the writer thread stamps its beat (`store_writer`) on every
+    /// group and at least every `patina_watchdog::STAMP_EVERY` while idle.
+    pub watchdog: Option<patina_watchdog::Watchdog>,
     /// Start under a fresh origin: for a data directory restored from a backup (or copied),
     /// whose origin may already have issued, elsewhere, the sequence numbers it would issue
     /// next. See `docs/replication.md`.
@@ -154,6 +157,7 @@ impl Default for StoreOptions {
             kind: Arc::new(OpaqueKind),
             clock: Arc::new(SystemClock),
             failpoints: Arc::new(Failpoints::default()),
+            watchdog: None,
             renew_origin: false,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
         }
@@ -190,6 +194,8 @@ pub enum InjectedFault {
     FsyncError,
     /// The writer thread panics.
     Panic,
+    /// The writer thread stops for this long (then commits as usual): a stuck loop.
+    Stall(std::time::Duration),
 }
 
 /// Faults to inject into commits. Production code never arms one; tests do.
@@ -209,6 +215,12 @@ impl Failpoints {
         let code = match fault {
             None => return Ok(()),
             Some(InjectedFault::Panic) => panic!("injected fault: writer panic"),
+            Some(InjectedFault::Stall(d)) => {
+                // A stuck writer (a lock it waits for, a disk that hangs): what the
+                // watchdog must notice.
+                std::thread::sleep(d);
+                return Ok(());
+            }
             Some(InjectedFault::DiskFull) => rusqlite::ffi::SQLITE_FULL,
             Some(InjectedFault::FsyncError) => rusqlite::ffi::SQLITE_IOERR_FSYNC,
         };
@@ -625,6 +637,12 @@ impl Store {
             queue: queue.clone(),
             max_local_ops: opts.max_batch_ops.get(),
             max_remote_ops: opts.max_remote_batch_ops.get(),
+            beat: opts
+                .watchdog
+                .as_ref()
+                .map_or_else(patina_watchdog::Beat::detached, |w| {
+                    w.register("store_writer")
+                }),
             _lock: lock,
         };
         let handle = std::thread::Builder::new()

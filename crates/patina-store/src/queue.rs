@@ -216,13 +216,25 @@ impl Queue {
     /// Block until there is work, then take local requests up to `max_local_ops` and remote
     /// ones up to `max_remote_ops` (at least one request when any is queued). `None` once
     /// the queue is closed and drained.
-    pub fn next_group(&self, max_local_ops: usize, max_remote_ops: usize) -> Option<Vec<Queued>> {
+    pub fn next_group(
+        &self,
+        max_local_ops: usize,
+        max_remote_ops: usize,
+        idle_every: std::time::Duration,
+        idle: &dyn Fn(),
+    ) -> Option<Vec<Queued>> {
         let mut lists = self.lists.lock().expect("queue lock");
         while lists.overlay.is_empty() && lists.local.is_empty() && lists.remote.is_empty() {
             if lists.closed {
                 return None;
             }
-            lists = self.ready.wait(lists).expect("queue lock");
+            // Wakes at least every `idle_every` to say it is idle, not stuck.
+            lists = self
+                .ready
+                .wait_timeout(lists, idle_every)
+                .expect("queue lock")
+                .0;
+            idle();
         }
         let mut group = Vec::new();
         let Lists {
@@ -319,14 +331,21 @@ mod tests {
             q.push(Class::Remote, remote(), 600, 100).await.unwrap();
         }
         q.push(Class::Local, local(), 1, 100).await.unwrap();
-        let group = q.next_group(4096, 1024).unwrap();
+        let group = q
+            .next_group(4096, 1024, std::time::Duration::from_secs(1), &|| {})
+            .unwrap();
         assert!(is_local(&group[0]), "the local write is in the first group");
         assert_eq!(
             group.len(),
             2,
             "and only as much of the sync flood as 1024 ops allow"
         );
-        assert_eq!(q.next_group(4096, 1024).unwrap().len(), 1);
+        assert_eq!(
+            q.next_group(4096, 1024, std::time::Duration::from_secs(1), &|| {})
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -336,7 +355,9 @@ mod tests {
         // The local queue is full; a liveness change has its own budget, and goes first.
         // (A request of another shape, to tell them apart.)
         q.push(Class::Overlay, remote(), 1, 10).await.unwrap();
-        let group = q.next_group(10, 10).unwrap();
+        let group = q
+            .next_group(10, 10, std::time::Duration::from_secs(1), &|| {})
+            .unwrap();
         assert_eq!(group.len(), 2);
         assert!(
             !is_local(&group[0]) && is_local(&group[1]),
@@ -363,7 +384,10 @@ mod tests {
         // Remote writes have their own budget.
         q.push(Class::Remote, remote(), 1, 10).await.unwrap();
         // The writer takes the first; the waiter gets its place.
-        drop(q.next_group(10, 10).unwrap());
+        drop(
+            q.next_group(10, 10, std::time::Duration::from_secs(1), &|| {})
+                .unwrap(),
+        );
         waiting.await.unwrap().unwrap();
         // A request larger than the whole budget is refused outright.
         let huge = q.push(Class::Local, local(), 1, 2 << 20).await;

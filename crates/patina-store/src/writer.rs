@@ -179,6 +179,8 @@ pub(crate) struct Writer {
     pub queue: Arc<Queue>,
     pub max_local_ops: usize,
     pub max_remote_ops: usize,
+    /// Stamped on every group and while idle: the watchdog sees a stuck writer.
+    pub beat: patina_watchdog::Beat,
     /// The data directory's lock: held as long as this thread runs, so no other process
     /// opens the directory while a write may still be on its way to disk.
     pub _lock: File,
@@ -244,10 +246,17 @@ impl Writer {
             queue: self.queue.clone(),
         };
         self.backend.manage_checkpoints();
-        while let Some(group) = self
-            .queue
-            .next_group(self.max_local_ops, self.max_remote_ops)
-        {
+        loop {
+            self.beat.stamp();
+            let beat = &self.beat;
+            let Some(group) = self.queue.next_group(
+                self.max_local_ops,
+                self.max_remote_ops,
+                patina_watchdog::STAMP_EVERY,
+                &|| beat.stamp(),
+            ) else {
+                break;
+            };
             let done = self
                 .commit_group(group)
                 .and_then(|()| self.checkpoint_if_due());

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// not configuration and are ignored here.
 const KEYS: &[&str] = &[
     "region", "host", "data_dir", "listen", "log", "store", "limits", "gossip", "global", "bridge",
-    "tls",
+    "tls", "metrics", "watchdog",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,6 +44,45 @@ pub struct Config {
     pub tls: TlsSetting,
     /// The operator's HTTP listener: metrics, `/livez`, `/readyz` (`docs/operations.md`).
     pub metrics: MetricsConfig,
+    /// The watchdog over the agent's loops (`docs/operations.md`).
+    pub watchdog: WatchdogConfig,
+}
+
+/// The watchdog (`[watchdog]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    /// A loop silent this long is logged by name, and `/livez` fails.
+    pub budget_ms: u64,
+    /// A loop silent this long ends the agent: NOT_SERVING, a leave if gossip still turns,
+    /// and an exit with status 70 so its supervisor restarts it.
+    pub fatal_ms: u64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            budget_ms: 2000,
+            fatal_ms: 2500,
+        }
+    }
+}
+
+impl WatchdogConfig {
+    pub fn bounds(&self) -> anyhow::Result<patina_watchdog::Bounds> {
+        anyhow::ensure!(
+            self.budget_ms >= 500,
+            "config: watchdog.budget_ms must be at least 500 (loops stamp every 250 ms)"
+        );
+        anyhow::ensure!(
+            self.fatal_ms > self.budget_ms,
+            "config: watchdog.fatal_ms must be above watchdog.budget_ms"
+        );
+        Ok(patina_watchdog::Bounds {
+            budget: std::time::Duration::from_millis(self.budget_ms),
+            fatal: std::time::Duration::from_millis(self.fatal_ms),
+        })
+    }
 }
 
 /// The operator's listener (`[metrics]`).
@@ -509,6 +548,7 @@ impl Default for Config {
             bridge: BridgeSection::default(),
             tls: TlsSetting::Mode("on".into()),
             metrics: MetricsConfig::default(),
+            watchdog: WatchdogConfig::default(),
         }
     }
 }
@@ -552,6 +592,7 @@ impl Config {
         self.gossip.node(&self.region)?;
         self.global.region_table()?;
         self.tls_paths()?;
+        self.watchdog.bounds()?;
         Ok(())
     }
 }

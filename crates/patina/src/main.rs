@@ -530,6 +530,10 @@ pub(crate) async fn run_agent(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     raise_open_file_limit(&config);
+    // Every long-lived loop stamps a beat; a thread outside the runtimes watches them.
+    let watchdog = patina_watchdog::Watchdog::new();
+    let bounds = config.watchdog.bounds()?;
+    let budget = bounds.budget;
     let dir = config.data_dir.clone();
     let (mut opts, cluster_default) = match role {
         Role::Region => (config.store.options(&config.region), config.region.as_str()),
@@ -537,6 +541,16 @@ pub(crate) async fn run_agent(
     };
     let mut node = config.gossip.node(cluster_default)?;
     opts.max_clock_offset_ms = node.max_clock_offset.as_millis() as u64;
+    opts.watchdog = Some(watchdog.clone());
+    if let Some(after) = store_stall_from_env() {
+        let failpoints = opts.failpoints.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            failpoints.arm(patina_store::InjectedFault::Stall(
+                std::time::Duration::from_secs(3600),
+            ));
+        });
+    }
     if let Some(clock) = stepped_clock_from_env() {
         opts.clock = clock;
     }
@@ -566,6 +580,7 @@ pub(crate) async fn run_agent(
         ));
         // It signs what it publishes with its certificate's key.
         bridge.signer = trust.clone();
+        bridge.watchdog = Some(watchdog.clone());
     }
     if let (Role::Global | Role::Bridge(_), Some(trust)) = (&role, &trust) {
         // A peer's heartbeats and summaries are taken only when a bridge of their region
@@ -614,6 +629,7 @@ pub(crate) async fn run_agent(
             },
             fault: fault_from_env(),
             dial: dial.clone(),
+            watchdog: Some(watchdog.clone()),
         };
         let started =
             patina_gossip::shell::Gossip::start(store.clone(), shell, gossip_stop.clone()).await;
@@ -643,6 +659,48 @@ pub(crate) async fn run_agent(
     );
     // Scripts and tests read this line to find the agent's gossip address.
     println!("gossip: udp {}", gossip.advertised);
+    // systemd (`Type=notify`): ready now, and `WATCHDOG=1` while every loop is fresh.
+    let notify = patina_watchdog::Notify::from_env().map(Arc::new);
+    if let Some(n) = &notify {
+        n.send("READY=1");
+    }
+    // The runtime's own beat: a task that stamps it, so a runtime whose workers are all
+    // blocked is seen.
+    let _runtime_beat = {
+        let beat = watchdog.register("runtime");
+        AbortOnDrop(tokio::spawn(async move {
+            let mut every = tokio::time::interval(patina_watchdog::STAMP_EVERY);
+            loop {
+                every.tick().await;
+                beat.stamp();
+            }
+        }))
+    };
+    // Past the fatal bound: the agent turns NOT_SERVING and stops (leaving the cluster if
+    // gossip still turns), and whatever its runtime does, the process exits with 70 soon
+    // after, for its supervisor to restart it.
+    {
+        let (stop, failed, notify) = (stop.clone(), failed.clone(), notify.clone());
+        watchdog.spawn_monitor(
+            bounds,
+            move || {
+                if let Some(n) = &notify {
+                    n.send("WATCHDOG=1");
+                }
+            },
+            move |why| {
+                let _ = failed.set(Arc::from(format!("watchdog: {why}")));
+                stop.cancel();
+                let _ = std::thread::Builder::new()
+                    .name("patina-watchdog-exit".into())
+                    .spawn(|| {
+                        std::thread::sleep(WATCHDOG_EXIT_GRACE);
+                        eprintln!("patina: watchdog: a loop is stuck; exiting (status 70)");
+                        std::process::exit(70);
+                    });
+            },
+        )?;
+    }
     if let Some(ready) = ready {
         let _ = ready.send(Ready { api: addr });
     }
@@ -718,6 +776,7 @@ pub(crate) async fn run_agent(
         gossip: gossip.clone(),
         table: table.clone(),
         expects_peers: !config.gossip.seeds.is_empty(),
+        watchdog: Some((watchdog.clone(), budget)),
     });
     {
         let sources = sources.clone();
@@ -751,9 +810,14 @@ pub(crate) async fn run_agent(
     let served_done = CancellationToken::new();
     let supervisor = {
         let (stop, failed, served_done) = (stop.clone(), failed.clone(), served_done.clone());
+        let stop_watching = watchdog.clone();
         tokio::spawn(async move {
             tokio::select! {
-                () = shutdown => tracing::info!("asked to stop"),
+                () = shutdown => {
+                    tracing::info!("asked to stop");
+                    // Loops end one by one now: not a stall.
+                    stop_watching.disarm();
+                }
                 Some(ended) = parts.join_next() => {
                     let why = match ended {
                         Ok(Err(why)) => why,
@@ -838,6 +902,10 @@ pub(crate) async fn run_agent(
     served.map_err(anyhow::Error::from)
 }
 
+/// How long a watchdog's fatal action gives the agent to stop on its own before the
+/// process exits with status 70.
+const WATCHDOG_EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(1000);
+
 /// How long each step of the teardown may take (the bridge's stop, gossip's leave).
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -877,12 +945,28 @@ fn stepped_clock_from_env() -> Option<Arc<dyn patina_store::Clock>> {
 /// A fault to inject, for tests of the agent's supervision only: `PATINA_FAULT` set to
 /// `gossip-panic-after-ms=N` makes the gossip loop panic N ms after it starts. Said loudly.
 fn fault_from_env() -> Option<patina_gossip::shell::Fault> {
+    use patina_gossip::shell::Fault;
     let v = std::env::var("PATINA_FAULT").ok()?;
-    let ms = v.strip_prefix("gossip-panic-after-ms=")?.parse().ok()?;
+    let after = |prefix: &str| {
+        v.strip_prefix(prefix)?
+            .parse()
+            .ok()
+            .map(std::time::Duration::from_millis)
+    };
+    let fault = after("gossip-panic-after-ms=")
+        .map(Fault::GossipPanicAfter)
+        .or_else(|| after("gossip-block-after-ms=").map(Fault::GossipBlockAfter))?;
     tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
-    Some(patina_gossip::shell::Fault::GossipPanicAfter(
-        std::time::Duration::from_millis(ms),
-    ))
+    Some(fault)
+}
+
+/// `PATINA_FAULT=store-stall-after-ms=N`: N ms after the start, the store's next group
+/// commit stalls its writer thread for an hour (a stuck loop, for the watchdog's tests).
+fn store_stall_from_env() -> Option<std::time::Duration> {
+    let v = std::env::var("PATINA_FAULT").ok()?;
+    let ms = v.strip_prefix("store-stall-after-ms=")?.parse().ok()?;
+    tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
+    Some(std::time::Duration::from_millis(ms))
 }
 
 /// SIGINT or SIGTERM. The handlers are installed when this is called, not when the future is

@@ -49,6 +49,8 @@ pub struct BridgeConfig {
     /// The set whose key signs its heartbeats and summaries, and whose certificate it
     /// publishes (`None`: TLS off, nothing signed, and peers with TLS on refuse it all).
     pub signer: Option<patina_trust::Trust>,
+    /// The agent's watchdog: the bridge's loop stamps its beat (`bridge`) on every turn.
+    pub watchdog: Option<patina_watchdog::Watchdog>,
 }
 
 impl BridgeConfig {
@@ -63,6 +65,7 @@ impl BridgeConfig {
             dial: patina_trust::Dial::Plain,
             region_cluster: region.to_owned(),
             signer: None,
+            watchdog: None,
         }
     }
 }
@@ -96,6 +99,10 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
     let signer = Signer(cfg.signer.clone());
     // Summaries a previous run left signed by a replaced key (it may have stopped between
     // the new certificate and signing them again) are looked for once at start.
+    let beat = cfg
+        .watchdog
+        .as_ref()
+        .map_or_else(patina_watchdog::Beat::detached, |w| w.register("bridge"));
     let mut registration = Registration {
         resign_pending: cfg.signer.is_some(),
         ..Registration::default()
@@ -107,11 +114,14 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
         // written; otherwise the loop sleeps until the next input.
         let heartbeat_due = (core.publishing() && core.view_hlc() > heartbeat_view)
             .then_some(heartbeat_at + cfg.heartbeat);
+        beat.stamp();
+        // Awake at least every STAMP_EVERY, so an idle bridge still stamps its beat.
         let wake = [core.next_due(), heartbeat_due]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(now() + Duration::from_secs(1));
+            .unwrap_or(now() + Duration::from_secs(1))
+            .min(now() + patina_watchdog::STAMP_EVERY);
         let sleep = wake.saturating_sub(now());
         tokio::select! {
             ev = region_rx.recv() => match ev {

@@ -124,6 +124,8 @@ pub struct ShellConfig {
     /// How sessions and last checks reach peers' gRPC servers (TLS with this agent's
     /// certificate, or plaintext).
     pub dial: patina_trust::Dial,
+    /// The agent's watchdog: the gossip loop stamps its beat (`gossip`) on every turn.
+    pub watchdog: Option<patina_watchdog::Watchdog>,
 }
 
 /// A fault the shell injects into itself, for tests (the binary sets one only from
@@ -132,6 +134,9 @@ pub struct ShellConfig {
 pub enum Fault {
     /// The gossip loop panics this long after it starts.
     GossipPanicAfter(Duration),
+    /// The gossip loop blocks its thread this long after it starts (for an hour): a stuck
+    /// loop, for the watchdog.
+    GossipBlockAfter(Duration),
 }
 
 /// Why the shell ended before it was asked to stop: the part that ended. The agent must
@@ -383,6 +388,10 @@ impl Gossip {
         ));
         let follower = tokio::spawn(follow_feed(store, inputs));
         let fault = cfg.fault;
+        let beat = cfg
+            .watchdog
+            .as_ref()
+            .map_or_else(patina_watchdog::Beat::detached, |w| w.register("gossip"));
         let shutdown = stop.clone().cancelled_owned();
         // The node runs on a thread of its own with a runtime of its own: a busy API, a sync
         // flood or a slow commit on the agent's runtime never delays a probe or an ack.
@@ -406,7 +415,8 @@ impl Gossip {
                         UdpSocket::from_std(push_socket),
                     ) {
                         (Ok(swim), Ok(push)) => {
-                            task.run(Sockets { swim, push }, shutdown, fault).await
+                            task.run(Sockets { swim, push }, shutdown, fault, beat)
+                                .await
                         }
                         (Err(e), _) | (_, Err(e)) => {
                             tracing::error!(error = %e, "gossip: cannot use its sockets")

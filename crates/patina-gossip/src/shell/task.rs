@@ -89,10 +89,14 @@ impl Task {
         sockets: Sockets,
         shutdown: impl std::future::Future<Output = ()> + Send,
         fault: Option<Fault>,
+        beat: patina_watchdog::Beat,
     ) {
         let fault = async move {
             match fault {
-                Some(Fault::GossipPanicAfter(d)) => tokio::time::sleep(d).await,
+                Some(f @ (Fault::GossipPanicAfter(d) | Fault::GossipBlockAfter(d))) => {
+                    tokio::time::sleep(d).await;
+                    f
+                }
                 None => std::future::pending().await,
             }
         };
@@ -104,10 +108,12 @@ impl Task {
         let mut push_buf = vec![0u8; RECV_BUFFER];
         tokio::pin!(shutdown);
         loop {
+            beat.stamp();
             let next = self.timers.peek().map(|Reverse((due, _, _))| *due);
-            let sleep = tokio::time::sleep_until(
-                self.base + next.unwrap_or(Duration::from_secs(3600) + self.now()),
-            );
+            // Awake at least every STAMP_EVERY, so an idle loop still stamps its beat.
+            let wake = self.now() + patina_watchdog::STAMP_EVERY;
+            let sleep =
+                tokio::time::sleep_until(self.base + next.map_or(wake, |due| due.min(wake)));
             // In this order: SWIM, due timers, inputs, and pushes last. A probe, an ack, a
             // refutation or a probe timer must never wait behind pushes (they arrive on a
             // socket of their own; see `Lane`): under a steady flood the push socket is never
@@ -117,7 +123,13 @@ impl Task {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                () = &mut fault => panic!("fault injection (PATINA_FAULT): the gossip loop panics as asked"),
+                f = &mut fault => match f {
+                    Fault::GossipBlockAfter(_) => {
+                        tracing::warn!("fault injection (PATINA_FAULT): the gossip loop blocks its thread");
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                    _ => panic!("fault injection (PATINA_FAULT): the gossip loop panics as asked"),
+                },
                 r = sockets.swim.recv_from(&mut buf) => {
                     let started = std::time::Instant::now();
                     if let Ok((n, _)) = r {

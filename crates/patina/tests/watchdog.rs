@@ -1,0 +1,154 @@
+//! The watchdog sees each loop: a region of three real agents, one of which gets a stuck
+//! loop (by the test-only `PATINA_FAULT`): its gossip thread blocked, or its store's writer
+//! thread stalled. The agent's watchdog ends it: it exits with status 70 (for its supervisor
+//! to restart it), and both peers take it out of the cluster and hide its machines.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Agent;
+use patina_proto::v1::{ListInstancesRequest, UpsertMachineRequest};
+
+/// Agent `i` of the region on `ip`, seeded by `seeds`, with `env`.
+fn member(
+    root: &std::path::Path,
+    i: usize,
+    ip: &str,
+    seeds: &[String],
+    env: &[(&str, &str)],
+) -> Agent {
+    let config = format!(
+        "region = \"test\"\nhost = \"worker-{i}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}",
+        common::gossip_table(ip, seeds)
+    );
+    Agent::start_role_env(
+        common::bin(),
+        "region",
+        &root.join(format!("agent{i}")),
+        &config,
+        env,
+    )
+    .expect("start an agent")
+}
+
+/// Machines of app `web` `agent` lists (hidden ones left out).
+async fn listed(agent: &Agent) -> usize {
+    let Ok(mut client) = tokio::time::timeout(Duration::from_secs(2), agent.client()).await else {
+        return usize::MAX;
+    };
+    match client
+        .list_instances(ListInstancesRequest {
+            app: "web".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().machines.len(),
+        Err(_) => usize::MAX,
+    }
+}
+
+/// Start a region whose third agent gets `fault` (armed `after` its start); write a machine
+/// on each agent; return once the stuck agent exited and both peers dropped it, with how long
+/// after the fault each took.
+async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
+    let root = tempfile::tempdir().unwrap();
+    let a = member(root.path(), 0, ips[0], &[], &[]);
+    let b = member(root.path(), 1, ips[1], &[ips[0].to_owned()], &[]);
+    let mut victim = member(
+        root.path(),
+        2,
+        ips[2],
+        &[ips[0].to_owned()],
+        &[("PATINA_FAULT", fault)],
+    );
+    let started = Instant::now();
+    for (i, agent) in [&a, &b, &victim].into_iter().enumerate() {
+        let mut client = agent.client().await;
+        client
+            .upsert_machine(UpsertMachineRequest {
+                machine: Some(common::machine(&format!("m-{i}"), "web", 80)),
+            })
+            .await
+            .expect("a write before the fault");
+    }
+    for agent in [&a, &b] {
+        let joined = common::eventually(Duration::from_secs(3), || async {
+            agent.alive_members().await == 2 && listed(agent).await == 3
+        })
+        .await;
+        assert!(joined.is_some(), "the region did not form before the fault");
+    }
+    let fault_at = started + Duration::from_millis(4000);
+    tokio::time::sleep_until(fault_at.into()).await;
+    if write_to_trigger {
+        // The stall strikes the next group commit: a write gives it one (it never answers).
+        let url = victim.url.clone();
+        tokio::spawn(async move {
+            if let Ok(ch) = tonic::transport::Channel::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+            {
+                let _ = patina_proto::v1::region_client::RegionClient::new(ch)
+                    .upsert_machine(UpsertMachineRequest {
+                        machine: Some(common::machine("m-stuck", "web", 80)),
+                    })
+                    .await;
+            }
+        });
+    }
+    // Bounded: 20 s after the fault at most.
+    let deadline = fault_at + Duration::from_secs(20);
+    let mut exited = None;
+    let mut dropped = [None, None];
+    while exited.is_none() || dropped.iter().any(Option::is_none) {
+        assert!(
+            Instant::now() < deadline,
+            "{fault}: 20 s after the fault, exited {exited:?}, dropped by peers {dropped:?}"
+        );
+        if exited.is_none()
+            && let Some(status) = victim.child.try_wait().unwrap()
+        {
+            exited = Some((status, fault_at.elapsed()));
+        }
+        for (i, peer) in [&a, &b].into_iter().enumerate() {
+            if dropped[i].is_none() && peer.alive_members().await == 1 && listed(peer).await == 2 {
+                dropped[i] = Some(fault_at.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, exit_after) = exited.unwrap();
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "{fault}: the watchdog's exit status"
+    );
+    eprintln!(
+        "{fault}: the stuck agent exited after {exit_after:?}; out of the cluster, its machines hidden, at its peers after {:?} and {:?}",
+        dropped[0].unwrap(),
+        dropped[1].unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_gossip_loop_is_stuck_is_ended_and_dropped_by_its_peers() {
+    stuck_loop(
+        ["127.0.0.141", "127.0.0.142", "127.0.0.143"],
+        "gossip-block-after-ms=4000",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_store_writer_is_stuck_is_ended_and_dropped_by_its_peers() {
+    stuck_loop(
+        ["127.0.0.144", "127.0.0.145", "127.0.0.146"],
+        "store-stall-after-ms=3500",
+        true,
+    )
+    .await;
+}
