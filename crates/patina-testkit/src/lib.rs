@@ -157,6 +157,11 @@ impl Agent {
             .args([role, "--config"])
             .arg(&path)
             .env_remove("RUST_LOG")
+            // Debug builds of many agents on a loaded 2-core machine can pause a loop for
+            // seconds: the watchdog ends an agent only after 30 s here (it still catches a
+            // deadlock). Its own tests pass the defaults back in `env`.
+            .env("PATINA_WATCHDOG__BUDGET_MS", "5000")
+            .env("PATINA_WATCHDOG__FATAL_MS", "30000")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -17,6 +17,10 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         .args(["dev", "--listen", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
         .env("PATINA_LOG", "warn")
+        // A debug build of the whole world on a loaded 2-core machine can pause a loop for
+        // seconds: the watchdog ends it only after 30 s here, as in the harness.
+        .env("PATINA_WATCHDOG__BUDGET_MS", "5000")
+        .env("PATINA_WATCHDOG__FATAL_MS", "30000")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -61,7 +61,12 @@ async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
         2,
         ips[2],
         &[ips[0].to_owned()],
-        &[("PATINA_FAULT", fault)],
+        &[
+            ("PATINA_FAULT", fault),
+            // The defaults (the harness raises them for other tests).
+            ("PATINA_WATCHDOG__BUDGET_MS", "2000"),
+            ("PATINA_WATCHDOG__FATAL_MS", "2500"),
+        ],
     );
     let started = Instant::now();
     for (i, agent) in [&a, &b, &victim].into_iter().enumerate() {
