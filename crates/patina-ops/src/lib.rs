@@ -13,8 +13,10 @@
 //!   versions lacking from any origin, and a good anti-entropy session within S seconds.
 //!
 //! Everything here is read-only and reads snapshots: no lock is held across an await, and a
-//! scrape never waits on the store's writer.
+//! scrape never waits on the store's writer. At most [`listener::MAX_CONNECTIONS`]
+//! connections are open at once, each for at most [`listener::MAX_CONNECTION_AGE`].
 
+pub mod listener;
 pub mod metrics;
 pub mod ready;
 
@@ -60,7 +62,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/v1/health", get(health))
         .with_state(sources);
-    axum::serve(listener, app)
+    axum::serve(listener::Limited::new(listener), app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -1,10 +1,11 @@
 //! The Prometheus exposition: read at each scrape from the agent's snapshots (the gossip
-//! loop's status, its view, the store's counters and queues, the table), so a scrape costs
-//! one round trip to the gossip loop and no lock held across an await.
+//! loop's status, its view, the store's counters and queues, the table), with no lock held
+//! across an await.
 //!
 //! Conventions: `patina_` prefix, base units (seconds, bytes), `_total` counters, and labels
 //! whose values the cluster bounds: member states, directions, reasons, queue classes, check
-//! names, and peers (at most the agent's peer records) — never apps or machines.
+//! names, loops, and peers (the cluster's current members) — never apps or machines. A
+//! scrape asks the gossip loop twice (its status, its membership).
 
 use std::sync::atomic::AtomicU64;
 
@@ -388,11 +389,27 @@ pub async fn scrape(s: &Sources) -> String {
                 (labels(&[("direction", "out")]), st.sync_records_out),
             ]),
         );
+        // Only the cluster's members now: departed peers' records would make series (and
+        // alerts) that never end.
+        let members: std::collections::HashSet<String> = snapshot
+            .as_ref()
+            .map(|snap| {
+                snap.members
+                    .iter()
+                    .map(|m| m.identity.addr.ip().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let peers: Vec<_> = st
+            .peers
+            .iter()
+            .filter(|p| members.contains(&p.peer))
+            .collect();
         r.register(
             "peer_versions_lacking",
             "Versions this agent lacked that each peer had, at their last session",
             gauges(
-                &st.peers
+                &peers
                     .iter()
                     .map(|p| (labels(&[("peer", &p.peer)]), p.lacking as i64))
                     .collect::<Vec<_>>(),
@@ -403,7 +420,7 @@ pub async fn scrape(s: &Sources) -> String {
             "Time since the last anti-entropy session with each peer",
             Unit::Seconds,
             floats(
-                &st.peers
+                &peers
                     .iter()
                     .map(|p| (labels(&[("peer", &p.peer)]), p.last_ms_ago as f64 / 1000.0))
                     .collect::<Vec<_>>(),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use patina_gossip::ViewStatus;
+use patina_gossip::{ViewReason, ViewStatus};
 use patina_proto::v1::ClusterStatusResponse;
 
 use crate::{LOOP_ANSWER, Sources};
@@ -40,8 +40,6 @@ impl Check {
 /// Share of the local write queue (requests or bytes) above which the agent is not ready:
 /// writes sent now would wait, or be refused with `RESOURCE_EXHAUSTED`.
 pub const QUEUE_SATURATED: f64 = 0.9;
-/// A gap in what the agent holds of some origin older than this: not caught up.
-pub const MAX_GAP_AGE: Duration = Duration::from_secs(30);
 
 /// The gossip loop's status, if it answers within [`LOOP_ANSWER`].
 pub async fn status(s: &Sources) -> Option<ClusterStatusResponse> {
@@ -55,17 +53,8 @@ pub async fn status(s: &Sources) -> Option<ClusterStatusResponse> {
 /// the gossip loop answers, the store has not failed.
 pub async fn live(s: &Sources) -> Vec<Check> {
     let gossip = status(s).await;
-    let late = s.watchdog.as_ref().and_then(|(dog, budget)| {
-        let late: Vec<String> = dog
-            .silences()
-            .into_iter()
-            .filter(|l| l.since > *budget)
-            .map(|l| format!("{} silent for {} ms", l.name, l.since.as_millis()))
-            .collect();
-        (!late.is_empty()).then(|| late.join(", "))
-    });
     vec![
-        Check::of("loops", late),
+        Check::of("loops", late_loops(s)),
         Check::of(
             "gossip_loop",
             gossip
@@ -79,6 +68,19 @@ pub async fn live(s: &Sources) -> Vec<Check> {
                 .map(|why| format!("the store failed: {why}")),
         ),
     ]
+}
+
+/// The loops the watchdog sees silent past their budget, if any.
+fn late_loops(s: &Sources) -> Option<String> {
+    s.watchdog.as_ref().and_then(|(dog, budget)| {
+        let late: Vec<String> = dog
+            .silences()
+            .into_iter()
+            .filter(|l| l.since > *budget)
+            .map(|l| format!("{} silent for {} ms", l.name, l.since.as_millis()))
+            .collect();
+        (!late.is_empty()).then(|| late.join(", "))
+    })
 }
 
 /// Whether the agent should be sent traffic, each condition a check.
@@ -95,7 +97,10 @@ pub fn evaluate(
     status: Option<&ClusterStatusResponse>,
     view: Option<&ViewStatus>,
 ) -> Vec<Check> {
-    let mut checks = Vec::with_capacity(8);
+    let mut checks = Vec::with_capacity(10);
+    // A loop late past its budget: not ready (gRPC health turns NOT_SERVING) before the
+    // watchdog's fatal bound ends the agent.
+    checks.push(Check::of("loops", late_loops(s)));
     checks.push(Check::of(
         "store",
         s.store
@@ -116,25 +121,34 @@ pub fn evaluate(
         Some(_) => None,
     };
     checks.push(Check::of("gossip_joined", joined));
+    // The view's reasons split in two: catching up (not synced yet, an old gap), and the
+    // rest (not joined, no majority, settling, clock off).
+    let catching_up = |r: &ViewReason| matches!(r, ViewReason::NotSynced | ViewReason::OldGap);
     checks.push(Check::of(
         "view_standing",
-        view.filter(|v| !v.stands).map(|v| {
-            let reasons: Vec<String> = v.reasons.iter().map(|r| format!("{r:?}")).collect();
-            format!(
-                "the view does not stand ({}); {} of {} recent members alive",
-                reasons.join(", "),
-                v.members_alive,
-                v.members_recent
-            )
+        view.and_then(|v| {
+            let reasons: Vec<String> = v
+                .reasons
+                .iter()
+                .filter(|r| !catching_up(r))
+                .map(|r| format!("{r:?}"))
+                .collect();
+            (!reasons.is_empty()).then(|| {
+                format!(
+                    "the view does not stand ({}); {} of {} recent members alive",
+                    reasons.join(", "),
+                    v.members_alive,
+                    v.members_recent
+                )
+            })
         }),
     ));
     checks.push(Check::of(
         "caught_up",
-        view.filter(|v| v.oldest_gap > MAX_GAP_AGE).map(|v| {
+        view.filter(|v| v.reasons.iter().any(catching_up)).map(|v| {
             format!(
-                "a version has been lacking for {:.0} s (over {} s)",
-                v.oldest_gap.as_secs_f64(),
-                MAX_GAP_AGE.as_secs()
+                "not caught up with its peers (no completed session yet, or a version lacking for {:.1} s)",
+                v.oldest_gap.as_secs_f64()
             )
         }),
     ));
@@ -142,7 +156,7 @@ pub fn evaluate(
         let share = |used: usize, limit: usize| used as f64 / limit.max(1) as f64;
         let full =
             share(local.requests, local.requests_limit).max(share(local.bytes, local.bytes_limit));
-        (full > QUEUE_SATURATED || local.waiters > 0).then(|| {
+        (full > QUEUE_SATURATED).then(|| {
             format!(
                 "the write queue is {:.0} % full ({} requests, {} bytes; {} waiting)",
                 full * 100.0,

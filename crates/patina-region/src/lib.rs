@@ -188,8 +188,13 @@ pub async fn serve_with(
         let mut ready = ready;
         tokio::spawn(async move {
             let mut last = None;
+            // Once the readiness task ended (the agent stops), its last word stands.
+            let mut last_unready = false;
             loop {
-                let unready = ready.as_mut().is_some_and(|r| !*r.borrow_and_update());
+                if let Some(r) = ready.as_mut() {
+                    last_unready = !*r.borrow_and_update();
+                }
+                let unready = last_unready;
                 let off = fence.borrow_and_update().is_some()
                     || store.clock_ahead_ms().is_some()
                     || unready;

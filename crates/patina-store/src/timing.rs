@@ -4,9 +4,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds of the buckets, in seconds: 50 µs to 10 s, about 2.5x apart (and +Inf).
-pub const BUCKETS: [f64; 13] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0, 10.0,
+/// Upper bounds of the buckets, in seconds: 50 µs to 10 s, in steps of 2 to 4 (and +Inf),
+/// fine around the watchdog's bounds (2 and 2.5 s).
+pub const BUCKETS: [f64; 17] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// A latency histogram: counts per bucket (the last one past every bound), their sum.

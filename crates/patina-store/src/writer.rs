@@ -257,9 +257,11 @@ impl Writer {
             ) else {
                 break;
             };
-            let done = self
-                .commit_group(group)
-                .and_then(|()| self.checkpoint_if_due());
+            // Stamped between the commit and the checkpoint: each its own step.
+            let done = self.commit_group(group).and_then(|()| {
+                self.beat.stamp();
+                self.checkpoint_if_due()
+            });
             if let Err(reason) = done {
                 fail_store(&self.state, &self.queue, reason);
                 return;

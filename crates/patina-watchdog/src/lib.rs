@@ -123,6 +123,17 @@ impl Watchdog {
         }
     }
 
+    /// Count every loop as having turned now (after the whole process was paused: a VM
+    /// paused or migrated, SIGSTOP, a frozen cgroup stops every loop at once, and none of
+    /// them is stuck).
+    fn forgive_all(&self) {
+        let now = self.inner.start.elapsed().as_millis() as u64;
+        let loops = self.inner.loops.lock().unwrap_or_else(|e| e.into_inner());
+        for l in loops.iter() {
+            l.last_ms.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
     /// Stop acting (the agent was asked to stop; its loops end one by one): the monitor
     /// thread returns at its next look.
     pub fn disarm(&self) {
@@ -161,9 +172,18 @@ impl Watchdog {
                 let mut late_logged: std::collections::HashMap<String, Instant> =
                     std::collections::HashMap::new();
                 loop {
+                    let slept = Instant::now();
                     std::thread::sleep(CHECK_EVERY);
                     if dog.inner.disarmed.load(Ordering::Relaxed) {
                         return;
+                    }
+                    // The monitor's own sleep overran by half the budget: the whole process
+                    // was paused, not one loop stuck. Every loop starts its count again.
+                    let overran = slept.elapsed().saturating_sub(CHECK_EVERY);
+                    if overran > bounds.budget / 2 {
+                        tracing::warn!(paused_ms = overran.as_millis() as u64, "the process was paused: the watchdog counts every loop from now");
+                        dog.forgive_all();
+                        continue;
                     }
                     let silences = dog.silences();
                     let mut all_fresh = true;
@@ -191,8 +211,9 @@ impl Watchdog {
                                 l.since.as_millis(),
                                 bounds.fatal.as_millis()
                             );
+                            // Act first: logging may block (a full stderr pipe).
+                            f(why.clone());
                             tracing::error!(reason = %why, "watchdog: the agent stops");
-                            f(why);
                         }
                     }
                     if all_fresh {

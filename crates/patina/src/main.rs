@@ -177,8 +177,19 @@ enum MachineCommand {
     },
 }
 
+/// Set once the watchdog ended the agent: the process exits with [`WATCHDOG_EXIT_CODE`]
+/// however the teardown ends.
+static WATCHDOG_FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The exit status of an agent the watchdog ended (a stuck loop), for its supervisor.
+const WATCHDOG_EXIT_CODE: u8 = 70;
+
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
+    let ran = run(Cli::parse());
+    if WATCHDOG_FIRED.load(std::sync::atomic::Ordering::Relaxed) {
+        return std::process::ExitCode::from(WATCHDOG_EXIT_CODE);
+    }
+    match ran {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("patina: {e:#}");
@@ -680,7 +691,12 @@ pub(crate) async fn run_agent(
     // gossip still turns), and whatever its runtime does, the process exits with 70 soon
     // after, for its supervisor to restart it.
     {
-        let (stop, failed, notify) = (stop.clone(), failed.clone(), notify.clone());
+        let (stop, failed, notify, leave) = (
+            stop.clone(),
+            failed.clone(),
+            notify.clone(),
+            gossip_stop.clone(),
+        );
         watchdog.spawn_monitor(
             bounds,
             move || {
@@ -689,14 +705,17 @@ pub(crate) async fn run_agent(
                 }
             },
             move |why| {
+                WATCHDOG_FIRED.store(true, std::sync::atomic::Ordering::Relaxed);
                 let _ = failed.set(Arc::from(format!("watchdog: {why}")));
+                // Everything at once, not the ordered teardown: leave the cluster now (if
+                // gossip turns), stop serving; the process exits within the grace anyway.
+                leave.cancel();
                 stop.cancel();
                 let _ = std::thread::Builder::new()
                     .name("patina-watchdog-exit".into())
                     .spawn(|| {
                         std::thread::sleep(WATCHDOG_EXIT_GRACE);
-                        eprintln!("patina: watchdog: a loop is stuck; exiting (status 70)");
-                        std::process::exit(70);
+                        std::process::exit(i32::from(WATCHDOG_EXIT_CODE));
                     });
             },
         )?;

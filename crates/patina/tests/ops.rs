@@ -198,3 +198,37 @@ async fn an_agent_that_cannot_join_is_live_but_not_ready() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("gossip_joined"), "{body}");
 }
+
+/// The operator's listener holds at most 64 connections: idle ones past that wait, and the
+/// next request is served once one closes (its gRPC API never shares these slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_hold_at_most_the_listeners_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = common::start_with(dir.path(), "127.0.0.1", "[gossip]\nstandalone = true\n");
+    let ops = agent.metrics_url();
+    let host = ops.trim_start_matches("http://").to_owned();
+    let idle: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&host).unwrap())
+        .collect();
+    // The 65th: connected by the kernel's backlog, but not served while 64 are held.
+    let url = format!("{ops}/livez");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(http_get(&url));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "a 65th connection was served while 64 idle ones were held"
+    );
+    // The gRPC API is not affected.
+    assert_eq!(
+        grpc_health(&agent).await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    drop(idle);
+    let (status, _) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("served once the idle connections closed")
+        .unwrap();
+    assert_eq!(status, 200);
+}

@@ -107,7 +107,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
         resign_pending: cfg.signer.is_some(),
         ..Registration::default()
     };
-    register(&store, &cfg.region, &signer, 0, &mut registration).await;
+    register(&store, &cfg.region, &signer, 0, &mut registration, &beat).await;
     tokio::pin!(shutdown);
     loop {
         // A heartbeat is due only when there is a complete view newer than the last one
@@ -145,6 +145,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             &signer,
             core.view_hlc(),
             &mut registration,
+            &beat,
         )
         .await
         {
@@ -303,6 +304,7 @@ async fn register(
     signer: &Signer,
     view_hlc: u64,
     reg: &mut Registration,
+    beat: &patina_watchdog::Beat,
 ) -> bool {
     if reg.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
         return false;
@@ -367,7 +369,7 @@ async fn register(
         }
     }
     if reg.resign_pending {
-        if resign(store, region, key.clone()).await {
+        if resign(store, region, key.clone(), beat).await {
             reg.resign_pending = false;
         } else {
             reg.retry_at = Some(std::time::Instant::now() + REGISTER_RETRY);
@@ -380,7 +382,12 @@ async fn register(
 /// not sign (after its certificate changed: a peer that meets them later checks them
 /// against the new one). Returns whether every one is signed now (or a newer one stands);
 /// stops at the first write that fails otherwise.
-async fn resign(store: &Store, region: &str, key: Option<Arc<Material>>) -> bool {
+async fn resign(
+    store: &Store,
+    region: &str,
+    key: Option<Arc<Material>>,
+    beat: &patina_watchdog::Beat,
+) -> bool {
     let Some(key) = key else { return true };
     let mine: Vec<(String, String, SummaryRecord)> = store
         .owned_by(store.node())
@@ -424,6 +431,8 @@ async fn resign(store: &Store, region: &str, key: Option<Arc<Material>>) -> bool
             group: app,
             value,
         };
+        // One write at a time, each a turn of the loop for the watchdog.
+        beat.stamp();
         match store.write(vec![op]).await {
             Ok(_) => {}
             Err(StoreError::Stale(_)) => {
@@ -794,7 +803,17 @@ mod registration_tests {
         };
         let version = |key: &str| store.get_live(key).unwrap().version();
         let web_version = version("web/ord");
-        assert!(register(&store, "ord", &signer, 5, &mut reg).await);
+        assert!(
+            register(
+                &store,
+                "ord",
+                &signer,
+                5,
+                &mut reg,
+                &patina_watchdog::Beat::detached()
+            )
+            .await
+        );
         assert!(!reg.resign_pending);
         let cert = held_cert(&store);
         assert!(cert.published_hlc > 1);
@@ -802,7 +821,17 @@ mod registration_tests {
             patina_edge::signed::certificate_message(me.0, cert.published_hlc, &cert.certificate);
         assert_eq!(first.signed(&message, &cert.signature), Ok(()));
         // Signed now: the next pass writes nothing.
-        assert!(!register(&store, "ord", &signer, 5, &mut reg).await);
+        assert!(
+            !register(
+                &store,
+                "ord",
+                &signer,
+                5,
+                &mut reg,
+                &patina_watchdog::Beat::detached()
+            )
+            .await
+        );
         assert_eq!(held_cert(&store), cert);
         // The summary the key signed was left alone; the other one was signed again.
         assert_eq!(version("web/ord"), web_version);
@@ -813,7 +842,17 @@ mod registration_tests {
 
         // A rotated leaf: a new record and heartbeat, then the summaries signed again.
         let signer = next;
-        assert!(register(&store, "ord", &signer, 5, &mut reg).await);
+        assert!(
+            register(
+                &store,
+                "ord",
+                &signer,
+                5,
+                &mut reg,
+                &patina_watchdog::Beat::detached()
+            )
+            .await
+        );
         assert!(!reg.resign_pending);
         assert_eq!(held_cert(&store).certificate, second.certificate());
         let resigned = held_summary(&store, "web/ord");
