@@ -157,3 +157,46 @@ async fn an_agent_whose_store_writer_is_stuck_is_ended_and_dropped_by_its_peers(
     )
     .await;
 }
+
+/// A pause of the whole process (SIGSTOP for 4 s, as a VM paused or a frozen cgroup) stops
+/// every loop at once: none is stuck, and the watchdog must not end the agent for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_process_is_not_a_stuck_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "region = \"test\"\nhost = \"worker-1\"\nlisten = \"127.0.0.1:0\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\nstandalone = true\n";
+    let mut agent = Agent::start_role_env(
+        common::bin(),
+        "region",
+        dir.path(),
+        config,
+        &[
+            ("PATINA_WATCHDOG__BUDGET_MS", "2000"),
+            ("PATINA_WATCHDOG__FATAL_MS", "2500"),
+        ],
+    )
+    .expect("start the agent");
+    let pid = agent.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_secs(4));
+    signal("-CONT");
+    // Given twice the fatal bound to act, it does not.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the watchdog ended an agent that was only paused"
+    );
+    let mut client = agent.client().await;
+    client
+        .upsert_machine(UpsertMachineRequest {
+            machine: Some(common::machine("m-after", "web", 80)),
+        })
+        .await
+        .expect("it serves after the pause");
+}
