@@ -11,6 +11,8 @@
 //! - `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
 //!   [--summaries N]`: region-to-edge latency, LookupApp over gRPC, the edge library's
 //!   lookup and memory per summary.
+//! - `cargo xtask bench watchdog [--trials N]`: a stuck loop (gossip thread, store writer)
+//!   to out of the cluster at every peer, beside a SIGKILL's.
 //! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C;
 //!   `--regions R [--bridges B] [--globals G]`: the global world as real processes.
 //! - `cargo xtask test [ARGS]`: installs the tools the tests drive (promtool) when missing,
@@ -20,6 +22,7 @@
 mod bench_global;
 mod bench_propagation;
 mod bench_store;
+mod bench_watchdog;
 mod bench_watchers;
 mod cluster;
 mod harness;
@@ -42,6 +45,9 @@ fn main() -> anyhow::Result<()> {
             bench_propagation::run(bench_propagation::Options::parse(rest)?)
         }
         ["bench", "global", rest @ ..] => bench_global::run(bench_global::Options::parse(rest)?),
+        ["bench", "watchdog", rest @ ..] => {
+            bench_watchdog::run(bench_watchdog::Options::parse(rest)?)
+        }
         ["cluster", rest @ ..] => cluster::run(cluster::Options::parse(rest)?),
         ["test", rest @ ..] => test::run(rest),
         _ => bail!(
@@ -54,6 +60,7 @@ fn main() -> anyhow::Result<()> {
              [--lookup-secs S] [--summaries N]\n\
                     cargo xtask cluster [--nodes N] | --regions R [--nodes N] [--bridges B] \
              [--globals G]\n\
+                    cargo xtask bench watchdog [--trials N]\n\
                     cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"
         ),
