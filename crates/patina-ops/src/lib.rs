@@ -45,6 +45,8 @@ pub struct Sources {
     pub expects_peers: bool,
     /// The watchdog over the agent's loops, and the silence past which a loop is late.
     pub watchdog: Option<(patina_watchdog::Watchdog, Duration)>,
+    /// What the region agent's check runner did (`None` for other roles).
+    pub checks: Option<Arc<patina_region::checks::CheckStats>>,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

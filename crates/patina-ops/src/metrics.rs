@@ -470,6 +470,49 @@ pub async fn scrape(s: &Sources) -> String {
         }
     }
 
+    // Health checks run by this agent (docs/checks.md).
+    if let Some(c) = &s.checks {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        r.register(
+            "checked_machines",
+            "Machines of this host whose checks this agent runs",
+            gauge(get(&c.machines) as i64),
+        );
+        r.register(
+            "checks",
+            "Checks this agent runs",
+            gauge(get(&c.checks) as i64),
+        );
+        r.register(
+            "unchecked_machines",
+            "Machines of this host with checks past checks.max_machines, not checked",
+            gauge(get(&c.untracked) as i64),
+        );
+        r.register(
+            "check_runs",
+            "Check runs, by result",
+            counters(&[
+                (labels(&[("result", "passed")]), get(&c.passed)),
+                (labels(&[("result", "failed")]), get(&c.failed)),
+            ]),
+        );
+        r.register(
+            "check_late_runs",
+            "Check runs that started over a second after they were due (checks.max_in_flight too low)",
+            counter(get(&c.late_runs)),
+        );
+        r.register(
+            "check_transitions",
+            "Changes of a machine's health written from its checks",
+            counter(get(&c.transitions)),
+        );
+        r.register(
+            "check_write_errors",
+            "Writes of a machine's health from its checks that failed",
+            counter(get(&c.write_errors)),
+        );
+    }
+
     // The global tier's table.
     if let Some(table) = &s.table {
         let t = table.stats();

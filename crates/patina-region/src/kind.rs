@@ -6,7 +6,7 @@
 //! have refused.
 
 use patina_proto::v1::{Health, Machine, MachineState};
-use patina_store::{Flags, Kind};
+use patina_store::{Candidate, Flags, Kind};
 use prost::Message;
 
 use crate::validate;
@@ -38,6 +38,21 @@ impl Kind for MachineKind {
         }
     }
 
+    /// By version, except that of two versions with the same timestamp, one a machine's checks
+    /// wrote (`health_from_checks`, a successor one tick after the version it judged) loses
+    /// to any other: a write made in the same millisecond as the version judged, at another
+    /// agent (a move, a deletion), is never undone by a judgement of what it replaced.
+    fn wins(&self, incoming: &Candidate<'_>, current: &Candidate<'_>) -> bool {
+        if incoming.version.hlc == current.version.hlc {
+            let judged = |c: &Candidate<'_>| c.value.is_some_and(from_checks);
+            let (a, b) = (judged(incoming), judged(current));
+            if a != b {
+                return b;
+            }
+        }
+        incoming.version > current.version
+    }
+
     fn check(&self, key: &str, group: &str, value: Option<&[u8]>) -> Result<(), String> {
         validate::machine_id(key).map_err(|e| e.to_string())?;
         validate::app_name(group).map_err(|e| e.to_string())?;
@@ -66,6 +81,27 @@ impl Kind for MachineKind {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+}
+
+/// `Machine.health_from_checks` (field 12; the last occurrence wins); false for bytes that are
+/// not a valid message.
+fn from_checks(mut buf: &[u8]) -> bool {
+    use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+    const FROM_CHECKS: u32 = 12;
+    let mut set = false;
+    while !buf.is_empty() {
+        let Ok((tag, wire)) = decode_key(&mut buf) else {
+            return false;
+        };
+        let ok = match (tag, wire) {
+            (FROM_CHECKS, WireType::Varint) => decode_varint(&mut buf).map(|v| set = v != 0),
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default()),
+        };
+        if ok.is_err() {
+            return false;
+        }
+    }
+    set
 }
 
 /// `Machine.state` and `Machine.health` (fields 6 and 7; the last occurrence wins, as in a
@@ -159,5 +195,38 @@ mod tests {
         // Tombstones are checked too: their key and group.
         assert!(kind.check("bad id!", "web", None).is_err());
         assert!(kind.check("m1", "\x1b[31m", None).is_err());
+    }
+
+    #[test]
+    fn on_a_tie_of_timestamps_a_judgement_loses_to_any_other_write() {
+        use patina_store::{Hlc, NodeId, Version};
+        let kind = MachineKind::new("ord");
+        let plain = machine().encode_to_vec();
+        let judged = Machine {
+            health_from_checks: true,
+            ..machine()
+        }
+        .encode_to_vec();
+        assert!(from_checks(&judged) && !from_checks(&plain) && !from_checks(b"\xff"));
+        let v = |hlc, origin| Version {
+            hlc: Hlc(hlc),
+            origin: NodeId(origin),
+            seq: 1,
+        };
+        let c = |version, value: Option<&'static [u8]>| Candidate { version, value };
+        let judged: &'static [u8] = Box::leak(judged.into_boxed_slice());
+        let plain: &'static [u8] = Box::leak(plain.into_boxed_slice());
+        // Same timestamp: the judgement loses whichever origin is higher, and to a tombstone.
+        let j = c(v(100, 9), Some(judged));
+        for other in [c(v(100, 1), Some(plain)), c(v(100, 1), None)] {
+            assert!(kind.wins(&other, &j) && !kind.wins(&j, &other));
+        }
+        // Otherwise the version decides.
+        let later = c(v(101, 1), Some(judged));
+        let earlier = c(v(100, 9), Some(plain));
+        assert!(kind.wins(&later, &earlier) && !kind.wins(&earlier, &later));
+        // Two judgements, or two plain writes: by version.
+        let j2 = c(v(100, 3), Some(judged));
+        assert!(kind.wins(&j, &j2) && !kind.wins(&j2, &j));
     }
 }

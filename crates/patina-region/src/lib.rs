@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod checks;
 pub mod kind;
 pub mod limits;
 pub mod listener;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use patina_proto::v1::region_server::Region;
 use patina_proto::v1::{
-    DeleteMachineRequest, DeleteMachineResponse, GetMachineRequest, GetMachineResponse,
+    DeleteMachineRequest, DeleteMachineResponse, GetMachineRequest, GetMachineResponse, Health,
     ListInstancesRequest, ListInstancesResponse, Machine, MachineChange, MachineDeleted,
     UpsertMachineRequest, UpsertMachineResponse, UpsertMachinesRequest, UpsertMachinesResponse,
     ViewStatus, WatchRequest, WatchResponse, machine_change, watch_response,
@@ -44,6 +44,25 @@ pub struct RegionService {
     /// The cluster callers' grants are checked in (`None`: a listener without TLS, whose
     /// callers are not known).
     scope: Option<Arc<patina_trust::Scope>>,
+}
+
+impl RegionService {
+    /// A machine with checks written without a health gets the health its checks gave the
+    /// stored machine (when that one has checks too), or starts critical until its checks
+    /// pass (`checks.rs`). Any other machine is taken as it is.
+    fn with_checked_health<'a>(&self, m: &'a Machine) -> std::borrow::Cow<'a, Machine> {
+        if m.checks.is_empty() || m.health != Health::Unspecified as i32 {
+            return std::borrow::Cow::Borrowed(m);
+        }
+        let held = self
+            .store
+            .get_live(&m.id)
+            .and_then(|e| e.value().and_then(|v| Machine::decode(v).ok()))
+            .filter(|s| !s.checks.is_empty() && s.health != Health::Unspecified as i32);
+        let mut m = m.clone();
+        m.health = held.map_or(Health::Critical as i32, |s| s.health);
+        std::borrow::Cow::Owned(m)
+    }
 }
 
 /// The view of an agent that runs no cluster: it does not stand.
@@ -535,6 +554,7 @@ impl Region for RegionService {
             .machine
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("machine: required"))?;
+        let m = &*self.with_checked_health(m);
         let valid = validate::machine(m, &self.region, &self.host).map_err(invalid)?;
         self.check_hosts(&request, [(m.id.as_str(), Some(m.host.as_str()))])?;
         let versions = self
@@ -553,6 +573,16 @@ impl Region for RegionService {
         request: Request<UpsertMachinesRequest>,
     ) -> Result<Response<UpsertMachinesResponse>, Status> {
         let ms = &request.get_ref().machines;
+        let settled: Vec<Machine>;
+        let ms = if ms.iter().any(|m| !m.checks.is_empty()) {
+            settled = ms
+                .iter()
+                .map(|m| self.with_checked_health(m).into_owned())
+                .collect();
+            &settled
+        } else {
+            ms
+        };
         let valid = validate::batch(ms, &self.region, &self.host).map_err(invalid)?;
         self.check_hosts(
             &request,

@@ -4,8 +4,9 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use patina_proto::v1::{Health, Machine, MachineState};
+use patina_proto::v1::{Check, Health, Machine, MachineState, check};
 use prost::Message;
 
 /// Longest machine id. Fly-style ids are 14 characters; 64 leaves room for UUIDs and prefixes.
@@ -27,6 +28,22 @@ pub const MAX_METADATA_VALUE_LEN: usize = 1024;
 pub const MAX_RECORD_BYTES: usize = 4096;
 /// Most machines in one UpsertMachines call (one transaction, one acknowledgement).
 pub const MAX_BATCH: usize = 1000;
+/// Most checks on one machine (`checks.rs`).
+pub const MAX_CHECKS: usize = 4;
+/// A check's shortest and longest interval, and its default.
+pub const MIN_CHECK_INTERVAL_MS: u32 = 200;
+pub const MAX_CHECK_INTERVAL_MS: u32 = 3_600_000;
+pub const DEFAULT_CHECK_INTERVAL_MS: u32 = 10_000;
+/// A check's shortest timeout, and its longest default.
+pub const MIN_CHECK_TIMEOUT_MS: u32 = 50;
+pub const DEFAULT_CHECK_TIMEOUT_MS: u32 = 2_000;
+/// Most consecutive results a check may ask for before it changes.
+pub const MAX_CHECK_STREAK: u32 = 100;
+/// Longest check name, HTTP path and gRPC service name.
+pub const MAX_CHECK_NAME_LEN: usize = 32;
+pub const MAX_CHECK_PATH_LEN: usize = 256;
+pub const MAX_CHECK_SERVICE_LEN: usize = 128;
+
 /// Most characters of a client's string that an error message repeats: enough to recognise
 /// it, and a message stays small whatever the client sent (a 1 MiB name must not come back
 /// as a 1 MiB status, nor fill the logs of every proxy that prints it).
@@ -239,6 +256,7 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
             )));
         }
     }
+    checks(m)?;
     let stored = Machine {
         id: m.id.clone(),
         app: m.app.clone(),
@@ -254,6 +272,8 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
         metadata: m.metadata.clone(),
         updated_at: None,
         version: None,
+        checks: m.checks.clone(),
+        health_from_checks: false,
     };
     let encoded = stored.encode_to_vec();
     if encoded.len() > MAX_RECORD_BYTES {
@@ -267,6 +287,124 @@ pub fn machine(m: &Machine, region: &str, host: &str) -> Result<ValidMachine, In
         app: stored.app,
         encoded,
     })
+}
+
+/// A check's interval and timeout, defaults filled in.
+pub fn check_timing(c: &Check) -> (Duration, Duration) {
+    let interval = match c.interval_ms {
+        0 => DEFAULT_CHECK_INTERVAL_MS,
+        ms => ms,
+    };
+    let timeout = match c.timeout_ms {
+        0 => interval.min(DEFAULT_CHECK_TIMEOUT_MS),
+        ms => ms,
+    };
+    (
+        Duration::from_millis(interval.into()),
+        Duration::from_millis(timeout.into()),
+    )
+}
+
+/// A machine's checks: each well formed, names unique, and an address to run them against.
+fn checks(m: &Machine) -> Result<(), Invalid> {
+    if m.checks.is_empty() {
+        return Ok(());
+    }
+    if m.checks.len() > MAX_CHECKS {
+        return Err(too_large(format!(
+            "checks: {} given, at most {MAX_CHECKS} allowed",
+            m.checks.len()
+        )));
+    }
+    if m.addresses.is_empty() {
+        return Err(arg(
+            "checks: a machine with checks needs an address (they run against the first)",
+        ));
+    }
+    let mut names = HashSet::new();
+    for (i, c) in m.checks.iter().enumerate() {
+        let at = |msg: String| arg(format!("checks[{i}].{msg}"));
+        let name_ok = c.name.len() <= MAX_CHECK_NAME_LEN
+            && c.name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok {
+            return Err(at(format!(
+                "name: {} must be at most {MAX_CHECK_NAME_LEN} characters from [a-z0-9-]",
+                echo(&c.name)
+            )));
+        }
+        let name = if c.name.is_empty() {
+            format!("check-{i}")
+        } else {
+            c.name.clone()
+        };
+        if !names.insert(name) {
+            return Err(at(format!("name: {} is used twice", echo(&c.name))));
+        }
+        let port = match &c.target {
+            None => return Err(at("target: one of http, tcp or grpc is required".into())),
+            Some(check::Target::Http(h)) => {
+                let path_ok = h.path.is_empty()
+                    || (h.path.starts_with('/')
+                        && h.path.len() <= MAX_CHECK_PATH_LEN
+                        && h.path.bytes().all(|b| b.is_ascii_graphic()));
+                if !path_ok {
+                    return Err(at(format!(
+                        "http.path: {} must start with '/' and be at most {MAX_CHECK_PATH_LEN} printable characters without spaces",
+                        echo(&h.path)
+                    )));
+                }
+                if h.expect_status != 0 && !(100..600).contains(&h.expect_status) {
+                    return Err(at(format!(
+                        "http.expect_status: {} is not an HTTP status (100 to 599, or 0 for any 2xx)",
+                        h.expect_status
+                    )));
+                }
+                ("http", h.port)
+            }
+            Some(check::Target::Tcp(t)) => ("tcp", t.port),
+            Some(check::Target::Grpc(g)) => {
+                let ok = g.service.len() <= MAX_CHECK_SERVICE_LEN
+                    && g.service.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(at(format!(
+                        "grpc.service: {} must be at most {MAX_CHECK_SERVICE_LEN} printable characters without spaces",
+                        echo(&g.service)
+                    )));
+                }
+                ("grpc", g.port)
+            }
+        };
+        if port.1 > u32::from(u16::MAX) {
+            return Err(at(format!("{}.port: {} is not a port", port.0, port.1)));
+        }
+        if c.interval_ms != 0
+            && !(MIN_CHECK_INTERVAL_MS..=MAX_CHECK_INTERVAL_MS).contains(&c.interval_ms)
+        {
+            return Err(at(format!(
+                "interval_ms: {} is outside {MIN_CHECK_INTERVAL_MS} to {MAX_CHECK_INTERVAL_MS}",
+                c.interval_ms
+            )));
+        }
+        let (interval, timeout) = check_timing(c);
+        if c.timeout_ms != 0 && (c.timeout_ms < MIN_CHECK_TIMEOUT_MS || timeout > interval) {
+            return Err(at(format!(
+                "timeout_ms: {} is outside {MIN_CHECK_TIMEOUT_MS} to the interval ({} ms)",
+                c.timeout_ms,
+                interval.as_millis()
+            )));
+        }
+        for (field, n) in [
+            ("passes_before_passing", c.passes_before_passing),
+            ("failures_before_critical", c.failures_before_critical),
+        ] {
+            if n > MAX_CHECK_STREAK {
+                return Err(at(format!("{field}: {n}, at most {MAX_CHECK_STREAK}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Validate a batch: its size, distinct ids, and every machine, naming the bad index.
@@ -468,5 +606,114 @@ mod tests {
         let twice = vec![good(), good()];
         let err = batch(&twice, "ord", "h").unwrap_err();
         assert!(err.to_string().contains("machines[1].id"), "{err}");
+    }
+
+    #[test]
+    fn checks_are_validated_field_by_field() {
+        use patina_proto::v1::{GrpcCheck, HttpCheck, TcpCheck};
+        let http = |path: &str, expect: u32| Check {
+            target: Some(check::Target::Http(HttpCheck {
+                port: 0,
+                path: path.into(),
+                expect_status: expect,
+            })),
+            ..Check::default()
+        };
+        let with = |checks: Vec<Check>| Machine { checks, ..good() };
+        let tcp = |port: u32| Check {
+            name: "tcp".into(),
+            target: Some(check::Target::Tcp(TcpCheck { port })),
+            ..Check::default()
+        };
+        let grpc = Check {
+            name: "grpc".into(),
+            target: Some(check::Target::Grpc(GrpcCheck {
+                port: 9000,
+                service: "patina.v1.Region".into(),
+            })),
+            interval_ms: 1_000,
+            timeout_ms: 500,
+            passes_before_passing: 3,
+            failures_before_critical: 2,
+        };
+        let ok = with(vec![http("/health", 204), tcp(8081), grpc.clone()]);
+        let stored = Machine::decode(&*machine(&ok, "ord", "h").unwrap().encoded).unwrap();
+        assert_eq!(stored.checks, ok.checks, "checks are stored as given");
+        assert_eq!(
+            check_timing(&Check::default()),
+            (Duration::from_secs(10), Duration::from_secs(2))
+        );
+        assert_eq!(
+            check_timing(&Check {
+                interval_ms: 300,
+                ..Check::default()
+            }),
+            (Duration::from_millis(300), Duration::from_millis(300))
+        );
+        let bad: Vec<(&str, Machine)> = vec![
+            ("checks[0].target", with(vec![Check::default()])),
+            ("checks[0].http.path", with(vec![http("health", 0)])),
+            ("checks[0].http.path", with(vec![http("/a b", 0)])),
+            ("checks[0].http.expect_status", with(vec![http("/", 42)])),
+            ("checks[1].name", with(vec![tcp(1), tcp(2)])),
+            ("checks[0].tcp.port", with(vec![tcp(70_000)])),
+            (
+                "checks[0].name",
+                with(vec![Check {
+                    name: "Bad Name".into(),
+                    ..tcp(1)
+                }]),
+            ),
+            (
+                "checks[0].interval_ms",
+                with(vec![Check {
+                    interval_ms: 10,
+                    ..tcp(1)
+                }]),
+            ),
+            (
+                "checks[0].timeout_ms",
+                with(vec![Check {
+                    timeout_ms: 5_000,
+                    interval_ms: 1_000,
+                    ..tcp(1)
+                }]),
+            ),
+            (
+                "checks[0].failures_before_critical",
+                with(vec![Check {
+                    failures_before_critical: 101,
+                    ..tcp(1)
+                }]),
+            ),
+            (
+                "checks[0].grpc.service",
+                with(vec![Check {
+                    target: Some(check::Target::Grpc(GrpcCheck {
+                        port: 0,
+                        service: "a b".into(),
+                    })),
+                    ..Check::default()
+                }]),
+            ),
+            (
+                "checks: a machine with checks needs an address",
+                Machine {
+                    addresses: vec![],
+                    state: MachineState::Created as i32,
+                    ..with(vec![tcp(1)])
+                },
+            ),
+        ];
+        for (field, m) in bad {
+            let err = machine(&m, "ord", "h").unwrap_err();
+            assert!(matches!(err, Invalid::Argument(_)), "{field}: {err:?}");
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+        }
+        let five = with((0..5).map(|i| tcp(i + 1)).collect());
+        assert!(matches!(
+            machine(&five, "ord", "h"),
+            Err(Invalid::TooLarge(_))
+        ));
     }
 }

@@ -34,12 +34,24 @@ pub enum LocalWrite {
         key: String,
         version: Version,
     },
+    /// Put `value` as the successor of `version`, which must still be the key's live
+    /// version (else the whole request is refused with [`StoreError::Changed`]): under this
+    /// origin, one logical tick after `version`, so that every write made later anywhere (a
+    /// deletion too) wins over it. For a judgement about what `version` holds (a machine's
+    /// health, from its checks) that must never overwrite a newer write made elsewhere.
+    PutAfter {
+        key: String,
+        group: String,
+        value: Vec<u8>,
+        version: Version,
+    },
 }
 
 impl LocalWrite {
     pub(crate) fn key(&self) -> &str {
         match self {
             LocalWrite::Put { key, .. }
+            | LocalWrite::PutAfter { key, .. }
             | LocalWrite::Delete { key }
             | LocalWrite::DeleteIf { key, .. } => key,
         }
@@ -49,10 +61,18 @@ impl LocalWrite {
     pub(crate) fn queued_bytes(&self) -> usize {
         OP_OVERHEAD
             + match self {
-                LocalWrite::Put { key, group, value } => key.len() + group.len() + value.len(),
+                LocalWrite::Put { key, group, value }
+                | LocalWrite::PutAfter {
+                    key, group, value, ..
+                } => key.len() + group.len() + value.len(),
                 LocalWrite::Delete { key } | LocalWrite::DeleteIf { key, .. } => key.len(),
             }
     }
+}
+
+/// The least timestamp after `hlc`: one logical tick.
+fn successor(hlc: Hlc) -> Hlc {
+    Hlc(hlc.0.saturating_add(1))
 }
 
 /// A record as it travels between nodes.
@@ -564,6 +584,26 @@ impl Core {
         }
     }
 
+    /// The version a local write gets: the clock's next tick, or for
+    /// [`LocalWrite::PutAfter`] the tick after the version it succeeds.
+    fn version_of(&mut self, op: &LocalWrite, now_ms: u64) -> Version {
+        match op {
+            LocalWrite::PutAfter { version, .. } => {
+                self.meta.local_seq += 1;
+                self.meta.revision += 1;
+                let hlc = successor(version.hlc);
+                // Readers' view of this store (`view_hlc`) stays at or above it.
+                self.clock.observe(hlc);
+                Version {
+                    hlc,
+                    origin: self.meta.node,
+                    seq: self.meta.local_seq,
+                }
+            }
+            _ => self.next_local_version(now_ms),
+        }
+    }
+
     fn stage_local(
         &mut self,
         g: &mut Group<'_>,
@@ -575,12 +615,13 @@ impl Core {
         };
         let mut versions = Vec::with_capacity(ops.len());
         for (op, flags) in ops.iter().zip(flags) {
-            let version = self.next_local_version(g.now_ms);
+            let version = self.version_of(op, g.now_ms);
             let prev = g.current(op.key());
             let entry = match op {
-                LocalWrite::Put { key, group, value } => {
-                    Entry::new(key, group, Some(value), flags, version, self.meta.revision)
-                }
+                LocalWrite::Put { key, group, value }
+                | LocalWrite::PutAfter {
+                    key, group, value, ..
+                } => Entry::new(key, group, Some(value), flags, version, self.meta.revision),
                 LocalWrite::Delete { key } | LocalWrite::DeleteIf { key, .. } => {
                     let prev = prev.as_ref().expect("checked: deletes name live keys");
                     Entry::new(key, prev.group(), None, flags, version, self.meta.revision)
@@ -627,7 +668,13 @@ impl Core {
                 return Err(StoreError::KeyTooLong(key.len()));
             }
             let version = Version {
-                hlc: clock.tick(g.now_ms),
+                hlc: match op {
+                    LocalWrite::PutAfter { version, .. } => {
+                        clock.observe(successor(version.hlc));
+                        successor(version.hlc)
+                    }
+                    _ => clock.tick(g.now_ms),
+                },
                 origin: self.meta.node,
                 seq,
             };
@@ -649,7 +696,14 @@ impl Core {
                 ),
             };
             let (group, value) = match op {
-                LocalWrite::Put { group, value, .. } => {
+                LocalWrite::Put { group, value, .. }
+                | LocalWrite::PutAfter { group, value, .. } => {
+                    if let LocalWrite::PutAfter { version: seen, .. } = op
+                        && (live_group.is_none()
+                            || before.as_ref().map(|b| b.version) != Some(*seen))
+                    {
+                        return Err(StoreError::Changed(Arc::from(key)));
+                    }
                     if group.len() > MAX_KEY_LEN {
                         return Err(StoreError::KeyTooLong(group.len()));
                     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// not configuration and are ignored here.
 const KEYS: &[&str] = &[
     "region", "host", "data_dir", "listen", "log", "store", "limits", "gossip", "global", "bridge",
-    "tls", "metrics", "watchdog",
+    "tls", "metrics", "watchdog", "checks",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +46,45 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The watchdog over the agent's loops (`docs/operations.md`).
     pub watchdog: WatchdogConfig,
+    /// Health checks this region agent runs for its host's machines (`docs/checks.md`).
+    pub checks: ChecksConfig,
+}
+
+/// Checks run by the agent (`[checks]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChecksConfig {
+    /// Checks running at once; more that are due wait their turn.
+    pub max_in_flight: usize,
+    /// Machines of this host whose checks the agent runs; more are counted and not checked.
+    pub max_machines: usize,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        let d = patina_region::checks::CheckerConfig::default();
+        ChecksConfig {
+            max_in_flight: d.max_in_flight,
+            max_machines: d.max_machines,
+        }
+    }
+}
+
+impl ChecksConfig {
+    pub fn runner(&self) -> anyhow::Result<patina_region::checks::CheckerConfig> {
+        anyhow::ensure!(
+            (1..=4096).contains(&self.max_in_flight),
+            "config: checks.max_in_flight must be 1 to 4096"
+        );
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&self.max_machines),
+            "config: checks.max_machines must be 1 to 1000000"
+        );
+        Ok(patina_region::checks::CheckerConfig {
+            max_in_flight: self.max_in_flight,
+            max_machines: self.max_machines,
+        })
+    }
 }
 
 /// The watchdog (`[watchdog]`).
@@ -549,6 +588,7 @@ impl Default for Config {
             tls: TlsSetting::Mode("on".into()),
             metrics: MetricsConfig::default(),
             watchdog: WatchdogConfig::default(),
+            checks: ChecksConfig::default(),
         }
     }
 }
@@ -593,6 +633,7 @@ impl Config {
         self.global.region_table()?;
         self.tls_paths()?;
         self.watchdog.bounds()?;
+        self.checks.runner()?;
         Ok(())
     }
 }

@@ -756,6 +756,25 @@ pub(crate) async fn run_agent(
     let bridge_stop = CancellationToken::new();
     let bridge_done = CancellationToken::new();
     let mut has_bridge = false;
+    // A region agent runs the checks of its host's machines (docs/checks.md).
+    let check_stats = match role {
+        Role::Region => {
+            let stats = Arc::new(patina_region::checks::CheckStats::default());
+            let run = patina_region::checks::run(
+                store.clone(),
+                config.host.clone(),
+                config.checks.runner()?,
+                stats.clone(),
+                watchdog.register("checks"),
+            );
+            parts.spawn(async move {
+                run.await;
+                Err(Arc::from("the check runner ended"))
+            });
+            Some(stats)
+        }
+        Role::Global | Role::Bridge(_) => None,
+    };
     let table = match role {
         Role::Region => None,
         Role::Global | Role::Bridge(_) => {
@@ -796,6 +815,7 @@ pub(crate) async fn run_agent(
         table: table.clone(),
         expects_peers: !config.gossip.seeds.is_empty(),
         watchdog: Some((watchdog.clone(), budget)),
+        checks: check_stats,
     });
     {
         let sources = sources.clone();

@@ -841,6 +841,82 @@ fn a_conditional_deletion_spares_a_key_written_since_it_was_read() {
     );
 }
 
+/// A judgement about a version (a machine's health from its checks) is written as that
+/// version's successor: one tick after it, only while it is the live one. A write made after
+/// it anywhere, and a deletion, win over it at every store, whatever order they arrive in.
+#[test]
+fn a_successor_write_never_beats_a_later_write_or_deletion() {
+    let rt = rt();
+    let (clock, opts_h) = clock_at(10_000_000);
+    let host = Store::in_memory(NodeId(100), 1, opts_h);
+    let (peer_clock, opts_p) = clock_at(10_000_000);
+    let peer = Store::in_memory(NodeId(7), 2, opts_p);
+    let judged = rt
+        .block_on(host.write(vec![put("m1", "web", "1", false)]))
+        .unwrap()[0];
+    rt.block_on(peer.apply(records(vec![host.get_latest("m1").unwrap()])))
+        .unwrap();
+    // A millisecond later at least (a tie of timestamps is the kind's to break:
+    // `MachineKind` ranks a judgement below any other write).
+    clock.advance(5_000);
+    peer_clock.advance(1);
+    let after = |value: &str, version| LocalWrite::PutAfter {
+        key: "m1".into(),
+        group: "web".into(),
+        value: format!("+{value}").into_bytes(),
+        version,
+    };
+    // The orchestrator writes again at the peer, later; the judgement of the first version is
+    // made at the host before that arrives.
+    let newer = rt
+        .block_on(peer.write(vec![put("m1", "web", "2", false)]))
+        .unwrap()[0];
+    let successor = rt.block_on(host.write(vec![after("1", judged)])).unwrap()[0];
+    assert_eq!(
+        successor.hlc,
+        Hlc(judged.hlc.0 + 1),
+        "one tick after what it judged"
+    );
+    assert!(successor < newer);
+    assert!(host.get_live("m1").unwrap().routable());
+    assert!(host.view_hlc() >= successor.hlc);
+    // Both ways round: the later write stands everywhere.
+    rt.block_on(peer.apply(records(vec![host.get_latest("m1").unwrap()])))
+        .unwrap();
+    rt.block_on(host.apply(records(vec![peer.get_latest("m1").unwrap()])))
+        .unwrap();
+    for s in [&host, &peer] {
+        assert_eq!(s.get_live("m1").unwrap().version(), newer);
+        assert_eq!(s.get_live("m1").unwrap().value(), Some(&b"2"[..]));
+    }
+    // A judgement of a version that is no longer the live one changes nothing.
+    let err = rt
+        .block_on(host.write(vec![after("1", judged)]))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Changed(k) if &**k == "m1"),
+        "{err:?}"
+    );
+    // A deletion at the peer beats a judgement of the version it deleted.
+    let judged = newer;
+    peer_clock.advance(1);
+    let deleted = rt.block_on(peer.write(vec![del("m1")])).unwrap()[0];
+    rt.block_on(host.write(vec![after("2", judged)])).unwrap();
+    rt.block_on(host.apply(records(vec![peer.get_latest("m1").unwrap()])))
+        .unwrap();
+    rt.block_on(peer.apply(records(vec![host.get_latest("m1").unwrap()])))
+        .unwrap();
+    for s in [&host, &peer] {
+        assert!(s.get_live("m1").is_none(), "the deleted machine came back");
+        assert_eq!(s.get_latest("m1").unwrap().version, deleted);
+    }
+    // Of a tombstone, no judgement at all.
+    let err = rt
+        .block_on(host.write(vec![after("3", deleted)]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Changed(_)), "{err:?}");
+}
+
 /// A restored backup: the store holds `m1` as written before the backup; after it, the
 /// original deleted `m1` and wrote `m3` (peers hold both), then died. The restored store
 /// moves when it meets a number it never issued, and renames what it holds keeping the
