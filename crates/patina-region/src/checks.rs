@@ -657,7 +657,7 @@ async fn grpc(addr: SocketAddr, service: &str) -> Result<(), String> {
             service: service.to_owned(),
         })
         .await
-        .map_err(|s| format!("grpc {addr}: {} {}", s.code(), s.message()))?;
+        .map_err(|s| format!("grpc {addr}: {:?}: {}", s.code(), s.message()))?;
     let status = answer.into_inner().status;
     if status == ServingStatus::Serving as i32 {
         Ok(())
@@ -694,5 +694,52 @@ mod tests {
         assert_eq!(parse_status(b"SSH-2.0-OpenSSH"), None);
         assert_eq!(parse_status(b"HTTP/1.1 20 OK"), None);
         assert_eq!(parse_status(b"HTTP/1.1 999 what"), None);
+    }
+
+    /// Each probe against a real server, passing and failing.
+    #[tokio::test]
+    async fn probes_pass_and_fail_against_real_servers() {
+        use tonic_health::ServingStatus;
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("web", ServingStatus::Serving)
+            .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let grpc = |service: &str| Probe::Grpc {
+            addr,
+            service: service.into(),
+        };
+        assert_eq!(probe(&grpc("web")).await, Ok(()));
+        assert_eq!(probe(&Probe::Tcp { addr }).await, Ok(()));
+        reporter
+            .set_service_status("web", ServingStatus::NotServing)
+            .await;
+        let err = probe(&grpc("web")).await.unwrap_err();
+        assert!(err.contains("NotServing"), "{err}");
+        let err = probe(&grpc("other")).await.unwrap_err();
+        assert!(err.contains("NotFound"), "{err}");
+        // HTTP/2 only: an HTTP/1.1 GET gets no status line it can take.
+        let http = Probe::Http {
+            addr,
+            path: "/".into(),
+            expect: 0,
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), probe(&http))
+                .await
+                .is_ok_and(|r| r.is_err())
+        );
+        server.abort();
+        let _ = server.await;
+        let err = probe(&Probe::Tcp { addr }).await.unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+        let err = probe(&grpc("web")).await.unwrap_err();
+        assert!(err.starts_with("grpc"), "{err}");
     }
 }
