@@ -13,12 +13,15 @@
 //!   lookup and memory per summary.
 //! - `cargo xtask bench watchdog [--trials N]`: a stuck loop (gossip thread, store writer)
 //!   to out of the cluster at every peer, beside a SIGKILL's.
+//! - `cargo xtask bench checks [--trials N]`: an instance killed to no global agent routing
+//!   to it, by the agent's health checks alone, beside an orchestrator's write.
 //! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C;
 //!   `--regions R [--bridges B] [--globals G]`: the global world as real processes.
 //! - `cargo xtask test [ARGS]`: installs the tools the tests drive (promtool) when missing,
 //!   then runs `cargo test --workspace ARGS`: the README's test command.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
+mod bench_checks;
 mod bench_global;
 mod bench_propagation;
 mod bench_store;
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "watchdog", rest @ ..] => {
             bench_watchdog::run(bench_watchdog::Options::parse(rest)?)
         }
+        ["bench", "checks", rest @ ..] => bench_checks::run(bench_checks::Options::parse(rest)?),
         ["cluster", rest @ ..] => cluster::run(cluster::Options::parse(rest)?),
         ["test", rest @ ..] => test::run(rest),
         _ => bail!(
@@ -61,6 +65,7 @@ fn main() -> anyhow::Result<()> {
                     cargo xtask cluster [--nodes N] | --regions R [--nodes N] [--bridges B] \
              [--globals G]\n\
                     cargo xtask bench watchdog [--trials N]\n\
+                    cargo xtask bench checks [--trials N]\n\
                     cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"
         ),
