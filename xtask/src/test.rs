@@ -1,13 +1,14 @@
 //! `cargo xtask test [ARGS]`: install what the tests need and this machine lacks, then run
 //! `cargo test --workspace ARGS`. Tests that drive stock tools (promtool, Prometheus's
-//! linter) fail, never skip, when the tool is missing: this is what puts it there.
+//! linter; headless Chromium for the status page) fail, never skip, when the tool is missing:
+//! this is what puts it there.
 
 use std::process::Command;
 
 use anyhow::{Context, bail};
 
 /// Tools the tests run, and the Debian package of each.
-const TOOLS: &[(&str, &str)] = &[("promtool", "prometheus")];
+const TOOLS: &[(&str, &str)] = &[("promtool", "prometheus"), ("chromium", "chromium")];
 
 fn have(tool: &str) -> bool {
     Command::new("sh")

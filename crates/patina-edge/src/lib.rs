@@ -35,4 +35,4 @@ pub mod table;
 
 pub use follow::{Edge, Replica, follow};
 pub use regions::{RegionSpec, RegionTable, is_dns_label};
-pub use table::{Hit, Refused, RegionId, SummaryUpdate, Table, TableStats};
+pub use table::{Hit, Refused, RegionId, RegionState, SummaryUpdate, Table, TableStats};

@@ -132,6 +132,19 @@ pub struct Table {
     refused: AtomicU64,
 }
 
+/// A region as the table sees it ([`Table::region_states`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionState {
+    pub name: Arc<str>,
+    /// The freshest view (ms since the Unix epoch) a live bridge showed of it; 0: none.
+    pub view_ms: u64,
+    /// Live bridges that serve it.
+    pub bridges: u32,
+    /// Lookups leave it out: its view is older than the freshest region's by more than the
+    /// staleness bound, or no live bridge showed one.
+    pub stale: bool,
+}
+
 /// What a table holds and has refused.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TableStats {
@@ -395,6 +408,40 @@ impl Table {
         }
     }
 
+    /// Every region the table knows, by name: its freshest view, its live bridges, and
+    /// whether lookups leave it out as stale (for operators: the status page, metrics).
+    pub fn region_states(&self) -> Vec<RegionState> {
+        // Bridges, then regions: the order elsewhere.
+        let per_region: HashMap<RegionId, u32> = {
+            let bridges = self.bridges.lock().expect("bridges lock");
+            let mut m = HashMap::new();
+            for (region, _) in bridges.values() {
+                *m.entry(*region).or_insert(0) += 1;
+            }
+            m
+        };
+        let regions = self.regions.read().expect("regions lock");
+        let fresh_after = self
+            .stale_after
+            .map(|d| regions.newest_ms.saturating_sub(d.as_millis() as u64));
+        let mut out: Vec<RegionState> = regions
+            .names
+            .iter()
+            .enumerate()
+            .map(|(id, name)| {
+                let view_ms = regions.fresh_ms[id];
+                RegionState {
+                    name: name.clone(),
+                    view_ms,
+                    bridges: per_region.get(&(id as RegionId)).copied().unwrap_or(0),
+                    stale: fresh_after.is_some_and(|after| view_ms == 0 || view_ms < after),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     pub fn stats(&self) -> TableStats {
         // One lock at a time (the order elsewhere is bridges, then regions).
         let bridges = self.bridges.lock().expect("bridges lock").len() as u64;
@@ -606,6 +653,21 @@ mod tests {
         t.apply_bridge(1, "ord", now).unwrap();
         t.apply_bridge(2, "fra", now - 60_000).unwrap();
         assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord"], "fra is stale");
+        let states: Vec<(String, u64, u32, bool)> = t
+            .region_states()
+            .into_iter()
+            .map(|r| (r.name.to_string(), r.view_ms, r.bridges, r.stale))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("fra".to_owned(), now - 60_000, 1, true),
+                ("iad".to_owned(), 0, 0, true),
+                ("ord".to_owned(), now, 1, false),
+                ("syd".to_owned(), 0, 0, true),
+            ],
+            "operators see the same"
+        );
         t.apply_bridge(3, "fra", now).unwrap();
         assert_eq!(names(&t, &t.lookup("web", "ord")), ["ord", "fra"]);
         t.remove_bridge(3);

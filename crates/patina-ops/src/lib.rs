@@ -19,6 +19,7 @@
 pub mod listener;
 pub mod metrics;
 pub mod ready;
+pub mod status;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -63,6 +64,8 @@ pub async fn serve(
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/v1/health", get(health))
+        .route("/", get(status_page))
+        .route("/v1/status", get(status_json))
         .with_state(sources);
     axum::serve(listener::Limited::new(listener), app)
         .with_graceful_shutdown(shutdown)
@@ -97,6 +100,29 @@ async fn metrics_page(State(s): State<Arc<Sources>>, headers: HeaderMap) -> Resp
         )
             .into_response()
     }
+}
+
+/// The status page: static HTML that renders `/v1/status` every 2 s.
+async fn status_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        status::PAGE,
+    )
+        .into_response()
+}
+
+async fn status_json(State(s): State<Arc<Sources>>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        status::status(&s).await.to_string(),
+    )
+        .into_response()
 }
 
 /// Whether the query string names `key` (as `key`, `key=` or `key=value`).

@@ -211,6 +211,7 @@ async fn start_world(
         (_, given) => given.clone(),
     };
     let mut region_apis: Vec<Vec<SocketAddr>> = Vec::new();
+    let mut status_pages: Vec<(String, SocketAddr)> = Vec::new();
     for (r, (region, _, _)) in REGIONS.iter().enumerate() {
         let region_key = gossip_key();
         let seed = match (r, listen.port()) {
@@ -238,6 +239,9 @@ async fn start_world(
             let grants = vec![Grant::new(Tier::Region, &cluster, R::Agent)];
             let ready = world.start(c, Role::Region, label, grants).await?;
             apis.push(ready.api);
+            if let Some(page) = ready.metrics.filter(|_| i == 0) {
+                status_pages.push((format!("region {region} agent 1"), page));
+            }
         }
         region_apis.push(apis);
     }
@@ -285,6 +289,9 @@ async fn start_world(
             )
             .await?;
         globals.push(ready.api);
+        if let Some(page) = ready.metrics.filter(|_| g == 0) {
+            status_pages.push(("global agent 1".to_owned(), page));
+        }
     }
     let mut bridges = Vec::new();
     for (r, (region, _, _)) in REGIONS.iter().enumerate() {
@@ -318,6 +325,7 @@ async fn start_world(
         &region_apis,
         &globals,
         &bridges,
+        &status_pages,
         world.ca.as_ref().map(DevCa::client_dir),
     );
     Ok(())
@@ -359,6 +367,7 @@ fn print_banner(
     region_apis: &[Vec<SocketAddr>],
     globals: &[SocketAddr],
     bridges: &[SocketAddr],
+    status_pages: &[(String, SocketAddr)],
     client_tls: Option<std::path::PathBuf>,
 ) {
     println!(
@@ -375,6 +384,10 @@ fn print_banner(
     println!("  global agents: {}", list.join(", "));
     let list: Vec<String> = bridges.iter().map(|a| a.to_string()).collect();
     println!("  bridges (global agents too): {}", list.join(", "));
+    // Scripts and tests read these lines to find the status pages.
+    for (what, at) in status_pages {
+        println!("  status page of {what}: http://{at}/");
+    }
     let (ord, global) = (region_apis[0][0], globals[0]);
     println!("demo apps: web (every region), api (ord, fra), batch (syd, none healthy)");
     match &client_tls {

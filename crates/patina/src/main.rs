@@ -401,6 +401,8 @@ impl Role {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ready {
     pub api: SocketAddr,
+    /// The operator's listener (metrics, probes, the status page), unless off.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The gossip keyring to start with. A keyring file in the data directory wins (the shell
@@ -720,8 +722,17 @@ pub(crate) async fn run_agent(
             },
         )?;
     }
+    // The operator's listener is bound now, so that `ready` can say where it is.
+    let metrics_listener = match config.metrics.listen_addr(addr)? {
+        Some(at) => Some(bind(at).with_context(|| format!("binding metrics.listen {at}"))?),
+        None => None,
+    };
+    let metrics = metrics_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
     if let Some(ready) = ready {
-        let _ = ready.send(Ready { api: addr });
+        let _ = ready.send(Ready { api: addr, metrics });
     }
     // The agent's readiness (`/readyz`), judged every second: gRPC health follows it.
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
@@ -826,9 +837,7 @@ pub(crate) async fn run_agent(
     }
     // The operator's listener: metrics, /livez, /readyz (a part: it must run as long as
     // the agent).
-    if let Some(metrics_addr) = config.metrics.listen_addr(addr)? {
-        let listener =
-            bind(metrics_addr).with_context(|| format!("binding metrics.listen {metrics_addr}"))?;
+    if let Some(listener) = metrics_listener {
         // Scripts and tests read this line to find the operator's listener.
         println!("metrics: http://{}", listener.local_addr()?);
         let stopped = stop.clone();

@@ -41,7 +41,13 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
     let mut data = None;
     let mut global = None;
     let mut tls_dir = None;
-    while url.is_none() || data.is_none() || global.is_none() || tls_dir.is_none() {
+    let mut pages = Vec::new();
+    while url.is_none()
+        || data.is_none()
+        || global.is_none()
+        || tls_dir.is_none()
+        || pages.len() < 2
+    {
         let line = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("dev banner");
@@ -53,6 +59,10 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         }
         if let Some(d) = line.trim().strip_prefix("export PATINA_TLS_DIR=") {
             tls_dir = Some(PathBuf::from(d));
+        }
+        if let Some((_, page)) = line.trim().split_once("status page of ") {
+            let (what, at) = page.split_once(": ").expect("status page line");
+            pages.push((what.to_owned(), at.to_owned()));
         }
         if let Some(list) = line.trim().strip_prefix("global agents: ") {
             global = list.split(", ").next().map(|a| format!("http://{a}"));
@@ -152,6 +162,27 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
         assert!(text.contains("in use on"), "{text}");
     }
 
+    // The status pages, rendered by a real browser: the region agent lists its region's 3
+    // agents; the global agent its cluster's 3 global agents and 6 bridges, and 3 fresh
+    // regions.
+    for (what, at) in &pages {
+        let (members, regions) = if what.starts_with("region") {
+            (3, 0)
+        } else {
+            (9, 3)
+        };
+        let rendered = rendered_until(at, |dom| {
+            text_of(dom, "member-count") == Some(members.to_string())
+                && text_of(dom, "alive-count") == Some(members.to_string())
+                && dom.matches(">fresh</td>").count() == regions
+        });
+        assert!(
+            rendered.is_ok(),
+            "{what} at {at}: {}",
+            rendered.unwrap_err()
+        );
+    }
+
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -186,4 +217,43 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert!(status.message().contains("shutting down"), "{status}");
     assert!(!data.exists(), "the temporary data directory was removed");
+}
+
+/// The text of the element with `id` in a dumped DOM (`<span id="x">text</span>`).
+fn text_of(dom: &str, id: &str) -> Option<String> {
+    let start = dom.find(&format!("id=\"{id}\""))?;
+    let open = start + dom[start..].find('>')? + 1;
+    let close = open + dom[open..].find('<')?;
+    Some(dom[open..close].to_owned())
+}
+
+/// Load `url` in headless Chromium (Debian `chromium`, which `cargo xtask test` installs)
+/// until its script rendered a DOM for which `done` holds; bounded: 12 loads. Returns the
+/// last DOM as the error otherwise.
+fn rendered_until(url: &str, done: impl Fn(&str) -> bool) -> Result<(), String> {
+    let profile = tempfile::tempdir().unwrap();
+    let mut last = String::new();
+    for _ in 0..12 {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                // Time for the page's first fetch of /v1/status to land and render.
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .output()
+            .expect("chromium (cargo xtask test installs it)");
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+        if done(&last) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Err(last)
 }
