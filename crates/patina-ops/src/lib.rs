@@ -48,6 +48,10 @@ pub struct Sources {
     pub watchdog: Option<(patina_watchdog::Watchdog, Duration)>,
     /// What the region agent's check runner did (`None` for other roles).
     pub checks: Option<Arc<patina_region::checks::CheckStats>>,
+    /// What clients hold open on the gRPC listener: connections and Watch streams.
+    pub occupancy: patina_region::limits::Occupancy,
+    /// What a bridge published (`None` for other roles).
+    pub bridge: Option<Arc<patina_global::bridge::BridgeStats>>,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

@@ -470,6 +470,49 @@ pub async fn scrape(s: &Sources) -> String {
         }
     }
 
+    // What clients hold open on the gRPC listener.
+    if let Some(c) = s.occupancy.counts() {
+        r.register(
+            "connections",
+            "Client connections open on the gRPC listener (within limits.max_connections)",
+            gauge(c.connections.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+        r.register(
+            "watches",
+            "Watch and WatchApps streams open (within limits.max_watches)",
+            gauge(c.watches.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+    }
+
+    // A bridge's publishing.
+    if let Some(b) = &s.bridge {
+        r.register(
+            "bridge_published",
+            "Summaries this bridge wrote (or deleted)",
+            counter(b.published.load(std::sync::atomic::Ordering::Relaxed)),
+        );
+        r.register_with_unit(
+            "bridge_publish_delay",
+            "From the region view a summary reflects (its region agent's clock) to the bridge's write of it",
+            Unit::Seconds,
+            Latencies(b.publish_delay.snapshot()),
+        );
+    }
+
+    // The global tier's regions: fresh, or left out of lookups as stale.
+    if let Some(table) = &s.table {
+        let states = table.region_states();
+        let stale = states.iter().filter(|r| r.stale).count() as i64;
+        r.register(
+            "table_regions",
+            "Regions the table knows, by state (stale ones are left out of lookups)",
+            gauges(&[
+                (labels(&[("state", "fresh")]), states.len() as i64 - stale),
+                (labels(&[("state", "stale")]), stale),
+            ]),
+        );
+    }
+
     // Health checks run by this agent (docs/checks.md).
     if let Some(c) = &s.checks {
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

@@ -3,6 +3,7 @@
 //! says what a client sees when it meets one.
 
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 /// Bounds on what clients may hold open at once. The defaults fit one agent per worker host.
@@ -24,6 +25,58 @@ pub struct Limits {
     /// 100 % of this age (its client resumes with its token). Bounds how long a certificate
     /// the agent no longer trusts (its CA dropped from the bundle) keeps being served.
     pub max_connection_age: Duration,
+    /// Where the listener and the Watch streams count what is open now (for metrics).
+    pub occupancy: Occupancy,
+}
+
+/// What clients hold open now: client connections admitted and Watch streams.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub connections: AtomicI64,
+    pub watches: AtomicI64,
+}
+
+/// A handle on an agent's [`Counts`] (none: not counted). One per agent for the process's
+/// life: [`Occupancy::new`] leaks its few bytes so that `Limits` stays `Copy`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Occupancy(Option<&'static Counts>);
+
+impl Occupancy {
+    pub fn new() -> Occupancy {
+        Occupancy(Some(Box::leak(Box::default())))
+    }
+
+    pub fn counts(&self) -> Option<&'static Counts> {
+        self.0
+    }
+
+    /// One more of `what` open until the guard drops.
+    pub(crate) fn hold(&self, what: fn(&Counts) -> &AtomicI64) -> Held {
+        if let Some(c) = self.0 {
+            what(c).fetch_add(1, Ordering::Relaxed);
+        }
+        Held(self.0.map(what))
+    }
+}
+
+/// Two limits are the same whatever they count into.
+impl PartialEq for Occupancy {
+    fn eq(&self, _: &Occupancy) -> bool {
+        true
+    }
+}
+impl Eq for Occupancy {}
+
+/// Counted while held.
+#[derive(Debug)]
+pub struct Held(Option<&'static AtomicI64>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(a) = self.0 {
+            a.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for Limits {
@@ -48,6 +101,7 @@ impl Default for Limits {
             // An hour: a dropped CA's connections are gone within 65 minutes, and every
             // client reconnects (a watch resumes) about once an hour.
             max_connection_age: Duration::from_secs(3600),
+            occupancy: Occupancy::default(),
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Connection {
     _slot: OwnedSemaphorePermit,
     /// When it was accepted: services bound its streams by its age.
     accepted: std::time::Instant,
+    /// Counted among the agent's open connections while it lives (admitted ones only).
+    _counted: Option<crate::limits::Held>,
 }
 
 impl Connection {
@@ -59,6 +61,7 @@ impl Connection {
             first_byte_by: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
             _slot: slot,
             accepted: std::time::Instant::now(),
+            _counted: None,
         }
     }
 }
@@ -147,6 +150,7 @@ pub fn admit(listener: TcpListener, limits: &Limits) -> (Incoming, Overflow) {
         overflow: tx,
         backoff: None,
         refusals: Refusals::default(),
+        occupancy: limits.occupancy,
     };
     let overflow = Overflow {
         refused: rx,
@@ -168,6 +172,7 @@ pub struct Incoming {
     /// Set after an accept error that would repeat at once.
     backoff: Option<Pin<Box<Sleep>>>,
     refusals: Refusals,
+    occupancy: crate::limits::Occupancy,
 }
 
 /// Refused connections not yet reported in the log.
@@ -184,7 +189,11 @@ impl Incoming {
             tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
         }
         match self.slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(Connection::new(io, slot, self.handshake_timeout)),
+            Ok(slot) => {
+                let mut c = Connection::new(io, slot, self.handshake_timeout);
+                c._counted = Some(self.occupancy.hold(|c| &c.connections));
+                Some(c)
+            }
             Err(_) => {
                 self.refuse(io, peer);
                 None

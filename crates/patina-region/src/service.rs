@@ -420,6 +420,7 @@ pub fn resume_token(token: &str) -> Result<Option<ResumeToken>, Status> {
 pub struct Watches {
     slots: Arc<Semaphore>,
     max_age: std::time::Duration,
+    occupancy: crate::limits::Occupancy,
 }
 
 impl Watches {
@@ -427,6 +428,7 @@ impl Watches {
         Watches {
             slots: Arc::new(Semaphore::new(limits.max_watches.get())),
             max_age: limits.max_connection_age,
+            occupancy: limits.occupancy,
         }
     }
 
@@ -495,6 +497,7 @@ where
             open.rpc
         ))
     })?;
+    let permit = (permit, watches.occupancy.hold(|c| &c.watches));
     let mut cursor = store.watch(open.scope, open.resume, open.batch);
     if open.heartbeat_ms > 0 {
         let ms = open.heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);

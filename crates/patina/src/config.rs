@@ -568,6 +568,7 @@ impl From<&LimitsConfig> for patina_region::Limits {
             max_streams_per_connection: c.max_streams_per_connection,
             max_watches: c.max_watches,
             max_connection_age: std::time::Duration::from_secs(c.max_connection_age_secs.get()),
+            occupancy: patina_region::limits::Occupancy::default(),
         }
     }
 }

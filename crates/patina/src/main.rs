@@ -611,7 +611,9 @@ pub(crate) async fn run_agent(
         tokio::task::spawn_blocking(move || closing.close()).await?;
         anyhow::bail!("{why}");
     }
-    let limits = (&config.limits).into();
+    let mut limits: patina_region::Limits = (&config.limits).into();
+    // What clients hold open, counted for the metrics.
+    limits.occupancy = patina_region::limits::Occupancy::new();
     // Gossip leaves the cluster when the agent shuts down, and only then does the server stop.
     let gossip_addr = config.gossip.listen_addr(config.listen);
     // One signal stops the agent: `stop`, cancelled by a signal or when a part of the agent
@@ -767,6 +769,7 @@ pub(crate) async fn run_agent(
     let bridge_stop = CancellationToken::new();
     let bridge_done = CancellationToken::new();
     let mut has_bridge = false;
+    let mut bridge_stats = None;
     // A region agent runs the checks of its host's machines (docs/checks.md).
     let check_stats = match role {
         Role::Region => {
@@ -800,6 +803,7 @@ pub(crate) async fn run_agent(
             });
             if let Role::Bridge(cfg) = role {
                 has_bridge = true;
+                bridge_stats = Some(cfg.stats.clone());
                 tracing::info!(region = %cfg.region, agents = ?cfg.region_agents, "bridging the region into the global tier");
                 let run = patina_global::bridge::run(
                     store.clone(),
@@ -827,6 +831,8 @@ pub(crate) async fn run_agent(
         expects_peers: !config.gossip.seeds.is_empty(),
         watchdog: Some((watchdog.clone(), budget)),
         checks: check_stats,
+        occupancy: limits.occupancy,
+        bridge: bridge_stats,
     });
     {
         let sources = sources.clone();

@@ -107,8 +107,28 @@ async fn metrics_pass_promtool_and_probes_say_why() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 
+    // One Watch stream open, on a connection of its own.
+    let mut watch = agent
+        .client()
+        .await
+        .watch(patina_proto::v1::WatchRequest {
+            app: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+
     let exposition = eventually_get(&format!("{ops}/metrics"), 200);
     assert_eq!(promtool(&exposition), "", "{exposition}");
+    assert_eq!(
+        sample(&exposition, "patina_watches"),
+        Some(1.0),
+        "{exposition}"
+    );
+    assert!(sample(&exposition, "patina_connections").is_some_and(|c| c >= 1.0));
+    drop(watch);
     assert!(
         exposition.contains("patina_build_info{version=\"")
             && exposition.contains("role=\"region\""),

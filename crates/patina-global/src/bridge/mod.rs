@@ -51,6 +51,17 @@ pub struct BridgeConfig {
     pub signer: Option<patina_trust::Trust>,
     /// The agent's watchdog: the bridge's loop stamps its beat (`bridge`) on every turn.
     pub watchdog: Option<patina_watchdog::Watchdog>,
+    /// What it published, for the agent's metrics.
+    pub stats: Arc<BridgeStats>,
+}
+
+/// What a bridge published, for operators.
+#[derive(Debug, Default)]
+pub struct BridgeStats {
+    /// Summaries written (and deleted).
+    pub published: std::sync::atomic::AtomicU64,
+    /// From the region view a summary reflects (its agent's clock) to its write here.
+    pub publish_delay: patina_store::timing::Histogram,
 }
 
 impl BridgeConfig {
@@ -66,6 +77,7 @@ impl BridgeConfig {
             region_cluster: region.to_owned(),
             signer: None,
             watchdog: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -152,7 +164,7 @@ pub async fn run(store: Store, cfg: BridgeConfig, shutdown: impl Future<Output =
             heartbeat_at = now();
             heartbeat_view = heartbeat_view.max(core.view_hlc());
         }
-        publish(&store, &cfg.region, &mut core, now(), &signer).await;
+        publish(&store, &cfg.region, &mut core, now(), &signer, &cfg.stats).await;
         if core.publishing()
             && core.view_hlc() > heartbeat_view
             && now() >= heartbeat_at + cfg.heartbeat
@@ -467,6 +479,7 @@ async fn publish(
     core: &mut BridgeCore,
     now: Duration,
     signer: &Signer,
+    stats: &BridgeStats,
 ) {
     let due = core.due(now);
     if due.is_empty() {
@@ -491,6 +504,13 @@ async fn publish(
         match r {
             Ok(_) => {
                 tracing::debug!(app = %p.app, healthy = p.counts.healthy, total = p.counts.total, "published");
+                stats
+                    .published
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let view_ms = patina_store::Hlc(p.view_hlc).physical_ms();
+                stats.publish_delay.observe(Duration::from_millis(
+                    store.wall_ms().saturating_sub(view_ms),
+                ));
                 core.published(now, p);
             }
             // A summary from a newer view stands (perhaps hidden): not again at this view.
