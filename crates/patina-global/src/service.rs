@@ -146,11 +146,16 @@ pub fn watch_apps_response(store: &Store, item: WatchItem) -> WatchAppsResponse 
 
 /// Keep `table` current from `store`'s own feed, as a remote edge does through WatchApps.
 /// Ends when the store closes.
-pub async fn follow_store(store: Store, table: Arc<Table>) {
+pub async fn follow_store(store: Store, table: Arc<Table>, beat: patina_watchdog::Beat) {
     let mut replica = Replica::new(table);
-    let mut cursor = store.watch(None, None, WATCH_BATCH);
+    // Heartbeats (empty deltas) wake an idle follower, so that it stamps its beat.
+    let mut cursor = store
+        .watch(None, None, WATCH_BATCH)
+        .with_heartbeat(patina_watchdog::STAMP_EVERY);
+    beat.stamp();
     while let Some(item) = cursor.next().await {
         replica.apply(&watch_apps_response(&store, item));
+        beat.stamp();
     }
 }
 

@@ -796,7 +796,11 @@ pub(crate) async fn run_agent(
                 config.global.region_table()?,
                 config.global.stale_after(),
             ));
-            let follower = patina_global::service::follow_store(store.clone(), table.clone());
+            let follower = patina_global::service::follow_store(
+                store.clone(),
+                table.clone(),
+                watchdog.register("table_follower"),
+            );
             parts.spawn(async move {
                 follower.await;
                 Err(Arc::from("the table's follower ended"))

@@ -240,10 +240,16 @@ async fn idle_connections_hold_at_most_the_listeners_slots() {
         rx.recv_timeout(Duration::from_millis(1500)).is_err(),
         "a 65th connection was served while 64 idle ones were held"
     );
-    // The gRPC API is not affected.
-    assert_eq!(
-        grpc_health(&agent).await,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    // The gRPC API is not affected (its readiness is judged every second: on a loaded
+    // machine a judgement may still be on its way).
+    let serving = common::eventually(Duration::from_secs(10), || async {
+        grpc_health(&agent).await
+            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    })
+    .await;
+    assert!(
+        serving.is_some(),
+        "the gRPC API serves while the listener is full"
     );
     drop(idle);
     let (status, _) = rx

@@ -18,7 +18,12 @@ const COLLECT_PASS: usize = 65_536;
 /// below the revision recorded `ttl` ago may go. So a timestamp that was old on arrival, or
 /// a deletion made while cut off, waits `ttl` from when the region could have it. After a
 /// restart nothing is recorded yet: nothing goes for `ttl`.
-pub(super) async fn collect_tombstones(gossip: Gossip, ttl: Duration, alone: bool) {
+pub(super) async fn collect_tombstones(
+    gossip: Gossip,
+    ttl: Duration,
+    alone: bool,
+    beat: patina_watchdog::Beat,
+) {
     let every = (ttl / 8).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -29,8 +34,16 @@ pub(super) async fn collect_tombstones(gossip: Gossip, ttl: Duration, alone: boo
         .sync_counters
         .completed
         .load(std::sync::atomic::Ordering::Relaxed);
+    let mut stamp = tokio::time::interval(patina_watchdog::STAMP_EVERY);
     loop {
-        tick.tick().await;
+        // Stamps its beat while it waits for the next pass.
+        loop {
+            beat.stamp();
+            tokio::select! {
+                _ = tick.tick() => break,
+                _ = stamp.tick() => {}
+            }
+        }
         let sessions = gossip
             .sync_counters
             .completed

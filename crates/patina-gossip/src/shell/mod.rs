@@ -381,12 +381,18 @@ impl Gossip {
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
         let rememberer = tokio::spawn(remember_members(gossip.clone(), members_file));
+        let beat_of = |name: &str| {
+            cfg.watchdog
+                .as_ref()
+                .map_or_else(patina_watchdog::Beat::detached, |w| w.register(name))
+        };
         let collector = tokio::spawn(collect_tombstones(
             gossip.clone(),
             cfg.tombstone_ttl,
             cfg.seeds.is_empty(),
+            beat_of("tombstone_collector"),
         ));
-        let follower = tokio::spawn(follow_feed(store, inputs));
+        let follower = tokio::spawn(follow_feed(store, inputs, beat_of("feed_follower")));
         let fault = cfg.fault;
         let beat = cfg
             .watchdog
@@ -524,11 +530,12 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 }
 
 /// Follow the store's feed and hand the node every local change once it is durable.
-async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
+async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>, beat: patina_watchdog::Beat) {
     let mut wake = store.feed().subscribe();
     let mut after = store.feed().revision();
     let mut origin = store.node();
     loop {
+        beat.stamp();
         let me = store.node();
         if me != origin {
             origin = me;
@@ -556,7 +563,12 @@ async fn follow_feed(store: Store, inputs: mpsc::Sender<Input>) {
         if after < store.feed().revision() {
             continue;
         }
-        if store.feed().is_closed() || wake.changed().await.is_err() {
+        if store.feed().is_closed() {
+            return;
+        }
+        // Awake at least every STAMP_EVERY, so an idle follower still stamps its beat.
+        if let Ok(Err(_)) = tokio::time::timeout(patina_watchdog::STAMP_EVERY, wake.changed()).await
+        {
             return;
         }
     }
