@@ -164,6 +164,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         globals: 3,
         stale_after_secs: 30,
         secure: true,
+        metrics: true,
     };
     let mut world = World::start(&bin, &root, shape)?;
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -605,8 +605,12 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let bin = build_patina()?;
     // Security on (mTLS, encrypted gossip, signed summaries: as agents run by default), then
     // the same world in plaintext, in the same run.
-    let f = world_figures(&bin, &o, true)?;
-    let plain = world_figures(&bin, &o, false)?;
+    let f = world_figures(&bin, &o, true, true)?;
+    let plain = world_figures(&bin, &o, false, true)?;
+    // And the same secure world with the operator's listener off: what metrics cost (the
+    // first world's every agent is scraped every second meanwhile, as a busy Prometheus
+    // would).
+    let off = world_figures(&bin, &o, true, false)?;
     let pct = |v: &[f64], p: f64| {
         let mut ns: Vec<u64> = v.iter().map(|ms| (ms * 1e6) as u64).collect();
         ns.sort_unstable();
@@ -640,6 +644,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         plain.health_per_s,
         f.lookup_per_s / plain.lookup_per_s
     );
+    let off_down99 = pct(&off.down_ms, 99.0);
+    println!(
+        "metrics on (every agent scraped every second) vs off: LookupApp {:.0}/s vs {:.0}/s ({:.3}x); region to every edge p99 {down99:.1} vs {off_down99:.1} ms",
+        f.lookup_per_s,
+        off.lookup_per_s,
+        f.lookup_per_s / off.lookup_per_s
+    );
     let mut json = serde_json::json!({
         "regions": o.regions,
         "edges": o.edges,
@@ -659,6 +670,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "plaintext_lookup_grpc_p99_us": plain.lookup_p99_us,
         "plaintext_health_grpc_per_s": plain.health_per_s,
         "lookup_tls_over_plaintext": f.lookup_per_s / plain.lookup_per_s,
+        "metrics_off_lookup_grpc_per_s": off.lookup_per_s,
+        "metrics_off_region_to_edge_p99_ms": off_down99,
+        "lookup_metrics_on_over_off": f.lookup_per_s / off.lookup_per_s,
     });
     if let (Some(all), serde_json::Value::Object(edge)) = (json.as_object_mut(), edge_json) {
         all.extend(edge);
@@ -668,8 +682,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
 }
 
 /// The world's figures (region to edge, LookupApp and health under load), with security on
-/// or in plaintext.
-fn world_figures(bin: &std::path::Path, o: &Options, secure: bool) -> anyhow::Result<Figures> {
+/// or in plaintext, and metrics on (scraped every second) or off.
+fn world_figures(
+    bin: &std::path::Path,
+    o: &Options,
+    secure: bool,
+    metrics: bool,
+) -> anyhow::Result<Figures> {
     let root = crate::bench_store::tempdir()?.join("global");
     let _ = std::fs::remove_dir_all(&root);
     let shape = Shape {
@@ -679,8 +698,13 @@ fn world_figures(bin: &std::path::Path, o: &Options, secure: bool) -> anyhow::Re
         globals: o.edges,
         stale_after_secs: 30,
         secure,
+        metrics,
     };
     let mut world = World::start(bin, &root, shape)?;
+    // Scraped every second while it is measured, when its metrics are on.
+    let scraper = metrics.then(|| {
+        crate::harness::Scraper::start(world.metrics_urls(), Duration::from_secs(1))
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -699,6 +723,12 @@ fn world_figures(bin: &std::path::Path, o: &Options, secure: bool) -> anyhow::Re
             health_p99_us,
         })
     });
+    if let Some(scraper) = scraper {
+        println!(
+            "  (metrics on: {} scrapes answered while measuring)",
+            scraper.scrapes()
+        );
+    }
     world.stop();
     let _ = std::fs::remove_dir_all(&root);
     figures

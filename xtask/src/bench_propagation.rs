@@ -6,7 +6,10 @@
 //!
 //! Baselines in the same run: the loopback round trip of one gRPC call (the floor of "write
 //! to everywhere"), and the configured failure-detection budget (probe period + suspicion
-//! minimum) beside "crash to excluded". Last line: one JSON object.
+//! minimum) beside "crash to excluded". The same region runs again in plaintext, and again
+//! with the operator's listener off (`metrics.listen = "off"`) for what metrics cost: the
+//! first pass scrapes every agent's `/metrics` every second while it writes. Last line: one
+//! JSON object.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -136,16 +139,20 @@ struct Cluster {
     watchers: Vec<tokio::task::JoinHandle<()>>,
     /// The CA and client when security is on.
     secure: Option<Secure>,
+    /// The operator's listener on (scraped while writes run) or off.
+    metrics: bool,
 }
 
 impl Cluster {
     /// Start agent `i` (again): with its certificate and the gossip key when secure.
     fn start(&self, i: usize) -> anyhow::Result<Agent> {
+        let metrics = crate::world::metrics_off(self.metrics);
         let Some(s) = &self.secure else {
-            return start_agent(&self.bin, &self.root, i, "");
+            return start_agent(&self.bin, &self.root, i, metrics);
         };
         let dir = self.root.join(format!("agent-{}", i + 1));
-        let extra = s.agent_config(&dir, &crate::cluster::ip(i), Secure::region_agent("test"));
+        let extra = s.agent_config(&dir, &crate::cluster::ip(i), Secure::region_agent("test"))
+            + metrics;
         Ok(start_agent(&self.bin, &self.root, i, &extra)?.with_dial(s.dial.clone()))
     }
 
@@ -314,12 +321,29 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // Security on (mTLS and encrypted gossip, as agents run by default); then, in the same
     // run, the same region in plaintext for the figures security could cost: write to
     // everywhere, crash to excluded, idle bandwidth.
-    let result = rt.block_on(bench(&o, bin.clone(), root.clone(), true));
+    let result = rt.block_on(bench(&o, bin.clone(), root.clone(), true, true));
     let _ = std::fs::remove_dir_all(&root);
     let mut json = result?;
-    let plain = rt.block_on(bench(&o, bin, root.clone(), false));
+    let plain = rt.block_on(bench(&o, bin.clone(), root.clone(), false, true));
     let _ = std::fs::remove_dir_all(&root);
     let plain = plain?;
+    // And with the operator's listener off, for what metrics cost (the first pass scraped
+    // every agent every second while it wrote).
+    let off = rt.block_on(bench(&o, bin, root.clone(), true, false));
+    let _ = std::fs::remove_dir_all(&root);
+    let off = off?;
+    let (on99, off99) = (
+        json["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        off["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!(
+        "metrics on (every agent scraped every second) vs off: write to everywhere p99 {on99:.2} vs {off99:.2} ms ({:.3}x), p50 {:.2} vs {:.2} ms",
+        on99 / off99,
+        json["write_to_all_p50_ms"].as_f64().unwrap_or(f64::NAN),
+        off["write_to_all_p50_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    json["metrics_off_write_to_all_p50_ms"] = off["write_to_all_p50_ms"].clone();
+    json["metrics_off_write_to_all_p99_ms"] = off["write_to_all_p99_ms"].clone();
     println!(
         "security on vs plaintext: write to everywhere p99 {:.2} vs {:.2} ms; crash to excluded p50 {:.0} vs {:.0} ms; idle gossip {:.0} vs {:.0} B/s per node",
         json["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
@@ -400,14 +424,15 @@ async fn bench(
     bin: std::path::PathBuf,
     root: std::path::PathBuf,
     secure: bool,
+    metrics: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let n = o.nodes;
     println!(
         "{}",
-        if secure {
-            "security on: mTLS and encrypted gossip"
-        } else {
-            "plaintext, for comparison"
+        match (secure, metrics) {
+            (true, true) => "security on: mTLS and encrypted gossip",
+            (false, _) => "plaintext, for comparison",
+            (true, false) => "security on, metrics off (the operator's listener off), for comparison",
         }
     );
     let mut c = Cluster {
@@ -417,6 +442,7 @@ async fn bench(
         seen: (0..n).map(|_| Arc::default()).collect(),
         watchers: (0..n).map(|_| tokio::spawn(async {})).collect(),
         secure: secure.then(|| Secure::new(&["test".to_owned()])),
+        metrics,
     };
     for i in 0..n {
         let agent = c.start(i)?;
@@ -486,6 +512,12 @@ async fn bench(
         })
     };
 
+    // With metrics on, every agent is scraped every second while writes run, as a busy
+    // Prometheus would.
+    let scraper = metrics.then(|| {
+        let urls: Vec<String> = c.agents.iter().flatten().map(Agent::metrics_url).collect();
+        crate::harness::Scraper::start(urls, Duration::from_secs(1))
+    });
     // Write to everywhere: writers at random agents; latency from the acknowledgement to
     // the last agent's watch showing it.
     let writers = 4;
@@ -551,6 +583,19 @@ async fn bench(
         fsync_p99
     );
 
+    if let Some(scraper) = scraper {
+        println!("  (metrics on: {} scrapes answered while writing)", scraper.scrapes());
+    }
+    if !metrics {
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        for w in &c.watchers {
+            w.abort();
+        }
+        return Ok(serde_json::json!({
+            "write_to_all_p50_ms": pct(&lat, 50.0),
+            "write_to_all_p99_ms": pct(&lat, 99.0),
+        }));
+    }
     // Bandwidth under load (idle was measured before any write).
     let loaded_secs = 5u64;
     let rate = 1000u64;

@@ -94,6 +94,7 @@ fn run_world(o: &Options, regions: usize) -> anyhow::Result<()> {
         // In plaintext, so that the client commands it prints need no certificate (`patina
         // dev` runs a world with security on).
         secure: false,
+        metrics: true,
     };
     let mut world = crate::world::World::start(&bin, &root, shape)?;
     world.print();

@@ -41,3 +41,54 @@ pub fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     let rank = ((p / 100.0) * (sorted_ns.len() - 1) as f64).round() as usize;
     sorted_ns[rank.min(sorted_ns.len() - 1)] as f64 / 1000.0
 }
+
+/// A scraper, as Prometheus would be: every `every`, a GET of each URL's `/metrics`, on a
+/// thread of its own (not the benchmark's runtime). Stops when dropped; `scrapes()` says how
+/// many answered.
+pub struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scraper {
+    pub fn start(metrics_urls: Vec<String>, every: std::time::Duration) -> Scraper {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let thread = {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let round = std::time::Instant::now();
+                    for u in &metrics_urls {
+                        if patina_testkit::http_get(&format!("{u}/metrics"))
+                            .is_ok_and(|(code, _)| code == 200)
+                        {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(every.saturating_sub(round.elapsed()));
+                }
+            })
+        };
+        Scraper {
+            stop,
+            answered,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn scrapes(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -63,6 +63,9 @@ pub struct Shape {
     /// mTLS, encrypted gossip and signed summaries, as agents run by default (`false`:
     /// everything in plaintext, for comparison).
     pub secure: bool,
+    /// The operator's listener (metrics, probes); `false`: `metrics.listen = "off"`, for the
+    /// cost of metrics.
+    pub metrics: bool,
 }
 
 pub struct World {
@@ -80,6 +83,15 @@ fn secured(
     grants: Vec<patina_trust::Grant>,
 ) -> String {
     secure.map_or_else(String::new, |s| s.agent_config(dir, ip, grants))
+}
+
+/// The configuration that turns the operator's listener off, when `metrics` is false.
+pub fn metrics_off(metrics: bool) -> &'static str {
+    if metrics {
+        ""
+    } else {
+        "[metrics]\nlisten = \"off\"\n"
+    }
 }
 
 fn reached(secure: Option<&Secure>, agent: Agent) -> Agent {
@@ -137,7 +149,7 @@ impl World {
                     i + 1,
                     gossip(&ip, &region_ip(r, 0)),
                     secured(sec, &dir, &ip, Secure::region_agent(&name)),
-                );
+                ) + metrics_off(shape.metrics);
                 let agent = Agent::start_role(bin, "region", &dir, &config)
                     .with_context(|| format!("starting agent {} of {name}", i + 1))?;
                 agents.push(reached(sec, agent));
@@ -154,7 +166,7 @@ impl World {
                 g + 1,
                 gossip(&ip, &global_ip(0)),
                 secured(sec, &dir, &ip, Secure::global_agent()),
-            );
+            ) + metrics_off(shape.metrics);
             let agent = Agent::start_role(bin, "global", &dir, &config)
                 .with_context(|| format!("starting global agent {}", g + 1))?;
             globals.push(reached(sec, agent));
@@ -176,7 +188,7 @@ impl World {
                     gossip(&ip, &global_ip(0)),
                     secured(sec, &dir, &ip, Secure::bridge(&name)),
                     list.join(", ")
-                );
+                ) + metrics_off(shape.metrics);
                 let agent = Agent::start_role(bin, "bridge", &dir, &config)
                     .with_context(|| format!("starting bridge {} of {name}", b + 1))?;
                 mine.push(reached(sec, agent));
@@ -199,6 +211,18 @@ impl World {
         }
         let list: Vec<&str> = self.globals.iter().map(Agent::host_port).collect();
         println!("global agents: {}", list.join("  "));
+    }
+
+    /// Every agent's operator listener (`http://ADDR`), read from their output: call once,
+    /// on a world started with metrics on.
+    pub fn metrics_urls(&self) -> Vec<String> {
+        self.regions
+            .iter()
+            .flatten()
+            .chain(self.bridges.iter().flatten())
+            .chain(&self.globals)
+            .map(Agent::metrics_url)
+            .collect()
     }
 
     pub fn stop(&mut self) {

@@ -857,7 +857,7 @@ fn a_successor_write_never_beats_a_later_write_or_deletion() {
     rt.block_on(peer.apply(records(vec![host.get_latest("m1").unwrap()])))
         .unwrap();
     // A millisecond later at least (a tie of timestamps is the kind's to break:
-    // `MachineKind` ranks a judgement below any other write).
+    // the region agents' kind ranks a judgement below any other write).
     clock.advance(5_000);
     peer_clock.advance(1);
     let after = |value: &str, version| LocalWrite::PutAfter {
