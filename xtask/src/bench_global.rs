@@ -702,9 +702,8 @@ fn world_figures(
     };
     let mut world = World::start(bin, &root, shape)?;
     // Scraped every second while it is measured, when its metrics are on.
-    let scraper = metrics.then(|| {
-        crate::harness::Scraper::start(world.metrics_urls(), Duration::from_secs(1))
-    });
+    let scraper = metrics
+        .then(|| crate::harness::Scraper::start(world.metrics_urls(), Duration::from_secs(1)));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

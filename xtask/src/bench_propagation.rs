@@ -151,8 +151,8 @@ impl Cluster {
             return start_agent(&self.bin, &self.root, i, metrics);
         };
         let dir = self.root.join(format!("agent-{}", i + 1));
-        let extra = s.agent_config(&dir, &crate::cluster::ip(i), Secure::region_agent("test"))
-            + metrics;
+        let extra =
+            s.agent_config(&dir, &crate::cluster::ip(i), Secure::region_agent("test")) + metrics;
         Ok(start_agent(&self.bin, &self.root, i, &extra)?.with_dial(s.dial.clone()))
     }
 
@@ -432,7 +432,8 @@ async fn bench(
         match (secure, metrics) {
             (true, true) => "security on: mTLS and encrypted gossip",
             (false, _) => "plaintext, for comparison",
-            (true, false) => "security on, metrics off (the operator's listener off), for comparison",
+            (true, false) =>
+                "security on, metrics off (the operator's listener off), for comparison",
         }
     );
     let mut c = Cluster {
@@ -584,7 +585,10 @@ async fn bench(
     );
 
     if let Some(scraper) = scraper {
-        println!("  (metrics on: {} scrapes answered while writing)", scraper.scrapes());
+        println!(
+            "  (metrics on: {} scrapes answered while writing)",
+            scraper.scrapes()
+        );
     }
     if !metrics {
         sampling.store(false, std::sync::atomic::Ordering::Relaxed);

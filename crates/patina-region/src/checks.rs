@@ -40,6 +40,13 @@ use crate::validate;
 pub const HTTP_READ_LIMIT: usize = 1024;
 /// The loop wakes at least this often (the watchdog's beat).
 const WAKE_EVERY: Duration = Duration::from_millis(250);
+/// A judgement whose write failed (not because a newer write came first) is tried again
+/// after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A failed write is logged at most this often (with how many failed since).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Most machines remembered as past `max_machines`, to be checked once there is room.
+const MAX_SKIPPED: usize = 100_000;
 
 /// The runner's bounds.
 #[derive(Debug, Clone)]
@@ -48,6 +55,10 @@ pub struct CheckerConfig {
     pub max_in_flight: usize,
     /// Machines whose checks this agent runs; more are counted and not checked.
     pub max_machines: usize,
+    /// Whether checks may probe loopback addresses (off: a writer could otherwise aim them at
+    /// the host's own services). Link-local, multicast, broadcast and unspecified addresses
+    /// are never probed.
+    pub allow_loopback: bool,
 }
 
 impl Default for CheckerConfig {
@@ -55,6 +66,7 @@ impl Default for CheckerConfig {
         CheckerConfig {
             max_in_flight: 64,
             max_machines: 4096,
+            allow_loopback: false,
         }
     }
 }
@@ -177,6 +189,10 @@ pub async fn run(
         due: BinaryHeap::new(),
         generation: 0,
         warned_untracked: false,
+        skipped: std::collections::BTreeSet::new(),
+        retry_at: HashMap::new(),
+        failed_writes: 0,
+        warned_at: None,
     };
     let mut cursor = store.watch(None, None, 256);
     let mut probes: JoinSet<Outcome> = JoinSet::new();
@@ -208,6 +224,7 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(wake) => {}
         }
+        runner.retries_due();
         runner.write_judgements(&mut writes);
     }
 }
@@ -282,6 +299,13 @@ struct Runner {
     due: BinaryHeap<Reverse<Due>>,
     generation: u64,
     warned_untracked: bool,
+    /// Machines past `max_machines`, checked once there is room (at most [`MAX_SKIPPED`]).
+    skipped: std::collections::BTreeSet<String>,
+    /// Judgements whose write failed, and when to try again.
+    retry_at: HashMap<String, Instant>,
+    /// Failed writes since the last warning, and when it was logged.
+    failed_writes: u64,
+    warned_at: Option<Instant>,
 }
 
 impl Runner {
@@ -291,7 +315,8 @@ impl Runner {
                 if reset {
                     self.machines.clear();
                     self.dirty.clear();
-                    self.stats.untracked.store(0, Ordering::Relaxed);
+                    self.skipped.clear();
+                    self.retry_at.clear();
                 }
                 for e in &entries {
                     self.observe(e);
@@ -304,13 +329,44 @@ impl Runner {
                 }
             }
         }
+        self.refill();
         self.publish_counts();
+    }
+
+    /// Machines left out for want of room, checked now that there is some.
+    fn refill(&mut self) {
+        while self.machines.len() < self.config.max_machines {
+            let Some(id) = self.skipped.pop_first() else {
+                break;
+            };
+            if let Some(e) = self.store.get_live(&id) {
+                self.observe(&e);
+            }
+        }
+    }
+
+    /// Judgements whose retry is due are compared with their record again.
+    fn retries_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retry_at
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.retry_at.remove(&id);
+            self.dirty.insert(id);
+        }
     }
 
     fn publish_counts(&self) {
         self.stats
             .machines
             .store(self.machines.len() as u64, Ordering::Relaxed);
+        self.stats
+            .untracked
+            .store(self.skipped.len() as u64, Ordering::Relaxed);
         self.stats.checks.store(
             self.machines.values().map(|t| t.checks.len() as u64).sum(),
             Ordering::Relaxed,
@@ -325,6 +381,7 @@ impl Runner {
             return;
         }
         let key = e.key();
+        self.skipped.remove(key);
         let machine = e
             .value()
             .and_then(|v| Machine::decode(v).ok())
@@ -349,7 +406,9 @@ impl Runner {
         }
         let is_new = !self.machines.contains_key(key);
         if is_new && self.machines.len() >= self.config.max_machines {
-            self.stats.untracked.fetch_add(1, Ordering::Relaxed);
+            if self.skipped.len() < MAX_SKIPPED {
+                self.skipped.insert(key.to_owned());
+            }
             if !self.warned_untracked {
                 self.warned_untracked = true;
                 tracing::warn!(
@@ -424,10 +483,14 @@ impl Runner {
                 self.stats.late_runs.fetch_add(1, Ordering::Relaxed);
             }
             let spec = t.checks[d.check].spec.clone();
+            let refused = refused_target(spec.probe.addr(), self.config.allow_loopback);
             probes.spawn(async move {
-                let result = match tokio::time::timeout(spec.timeout, probe(&spec.probe)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("no answer within {} ms", spec.timeout.as_millis())),
+                let result = match refused {
+                    Some(why) => Err(why),
+                    None => match tokio::time::timeout(spec.timeout, probe(&spec.probe)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(format!("no answer within {} ms", spec.timeout.as_millis())),
+                    },
                 };
                 Outcome {
                     id: d.id,
@@ -548,21 +611,67 @@ impl Runner {
                 t.version = *version;
                 t.machine.health = health as i32;
             }
-            self.dirty.insert(id.clone());
         }
         match result {
             Ok(_) => {
                 self.stats.transitions.fetch_add(1, Ordering::Relaxed);
+                self.dirty.insert(id);
             }
             // A newer write (the orchestrator's, a deletion) came first: the feed brings it,
             // and the judgement is written again over it if it still differs.
-            Err(StoreError::Changed(_) | StoreError::Stale(_) | StoreError::NotFound(_)) => {}
+            Err(StoreError::Changed(_) | StoreError::Stale(_) | StoreError::NotFound(_)) => {
+                self.dirty.insert(id);
+            }
+            // Anything else (the clock fence, a full disk, a full queue): again after a
+            // pause, logged at most every WARN_EVERY.
             Err(e) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(machine = %id, error = %e, "writing a machine's health from its checks failed; trying again");
+                self.failed_writes += 1;
+                let now = Instant::now();
+                if self
+                    .warned_at
+                    .is_none_or(|at| now.duration_since(at) >= WARN_EVERY)
+                {
+                    tracing::warn!(machine = %id, error = %e, failed = self.failed_writes, "writing a machine's health from its checks failed; trying again");
+                    self.warned_at = Some(now);
+                    self.failed_writes = 0;
+                }
+                if self.machines.contains_key(&id) {
+                    self.retry_at.insert(id, now + RETRY_AFTER);
+                }
             }
         }
     }
+}
+
+impl Probe {
+    /// Where it connects.
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Probe::Http { addr, .. } | Probe::Tcp { addr } | Probe::Grpc { addr, .. } => *addr,
+        }
+    }
+}
+
+/// Why a check may not connect to `addr`, if it may not: never link-local (a cloud's metadata
+/// service lives there), multicast, broadcast or unspecified; loopback only when allowed.
+pub fn refused_target(addr: SocketAddr, allow_loopback: bool) -> Option<String> {
+    let ip = addr.ip().to_canonical();
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    if ip.is_unspecified() || ip.is_multicast() || link_local {
+        return Some(format!(
+            "{addr}: checks never probe link-local, multicast, broadcast or unspecified addresses"
+        ));
+    }
+    if ip.is_loopback() && !allow_loopback {
+        return Some(format!(
+            "{addr}: checks probe loopback addresses only with checks.allow_loopback"
+        ));
+    }
+    None
 }
 
 /// Checks run while a machine is meant to be up or on its way: not once it is stopping.
@@ -741,5 +850,24 @@ mod tests {
         assert!(err.contains("refused"), "{err}");
         let err = probe(&grpc("web")).await.unwrap_err();
         assert!(err.starts_with("grpc"), "{err}");
+    }
+
+    #[test]
+    fn checks_never_probe_link_local_or_unspecified_and_loopback_only_when_allowed() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for bad in [
+            "169.254.169.254:80",
+            "[fe80::1]:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            assert!(refused_target(at(bad), true).is_some(), "{bad}");
+        }
+        assert!(refused_target(at("127.0.0.1:80"), false).is_some());
+        assert!(refused_target(at("[::1]:80"), false).is_some());
+        assert!(refused_target(at("127.0.0.1:80"), true).is_none());
+        assert!(refused_target(at("10.0.0.7:8080"), false).is_none());
+        assert!(refused_target(at("[fdaa::3]:8080"), false).is_none());
     }
 }

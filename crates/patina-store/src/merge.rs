@@ -670,8 +670,20 @@ impl Core {
             let version = Version {
                 hlc: match op {
                     LocalWrite::PutAfter { version, .. } => {
-                        clock.observe(successor(version.hlc));
-                        successor(version.hlc)
+                        // The successor of a version stamped ahead of this clock (a peer's
+                        // fast clock, within what peers take) would drag this store's clock
+                        // with it and fence every later local write: refused until the wall
+                        // clock is within the bound of it.
+                        let next = successor(version.hlc);
+                        let lead_ms = next.physical_ms().saturating_sub(g.now_ms);
+                        if lead_ms > self.max_offset_ms {
+                            return Err(StoreError::HlcAhead {
+                                lead_ms,
+                                bound_ms: self.max_offset_ms,
+                            });
+                        }
+                        clock.observe(next);
+                        next
                     }
                     _ => clock.tick(g.now_ms),
                 },

@@ -160,6 +160,8 @@ impl Agent {
             // Debug builds of many agents on a loaded 2-core machine can pause a loop for
             // seconds: the watchdog ends an agent only after 30 s here (it still catches a
             // deadlock). Its own tests pass the defaults back in `env`.
+            // Machines in tests serve on loopback: their checks may probe it.
+            .env("PATINA_CHECKS__ALLOW_LOOPBACK", "true")
             .env("PATINA_WATCHDOG__BUDGET_MS", "5000")
             .env("PATINA_WATCHDOG__FATAL_MS", "30000")
             .envs(env.iter().copied())

@@ -58,6 +58,9 @@ pub struct ChecksConfig {
     pub max_in_flight: usize,
     /// Machines of this host whose checks the agent runs; more are counted and not checked.
     pub max_machines: usize,
+    /// Whether checks may probe loopback addresses (off by default: a writer could aim them
+    /// at the host's own services).
+    pub allow_loopback: bool,
 }
 
 impl Default for ChecksConfig {
@@ -66,6 +69,7 @@ impl Default for ChecksConfig {
         ChecksConfig {
             max_in_flight: d.max_in_flight,
             max_machines: d.max_machines,
+            allow_loopback: d.allow_loopback,
         }
     }
 }
@@ -83,6 +87,7 @@ impl ChecksConfig {
         Ok(patina_region::checks::CheckerConfig {
             max_in_flight: self.max_in_flight,
             max_machines: self.max_machines,
+            allow_loopback: self.allow_loopback,
         })
     }
 }

@@ -64,10 +64,19 @@ pub(super) async fn collect_tombstones(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let before = now_ms.saturating_sub(ttl_ms);
-        match store
-            .collect_tombstones(before, max_rev, COLLECT_PASS)
-            .await
-        {
+        // A pass walks every key and hands the writer its deletions in chunks: it may take
+        // seconds after a mass deletion. The beat is stamped while it waits for the store
+        // (whose writer has a beat of its own): this loop is late only when its task is.
+        let pass = store.collect_tombstones(before, max_rev, COLLECT_PASS);
+        tokio::pin!(pass);
+        let collected = loop {
+            beat.stamp();
+            tokio::select! {
+                done = &mut pass => break done,
+                _ = stamp.tick() => {}
+            }
+        };
+        match collected {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 collected = n,

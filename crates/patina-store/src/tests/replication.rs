@@ -910,6 +910,32 @@ fn a_successor_write_never_beats_a_later_write_or_deletion() {
         assert!(s.get_live("m1").is_none(), "the deleted machine came back");
         assert_eq!(s.get_latest("m1").unwrap().version, deleted);
     }
+    // A judgement of a version stamped ahead of this store's clock by more than the bound
+    // (a peer's fast clock) is refused: it would drag the clock along and fence every local
+    // write after it.
+    let ahead = Record {
+        key: "m2".into(),
+        group: "web".into(),
+        value: Some(Arc::from(&b"x"[..])),
+        version: Version {
+            hlc: Hlc::from_physical_ms(clock.now_ms() + 30_000),
+            origin: NodeId(7),
+            seq: 99,
+        },
+    };
+    rt.block_on(host.apply(records(vec![ahead.clone()])))
+        .unwrap();
+    let err = rt
+        .block_on(host.write(vec![LocalWrite::PutAfter {
+            key: "m2".into(),
+            group: "web".into(),
+            value: b"+judged".to_vec(),
+            version: ahead.version,
+        }]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::HlcAhead { .. }), "{err:?}");
+    rt.block_on(host.write(vec![put("m3", "web", "1", true)]))
+        .expect("local writes go on");
     // Of a tombstone, no judgement at all.
     let err = rt
         .block_on(host.write(vec![after("3", deleted)]))
