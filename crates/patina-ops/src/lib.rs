@@ -52,6 +52,8 @@ pub struct Sources {
     pub occupancy: patina_region::limits::Occupancy,
     /// What a bridge published (`None` for other roles).
     pub bridge: Option<Arc<patina_global::bridge::BridgeStats>>,
+    /// When the agent started (`patina_start_time_seconds`: restarts show as its changes).
+    pub started: std::time::SystemTime,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

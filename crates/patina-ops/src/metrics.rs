@@ -151,6 +151,18 @@ pub async fn scrape(s: &Sources) -> String {
         )]),
     );
 
+    // When the agent started: a restart loop shows as its changes.
+    r.register_with_unit(
+        "start_time",
+        "When the agent started, in seconds since the Unix epoch",
+        Unit::Seconds,
+        float(
+            s.started
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        ),
+    );
+
     // The watchdog: how long since each loop last turned.
     if let Some((dog, _)) = &s.watchdog {
         r.register_with_unit(

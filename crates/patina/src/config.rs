@@ -707,6 +707,31 @@ mod tests {
         assert_eq!(c.gossip.tombstone_ttl().as_secs(), 3600);
     }
 
+    /// The examples and the systemd units agree on where the TLS files are: outside the data
+    /// directory (which is private to the unit's dynamic user), in /etc/patina/tls.
+    #[test]
+    fn every_example_reads_its_tls_files_where_the_systemd_units_let_it() {
+        let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it");
+        for role in ["region", "global", "bridge"] {
+            let path = Path::new(&dir).join(format!("../../deploy/{role}.example.toml"));
+            let c = Config::load(Some(&path)).expect("the example is valid");
+            let paths = c.tls_paths().unwrap().expect("TLS on");
+            for file in [&paths.ca, &paths.cert, &paths.key] {
+                assert!(
+                    file.starts_with("/etc/patina/tls"),
+                    "{role}: {}",
+                    file.display()
+                );
+            }
+            let unit = std::fs::read_to_string(
+                Path::new(&dir).join(format!("../../deploy/systemd/patina-{role}.service")),
+            )
+            .unwrap();
+            assert!(unit.contains("ReadOnlyPaths=/etc/patina"), "{role}");
+            assert!(unit.contains("SupplementaryGroups=patina"), "{role}");
+        }
+    }
+
     #[test]
     fn the_global_and_bridge_examples_load() {
         let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it");

@@ -837,6 +837,7 @@ pub(crate) async fn run_agent(
         checks: check_stats,
         occupancy: limits.occupancy,
         bridge: bridge_stats,
+        started: std::time::SystemTime::now(),
     });
     {
         let sources = sources.clone();
