@@ -51,7 +51,10 @@ pub async fn status(s: &Sources) -> Value {
             "self": true,
             "last_seen_ms_ago": 0,
         }));
-        for m in snap.members.iter().take(MAX_ROWS - 1) {
+        // Members that are not alive first: a cut list still shows every one in trouble.
+        let mut others: Vec<&patina_gossip::MemberInfo> = snap.members.iter().collect();
+        others.sort_by_key(|m| m.state == MemberState::Alive);
+        for m in others.into_iter().take(MAX_ROWS - 1) {
             members.push(json!({
                 "node": m.identity.node.to_string(),
                 "address": m.identity.addr.to_string(),
@@ -148,8 +151,20 @@ pub async fn status(s: &Sources) -> Value {
         })
     });
 
+    let (members_total, members_alive) = snapshot.as_ref().map_or((0, 0), |snap| {
+        (
+            snap.members.len() + 1,
+            snap.members
+                .iter()
+                .filter(|m| m.state == MemberState::Alive)
+                .count()
+                + 1,
+        )
+    });
     json!({
         "role": s.role,
+        "members_total": members_total,
+        "members_alive": members_alive,
         "version": env!("CARGO_PKG_VERSION"),
         "region": s.gossip.region(),
         "ready": checks.iter().all(|c| c.ok),

@@ -129,6 +129,13 @@ impl Feed {
         }
     }
 
+    /// Test-only: hold the log's write lock for `d` (blocking the calling thread), as a
+    /// deadlock would; the writer (which appends to it) and every reader stop at it meanwhile.
+    pub(crate) fn hold_log_for(&self, d: std::time::Duration) {
+        let _held = self.log.write();
+        std::thread::sleep(d);
+    }
+
     /// The revision of the latest committed change.
     pub fn revision(&self) -> u64 {
         *self.revision.borrow()

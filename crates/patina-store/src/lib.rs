@@ -1057,6 +1057,15 @@ impl Store {
     }
 
     /// The change feed.
+    /// Test-only fault injection (the watchdog's tests): a thread of its own holds the
+    /// change log's write lock for `d`, as a deadlock would. The writer thread stops at its
+    /// next commit, and every reader of the log with it. Production code never calls this.
+    #[doc(hidden)]
+    pub fn hold_feed_lock(&self, d: std::time::Duration) {
+        let state = self.state.clone();
+        std::thread::spawn(move || state.feed.hold_log_for(d));
+    }
+
     pub fn feed(&self) -> &Feed {
         &self.state.feed
     }

@@ -68,8 +68,41 @@ impl Beat {
     /// The loop turned.
     pub fn stamp(&self) {
         if let Some((s, start)) = &self.state {
+            if BLOCK_ARMED.load(Ordering::Relaxed) {
+                block_if_asked(&s.name);
+            }
             s.last_ms
                 .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Set once a test asked for a loop to block ([`block_loop_after`]): the only cost to every
+/// stamp is this load.
+static BLOCK_ARMED: AtomicBool = AtomicBool::new(false);
+static BLOCK: std::sync::OnceLock<(String, Instant)> = std::sync::OnceLock::new();
+
+/// Test-only fault injection (`PATINA_FAULT=loop-block=NAME,after-ms=N`): the loop named
+/// `name` blocks its thread for good at its first stamp `after` from now, as a deadlock
+/// would. Every watched loop of that name in the process blocks. Production code never calls
+/// this.
+pub fn block_loop_after(name: &str, after: Duration) {
+    if BLOCK.set((name.to_owned(), Instant::now() + after)).is_ok() {
+        BLOCK_ARMED.store(true, Ordering::Relaxed);
+    }
+}
+
+fn block_if_asked(name: &str) {
+    if let Some((blocked, at)) = BLOCK.get()
+        && blocked == name
+        && Instant::now() >= *at
+    {
+        tracing::warn!(
+            name,
+            "PATINA_FAULT: this loop blocks for good (fault injection)"
+        );
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
         }
     }
 }

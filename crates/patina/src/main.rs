@@ -564,6 +564,9 @@ pub(crate) async fn run_agent(
             ));
         });
     }
+    if let Some((name, after)) = loop_block_from_env() {
+        patina_watchdog::block_loop_after(&name, after);
+    }
     if let Some(clock) = stepped_clock_from_env() {
         opts.clock = clock;
     }
@@ -604,6 +607,13 @@ pub(crate) async fn run_agent(
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
         .await?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    if let Some(after) = feed_lock_from_env() {
+        let held = store.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            held.hold_feed_lock(std::time::Duration::from_secs(3600));
+        });
+    }
     if let Role::Bridge(bridge) = &role
         && let Err(why) = patina_global::bridge::check_registration(&store, &bridge.region)
     {
@@ -1024,6 +1034,27 @@ fn fault_from_env() -> Option<patina_gossip::shell::Fault> {
 fn store_stall_from_env() -> Option<std::time::Duration> {
     let v = std::env::var("PATINA_FAULT").ok()?;
     let ms = v.strip_prefix("store-stall-after-ms=")?.parse().ok()?;
+    tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
+    Some(std::time::Duration::from_millis(ms))
+}
+
+/// `PATINA_FAULT=loop-block=NAME,after-ms=N`: N ms after the start, the watched loop NAME
+/// (`docs/operations.md`, "The watchdog") blocks its thread for good at its next stamp (a
+/// stuck loop, for the watchdog's tests).
+fn loop_block_from_env() -> Option<(String, std::time::Duration)> {
+    let v = std::env::var("PATINA_FAULT").ok()?;
+    let (name, after) = v.strip_prefix("loop-block=")?.split_once(",after-ms=")?;
+    let after = std::time::Duration::from_millis(after.parse().ok()?);
+    tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
+    Some((name.to_owned(), after))
+}
+
+/// `PATINA_FAULT=feed-lock-after-ms=N`: N ms after the start, a thread takes the store's
+/// change-log lock and keeps it for an hour (a lock a loop needs, held: the writer stops at
+/// its next commit).
+fn feed_lock_from_env() -> Option<std::time::Duration> {
+    let v = std::env::var("PATINA_FAULT").ok()?;
+    let ms = v.strip_prefix("feed-lock-after-ms=")?.parse().ok()?;
     tracing::warn!(fault = %v, "PATINA_FAULT: fault injection is on (tests only)");
     Some(std::time::Duration::from_millis(ms))
 }

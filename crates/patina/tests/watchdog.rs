@@ -158,6 +158,27 @@ async fn an_agent_whose_store_writer_is_stuck_is_ended_and_dropped_by_its_peers(
     .await;
 }
 
+/// Every other loop of a region agent, blocked in turn (`loop-block`), and a lock the
+/// store's writer needs, held (`feed-lock`): each time, the agent exits with 70 and both peers
+/// drop it and hide its machines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_loop_of_a_region_agent_stuck_in_turn_and_a_held_lock_end_it() {
+    for name in ["checks", "feed_follower", "tombstone_collector", "runtime"] {
+        stuck_loop(
+            ["127.0.0.147", "127.0.0.148", "127.0.0.149"],
+            &format!("loop-block={name},after-ms=4000"),
+            false,
+        )
+        .await;
+    }
+    stuck_loop(
+        ["127.0.0.147", "127.0.0.148", "127.0.0.149"],
+        "feed-lock-after-ms=3500",
+        true,
+    )
+    .await;
+}
+
 /// A pause of the whole process (SIGSTOP for 4 s, as a VM paused or a frozen cgroup) stops
 /// every loop at once: none is stuck, and the watchdog must not end the agent for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
