@@ -185,6 +185,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         let first = until_all(&mut edges, true, Instant::now()).await?;
         eprintln!("  the instance is routed at every global agent after {first:.0} ms");
         let (mut down, mut up, mut base_down, mut base_up) = (vec![], vec![], vec![], vec![]);
+        let bar = crate::harness::progress(o.trials as u64, "trials");
         for t in 0..o.trials {
             // Not in step with the check's runs.
             tokio::time::sleep(Duration::from_millis(300 + (t as u64 * 137) % 500)).await;
@@ -208,15 +209,20 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             })
             .await?;
             base_up.push(until_all(&mut edges, true, wrote).await?);
-            eprintln!(
-                "  trial {}/{}: killed -> out {:.0} ms, restarted -> in {:.0} ms; written stopped -> out {:.0} ms",
-                t + 1,
-                o.trials,
-                down[t],
-                up[t],
-                base_down[t]
+            crate::harness::note(
+                &bar,
+                &format!(
+                    "  trial {}/{}: killed -> out {:.0} ms, restarted -> in {:.0} ms; written stopped -> out {:.0} ms",
+                    t + 1,
+                    o.trials,
+                    down[t],
+                    up[t],
+                    base_down[t]
+                ),
             );
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         server.abort();
         anyhow::Ok((down, up, base_down, base_up))
     });

@@ -192,7 +192,9 @@ async fn region_to_edge(w: &World, events: usize) -> anyhow::Result<(Vec<f64>, V
     rtts.sort_unstable();
     let rtt_us = percentile_us(&rtts, 50.0);
     let (mut down, mut up) = (Vec::new(), Vec::new());
+    let bar = crate::harness::progress(events as u64, "region to every edge");
     for k in 0..events {
+        bar.inc(1);
         let r = k % regions;
         let (region, from) = (region_name(r), region_name((r + 1) % regions));
         for started in [false, true] {
@@ -211,6 +213,7 @@ async fn region_to_edge(w: &World, events: usize) -> anyhow::Result<(Vec<f64>, V
             if started { &mut up } else { &mut down }.push(ms);
         }
     }
+    bar.finish_and_clear();
     Ok((down, up, rtt_us))
 }
 

@@ -658,7 +658,9 @@ async fn bench(
     );
     // Crash to excluded.
     let mut crash = Vec::new();
+    let bar = crate::harness::progress(o.kills as u64, "kills");
     for k in 0..o.kills {
+        bar.inc(1);
         let victim = 2 + k % (n - 2);
         let id = format!("own-{k}");
         {
@@ -703,16 +705,20 @@ async fn bench(
             last = last.max(t.saturating_duration_since(killed));
         }
         crash.push(last.as_secs_f64() * 1e3);
-        println!(
-            "  kill {k}: agent {} excluded everywhere after {:.0} ms",
-            victim + 1,
-            last.as_secs_f64() * 1e3
+        crate::harness::note(
+            &bar,
+            &format!(
+                "  kill {k}: agent {} excluded everywhere after {:.0} ms",
+                victim + 1,
+                last.as_secs_f64() * 1e3
+            ),
         );
         c.agents[victim] = Some(c.start(victim)?);
         c.wait_joined(Duration::from_secs(30)).await?;
         c.watch(victim);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    bar.finish_and_clear();
     crash.sort_by(f64::total_cmp);
     println!(
         "crash to excluded ({} SIGKILLs): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (budget: probe period 200 ms + suspicion minimum 200 ms, then one probe cycle)",

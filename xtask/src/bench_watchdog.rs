@@ -186,11 +186,17 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let mut figures = Vec::new();
     for (name, kind) in kinds {
         let mut ms = Vec::with_capacity(o.trials);
+        let bar = crate::harness::progress(o.trials as u64, name);
         for t in 0..o.trials {
             let took = rt.block_on(trial(&bin, kind))?;
-            eprintln!("  {name}, trial {}/{}: {took:.0} ms", t + 1, o.trials);
+            crate::harness::note(
+                &bar,
+                &format!("  {name}, trial {}/{}: {took:.0} ms", t + 1, o.trials),
+            );
+            bar.inc(1);
             ms.push((took * 1e6) as u64);
         }
+        bar.finish_and_clear();
         ms.sort_unstable();
         let (p50, p99, max) = (
             percentile_us(&ms, 50.0) / 1000.0,

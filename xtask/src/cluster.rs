@@ -122,8 +122,14 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let bin = build_patina()?;
     let root: PathBuf = crate::bench_store::tempdir()?.join("cluster");
     let mut agents = Vec::new();
+    let bar = crate::harness::progress(nodes as u64, "starting agents");
     for i in 0..nodes {
         let a = start_agent(&bin, &root, i, "")?;
+        bar.inc(1);
+        agents.push(a);
+    }
+    bar.finish_and_clear();
+    for (i, a) in agents.iter().enumerate() {
         println!(
             "agent {:>3}: region API {}  gossip udp {}:{GOSSIP_PORT}  data {}",
             i + 1,
@@ -131,7 +137,6 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             ip(i),
             a.dir.display()
         );
-        agents.push(a);
     }
     println!(
         "a region of {} agents is running. Try:\n  patina members --server {}\n  patina machine put --server {} --app web --id web-1 --addr 10.0.0.1:8080\n  patina instances --server {} web\nCtrl-C stops them all.",

@@ -126,6 +126,10 @@ impl World {
                 && (1..=250).contains(&shape.globals),
             "regions 1-200, agents, bridges and global agents 1-250"
         );
+        let bar = crate::harness::progress(
+            (shape.regions * (shape.agents + shape.bridges) + shape.globals) as u64,
+            "starting agents",
+        );
         let table = region_table(shape.regions, shape.stale_after_secs);
         let names: Vec<String> = (0..shape.regions).map(region_name).collect();
         let secure = shape.secure.then(|| Secure::new(&names));
@@ -153,6 +157,7 @@ impl World {
                 let agent = Agent::start_role(bin, "region", &dir, &config)
                     .with_context(|| format!("starting agent {} of {name}", i + 1))?;
                 agents.push(reached(sec, agent));
+                bar.inc(1);
             }
             regions.push(agents);
         }
@@ -170,6 +175,7 @@ impl World {
             let agent = Agent::start_role(bin, "global", &dir, &config)
                 .with_context(|| format!("starting global agent {}", g + 1))?;
             globals.push(reached(sec, agent));
+            bar.inc(1);
         }
         let mut bridges = Vec::new();
         for (r, agents) in regions.iter().enumerate() {
@@ -192,9 +198,11 @@ impl World {
                 let agent = Agent::start_role(bin, "bridge", &dir, &config)
                     .with_context(|| format!("starting bridge {} of {name}", b + 1))?;
                 mine.push(reached(sec, agent));
+                bar.inc(1);
             }
             bridges.push(mine);
         }
+        bar.finish_and_clear();
         Ok(World {
             regions,
             bridges,
