@@ -20,19 +20,9 @@ pub struct Options {
 
 impl Options {
     pub fn parse(args: &[&str]) -> anyhow::Result<Options> {
-        let mut o = Options { trials: 10 };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let v: usize = it.next().context("missing value")?.parse()?;
-            match *a {
-                "--trials" => o.trials = v,
-                other => bail!("unknown option {other}"),
-            }
-        }
-        if o.trials < 1 {
-            bail!("--trials at least 1");
-        }
-        Ok(o)
+        Ok(Options {
+            trials: crate::harness::parse_trials(args, 10)?,
+        })
     }
 }
 

@@ -117,3 +117,21 @@ pub fn note(bar: &indicatif::ProgressBar, line: &str) {
         bar.println(line);
     }
 }
+
+/// `--trials N` (at least 1; `default` without it), the only option of the trial benchmarks.
+pub fn parse_trials(args: &[&str], default: usize) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    let mut trials = default;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v: usize = it.next().context("missing value")?.parse()?;
+        match *a {
+            "--trials" => trials = v,
+            other => bail!("unknown option {other}"),
+        }
+    }
+    if trials < 1 {
+        bail!("--trials at least 1");
+    }
+    Ok(trials)
+}

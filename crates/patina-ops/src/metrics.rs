@@ -133,10 +133,7 @@ pub fn classic_text(openmetrics: &str) -> String {
 /// The exposition as of now (OpenMetrics text).
 pub async fn scrape(s: &Sources) -> String {
     let status = ready::status(s).await;
-    let snapshot = tokio::time::timeout(crate::LOOP_ANSWER, s.gossip.snapshot())
-        .await
-        .ok()
-        .flatten();
+    let snapshot = ready::snapshot(s).await;
     let view = s.gossip.view();
     let mut r = Registry::with_prefix("patina");
 

@@ -49,6 +49,14 @@ pub async fn status(s: &Sources) -> Option<ClusterStatusResponse> {
         .flatten()
 }
 
+/// The gossip loop's membership, if it answers within [`LOOP_ANSWER`].
+pub async fn snapshot(s: &Sources) -> Option<patina_gossip::shell::Snapshot> {
+    tokio::time::timeout(LOOP_ANSWER, s.gossip.snapshot())
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Whether the agent's loops turn: each loop the watchdog sees stamped within its budget,
 /// the gossip loop answers, the store has not failed.
 pub async fn live(s: &Sources) -> Vec<Check> {

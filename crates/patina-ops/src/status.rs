@@ -31,10 +31,7 @@ fn state_name(s: MemberState) -> &'static str {
 /// The status as of now.
 pub async fn status(s: &Sources) -> Value {
     let cluster = ready::status(s).await;
-    let snapshot = tokio::time::timeout(crate::LOOP_ANSWER, s.gossip.snapshot())
-        .await
-        .ok()
-        .flatten();
+    let snapshot = ready::snapshot(s).await;
     let view = s.gossip.view();
     let checks = ready::evaluate(s, cluster.as_ref(), view.as_ref());
     let view = s.gossip.view_message();

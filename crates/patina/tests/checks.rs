@@ -137,8 +137,7 @@ async fn an_instance_whose_checks_fail_leaves_every_global_agent_and_comes_back(
     let db = tcp_server(DB).await;
 
     // Written without a health: critical until its first check passes, then passing.
-    let first = upsert(
-        &ord1,
+    let web_machine = || {
         checked(
             "web-1",
             "web",
@@ -148,9 +147,9 @@ async fn an_instance_whose_checks_fail_leaves_every_global_agent_and_comes_back(
                 path: "/health".into(),
                 expect_status: 0,
             }),
-        ),
-    )
-    .await;
+        )
+    };
+    let first = upsert(&ord1, web_machine()).await;
     assert_eq!(first.health, Health::Critical as i32, "starts critical");
     upsert(
         &ord1,
@@ -186,16 +185,7 @@ async fn an_instance_whose_checks_fail_leaves_every_global_agent_and_comes_back(
 
     // The orchestrator writes the machine again, without a health, while it is critical: its
     // change stands and the health its checks gave it is kept.
-    let mut again = checked(
-        "web-1",
-        "web",
-        WEB,
-        check::Target::Http(HttpCheck {
-            port: 0,
-            path: "/health".into(),
-            expect_status: 0,
-        }),
-    );
+    let mut again = web_machine();
     again.metadata.insert("image".into(), "v2".into());
     let written = upsert(&ord1, again).await;
     assert_eq!(written.health, Health::Critical as i32, "kept critical");
