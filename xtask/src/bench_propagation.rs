@@ -592,6 +592,7 @@ async fn bench(
     }
     if !metrics {
         sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = sampler.await;
         for w in &c.watchers {
             w.abort();
         }

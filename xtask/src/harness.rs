@@ -109,10 +109,10 @@ pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
     bar
 }
 
-/// A line for the reader: above the bar on a terminal, else on standard error as is.
+/// A line for the reader: above the bar on a terminal, else on standard output as is.
 pub fn note(bar: &indicatif::ProgressBar, line: &str) {
     if bar.is_hidden() {
-        eprintln!("{line}");
+        println!("{line}");
     } else {
         bar.println(line);
     }

@@ -48,7 +48,8 @@ pub async fn status(s: &Sources) -> Value {
             "self": true,
             "last_seen_ms_ago": 0,
         }));
-        // Members that are not alive first: a cut list still shows every one in trouble.
+        // Members that are not alive first: a cut list shows those in trouble before the
+        // rest (all of them while fewer than MAX_ROWS are).
         let mut others: Vec<&patina_gossip::MemberInfo> = snap.members.iter().collect();
         others.sort_by_key(|m| m.state == MemberState::Alive);
         for m in others.into_iter().take(MAX_ROWS - 1) {

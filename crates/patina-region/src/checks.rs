@@ -191,6 +191,7 @@ pub async fn run(
         warned_untracked: false,
         skipped: std::collections::BTreeSet::new(),
         retry_at: HashMap::new(),
+        next_retry: None,
         failed_writes: 0,
         warned_at: None,
     };
@@ -303,6 +304,8 @@ struct Runner {
     skipped: std::collections::BTreeSet<String>,
     /// Judgements whose write failed, and when to try again.
     retry_at: HashMap<String, Instant>,
+    /// The earliest of those (the map is scanned only once it is due).
+    next_retry: Option<Instant>,
     /// Failed writes since the last warning, and when it was logged.
     failed_writes: u64,
     warned_at: Option<Instant>,
@@ -317,6 +320,7 @@ impl Runner {
                     self.dirty.clear();
                     self.skipped.clear();
                     self.retry_at.clear();
+                    self.next_retry = None;
                 }
                 for e in &entries {
                     self.observe(e);
@@ -348,6 +352,10 @@ impl Runner {
     /// Judgements whose retry is due are compared with their record again.
     fn retries_due(&mut self) {
         let now = Instant::now();
+        if self.next_retry.is_none_or(|at| at > now) {
+            return;
+        }
+        self.next_retry = None;
         let due: Vec<String> = self
             .retry_at
             .iter()
@@ -358,6 +366,7 @@ impl Runner {
             self.retry_at.remove(&id);
             self.dirty.insert(id);
         }
+        self.next_retry = self.retry_at.values().min().copied();
     }
 
     fn publish_counts(&self) {
@@ -618,12 +627,10 @@ impl Runner {
                 self.dirty.insert(id);
             }
             // A newer write (the orchestrator's, a deletion) came first: the feed brings it,
-            // and the judgement is written again over it if it still differs.
-            Err(StoreError::Changed(_) | StoreError::Stale(_) | StoreError::NotFound(_)) => {
-                self.dirty.insert(id);
-            }
-            // Anything else (the clock fence, a full disk, a full queue): again after a
-            // pause, logged at most every WARN_EVERY.
+            // and the judgement is compared with it then (`observe`).
+            Err(StoreError::Changed(_) | StoreError::NotFound(_)) => {}
+            // Anything else (the clock fence, a full disk, a full queue, a version this
+            // store would not take): again after a pause, logged at most every WARN_EVERY.
             Err(e) => {
                 self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                 self.failed_writes += 1;
@@ -637,7 +644,9 @@ impl Runner {
                     self.failed_writes = 0;
                 }
                 if self.machines.contains_key(&id) {
-                    self.retry_at.insert(id, now + RETRY_AFTER);
+                    let at = now + RETRY_AFTER;
+                    self.next_retry = Some(self.next_retry.map_or(at, |n| n.min(at)));
+                    self.retry_at.insert(id, at);
                 }
             }
         }
@@ -657,13 +666,19 @@ impl Probe {
 /// service lives there), multicast, broadcast or unspecified; loopback only when allowed.
 pub fn refused_target(addr: SocketAddr, allow_loopback: bool) -> Option<String> {
     let ip = addr.ip().to_canonical();
-    let link_local = match ip {
-        std::net::IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
-        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    let refused = match ip {
+        // 0.0.0.0/8 ("this network"), link-local (169.254/16: clouds' metadata services),
+        // broadcast.
+        std::net::IpAddr::V4(v4) => v4.octets()[0] == 0 || v4.is_link_local() || v4.is_broadcast(),
+        // Link-local (fe80::/10), and AWS's IPv6 metadata service (fd00:ec2::254).
+        std::net::IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
     };
-    if ip.is_unspecified() || ip.is_multicast() || link_local {
+    if ip.is_unspecified() || ip.is_multicast() || refused {
         return Some(format!(
-            "{addr}: checks never probe link-local, multicast, broadcast or unspecified addresses"
+            "{addr}: checks never probe link-local, metadata-service, multicast, broadcast or unspecified addresses"
         ));
     }
     if ip.is_loopback() && !allow_loopback {
@@ -861,6 +876,8 @@ mod tests {
             "224.0.0.1:80",
             "255.255.255.255:80",
             "[::ffff:169.254.169.254]:80",
+            "[fd00:ec2::254]:80",
+            "0.1.2.3:80",
         ] {
             assert!(refused_target(at(bad), true).is_some(), "{bad}");
         }

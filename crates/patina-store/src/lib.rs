@@ -1056,7 +1056,6 @@ impl Store {
             .page(group, filter, &down, after, limit, max_scan)
     }
 
-    /// The change feed.
     /// Test-only fault injection (the watchdog's tests): a thread of its own holds the
     /// change log's write lock for `d`, as a deadlock would. The writer thread stops at its
     /// next commit, and every reader of the log with it. Production code never calls this.
@@ -1066,6 +1065,7 @@ impl Store {
         std::thread::spawn(move || state.feed.hold_log_for(d));
     }
 
+    /// The change feed.
     pub fn feed(&self) -> &Feed {
         &self.state.feed
     }

@@ -193,6 +193,8 @@ async fn start_world(
     ip: std::net::IpAddr,
 ) -> anyhow::Result<()> {
     let mut base = base.clone();
+    // Everything in the dev world serves on this host: machines' checks may probe loopback.
+    base.checks.allow_loopback = true;
     base.global.regions = REGIONS
         .iter()
         .map(|(name, lat, lon)| patina_edge::RegionSpec {

@@ -155,15 +155,19 @@ fn kubernetes_manifests_validate_and_their_configs_start_agents() {
         .iter()
         .map(|m| std::fs::read_to_string(m).unwrap())
         .collect();
-    for wired in [
-        "httpGet: {path: /livez",
-        "httpGet: {path: /readyz",
-        "replicas: 2",
-        "hostNetwork: true",
-        "runAsNonRoot: true",
-        "mountPath: /tmp",
-    ] {
-        assert!(all.contains(wired), "{wired}");
+    assert!(all.contains("replicas: 2"), "bridges: 2 replicas");
+    // Each workload: its probes, host networking, non-root, a writable /tmp.
+    for m in manifests.iter().filter(|m| !m.ends_with("namespace.yaml")) {
+        let text = std::fs::read_to_string(m).unwrap();
+        for wired in [
+            "httpGet: {path: /livez",
+            "httpGet: {path: /readyz",
+            "hostNetwork: true",
+            "runAsNonRoot: true",
+            "mountPath: /tmp",
+        ] {
+            assert!(text.contains(wired), "{}: {wired}", m.display());
+        }
     }
     // Every ConfigMap's configuration starts its agent (with what the pod's environment
     // gives it, on loopback, TLS off: the test holds no certificates).

@@ -56,6 +56,14 @@ async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
     let root = tempfile::tempdir().unwrap();
     let a = member(root.path(), 0, ips[0], &[], &[]);
     let b = member(root.path(), 1, ips[1], &[ips[0].to_owned()], &[]);
+    // The fault is armed `after` the victim's own start, which is after this instant: times
+    // measured from here plus `after` are upper bounds.
+    let after: u64 = fault
+        .rsplit('=')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .expect("the fault's after-ms");
+    let spawned = Instant::now();
     let mut victim = member(
         root.path(),
         2,
@@ -68,7 +76,6 @@ async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
             ("PATINA_WATCHDOG__FATAL_MS", "2500"),
         ],
     );
-    let started = Instant::now();
     for (i, agent) in [&a, &b, &victim].into_iter().enumerate() {
         let mut client = agent.client().await;
         client
@@ -85,9 +92,18 @@ async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
         .await;
         assert!(joined.is_some(), "the region did not form before the fault");
     }
-    let fault_at = started + Duration::from_millis(4000);
+    let mut fault_at = spawned + Duration::from_millis(after);
+    assert!(
+        Instant::now() < fault_at,
+        "{fault}: the region took too long to form ({:?} after the victim's spawn)",
+        spawned.elapsed()
+    );
     tokio::time::sleep_until(fault_at.into()).await;
     if write_to_trigger {
+        // The fault strikes at the next group commit once armed: a second past its arming,
+        // a write gives it one, and the fault is then.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        fault_at = Instant::now();
         // The stall strikes the next group commit: a write gives it one (it never answers).
         let url = victim.url.clone();
         tokio::spawn(async move {
@@ -130,6 +146,12 @@ async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
         status.code(),
         Some(70),
         "{fault}: the watchdog's exit status"
+    );
+    // The bound: the stuck agent is gone within 5 s (its peers' view follows within
+    // SWIM's detection; `cargo xtask bench watchdog` measures that, p50 and p99).
+    assert!(
+        exit_after < Duration::from_secs(5),
+        "{fault}: exited {exit_after:?} after the fault"
     );
     eprintln!(
         "{fault}: the stuck agent exited after {exit_after:?}; out of the cluster, its machines hidden, at its peers after {:?} and {:?}",

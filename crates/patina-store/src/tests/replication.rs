@@ -925,6 +925,7 @@ fn a_successor_write_never_beats_a_later_write_or_deletion() {
     };
     rt.block_on(host.apply(records(vec![ahead.clone()])))
         .unwrap();
+    assert!(host.get_live("m2").is_some(), "the record ahead is held");
     let err = rt
         .block_on(host.write(vec![LocalWrite::PutAfter {
             key: "m2".into(),
