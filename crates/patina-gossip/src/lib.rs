@@ -9,7 +9,8 @@
 //! - [`node`]: the sans-IO node (membership, Lifeguard-style health, dissemination, when to
 //!   sync);
 //! - [`sync`]: what anti-entropy sends, from two digests;
-//! - [`replica`]: what the node learns from its store (its own changes, a commit's knowledge).
+//! - [`replica`]: what the node learns from its store (its own changes, a commit's knowledge);
+//! - [`coords`]: network coordinates (Vivaldi) from measured round trips.
 //!
 //! Architecture invariant: the core knows nothing of tokio, SQLite, gRPC or the wall clock:
 //! inputs come in as method calls with the time passed in, outputs go out as values
@@ -17,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod coords;
 pub mod envelope;
 pub mod identity;
 pub mod keyring;
