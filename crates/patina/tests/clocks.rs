@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Agent, GOSSIP_PORT, machine};
+use common::{Agent, machine};
 use patina_proto::v1::{UpsertMachineRequest, WatchRequest, WhoamiRequest};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -23,24 +23,8 @@ fn ip(i: usize) -> String {
 }
 
 fn start(root: &std::path::Path, i: usize, seeds: &[usize], env: &[(&str, &str)]) -> Agent {
-    let seeds: Vec<String> = seeds
-        .iter()
-        .map(|s| format!("\"{}:{GOSSIP_PORT}\"", ip(*s)))
-        .collect();
-    let config = format!(
-        "region = \"test\"\nhost = \"worker-{i}\"\nlisten = \"{}:0\"\nlog = \"warn\"\n[gossip]\nlisten = \"{}:{GOSSIP_PORT}\"\nseeds = [{}]\n",
-        ip(i),
-        ip(i),
-        seeds.join(", ")
-    );
-    Agent::start_role_env(
-        common::bin(),
-        "region",
-        &root.join(format!("agent{i}")),
-        &config,
-        env,
-    )
-    .expect("start an agent")
+    let seeds: Vec<String> = seeds.iter().map(|s| ip(*s)).collect();
+    common::start_member_env(root, i, &ip(i), &seeds, env)
 }
 
 async fn put(agent: &Agent, id: &str) -> Result<(), tonic::Status> {

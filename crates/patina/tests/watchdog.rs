@@ -10,28 +10,6 @@ use std::time::{Duration, Instant};
 use common::Agent;
 use patina_proto::v1::{ListInstancesRequest, UpsertMachineRequest};
 
-/// Agent `i` of the region on `ip`, seeded by `seeds`, with `env`.
-fn member(
-    root: &std::path::Path,
-    i: usize,
-    ip: &str,
-    seeds: &[String],
-    env: &[(&str, &str)],
-) -> Agent {
-    let config = format!(
-        "region = \"test\"\nhost = \"worker-{i}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}",
-        common::gossip_table(ip, seeds)
-    );
-    Agent::start_role_env(
-        common::bin(),
-        "region",
-        &root.join(format!("agent{i}")),
-        &config,
-        env,
-    )
-    .expect("start an agent")
-}
-
 /// Machines of app `web` `agent` lists (hidden ones left out).
 async fn listed(agent: &Agent) -> usize {
     let Ok(mut client) = tokio::time::timeout(Duration::from_secs(2), agent.client()).await else {
@@ -54,8 +32,8 @@ async fn listed(agent: &Agent) -> usize {
 /// after the fault each took.
 async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
     let root = tempfile::tempdir().unwrap();
-    let a = member(root.path(), 0, ips[0], &[], &[]);
-    let b = member(root.path(), 1, ips[1], &[ips[0].to_owned()], &[]);
+    let a = common::start_member(root.path(), 0, ips[0], &[]);
+    let b = common::start_member(root.path(), 1, ips[1], &[ips[0].to_owned()]);
     // The fault is armed `after` the victim's own start, which is after this instant: times
     // measured from here plus `after` are upper bounds.
     let after: u64 = fault
@@ -64,7 +42,7 @@ async fn stuck_loop(ips: [&str; 3], fault: &str, write_to_trigger: bool) {
         .and_then(|ms| ms.parse().ok())
         .expect("the fault's after-ms");
     let spawned = Instant::now();
-    let mut victim = member(
+    let mut victim = common::start_member_env(
         root.path(),
         2,
         ips[2],

@@ -751,6 +751,19 @@ mod registration_tests {
         decode_summary(store.get_live(key).unwrap().value().unwrap()).unwrap()
     }
 
+    /// One registration pass of a bridge of ord whose view is at 5, unwatched.
+    async fn register_at_view_5(store: &Store, signer: &Signer, reg: &mut Registration) -> bool {
+        register(
+            store,
+            "ord",
+            signer,
+            5,
+            reg,
+            &patina_watchdog::Beat::detached(),
+        )
+        .await
+    }
+
     /// A certificate record written before records were signed is published again, signed;
     /// a signed one is left alone; after a rotation, the summaries the old key signed are
     /// signed again with the new one.
@@ -823,17 +836,7 @@ mod registration_tests {
         };
         let version = |key: &str| store.get_live(key).unwrap().version();
         let web_version = version("web/ord");
-        assert!(
-            register(
-                &store,
-                "ord",
-                &signer,
-                5,
-                &mut reg,
-                &patina_watchdog::Beat::detached()
-            )
-            .await
-        );
+        assert!(register_at_view_5(&store, &signer, &mut reg).await);
         assert!(!reg.resign_pending);
         let cert = held_cert(&store);
         assert!(cert.published_hlc > 1);
@@ -841,17 +844,7 @@ mod registration_tests {
             patina_edge::signed::certificate_message(me.0, cert.published_hlc, &cert.certificate);
         assert_eq!(first.signed(&message, &cert.signature), Ok(()));
         // Signed now: the next pass writes nothing.
-        assert!(
-            !register(
-                &store,
-                "ord",
-                &signer,
-                5,
-                &mut reg,
-                &patina_watchdog::Beat::detached()
-            )
-            .await
-        );
+        assert!(!register_at_view_5(&store, &signer, &mut reg).await);
         assert_eq!(held_cert(&store), cert);
         // The summary the key signed was left alone; the other one was signed again.
         assert_eq!(version("web/ord"), web_version);
@@ -862,17 +855,7 @@ mod registration_tests {
 
         // A rotated leaf: a new record and heartbeat, then the summaries signed again.
         let signer = next;
-        assert!(
-            register(
-                &store,
-                "ord",
-                &signer,
-                5,
-                &mut reg,
-                &patina_watchdog::Beat::detached()
-            )
-            .await
-        );
+        assert!(register_at_view_5(&store, &signer, &mut reg).await);
         assert!(!reg.resign_pending);
         assert_eq!(held_cert(&store).certificate, second.certificate());
         let resigned = held_summary(&store, "web/ord");

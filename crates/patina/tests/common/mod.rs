@@ -29,13 +29,27 @@ pub const GOSSIP_PORT: u16 = 7946;
 /// API on a fresh port of `ip`, gossip on `ip:GOSSIP_PORT`, joined through the agents at
 /// `seeds` (IPs).
 pub fn start_member(root: &Path, i: usize, ip: &str, seeds: &[String]) -> Agent {
-    let extra = gossip_table(ip, seeds);
-    Agent::start_host(
-        Path::new(env!("CARGO_BIN_EXE_patina")),
+    start_member_env(root, i, ip, seeds, &[])
+}
+
+/// [`start_member`] with `env` added to the agent's environment.
+pub fn start_member_env(
+    root: &Path,
+    i: usize,
+    ip: &str,
+    seeds: &[String],
+    env: &[(&str, &str)],
+) -> Agent {
+    let config = format!(
+        "region = \"test\"\nhost = \"worker-{i}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}",
+        gossip_table(ip, seeds)
+    );
+    Agent::start_role_env(
+        bin(),
+        "region",
         &root.join(format!("agent{i}")),
-        ip,
-        &format!("worker-{i}"),
-        &extra,
+        &config,
+        env,
     )
     .expect("start patina")
 }
