@@ -185,6 +185,7 @@ pub async fn run(
         config,
         stats,
         machines: HashMap::new(),
+        checks: 0,
         dirty: HashSet::new(),
         due: BinaryHeap::new(),
         generation: 0,
@@ -294,6 +295,9 @@ struct Runner {
     config: CheckerConfig,
     stats: Arc<CheckStats>,
     machines: HashMap<String, Tracked>,
+    /// Checks of those machines (kept as they change: the counts are published on every
+    /// change the feed brings).
+    checks: usize,
     /// Machines whose judgement or record changed since their judgement was last compared
     /// with their record.
     dirty: HashSet<String>,
@@ -317,6 +321,7 @@ impl Runner {
             WatchItem::Snapshot { reset, entries } => {
                 if reset {
                     self.machines.clear();
+                    self.checks = 0;
                     self.dirty.clear();
                     self.skipped.clear();
                     self.retry_at.clear();
@@ -376,10 +381,16 @@ impl Runner {
         self.stats
             .untracked
             .store(self.skipped.len() as u64, Ordering::Relaxed);
-        self.stats.checks.store(
-            self.machines.values().map(|t| t.checks.len() as u64).sum(),
-            Ordering::Relaxed,
-        );
+        self.stats
+            .checks
+            .store(self.checks as u64, Ordering::Relaxed);
+    }
+
+    /// Stop checking `key`'s machine, if it was checked.
+    fn untrack(&mut self, key: &str) {
+        if let Some(t) = self.machines.remove(key) {
+            self.checks -= t.checks.len();
+        }
     }
 
     /// A record's new state: start, change or stop checking its machine.
@@ -396,11 +407,11 @@ impl Runner {
             .and_then(|v| Machine::decode(v).ok())
             .filter(|m| m.host == self.host && !m.checks.is_empty() && checked_state(m.state));
         let Some(machine) = machine else {
-            self.machines.remove(key);
+            self.untrack(key);
             return;
         };
         let Some(specs) = specs(&machine) else {
-            self.machines.remove(key);
+            self.untrack(key);
             return;
         };
         let version = e.version();
@@ -447,7 +458,7 @@ impl Runner {
                 generation,
             }));
         }
-        let checks = specs
+        let checks: Vec<CheckState> = specs
             .into_iter()
             .map(|spec| CheckState {
                 spec,
@@ -457,6 +468,8 @@ impl Runner {
             })
             .collect();
         let writing = self.machines.get(key).is_some_and(|t| t.writing);
+        self.untrack(key);
+        self.checks += checks.len();
         self.machines.insert(
             key.to_owned(),
             Tracked {
