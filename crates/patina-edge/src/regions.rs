@@ -26,7 +26,16 @@ pub struct RegionSpec {
     /// Measured round trips to other regions, in milliseconds; they win over coordinates.
     #[serde(default)]
     pub rtt_ms: BTreeMap<String, u32>,
+    /// Where clients outside the region reach its apps: "ip:port" addresses of its ingress
+    /// (load balancers, gateway proxies), at most 16. A global agent's xDS endpoints and DNS
+    /// answers for an app are its regions' ingress addresses; a region without any is left
+    /// out of them (lookups still list it).
+    #[serde(default)]
+    pub ingress: Vec<String>,
 }
+
+/// Most ingress addresses a region may list.
+pub const MAX_INGRESS: usize = 16;
 
 /// Kilometres of great-circle distance per millisecond of round trip (light in fibre goes
 /// about 200 km per ms one way).
@@ -62,6 +71,21 @@ impl RegionTable {
                     return Err(format!("region {}: rtt_ms names {other:?}", s.name));
                 }
             }
+            if s.ingress.len() > MAX_INGRESS {
+                return Err(format!(
+                    "region {}: {} ingress addresses, at most {MAX_INGRESS}",
+                    s.name,
+                    s.ingress.len()
+                ));
+            }
+            for a in &s.ingress {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!(
+                        "region {}: ingress {a:?} is not an \"ip:port\" (\"[v6]:port\") address",
+                        s.name
+                    ));
+                }
+            }
             let name = s.name.clone();
             if map.insert(name.clone(), s).is_some() {
                 return Err(format!("region {name}: listed twice"));
@@ -76,6 +100,11 @@ impl RegionTable {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.specs.keys().map(String::as_str)
+    }
+
+    /// A region's ingress addresses ("ip:port"), as configured.
+    pub fn ingress(&self, region: &str) -> &[String] {
+        self.specs.get(region).map_or(&[], |s| s.ingress.as_slice())
     }
 
     /// The round trip between two regions in milliseconds, when the table can tell.
@@ -126,6 +155,7 @@ mod tests {
             lat: Some(lat),
             lon: Some(lon),
             rtt_ms: BTreeMap::new(),
+            ingress: Vec::new(),
         }
     }
 

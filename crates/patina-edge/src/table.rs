@@ -130,6 +130,63 @@ pub struct Table {
     generation: AtomicU64,
     summaries: AtomicU64,
     refused: AtomicU64,
+    /// Set once someone follows the table's changes (an xDS server); `None` costs nothing.
+    changes: std::sync::OnceLock<Arc<Changes>>,
+}
+
+/// What changed in a [`Table`] since it was last taken: the apps whose regions changed (each
+/// with whether it existed before the first of those changes), and whether every app's
+/// answer may have changed (a region went stale or fresh, the regions' order changed).
+/// Bounded by the number of apps in the table.
+#[derive(Debug, Default)]
+pub struct Changes {
+    inner: Mutex<ChangedApps>,
+    notify: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct ChangedApps {
+    apps: HashMap<Box<str>, bool>,
+    everything: bool,
+}
+
+/// One take of [`Changes`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Apps, each with whether it existed before it changed.
+    pub apps: Vec<(Box<str>, bool)>,
+    pub everything: bool,
+}
+
+impl Changes {
+    fn app(&self, app: &str, existed: bool) {
+        let mut c = self.inner.lock().expect("changes lock");
+        if !c.apps.contains_key(app) {
+            c.apps.insert(app.into(), existed);
+        }
+        drop(c);
+        self.notify.notify_one();
+    }
+
+    fn everything(&self) {
+        self.inner.lock().expect("changes lock").everything = true;
+        self.notify.notify_one();
+    }
+
+    /// Wait until something changed (at once if something did since the last take).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// What changed since the last take.
+    pub fn take(&self) -> Changed {
+        let mut c = self.inner.lock().expect("changes lock");
+        let taken = std::mem::take(&mut *c);
+        Changed {
+            apps: taken.apps.into_iter().collect(),
+            everything: taken.everything,
+        }
+    }
 }
 
 /// A region as the table sees it ([`Table::region_states`]).
@@ -169,6 +226,7 @@ impl Table {
             generation: AtomicU64::new(0),
             summaries: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            changes: std::sync::OnceLock::new(),
         };
         {
             // The configured regions at once, ordered once.
@@ -183,6 +241,27 @@ impl Table {
 
     pub fn region_table(&self) -> &RegionTable {
         &self.table
+    }
+
+    /// Start keeping [`Changes`] (the same for every caller).
+    pub fn track_changes(&self) -> Arc<Changes> {
+        self.changes.get_or_init(Arc::default).clone()
+    }
+
+    /// Whether the app has instances in some region (stale or not).
+    pub fn app_exists(&self, app: &str) -> bool {
+        self.apps
+            .get(app)
+            .is_some_and(|slots| slots.iter().any(|s| s.total > 0))
+    }
+
+    /// Every app with instances in some region.
+    pub fn app_names(&self) -> Vec<Arc<str>> {
+        self.apps
+            .iter()
+            .filter(|e| e.value().iter().any(|s| s.total > 0))
+            .map(|e| Arc::from(&**e.key()))
+            .collect()
     }
 
     /// A region's name.
@@ -290,6 +369,10 @@ impl Table {
         };
         let mut entry = self.apps.entry(s.app.into()).or_default();
         let slots = entry.value_mut();
+        let existed = slots.iter().any(|x| x.total > 0);
+        let changed = !slots
+            .iter()
+            .any(|x| x.region == region && x.healthy == s.healthy && x.total == s.total);
         match slots.iter().position(|x| x.region == region) {
             Some(i) => slots[i] = slot,
             None => {
@@ -300,6 +383,10 @@ impl Table {
                 self.summaries.fetch_add(1, Ordering::Relaxed);
             }
         }
+        drop(entry);
+        if changed && let Some(c) = self.changes.get() {
+            c.app(s.app, existed);
+        }
         Ok(())
     }
 
@@ -308,10 +395,12 @@ impl Table {
         let Some(region) = self.region_id(region) else {
             return;
         };
+        let mut existed = None;
         let emptied = match self.apps.get_mut(app) {
             Some(mut entry) => {
                 let slots = entry.value_mut();
                 if let Some(i) = slots.iter().position(|x| x.region == region) {
+                    existed = Some(slots.iter().any(|x| x.total > 0));
                     let mut v = slots.to_vec();
                     v.swap_remove(i);
                     *slots = v.into_boxed_slice();
@@ -321,6 +410,9 @@ impl Table {
             }
             None => false,
         };
+        if let (Some(existed), Some(c)) = (existed, self.changes.get()) {
+            c.app(app, existed);
+        }
         if emptied {
             self.apps.remove_if(app, |_, s| s.is_empty());
         }
@@ -386,8 +478,13 @@ impl Table {
     pub fn end_snapshot(&self, bridges: &std::collections::HashSet<u64>) {
         let generation = self.generation.load(Ordering::Relaxed) as u16;
         let mut removed = 0u64;
-        self.apps.retain(|_, slots| {
+        let mut touched = Vec::new();
+        let tracking = self.changes.get().is_some();
+        self.apps.retain(|app, slots| {
             if slots.iter().any(|s| s.generation != generation) {
+                if tracking {
+                    touched.push((app.clone(), slots.iter().any(|s| s.total > 0)));
+                }
                 let kept: Vec<Slot> = slots
                     .iter()
                     .copied()
@@ -399,6 +496,11 @@ impl Table {
             !slots.is_empty()
         });
         self.summaries.fetch_sub(removed, Ordering::Relaxed);
+        if let Some(c) = self.changes.get() {
+            for (app, existed) in touched {
+                c.app(&app, existed);
+            }
+        }
         let gone: Vec<u64> = {
             let b = self.bridges.lock().expect("bridges lock");
             b.keys().filter(|k| !bridges.contains(k)).copied().collect()
@@ -482,8 +584,27 @@ impl Table {
             .unwrap_or(0);
         let newest = bridges.values().map(|(_, ms)| *ms).max().unwrap_or(0);
         let mut regions = self.regions.write().expect("regions lock");
+        let before = self.changes.get().map(|_| self.stale_set(&regions));
         regions.fresh_ms[region as usize] = fresh;
         regions.newest_ms = newest;
+        if let (Some(before), Some(c)) = (before, self.changes.get())
+            && before != self.stale_set(&regions)
+        {
+            c.everything();
+        }
+    }
+
+    /// Which regions lookups leave out as stale now.
+    fn stale_set(&self, regions: &Regions) -> Vec<bool> {
+        let Some(d) = self.stale_after else {
+            return Vec::new();
+        };
+        let after = regions.newest_ms.saturating_sub(d.as_millis() as u64);
+        regions
+            .fresh_ms
+            .iter()
+            .map(|&f| f == 0 || f < after)
+            .collect()
     }
 
     /// The id of `name`, interning it (and recomputing the orders) when it is new.

@@ -109,7 +109,14 @@ pub struct ClusterServices {
     /// The agent's readiness (`/readyz`), which gRPC health follows: NOT_SERVING while it is
     /// false (`None`: health follows the clock alone).
     pub ready: Option<tokio::sync::watch::Receiver<bool>>,
+    /// More services on the API listener (the xDS server), given the agent's stopping
+    /// signal.
+    pub extra: Option<AddService>,
 }
+
+/// Adds a service to the API's router; given the signal that the agent is stopping.
+pub type AddService =
+    Box<dyn FnOnce(ApiRouter, tokio::sync::watch::Receiver<bool>) -> ApiRouter + Send>;
 
 /// Serve the region API, health and reflection (and the cluster's services, when given) on
 /// `listener`, within `limits`, until `shutdown` resolves or the store fails.
@@ -167,9 +174,9 @@ pub async fn serve_with(
     add: impl FnOnce(ApiRouter, tokio::sync::watch::Receiver<bool>) -> ApiRouter,
     shutdown: impl Future<Output = Stopped> + Send,
 ) -> Result<(), ServeError> {
-    let (sync, admin, ready) = match cluster {
-        Some(c) => (Some(c.sync), Some(c.admin), c.ready),
-        None => (None, None, None),
+    let (sync, admin, ready, extra) = match cluster {
+        Some(c) => (Some(c.sync), Some(c.admin), c.ready, c.extra),
+        None => (None, None, None, None),
     };
     let local: Option<SocketAddr> = listener.local_addr().ok();
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
@@ -260,6 +267,10 @@ pub async fn serve_with(
         .add_optional_service(sync)
         .add_optional_service(admin);
     let router = add(served, stopping.clone());
+    let router = match extra {
+        Some(extra) => extra(router, stopping.clone()),
+        None => router,
+    };
     let shutdown = async move {
         let mut not_serving = async || {
             // Ended before the status is set: a readiness check running on another

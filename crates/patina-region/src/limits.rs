@@ -34,6 +34,8 @@ pub struct Limits {
 pub struct Counts {
     pub connections: AtomicI64,
     pub watches: AtomicI64,
+    /// xDS (ADS) streams.
+    pub xds_streams: AtomicI64,
 }
 
 /// A handle on an agent's [`Counts`] (none: not counted). One per agent for the process's
@@ -51,7 +53,7 @@ impl Occupancy {
     }
 
     /// One more of `what` open until the guard drops.
-    pub(crate) fn hold(&self, what: fn(&Counts) -> &AtomicI64) -> Held {
+    pub fn hold(&self, what: fn(&Counts) -> &AtomicI64) -> Held {
         if let Some(c) = self.0 {
             what(c).fetch_add(1, Ordering::Relaxed);
         }

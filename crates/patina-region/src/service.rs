@@ -421,15 +421,46 @@ pub struct Watches {
     slots: Arc<Semaphore>,
     max_age: std::time::Duration,
     occupancy: crate::limits::Occupancy,
+    count: fn(&crate::limits::Counts) -> &std::sync::atomic::AtomicI64,
+}
+
+/// A stream's slot among an agent's [`Watches`]: held until dropped.
+pub struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _held: crate::limits::Held,
 }
 
 impl Watches {
     pub fn new(limits: &crate::Limits) -> Watches {
+        Watches::with_capacity(limits, limits.max_watches, |c| &c.watches)
+    }
+
+    /// Slots for another kind of long-lived stream (`count`: where they are counted), ended
+    /// by age like Watch streams.
+    pub fn with_capacity(
+        limits: &crate::Limits,
+        slots: std::num::NonZeroUsize,
+        count: fn(&crate::limits::Counts) -> &std::sync::atomic::AtomicI64,
+    ) -> Watches {
         Watches {
-            slots: Arc::new(Semaphore::new(limits.max_watches.get())),
+            slots: Arc::new(Semaphore::new(slots.get())),
             max_age: limits.max_connection_age,
             occupancy: limits.occupancy,
+            count,
         }
+    }
+
+    /// A slot for one more stream, or `RESOURCE_EXHAUSTED` naming `what` (the limit).
+    pub fn acquire(&self, rpc: &str, what: &str) -> Result<Slot, Status> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "too many open {rpc} streams on this agent ({what}); retry later"
+            ))
+        })?;
+        Ok(Slot {
+            _permit: permit,
+            _held: self.occupancy.hold(self.count),
+        })
     }
 
     /// When a stream opened now ends: at 90 to 100 % of the maximum age from now, and no
@@ -437,7 +468,7 @@ impl Watches {
     /// GOAWAY at that age, so a stream opened just before then ends soon after it, not a
     /// whole age later), but never sooner than a tenth of the age from now. `accepted`: when
     /// the connection was accepted, if known.
-    fn deadline(&self, accepted: Option<std::time::Instant>) -> tokio::time::Instant {
+    pub fn deadline(&self, accepted: Option<std::time::Instant>) -> tokio::time::Instant {
         use std::hash::{BuildHasher, Hasher};
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(0);
@@ -491,13 +522,7 @@ where
     T: Send + 'static,
     F: Fn(WatchItem, &Store) -> Result<T, Status> + Send + Sync + 'static,
 {
-    let permit = watches.slots.clone().try_acquire_owned().map_err(|_| {
-        Status::resource_exhausted(format!(
-            "too many open {} streams on this agent (limits.max_watches); retry later",
-            open.rpc
-        ))
-    })?;
-    let permit = (permit, watches.occupancy.hold(|c| &c.watches));
+    let permit = watches.acquire(open.rpc, "limits.max_watches")?;
     let mut cursor = store.watch(open.scope, open.resume, open.batch);
     if open.heartbeat_ms > 0 {
         let ms = open.heartbeat_ms.clamp(MIN_HEARTBEAT_MS, MAX_HEARTBEAT_MS);

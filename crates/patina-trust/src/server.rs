@@ -260,7 +260,11 @@ pub fn need_of(path: &str) -> Option<Need> {
         | "/patina.v1.Global/WatchApps"
         | "/patina.v1.Admin/Members"
         | "/patina.v1.Admin/Whoami"
-        | "/patina.v1.Admin/ClusterStatus" => Need::Reader,
+        | "/patina.v1.Admin/ClusterStatus"
+        | "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+        | "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources" => {
+            Need::Reader
+        }
         // Health and reflection: any client the CA vouches for.
         _ if service == "grpc.health.v1.Health"
             || service == "grpc.reflection.v1.ServerReflection"
@@ -393,6 +397,10 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unauthenticated);
         let ok = |p: &Principal, path| refusal(p, &ord, path).is_none();
         assert!(ok(&reader, "/patina.v1.Region/Watch"));
+        assert!(ok(
+            &reader,
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+        ));
         assert!(!ok(&reader, "/patina.v1.Region/UpsertMachine"));
         assert!(ok(&writer, "/patina.v1.Region/UpsertMachine"));
         assert!(!ok(&writer, "/patina.v1.Sync/Exchange"));

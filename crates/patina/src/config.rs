@@ -48,6 +48,63 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     /// Health checks this region agent runs for its host's machines (`docs/checks.md`).
     pub checks: ChecksConfig,
+    /// The xDS control plane (ADS) on the API listener (`docs/frontends.md`).
+    pub xds: XdsConfig,
+}
+
+/// The xDS server (`[xds]`): region and global agents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct XdsConfig {
+    /// Serve `envoy.service.discovery.v3.AggregatedDiscoveryService` on the API listener
+    /// (behind the reader role when TLS is on).
+    pub enabled: bool,
+    /// Pushes wait this long after the first change, so that a burst is one push.
+    pub debounce_ms: u64,
+    /// Open ADS streams on the agent; one more is answered `RESOURCE_EXHAUSTED`.
+    pub max_streams: NonZeroUsize,
+    /// Resource names one stream may subscribe to by name (the wildcard is not bounded).
+    pub max_names_per_stream: NonZeroUsize,
+    /// Most bytes of resources in one response.
+    pub max_response_bytes: NonZeroUsize,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        let d = patina_xds::Config::default();
+        XdsConfig {
+            enabled: true,
+            debounce_ms: d.debounce.as_millis() as u64,
+            max_streams: d.max_streams,
+            max_names_per_stream: NonZeroUsize::new(d.max_names_per_stream).expect("non-zero"),
+            max_response_bytes: NonZeroUsize::new(d.max_response_bytes).expect("non-zero"),
+        }
+    }
+}
+
+impl XdsConfig {
+    pub fn server(&self) -> anyhow::Result<patina_xds::Config> {
+        anyhow::ensure!(
+            self.debounce_ms <= 10_000,
+            "config: xds.debounce_ms must be at most 10000"
+        );
+        anyhow::ensure!(
+            (64 * 1024..=patina_region::MAX_MESSAGE_BYTES / 2)
+                .contains(&self.max_response_bytes.get()),
+            "config: xds.max_response_bytes must be 65536 to {}",
+            patina_region::MAX_MESSAGE_BYTES / 2
+        );
+        anyhow::ensure!(
+            self.max_names_per_stream.get() <= 1_000_000,
+            "config: xds.max_names_per_stream must be at most 1000000"
+        );
+        Ok(patina_xds::Config {
+            debounce: std::time::Duration::from_millis(self.debounce_ms),
+            max_streams: self.max_streams,
+            max_names_per_stream: self.max_names_per_stream.get(),
+            max_response_bytes: self.max_response_bytes.get(),
+        })
+    }
 }
 
 /// Checks run by the agent (`[checks]`).
@@ -595,6 +652,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             watchdog: WatchdogConfig::default(),
             checks: ChecksConfig::default(),
+            xds: XdsConfig::default(),
         }
     }
 }

@@ -748,11 +748,12 @@ pub(crate) async fn run_agent(
     }
     // The agent's readiness (`/readyz`), judged every second: gRPC health follows it.
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    let cluster = patina_region::ClusterServices {
+    let mut cluster = patina_region::ClusterServices {
         sync: gossip.sync_service().into_server(),
         admin: gossip.admin_service().into_server(),
         gossip: gossip.clone(),
         ready: Some(ready_rx),
+        extra: None,
     };
     // The parts that must run as long as the agent, each named; the first to end before
     // `stop` is the agent's failure.
@@ -836,6 +837,45 @@ pub(crate) async fn run_agent(
     };
     if !has_bridge {
         bridge_done.cancel();
+    }
+    // The xDS server (docs/frontends.md): its follower is a part; the service joins the API.
+    let xds_stats = Arc::new(patina_xds::Stats::default());
+    if config.xds.enabled {
+        let settings = config.xds.server()?;
+        let hub = Arc::new(patina_xds::Hub::new(patina_xds::hub::DEFAULT_LOG));
+        let debounce = settings.debounce;
+        let source: Arc<dyn patina_xds::Source> = match &table {
+            None => {
+                let source = patina_xds::region::RegionSource::new(&config.region);
+                let follower = patina_xds::region::follow(
+                    store.clone(),
+                    source.clone(),
+                    hub.clone(),
+                    debounce,
+                    Some(watchdog.register("xds_follower")),
+                );
+                parts.spawn(async move {
+                    follower.await;
+                    Err(Arc::from("the xDS follower ended"))
+                });
+                source
+            }
+            Some(table) => {
+                let source = patina_xds::global::GlobalSource::new(table.clone(), &config.region);
+                let follower = patina_xds::global::follow(table.clone(), hub.clone(), debounce);
+                parts.spawn(async move {
+                    follower.await;
+                    Err(Arc::from("the xDS follower ended"))
+                });
+                source
+            }
+        };
+        let stats = xds_stats.clone();
+        cluster.extra = Some(Box::new(move |router, stopping| {
+            router.add_service(
+                patina_xds::Ads::new(source, hub, settings, &limits, stopping, stats).into_server(),
+            )
+        }));
     }
     let sources = Arc::new(patina_ops::Sources {
         role: role_name,

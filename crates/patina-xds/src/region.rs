@@ -1,0 +1,190 @@
+//! A region agent's xDS resources: per app with a live machine in the region, its routable
+//! instances (started and passing) as one locality named after the region.
+//!
+//! [`follow`] keeps them: a cursor over the whole store marks the apps each change touches;
+//! at most once per debounce period the marked apps are read again from the store's index
+//! and those whose existence or endpoints changed are published to the [`Hub`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use patina_proto::v1::Machine;
+use patina_store::{Filter, Store, WatchItem};
+use prost::Message;
+
+use crate::hub::{Change, Hub};
+use crate::protocol::Client;
+use crate::resources::{Addr, Host, Locality};
+use crate::service::Source;
+
+/// The region's apps and their endpoints, as last published.
+pub struct RegionSource {
+    region: Arc<str>,
+    apps: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
+}
+
+impl RegionSource {
+    pub fn new(region: &str) -> Arc<RegionSource> {
+        Arc::new(RegionSource {
+            region: region.into(),
+            apps: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The app's endpoints now, read from the store's index: `None` when it has no live
+    /// machine.
+    fn read(&self, store: &Store, app: &str) -> Option<Arc<[Locality]>> {
+        let entries = store.list(app, Filter::All);
+        if entries.is_empty() {
+            return None;
+        }
+        let mut hosts = Vec::new();
+        for e in entries.iter().filter(|e| e.routable()) {
+            let Some(m) = e.value().and_then(|v| Machine::decode(v).ok()) else {
+                continue;
+            };
+            let mut addrs = m.addresses.iter().filter_map(|a| Addr::parse(a));
+            if let Some(addr) = addrs.next() {
+                hosts.push(Host {
+                    addr,
+                    more: addrs.collect(),
+                });
+            }
+        }
+        if hosts.is_empty() {
+            return Some(Arc::from(Vec::new()));
+        }
+        Some(Arc::from(vec![Locality {
+            region: self.region.to_string(),
+            priority: 0,
+            weight: hosts.len() as u32,
+            hosts,
+        }]))
+    }
+}
+
+impl Source for RegionSource {
+    fn apps(&self) -> Vec<Arc<str>> {
+        self.apps
+            .read()
+            .expect("apps lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn exists(&self, app: &str) -> bool {
+        self.apps.read().expect("apps lock").contains_key(app)
+    }
+
+    fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
+        if let Some(l) = self.apps.read().expect("apps lock").get(app) {
+            out.extend(l.iter().cloned());
+        }
+    }
+}
+
+/// Keep `source` current from `store` and publish its changes to `hub`, until the store
+/// closes. `beat`: stamped on every turn (a stuck follower stops xDS pushes).
+pub async fn follow(
+    store: Store,
+    source: Arc<RegionSource>,
+    hub: Arc<Hub>,
+    debounce: Duration,
+    beat: Option<patina_watchdog::Beat>,
+) {
+    let mut cursor = store
+        .watch(None, None, 1024)
+        .with_heartbeat(patina_watchdog::STAMP_EVERY);
+    let mut dirty: HashSet<Arc<str>> = HashSet::new();
+    let mut everything = false;
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    loop {
+        if let Some(b) = &beat {
+            b.stamp();
+        }
+        let due = async {
+            match flush_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            item = cursor.next() => {
+                let Some(item) = item else { return };
+                match item {
+                    WatchItem::Snapshot { reset, entries } => {
+                        everything |= reset;
+                        dirty.extend(entries.iter().map(|e| Arc::from(e.group())));
+                    }
+                    WatchItem::SnapshotDone { .. } => {}
+                    WatchItem::Delta { changes, .. } => {
+                        for c in &changes {
+                            dirty.insert(Arc::from(c.entry.group()));
+                            dirty.extend(c.left.groups.iter().map(|(g, _)| g.clone()));
+                            // Groups it left that the log no longer names: any of them.
+                            everything |= c.left.unknown_before > 0;
+                        }
+                    }
+                }
+                if (everything || !dirty.is_empty()) && flush_at.is_none() {
+                    flush_at = Some(tokio::time::Instant::now() + debounce);
+                }
+            }
+            () = due => {
+                flush_at = None;
+                if everything {
+                    dirty.extend(source.apps());
+                    everything = false;
+                }
+                let apps = std::mem::take(&mut dirty);
+                let store = store.clone();
+                let source = source.clone();
+                // Reading the index and decoding machines: off the async threads for big
+                // batches.
+                let changes = tokio::task::spawn_blocking(move || flush(&store, &source, apps))
+                    .await
+                    .unwrap_or_default();
+                hub.publish(changes);
+            }
+        }
+    }
+}
+
+fn flush(
+    store: &Store,
+    source: &RegionSource,
+    apps: HashSet<Arc<str>>,
+) -> Vec<(Option<Arc<str>>, Change)> {
+    let mut changes = Vec::new();
+    for app in apps {
+        let now = source.read(store, &app);
+        let mut map = source.apps.write().expect("apps lock");
+        let before = map.get(&app).cloned();
+        let change = match (&before, now) {
+            (None, None) => None,
+            (Some(_), None) => {
+                map.remove(&app);
+                Some(Change::Removed)
+            }
+            (None, Some(l)) => {
+                map.insert(app.clone(), l);
+                Some(Change::Added)
+            }
+            (Some(b), Some(l)) => {
+                if **b == *l {
+                    None
+                } else {
+                    map.insert(app.clone(), l);
+                    Some(Change::Endpoints)
+                }
+            }
+        };
+        drop(map);
+        if let Some(c) = change {
+            changes.push((Some(app), c));
+        }
+    }
+    changes
+}
