@@ -19,7 +19,11 @@ const TOOLS: &[(&str, &str)] = &[
 
 /// Python packages the deploy tests run (`crates/patina/tests/deploy.rs`), pinned, installed
 /// from PyPI into a virtual environment of their own.
-const PYTHON_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "dockerfile-parse==2.0.1"];
+const PYTHON_PACKAGES: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "dockerfile-parse==2.0.1",
+    "grpcio==1.76.0",
+];
 
 /// Where that environment lives: `PATINA_TOOLS_VENV`, else beside the build cache. The
 /// tests read the same variable (set for them here).

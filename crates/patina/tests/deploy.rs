@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{eventually, start_bridge, start_global, start_region_agent};
+use common::{eventually, python, start_bridge, start_global, start_region_agent};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
@@ -32,21 +32,6 @@ fn run(cmd: &mut Command) -> String {
     );
     assert!(out.status.success(), "{cmd:?} failed:\n{text}");
     text
-}
-
-/// The Python of the tools' virtual environment (`cargo xtask test` makes it).
-fn python() -> PathBuf {
-    let dir = std::env::var_os("PATINA_TOOLS_VENV").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/patina/venv"),
-        PathBuf::from,
-    );
-    let python = dir.join("bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run the tests with `cargo xtask test`, which makes it",
-        python.display()
-    );
-    python
 }
 
 fn files(dir: &str, ext: &str) -> Vec<PathBuf> {

@@ -311,3 +311,18 @@ pub fn start_tls_agent(
     Agent::start_host(bin(), &dir, &ip, &format!("worker-{i}"), &extra)
         .expect("start patina with TLS")
 }
+
+/// The Python of the tools' virtual environment (`cargo xtask test` makes it).
+pub fn python() -> std::path::PathBuf {
+    let dir = std::env::var_os("PATINA_TOOLS_VENV").map_or_else(
+        || std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/patina/venv"),
+        std::path::PathBuf::from,
+    );
+    let python = dir.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, which makes it",
+        python.display()
+    );
+    python
+}
