@@ -1,7 +1,8 @@
 //! `cargo xtask test [ARGS]`: install what the tests need and this machine lacks, then run
 //! `cargo test --workspace ARGS`. Tests that drive stock tools (promtool, Prometheus's
 //! linter, and Prometheus itself; headless Chromium for the status page; systemd-analyze and
-//! Python's kubernetes-validate and dockerfile-parse for the deploy recipes) fail, never skip,
+//! Python's kubernetes-validate and dockerfile-parse for the deploy recipes; Python's grpcio
+//! for the xDS client, `dig` for the DNS front end) fail, never skip,
 //! when the tool is missing: this is what puts it there.
 
 use std::process::Command;
@@ -15,6 +16,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("chromium", "chromium"),
     ("systemd-analyze", "systemd"),
     ("python3", "python3"),
+    ("dig", "bind9-dnsutils"),
 ];
 
 /// Python packages the deploy tests run (`crates/patina/tests/deploy.rs`), pinned, installed

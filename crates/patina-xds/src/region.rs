@@ -1,9 +1,10 @@
 //! A region agent's xDS resources: per app with a live machine in the region, its routable
 //! instances (started and passing) as one locality named after the region.
 //!
-//! [`follow`] keeps them: a cursor over the whole store marks the apps each change touches;
-//! at most once per debounce period the marked apps are read again from the store's index
-//! and those whose existence or endpoints changed are published to the [`Hub`].
+//! [`follow`] keeps them: a cursor over the whole store names the apps each change touches,
+//! which are read again from the store's index at once (the DNS front end answers from
+//! them); those whose existence or endpoints changed are published to the [`Hub`] at most
+//! once per debounce period.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -64,6 +65,13 @@ impl RegionSource {
     }
 }
 
+impl RegionSource {
+    /// The app's endpoints as last read (`None`: no live machine of it).
+    pub fn endpoints(&self, app: &str) -> Option<Arc<[Locality]>> {
+        self.apps.read().expect("apps lock").get(app).cloned()
+    }
+}
+
 impl Source for RegionSource {
     fn apps(&self) -> Vec<Arc<str>> {
         self.apps
@@ -86,7 +94,9 @@ impl Source for RegionSource {
 }
 
 /// Keep `source` current from `store` and publish its changes to `hub`, until the store
-/// closes. `beat`: stamped on every turn (a stuck follower stops xDS pushes).
+/// closes. The source follows every change at once (DNS answers read it); the hub hears of
+/// them at most once per `debounce` (each push to every stream costs a message). `beat`:
+/// stamped on every turn (a stuck follower stops xDS pushes).
 pub async fn follow(
     store: Store,
     source: Arc<RegionSource>,
@@ -97,8 +107,8 @@ pub async fn follow(
     let mut cursor = store
         .watch(None, None, 1024)
         .with_heartbeat(patina_watchdog::STAMP_EVERY);
-    let mut dirty: HashSet<Arc<str>> = HashSet::new();
-    let mut everything = false;
+    // App -> (whether it existed at the last publication, whether its endpoints changed).
+    let mut pending: HashMap<Arc<str>, (bool, bool)> = HashMap::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         if let Some(b) = &beat {
@@ -113,6 +123,8 @@ pub async fn follow(
         tokio::select! {
             item = cursor.next() => {
                 let Some(item) = item else { return };
+                let mut dirty: HashSet<Arc<str>> = HashSet::new();
+                let mut everything = false;
                 match item {
                     WatchItem::Snapshot { reset, entries } => {
                         everything |= reset;
@@ -128,63 +140,77 @@ pub async fn follow(
                         }
                     }
                 }
-                if (everything || !dirty.is_empty()) && flush_at.is_none() {
+                if everything {
+                    dirty.extend(source.apps());
+                }
+                if dirty.is_empty() {
+                    continue;
+                }
+                let (st, src) = (store.clone(), source.clone());
+                // Reading the index and decoding machines: off the async threads.
+                let updated = tokio::task::spawn_blocking(move || update(&st, &src, dirty))
+                    .await
+                    .unwrap_or_default();
+                for (app, existed, changed) in updated {
+                    let e = pending.entry(app).or_insert((existed, false));
+                    e.1 |= changed;
+                }
+                if !pending.is_empty() && flush_at.is_none() {
                     flush_at = Some(tokio::time::Instant::now() + debounce);
                 }
             }
             () = due => {
                 flush_at = None;
-                if everything {
-                    dirty.extend(source.apps());
-                    everything = false;
+                let mut changes = Vec::with_capacity(pending.len());
+                for (app, (existed, changed)) in pending.drain() {
+                    let now = source.exists(&app);
+                    let change = match (existed, now) {
+                        (false, false) => continue,
+                        (false, true) => Change::Added,
+                        (true, false) => Change::Removed,
+                        (true, true) if changed => Change::Endpoints,
+                        (true, true) => continue,
+                    };
+                    changes.push((Some(app), change));
                 }
-                let apps = std::mem::take(&mut dirty);
-                let store = store.clone();
-                let source = source.clone();
-                // Reading the index and decoding machines: off the async threads for big
-                // batches.
-                let changes = tokio::task::spawn_blocking(move || flush(&store, &source, apps))
-                    .await
-                    .unwrap_or_default();
                 hub.publish(changes);
             }
         }
     }
 }
 
-fn flush(
+/// Read `apps` again into the source: each with whether it existed before and whether its
+/// endpoints changed.
+fn update(
     store: &Store,
     source: &RegionSource,
     apps: HashSet<Arc<str>>,
-) -> Vec<(Option<Arc<str>>, Change)> {
-    let mut changes = Vec::new();
+) -> Vec<(Arc<str>, bool, bool)> {
+    let mut out = Vec::with_capacity(apps.len());
     for app in apps {
         let now = source.read(store, &app);
         let mut map = source.apps.write().expect("apps lock");
         let before = map.get(&app).cloned();
-        let change = match (&before, now) {
-            (None, None) => None,
+        let changed = match (&before, now) {
+            (None, None) => false,
             (Some(_), None) => {
                 map.remove(&app);
-                Some(Change::Removed)
+                true
             }
             (None, Some(l)) => {
                 map.insert(app.clone(), l);
-                Some(Change::Added)
+                true
             }
             (Some(b), Some(l)) => {
-                if **b == *l {
-                    None
-                } else {
+                let differs = **b != *l;
+                if differs {
                     map.insert(app.clone(), l);
-                    Some(Change::Endpoints)
                 }
+                differs
             }
         };
         drop(map);
-        if let Some(c) = change {
-            changes.push((Some(app), c));
-        }
+        out.push((app, before.is_some(), changed));
     }
-    changes
+    out
 }

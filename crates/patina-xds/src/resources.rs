@@ -79,7 +79,7 @@ impl Type {
 /// One endpoint: an IP address and a port, with the instance's other addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Addr {
-    pub ip: String,
+    pub ip: std::net::IpAddr,
     pub port: u16,
 }
 
@@ -88,7 +88,7 @@ impl Addr {
     pub fn parse(s: &str) -> Option<Addr> {
         let sa: std::net::SocketAddr = s.parse().ok()?;
         Some(Addr {
-            ip: sa.ip().to_string(),
+            ip: sa.ip(),
             port: sa.port(),
         })
     }
@@ -121,7 +121,7 @@ fn any<M: Message + Name>(m: &M) -> Any {
 fn socket(a: &Addr) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-            address: a.ip.clone(),
+            address: a.ip.to_string(),
             port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
                 a.port,
             ))),

@@ -50,6 +50,80 @@ pub struct Config {
     pub checks: ChecksConfig,
     /// The xDS control plane (ADS) on the API listener (`docs/frontends.md`).
     pub xds: XdsConfig,
+    /// The DNS front end (`docs/frontends.md`): off unless `dns.listen` is given.
+    pub dns: DnsConfig,
+}
+
+/// The DNS front end (`[dns]`): region and global agents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// UDP and TCP address to answer on ("ip:port"), or "off" (the default).
+    pub listen: Option<String>,
+    /// The top of every name: a region agent answers for `REGION.DOMAIN.`, a global agent
+    /// for `DOMAIN.`.
+    pub domain: String,
+    /// TTL of every record (0: resolvers ask again each time, as Consul's default).
+    pub ttl_secs: u32,
+    /// Most records in an answer section (and as many addresses in the additional one).
+    pub max_answers: NonZeroUsize,
+    /// Queries a second from one client address; past it UDP queries are dropped and TCP
+    /// ones answered REFUSED.
+    pub rate_per_client: NonZeroU32,
+    /// Open TCP connections; one more is closed at once.
+    pub max_tcp_connections: NonZeroUsize,
+    /// A TCP connection idle this long is closed.
+    pub tcp_idle_ms: NonZeroU64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        let d = patina_dns::Config::default();
+        DnsConfig {
+            listen: None,
+            domain: "patina".into(),
+            ttl_secs: 0,
+            max_answers: NonZeroUsize::new(64).expect("non-zero"),
+            rate_per_client: NonZeroU32::new(d.rate_per_client).expect("non-zero"),
+            max_tcp_connections: NonZeroUsize::new(d.max_tcp_connections).expect("non-zero"),
+            tcp_idle_ms: NonZeroU64::new(d.tcp_idle.as_millis() as u64).expect("non-zero"),
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The address to answer on (`None`: off).
+    pub fn listen_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.listen.as_deref().map(str::trim) {
+            None | Some("off") => Ok(None),
+            Some(a) => a.parse().map(Some).map_err(|e| {
+                anyhow::anyhow!(
+                    "dns.listen = {a:?}: {e} (an address such as 127.0.0.1:8600, or \"off\")"
+                )
+            }),
+        }
+    }
+
+    pub fn server(&self) -> anyhow::Result<patina_dns::Config> {
+        anyhow::ensure!(
+            !self.domain.is_empty()
+                && self
+                    .domain
+                    .trim_end_matches('.')
+                    .split('.')
+                    .all(patina_edge::is_dns_label),
+            "config: dns.domain must be DNS labels separated by dots (such as \"patina\")"
+        );
+        anyhow::ensure!(
+            self.max_answers.get() <= 1000,
+            "config: dns.max_answers must be at most 1000"
+        );
+        Ok(patina_dns::Config {
+            rate_per_client: self.rate_per_client.get(),
+            max_tcp_connections: self.max_tcp_connections.get(),
+            tcp_idle: std::time::Duration::from_millis(self.tcp_idle_ms.get()),
+        })
+    }
 }
 
 /// The xDS server (`[xds]`): region and global agents.
@@ -653,6 +727,7 @@ impl Default for Config {
             watchdog: WatchdogConfig::default(),
             checks: ChecksConfig::default(),
             xds: XdsConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }

@@ -140,6 +140,25 @@ impl World {
     }
 }
 
+/// A port of `ip` free for both UDP and TCP (a DNS front end's, fixed before it starts).
+fn free_dns(ip: std::net::IpAddr) -> anyhow::Result<SocketAddr> {
+    for _ in 0..32 {
+        let udp = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        let at = udp.local_addr()?;
+        if std::net::TcpListener::bind(at).is_ok() {
+            return Ok(at);
+        }
+    }
+    anyhow::bail!("no port of {ip} free for both UDP and TCP")
+}
+
+/// Where the dev world's regions say their ingress is: documentation addresses (TEST-NET-1)
+/// standing for each region's load balancers, so that the global tier's xDS endpoints and
+/// DNS answers have something to name.
+fn dev_ingress(r: usize) -> Vec<String> {
+    vec![format!("192.0.2.{}:443", 10 * (r + 1))]
+}
+
 /// A free UDP port on `ip` (for a seed's gossip address, fixed before it starts).
 fn free_udp(ip: std::net::IpAddr) -> anyhow::Result<SocketAddr> {
     Ok(std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?.local_addr()?)
@@ -197,13 +216,17 @@ async fn start_world(
     base.checks.allow_loopback = true;
     base.global.regions = REGIONS
         .iter()
-        .map(|(name, lat, lon)| patina_edge::RegionSpec {
+        .enumerate()
+        .map(|(r, (name, lat, lon))| patina_edge::RegionSpec {
             name: (*name).into(),
             lat: Some(*lat),
             lon: Some(*lon),
+            ingress: dev_ingress(r),
             ..Default::default()
         })
         .collect();
+    // The DNS front end of the first agent of each region and of each global agent.
+    let mut dns: Vec<(String, SocketAddr)> = Vec::new();
     let any = SocketAddr::new(ip, 0);
     // With TLS on, each cluster's gossip is sealed under a key of its own (kept in each
     // agent's keyring file), unless the configuration gives one.
@@ -230,6 +253,11 @@ async fn start_world(
             c.listen = if r == 0 && i == 0 { listen } else { any };
             c.gossip.listen = Some(if i == 0 { seed } else { any });
             c.gossip.encrypt = region_key.clone();
+            if i == 0 {
+                let at = free_dns(ip)?;
+                c.dns.listen = Some(at.to_string());
+                dns.push((format!("{region}.patina"), at));
+            }
             // The first agent of the first region announces itself as a lone region agent
             // would, so that scripts find it.
             let label = if r == 0 && i == 0 {
@@ -282,6 +310,9 @@ async fn start_world(
         c.gossip.seeds = vec![global_seed];
         c.gossip.listen = Some(if g == 0 { global_seed } else { any });
         c.gossip.encrypt = global_key.clone();
+        let at = free_dns(ip)?;
+        c.dns.listen = Some(at.to_string());
+        dns.push((format!("patina (global agent {}, {region})", g + 1), at));
         let ready = world
             .start(
                 c,
@@ -328,6 +359,7 @@ async fn start_world(
         &globals,
         &bridges,
         &status_pages,
+        &dns,
         world.ca.as_ref().map(DevCa::client_dir),
     );
     Ok(())
@@ -370,6 +402,7 @@ fn print_banner(
     globals: &[SocketAddr],
     bridges: &[SocketAddr],
     status_pages: &[(String, SocketAddr)],
+    dns: &[(String, SocketAddr)],
     client_tls: Option<std::path::PathBuf>,
 ) {
     println!(
@@ -389,6 +422,10 @@ fn print_banner(
     // Scripts and tests read these lines to find the status pages.
     for (what, at) in status_pages {
         println!("  status page of {what}: http://{at}/");
+    }
+    // Scripts and tests read these lines to find the DNS front ends.
+    for (zone, at) in dns {
+        println!("  dns for {zone}: {at}");
     }
     let (ord, global) = (region_apis[0][0], globals[0]);
     println!("demo apps: web (every region), api (ord, fra), batch (syd, none healthy)");
@@ -419,5 +456,20 @@ fn print_banner(
     println!("  patina lookup --server {global} shop");
     println!("  patina watch --server {ord} web");
     println!("  patina members --server {global}");
+    if let (Some((_, region_dns)), Some((_, global_dns))) = (dns.first(), dns.get(REGIONS.len())) {
+        println!(
+            "  dig @{} -p {} web.app.ord.patina SRV",
+            region_dns.ip(),
+            region_dns.port()
+        );
+        println!(
+            "  dig @{} -p {} web.app.patina SRV   (regions' ingress, nearest first; TEST-NET addresses in dev)",
+            global_dns.ip(),
+            global_dns.port()
+        );
+    }
+    println!(
+        "  xDS (ADS, SotW and delta) on every agent's API: GRPC_XDS_BOOTSTRAP naming {ord} and target xds:///web"
+    );
     println!("Ctrl-C stops.");
 }

@@ -838,13 +838,16 @@ pub(crate) async fn run_agent(
     if !has_bridge {
         bridge_done.cancel();
     }
-    // The xDS server (docs/frontends.md): its follower is a part; the service joins the API.
+    // The front ends for stock clients (docs/frontends.md): the xDS server joins the API; the
+    // DNS front end listens on its own. Both read one source, kept by a follower (a part).
     let xds_stats = Arc::new(patina_xds::Stats::default());
-    if config.xds.enabled {
+    let dns_stats = Arc::new(patina_dns::Stats::default());
+    let dns_listen = config.dns.listen_addr()?;
+    if config.xds.enabled || dns_listen.is_some() {
         let settings = config.xds.server()?;
         let hub = Arc::new(patina_xds::Hub::new(patina_xds::hub::DEFAULT_LOG));
         let debounce = settings.debounce;
-        let source: Arc<dyn patina_xds::Source> = match &table {
+        let (source, tier): (Arc<dyn patina_xds::Source>, patina_dns::Tier) = match &table {
             None => {
                 let source = patina_xds::region::RegionSource::new(&config.region);
                 let follower = patina_xds::region::follow(
@@ -858,7 +861,7 @@ pub(crate) async fn run_agent(
                     follower.await;
                     Err(Arc::from("the xDS follower ended"))
                 });
-                source
+                (source, patina_dns::Tier::Region(config.region.clone()))
             }
             Some(table) => {
                 let source = patina_xds::global::GlobalSource::new(table.clone(), &config.region);
@@ -867,15 +870,50 @@ pub(crate) async fn run_agent(
                     follower.await;
                     Err(Arc::from("the xDS follower ended"))
                 });
-                source
+                (source, patina_dns::Tier::Global)
             }
         };
-        let stats = xds_stats.clone();
-        cluster.extra = Some(Box::new(move |router, stopping| {
-            router.add_service(
-                patina_xds::Ads::new(source, hub, settings, &limits, stopping, stats).into_server(),
-            )
-        }));
+        if let Some(addr) = dns_listen {
+            let (udp, tcp) = bind_dns(addr).await?;
+            // Scripts and tests read this line to find the DNS front end.
+            println!("dns: {}", udp.local_addr()?);
+            let zone = Arc::new(patina_dns::Zone::new(
+                tier,
+                &config.dns.domain,
+                source.clone(),
+                config.dns.ttl_secs,
+                config.dns.max_answers.get(),
+            ));
+            tracing::info!(addr = %udp.local_addr()?, zone = zone.origin(), "answering DNS");
+            let served = patina_dns::serve(
+                udp,
+                tcp,
+                zone,
+                config.dns.server()?,
+                dns_stats.clone(),
+                stop.clone().cancelled_owned(),
+            );
+            let stopped = stop.clone();
+            parts.spawn(async move {
+                let r = served.await;
+                if stopped.is_cancelled() {
+                    return Ok(());
+                }
+                Err(Arc::from(match r {
+                    Ok(()) => "the DNS front end ended".to_owned(),
+                    Err(e) => format!("the DNS front end failed: {e}"),
+                }))
+            });
+        }
+        if config.xds.enabled {
+            let stats = xds_stats.clone();
+            cluster.extra = Some(Box::new(move |router, stopping| {
+                router.add_service(
+                    patina_xds::Ads::new(source, hub, settings, &limits, stopping, stats)
+                        .into_server(),
+                )
+            }));
+        }
     }
     let sources = Arc::new(patina_ops::Sources {
         role: role_name,
@@ -1009,6 +1047,26 @@ pub(crate) async fn run_agent(
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("stopped");
     served.map_err(anyhow::Error::from)
+}
+
+/// The DNS front end's sockets: UDP and TCP on `addr` (with port 0, one free port for both).
+async fn bind_dns(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(tokio::net::UdpSocket, tokio::net::TcpListener)> {
+    for _ in 0..32 {
+        let udp = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("dns.listen {addr}: binding UDP"))?;
+        let at = udp.local_addr()?;
+        match tokio::net::TcpListener::bind(at).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() != 0 => {
+                return Err(anyhow::anyhow!("dns.listen {addr}: binding TCP: {e}"));
+            }
+            Err(_) => continue,
+        }
+    }
+    anyhow::bail!("dns.listen {addr}: no port free for both UDP and TCP")
 }
 
 /// How long a watchdog's fatal action gives the agent to stop on its own before the

@@ -1,0 +1,349 @@
+//! patina-dns: a DNS front end for stock resolvers, on `dns.listen` (UDP and TCP).
+//!
+//! - [`answer`]: the zone and the records of each name (sans I/O);
+//! - this module: the request handler (hickory-server), a rate bound per client address, and
+//!   the listeners: UDP served by hickory-server (answers truncated to the client's buffer,
+//!   512 bytes without EDNS, with the TC bit so that it asks again over TCP), TCP by a loop
+//!   of our own that bounds connections, their idle time and each message's size.
+
+#![forbid(unsafe_code)]
+
+pub mod answer;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_server::net::NetError;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::xfer::Protocol;
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
+};
+use hickory_server::proto::rr::Record;
+use hickory_server::proto::serialize::binary::BinEncoder;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+pub use answer::{Outcome, Tier, Zone};
+
+/// The front end's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Queries a second from one client address (a token bucket, with a second's worth of
+    /// burst); past it UDP queries are dropped and TCP ones answered REFUSED.
+    pub rate_per_client: u32,
+    /// Open TCP connections; one more is closed at once.
+    pub max_tcp_connections: usize,
+    /// A TCP connection idle this long is closed.
+    pub tcp_idle: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            rate_per_client: 2000,
+            max_tcp_connections: 256,
+            tcp_idle: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the front end did.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub queries: AtomicU64,
+    pub answered: AtomicU64,
+    pub nxdomain: AtomicU64,
+    pub refused: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub truncated: AtomicU64,
+    pub tcp_refused: AtomicU64,
+}
+
+/// Token buckets per client address, hashed into a fixed number of slots (memory does not
+/// grow with the number of clients; clients that share a slot share its budget).
+struct Limiter {
+    rate: f64,
+    slots: Vec<Mutex<(f64, Instant)>>,
+    hasher: std::hash::RandomState,
+}
+
+const LIMITER_SLOTS: usize = 4096;
+
+impl Limiter {
+    fn new(rate: u32) -> Limiter {
+        let now = Instant::now();
+        Limiter {
+            rate: f64::from(rate.max(1)),
+            slots: (0..LIMITER_SLOTS)
+                .map(|_| Mutex::new((f64::from(rate.max(1)), now)))
+                .collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    fn allow(&self, ip: IpAddr) -> bool {
+        use std::hash::BuildHasher;
+        let slot = (self.hasher.hash_one(ip) as usize) % self.slots.len();
+        let mut s = self.slots[slot].lock().expect("limiter slot");
+        let now = Instant::now();
+        let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
+        s.0 = (s.0 + refill).min(self.rate);
+        s.1 = now;
+        if s.0 >= 1.0 {
+            s.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The request handler: one zone.
+pub struct Handler {
+    zone: Arc<Zone>,
+    limiter: Limiter,
+    stats: Arc<Stats>,
+    turn: AtomicUsize,
+}
+
+impl Handler {
+    pub fn new(zone: Arc<Zone>, config: &Config, stats: Arc<Stats>) -> Handler {
+        Handler {
+            zone,
+            limiter: Limiter::new(config.rate_per_client),
+            stats,
+            turn: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn info(request: &Request, code: ResponseCode) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = code;
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let udp = request.protocol() == Protocol::Udp;
+        let response_edns = request.edns.as_ref().map(|e| {
+            let mut r = Edns::new();
+            r.set_max_payload(e.max_payload().max(512));
+            r.set_version(0);
+            r
+        });
+        let mut builder = MessageResponseBuilder::new(&request.queries, None);
+        if let Some(e) = response_edns.as_ref() {
+            builder.edns(e);
+        }
+        let code = if !self.limiter.allow(request.src().ip()) {
+            self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            if udp {
+                // Dropped: a spoofed flood gets nothing back to reflect.
+                return info(request, ResponseCode::Refused);
+            }
+            ResponseCode::Refused
+        } else if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+        {
+            ResponseCode::NotImp
+        } else if let Ok(req) = request.request_info() {
+            let qname = req.query.name().to_string();
+            let qtype = req.query.query_type();
+            let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+            match self.zone.answer(&qname, qtype, turn) {
+                Outcome::Refused => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    ResponseCode::Refused
+                }
+                Outcome::NxDomain => {
+                    self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);
+                    let mut metadata = Metadata::response_from_request(&request.metadata);
+                    metadata.authoritative = true;
+                    metadata.response_code = ResponseCode::NXDomain;
+                    let response = builder.build_no_records(metadata);
+                    return response_handle
+                        .send_response(response)
+                        .await
+                        .unwrap_or_else(|_| info(request, ResponseCode::ServFail));
+                }
+                Outcome::Answer {
+                    answers,
+                    additionals,
+                } => {
+                    self.stats.answered.fetch_add(1, Ordering::Relaxed);
+                    let mut metadata = Metadata::response_from_request(&request.metadata);
+                    metadata.authoritative = true;
+                    let response = builder.build(
+                        metadata,
+                        answers.iter(),
+                        std::iter::empty::<&Record>(),
+                        std::iter::empty::<&Record>(),
+                        additionals.iter(),
+                    );
+                    return match response_handle.send_response(response).await {
+                        Ok(sent) => {
+                            if sent.truncation {
+                                self.stats.truncated.fetch_add(1, Ordering::Relaxed);
+                            }
+                            sent
+                        }
+                        Err(_) => info(request, ResponseCode::ServFail),
+                    };
+                }
+            }
+        } else {
+            ResponseCode::FormErr
+        };
+        let response = builder.error_msg(&request.metadata, code);
+        response_handle
+            .send_response(response)
+            .await
+            .unwrap_or_else(|_| info(request, ResponseCode::ServFail))
+    }
+}
+
+/// The TCP side's response handler: encodes into a buffer the connection's loop writes.
+#[derive(Clone, Default)]
+struct Collect(Arc<Mutex<Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Collect {
+    async fn send_response<'a>(
+        &mut self,
+        response: MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(u16::MAX);
+        let info = response.destructive_emit(&mut encoder)?;
+        *self.0.lock().expect("response buffer") = bytes;
+        Ok(info)
+    }
+}
+
+/// Serve `zone` on `udp` and `tcp` until `shutdown` resolves.
+pub async fn serve(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    zone: Arc<Zone>,
+    config: Config,
+    stats: Arc<Stats>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), String> {
+    let handler = Arc::new(Handler::new(zone, &config, stats.clone()));
+    let mut server = hickory_server::Server::new(Shared(handler.clone()));
+    server.register_socket(udp);
+    let tcp_loop = serve_tcp(tcp, handler, config, stats);
+    tokio::select! {
+        () = shutdown => {}
+        r = server.block_until_done() => return Err(format!("the DNS server ended: {r:?}")),
+        () = tcp_loop => return Err("the DNS TCP listener ended".into()),
+    }
+    let _ = server.shutdown_gracefully().await;
+    Ok(())
+}
+
+/// The handler shared by the UDP server and the TCP loop.
+struct Shared(Arc<Handler>);
+
+#[async_trait::async_trait]
+impl RequestHandler for Shared {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        response_handle: R,
+    ) -> ResponseInfo {
+        self.0
+            .handle_request::<R, T>(request, response_handle)
+            .await
+    }
+}
+
+/// TCP: at most `max_tcp_connections` at once (one more is closed at once); each reads
+/// length-prefixed messages, answering each before reading the next, and is closed when idle
+/// for `tcp_idle` or when a message does not parse.
+async fn serve_tcp(
+    listener: TcpListener,
+    handler: Arc<Handler>,
+    config: Config,
+    stats: Arc<Stats>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        config.max_tcp_connections.max(1),
+    ));
+    loop {
+        let Ok((mut stream, src)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let handler = handler.clone();
+        let idle = config.tcp_idle;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            loop {
+                let mut len = [0u8; 2];
+                match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+                    Ok(Ok(_)) => {}
+                    _ => return,
+                }
+                let len = usize::from(u16::from_be_bytes(len));
+                let mut buf = vec![0u8; len];
+                match tokio::time::timeout(idle, stream.read_exact(&mut buf)).await {
+                    Ok(Ok(_)) => {}
+                    _ => return,
+                }
+                if answer_tcp(&handler, buf, src, &mut stream).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn answer_tcp(
+    handler: &Handler,
+    raw: Vec<u8>,
+    src: SocketAddr,
+    stream: &mut tokio::net::TcpStream,
+) -> Result<(), ()> {
+    let request = Request::from_bytes(raw, src, Protocol::Tcp).map_err(|_| ())?;
+    let out = Collect::default();
+    handler
+        .handle_request::<Collect, TokioTime>(&request, out.clone())
+        .await;
+    let bytes = std::mem::take(&mut *out.0.lock().expect("response buffer"));
+    if bytes.is_empty() {
+        return Err(());
+    }
+    let len = u16::try_from(bytes.len()).map_err(|_| ())?;
+    stream.write_all(&len.to_be_bytes()).await.map_err(|_| ())?;
+    stream.write_all(&bytes).await.map_err(|_| ())
+}
