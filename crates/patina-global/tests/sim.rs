@@ -157,6 +157,7 @@ impl Sim {
             max_delay: Duration::from_millis(80),
             loss: 0.02,
             duplicate: 0.01,
+            latency: None,
         };
         let mut w = World::with_kind(n, cfg, net, seed, Arc::new(SummaryKind::default()));
         let bridges = layout

@@ -50,6 +50,10 @@ pub struct Net {
     /// Probability that a datagram is lost, and that it is delivered twice.
     pub loss: f64,
     pub duplicate: f64,
+    /// A known one-way latency between each pair of nodes (by index), added to the range
+    /// above (then its jitter): a world of places, for network coordinates. `None`: the
+    /// range alone.
+    pub latency: Option<Arc<Vec<Vec<Duration>>>>,
 }
 
 impl Net {
@@ -60,6 +64,7 @@ impl Net {
             max_delay: Duration::from_micros(250),
             loss: 0.0,
             duplicate: 0.0,
+            latency: None,
         }
     }
 }
@@ -136,6 +141,9 @@ struct SimSession {
     delivered: u8,
     /// A batch fell outside its sender's claim (the receiver aborted).
     refused: bool,
+    /// The coordinate the server's hello carried, and when the client's hello left.
+    server_coordinate: Option<crate::coords::Coordinate>,
+    started: Duration,
 }
 
 /// How sessions ended: the simulator's version of `patina status`'s session counts.
@@ -392,10 +400,18 @@ impl World {
         self.queue.push(Reverse((at, self.seq, id)));
     }
 
-    fn delay(&mut self) -> Duration {
+    /// The delay of one message from node `from` to node `to`.
+    fn delay(&mut self, from: usize, to: usize) -> Duration {
         let lo = self.net.min_delay.as_nanos() as u64;
         let hi = self.net.max_delay.as_nanos() as u64;
-        Duration::from_nanos(self.rng.random_range(lo..=hi.max(lo)))
+        let jitter = Duration::from_nanos(self.rng.random_range(lo..=hi.max(lo)));
+        let base = self
+            .net
+            .latency
+            .as_ref()
+            .and_then(|m| m.get(from).and_then(|row| row.get(to)).copied())
+            .unwrap_or_default();
+        base + jitter
     }
 
     fn index_of(&self, addr: SocketAddr) -> Option<usize> {
@@ -451,7 +467,7 @@ impl World {
                             1
                         };
                         for _ in 0..copies {
-                            let at = self.now + self.delay();
+                            let at = self.now + self.delay(i, j);
                             self.push_event(
                                 at,
                                 Event::Datagram {
@@ -523,7 +539,7 @@ impl World {
                         if let Some(j) =
                             self.index_of(member.addr).filter(|j| self.reachable(i, *j))
                         {
-                            let at = self.now + self.delay();
+                            let at = self.now + self.delay(i, j);
                             self.push_event(
                                 at,
                                 Event::Ask {
@@ -665,9 +681,11 @@ impl World {
                 claim_server: None,
                 delivered: 0,
                 refused: false,
+                server_coordinate: None,
+                started: self.now,
             },
         );
-        let at = self.now + self.delay();
+        let at = self.now + self.delay(i, j);
         self.push_event(at, Event::SessionHello { node: j, session });
     }
 
@@ -691,7 +709,7 @@ impl World {
             (false, true) => self.session_counts.refused += 1,
             (false, false) => self.session_counts.broken += 1,
         }
-        let at = self.now + self.delay();
+        let at = self.now + self.delay(s.server, s.client);
         self.push_event(
             at,
             Event::SyncDone {
@@ -720,7 +738,7 @@ impl World {
                 let theirs = self.sessions[&id].claim_client.digest().clone();
                 let batches = self.session_batches(i, &claim, &theirs);
                 let client = self.sessions[&id].client;
-                let at = self.now + self.delay();
+                let at = self.now + self.delay(i, client);
                 self.push_event(
                     at,
                     Event::SessionBatches {
@@ -737,8 +755,10 @@ impl World {
                         session: id,
                     },
                 );
+                let coordinate = self.nodes[i].node.as_ref().map(|n| n.coordinate().clone());
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.claim_server = Some(claim);
+                    s.server_coordinate = coordinate;
                 }
             }
             Event::SessionPlan { .. } => {
@@ -751,8 +771,13 @@ impl World {
                     .map(|c| c.digest().clone())
                     .unwrap_or_default();
                 let server = s.server;
+                let (peer, coordinate, started) = (s.peer, s.server_coordinate.clone(), s.started);
+                // Its hello's round trip, and the coordinate the server's hello carried.
+                if let (Some(c), Some(node)) = (coordinate, self.nodes[i].node.as_mut()) {
+                    node.handle_coordinate_sample(self.now, peer, c, self.now - started);
+                }
                 let batches = self.session_batches(i, &ours, &theirs);
-                let at = self.now + self.delay();
+                let at = self.now + self.delay(i, server);
                 self.push_event(
                     at,
                     Event::SessionBatches {
@@ -976,7 +1001,7 @@ impl World {
             };
             if node.identity() == member && self.reachable(i, asker) {
                 let incarnation = Some(node.incarnation());
-                let at = now + self.delay();
+                let at = now + self.delay(i, asker);
                 self.push_event(
                     at,
                     Event::Confirmed {

@@ -219,6 +219,7 @@ impl Node {
     /// filled, and arrival times of addresses that are not members (a forged source).
     pub(super) fn prune_peer_state(&mut self) {
         self.prune_clock_samples();
+        self.prune_coordinates();
         let ttl = self.cfg.sync_interval * super::NOTICE_TTL_ROUNDS;
         let now = self.now;
         self.shared

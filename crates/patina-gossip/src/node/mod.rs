@@ -27,6 +27,7 @@ mod antientropy;
 mod clock;
 mod dissemination;
 mod liveness;
+mod place;
 mod retire;
 mod shared;
 mod suspicion;
@@ -377,6 +378,8 @@ pub struct Node {
     forgotten: BTreeSet<NodeId>,
     /// This node's clock against its peers'.
     clock: clock::ClockWatch,
+    /// This node's network coordinate and its peers'.
+    place: place::Place,
 }
 
 impl Node {
@@ -440,6 +443,7 @@ impl Node {
             gap_first: BTreeMap::new(),
             forgotten: BTreeSet::new(),
             clock: clock::ClockWatch::default(),
+            place: place::Place::new(seed ^ 0xc00d),
         }
     }
 

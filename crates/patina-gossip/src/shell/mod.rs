@@ -52,6 +52,12 @@ enum Input {
     },
     /// Versions from peers the store did not take (see [`ApplyOutcome::Dropped`]).
     Dropped(Vec<(NodeId, u64)>),
+    /// A session's hello from `peer` came back `rtt` after ours left, with its coordinate.
+    CoordinateSample {
+        peer: Identity,
+        coordinate: crate::coords::Coordinate,
+        rtt: Duration,
+    },
     /// A session's hellos measured `peer`'s clock minus ours.
     ClockSample {
         peer: Identity,
@@ -243,6 +249,16 @@ pub struct Gossip {
     /// Where the keyring is kept, and the generation last written there.
     keyring_file: Arc<std::path::Path>,
     keyring_saved: Arc<std::sync::Mutex<u64>>,
+    /// The node's network coordinate and its peers', as its task last published them.
+    place: Arc<std::sync::RwLock<PlaceView>>,
+}
+
+/// Where this agent and its peers are on the network (Vivaldi coordinates).
+#[derive(Clone, Debug, Default)]
+pub struct PlaceView {
+    pub own: crate::coords::Coordinate,
+    /// Peers by their store's origin.
+    pub peers: Vec<(NodeId, crate::coords::Coordinate)>,
 }
 
 /// What sessions and tasks use to tell the node what the store learned.
@@ -278,6 +294,11 @@ impl Reporter {
 }
 
 impl Gossip {
+    /// This agent's network coordinate and its peers' (what hellos measured).
+    pub fn place(&self) -> PlaceView {
+        self.place.read().expect("place lock").clone()
+    }
+
     /// Bind the socket, start the node and its tasks. They stop when `stop` is cancelled
     /// (after a graceful leave). The handle returned ends when the shell has ended: `Ok` after
     /// `stop`, [`ShellFailed`] when a part of it (the node's thread, the feed follower, the
@@ -359,6 +380,7 @@ impl Gossip {
             dial: cfg.dial.clone(),
             keyring_file,
             keyring_saved: Arc::new(std::sync::Mutex::new(0)),
+            place: Arc::default(),
         };
         let main = tokio::runtime::Handle::current();
         let task = Task {

@@ -45,12 +45,19 @@ fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim, std::time::I
     let digest = g.store.digest();
     let sent = std::time::Instant::now();
     let wall_ms = g.store.wall_ms();
+    let own = g.place.read().expect("place lock").own.clone();
     let message = SyncMessage {
         body: Some(Body::Hello(SyncHello {
             cluster: g.cluster.to_string(),
             node: g.store.node().0,
             wall_ms,
             received_wall_ms,
+            coordinate: Some(patina_proto::v1::NetworkCoordinate {
+                vec: own.vec.to_vec(),
+                error: own.error,
+                adjustment: own.adjustment,
+                height: own.height,
+            }),
             digest: digest
                 .iter()
                 .map(|(o, k)| OriginDigest {
@@ -70,11 +77,34 @@ fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim, std::time::I
     (message, Claim::of(digest), sent)
 }
 
-/// The clock readings a hello carries.
-#[derive(Clone, Copy, Debug, Default)]
+/// The clock readings a hello carries, and its sender's coordinate.
+#[derive(Clone, Debug, Default)]
 struct HelloClock {
     wall_ms: u64,
     received_wall_ms: u64,
+    coordinate: Option<crate::coords::Coordinate>,
+}
+
+/// A coordinate from the wire: 8 finite components, finite and bounded scalars (a peer's word
+/// is checked before it moves ours).
+fn coordinate_of(c: &patina_proto::v1::NetworkCoordinate) -> Option<crate::coords::Coordinate> {
+    let vec: [f64; crate::coords::DIMENSIONS] = c.vec.as_slice().try_into().ok()?;
+    let bounded = |v: f64| v.is_finite() && v.abs() < 100.0;
+    if !vec.iter().all(|v| bounded(*v))
+        || !bounded(c.error)
+        || !bounded(c.adjustment)
+        || !bounded(c.height)
+        || c.height < 0.0
+        || c.error < 0.0
+    {
+        return None;
+    }
+    Some(crate::coords::Coordinate {
+        vec,
+        error: c.error,
+        adjustment: c.adjustment,
+        height: c.height,
+    })
 }
 
 /// The offset of the server's clock from ours (ms), within an error of half the round trip,
@@ -118,6 +148,7 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloCl
     let clock = HelloClock {
         wall_ms: h.wall_ms,
         received_wall_ms: h.received_wall_ms,
+        coordinate: h.coordinate.as_ref().and_then(coordinate_of),
     };
     let mut out = Digest::new();
     for d in h.digest {
@@ -397,6 +428,19 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
         // clock in between cannot spoil the sample).
         let t3 = t0 + sent.elapsed().as_millis() as u64;
         let (theirs, clock) = their_digest(g, first).map_err(|e| e.to_string())?;
+        // The round trip: our hello out and theirs back, less the time the server held ours
+        // (its two readings).
+        let held = Duration::from_millis(clock.wall_ms.saturating_sub(clock.received_wall_ms));
+        if let Some(coordinate) = clock.coordinate.clone()
+            && clock.received_wall_ms > 0
+        {
+            let rtt = sent.elapsed().saturating_sub(held);
+            let _ = g.inputs.try_send(super::Input::CoordinateSample {
+                peer,
+                coordinate,
+                rtt,
+            });
+        }
         if let Some((offset_ms, err_ms)) =
             clock_sample(t0, clock.received_wall_ms, clock.wall_ms, t3)
         {

@@ -210,6 +210,23 @@ impl Task {
             Input::Local(records) => self.node.handle_local(now, &records),
             Input::Learned { known, settled } => self.node.handle_learned(now, known, &settled),
             Input::Dropped(versions) => self.node.handle_dropped(now, &versions),
+            Input::CoordinateSample {
+                peer,
+                coordinate,
+                rtt,
+            } => {
+                self.node
+                    .handle_coordinate_sample(now, peer, coordinate, rtt);
+                let view = super::PlaceView {
+                    own: self.node.coordinate().clone(),
+                    peers: self
+                        .node
+                        .peer_coordinates()
+                        .map(|(n, c)| (n, c.clone()))
+                        .collect(),
+                };
+                *self.gossip.place.write().expect("place lock") = view;
+            }
             Input::ClockSample {
                 peer,
                 offset_ms,
