@@ -2,8 +2,10 @@
 //!
 //! Each region may give coordinates (latitude, longitude in degrees) and measured round
 //! trips to other regions. The round trip between two regions is the measured one when
-//! either side gives it, else one estimated from the great-circle distance (light in fibre
-//! covers about 100 km per millisecond of round trip), else unknown. Regions are ordered by
+//! either side gives it, else (at a table fed by the global tier's network coordinates,
+//! [`crate::Table::set_estimated_rtts`]) the one gossip measured, else one estimated from
+//! the great-circle distance (light in fibre covers about 100 km per millisecond of round
+//! trip), else unknown. Regions are ordered by
 //! round trip from the caller's region, unknown last, ties by name: the same order on every
 //! edge.
 
@@ -107,8 +109,15 @@ impl RegionTable {
         self.specs.get(region).map_or(&[], |s| s.ingress.as_slice())
     }
 
-    /// The round trip between two regions in milliseconds, when the table can tell.
+    /// The round trip between two regions in milliseconds, when the table can tell: the
+    /// configured measurement, else the estimate from coordinates.
     pub fn rtt_ms(&self, from: &str, to: &str) -> Option<u32> {
+        self.measured_rtt_ms(from, to)
+            .or_else(|| self.geo_rtt_ms(from, to))
+    }
+
+    /// The configured (measured) round trip, if either side gives one.
+    pub fn measured_rtt_ms(&self, from: &str, to: &str) -> Option<u32> {
         if from == to {
             return Some(0);
         }
@@ -117,10 +126,12 @@ impl RegionTable {
         if let Some(ms) = a.and_then(|a| a.rtt_ms.get(to)) {
             return Some(*ms);
         }
-        if let Some(ms) = b.and_then(|b| b.rtt_ms.get(from)) {
-            return Some(*ms);
-        }
-        let (a, b) = (a?, b?);
+        b.and_then(|b| b.rtt_ms.get(from)).copied()
+    }
+
+    /// The round trip estimated from the great-circle distance, when both give coordinates.
+    pub fn geo_rtt_ms(&self, from: &str, to: &str) -> Option<u32> {
+        let (a, b) = (self.specs.get(from)?, self.specs.get(to)?);
         let km = haversine_km(a.lat?, a.lon?, b.lat?, b.lon?);
         Some((km / KM_PER_RTT_MS).round() as u32)
     }

@@ -98,6 +98,9 @@ struct Regions {
     fresh_ms: Vec<u64>,
     /// The freshest view of any region.
     newest_ms: u64,
+    /// `estimated[from][to]`: round trips estimated from network coordinates (ms),
+    /// `u32::MAX` where unknown; used where the region table has none.
+    estimated: Vec<Vec<u32>>,
 }
 
 impl Regions {
@@ -108,6 +111,10 @@ impl Regions {
         self.names.push(name.clone());
         self.ids.insert(name, id);
         self.fresh_ms.push(0);
+        for row in &mut self.estimated {
+            row.push(u32::MAX);
+        }
+        self.estimated.push(vec![u32::MAX; self.names.len()]);
         id
     }
 }
@@ -246,6 +253,61 @@ impl Table {
     /// Start keeping [`Changes`] (the same for every caller).
     pub fn track_changes(&self) -> Arc<Changes> {
         self.changes.get_or_init(Arc::default).clone()
+    }
+
+    /// Round trips between regions estimated from network coordinates (`est(from, to)` in
+    /// ms): they order regions where the region table gives no measured round trip (before
+    /// the great-circle estimate from the table's coordinates). An estimate replaces the one held only
+    /// when it differs by more than 10 % and 2 ms (orders do not flap with measurement
+    /// noise). Returns whether any region's order changed (every app's answer may have:
+    /// followers of [`Changes`] hear of it).
+    pub fn set_estimated_rtts(&self, est: &dyn Fn(&str, &str) -> Option<u32>) -> bool {
+        let mut r = self.regions.write().expect("regions lock");
+        let n = r.names.len();
+        let mut moved = false;
+        for from in 0..n {
+            for to in 0..n {
+                if from == to {
+                    continue;
+                }
+                let Some(new) = est(&r.names[from], &r.names[to]) else {
+                    continue;
+                };
+                let old = r.estimated[from][to];
+                let differs = old == u32::MAX || {
+                    let d = old.abs_diff(new);
+                    d > 2 && u64::from(d) * 10 > u64::from(old)
+                };
+                if differs {
+                    r.estimated[from][to] = new;
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            return false;
+        }
+        let before = r.rank.clone();
+        self.reorder(&mut r);
+        let changed = before != r.rank;
+        drop(r);
+        if changed && let Some(c) = self.changes.get() {
+            c.everything();
+        }
+        changed
+    }
+
+    /// Every live bridge the table knows, with its region.
+    pub fn bridge_regions(&self) -> Vec<(u64, Arc<str>)> {
+        let bridges: Vec<(u64, RegionId)> = {
+            let b = self.bridges.lock().expect("bridges lock");
+            b.iter().map(|(id, (region, _))| (*id, *region)).collect()
+        };
+        let regions = self.regions.read().expect("regions lock");
+        bridges
+            .into_iter()
+            .filter_map(|(id, r)| regions.names.get(r as usize).map(|n| (id, n.clone())))
+            .collect()
     }
 
     /// Whether the app has instances in some region (stale or not).
@@ -634,8 +696,12 @@ impl Table {
         for from in 0..n {
             let rtt: Box<[u32]> = (0..n)
                 .map(|to| {
+                    let (a, b) = (&r.names[from], &r.names[to]);
+                    let gossip = Some(r.estimated[from][to]).filter(|ms| *ms != u32::MAX);
                     self.table
-                        .rtt_ms(&r.names[from], &r.names[to])
+                        .measured_rtt_ms(a, b)
+                        .or(gossip)
+                        .or_else(|| self.table.geo_rtt_ms(a, b))
                         .unwrap_or(u32::MAX)
                 })
                 .collect();
@@ -736,6 +802,98 @@ mod tests {
         t.remove_summary("web", "ord");
         assert_eq!(names(&t, &t.lookup("web", "ord"))[0], "fra");
         assert_eq!(t.stats().summaries, 6);
+    }
+
+    #[test]
+    fn gossip_estimates_order_regions_before_geography_and_after_measurements() {
+        // No coordinates at all in this table: only gossip's estimates can order it.
+        let t = Table::new(
+            RegionTable::new(
+                ["a", "b", "c"]
+                    .iter()
+                    .map(|n| RegionSpec {
+                        name: (*n).into(),
+                        ..RegionSpec::default()
+                    })
+                    .collect(),
+            )
+            .unwrap(),
+            None,
+        );
+        let changes = t.track_changes();
+        for r in ["a", "b", "c"] {
+            put(&t, "web", r, 1, 1, 0);
+        }
+        changes.take();
+        assert_eq!(names(&t, &t.lookup("web", "c")), ["c", "a", "b"], "by name");
+        fn est(ms: &[(&'static str, &'static str, u32)]) -> impl Fn(&str, &str) -> Option<u32> {
+            let ms = ms.to_vec();
+            move |x: &str, y: &str| {
+                ms.iter()
+                    .find(|(a, b, _)| (*a == x && *b == y) || (*a == y && *b == x))
+                    .map(|(_, _, v)| *v)
+            }
+        }
+        assert!(t.set_estimated_rtts(&est(&[("c", "a", 90), ("c", "b", 20), ("a", "b", 70)])));
+        assert_eq!(names(&t, &t.lookup("web", "c")), ["c", "b", "a"]);
+        assert_eq!(t.lookup("web", "c")[1].rtt_ms, Some(20));
+        assert!(
+            changes.take().everything,
+            "every app's order may have changed"
+        );
+        // Noise (within 10 % or 2 ms) moves nothing.
+        assert!(!t.set_estimated_rtts(&est(&[("c", "a", 85), ("c", "b", 21), ("a", "b", 70)])));
+        assert_eq!(t.lookup("web", "c")[1].rtt_ms, Some(20));
+        assert!(!changes.take().everything);
+        // A configured measurement wins over gossip's estimate.
+        let mut a = RegionSpec {
+            name: "a".into(),
+            ..RegionSpec::default()
+        };
+        a.rtt_ms.insert("c".into(), 5);
+        let t2 = Table::new(
+            RegionTable::new(vec![
+                a,
+                RegionSpec {
+                    name: "b".into(),
+                    ..RegionSpec::default()
+                },
+                RegionSpec {
+                    name: "c".into(),
+                    ..RegionSpec::default()
+                },
+            ])
+            .unwrap(),
+            None,
+        );
+        for r in ["a", "b", "c"] {
+            put(&t2, "web", r, 1, 1, 0);
+        }
+        t2.set_estimated_rtts(&est(&[("c", "a", 90), ("c", "b", 20)]));
+        assert_eq!(names(&t2, &t2.lookup("web", "c")), ["c", "a", "b"]);
+    }
+
+    #[test]
+    fn changes_name_each_app_once_with_whether_it_existed() {
+        let t = table(None);
+        let changes = t.track_changes();
+        put(&t, "web", "ord", 1, 2, 0);
+        put(&t, "web", "fra", 1, 1, 0);
+        put(&t, "api", "ord", 0, 1, 0);
+        let mut got = changes.take();
+        got.apps.sort();
+        assert_eq!(
+            got.apps,
+            vec![("api".into(), false), ("web".into(), false)],
+            "new apps: did not exist before their first change"
+        );
+        // The same summary again changes nothing.
+        put(&t, "web", "ord", 1, 2, 0);
+        assert!(changes.take().apps.is_empty());
+        t.remove_summary("api", "ord");
+        assert_eq!(changes.take().apps, vec![("api".into(), true)]);
+        assert!(!t.app_exists("api"));
+        assert!(t.app_exists("web"));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bridge;
+pub mod nearness;
 pub mod record;
 pub mod service;
 

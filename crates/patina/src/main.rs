@@ -816,6 +816,17 @@ pub(crate) async fn run_agent(
                 follower.await;
                 Err(Arc::from("the table's follower ended"))
             });
+            // Regions the table gives no measured round trip are ordered by the global
+            // tier's network coordinates.
+            let nearness = patina_global::nearness::follow_coordinates(
+                gossip.clone(),
+                table.clone(),
+                config.region.clone(),
+            );
+            parts.spawn(async move {
+                nearness.await;
+                Err(Arc::from("the coordinates' follower ended"))
+            });
             if let Role::Bridge(cfg) = role {
                 has_bridge = true;
                 bridge_stats = Some(cfg.stats.clone());
