@@ -54,6 +54,10 @@ pub struct Sources {
     pub bridge: Option<Arc<patina_global::bridge::BridgeStats>>,
     /// When the agent started (`patina_start_time_seconds`: restarts show as its changes).
     pub started: std::time::SystemTime,
+    /// What the xDS server did (`None`: off).
+    pub xds: Option<Arc<patina_xds::Stats>>,
+    /// What the DNS front end did (`None`: off).
+    pub dns: Option<Arc<patina_dns::Stats>>,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

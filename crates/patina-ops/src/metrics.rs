@@ -491,6 +491,11 @@ pub async fn scrape(s: &Sources) -> String {
             "Watch and WatchApps streams open (within limits.max_watches)",
             gauge(c.watches.load(std::sync::atomic::Ordering::Relaxed)),
         );
+        r.register(
+            "xds_streams",
+            "xDS (ADS) streams open (within xds.max_streams)",
+            gauge(c.xds_streams.load(std::sync::atomic::Ordering::Relaxed)),
+        );
     }
 
     // A bridge's publishing.
@@ -562,6 +567,60 @@ pub async fn scrape(s: &Sources) -> String {
             "check_write_errors",
             "Writes of a machine's health from its checks that failed",
             counter(get(&c.write_errors)),
+        );
+    }
+
+    // The front ends for stock clients (docs/frontends.md).
+    if let Some(x) = &s.xds {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        r.register(
+            "xds_responses",
+            "xDS responses sent",
+            counter(get(&x.responses)),
+        );
+        r.register(
+            "xds_acks",
+            "xDS requests that acknowledged a response, by outcome (a NACK is logged with its error)",
+            counters(&[
+                (labels(&[("outcome", "ack")]), get(&x.acks)),
+                (labels(&[("outcome", "nack")]), get(&x.nacks)),
+            ]),
+        );
+        r.register(
+            "xds_stale_nonces",
+            "State-of-the-world xDS requests ignored for answering an older response",
+            counter(get(&x.stale_nonces)),
+        );
+        r.register(
+            "xds_behind",
+            "xDS streams that fell behind the change log, by what followed",
+            counters(&[
+                (labels(&[("then", "resent")]), get(&x.resyncs)),
+                (labels(&[("then", "ended")]), get(&x.ended_behind)),
+            ]),
+        );
+    }
+    if let Some(d) = &s.dns {
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        r.register(
+            "dns_queries",
+            "DNS queries, by outcome",
+            counters(&[
+                (labels(&[("outcome", "answered")]), get(&d.answered)),
+                (labels(&[("outcome", "nxdomain")]), get(&d.nxdomain)),
+                (labels(&[("outcome", "refused")]), get(&d.refused)),
+                (labels(&[("outcome", "rate_limited")]), get(&d.rate_limited)),
+            ]),
+        );
+        r.register(
+            "dns_truncated",
+            "DNS answers truncated to the client's UDP buffer (it asks again over TCP)",
+            counter(get(&d.truncated)),
+        );
+        r.register(
+            "dns_tcp_refused",
+            "DNS TCP connections closed at once, over dns.max_tcp_connections",
+            counter(get(&d.tcp_refused)),
         );
     }
 

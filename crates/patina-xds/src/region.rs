@@ -19,18 +19,30 @@ use crate::protocol::Client;
 use crate::resources::{Addr, Host, Locality};
 use crate::service::Source;
 
-/// The region's apps and their endpoints, as last published.
+/// The region's apps and their endpoints: as the store has them now (`apps`, what DNS
+/// answers from), and as last published to the xDS streams (`published`: a stream that
+/// subscribes between a change and its publication is not sent the same state twice).
 pub struct RegionSource {
     region: Arc<str>,
     apps: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
+    published: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
 }
+
+/// [`RegionSource`] as the store has it now (not waiting for the debounce).
+pub struct Latest(Arc<RegionSource>);
 
 impl RegionSource {
     pub fn new(region: &str) -> Arc<RegionSource> {
         Arc::new(RegionSource {
             region: region.into(),
             apps: RwLock::new(HashMap::new()),
+            published: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// The same apps, as the store has them now: for the DNS front end.
+    pub fn latest(self: &Arc<Self>) -> Arc<Latest> {
+        Arc::new(Latest(self.clone()))
     }
 
     /// The app's endpoints now, read from the store's index: `None` when it has no live
@@ -70,26 +82,60 @@ impl RegionSource {
     pub fn endpoints(&self, app: &str) -> Option<Arc<[Locality]>> {
         self.apps.read().expect("apps lock").get(app).cloned()
     }
+
+    /// The app's state as read now becomes what xDS streams see.
+    fn publish(&self, app: &Arc<str>) {
+        let now = self.endpoints(app);
+        let mut p = self.published.write().expect("published lock");
+        match now {
+            Some(l) => p.insert(app.clone(), l),
+            None => p.remove(app),
+        };
+    }
+}
+
+fn apps_of(map: &RwLock<HashMap<Arc<str>, Arc<[Locality]>>>) -> Vec<Arc<str>> {
+    map.read().expect("apps lock").keys().cloned().collect()
+}
+
+fn localities_of(
+    map: &RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
+    app: &str,
+    out: &mut Vec<Locality>,
+) {
+    if let Some(l) = map.read().expect("apps lock").get(app) {
+        out.extend(l.iter().cloned());
+    }
 }
 
 impl Source for RegionSource {
     fn apps(&self) -> Vec<Arc<str>> {
-        self.apps
-            .read()
-            .expect("apps lock")
-            .keys()
-            .cloned()
-            .collect()
+        apps_of(&self.published)
     }
 
     fn exists(&self, app: &str) -> bool {
-        self.apps.read().expect("apps lock").contains_key(app)
+        self.published
+            .read()
+            .expect("published lock")
+            .contains_key(app)
     }
 
     fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
-        if let Some(l) = self.apps.read().expect("apps lock").get(app) {
-            out.extend(l.iter().cloned());
-        }
+        localities_of(&self.published, app, out);
+    }
+}
+
+impl Source for Latest {
+    fn apps(&self) -> Vec<Arc<str>> {
+        apps_of(&self.0.apps)
+    }
+
+    fn exists(&self, app: &str) -> bool {
+        self.0.apps.read().expect("apps lock").contains_key(app)
+    }
+
+    fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
+        localities_of(&self.0.apps, app, out);
     }
 }
 
@@ -141,7 +187,7 @@ pub async fn follow(
                     }
                 }
                 if everything {
-                    dirty.extend(source.apps());
+                    dirty.extend(apps_of(&source.apps));
                 }
                 if dirty.is_empty() {
                     continue;
@@ -163,6 +209,7 @@ pub async fn follow(
                 flush_at = None;
                 let mut changes = Vec::with_capacity(pending.len());
                 for (app, (existed, changed)) in pending.drain() {
+                    source.publish(&app);
                     let now = source.exists(&app);
                     let change = match (existed, now) {
                         (false, false) => continue,

@@ -147,6 +147,7 @@ impl<S: Source + ?Sized> Ads<S> {
             nonce: 0,
             seq: 0,
             scratch: Vec::new(),
+            last_full: [None; 4],
         };
         let stopping = self.stopping.clone();
         tokio::spawn(async move {
@@ -174,6 +175,9 @@ pub struct Driver<S: ?Sized> {
     /// The last change of the hub this stream has taken into account.
     seq: u64,
     scratch: Vec<Locality>,
+    /// State of the world: a hash of the last full-state response of each type, so that the
+    /// same set is not sent twice (a change the stream already saw when it subscribed).
+    last_full: [Option<u64>; 4],
 }
 
 /// The two variants' requests and responses.
@@ -208,7 +212,7 @@ impl<S: Source + ?Sized> Driver<S> {
         let (seq, mut changes) = self.hub.subscribe();
         self.seq = seq;
         loop {
-            let plans = tokio::select! {
+            let (plans, asked) = tokio::select! {
                 _ = stopping.wait_for(|s| *s) => {
                     return Err(Status::unavailable("the agent is shutting down; reconnect elsewhere"));
                 }
@@ -218,7 +222,7 @@ impl<S: Source + ?Sized> Driver<S> {
                     ));
                 }
                 msg = inbound.message() => match msg {
-                    Ok(Some(req)) => self.request(&req)?,
+                    Ok(Some(req)) => (self.request(&req)?, true),
                     Ok(None) | Err(_) => return Ok(()),
                 },
                 changed = changes.changed() => {
@@ -231,16 +235,21 @@ impl<S: Source + ?Sized> Driver<S> {
                             if let Some(last) = events.last() {
                                 self.seq = last.seq;
                             }
-                            self.proto.changes(&events)
+                            (self.proto.changes(&events), false)
                         }
                         Err(crate::hub::Behind) => {
                             self.seq = self.hub.newest();
-                            self.behind()?
+                            (self.behind()?, false)
                         }
                     }
                 }
             };
             for plan in plans {
+                // A request is always answered, even with the set it already has (a name
+                // it asks for that does not exist is told by its absence).
+                if asked && let Some(ty) = plan.ty {
+                    self.last_full[ty.index()] = None;
+                }
                 if self.emit(plan, tx).await.is_err() {
                     return Ok(());
                 }
@@ -346,11 +355,37 @@ impl<S: Source + ?Sized> Wire<DiscoveryRequest, DiscoveryResponse> for Driver<S>
             resources.push(r);
         }
         self.scratch = scratch;
+        if plan.full
+            && let Some(ty) = plan.ty
+        {
+            let hash = set_hash(&resources);
+            if self.last_full[ty.index()] == Some(hash) {
+                return Ok(());
+            }
+            self.last_full[ty.index()] = Some(hash);
+        }
         if !resources.is_empty() || !sent_one {
             self.send_sotw(&plan, &version, resources, tx).await?;
         }
         Ok(())
     }
+}
+
+/// A hash of a set of resources (their types and encodings, in order).
+fn set_hash(resources: &[Any]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for r in resources {
+        for b in r
+            .type_url
+            .bytes()
+            .chain(r.value.iter().copied())
+            .chain([0xff])
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
 }
 
 impl<S: Source + ?Sized> Driver<S> {

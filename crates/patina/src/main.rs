@@ -858,7 +858,9 @@ pub(crate) async fn run_agent(
         let settings = config.xds.server()?;
         let hub = Arc::new(patina_xds::Hub::new(patina_xds::hub::DEFAULT_LOG));
         let debounce = settings.debounce;
-        let (source, tier): (Arc<dyn patina_xds::Source>, patina_dns::Tier) = match &table {
+        // xDS streams read what was last published to them; DNS reads the latest.
+        type Src = Arc<dyn patina_xds::Source>;
+        let (source, latest, tier): (Src, Src, patina_dns::Tier) = match &table {
             None => {
                 let source = patina_xds::region::RegionSource::new(&config.region);
                 let follower = patina_xds::region::follow(
@@ -872,7 +874,12 @@ pub(crate) async fn run_agent(
                     follower.await;
                     Err(Arc::from("the xDS follower ended"))
                 });
-                (source, patina_dns::Tier::Region(config.region.clone()))
+                let latest = source.latest();
+                (
+                    source,
+                    latest,
+                    patina_dns::Tier::Region(config.region.clone()),
+                )
             }
             Some(table) => {
                 let source = patina_xds::global::GlobalSource::new(table.clone(), &config.region);
@@ -881,7 +888,7 @@ pub(crate) async fn run_agent(
                     follower.await;
                     Err(Arc::from("the xDS follower ended"))
                 });
-                (source, patina_dns::Tier::Global)
+                (source.clone(), source, patina_dns::Tier::Global)
             }
         };
         if let Some(addr) = dns_listen {
@@ -891,7 +898,7 @@ pub(crate) async fn run_agent(
             let zone = Arc::new(patina_dns::Zone::new(
                 tier,
                 &config.dns.domain,
-                source.clone(),
+                latest,
                 config.dns.ttl_secs,
                 config.dns.max_answers.get(),
             ));
@@ -937,6 +944,8 @@ pub(crate) async fn run_agent(
         occupancy: limits.occupancy,
         bridge: bridge_stats,
         started: std::time::SystemTime::now(),
+        xds: config.xds.enabled.then(|| xds_stats.clone()),
+        dns: dns_listen.map(|_| dns_stats.clone()),
     });
     {
         let sources = sources.clone();

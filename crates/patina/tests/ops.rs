@@ -9,6 +9,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::sample;
 use patina_testkit::http_get;
 
 /// `promtool check metrics` on `exposition`: its complaints (empty: none). Fails the test
@@ -40,18 +41,6 @@ fn promtool(exposition: &str) -> String {
     }
 }
 
-/// The value of the first sample of `name` (with exactly `labels`, e.g. `{kind="live"}`).
-fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
-    exposition.lines().find_map(|l| {
-        let rest = l.strip_prefix(name_and_labels)?;
-        rest.strip_prefix(' ')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
 /// The agent's gRPC health (the whole server's).
 async fn grpc_health(agent: &common::Agent) -> i32 {
     tonic_health::pb::health_client::HealthClient::new(agent.channel().await)
@@ -80,8 +69,12 @@ fn eventually_get(url: &str, want: u16) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_probes_say_why() {
     let dir = tempfile::tempdir().unwrap();
-    // A region's only agent: its view stands alone.
-    let agent = common::start_with(dir.path(), "127.0.0.1", "[gossip]\nstandalone = true\n");
+    // A region's only agent: its view stands alone. Its DNS front end on: its metrics too.
+    let agent = common::start_with(
+        dir.path(),
+        "127.0.0.1",
+        "[gossip]\nstandalone = true\n[dns]\nlisten = \"127.0.0.1:0\"\n",
+    );
     let ops = agent.metrics_url();
     common::put_app_machine(&agent, "web-1", "web", true).await;
 
@@ -128,6 +121,16 @@ async fn metrics_pass_promtool_and_probes_say_why() {
         "{exposition}"
     );
     assert!(sample(&exposition, "patina_connections").is_some_and(|c| c >= 1.0));
+    assert_eq!(sample(&exposition, "patina_xds_streams"), Some(0.0));
+    assert_eq!(sample(&exposition, "patina_xds_responses_total"), Some(0.0));
+    assert_eq!(
+        sample(
+            &exposition,
+            "patina_dns_queries_total{outcome=\"nxdomain\"}"
+        ),
+        Some(0.0),
+        "{exposition}"
+    );
     drop(watch);
     assert!(
         exposition.contains("patina_build_info{version=\"")

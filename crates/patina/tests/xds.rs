@@ -215,6 +215,20 @@ async fn state_of_the_world_acks_nacks_stale_nonces_and_changes() {
         .unwrap();
     let cds3 = s.next().await;
     assert_eq!(cluster_names(&cds3), ["api", "web"]);
+
+    // The operator sees the NACK and the stale request.
+    let (_, metrics) =
+        patina_testkit::http_get(&format!("{}/metrics", agent.metrics_url())).unwrap();
+    assert_eq!(
+        common::sample(&metrics, "patina_xds_acks_total{outcome=\"nack\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        common::sample(&metrics, "patina_xds_stale_nonces_total"),
+        Some(1.0)
+    );
+    assert_eq!(common::sample(&metrics, "patina_xds_streams"), Some(1.0));
 }
 
 struct Delta {

@@ -326,3 +326,15 @@ pub fn python() -> std::path::PathBuf {
     );
     python
 }
+
+/// The value of the first sample of `name` (with exactly `labels`, e.g. `{kind="live"}`).
+pub fn sample(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let rest = l.strip_prefix(name_and_labels)?;
+        rest.strip_prefix(' ')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
