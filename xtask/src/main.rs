@@ -13,6 +13,8 @@
 //!   lookup and memory per summary.
 //! - `cargo xtask bench watchdog [--trials N]`: a stuck loop (gossip thread, store writer)
 //!   to out of the cluster at every peer, beside a SIGKILL's.
+//! - `cargo xtask bench frontends [--trials N] [--streams N] [--dns-secs S]`: xDS views
+//!   after an instance goes down, many ADS streams on one agent, DNS queries per second.
 //! - `cargo xtask bench checks [--trials N]`: an instance killed to no global agent routing
 //!   to it, by the agent's health checks alone, beside an orchestrator's write.
 //! - `cargo xtask cluster [--nodes N]`: a local region of N agents until Ctrl-C;
@@ -22,6 +24,7 @@
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
 mod bench_checks;
+mod bench_frontends;
 mod bench_global;
 mod bench_propagation;
 mod bench_store;
@@ -52,6 +55,10 @@ fn main() -> anyhow::Result<()> {
             bench_watchdog::run(bench_watchdog::Options::parse(rest)?)
         }
         ["bench", "checks", rest @ ..] => bench_checks::run(bench_checks::Options::parse(rest)?),
+        ["bench", "frontends", rest @ ..] => {
+            bench_frontends::run(bench_frontends::Options::parse(rest)?)
+        }
+        ["udp-echo", addr] => bench_frontends::udp_echo(addr),
         ["cluster", rest @ ..] => cluster::run(cluster::Options::parse(rest)?),
         ["test", rest @ ..] => test::run(rest),
         _ => bail!(
@@ -65,6 +72,7 @@ fn main() -> anyhow::Result<()> {
                     cargo xtask cluster [--nodes N] | --regions R [--nodes N] [--bridges B] \
              [--globals G]\n\
                     cargo xtask bench watchdog [--trials N]\n\
+                    cargo xtask bench frontends [--trials N] [--streams N] [--dns-secs S]\n\
                     cargo xtask bench checks [--trials N]\n\
                     cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"

@@ -49,6 +49,8 @@ pub fn region_table(regions: usize, stale_after_secs: u64) -> String {
             }
             None => t += &format!("[[global.regions]]\nname = \"{}\"\n", region_name(r)),
         }
+        // Each region's ingress (what the global tier's xDS and DNS answers name).
+        t += &format!("ingress = [\"{}\"]\n", ingress(r));
     }
     t
 }
@@ -103,6 +105,11 @@ fn reached(secure: Option<&Secure>, agent: Agent) -> Agent {
 
 fn gossip(ip: &str, seed: &str) -> String {
     format!("[gossip]\nlisten = \"{ip}:{GOSSIP_PORT}\"\nseeds = [\"{seed}:{GOSSIP_PORT}\"]\n")
+}
+
+/// A region's ingress address in a world (nothing listens there: xDS and DNS only name it).
+pub fn ingress(r: usize) -> String {
+    format!("127.9.{r}.1:443")
 }
 
 pub fn region_ip(r: usize, i: usize) -> String {
