@@ -119,7 +119,9 @@ impl Zone {
                 None => Outcome::NxDomain,
                 Some(ip) => {
                     let mut answers = Vec::new();
-                    if let Some(r) = self.address_record(&lower, ip, qtype) {
+                    if let Some(name) = self.name(&format!("{lower}."))
+                        && let Some(r) = self.address_record(&name, ip, qtype)
+                    {
                         answers.push(r);
                     }
                     Outcome::Answer {
@@ -139,8 +141,8 @@ impl Zone {
         })
     }
 
-    fn address_record(&self, name: &str, ip: IpAddr, qtype: RecordType) -> Option<Record> {
-        let name = self.name(&format!("{}.", name.trim_end_matches('.')))?;
+    fn address_record(&self, name: &Name, ip: IpAddr, qtype: RecordType) -> Option<Record> {
+        let name = name.clone();
         match (ip, qtype) {
             (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
                 Some(Record::from_rdata(name, self.ttl, RData::A(A(v4))))
@@ -187,10 +189,12 @@ impl Zone {
                 ips.dedup();
                 rotate(&mut ips, seed);
                 ips.truncate(self.max_answers);
-                answers.extend(
-                    ips.into_iter()
-                        .filter_map(|ip| self.address_record(&qname, ip, qtype)),
-                );
+                if let Some(owner) = self.name(&qname) {
+                    answers.extend(
+                        ips.into_iter()
+                            .filter_map(|ip| self.address_record(&owner, ip, qtype)),
+                    );
+                }
             }
             RecordType::SRV => {
                 let Some(owner) = self.name(&qname) else {
@@ -218,14 +222,12 @@ impl Zone {
                                 l.priority.min(u32::from(u16::MAX)) as u16,
                                 weight,
                                 h.addr.port,
-                                target_name,
+                                target_name.clone(),
                             )),
                         ));
-                        if let Some(r) = self.address_record(
-                            target.trim_end_matches('.'),
-                            h.addr.ip,
-                            RecordType::ANY,
-                        ) && !additionals.contains(&r)
+                        if let Some(r) =
+                            self.address_record(&target_name, h.addr.ip, RecordType::ANY)
+                            && !additionals.contains(&r)
                         {
                             additionals.push(r);
                         }

@@ -1,10 +1,11 @@
 //! patina-dns: a DNS front end for stock resolvers, on `dns.listen` (UDP and TCP).
 //!
 //! - [`answer`]: the zone and the records of each name (sans I/O);
-//! - this module: the request handler (hickory-server), a rate bound per client address, and
-//!   the listeners: UDP served by hickory-server (answers truncated to the client's buffer,
-//!   512 bytes without EDNS, with the TC bit so that it asks again over TCP), TCP by a loop
-//!   of our own that bounds connections, their idle time and each message's size.
+//! - this module: the request handler (hickory-server's request and response types), a rate
+//!   bound per client address, and the listeners, loops of our own: UDP (answered inline by
+//!   two receiving tasks, no task per query; answers truncated to the client's buffer, 512
+//!   bytes without EDNS and at most 4,096 with it, with the TC bit so that it asks again over
+//!   TCP) and TCP (bounded connections, idle time and message size).
 
 #![forbid(unsafe_code)]
 
@@ -142,7 +143,7 @@ impl RequestHandler for Handler {
         let udp = request.protocol() == Protocol::Udp;
         let response_edns = request.edns.as_ref().map(|e| {
             let mut r = Edns::new();
-            r.set_max_payload(e.max_payload().max(512));
+            r.set_max_payload(e.max_payload().clamp(512, MAX_UDP_PAYLOAD));
             r.set_version(0);
             r
         });
@@ -217,9 +218,29 @@ impl RequestHandler for Handler {
     }
 }
 
-/// The TCP side's response handler: encodes into a buffer the connection's loop writes.
+/// The largest UDP answer, whatever buffer a client advertises: past it, TC and TCP.
+const MAX_UDP_PAYLOAD: u16 = 4096;
+
+/// The listeners' response handler: encodes into a buffer the listener's loop sends; over
+/// UDP, truncated (TC) to the response's EDNS payload size, or 512 bytes without EDNS.
 #[derive(Clone, Default)]
-struct Collect(Arc<Mutex<Vec<u8>>>);
+struct Collect {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    udp: bool,
+}
+
+impl Collect {
+    fn new(udp: bool) -> Collect {
+        Collect {
+            bytes: Arc::default(),
+            udp,
+        }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.bytes.lock().expect("response buffer"))
+    }
+}
 
 #[async_trait::async_trait]
 impl ResponseHandler for Collect {
@@ -234,11 +255,18 @@ impl ResponseHandler for Collect {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
+        let max = if self.udp {
+            response
+                .edns()
+                .map_or(512, |e| e.max_payload().clamp(512, MAX_UDP_PAYLOAD))
+        } else {
+            u16::MAX
+        };
         let mut bytes = Vec::with_capacity(512);
         let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(u16::MAX);
+        encoder.set_max_size(max);
         let info = response.destructive_emit(&mut encoder)?;
-        *self.0.lock().expect("response buffer") = bytes;
+        *self.bytes.lock().expect("response buffer") = bytes;
         Ok(info)
     }
 }
@@ -253,31 +281,48 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), String> {
     let handler = Arc::new(Handler::new(zone, &config, stats.clone()));
-    let mut server = hickory_server::Server::new(Shared(handler.clone()));
-    server.register_socket(udp);
-    let tcp_loop = serve_tcp(tcp, handler, config, stats);
-    tokio::select! {
-        () = shutdown => {}
-        r = server.block_until_done() => return Err(format!("the DNS server ended: {r:?}")),
-        () = tcp_loop => return Err("the DNS TCP listener ended".into()),
+    let udp = Arc::new(udp);
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..UDP_TASKS {
+        loops.spawn(serve_udp(udp.clone(), handler.clone()));
     }
-    let _ = server.shutdown_gracefully().await;
-    Ok(())
+    loops.spawn(serve_tcp(tcp, handler, config, stats));
+    tokio::select! {
+        () = shutdown => Ok(()),
+        _ = loops.join_next() => Err("a DNS listener ended".into()),
+    }
 }
 
-/// The handler shared by the UDP server and the TCP loop.
-struct Shared(Arc<Handler>);
+/// Tasks receiving on the UDP socket (each answers what it receives before the next).
+const UDP_TASKS: usize = 2;
 
-#[async_trait::async_trait]
-impl RequestHandler for Shared {
-    async fn handle_request<R: ResponseHandler, T: Time>(
-        &self,
-        request: &Request,
-        response_handle: R,
-    ) -> ResponseInfo {
-        self.0
-            .handle_request::<R, T>(request, response_handle)
-            .await
+/// UDP: each datagram is parsed, answered and sent in turn; one that does not parse as a
+/// DNS message, or comes from port 0, is dropped.
+async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, src) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(_) => {
+                // ICMP errors and the like surface here; a broken socket is not spun on.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+        };
+        if src.port() == 0 || src.ip().is_unspecified() {
+            continue;
+        }
+        let Ok(request) = Request::from_bytes(buf[..n].to_vec(), src, Protocol::Udp) else {
+            continue;
+        };
+        let out = Collect::new(true);
+        handler
+            .handle_request::<Collect, TokioTime>(&request, out.clone())
+            .await;
+        let bytes = out.take();
+        if !bytes.is_empty() {
+            let _ = socket.send_to(&bytes, src).await;
+        }
     }
 }
 
@@ -335,11 +380,11 @@ async fn answer_tcp(
     stream: &mut tokio::net::TcpStream,
 ) -> Result<(), ()> {
     let request = Request::from_bytes(raw, src, Protocol::Tcp).map_err(|_| ())?;
-    let out = Collect::default();
+    let out = Collect::new(false);
     handler
         .handle_request::<Collect, TokioTime>(&request, out.clone())
         .await;
-    let bytes = std::mem::take(&mut *out.0.lock().expect("response buffer"));
+    let bytes = out.take();
     if bytes.is_empty() {
         return Err(());
     }
