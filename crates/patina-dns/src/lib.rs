@@ -4,7 +4,7 @@
 //! - this module: the request handler (hickory-server's request and response types), a rate
 //!   bound per client address, and the listeners, loops of our own: UDP (answered inline by
 //!   two receiving tasks, no task per query; answers truncated to the client's buffer, 512
-//!   bytes without EDNS and at most 4,096 with it, with the TC bit so that it asks again over
+//!   bytes without EDNS and at most 1,232 with it, with the TC bit so that it asks again over
 //!   TCP) and TCP (bounded connections, idle time and message size).
 
 #![forbid(unsafe_code)]
@@ -61,6 +61,8 @@ pub struct Stats {
     pub nxdomain: AtomicU64,
     pub refused: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Answered NOTIMP or FORMERR.
+    pub other: AtomicU64,
     pub truncated: AtomicU64,
     pub tcp_refused: AtomicU64,
 }
@@ -139,6 +141,11 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
+        if request.metadata.message_type == MessageType::Response {
+            // Never answer a response: a spoofed one between two servers would bounce between
+            // them for ever (and over TCP the connection is closed).
+            return info(request, ResponseCode::FormErr);
+        }
         self.stats.queries.fetch_add(1, Ordering::Relaxed);
         let udp = request.protocol() == Protocol::Udp;
         let response_edns = request.edns.as_ref().map(|e| {
@@ -158,9 +165,8 @@ impl RequestHandler for Handler {
                 return info(request, ResponseCode::Refused);
             }
             ResponseCode::Refused
-        } else if request.metadata.message_type != MessageType::Query
-            || request.metadata.op_code != OpCode::Query
-        {
+        } else if request.metadata.op_code != OpCode::Query {
+            self.stats.other.fetch_add(1, Ordering::Relaxed);
             ResponseCode::NotImp
         } else if let Ok(req) = request.request_info() {
             let qname = req.query.name().to_string();
@@ -208,6 +214,7 @@ impl RequestHandler for Handler {
                 }
             }
         } else {
+            self.stats.other.fetch_add(1, Ordering::Relaxed);
             ResponseCode::FormErr
         };
         let response = builder.error_msg(&request.metadata, code);
@@ -218,8 +225,9 @@ impl RequestHandler for Handler {
     }
 }
 
-/// The largest UDP answer, whatever buffer a client advertises: past it, TC and TCP.
-const MAX_UDP_PAYLOAD: u16 = 4096;
+/// The largest UDP answer, whatever buffer a client advertises (DNS Flag Day 2020's 1,232
+/// bytes: no fragmentation, and little to amplify): past it, TC and TCP.
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// The listeners' response handler: encodes into a buffer the listener's loop sends; over
 /// UDP, truncated (TC) to the response's EDNS payload size, or 512 bytes without EDNS.
@@ -326,9 +334,45 @@ async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
     }
 }
 
-/// TCP: at most `max_tcp_connections` at once (one more is closed at once); each reads
-/// length-prefixed messages, answering each before reading the next, and is closed when idle
-/// for `tcp_idle` or when a message does not parse.
+/// Open TCP connections from one client address, whatever `max_tcp_connections` allows: one
+/// host cannot take every slot (and with them the fallback of truncated answers).
+pub const MAX_TCP_PER_CLIENT: usize = 16;
+
+/// The connections open per client address (only addresses with one open are held).
+#[derive(Default)]
+struct PerClient(Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`PerClient`], given back when dropped.
+struct ClientSlot(Arc<PerClient>, IpAddr);
+
+impl PerClient {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let mut open = self.0.lock().expect("per-client connections");
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_TCP_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.0.lock().expect("per-client connections");
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// TCP: at most `max_tcp_connections` at once, and [`MAX_TCP_PER_CLIENT`] from one address
+/// (one more is closed at once); each reads length-prefixed messages, answering each before
+/// reading the next, and is closed when a read or a write waits `tcp_idle`, or when a message
+/// does not parse.
 async fn serve_tcp(
     listener: TcpListener,
     handler: Arc<Handler>,
@@ -338,9 +382,15 @@ async fn serve_tcp(
     let slots = Arc::new(tokio::sync::Semaphore::new(
         config.max_tcp_connections.max(1),
     ));
+    let per_client = Arc::new(PerClient::default());
     loop {
         let Ok((mut stream, src)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(client) = per_client.take(src.ip()) else {
+            stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -351,7 +401,7 @@ async fn serve_tcp(
         let handler = handler.clone();
         let idle = config.tcp_idle;
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, client);
             let _ = stream.set_nodelay(true);
             loop {
                 let mut len = [0u8; 2];
@@ -365,7 +415,10 @@ async fn serve_tcp(
                     Ok(Ok(_)) => {}
                     _ => return,
                 }
-                if answer_tcp(&handler, buf, src, &mut stream).await.is_err() {
+                if answer_tcp(&handler, buf, src, &mut stream, idle)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -378,6 +431,7 @@ async fn answer_tcp(
     raw: Vec<u8>,
     src: SocketAddr,
     stream: &mut tokio::net::TcpStream,
+    idle: Duration,
 ) -> Result<(), ()> {
     let request = Request::from_bytes(raw, src, Protocol::Tcp).map_err(|_| ())?;
     let out = Collect::new(false);
@@ -389,6 +443,130 @@ async fn answer_tcp(
         return Err(());
     }
     let len = u16::try_from(bytes.len()).map_err(|_| ())?;
-    stream.write_all(&len.to_be_bytes()).await.map_err(|_| ())?;
-    stream.write_all(&bytes).await.map_err(|_| ())
+    let mut framed = Vec::with_capacity(bytes.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(&bytes);
+    // A client that sends and never reads is closed, not waited for.
+    match tokio::time::timeout(idle, stream.write_all(&framed)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patina_xds::protocol::Client;
+    use patina_xds::resources::{Addr, Host, Locality};
+
+    struct One;
+
+    impl patina_xds::Source for One {
+        fn apps(&self) -> Vec<Arc<str>> {
+            vec![Arc::from("web")]
+        }
+        fn exists(&self, app: &str) -> bool {
+            app == "web"
+        }
+        fn localities(&self, _: &str, _: &Client, out: &mut Vec<Locality>) {
+            out.push(Locality {
+                region: "ord".into(),
+                priority: 0,
+                weight: 1,
+                hosts: vec![Host {
+                    addr: Addr::parse("10.0.0.1:80").unwrap(),
+                    more: vec![],
+                }],
+            });
+        }
+    }
+
+    fn handler(rate: u32) -> Handler {
+        let zone = Arc::new(Zone::new(
+            Tier::Region("ord".into()),
+            "patina",
+            Arc::new(One),
+            0,
+            8,
+        ));
+        let config = Config {
+            rate_per_client: rate,
+            ..Config::default()
+        };
+        Handler::new(zone, &config, Arc::default())
+    }
+
+    /// A query for `name` type A; `response`: with the QR bit set.
+    fn message(name: &str, response: bool) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, if response { 0x81 } else { 0x01 }, 0, 0, 1];
+        q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    }
+
+    async fn ask(h: &Handler, raw: Vec<u8>, protocol: Protocol) -> Vec<u8> {
+        let src: SocketAddr = "192.0.2.7:5353".parse().unwrap();
+        let request = Request::from_bytes(raw, src, protocol).unwrap();
+        let out = Collect::new(protocol == Protocol::Udp);
+        h.handle_request::<Collect, TokioTime>(&request, out.clone())
+            .await;
+        out.take()
+    }
+
+    #[tokio::test]
+    async fn responses_are_never_answered_and_queries_are() {
+        let h = handler(100);
+        for protocol in [Protocol::Udp, Protocol::Tcp] {
+            let answer = ask(&h, message("web.app.ord.patina", false), protocol).await;
+            assert!(answer.len() > 12, "a query is answered");
+            assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
+            let bounced = ask(&h, message("web.app.ord.patina", true), protocol).await;
+            assert!(bounced.is_empty(), "a response got an answer: {bounced:?}");
+        }
+        assert_eq!(h.stats.answered.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn past_its_rate_a_client_is_dropped_over_udp_and_refused_over_tcp() {
+        let h = handler(5);
+        let mut answered = 0;
+        for _ in 0..20 {
+            if !ask(&h, message("web.app.ord.patina", false), Protocol::Udp)
+                .await
+                .is_empty()
+            {
+                answered += 1;
+            }
+        }
+        assert!((5..=6).contains(&answered), "{answered} answered of 20");
+        let tcp = ask(&h, message("web.app.ord.patina", false), Protocol::Tcp).await;
+        assert_eq!(tcp[3] & 0x0f, 5, "REFUSED over TCP");
+        assert!(h.stats.rate_limited.load(Ordering::Relaxed) >= 14);
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_tcp_connections() {
+        let per = Arc::new(PerClient::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let held: Vec<_> = (0..MAX_TCP_PER_CLIENT)
+            .map(|_| per.take(a).expect("within the share"))
+            .collect();
+        assert!(per.take(a).is_none(), "one over the share");
+        assert!(per.take(b).is_some(), "another address is not held back");
+        drop(held);
+        assert!(
+            per.take(a).is_some(),
+            "slots come back when connections close"
+        );
+        assert_eq!(
+            per.0.lock().unwrap().len(),
+            0,
+            "no entry outlives its connections"
+        );
+    }
 }

@@ -100,6 +100,11 @@ impl RegionTable {
         self.specs.is_empty()
     }
 
+    /// Whether the table lists this region.
+    pub fn contains(&self, region: &str) -> bool {
+        self.specs.contains_key(region)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.specs.keys().map(String::as_str)
     }

@@ -41,10 +41,16 @@ impl Source for GlobalSource {
     }
 
     fn localities(&self, app: &str, client: &Client, out: &mut Vec<Locality>) {
-        let from = client.region.as_deref().unwrap_or(&self.region);
+        let regions = self.table.region_table();
+        // The client's region when the table lists it (a name it does not know, such as a
+        // cloud's "us-east-1", has no round trips: it would order by name), else the agent's.
+        let from = client
+            .region
+            .as_deref()
+            .filter(|r| regions.contains(r))
+            .unwrap_or(&self.region);
         let mut hits: Vec<Hit> = Vec::new();
         self.table.lookup_into(app, from, false, &mut hits);
-        let regions = self.table.region_table();
         for h in hits {
             let Some(name) = self.table.region_name(h.region) else {
                 continue;
@@ -94,5 +100,64 @@ pub async fn follow(table: Arc<Table>, hub: Arc<Hub>, debounce: Duration) {
             out.push((None, Change::Endpoints));
         }
         hub.publish(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use patina_edge::regions::{RegionSpec, RegionTable};
+    use patina_edge::table::SummaryUpdate;
+
+    #[test]
+    fn a_client_of_a_region_the_table_does_not_list_gets_the_agents_order() {
+        let spec = |name: &str, rtt: &[(&str, u32)]| RegionSpec {
+            name: name.into(),
+            rtt_ms: rtt.iter().map(|(r, ms)| (r.to_string(), *ms)).collect(),
+            ingress: vec![format!(
+                "192.0.2.{}:443",
+                name.len() + name.as_bytes()[0] as usize % 50
+            )],
+            ..RegionSpec::default()
+        };
+        let regions = RegionTable::new(vec![
+            spec("aaa", &[]),
+            spec("ord", &[("zzz", 10), ("aaa", 200)]),
+            spec("zzz", &[("aaa", 150)]),
+        ])
+        .unwrap();
+        let table = Arc::new(Table::new(regions, None));
+        for region in ["aaa", "ord", "zzz"] {
+            table
+                .apply_summary(SummaryUpdate {
+                    app: "web",
+                    region,
+                    healthy: 1,
+                    total: 1,
+                    bridge: 0,
+                })
+                .unwrap();
+        }
+        let source = GlobalSource::new(table, "ord");
+        let order = |region: Option<&str>| {
+            let client = Client {
+                region: region.map(Arc::from),
+                id: None,
+            };
+            let mut out = Vec::new();
+            source.localities("web", &client, &mut out);
+            out.iter().map(|l| l.region.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            order(Some("zzz")),
+            ["zzz", "ord", "aaa"],
+            "the client's own"
+        );
+        assert_eq!(order(None), ["ord", "zzz", "aaa"], "no region: the agent's");
+        assert_eq!(
+            order(Some("us-east-1")),
+            ["ord", "zzz", "aaa"],
+            "a region the table does not list: the agent's, not by name"
+        );
     }
 }

@@ -76,8 +76,41 @@ pub(crate) struct TypeState {
     pub(crate) started: bool,
     /// The nonce of the last response sent (0: none).
     pub(crate) last_nonce: u64,
-    /// The last version the client acknowledged.
+    /// The last version the client acknowledged (at most [`MAX_LOGGED_BYTES`] of it).
     pub(crate) acked: Option<String>,
+    /// The nonce of the last NACK logged: a client repeating one is counted, not logged again.
+    pub(crate) nack_logged: String,
+}
+
+/// Most bytes of a client's string (an error, a type URL, a version) that the agent logs or
+/// keeps: a client cannot grow the log or a stream's state with them.
+pub const MAX_LOGGED_BYTES: usize = 256;
+
+/// `s` cut to at most [`MAX_LOGGED_BYTES`], at a character boundary.
+fn clip(s: &str) -> &str {
+    if s.len() <= MAX_LOGGED_BYTES {
+        return s;
+    }
+    let mut end = MAX_LOGGED_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Log a NACK once per (type, nonce) of a stream.
+fn log_nack(st: &mut TypeState, client: &Client, type_url: &str, nonce: &str, error: &str) {
+    if st.nack_logged == clip(nonce) {
+        return;
+    }
+    st.nack_logged = clip(nonce).to_owned();
+    tracing::warn!(
+        client = clip(client.id.as_deref().unwrap_or("")),
+        type_url = clip(type_url),
+        nonce = clip(nonce),
+        error = clip(error),
+        "an xDS client refused (NACK) a response; not sent again until something changes"
+    );
 }
 
 /// Which resources a plan sends.
@@ -218,18 +251,17 @@ impl Protocol {
             match &req.error_detail {
                 Some(e) => {
                     self.stats.nacks.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        client = self.client.id.as_deref().unwrap_or(""),
-                        type_url = %req.type_url,
-                        nonce = %req.response_nonce,
-                        kept_version = %req.version_info,
-                        error = %e.message,
-                        "an xDS client refused (NACK) a response; not sent again until something changes"
+                    log_nack(
+                        st,
+                        &self.client,
+                        &req.type_url,
+                        &req.response_nonce,
+                        &e.message,
                     );
                 }
                 None => {
                     self.stats.acks.fetch_add(1, Ordering::Relaxed);
-                    st.acked = Some(req.version_info.clone());
+                    st.acked = Some(clip(&req.version_info).to_owned());
                 }
             }
         }
@@ -281,20 +313,22 @@ impl Protocol {
                 .chain(req.resource_names_unsubscribe.iter())
                 .chain(req.initial_resource_versions.keys()),
         )?;
-        if req.initial_resource_versions.len() > self.max_names {
-            return Err(self.over_names());
-        }
+        // What the client holds (`initial_resource_versions`) is not bounded by the names
+        // limit: a wildcard subscriber holds every app, and must be able to say so when it
+        // reconnects. The request's size bounds it (the API's message limit).
         if !req.response_nonce.is_empty() {
             match &req.error_detail {
                 Some(e) => {
                     self.stats.nacks.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        client = self.client.id.as_deref().unwrap_or(""),
-                        type_url = %req.type_url,
-                        nonce = %req.response_nonce,
-                        error = %e.message,
-                        "an xDS client refused (NACK) a response; not sent again until something changes"
-                    );
+                    if let Some(ty) = Type::from_url(&req.type_url) {
+                        log_nack(
+                            &mut self.types[ty.index()],
+                            &self.client,
+                            &req.type_url,
+                            &req.response_nonce,
+                            &e.message,
+                        );
+                    }
                 }
                 None => {
                     self.stats.acks.fetch_add(1, Ordering::Relaxed);
@@ -577,6 +611,60 @@ mod tests {
         assert_eq!(
             plans,
             vec![Plan::new(Type::Endpoints, Names::Subscribed, false)]
+        );
+    }
+
+    #[test]
+    fn a_wildcard_client_holding_more_than_the_names_limit_can_reconnect() {
+        // The limit is 3 names; a wildcard subscriber reconnects holding 10 apps.
+        let mut p = proto(true);
+        let mut req = DeltaDiscoveryRequest {
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        };
+        for i in 0..10 {
+            req.initial_resource_versions
+                .insert(format!("app{i}"), "v".into());
+        }
+        let plans = p
+            .delta_request(&req)
+            .expect("held versions are not subscriptions");
+        assert_eq!(plans[0].have.len(), 10);
+        assert!(p.sub(Type::Cluster).wildcard);
+        // Naming more than the limit is still refused.
+        let mut named = proto(true);
+        let req = DeltaDiscoveryRequest {
+            type_url: CLUSTER.into(),
+            resource_names_subscribe: (0..4).map(|i| format!("app{i}")).collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            named.delta_request(&req).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn what_a_client_sends_is_kept_and_logged_only_in_part() {
+        let mut p = proto(false);
+        let first = DiscoveryRequest {
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        };
+        p.sotw_request(&first).unwrap();
+        p.sent(Type::Cluster, 1);
+        let ack = DiscoveryRequest {
+            type_url: CLUSTER.into(),
+            response_nonce: "1".into(),
+            version_info: "é".repeat(100_000),
+            ..Default::default()
+        };
+        p.sotw_request(&ack).unwrap();
+        let kept = p.acked(Type::Cluster).unwrap();
+        assert!(
+            kept.len() <= MAX_LOGGED_BYTES && kept.starts_with('é'),
+            "{}",
+            kept.len()
         );
     }
 

@@ -153,7 +153,8 @@ impl<S: Source + ?Sized> Ads<S> {
         tokio::spawn(async move {
             let _slot = slot;
             if let Err(status) = driver.run(inbound, &tx, stopping, deadline).await {
-                let _ = tx.send(Err(status)).await;
+                // A client that does not read gets no status: the stream just ends.
+                let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(Err(status))).await;
             }
         });
         Ok(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
@@ -244,14 +245,32 @@ impl<S: Source + ?Sized> Driver<S> {
                     }
                 }
             };
-            for plan in plans {
-                // A request is always answered, even with the set it already has (a name
-                // it asks for that does not exist is told by its absence).
-                if asked && let Some(ty) = plan.ty {
-                    self.last_full[ty.index()] = None;
+            // Sending waits for the client to read: the stream's age and the agent's shutdown
+            // still end it (a client that stops reading holds its slot no longer than that).
+            let emitting = async {
+                for plan in plans {
+                    // A request is always answered, even with the set it already has (a name
+                    // it asks for that does not exist is told by its absence).
+                    if asked && let Some(ty) = plan.ty {
+                        self.last_full[ty.index()] = None;
+                    }
+                    self.emit(plan, tx).await?;
                 }
-                if self.emit(plan, tx).await.is_err() {
-                    return Ok(());
+                Ok::<(), Ended>(())
+            };
+            tokio::select! {
+                sent = emitting => {
+                    if sent.is_err() {
+                        return Ok(());
+                    }
+                }
+                _ = stopping.wait_for(|s| *s) => {
+                    return Err(Status::unavailable("the agent is shutting down; reconnect elsewhere"));
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Status::unavailable(
+                        "this stream reached its maximum age (limits.max_connection_age_secs): reconnect",
+                    ));
                 }
             }
         }

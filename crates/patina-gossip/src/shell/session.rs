@@ -89,7 +89,9 @@ struct HelloClock {
 /// is checked before it moves ours).
 fn coordinate_of(c: &patina_proto::v1::NetworkCoordinate) -> Option<crate::coords::Coordinate> {
     let vec: [f64; crate::coords::DIMENSIONS] = c.vec.as_slice().try_into().ok()?;
-    let bounded = |v: f64| v.is_finite() && v.abs() < 100.0;
+    // Seconds: no round trip on Earth is near 10 s, so nothing honest is refused, and a
+    // forged coordinate cannot place a peer further than that.
+    let bounded = |v: f64| v.is_finite() && v.abs() < 10.0;
     if !vec.iter().all(|v| bounded(*v))
         || !bounded(c.error)
         || !bounded(c.adjustment)
@@ -587,6 +589,46 @@ impl Sync for SyncService {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_peers_coordinate_is_taken_only_when_finite_and_bounded() {
+        let good = patina_proto::v1::NetworkCoordinate {
+            vec: vec![0.01; crate::coords::DIMENSIONS],
+            error: 0.5,
+            adjustment: -0.001,
+            height: 0.0001,
+        };
+        assert!(coordinate_of(&good).is_some());
+        let bad = [
+            patina_proto::v1::NetworkCoordinate {
+                vec: vec![0.01; 3],
+                ..good.clone()
+            },
+            patina_proto::v1::NetworkCoordinate {
+                vec: vec![f64::NAN; crate::coords::DIMENSIONS],
+                ..good.clone()
+            },
+            patina_proto::v1::NetworkCoordinate {
+                vec: vec![50.0; crate::coords::DIMENSIONS],
+                ..good.clone()
+            },
+            patina_proto::v1::NetworkCoordinate {
+                error: -1.0,
+                ..good.clone()
+            },
+            patina_proto::v1::NetworkCoordinate {
+                height: 20.0,
+                ..good.clone()
+            },
+            patina_proto::v1::NetworkCoordinate {
+                adjustment: -50.0,
+                ..good.clone()
+            },
+        ];
+        for c in bad {
+            assert!(coordinate_of(&c).is_none(), "taken: {c:?}");
+        }
+    }
     use super::*;
 
     #[test]
