@@ -1,6 +1,6 @@
 //! The xDS server of a real region agent, over real gRPC: state-of-the-world and delta ADS
 //! streams, ACK/NACK, stale nonces, subscriptions by name and wildcard, removal, and what a
-//! change to instances sends (docs/frontends.md).
+//! change to instances sends, and a client that stops reading (docs/frontends.md).
 
 mod common;
 
@@ -402,4 +402,70 @@ async fn streams_are_bounded_and_bad_requests_are_refused() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+}
+
+/// A client that subscribes and then never reads: its stream blocks on a full HTTP/2 window,
+/// and still ends at its maximum age, freeing its slot for another client.
+#[tokio::test]
+async fn a_stream_whose_client_stops_reading_still_ends_at_its_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = common::start_with(
+        dir.path(),
+        "127.0.0.84",
+        "[limits]\nmax_connection_age_secs = 3\n[xds]\nmax_streams = 1\ndebounce_ms = 10\n",
+    );
+    // A client's HTTP/2 window as small as the protocol allows for a stream (hyper's default
+    // is 2 MiB), so that a few pushes fill it.
+    let channel = tonic::transport::Channel::from_shared(agent.url.clone())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let (stalled_tx, rx) = mpsc::channel(16);
+    let stalled = AggregatedDiscoveryServiceClient::new(channel)
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("StreamAggregatedResources")
+        .into_inner();
+    stalled_tx
+        .send(DiscoveryRequest {
+            type_url: CDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Every app is a change, and each push carries every cluster: far more than the
+    // client's window, which it never opens again since it never reads.
+    let opened = std::time::Instant::now();
+    for i in 0..80 {
+        let app = format!("{:x<60}{i:02}", "app");
+        put(&agent, &format!("m-{i}"), &app, 80, Health::Passing).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its one slot frees once the stalled stream reaches its age (3 s, and no later than
+    // 110 % of it from its connection's acceptance).
+    let mut freed = None;
+    for _ in 0..30 {
+        let mut c = AggregatedDiscoveryServiceClient::new(agent.channel().await);
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(1);
+        tx.send(DiscoveryRequest {
+            type_url: CDS.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        if let Ok(r) = c.stream_aggregated_resources(ReceiverStream::new(rx)).await {
+            let mut rx = r.into_inner();
+            if let Ok(Ok(Some(_))) = tokio::time::timeout(WAIT, rx.message()).await {
+                freed = Some(opened.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let freed = freed.expect("the stalled stream's slot was never freed");
+    assert!(freed < Duration::from_secs(12), "freed after {freed:?}");
+    drop((stalled, stalled_tx));
 }
