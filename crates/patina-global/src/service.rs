@@ -6,8 +6,8 @@ use std::sync::Arc;
 use patina_edge::{Hit, Replica, Table};
 use patina_proto::v1::global_server::Global;
 use patina_proto::v1::{
-    AppSummary, BridgeState, LookupAppRequest, LookupAppResponse, RegionInstances,
-    WatchAppsRequest, WatchAppsResponse, watch_apps_response,
+    AppSummary, BridgeState, LookupAppRequest, LookupAppResponse, LookupAppsRequest,
+    LookupAppsResponse, RegionInstances, WatchAppsRequest, WatchAppsResponse, watch_apps_response,
 };
 use patina_region::service::{
     MessageStream, WatchOpen, Watches, invalid, resume_token, watch_stream,
@@ -159,6 +159,12 @@ pub async fn follow_store(store: Store, table: Arc<Table>, beat: patina_watchdog
     }
 }
 
+/// Most apps in one LookupApps call.
+pub const MAX_LOOKUP_APPS: usize = 1000;
+/// Most regions listed in one LookupApps answer (about 40 bytes each: well under the API's
+/// message limit).
+pub const MAX_LOOKUP_REGIONS: usize = 100_000;
+
 fn to_instances(table: &Table, h: &Hit) -> RegionInstances {
     RegionInstances {
         region: table
@@ -194,6 +200,45 @@ impl Global for GlobalService {
             app: req.app,
             regions,
         }))
+    }
+
+    async fn lookup_apps(
+        &self,
+        request: Request<LookupAppsRequest>,
+    ) -> Result<Response<LookupAppsResponse>, Status> {
+        let req = request.into_inner();
+        if req.apps.len() > MAX_LOOKUP_APPS {
+            return Err(Status::invalid_argument(format!(
+                "{} apps in one LookupApps; at most {MAX_LOOKUP_APPS}",
+                req.apps.len()
+            )));
+        }
+        for (i, app) in req.apps.iter().enumerate() {
+            validate::app_name(app).map_err(|e| invalid(e.at(&format!("apps[{i}]."))))?;
+        }
+        let from = if req.from_region.is_empty() {
+            self.region.as_str()
+        } else {
+            validate::region_name(&req.from_region).map_err(|e| invalid(e.at("from_")))?;
+            req.from_region.as_str()
+        };
+        let mut hits = Vec::new();
+        let mut listed = 0usize;
+        let mut apps = Vec::with_capacity(req.apps.len());
+        for app in req.apps {
+            hits.clear();
+            self.table
+                .lookup_into(&app, from, req.include_empty, &mut hits);
+            listed += hits.len();
+            if listed > MAX_LOOKUP_REGIONS {
+                return Err(Status::resource_exhausted(format!(
+                    "more than {MAX_LOOKUP_REGIONS} regions to list in one LookupApps: ask for fewer apps"
+                )));
+            }
+            let regions = hits.iter().map(|h| to_instances(&self.table, h)).collect();
+            apps.push(LookupAppResponse { app, regions });
+        }
+        Ok(Response::new(LookupAppsResponse { apps }))
     }
 
     type WatchAppsStream = MessageStream<WatchAppsResponse>;

@@ -257,6 +257,7 @@ pub fn need_of(path: &str) -> Option<Need> {
         | "/patina.v1.Region/ListInstances"
         | "/patina.v1.Region/Watch"
         | "/patina.v1.Global/LookupApp"
+        | "/patina.v1.Global/LookupApps"
         | "/patina.v1.Global/WatchApps"
         | "/patina.v1.Admin/Members"
         | "/patina.v1.Admin/Whoami"

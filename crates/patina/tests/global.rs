@@ -49,6 +49,52 @@ async fn the_last_instance_of_an_app_stopping_in_a_region_reaches_every_global_a
         [("fra".to_owned(), 1, 1), ("ord".to_owned(), 1, 1)],
         "nearest first from fra"
     );
+    // Many apps in one call: each as LookupApp answers it, in the order asked.
+    let mut gc = patina_proto::v1::global_client::GlobalClient::new(g1.channel().await);
+    let many = gc
+        .lookup_apps(patina_proto::v1::LookupAppsRequest {
+            apps: vec!["web".into(), "nope".into(), "web".into()],
+            from_region: "ord".into(),
+            include_empty: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(String, Vec<String>)> = many
+        .apps
+        .iter()
+        .map(|a| {
+            (
+                a.app.clone(),
+                a.regions.iter().map(|r| r.region.clone()).collect(),
+            )
+        })
+        .collect();
+    let web = vec!["ord".to_owned(), "fra".to_owned()];
+    assert_eq!(
+        got,
+        [
+            ("web".to_owned(), web.clone()),
+            ("nope".to_owned(), vec![]),
+            ("web".to_owned(), web)
+        ]
+    );
+    for (apps, code) in [
+        (
+            vec!["web".to_owned(), "Bad App".to_owned()],
+            tonic::Code::InvalidArgument,
+        ),
+        (vec!["web".to_owned(); 1001], tonic::Code::InvalidArgument),
+    ] {
+        let err = gc
+            .lookup_apps(patina_proto::v1::LookupAppsRequest {
+                apps,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+    }
     // The command line says the same.
     let json = common::cli_ok(&[
         "lookup",
