@@ -125,7 +125,9 @@ impl Config {
             cluster,
             probe_period: Duration::from_millis(200),
             probe_rtt: Duration::from_millis(80),
-            suspicion_min: Duration::from_millis(200),
+            // A refused connection is near-proof that the process is gone, and a silent port
+            // has already waited out the 500 ms connect timeout: the wait after it is short.
+            suspicion_min: Duration::from_millis(50),
             suspicion_max: Duration::from_millis(3_000),
             fanout: NonZeroUsize::new(3).expect("3"),
             push_fanout: NonZeroUsize::new(16).expect("16"),
