@@ -26,6 +26,7 @@ use hickory_server::proto::rr::Record;
 use hickory_server::proto::serialize::binary::BinEncoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
+use patina_trust::per_address::PerAddress;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -338,37 +339,6 @@ async fn serve_udp(socket: Arc<UdpSocket>, handler: Arc<Handler>) {
 /// host cannot take every slot (and with them the fallback of truncated answers).
 pub const MAX_TCP_PER_CLIENT: usize = 16;
 
-/// The connections open per client address (only addresses with one open are held).
-#[derive(Default)]
-struct PerClient(Mutex<std::collections::HashMap<IpAddr, usize>>);
-
-/// One connection's place in [`PerClient`], given back when dropped.
-struct ClientSlot(Arc<PerClient>, IpAddr);
-
-impl PerClient {
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let mut open = self.0.lock().expect("per-client connections");
-        let n = open.entry(ip).or_insert(0);
-        if *n >= MAX_TCP_PER_CLIENT {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot(self.clone(), ip))
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut open = self.0.0.lock().expect("per-client connections");
-        if let Some(n) = open.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// TCP: at most `max_tcp_connections` at once, and [`MAX_TCP_PER_CLIENT`] from one address
 /// (one more is closed at once); each reads length-prefixed messages, answering each before
 /// reading the next, and is closed when a read or a write waits `tcp_idle`, or when a message
@@ -382,7 +352,7 @@ async fn serve_tcp(
     let slots = Arc::new(tokio::sync::Semaphore::new(
         config.max_tcp_connections.max(1),
     ));
-    let per_client = Arc::new(PerClient::default());
+    let per_client = PerAddress::new(MAX_TCP_PER_CLIENT);
     loop {
         let Ok((mut stream, src)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -550,7 +520,7 @@ mod tests {
 
     #[test]
     fn one_address_holds_at_most_its_share_of_tcp_connections() {
-        let per = Arc::new(PerClient::default());
+        let per = PerAddress::new(MAX_TCP_PER_CLIENT);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let held: Vec<_> = (0..MAX_TCP_PER_CLIENT)
@@ -563,10 +533,6 @@ mod tests {
             per.take(a).is_some(),
             "slots come back when connections close"
         );
-        assert_eq!(
-            per.0.lock().unwrap().len(),
-            0,
-            "no entry outlives its connections"
-        );
+        assert_eq!(per.addresses(), 0, "no entry outlives its connections");
     }
 }

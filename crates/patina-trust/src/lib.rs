@@ -5,6 +5,7 @@
 pub mod certs;
 pub mod client;
 pub mod material;
+pub mod per_address;
 pub mod principal;
 pub mod reload;
 pub mod server;

@@ -492,43 +492,7 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
 pub struct SyncService {
     gossip: Gossip,
     sessions: Arc<Semaphore>,
-    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-}
-
-/// A served session's slot for its peer; given back when dropped.
-struct PeerSlot {
-    ip: std::net::IpAddr,
-    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-}
-
-impl PeerSlot {
-    fn take(
-        per_peer: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-        ip: std::net::IpAddr,
-    ) -> Option<PeerSlot> {
-        let mut m = per_peer.lock().expect("per-peer sessions");
-        let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_SESSIONS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot {
-            ip,
-            per_peer: per_peer.clone(),
-        })
-    }
-}
-
-impl Drop for PeerSlot {
-    fn drop(&mut self) {
-        let mut m = self.per_peer.lock().expect("per-peer sessions");
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
+    per_peer: patina_trust::per_address::PerAddress,
 }
 
 impl SyncService {
@@ -536,7 +500,7 @@ impl SyncService {
         SyncService {
             gossip,
             sessions: Arc::new(Semaphore::new(MAX_SERVED_SESSIONS)),
-            per_peer: Default::default(),
+            per_peer: patina_trust::per_address::PerAddress::new(MAX_SESSIONS_PER_PEER),
         }
     }
 
@@ -562,7 +526,7 @@ impl Sync for SyncService {
         // Loopback is exempt: agents that share a host (`patina dev`, tests) share an IP.
         let slot =
             match patina_trust::server::remote_addr(&request).filter(|a| !a.ip().is_loopback()) {
-                Some(addr) => Some(PeerSlot::take(&self.per_peer, addr.ip()).ok_or_else(|| {
+                Some(addr) => Some(self.per_peer.take(addr.ip()).ok_or_else(|| {
                     Status::resource_exhausted("too many sync sessions from this peer")
                 })?),
                 None => None,
@@ -633,22 +597,16 @@ mod tests {
 
     #[test]
     fn one_peer_gets_at_most_its_share_of_served_sessions() {
-        let map = Arc::default();
+        let map = patina_trust::per_address::PerAddress::new(MAX_SESSIONS_PER_PEER);
         let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
         let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
-        let first = PeerSlot::take(&map, a).expect("a first session");
-        let _second = PeerSlot::take(&map, a).expect("a second session");
-        assert!(PeerSlot::take(&map, a).is_none(), "a third from one peer");
-        let _other = PeerSlot::take(&map, b).expect("another peer is not starved");
+        let first = map.take(a).expect("a first session");
+        let _second = map.take(a).expect("a second session");
+        assert!(map.take(a).is_none(), "a third from one peer");
+        let _other = map.take(b).expect("another peer is not starved");
         drop(first);
-        assert!(
-            PeerSlot::take(&map, a).is_some(),
-            "a slot given back is free"
-        );
+        assert!(map.take(a).is_some(), "a slot given back is free");
         drop(_other);
-        assert!(
-            !map.lock().unwrap().contains_key(&b),
-            "no entry left behind"
-        );
+        assert_eq!(map.addresses(), 1, "no entry left behind");
     }
 }
