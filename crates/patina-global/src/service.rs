@@ -178,6 +178,30 @@ fn to_instances(table: &Table, h: &Hit) -> RegionInstances {
     }
 }
 
+impl GlobalService {
+    /// The region a lookup orders from: the caller's, else the agent's own.
+    fn ordered_from<'a>(&'a self, from_region: &'a str) -> Result<&'a str, Status> {
+        if from_region.is_empty() {
+            return Ok(self.region.as_str());
+        }
+        validate::region_name(from_region).map_err(|e| invalid(e.at("from_")))?;
+        Ok(from_region)
+    }
+
+    /// One app's answer, from the table (`hits`: scratch space).
+    fn lookup(
+        &self,
+        app: String,
+        from: &str,
+        include_empty: bool,
+        hits: &mut Vec<Hit>,
+    ) -> LookupAppResponse {
+        self.table.lookup_into(&app, from, include_empty, hits);
+        let regions = hits.iter().map(|h| to_instances(&self.table, h)).collect();
+        LookupAppResponse { app, regions }
+    }
+}
+
 #[tonic::async_trait]
 impl Global for GlobalService {
     async fn lookup_app(
@@ -186,20 +210,13 @@ impl Global for GlobalService {
     ) -> Result<Response<LookupAppResponse>, Status> {
         let req = request.into_inner();
         validate::app_name(&req.app).map_err(invalid)?;
-        let from = if req.from_region.is_empty() {
-            self.region.as_str()
-        } else {
-            validate::region_name(&req.from_region).map_err(|e| invalid(e.at("from_")))?;
-            req.from_region.as_str()
-        };
-        let mut hits = Vec::new();
-        self.table
-            .lookup_into(&req.app, from, req.include_empty, &mut hits);
-        let regions = hits.iter().map(|h| to_instances(&self.table, h)).collect();
-        Ok(Response::new(LookupAppResponse {
-            app: req.app,
-            regions,
-        }))
+        let from = self.ordered_from(&req.from_region)?;
+        Ok(Response::new(self.lookup(
+            req.app,
+            from,
+            req.include_empty,
+            &mut Vec::new(),
+        )))
     }
 
     async fn lookup_apps(
@@ -216,27 +233,19 @@ impl Global for GlobalService {
         for (i, app) in req.apps.iter().enumerate() {
             validate::app_name(app).map_err(|e| invalid(e.at(&format!("apps[{i}]."))))?;
         }
-        let from = if req.from_region.is_empty() {
-            self.region.as_str()
-        } else {
-            validate::region_name(&req.from_region).map_err(|e| invalid(e.at("from_")))?;
-            req.from_region.as_str()
-        };
+        let from = self.ordered_from(&req.from_region)?;
         let mut hits = Vec::new();
         let mut listed = 0usize;
         let mut apps = Vec::with_capacity(req.apps.len());
         for app in req.apps {
-            hits.clear();
-            self.table
-                .lookup_into(&app, from, req.include_empty, &mut hits);
-            listed += hits.len();
+            let answer = self.lookup(app, from, req.include_empty, &mut hits);
+            listed += answer.regions.len();
             if listed > MAX_LOOKUP_REGIONS {
                 return Err(Status::resource_exhausted(format!(
                     "more than {MAX_LOOKUP_REGIONS} regions to list in one LookupApps: ask for fewer apps"
                 )));
             }
-            let regions = hits.iter().map(|h| to_instances(&self.table, h)).collect();
-            apps.push(LookupAppResponse { app, regions });
+            apps.push(answer);
         }
         Ok(Response::new(LookupAppsResponse { apps }))
     }

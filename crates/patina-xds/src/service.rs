@@ -276,11 +276,6 @@ impl<S: Source + ?Sized> Driver<S> {
         }
     }
 
-    fn next_nonce(&mut self) -> u64 {
-        self.nonce += 1;
-        self.nonce
-    }
-
     /// The names a plan covers, sorted.
     fn resolve(&self, plan: &Plan) -> Vec<Arc<str>> {
         let Some(ty) = plan.ty else {
@@ -408,6 +403,17 @@ fn set_hash(resources: &[Any]) -> u64 {
 }
 
 impl<S: Source + ?Sized> Driver<S> {
+    /// A response of `plan` is about to go: its nonce, now the last sent for its type.
+    fn stamp(&mut self, plan: &Plan) -> u64 {
+        self.nonce += 1;
+        let nonce = self.nonce;
+        if let Some(ty) = plan.ty {
+            self.proto.sent(ty, nonce);
+        }
+        self.stats.responses.fetch_add(1, Ordering::Relaxed);
+        nonce
+    }
+
     async fn send_sotw(
         &mut self,
         plan: &Plan,
@@ -415,11 +421,7 @@ impl<S: Source + ?Sized> Driver<S> {
         resources: Vec<Any>,
         tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
     ) -> Result<(), Ended> {
-        let nonce = self.next_nonce();
-        if let Some(ty) = plan.ty {
-            self.proto.sent(ty, nonce);
-        }
-        self.stats.responses.fetch_add(1, Ordering::Relaxed);
+        let nonce = self.stamp(plan);
         tx.send(Ok(DiscoveryResponse {
             version_info: version.to_owned(),
             resources,
@@ -438,11 +440,7 @@ impl<S: Source + ?Sized> Driver<S> {
         removed: Vec<String>,
         tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     ) -> Result<(), Ended> {
-        let nonce = self.next_nonce();
-        if let Some(ty) = plan.ty {
-            self.proto.sent(ty, nonce);
-        }
-        self.stats.responses.fetch_add(1, Ordering::Relaxed);
+        let nonce = self.stamp(plan);
         tx.send(Ok(DeltaDiscoveryResponse {
             system_version_info: self.hub.newest().to_string(),
             resources,
