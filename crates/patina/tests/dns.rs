@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Agent, eventually, machine, start_bridge, start_region_agent, start_with};
-use patina_proto::v1::{Health, UpsertMachineRequest};
+use patina_proto::v1::Health;
 
 /// What `dig` said: the header's status and flags, and the answer section's data.
 #[derive(Debug)]
@@ -99,12 +99,7 @@ async fn put(agent: &Agent, id: &str, app: &str, addr: &str, health: Health) {
     let mut m = machine(id, app, 0);
     m.addresses = vec![addr.to_owned()];
     m.health = health as i32;
-    agent
-        .client()
-        .await
-        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
-        .await
-        .expect("UpsertMachine");
+    common::upsert(agent, m).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc;
-use patina_proto::v1::{DeleteMachineRequest, Health, UpsertMachineRequest};
+use patina_proto::v1::{DeleteMachineRequest, Health};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,9 +29,29 @@ const WAIT: Duration = Duration::from_secs(10);
 /// Long enough for a push that should not come: the debounce is 100 ms.
 const QUIET: Duration = Duration::from_millis(600);
 
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: tonic::Streaming<DiscoveryResponse>,
+/// One ADS stream of either variant: requests go in through `tx`, responses come out of `rx`.
+struct Ads<Req, Resp> {
+    tx: mpsc::Sender<Req>,
+    rx: tonic::Streaming<Resp>,
+}
+
+type Sotw = Ads<DiscoveryRequest, DiscoveryResponse>;
+type Delta = Ads<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
+
+impl<Req, Resp: std::fmt::Debug> Ads<Req, Resp> {
+    async fn next(&mut self) -> Resp {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("a response in time")
+            .expect("the stream is fine")
+            .expect("the stream is open")
+    }
+
+    async fn quiet(&mut self) {
+        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
+            panic!("nothing should have been sent, got {r:?}");
+        }
+    }
 }
 
 impl Sotw {
@@ -43,7 +63,7 @@ impl Sotw {
             .await
             .expect("StreamAggregatedResources")
             .into_inner();
-        Sotw { tx, rx }
+        Ads { tx, rx }
     }
 
     async fn send(&self, url: &str, names: &[&str], version: &str, nonce: &str) {
@@ -57,20 +77,6 @@ impl Sotw {
             })
             .await
             .unwrap();
-    }
-
-    async fn next(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("a response in time")
-            .expect("the stream is fine")
-            .expect("the stream is open")
-    }
-
-    async fn quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
-            panic!("nothing should have been sent, got {r:?}");
-        }
     }
 
     async fn ack(&self, r: &DiscoveryResponse, names: &[&str]) {
@@ -112,12 +118,7 @@ fn cluster_names(r: &DiscoveryResponse) -> Vec<String> {
 async fn put(agent: &common::Agent, id: &str, app: &str, port: u16, health: Health) {
     let mut m = machine(id, app, port);
     m.health = health as i32;
-    agent
-        .client()
-        .await
-        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
-        .await
-        .expect("UpsertMachine");
+    common::upsert(agent, m).await;
 }
 
 #[tokio::test]
@@ -231,11 +232,6 @@ async fn state_of_the_world_acks_nacks_stale_nonces_and_changes() {
     assert_eq!(common::sample(&metrics, "patina_xds_streams"), Some(1.0));
 }
 
-struct Delta {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: tonic::Streaming<DeltaDiscoveryResponse>,
-}
-
 impl Delta {
     async fn open(agent: &common::Agent) -> Delta {
         let mut client = AggregatedDiscoveryServiceClient::new(agent.channel().await);
@@ -245,25 +241,11 @@ impl Delta {
             .await
             .expect("DeltaAggregatedResources")
             .into_inner();
-        Delta { tx, rx }
+        Ads { tx, rx }
     }
 
     async fn send(&self, req: DeltaDiscoveryRequest) {
         self.tx.send(req).await.unwrap();
-    }
-
-    async fn next(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(WAIT, self.rx.message())
-            .await
-            .expect("a response in time")
-            .expect("the stream is fine")
-            .expect("the stream is open")
-    }
-
-    async fn quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
-            panic!("nothing should have been sent, got {r:?}");
-        }
     }
 
     async fn ack(&self, r: &DeltaDiscoveryResponse) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::{
     Agent, GOSSIP_PORT, bin, gossip_table, machine, python, start_bridge, start_region_agent,
 };
-use patina_proto::v1::{Check, Health, TcpCheck, UpsertMachineRequest, check};
+use patina_proto::v1::{Check, Health, TcpCheck, check};
 
 /// One call's outcome as the client printed it.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,6 +116,11 @@ impl PyClient {
     /// Wait (up to `within`) until the last `n` calls all reached `name`; returns the index
     /// of the first of them.
     fn until_only(&mut self, name: &str, n: usize, within: Duration) -> usize {
+        self.until_only_any(&[name], n, within)
+    }
+
+    /// [`PyClient::until_only`] for calls that reach any of `names`.
+    fn until_only_any(&mut self, names: &[&str], n: usize, within: Duration) -> usize {
         let start = Instant::now();
         loop {
             self.pump();
@@ -123,13 +128,13 @@ impl PyClient {
             if len >= n
                 && self.calls[len - n..]
                     .iter()
-                    .all(|(_, c)| *c == Call::Ok(name.into()))
+                    .all(|(_, c)| matches!(c, Call::Ok(s) if names.contains(&s.as_str())))
             {
                 return len - n;
             }
             assert!(
                 start.elapsed() < within,
-                "the calls never settled on {name}; last ones: {:?}",
+                "the calls never settled on {names:?}; last ones: {:?}",
                 self.calls
                     .iter()
                     .rev()
@@ -208,12 +213,7 @@ async fn put(agent: &Agent, id: &str, app: &str, addr: &str, tcp_check: bool, he
             ..Check::default()
         }];
     }
-    agent
-        .client()
-        .await
-        .upsert_machine(UpsertMachineRequest { machine: Some(m) })
-        .await
-        .expect("UpsertMachine");
+    common::upsert(agent, m).await;
 }
 
 /// A region agent of region "test" that runs loopback checks.
@@ -309,35 +309,6 @@ async fn grpc_xds_client_leaves_dead_instances_and_dead_agents_behind() {
             .all(|(_, c)| *c == Call::Ok("c".into())),
         "every call after the move reached c"
     );
-}
-
-impl PyClient {
-    /// [`PyClient::until_only`] for calls that reach any of `names`.
-    fn until_only_any(&mut self, names: &[&str], n: usize, within: Duration) -> usize {
-        let start = Instant::now();
-        loop {
-            self.pump();
-            let len = self.calls.len();
-            if len >= n
-                && self.calls[len - n..]
-                    .iter()
-                    .all(|(_, c)| matches!(c, Call::Ok(s) if names.contains(&s.as_str())))
-            {
-                return len - n;
-            }
-            assert!(
-                start.elapsed() < within,
-                "the calls never left the others; last ones: {:?}",
-                self.calls
-                    .iter()
-                    .rev()
-                    .take(10)
-                    .map(|(_, c)| c)
-                    .collect::<Vec<_>>()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

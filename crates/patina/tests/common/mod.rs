@@ -209,18 +209,23 @@ where
     None
 }
 
-/// Put a machine of `app` (port 80) at `agent`: started, or stopped.
-pub async fn put_app_machine(agent: &Agent, id: &str, app: &str, started: bool) {
-    let mut m = machine(id, app, 80);
-    if !started {
-        m.state = patina_proto::v1::MachineState::Stopped as i32;
-    }
+/// Write `m` at `agent` (UpsertMachine, which must succeed).
+pub async fn upsert(agent: &Agent, m: patina_proto::v1::Machine) {
     agent
         .client()
         .await
         .upsert_machine(patina_proto::v1::UpsertMachineRequest { machine: Some(m) })
         .await
         .expect("UpsertMachine");
+}
+
+/// Put a machine of `app` (port 80) at `agent`: started, or stopped.
+pub async fn put_app_machine(agent: &Agent, id: &str, app: &str, started: bool) {
+    let mut m = machine(id, app, 80);
+    if !started {
+        m.state = patina_proto::v1::MachineState::Stopped as i32;
+    }
+    upsert(agent, m).await;
 }
 
 /// `patina certs ARGS`, which must succeed.
