@@ -440,12 +440,17 @@ fn sim_figures(json: &mut serde_json::Value) {
     json["sim_10000_source"] = "dissemination model".into();
     json["sim_model_ms_100"] = mt100.into();
     json["sim_model_ms_1000"] = mt1000.into();
-    let (d50, d99, dmax) = crate::sim_figures::crash_to_excluded(20, 100);
+    let attend =
+        patina_gossip::Config::lan(patina_gossip::ClusterName::new("sim").expect("name")).attend;
+    let (d50, d99, dmax) = crate::sim_figures::crash_to_excluded(20, 100, attend);
+    let (u50, u99, umax) = crate::sim_figures::crash_to_excluded(20, 100, 0);
     println!(
-        "  crash to excluded, 20 nodes, 100 seeds: p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms (10 ms steps)"
+        "  crash to excluded, 20 nodes, 100 seeds (10 ms steps): p50 {d50:.0} ms, p99 {d99:.0} ms, max {dmax:.0} ms; without attendance (SWIM probes alone) p50 {u50:.0} ms, p99 {u99:.0} ms, max {umax:.0} ms"
     );
     json["sim_crash_to_excluded_p50_ms"] = d50.into();
     json["sim_crash_to_excluded_p99_ms"] = d99.into();
+    json["sim_crash_to_excluded_unattended_p50_ms"] = u50.into();
+    json["sim_crash_to_excluded_unattended_p99_ms"] = u99.into();
     json["sim_rounds_100"] = r100.into();
     json["sim_ms_100"] = t100.into();
     json["sim_rounds_1000"] = r1000.into();

@@ -43,11 +43,13 @@ pub fn spread(n: usize, seed: u64) -> (u64, f64, f64) {
 }
 
 /// Crash to excluded in the simulation: `runs` seeds of an `n`-node cluster, one node
-/// crashed each; milliseconds until no other node lists its machine. Returns (p50, p99, max).
-pub fn crash_to_excluded(n: usize, runs: u64) -> (f64, f64, f64) {
+/// crashed each (kill -9: its host closes its connections), each node attending `attend`
+/// others; milliseconds until no other node lists its machine. Returns (p50, p99, max).
+pub fn crash_to_excluded(n: usize, runs: u64, attend: usize) -> (f64, f64, f64) {
     let mut all = Vec::new();
     for seed in 0..runs {
-        let cfg = Config::lan(ClusterName::new("sim").expect("name"));
+        let mut cfg = Config::lan(ClusterName::new("sim").expect("name"));
+        cfg.attend = attend;
         let mut w = World::new(n, cfg, Net::lan(), 0xc4a5 + seed);
         w.run_for(Duration::from_secs(5));
         let victim = n / 3;

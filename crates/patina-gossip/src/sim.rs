@@ -86,6 +86,12 @@ enum Event {
         member: Identity,
         gone: bool,
     },
+    /// An attended member's stream ended and its port refused (see `Output::Attend`).
+    Unreachable {
+        node: usize,
+        life: u64,
+        member: Identity,
+    },
     SyncDone {
         node: usize,
         life: u64,
@@ -168,6 +174,8 @@ struct SimNode {
     paused_until: Duration,
     /// Its gossip keys (kept across restarts, as the keyring file keeps them).
     keyring: crate::keyring::Keyring,
+    /// The members it attends (its held streams: a crash of one ends its stream).
+    attending: Vec<Identity>,
 }
 
 /// The seeds a simulation test runs: `PATINA_SIM_SEED=N` replays one; otherwise
@@ -323,6 +331,7 @@ impl World {
                 feed_after: 0,
                 paused_until: Duration::ZERO,
                 keyring: keyring(i).unwrap_or_else(|| w.cfg.keyring.clone()),
+                attending: Vec::new(),
             });
             w.boot(i);
         }
@@ -553,6 +562,27 @@ impl World {
                         }
                     }
                     Output::Sync { peer } => self.sync(i, peer),
+                    Output::Attend { members } => {
+                        // A stream to a member that is not running is refused at once.
+                        for m in &members {
+                            if let Some(j) = self.index_of(m.addr)
+                                && self.nodes[j].node.is_none()
+                                && self.nodes[j].identity == *m
+                                && self.reachable(i, j)
+                            {
+                                let at = self.now + self.delay(i, j) + self.delay(j, i);
+                                self.push_event(
+                                    at,
+                                    Event::Unreachable {
+                                        node: i,
+                                        life,
+                                        member: *m,
+                                    },
+                                );
+                            }
+                        }
+                        self.nodes[i].attending = members;
+                    }
                     Output::Renewed { identity } => {
                         *self.renewals.entry(i).or_default() += 1;
                         self.nodes[i].identity = identity;
@@ -888,7 +918,29 @@ impl World {
         let n = &mut self.nodes[i];
         n.node = None;
         n.life += 1;
+        n.attending.clear();
+        let dead = n.identity;
         self.mix(0xc0 ^ i as u64);
+        // Its host closes its connections: each member attending it sees its stream end
+        // (one way), then a connection refused (a round trip). A cut path carries neither.
+        for a in 0..self.nodes.len() {
+            if self.nodes[a].node.is_some()
+                && self.nodes[a].attending.contains(&dead)
+                && self.reachable(i, a)
+                && self.reachable(a, i)
+            {
+                let at = self.now + self.delay(i, a) + self.delay(a, i) + self.delay(i, a);
+                let life = self.nodes[a].life;
+                self.push_event(
+                    at,
+                    Event::Unreachable {
+                        node: a,
+                        life,
+                        member: dead,
+                    },
+                );
+            }
+        }
     }
 
     /// Start node `i` again under a new epoch.
@@ -955,6 +1007,7 @@ impl World {
                 Event::Datagram { to, .. } => *to,
                 Event::Timer { node, .. }
                 | Event::Corroborated { node, .. }
+                | Event::Unreachable { node, .. }
                 | Event::SyncDone { node, .. }
                 | Event::SessionHello { node, .. }
                 | Event::SessionPlan { node, .. }
@@ -1046,6 +1099,13 @@ impl World {
                     return;
                 }
                 node.handle_corroboration(now, member, gone);
+            }
+            Event::Unreachable {
+                life: l, member, ..
+            } => {
+                if l == life {
+                    node.handle_unreachable(now, member);
+                }
             }
             Event::SyncDone {
                 life: l, peer, ok, ..

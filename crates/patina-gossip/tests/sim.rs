@@ -762,3 +762,71 @@ fn coordinates_from_session_hellos_order_peers_as_the_true_round_trips() {
         assert!(w.node(0).unwrap().peer_coordinates().count() > N / 2);
     }
 }
+
+/// Milliseconds of virtual time from now until no node but `dead` lists `key` (bounded: 10 s
+/// in 5 ms steps; `None` if it never happens).
+fn excluded_after(w: &mut World, dead: usize, key: &str) -> Option<u64> {
+    let start = w.now;
+    for step in 1..=2000u64 {
+        w.run_until(start + Duration::from_millis(step * 5));
+        if (0..w.len())
+            .filter(|i| *i != dead && w.is_up(*i))
+            .all(|i| !w.served(i).contains_key(key))
+        {
+            return Some(step * 5);
+        }
+    }
+    None
+}
+
+fn attend_unreachable(w: &World) -> u64 {
+    (0..w.len())
+        .filter_map(|i| w.node(i))
+        .map(|n| n.counters().attend_unreachable)
+        .sum()
+}
+
+/// Attendance: a killed member (its host up, so its connections close) is suspected at once
+/// by the members attending it, corroborated, and excluded everywhere well within one probe
+/// period plus `suspicion_min`, whoever's probe would have picked it. One that dies behind a
+/// partition closes nothing its attendants see: SWIM's probes find it, as before.
+#[test]
+fn a_killed_member_is_excluded_through_its_attendants_and_a_cut_one_through_probes() {
+    for_seeds("a_killed_member_attended", |seed| {
+        let n = 20;
+        let cfg = config();
+        let bound = cfg.probe_period.as_millis() as u64 / 2 + cfg.suspicion_min.as_millis() as u64;
+        let mut w = World::new(n, cfg, Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        for i in [4, 9] {
+            w.write(i, &format!("m{i}"), "app", b"+up");
+        }
+        w.run_for(Duration::from_secs(1));
+        for i in 0..n {
+            assert_eq!(w.node(i).map(|n| n.attending().len()), Some(2), "node {i}");
+        }
+        w.crash(4);
+        let t = excluded_after(&mut w, 4, "m4").expect("a killed member was never excluded");
+        assert!(
+            t <= bound,
+            "a killed member took {t} ms to be excluded everywhere (attended: at most {bound})"
+        );
+        let reported = attend_unreachable(&w);
+        assert!(
+            (1..=2).contains(&reported),
+            "attendants that reported the killed member: {reported}"
+        );
+        w.run_for(Duration::from_secs(2));
+        // Cut off from everyone, then killed: nobody sees its connections close.
+        let others: Vec<usize> = (0..n).filter(|i| *i != 9).collect();
+        w.partition(&[9], &others);
+        w.crash(9);
+        excluded_after(&mut w, 9, "m9").expect("a cut-off dead member was never excluded");
+        assert_eq!(
+            attend_unreachable(&w),
+            reported,
+            "a member behind a partition was reported by attendance"
+        );
+        0
+    });
+}

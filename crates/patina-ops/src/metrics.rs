@@ -382,6 +382,11 @@ pub async fn scrape(s: &Sources) -> String {
             counter(st.refuted_for_others),
         );
         r.register(
+            "gossip_attended_unreachable",
+            "Attended members this agent suspected at once: their attendance stream ended and their port refused (a killed process)",
+            counter(st.attend_unreachable),
+        );
+        r.register(
             "sync_sessions",
             "Anti-entropy sessions, by outcome: begun, failed after beginning, or never begun",
             counters(&[

@@ -248,7 +248,7 @@ pub fn need_of(path: &str) -> Option<Need> {
         return Some(Need::Peer);
     };
     let need = match path {
-        "/patina.v1.Sync/Exchange" => Need::Peer,
+        "/patina.v1.Sync/Exchange" | "/patina.v1.Sync/Attend" => Need::Peer,
         "/patina.v1.Admin/Forget" | "/patina.v1.Admin/Keyring" => Need::Agent,
         "/patina.v1.Region/UpsertMachine"
         | "/patina.v1.Region/UpsertMachines"

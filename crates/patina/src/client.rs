@@ -139,6 +139,7 @@ struct StatusJson {
     bytes_out: u64,
     dropped_datagrams: u64,
     refuted_for_others: u64,
+    attend_unreachable: u64,
     syncs: u64,
     sync_failures: u64,
     sync_unstarted: u64,
@@ -230,6 +231,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         bytes_out: r.bytes_out,
         dropped_datagrams: r.dropped_datagrams,
         refuted_for_others: r.refuted_for_others,
+        attend_unreachable: r.attend_unreachable,
         syncs: r.syncs,
         sync_failures: r.sync_failures,
         sync_unstarted: r.sync_unstarted,
@@ -315,7 +317,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         None => println!("tls off"),
     }
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered; sync: {} sessions, {} failed, {} never began, {} records in, {} out",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed; sync: {} sessions, {} failed, {} never began, {} records in, {} out",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,
@@ -324,6 +326,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.dropped_no_key,
         s.dropped_plaintext,
         s.refuted_for_others,
+        s.attend_unreachable,
         s.syncs,
         s.sync_failures,
         s.sync_unstarted,

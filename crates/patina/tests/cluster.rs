@@ -1,5 +1,6 @@
 //! A region of five real agents on loopback: a write at one is served by all; SIGKILL one and
-//! the other four stop listing its machines with no write; restart it and it catches up by
+//! the other four stop listing its machines with no write (found by the agents attending it);
+//! restart it and it catches up by
 //! anti-entropy while its machines return everywhere.
 
 mod common;
@@ -160,6 +161,23 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     )
     .await;
     eprintln!("crash to excluded: {:?}", killed.elapsed());
+    // The agents attending it (each agent attends the next two on the ring of gossip
+    // addresses) saw its stream end and its port refuse: they suspected it at once.
+    let mut reported = 0;
+    for a in &survivors {
+        reported += a
+            .admin()
+            .await
+            .cluster_status(patina_proto::v1::ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .attend_unreachable;
+    }
+    assert!(
+        (1..=2).contains(&reported),
+        "attendants that found the killed agent gone: {reported}"
+    );
     // Having hidden it, the survivors' views stand again once each has heard from a majority
     // since (a bridge following one publishes the loss then).
     eventually(&survivors, "the survivors' views stand again", async |a| {

@@ -329,6 +329,7 @@ impl Gossip {
                 patina_trust::Dial::Plain => None,
             },
             refuted_for_others: c.refuted_for_others,
+            attend_unreachable: c.attend_unreachable,
             peers: {
                 let now = std::time::Instant::now();
                 let mut peers: Vec<PeerSync> = s

@@ -8,6 +8,7 @@
 //! timers that came due meanwhile, so acks that did arrive are not taken for silence.
 
 mod admin;
+mod attend;
 mod checks;
 mod collector;
 mod files;
@@ -74,6 +75,8 @@ enum Input {
         member: Identity,
         gone: bool,
     },
+    /// An attended member's stream ended and its port refused a connection.
+    Unreachable(Identity),
     Confirmed {
         member: Identity,
         round: u64,
@@ -251,6 +254,10 @@ pub struct Gossip {
     keyring_saved: Arc<std::sync::Mutex<u64>>,
     /// The node's network coordinate and its peers', as its task last published them.
     place: Arc<std::sync::RwLock<PlaceView>>,
+    /// The node's identity now (a renewal changes its epoch).
+    identity: Arc<std::sync::RwLock<Identity>>,
+    /// Cancelled when the shell stops (held attendance streams end).
+    stop: CancellationToken,
 }
 
 /// Where this agent and its peers are on the network (Vivaldi coordinates).
@@ -294,6 +301,11 @@ impl Reporter {
 }
 
 impl Gossip {
+    /// This agent's identity now.
+    pub fn identity(&self) -> Identity {
+        *self.identity.read().expect("identity lock")
+    }
+
     /// This agent's network coordinate and its peers' (what hellos measured).
     pub fn place(&self) -> PlaceView {
         self.place.read().expect("place lock").clone()
@@ -381,6 +393,8 @@ impl Gossip {
             keyring_file,
             keyring_saved: Arc::new(std::sync::Mutex::new(0)),
             place: Arc::default(),
+            identity: Arc::new(std::sync::RwLock::new(identity)),
+            stop: stop.clone(),
         };
         let main = tokio::runtime::Handle::current();
         let task = Task {
@@ -400,6 +414,7 @@ impl Gossip {
             view_tx,
             view_at: None,
             keyring_gen: 0,
+            attending: std::collections::HashMap::new(),
         };
         tracing::info!(identity = %identity, seeds = ?cfg.seeds, "gossip starting");
         let rememberer = tokio::spawn(remember_members(gossip.clone(), members_file));

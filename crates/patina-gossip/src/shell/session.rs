@@ -10,7 +10,8 @@ use patina_proto::v1::sync_client::SyncClient;
 use patina_proto::v1::sync_message::Body;
 use patina_proto::v1::sync_server::{Sync, SyncServer};
 use patina_proto::v1::{
-    CoveredSpan, OriginDigest, SeqSpan, SyncBatch, SyncDone, SyncHello, SyncMessage, SyncRecord,
+    AttendNotice, AttendRequest, CoveredSpan, OriginDigest, SeqSpan, SyncBatch, SyncDone,
+    SyncHello, SyncMessage, SyncRecord,
 };
 use patina_store::{
     Digest, Hlc, NodeId, OriginKnowledge, ReadBudget, Record, RemoteBatch, SeqRange, Version,
@@ -493,6 +494,8 @@ pub struct SyncService {
     gossip: Gossip,
     sessions: Arc<Semaphore>,
     per_peer: patina_trust::per_address::PerAddress,
+    attended: Arc<Semaphore>,
+    attended_per_peer: patina_trust::per_address::PerAddress,
 }
 
 impl SyncService {
@@ -501,6 +504,10 @@ impl SyncService {
             gossip,
             sessions: Arc::new(Semaphore::new(MAX_SERVED_SESSIONS)),
             per_peer: patina_trust::per_address::PerAddress::new(MAX_SESSIONS_PER_PEER),
+            attended: Arc::new(Semaphore::new(super::attend::MAX_ATTENDED)),
+            attended_per_peer: patina_trust::per_address::PerAddress::new(
+                super::attend::MAX_ATTENDED_PER_PEER,
+            ),
         }
     }
 
@@ -512,6 +519,19 @@ impl SyncService {
 #[tonic::async_trait]
 impl Sync for SyncService {
     type ExchangeStream = ReceiverStream<Result<SyncMessage, Status>>;
+    type AttendStream = ReceiverStream<Result<AttendNotice, Status>>;
+
+    async fn attend(
+        &self,
+        request: Request<AttendRequest>,
+    ) -> Result<Response<Self::AttendStream>, Status> {
+        super::attend::serve(
+            &self.gossip,
+            &self.attended,
+            &self.attended_per_peer,
+            request,
+        )
+    }
 
     async fn exchange(
         &self,

@@ -48,6 +48,9 @@ pub(super) struct Task {
     pub(super) view_at: Option<Duration>,
     /// Bumped at each keyring change (see [`Input::Keyring`]).
     pub(super) keyring_gen: u64,
+    /// The members attended, each by a task of its own.
+    pub(super) attending:
+        std::collections::HashMap<crate::identity::Identity, tokio::task::AbortHandle>,
 }
 
 /// A timer in the heap; ordered by (due, insertion) only.
@@ -244,6 +247,7 @@ impl Task {
             Input::Corroborated { member, gone } => {
                 self.node.handle_corroboration(now, member, gone)
             }
+            Input::Unreachable(member) => self.node.handle_unreachable(now, member),
             Input::Confirmed {
                 member,
                 round,
@@ -419,7 +423,26 @@ impl Task {
                         &self.main,
                     );
                 }
+                Output::Attend { members } => {
+                    self.attending.retain(|m, task| {
+                        let keep = members.contains(m) && !task.is_finished();
+                        if !keep {
+                            task.abort();
+                        }
+                        keep
+                    });
+                    for m in members {
+                        if !self.attending.contains_key(&m) {
+                            let task = self.tasks.spawn_on(
+                                super::attend::attend(self.gossip.clone(), m),
+                                &self.main,
+                            );
+                            self.attending.insert(m, task);
+                        }
+                    }
+                }
                 Output::Renewed { identity } => {
+                    *self.gossip.identity.write().expect("identity lock") = identity;
                     tracing::warn!(identity = %identity, "declared down by the cluster: rejoined under a new epoch");
                     let path = self.epoch_file.clone();
                     self.tasks.spawn_on(
