@@ -764,7 +764,7 @@ async fn bench(
     bar.finish_and_clear();
     crash.sort_by(f64::total_cmp);
     println!(
-        "crash to excluded ({} SIGKILLs): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (budget: probe period 200 ms + suspicion minimum 50 ms after a refused connection, then one probe cycle)",
+        "crash to excluded ({} SIGKILLs): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (budget: the attendants see the stream end and a refused connection, then the suspicion minimum, 50 ms; a member nobody attends: a probe period more, or more until a probe picks it)",
         crash.len(),
         pct(&crash, 50.0),
         pct(&crash, 99.0),

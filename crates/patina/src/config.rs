@@ -465,6 +465,9 @@ pub struct GossipConfig {
     pub suspicion_min_ms: NonZeroU64,
     pub suspicion_max_ms: NonZeroU64,
     pub fanout: NonZeroUsize,
+    /// Members this agent attends (holds an idle stream to, to find a killed process at
+    /// once); 0: none.
+    pub attend: usize,
     pub push_fanout: NonZeroUsize,
     pub forward_fanout: NonZeroUsize,
     pub push_hops: u8,
@@ -506,6 +509,7 @@ impl Default for GossipConfig {
             suspicion_min_ms: ms(d.suspicion_min),
             suspicion_max_ms: ms(d.suspicion_max),
             fanout: d.fanout,
+            attend: d.attend,
             push_fanout: d.push_fanout,
             forward_fanout: d.forward_fanout,
             push_hops: d.push_hops,
@@ -553,6 +557,10 @@ impl GossipConfig {
             "config: gossip.standalone is for a region's only agent, which has no gossip.seeds"
         );
         anyhow::ensure!(
+            self.attend <= 8,
+            "config: gossip.attend must be at most 8 (each member is attended by that many others)"
+        );
+        anyhow::ensure!(
             (576..=65_000).contains(&self.max_datagram_bytes.get()),
             "config: gossip.max_datagram_bytes must be between 576 and 65000"
         );
@@ -562,6 +570,7 @@ impl GossipConfig {
             suspicion_min: ms(self.suspicion_min_ms),
             suspicion_max: ms(self.suspicion_max_ms),
             fanout: self.fanout,
+            attend: self.attend,
             push_fanout: self.push_fanout,
             forward_fanout: self.forward_fanout,
             push_hops: self.push_hops,
