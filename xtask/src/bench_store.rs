@@ -187,7 +187,7 @@ async fn upserts(url: &str, clients: usize, secs: u64, base: u64) -> anyhow::Res
 }
 
 /// Load machines `from..to` with batched upserts; returns records per second.
-async fn load(url: &str, from: u64, to: u64) -> anyhow::Result<f64> {
+pub(crate) async fn load(url: &str, from: u64, to: u64) -> anyhow::Result<f64> {
     let next = Arc::new(AtomicU64::new(from));
     let mut tasks = tokio::task::JoinSet::new();
     let start = Instant::now();

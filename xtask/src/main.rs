@@ -23,6 +23,7 @@
 //!   then runs `cargo test --workspace ARGS`: the README's test command.
 //! - tidy checks run as tests of this crate (`tidy.rs`).
 
+mod bench_catchup;
 mod bench_checks;
 mod bench_frontends;
 mod bench_global;
@@ -54,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         ["bench", "watchdog", rest @ ..] => {
             bench_watchdog::run(bench_watchdog::Options::parse(rest)?)
         }
+        ["bench", "catchup", rest @ ..] => bench_catchup::run(bench_catchup::Options::parse(rest)?),
         ["bench", "checks", rest @ ..] => bench_checks::run(bench_checks::Options::parse(rest)?),
         ["bench", "frontends", rest @ ..] => {
             bench_frontends::run(bench_frontends::Options::parse(rest)?)
@@ -74,6 +76,7 @@ fn main() -> anyhow::Result<()> {
                     cargo xtask bench watchdog [--trials N]\n\
                     cargo xtask bench frontends [--trials N] [--streams N] [--dns-secs S]\n\
                     cargo xtask bench checks [--trials N]\n\
+                    cargo xtask bench catchup [--machines N] [--writes-per-s W]\n\
                     cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"
         ),

@@ -403,6 +403,14 @@ pub async fn scrape(s: &Sources) -> String {
                 (labels(&[("direction", "out")]), st.sync_records_out),
             ]),
         );
+        r.register(
+            "sync_bytes",
+            "Encoded bytes of the record batches anti-entropy sessions carried, by direction",
+            counters(&[
+                (labels(&[("direction", "in")]), st.sync_bytes_in),
+                (labels(&[("direction", "out")]), st.sync_bytes_out),
+            ]),
+        );
         // Only the cluster's members now: departed peers' records would make series (and
         // alerts) that never end.
         let members: std::collections::HashSet<String> = snapshot

@@ -145,6 +145,8 @@ struct StatusJson {
     sync_unstarted: u64,
     sync_records_in: u64,
     sync_records_out: u64,
+    sync_bytes_in: u64,
+    sync_bytes_out: u64,
     peers: Vec<PeerJson>,
     dropped_no_key: u64,
     dropped_plaintext: u64,
@@ -237,6 +239,8 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         sync_unstarted: r.sync_unstarted,
         sync_records_in: r.sync_records_in,
         sync_records_out: r.sync_records_out,
+        sync_bytes_in: r.sync_bytes_in,
+        sync_bytes_out: r.sync_bytes_out,
         peers: r
             .peers
             .iter()
@@ -317,7 +321,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         None => println!("tls off"),
     }
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed; sync: {} sessions, {} failed, {} never began, {} records in, {} out",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed; sync: {} sessions, {} failed, {} never began, {} records in ({} B), {} out ({} B)",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,
@@ -331,8 +335,16 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.sync_failures,
         s.sync_unstarted,
         s.sync_records_in,
-        s.sync_records_out
+        s.sync_bytes_in,
+        s.sync_records_out,
+        s.sync_bytes_out
     );
+    let missing: u64 = s.origins.iter().map(|o| o.missing).sum();
+    if missing > 0 {
+        // A joining agent learns each origin's head from the first batch (newest first):
+        // what is left below it is the catch-up still to come.
+        println!("catching up: {missing} versions known to exist and not held yet");
+    }
     println!(
         "{:<18} {:>10} {:>6} {:>10} {:>8} {:>11} {:>7}",
         "ORIGIN", "HEAD", "GAPS", "MISSING", "REFUSED", "CLOCK AHEAD", "HIDDEN"

@@ -354,6 +354,8 @@ impl Gossip {
             sync_unstarted: s.unstarted.load(Ordering::Relaxed),
             sync_records_in: s.records_in.load(Ordering::Relaxed),
             sync_records_out: s.records_out.load(Ordering::Relaxed),
+            sync_bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            sync_bytes_out: s.bytes_out.load(Ordering::Relaxed),
         })
     }
 }

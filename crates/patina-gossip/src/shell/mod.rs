@@ -187,6 +187,9 @@ pub struct SyncCounters {
     pub unstarted: AtomicU64,
     pub records_in: AtomicU64,
     pub records_out: AtomicU64,
+    /// Encoded bytes of the record batches received and sent.
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 /// The latest anti-entropy session with one peer (either side started it).

@@ -240,7 +240,7 @@ async fn send_lacking(g: &Gossip, out: &Out, ours: &Claim, theirs: &Digest) -> R
                 if batch.records.len() + batch.covered.len() >= BATCH_OPS
                     || batch_bytes >= BATCH_BYTES
                 {
-                    flush(out, &mut batch, &mut batch_bytes).await?;
+                    flush(g, out, &mut batch, &mut batch_bytes).await?;
                 }
             }
             for c in got.covered {
@@ -250,13 +250,13 @@ async fn send_lacking(g: &Gossip, out: &Out, ours: &Claim, theirs: &Digest) -> R
                     hi: c.hi(),
                 });
                 if batch.records.len() + batch.covered.len() >= BATCH_OPS {
-                    flush(out, &mut batch, &mut batch_bytes).await?;
+                    flush(g, out, &mut batch, &mut batch_bytes).await?;
                 }
             }
             rest = got.rest;
         }
     }
-    flush(out, &mut batch, &mut batch_bytes).await?;
+    flush(g, out, &mut batch, &mut batch_bytes).await?;
     if !out
         .send(SyncMessage {
             body: Some(Body::Done(SyncDone { truncated })),
@@ -268,12 +268,20 @@ async fn send_lacking(g: &Gossip, out: &Out, ours: &Claim, theirs: &Digest) -> R
     Ok(())
 }
 
-async fn flush(out: &Out, batch: &mut SyncBatch, bytes: &mut usize) -> Result<(), String> {
+async fn flush(
+    g: &Gossip,
+    out: &Out,
+    batch: &mut SyncBatch,
+    bytes: &mut usize,
+) -> Result<(), String> {
     if batch.records.is_empty() && batch.covered.is_empty() {
         return Ok(());
     }
     let b = std::mem::take(batch);
     *bytes = 0;
+    g.sync_counters
+        .bytes_out
+        .fetch_add(prost::Message::encoded_len(&b) as u64, Ordering::Relaxed);
     if out
         .send(SyncMessage {
             body: Some(Body::Batch(b)),
@@ -332,6 +340,9 @@ async fn receive(
             Ok(Some(SyncMessage {
                 body: Some(Body::Batch(b)),
             })) => {
+                g.sync_counters
+                    .bytes_in
+                    .fetch_add(prost::Message::encoded_len(&b) as u64, Ordering::Relaxed);
                 let batch = remote_batch(b, theirs)?;
                 let n = batch.records.len() as u64;
                 g.sync_counters.records_in.fetch_add(n, Ordering::Relaxed);
