@@ -201,6 +201,20 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
         listed(a, "api").await == ["api-0"]
     })
     .await;
+    // What its sessions brought is counted, records and bytes.
+    let back = agents[AGENTS - 1]
+        .admin()
+        .await
+        .cluster_status(patina_proto::v1::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        back.sync_records_in >= 1 && back.sync_bytes_in > back.sync_records_in,
+        "records {} and bytes {} in",
+        back.sync_records_in,
+        back.sync_bytes_in
+    );
 }
 
 /// Whether `agent`'s view stands, by Whoami.
