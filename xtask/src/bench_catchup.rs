@@ -75,6 +75,7 @@ async fn paced_writes(
     max: u64,
     base: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<Vec<f64>> {
     let mut client = agent.client().await;
     let mut lat = Vec::new();
@@ -97,6 +98,7 @@ async fn paced_writes(
             })
             .await?;
         lat.push(started.elapsed().as_secs_f64() * 1e6);
+        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     lat.sort_by(f64::total_cmp);
     Ok(lat)
@@ -122,15 +124,24 @@ async fn bench(o: &Options, bin: &std::path::Path, root: &std::path::Path) -> an
     );
     // The serving agent's write latency alone, paced, before anyone joins.
     let never = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let before = paced_writes(&serving, o.writes_per_s, o.writes_per_s * 3, 0, never).await?;
+    let before = paced_writes(
+        &serving,
+        o.writes_per_s,
+        o.writes_per_s * 3,
+        0,
+        never,
+        std::sync::Arc::default(),
+    )
+    .await?;
     let held = status(&serving).await?.keys;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = Instant::now();
     let mut cold = start_agent(bin, root, 1, "")?;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let during = {
         let (agent, per_s, stop) = (&serving, o.writes_per_s, stop.clone());
-        paced_writes(agent, per_s, per_s * 600, 1_000_000, stop)
+        paced_writes(agent, per_s, per_s * 600, 1_000_000, stop, acked.clone())
     };
     let watch = async {
         let mut progress: Vec<(f64, u64, u64)> = Vec::new();
@@ -140,6 +151,7 @@ async fn bench(o: &Options, bin: &std::path::Path, root: &std::path::Path) -> an
             if elapsed > 600.0 {
                 bail!("the cold agent did not catch up within 600 s");
             }
+            let acked_before = acked.load(std::sync::atomic::Ordering::Relaxed);
             if let Ok(s) = status(&cold).await {
                 let missing: u64 = s.origins.iter().map(|x| x.missing).sum();
                 progress.push((elapsed, s.keys, missing));
@@ -150,7 +162,12 @@ async fn bench(o: &Options, bin: &std::path::Path, root: &std::path::Path) -> an
                         s.keys
                     );
                 }
-                if s.keys >= held {
+                // Caught up: nothing known to exist is missing, and every record the
+                // serving agent held, plus the writes it acknowledged meanwhile (at least,
+                // as of before this reading), is here. Sessions send newest first, so a
+                // count alone would be reached before the oldest records arrive.
+                let written = acked_before;
+                if missing == 0 && s.keys >= held + written {
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     return anyhow::Ok((elapsed, progress));
                 }

@@ -562,27 +562,9 @@ impl World {
                         }
                     }
                     Output::Sync { peer } => self.sync(i, peer),
-                    Output::Attend { members } => {
-                        // A stream to a member that is not running is refused at once.
-                        for m in &members {
-                            if let Some(j) = self.index_of(m.addr)
-                                && self.nodes[j].node.is_none()
-                                && self.nodes[j].identity == *m
-                                && self.reachable(i, j)
-                            {
-                                let at = self.now + self.delay(i, j) + self.delay(j, i);
-                                self.push_event(
-                                    at,
-                                    Event::Unreachable {
-                                        node: i,
-                                        life,
-                                        member: *m,
-                                    },
-                                );
-                            }
-                        }
-                        self.nodes[i].attending = members;
-                    }
+                    // A stream to a member that is not running is never established:
+                    // nothing is reported (SWIM judges it), as in the shell.
+                    Output::Attend { members } => self.nodes[i].attending = members,
                     Output::Renewed { identity } => {
                         *self.renewals.entry(i).or_default() += 1;
                         self.nodes[i].identity = identity;

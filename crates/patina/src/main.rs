@@ -655,6 +655,7 @@ pub(crate) async fn run_agent(
             fault: fault_from_env(),
             dial: dial.clone(),
             watchdog: Some(watchdog.clone()),
+            stream_max_age: limits.max_connection_age,
         };
         let started =
             patina_gossip::shell::Gossip::start(store.clone(), shell, gossip_stop.clone()).await;

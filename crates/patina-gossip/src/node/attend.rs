@@ -38,12 +38,11 @@ impl Node {
         let chosen = if self.leaving {
             Vec::new()
         } else {
+            // foca's active members only (alive or suspect): down ones are remembered for a
+            // day and would make each pass longer.
             successors(
                 self.identity(),
-                self.foca
-                    .iter_membership_state()
-                    .filter(|m| m.state() != foca::State::Down)
-                    .map(|m| *m.id()),
+                self.foca.iter_members().map(|m| *m.id()),
                 self.cfg.attend,
             )
         };
@@ -64,6 +63,9 @@ impl Node {
     /// as for any: down after `suspicion_min`, unless the port answers.
     pub fn handle_unreachable(&mut self, now: Duration, member: Identity) {
         self.now = now;
+        // Counted whether or not it changes anything here (a probe may have suspected the
+        // member first): what the attendants saw.
+        self.count(|c| c.attend_unreachable += 1);
         let Some(incarnation) = self
             .foca
             .iter_membership_state()
@@ -75,7 +77,6 @@ impl Node {
         let Some(token) = self.swim_token else {
             return;
         };
-        self.count(|c| c.attend_unreachable += 1);
         tracing::warn!(member = %member, "an attended member's stream ended and its port refuses: suspected at once");
         let _ = self.foca.apply_many(
             std::iter::once(foca::Member::new(member, incarnation, foca::State::Suspect)),

@@ -28,40 +28,67 @@ const ATTEND_CONNECT: Duration = Duration::from_secs(1);
 /// fraction of a second, not after the longest wait.
 const ATTEND_RETRY_MIN: Duration = Duration::from_millis(100);
 const ATTEND_RETRY_MAX: Duration = Duration::from_secs(2);
+/// After the member's server said it has nothing to attend (another identity at that
+/// address, an older version, another cluster), or after this node reported the member,
+/// the next try waits this long: by then the membership has usually moved on (and the task
+/// was aborted); if not (a member that refuted), attendance resumes.
+const ATTEND_IDLE: Duration = Duration::from_secs(30);
+/// HTTP/2 keepalive of the attendance connection while idle: a connection the server
+/// dropped during a long partition (its own keepalive gave up) would otherwise stay
+/// half-open here for ever, and a later kill go unseen. One PING frame each way per
+/// interval.
+const ATTEND_KEEPALIVE: Duration = Duration::from_secs(30);
+const ATTEND_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The server ends a held stream after at most this long (jittered down to 90 %), or after
+/// the API's connection age if shorter: authorization runs at a call's start, and a
+/// certificate revoked or expired meanwhile must not keep a stream for longer. The client
+/// holds a new one at once.
+pub const ATTEND_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// How one hold of an attendance stream ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Held {
-    /// The stream ended, failed, or never began.
-    Ended,
+    /// No stream was established: no connection, no answer, a refusal (slots full) or a
+    /// timeout. Says nothing of the member: SWIM judges it.
+    NotEstablished,
+    /// A stream that carried the member's notice ended after being held this long.
+    Ended(Duration),
     /// Another identity (a restart) answers at that address, or the member's server has no
-    /// attendance (an older version): nothing to attend.
+    /// attendance (an older version) or is of another cluster: nothing to attend.
     Nothing,
 }
 
-/// Attend `member` until its process is found gone (reported to the node) or the task is
-/// aborted (the node no longer attends it).
+/// Attend `member` until the task is aborted (the node no longer attends it). Only a stream
+/// that was established (the member's own notice arrived) and then ended, followed by a
+/// refused connection, is reported: a connection refused from the start (a firewall that
+/// rejects, a wrong address) says nothing SWIM's probes over UDP do not judge better.
 pub(super) async fn attend(g: Gossip, member: Identity) {
     let local = local_ip(g.advertised);
     let mut retry = ATTEND_RETRY_MIN;
     loop {
-        let began = tokio::time::Instant::now();
-        let held = hold(&g, member).await;
-        if held == Held::Nothing {
-            return;
-        }
-        if gone(local, member.api_addr()).await {
-            let _ = g.inputs.send(Input::Unreachable(member)).await;
-            return;
-        }
-        // The port answers: the server ended the stream (its connection age, its stop) or
-        // refused it (slots full), or the host is out of reach (SWIM decides that).
-        if began.elapsed() >= ATTEND_RETRY_MAX {
-            retry = ATTEND_RETRY_MIN;
-            continue;
-        }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(ATTEND_RETRY_MAX);
+        let pause = match hold(&g, member).await {
+            Held::Nothing => ATTEND_IDLE,
+            Held::NotEstablished => {
+                let pause = retry;
+                retry = (retry * 2).min(ATTEND_RETRY_MAX);
+                pause
+            }
+            Held::Ended(held) => {
+                if gone(local, member.api_addr()).await {
+                    let _ = g.inputs.send(Input::Unreachable(member)).await;
+                    ATTEND_IDLE
+                } else if held >= ATTEND_RETRY_MAX {
+                    // The server ended a long-held stream (its age, its stop): again at once.
+                    retry = ATTEND_RETRY_MIN;
+                    Duration::ZERO
+                } else {
+                    let pause = retry;
+                    retry = (retry * 2).min(ATTEND_RETRY_MAX);
+                    pause
+                }
+            }
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -70,9 +97,13 @@ async fn hold(g: &Gossip, member: Identity) -> Held {
     let Ok(endpoint) = peer_endpoint(g.advertised, member, ATTEND_CONNECT) else {
         return Held::Nothing;
     };
+    let endpoint = endpoint
+        .http2_keep_alive_interval(ATTEND_KEEPALIVE)
+        .keep_alive_timeout(ATTEND_KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     let began = async {
         let Ok(channel) = g.dial.connect_from(endpoint, local_ip(g.advertised)).await else {
-            return Err(Held::Ended);
+            return Err(Held::NotEstablished);
         };
         let call = SyncClient::new(channel)
             .attend(AttendRequest {
@@ -81,25 +112,33 @@ async fn hold(g: &Gossip, member: Identity) -> Held {
             .await;
         let mut stream = match call {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unimplemented => return Err(Held::Nothing),
-            Err(_) => return Err(Held::Ended),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unimplemented | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                return Err(Held::Nothing);
+            }
+            Err(_) => return Err(Held::NotEstablished),
         };
         match stream.message().await {
             Ok(Some(notice)) => Ok((notice, stream)),
-            _ => Err(Held::Ended),
+            _ => Err(Held::NotEstablished),
         }
     };
     let (notice, mut stream) = match tokio::time::timeout(ATTEND_CONNECT, began).await {
         Ok(Ok(began)) => began,
         Ok(Err(held)) => return held,
-        Err(_) => return Held::Ended,
+        Err(_) => return Held::NotEstablished,
     };
     if notice.node != member.node.0 || notice.epoch != member.epoch {
         return Held::Nothing;
     }
+    let established = tokio::time::Instant::now();
     // Idle until it ends; the server sends nothing more (anything it does send is ignored).
     while let Ok(Some(_)) = stream.message().await {}
-    Held::Ended
+    Held::Ended(established.elapsed())
 }
 
 /// Pauses between the checks of a port whose stream just ended. A killed process's
@@ -151,6 +190,7 @@ pub(super) fn serve(
     g: &Gossip,
     attended: &std::sync::Arc<tokio::sync::Semaphore>,
     per_peer: &patina_trust::per_address::PerAddress,
+    max_age: Duration,
     request: Request<AttendRequest>,
 ) -> Result<Response<ReceiverStream<Result<AttendNotice, Status>>>, Status> {
     if request.get_ref().cluster != *g.cluster {
@@ -173,13 +213,29 @@ pub(super) fn serve(
         epoch: me.epoch,
     }));
     let stop = g.stop.clone();
+    // Jittered, so that streams opened together do not all end together.
+    let age = max_age.min(ATTEND_MAX_AGE);
+    let age = age.mul_f64(0.9 + 0.1 * jitter());
     tokio::spawn(async move {
         tokio::select! {
             () = stop.cancelled() => {}
             () = tx.closed() => {}
+            () = tokio::time::sleep(age) => {}
         }
         drop(slot);
         drop(permit);
     });
     Ok(Response::new(ReceiverStream::new(rx)))
+}
+
+/// A number in [0, 1) that differs between calls (for jitter only).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos().into()),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }

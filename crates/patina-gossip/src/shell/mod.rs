@@ -135,6 +135,9 @@ pub struct ShellConfig {
     pub dial: patina_trust::Dial,
     /// The agent's watchdog: the gossip loop stamps its beat (`gossip`) on every turn.
     pub watchdog: Option<patina_watchdog::Watchdog>,
+    /// The API's connection age (`limits.max_connection_age_secs`): a held attendance stream
+    /// ends by then at the latest.
+    pub stream_max_age: Duration,
 }
 
 /// A fault the shell injects into itself, for tests (the binary sets one only from
@@ -261,6 +264,8 @@ pub struct Gossip {
     identity: Arc<std::sync::RwLock<Identity>>,
     /// Cancelled when the shell stops (held attendance streams end).
     stop: CancellationToken,
+    /// See [`ShellConfig::stream_max_age`].
+    stream_max_age: Duration,
 }
 
 /// Where this agent and its peers are on the network (Vivaldi coordinates).
@@ -398,6 +403,7 @@ impl Gossip {
             place: Arc::default(),
             identity: Arc::new(std::sync::RwLock::new(identity)),
             stop: stop.clone(),
+            stream_max_age: cfg.stream_max_age,
         };
         let main = tokio::runtime::Handle::current();
         let task = Task {

@@ -540,6 +540,7 @@ impl Sync for SyncService {
             &self.gossip,
             &self.attended,
             &self.attended_per_peer,
+            self.gossip.stream_max_age,
             request,
         )
     }
