@@ -65,6 +65,16 @@ async fn eventually(
     }
 }
 
+async fn cluster_status(agent: &Agent) -> patina_proto::v1::ClusterStatusResponse {
+    agent
+        .admin()
+        .await
+        .cluster_status(patina_proto::v1::ClusterStatusRequest {})
+        .await
+        .expect("ClusterStatus")
+        .into_inner()
+}
+
 async fn put(agent: &Agent, id: &str, app: &str) {
     let mut client = agent.client().await;
     client
@@ -117,13 +127,7 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     eprintln!("write to everywhere: {took:?}");
     // Status shows the latest session with each peer (joins start one at once), through the
     // CLI's JSON too.
-    let status = agents[0]
-        .admin()
-        .await
-        .cluster_status(patina_proto::v1::ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = cluster_status(&agents[0]).await;
     assert!(
         status.peers.iter().any(|p| p.ok && p.sessions >= 1),
         "no completed session in {:?}",
@@ -165,14 +169,7 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     // addresses) saw its stream end and its port refuse: they suspected it at once.
     let mut reported = 0;
     for a in &survivors {
-        reported += a
-            .admin()
-            .await
-            .cluster_status(patina_proto::v1::ClusterStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .attend_unreachable;
+        reported += cluster_status(a).await.attend_unreachable;
     }
     assert!(
         (1..=2).contains(&reported),
@@ -202,13 +199,7 @@ async fn a_region_of_five_converges_hides_the_dead_and_catches_up_the_returning(
     })
     .await;
     // What its sessions brought is counted, records and bytes.
-    let back = agents[AGENTS - 1]
-        .admin()
-        .await
-        .cluster_status(patina_proto::v1::ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let back = cluster_status(&agents[AGENTS - 1]).await;
     // A machine record is more than 40 bytes encoded (its id, app, address and version).
     assert!(
         back.sync_records_in >= 1 && back.sync_bytes_in >= 40 * back.sync_records_in,
