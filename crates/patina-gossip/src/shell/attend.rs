@@ -213,14 +213,18 @@ pub(super) fn serve(
         epoch: me.epoch,
     }));
     let stop = g.stop.clone();
+    let store = g.store.clone();
     // Jittered, so that streams opened together do not all end together.
     let age = max_age.min(ATTEND_MAX_AGE);
     let age = age.mul_f64(0.9 + 0.1 * jitter());
     tokio::spawn(async move {
+        // Also when the store fails: the agent then stops its server before gossip, and a
+        // held stream would keep the server's drain waiting out its grace.
         tokio::select! {
             () = stop.cancelled() => {}
             () = tx.closed() => {}
             () = tokio::time::sleep(age) => {}
+            _ = store.failed() => {}
         }
         drop(slot);
         drop(permit);
