@@ -17,7 +17,7 @@ use patina_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, UpsertMachin
 use patina_testkit::Agent;
 
 use crate::cluster::start_agent;
-use crate::harness::build_patina;
+use crate::harness::{build_patina, percentile as pct};
 
 pub struct Options {
     machines: u64,
@@ -102,13 +102,6 @@ async fn paced_writes(
     }
     lat.sort_by(f64::total_cmp);
     Ok(lat)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((p / 100.0) * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
 }
 
 async fn bench(o: &Options, bin: &std::path::Path, root: &std::path::Path) -> anyhow::Result<()> {

@@ -25,7 +25,7 @@ use patina_testkit::{Agent, machine};
 use tonic::transport::Channel;
 
 use crate::cluster::start_agent;
-use crate::harness::build_patina;
+use crate::harness::{build_patina, percentile as pct};
 
 pub struct Options {
     nodes: usize,
@@ -131,14 +131,6 @@ async fn watch_all(url: String, seen: SeenRef, dial: Option<patina_trust::Dial>)
             }
         }
     }
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 struct Cluster {

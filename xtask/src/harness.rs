@@ -33,6 +33,15 @@ pub fn build_patina() -> anyhow::Result<PathBuf> {
     Ok(target.join("release").join("patina"))
 }
 
+/// The p-th percentile (0..=100) of sorted values (NaN when there are none).
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
 /// The p-th percentile (0..=100) of sorted nanoseconds, in microseconds.
 pub fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     if sorted_ns.is_empty() {

@@ -68,28 +68,27 @@ pub(super) async fn attend(g: Gossip, member: Identity) {
     loop {
         let pause = match hold(&g, member).await {
             Held::Nothing => ATTEND_IDLE,
-            Held::NotEstablished => {
-                let pause = retry;
-                retry = (retry * 2).min(ATTEND_RETRY_MAX);
-                pause
+            Held::NotEstablished => back_off(&mut retry),
+            Held::Ended(_) if gone(local, member.api_addr()).await => {
+                let _ = g.inputs.send(Input::Unreachable(member)).await;
+                ATTEND_IDLE
             }
-            Held::Ended(held) => {
-                if gone(local, member.api_addr()).await {
-                    let _ = g.inputs.send(Input::Unreachable(member)).await;
-                    ATTEND_IDLE
-                } else if held >= ATTEND_RETRY_MAX {
-                    // The server ended a long-held stream (its age, its stop): again at once.
-                    retry = ATTEND_RETRY_MIN;
-                    Duration::ZERO
-                } else {
-                    let pause = retry;
-                    retry = (retry * 2).min(ATTEND_RETRY_MAX);
-                    pause
-                }
+            Held::Ended(held) if held >= ATTEND_RETRY_MAX => {
+                // The server ended a long-held stream (its age, its stop): again at once.
+                retry = ATTEND_RETRY_MIN;
+                Duration::ZERO
             }
+            Held::Ended(_) => back_off(&mut retry),
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+/// The pause before the next try after a short one; the one after it doubles.
+fn back_off(retry: &mut Duration) -> Duration {
+    let pause = *retry;
+    *retry = (*retry * 2).min(ATTEND_RETRY_MAX);
+    pause
 }
 
 /// Hold one attendance stream to `member` until it ends.
@@ -168,19 +167,9 @@ async fn gone(local: Option<std::net::IpAddr>, addr: std::net::SocketAddr) -> bo
 /// Did a TCP connection to `addr` get refused? Unlike the corroboration's test, a timeout
 /// does not count: a partitioned host is SWIM's to judge, not attendance's.
 async fn port_refuses(local: Option<std::net::IpAddr>, addr: std::net::SocketAddr) -> bool {
-    let connect = async {
-        let socket = match addr {
-            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-        };
-        if let Some(ip) = local.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
-            socket.bind(std::net::SocketAddr::new(ip, 0))?;
-        }
-        socket.connect(addr).await
-    };
     matches!(
-        tokio::time::timeout(ATTEND_CONNECT, connect).await,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        super::checks::connect(local, addr, ATTEND_CONNECT).await,
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
     )
 }
 
@@ -200,12 +189,11 @@ pub(super) fn serve(
         .clone()
         .try_acquire_owned()
         .map_err(|_| Status::resource_exhausted("too many attendance streams"))?;
-    let slot = match patina_trust::server::remote_addr(&request).filter(|a| !a.ip().is_loopback()) {
-        Some(addr) => Some(per_peer.take(addr.ip()).ok_or_else(|| {
-            Status::resource_exhausted("too many attendance streams from this peer")
-        })?),
-        None => None,
-    };
+    let slot = super::session::peer_slot(
+        per_peer,
+        &request,
+        "too many attendance streams from this peer",
+    )?;
     let me = g.identity();
     let (tx, rx) = mpsc::channel(1);
     let _ = tx.try_send(Ok(AttendNotice {
@@ -232,14 +220,7 @@ pub(super) fn serve(
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-/// A number in [0, 1) that differs between calls (for jitter only).
+/// A number in [0, 1), for jitter (0 if the OS's random source fails).
 fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos().into()),
-    );
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+    (getrandom::u64().unwrap_or(0) >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -9,10 +9,13 @@ use std::time::Duration;
 use super::CORROBORATE_TIMEOUT;
 use crate::identity::Identity;
 
-/// Does anything accept connections on `addr`? A refused connection or a timeout says the
-/// process (or its host) is gone; a stopped or starved process still has its socket accepted
-/// by the kernel, so it is given the long suspicion.
-pub(super) async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool {
+/// A TCP connection to `addr` from `local` (when it is of the same family), given at most
+/// `within`: `None` when it timed out. Shared by the corroboration and attendance's check.
+pub(super) async fn connect(
+    local: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    within: Duration,
+) -> Option<std::io::Result<tokio::net::TcpStream>> {
     let connect = async {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -23,10 +26,14 @@ pub(super) async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAd
         }
         socket.connect(addr).await
     };
-    matches!(
-        tokio::time::timeout(CORROBORATE_TIMEOUT, connect).await,
-        Ok(Ok(_))
-    )
+    tokio::time::timeout(within, connect).await.ok()
+}
+
+/// Does anything accept connections on `addr`? A refused connection or a timeout says the
+/// process (or its host) is gone; a stopped or starved process still has its socket accepted
+/// by the kernel, so it is given the long suspicion.
+pub(super) async fn port_answers(local: Option<std::net::IpAddr>, addr: SocketAddr) -> bool {
+    matches!(connect(local, addr, CORROBORATE_TIMEOUT).await, Some(Ok(_)))
 }
 
 /// Ask a suspect itself for its incarnation: its Admin service answers through its gossip

@@ -499,6 +499,23 @@ pub(super) async fn run_client(g: &Gossip, peer: Identity) -> SyncEnd {
     end
 }
 
+/// A slot of `per_peer` for the caller's address, or `refusal` as RESOURCE_EXHAUSTED when
+/// it holds its share. Loopback is exempt: agents that share a host (`patina dev`, tests)
+/// share an IP.
+pub(super) fn peer_slot<T>(
+    per_peer: &patina_trust::per_address::PerAddress,
+    request: &Request<T>,
+    refusal: &'static str,
+) -> Result<Option<patina_trust::per_address::AddressSlot>, Status> {
+    match patina_trust::server::remote_addr(request).filter(|a| !a.ip().is_loopback()) {
+        Some(addr) => per_peer
+            .take(addr.ip())
+            .map(Some)
+            .ok_or_else(|| Status::resource_exhausted(refusal)),
+        None => Ok(None),
+    }
+}
+
 /// The server side of `patina.v1.Sync`.
 #[derive(Clone)]
 pub struct SyncService {
@@ -555,14 +572,11 @@ impl Sync for SyncService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many sync sessions"))?;
-        // Loopback is exempt: agents that share a host (`patina dev`, tests) share an IP.
-        let slot =
-            match patina_trust::server::remote_addr(&request).filter(|a| !a.ip().is_loopback()) {
-                Some(addr) => Some(self.per_peer.take(addr.ip()).ok_or_else(|| {
-                    Status::resource_exhausted("too many sync sessions from this peer")
-                })?),
-                None => None,
-            };
+        let slot = peer_slot(
+            &self.per_peer,
+            &request,
+            "too many sync sessions from this peer",
+        )?;
         let peer_ip = patina_trust::server::remote_addr(&request).map(|a| a.ip());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -585,6 +599,7 @@ impl Sync for SyncService {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_peers_coordinate_is_taken_only_when_finite_and_bounded() {
@@ -625,7 +640,6 @@ mod tests {
             assert!(coordinate_of(&c).is_none(), "taken: {c:?}");
         }
     }
-    use super::*;
 
     #[test]
     fn one_peer_gets_at_most_its_share_of_served_sessions() {
