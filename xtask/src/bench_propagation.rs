@@ -331,18 +331,19 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let plain = plain?;
     // And with the operator's listener off, for what metrics cost (the first pass scraped
     // every agent every second while it wrote).
-    let off = rt.block_on(bench(&o, bin, root.clone(), true, false));
+    let off = rt.block_on(bench(&o, bin.clone(), root.clone(), true, false));
     let _ = std::fs::remove_dir_all(&root);
     let off = off?;
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let (on99, off99) = (
-        json["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
-        off["write_to_all_p99_ms"].as_f64().unwrap_or(f64::NAN),
+        f(&json, "write_to_all_p99_ms"),
+        f(&off, "write_to_all_p99_ms"),
     );
     println!(
         "metrics on (every agent scraped every second) vs off: write to everywhere p99 {on99:.2} vs {off99:.2} ms ({:.3}x), p50 {:.2} vs {:.2} ms",
         on99 / off99,
-        json["write_to_all_p50_ms"].as_f64().unwrap_or(f64::NAN),
-        off["write_to_all_p50_ms"].as_f64().unwrap_or(f64::NAN),
+        f(&json, "write_to_all_p50_ms"),
+        f(&off, "write_to_all_p50_ms"),
     );
     json["metrics_off_write_to_all_p50_ms"] = off["write_to_all_p50_ms"].clone();
     json["metrics_off_write_to_all_p99_ms"] = off["write_to_all_p99_ms"].clone();
@@ -356,10 +357,9 @@ pub fn run(o: Options) -> anyhow::Result<()> {
             "the same pass with every agent's store in {}:",
             dir.display()
         );
-        let t = rt.block_on(bench(&o, build_patina()?, root.clone(), true, false));
+        let t = rt.block_on(bench(&o, bin, root.clone(), true, false));
         let _ = std::fs::remove_dir_all(&root);
         let t = t?;
-        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let (disk99, dir99) = (f(&off, "write_to_all_p99_ms"), f(&t, "write_to_all_p99_ms"));
         let fsync99 = f(&json, "fsync_p99_us") / 1000.0;
         let modelled = dir99 + 2.0 * fsync99;
