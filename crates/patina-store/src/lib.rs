@@ -19,6 +19,7 @@ mod feed;
 mod index;
 mod kind;
 mod knowledge;
+mod lean;
 mod mem;
 mod merge;
 mod overlay;

@@ -1,0 +1,306 @@
+//! [`LeanKeys`]: the compact key index of a lean store (meant for the global tier, where a
+//! key is one app's summary in one region and there are millions of them). Per key it holds a
+//! 64-bit hash of the key and the revision of the key's stored row, and whether that row is
+//! live: about 17 bytes a slot in a hash table at most 7/8 full. Keys, groups, values and
+//! versions stay in SQLite, read by revision (the table's rowid) when needed.
+//!
+//! Two keys may share a hash. Nothing is guessed: a key whose hash another key holds goes to a
+//! small exact map. The writer knows which revision a key had (it read that row to merge), so
+//! an install says which row it replaces; an install at open, when rows come in revision
+//! order, reads the key of the row that holds the hash. The hash's key is drawn at random per
+//! process, so that nobody can make keys collide on purpose (the index is rebuilt at each
+//! open, so it need not be stable).
+//!
+//! Not yet used by [`crate::Store`]: the lean mode that uses it is issue 20's work in
+//! progress.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+
+/// The key hash is already uniform: the table uses it as is.
+#[derive(Default)]
+struct Identity64(u64);
+
+impl Hasher for Identity64 {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; anything else still hashes (slowly) rather than panics.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// A slot: the revision shifted left by one, with the live bit below it.
+fn pack(rev: u64, live: bool) -> u64 {
+    (rev << 1) | u64::from(live)
+}
+
+fn unpack(v: u64) -> (u64, bool) {
+    (v >> 1, v & 1 == 1)
+}
+
+pub(crate) struct LeanKeys {
+    hasher: std::collections::hash_map::RandomState,
+    by_hash: HashMap<u64, u64, BuildHasherDefault<Identity64>>,
+    /// Keys whose hash another key holds in `by_hash`.
+    exact: BTreeMap<Box<str>, u64>,
+    live: usize,
+    /// Tests only: every key hashes alike (every second key then collides).
+    #[cfg(test)]
+    collide_all: bool,
+}
+
+impl Default for LeanKeys {
+    fn default() -> Self {
+        LeanKeys {
+            hasher: std::collections::hash_map::RandomState::new(),
+            by_hash: HashMap::default(),
+            exact: BTreeMap::new(),
+            live: 0,
+            #[cfg(test)]
+            collide_all: false,
+        }
+    }
+}
+
+impl LeanKeys {
+    fn hash(&self, key: &str) -> u64 {
+        #[cfg(test)]
+        if self.collide_all {
+            return 7;
+        }
+        self.hasher.hash_one(key)
+    }
+
+    /// The revision of `key`'s row and whether it is live, if the key has one. `row_key`
+    /// reads the key stored at a revision (called at most once, for a hash match).
+    pub fn rev_of(
+        &self,
+        key: &str,
+        row_key: impl FnOnce(u64) -> Option<String>,
+    ) -> Option<(u64, bool)> {
+        if let Some(v) = self.exact.get(key) {
+            return Some(unpack(*v));
+        }
+        let (rev, live) = unpack(*self.by_hash.get(&self.hash(key))?);
+        (row_key(rev).as_deref() == Some(key)).then_some((rev, live))
+    }
+
+    /// Install `key`'s new row (writer, after its commit). `prev`: the revision the key's row
+    /// had, as [`LeanKeys::rev_of`] found it (`None`: a new key).
+    pub fn install(&mut self, key: &str, rev: u64, live: bool, prev: Option<u64>) {
+        let h = self.hash(key);
+        let slot = pack(rev, live);
+        if let Some(v) = self.exact.get_mut(key) {
+            let was_live = unpack(*v).1;
+            *v = slot;
+            self.count(was_live, live);
+            return;
+        }
+        match self.by_hash.get_mut(&h) {
+            None => {
+                self.by_hash.insert(h, slot);
+                self.count(false, live);
+            }
+            Some(v) if prev.is_some() && prev == Some(unpack(*v).0) => {
+                let was_live = unpack(*v).1;
+                *v = slot;
+                self.count(was_live, live);
+            }
+            Some(_) => {
+                // Another key holds this hash.
+                self.exact.insert(key.into(), slot);
+                self.count(false, live);
+            }
+        }
+    }
+
+    /// Install a row read at open, in revision order: returns the revision of an earlier row
+    /// of the same key it supersedes (a stale row to delete). `row_key` reads the key at a
+    /// revision (called only when the hash is already held).
+    pub fn load(
+        &mut self,
+        key: &str,
+        rev: u64,
+        live: bool,
+        row_key: impl FnOnce(u64) -> Option<String>,
+    ) -> Option<u64> {
+        if let Some(v) = self.exact.get(key).copied() {
+            self.install(key, rev, live, None);
+            return Some(unpack(v).0);
+        }
+        let held = self.by_hash.get(&self.hash(key)).copied();
+        match held {
+            Some(v) if row_key(unpack(v).0).as_deref() == Some(key) => {
+                self.install(key, rev, live, Some(unpack(v).0));
+                Some(unpack(v).0)
+            }
+            _ => {
+                self.install(key, rev, live, None);
+                None
+            }
+        }
+    }
+
+    /// Forget `key` if its row is still `rev` (a collected tombstone).
+    pub fn remove(&mut self, key: &str, rev: u64) {
+        if let Some(v) = self.exact.get(key).copied() {
+            if unpack(v).0 == rev {
+                self.exact.remove(key);
+                self.count(unpack(v).1, false);
+            }
+            return;
+        }
+        let h = self.hash(key);
+        if let Some(v) = self.by_hash.get(&h).copied()
+            && unpack(v).0 == rev
+        {
+            self.by_hash.remove(&h);
+            self.count(unpack(v).1, false);
+        }
+    }
+
+    fn count(&mut self, was_live: bool, live: bool) {
+        match (was_live, live) {
+            (false, true) => self.live += 1,
+            (true, false) => self.live -= 1,
+            _ => {}
+        }
+    }
+
+    /// Keys held (tombstones too).
+    pub fn len(&self) -> usize {
+        self.by_hash.len() + self.exact.len()
+    }
+
+    /// Keys whose row is live.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Heap bytes of the table (its slots and control bytes) and the exact map, roughly.
+    pub fn heap_bytes(&self) -> usize {
+        self.by_hash.capacity() * 17 + self.exact.keys().map(|k| k.len() + 8 + 48).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap as Rows;
+
+    /// A store's rows by revision, as SQLite would hold them.
+    fn reader(rows: &Rows<u64, String>) -> impl Fn(u64) -> Option<String> + '_ {
+        |rev| rows.get(&rev).cloned()
+    }
+
+    fn check(keys: &LeanKeys, rows: &Rows<u64, String>, expect: &[(&str, Option<(u64, bool)>)]) {
+        for (key, want) in expect {
+            assert_eq!(keys.rev_of(key, reader(rows)), *want, "{key}");
+        }
+    }
+
+    fn scenario(collide_all: bool) {
+        let mut keys = LeanKeys {
+            collide_all,
+            ..LeanKeys::default()
+        };
+        let mut rows: Rows<u64, String> = Rows::new();
+        // Three new keys.
+        for (rev, key) in [(1, "a/x"), (2, "b/x"), (3, "c/x")] {
+            let prev = keys.rev_of(key, reader(&rows)).map(|(r, _)| r);
+            assert_eq!(prev, None);
+            rows.insert(rev, key.to_string());
+            keys.install(key, rev, true, prev);
+        }
+        check(
+            &keys,
+            &rows,
+            &[
+                ("a/x", Some((1, true))),
+                ("b/x", Some((2, true))),
+                ("c/x", Some((3, true))),
+                ("d/x", None),
+            ],
+        );
+        assert_eq!((keys.len(), keys.live()), (3, 3));
+        // b/x deleted (a tombstone replaces its row), a/x updated.
+        for (rev, key, live) in [(4, "b/x", false), (5, "a/x", true)] {
+            let prev = keys.rev_of(key, reader(&rows)).map(|(r, _)| r);
+            assert!(prev.is_some());
+            rows.remove(&prev.unwrap());
+            rows.insert(rev, key.to_string());
+            keys.install(key, rev, live, prev);
+        }
+        check(
+            &keys,
+            &rows,
+            &[
+                ("a/x", Some((5, true))),
+                ("b/x", Some((4, false))),
+                ("c/x", Some((3, true))),
+            ],
+        );
+        assert_eq!((keys.len(), keys.live()), (3, 2));
+        // The tombstone collected; a stale removal changes nothing.
+        keys.remove("b/x", 3);
+        keys.remove("b/x", 4);
+        rows.remove(&4);
+        check(&keys, &rows, &[("b/x", None), ("a/x", Some((5, true)))]);
+        assert_eq!((keys.len(), keys.live()), (2, 2));
+        // Rebuilt at open from the rows in revision order, with a stale duplicate row left
+        // behind by an older version: found, and the index is the same.
+        rows.insert(0, "c/x".to_string());
+        let mut open = LeanKeys {
+            collide_all,
+            ..LeanKeys::default()
+        };
+        let mut revs: Vec<u64> = rows.keys().copied().collect();
+        revs.sort_unstable();
+        let mut stale = Vec::new();
+        for rev in revs {
+            let key = rows[&rev].clone();
+            if let Some(old) = open.load(&key, rev, true, reader(&rows)) {
+                stale.push(old);
+            }
+        }
+        assert_eq!(stale, vec![0]);
+        check(
+            &open,
+            &rows,
+            &[
+                ("a/x", Some((5, true))),
+                ("c/x", Some((3, true))),
+                ("b/x", None),
+            ],
+        );
+    }
+
+    #[test]
+    fn keys_map_to_their_rows_through_updates_deletions_collection_and_reopening() {
+        scenario(false);
+    }
+
+    #[test]
+    fn keys_that_share_a_hash_are_told_apart_by_their_rows() {
+        scenario(true);
+    }
+
+    #[test]
+    fn a_slot_costs_about_seventeen_bytes() {
+        let mut keys = LeanKeys::default();
+        for i in 0..100_000u64 {
+            keys.install(&format!("app-{i}/region"), i + 1, true, None);
+        }
+        let per_key = keys.heap_bytes() as f64 / keys.len() as f64;
+        assert!(per_key < 40.0, "{per_key} bytes a key");
+        assert_eq!(keys.len(), 100_000);
+    }
+}
