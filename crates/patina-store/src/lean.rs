@@ -12,7 +12,21 @@
 //! open, so it need not be stable).
 //!
 //! Not yet used by [`crate::Store`]: the lean mode that uses it is issue 20's work in
-//! progress.
+//! progress. What it needs, site by site:
+//! - `StoreOptions::lean` (the global agent's store); `Index` holds `LeanKeys` instead of
+//!   entries and groups in that mode.
+//! - merge: `current(key)` reads the row at the revision `rev_of` gives (the writer's own
+//!   connection, `sqlite::row_at`), and `finish_group` installs with the revision it read.
+//! - open: `load_index` reads `key, rev, value IS NULL` only and calls `load`; stale rows as
+//!   now; `recent_changes` reads whole rows.
+//! - watch: the unscoped snapshot scan reads whole rows by revision instead of taking them
+//!   from the index (a row still there is the key's current state in that read); scoped
+//!   watches walk the same scan with the group filter.
+//! - readers (`get_live`, `get_latest`, `list`, `owned_by`) read SQLite on a pooled
+//!   connection: blocking, so their callers move to `spawn_blocking` in lean stores;
+//!   `tombstones_before` and `of_origin` become queries (the collector already runs off the
+//!   runtime; `of_origin` has the `(origin, seq)` index).
+//! - `bench global` writes signed summaries (64 more bytes each) and reports the lean store.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};

@@ -808,6 +808,20 @@ fn row_of(r: &rusqlite::Row<'_>) -> Result<Row, rusqlite::Error> {
     })
 }
 
+/// The row stored at revision `rev`, if it is still there (a lean store reads a key's state
+/// this way: its index holds only the revision). Not yet used: see `lean.rs`.
+#[allow(dead_code)]
+pub(crate) fn row_at(conn: &Connection, rev: u64) -> Result<Option<(Row, bool)>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, grp, value, hlc, origin, seq, left IS NOT NULL FROM records WHERE rev = ?1",
+    )?;
+    let mut rows = stmt.query([rev as i64])?;
+    match rows.next()? {
+        Some(r) => Ok(Some((row_of(r)?, r.get(6)?))),
+        None => Ok(None),
+    }
+}
+
 /// Rows of one origin with sequence numbers in `range`, highest first, at most `limit`.
 pub(crate) fn origin_rows(
     conn: &Connection,
@@ -861,6 +875,35 @@ pub(crate) fn keys_by_rev(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_is_read_by_its_revision_until_it_is_superseded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join(crate::DB_FILE)).unwrap();
+        let kind: KindRef = std::sync::Arc::new(crate::OpaqueKind);
+        prepare(&mut conn, &kind, NodeId(7)).unwrap();
+        conn.execute(
+            "INSERT INTO records (rev, key, grp, value, routable, hlc, origin, seq)
+             VALUES (5, 'app/ord', 'app', x'01', 1, 9, 7, 3)",
+            [],
+        )
+        .unwrap();
+        let (row, moved) = row_at(&conn, 5).unwrap().expect("the row at 5");
+        assert_eq!(
+            (
+                row.key.as_str(),
+                row.group.as_str(),
+                row.value.as_deref(),
+                moved
+            ),
+            ("app/ord", "app", Some(&[1u8][..]), false)
+        );
+        assert_eq!((row.version.origin, row.version.seq), (NodeId(7), 3));
+        conn.execute("DELETE FROM records WHERE rev = 5", [])
+            .unwrap();
+        assert!(row_at(&conn, 5).unwrap().is_none());
+        assert!(row_at(&conn, 6).unwrap().is_none());
+    }
 
     #[test]
     fn a_checkpoint_waits_for_an_idle_writer_unless_the_wal_is_past_its_bound() {
