@@ -28,9 +28,19 @@ pub(crate) struct Index {
     /// Live records by group, ordered by key so that listings page and snapshots chunk
     /// without copying the group.
     groups: DashMap<Arc<str>, BTreeSet<ByKey>>,
+    /// A lean store's index (`keys` and `groups` stay empty): see `lean.rs`.
+    pub lean: Option<std::sync::Mutex<crate::lean::LeanKeys>>,
 }
 
 impl Index {
+    /// The index of a lean store.
+    pub fn lean() -> Index {
+        Index {
+            lean: Some(std::sync::Mutex::default()),
+            ..Index::default()
+        }
+    }
+
     /// The latest state of `key`, tombstone or live.
     pub fn latest(&self, key: &str) -> Option<Entry> {
         self.keys.get(key).map(|e| e.key().0.clone())
@@ -104,11 +114,17 @@ impl Index {
     }
 
     pub fn len_keys(&self) -> usize {
-        self.keys.len()
+        match &self.lean {
+            Some(lean) => lean.lock().expect("lean index").len(),
+            None => self.keys.len(),
+        }
     }
 
     pub fn len_live(&self) -> usize {
-        self.groups.iter().map(|g| g.len()).sum()
+        match &self.lean {
+            Some(lean) => lean.lock().expect("lean index").live(),
+            None => self.groups.iter().map(|g| g.len()).sum(),
+        }
     }
 
     pub fn len_groups(&self) -> usize {
@@ -135,14 +151,28 @@ impl Index {
     /// Drop a collected tombstone, if it is still its key's state. Writer thread only, after
     /// commit.
     pub fn remove_tombstone(&self, t: &Entry) {
+        if let Some(lean) = &self.lean {
+            lean.lock().expect("lean index").remove(t.key(), t.rev());
+            return;
+        }
         self.keys.remove_if(t.key(), |k, _| {
             !k.0.is_live() && k.0.version() == t.version()
         });
     }
 
-    /// Install a key's new state; returns the state it replaced. Writer thread only, after
-    /// commit.
-    pub fn install(&self, entry: Entry) -> Option<Entry> {
+    /// Install a key's new state; returns the state it replaced (never in a lean store).
+    /// `prev`: the revision the key's state had as the writer read it. Writer thread only,
+    /// after commit.
+    pub fn install(&self, entry: Entry, prev: Option<u64>) -> Option<Entry> {
+        if let Some(lean) = &self.lean {
+            lean.lock().expect("lean index").install(
+                entry.key(),
+                entry.rev(),
+                entry.is_live(),
+                prev,
+            );
+            return None;
+        }
         let previous = match self.keys.entry(ByKey(entry.clone())) {
             Slot::Occupied(o) => Some(o.replace_entry(()).0.0),
             Slot::Vacant(v) => {

@@ -105,6 +105,11 @@ pub struct StoreOptions {
     /// whose origin may already have issued, elsewhere, the sequence numbers it would issue
     /// next. See `docs/replication.md`.
     pub renew_origin: bool,
+    /// A lean store (work in progress, issue 20): the in-memory index holds a key hash and a
+    /// revision per key, and records are read from SQLite when needed (`lean.rs`). Only the
+    /// writer's path works so far: readers of the index (`get_live`, listings, watches'
+    /// snapshots, the feed rebuilt at open) find nothing in such a store yet.
+    pub lean: bool,
     /// How far ahead of this host's wall clock a timestamp may be taken: the clock never
     /// adopts a peer's timestamp beyond it (a record stamped further ahead is applied, and
     /// the clock moves to the bound only), and a local write is refused while the clock is
@@ -160,6 +165,7 @@ impl Default for StoreOptions {
             failpoints: Arc::new(Failpoints::default()),
             watchdog: None,
             renew_origin: false,
+            lean: false,
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
         }
     }
@@ -579,7 +585,11 @@ impl Store {
                 Hlc::from_physical_ms(opts.clock.now_ms() + opts.max_clock_offset_ms).max(meta.hlc);
             sqlite::renew_origin(&mut conn, &mut meta, &mut knowledge, new, bound)?;
         }
-        let index = Index::default();
+        let index = if opts.lean {
+            Index::lean()
+        } else {
+            Index::default()
+        };
         let stale = sqlite::load_index(&conn, &index, &opts.kind)?;
         if !stale.is_empty() {
             tracing::warn!(rows = stale.len(), "deleting superseded rows found at load");

@@ -325,6 +325,11 @@ pub(crate) trait Backend {
     /// The overlay's part of the meta (`down`, `overlay_rev`), in the same transaction; only
     /// when a group changed it.
     fn put_overlay(&mut self, meta: &Meta) -> Result<(), rusqlite::Error>;
+    /// The row stored at revision `rev` and whether it lists groups its key left (a lean
+    /// store's merges read a key's state this way). Backends without rows have none.
+    fn row_at(&self, _rev: u64) -> Result<Option<(crate::sqlite::Row, bool)>, rusqlite::Error> {
+        Ok(None)
+    }
     /// Make everything since `begin` durable.
     fn commit(&mut self) -> Result<(), rusqlite::Error>;
     /// Drop everything since `begin`.
@@ -364,7 +369,8 @@ pub(crate) enum Outcome {
 #[derive(Default)]
 pub(crate) struct Staged {
     /// New states of keys, for the index, in revision order.
-    pub installs: Vec<Entry>,
+    /// New states, each with the revision its key had before (as the group read it).
+    pub installs: Vec<(Entry, Option<u64>)>,
     /// What the feed publishes, in revision order: every install (as its hidden view when
     /// its owner is down), and the overlay's changes of visibility, which are not installed.
     pub changes: Vec<Change>,
@@ -433,12 +439,46 @@ struct Group<'g> {
     pending: Pending,
     staged: Staged,
     saved: Saved,
+    kind: KindRef,
 }
 
 impl Group<'_> {
     /// A key's state as of this point in the group.
     fn current(&self, key: &str) -> Option<Entry> {
-        current(self.state, &self.pending, key)
+        let Some(lean) = &self.state.index.lean else {
+            return current(self.state, &self.pending, key);
+        };
+        if let Some(e) = self.pending.get(key) {
+            return Some(e.0.clone());
+        }
+        // A lean store: the index gives the row's revision; the row itself is read from the
+        // writer's own connection. A read that fails is a failing disk: fatal, as a failed
+        // commit is (the writer thread's guard fails the store).
+        let backend = &*self.backend;
+        let mut read = None;
+        let found = lean.lock().expect("lean index").rev_of(key, |rev| {
+            let row = backend
+                .row_at(rev)
+                .unwrap_or_else(|e| panic!("reading the stored row at revision {rev}: {e}"));
+            let k = row.as_ref().map(|(r, _)| r.key.clone());
+            read = row;
+            k
+        });
+        let (rev, _) = found?;
+        let (row, moved) = read?;
+        let flags = row
+            .value
+            .as_deref()
+            .map_or(crate::Flags::default(), |v| self.kind.flags(v));
+        let entry = Entry::new(
+            &row.key,
+            &row.group,
+            row.value.as_deref(),
+            flags,
+            row.version,
+            rev,
+        );
+        Some(if moved { entry.with_moved() } else { entry })
     }
 
     /// Stage a key's new state (already written to the backend). `down`: the overlay as of
@@ -469,6 +509,7 @@ impl Core {
                 clock: self.clock.last(),
                 knowledge: BTreeMap::new(),
             },
+            kind: self.kind.clone(),
         };
         match self.run_group(&mut g, work) {
             Ok(outcomes) => Ok((outcomes, g.staged)),
@@ -1329,7 +1370,9 @@ fn stage_change(
         left.push(p.group(), entry.rev());
     }
     pending.replace(ByKey(entry.clone()));
-    staged.installs.push(entry.clone());
+    staged
+        .installs
+        .push((entry.clone(), prev.as_ref().map(Entry::rev)));
     staged.changes.push(Change {
         entry: overlay::watch_view(entry, down),
         left,

@@ -360,6 +360,32 @@ pub(crate) fn load_index(
     kind: &KindRef,
 ) -> Result<Vec<u64>, StoreError> {
     let mut stale = Vec::new();
+    if let Some(lean) = &index.lean {
+        // A lean store: keys and revisions only; an earlier row that holds a key's hash is
+        // read to tell a stale row of the same key from another key's.
+        let mut lean = lean.lock().expect("lean index");
+        let mut stmt =
+            conn.prepare("SELECT key, rev, value IS NOT NULL FROM records ORDER BY rev")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let key = row.get_ref(0)?.as_str().map_err(bad(0))?;
+            let rev = row.get::<_, i64>(1)? as u64;
+            let live: bool = row.get(2)?;
+            let mut failed = None;
+            let old = lean.load(key, rev, live, |r| match row_at(conn, r) {
+                Ok(found) => found.map(|(row, _)| row.key),
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            stale.extend(old);
+        }
+        return Ok(stale);
+    }
     let mut stmt = conn.prepare(
         "SELECT key, grp, value, left IS NOT NULL, hlc, origin, seq, rev FROM records ORDER BY rev",
     )?;
@@ -377,7 +403,7 @@ pub(crate) fn load_index(
         if moved {
             entry = entry.with_moved();
         }
-        if let Some(old) = index.install(entry) {
+        if let Some(old) = index.install(entry, None) {
             stale.push(old.rev());
         }
     }
@@ -607,6 +633,10 @@ impl Backend for SqliteBackend {
         self.conn.execute_batch("BEGIN")
     }
 
+    fn row_at(&self, rev: u64) -> Result<Option<(Row, bool)>, rusqlite::Error> {
+        row_at(&self.conn, rev)
+    }
+
     fn put_record(&mut self, e: &Entry, previous: Option<&Entry>) -> Result<(), rusqlite::Error> {
         // Read what the previous row lists before the row goes.
         let left = match previous.filter(|_| e.moved()) {
@@ -809,8 +839,7 @@ fn row_of(r: &rusqlite::Row<'_>) -> Result<Row, rusqlite::Error> {
 }
 
 /// The row stored at revision `rev`, if it is still there (a lean store reads a key's state
-/// this way: its index holds only the revision). Not yet used: see `lean.rs`.
-#[allow(dead_code)]
+/// this way: its index holds only the revision).
 pub(crate) fn row_at(conn: &Connection, rev: u64) -> Result<Option<(Row, bool)>, rusqlite::Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT key, grp, value, hlc, origin, seq, left IS NOT NULL FROM records WHERE rev = ?1",

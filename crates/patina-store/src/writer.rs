@@ -155,8 +155,8 @@ pub(crate) fn finish_group(
     }
     // The index first: a reader that sees a number known must find its record installed.
     // Only real states: the overlay's views live in the feed alone.
-    for entry in staged.installs {
-        state.index.install(entry);
+    for (entry, prev) in staged.installs {
+        state.index.install(entry, prev);
     }
     state.publish_knowledge(staged.knowledge);
     state.count_refusals(staged.refusals);

@@ -5,6 +5,7 @@
 
 mod collect;
 mod failure;
+mod lean;
 mod overlay;
 mod replication;
 mod watch;
