@@ -30,13 +30,16 @@ pub(crate) struct Index {
     groups: DashMap<Arc<str>, BTreeSet<ByKey>>,
     /// A lean store's index (`keys` and `groups` stay empty): see `lean.rs`.
     pub lean: Option<std::sync::Mutex<crate::lean::LeanKeys>>,
+    /// A lean store's kind: readers that build entries from rows derive their flags with it.
+    pub lean_kind: Option<crate::KindRef>,
 }
 
 impl Index {
-    /// The index of a lean store.
-    pub fn lean() -> Index {
+    /// The index of a lean store of `kind`.
+    pub fn lean(kind: crate::KindRef) -> Index {
         Index {
             lean: Some(std::sync::Mutex::default()),
+            lean_kind: Some(kind),
             ..Index::default()
         }
     }

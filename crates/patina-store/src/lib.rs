@@ -586,7 +586,7 @@ impl Store {
             sqlite::renew_origin(&mut conn, &mut meta, &mut knowledge, new, bound)?;
         }
         let index = if opts.lean {
-            Index::lean()
+            Index::lean(opts.kind.clone())
         } else {
             Index::default()
         };

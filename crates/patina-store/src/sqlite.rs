@@ -874,6 +874,51 @@ pub(crate) fn origin_rows(
     .collect()
 }
 
+/// The rows with revisions in `after+1 ..= upto` as entries (flags derived by `kind`), with
+/// the groups their keys had left, lowest first, at most `limit`: a lean store's watches
+/// read records this way (a row still stored is its key's state as of this read).
+pub(crate) fn entries_by_rev(
+    conn: &Connection,
+    after: u64,
+    upto: u64,
+    limit: usize,
+    kind: &KindRef,
+) -> Result<Vec<(Entry, LeftGroups)>, rusqlite::Error> {
+    let moves_known_after = meta_int(conn, "moves_known_after")?.unwrap_or(0) as u64;
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, grp, value, hlc, origin, seq, rev, left FROM records
+         WHERE rev > ?1 AND rev <= ?2 ORDER BY rev LIMIT ?3",
+    )?;
+    stmt.query_map(params![after as i64, upto as i64, limit as i64], |r| {
+        let row = row_of(r)?;
+        let rev = r.get::<_, i64>(6)? as u64;
+        let left: Option<Vec<u8>> = r.get(7)?;
+        let flags = row
+            .value
+            .as_deref()
+            .map_or(Flags::default(), |v| kind.flags(v));
+        let mut entry = Entry::new(
+            &row.key,
+            &row.group,
+            row.value.as_deref(),
+            flags,
+            row.version,
+            rev,
+        );
+        if left.is_some() {
+            entry = entry.with_moved();
+        }
+        let left = if rev <= moves_known_after {
+            LeftGroups::unknown()
+        } else {
+            left.as_deref()
+                .map_or_else(LeftGroups::default, decode_left)
+        };
+        Ok((entry, left))
+    })?
+    .collect()
+}
+
 /// Keys of the rows with revisions in `after+1 ..= upto`, with those revisions and the groups
 /// the keys had left, lowest first, at most `limit`. Readers take the record itself from the
 /// index (it is installed there before its revision is published).

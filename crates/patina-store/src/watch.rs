@@ -43,6 +43,10 @@ pub struct ResumeToken {
     pub incarnation: Option<u64>,
 }
 
+/// A stored row a watch's scan read: its key, revision, the groups it had left, and (in a
+/// lean store) its record.
+type ScannedRow = (String, u64, LeftGroups, Option<Entry>);
+
 impl fmt::Display for ResumeToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}.{}", self.store.0, self.rev)?;
@@ -236,13 +240,14 @@ impl Cursor {
     fn start_snapshot(&mut self) {
         // Read the revision first: every change after it will also come from the log.
         let r0 = self.state.feed.revision();
+        let lean = self.state.index.lean.is_some();
         self.phase = match self.scope {
-            Some(_) => Phase::GroupSnapshot {
+            Some(_) if !lean => Phase::GroupSnapshot {
                 r0,
                 after: None,
                 first: true,
             },
-            None => Phase::Scan {
+            _ => Phase::Scan {
                 r0,
                 after: 0,
                 snapshot: true,
@@ -286,20 +291,26 @@ impl Cursor {
     }
 
     /// Keys of stored rows with revisions in `after+1..=upto`, with the groups they had left,
-    /// at most `limit`, lowest first.
-    async fn keys_by_rev(
-        &self,
-        after: u64,
-        upto: u64,
-    ) -> Result<Vec<(String, u64, LeftGroups)>, StoreError> {
+    /// at most `limit`, lowest first; in a lean store, with the records themselves (its index
+    /// holds none).
+    async fn keys_by_rev(&self, after: u64, upto: u64) -> Result<Vec<ScannedRow>, StoreError> {
         let limit = self.max_batch;
         match &self.state.rows {
             Rows::Sqlite(_) => {
                 let state = self.state.clone();
                 tokio::task::spawn_blocking(move || match &state.rows {
-                    Rows::Sqlite(readers) => {
-                        readers.with(|c| crate::sqlite::keys_by_rev(c, after, upto, limit))
-                    }
+                    Rows::Sqlite(readers) => readers.with(|c| match &state.index.lean_kind {
+                        Some(kind) => {
+                            Ok(crate::sqlite::entries_by_rev(c, after, upto, limit, kind)?
+                                .into_iter()
+                                .map(|(e, left)| (e.key().to_owned(), e.rev(), left, Some(e)))
+                                .collect())
+                        }
+                        None => Ok(crate::sqlite::keys_by_rev(c, after, upto, limit)?
+                            .into_iter()
+                            .map(|(k, rev, left)| (k, rev, left, None))
+                            .collect()),
+                    }),
                     Rows::Memory(_) => unreachable!("matched above"),
                 })
                 .await
@@ -308,7 +319,10 @@ impl Cursor {
             Rows::Memory(rows) => Ok(rows
                 .lock()
                 .expect("rows lock")
-                .keys_by_rev(after, upto, limit)),
+                .keys_by_rev(after, upto, limit)
+                .into_iter()
+                .map(|(k, rev, left)| (k, rev, left, None))
+                .collect()),
         }
     }
 
@@ -381,7 +395,7 @@ impl Cursor {
                             return None;
                         }
                     };
-                    let Some(&(_, last, _)) = keys.last() else {
+                    let Some(&(_, last, _, _)) = keys.last() else {
                         if snapshot && was_first {
                             self.phase = Phase::Scan {
                                 r0,
@@ -414,14 +428,23 @@ impl Cursor {
                     // A row whose key has moved on since is skipped: its newer state comes
                     // later in this walk, or from the log.
                     let down = self.state.down();
-                    let current = keys.iter().filter_map(|(key, rev, left)| {
-                        let entry = self.state.index.latest(key).filter(|e| e.rev() == *rev)?;
+                    // (A lean store's rows come with their records: a row still stored is
+                    // its key's state as of that read.)
+                    let current = keys.iter().filter_map(|(key, rev, left, read)| {
+                        let entry = match read {
+                            Some(e) => e.clone(),
+                            None => self.state.index.latest(key).filter(|e| e.rev() == *rev)?,
+                        };
                         Some((entry, left))
                     });
                     if snapshot {
+                        // Scoped snapshots walk the rows only in a lean store, which has no
+                        // group index: the scope filters them.
+                        let scope = self.scope.clone();
                         let entries: Vec<Entry> = current
                             .map(|(e, _)| e)
                             .filter(|e| e.is_live() && !overlay::is_hidden_by(e, &down))
+                            .filter(|e| scope.as_deref().is_none_or(|g| e.group() == g))
                             .collect();
                         if entries.is_empty() && !was_first {
                             continue;

@@ -108,3 +108,60 @@ fn a_lean_store_holds_what_a_full_store_holds_through_writes_merges_and_reopenin
     assert_eq!(rows_of(&rt, &lean), rows_of(&rt, &full));
     assert_eq!(lean.stats().keys, full.stats().keys);
 }
+
+/// Every live record a watch's snapshot gives, by key (chunks of 7).
+fn watched(
+    rt: &tokio::runtime::Runtime,
+    store: &Store,
+    scope: Option<&str>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut cursor = store.watch(scope.map(Arc::from), None, 7);
+    let mut out = BTreeMap::new();
+    loop {
+        match super::watch::next(rt, &mut cursor) {
+            WatchItem::Snapshot { entries, .. } => {
+                for e in entries {
+                    out.insert(e.key().to_owned(), e.value().unwrap().to_vec());
+                }
+            }
+            WatchItem::SnapshotDone { .. } => return out,
+            other => panic!("unexpected {other:?} during a snapshot"),
+        }
+    }
+}
+
+#[test]
+fn a_lean_stores_watches_give_the_same_snapshots_as_a_full_stores() {
+    let rt = rt();
+    let (lean_dir, full_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let lean = Store::open(
+        lean_dir.path(),
+        StoreOptions {
+            lean: true,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let full = Store::open(full_dir.path(), opts()).unwrap();
+    for store in [&lean, &full] {
+        let writes: Vec<LocalWrite> = (0..40)
+            .map(|i| {
+                put(
+                    &format!("app-{}/r{i}", i % 4),
+                    &format!("app-{}", i % 4),
+                    "v",
+                    i % 2 == 0,
+                )
+            })
+            .collect();
+        rt.block_on(store.write(writes)).unwrap();
+        rt.block_on(store.write(vec![del("app-1/r1"), put("app-2/r2", "app-2", "w", true)]))
+            .unwrap();
+    }
+    let all = watched(&rt, &full, None);
+    assert_eq!(all.len(), 39);
+    assert_eq!(watched(&rt, &lean, None), all);
+    let app2 = watched(&rt, &full, Some("app-2"));
+    assert_eq!(app2.len(), 10);
+    assert_eq!(watched(&rt, &lean, Some("app-2")), app2);
+}
