@@ -913,11 +913,15 @@ impl Store {
         limit: usize,
     ) -> Result<usize, StoreError> {
         let state = self.state.clone();
-        let tombstones = tokio::task::spawn_blocking(move || {
-            state.index.tombstones_before(before_ms, max_rev, limit)
-        })
-        .await
-        .map_err(|_| self.unanswered())?;
+        let tombstones =
+            tokio::task::spawn_blocking(move || match (&state.index.lean_kind, &state.rows) {
+                (Some(kind), Rows::Sqlite(readers)) => {
+                    readers.with(|c| sqlite::tombstones_before(c, before_ms, max_rev, limit, kind))
+                }
+                _ => Ok(state.index.tombstones_before(before_ms, max_rev, limit)),
+            })
+            .await
+            .map_err(|_| self.unanswered())??;
         let mut collected = 0;
         // One walk of the index, then requests of bounded size to the writer.
         for chunk in tombstones.chunks(COLLECT_CHUNK) {

@@ -330,6 +330,14 @@ pub(crate) trait Backend {
     fn row_at(&self, _rev: u64) -> Result<Option<(crate::sqlite::Row, bool)>, rusqlite::Error> {
         Ok(None)
     }
+    /// Every stored row of `origin` (a lean store's index has none to scan).
+    fn entries_of_origin(
+        &self,
+        _origin: NodeId,
+        _kind: &KindRef,
+    ) -> Result<Vec<Entry>, rusqlite::Error> {
+        Ok(Vec::new())
+    }
     /// Make everything since `begin` durable.
     fn commit(&mut self) -> Result<(), rusqlite::Error>;
     /// Drop everything since `begin`.
@@ -443,6 +451,15 @@ struct Group<'g> {
 }
 
 impl Group<'_> {
+    /// Every committed record of `origin` (the group's own writes are in `pending`): a scan
+    /// of the index, or of the rows by origin in a lean store.
+    fn of_origin(&self, origin: NodeId) -> Result<Vec<Entry>, rusqlite::Error> {
+        match &self.state.index.lean {
+            None => Ok(self.state.index.of_origin(origin)),
+            Some(_) => self.backend.entries_of_origin(origin, &self.kind),
+        }
+    }
+
     /// A key's state as of this point in the group.
     fn current(&self, key: &str) -> Option<Entry> {
         let Some(lean) = &self.state.index.lean else {
@@ -1031,9 +1048,7 @@ impl Core {
             return Ok(());
         }
         let mut held: Vec<Entry> = g
-            .state
-            .index
-            .of_origin(old)
+            .of_origin(old)?
             .into_iter()
             .filter(|e| !g.pending.contains(e.key()))
             .collect();
@@ -1087,9 +1102,7 @@ impl Core {
         // The owner's live records as of this point in the group. A scan of the whole index:
         // liveness changes are rare, and an index by owner is a later improvement.
         let mut held: Vec<Entry> = g
-            .state
-            .index
-            .of_origin(owner)
+            .of_origin(owner)?
             .into_iter()
             .filter(|e| !g.pending.contains(e.key()))
             .chain(g.pending.iter().map(|p| p.0.clone()))

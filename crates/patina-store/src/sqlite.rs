@@ -432,6 +432,35 @@ pub(crate) fn recent_changes(
 ) -> Result<(u64, Vec<Change>), StoreError> {
     // Rows at or below this revision were written before moves were recorded.
     let moves_known_after = meta_int(conn, "moves_known_after")?.unwrap_or(0) as u64;
+    if let Some(kind) = &index.lean_kind {
+        // A lean store: the records come from the rows themselves.
+        let mut stmt = conn.prepare(
+            "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL, left FROM records
+             ORDER BY rev DESC LIMIT ?1",
+        )?;
+        let rows = stmt
+            .query_map([count as i64 + 1], |r| {
+                Ok((entry_of_row(r, kind)?, r.get::<_, Option<Vec<u8>>>(8)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut floor = 0;
+        let mut changes = Vec::with_capacity(rows.len().min(count));
+        for (i, (entry, left)) in rows.into_iter().enumerate() {
+            if i == count {
+                floor = entry.rev();
+                break;
+            }
+            let left = if entry.rev() <= moves_known_after {
+                LeftGroups::unknown()
+            } else {
+                left.as_deref()
+                    .map_or_else(LeftGroups::default, decode_left)
+            };
+            changes.push(Change { entry, left });
+        }
+        changes.reverse();
+        return Ok((floor, changes));
+    }
     let mut stmt = conn.prepare("SELECT key, rev, left FROM records ORDER BY rev DESC LIMIT ?1")?;
     let rows = stmt
         .query_map([count as i64 + 1], |r| {
@@ -635,6 +664,14 @@ impl Backend for SqliteBackend {
 
     fn row_at(&self, rev: u64) -> Result<Option<(Row, bool)>, rusqlite::Error> {
         row_at(&self.conn, rev)
+    }
+
+    fn entries_of_origin(
+        &self,
+        origin: NodeId,
+        kind: &KindRef,
+    ) -> Result<Vec<Entry>, rusqlite::Error> {
+        entries_of_origin(&self.conn, origin, kind)
     }
 
     fn put_record(&mut self, e: &Entry, previous: Option<&Entry>) -> Result<(), rusqlite::Error> {
@@ -916,6 +953,69 @@ pub(crate) fn entries_by_rev(
         };
         Ok((entry, left))
     })?
+    .collect()
+}
+
+/// An entry from a stored row's columns `key, grp, value, hlc, origin, seq, rev, left IS NOT
+/// NULL` (flags derived by `kind`).
+fn entry_of_row(r: &rusqlite::Row<'_>, kind: &KindRef) -> Result<Entry, rusqlite::Error> {
+    let row = row_of(r)?;
+    let rev = r.get::<_, i64>(6)? as u64;
+    let moved: bool = r.get(7)?;
+    let flags = row
+        .value
+        .as_deref()
+        .map_or(Flags::default(), |v| kind.flags(v));
+    let entry = Entry::new(
+        &row.key,
+        &row.group,
+        row.value.as_deref(),
+        flags,
+        row.version,
+        rev,
+    );
+    Ok(if moved { entry.with_moved() } else { entry })
+}
+
+/// Every stored row of `origin` (through the `(origin, seq)` index), as entries: a lean
+/// store's liveness changes and moves read an owner's records this way.
+pub(crate) fn entries_of_origin(
+    conn: &Connection,
+    origin: NodeId,
+    kind: &KindRef,
+) -> Result<Vec<Entry>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
+         WHERE origin = ?1",
+    )?;
+    stmt.query_map([origin.0 as i64], |r| entry_of_row(r, kind))?
+        .collect()
+}
+
+/// Up to `limit` tombstones with timestamps older than `before_ms` and revisions at or below
+/// `max_rev`: a lean store's collection reads them from the rows (a scan of the table).
+pub(crate) fn tombstones_before(
+    conn: &Connection,
+    before_ms: u64,
+    max_rev: u64,
+    limit: usize,
+    kind: &KindRef,
+) -> Result<Vec<Entry>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
+         WHERE value IS NULL AND rev <= ?1 AND hlc < ?2 LIMIT ?3",
+    )?;
+    stmt.query_map(
+        // Bounds past i64 would wrap negative: clamp them (no revision or timestamp is).
+        params![
+            max_rev.min(i64::MAX as u64) as i64,
+            crate::Hlc::from_physical_ms(before_ms)
+                .0
+                .min(i64::MAX as u64) as i64,
+            limit.min(i64::MAX as usize) as i64
+        ],
+        |r| entry_of_row(r, kind),
+    )?
     .collect()
 }
 

@@ -165,3 +165,67 @@ fn a_lean_stores_watches_give_the_same_snapshots_as_a_full_stores() {
     assert_eq!(app2.len(), 10);
     assert_eq!(watched(&rt, &lean, Some("app-2")), app2);
 }
+
+#[test]
+fn a_lean_stores_liveness_changes_and_tombstone_collection_match_a_full_stores() {
+    let rt = rt();
+    let (lean_dir, full_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let lean = Store::open(
+        lean_dir.path(),
+        StoreOptions {
+            lean: true,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let full = Store::open(full_dir.path(), opts()).unwrap();
+    let peer = |i: u64| Record {
+        key: format!("app-{i}/fra").into(),
+        group: format!("app-{i}").into(),
+        value: Some(b"+peer".to_vec().into()),
+        version: version(1 << 40, 99, i + 1),
+    };
+    let mut seen = Vec::new();
+    for store in [&lean, &full] {
+        rt.block_on(
+            store.write(
+                (0..5)
+                    .map(|i| put(&format!("app-{i}/ord"), &format!("app-{i}"), "v", true))
+                    .collect(),
+            ),
+        )
+        .unwrap();
+        rt.block_on(store.apply(RemoteBatch {
+            records: (0..5).map(peer).collect(),
+            covered: Vec::new(),
+        }))
+        .unwrap();
+        rt.block_on(store.write(vec![del("app-0/ord"), del("app-1/ord")]))
+            .unwrap();
+        // A watch that is live, then the peer's owner goes down: its records leave.
+        let mut cursor = store.watch(None, None, 100);
+        loop {
+            if let WatchItem::SnapshotDone { .. } = super::watch::next(&rt, &mut cursor) {
+                break;
+            }
+        }
+        rt.block_on(store.set_owner_down(NodeId(99), true)).unwrap();
+        let WatchItem::Delta { changes, .. } = super::watch::next(&rt, &mut cursor) else {
+            panic!("expected the overlay's delta")
+        };
+        let mut hidden: Vec<String> = changes
+            .iter()
+            .filter(|c| !c.entry.is_live())
+            .map(|c| c.entry.key().to_owned())
+            .collect();
+        hidden.sort();
+        // Tombstones older than the future are collected, both of them.
+        let collected = rt
+            .block_on(store.collect_tombstones(u64::MAX >> 20, u64::MAX, 100))
+            .unwrap();
+        seen.push((hidden, collected, store.stats().keys));
+    }
+    assert_eq!(seen[0], seen[1], "lean vs full");
+    assert_eq!(seen[0].0.len(), 5, "the peer's five records hidden");
+    assert_eq!(seen[0].1, 2, "two tombstones collected");
+}
