@@ -190,6 +190,12 @@ impl Kind for SummaryKind {
         "summary"
     }
 
+    /// Summaries are the millions; bridge records and certificates, looked up by key, stay in
+    /// memory.
+    fn lean_key(&self, key: &str) -> bool {
+        matches!(parse_key(key), Some(Key::Summary { .. }) | None)
+    }
+
     fn flags(&self, value: &[u8]) -> Flags {
         // Heartbeats decode as summaries with no counts: not routable.
         Flags {

@@ -35,6 +35,11 @@ pub(crate) struct Index {
 }
 
 impl Index {
+    /// Is `key` held lean here (a lean store, and its kind says so)?
+    pub fn is_lean(&self, key: &str) -> bool {
+        self.lean_kind.as_ref().is_some_and(|k| k.lean_key(key))
+    }
+
     /// The index of a lean store of `kind`.
     pub fn lean(kind: crate::KindRef) -> Index {
         Index {
@@ -117,17 +122,19 @@ impl Index {
     }
 
     pub fn len_keys(&self) -> usize {
-        match &self.lean {
-            Some(lean) => lean.lock().expect("lean index").len(),
-            None => self.keys.len(),
-        }
+        let lean = self
+            .lean
+            .as_ref()
+            .map_or(0, |l| l.lock().expect("lean index").len());
+        lean + self.keys.len()
     }
 
     pub fn len_live(&self) -> usize {
-        match &self.lean {
-            Some(lean) => lean.lock().expect("lean index").live(),
-            None => self.groups.iter().map(|g| g.len()).sum(),
-        }
+        let lean = self
+            .lean
+            .as_ref()
+            .map_or(0, |l| l.lock().expect("lean index").live());
+        lean + self.groups.iter().map(|g| g.len()).sum::<usize>()
     }
 
     pub fn len_groups(&self) -> usize {
@@ -154,7 +161,7 @@ impl Index {
     /// Drop a collected tombstone, if it is still its key's state. Writer thread only, after
     /// commit.
     pub fn remove_tombstone(&self, t: &Entry) {
-        if let Some(lean) = &self.lean {
+        if let Some(lean) = self.lean.as_ref().filter(|_| self.is_lean(t.key())) {
             lean.lock().expect("lean index").remove(t.key(), t.rev());
             return;
         }
@@ -167,7 +174,7 @@ impl Index {
     /// `prev`: the revision the key's state had as the writer read it. Writer thread only,
     /// after commit.
     pub fn install(&self, entry: Entry, prev: Option<u64>) -> Option<Entry> {
-        if let Some(lean) = &self.lean {
+        if let Some(lean) = self.lean.as_ref().filter(|_| self.is_lean(entry.key())) {
             lean.lock().expect("lean index").install(
                 entry.key(),
                 entry.rev(),

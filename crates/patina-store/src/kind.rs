@@ -89,6 +89,13 @@ pub trait Kind: Send + Sync + 'static {
     fn rename_on_move(&self) -> bool {
         true
     }
+
+    /// In a lean store (`StoreOptions::lean`), whether `key` is held lean (its record read
+    /// from SQLite when needed) rather than in memory. A kind keeps in memory the few keys its
+    /// readers look up by key (the global tier's bridge records); all are lean by default.
+    fn lean_key(&self, _key: &str) -> bool {
+        true
+    }
 }
 
 /// A shareable kind.

@@ -462,7 +462,13 @@ impl Group<'_> {
 
     /// A key's state as of this point in the group.
     fn current(&self, key: &str) -> Option<Entry> {
-        let Some(lean) = &self.state.index.lean else {
+        let Some(lean) = self
+            .state
+            .index
+            .lean
+            .as_ref()
+            .filter(|_| self.state.index.is_lean(key))
+        else {
             return current(self.state, &self.pending, key);
         };
         if let Some(e) = self.pending.get(key) {

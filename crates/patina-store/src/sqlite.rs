@@ -363,7 +363,6 @@ pub(crate) fn load_index(
     if let Some(lean) = &index.lean {
         // A lean store: keys and revisions only; an earlier row that holds a key's hash is
         // read to tell a stale row of the same key from another key's.
-        let mut lean = lean.lock().expect("lean index");
         let mut stmt =
             conn.prepare("SELECT key, rev, value IS NOT NULL FROM records ORDER BY rev")?;
         let mut rows = stmt.query([])?;
@@ -371,6 +370,25 @@ pub(crate) fn load_index(
             let key = row.get_ref(0)?.as_str().map_err(bad(0))?;
             let rev = row.get::<_, i64>(1)? as u64;
             let live: bool = row.get(2)?;
+            if !index.is_lean(key) {
+                // One of the kind's few keys kept in memory: its whole row.
+                if let Some((r, moved)) = row_at(conn, rev)? {
+                    let flags = r
+                        .value
+                        .as_deref()
+                        .map_or(Flags::default(), |v| kind.flags(v));
+                    let mut entry =
+                        Entry::new(&r.key, &r.group, r.value.as_deref(), flags, r.version, rev);
+                    if moved {
+                        entry = entry.with_moved();
+                    }
+                    if let Some(old) = index.install(entry, None) {
+                        stale.push(old.rev());
+                    }
+                }
+                continue;
+            }
+            let mut lean = lean.lock().expect("lean index");
             let mut failed = None;
             let old = lean.load(key, rev, live, |r| match row_at(conn, r) {
                 Ok(found) => found.map(|(row, _)| row.key),
