@@ -317,6 +317,7 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     let before = rss_bytes();
     let opts = StoreOptions {
         kind: Arc::new(patina_global::SummaryKind::default()),
+        lean: std::env::var_os("PATINA_BENCH_FULL_STORE").is_none(),
         ..StoreOptions::default()
     };
     let store = Store::open(dir, opts)?;
@@ -336,7 +337,8 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
             healthy: (i % 4) as u32,
             total: 3,
             view_hlc: view,
-            signature: Vec::new(),
+            // As long as a real Ed25519 signature (the store does not check it here).
+            signature: vec![0x5a; 64],
         }
         .encode_to_vec();
         batch.push(LocalWrite::Put {

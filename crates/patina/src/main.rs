@@ -598,6 +598,9 @@ pub(crate) async fn run_agent(
         bridge.signer = trust.clone();
         bridge.watchdog = Some(watchdog.clone());
     }
+    // A global agent holds every summary of the tier: its store keeps them lean (a key hash
+    // and a revision each in memory; the service's table is what lookups read).
+    opts.lean = matches!(role, Role::Global);
     if let (Role::Global | Role::Bridge(_), Some(trust)) = (&role, &trust) {
         // A peer's heartbeats and summaries are taken only when a bridge of their region
         // signed them.
