@@ -11,22 +11,20 @@
 //! process, so that nobody can make keys collide on purpose (the index is rebuilt at each
 //! open, so it need not be stable).
 //!
-//! Not yet used by [`crate::Store`]: the lean mode that uses it is issue 20's work in
-//! progress. What it needs, site by site:
-//! - `StoreOptions::lean` (the global agent's store); `Index` holds `LeanKeys` instead of
-//!   entries and groups in that mode.
+//! How a lean store ([`crate::StoreOptions::lean`]) uses it, site by site:
 //! - merge: `current(key)` reads the row at the revision `rev_of` gives (the writer's own
-//!   connection, `sqlite::row_at`), and `finish_group` installs with the revision it read.
-//! - open: `load_index` reads `key, rev, value IS NULL` only and calls `load`; stale rows as
-//!   now; `recent_changes` reads whole rows.
-//! - watch: the unscoped snapshot scan reads whole rows by revision instead of taking them
+//!   connection, `sqlite::row_at`), and the group installs with the revision it read.
+//! - open: `load_index` reads `key, rev, value IS NULL` only and calls `load`;
+//!   `recent_changes` reads whole rows.
+//! - watch: snapshots and catch-ups read whole rows by revision instead of taking records
 //!   from the index (a row still there is the key's current state in that read); scoped
 //!   watches walk the same scan with the group filter.
-//! - readers (`get_live`, `get_latest`, `list`, `owned_by`) read SQLite on a pooled
-//!   connection: blocking, so their callers move to `spawn_blocking` in lean stores;
-//!   `tombstones_before` and `of_origin` become queries (the collector already runs off the
-//!   runtime; `of_origin` has the `(origin, seq)` index).
-//! - `bench global` writes signed summaries (64 more bytes each) and reports the lean store.
+//! - readers: `Store::read_live` takes a `candidate` revision and reads its row on a pooled
+//!   connection on a blocking thread (another key's row: absent; a row gone: superseded,
+//!   ask again); `Store::read_owned_by`, liveness changes, origin moves and tombstone
+//!   collection query the rows (`(origin, seq)` index, or a scan for tombstones).
+//! - a kind keeps some keys out of it (`Kind::lean_key`): the global tier's bridge records and
+//!   certificates stay whole in memory, read by key on hot paths.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
@@ -67,7 +65,7 @@ pub(crate) struct LeanKeys {
     live: usize,
     /// Tests only: every key hashes alike (every second key then collides).
     #[cfg(test)]
-    collide_all: bool,
+    pub(crate) collide_all: bool,
 }
 
 impl Default for LeanKeys {
@@ -104,6 +102,16 @@ impl LeanKeys {
         }
         let (rev, live) = unpack(*self.by_hash.get(&self.hash(key))?);
         (row_key(rev).as_deref() == Some(key)).then_some((rev, live))
+    }
+
+    /// The revision a reader should look at for `key`, without reading any row: the exact
+    /// map's, or the one holding the key's hash (its row may belong to another key, and may be
+    /// superseded by the time it is read: the reader checks both).
+    pub fn candidate(&self, key: &str) -> Option<(u64, bool)> {
+        if let Some(v) = self.exact.get(key) {
+            return Some(unpack(*v));
+        }
+        self.by_hash.get(&self.hash(key)).map(|v| unpack(*v))
     }
 
     /// Install `key`'s new row (writer, after its commit). `prev`: the revision the key's row

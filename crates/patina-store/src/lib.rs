@@ -105,10 +105,12 @@ pub struct StoreOptions {
     /// whose origin may already have issued, elsewhere, the sequence numbers it would issue
     /// next. See `docs/replication.md`.
     pub renew_origin: bool,
-    /// A lean store (work in progress, issue 20): the in-memory index holds a key hash and a
-    /// revision per key, and records are read from SQLite when needed (`lean.rs`). Only the
-    /// writer's path works so far: readers of the index (`get_live`, listings, watches'
-    /// snapshots, the feed rebuilt at open) find nothing in such a store yet.
+    /// A lean store (the global agent's): for the keys its kind holds lean
+    /// (`Kind::lean_key`), the in-memory index holds a key hash and a revision per key, and
+    /// records are read from SQLite when needed (`lean.rs`). Point reads of such keys go
+    /// through [`Store::read_live`] and [`Store::read_owned_by`]; listings by group
+    /// ([`Store::list`], [`Store::list_page`]) do not return them (no group index is kept).
+    /// Watches, anti-entropy and the feed read their rows. Only for stores opened on disk.
     pub lean: bool,
     /// How far ahead of this host's wall clock a timestamp may be taken: the clock never
     /// adopts a peer's timestamp beyond it (a record stamped further ahead is applied, and
@@ -994,8 +996,60 @@ impl Store {
 
     /// A live record, from memory. A point lookup for operators: it returns the record even
     /// when the liveness overlay hides it (its owner is down), unlike listings and watches.
+    /// In a lean store, only for the keys its kind keeps in memory (`Kind::lean_key` false):
+    /// [`Store::read_live`] reads any key.
     pub fn get_live(&self, key: &str) -> Option<Entry> {
+        debug_assert!(
+            !self.state.index.is_lean(key),
+            "get_live({key:?}) in a lean store: use read_live"
+        );
         self.state.index.live(key)
+    }
+
+    /// A key's live record, wherever it is held (hidden ones too, as [`Store::get_live`]):
+    /// from memory, or in a lean store from SQLite on a blocking thread.
+    pub async fn read_live(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        Ok(self.read_latest_entry(key).await?.filter(Entry::is_live))
+    }
+
+    /// A key's latest state (tombstone included), wherever it is held: from memory, or in a
+    /// lean store from SQLite on a blocking thread.
+    pub async fn read_latest_entry(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        if !self.state.index.is_lean(key) {
+            return Ok(self.state.index.latest(key));
+        }
+        let state = self.state.clone();
+        let key = key.to_owned();
+        tokio::task::spawn_blocking(move || lean_read(&state, &key))
+            .await
+            .map_err(|_| self.unanswered())?
+    }
+
+    /// Every key whose latest state (live or tombstone) is owned by `owner`, wherever it is
+    /// held: a scan of the index, or in a lean store a query by origin on a blocking thread.
+    /// For rare operator actions (forgetting a member, re-signing a bridge's summaries).
+    pub async fn read_owned_by(&self, owner: NodeId) -> Result<Vec<Entry>, StoreError> {
+        let state = self.state.clone();
+        let read = move || match (&state.index.lean_kind, &state.rows) {
+            (Some(kind), Rows::Sqlite(readers)) => {
+                readers.with(|c| sqlite::entries_of_origin(c, owner, kind))
+            }
+            _ => Ok(state.index.of_origin(owner)),
+        };
+        tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|_| self.unanswered())?
+    }
+
+    /// Tests: every key of this (fresh, lean) store's compact index hashes alike, so that
+    /// every key after the first goes through the exact map and every read meets rows of
+    /// other keys.
+    #[cfg(test)]
+    pub(crate) fn lean_collide_all(&self) {
+        let lean = self.state.index.lean.as_ref().expect("a lean store");
+        let mut lean = lean.lock().expect("lean index");
+        assert_eq!(lean.len(), 0, "only before any key is held");
+        lean.collide_all = true;
     }
 
     /// A key's latest state as the index holds it (tests).
@@ -1006,6 +1060,10 @@ impl Store {
 
     /// A key's latest record, tombstone included, as it would travel to another node.
     pub fn get_latest(&self, key: &str) -> Option<Record> {
+        debug_assert!(
+            !self.state.index.is_lean(key),
+            "get_latest({key:?}) in a lean store: use read_latest_entry"
+        );
         self.state.index.latest(key).map(|e| Record::from_entry(&e))
     }
 
@@ -1037,8 +1095,13 @@ impl Store {
     }
 
     /// Every key whose latest state (live or tombstone) is owned by `owner`: a scan of the
-    /// whole index, for rare operator actions (forgetting a member).
+    /// whole index, for rare operator actions (forgetting a member). Not for a lean store,
+    /// whose index lists no keys: [`Store::read_owned_by`] reads either.
     pub fn owned_by(&self, owner: NodeId) -> Vec<Entry> {
+        debug_assert!(
+            self.state.index.lean.is_none(),
+            "owned_by in a lean store: use read_owned_by"
+        );
         self.state.index.of_origin(owner)
     }
 
@@ -1205,6 +1268,32 @@ impl Store {
             Engine::Inline(_) => self.state.feed.close(),
         }
     }
+}
+
+/// Most reads of a lean key's row before a point read gives up: each retry means the writer
+/// replaced the key's row between the index's answer and the read.
+const LEAN_READ_TRIES: usize = 8;
+
+/// The blocking part of [`Store::read_latest_entry`] for a lean key: the revision from the
+/// lean index, then the row at it (a row of another key that shares the hash: the key has
+/// none; a row gone: superseded meanwhile, ask the index again).
+fn lean_read(state: &State, key: &str) -> Result<Option<Entry>, StoreError> {
+    let (Some(lean), Some(kind), Rows::Sqlite(readers)) =
+        (&state.index.lean, &state.index.lean_kind, &state.rows)
+    else {
+        return Ok(state.index.latest(key));
+    };
+    for _ in 0..LEAN_READ_TRIES {
+        let Some((rev, _)) = lean.lock().expect("lean index").candidate(key) else {
+            return Ok(None);
+        };
+        match readers.with(|c| sqlite::entry_at(c, rev, kind))? {
+            Some(e) if e.key() == key => return Ok(Some(e)),
+            Some(_) => return Ok(None),
+            None => continue,
+        }
+    }
+    Err(StoreError::Changed(Arc::from(key)))
 }
 
 /// The blocking part of [`Store::read_origin`].

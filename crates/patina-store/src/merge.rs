@@ -478,17 +478,24 @@ impl Group<'_> {
         // writer's own connection. A read that fails is a failing disk: fatal, as a failed
         // commit is (the writer thread's guard fails the store).
         let backend = &*self.backend;
+        let row_at = |rev: u64| {
+            backend
+                .row_at(rev)
+                .unwrap_or_else(|e| panic!("reading the stored row at revision {rev}: {e}"))
+        };
         let mut read = None;
         let found = lean.lock().expect("lean index").rev_of(key, |rev| {
-            let row = backend
-                .row_at(rev)
-                .unwrap_or_else(|e| panic!("reading the stored row at revision {rev}: {e}"));
+            let row = row_at(rev);
             let k = row.as_ref().map(|(r, _)| r.key.clone());
             read = row;
             k
         });
         let (rev, _) = found?;
-        let (row, moved) = read?;
+        // A key of the exact map: `rev_of` read no row.
+        let (row, moved) = match read {
+            Some(r) => r,
+            None => row_at(rev)?,
+        };
         let flags = row
             .value
             .as_deref()

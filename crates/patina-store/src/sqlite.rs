@@ -995,6 +995,24 @@ fn entry_of_row(r: &rusqlite::Row<'_>, kind: &KindRef) -> Result<Entry, rusqlite
     Ok(if moved { entry.with_moved() } else { entry })
 }
 
+/// The row stored at revision `rev` as an entry (flags derived by `kind`), if it is still
+/// there: a lean store's point reads.
+pub(crate) fn entry_at(
+    conn: &Connection,
+    rev: u64,
+    kind: &KindRef,
+) -> Result<Option<Entry>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
+         WHERE rev = ?1",
+    )?;
+    let mut rows = stmt.query([rev.min(i64::MAX as u64) as i64])?;
+    match rows.next()? {
+        Some(r) => Ok(Some(entry_of_row(r, kind)?)),
+        None => Ok(None),
+    }
+}
+
 /// Every stored row of `origin` (through the `(origin, seq)` index), as entries: a lean
 /// store's liveness changes and moves read an owner's records this way.
 pub(crate) fn entries_of_origin(

@@ -401,8 +401,10 @@ async fn resign(
     beat: &patina_watchdog::Beat,
 ) -> bool {
     let Some(key) = key else { return true };
-    let mine: Vec<(String, String, SummaryRecord)> = store
-        .owned_by(store.node())
+    let Ok(owned) = store.read_owned_by(store.node()).await else {
+        return false;
+    };
+    let mine: Vec<(String, String, SummaryRecord)> = owned
         .iter()
         .filter_map(|e| {
             let Some(Key::Summary { app, .. }) = parse_key(e.key()) else {

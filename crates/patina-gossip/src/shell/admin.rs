@@ -213,7 +213,9 @@ impl Admin for AdminService {
         let seen: Vec<(String, patina_store::Version)> = self
             .gossip
             .store
-            .owned_by(owner)
+            .read_owned_by(owner)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading {owner}'s records: {e}")))?
             .iter()
             .filter(|e| e.is_live())
             .map(|e| (e.key().to_string(), e.version()))
