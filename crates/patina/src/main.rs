@@ -598,9 +598,10 @@ pub(crate) async fn run_agent(
         bridge.signer = trust.clone();
         bridge.watchdog = Some(watchdog.clone());
     }
-    // A global agent holds every summary of the tier: its store keeps them lean (a key hash
-    // and a revision each in memory; the service's table is what lookups read).
-    opts.lean = matches!(role, Role::Global);
+    // Global agents and bridges hold every summary of the tier: their stores keep them lean
+    // (a key hash and a revision each in memory; a global agent's lookups read the service's
+    // table, a bridge reads only its own records back, by origin).
+    opts.lean = matches!(role, Role::Global | Role::Bridge(_));
     if let (Role::Global | Role::Bridge(_), Some(trust)) = (&role, &trust) {
         // A peer's heartbeats and summaries are taken only when a bridge of their region
         // signed them.
