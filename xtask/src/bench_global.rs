@@ -15,8 +15,13 @@
 //! - memory per summary at N summaries: the resident memory the table adds, divided by N;
 //!   baseline: the payload (the app's name and 12 bytes); and beside it, what a global
 //!   agent's own store (SQLite, index, change log) adds per summary at N;
-//! - an edge's snapshot of that store's N summaries from a real `patina global` (what a global
-//!   agent's death costs each edge that followed it); baseline: the store's write time.
+//! - a real `patina global` started on that store: seconds to open it (its compact index
+//!   rebuilt) and to rebuild its lookup table, its resident bytes per summary then (store and
+//!   table; baseline: the same agent on an empty store), the store's bytes per summary on disk;
+//! - an edge's snapshot of that store's N summaries from that agent (what a global agent's
+//!   death costs each edge that followed it); baseline: the store's write time.
+//!
+//! `--edge-only`: these figures only, not the worlds of agents above.
 //!
 //! Last line: one JSON object.
 
@@ -40,7 +45,8 @@ pub struct Options {
     summaries: usize,
     /// Signed summaries in the edge's signature-check figure.
     checked: usize,
-    /// Only the edge library's figures (no processes).
+    /// Only the figures of the edge library and of one global agent on N summaries (no
+    /// worlds of agents).
     edge_only: bool,
 }
 
@@ -356,22 +362,78 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     Ok((bytes, took))
 }
 
-/// Start `patina global` on the store in `dir` (its `data/`), follow it with the edge library
-/// and time the snapshot of its `n` summaries: (seconds until the edge is synced, the agent's
-/// resident bytes).
-fn edge_snapshot(
+/// What a real `patina global` costs on a store of N summaries.
+struct AgentFigures {
+    /// From spawn to its API's announcement (the store opened: its index rebuilt from rows).
+    open_secs: f64,
+    /// From spawn until its own lookup table holds every summary (`patina_table_summaries`).
+    rebuild_secs: f64,
+    /// Its resident memory then.
+    rss: u64,
+    /// Baseline: the resident memory of the same agent on an empty store, same run.
+    empty_rss: u64,
+    /// An edge's snapshot of every summary from it, following it with the edge library.
+    snapshot_secs: f64,
+}
+
+/// The value of the first sample of `metric` (no labels) in `/metrics` at `url`.
+fn scrape(url: &str, metric: &str) -> Option<f64> {
+    let (code, body) = patina_testkit::http_get(&format!("{url}/metrics")).ok()?;
+    if code != 200 {
+        return None;
+    }
+    body.lines().find_map(|l| {
+        l.strip_prefix(metric)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+const AGENT_CONFIG: &str = "region = \"r00\"\nhost = \"snapshot\"\nlisten = \"127.0.0.1:0\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n";
+
+/// Start `patina global` on the store in `dir` (its `data/`): how long it takes to open and
+/// to rebuild its table of the `n` summaries, its resident memory then (and an empty agent's,
+/// same run), and an edge's snapshot of every summary from it.
+fn agent_on_store(
     bin: &std::path::Path,
     dir: &std::path::Path,
     n: usize,
-) -> anyhow::Result<(f64, u64)> {
+) -> anyhow::Result<AgentFigures> {
     use patina_edge::{RegionSpec, RegionTable, Table};
-    let config = "region = \"r00\"\nhost = \"snapshot\"\nlisten = \"127.0.0.1:0\"\nlog = \"warn\"\n[gossip]\nlisten = \"127.0.0.1:0\"\n";
-    let agent = Agent::start_role(bin, "global", dir, config).context("starting a global agent")?;
+    let empty_rss = {
+        let empty = crate::bench_store::tempdir()?.join("empty-global");
+        let _remove = RemoveOnDrop(empty.clone());
+        let agent = Agent::start_role(bin, "global", &empty, AGENT_CONFIG)
+            .context("starting an empty global agent")?;
+        std::thread::sleep(Duration::from_secs(1));
+        agent.rss_bytes().unwrap_or(0)
+    };
+    let started = Instant::now();
+    let agent =
+        Agent::start_role(bin, "global", dir, AGENT_CONFIG).context("starting a global agent")?;
+    let open_secs = started.elapsed().as_secs_f64();
+    let metrics = agent.metrics_url();
+    // Bounded: a table that never fills ends the benchmark.
+    let deadline = started + Duration::from_secs(1800);
+    loop {
+        if scrape(&metrics, "patina_table_summaries").is_some_and(|v| v as usize >= n) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent's table never held {n} summaries"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rebuild_secs = started.elapsed().as_secs_f64();
+    let rss = agent.rss_bytes().unwrap_or(0);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let secs = rt.block_on(async {
+    let snapshot_secs = rt.block_on(async {
         let specs = (0..10)
             .map(|r| RegionSpec {
                 name: region_name(r),
@@ -386,15 +448,34 @@ fn edge_snapshot(
             patina_trust::Dial::Plain,
         );
         let mut synced = edge.synced.clone();
-        let ok = tokio::time::timeout(Duration::from_secs(600), synced.wait_for(|s| *s)).await;
+        let ok = tokio::time::timeout(Duration::from_secs(1800), synced.wait_for(|s| *s)).await;
         let secs = started.elapsed().as_secs_f64();
         anyhow::ensure!(ok.is_ok(), "the edge never synced");
         let held = table.stats().summaries;
         anyhow::ensure!(held as usize == n, "the edge holds {held} of {n} summaries");
         Ok::<_, anyhow::Error>(secs)
     })?;
-    let rss = agent.rss_bytes().unwrap_or(0);
-    Ok((secs, rss))
+    Ok(AgentFigures {
+        open_secs,
+        rebuild_secs,
+        rss,
+        empty_rss,
+        snapshot_secs,
+    })
+}
+
+/// Bytes of the files under `dir` (a store's SQLite database and its WAL).
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn rss_bytes() -> u64 {
@@ -599,27 +680,35 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // hundreds of MiB.
     let _remove = RemoveOnDrop(agent_dir.clone());
     let (store_bytes, store_secs) = agent_store(o.summaries, &agent_dir.join("data"))?;
+    let disk = disk_bytes(&agent_dir.join("data")) as f64 / o.summaries as f64;
     println!(
         "a global agent's store, {} summaries: {store_bytes:.0} bytes per summary resident \
-         (index, change log, SQLite cache), written in {store_secs:.1} s",
+         (index, change log, SQLite cache), written in {store_secs:.1} s; {disk:.0} bytes per \
+         summary on disk",
         o.summaries
     );
-    // What a global agent's death costs its edges: each that follows it takes a snapshot of
-    // the whole map from the next one. One edge's snapshot of N summaries from a real agent.
-    let snapshot = if o.edge_only {
-        None
-    } else {
-        Some(edge_snapshot(&build_patina()?, &agent_dir, o.summaries)?)
-    };
+    // The same store under a real `patina global`: what it takes to start on N summaries and
+    // what it holds resident then (store and table), and what a global agent's death costs
+    // its edges (each that follows it takes a snapshot of the whole map from the next one).
+    let a = agent_on_store(&build_patina()?, &agent_dir, o.summaries)?;
     drop(_remove);
-    if let Some((secs, rss)) = snapshot {
-        println!(
-            "an edge's snapshot of {} summaries from a global agent: {secs:.2} s ({:.0} summaries/s; the agent's RSS {:.0} MiB)",
-            o.summaries,
-            o.summaries as f64 / secs,
-            rss as f64 / (1 << 20) as f64
-        );
-    }
+    let agent_bytes = a.rss.saturating_sub(a.empty_rss) as f64 / o.summaries as f64;
+    println!(
+        "a global agent started on {} summaries: store open {:.1} s, its table rebuilt {:.1} s \
+         after start; RSS {:.0} MiB against {:.0} MiB empty (same run): {agent_bytes:.0} bytes \
+         per summary (store and table)",
+        o.summaries,
+        a.open_secs,
+        a.rebuild_secs,
+        a.rss as f64 / (1 << 20) as f64,
+        a.empty_rss as f64 / (1 << 20) as f64,
+    );
+    println!(
+        "an edge's snapshot of {} summaries from that agent: {:.2} s ({:.0} summaries/s)",
+        o.summaries,
+        a.snapshot_secs,
+        o.summaries as f64 / a.snapshot_secs,
+    );
     let edge_json = serde_json::json!({
         "edge_lookup_p50_us": edge_p50,
         "edge_lookup_p99_us": edge_p99,
@@ -628,7 +717,13 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "bytes_per_summary_1m": bytes,
         "baseline_payload_bytes_per_summary": payload,
         "agent_store_bytes_per_summary": store_bytes,
-        "edge_snapshot_secs": snapshot.map(|(s, _)| s),
+        "agent_store_disk_bytes_per_summary": disk,
+        "agent_open_secs": a.open_secs,
+        "agent_rebuild_secs": a.rebuild_secs,
+        "agent_rss_bytes": a.rss,
+        "baseline_empty_agent_rss_bytes": a.empty_rss,
+        "agent_bytes_per_summary": agent_bytes,
+        "edge_snapshot_secs": a.snapshot_secs,
         "baseline_store_write_secs": store_secs,
         "edge_checked_summaries": o.checked,
         "edge_check_secs": check_secs,
