@@ -315,7 +315,7 @@ struct GrpcLoad {
 /// A global agent's store (SQLite, the serving index, the change log) holding `n` summaries
 /// (apps x 10 regions), written in group commits: resident bytes it adds per summary, and
 /// the seconds the writes took.
-fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
+fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64, f64)> {
     use patina_proto::v1::SummaryRecord;
     use patina_store::{LocalWrite, Store, StoreOptions};
     use prost::Message;
@@ -336,6 +336,8 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
         .as_millis() as u64)
         << 16;
     let mut batch = Vec::with_capacity(4096);
+    // Bytes of keys, groups and values written: the payload the disk holds at least.
+    let mut payload = 0usize;
     for i in 0..n {
         let (app, r) = (format!("app-{:07}", i / REGIONS), region_name(i % REGIONS));
         let value = SummaryRecord {
@@ -347,8 +349,10 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
             signature: vec![0x5a; 64],
         }
         .encode_to_vec();
+        let key = patina_global::record::summary_key(&app, &r);
+        payload += key.len() + app.len() + value.len();
         batch.push(LocalWrite::Put {
-            key: patina_global::record::summary_key(&app, &r),
+            key,
             group: app,
             value,
         });
@@ -359,7 +363,7 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64)> {
     let took = started.elapsed().as_secs_f64();
     let bytes = rss_bytes().saturating_sub(before) as f64 / n as f64;
     store.close();
-    Ok((bytes, took))
+    Ok((bytes, took, payload as f64 / n as f64))
 }
 
 /// What a real `patina global` costs on a store of N summaries.
@@ -679,12 +683,12 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // Removed however this ends (a failed step returns early with `?`): 1M summaries are
     // hundreds of MiB.
     let _remove = RemoveOnDrop(agent_dir.clone());
-    let (store_bytes, store_secs) = agent_store(o.summaries, &agent_dir.join("data"))?;
+    let (store_bytes, store_secs, row_payload) = agent_store(o.summaries, &agent_dir.join("data"))?;
     let disk = disk_bytes(&agent_dir.join("data")) as f64 / o.summaries as f64;
     println!(
         "a global agent's store, {} summaries: {store_bytes:.0} bytes per summary resident \
          (index, change log, SQLite cache), written in {store_secs:.1} s; {disk:.0} bytes per \
-         summary on disk",
+         summary on disk (key, app and signed value: {row_payload:.0})",
         o.summaries
     );
     // The same store under a real `patina global`: what it takes to start on N summaries and
@@ -718,6 +722,7 @@ pub fn run(o: Options) -> anyhow::Result<()> {
         "baseline_payload_bytes_per_summary": payload,
         "agent_store_bytes_per_summary": store_bytes,
         "agent_store_disk_bytes_per_summary": disk,
+        "baseline_row_payload_bytes_per_summary": row_payload,
         "agent_open_secs": a.open_secs,
         "agent_rebuild_secs": a.rebuild_secs,
         "agent_rss_bytes": a.rss,
