@@ -315,11 +315,19 @@ struct GrpcLoad {
 /// A global agent's store (SQLite, the serving index, the change log) holding `n` summaries
 /// (apps x 10 regions), written in group commits: resident bytes it adds per summary, and
 /// the seconds the writes took.
-fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64, f64)> {
-    use patina_proto::v1::SummaryRecord;
+///
+/// `bridge`: the summaries are one region's (`r00`), and the store's origin publishes a
+/// bridge heartbeat for it last, as a bridge does: other global agents then take its
+/// records from anti-entropy (they take a summary only from a bridge of its region).
+pub(crate) fn agent_store(
+    n: usize,
+    dir: &std::path::Path,
+    bridge: bool,
+) -> anyhow::Result<(f64, f64, f64)> {
+    use patina_proto::v1::{BridgeRecord, SummaryRecord};
     use patina_store::{LocalWrite, Store, StoreOptions};
     use prost::Message;
-    const REGIONS: usize = 10;
+    let regions: usize = if bridge { 1 } else { 10 };
     let before = rss_bytes();
     let opts = StoreOptions {
         kind: Arc::new(patina_global::SummaryKind::default()),
@@ -339,7 +347,7 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64, f64
     // Bytes of keys, groups and values written: the payload the disk holds at least.
     let mut payload = 0usize;
     for i in 0..n {
-        let (app, r) = (format!("app-{:07}", i / REGIONS), region_name(i % REGIONS));
+        let (app, r) = (format!("app-{:07}", i / regions), region_name(i % regions));
         let value = SummaryRecord {
             region: r.clone(),
             healthy: (i % 4) as u32,
@@ -359,6 +367,18 @@ fn agent_store(n: usize, dir: &std::path::Path) -> anyhow::Result<(f64, f64, f64
         if batch.len() == 4096 || i + 1 == n {
             rt.block_on(store.write(std::mem::take(&mut batch)))?;
         }
+    }
+    if bridge {
+        let heartbeat = BridgeRecord {
+            region: region_name(0),
+            view_hlc: view,
+            signature: vec![0x5a; 64],
+        };
+        rt.block_on(store.write(vec![LocalWrite::Put {
+            key: patina_global::record::bridge_key(store.node()),
+            group: patina_global::record::BRIDGES_GROUP.to_owned(),
+            value: heartbeat.encode_to_vec(),
+        }]))?;
     }
     let took = started.elapsed().as_secs_f64();
     let bytes = rss_bytes().saturating_sub(before) as f64 / n as f64;
@@ -381,7 +401,7 @@ struct AgentFigures {
 }
 
 /// The value of the first sample of `metric` (no labels) in `/metrics` at `url`.
-fn scrape(url: &str, metric: &str) -> Option<f64> {
+pub(crate) fn scrape(url: &str, metric: &str) -> Option<f64> {
     let (code, body) = patina_testkit::http_get(&format!("{url}/metrics")).ok()?;
     if code != 200 {
         return None;
@@ -683,7 +703,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     // Removed however this ends (a failed step returns early with `?`): 1M summaries are
     // hundreds of MiB.
     let _remove = RemoveOnDrop(agent_dir.clone());
-    let (store_bytes, store_secs, row_payload) = agent_store(o.summaries, &agent_dir.join("data"))?;
+    let (store_bytes, store_secs, row_payload) =
+        agent_store(o.summaries, &agent_dir.join("data"), false)?;
     let disk = disk_bytes(&agent_dir.join("data")) as f64 / o.summaries as f64;
     println!(
         "a global agent's store, {} summaries: {store_bytes:.0} bytes per summary resident \
@@ -885,7 +906,7 @@ fn world_figures(
 }
 
 /// A directory removed when this goes out of scope.
-struct RemoveOnDrop(std::path::PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
                     cargo xtask bench watchdog [--trials N]\n\
                     cargo xtask bench frontends [--trials N] [--streams N] [--dns-secs S]\n\
                     cargo xtask bench checks [--trials N]\n\
-                    cargo xtask bench catchup [--machines N] [--writes-per-s W]\n\
+                    cargo xtask bench catchup [--machines N] [--writes-per-s W] [--summaries N]\n\
                     cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"
         ),

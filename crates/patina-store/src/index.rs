@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as Slot;
@@ -32,6 +33,10 @@ pub(crate) struct Index {
     pub lean: Option<std::sync::Mutex<crate::lean::LeanKeys>>,
     /// A lean store's kind: readers that build entries from rows derive their flags with it.
     pub lean_kind: Option<crate::KindRef>,
+    /// The lean index's key and live counts, copied out after each change (the writer's),
+    /// so that stats never wait on the lean index's lock.
+    lean_keys: AtomicUsize,
+    lean_live: AtomicUsize,
 }
 
 impl Index {
@@ -122,19 +127,17 @@ impl Index {
     }
 
     pub fn len_keys(&self) -> usize {
-        let lean = self
-            .lean
-            .as_ref()
-            .map_or(0, |l| l.lock().expect("lean index").len());
-        lean + self.keys.len()
+        self.lean_keys.load(Ordering::Relaxed) + self.keys.len()
     }
 
     pub fn len_live(&self) -> usize {
-        let lean = self
-            .lean
-            .as_ref()
-            .map_or(0, |l| l.lock().expect("lean index").live());
-        lean + self.groups.iter().map(|g| g.len()).sum::<usize>()
+        self.lean_live.load(Ordering::Relaxed) + self.groups.iter().map(|g| g.len()).sum::<usize>()
+    }
+
+    /// Copy the lean index's counts out (after a change, with its lock held).
+    pub fn lean_counted(&self, lean: &crate::lean::LeanKeys) {
+        self.lean_keys.store(lean.len(), Ordering::Relaxed);
+        self.lean_live.store(lean.live(), Ordering::Relaxed);
     }
 
     pub fn len_groups(&self) -> usize {
@@ -162,7 +165,9 @@ impl Index {
     /// commit.
     pub fn remove_tombstone(&self, t: &Entry) {
         if let Some(lean) = self.lean.as_ref().filter(|_| self.is_lean(t.key())) {
-            lean.lock().expect("lean index").remove(t.key(), t.rev());
+            let mut lean = lean.lock().expect("lean index");
+            lean.remove(t.key(), t.rev());
+            self.lean_counted(&lean);
             return;
         }
         self.keys.remove_if(t.key(), |k, _| {
@@ -175,12 +180,9 @@ impl Index {
     /// after commit.
     pub fn install(&self, entry: Entry, prev: Option<u64>) -> Option<Entry> {
         if let Some(lean) = self.lean.as_ref().filter(|_| self.is_lean(entry.key())) {
-            lean.lock().expect("lean index").install(
-                entry.key(),
-                entry.rev(),
-                entry.is_live(),
-                prev,
-            );
+            let mut lean = lean.lock().expect("lean index");
+            lean.install(entry.key(), entry.rev(), entry.is_live(), prev);
+            self.lean_counted(&lean);
             return None;
         }
         let previous = match self.keys.entry(ByKey(entry.clone())) {

@@ -1,8 +1,10 @@
 //! [`LeanKeys`]: the compact key index of a lean store (meant for the global tier, where a
 //! key is one app's summary in one region and there are millions of them). Per key it holds a
 //! 64-bit hash of the key and the revision of the key's stored row, and whether that row is
-//! live: about 17 bytes a slot in a hash table at most 7/8 full. Keys, groups, values and
-//! versions stay in SQLite, read by revision (the table's rowid) when needed.
+//! live: 16 bytes a slot and a control byte, in a hash table at most 7/8 full whose bucket count
+//! is a power of two, so 19-39 bytes a key (about 28 at 10M keys; while the table grows, the
+//! old and the new table are held at once). Keys, groups, values and versions stay in SQLite,
+//! read by revision (the table's rowid) when needed.
 //!
 //! Two keys may share a hash. Nothing is guessed: a key whose hash another key holds goes to a
 //! small exact map. The writer knows which revision a key had (it read that row to merge), so
@@ -25,6 +27,13 @@
 //!   collection query the rows (`(origin, seq)` index, or a scan for tombstones).
 //! - a kind keeps some keys out of it (`Kind::lean_key`): the global tier's bridge records and
 //!   certificates stay whole in memory, read by key on hot paths.
+//!
+//! Not lean: a scoped watch's snapshot walks every row (there is no group index; nothing on
+//! the global tier opens one: `WatchApps` watches the whole store), and listings by group
+//! (`Store::list`, `list_page`) return no lean key. Stores in memory (`Store::in_memory`,
+//! the simulations) ignore `lean`; the debug assertions that `get_live`, `get_latest` and
+//! `owned_by` are not asked for lean keys hold in lean stores on disk, which the integration
+//! tests' agents (debug builds) run.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
@@ -91,7 +100,9 @@ impl LeanKeys {
     }
 
     /// The revision of `key`'s row and whether it is live, if the key has one. `row_key`
-    /// reads the key stored at a revision (called at most once, for a hash match).
+    /// reads the key stored at a revision (called at most once, for a hash match). Tests: the
+    /// store takes a [`LeanKeys::candidate`] and checks the row it reads itself.
+    #[cfg(test)]
     pub fn rev_of(
         &self,
         key: &str,
@@ -206,9 +217,9 @@ impl LeanKeys {
         self.live
     }
 
-    /// Heap bytes of the table (its slots and control bytes) and the exact map, roughly.
-    /// (For the store's stats, once the lean mode reports them.)
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Heap bytes of the table (its slots and control bytes) and the exact map, roughly
+    /// (tests: the size figure above).
+    #[cfg(test)]
     pub fn heap_bytes(&self) -> usize {
         self.by_hash.capacity() * 17 + self.exact.keys().map(|k| k.len() + 8 + 48).sum::<usize>()
     }

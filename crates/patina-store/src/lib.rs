@@ -105,12 +105,13 @@ pub struct StoreOptions {
     /// whose origin may already have issued, elsewhere, the sequence numbers it would issue
     /// next. See `docs/replication.md`.
     pub renew_origin: bool,
-    /// A lean store (the global agent's): for the keys its kind holds lean
+    /// A lean store (global agents' and bridges'): for the keys its kind holds lean
     /// (`Kind::lean_key`), the in-memory index holds a key hash and a revision per key, and
     /// records are read from SQLite when needed (`lean.rs`). Point reads of such keys go
     /// through [`Store::read_live`] and [`Store::read_owned_by`]; listings by group
     /// ([`Store::list`], [`Store::list_page`]) do not return them (no group index is kept).
-    /// Watches, anti-entropy and the feed read their rows. Only for stores opened on disk.
+    /// Watches' snapshots and catch-ups, anti-entropy, and the change log rebuilt at open read
+    /// their rows. Only for stores opened on disk (`Store::in_memory` ignores it).
     pub lean: bool,
     /// How far ahead of this host's wall clock a timestamp may be taken: the clock never
     /// adopts a peer's timestamp beyond it (a record stamped further ahead is applied, and
@@ -784,7 +785,7 @@ impl Store {
                         if writer::is_disk_full(&e)
                             && matches!(request, Request::Overlay { .. }) =>
                     {
-                        writer::commit_in_memory(&self.state, core, vec![request]);
+                        writer::commit_in_memory(&self.state, core, vec![request], None);
                     }
                     Err(e) if writer::is_disk_full(&e) => request.fail(&StoreError::DiskFull),
                     Err(e) => {
@@ -1096,7 +1097,7 @@ impl Store {
 
     /// Every key whose latest state (live or tombstone) is owned by `owner`: a scan of the
     /// whole index, for rare operator actions (forgetting a member). Not for a lean store,
-    /// whose index lists no keys: [`Store::read_owned_by`] reads either.
+    /// whose index lists no lean keys: [`Store::read_owned_by`] reads either.
     pub fn owned_by(&self, owner: NodeId) -> Vec<Entry> {
         debug_assert!(
             self.state.index.lean.is_none(),
@@ -1270,9 +1271,10 @@ impl Store {
     }
 }
 
-/// Most reads of a lean key's row before a point read gives up: each retry means the writer
-/// replaced the key's row between the index's answer and the read.
-const LEAN_READ_TRIES: usize = 8;
+/// How long a point read of a lean key retries: each retry means the writer replaced the
+/// key's row between the index's answer and the read (it installs the new revision a moment
+/// after its commit), so the read waits a little, longer each time, and asks again.
+const LEAN_READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The blocking part of [`Store::read_latest_entry`] for a lean key: the revision from the
 /// lean index, then the row at it (a row of another key that shares the hash: the key has
@@ -1283,17 +1285,22 @@ fn lean_read(state: &State, key: &str) -> Result<Option<Entry>, StoreError> {
     else {
         return Ok(state.index.latest(key));
     };
-    for _ in 0..LEAN_READ_TRIES {
+    let deadline = std::time::Instant::now() + LEAN_READ_PATIENCE;
+    let mut pause = std::time::Duration::from_micros(50);
+    loop {
         let Some((rev, _)) = lean.lock().expect("lean index").candidate(key) else {
             return Ok(None);
         };
         match readers.with(|c| sqlite::entry_at(c, rev, kind))? {
             Some(e) if e.key() == key => return Ok(Some(e)),
             Some(_) => return Ok(None),
-            None => continue,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(10));
+            }
+            None => return Err(StoreError::Changed(Arc::from(key))),
         }
     }
-    Err(StoreError::Changed(Arc::from(key)))
 }
 
 /// The blocking part of [`Store::read_origin`].

@@ -170,10 +170,25 @@ impl Backend for MemBackend {
 }
 
 /// A backend that stores nothing: for changes applied in memory only (the liveness overlay
-/// while the disk is full), persisted by a later commit.
-pub(crate) struct NullBackend;
+/// while the disk is full), persisted by a later commit. It reads rows through `reads` (the
+/// writer's own backend, whose reads work on a full disk): a lean store's liveness changes
+/// read the owner's rows.
+pub(crate) struct NullBackend<'a> {
+    pub reads: Option<&'a dyn Backend>,
+}
 
-impl Backend for NullBackend {
+impl Backend for NullBackend<'_> {
+    fn row_at(&self, rev: u64) -> Result<Option<(crate::sqlite::Row, bool)>, rusqlite::Error> {
+        self.reads.map_or(Ok(None), |b| b.row_at(rev))
+    }
+    fn entries_of_origin(
+        &self,
+        origin: NodeId,
+        kind: &crate::KindRef,
+    ) -> Result<Vec<Entry>, rusqlite::Error> {
+        self.reads
+            .map_or(Ok(Vec::new()), |b| b.entries_of_origin(origin, kind))
+    }
     fn begin(&mut self) -> Result<(), rusqlite::Error> {
         Ok(())
     }

@@ -451,8 +451,9 @@ struct Group<'g> {
 }
 
 impl Group<'_> {
-    /// Every committed record of `origin` (the group's own writes are in `pending`): a scan
-    /// of the index, or of the rows by origin in a lean store.
+    /// The records of `origin`: a scan of the index (committed ones; the group's own writes
+    /// are in `pending`), or in a lean store a query of the rows by origin on the writer's
+    /// connection (which also sees rows staged in this group: callers prefer `pending`).
     fn of_origin(&self, origin: NodeId) -> Result<Vec<Entry>, rusqlite::Error> {
         match &self.state.index.lean {
             None => Ok(self.state.index.of_origin(origin)),
@@ -483,19 +484,16 @@ impl Group<'_> {
                 .row_at(rev)
                 .unwrap_or_else(|e| panic!("reading the stored row at revision {rev}: {e}"))
         };
-        let mut read = None;
-        let found = lean.lock().expect("lean index").rev_of(key, |rev| {
-            let row = row_at(rev);
-            let k = row.as_ref().map(|(r, _)| r.key.clone());
-            read = row;
-            k
-        });
-        let (rev, _) = found?;
-        // A key of the exact map: `rev_of` read no row.
-        let (row, moved) = match read {
-            Some(r) => r,
-            None => row_at(rev)?,
-        };
+        // The candidate under the lock, the row read after it (readers' stats and point reads
+        // never wait on this thread's disk): the writer is the lean index's only mutator, so
+        // the candidate cannot change meanwhile. A row of another key (sharing the hash):
+        // this key has none.
+        let candidate = lean.lock().expect("lean index").candidate(key);
+        let (rev, _) = candidate?;
+        let (row, moved) = row_at(rev)?;
+        if row.key != key {
+            return None;
+        }
         let flags = row
             .value
             .as_deref()
@@ -1112,8 +1110,8 @@ impl Core {
             set.remove(&owner);
         }
         g.staged.overlay = true;
-        // The owner's live records as of this point in the group. A scan of the whole index:
-        // liveness changes are rare, and an index by owner is a later improvement.
+        // The owner's live records as of this point in the group. A scan of the whole index
+        // (liveness changes are rare), or in a lean store the rows by origin.
         let mut held: Vec<Entry> = g
             .of_origin(owner)?
             .into_iter()

@@ -19,6 +19,10 @@ use crate::{Entry, Flags, Hlc, KindRef, NodeId, StoreError, Version};
 /// newer ones are refused.
 pub(crate) const SCHEMA_VERSION: i64 = 2;
 
+/// Added without a schema version: see its comment in [`SCHEMA`].
+const TOMBSTONE_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS records_tombstones ON records (hlc) WHERE value IS NULL;";
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
@@ -45,6 +49,10 @@ CREATE TABLE IF NOT EXISTS records (
 -- Anti-entropy reads one origin's sequence numbers in a range. Per origin, sequence numbers
 -- grow, so this index is appended to as well.
 CREATE INDEX IF NOT EXISTS records_by_origin ON records (origin, seq);
+-- Tombstones by timestamp: a lean store's collection finds old ones without a scan of the
+-- table (only tombstones are in it). Created at every open: stores made before it get it,
+-- and a binary that predates it opens them still.
+CREATE INDEX IF NOT EXISTS records_tombstones ON records (hlc) WHERE value IS NULL;
 -- Per-origin knowledge (the digest): head and the gaps below it, written in the same
 -- transaction as the records. See knowledge.rs.
 CREATE TABLE IF NOT EXISTS knowledge (
@@ -173,6 +181,7 @@ pub(crate) fn prepare(
                     [v],
                 )?;
             }
+            tx.execute_batch(TOMBSTONE_INDEX)?;
             let stored = meta_text(&tx, "kind")?.unwrap_or_default();
             if stored != kind.name() {
                 return Err(StoreError::WrongKind {
@@ -401,6 +410,7 @@ pub(crate) fn load_index(
                 return Err(e.into());
             }
             stale.extend(old);
+            index.lean_counted(&lean);
         }
         return Ok(stale);
     }
@@ -1028,8 +1038,14 @@ pub(crate) fn entries_of_origin(
         .collect()
 }
 
+/// [`tombstones_before`]'s query (through the `records_tombstones` index).
+pub(crate) const TOMBSTONES_BEFORE: &str =
+    "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
+     WHERE value IS NULL AND rev <= ?1 AND hlc < ?2 LIMIT ?3";
+
 /// Up to `limit` tombstones with timestamps older than `before_ms` and revisions at or below
-/// `max_rev`: a lean store's collection reads them from the rows (a scan of the table).
+/// `max_rev`: a lean store's collection reads them from the rows (through the index of
+/// tombstones by timestamp, not a scan of the table).
 pub(crate) fn tombstones_before(
     conn: &Connection,
     before_ms: u64,
@@ -1037,10 +1053,7 @@ pub(crate) fn tombstones_before(
     limit: usize,
     kind: &KindRef,
 ) -> Result<Vec<Entry>, rusqlite::Error> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
-         WHERE value IS NULL AND rev <= ?1 AND hlc < ?2 LIMIT ?3",
-    )?;
+    let mut stmt = conn.prepare_cached(TOMBSTONES_BEFORE)?;
     stmt.query_map(
         // Bounds past i64 would wrap negative: clamp them (no revision or timestamp is).
         params![

@@ -206,9 +206,15 @@ impl Drop for PanicGuard {
 
 /// Apply liveness changes without the disk (it is full): in memory, persisted by the next
 /// commit that succeeds. A change that cannot be applied even so fails with `DiskFull`.
-pub(crate) fn commit_in_memory(state: &State, core: &mut Core, requests: Vec<Request>) {
+/// `reads`: where a lean store reads rows (the writer's backend; `None` for stores in memory).
+pub(crate) fn commit_in_memory(
+    state: &State,
+    core: &mut Core,
+    requests: Vec<Request>,
+    reads: Option<&dyn crate::merge::Backend>,
+) {
     let work: Vec<Work<'_>> = requests.iter().map(Request::work).collect();
-    let result = core.commit_group(state, &work, &mut crate::mem::NullBackend);
+    let result = core.commit_group(state, &work, &mut crate::mem::NullBackend { reads });
     drop(work);
     match result {
         Ok((outcomes, staged)) => {
@@ -329,7 +335,7 @@ impl Writer {
                 // succeeds. Its revisions are not durable meanwhile: a watcher's token above
                 // what a crash leaves gets a reset, never a silent skip.
                 if !overlay.is_empty() {
-                    commit_in_memory(&self.state, &mut self.core, overlay);
+                    commit_in_memory(&self.state, &mut self.core, overlay, Some(&self.backend));
                 }
                 drop(permits);
                 Ok(())

@@ -49,7 +49,7 @@ fn point_reads(
     keys: &[String],
     owners: &[NodeId],
 ) -> (
-    Vec<Option<(Option<Vec<u8>>, u64)>>,
+    Vec<Option<Option<Vec<u8>>>>,
     Vec<Option<Vec<u8>>>,
     Vec<Vec<String>>,
 ) {
@@ -58,7 +58,7 @@ fn point_reads(
         .map(|k| {
             rt.block_on(store.read_latest_entry(k)).unwrap().map(|e| {
                 assert_eq!(e.key(), k);
-                (e.value().map(<[u8]>::to_vec), e.version().hlc.0)
+                e.value().map(<[u8]>::to_vec)
             })
         })
         .collect();
@@ -162,14 +162,17 @@ fn history(collide: bool) {
     let owners = [lean.node(), NodeId(99), NodeId(12345)];
     let full_owners = [full.node(), NodeId(99), NodeId(12345)];
     let expected = point_reads(&rt, &full, &keys, &full_owners);
-    assert_eq!(point_reads(&rt, &lean, &keys, &owners).1, expected.1);
-    assert_eq!(point_reads(&rt, &lean, &keys, &owners).2, expected.2);
+    assert_eq!(point_reads(&rt, &lean, &keys, &owners), expected);
     assert_eq!(
         expected.1.iter().filter(|v| v.is_some()).count(),
         full.stats().live
     );
     assert_eq!(expected.2[1].len(), 2, "the peer's two keys it took");
-    assert!(expected.0[keys.iter().position(|k| k == "app-2/ord").unwrap()].is_some());
+    // A deleted key: its latest state is a tombstone (no value), and it is not live.
+    assert_eq!(
+        expected.0[keys.iter().position(|k| k == "app-2/ord").unwrap()],
+        Some(None)
+    );
     assert!(expected.1[keys.iter().position(|k| k == "app-2/ord").unwrap()].is_none());
     // Reopened, the compact index is rebuilt from the rows; later writes still find them.
     lean.close();
@@ -184,7 +187,7 @@ fn history(collide: bool) {
     let owners = [lean.node(), NodeId(99), NodeId(12345)];
     let expected = point_reads(&rt, &full, &keys, &full_owners);
     let got = point_reads(&rt, &lean, &keys, &owners);
-    assert_eq!((got.1, got.2), (expected.1, expected.2), "after reopening");
+    assert_eq!(got, expected, "after reopening");
 }
 
 /// Every live record a watch's snapshot gives, by key (chunks of 7).
@@ -365,4 +368,50 @@ fn a_kinds_pinned_keys_stay_readable_by_key_in_a_lean_store_and_the_rest_are_lea
     let store = Store::open(dir.path(), lean_opts()).unwrap();
     check(&store, "reopened");
     store.close();
+}
+
+#[test]
+fn a_lean_stores_tombstone_collection_reads_the_tombstone_index_not_the_table() {
+    let rt = rt();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            lean: true,
+            ..opts()
+        },
+    )
+    .unwrap();
+    rt.block_on(store.write(vec![
+        put("a/ord", "a", "1", true),
+        put("b/ord", "b", "1", true),
+    ]))
+    .unwrap();
+    rt.block_on(store.write(vec![del("a/ord")])).unwrap();
+    store.close();
+    let conn = rusqlite::Connection::open(dir.path().join(crate::DB_FILE)).unwrap();
+    let plan: Vec<String> = conn
+        .prepare(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            crate::sqlite::TOMBSTONES_BEFORE
+        ))
+        .unwrap()
+        .query_map(rusqlite::params![i64::MAX, i64::MAX, 10], |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        plan.iter().any(|step| step.contains("records_tombstones")),
+        "{plan:?}"
+    );
+    let tombstones: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM records INDEXED BY records_tombstones WHERE value IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tombstones, 1);
 }

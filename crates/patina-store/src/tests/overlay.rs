@@ -410,7 +410,22 @@ fn a_full_disk_does_not_hold_back_a_hide() {
         failpoints: fp.clone(),
         ..opts
     };
-    hides_with_the_disk_full(&rt, &Store::in_memory(NodeId(1), 1, opts), &fp);
+    hides_with_the_disk_full(&rt, &Store::in_memory(NodeId(1), 1, opts.clone()), &fp);
+    // A lean store reads the owner's rows to hide them, from the full disk.
+    let dir = tempfile::tempdir().unwrap();
+    let fp = Arc::new(Failpoints::default());
+    let opts = StoreOptions {
+        failpoints: fp.clone(),
+        lean: true,
+        ..opts
+    };
+    let store = Store::open(dir.path(), opts).unwrap();
+    seed(&rt, &store);
+    let revision = store.stats().revision;
+    fp.arm(InjectedFault::DiskFull);
+    assert_eq!(hide(&rt, &store, HOST).records, 3, "lean");
+    assert_eq!(store.stats().revision, revision + 3, "lean");
+    assert_eq!(show(&rt, &store, HOST).records, 3, "lean, shown again");
 }
 
 fn hides_with_the_disk_full(rt: &tokio::runtime::Runtime, store: &Store, fp: &Failpoints) {
