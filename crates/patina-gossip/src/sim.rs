@@ -150,6 +150,9 @@ struct SimSession {
     /// The coordinate the server's hello carried, and when the client's hello left.
     server_coordinate: Option<crate::coords::Coordinate>,
     started: Duration,
+    /// The members each hello listed as down lately (`node/down_news.rs`).
+    client_downs: Vec<Identity>,
+    server_downs: Vec<Identity>,
 }
 
 /// How sessions ended: the simulator's version of `patina status`'s session counts.
@@ -681,6 +684,7 @@ impl World {
         };
         let session = self.next_session;
         self.next_session += 1;
+        let client_downs = self.down_news(i);
         self.sessions.insert(
             session,
             SimSession {
@@ -695,10 +699,36 @@ impl World {
                 refused: false,
                 server_coordinate: None,
                 started: self.now,
+                client_downs,
+                server_downs: Vec::new(),
             },
         );
         let at = self.now + self.delay(i, j);
         self.push_event(at, Event::SessionHello { node: j, session });
+    }
+
+    /// What node `i`'s hello lists as down lately (as the shell's `hello` does).
+    fn down_news(&self, i: usize) -> Vec<Identity> {
+        let Some(node) = self.nodes[i].node.as_ref() else {
+            return Vec::new();
+        };
+        let mut news: Vec<Identity> = node.recent_downs().map(|(m, _)| m).collect();
+        news.reverse();
+        news.truncate(crate::node::MAX_DOWN_NEWS);
+        news
+    }
+
+    /// Node `i` reads a hello's down news (and sends what declaring them down makes it send).
+    fn hear_down_news(&mut self, i: usize, news: &[Identity]) {
+        let now = self.now;
+        if !news.is_empty()
+            && self.nodes[i]
+                .node
+                .as_mut()
+                .is_some_and(|n| n.handle_down_news(now, news) > 0)
+        {
+            self.pump(i);
+        }
     }
 
     /// Is session `id` still possible: both ends alive in the lives it started with, and the
@@ -745,7 +775,12 @@ impl World {
         }
         match ev {
             Event::SessionHello { .. } => {
-                // The server: its hello, its claim, its plan from that claim.
+                // The server: the client's down news, then its hello, its claim, its plan
+                // from that claim.
+                let news =
+                    std::mem::take(&mut self.sessions.get_mut(&id).expect("held").client_downs);
+                self.hear_down_news(i, &news);
+                let server_downs = self.down_news(i);
                 let claim = Claim::of(self.nodes[i].store.digest());
                 let theirs = self.sessions[&id].claim_client.digest().clone();
                 let batches = self.session_batches(i, &claim, &theirs);
@@ -771,6 +806,7 @@ impl World {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     s.claim_server = Some(claim);
                     s.server_coordinate = coordinate;
+                    s.server_downs = server_downs;
                 }
             }
             Event::SessionPlan { .. } => {
@@ -784,6 +820,9 @@ impl World {
                     .unwrap_or_default();
                 let server = s.server;
                 let (peer, coordinate, started) = (s.peer, s.server_coordinate.clone(), s.started);
+                let news = s.server_downs.clone();
+                // The server's hello's down news, as the client reads that hello.
+                self.hear_down_news(i, &news);
                 // Its hello's round trip, and the coordinate the server's hello carried.
                 if let (Some(c), Some(node)) = (coordinate, self.nodes[i].node.as_mut()) {
                     node.handle_coordinate_sample(self.now, peer, c, self.now - started);

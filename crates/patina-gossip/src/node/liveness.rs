@@ -102,6 +102,7 @@ impl Node {
 
     pub(super) fn member_down(&mut self, id: Identity) {
         self.held.remove(&id.addr);
+        self.note_down(id);
         self.gossip_now = true;
         if id.node == self.identity().node {
             return;

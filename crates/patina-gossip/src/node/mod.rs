@@ -27,6 +27,7 @@ mod antientropy;
 mod attend;
 mod clock;
 mod dissemination;
+mod down_news;
 mod liveness;
 mod place;
 mod retire;
@@ -37,6 +38,7 @@ mod view;
 pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT, SyncEnd};
 pub use attend::ATTEND_REFRESH;
 pub use clock::CLOCK_SAMPLE_TTL;
+pub use down_news::{DOWN_NEWS_AGE, MAX_DOWN_NEWS};
 pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
 pub use shared::ItemKey;
 use shared::{Handler, Shared};
@@ -298,6 +300,9 @@ pub struct Counters {
     pub refuted_for_others: u64,
     /// Attended members suspected at once: their stream ended and their port refused.
     pub attend_unreachable: u64,
+    /// Members declared down here because a session's peer listed them as down lately
+    /// (this node had missed SWIM's news of it).
+    pub down_news_applied: u64,
     pub syncs_started: u64,
     pub syncs_for_gaps: u64,
     pub late_timers: u64,
@@ -400,6 +405,10 @@ pub struct Node {
     attending: Vec<Identity>,
     attend_stale: bool,
     attend_chosen_at: Option<Duration>,
+    /// Members this node saw go down lately, with when (`down_news.rs`), and a counter of
+    /// additions.
+    recent_downs: std::collections::VecDeque<(Identity, Duration)>,
+    down_news_gen: u64,
 }
 
 impl Node {
@@ -467,6 +476,8 @@ impl Node {
             attending: Vec::new(),
             attend_stale: false,
             attend_chosen_at: None,
+            recent_downs: std::collections::VecDeque::new(),
+            down_news_gen: 0,
         }
     }
 

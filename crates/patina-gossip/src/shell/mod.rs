@@ -75,6 +75,8 @@ enum Input {
         member: Identity,
         gone: bool,
     },
+    /// A session's peer listed these members as down lately.
+    DownNews(Vec<Identity>),
     /// An attended member's stream ended and its port refused a connection.
     Unreachable(Identity),
     Confirmed {
@@ -262,10 +264,20 @@ pub struct Gossip {
     place: Arc<std::sync::RwLock<PlaceView>>,
     /// The node's identity now (a renewal changes its epoch).
     identity: Arc<std::sync::RwLock<Identity>>,
+    /// Members the node saw go down lately, with when, as its task last published them: what
+    /// a session's hello lists (`node/down_news.rs`).
+    recent_downs: Arc<std::sync::RwLock<DownNews>>,
     /// Cancelled when the shell stops (held attendance streams end).
     stop: CancellationToken,
     /// See [`ShellConfig::stream_max_age`].
     stream_max_age: Duration,
+}
+
+/// Members that went down lately, with when, and the node's count of additions when published.
+#[derive(Default)]
+pub(crate) struct DownNews {
+    pub members: Vec<(Identity, std::time::Instant)>,
+    pub generation: u64,
 }
 
 /// Where this agent and its peers are on the network (Vivaldi coordinates).
@@ -402,6 +414,7 @@ impl Gossip {
             keyring_saved: Arc::new(std::sync::Mutex::new(0)),
             place: Arc::default(),
             identity: Arc::new(std::sync::RwLock::new(identity)),
+            recent_downs: Arc::default(),
             stop: stop.clone(),
             stream_max_age: cfg.stream_max_age,
         };

@@ -10,8 +10,8 @@ use patina_proto::v1::sync_client::SyncClient;
 use patina_proto::v1::sync_message::Body;
 use patina_proto::v1::sync_server::{Sync, SyncServer};
 use patina_proto::v1::{
-    AttendNotice, AttendRequest, CoveredSpan, OriginDigest, SeqSpan, SyncBatch, SyncDone,
-    SyncHello, SyncMessage, SyncRecord,
+    AttendNotice, AttendRequest, CoveredSpan, DownMember, OriginDigest, SeqSpan, SyncBatch,
+    SyncDone, SyncHello, SyncMessage, SyncRecord,
 };
 use patina_store::{
     Digest, Hlc, NodeId, OriginKnowledge, ReadBudget, Record, RemoteBatch, SeqRange, Version,
@@ -59,6 +59,22 @@ fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim, std::time::I
                 adjustment: own.adjustment,
                 height: own.height,
             }),
+            recent_downs: g
+                .recent_downs
+                .read()
+                .expect("down news lock")
+                .members
+                .iter()
+                .rev()
+                .filter(|(_, at)| at.elapsed() <= crate::node::DOWN_NEWS_AGE)
+                .take(crate::node::MAX_DOWN_NEWS)
+                .map(|(m, _)| DownMember {
+                    node: m.node.0,
+                    gossip_addr: m.addr.to_string(),
+                    api_port: u32::from(m.api_port),
+                    epoch: m.epoch,
+                })
+                .collect(),
             digest: digest
                 .iter()
                 .map(|(o, k)| OriginDigest {
@@ -148,6 +164,26 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloCl
     if h.digest.len() > crate::sync::MAX_DIGEST_ORIGINS {
         return Err(Status::resource_exhausted("digest has too many origins"));
     }
+    if h.recent_downs.len() > crate::node::MAX_DOWN_NEWS {
+        return Err(Status::resource_exhausted(format!(
+            "a hello lists {} down members, at most {}",
+            h.recent_downs.len(),
+            crate::node::MAX_DOWN_NEWS
+        )));
+    }
+    let downs: Vec<Identity> = h
+        .recent_downs
+        .iter()
+        .map(|d| {
+            Some(Identity {
+                node: NodeId(d.node),
+                addr: d.gossip_addr.parse().ok()?,
+                api_port: u16::try_from(d.api_port).ok()?,
+                epoch: d.epoch,
+            })
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| Status::invalid_argument("malformed down member in hello"))?;
     let clock = HelloClock {
         wall_ms: h.wall_ms,
         received_wall_ms: h.received_wall_ms,
@@ -161,6 +197,10 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloCl
             .and_then(|g| OriginKnowledge::from_parts(d.head, &g))
             .ok_or_else(|| Status::invalid_argument("malformed digest"))?;
         out.insert(NodeId(d.origin), k);
+    }
+    if !downs.is_empty() {
+        // Not awaited: a full input channel drops the news (SWIM still carries it).
+        let _ = g.inputs.try_send(super::Input::DownNews(downs));
     }
     Ok((out, clock))
 }

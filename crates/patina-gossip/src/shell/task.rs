@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::{
-    Fault, Gossip, Input, LEAVE_GRACE, RECV_BUFFER, Reporter, Snapshot, VIEW_EVERY,
+    DownNews, Fault, Gossip, Input, LEAVE_GRACE, RECV_BUFFER, Reporter, Snapshot, VIEW_EVERY,
     ask_incarnation, local_ip, port_answers, session, write_epoch,
 };
 use crate::node::{Lane, Node, Output, TimerEvent, ViewReason, ViewStatus};
@@ -248,6 +248,9 @@ impl Task {
                 self.node.handle_corroboration(now, member, gone)
             }
             Input::Unreachable(member) => self.node.handle_unreachable(now, member),
+            Input::DownNews(members) => {
+                self.node.handle_down_news(now, &members);
+            }
             Input::Confirmed {
                 member,
                 round,
@@ -284,6 +287,31 @@ impl Task {
     }
 
     /// Carry out everything the node asked for.
+    /// Publish the node's recent downs for sessions' hellos, when it has new ones.
+    fn publish_down_news(&self) {
+        let generation = self.node.down_news_gen();
+        if self
+            .gossip
+            .recent_downs
+            .read()
+            .expect("down news lock")
+            .generation
+            == generation
+        {
+            return;
+        }
+        let base = self.base.into_std();
+        let members = self
+            .node
+            .recent_downs()
+            .map(|(m, at)| (m, base + at))
+            .collect();
+        *self.gossip.recent_downs.write().expect("down news lock") = DownNews {
+            members,
+            generation,
+        };
+    }
+
     fn flush(&mut self, sockets: &Sockets) {
         // Reap finished helper tasks so the set stays small.
         while self.tasks.try_join_next().is_some() {}
@@ -294,6 +322,7 @@ impl Task {
             self.node.handle_wall(now, self.store.wall_ms());
         }
         let outputs = self.node.drain();
+        self.publish_down_news();
         // The view is judged before a liveness change goes to the store: a follower then
         // sees a hide only with the view that explains it (an isolated node's is not standing).
         let liveness = outputs.iter().any(|o| matches!(o, Output::Liveness { .. }));
