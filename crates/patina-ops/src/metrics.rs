@@ -387,6 +387,11 @@ pub async fn scrape(s: &Sources) -> String {
             counter(st.attend_unreachable),
         );
         r.register(
+            "gossip_down_news_applied",
+            "Members this agent declared down because an anti-entropy session's peer listed them as down lately (it had missed SWIM's news)",
+            counter(st.down_news_applied),
+        );
+        r.register(
             "sync_sessions",
             "Anti-entropy sessions, by outcome: begun, failed after beginning, or never begun",
             counters(&[

@@ -140,6 +140,7 @@ struct StatusJson {
     dropped_datagrams: u64,
     refuted_for_others: u64,
     attend_unreachable: u64,
+    down_news_applied: u64,
     syncs: u64,
     sync_failures: u64,
     sync_unstarted: u64,
@@ -234,6 +235,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         dropped_datagrams: r.dropped_datagrams,
         refuted_for_others: r.refuted_for_others,
         attend_unreachable: r.attend_unreachable,
+        down_news_applied: r.down_news_applied,
         syncs: r.syncs,
         sync_failures: r.sync_failures,
         sync_unstarted: r.sync_unstarted,
@@ -321,7 +323,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         None => println!("tls off"),
     }
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed; sync: {} sessions, {} failed, {} never began, {} records in ({} B), {} out ({} B)",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed, {} members taken down by sessions' news; sync: {} sessions, {} failed, {} never began, {} records in ({} B), {} out ({} B)",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,
@@ -331,6 +333,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         s.dropped_plaintext,
         s.refuted_for_others,
         s.attend_unreachable,
+        s.down_news_applied,
         s.syncs,
         s.sync_failures,
         s.sync_unstarted,

@@ -332,6 +332,7 @@ impl Gossip {
             },
             refuted_for_others: c.refuted_for_others,
             attend_unreachable: c.attend_unreachable,
+            down_news_applied: c.down_news_applied,
             peers: {
                 let now = std::time::Instant::now();
                 let mut peers: Vec<PeerSync> = s
