@@ -388,7 +388,7 @@ pub async fn scrape(s: &Sources) -> String {
         );
         r.register(
             "gossip_down_news_applied",
-            "Members this agent declared down because an anti-entropy session's peer listed them as down lately (it had missed SWIM's news)",
+            "Members this agent suspected (corroborated) because an anti-entropy session's peer listed them as down lately and it held them alive",
             counter(st.down_news_applied),
         );
         r.register(

@@ -494,19 +494,7 @@ impl Group<'_> {
         if row.key != key {
             return None;
         }
-        let flags = row
-            .value
-            .as_deref()
-            .map_or(crate::Flags::default(), |v| self.kind.flags(v));
-        let entry = Entry::new(
-            &row.key,
-            &row.group,
-            row.value.as_deref(),
-            flags,
-            row.version,
-            rev,
-        );
-        Some(if moved { entry.with_moved() } else { entry })
+        Some(row.entry(rev, moved, &self.kind))
     }
 
     /// Stage a key's new state (already written to the backend). `down`: the overlay as of

@@ -958,21 +958,7 @@ pub(crate) fn entries_by_rev(
         let row = row_of(r)?;
         let rev = r.get::<_, i64>(6)? as u64;
         let left: Option<Vec<u8>> = r.get(7)?;
-        let flags = row
-            .value
-            .as_deref()
-            .map_or(Flags::default(), |v| kind.flags(v));
-        let mut entry = Entry::new(
-            &row.key,
-            &row.group,
-            row.value.as_deref(),
-            flags,
-            row.version,
-            rev,
-        );
-        if left.is_some() {
-            entry = entry.with_moved();
-        }
+        let entry = row.entry(rev, left.is_some(), kind);
         let left = if rev <= moves_known_after {
             LeftGroups::unknown()
         } else {
@@ -984,25 +970,31 @@ pub(crate) fn entries_by_rev(
     .collect()
 }
 
+impl Row {
+    /// The entry this row is at revision `rev` (flags derived by `kind`; `moved`: the row
+    /// lists groups its key left).
+    pub(crate) fn entry(&self, rev: u64, moved: bool, kind: &KindRef) -> Entry {
+        let flags = self
+            .value
+            .as_deref()
+            .map_or(Flags::default(), |v| kind.flags(v));
+        let entry = Entry::new(
+            &self.key,
+            &self.group,
+            self.value.as_deref(),
+            flags,
+            self.version,
+            rev,
+        );
+        if moved { entry.with_moved() } else { entry }
+    }
+}
+
 /// An entry from a stored row's columns `key, grp, value, hlc, origin, seq, rev, left IS NOT
 /// NULL` (flags derived by `kind`).
 fn entry_of_row(r: &rusqlite::Row<'_>, kind: &KindRef) -> Result<Entry, rusqlite::Error> {
     let row = row_of(r)?;
-    let rev = r.get::<_, i64>(6)? as u64;
-    let moved: bool = r.get(7)?;
-    let flags = row
-        .value
-        .as_deref()
-        .map_or(Flags::default(), |v| kind.flags(v));
-    let entry = Entry::new(
-        &row.key,
-        &row.group,
-        row.value.as_deref(),
-        flags,
-        row.version,
-        rev,
-    );
-    Ok(if moved { entry.with_moved() } else { entry })
+    Ok(row.entry(r.get::<_, i64>(6)? as u64, r.get(7)?, kind))
 }
 
 /// The row stored at revision `rev` as an entry (flags derived by `kind`), if it is still

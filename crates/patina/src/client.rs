@@ -323,7 +323,7 @@ pub async fn status(server: &str, json: bool) -> anyhow::Result<()> {
         None => println!("tls off"),
     }
     println!(
-        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed, {} members taken down by sessions' news; sync: {} sessions, {} failed, {} never began, {} records in ({} B), {} out ({} B)",
+        "gossip: {} datagrams in ({} B), {} out ({} B), {} dropped ({} under no key, {} plaintext refused), {} suspicions refuted for members that answered, {} attended members found killed, {} members suspected on sessions' down news; sync: {} sessions, {} failed, {} never began, {} records in ({} B), {} out ({} B)",
         s.datagrams_in,
         s.bytes_in,
         s.datagrams_out,

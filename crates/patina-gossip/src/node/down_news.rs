@@ -5,11 +5,14 @@
 //! news) would otherwise keep a dead member until its own probe of it. Sessions run every
 //! sync interval with a random peer, so such a member repairs within a few seconds.
 //!
-//! A receiver declares down only identities it holds active (alive or suspect): foca's Down
-//! is final for that identity, and a member that restarted runs under a larger epoch (another
-//! identity), which news of its old one does not touch. Its own identity it leaves to SWIM
-//! (which refutes or renews). A peer could already gossip the same Down over SWIM, so the
-//! news gives a peer no power it lacked; with TLS on, only members reach the session.
+//! A receiver does not take the news as final: it suspects the identities it still holds
+//! alive (that very identity: a member that restarted runs under a larger epoch, which news of
+//! its old one does not touch) and holds each suspicion as its own, corroborated. A dead
+//! member's port refuses and it goes down `suspicion_min` later; a healthy one answers or
+//! refutes. News can be stale: a node cut off from everyone takes every member for dead, and
+//! after the partition heals its hellos would list them (it also forgets its news when it
+//! comes back under a new identity). Its own identity a node leaves to SWIM. A suspicion is
+//! what any member's gossip can already cause; with TLS on, only members reach a session.
 
 use std::time::Duration;
 
@@ -49,36 +52,69 @@ impl Node {
         self.down_news_gen
     }
 
-    /// A session's peer listed these members as down lately: declare down those this node
-    /// still holds active. Returns how many it declared down.
+    /// A session's peer listed these members as down lately: suspect those this node still
+    /// holds alive, under that very identity, and hold each suspicion as one of its own,
+    /// corroborated (`suspicion.rs`): a dead member's port refuses, and it goes down after
+    /// `suspicion_min`; a healthy one answers, or refutes, and stays (the news may be stale:
+    /// its sender was cut off and took healthy members for dead). Returns how many it
+    /// suspected.
     pub fn handle_down_news(&mut self, now: Duration, members: &[Identity]) -> usize {
         self.now = now;
-        let me = self.identity();
-        let active: Vec<Identity> = members
+        let me = self.identity().node;
+        // Cheap filters first (at thousands of members, one pass of the membership per
+        // listed identity would cost): not this node, not news it holds itself, and an
+        // address this node holds active for that origin.
+        let candidates: Vec<Identity> = members
             .iter()
             .take(MAX_DOWN_NEWS)
-            .filter(|m| **m != me && m.node != me.node)
-            .filter(|m| {
-                self.foca
-                    .iter_membership_state()
-                    .any(|s| *s.id() == **m && s.state() != foca::State::Down)
-            })
+            .filter(|m| m.node != me)
+            .filter(|m| !self.recent_downs.iter().any(|(d, _)| d == *m))
+            .filter(|m| self.live.get(&m.node).is_some_and(|a| a.contains(&m.addr)))
             .copied()
             .collect();
-        if active.is_empty() {
+        if candidates.is_empty() {
             return 0;
         }
-        for m in &active {
-            tracing::info!(member = %m, "a session's peer saw this member go down: down here too");
+        let Some(token) = self.swim_token else {
+            return 0;
+        };
+        // One pass: those alive here, at the incarnation held.
+        let alive: Vec<(Identity, foca::Incarnation)> = self
+            .foca
+            .iter_membership_state()
+            .filter(|s| s.state() == foca::State::Alive && candidates.contains(s.id()))
+            .map(|s| (*s.id(), s.incarnation()))
+            .collect();
+        for (member, incarnation) in &alive {
+            tracing::info!(member = %member, "a session's peer saw this member go down: suspected here");
+            let _ = self.foca.apply_many(
+                std::iter::once(foca::Member::new(
+                    *member,
+                    *incarnation,
+                    foca::State::Suspect,
+                )),
+                true,
+                &mut self.rt,
+            );
+            self.hold_suspicion(foca::Timer::ChangeSuspectToDown {
+                member_id: *member,
+                incarnation: *incarnation,
+                token,
+            });
         }
-        self.count(|c| c.down_news_applied += active.len() as u64);
-        let _ = self.foca.apply_many(
-            active.iter().map(|m| foca::Member::down(*m)),
-            true,
-            &mut self.rt,
-        );
+        if alive.is_empty() {
+            return 0;
+        }
+        self.count(|c| c.down_news_applied += alive.len() as u64);
         self.after_foca();
-        active.len()
+        alive.len()
+    }
+
+    /// This node was declared down and comes back under a new identity: what it took for
+    /// dead meanwhile (cut off, every member looked dead) is not news for anyone.
+    pub(super) fn forget_down_news(&mut self) {
+        self.recent_downs.clear();
+        self.down_news_gen += 1;
     }
 }
 
@@ -95,15 +131,16 @@ mod tests {
     }
 
     #[test]
-    fn news_of_a_held_member_takes_it_down_and_nothing_else_moves() {
+    fn news_of_a_held_member_makes_it_a_corroborated_suspect_and_nothing_else_moves() {
         let mut n = node();
         let (b, c) = (member(2), member(3));
         n.foca
             .apply_many([b, c].map(foca::Member::alive).into_iter(), true, &mut n.rt)
             .unwrap();
+        n.after_foca();
         n.drain();
         let now = Duration::from_secs(5);
-        // An older identity of `c` (it restarted since: epoch 2 here), a member never seen,
+        // An older identity of `c` (it restarted since: epoch 1 here), a member never seen,
         // and this node itself: none moves.
         let c_before = Identity { epoch: 0, ..c };
         let stranger = member(9);
@@ -111,14 +148,20 @@ mod tests {
         assert_eq!(n.handle_down_news(now, &[c_before, stranger, me]), 0);
         assert_eq!(state_of(&n, c), Some(foca::State::Alive));
         assert_eq!(n.counters().down_news_applied, 0);
-        // `b` is down by the news; repeating it changes nothing more.
+        // `b` is suspected by the news, and its port is to be checked (a dead one's refuses:
+        // down after suspicion_min; a healthy one's answers); repeating the news changes
+        // nothing more.
         assert_eq!(n.handle_down_news(now, &[b]), 1);
-        assert_eq!(state_of(&n, b), Some(foca::State::Down));
+        assert_eq!(state_of(&n, b), Some(foca::State::Suspect));
         assert_eq!(state_of(&n, c), Some(foca::State::Alive));
+        assert!(
+            n.drain()
+                .iter()
+                .any(|o| matches!(o, crate::node::Output::Corroborate { member } if *member == b)),
+            "the suspicion is corroborated"
+        );
         assert_eq!(n.handle_down_news(now, &[b]), 0);
         assert_eq!(n.counters().down_news_applied, 1);
-        // And it is this node's news now, for its own sessions' hellos.
-        assert!(n.recent_downs().any(|(m, _)| m == b));
     }
 
     #[test]

@@ -300,8 +300,8 @@ pub struct Counters {
     pub refuted_for_others: u64,
     /// Attended members suspected at once: their stream ended and their port refused.
     pub attend_unreachable: u64,
-    /// Members declared down here because a session's peer listed them as down lately
-    /// (this node had missed SWIM's news of it).
+    /// Members suspected here (corroborated) because a session's peer listed them as down
+    /// lately while this node held them alive.
     pub down_news_applied: u64,
     pub syncs_started: u64,
     pub syncs_for_gaps: u64,
@@ -876,6 +876,7 @@ impl Node {
             }
             OwnedNotification::Idle => {}
             OwnedNotification::Defunct => {
+                self.forget_down_news();
                 if !self.leaving {
                     // Declared down and not renewed by foca: come back under a new epoch.
                     if let Some(new) = foca::Identity::renew(self.foca.identity()) {
@@ -887,6 +888,7 @@ impl Node {
             // A node on its way out does not come back (foca may renew it as others see it
             // leave).
             OwnedNotification::Rejoin(id) if !self.leaving => {
+                self.forget_down_news();
                 self.out.push(Output::Renewed { identity: id })
             }
             OwnedNotification::Rejoin(_) => {}

@@ -164,17 +164,13 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloCl
     if h.digest.len() > crate::sync::MAX_DIGEST_ORIGINS {
         return Err(Status::resource_exhausted("digest has too many origins"));
     }
-    if h.recent_downs.len() > crate::node::MAX_DOWN_NEWS {
-        return Err(Status::resource_exhausted(format!(
-            "a hello lists {} down members, at most {}",
-            h.recent_downs.len(),
-            crate::node::MAX_DOWN_NEWS
-        )));
-    }
+    // A hint, never a reason to refuse the session (a later version may list more): the
+    // first MAX_DOWN_NEWS that parse.
     let downs: Vec<Identity> = h
         .recent_downs
         .iter()
-        .map(|d| {
+        .take(crate::node::MAX_DOWN_NEWS)
+        .filter_map(|d| {
             Some(Identity {
                 node: NodeId(d.node),
                 addr: d.gossip_addr.parse().ok()?,
@@ -182,8 +178,7 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloCl
                 epoch: d.epoch,
             })
         })
-        .collect::<Option<_>>()
-        .ok_or_else(|| Status::invalid_argument("malformed down member in hello"))?;
+        .collect();
     let clock = HelloClock {
         wall_ms: h.wall_ms,
         received_wall_ms: h.received_wall_ms,

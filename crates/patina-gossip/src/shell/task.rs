@@ -286,7 +286,6 @@ impl Task {
         }
     }
 
-    /// Carry out everything the node asked for.
     /// Publish the node's recent downs for sessions' hellos, when it has new ones.
     fn publish_down_news(&self) {
         let generation = self.node.down_news_gen();
@@ -312,6 +311,7 @@ impl Task {
         };
     }
 
+    /// Carry out everything the node asked for.
     fn flush(&mut self, sockets: &Sockets) {
         // Reap finished helper tasks so the set stays small.
         while self.tasks.try_join_next().is_some() {}
