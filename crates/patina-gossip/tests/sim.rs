@@ -560,6 +560,50 @@ fn an_isolated_node_hides_its_peers_only_from_a_view_that_does_not_stand() {
     });
 }
 
+/// A member that missed every SWIM copy of a death (every datagram to it dropped while the
+/// news spread and used up its sends) learns it from a session's hello: it suspects the dead
+/// member, whose port refuses, and excludes it within about a sync interval. With the news
+/// off it waits for its own probe of the dead member: at 60 members, up to a probe round.
+#[test]
+fn a_member_that_missed_the_down_news_repairs_at_its_next_session() {
+    for_seeds("a_member_that_missed", |seed| {
+        let (with, counted, trace) = missed_down_news(seed, true);
+        let (without, _, _) = missed_down_news(seed, false);
+        eprintln!("seed {seed}: excluded after {with:?} with down news, {without:?} without");
+        let bound = config().sync_interval * 2;
+        assert!(
+            with <= bound,
+            "the member that missed the news kept the dead one {with:?} (bound {bound:?}; \
+             {counted} members suspected on down news)"
+        );
+        trace
+    });
+}
+
+/// Node 5 of 60 misses every datagram for 3 s while node 40 crashes: how long after that
+/// node 5 still holds node 40 active, its `down_news_applied`, and the run's trace.
+fn missed_down_news(seed: u64, news: bool) -> (Duration, u64, u64) {
+    let (n, k, v) = (60, 5, 40);
+    let mut cfg = config();
+    cfg.down_news = news;
+    let mut w = World::new(n, cfg, Net::lan(), seed);
+    w.run_for(Duration::from_secs(15));
+    for j in (0..n).filter(|j| *j != k) {
+        w.drop_datagrams(j, k);
+    }
+    let dead = w.node(v).unwrap().identity();
+    w.crash(v);
+    w.run_for(Duration::from_secs(3));
+    w.heal();
+    let healed = w.now;
+    // Bounded: 60 s of virtual time at most.
+    while w.node(k).unwrap().active().contains(&dead) && w.now < healed + Duration::from_secs(60) {
+        w.run_for(Duration::from_millis(50));
+    }
+    let counted = w.node(k).unwrap().counters().down_news_applied;
+    (w.now - healed, counted, w.trace())
+}
+
 /// Addresses node `i` holds as active members.
 fn active_addrs(w: &World, i: usize) -> BTreeSet<std::net::SocketAddr> {
     w.node(i)

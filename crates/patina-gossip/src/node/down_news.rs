@@ -44,7 +44,7 @@ impl Node {
         self.recent_downs
             .iter()
             .copied()
-            .filter(|(_, at)| self.now.saturating_sub(*at) <= DOWN_NEWS_AGE)
+            .filter(|(_, at)| self.cfg.down_news && self.now.saturating_sub(*at) <= DOWN_NEWS_AGE)
     }
 
     /// Bumped whenever [`Node::recent_downs`] gains an identity (the shell republishes it).
@@ -60,6 +60,9 @@ impl Node {
     /// suspected.
     pub fn handle_down_news(&mut self, now: Duration, members: &[Identity]) -> usize {
         self.now = now;
+        if !self.cfg.down_news {
+            return 0;
+        }
         let me = self.identity().node;
         // Cheap filters first (at thousands of members, one pass of the membership per
         // listed identity would cost): not this node, not news it holds itself, and an

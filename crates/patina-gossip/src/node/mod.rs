@@ -125,6 +125,9 @@ pub struct Config {
     /// The gossip keys this node starts with (see [`crate::keyring`]); changed while it runs
     /// by [`Node::set_keyring`].
     pub keyring: crate::keyring::Keyring,
+    /// Whether sessions' hellos carry down news and this node heeds it (`down_news.rs`).
+    /// On in agents; tests and the simulation turn it off to compare.
+    pub down_news: bool,
 }
 
 impl Config {
@@ -154,6 +157,7 @@ impl Config {
             max_gap_age: Duration::from_secs(10),
             max_clock_offset: Duration::from_millis(500),
             keyring: crate::keyring::Keyring::default(),
+            down_news: true,
         }
     }
 

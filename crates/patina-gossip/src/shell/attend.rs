@@ -69,10 +69,7 @@ pub(super) async fn attend(g: Gossip, member: Identity) {
         let pause = match hold(&g, member).await {
             Held::Nothing => ATTEND_IDLE,
             Held::NotEstablished => back_off(&mut retry),
-            Held::Ended(_) if gone(local, member.api_addr()).await => {
-                let _ = g.inputs.send(Input::Unreachable(member)).await;
-                ATTEND_IDLE
-            }
+            Held::Ended(_) if checked_gone(&g, local, member).await => ATTEND_IDLE,
             Held::Ended(held) if held >= ATTEND_RETRY_MAX => {
                 // The server ended a long-held stream (its age, its stop): again at once.
                 retry = ATTEND_RETRY_MIN;
@@ -82,6 +79,23 @@ pub(super) async fn attend(g: Gossip, member: Identity) {
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+/// After a held stream ended: is the member's process gone (reported to the node if so)? The
+/// checks and the report run in a task of their own, which the attendance task's abort does
+/// not cancel: when SWIM declares the member down first, the node chooses its attended
+/// members again and aborts this task, and the report (what this attendant saw, counted) must
+/// still arrive. Bounded: at most [`GONE_CHECKS`] connection attempts.
+async fn checked_gone(g: &Gossip, local: Option<std::net::IpAddr>, member: Identity) -> bool {
+    let inputs = g.inputs.clone();
+    let check = tokio::spawn(async move {
+        let gone = gone(local, member.api_addr()).await;
+        if gone {
+            let _ = inputs.send(Input::Unreachable(member)).await;
+        }
+        gone
+    });
+    check.await.unwrap_or(false)
 }
 
 /// The pause before the next try after a short one; the one after it doubles.
