@@ -1,6 +1,4 @@
-//! Down news carried by anti-entropy (off by default: `Config::down_news`; with it on, the
-//! 100-node chaos simulation's seed 2591096836 leaves a member holding a crashed one suspect,
-//! never down: to be understood before agents run it). Each session's hellos list the members the sender's
+//! Down news carried by anti-entropy (`Config::down_news`). Each session's hellos list the members the sender's
 //! membership declared down in the last [`DOWN_NEWS_AGE`] (at most [`MAX_DOWN_NEWS`]). SWIM's
 //! gossip sends a piece of news a bounded number of times per node (foca's
 //! `max_transmissions`); a member that missed every copy (loss, a pause, a burst of other
@@ -83,24 +81,40 @@ impl Node {
         let Some(token) = self.swim_token else {
             return 0;
         };
-        // One pass: those alive here, at the incarnation held.
-        let alive: Vec<(Identity, foca::Incarnation)> = self
+        // One pass: those alive or suspect here, at the incarnation held. A suspect learned
+        // from others' gossip is held with the long timeout of a learned suspicion; news that
+        // it went down makes the suspicion this node's own, corroborated (short). An identity
+        // held here of an earlier epoch than the news's (this node never learned that the
+        // member restarted, and the restarted one died) is stale either way: suspected too.
+        let news_of = |held: &Identity| {
+            candidates
+                .iter()
+                .any(|m| m.node == held.node && m.addr == held.addr && m.epoch >= held.epoch)
+        };
+        let alive: Vec<(Identity, foca::Incarnation, bool)> = self
             .foca
             .iter_membership_state()
-            .filter(|s| s.state() == foca::State::Alive && candidates.contains(s.id()))
-            .map(|s| (*s.id(), s.incarnation()))
+            .filter(|s| s.state() != foca::State::Down && news_of(s.id()))
+            // A suspicion already held corroborated here needs nothing more.
+            .filter(|s| {
+                s.state() == foca::State::Alive
+                    || !self.held.get(&s.id().addr).is_some_and(|h| h.corroborated)
+            })
+            .map(|s| (*s.id(), s.incarnation(), s.state() == foca::State::Suspect))
             .collect();
-        for (member, incarnation) in &alive {
+        for (member, incarnation, suspect) in &alive {
             tracing::info!(member = %member, "a session's peer saw this member go down: suspected here");
-            let _ = self.foca.apply_many(
-                std::iter::once(foca::Member::new(
-                    *member,
-                    *incarnation,
-                    foca::State::Suspect,
-                )),
-                true,
-                &mut self.rt,
-            );
+            if !suspect {
+                let _ = self.foca.apply_many(
+                    std::iter::once(foca::Member::new(
+                        *member,
+                        *incarnation,
+                        foca::State::Suspect,
+                    )),
+                    true,
+                    &mut self.rt,
+                );
+            }
             self.hold_suspicion(foca::Timer::ChangeSuspectToDown {
                 member_id: *member,
                 incarnation: *incarnation,
@@ -168,6 +182,10 @@ mod tests {
         );
         assert_eq!(n.handle_down_news(now, &[b]), 0);
         assert_eq!(n.counters().down_news_applied, 1);
+        // News of a later epoch of `c` (it restarted, this node never learned it, and the
+        // restarted one died): the identity held here is stale, suspected too.
+        assert_eq!(n.handle_down_news(now, &[Identity { epoch: 2, ..c }]), 1);
+        assert_eq!(state_of(&n, c), Some(foca::State::Suspect));
     }
 
     #[test]

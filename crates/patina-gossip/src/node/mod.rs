@@ -126,7 +126,7 @@ pub struct Config {
     /// by [`Node::set_keyring`].
     pub keyring: crate::keyring::Keyring,
     /// Whether sessions' hellos carry down news and this node heeds it (`down_news.rs`).
-    /// Off by default for now (see `Config::lan`); tests turn it on.
+    /// On in agents; tests turn it off to compare.
     pub down_news: bool,
 }
 
@@ -157,10 +157,7 @@ impl Config {
             max_gap_age: Duration::from_secs(10),
             max_clock_offset: Duration::from_millis(500),
             keyring: crate::keyring::Keyring::default(),
-            // Off until a stuck suspect is understood: in the 100-node chaos simulation
-            // (seed 2591096836) a member that suspected a crashed member on a session's news
-            // kept it suspect (never down) through 30 s of quiet. See down_news.rs.
-            down_news: false,
+            down_news: true,
         }
     }
 

@@ -17,6 +17,9 @@ pub(super) struct Held {
     /// round (rounds are numbered per node, so a late answer cannot settle a later
     /// suspicion of the same address).
     pub(super) confirming: Option<u64>,
+    /// Corroborated (this node's own suspicion, or down news), not one learned from others'
+    /// gossip and held long.
+    pub(super) corroborated: bool,
 }
 
 /// A suspicion this node learned from others (it did not see the member fail) is held this
@@ -39,12 +42,12 @@ impl Node {
             return;
         };
         let member = *member_id;
-        self.hold(timer, self.stretch(self.cfg.suspicion_max));
+        self.hold(timer, self.stretch(self.cfg.suspicion_max), true);
         self.out.push(Output::Corroborate { member });
     }
 
     /// Hold `timer` for `after`, then the last check.
-    fn hold(&mut self, timer: foca::Timer<Identity>, after: Duration) {
+    fn hold(&mut self, timer: foca::Timer<Identity>, after: Duration, corroborated: bool) {
         let foca::Timer::ChangeSuspectToDown { member_id, .. } = &timer else {
             return;
         };
@@ -55,6 +58,7 @@ impl Node {
                 timer: timer.clone(),
                 started: self.now,
                 confirming: None,
+                corroborated,
             },
         );
         self.schedule(after, TimerKind::Swim(timer));
@@ -86,7 +90,7 @@ impl Node {
             .collect();
         let after = self.stretch(self.cfg.suspicion_max) * LEARNED_SUSPICION;
         for timer in unheld {
-            self.hold(timer, after);
+            self.hold(timer, after, false);
         }
     }
 
