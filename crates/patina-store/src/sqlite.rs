@@ -990,6 +990,10 @@ impl Row {
     }
 }
 
+/// The columns [`entry_of_row`] reads.
+const ENTRY_COLUMNS: &str =
+    "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records";
+
 /// An entry from a stored row's columns `key, grp, value, hlc, origin, seq, rev, left IS NOT
 /// NULL` (flags derived by `kind`).
 fn entry_of_row(r: &rusqlite::Row<'_>, kind: &KindRef) -> Result<Entry, rusqlite::Error> {
@@ -1004,10 +1008,7 @@ pub(crate) fn entry_at(
     rev: u64,
     kind: &KindRef,
 ) -> Result<Option<Entry>, rusqlite::Error> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
-         WHERE rev = ?1",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!("{ENTRY_COLUMNS} WHERE rev = ?1"))?;
     let mut rows = stmt.query([rev.min(i64::MAX as u64) as i64])?;
     match rows.next()? {
         Some(r) => Ok(Some(entry_of_row(r, kind)?)),
@@ -1022,10 +1023,7 @@ pub(crate) fn entries_of_origin(
     origin: NodeId,
     kind: &KindRef,
 ) -> Result<Vec<Entry>, rusqlite::Error> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key, grp, value, hlc, origin, seq, rev, left IS NOT NULL FROM records
-         WHERE origin = ?1",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!("{ENTRY_COLUMNS} WHERE origin = ?1"))?;
     stmt.query_map([origin.0 as i64], |r| entry_of_row(r, kind))?
         .collect()
 }

@@ -211,9 +211,8 @@ fn watched(
     }
 }
 
-#[test]
-fn a_lean_stores_watches_give_the_same_snapshots_as_a_full_stores() {
-    let rt = rt();
+/// A lean store and a full one, each in a directory of its own (kept while the stores are).
+fn lean_and_full() -> ((tempfile::TempDir, tempfile::TempDir), Store, Store) {
     let (lean_dir, full_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let lean = Store::open(
         lean_dir.path(),
@@ -224,6 +223,13 @@ fn a_lean_stores_watches_give_the_same_snapshots_as_a_full_stores() {
     )
     .unwrap();
     let full = Store::open(full_dir.path(), opts()).unwrap();
+    ((lean_dir, full_dir), lean, full)
+}
+
+#[test]
+fn a_lean_stores_watches_give_the_same_snapshots_as_a_full_stores() {
+    let rt = rt();
+    let (_dirs, lean, full) = lean_and_full();
     for store in [&lean, &full] {
         let writes: Vec<LocalWrite> = (0..40)
             .map(|i| {
@@ -250,16 +256,7 @@ fn a_lean_stores_watches_give_the_same_snapshots_as_a_full_stores() {
 #[test]
 fn a_lean_stores_liveness_changes_and_tombstone_collection_match_a_full_stores() {
     let rt = rt();
-    let (lean_dir, full_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let lean = Store::open(
-        lean_dir.path(),
-        StoreOptions {
-            lean: true,
-            ..opts()
-        },
-    )
-    .unwrap();
-    let full = Store::open(full_dir.path(), opts()).unwrap();
+    let (_dirs, lean, full) = lean_and_full();
     let peer = |i: u64| Record {
         key: format!("app-{i}/fra").into(),
         group: format!("app-{i}").into(),
