@@ -478,12 +478,7 @@ pub(crate) fn recent_changes(
                 floor = entry.rev();
                 break;
             }
-            let left = if entry.rev() <= moves_known_after {
-                LeftGroups::unknown()
-            } else {
-                left.as_deref()
-                    .map_or_else(LeftGroups::default, decode_left)
-            };
+            let left = left_groups(entry.rev(), moves_known_after, left.as_deref());
             changes.push(Change { entry, left });
         }
         changes.reverse();
@@ -507,12 +502,7 @@ pub(crate) fn recent_changes(
             break;
         }
         if let Some(entry) = index.latest(&key) {
-            let left = if rev <= moves_known_after {
-                LeftGroups::unknown()
-            } else {
-                left.as_deref()
-                    .map_or_else(LeftGroups::default, decode_left)
-            };
+            let left = left_groups(rev, moves_known_after, left.as_deref());
             changes.push(Change { entry, left });
         }
     }
@@ -543,6 +533,16 @@ fn encode_left(left: &LeftGroups) -> Vec<u8> {
 
 /// What a row's `left` says; unreadable bytes say "unknown" (a reader then considers the
 /// change, at worst a deletion of a key it does not hold).
+/// The groups a row says its key left: unknown for rows written before moves were recorded
+/// (`moves_known_after`), none when the row lists none.
+fn left_groups(rev: u64, moves_known_after: u64, left: Option<&[u8]>) -> LeftGroups {
+    if rev <= moves_known_after {
+        LeftGroups::unknown()
+    } else {
+        left.map_or_else(LeftGroups::default, decode_left)
+    }
+}
+
 pub(crate) fn decode_left(bytes: &[u8]) -> LeftGroups {
     fn parse(mut b: &[u8]) -> Option<LeftGroups> {
         let u64_at =
@@ -959,12 +959,7 @@ pub(crate) fn entries_by_rev(
         let rev = r.get::<_, i64>(6)? as u64;
         let left: Option<Vec<u8>> = r.get(7)?;
         let entry = row.entry(rev, left.is_some(), kind);
-        let left = if rev <= moves_known_after {
-            LeftGroups::unknown()
-        } else {
-            left.as_deref()
-                .map_or_else(LeftGroups::default, decode_left)
-        };
+        let left = left_groups(rev, moves_known_after, left.as_deref());
         Ok((entry, left))
     })?
     .collect()
@@ -1074,12 +1069,7 @@ pub(crate) fn keys_by_rev(
     stmt.query_map(params![after as i64, upto as i64, limit as i64], |r| {
         let rev = r.get::<_, i64>(1)? as u64;
         let left: Option<Vec<u8>> = r.get(2)?;
-        let left = if rev <= moves_known_after {
-            LeftGroups::unknown()
-        } else {
-            left.as_deref()
-                .map_or_else(LeftGroups::default, decode_left)
-        };
+        let left = left_groups(rev, moves_known_after, left.as_deref());
         Ok((r.get(0)?, rev, left))
     })?
     .collect()
