@@ -78,16 +78,7 @@ impl Node {
             return;
         };
         tracing::warn!(member = %member, "an attended member's stream ended and its port refuses: suspected at once");
-        let _ = self.foca.apply_many(
-            std::iter::once(foca::Member::new(member, incarnation, foca::State::Suspect)),
-            true,
-            &mut self.rt,
-        );
-        self.hold_suspicion(foca::Timer::ChangeSuspectToDown {
-            member_id: member,
-            incarnation,
-            token,
-        });
+        self.suspect_corroborated(member, incarnation, false, token);
         self.after_foca();
     }
 }

@@ -6,8 +6,9 @@
 //! sync interval with a random peer, so such a member repairs within a few seconds.
 //!
 //! A receiver does not take the news as final: it suspects the identities it still holds
-//! alive (that very identity: a member that restarted runs under a larger epoch, which news of
-//! its old one does not touch) and holds each suspicion as its own, corroborated. A dead
+//! alive or suspect under that identity or an earlier epoch of it (news of an earlier epoch
+//! than the one held says nothing: the member restarted since; a held earlier epoch is stale,
+//! this node never learned of the restart) and holds each suspicion as its own, corroborated. A dead
 //! member's port refuses and it goes down `suspicion_min` later; a healthy one answers or
 //! refutes. News can be stale: a node cut off from everyone takes every member for dead, and
 //! after the partition heals its hellos would list them (it also forgets its news when it
@@ -53,7 +54,8 @@ impl Node {
     }
 
     /// A session's peer listed these members as down lately: suspect those this node still
-    /// holds alive, under that very identity, and hold each suspicion as one of its own,
+    /// holds alive or suspect, under that identity or an earlier epoch of it (not already
+    /// held corroborated), and hold each suspicion as one of its own,
     /// corroborated (`suspicion.rs`): a dead member's port refuses, and it goes down after
     /// `suspicion_min`; a healthy one answers, or refutes, and stays (the news may be stale:
     /// its sender was cut off and took healthy members for dead). Returns how many it
@@ -104,22 +106,7 @@ impl Node {
             .collect();
         for (member, incarnation, suspect) in &alive {
             tracing::info!(member = %member, "a session's peer saw this member go down: suspected here");
-            if !suspect {
-                let _ = self.foca.apply_many(
-                    std::iter::once(foca::Member::new(
-                        *member,
-                        *incarnation,
-                        foca::State::Suspect,
-                    )),
-                    true,
-                    &mut self.rt,
-                );
-            }
-            self.hold_suspicion(foca::Timer::ChangeSuspectToDown {
-                member_id: *member,
-                incarnation: *incarnation,
-                token,
-            });
+            self.suspect_corroborated(*member, *incarnation, *suspect, token);
         }
         if alive.is_empty() {
             return 0;

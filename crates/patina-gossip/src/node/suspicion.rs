@@ -46,6 +46,32 @@ impl Node {
         self.out.push(Output::Corroborate { member });
     }
 
+    /// Suspect `member` at `incarnation` now, unless it is suspect here already (gossiped:
+    /// a member that runs refutes it), and hold the suspicion as one of this node's own,
+    /// corroborated: down after `suspicion_min` when its port refuses, else the last check.
+    /// What attendance and down news do with a member they have reason to think gone. The
+    /// caller runs `after_foca`.
+    pub(super) fn suspect_corroborated(
+        &mut self,
+        member: Identity,
+        incarnation: foca::Incarnation,
+        already_suspect: bool,
+        token: foca::TimerToken,
+    ) {
+        if !already_suspect {
+            let _ = self.foca.apply_many(
+                std::iter::once(foca::Member::new(member, incarnation, foca::State::Suspect)),
+                true,
+                &mut self.rt,
+            );
+        }
+        self.hold_suspicion(foca::Timer::ChangeSuspectToDown {
+            member_id: member,
+            incarnation,
+            token,
+        });
+    }
+
     /// Hold `timer` for `after`, then the last check.
     fn hold(&mut self, timer: foca::Timer<Identity>, after: Duration, corroborated: bool) {
         let foca::Timer::ChangeSuspectToDown { member_id, .. } = &timer else {
