@@ -35,6 +35,8 @@ pub struct Options {
     sim: bool,
     /// Only the simulation's figures (no agents).
     sim_only: bool,
+    /// Only the WAN world's simulation figures.
+    wan_only: bool,
     /// Run write-to-everywhere once more with the agents' stores here (a tmpfs, to take the
     /// one shared disk out of the figure).
     store_dir: Option<std::path::PathBuf>,
@@ -49,6 +51,7 @@ impl Options {
             idle_secs: 300,
             sim: true,
             sim_only: false,
+            wan_only: false,
             store_dir: None,
         };
         let mut it = args.iter();
@@ -59,6 +62,10 @@ impl Options {
             }
             if *a == "--sim-only" {
                 o.sim_only = true;
+                continue;
+            }
+            if *a == "--wan-only" {
+                o.wan_only = true;
                 continue;
             }
             if *a == "--store-dir" {
@@ -307,6 +314,12 @@ async fn grpc_rtt_us(agent: &Agent) -> f64 {
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
+    if o.wan_only {
+        let mut json = serde_json::json!({});
+        wan_figures(&mut json);
+        println!("{json}");
+        return Ok(());
+    }
     if o.sim_only {
         let mut json = serde_json::json!({});
         sim_figures(&mut json);
@@ -408,6 +421,42 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     }
     println!("{json}");
     Ok(())
+}
+
+/// The WAN world's figures (issue 20, item 6), printed and added to `json`.
+fn wan_figures(json: &mut serde_json::Value) {
+    let edges = 2000;
+    let t = std::time::Instant::now();
+    println!(
+        "simulation, WAN world ({edges} edges and 19 regions' bridges, one-way 4 ms + km/75 per ms), one change from each bridge:"
+    );
+    for (name, mode) in [
+        ("tree", patina_gossip::Dissemination::Tree),
+        ("plain", patina_gossip::Dissemination::Push),
+    ] {
+        let cfg = patina_gossip::Config {
+            dissemination: mode,
+            ..crate::sim_figures::wan_config()
+        };
+        let f = crate::sim_figures::wan_spread(edges, cfg, 7);
+        let r = f.ratios();
+        println!(
+            "  {name}: 99.9 % of edges within {:.2}x (median) / {:.2}x (worst) the one-way floor to the farthest edge; {:.0} B per change per node; idle {:.0} B/s per node; membership {}/{} ({:.0} s)",
+            r[r.len() / 2],
+            r[r.len() - 1],
+            f.bytes_per_change_per_node,
+            f.idle_bytes_per_s,
+            f.converged,
+            f.nodes,
+            t.elapsed().as_secs_f64()
+        );
+        for (b, (ms, floor)) in f.changes.iter().enumerate() {
+            println!("    bridge {b}: {ms:.1} ms, floor {floor:.1} ms");
+        }
+        json[format!("wan_{name}_ratio_median")] = r[r.len() / 2].into();
+        json[format!("wan_{name}_ratio_worst")] = r[r.len() - 1].into();
+        json[format!("wan_{name}_bytes_per_change_per_node")] = f.bytes_per_change_per_node.into();
+    }
 }
 
 /// The simulation's figures, printed and added to `json`.

@@ -28,7 +28,7 @@ pub fn spread(n: usize, seed: u64) -> (u64, f64, f64) {
         .learned_at
         .iter()
         .filter(|((o, _), _)| *o == origin)
-        .flat_map(|(_, ts)| ts.iter().map(|t| *t - start))
+        .flat_map(|(_, ts)| ts.iter().map(|(_, t)| *t - start))
         .collect();
     times.sort();
     let need = ((n - 1) as f64 * 0.999).ceil() as usize;
@@ -273,5 +273,174 @@ impl SplitMix {
             }
         }
         out
+    }
+}
+
+/// The regions of the WAN world (name, latitude, longitude): 19 cities on five continents.
+const WAN_REGIONS: [(&str, f64, f64); 19] = [
+    ("iad", 38.9, -77.4),
+    ("ord", 41.98, -87.9),
+    ("dfw", 32.9, -97.0),
+    ("lax", 33.9, -118.4),
+    ("sea", 47.4, -122.3),
+    ("yyz", 43.7, -79.6),
+    ("mia", 25.8, -80.3),
+    ("gru", -23.4, -46.5),
+    ("scl", -33.4, -70.8),
+    ("lhr", 51.5, -0.45),
+    ("fra", 50.0, 8.6),
+    ("ams", 52.3, 4.8),
+    ("mad", 40.5, -3.6),
+    ("waw", 52.2, 21.0),
+    ("jnb", -26.1, 28.2),
+    ("bom", 19.1, 72.9),
+    ("sin", 1.36, 103.99),
+    ("nrt", 35.8, 140.4),
+    ("syd", -33.9, 151.2),
+];
+
+/// Great-circle distance in km.
+fn km(a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (la1, lo1, la2, lo2) = (
+        a.0.to_radians(),
+        a.1.to_radians(),
+        b.0.to_radians(),
+        b.1.to_radians(),
+    );
+    let h = ((la2 - la1) / 2.0).sin().powi(2)
+        + la1.cos() * la2.cos() * ((lo2 - lo1) / 2.0).sin().powi(2);
+    2.0 * 6371.0 * h.sqrt().asin()
+}
+
+/// What [`wan_spread`] measured.
+#[derive(Debug)]
+pub struct WanFigures {
+    /// Per change (one from each region's bridge): milliseconds until 99.9 % of the edges
+    /// held it, and the one-way floor to the farthest edge.
+    pub changes: Vec<(f64, f64)>,
+    /// Datagram bytes the changes added, per change and per node (idle traffic taken out).
+    pub bytes_per_change_per_node: f64,
+    /// Idle datagram bytes per second per node.
+    pub idle_bytes_per_s: f64,
+    /// Nodes whose membership held every other node when the changes were written.
+    pub converged: usize,
+    pub nodes: usize,
+}
+
+impl WanFigures {
+    /// Ratios of each change's time to its floor, sorted.
+    pub fn ratios(&self) -> Vec<f64> {
+        let mut r: Vec<f64> = self.changes.iter().map(|(t, f)| t / f).collect();
+        r.sort_by(f64::total_cmp);
+        r
+    }
+}
+
+/// The WAN world of issue 20: one bridge at each of 19 regions' cities and `edges` edges
+/// spread over them (edge `e` near region `e % 19`, up to 2 degrees away each way), one-way
+/// latency 4 ms + great-circle distance / 75 km per ms, plus 0-200 µs of jitter. Every node
+/// is a member of one gossip cluster with `cfg`, formed at the start. After a minute, and a
+/// first (unmeasured) change from each bridge, each bridge in turn writes one change, 3 s
+/// apart; each change's time to 99.9 % of the edges is compared with the one-way latency
+/// from its bridge to the farthest edge.
+pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
+    let regions = WAN_REGIONS.len();
+    let mut rng = SplitMix(seed ^ 0x3a7);
+    let mut places: Vec<(f64, f64)> = WAN_REGIONS.iter().map(|(_, la, lo)| (*la, *lo)).collect();
+    for e in 0..edges {
+        let (_, la, lo) = WAN_REGIONS[e % regions];
+        let d = |rng: &mut SplitMix| (rng.below(4001) as f64 - 2000.0) / 1000.0;
+        places.push((la + d(&mut rng), lo + d(&mut rng)));
+    }
+    let n = places.len();
+    let one_way = |i: usize, j: usize| {
+        if i == j {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((4.0 + km(places[i], places[j]) / 75.0) / 1e3)
+        }
+    };
+    let matrix: Vec<Vec<Duration>> = (0..n)
+        .map(|i| (0..n).map(|j| one_way(i, j)).collect())
+        .collect();
+    let net = Net {
+        min_delay: Duration::ZERO,
+        max_delay: Duration::from_micros(200),
+        loss: 0.0,
+        duplicate: 0.0,
+        latency: Some(std::sync::Arc::new(matrix.clone())),
+    };
+    let mut w = World::new(n, cfg, net, seed);
+    // A formed cluster (joins are not what is measured), then a minute of sessions: each
+    // node's coordinate settles and it learns its peers'.
+    w.form();
+    w.run_for(Duration::from_secs(60));
+    let converged = (0..n)
+        .filter(|i| w.node(*i).is_some_and(|nd| nd.active().len() == n - 1))
+        .count();
+    // A first change from each bridge, unmeasured: a tree forms on its origin's first change.
+    for b in 0..regions {
+        w.write(b, &format!("warm-{b}"), "app", b"+v");
+        w.run_for(Duration::from_millis(500));
+    }
+    w.run_for(Duration::from_secs(10));
+    let idle = Duration::from_secs(10);
+    let b0 = w.datagram_bytes;
+    w.run_for(idle);
+    let idle_rate = (w.datagram_bytes - b0) as f64 / idle.as_secs_f64();
+    w.track_learning();
+    let spacing = Duration::from_secs(3);
+    let start = w.now;
+    let b1 = w.datagram_bytes;
+    let mut written = Vec::new();
+    for b in 0..regions {
+        written.push((b, w.now));
+        w.write(b, &format!("change-{b}"), "app", b"+v");
+        w.run_for(spacing);
+    }
+    w.run_for(Duration::from_secs(10));
+    let window = (w.now - start).as_secs_f64();
+    let added = (w.datagram_bytes - b1) as f64 - idle_rate * window;
+    let need = ((edges as f64) * 0.999).ceil() as usize;
+    let mut changes = Vec::new();
+    for (b, at) in written {
+        let origin = w.node_id(b);
+        let mut times: Vec<Duration> = w
+            .learned_at
+            .iter()
+            .filter(|((o, _), _)| *o == origin)
+            .flat_map(|(_, ts)| ts.iter())
+            .filter(|(i, _)| *i >= regions)
+            .map(|(_, t)| *t - at)
+            .collect();
+        times.sort();
+        let t = times
+            .get(need - 1)
+            .map_or(f64::INFINITY, |t| t.as_secs_f64() * 1e3);
+        let floor = (regions..n)
+            .map(|e| matrix[b][e])
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3;
+        changes.push((t, floor));
+    }
+    WanFigures {
+        changes,
+        bytes_per_change_per_node: added / regions as f64 / n as f64,
+        idle_bytes_per_s: idle_rate / n as f64,
+        converged,
+        nodes: n,
+    }
+}
+
+/// The WAN timings of `deploy/global.example.toml` on the LAN defaults.
+pub fn wan_config() -> Config {
+    Config {
+        probe_period: Duration::from_secs(1),
+        probe_rtt: Duration::from_millis(600),
+        suspicion_min: Duration::from_secs(1),
+        suspicion_max: Duration::from_secs(10),
+        ..Config::lan(ClusterName::new("sim").expect("name"))
     }
 }

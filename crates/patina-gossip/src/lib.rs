@@ -33,6 +33,6 @@ pub use envelope::{ClusterName, Envelope, EnvelopeError};
 pub use identity::Identity;
 pub use keyring::{GossipKey, Keyring, KeyringError, KeyringOp};
 pub use node::{
-    Config, Lane, MemberInfo, MemberState, Node, Output, StateSizes, TimerEvent, TimerKind,
-    ViewReason, ViewStatus,
+    Config, Dissemination, Lane, MemberInfo, MemberState, Node, Output, StateSizes, TimerEvent,
+    TimerKind, TreeSizes, ViewReason, ViewStatus,
 };

@@ -2,13 +2,18 @@
 //! `identity::Codec`) or a push of changes; and the items that carry changes.
 //!
 //! ```text
-//! payload = kind u8 (1 swim | 2 push) | body
+//! payload = kind u8 (1 swim | 2 push | 3 tree push | 4 prune | 5 graft) | body
 //! push    = sender node u64 LE | hops left u8 | (item length u16 LE | item)+
+//! tree push: as push (forwarded along the origin's tree, `node/tree.rs`)
+//! prune   = sender node u64 LE | (origin u64 LE)+
+//! graft   = sender node u64 LE | (origin u64 LE | seq u64 LE)+
 //! item    = tag u8 | origin u64 LE | seq u64 LE | rest
 //!   tag 1 record: hlc u64 LE | key length u16 LE | key | group length u16 LE | group
 //!                 | has value u8 (0 tombstone, 1 value) | value (to the end)
 //!   tag 2 notice: nothing more. "This version exists": a change too large for a datagram;
 //!                 the receiver's gap opens and anti-entropy fetches it.
+//!   tag 3 announce: nothing more. "I have this version" (tree dissemination's lazy path):
+//!                 a receiver that lacks it for a while grafts onto the announcer.
 //! ```
 //!
 //! Items are hand-framed so that a truncated or hostile item is an error, never a panic, and
@@ -21,9 +26,13 @@ use patina_store::{Hlc, NodeId, Record, Version};
 
 pub const KIND_SWIM: u8 = 1;
 pub const KIND_PUSH: u8 = 2;
+pub const KIND_TREE_PUSH: u8 = 3;
+pub const KIND_PRUNE: u8 = 4;
+pub const KIND_GRAFT: u8 = 5;
 
 const TAG_RECORD: u8 = 1;
 const TAG_NOTICE: u8 = 2;
+const TAG_ANNOUNCE: u8 = 3;
 
 /// Why an item or push did not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -47,20 +56,22 @@ pub enum Item {
     Record(Record),
     /// Only that a version exists (the record would not fit a datagram).
     Notice { origin: NodeId, seq: u64 },
+    /// The sender holds this version (tree dissemination's lazy path).
+    Announce { origin: NodeId, seq: u64 },
 }
 
 impl Item {
     pub fn origin(&self) -> NodeId {
         match self {
             Item::Record(r) => r.version.origin,
-            Item::Notice { origin, .. } => *origin,
+            Item::Notice { origin, .. } | Item::Announce { origin, .. } => *origin,
         }
     }
 
     pub fn seq(&self) -> u64 {
         match self {
             Item::Record(r) => r.version.seq,
-            Item::Notice { seq, .. } => *seq,
+            Item::Notice { seq, .. } | Item::Announce { seq, .. } => *seq,
         }
     }
 
@@ -106,8 +117,12 @@ impl Item {
                     }
                 }
             }
-            Item::Notice { origin, seq } => {
-                out.push(TAG_NOTICE);
+            Item::Notice { origin, seq } | Item::Announce { origin, seq } => {
+                out.push(if matches!(self, Item::Notice { .. }) {
+                    TAG_NOTICE
+                } else {
+                    TAG_ANNOUNCE
+                });
                 out.extend_from_slice(&origin.0.to_le_bytes());
                 out.extend_from_slice(&seq.to_le_bytes());
             }
@@ -130,11 +145,15 @@ impl Item {
             return Err(WireError::ZeroSeq);
         }
         match tag {
-            TAG_NOTICE => {
+            TAG_NOTICE | TAG_ANNOUNCE => {
                 if !r.0.is_empty() {
                     return Err(WireError::Truncated);
                 }
-                Ok(Item::Notice { origin, seq })
+                Ok(if tag == TAG_NOTICE {
+                    Item::Notice { origin, seq }
+                } else {
+                    Item::Announce { origin, seq }
+                })
             }
             TAG_RECORD => {
                 let hlc = Hlc(r.u64()?);
@@ -196,6 +215,8 @@ impl<'a> Cursor<'a> {
 pub struct Push {
     pub sender: NodeId,
     pub hops: u8,
+    /// Sent along its origin's tree ([`KIND_TREE_PUSH`]), not to random members.
+    pub tree: bool,
     /// Encoded items.
     pub items: Vec<Vec<u8>>,
 }
@@ -205,7 +226,7 @@ pub const PUSH_OVERHEAD: usize = 1 + 8 + 1;
 
 impl Push {
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(KIND_PUSH);
+        out.push(if self.tree { KIND_TREE_PUSH } else { KIND_PUSH });
         out.extend_from_slice(&self.sender.0.to_le_bytes());
         out.push(self.hops);
         for item in &self.items {
@@ -214,8 +235,8 @@ impl Push {
         }
     }
 
-    /// Decode a push body (after the kind byte).
-    pub fn decode(body: &[u8]) -> Result<Push, WireError> {
+    /// Decode a push body (after the kind byte; `tree`: it was [`KIND_TREE_PUSH`]).
+    pub fn decode(body: &[u8], tree: bool) -> Result<Push, WireError> {
         let mut r = Cursor(body);
         let sender = NodeId(r.u64()?);
         let hops = r.u8()?;
@@ -233,8 +254,84 @@ impl Push {
         Ok(Push {
             sender,
             hops,
+            tree,
             items,
         })
+    }
+}
+
+/// Most entries a prune or graft carries (what fits a datagram, well above what one
+/// node sends at once).
+pub const MAX_TREE_ENTRIES: usize = 64;
+
+/// Tree dissemination's control messages (`node/tree.rs`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum TreeControl {
+    /// "Stop pushing these origins' changes to me: I get them from another parent."
+    Prune {
+        sender: NodeId,
+        origins: Vec<NodeId>,
+    },
+    /// "I lack these versions you announced: send them, and push me that origin's changes
+    /// from now on."
+    Graft {
+        sender: NodeId,
+        versions: Vec<(NodeId, u64)>,
+    },
+}
+
+impl TreeControl {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            TreeControl::Prune { sender, origins } => {
+                out.push(KIND_PRUNE);
+                out.extend_from_slice(&sender.0.to_le_bytes());
+                for o in origins {
+                    out.extend_from_slice(&o.0.to_le_bytes());
+                }
+            }
+            TreeControl::Graft { sender, versions } => {
+                out.push(KIND_GRAFT);
+                out.extend_from_slice(&sender.0.to_le_bytes());
+                for (o, seq) in versions {
+                    out.extend_from_slice(&o.0.to_le_bytes());
+                    out.extend_from_slice(&seq.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Decode the body of a prune or graft (after its kind byte, `kind`).
+    pub fn decode(kind: u8, body: &[u8]) -> Result<TreeControl, WireError> {
+        let mut r = Cursor(body);
+        let sender = NodeId(r.u64()?);
+        let entry = if kind == KIND_PRUNE { 8 } else { 16 };
+        if r.0.is_empty() {
+            return Err(WireError::Empty);
+        }
+        if r.0.len() % entry != 0 || r.0.len() / entry > MAX_TREE_ENTRIES {
+            return Err(WireError::Truncated);
+        }
+        if kind == KIND_PRUNE {
+            let mut origins = Vec::new();
+            while !r.0.is_empty() {
+                origins.push(NodeId(r.u64()?));
+            }
+            Ok(TreeControl::Prune { sender, origins })
+        } else if kind == KIND_GRAFT {
+            let mut versions = Vec::new();
+            while !r.0.is_empty() {
+                let origin = NodeId(r.u64()?);
+                let seq = r.u64()?;
+                if seq == 0 {
+                    return Err(WireError::ZeroSeq);
+                }
+                versions.push((origin, seq));
+            }
+            Ok(TreeControl::Graft { sender, versions })
+        } else {
+            Err(WireError::Tag(kind))
+        }
     }
 }
 
@@ -284,6 +381,10 @@ mod tests {
             Item::Record(record(Some(b""))),
             Item::Record(record(None)),
             Item::Notice {
+                origin: NodeId(9),
+                seq: 4,
+            },
+            Item::Announce {
                 origin: NodeId(9),
                 seq: 4,
             },
@@ -341,25 +442,74 @@ mod tests {
 
     #[test]
     fn pushes_round_trip_and_bad_ones_are_errors() {
-        let push = Push {
-            sender: NodeId(3),
-            hops: 2,
-            items: vec![Item::Record(record(None)).to_bytes(), vec![1, 2, 3]],
-        };
-        let mut bytes = Vec::new();
-        push.encode(&mut bytes);
-        assert_eq!(bytes[0], KIND_PUSH);
-        assert_eq!(Push::decode(&bytes[1..]), Ok(push.clone()));
-        assert_eq!(Push::decode(&bytes[1..10]), Err(WireError::Empty));
-        // A cut between items is a shorter push; anywhere else it is an error.
-        let boundary = 1 + 8 + 1 + 2 + push.items[0].len();
-        for cut in 1..bytes.len() {
-            let decoded = Push::decode(&bytes[1..cut]);
-            if cut == boundary {
-                assert_eq!(decoded.unwrap().items, push.items[..1]);
-            } else {
-                assert!(decoded.is_err(), "cut {cut}");
+        for tree in [false, true] {
+            let push = Push {
+                sender: NodeId(3),
+                hops: 2,
+                tree,
+                items: vec![Item::Record(record(None)).to_bytes(), vec![1, 2, 3]],
+            };
+            let mut bytes = Vec::new();
+            push.encode(&mut bytes);
+            assert_eq!(bytes[0], if tree { KIND_TREE_PUSH } else { KIND_PUSH });
+            assert_eq!(Push::decode(&bytes[1..], tree), Ok(push.clone()));
+            assert_eq!(Push::decode(&bytes[1..10], tree), Err(WireError::Empty));
+            // A cut between items is a shorter push; anywhere else it is an error.
+            let boundary = 1 + 8 + 1 + 2 + push.items[0].len();
+            for cut in 1..bytes.len() {
+                let decoded = Push::decode(&bytes[1..cut], tree);
+                if cut == boundary {
+                    assert_eq!(decoded.unwrap().items, push.items[..1]);
+                } else {
+                    assert!(decoded.is_err(), "cut {cut}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn prunes_and_grafts_round_trip_and_bad_ones_are_errors() {
+        let prune = TreeControl::Prune {
+            sender: NodeId(3),
+            origins: vec![NodeId(7), NodeId(8)],
+        };
+        let graft = TreeControl::Graft {
+            sender: NodeId(4),
+            versions: vec![(NodeId(7), 2), (NodeId(9), 5)],
+        };
+        for (msg, kind) in [(prune, KIND_PRUNE), (graft, KIND_GRAFT)] {
+            let mut bytes = Vec::new();
+            msg.encode(&mut bytes);
+            assert_eq!(bytes[0], kind);
+            assert_eq!(TreeControl::decode(kind, &bytes[1..]), Ok(msg.clone()));
+            // Every cut that is not a whole number of entries, and no entry at all, fails.
+            let entry = if kind == KIND_PRUNE { 8 } else { 16 };
+            for cut in 1..bytes.len() {
+                let decoded = TreeControl::decode(kind, &bytes[1..cut]);
+                let body = cut - 1;
+                if body > 8 && (body - 8) % entry == 0 {
+                    assert!(decoded.is_ok(), "cut {cut}");
+                } else {
+                    assert!(decoded.is_err(), "cut {cut} of {msg:?}");
+                }
+            }
+        }
+        // Too many entries, and a graft of sequence number 0.
+        let mut many = vec![0u8; 8];
+        many.extend(std::iter::repeat_n(1u8, 8 * (MAX_TREE_ENTRIES + 1)));
+        assert_eq!(
+            TreeControl::decode(KIND_PRUNE, &many),
+            Err(WireError::Truncated)
+        );
+        let mut zero = Vec::new();
+        TreeControl::Graft {
+            sender: NodeId(4),
+            versions: vec![(NodeId(7), 0)],
+        }
+        .encode(&mut zero);
+        assert_eq!(
+            TreeControl::decode(KIND_GRAFT, &zero[1..]),
+            Err(WireError::ZeroSeq)
+        );
     }
 }

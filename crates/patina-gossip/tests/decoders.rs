@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use foca::Codec as _;
 use patina_gossip::identity::Codec;
-use patina_gossip::wire::{Item, Push};
+use patina_gossip::wire::{Item, KIND_GRAFT, KIND_PRUNE, Push, TreeControl};
 use patina_gossip::{ClusterName, Config, Envelope, Identity, Node};
 use patina_store::NodeId;
 use proptest::prelude::*;
@@ -29,6 +29,25 @@ fn node() -> Node {
     )
 }
 
+fn tree_node() -> Node {
+    let id = Identity {
+        node: NodeId(1),
+        addr: "10.0.0.1:7000".parse().unwrap(),
+        api_port: 7001,
+        epoch: 1,
+    };
+    Node::new(
+        id,
+        Config {
+            dissemination: patina_gossip::Dissemination::Tree,
+            ..Config::lan(ClusterName::new("fuzz").unwrap())
+        },
+        Default::default(),
+        vec!["10.0.0.2:7000".parse().unwrap()],
+        7,
+    )
+}
+
 fn sealed(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     Envelope::new(&ClusterName::new("fuzz").unwrap()).seal(payload, &mut out);
@@ -44,12 +63,15 @@ proptest! {
         let _ = Codec.decode_header(&bytes[..]);
         let _ = Codec.decode_member(&bytes[..]);
         let _ = Item::decode(&bytes);
-        let _ = Push::decode(&bytes);
+        let _ = Push::decode(&bytes, false);
+        let _ = Push::decode(&bytes, true);
+        let _ = TreeControl::decode(KIND_PRUNE, &bytes);
+        let _ = TreeControl::decode(KIND_GRAFT, &bytes);
     }
 
     #[test]
-    fn a_node_survives_any_datagram(kind in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..1500)) {
-        let mut n = node();
+    fn a_node_survives_any_datagram(kind in 0u8..7, tree in any::<bool>(), body in proptest::collection::vec(any::<u8>(), 0..1500)) {
+        let mut n = if tree { tree_node() } else { node() };
         n.start(Duration::ZERO);
         let mut payload = vec![kind];
         payload.extend_from_slice(&body);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use patina_gossip::sim::{Net, World};
 use patina_gossip::wire::{Item, Push};
-use patina_gossip::{ClusterName, Config, Envelope};
+use patina_gossip::{ClusterName, Config, Dissemination, Envelope};
 use patina_store::{Digest, NodeId};
 use rand::RngExt;
 
@@ -77,12 +77,16 @@ const NODES: usize = 100;
 
 /// Churn, loss, duplication, a partition that heals, crashes and restarts, a paused node.
 fn chaos(seed: u64) -> u64 {
+    chaos_with(seed, config())
+}
+
+fn chaos_with(seed: u64, cfg: Config) -> u64 {
     let net = Net {
         loss: 0.05,
         duplicate: 0.02,
         ..Net::lan()
     };
-    let mut w = World::new(NODES, config(), net, seed);
+    let mut w = World::new(NODES, cfg, net, seed);
     w.run_for(Duration::from_secs(5));
     let mut keys = BTreeSet::new();
     let crashed = 7;
@@ -139,6 +143,99 @@ fn chaos(seed: u64) -> u64 {
 fn a_hundred_nodes_converge_through_loss_partitions_crashes_and_pauses() {
     for_seeds("a_hundred_nodes", |seed| {
         chaos(seed);
+        0
+    });
+}
+
+#[test]
+fn a_hundred_nodes_converge_through_the_same_faults_with_tree_dissemination() {
+    for_seeds("a_hundred_nodes_tree", |seed| {
+        chaos_with(
+            seed,
+            Config {
+                dissemination: Dissemination::Tree,
+                ..config()
+            },
+        );
+        0
+    });
+}
+
+/// Tree dissemination: once an origin's tree has formed, its change reaches every node with
+/// no duplicate copy (no prune is sent), and when an interior node of the tree crashes, the
+/// nodes below it graft onto announcers and get the next change within a second or two,
+/// long before any anti-entropy round (a minute apart here).
+#[test]
+fn a_tree_forms_without_duplicates_and_grafts_around_a_crashed_parent() {
+    for_seeds("a_tree_forms", |seed| {
+        const N: usize = 40;
+        let cfg = Config {
+            dissemination: Dissemination::Tree,
+            sync_interval: Duration::from_secs(60),
+            ..config()
+        };
+        let mut w = World::new(N, cfg, Net::lan(), seed);
+        w.run_for(Duration::from_secs(3));
+        let writer = 0;
+        let origin = w.node_id(writer);
+        let prunes = |w: &World| -> u64 {
+            (0..N)
+                .filter_map(|i| w.node(i))
+                .map(|n| n.counters().tree_prunes_sent)
+                .sum()
+        };
+        let grafts = |w: &World| -> u64 {
+            (0..N)
+                .filter_map(|i| w.node(i))
+                .map(|n| n.counters().tree_grafts_sent)
+                .sum()
+        };
+        for k in 0..3 {
+            w.write(writer, &format!("warm-{k}"), "app", b"+v");
+            w.run_for(Duration::from_millis(500));
+        }
+        assert!(
+            prunes(&w) > 0,
+            "the first change flooded the views: duplicates pruned"
+        );
+        let before = prunes(&w);
+        w.write(writer, "settled", "app", b"+v");
+        w.run_for(Duration::from_millis(500));
+        for i in 0..N {
+            if !w.served(i).contains_key("settled") {
+                let me = w.node(i).unwrap().identity();
+                let feeders: Vec<usize> = (0..N)
+                    .filter(|j| {
+                        w.node(*j)
+                            .is_some_and(|n| n.tree_targets(origin).contains(&me))
+                    })
+                    .collect();
+                eprintln!(
+                    "node {i}: {:?} {:?} fed by {feeders:?}",
+                    w.node(i).unwrap().counters(),
+                    w.node(i).unwrap().tree_sizes()
+                );
+            }
+            assert!(w.served(i).contains_key("settled"), "node {i} lacks it");
+        }
+        assert_eq!(prunes(&w), before, "a formed tree delivered a duplicate");
+        // The node that pushes the writer's changes to the most others.
+        let parent = (1..N)
+            .max_by_key(|i| w.node(*i).map_or(0, |n| n.tree_targets(origin).len()))
+            .expect("nodes");
+        let children = w.node(parent).map_or(0, |n| n.tree_targets(origin).len());
+        assert!(children > 0, "no interior node in the writer's tree");
+        w.crash(parent);
+        let grafts_before = grafts(&w);
+        w.write(writer, "after-crash", "app", b"+v");
+        w.run_for(Duration::from_secs(2));
+        for i in (0..N).filter(|i| *i != parent) {
+            assert!(
+                w.served(i).contains_key("after-crash"),
+                "node {i} lacks the change 2 s after its parent ({parent}, {children} children) crashed"
+            );
+        }
+        assert!(grafts(&w) > grafts_before, "nobody grafted");
         0
     });
 }
@@ -463,6 +560,7 @@ fn forged_notices_from_a_hundred_thousand_origins_leave_pushes_working() {
             let push = Push {
                 sender: NodeId(0xbad),
                 hops: 3,
+                tree: false,
                 items,
             };
             let mut payload = Vec::new();

@@ -100,6 +100,7 @@ fn datagram(key: &str, records: Vec<Record>) -> Vec<u8> {
     let push = Push {
         sender: NodeId(0xbad),
         hops: 0,
+        tree: false,
         items: records
             .iter()
             .map(|r| Item::Record(r.clone()).to_bytes())

@@ -177,6 +177,7 @@ impl Node {
         self.reconcile_liveness();
         self.hold_unheld_suspects();
         self.prune_peer_state();
+        self.refresh_tree_view();
         if let Some(peer) = self.random_active() {
             self.start_sync(peer);
         }

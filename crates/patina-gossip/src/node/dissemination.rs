@@ -66,7 +66,16 @@ impl Node {
 
     /// Items taken from foca's piggyback path this turn.
     pub(super) fn take_inbox(&mut self, sender: Option<Identity>) {
-        let items = std::mem::take(&mut self.shared.lock().expect("gossip shared state").inbox);
+        let (items, announced) = {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            (
+                std::mem::take(&mut s.inbox),
+                std::mem::take(&mut s.announced),
+            )
+        };
+        for (origin, seq, from) in announced {
+            self.tree_announced(origin, seq, Some(from));
+        }
         if !items.is_empty() {
             // Forward new piggybacked changes at once rather than at the next probe.
             let _ = self.foca.broadcast(&mut self.rt);
@@ -86,6 +95,7 @@ impl Node {
                     self.gap_hint = sender.or(self.gap_hint);
                     self.arm_gap_check();
                 }
+                Item::Announce { origin, seq } => self.tree_announced(origin, seq, sender),
             }
         }
         if !records.is_empty() {
@@ -99,6 +109,18 @@ impl Node {
     /// Local changes are durable: push them at once and queue them for piggybacking.
     pub fn handle_local(&mut self, now: Duration, records: &[Record]) {
         self.now = now;
+        if self.cfg.dissemination == super::Dissemination::Tree {
+            let items = records
+                .iter()
+                .map(|r| {
+                    let item = Item::for_record(r, self.max_item);
+                    let bytes = item.to_bytes();
+                    (item, bytes)
+                })
+                .collect();
+            self.tree_spread(items, None, super::tree::TREE_HOPS);
+            return;
+        }
         let mut items = Vec::with_capacity(records.len());
         for r in records {
             let bytes = Item::for_record(r, self.max_item).to_bytes();
@@ -151,6 +173,7 @@ impl Node {
         let mut current = Push {
             sender: me,
             hops,
+            tree: false,
             items: Vec::new(),
         };
         let mut used = 0;
@@ -164,6 +187,7 @@ impl Node {
                     Push {
                         sender: me,
                         hops,
+                        tree: false,
                         items: Vec::new(),
                     },
                 ));

@@ -21,7 +21,9 @@ use rand::{RngExt, SeedableRng};
 
 use crate::envelope::{ClusterName, Envelope, EnvelopeError};
 use crate::identity::{Codec, Identity};
-use crate::wire::{KIND_PUSH, KIND_SWIM, Push};
+use crate::wire::{
+    KIND_GRAFT, KIND_PRUNE, KIND_PUSH, KIND_SWIM, KIND_TREE_PUSH, Push, TreeControl,
+};
 
 mod antientropy;
 mod attend;
@@ -33,6 +35,7 @@ mod place;
 mod retire;
 mod shared;
 mod suspicion;
+mod tree;
 mod view;
 
 pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT, SyncEnd};
@@ -44,6 +47,9 @@ pub use shared::ItemKey;
 use shared::{Handler, Shared};
 use suspicion::Held;
 pub use suspicion::{CONFIRM_ASK, CONFIRM_BACKSTOP};
+pub use tree::{
+    MAX_MISSING, MAX_RECENT_BYTES, MAX_TREE_ORIGINS, RECENT_AGE, TREE_NEAR, TREE_RANDOM, TreeSizes,
+};
 pub use view::{ViewReason, ViewStatus};
 
 /// The highest local-health score: probe timers stretch to at most 9x.
@@ -128,6 +134,21 @@ pub struct Config {
     /// Whether sessions' hellos carry down news and this node heeds it (`down_news.rs`).
     /// On in agents; tests turn it off to compare.
     pub down_news: bool,
+    /// How changes spread: random pushes (a LAN's default) or per-origin trees (a WAN's).
+    pub dissemination: Dissemination,
+}
+
+/// How changes spread between members.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dissemination {
+    /// Pushed at once to `push_fanout` random members, forwarded `push_hops` times, and
+    /// piggybacked on SWIM traffic (`dissemination.rs`): the fewest hops on a LAN.
+    #[default]
+    Push,
+    /// Pushed along a tree per origin that converges to the fastest paths, announced on
+    /// SWIM traffic, repaired by grafts (`tree.rs`): near the one-way floor on a WAN, with
+    /// a fraction of the bytes.
+    Tree,
 }
 
 impl Config {
@@ -158,6 +179,7 @@ impl Config {
             max_clock_offset: Duration::from_millis(500),
             keyring: crate::keyring::Keyring::default(),
             down_news: true,
+            dissemination: Dissemination::Push,
         }
     }
 
@@ -221,6 +243,8 @@ pub enum TimerKind {
     Announce,
     SyncRound,
     GapCheck,
+    /// Awaited announced versions are due a graft (`tree.rs`).
+    TreeCheck,
 }
 
 /// What the node asks of its shell.
@@ -310,6 +334,14 @@ pub struct Counters {
     pub syncs_started: u64,
     pub syncs_for_gaps: u64,
     pub late_timers: u64,
+    /// Tree dissemination (`tree.rs`): announcements of versions this node lacked, prunes
+    /// and grafts sent and received, and tree messages from non-members (dropped).
+    pub announces_new: u64,
+    pub tree_prunes_sent: u64,
+    pub tree_prunes_received: u64,
+    pub tree_grafts_sent: u64,
+    pub tree_grafts_received: u64,
+    pub tree_from_strangers: u64,
 }
 
 /// How many entries the node holds in each structure a peer's datagrams reach: for status
@@ -416,6 +448,8 @@ pub struct Node {
     /// foca's sends per update now, and the membership size it was chosen for.
     transmissions: NonZeroU8,
     scaled_for: usize,
+    /// Tree dissemination's links, recent changes and awaited versions (`tree.rs`).
+    tree: tree::Tree,
 }
 
 /// Sends per update for `members` others: at least `least`, and `ceil(4 × log10(N + 1))`.
@@ -495,6 +529,7 @@ impl Node {
             down_news_gen: 0,
             transmissions: cfg_transmissions,
             scaled_for: 0,
+            tree: tree::Tree::default(),
         }
     }
 
@@ -602,13 +637,29 @@ impl Node {
                 self.after_foca();
                 self.take_inbox(None);
             }
-            Some((&KIND_PUSH, body)) => match Push::decode(body) {
+            Some((&KIND_PUSH, body)) => match Push::decode(body, false) {
                 Ok(push) => self.handle_push(push),
                 Err(e) => {
                     tracing::debug!(error = %e, "push dropped");
                     self.count(|c| c.dropped_decode += 1);
                 }
             },
+            Some((&KIND_TREE_PUSH, body)) => match Push::decode(body, true) {
+                Ok(push) => self.handle_tree_push(push),
+                Err(e) => {
+                    tracing::debug!(error = %e, "tree push dropped");
+                    self.count(|c| c.dropped_decode += 1);
+                }
+            },
+            Some((&kind @ (KIND_PRUNE | KIND_GRAFT), body)) => {
+                match TreeControl::decode(kind, body) {
+                    Ok(msg) => self.handle_tree_control(msg),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "prune or graft dropped");
+                        self.count(|c| c.dropped_decode += 1);
+                    }
+                }
+            }
             _ => self.count(|c| c.dropped_decode += 1),
         }
     }
@@ -665,6 +716,7 @@ impl Node {
             }
             TimerKind::SyncRound => self.sync_round(),
             TimerKind::GapCheck => self.gap_check(),
+            TimerKind::TreeCheck => self.tree_check(),
         }
     }
 
@@ -688,6 +740,20 @@ impl Node {
         }
         self.after_foca();
         self.refresh_origins();
+    }
+
+    /// Take `members` as alive without gossiping about them: a simulation's shortcut to a
+    /// formed cluster (the membership a real one holds once its joins have settled), so that
+    /// a simulation of thousands of nodes need not simulate their joins first.
+    pub fn assume_members(&mut self, now: Duration, members: &[Identity]) {
+        self.now = now;
+        let me = self.identity();
+        let updates = members
+            .iter()
+            .filter(|m| m.addr != me.addr)
+            .map(|m| foca::Member::alive(*m));
+        let _ = self.foca.apply_many(updates, false, &mut self.rt);
+        self.after_foca();
     }
 
     /// Leave the cluster gracefully: tell a few members we are going.

@@ -1,0 +1,544 @@
+//! Tree dissemination for a WAN ([`Dissemination::Tree`]): Plumtree's eager and lazy push
+//! (Leitão, Pereira and Rodrigues, "Epidemic Broadcast Trees", 2007), one tree per origin.
+//!
+//! - **Eager push along the tree.** A node sends each change it first receives (or writes)
+//!   to that origin's eager peers: its view (the [`TREE_NEAR`] members nearest by network
+//!   coordinates and [`TREE_RANDOM`] random ones) less those that pruned it, plus those that
+//!   grafted onto it. The first change of an origin floods the view graph.
+//! - **Prune.** A node that receives a copy it already holds tells the sender to stop
+//!   pushing that origin's changes to it. So each node keeps, per origin, the peer whose copy
+//!   came first: the tree converges to the fastest paths from that origin (per origin, so an
+//!   origin on another continent is not routed through this one's parent).
+//! - **Lazy push.** Each node announces each new change on its SWIM traffic (an
+//!   [`Item::Announce`]: 17 bytes, not the record), as plain gossip piggybacks records.
+//! - **Graft.** A node that hears an announcement of a change it still lacks after
+//!   `Config::probe_rtt` asks the announcer for it (a graft): the announcer sends it from its
+//!   recent changes and pushes that origin's changes to the node from then on. A node whose
+//!   announcers all failed falls back to anti-entropy (the change is noticed; its gap opens).
+//!
+//! Everything is bounded: origins ([`MAX_TREE_ORIGINS`], members only), links per origin,
+//! the recent changes kept for grafts ([`MAX_RECENT_BYTES`], [`RECENT_AGE`]), and the
+//! missing changes awaited ([`MAX_MISSING`]).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use patina_store::NodeId;
+use rand::RngExt;
+
+use super::{Lane, Node, TimerKind};
+use crate::identity::Identity;
+use crate::wire::{Item, MAX_TREE_ENTRIES, PUSH_OVERHEAD, Push, TreeControl};
+
+/// View members chosen by network coordinates (nearest first).
+pub const TREE_NEAR: usize = 4;
+/// View members chosen at random (the long links that reach other continents at once).
+pub const TREE_RANDOM: usize = 4;
+/// Origins whose links a node keeps (each a member).
+pub const MAX_TREE_ORIGINS: usize = 4096;
+/// Pruned or grafted peers kept per origin.
+const MAX_LINKS: usize = 64;
+/// Bytes of recent changes kept to answer grafts, and for how long.
+pub const MAX_RECENT_BYTES: usize = 1 << 20;
+pub const RECENT_AGE: Duration = Duration::from_secs(30);
+/// Announced changes awaited at once, and announcers remembered per change.
+pub const MAX_MISSING: usize = 4096;
+const MAX_ANNOUNCERS: usize = 3;
+/// Hops a tree push may take (a backstop: a tree push is forwarded only on first receipt).
+pub(super) const TREE_HOPS: u8 = 64;
+
+/// A node's tree state.
+#[derive(Debug, Default)]
+pub(super) struct Tree {
+    /// The base view: where an origin's changes go until a peer prunes.
+    view: Vec<Identity>,
+    links: BTreeMap<NodeId, Links>,
+    recent: BTreeMap<(NodeId, u64), Vec<u8>>,
+    recent_order: VecDeque<((NodeId, u64), Duration)>,
+    recent_bytes: usize,
+    missing: BTreeMap<(NodeId, u64), Missing>,
+    check_armed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Links {
+    /// Peers not to push this origin's changes to (they, or we, pruned the link).
+    pruned: BTreeSet<NodeId>,
+    /// Peers outside the view to push them to (they grafted).
+    grafted: BTreeSet<NodeId>,
+}
+
+#[derive(Debug)]
+struct Missing {
+    announcers: VecDeque<NodeId>,
+    due: Duration,
+}
+
+/// Sizes of the tree state, for tests and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeSizes {
+    pub view: usize,
+    pub origins: usize,
+    pub pruned: usize,
+    pub grafted: usize,
+    pub recent: usize,
+    pub missing: usize,
+}
+
+impl Node {
+    fn tree_on(&self) -> bool {
+        self.cfg.dissemination == super::Dissemination::Tree
+    }
+
+    /// Local changes, or changes first received: keep them for grafts, announce them on
+    /// SWIM traffic, and push them to their origins' eager peers (not `from`).
+    pub(super) fn tree_spread(
+        &mut self,
+        items: Vec<(Item, Vec<u8>)>,
+        from: Option<NodeId>,
+        hops: u8,
+    ) {
+        let now = self.now;
+        let queue = !self
+            .shared
+            .lock()
+            .expect("gossip shared state")
+            .backlog_full;
+        let mut by_origin: BTreeMap<NodeId, Vec<Vec<u8>>> = BTreeMap::new();
+        for (item, bytes) in items {
+            let id = (item.origin(), item.seq());
+            self.tree.missing.remove(&id);
+            if queue {
+                let announce = Item::Announce {
+                    origin: id.0,
+                    seq: id.1,
+                }
+                .to_bytes();
+                let _ = self.foca.add_broadcast(&announce);
+            }
+            self.tree.remember(id, &bytes, now);
+            by_origin.entry(id.0).or_default().push(bytes);
+        }
+        if self.tree.view.is_empty() {
+            self.refresh_tree_view();
+        }
+        let members: BTreeMap<NodeId, Identity> = self
+            .foca
+            .iter_members()
+            .map(|m| (m.id().node, *m.id()))
+            .collect();
+        for (origin, items) in by_origin {
+            let targets: Vec<Identity> = self
+                .tree
+                .eager(origin, &members)
+                .into_iter()
+                .filter(|t| Some(t.node) != from && t.node != origin)
+                .collect();
+            self.send_tree_push(items, &targets, hops);
+        }
+        self.update_backlog();
+    }
+
+    /// Pack `items` (of one origin) into tree pushes to `targets`.
+    fn send_tree_push(&mut self, items: Vec<Vec<u8>>, targets: &[Identity], hops: u8) {
+        if targets.is_empty() || items.is_empty() {
+            return;
+        }
+        let room = self
+            .cfg
+            .max_datagram
+            .saturating_sub(self.envelope.overhead() + PUSH_OVERHEAD);
+        let me = self.identity().node;
+        let mut packets = vec![Vec::new()];
+        let mut used = 0;
+        for item in items {
+            if item.len() + 2 > room {
+                continue; // cannot happen: items are sized by `max_item`
+            }
+            if used + item.len() + 2 > room {
+                packets.push(Vec::new());
+                used = 0;
+            }
+            used += item.len() + 2;
+            packets.last_mut().expect("one packet").push(item);
+        }
+        for items in packets.into_iter().filter(|p| !p.is_empty()) {
+            let mut payload = Vec::new();
+            Push {
+                sender: me,
+                hops,
+                tree: true,
+                items,
+            }
+            .encode(&mut payload);
+            let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
+            self.envelope.seal(&payload, &mut bytes);
+            for t in targets {
+                self.send(t.push_addr(), bytes.clone(), Lane::Push);
+            }
+        }
+    }
+
+    /// A tree push arrived: new items spread on; a copy we already held prunes its sender
+    /// for that origin.
+    pub(super) fn handle_tree_push(&mut self, push: Push) {
+        let Some(sender) = self.member_by_node(push.sender) else {
+            self.count(|c| c.tree_from_strangers += 1);
+            return;
+        };
+        let mut fresh = Vec::new();
+        let mut stale_origins = BTreeSet::new();
+        let me = self.identity().node;
+        {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            for bytes in push.items {
+                match Item::decode(&bytes) {
+                    // Our own change come back: a copy we hold (the mirror of the store's
+                    // digest learns our own changes only through sessions).
+                    Ok(item @ Item::Record(_)) if item.origin() == me => {
+                        stale_origins.insert(item.origin());
+                    }
+                    Ok(item @ Item::Record(_)) => {
+                        if s.take(&item) {
+                            fresh.push((item, bytes));
+                        } else {
+                            stale_origins.insert(item.origin());
+                        }
+                    }
+                    Ok(_) | Err(_) => s.counters.dropped_decode += 1,
+                }
+            }
+        }
+        let origins: Vec<NodeId> = stale_origins
+            .into_iter()
+            .filter(|o| !fresh.iter().any(|(i, _)| i.origin() == *o))
+            .collect();
+        if !origins.is_empty() {
+            for o in &origins {
+                if let Some(l) = self.tree.link(*o) {
+                    l.unlink(sender.node);
+                }
+            }
+            self.count(|c| c.tree_prunes_sent += 1);
+            let me = self.identity().node;
+            self.send_control(
+                sender,
+                TreeControl::Prune {
+                    sender: me,
+                    origins: origins.into_iter().take(MAX_TREE_ENTRIES).collect(),
+                },
+            );
+        }
+        if fresh.is_empty() {
+            return;
+        }
+        let items: Vec<Item> = fresh.iter().map(|(i, _)| i.clone()).collect();
+        if push.hops > 0 {
+            self.tree_spread(fresh, Some(sender.node), push.hops - 1);
+        } else {
+            for (item, bytes) in &fresh {
+                self.tree
+                    .remember((item.origin(), item.seq()), bytes, self.now);
+            }
+        }
+        self.deliver(items, Some(sender));
+    }
+
+    /// A prune or a graft arrived.
+    pub(super) fn handle_tree_control(&mut self, msg: TreeControl) {
+        match msg {
+            TreeControl::Prune { sender, origins } => {
+                if self.member_by_node(sender).is_none() {
+                    self.count(|c| c.tree_from_strangers += 1);
+                    return;
+                }
+                self.count(|c| c.tree_prunes_received += 1);
+                for o in origins {
+                    if let Some(l) = self.tree.link(o) {
+                        l.unlink(sender);
+                    }
+                }
+            }
+            TreeControl::Graft { sender, versions } => {
+                let Some(peer) = self.member_by_node(sender) else {
+                    self.count(|c| c.tree_from_strangers += 1);
+                    return;
+                };
+                self.count(|c| c.tree_grafts_received += 1);
+                let mut items: BTreeMap<NodeId, Vec<Vec<u8>>> = BTreeMap::new();
+                for (o, seq) in versions {
+                    if let Some(l) = self.tree.link(o) {
+                        l.graft(sender);
+                    }
+                    if let Some(bytes) = self.tree.recent.get(&(o, seq)) {
+                        items.entry(o).or_default().push(bytes.clone());
+                    }
+                }
+                for (_, items) in items {
+                    self.send_tree_push(items, &[peer], TREE_HOPS);
+                }
+            }
+        }
+    }
+
+    /// An announcement of a version we lack arrived from `from`: wait a round trip for the
+    /// tree to bring it, then graft.
+    pub(super) fn tree_announced(&mut self, origin: NodeId, seq: u64, from: Option<Identity>) {
+        let Some(from) = from else { return };
+        if origin == self.identity().node {
+            return;
+        }
+        let due = self.now + self.cfg.probe_rtt;
+        let tree = &mut self.tree;
+        let room = tree.missing.len() < MAX_MISSING;
+        match tree.missing.get_mut(&(origin, seq)) {
+            Some(m) => {
+                if m.announcers.len() < MAX_ANNOUNCERS && !m.announcers.contains(&from.node) {
+                    m.announcers.push_back(from.node);
+                }
+            }
+            None if room => {
+                tree.missing.insert(
+                    (origin, seq),
+                    Missing {
+                        announcers: VecDeque::from([from.node]),
+                        due,
+                    },
+                );
+            }
+            None => {
+                // Too many awaited: anti-entropy fetches it.
+                let mut s = self.shared.lock().expect("gossip shared state");
+                s.notice(origin, seq);
+                drop(s);
+                self.arm_gap_check();
+            }
+        }
+        if !self.tree.check_armed && !self.tree.missing.is_empty() {
+            self.tree.check_armed = true;
+            self.schedule(self.cfg.probe_rtt, TimerKind::TreeCheck);
+        }
+    }
+
+    /// Graft for awaited versions whose wait ran out; re-arm for the rest.
+    pub(super) fn tree_check(&mut self) {
+        self.tree.check_armed = false;
+        let now = self.now;
+        let due: Vec<(NodeId, u64)> = {
+            let s = self.shared.lock().expect("gossip shared state");
+            self.tree.missing.retain(|(o, seq), _| !s.knows(*o, *seq));
+            self.tree
+                .missing
+                .iter()
+                .filter(|(_, m)| m.due <= now)
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        let mut grafts: BTreeMap<NodeId, Vec<(NodeId, u64)>> = BTreeMap::new();
+        let mut exhausted = Vec::new();
+        for id in due {
+            let Some(m) = self.tree.missing.get_mut(&id) else {
+                continue;
+            };
+            match m.announcers.pop_front() {
+                Some(peer) => {
+                    m.due = now + self.cfg.probe_rtt;
+                    grafts.entry(peer).or_default().push(id);
+                }
+                None => exhausted.push(id),
+            }
+        }
+        if !exhausted.is_empty() {
+            let mut s = self.shared.lock().expect("gossip shared state");
+            for id in &exhausted {
+                self.tree.missing.remove(id);
+                s.notice(id.0, id.1);
+            }
+            drop(s);
+            self.arm_gap_check();
+        }
+        let me = self.identity().node;
+        for (peer, versions) in grafts {
+            let Some(peer) = self.member_by_node(peer) else {
+                continue;
+            };
+            for chunk in versions.chunks(MAX_TREE_ENTRIES) {
+                self.count(|c| c.tree_grafts_sent += 1);
+                self.send_control(
+                    peer,
+                    TreeControl::Graft {
+                        sender: me,
+                        versions: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+        if let Some(next) = self.tree.missing.values().map(|m| m.due).min() {
+            self.tree.check_armed = true;
+            self.schedule(next.saturating_sub(now), TimerKind::TreeCheck);
+        }
+    }
+
+    fn send_control(&mut self, to: Identity, msg: TreeControl) {
+        let mut payload = Vec::new();
+        msg.encode(&mut payload);
+        let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
+        self.envelope.seal(&payload, &mut bytes);
+        self.send(to.push_addr(), bytes, Lane::Push);
+    }
+
+    fn member_by_node(&self, node: NodeId) -> Option<Identity> {
+        self.foca
+            .iter_members()
+            .map(|m| *m.id())
+            .find(|m| m.node == node)
+    }
+
+    /// Choose the view again (each sync round): the nearest members by coordinates, then
+    /// the random ones chosen before that are still members, topped up at random. Links of
+    /// origins and peers that are no longer members are forgotten, and old recent changes.
+    pub(super) fn refresh_tree_view(&mut self) {
+        if !self.tree_on() {
+            return;
+        }
+        let members: Vec<Identity> = self.foca.iter_members().map(|m| *m.id()).collect();
+        let nodes: BTreeSet<NodeId> = members.iter().map(|m| m.node).collect();
+        let me = self.place.vivaldi.coordinate().clone();
+        let mut near: Vec<(f64, Identity)> = members
+            .iter()
+            .filter_map(|m| {
+                self.place
+                    .peers
+                    .get(&m.node)
+                    .map(|(c, _)| (me.distance_to(c), *m))
+            })
+            .collect();
+        near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.node.cmp(&b.1.node)));
+        let mut view: Vec<Identity> = near.into_iter().take(TREE_NEAR).map(|(_, m)| m).collect();
+        let old_random: Vec<Identity> = self
+            .tree
+            .view
+            .iter()
+            .filter(|m| members.contains(m) && !view.contains(m))
+            .copied()
+            .collect();
+        for m in old_random {
+            if view.len() < TREE_NEAR + TREE_RANDOM {
+                view.push(m);
+            }
+        }
+        let mut pool: Vec<Identity> = members
+            .iter()
+            .filter(|m| !view.contains(m))
+            .copied()
+            .collect();
+        while view.len() < TREE_NEAR + TREE_RANDOM && !pool.is_empty() {
+            let i = self.rng.random_range(0..pool.len());
+            view.push(pool.swap_remove(i));
+        }
+        self.tree.view = view;
+        self.tree.links.retain(|o, _| nodes.contains(o));
+        for l in self.tree.links.values_mut() {
+            l.pruned.retain(|p| nodes.contains(p));
+            l.grafted.retain(|p| nodes.contains(p));
+        }
+        let now = self.now;
+        self.tree.expire_recent(now);
+    }
+
+    /// Whom this node pushes `origin`'s changes to now (its children in that origin's tree,
+    /// once the tree has formed).
+    pub fn tree_targets(&self, origin: NodeId) -> Vec<Identity> {
+        let members: BTreeMap<NodeId, Identity> = self
+            .foca
+            .iter_members()
+            .map(|m| (m.id().node, *m.id()))
+            .collect();
+        self.tree
+            .eager(origin, &members)
+            .into_iter()
+            .filter(|m| m.node != origin)
+            .collect()
+    }
+
+    pub fn tree_sizes(&self) -> TreeSizes {
+        TreeSizes {
+            view: self.tree.view.len(),
+            origins: self.tree.links.len(),
+            pruned: self.tree.links.values().map(|l| l.pruned.len()).sum(),
+            grafted: self.tree.links.values().map(|l| l.grafted.len()).sum(),
+            recent: self.tree.recent.len(),
+            missing: self.tree.missing.len(),
+        }
+    }
+}
+
+impl Tree {
+    /// This origin's links, made if there is room.
+    fn link(&mut self, origin: NodeId) -> Option<&mut Links> {
+        if !self.links.contains_key(&origin) && self.links.len() >= MAX_TREE_ORIGINS {
+            return None;
+        }
+        Some(self.links.entry(origin).or_default())
+    }
+
+    /// Whom `origin`'s changes go to: the view less the pruned, plus the grafted (members
+    /// only).
+    fn eager(&self, origin: NodeId, members: &BTreeMap<NodeId, Identity>) -> Vec<Identity> {
+        let links = self.links.get(&origin);
+        let mut out: Vec<Identity> = self
+            .view
+            .iter()
+            .filter(|m| !links.is_some_and(|l| l.pruned.contains(&m.node)))
+            .filter_map(|m| members.get(&m.node).copied())
+            .collect();
+        if let Some(l) = links {
+            for p in &l.grafted {
+                if let Some(m) = members.get(p)
+                    && !out.contains(m)
+                {
+                    out.push(*m);
+                }
+            }
+        }
+        out
+    }
+
+    fn remember(&mut self, id: (NodeId, u64), bytes: &[u8], now: Duration) {
+        if self.recent.contains_key(&id) {
+            return;
+        }
+        self.recent.insert(id, bytes.to_vec());
+        self.recent_order.push_back((id, now));
+        self.recent_bytes += bytes.len();
+        self.expire_recent(now);
+    }
+
+    fn expire_recent(&mut self, now: Duration) {
+        while let Some((id, at)) = self.recent_order.front().copied() {
+            if self.recent_bytes <= MAX_RECENT_BYTES && now.saturating_sub(at) < RECENT_AGE {
+                break;
+            }
+            self.recent_order.pop_front();
+            if let Some(b) = self.recent.remove(&id) {
+                self.recent_bytes -= b.len();
+            }
+        }
+    }
+}
+
+impl Links {
+    fn unlink(&mut self, peer: NodeId) {
+        self.grafted.remove(&peer);
+        if self.pruned.len() < MAX_LINKS {
+            self.pruned.insert(peer);
+        }
+    }
+
+    fn graft(&mut self, peer: NodeId) {
+        self.pruned.remove(&peer);
+        if self.grafted.len() < MAX_LINKS {
+            self.grafted.insert(peer);
+        }
+    }
+}
