@@ -430,10 +430,18 @@ fn wan_figures(json: &mut serde_json::Value) {
     println!(
         "simulation, WAN world ({edges} edges and 19 regions' bridges, one-way 4 ms + km/75 per ms), one change from each bridge:"
     );
+    // `PATINA_WAN_MODES=tree` (or `plain`) runs one of the two (each takes minutes).
+    let only = std::env::var("PATINA_WAN_MODES").ok();
     for (name, mode) in [
         ("tree", patina_gossip::Dissemination::Tree),
         ("plain", patina_gossip::Dissemination::Push),
     ] {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|m| m == name))
+        {
+            continue;
+        }
         let cfg = patina_gossip::Config {
             dissemination: mode,
             ..crate::sim_figures::wan_config()
@@ -450,9 +458,12 @@ fn wan_figures(json: &mut serde_json::Value) {
             f.nodes,
             t.elapsed().as_secs_f64()
         );
-        for (b, (ms, floor)) in f.changes.iter().enumerate() {
-            println!("    bridge {b}: {ms:.1} ms, floor {floor:.1} ms");
+        for (b, ((ms, floor), (p50, p90))) in f.changes.iter().zip(&f.quantiles).enumerate() {
+            println!(
+                "    bridge {b}: 99.9 % {ms:.1} ms (50 % {p50:.1}, 90 % {p90:.1}), floor {floor:.1} ms"
+            );
         }
+        println!("    prunes {} grafts {} sent in all", f.prunes, f.grafts);
         json[format!("wan_{name}_ratio_median")] = r[r.len() / 2].into();
         json[format!("wan_{name}_ratio_worst")] = r[r.len() - 1].into();
         json[format!("wan_{name}_bytes_per_change_per_node")] = f.bytes_per_change_per_node.into();

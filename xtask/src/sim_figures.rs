@@ -318,6 +318,11 @@ pub struct WanFigures {
     /// Per change (one from each region's bridge): milliseconds until 99.9 % of the edges
     /// held it, and the one-way floor to the farthest edge.
     pub changes: Vec<(f64, f64)>,
+    /// Per change: milliseconds until 50 % and 90 % of the edges held it.
+    pub quantiles: Vec<(f64, f64)>,
+    /// Tree dissemination's prunes and grafts sent, summed over the nodes.
+    pub prunes: u64,
+    pub grafts: u64,
     /// Datagram bytes the changes added, per change and per node (idle traffic taken out).
     pub bytes_per_change_per_node: f64,
     /// Idle datagram bytes per second per node.
@@ -379,11 +384,39 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
         .filter(|i| w.node(*i).is_some_and(|nd| nd.active().len() == n - 1))
         .count();
     // A first change from each bridge, unmeasured: a tree forms on its origin's first change.
+    let debug = std::env::var("PATINA_WAN_DEBUG").is_ok();
+    if debug {
+        w.track_learning();
+    }
+    let mut warm_at = Vec::new();
     for b in 0..regions {
+        warm_at.push(w.now);
         w.write(b, &format!("warm-{b}"), "app", b"+v");
         w.run_for(Duration::from_millis(500));
     }
     w.run_for(Duration::from_secs(10));
+    if debug {
+        for (b, at) in warm_at.iter().enumerate() {
+            let origin = w.node_id(b);
+            let mut times: Vec<f64> = w
+                .learned_at
+                .iter()
+                .filter(|((o, _), _)| *o == origin)
+                .flat_map(|(_, ts)| ts.iter())
+                .filter(|(i, _)| *i >= regions)
+                .map(|(_, t)| (*t - *at).as_secs_f64() * 1e3)
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let q = |f: f64| times[((times.len() as f64 * f).ceil() as usize).max(1) - 1];
+            eprintln!(
+                "warm-up flood of bridge {b}: 50 % {:.1}, 90 % {:.1}, 99.9 % {:.1} ms",
+                q(0.5),
+                q(0.9),
+                q(0.999)
+            );
+        }
+        w.learned_at.clear();
+    }
     let idle = Duration::from_secs(10);
     let b0 = w.datagram_bytes;
     w.run_for(idle);
@@ -402,7 +435,16 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
     let window = (w.now - start).as_secs_f64();
     let added = (w.datagram_bytes - b1) as f64 - idle_rate * window;
     let need = ((edges as f64) * 0.999).ceil() as usize;
+    let floor_of = |b: usize| {
+        (regions..n)
+            .map(|e| matrix[b][e])
+            .max()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    };
     let mut changes = Vec::new();
+    let mut quantiles = Vec::new();
     for (b, at) in written {
         let origin = w.node_id(b);
         let mut times: Vec<Duration> = w
@@ -417,6 +459,24 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
         let t = times
             .get(need - 1)
             .map_or(f64::INFINITY, |t| t.as_secs_f64() * 1e3);
+        let q = |f: f64| {
+            times
+                .get(((edges as f64) * f).ceil() as usize - 1)
+                .map_or(f64::INFINITY, |t| t.as_secs_f64() * 1e3)
+        };
+        quantiles.push((q(0.5), q(0.9)));
+        if std::env::var("PATINA_WAN_DEBUG").is_ok() {
+            let mut late: Vec<(usize, f64)> = w
+                .learned_at
+                .iter()
+                .filter(|((o, _), _)| *o == origin)
+                .flat_map(|(_, ts)| ts.iter())
+                .filter(|(i, t)| *i >= regions && (*t - at).as_secs_f64() * 1e3 > 2.0 * floor_of(b))
+                .map(|(i, t)| (*i, (*t - at).as_secs_f64() * 1e3))
+                .collect();
+            late.sort_by(|a, b| a.1.total_cmp(&b.1));
+            eprintln!("change of bridge {b}: late {late:?}");
+        }
         let floor = (regions..n)
             .map(|e| matrix[b][e])
             .max()
@@ -425,8 +485,23 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
             * 1e3;
         changes.push((t, floor));
     }
+    if std::env::var("PATINA_WAN_DEBUG").is_ok() {
+        let mut g: Vec<(usize, u64)> = (0..n)
+            .filter_map(|i| w.node(i).map(|nd| (i, nd.counters().tree_grafts_sent)))
+            .filter(|(_, c)| *c > 0)
+            .collect();
+        g.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
+        eprintln!("grafts by node: {g:?}");
+    }
+    let (prunes, grafts) = (0..n).filter_map(|i| w.node(i)).fold((0, 0), |(p, g), nd| {
+        let c = nd.counters();
+        (p + c.tree_prunes_sent, g + c.tree_grafts_sent)
+    });
     WanFigures {
         changes,
+        quantiles,
+        prunes,
+        grafts,
         bytes_per_change_per_node: added / regions as f64 / n as f64,
         idle_bytes_per_s: idle_rate / n as f64,
         converged,

@@ -219,6 +219,16 @@ fn a_tree_forms_without_duplicates_and_grafts_around_a_crashed_parent() {
             assert!(w.served(i).contains_key("settled"), "node {i} lacks it");
         }
         assert_eq!(prunes(&w), before, "a formed tree delivered a duplicate");
+        // A record too large for a datagram goes down the tree as a notice; anti-entropy
+        // fetches it.
+        w.write(writer, "large", "app", &[b'+'; 3000]);
+        w.run_for(Duration::from_secs(1));
+        for i in 0..N {
+            assert!(
+                w.served(i).contains_key("large"),
+                "node {i} lacks the large record"
+            );
+        }
         // The node that pushes the writer's changes to the most others.
         let parent = (1..N)
             .max_by_key(|i| w.node(*i).map_or(0, |n| n.tree_targets(origin).len()))

@@ -392,6 +392,16 @@ pub async fn scrape(s: &Sources) -> String {
             counter(st.down_news_applied),
         );
         r.register(
+            "gossip_tree_prunes",
+            "Prunes this agent sent in tree dissemination: a duplicate copy arrived, and its sender left that origin's tree",
+            counter(st.tree_prunes),
+        );
+        r.register(
+            "gossip_tree_grafts",
+            "Grafts this agent sent in tree dissemination: an announced change did not come down its tree in time, and it asked the announcer",
+            counter(st.tree_grafts),
+        );
+        r.register(
             "sync_sessions",
             "Anti-entropy sessions, by outcome: begun, failed after beginning, or never begun",
             counters(&[

@@ -291,6 +291,14 @@ impl MetricsConfig {
     }
 }
 
+/// See [`GossipConfig::dissemination`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DisseminationSetting {
+    Push,
+    Tree,
+}
+
 /// See [`Config::tls`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -471,6 +479,9 @@ pub struct GossipConfig {
     pub push_fanout: NonZeroUsize,
     pub forward_fanout: NonZeroUsize,
     pub push_hops: u8,
+    /// How changes spread: `"push"` (random pushes, a LAN's) or `"tree"` (per-origin trees,
+    /// a WAN's).
+    pub dissemination: DisseminationSetting,
     pub max_transmissions: std::num::NonZeroU8,
     pub max_datagram_bytes: NonZeroUsize,
     pub sync_interval_ms: NonZeroU64,
@@ -513,6 +524,7 @@ impl Default for GossipConfig {
             push_fanout: d.push_fanout,
             forward_fanout: d.forward_fanout,
             push_hops: d.push_hops,
+            dissemination: DisseminationSetting::Push,
             max_transmissions: d.max_transmissions,
             max_datagram_bytes: NonZeroUsize::new(d.max_datagram).expect("non-zero"),
             sync_interval_ms: ms(d.sync_interval),
@@ -574,6 +586,10 @@ impl GossipConfig {
             push_fanout: self.push_fanout,
             forward_fanout: self.forward_fanout,
             push_hops: self.push_hops,
+            dissemination: match self.dissemination {
+                DisseminationSetting::Push => patina_gossip::Dissemination::Push,
+                DisseminationSetting::Tree => patina_gossip::Dissemination::Tree,
+            },
             max_transmissions: self.max_transmissions,
             max_datagram: self.max_datagram_bytes.get(),
             sync_interval: ms(self.sync_interval_ms),

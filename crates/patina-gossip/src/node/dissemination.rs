@@ -66,16 +66,7 @@ impl Node {
 
     /// Items taken from foca's piggyback path this turn.
     pub(super) fn take_inbox(&mut self, sender: Option<Identity>) {
-        let (items, announced) = {
-            let mut s = self.shared.lock().expect("gossip shared state");
-            (
-                std::mem::take(&mut s.inbox),
-                std::mem::take(&mut s.announced),
-            )
-        };
-        for (origin, seq, from) in announced {
-            self.tree_announced(origin, seq, Some(from));
-        }
+        let items = std::mem::take(&mut self.shared.lock().expect("gossip shared state").inbox);
         if !items.is_empty() {
             // Forward new piggybacked changes at once rather than at the next probe.
             let _ = self.foca.broadcast(&mut self.rt);
@@ -95,7 +86,8 @@ impl Node {
                     self.gap_hint = sender.or(self.gap_hint);
                     self.arm_gap_check();
                 }
-                Item::Announce { origin, seq } => self.tree_announced(origin, seq, sender),
+                // Announcements come only in tree pushes (`tree.rs`), never taken here.
+                Item::Announce { .. } => {}
             }
         }
         if !records.is_empty() {

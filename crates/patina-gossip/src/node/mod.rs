@@ -48,7 +48,8 @@ use shared::{Handler, Shared};
 use suspicion::Held;
 pub use suspicion::{CONFIRM_ASK, CONFIRM_BACKSTOP};
 pub use tree::{
-    MAX_MISSING, MAX_RECENT_BYTES, MAX_TREE_ORIGINS, RECENT_AGE, TREE_NEAR, TREE_RANDOM, TreeSizes,
+    MAX_INBOUND, MAX_MISSING, MAX_RECENT_BYTES, MAX_TREE_ORIGINS, RECENT_AGE, TREE_NEAR,
+    TREE_RANDOM, TreeSizes,
 };
 pub use view::{ViewReason, ViewStatus};
 

@@ -26,9 +26,6 @@ pub(super) struct Shared {
     pub(super) refused: BTreeSet<(NodeId, u64)>,
     pub(super) refused_order: VecDeque<(NodeId, u64)>,
     pub(super) inbox: Vec<Item>,
-    /// Announcements of versions this node lacks, with their senders, taken this turn
-    /// (tree dissemination, `tree.rs`).
-    pub(super) announced: Vec<(NodeId, u64, Identity)>,
     pub(super) backlog_full: bool,
     pub(super) counters: Counters,
     /// The highest sequence number heard of per origin through notices (records too large
@@ -90,14 +87,10 @@ impl Shared {
         if let Item::Notice { origin, seq } = *item {
             return self.notice(origin, seq);
         }
-        if let Item::Announce { origin, .. } = *item {
-            // Awaited by the tree (bounded there), never pending: only members' origins.
-            if !self.origins.contains(&origin) {
-                self.counters.notices_refused += 1;
-                return false;
-            }
-            self.counters.announces_new += 1;
-            return true;
+        if let Item::Announce { .. } = *item {
+            // Announcements travel in tree pushes (`tree.rs`), never piggybacked.
+            self.counters.dropped_decode += 1;
+            return false;
         }
         if self.pending.len() >= MAX_PENDING {
             self.counters.items_dropped += 1;
@@ -217,12 +210,6 @@ impl BroadcastHandler<Identity> for Handler {
             return Ok(Some(key));
         }
         if !s.take(&item) {
-            return Ok(None);
-        }
-        // An announcement says its sender holds the version: one who lacks it does not pass
-        // it on (it announces the version itself once it has it).
-        if let (Item::Announce { origin, seq }, Some(from)) = (&item, sender) {
-            s.announced.push((*origin, *seq, *from));
             return Ok(None);
         }
         s.inbox.push(item);

@@ -3,14 +3,16 @@
 //!
 //! - **Eager push along the tree.** A node sends each change it first receives (or writes)
 //!   to that origin's eager peers: its view (the [`TREE_NEAR`] members nearest by network
-//!   coordinates and [`TREE_RANDOM`] random ones) less those that pruned it, plus those that
-//!   grafted onto it. The first change of an origin floods the view graph.
+//!   coordinates and [`TREE_RANDOM`] random ones) and the members that pushed to it (links
+//!   go both ways, as Plumtree's do, at most [`MAX_INBOUND`]), less those that pruned it,
+//!   plus those that grafted onto it. The first change of an origin floods that graph.
 //! - **Prune.** A node that receives a copy it already holds tells the sender to stop
-//!   pushing that origin's changes to it. So each node keeps, per origin, the peer whose copy
-//!   came first: the tree converges to the fastest paths from that origin (per origin, so an
+//!   pushing that origin's changes to it (links are one-way: each node decides only whom it
+//!   hears an origin from). So each node keeps, per origin, the peer whose copy came first: the tree converges to the fastest paths from that origin (per origin, so an
 //!   origin on another continent is not routed through this one's parent).
-//! - **Lazy push.** Each node announces each new change on its SWIM traffic (an
-//!   [`Item::Announce`]: 17 bytes, not the record), as plain gossip piggybacks records.
+//! - **Lazy push.** Each node announces each new change (an [`Item::Announce`]: 17 bytes,
+//!   not the record) to [`LAZY_FANOUT`] of its links the change did not take, in a tree push
+//!   of announcements (hops 0).
 //! - **Graft.** A node that hears an announcement of a change it still lacks after
 //!   `Config::probe_rtt` asks the announcer for it (a graft): the announcer sends it from its
 //!   recent changes and pushes that origin's changes to the node from then on. A node whose
@@ -38,12 +40,16 @@ pub const TREE_RANDOM: usize = 4;
 pub const MAX_TREE_ORIGINS: usize = 4096;
 /// Pruned or grafted peers kept per origin.
 const MAX_LINKS: usize = 64;
+/// Members that pushed to this node and are pushed to in turn (the view's other direction).
+pub const MAX_INBOUND: usize = 16;
 /// Bytes of recent changes kept to answer grafts, and for how long.
 pub const MAX_RECENT_BYTES: usize = 1 << 20;
 pub const RECENT_AGE: Duration = Duration::from_secs(30);
 /// Announced changes awaited at once, and announcers remembered per change.
 pub const MAX_MISSING: usize = 4096;
 const MAX_ANNOUNCERS: usize = 3;
+/// Links (view and inbound, not those a change took) told of each new change.
+pub const LAZY_FANOUT: usize = 8;
 /// Hops a tree push may take (a backstop: a tree push is forwarded only on first receipt).
 pub(super) const TREE_HOPS: u8 = 64;
 
@@ -52,6 +58,13 @@ pub(super) const TREE_HOPS: u8 = 64;
 pub(super) struct Tree {
     /// The base view: where an origin's changes go until a peer prunes.
     view: Vec<Identity>,
+    /// The view's members chosen by coordinates.
+    near: Vec<Identity>,
+    /// Members that pushed to this node (they hold it in their views, or it grafted onto
+    /// them), newest last: links are made both ways, as Plumtree's are, so that a member
+    /// that is nobody's nearest still hears its neighbours' changes first. At most
+    /// [`MAX_INBOUND`]; members only.
+    inbound: VecDeque<NodeId>,
     links: BTreeMap<NodeId, Links>,
     recent: BTreeMap<(NodeId, u64), Vec<u8>>,
     recent_order: VecDeque<((NodeId, u64), Duration)>,
@@ -99,25 +112,25 @@ impl Node {
         hops: u8,
     ) {
         let now = self.now;
-        let queue = !self
-            .shared
-            .lock()
-            .expect("gossip shared state")
-            .backlog_full;
-        let mut by_origin: BTreeMap<NodeId, Vec<Vec<u8>>> = BTreeMap::new();
+        // Per origin: the encoded items, and the announcements of its records.
+        type Encoded = Vec<Vec<u8>>;
+        let mut by_origin: BTreeMap<NodeId, (Encoded, Encoded)> = BTreeMap::new();
         for (item, bytes) in items {
             let id = (item.origin(), item.seq());
             self.tree.missing.remove(&id);
-            if queue {
-                let announce = Item::Announce {
-                    origin: id.0,
-                    seq: id.1,
-                }
-                .to_bytes();
-                let _ = self.foca.add_broadcast(&announce);
-            }
             self.tree.remember(id, &bytes, now);
-            by_origin.entry(id.0).or_default().push(bytes);
+            let entry = by_origin.entry(id.0).or_default();
+            // Only a record is announced: a notice's holder lacks the record too.
+            if matches!(item, Item::Record(_)) {
+                entry.1.push(
+                    Item::Announce {
+                        origin: id.0,
+                        seq: id.1,
+                    }
+                    .to_bytes(),
+                );
+            }
+            entry.0.push(bytes);
         }
         if self.tree.view.is_empty() {
             self.refresh_tree_view();
@@ -127,7 +140,9 @@ impl Node {
             .iter_members()
             .map(|m| (m.id().node, *m.id()))
             .collect();
-        for (origin, items) in by_origin {
+        for (origin, (items, announces)) in by_origin {
+            // Every origin spread has its links, so that a view change keeps its children.
+            let _ = self.tree.link(origin);
             let targets: Vec<Identity> = self
                 .tree
                 .eager(origin, &members)
@@ -135,8 +150,24 @@ impl Node {
                 .filter(|t| Some(t.node) != from && t.node != origin)
                 .collect();
             self.send_tree_push(items, &targets, hops);
+            // The lazy path: a few of the links this origin's changes do not take (those
+            // that pruned) hear that this node holds them, so that one whose parent is gone
+            // grafts onto it.
+            let mut lazy: Vec<Identity> = self
+                .tree
+                .links(&members)
+                .into_iter()
+                .filter(|m| {
+                    Some(m.node) != from && m.node != origin && !targets.iter().any(|t| t == m)
+                })
+                .collect();
+            for i in 0..LAZY_FANOUT.min(lazy.len()) {
+                let j = self.rng.random_range(i..lazy.len());
+                lazy.swap(i, j);
+            }
+            lazy.truncate(LAZY_FANOUT);
+            self.send_tree_push(announces, &lazy, 0);
         }
-        self.update_backlog();
     }
 
     /// Pack `items` (of one origin) into tree pushes to `targets`.
@@ -186,39 +217,52 @@ impl Node {
             self.count(|c| c.tree_from_strangers += 1);
             return;
         };
+        self.tree.heard_from(sender.node);
         let mut fresh = Vec::new();
+        let mut announced = Vec::new();
         let mut stale_origins = BTreeSet::new();
         let me = self.identity().node;
         {
             let mut s = self.shared.lock().expect("gossip shared state");
             for bytes in push.items {
                 match Item::decode(&bytes) {
+                    Err(_) => s.counters.dropped_decode += 1,
+                    // The lazy path: the sender holds this version.
+                    Ok(Item::Announce { origin, seq }) => {
+                        if origin != me && !s.knows(origin, seq) && s.origins.contains(&origin) {
+                            s.counters.announces_new += 1;
+                            announced.push((origin, seq));
+                        }
+                    }
                     // Our own change come back: a copy we hold (the mirror of the store's
                     // digest learns our own changes only through sessions).
-                    Ok(item @ Item::Record(_)) if item.origin() == me => {
+                    Ok(item) if item.origin() == me => {
                         stale_origins.insert(item.origin());
                     }
-                    Ok(item @ Item::Record(_)) => {
+                    // A record, or a notice of one too large for a datagram (taking it
+                    // notes the version; `deliver` opens its gap).
+                    Ok(item) => {
                         if s.take(&item) {
                             fresh.push((item, bytes));
                         } else {
                             stale_origins.insert(item.origin());
                         }
                     }
-                    Ok(_) | Err(_) => s.counters.dropped_decode += 1,
                 }
             }
+        }
+        for (origin, seq) in announced {
+            self.tree_announced(origin, seq, Some(sender));
         }
         let origins: Vec<NodeId> = stale_origins
             .into_iter()
             .filter(|o| !fresh.iter().any(|(i, _)| i.origin() == *o))
             .collect();
         if !origins.is_empty() {
-            for o in &origins {
-                if let Some(l) = self.tree.link(*o) {
-                    l.unlink(sender.node);
-                }
-            }
+            // Only the sender stops: it may be our child in that origin's tree (its copy came
+            // to it first by another path, and it passed it on to us), and it prunes us
+            // itself if ours reaches it second. Unlinking it here too once left such a child
+            // with no parent at all.
             self.count(|c| c.tree_prunes_sent += 1);
             let me = self.identity().node;
             self.send_control(
@@ -414,12 +458,31 @@ impl Node {
             })
             .collect();
         near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.node.cmp(&b.1.node)));
-        let mut view: Vec<Identity> = near.into_iter().take(TREE_NEAR).map(|(_, m)| m).collect();
+        // Hysteresis: a near member stays while it is among the 2 × TREE_NEAR nearest, so
+        // that coordinates drifting by a few milliseconds do not keep changing the view (each
+        // new link costs a duplicate and a prune per origin).
+        let keep: Vec<Identity> = near
+            .iter()
+            .take(2 * TREE_NEAR)
+            .map(|(_, m)| *m)
+            .filter(|m| self.tree.near.contains(m))
+            .take(TREE_NEAR)
+            .collect();
+        let mut view = keep;
+        for (_, m) in &near {
+            if view.len() >= TREE_NEAR {
+                break;
+            }
+            if !view.contains(m) {
+                view.push(*m);
+            }
+        }
+        let old_near = std::mem::replace(&mut self.tree.near, view.clone());
         let old_random: Vec<Identity> = self
             .tree
             .view
             .iter()
-            .filter(|m| members.contains(m) && !view.contains(m))
+            .filter(|m| members.contains(m) && !view.contains(m) && !old_near.contains(m))
             .copied()
             .collect();
         for m in old_random {
@@ -436,7 +499,24 @@ impl Node {
             let i = self.rng.random_range(0..pool.len());
             view.push(pool.swap_remove(i));
         }
+        // A member leaving the view may be a child in some origin's tree (it pruned every
+        // other parent): it stays linked, as if it had grafted, until it prunes.
+        let left: Vec<NodeId> = self
+            .tree
+            .view
+            .iter()
+            .filter(|m| nodes.contains(&m.node) && !view.contains(m))
+            .map(|m| m.node)
+            .collect();
+        for l in self.tree.links.values_mut() {
+            for p in &left {
+                if !l.pruned.contains(p) {
+                    l.graft(*p);
+                }
+            }
+        }
         self.tree.view = view;
+        self.tree.inbound.retain(|p| nodes.contains(p));
         self.tree.links.retain(|o, _| nodes.contains(o));
         for l in self.tree.links.values_mut() {
             l.pruned.retain(|p| nodes.contains(p));
@@ -489,9 +569,13 @@ impl Tree {
         let mut out: Vec<Identity> = self
             .view
             .iter()
-            .filter(|m| !links.is_some_and(|l| l.pruned.contains(&m.node)))
-            .filter_map(|m| members.get(&m.node).copied())
+            .map(|m| m.node)
+            .chain(self.inbound.iter().copied())
+            .filter(|m| !links.is_some_and(|l| l.pruned.contains(m)))
+            .filter_map(|m| members.get(&m).copied())
             .collect();
+        out.sort_by_key(|m| m.node);
+        out.dedup();
         if let Some(l) = links {
             for p in &l.grafted {
                 if let Some(m) = members.get(p)
@@ -502,6 +586,39 @@ impl Tree {
             }
         }
         out
+    }
+
+    /// Every link of this node (view and inbound), members only.
+    fn links(&self, members: &BTreeMap<NodeId, Identity>) -> Vec<Identity> {
+        let mut out: Vec<Identity> = self
+            .view
+            .iter()
+            .map(|m| m.node)
+            .chain(self.inbound.iter().copied())
+            .filter_map(|m| members.get(&m).copied())
+            .collect();
+        out.sort_by_key(|m| m.node);
+        out.dedup();
+        out
+    }
+
+    /// `peer` pushed to this node: push to it in turn. The oldest inbound link past
+    /// [`MAX_INBOUND`] goes, but stays a link of every origin it had not pruned (it may be
+    /// a child there).
+    fn heard_from(&mut self, peer: NodeId) {
+        if self.inbound.contains(&peer) || self.view.iter().any(|m| m.node == peer) {
+            return;
+        }
+        self.inbound.push_back(peer);
+        while self.inbound.len() > MAX_INBOUND {
+            if let Some(old) = self.inbound.pop_front() {
+                for l in self.links.values_mut() {
+                    if !l.pruned.contains(&old) {
+                        l.graft(old);
+                    }
+                }
+            }
+        }
     }
 
     fn remember(&mut self, id: (NodeId, u64), bytes: &[u8], now: Duration) {

@@ -333,6 +333,8 @@ impl Gossip {
             refuted_for_others: c.refuted_for_others,
             attend_unreachable: c.attend_unreachable,
             down_news_applied: c.down_news_applied,
+            tree_prunes: c.tree_prunes_sent,
+            tree_grafts: c.tree_grafts_sent,
             peers: {
                 let now = std::time::Instant::now();
                 let mut peers: Vec<PeerSync> = s

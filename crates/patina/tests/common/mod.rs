@@ -132,6 +132,10 @@ pub fn start_region_agent(
     Agent::start_role(bin(), "region", &root.join(name), &config).expect("start a region agent")
 }
 
+/// The line of a `[gossip]` table that makes a member of the global cluster spread changes
+/// along trees.
+const TREE: &str = "dissemination = \"tree\"\n";
+
 /// A global agent in `region` on `ip`, joined to the global cluster through `seeds`; `extra`
 /// replaces [`REGION_TABLE`] when given.
 pub fn start_global(
@@ -142,8 +146,9 @@ pub fn start_global(
     seeds: &[String],
     table: Option<&str>,
 ) -> Agent {
+    // The global cluster spreads changes along trees, as deploy/global.example.toml says.
     let config = format!(
-        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{}",
+        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{TREE}{}",
         gossip_table(ip, seeds),
         table.unwrap_or(REGION_TABLE)
     );
@@ -165,7 +170,7 @@ pub fn start_bridge(
         .map(|a| format!("\"{}\"", a.host_port()))
         .collect();
     let config = format!(
-        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{REGION_TABLE}[bridge]\nregion_agents = [{}]\n",
+        "region = \"{region}\"\nhost = \"{name}\"\nlisten = \"{ip}:0\"\nlog = \"warn\"\n{}{TREE}{REGION_TABLE}[bridge]\nregion_agents = [{}]\n",
         gossip_table(ip, seeds),
         agents.join(", ")
     );
