@@ -379,7 +379,11 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
     // A formed cluster (joins are not what is measured), then a minute of sessions: each
     // node's coordinate settles and it learns its peers'.
     w.form();
-    w.run_for(Duration::from_secs(60));
+    let settle: u64 = std::env::var("PATINA_WAN_SETTLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    w.run_for(Duration::from_secs(settle));
     let converged = (0..n)
         .filter(|i| w.node(*i).is_some_and(|nd| nd.active().len() == n - 1))
         .count();

@@ -98,6 +98,7 @@ mod tests {
                 (NodeId(3), at(0.200, 1.4)),
                 (NodeId(4), at(0.100, 0.1)),
             ],
+            shared: Vec::new(),
         };
         let bridges: Vec<(u64, Arc<str>)> = vec![
             (1, "fra".into()),

@@ -195,6 +195,14 @@ impl<P: std::hash::Hash + Eq + Clone> Vivaldi<P> {
         true
     }
 
+    /// The median of the peer's last few round trips (seconds), if any were sampled.
+    pub fn measured(&self, peer: &P) -> Option<f64> {
+        let (samples, _) = self.filter.get(peer)?;
+        let mut sorted: Vec<f64> = samples.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied()
+    }
+
     /// A peer left: forget its samples.
     pub fn forget(&mut self, peer: &P) {
         self.filter.remove(peer);

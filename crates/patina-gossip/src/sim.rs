@@ -149,6 +149,9 @@ struct SimSession {
     refused: bool,
     /// The coordinate the server's hello carried, and when the client's hello left.
     server_coordinate: Option<crate::coords::Coordinate>,
+    /// Coordinates each hello shared: its sender's own and some of its peers'.
+    client_shared: Vec<(NodeId, crate::coords::Coordinate)>,
+    server_shared: Vec<(NodeId, crate::coords::Coordinate)>,
     started: Duration,
     /// The members each hello listed as down lately (`node/down_news.rs`).
     client_downs: Vec<Identity>,
@@ -705,6 +708,7 @@ impl World {
         let session = self.next_session;
         self.next_session += 1;
         let client_downs = self.down_news(i);
+        let client_shared = self.shared_coordinates(i);
         self.sessions.insert(
             session,
             SimSession {
@@ -718,6 +722,8 @@ impl World {
                 delivered: 0,
                 refused: false,
                 server_coordinate: None,
+                client_shared,
+                server_shared: Vec::new(),
                 started: self.now,
                 client_downs,
                 server_downs: Vec::new(),
@@ -725,6 +731,20 @@ impl World {
         );
         let at = self.now + self.delay(i, j);
         self.push_event(at, Event::SessionHello { node: j, session });
+    }
+
+    /// The coordinates node `i`'s hello shares: its own, then some of its peers' (as the
+    /// shell's `hello` does).
+    fn shared_coordinates(&mut self, i: usize) -> Vec<(NodeId, crate::coords::Coordinate)> {
+        let id = self.nodes[i].identity.node;
+        match self.nodes[i].node.as_mut() {
+            Some(node) => {
+                let mut out = vec![(id, node.coordinate().clone())];
+                out.extend(node.coordinates_to_share());
+                out
+            }
+            None => Vec::new(),
+        }
     }
 
     /// What node `i`'s hello lists as down lately (as the shell's `hello` does).
@@ -800,6 +820,13 @@ impl World {
                 let news =
                     std::mem::take(&mut self.sessions.get_mut(&id).expect("held").client_downs);
                 self.hear_down_news(i, &news);
+                let shared =
+                    std::mem::take(&mut self.sessions.get_mut(&id).expect("held").client_shared);
+                let now = self.now;
+                if let Some(node) = self.nodes[i].node.as_mut() {
+                    node.handle_shared_coordinates(now, &shared);
+                }
+                let server_shared = self.shared_coordinates(i);
                 let server_downs = self.down_news(i);
                 let claim = Claim::of(self.nodes[i].store.digest());
                 let theirs = self.sessions[&id].claim_client.digest().clone();
@@ -827,6 +854,7 @@ impl World {
                     s.claim_server = Some(claim);
                     s.server_coordinate = coordinate;
                     s.server_downs = server_downs;
+                    s.server_shared = server_shared;
                 }
             }
             Event::SessionPlan { .. } => {
@@ -841,11 +869,15 @@ impl World {
                 let server = s.server;
                 let (peer, coordinate, started) = (s.peer, s.server_coordinate.clone(), s.started);
                 let news = s.server_downs.clone();
+                let shared = s.server_shared.clone();
                 // The server's hello's down news, as the client reads that hello.
                 self.hear_down_news(i, &news);
                 // Its hello's round trip, and the coordinate the server's hello carried.
                 if let (Some(c), Some(node)) = (coordinate, self.nodes[i].node.as_mut()) {
                     node.handle_coordinate_sample(self.now, peer, c, self.now - started);
+                }
+                if let Some(node) = self.nodes[i].node.as_mut() {
+                    node.handle_shared_coordinates(self.now, &shared);
                 }
                 let batches = self.session_batches(i, &ours, &theirs);
                 let at = self.now + self.delay(i, server);

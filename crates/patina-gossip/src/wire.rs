@@ -2,11 +2,12 @@
 //! `identity::Codec`) or a push of changes; and the items that carry changes.
 //!
 //! ```text
-//! payload = kind u8 (1 swim | 2 push | 3 tree push | 4 prune | 5 graft) | body
+//! payload = kind u8 (1 swim | 2 push | 3 tree push | 4 prune | 5 graft | 6 link) | body
 //! push    = sender node u64 LE | hops left u8 | (item length u16 LE | item)+
 //! tree push: as push (forwarded along the origin's tree, `node/tree.rs`)
 //! prune   = sender node u64 LE | (origin u64 LE)+
 //! graft   = sender node u64 LE | (origin u64 LE | seq u64 LE)+
+//! link    = sender node u64 LE
 //! item    = tag u8 | origin u64 LE | seq u64 LE | rest
 //!   tag 1 record: hlc u64 LE | key length u16 LE | key | group length u16 LE | group
 //!                 | has value u8 (0 tombstone, 1 value) | value (to the end)
@@ -29,6 +30,7 @@ pub const KIND_PUSH: u8 = 2;
 pub const KIND_TREE_PUSH: u8 = 3;
 pub const KIND_PRUNE: u8 = 4;
 pub const KIND_GRAFT: u8 = 5;
+pub const KIND_LINK: u8 = 6;
 
 const TAG_RECORD: u8 = 1;
 const TAG_NOTICE: u8 = 2;
@@ -278,6 +280,8 @@ pub enum TreeControl {
         sender: NodeId,
         versions: Vec<(NodeId, u64)>,
     },
+    /// "You are in my view: push me changes too" (links go both ways).
+    Link { sender: NodeId },
 }
 
 impl TreeControl {
@@ -290,6 +294,10 @@ impl TreeControl {
                     out.extend_from_slice(&o.0.to_le_bytes());
                 }
             }
+            TreeControl::Link { sender } => {
+                out.push(KIND_LINK);
+                out.extend_from_slice(&sender.0.to_le_bytes());
+            }
             TreeControl::Graft { sender, versions } => {
                 out.push(KIND_GRAFT);
                 out.extend_from_slice(&sender.0.to_le_bytes());
@@ -301,10 +309,16 @@ impl TreeControl {
         }
     }
 
-    /// Decode the body of a prune or graft (after its kind byte, `kind`).
+    /// Decode the body of a prune, a graft or a link (after its kind byte, `kind`).
     pub fn decode(kind: u8, body: &[u8]) -> Result<TreeControl, WireError> {
         let mut r = Cursor(body);
         let sender = NodeId(r.u64()?);
+        if kind == KIND_LINK {
+            if !r.0.is_empty() {
+                return Err(WireError::Truncated);
+            }
+            return Ok(TreeControl::Link { sender });
+        }
         let entry = if kind == KIND_PRUNE { 8 } else { 16 };
         if r.0.is_empty() {
             return Err(WireError::Empty);
@@ -494,6 +508,13 @@ mod tests {
                 }
             }
         }
+        let link = TreeControl::Link { sender: NodeId(5) };
+        let mut bytes = Vec::new();
+        link.encode(&mut bytes);
+        assert_eq!(bytes[0], KIND_LINK);
+        assert_eq!(TreeControl::decode(KIND_LINK, &bytes[1..]), Ok(link));
+        assert!(TreeControl::decode(KIND_LINK, &bytes[1..8]).is_err());
+        assert!(TreeControl::decode(KIND_LINK, &[bytes[1..].to_vec(), vec![0]].concat()).is_err());
         // Too many entries, and a graft of sequence number 0.
         let mut many = vec![0u8; 8];
         many.extend(std::iter::repeat_n(1u8, 8 * (MAX_TREE_ENTRIES + 1)));

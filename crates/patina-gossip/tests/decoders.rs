@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use foca::Codec as _;
 use patina_gossip::identity::Codec;
-use patina_gossip::wire::{Item, KIND_GRAFT, KIND_PRUNE, Push, TreeControl};
+use patina_gossip::wire::{Item, KIND_GRAFT, KIND_LINK, KIND_PRUNE, Push, TreeControl};
 use patina_gossip::{ClusterName, Config, Envelope, Identity, Node};
 use patina_store::NodeId;
 use proptest::prelude::*;
@@ -67,10 +67,11 @@ proptest! {
         let _ = Push::decode(&bytes, true);
         let _ = TreeControl::decode(KIND_PRUNE, &bytes);
         let _ = TreeControl::decode(KIND_GRAFT, &bytes);
+        let _ = TreeControl::decode(KIND_LINK, &bytes);
     }
 
     #[test]
-    fn a_node_survives_any_datagram(kind in 0u8..7, tree in any::<bool>(), body in proptest::collection::vec(any::<u8>(), 0..1500)) {
+    fn a_node_survives_any_datagram(kind in 0u8..8, tree in any::<bool>(), body in proptest::collection::vec(any::<u8>(), 0..1500)) {
         let mut n = if tree { tree_node() } else { node() };
         n.start(Duration::ZERO);
         let mut payload = vec![kind];

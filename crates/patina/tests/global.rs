@@ -151,6 +151,13 @@ async fn the_last_instance_of_an_app_stopping_in_a_region_reaches_every_global_a
     })
     .await;
     assert!(back.is_some(), "ord comes back");
+    // The global cluster spread these changes along trees (`dissemination = "tree"`): the
+    // first change of each bridge flooded the links, and the duplicates were pruned.
+    let mut prunes = 0;
+    for g in globals {
+        prunes += g.cluster_status().await.tree_prunes;
+    }
+    assert!(prunes > 0, "no global agent pruned a tree link");
 }
 
 /// A bridge configured for one region but pointed at another region's agents publishes

@@ -22,7 +22,7 @@ use rand::{RngExt, SeedableRng};
 use crate::envelope::{ClusterName, Envelope, EnvelopeError};
 use crate::identity::{Codec, Identity};
 use crate::wire::{
-    KIND_GRAFT, KIND_PRUNE, KIND_PUSH, KIND_SWIM, KIND_TREE_PUSH, Push, TreeControl,
+    KIND_GRAFT, KIND_LINK, KIND_PRUNE, KIND_PUSH, KIND_SWIM, KIND_TREE_PUSH, Push, TreeControl,
 };
 
 mod antientropy;
@@ -43,6 +43,7 @@ pub use attend::ATTEND_REFRESH;
 pub use clock::CLOCK_SAMPLE_TTL;
 pub use down_news::{DOWN_NEWS_AGE, MAX_DOWN_NEWS};
 pub use liveness::{OWNERLESS_AFTER, QUORUM_WINDOW};
+pub use place::SHARED_COORDINATES;
 pub use shared::ItemKey;
 use shared::{Handler, Shared};
 use suspicion::Held;
@@ -652,7 +653,7 @@ impl Node {
                     self.count(|c| c.dropped_decode += 1);
                 }
             },
-            Some((&kind @ (KIND_PRUNE | KIND_GRAFT), body)) => {
+            Some((&kind @ (KIND_PRUNE | KIND_GRAFT | KIND_LINK), body)) => {
                 match TreeControl::decode(kind, body) {
                     Ok(msg) => self.handle_tree_control(msg),
                     Err(e) => {

@@ -14,6 +14,9 @@ use patina_store::NodeId;
 /// A peer's coordinate is forgotten when no hello brought it for this long.
 const PEER_COORDINATE_TTL: Duration = Duration::from_secs(600);
 
+/// Most peers' coordinates a hello shares (besides its sender's own).
+pub const SHARED_COORDINATES: usize = 8;
+
 #[derive(Debug)]
 pub(super) struct Place {
     pub(super) vivaldi: Vivaldi<NodeId>,
@@ -54,6 +57,51 @@ impl Node {
         }
     }
 
+    /// Peers' coordinates to share in this node's hellos: the nearest half of
+    /// [`SHARED_COORDINATES`] known (they help a peer in this area find its neighbours,
+    /// which tree dissemination links to) and the rest at random.
+    pub fn coordinates_to_share(&mut self) -> Vec<(NodeId, Coordinate)> {
+        let me = self.place.vivaldi.coordinate().clone();
+        let mut known: Vec<(f64, NodeId)> = self
+            .place
+            .peers
+            .iter()
+            .map(|(n, (c, _))| (me.distance_to(c), *n))
+            .collect();
+        known.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let near = SHARED_COORDINATES / 2;
+        let mut chosen: Vec<NodeId> = known.iter().take(near).map(|(_, n)| *n).collect();
+        let mut rest: Vec<NodeId> = known.iter().skip(near).map(|(_, n)| *n).collect();
+        while chosen.len() < SHARED_COORDINATES && !rest.is_empty() {
+            let i = rand::RngExt::random_range(&mut self.rng, 0..rest.len());
+            chosen.push(rest.swap_remove(i));
+        }
+        chosen
+            .into_iter()
+            .filter_map(|n| self.place.peers.get(&n).map(|(c, _)| (n, c.clone())))
+            .collect()
+    }
+
+    /// Coordinates a peer's hello shared (its own, and those of up to
+    /// [`SHARED_COORDINATES`] others): kept for members this node has no coordinate of
+    /// (a coordinate a member's own hello brought wins), never for itself; invalid ones and
+    /// those past the limit are skipped.
+    pub fn handle_shared_coordinates(&mut self, now: Duration, shared: &[(NodeId, Coordinate)]) {
+        self.now = now;
+        let me = self.identity().node;
+        let members: std::collections::BTreeSet<NodeId> =
+            self.foca.iter_members().map(|m| m.id().node).collect();
+        for (n, c) in shared.iter().take(SHARED_COORDINATES + 1) {
+            if *n == me || !members.contains(n) || !c.is_valid() {
+                continue;
+            }
+            self.place
+                .peers
+                .entry(*n)
+                .or_insert_with(|| (c.clone(), now));
+        }
+    }
+
     /// This node's coordinate.
     pub fn coordinate(&self) -> &Coordinate {
         self.place.vivaldi.coordinate()
@@ -82,5 +130,49 @@ impl Node {
             self.place.peers.remove(&n);
             self.place.vivaldi.forget(&n);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::testing::{member, node};
+
+    fn at(x: f64) -> Coordinate {
+        let mut c = Coordinate::default();
+        c.vec[0] = x;
+        c
+    }
+
+    #[test]
+    fn shared_coordinates_fill_in_members_only_and_never_replace_a_first_hand_one() {
+        let mut n = node();
+        n.assume_members(Duration::ZERO, &[member(2), member(3), member(4)]);
+        let now = Duration::from_secs(1);
+        // Member 2's own hello measured it.
+        n.handle_coordinate_sample(now, member(2), at(0.010), Duration::from_millis(20));
+        let first_hand = n.place.peers.get(&NodeId(2)).map(|(c, _)| c.clone());
+        let mut bad = at(0.0);
+        bad.vec[1] = f64::NAN;
+        n.handle_shared_coordinates(
+            now,
+            &[
+                (NodeId(2), at(0.5)),  // has one already
+                (NodeId(3), at(0.02)), // taken
+                (NodeId(4), bad),      // invalid
+                (NodeId(9), at(0.03)), // not a member
+                (NodeId(1), at(0.04)), // this node
+            ],
+        );
+        let known: Vec<NodeId> = n.peer_coordinates().map(|(p, _)| p).collect();
+        assert_eq!(known, [NodeId(2), NodeId(3)]);
+        assert_eq!(
+            n.place.peers.get(&NodeId(2)).map(|(c, _)| c.clone()),
+            first_hand
+        );
+        // Shared onward: the nearest first.
+        let shared = n.coordinates_to_share();
+        assert_eq!(shared.len(), 2);
+        assert!(shared.iter().any(|(p, _)| *p == NodeId(3)));
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! - **Eager push along the tree.** A node sends each change it first receives (or writes)
 //!   to that origin's eager peers: its view (the [`TREE_NEAR`] members nearest by network
-//!   coordinates and [`TREE_RANDOM`] random ones) and the members that pushed to it (links
-//!   go both ways, as Plumtree's do, at most [`MAX_INBOUND`]), less those that pruned it,
+//!   coordinates or measured round trips, and [`TREE_RANDOM`] random ones) and the members
+//!   that hold it in their views (they say so when they add it, and any member that pushes
+//!   to it counts: links go both ways, as Plumtree's do, at most [`MAX_INBOUND`]), less those that pruned it,
 //!   plus those that grafted onto it. The first change of an origin floods that graph.
 //! - **Prune.** A node that receives a copy it already holds tells the sender to stop
 //!   pushing that origin's changes to it (links are one-way: each node decides only whom it
@@ -303,6 +304,13 @@ impl Node {
                     }
                 }
             }
+            TreeControl::Link { sender } => {
+                if self.member_by_node(sender).is_none() {
+                    self.count(|c| c.tree_from_strangers += 1);
+                    return;
+                }
+                self.tree.heard_from(sender);
+            }
             TreeControl::Graft { sender, versions } => {
                 let Some(peer) = self.member_by_node(sender) else {
                     self.count(|c| c.tree_from_strangers += 1);
@@ -448,13 +456,19 @@ impl Node {
         let members: Vec<Identity> = self.foca.iter_members().map(|m| *m.id()).collect();
         let nodes: BTreeSet<NodeId> = members.iter().map(|m| m.node).collect();
         let me = self.place.vivaldi.coordinate().clone();
+        // A round trip this node measured (its sessions' hellos) beats one its coordinates
+        // estimate: coordinates take many samples to settle, and rank near peers poorly until
+        // they have.
         let mut near: Vec<(f64, Identity)> = members
             .iter()
             .filter_map(|m| {
-                self.place
+                let measured = self.place.vivaldi.measured(&m.node);
+                let estimated = self
+                    .place
                     .peers
                     .get(&m.node)
-                    .map(|(c, _)| (me.distance_to(c), *m))
+                    .map(|(c, _)| me.distance_to(c));
+                measured.or(estimated).map(|d| (d, *m))
             })
             .collect();
         near.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.node.cmp(&b.1.node)));
@@ -515,7 +529,18 @@ impl Node {
                 }
             }
         }
+        // New view members hear that this node links to them, so that they link back at once
+        // (a member nobody holds in its view would miss every origin's first change).
+        let added: Vec<Identity> = view
+            .iter()
+            .filter(|m| !self.tree.view.contains(m))
+            .copied()
+            .collect();
         self.tree.view = view;
+        let me = self.identity().node;
+        for m in added {
+            self.send_control(m, TreeControl::Link { sender: me });
+        }
         self.tree.inbound.retain(|p| nodes.contains(p));
         self.tree.links.retain(|o, _| nodes.contains(o));
         for l in self.tree.links.values_mut() {

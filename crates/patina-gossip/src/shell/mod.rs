@@ -59,6 +59,8 @@ enum Input {
         coordinate: crate::coords::Coordinate,
         rtt: Duration,
     },
+    /// A session's hello shared these members' coordinates (its sender's own first).
+    SharedCoordinates(Vec<(NodeId, crate::coords::Coordinate)>),
     /// A session's hellos measured `peer`'s clock minus ours.
     ClockSample {
         peer: Identity,
@@ -286,6 +288,8 @@ pub struct PlaceView {
     pub own: crate::coords::Coordinate,
     /// Peers by their store's origin.
     pub peers: Vec<(NodeId, crate::coords::Coordinate)>,
+    /// The peers' coordinates hellos share ([`crate::Node::coordinates_to_share`]).
+    pub shared: Vec<(NodeId, crate::coords::Coordinate)>,
 }
 
 /// What sessions and tasks use to tell the node what the store learned.

@@ -46,19 +46,25 @@ fn hello(g: &Gossip, received_wall_ms: u64) -> (SyncMessage, Claim, std::time::I
     let digest = g.store.digest();
     let sent = std::time::Instant::now();
     let wall_ms = g.store.wall_ms();
-    let own = g.place.read().expect("place lock").own.clone();
+    let (own, shared) = {
+        let place = g.place.read().expect("place lock");
+        (place.own.clone(), place.shared.clone())
+    };
     let message = SyncMessage {
         body: Some(Body::Hello(SyncHello {
             cluster: g.cluster.to_string(),
             node: g.store.node().0,
             wall_ms,
             received_wall_ms,
-            coordinate: Some(patina_proto::v1::NetworkCoordinate {
-                vec: own.vec.to_vec(),
-                error: own.error,
-                adjustment: own.adjustment,
-                height: own.height,
-            }),
+            coordinate: Some(coordinate_msg(&own)),
+            peer_coordinates: shared
+                .iter()
+                .take(crate::node::SHARED_COORDINATES)
+                .map(|(n, c)| patina_proto::v1::PeerCoordinate {
+                    node: n.0,
+                    coordinate: Some(coordinate_msg(c)),
+                })
+                .collect(),
             recent_downs: g
                 .recent_downs
                 .read()
@@ -100,6 +106,15 @@ struct HelloClock {
     wall_ms: u64,
     received_wall_ms: u64,
     coordinate: Option<crate::coords::Coordinate>,
+}
+
+fn coordinate_msg(c: &crate::coords::Coordinate) -> patina_proto::v1::NetworkCoordinate {
+    patina_proto::v1::NetworkCoordinate {
+        vec: c.vec.to_vec(),
+        error: c.error,
+        adjustment: c.adjustment,
+        height: c.height,
+    }
 }
 
 /// A coordinate from the wire: 8 finite components, finite and bounded scalars (a peer's word
@@ -196,6 +211,23 @@ fn their_digest(g: &Gossip, msg: Option<SyncMessage>) -> Result<(Digest, HelloCl
     if !downs.is_empty() {
         // Not awaited: a full input channel drops the news (SWIM still carries it).
         let _ = g.inputs.try_send(super::Input::DownNews(downs));
+    }
+    // The sender's coordinate and some of its peers': a hint, like the down news (the node
+    // keeps only members' it has none of).
+    let shared: Vec<(NodeId, crate::coords::Coordinate)> = clock
+        .coordinate
+        .clone()
+        .map(|c| (NodeId(h.node), c))
+        .into_iter()
+        .chain(
+            h.peer_coordinates
+                .iter()
+                .take(crate::node::SHARED_COORDINATES)
+                .filter_map(|p| Some((NodeId(p.node), coordinate_of(p.coordinate.as_ref()?)?))),
+        )
+        .collect();
+    if !shared.is_empty() {
+        let _ = g.inputs.try_send(super::Input::SharedCoordinates(shared));
     }
     Ok((out, clock))
 }

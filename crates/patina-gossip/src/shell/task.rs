@@ -220,15 +220,11 @@ impl Task {
             } => {
                 self.node
                     .handle_coordinate_sample(now, peer, coordinate, rtt);
-                let view = super::PlaceView {
-                    own: self.node.coordinate().clone(),
-                    peers: self
-                        .node
-                        .peer_coordinates()
-                        .map(|(n, c)| (n, c.clone()))
-                        .collect(),
-                };
-                *self.gossip.place.write().expect("place lock") = view;
+                self.publish_place();
+            }
+            Input::SharedCoordinates(shared) => {
+                self.node.handle_shared_coordinates(now, &shared);
+                self.publish_place();
             }
             Input::ClockSample {
                 peer,
@@ -284,6 +280,20 @@ impl Task {
                 let _ = reply.send(result.map(|()| (self.keyring_gen, ring)));
             }
         }
+    }
+
+    /// Publish the node's coordinate, its peers' and those its hellos share.
+    fn publish_place(&mut self) {
+        let view = super::PlaceView {
+            own: self.node.coordinate().clone(),
+            peers: self
+                .node
+                .peer_coordinates()
+                .map(|(n, c)| (n, c.clone()))
+                .collect(),
+            shared: self.node.coordinates_to_share(),
+        };
+        *self.gossip.place.write().expect("place lock") = view;
     }
 
     /// Publish the node's recent downs for sessions' hellos, when it has new ones.
