@@ -277,7 +277,7 @@ impl SplitMix {
 }
 
 /// The regions of the WAN world (name, latitude, longitude): 19 cities on five continents.
-const WAN_REGIONS: [(&str, f64, f64); 19] = [
+pub const WAN_REGIONS: [(&str, f64, f64); 19] = [
     ("iad", 38.9, -77.4),
     ("ord", 41.98, -87.9),
     ("dfw", 32.9, -97.0),
@@ -315,11 +315,10 @@ fn km(a: (f64, f64), b: (f64, f64)) -> f64 {
 /// What [`wan_spread`] measured.
 #[derive(Debug)]
 pub struct WanFigures {
-    /// Per change (one from each region's bridge): milliseconds until 99.9 % of the edges
-    /// held it, and the one-way floor to the farthest edge.
-    pub changes: Vec<(f64, f64)>,
-    /// Per change: milliseconds until 50 % and 90 % of the edges held it.
-    pub quantiles: Vec<(f64, f64)>,
+    /// Per change (one from each region's bridge, its origin's tree formed).
+    pub changes: Vec<ChangeFigures>,
+    /// Per bridge, its first change (the flood that forms its tree).
+    pub first: Vec<ChangeFigures>,
     /// Tree dissemination's prunes and grafts sent, summed over the nodes.
     pub prunes: u64,
     pub grafts: u64,
@@ -332,22 +331,30 @@ pub struct WanFigures {
     pub nodes: usize,
 }
 
-impl WanFigures {
-    /// Ratios of each change's time to its floor, sorted.
-    pub fn ratios(&self) -> Vec<f64> {
-        let mut r: Vec<f64> = self.changes.iter().map(|(t, f)| t / f).collect();
-        r.sort_by(f64::total_cmp);
-        r
-    }
+/// One change in the WAN world: milliseconds until 50 %, 90 % and 99.9 % of the edges held
+/// it, and the one-way latency from its bridge to the farthest edge.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangeFigures {
+    pub p50: f64,
+    pub p90: f64,
+    pub p999: f64,
+    pub floor: f64,
+}
+
+/// Ratios of each change's 99.9 % time to its floor, sorted.
+pub fn ratios(changes: &[ChangeFigures]) -> Vec<f64> {
+    let mut r: Vec<f64> = changes.iter().map(|c| c.p999 / c.floor).collect();
+    r.sort_by(f64::total_cmp);
+    r
 }
 
 /// The WAN world of issue 20: one bridge at each of 19 regions' cities and `edges` edges
 /// spread over them (edge `e` near region `e % 19`, up to 2 degrees away each way), one-way
 /// latency 4 ms + great-circle distance / 75 km per ms, plus 0-200 µs of jitter. Every node
-/// is a member of one gossip cluster with `cfg`, formed at the start. After a minute, and a
-/// first (unmeasured) change from each bridge, each bridge in turn writes one change, 3 s
-/// apart; each change's time to 99.9 % of the edges is compared with the one-way latency
-/// from its bridge to the farthest edge.
+/// is a member of one gossip cluster with `cfg`, formed at the start. After a minute
+/// (`PATINA_WAN_SETTLE_SECS` sets another), each bridge writes a first change (0.5 s apart),
+/// then, after 10 s of quiet, one more each, 3 s apart; each change's time to 99.9 % of the
+/// edges is compared with the one-way latency from its bridge to the farthest edge.
 pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
     let regions = WAN_REGIONS.len();
     let mut rng = SplitMix(seed ^ 0x3a7);
@@ -387,45 +394,51 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
     let converged = (0..n)
         .filter(|i| w.node(*i).is_some_and(|nd| nd.active().len() == n - 1))
         .count();
-    // A first change from each bridge, unmeasured: a tree forms on its origin's first change.
-    let debug = std::env::var("PATINA_WAN_DEBUG").is_ok();
-    if debug {
-        w.track_learning();
-    }
-    let mut warm_at = Vec::new();
+    let need = ((edges as f64) * 0.999).ceil() as usize;
+    // One change's figures: ms until 50 %, 90 % and 99.9 % of the edges held it, and the
+    // one-way floor from its bridge to the farthest edge.
+    let figures = |w: &World, b: usize, at: Duration| -> ChangeFigures {
+        let origin = w.node_id(b);
+        let mut times: Vec<f64> = w
+            .learned_at
+            .iter()
+            .filter(|((o, _), _)| *o == origin)
+            .flat_map(|(_, ts)| ts.iter())
+            .filter(|(i, _)| *i >= regions)
+            .map(|(_, t)| (*t - at).as_secs_f64() * 1e3)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let at_count = |k: usize| times.get(k - 1).copied().unwrap_or(f64::INFINITY);
+        ChangeFigures {
+            p50: at_count(edges.div_ceil(2)),
+            p90: at_count((edges * 9).div_ceil(10)),
+            p999: at_count(need),
+            floor: (regions..n)
+                .map(|e| matrix[b][e])
+                .max()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+        }
+    };
+    // A first change from each bridge: its flood forms its origin's tree (measured apart).
+    w.track_learning();
+    let mut first_at = Vec::new();
     for b in 0..regions {
-        warm_at.push(w.now);
-        w.write(b, &format!("warm-{b}"), "app", b"+v");
+        first_at.push((b, w.now));
+        w.write(b, &format!("first-{b}"), "app", b"+v");
         w.run_for(Duration::from_millis(500));
     }
     w.run_for(Duration::from_secs(10));
-    if debug {
-        for (b, at) in warm_at.iter().enumerate() {
-            let origin = w.node_id(b);
-            let mut times: Vec<f64> = w
-                .learned_at
-                .iter()
-                .filter(|((o, _), _)| *o == origin)
-                .flat_map(|(_, ts)| ts.iter())
-                .filter(|(i, _)| *i >= regions)
-                .map(|(_, t)| (*t - *at).as_secs_f64() * 1e3)
-                .collect();
-            times.sort_by(f64::total_cmp);
-            let q = |f: f64| times[((times.len() as f64 * f).ceil() as usize).max(1) - 1];
-            eprintln!(
-                "warm-up flood of bridge {b}: 50 % {:.1}, 90 % {:.1}, 99.9 % {:.1} ms",
-                q(0.5),
-                q(0.9),
-                q(0.999)
-            );
-        }
-        w.learned_at.clear();
-    }
+    let first: Vec<ChangeFigures> = first_at
+        .iter()
+        .map(|(b, at)| figures(&w, *b, *at))
+        .collect();
+    w.learned_at.clear();
     let idle = Duration::from_secs(10);
     let b0 = w.datagram_bytes;
     w.run_for(idle);
     let idle_rate = (w.datagram_bytes - b0) as f64 / idle.as_secs_f64();
-    w.track_learning();
     let spacing = Duration::from_secs(3);
     let start = w.now;
     let b1 = w.datagram_bytes;
@@ -438,72 +451,14 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
     w.run_for(Duration::from_secs(10));
     let window = (w.now - start).as_secs_f64();
     let added = (w.datagram_bytes - b1) as f64 - idle_rate * window;
-    let need = ((edges as f64) * 0.999).ceil() as usize;
-    let floor_of = |b: usize| {
-        (regions..n)
-            .map(|e| matrix[b][e])
-            .max()
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3
-    };
-    let mut changes = Vec::new();
-    let mut quantiles = Vec::new();
-    for (b, at) in written {
-        let origin = w.node_id(b);
-        let mut times: Vec<Duration> = w
-            .learned_at
-            .iter()
-            .filter(|((o, _), _)| *o == origin)
-            .flat_map(|(_, ts)| ts.iter())
-            .filter(|(i, _)| *i >= regions)
-            .map(|(_, t)| *t - at)
-            .collect();
-        times.sort();
-        let t = times
-            .get(need - 1)
-            .map_or(f64::INFINITY, |t| t.as_secs_f64() * 1e3);
-        let q = |f: f64| {
-            times
-                .get(((edges as f64) * f).ceil() as usize - 1)
-                .map_or(f64::INFINITY, |t| t.as_secs_f64() * 1e3)
-        };
-        quantiles.push((q(0.5), q(0.9)));
-        if std::env::var("PATINA_WAN_DEBUG").is_ok() {
-            let mut late: Vec<(usize, f64)> = w
-                .learned_at
-                .iter()
-                .filter(|((o, _), _)| *o == origin)
-                .flat_map(|(_, ts)| ts.iter())
-                .filter(|(i, t)| *i >= regions && (*t - at).as_secs_f64() * 1e3 > 2.0 * floor_of(b))
-                .map(|(i, t)| (*i, (*t - at).as_secs_f64() * 1e3))
-                .collect();
-            late.sort_by(|a, b| a.1.total_cmp(&b.1));
-            eprintln!("change of bridge {b}: late {late:?}");
-        }
-        let floor = (regions..n)
-            .map(|e| matrix[b][e])
-            .max()
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3;
-        changes.push((t, floor));
-    }
-    if std::env::var("PATINA_WAN_DEBUG").is_ok() {
-        let mut g: Vec<(usize, u64)> = (0..n)
-            .filter_map(|i| w.node(i).map(|nd| (i, nd.counters().tree_grafts_sent)))
-            .filter(|(_, c)| *c > 0)
-            .collect();
-        g.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
-        eprintln!("grafts by node: {g:?}");
-    }
+    let changes: Vec<ChangeFigures> = written.iter().map(|(b, at)| figures(&w, *b, *at)).collect();
     let (prunes, grafts) = (0..n).filter_map(|i| w.node(i)).fold((0, 0), |(p, g), nd| {
         let c = nd.counters();
         (p + c.tree_prunes_sent, g + c.tree_grafts_sent)
     });
     WanFigures {
         changes,
-        quantiles,
+        first,
         prunes,
         grafts,
         bytes_per_change_per_node: added / regions as f64 / n as f64,

@@ -151,3 +151,33 @@ fn the_push_socket_drops_swim_packets() {
     b.handle_datagram_on(Duration::from_millis(2), &swim, patina_gossip::Lane::Swim);
     assert_eq!(b.counters().dropped_decode, 1, "handled on the SWIM socket");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// Tree messages from a member (node 2), with any body: dropped or taken, never a panic,
+    /// and the node's tree state stays within its bounds.
+    #[test]
+    fn a_tree_node_survives_any_tree_message_from_a_member(
+        kind in 3u8..7,
+        body in proptest::collection::vec(any::<u8>(), 0..1400),
+    ) {
+        let mut n = tree_node();
+        n.start(Duration::ZERO);
+        let peer = Identity {
+            node: NodeId(2),
+            addr: "10.0.0.2:7000".parse().unwrap(),
+            api_port: 7001,
+            epoch: 1,
+        };
+        n.assume_members(Duration::ZERO, &[peer]);
+        let mut payload = vec![kind];
+        payload.extend_from_slice(&2u64.to_le_bytes());
+        payload.extend_from_slice(&body);
+        n.handle_datagram(Duration::from_millis(1), &sealed(&payload));
+        let _ = n.drain();
+        let sizes = n.tree_sizes();
+        prop_assert!(sizes.missing <= patina_gossip::node::MAX_MISSING);
+        prop_assert!(sizes.origins <= 2, "link state for an origin no member has: {sizes:?}");
+    }
+}

@@ -203,6 +203,7 @@ fn a_tree_forms_without_duplicates_and_grafts_around_a_crashed_parent() {
         w.run_for(Duration::from_millis(500));
         for i in 0..N {
             if !w.served(i).contains_key("settled") {
+                // Who would push to it, and what it counted: the failure's context.
                 let me = w.node(i).unwrap().identity();
                 let feeders: Vec<usize> = (0..N)
                     .filter(|j| {
@@ -210,13 +211,12 @@ fn a_tree_forms_without_duplicates_and_grafts_around_a_crashed_parent() {
                             .is_some_and(|n| n.tree_targets(origin).contains(&me))
                     })
                     .collect();
-                eprintln!(
-                    "node {i}: {:?} {:?} fed by {feeders:?}",
+                panic!(
+                    "node {i} lacks it; fed by {feeders:?}; {:?} {:?}",
                     w.node(i).unwrap().counters(),
                     w.node(i).unwrap().tree_sizes()
                 );
             }
-            assert!(w.served(i).contains_key("settled"), "node {i} lacks it");
         }
         assert_eq!(prunes(&w), before, "a formed tree delivered a duplicate");
         // A record too large for a datagram goes down the tree as a notice; anti-entropy

@@ -49,8 +49,8 @@ use shared::{Handler, Shared};
 use suspicion::Held;
 pub use suspicion::{CONFIRM_ASK, CONFIRM_BACKSTOP};
 pub use tree::{
-    MAX_INBOUND, MAX_MISSING, MAX_RECENT_BYTES, MAX_TREE_ORIGINS, RECENT_AGE, TREE_NEAR,
-    TREE_RANDOM, TreeSizes,
+    MAX_GRAFT_ANSWERS, MAX_INBOUND, MAX_MISSING, MAX_RECENT_BYTES, MAX_TREE_ORIGINS, RECENT_AGE,
+    TREE_NEAR, TREE_RANDOM, TreeSizes,
 };
 pub use view::{ViewReason, ViewStatus};
 
@@ -147,9 +147,9 @@ pub enum Dissemination {
     /// piggybacked on SWIM traffic (`dissemination.rs`): the fewest hops on a LAN.
     #[default]
     Push,
-    /// Pushed along a tree per origin that converges to the fastest paths, announced on
-    /// SWIM traffic, repaired by grafts (`tree.rs`): near the one-way floor on a WAN, with
-    /// a fraction of the bytes.
+    /// Pushed along a tree per origin that converges to the fastest paths, announced to a
+    /// few other links, repaired by grafts (`tree.rs`): near the one-way floor on a WAN,
+    /// with fewer bytes.
     Tree,
 }
 
@@ -343,6 +343,8 @@ pub struct Counters {
     pub tree_prunes_received: u64,
     pub tree_grafts_sent: u64,
     pub tree_grafts_received: u64,
+    /// Grafts not answered: more than `MAX_GRAFT_ANSWERS` arrived in one probe period.
+    pub tree_grafts_refused: u64,
     pub tree_from_strangers: u64,
 }
 

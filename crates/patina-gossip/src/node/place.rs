@@ -23,6 +23,11 @@ pub(super) struct Place {
     /// Peers' coordinates as their last hello gave them, and when. Members only (pruned
     /// each sync round), so bounded by the membership.
     pub(super) peers: BTreeMap<NodeId, (Coordinate, Duration)>,
+    /// Coordinates other peers' hellos shared (second hand), of members this node has none
+    /// of first hand, and when. Used only to find near members (tree dissemination's
+    /// links): never shared onward, never in [`Node::peer_coordinates`] (the global tier's
+    /// region order), forgotten like the others.
+    pub(super) heard: BTreeMap<NodeId, (Coordinate, Duration)>,
 }
 
 impl Place {
@@ -30,6 +35,7 @@ impl Place {
         Place {
             vivaldi: Vivaldi::new(seed),
             peers: BTreeMap::new(),
+            heard: BTreeMap::new(),
         }
     }
 }
@@ -83,23 +89,30 @@ impl Node {
     }
 
     /// Coordinates a peer's hello shared (its own, and those of up to
-    /// [`SHARED_COORDINATES`] others): kept for members this node has no coordinate of
-    /// (a coordinate a member's own hello brought wins), never for itself; invalid ones and
-    /// those past the limit are skipped.
+    /// [`SHARED_COORDINATES`] others): kept second hand (`Place::heard`) for members this
+    /// node has no coordinate of first hand, never for itself; invalid ones and those past
+    /// the limit are skipped. A newer share replaces an older one.
     pub fn handle_shared_coordinates(&mut self, now: Duration, shared: &[(NodeId, Coordinate)]) {
         self.now = now;
         let me = self.identity().node;
         let members: std::collections::BTreeSet<NodeId> =
             self.foca.iter_members().map(|m| m.id().node).collect();
         for (n, c) in shared.iter().take(SHARED_COORDINATES + 1) {
-            if *n == me || !members.contains(n) || !c.is_valid() {
+            if *n == me || !members.contains(n) || !c.is_valid() || self.place.peers.contains_key(n)
+            {
                 continue;
             }
-            self.place
-                .peers
-                .entry(*n)
-                .or_insert_with(|| (c.clone(), now));
+            self.place.heard.insert(*n, (c.clone(), now));
         }
+    }
+
+    /// A member's coordinate: first hand, else second hand.
+    pub(super) fn coordinate_of(&self, node: &NodeId) -> Option<&Coordinate> {
+        self.place
+            .peers
+            .get(node)
+            .or_else(|| self.place.heard.get(node))
+            .map(|(c, _)| c)
     }
 
     /// This node's coordinate.
@@ -130,6 +143,12 @@ impl Node {
             self.place.peers.remove(&n);
             self.place.vivaldi.forget(&n);
         }
+        let peers = &self.place.peers;
+        self.place.heard.retain(|n, (_, at)| {
+            members.contains(n)
+                && !peers.contains_key(n)
+                && now.saturating_sub(*at) < PEER_COORDINATE_TTL
+        });
     }
 }
 
@@ -164,15 +183,17 @@ mod tests {
                 (NodeId(1), at(0.04)), // this node
             ],
         );
+        // First hand only in what the node reports and shares onward; 3 second hand.
         let known: Vec<NodeId> = n.peer_coordinates().map(|(p, _)| p).collect();
-        assert_eq!(known, [NodeId(2), NodeId(3)]);
+        assert_eq!(known, [NodeId(2)]);
+        let heard: Vec<NodeId> = n.place.heard.keys().copied().collect();
+        assert_eq!(heard, [NodeId(3)]);
         assert_eq!(
             n.place.peers.get(&NodeId(2)).map(|(c, _)| c.clone()),
             first_hand
         );
-        // Shared onward: the nearest first.
-        let shared = n.coordinates_to_share();
-        assert_eq!(shared.len(), 2);
-        assert!(shared.iter().any(|(p, _)| *p == NodeId(3)));
+        assert_eq!(n.coordinate_of(&NodeId(3)), Some(&at(0.02)));
+        let shared: Vec<NodeId> = n.coordinates_to_share().iter().map(|(p, _)| *p).collect();
+        assert_eq!(shared, [NodeId(2)]);
     }
 }

@@ -64,6 +64,18 @@ impl Shared {
             || self.refused.contains(&(origin, seq))
     }
 
+    /// Does this node hold `item`'s version already (known, pending or refused; for a
+    /// notice, noticed at or past it)? Unlike `!take`, not true of an item refused for want
+    /// of room.
+    pub(super) fn holds(&self, item: &Item) -> bool {
+        self.knows(item.origin(), item.seq())
+            || (matches!(item, Item::Notice { .. })
+                && self
+                    .noticed
+                    .get(&item.origin())
+                    .is_some_and(|n| n.seq >= item.seq()))
+    }
+
     pub(super) fn remember_refused(&mut self, v: (NodeId, u64)) {
         if self.refused.insert(v) {
             self.refused_order.push_back(v);

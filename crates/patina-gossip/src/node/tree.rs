@@ -37,8 +37,9 @@ use crate::wire::{Item, MAX_TREE_ENTRIES, PUSH_OVERHEAD, Push, TreeControl};
 pub const TREE_NEAR: usize = 4;
 /// View members chosen at random (the long links that reach other continents at once).
 pub const TREE_RANDOM: usize = 4;
-/// Origins whose links a node keeps (each a member).
-pub const MAX_TREE_ORIGINS: usize = 4096;
+/// Origins whose links a node keeps (each a member's: prunes and grafts that name another
+/// origin are ignored). Above the largest membership a cluster is built for.
+pub const MAX_TREE_ORIGINS: usize = 65_536;
 /// Pruned or grafted peers kept per origin.
 const MAX_LINKS: usize = 64;
 /// Members that pushed to this node and are pushed to in turn (the view's other direction).
@@ -51,6 +52,8 @@ pub const MAX_MISSING: usize = 4096;
 const MAX_ANNOUNCERS: usize = 3;
 /// Links (view and inbound, not those a change took) told of each new change.
 pub const LAZY_FANOUT: usize = 8;
+/// Graft answers a node sends per probe period, to all peers together.
+pub const MAX_GRAFT_ANSWERS: u32 = 64;
 /// Hops a tree push may take (a backstop: a tree push is forwarded only on first receipt).
 pub(super) const TREE_HOPS: u8 = 64;
 
@@ -61,10 +64,10 @@ pub(super) struct Tree {
     view: Vec<Identity>,
     /// The view's members chosen by coordinates.
     near: Vec<Identity>,
-    /// Members that pushed to this node (they hold it in their views, or it grafted onto
-    /// them), newest last: links are made both ways, as Plumtree's are, so that a member
-    /// that is nobody's nearest still hears its neighbours' changes first. At most
-    /// [`MAX_INBOUND`]; members only.
+    /// Members that hold this node in their views (they said so, or pushed to it): links
+    /// are made both ways, as Plumtree's are, so that a member that is nobody's nearest
+    /// still hears its neighbours' changes first. At most [`MAX_INBOUND`], the first come;
+    /// members only (pruned each sync round).
     inbound: VecDeque<NodeId>,
     links: BTreeMap<NodeId, Links>,
     recent: BTreeMap<(NodeId, u64), Vec<u8>>,
@@ -72,6 +75,10 @@ pub(super) struct Tree {
     recent_bytes: usize,
     missing: BTreeMap<(NodeId, u64), Missing>,
     check_armed: bool,
+    /// The probe period (numbered from 0) graft answers are being counted for, and how many
+    /// went out in it.
+    graft_window: u128,
+    graft_answers: u32,
 }
 
 #[derive(Debug, Default)]
@@ -104,8 +111,8 @@ impl Node {
         self.cfg.dissemination == super::Dissemination::Tree
     }
 
-    /// Local changes, or changes first received: keep them for grafts, announce them on
-    /// SWIM traffic, and push them to their origins' eager peers (not `from`).
+    /// Local changes, or changes first received: keep them for grafts, push them to their
+    /// origins' eager peers (not `from`), and announce them to a few other links.
     pub(super) fn tree_spread(
         &mut self,
         items: Vec<(Item, Vec<u8>)>,
@@ -142,8 +149,11 @@ impl Node {
             .map(|m| (m.id().node, *m.id()))
             .collect();
         for (origin, (items, announces)) in by_origin {
-            // Every origin spread has its links, so that a view change keeps its children.
-            let _ = self.tree.link(origin);
+            // Every member's origin spread has its links, so that a view change keeps its
+            // children.
+            if self.member_origin(origin) {
+                let _ = self.tree.link(origin);
+            }
             let targets: Vec<Identity> = self
                 .tree
                 .eager(origin, &members)
@@ -235,6 +245,10 @@ impl Node {
                             announced.push((origin, seq));
                         }
                     }
+                    // Only announcements travel with no hops left: a record there would be
+                    // taken and not passed on, and its honest copy, arriving second, would
+                    // prune this node's real parent.
+                    Ok(_) if push.hops == 0 => s.counters.dropped_decode += 1,
                     // Our own change come back: a copy we hold (the mirror of the store's
                     // digest learns our own changes only through sessions).
                     Ok(item) if item.origin() == me => {
@@ -245,7 +259,9 @@ impl Node {
                     Ok(item) => {
                         if s.take(&item) {
                             fresh.push((item, bytes));
-                        } else {
+                        } else if s.holds(&item) {
+                            // A duplicate. Not one refused for want of room (pending full, an
+                            // origin no member names): its sender may be our only parent.
                             stale_origins.insert(item.origin());
                         }
                     }
@@ -278,13 +294,29 @@ impl Node {
             return;
         }
         let items: Vec<Item> = fresh.iter().map(|(i, _)| i.clone()).collect();
-        if push.hops > 0 {
-            self.tree_spread(fresh, Some(sender.node), push.hops - 1);
+        if self.tree_on() {
+            self.tree_spread(fresh, Some(sender.node), push.hops.saturating_sub(1));
         } else {
-            for (item, bytes) in &fresh {
-                self.tree
-                    .remember((item.origin(), item.seq()), bytes, self.now);
+            // A member spreading by random pushes (a cluster being switched over): pass the
+            // changes on its own way, so that its push-mode peers get them too.
+            let queue = !self
+                .shared
+                .lock()
+                .expect("gossip shared state")
+                .backlog_full;
+            let bytes: Vec<Vec<u8>> = fresh.into_iter().map(|(_, b)| b).collect();
+            if queue {
+                for b in &bytes {
+                    let _ = self.foca.add_broadcast(b);
+                }
             }
+            self.push(
+                bytes,
+                self.cfg.push_hops,
+                self.cfg.forward_fanout.get(),
+                Some(sender.addr),
+            );
+            self.update_backlog();
         }
         self.deliver(items, Some(sender));
     }
@@ -299,6 +331,9 @@ impl Node {
                 }
                 self.count(|c| c.tree_prunes_received += 1);
                 for o in origins {
+                    if !self.member_origin(o) {
+                        continue;
+                    }
                     if let Some(l) = self.tree.link(o) {
                         l.unlink(sender);
                     }
@@ -317,12 +352,44 @@ impl Node {
                     return;
                 };
                 self.count(|c| c.tree_grafts_received += 1);
+                // A graft costs its sender one small datagram: the answer is at most one
+                // datagram of changes, and at most MAX_GRAFT_ANSWERS answers go out per
+                // probe period, so no member can turn this node into an amplifier.
+                let period = self.cfg.probe_period.as_nanos().max(1);
+                let window = self.now.as_nanos() / period;
+                if self.tree.graft_window != window {
+                    self.tree.graft_window = window;
+                    self.tree.graft_answers = 0;
+                }
+                if self.tree.graft_answers >= MAX_GRAFT_ANSWERS {
+                    self.count(|c| c.tree_grafts_refused += 1);
+                    return;
+                }
+                self.tree.graft_answers += 1;
+                let origins = self
+                    .shared
+                    .lock()
+                    .expect("gossip shared state")
+                    .origins
+                    .clone();
+                let room = self
+                    .cfg
+                    .max_datagram
+                    .saturating_sub(self.envelope.overhead() + PUSH_OVERHEAD);
                 let mut items: BTreeMap<NodeId, Vec<Vec<u8>>> = BTreeMap::new();
+                let mut used = 0;
+                let mut seen = BTreeSet::new();
                 for (o, seq) in versions {
+                    if !origins.contains(&o) || !seen.insert((o, seq)) {
+                        continue;
+                    }
                     if let Some(l) = self.tree.link(o) {
                         l.graft(sender);
                     }
-                    if let Some(bytes) = self.tree.recent.get(&(o, seq)) {
+                    if let Some(bytes) = self.tree.recent.get(&(o, seq))
+                        && used + bytes.len() + 2 <= room
+                    {
+                        used += bytes.len() + 2;
                         items.entry(o).or_default().push(bytes.clone());
                     }
                 }
@@ -439,6 +506,15 @@ impl Node {
         self.send(to.push_addr(), bytes, Lane::Push);
     }
 
+    /// Is `origin` the store origin of a member this node sees up (itself included)?
+    fn member_origin(&self, origin: NodeId) -> bool {
+        self.shared
+            .lock()
+            .expect("gossip shared state")
+            .origins
+            .contains(&origin)
+    }
+
     fn member_by_node(&self, node: NodeId) -> Option<Identity> {
         self.foca
             .iter_members()
@@ -463,11 +539,7 @@ impl Node {
             .iter()
             .filter_map(|m| {
                 let measured = self.place.vivaldi.measured(&m.node);
-                let estimated = self
-                    .place
-                    .peers
-                    .get(&m.node)
-                    .map(|(c, _)| me.distance_to(c));
+                let estimated = self.coordinate_of(&m.node).map(|c| me.distance_to(c));
                 measured.or(estimated).map(|d| (d, *m))
             })
             .collect();
@@ -627,22 +699,15 @@ impl Tree {
         out
     }
 
-    /// `peer` pushed to this node: push to it in turn. The oldest inbound link past
-    /// [`MAX_INBOUND`] goes, but stays a link of every origin it had not pruned (it may be
-    /// a child there).
+    /// `peer` pushed to this node, or said it links to it: push to it in turn, while fewer
+    /// than [`MAX_INBOUND`] do.
     fn heard_from(&mut self, peer: NodeId) {
         if self.inbound.contains(&peer) || self.view.iter().any(|m| m.node == peer) {
             return;
         }
-        self.inbound.push_back(peer);
-        while self.inbound.len() > MAX_INBOUND {
-            if let Some(old) = self.inbound.pop_front() {
-                for l in self.links.values_mut() {
-                    if !l.pruned.contains(&old) {
-                        l.graft(old);
-                    }
-                }
-            }
+        // Full: the first ones stay (a member cannot churn them out by naming new links).
+        if self.inbound.len() < MAX_INBOUND {
+            self.inbound.push_back(peer);
         }
     }
 
