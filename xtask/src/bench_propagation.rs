@@ -1,5 +1,5 @@
 //! `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
-//! [--skip-sim | --sim-only] [--store-dir DIR]`: how fast a region of real agents (release build, loopback) spreads a write
+//! [--skip-sim | --sim-only | --wan-only] [--store-dir DIR]`: how fast a region of real agents (release build, loopback) spreads a write
 //! and the news of a crash, how often healthy members are falsely declared down (idle, and
 //! with one member starved by SIGSTOP/SIGCONT cycles), what gossip costs in bandwidth, and the
 //! deterministic simulation's figures at 100 and 1,000 nodes.
@@ -11,6 +11,8 @@
 //! first pass scrapes every agent's `/metrics` every second while it writes. Last line: one
 //! JSON object. With `--store-dir DIR` (a tmpfs), write to everywhere runs once more with
 //! every agent's store in DIR, beside the shared disk's figure and its fdatasync p99.
+//! `--wan-only`: only the simulated WAN world (2,000 edges, 19 regions' bridges), with tree
+//! dissemination and plain gossip in one run (`PATINA_WAN_MODES=tree` or `plain` runs one).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

@@ -6,8 +6,9 @@
 //! - `cargo xtask bench watchers [--machines N] [--watchers N]`: memory with stalled
 //!   whole-region watchers, and their convergence.
 //! - `cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] [--idle-secs S]
-//!   [--skip-sim | --sim-only]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
-//!   bandwidth on a region of real agents; the simulation's spread at 100 and 1,000 nodes.
+//!   [--skip-sim | --sim-only | --wan-only]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
+//!   bandwidth on a region of real agents; the simulation's spread at 100 and 1,000 nodes;
+//!   the simulated WAN world, tree dissemination beside plain gossip.
 //! - `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
 //!   [--summaries N]`: region-to-edge latency, LookupApp over gRPC, the edge library's
 //!   lookup and memory per summary.
@@ -68,7 +69,7 @@ fn main() -> anyhow::Result<()> {
              [--only latency,upserts,loaded] [--patina BIN]\n\
                     cargo xtask bench watchers [--machines N] [--watchers N]\n\
                     cargo xtask bench propagation [--nodes N] [--writes N] [--kills N] \
-             [--idle-secs S] [--skip-sim | --sim-only]\n\
+             [--idle-secs S] [--skip-sim | --sim-only | --wan-only]\n\
                     cargo xtask bench global [--regions R] [--edges E] [--events N] \
              [--lookup-secs S] [--summaries N]\n\
                     cargo xtask cluster [--nodes N] | --regions R [--nodes N] [--bridges B] \
