@@ -749,3 +749,227 @@ impl Links {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use patina_store::{Hlc, Record, Version};
+
+    use super::*;
+    use crate::envelope::ClusterName;
+    use crate::node::testing::member;
+    use crate::node::{Config, Dissemination, Output};
+
+    /// A tree node (member 1) with members 2 to 40.
+    fn tree_node() -> Node {
+        let cfg = Config {
+            dissemination: Dissemination::Tree,
+            ..Config::lan(ClusterName::new("unit").expect("a name"))
+        };
+        let mut n = Node::new(member(1), cfg, BTreeMap::new(), Vec::new(), 7);
+        let others: Vec<Identity> = (2..=40).map(member).collect();
+        n.assume_members(Duration::ZERO, &others);
+        let _ = n.drain();
+        n
+    }
+
+    fn record(origin: u64, seq: u64) -> Record {
+        Record {
+            key: format!("m{origin}-{seq}").into(),
+            group: "web".into(),
+            value: Some(Arc::from(&b"+v"[..])),
+            version: Version {
+                hlc: Hlc(seq),
+                origin: NodeId(origin),
+                seq,
+            },
+        }
+    }
+
+    /// A datagram from `payload` (encoded without its envelope) arrives on the push socket.
+    fn arrive(n: &mut Node, ms: u64, payload: Vec<u8>) {
+        let mut bytes = Vec::new();
+        n.envelope.seal(&payload, &mut bytes);
+        n.handle_datagram_on(Duration::from_millis(ms), &bytes, Lane::Push);
+    }
+
+    fn tree_push(from: u8, hops: u8, items: Vec<Item>) -> Vec<u8> {
+        let mut out = Vec::new();
+        Push {
+            sender: member(from).node,
+            hops,
+            tree: true,
+            items: items.iter().map(Item::to_bytes).collect(),
+        }
+        .encode(&mut out);
+        out
+    }
+
+    fn control(msg: TreeControl) -> Vec<u8> {
+        let mut out = Vec::new();
+        msg.encode(&mut out);
+        out
+    }
+
+    /// The datagrams the node sent since the last call, by destination.
+    fn sent(n: &mut Node) -> Vec<(SocketAddr, Vec<u8>)> {
+        n.drain()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send { to, bytes, .. } => Some((to, bytes)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_duplicate_prunes_its_sender_and_one_refused_for_want_of_room_does_not() {
+        let mut n = tree_node();
+        arrive(&mut n, 1, tree_push(3, 5, vec![Item::Record(record(2, 1))]));
+        let first = sent(&mut n);
+        assert!(!first.is_empty(), "a fresh change is passed on");
+        assert_eq!(n.counters().tree_prunes_sent, 0);
+        arrive(&mut n, 2, tree_push(4, 5, vec![Item::Record(record(2, 1))]));
+        let _ = sent(&mut n);
+        assert_eq!(
+            n.counters().tree_prunes_sent,
+            1,
+            "the duplicate's sender is pruned"
+        );
+        // Pending full: a new version is refused, and its sender (maybe our only parent)
+        // is not pruned.
+        {
+            let mut s = n.shared.lock().unwrap();
+            for i in 0..crate::node::MAX_PENDING as u64 {
+                s.pending.insert((NodeId(9), i + 1));
+            }
+        }
+        arrive(&mut n, 3, tree_push(5, 5, vec![Item::Record(record(2, 2))]));
+        let _ = sent(&mut n);
+        assert_eq!(n.counters().tree_prunes_sent, 1);
+    }
+
+    #[test]
+    fn records_in_a_tree_push_with_no_hops_left_are_dropped() {
+        let mut n = tree_node();
+        arrive(&mut n, 1, tree_push(3, 0, vec![Item::Record(record(2, 1))]));
+        let out = n.drain();
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Apply { .. })),
+            "taken: {out:?}"
+        );
+        assert!(!n.shared.lock().unwrap().knows(NodeId(2), 1));
+        // An announcement with no hops left is what such a push is for.
+        arrive(
+            &mut n,
+            2,
+            tree_push(
+                3,
+                0,
+                vec![Item::Announce {
+                    origin: NodeId(2),
+                    seq: 1,
+                }],
+            ),
+        );
+        assert_eq!(n.tree_sizes().missing, 1);
+    }
+
+    #[test]
+    fn inbound_links_are_first_come_and_bounded() {
+        let mut n = tree_node();
+        for from in 2..=40u8 {
+            arrive(
+                &mut n,
+                u64::from(from),
+                control(TreeControl::Link {
+                    sender: member(from).node,
+                }),
+            );
+        }
+        let inbound: Vec<u64> = n.tree.inbound.iter().map(|p| p.0).collect();
+        let first: Vec<u64> = (2..2 + MAX_INBOUND as u64).collect();
+        assert_eq!(inbound, first, "the first come stay");
+        // Strangers are not linked.
+        arrive(
+            &mut n,
+            50,
+            control(TreeControl::Link {
+                sender: NodeId(999),
+            }),
+        );
+        assert_eq!(n.counters().tree_from_strangers, 1);
+    }
+
+    #[test]
+    fn prunes_and_grafts_keep_link_state_only_for_members_origins() {
+        let mut n = tree_node();
+        arrive(
+            &mut n,
+            1,
+            control(TreeControl::Prune {
+                sender: member(3).node,
+                origins: (500..564).map(NodeId).collect(),
+            }),
+        );
+        arrive(
+            &mut n,
+            2,
+            control(TreeControl::Graft {
+                sender: member(3).node,
+                versions: (600..664).map(|o| (NodeId(o), 1)).collect(),
+            }),
+        );
+        assert_eq!(n.tree_sizes().origins, 0);
+        arrive(
+            &mut n,
+            3,
+            control(TreeControl::Prune {
+                sender: member(3).node,
+                origins: vec![member(2).node],
+            }),
+        );
+        assert_eq!(n.tree_sizes().origins, 1);
+    }
+
+    #[test]
+    fn graft_answers_are_one_datagram_each_and_bounded_per_probe_period() {
+        let mut n = tree_node();
+        let records: Vec<Record> = (1..=40).map(|seq| record(1, seq)).collect();
+        n.handle_local(Duration::from_millis(1), &records);
+        let _ = sent(&mut n);
+        let versions: Vec<(NodeId, u64)> = (1..=40).map(|s| (NodeId(1), s)).collect();
+        let to = member(3).push_addr();
+        // Within one probe period (200 ms): at most MAX_GRAFT_ANSWERS answers in all.
+        for i in 0..100u64 {
+            arrive(
+                &mut n,
+                2 + i,
+                control(TreeControl::Graft {
+                    sender: member(3).node,
+                    versions: versions.clone(),
+                }),
+            );
+        }
+        let answers: Vec<(SocketAddr, Vec<u8>)> =
+            sent(&mut n).into_iter().filter(|(a, _)| *a == to).collect();
+        assert_eq!(answers.len(), MAX_GRAFT_ANSWERS as usize);
+        assert!(answers.iter().all(|(_, b)| b.len() <= n.cfg.max_datagram));
+        assert_eq!(
+            n.counters().tree_grafts_refused,
+            100 - u64::from(MAX_GRAFT_ANSWERS)
+        );
+        // The next period answers again.
+        arrive(
+            &mut n,
+            400,
+            control(TreeControl::Graft {
+                sender: member(3).node,
+                versions,
+            }),
+        );
+        assert_eq!(sent(&mut n).iter().filter(|(a, _)| *a == to).count(), 1);
+    }
+}
