@@ -977,6 +977,7 @@ impl Node {
             | OwnedNotification::MemberDown(_)
             | OwnedNotification::Rename(..)) => {
                 self.attend_stale = true;
+                self.tree_members_changed();
                 self.notified_membership(n);
                 self.refresh_origins();
             }

@@ -75,6 +75,10 @@ pub(super) struct Tree {
     recent_bytes: usize,
     missing: BTreeMap<(NodeId, u64), Missing>,
     check_armed: bool,
+    /// Active members by store origin ([`Node::member_by_node`]), rebuilt when not
+    /// `members_fresh` (after a membership change, and at first).
+    members: BTreeMap<NodeId, Identity>,
+    members_fresh: bool,
     /// The probe period (numbered from 0) graft answers are being counted for, and how many
     /// went out in it.
     graft_window: u128,
@@ -143,11 +147,7 @@ impl Node {
         if self.tree.view.is_empty() {
             self.refresh_tree_view();
         }
-        let members: BTreeMap<NodeId, Identity> = self
-            .foca
-            .iter_members()
-            .map(|m| (m.id().node, *m.id()))
-            .collect();
+        self.refresh_tree_members();
         for (origin, (items, announces)) in by_origin {
             // Every member's origin spread has its links, so that a view change keeps its
             // children.
@@ -156,7 +156,7 @@ impl Node {
             }
             let targets: Vec<Identity> = self
                 .tree
-                .eager(origin, &members)
+                .eager(origin, &self.tree.members)
                 .into_iter()
                 .filter(|t| Some(t.node) != from && t.node != origin)
                 .collect();
@@ -166,7 +166,7 @@ impl Node {
             // grafts onto it.
             let mut lazy: Vec<Identity> = self
                 .tree
-                .links(&members)
+                .links(&self.tree.members)
                 .into_iter()
                 .filter(|m| {
                     Some(m.node) != from && m.node != origin && !targets.iter().any(|t| t == m)
@@ -515,11 +515,29 @@ impl Node {
             .contains(&origin)
     }
 
-    fn member_by_node(&self, node: NodeId) -> Option<Identity> {
-        self.foca
-            .iter_members()
-            .map(|m| *m.id())
-            .find(|m| m.node == node)
+    /// The active member whose store origin is `node` (from the index, not a scan).
+    fn member_by_node(&mut self, node: NodeId) -> Option<Identity> {
+        self.refresh_tree_members();
+        self.tree.members.get(&node).copied()
+    }
+
+    /// Rebuild the index of active members by origin if the membership changed since: one
+    /// pass per membership change, not one per datagram (10,000 members are 10,000
+    /// comparisons).
+    fn refresh_tree_members(&mut self) {
+        if !self.tree.members_fresh {
+            self.tree.members = self
+                .foca
+                .iter_members()
+                .map(|m| (m.id().node, *m.id()))
+                .collect();
+            self.tree.members_fresh = true;
+        }
+    }
+
+    /// The membership changed: the index of members by origin is rebuilt when next used.
+    pub(super) fn tree_members_changed(&mut self) {
+        self.tree.members_fresh = false;
     }
 
     /// Choose the view again (each sync round): the nearest members by coordinates, then
