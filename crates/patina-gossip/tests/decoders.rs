@@ -12,40 +12,37 @@ use patina_gossip::{ClusterName, Config, Envelope, Identity, Node};
 use patina_store::NodeId;
 use proptest::prelude::*;
 
-fn node() -> Node {
-    let id = Identity {
-        node: NodeId(1),
-        addr: "10.0.0.1:7000".parse().unwrap(),
+/// Member `i` at 10.0.0.`i`.
+fn member(i: u8) -> Identity {
+    Identity {
+        node: NodeId(u64::from(i)),
+        addr: format!("10.0.0.{i}:7000").parse().unwrap(),
         api_port: 7001,
         epoch: 1,
-    };
-    let seeds: Vec<SocketAddr> = vec!["10.0.0.2:7000".parse().unwrap()];
+    }
+}
+
+/// Node 1 spreading changes as `dissemination` says, seeded through node 2.
+fn node_with(dissemination: patina_gossip::Dissemination) -> Node {
+    let seeds: Vec<SocketAddr> = vec![member(2).addr];
     Node::new(
-        id,
-        Config::lan(ClusterName::new("fuzz").unwrap()),
+        member(1),
+        Config {
+            dissemination,
+            ..Config::lan(ClusterName::new("fuzz").unwrap())
+        },
         Default::default(),
         seeds,
         7,
     )
 }
 
+fn node() -> Node {
+    node_with(patina_gossip::Dissemination::Push)
+}
+
 fn tree_node() -> Node {
-    let id = Identity {
-        node: NodeId(1),
-        addr: "10.0.0.1:7000".parse().unwrap(),
-        api_port: 7001,
-        epoch: 1,
-    };
-    Node::new(
-        id,
-        Config {
-            dissemination: patina_gossip::Dissemination::Tree,
-            ..Config::lan(ClusterName::new("fuzz").unwrap())
-        },
-        Default::default(),
-        vec!["10.0.0.2:7000".parse().unwrap()],
-        7,
-    )
+    node_with(patina_gossip::Dissemination::Tree)
 }
 
 fn sealed(payload: &[u8]) -> Vec<u8> {
@@ -164,13 +161,7 @@ proptest! {
     ) {
         let mut n = tree_node();
         n.start(Duration::ZERO);
-        let peer = Identity {
-            node: NodeId(2),
-            addr: "10.0.0.2:7000".parse().unwrap(),
-            api_port: 7001,
-            epoch: 1,
-        };
-        n.assume_members(Duration::ZERO, &[peer]);
+        n.assume_members(Duration::ZERO, &[member(2)]);
         let mut payload = vec![kind];
         payload.extend_from_slice(&2u64.to_le_bytes());
         payload.extend_from_slice(&body);
