@@ -91,7 +91,8 @@ impl Node {
     /// Coordinates a peer's hello shared (its own, and those of up to
     /// [`SHARED_COORDINATES`] others): kept second hand (`Place::heard`) for members this
     /// node has no coordinate of first hand, never for itself; invalid ones and those past
-    /// the limit are skipped. A newer share replaces an older one.
+    /// the limit are skipped. The first share stands until it expires (so that one member
+    /// cannot keep replacing what others shared).
     pub fn handle_shared_coordinates(&mut self, now: Duration, shared: &[(NodeId, Coordinate)]) {
         self.now = now;
         let me = self.identity().node;
@@ -102,7 +103,10 @@ impl Node {
             {
                 continue;
             }
-            self.place.heard.insert(*n, (c.clone(), now));
+            self.place
+                .heard
+                .entry(*n)
+                .or_insert_with(|| (c.clone(), now));
         }
     }
 

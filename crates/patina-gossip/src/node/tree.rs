@@ -52,8 +52,9 @@ pub const MAX_MISSING: usize = 4096;
 const MAX_ANNOUNCERS: usize = 3;
 /// Links (view and inbound, not those a change took) told of each new change.
 pub const LAZY_FANOUT: usize = 8;
-/// Graft answers a node sends per probe period, to all peers together.
+/// Graft answers a node sends per probe period, to all peers together, and to one peer.
 pub const MAX_GRAFT_ANSWERS: u32 = 64;
+pub const MAX_GRAFT_ANSWERS_PER_PEER: u32 = 8;
 /// Hops a tree push may take (a backstop: a tree push is forwarded only on first receipt).
 pub(super) const TREE_HOPS: u8 = 64;
 
@@ -67,7 +68,8 @@ pub(super) struct Tree {
     /// Members that hold this node in their views (they said so, or pushed to it): links
     /// are made both ways, as Plumtree's are, so that a member that is nobody's nearest
     /// still hears its neighbours' changes first. At most [`MAX_INBOUND`], the first come;
-    /// members only (pruned each sync round).
+    /// members only (pruned each sync round, in tree mode; a push-mode node ignores tree
+    /// control and keeps none).
     inbound: VecDeque<NodeId>,
     links: BTreeMap<NodeId, Links>,
     recent: BTreeMap<(NodeId, u64), Vec<u8>>,
@@ -83,6 +85,8 @@ pub(super) struct Tree {
     /// went out in it.
     graft_window: u128,
     graft_answers: u32,
+    /// Answers per member in this probe period (members only; cleared each period).
+    graft_answers_to: BTreeMap<NodeId, u32>,
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +164,13 @@ impl Node {
                 .into_iter()
                 .filter(|t| Some(t.node) != from && t.node != origin)
                 .collect();
-            self.send_tree_push(items, &targets, hops);
+            if hops > 0 {
+                self.send_tree_push(items, &targets, hops);
+            } else {
+                // No hops left (a backstop, or a sender that set them so): records would be
+                // dropped there; the eager peers hear of them and graft instead.
+                self.send_tree_push(announces.clone(), &targets, 0);
+            }
             // The lazy path: a few of the links this origin's changes do not take (those
             // that pruned) hear that this node holds them, so that one whose parent is gone
             // grafts onto it.
@@ -228,7 +238,6 @@ impl Node {
             self.count(|c| c.tree_from_strangers += 1);
             return;
         };
-        self.tree.heard_from(sender.node);
         let mut fresh = Vec::new();
         let mut announced = Vec::new();
         let mut stale_origins = BTreeSet::new();
@@ -267,6 +276,10 @@ impl Node {
                     }
                 }
             }
+        }
+        // A sender whose push held anything this node could read links to it.
+        if !fresh.is_empty() || !announced.is_empty() || !stale_origins.is_empty() {
+            self.tree.heard_from(sender.node);
         }
         for (origin, seq) in announced {
             self.tree_announced(origin, seq, Some(sender));
@@ -323,6 +336,12 @@ impl Node {
 
     /// A prune or a graft arrived.
     pub(super) fn handle_tree_control(&mut self, msg: TreeControl) {
+        if !self.tree_on() {
+            // No trees here (a member spreading by random pushes): nothing to link, prune or
+            // answer from, and no state for a peer to fill.
+            self.count(|c| c.dropped_decode += 1);
+            return;
+        }
         match msg {
             TreeControl::Prune { sender, origins } => {
                 if self.member_by_node(sender).is_none() {
@@ -352,35 +371,39 @@ impl Node {
                     return;
                 };
                 self.count(|c| c.tree_grafts_received += 1);
-                // A graft costs its sender one small datagram: the answer is at most one
-                // datagram of changes, and at most MAX_GRAFT_ANSWERS answers go out per
-                // probe period, so no member can turn this node into an amplifier.
+                // A graft costs its sender one small datagram: the answer is one datagram of
+                // changes (whatever origins they are of), and at most MAX_GRAFT_ANSWERS
+                // answers go out per probe period, MAX_GRAFT_ANSWERS_PER_PEER to one member,
+                // counted only when something is sent: no member can turn this node into an
+                // amplifier, nor spend the budget others' repairs need.
                 let period = self.cfg.probe_period.as_nanos().max(1);
                 let window = self.now.as_nanos() / period;
                 if self.tree.graft_window != window {
                     self.tree.graft_window = window;
                     self.tree.graft_answers = 0;
+                    self.tree.graft_answers_to.clear();
                 }
-                if self.tree.graft_answers >= MAX_GRAFT_ANSWERS {
+                let to_peer = self
+                    .tree
+                    .graft_answers_to
+                    .get(&sender)
+                    .copied()
+                    .unwrap_or(0);
+                if self.tree.graft_answers >= MAX_GRAFT_ANSWERS
+                    || to_peer >= MAX_GRAFT_ANSWERS_PER_PEER
+                {
                     self.count(|c| c.tree_grafts_refused += 1);
                     return;
                 }
-                self.tree.graft_answers += 1;
-                let origins = self
-                    .shared
-                    .lock()
-                    .expect("gossip shared state")
-                    .origins
-                    .clone();
                 let room = self
                     .cfg
                     .max_datagram
                     .saturating_sub(self.envelope.overhead() + PUSH_OVERHEAD);
-                let mut items: BTreeMap<NodeId, Vec<Vec<u8>>> = BTreeMap::new();
+                let mut items: Vec<Vec<u8>> = Vec::new();
                 let mut used = 0;
                 let mut seen = BTreeSet::new();
                 for (o, seq) in versions {
-                    if !origins.contains(&o) || !seen.insert((o, seq)) {
+                    if !self.member_origin(o) || !seen.insert((o, seq)) {
                         continue;
                     }
                     if let Some(l) = self.tree.link(o) {
@@ -390,10 +413,12 @@ impl Node {
                         && used + bytes.len() + 2 <= room
                     {
                         used += bytes.len() + 2;
-                        items.entry(o).or_default().push(bytes.clone());
+                        items.push(bytes.clone());
                     }
                 }
-                for (_, items) in items {
+                if !items.is_empty() {
+                    self.tree.graft_answers += 1;
+                    *self.tree.graft_answers_to.entry(sender).or_default() += 1;
                     self.send_tree_push(items, &[peer], TREE_HOPS);
                 }
             }
@@ -952,42 +977,99 @@ mod tests {
         assert_eq!(n.tree_sizes().origins, 1);
     }
 
+    /// The tree pushes `n` sent to `to` since the last call, opened: (hops, items).
+    fn sent_to(n: &mut Node, to: u8) -> Vec<(u8, Vec<Item>)> {
+        let out = sent(n);
+        pushes_to(n, &out, to)
+    }
+
+    /// The tree pushes in `sent` to `to`, opened: (hops, items).
+    fn pushes_to(n: &Node, sent: &[(SocketAddr, Vec<u8>)], to: u8) -> Vec<(u8, Vec<Item>)> {
+        sent.iter()
+            .filter(|(a, _)| *a == member(to).push_addr())
+            .filter_map(|(_, b)| {
+                let payload = n.envelope.open(b).ok()?;
+                let (kind, body) = payload.split_first()?;
+                (*kind == crate::wire::KIND_TREE_PUSH).then_some(())?;
+                let push = Push::decode(body, true).ok()?;
+                let items = push
+                    .items
+                    .iter()
+                    .filter_map(|i| Item::decode(i).ok())
+                    .collect();
+                Some((push.hops, items))
+            })
+            .collect()
+    }
+
     #[test]
-    fn graft_answers_are_one_datagram_each_and_bounded_per_probe_period() {
+    fn graft_answers_are_one_datagram_of_any_origins_and_bounded_per_peer_and_period() {
         let mut n = tree_node();
-        let records: Vec<Record> = (1..=40).map(|seq| record(1, seq)).collect();
-        n.handle_local(Duration::from_millis(1), &records);
-        let _ = sent(&mut n);
-        let versions: Vec<(NodeId, u64)> = (1..=40).map(|s| (NodeId(1), s)).collect();
-        let to = member(3).push_addr();
-        // Within one probe period (200 ms): at most MAX_GRAFT_ANSWERS answers in all.
-        for i in 0..100u64 {
+        n.handle_local(Duration::from_millis(1), &[record(1, 1), record(1, 2)]);
+        for origin in 2..=6u64 {
             arrive(
                 &mut n,
-                2 + i,
-                control(TreeControl::Graft {
-                    sender: member(3).node,
-                    versions: versions.clone(),
-                }),
+                1,
+                tree_push(7, 5, vec![Item::Record(record(origin, 1))]),
             );
         }
-        let answers: Vec<(SocketAddr, Vec<u8>)> =
-            sent(&mut n).into_iter().filter(|(a, _)| *a == to).collect();
-        assert_eq!(answers.len(), MAX_GRAFT_ANSWERS as usize);
-        assert!(answers.iter().all(|(_, b)| b.len() <= n.cfg.max_datagram));
-        assert_eq!(
-            n.counters().tree_grafts_refused,
-            100 - u64::from(MAX_GRAFT_ANSWERS)
-        );
-        // The next period answers again.
-        arrive(
-            &mut n,
-            400,
+        let _ = sent(&mut n);
+        let versions: Vec<(NodeId, u64)> = [(1, 1), (1, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
+            .iter()
+            .map(|(o, s)| (NodeId(*o), *s))
+            .collect();
+        let graft = |from: u8, versions: &[(NodeId, u64)]| {
             control(TreeControl::Graft {
-                sender: member(3).node,
-                versions,
-            }),
+                sender: member(from).node,
+                versions: versions.to_vec(),
+            })
+        };
+        // Seven versions of six origins: one datagram.
+        arrive(&mut n, 2, graft(3, &versions));
+        let out = sent(&mut n);
+        let answers = pushes_to(&n, &out, 3);
+        assert_eq!(answers.len(), 1, "{answers:?}");
+        assert_eq!(answers[0].1.len(), 7);
+        // A graft of a version this node lacks costs it nothing, and spends no budget.
+        arrive(&mut n, 3, graft(21, &[(NodeId(2), 9)]));
+        assert!(sent_to(&mut n, 21).is_empty());
+        // One member: at most MAX_GRAFT_ANSWERS_PER_PEER answers per probe period (200 ms).
+        for i in 0..20 {
+            arrive(&mut n, 4 + i, graft(3, &versions));
+        }
+        assert_eq!(
+            sent_to(&mut n, 3).len(),
+            MAX_GRAFT_ANSWERS_PER_PEER as usize - 1
         );
-        assert_eq!(sent(&mut n).iter().filter(|(a, _)| *a == to).count(), 1);
+        // All members together: at most MAX_GRAFT_ANSWERS.
+        let mut answered = MAX_GRAFT_ANSWERS_PER_PEER as usize;
+        for from in 4..=20u8 {
+            for i in 0..MAX_GRAFT_ANSWERS_PER_PEER {
+                arrive(&mut n, 30 + u64::from(i), graft(from, &versions));
+            }
+            answered += sent_to(&mut n, from).len();
+        }
+        assert_eq!(answered, MAX_GRAFT_ANSWERS as usize);
+        assert!(n.counters().tree_grafts_refused > 0);
+        // The next period answers again.
+        arrive(&mut n, 400, graft(3, &versions));
+        assert_eq!(sent_to(&mut n, 3).len(), 1);
+    }
+
+    #[test]
+    fn a_change_with_one_hop_left_goes_on_as_announcements() {
+        let mut n = tree_node();
+        arrive(&mut n, 1, tree_push(3, 1, vec![Item::Record(record(2, 1))]));
+        let out = sent(&mut n);
+        let pushes: Vec<(u8, Vec<Item>)> =
+            (4..=40u8).flat_map(|to| pushes_to(&n, &out, to)).collect();
+        assert!(!pushes.is_empty(), "passed on");
+        for (hops, items) in &pushes {
+            assert_eq!(*hops, 0);
+            assert!(
+                items.iter().all(|i| matches!(i, Item::Announce { .. })),
+                "a record with no hops left: {items:?}"
+            );
+        }
     }
 }
