@@ -14,6 +14,9 @@ use patina_store::NodeId;
 /// A peer's coordinate is forgotten when no hello brought it for this long.
 const PEER_COORDINATE_TTL: Duration = Duration::from_secs(600);
 
+/// How long a second-hand coordinate stands before a later share may replace it.
+pub const SHARE_REFRESH: Duration = Duration::from_secs(5);
+
 /// Most peers' coordinates a hello shares (besides its sender's own).
 pub const SHARED_COORDINATES: usize = 8;
 
@@ -91,8 +94,8 @@ impl Node {
     /// Coordinates a peer's hello shared (its own, and those of up to
     /// [`SHARED_COORDINATES`] others): kept second hand (`Place::heard`) for members this
     /// node has no coordinate of first hand, never for itself; invalid ones and those past
-    /// the limit are skipped. The first share stands until it expires (so that one member
-    /// cannot keep replacing what others shared).
+    /// the limit are skipped. A share stands for [`SHARE_REFRESH`] before a later one may
+    /// replace it (so that one member cannot keep replacing what others shared).
     pub fn handle_shared_coordinates(&mut self, now: Duration, shared: &[(NodeId, Coordinate)]) {
         self.now = now;
         let me = self.identity().node;
@@ -103,10 +106,14 @@ impl Node {
             {
                 continue;
             }
-            self.place
-                .heard
-                .entry(*n)
-                .or_insert_with(|| (c.clone(), now));
+            // A share replaces one at least SHARE_REFRESH old: coordinates settle over
+            // minutes, and no member can steer another's faster than that.
+            match self.place.heard.get(n) {
+                Some((_, at)) if now.saturating_sub(*at) < SHARE_REFRESH => {}
+                _ => {
+                    self.place.heard.insert(*n, (c.clone(), now));
+                }
+            }
         }
     }
 

@@ -241,6 +241,7 @@ impl Node {
         let mut fresh = Vec::new();
         let mut announced = Vec::new();
         let mut stale_origins = BTreeSet::new();
+        let mut readable = false;
         let me = self.identity().node;
         {
             let mut s = self.shared.lock().expect("gossip shared state");
@@ -249,6 +250,7 @@ impl Node {
                     Err(_) => s.counters.dropped_decode += 1,
                     // The lazy path: the sender holds this version.
                     Ok(Item::Announce { origin, seq }) => {
+                        readable = true;
                         if origin != me && !s.knows(origin, seq) && s.origins.contains(&origin) {
                             s.counters.announces_new += 1;
                             announced.push((origin, seq));
@@ -278,7 +280,7 @@ impl Node {
             }
         }
         // A sender whose push held anything this node could read links to it.
-        if !fresh.is_empty() || !announced.is_empty() || !stale_origins.is_empty() {
+        if readable || !fresh.is_empty() || !stale_origins.is_empty() {
             self.tree.heard_from(sender.node);
         }
         for (origin, seq) in announced {
