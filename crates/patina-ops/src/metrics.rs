@@ -402,6 +402,16 @@ pub async fn scrape(s: &Sources) -> String {
             counter(st.tree_grafts),
         );
         r.register(
+            "gossip_tree_grafts_refused",
+            "Grafts this agent left unanswered in tree dissemination: over its per-member or per-probe-period budget",
+            counter(st.tree_grafts_refused),
+        );
+        r.register(
+            "gossip_tree_from_strangers",
+            "Tree dissemination messages (pushes, prunes, grafts, links) from senders that are not members, dropped",
+            counter(st.tree_from_strangers),
+        );
+        r.register(
             "sync_sessions",
             "Anti-entropy sessions, by outcome: begun, failed after beginning, or never begun",
             counters(&[

@@ -335,6 +335,8 @@ impl Gossip {
             down_news_applied: c.down_news_applied,
             tree_prunes: c.tree_prunes_sent,
             tree_grafts: c.tree_grafts_sent,
+            tree_grafts_refused: c.tree_grafts_refused,
+            tree_from_strangers: c.tree_from_strangers,
             peers: {
                 let now = std::time::Instant::now();
                 let mut peers: Vec<PeerSync> = s
