@@ -708,16 +708,8 @@ impl Tree {
     /// only).
     fn eager(&self, origin: NodeId, members: &BTreeMap<NodeId, Identity>) -> Vec<Identity> {
         let links = self.links.get(&origin);
-        let mut out: Vec<Identity> = self
-            .view
-            .iter()
-            .map(|m| m.node)
-            .chain(self.inbound.iter().copied())
-            .filter(|m| !links.is_some_and(|l| l.pruned.contains(m)))
-            .filter_map(|m| members.get(&m).copied())
-            .collect();
-        out.sort_by_key(|m| m.node);
-        out.dedup();
+        let mut out = self.links(members);
+        out.retain(|m| !links.is_some_and(|l| l.pruned.contains(&m.node)));
         if let Some(l) = links {
             for p in &l.grafted {
                 if let Some(m) = members.get(p)
