@@ -448,7 +448,7 @@ fn wan_figures(json: &mut serde_json::Value) {
             dissemination: mode,
             ..crate::sim_figures::wan_config()
         };
-        let f = crate::sim_figures::wan_spread(edges, cfg, 7);
+        let f = crate::sim_figures::wan_spread(edges, cfg, 7, 0);
         let r = crate::sim_figures::ratios(&f.changes);
         let r1 = crate::sim_figures::ratios(&f.first);
         println!(

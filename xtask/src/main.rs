@@ -29,6 +29,7 @@ mod bench_checks;
 mod bench_frontends;
 mod bench_global;
 mod bench_propagation;
+mod bench_sim_scale;
 mod bench_store;
 mod bench_watchdog;
 mod bench_watchers;
@@ -55,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         ["bench", "global", rest @ ..] => bench_global::run(bench_global::Options::parse(rest)?),
         ["bench", "watchdog", rest @ ..] => {
             bench_watchdog::run(bench_watchdog::Options::parse(rest)?)
+        }
+        ["bench", "sim-scale", rest @ ..] => {
+            bench_sim_scale::run(bench_sim_scale::Options::parse(rest)?)
         }
         ["bench", "catchup", rest @ ..] => bench_catchup::run(bench_catchup::Options::parse(rest)?),
         ["bench", "checks", rest @ ..] => bench_checks::run(bench_checks::Options::parse(rest)?),

@@ -329,6 +329,9 @@ pub struct WanFigures {
     /// Nodes whose membership held every other node when the changes were written.
     pub converged: usize,
     pub nodes: usize,
+    /// Per crashed edge (after the changes; `crashes` of them, one at a time): milliseconds
+    /// until every other node took it for down (infinite if some never did in 20 s).
+    pub crash_to_excluded: Vec<f64>,
 }
 
 /// One change in the WAN world: milliseconds until 50 %, 90 % and 99.9 % of the edges held
@@ -355,7 +358,7 @@ pub fn ratios(changes: &[ChangeFigures]) -> Vec<f64> {
 /// (`PATINA_WAN_SETTLE_SECS` sets another), each bridge writes a first change (0.5 s apart),
 /// then, after 10 s of quiet, one more each, 3 s apart; each change's time to 99.9 % of the
 /// edges is compared with the one-way latency from its bridge to the farthest edge.
-pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
+pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFigures {
     let regions = WAN_REGIONS.len();
     let mut rng = SplitMix(seed ^ 0x3a7);
     let mut places: Vec<(f64, f64)> = WAN_REGIONS.iter().map(|(_, la, lo)| (*la, *lo)).collect();
@@ -365,22 +368,22 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
         places.push((la + d(&mut rng), lo + d(&mut rng)));
     }
     let n = places.len();
-    let one_way = |i: usize, j: usize| {
-        if i == j {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((4.0 + km(places[i], places[j]) / 75.0) / 1e3)
+    let places = std::sync::Arc::new(places);
+    let one_way = {
+        let places = places.clone();
+        move |i: usize, j: usize| match (places.get(i), places.get(j)) {
+            (Some(a), Some(b)) if i != j => {
+                Duration::from_secs_f64((4.0 + km(*a, *b) / 75.0) / 1e3)
+            }
+            _ => Duration::ZERO,
         }
     };
-    let matrix: Vec<Vec<Duration>> = (0..n)
-        .map(|i| (0..n).map(|j| one_way(i, j)).collect())
-        .collect();
     let net = Net {
         min_delay: Duration::ZERO,
         max_delay: Duration::from_micros(200),
         loss: 0.0,
         duplicate: 0.0,
-        latency: Some(std::sync::Arc::new(matrix.clone())),
+        latency: Some(patina_gossip::sim::Latency::new(one_way.clone())),
     };
     let mut w = World::new(n, cfg, net, seed);
     // A formed cluster (joins are not what is measured), then a minute of sessions: each
@@ -414,7 +417,7 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
             p90: at_count((edges * 9).div_ceil(10)),
             p999: at_count(need),
             floor: (regions..n)
-                .map(|e| matrix[b][e])
+                .map(|e| one_way(b, e))
                 .max()
                 .unwrap_or_default()
                 .as_secs_f64()
@@ -456,6 +459,16 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
         let c = nd.counters();
         (p + c.tree_prunes_sent, g + c.tree_grafts_sent)
     });
+    // Crashed edges, spread over the regions, one at a time.
+    let mut crash_to_excluded = Vec::new();
+    let mut down = std::collections::BTreeSet::new();
+    for k in 0..crashes {
+        let victim = regions + (k * 7919 + 13) % edges;
+        if !down.insert(victim) {
+            continue;
+        }
+        crash_to_excluded.push(crash_and_wait(&mut w, victim, &down));
+    }
     WanFigures {
         changes,
         first,
@@ -465,7 +478,40 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64) -> WanFigures {
         idle_bytes_per_s: idle_rate / n as f64,
         converged,
         nodes: n,
+        crash_to_excluded,
     }
+}
+
+/// Crash node `victim` (kill -9: its host refuses connections) and run until every running
+/// node other than those in `down` took its owner for down, in 10 ms steps for at most 20 s
+/// of virtual time: milliseconds, or infinite. Needs [`World::track_learning`].
+pub fn crash_and_wait(
+    w: &mut World,
+    victim: usize,
+    down: &std::collections::BTreeSet<usize>,
+) -> f64 {
+    let owner = w.node_id(victim);
+    w.down_at.remove(&owner);
+    w.crash(victim);
+    let start = w.now;
+    let others = (0..w.len()).filter(|i| !down.contains(i)).count();
+    for step in 1..=2000u64 {
+        w.run_until(start + Duration::from_millis(step * 10));
+        let hid: std::collections::BTreeSet<usize> = w
+            .down_at
+            .get(&owner)
+            .map(|v| v.iter().map(|(i, _)| *i).collect())
+            .unwrap_or_default();
+        if hid.iter().filter(|i| !down.contains(i)).count() >= others {
+            let last = w.down_at[&owner]
+                .iter()
+                .map(|(_, t)| *t)
+                .max()
+                .unwrap_or(start);
+            return (last - start).as_secs_f64() * 1e3;
+        }
+    }
+    f64::INFINITY
 }
 
 /// The WAN timings of `deploy/global.example.toml` on the LAN defaults.

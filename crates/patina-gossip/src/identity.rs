@@ -22,13 +22,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use foca::{Header, Member, Message, State};
 use patina_store::NodeId;
 
-/// One agent's identity in the membership.
+/// One agent's identity in the membership: 40 bytes, held once per member by every member
+/// (foca's list), so kept compact.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Identity {
     /// The origin of the agent's store: whose records go dark when this member is down.
     pub node: NodeId,
-    /// Gossip (UDP) address: one member per address.
-    pub addr: SocketAddr,
+    /// Gossip (UDP) address: one member per address ([`Identity::addr`] as a `SocketAddr`).
+    pub addr: PeerAddr,
     /// The gRPC port on `addr`'s IP: anti-entropy and health.
     pub api_port: u16,
     /// Bumped at every start and every renewal; the larger epoch wins an address.
@@ -36,6 +37,20 @@ pub struct Identity {
 }
 
 impl Identity {
+    pub fn new(node: NodeId, addr: SocketAddr, api_port: u16, epoch: u64) -> Identity {
+        Identity {
+            node,
+            addr: PeerAddr::from(addr),
+            api_port,
+            epoch,
+        }
+    }
+
+    /// The gossip (UDP) address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.get()
+    }
+
     /// The gRPC endpoint of this member.
     pub fn api_addr(&self) -> SocketAddr {
         SocketAddr::new(self.addr.ip(), self.api_port)
@@ -45,6 +60,87 @@ impl Identity {
     /// so pushes never share a receive buffer with SWIM.
     pub fn push_addr(&self) -> SocketAddr {
         self.api_addr()
+    }
+}
+
+/// A socket address in 19 bytes (a `SocketAddr` takes 32: IPv6's flow label and scope, which
+/// the wire does not carry either). Ordered as `SocketAddr` is: IPv4 first, then address,
+/// then port.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr {
+    v6: bool,
+    ip: [u8; 16],
+    /// Big-endian, so that the derived order is the port's.
+    port: [u8; 2],
+}
+
+impl PeerAddr {
+    pub fn get(&self) -> SocketAddr {
+        SocketAddr::new(self.ip(), self.port())
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        if self.v6 {
+            IpAddr::V6(Ipv6Addr::from(self.ip))
+        } else {
+            let [a, b, c, d, ..] = self.ip;
+            IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        !self.v6
+    }
+}
+
+impl From<SocketAddr> for PeerAddr {
+    fn from(a: SocketAddr) -> PeerAddr {
+        let mut ip = [0u8; 16];
+        let v6 = match a.ip() {
+            IpAddr::V4(v4) => {
+                ip[..4].copy_from_slice(&v4.octets());
+                false
+            }
+            IpAddr::V6(v6) => {
+                ip = v6.octets();
+                true
+            }
+        };
+        PeerAddr {
+            v6,
+            ip,
+            port: a.port().to_be_bytes(),
+        }
+    }
+}
+
+impl std::str::FromStr for PeerAddr {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<PeerAddr, Self::Err> {
+        s.parse::<SocketAddr>().map(PeerAddr::from)
+    }
+}
+
+impl From<PeerAddr> for SocketAddr {
+    fn from(a: PeerAddr) -> SocketAddr {
+        a.get()
+    }
+}
+
+impl fmt::Debug for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.get(), f)
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.get(), f)
     }
 }
 
@@ -61,7 +157,7 @@ impl fmt::Display for Identity {
 }
 
 impl foca::Identity for Identity {
-    type Addr = SocketAddr;
+    type Addr = PeerAddr;
 
     fn renew(&self) -> Option<Self> {
         Some(Identity {
@@ -70,7 +166,7 @@ impl foca::Identity for Identity {
         })
     }
 
-    fn addr(&self) -> SocketAddr {
+    fn addr(&self) -> PeerAddr {
         self.addr
     }
 
@@ -157,12 +253,12 @@ impl<B: bytes::Buf> Reader<'_, B> {
             other => return Err(CodecError::Family(other)),
         };
         let port = self.u16()?;
-        Ok(Identity {
+        Ok(Identity::new(
             node,
-            addr: SocketAddr::new(ip, port),
+            SocketAddr::new(ip, port),
             api_port,
             epoch,
-        })
+        ))
     }
 }
 
@@ -329,7 +425,7 @@ mod tests {
     fn id(ip: &str, port: u16) -> Identity {
         Identity {
             node: NodeId(0x0102_0304_0506_0708),
-            addr: SocketAddr::new(ip.parse().unwrap(), port),
+            addr: SocketAddr::new(ip.parse().unwrap(), port).into(),
             api_port: 0x0a0b,
             epoch: 3,
         }

@@ -30,7 +30,7 @@ pub mod sync;
 pub mod wire;
 
 pub use envelope::{ClusterName, Envelope, EnvelopeError};
-pub use identity::Identity;
+pub use identity::{Identity, PeerAddr};
 pub use keyring::{GossipKey, Keyring, KeyringError, KeyringOp};
 pub use node::{
     Config, Dissemination, Lane, MemberInfo, MemberState, Node, Output, StateSizes, TimerEvent,

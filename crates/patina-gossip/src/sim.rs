@@ -53,7 +53,38 @@ pub struct Net {
     /// A known one-way latency between each pair of nodes (by index), added to the range
     /// above (then its jitter): a world of places, for network coordinates. `None`: the
     /// range alone.
-    pub latency: Option<Arc<Vec<Vec<Duration>>>>,
+    pub latency: Option<Latency>,
+}
+
+/// One-way latency from node `from` to node `to` (by index): computed per datagram, so that a
+/// world of thousands of places holds no N x N matrix.
+#[derive(Clone)]
+pub struct Latency(pub Arc<dyn Fn(usize, usize) -> Duration + Send + Sync>);
+
+impl Latency {
+    pub fn new(f: impl Fn(usize, usize) -> Duration + Send + Sync + 'static) -> Latency {
+        Latency(Arc::new(f))
+    }
+
+    /// A matrix of latencies (rows by sender); pairs outside it have none.
+    pub fn matrix(m: Vec<Vec<Duration>>) -> Latency {
+        Latency::new(move |from, to| {
+            m.get(from)
+                .and_then(|row| row.get(to))
+                .copied()
+                .unwrap_or_default()
+        })
+    }
+
+    pub fn between(&self, from: usize, to: usize) -> Duration {
+        (self.0)(from, to)
+    }
+}
+
+impl std::fmt::Debug for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Latency(..)")
+    }
 }
 
 impl Net {
@@ -226,6 +257,8 @@ pub struct World {
     track_learning: bool,
     /// Per owner: how many times some node took it for down.
     pub downs: BTreeMap<NodeId, u64>,
+    /// Per owner, with [`World::track_learning`]: each node that hid it, and when.
+    pub down_at: BTreeMap<NodeId, Vec<(usize, Duration)>>,
     /// Per node: how many times it took itself for declared down and rejoined under a new
     /// epoch.
     pub renewals: BTreeMap<usize, u64>,
@@ -309,6 +342,7 @@ impl World {
             learned_at: BTreeMap::new(),
             track_learning: false,
             downs: BTreeMap::new(),
+            down_at: BTreeMap::new(),
             renewals: BTreeMap::new(),
             sessions: BTreeMap::new(),
             next_session: 0,
@@ -326,7 +360,7 @@ impl World {
             let store = Store::in_memory(node_id, seed ^ i as u64, opts);
             let identity = Identity {
                 node: node_id,
-                addr: addr_of(i),
+                addr: addr_of(i).into(),
                 api_port: 7001,
                 epoch: 1,
             };
@@ -355,16 +389,36 @@ impl World {
             .filter(|n| n.node.is_some())
             .map(|n| n.identity)
             .collect();
-        for i in 0..self.nodes.len() {
-            let now = self.now;
-            if let Some(node) = self.nodes[i].node.as_mut() {
-                node.assume_members(now, &ids);
+        // Each node takes the list on its own (on the machine's cores: foca finds each new
+        // member by a scan of those it holds, N^2 per node); what they ask for is then queued
+        // in node order, as one at a time would.
+        // In blocks, so that only a block's outputs (a notice per member each) wait at once.
+        let now = self.now;
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let block = 16 * threads;
+        for first in (0..self.nodes.len()).step_by(block) {
+            let end = (first + block).min(self.nodes.len());
+            let chunk = (end - first).div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                for part in self.nodes[first..end].chunks_mut(chunk) {
+                    let ids = &ids;
+                    s.spawn(move || {
+                        for n in part {
+                            if let Some(node) = n.node.as_mut() {
+                                node.assume_members(now, ids);
+                            }
+                        }
+                    });
+                }
+            });
+            for i in first..end {
+                self.pump(i);
             }
-            self.pump(i);
         }
     }
 
-    /// Record, for every change, when each node learned it (for propagation figures).
+    /// Record, for every change, when each node learned it, and for every owner, when each
+    /// node hid it (for propagation figures).
     pub fn track_learning(&mut self) {
         self.track_learning = true;
     }
@@ -444,7 +498,7 @@ impl World {
             .net
             .latency
             .as_ref()
-            .and_then(|m| m.get(from).and_then(|row| row.get(to)).copied())
+            .map(|l| l.between(from, to))
             .unwrap_or_default();
         base + jitter
     }
@@ -526,6 +580,9 @@ impl World {
                     Output::Liveness { node, down } => {
                         if down {
                             *self.downs.entry(node).or_default() += 1;
+                            if self.track_learning {
+                                self.down_at.entry(node).or_default().push((i, self.now));
+                            }
                         }
                         let _ = now_or_never(self.nodes[i].store.set_owner_down(node, down));
                     }
@@ -538,7 +595,7 @@ impl World {
                         }
                     }
                     Output::Corroborate { member } => {
-                        let j = self.index_of(member.addr);
+                        let j = self.index_of(member.addr());
                         let (gone, after) = match j {
                             Some(j) if self.nodes[j].node.is_some() && self.reachable(i, j) => {
                                 (false, Duration::from_millis(1))
@@ -571,8 +628,9 @@ impl World {
                                 incarnation: None,
                             },
                         );
-                        if let Some(j) =
-                            self.index_of(member.addr).filter(|j| self.reachable(i, *j))
+                        if let Some(j) = self
+                            .index_of(member.addr())
+                            .filter(|j| self.reachable(i, *j))
                         {
                             let at = self.now + self.delay(i, j);
                             self.push_event(
@@ -690,7 +748,7 @@ impl World {
     fn sync(&mut self, i: usize, peer: Identity) {
         let life = self.nodes[i].life;
         let j = self
-            .index_of(peer.addr)
+            .index_of(peer.addr())
             .filter(|&j| self.nodes[j].node.is_some() && self.reachable(i, j));
         let Some(j) = j else {
             self.session_counts.broken += 1;

@@ -24,7 +24,7 @@ fn member(i: u8) -> Identity {
 
 /// Node 1 spreading changes as `dissemination` says, seeded through node 2.
 fn node_with(dissemination: patina_gossip::Dissemination) -> Node {
-    let seeds: Vec<SocketAddr> = vec![member(2).addr];
+    let seeds: Vec<SocketAddr> = vec![member(2).addr()];
     Node::new(
         member(1),
         Config {

@@ -715,7 +715,7 @@ fn missed_down_news(seed: u64, news: bool) -> (Duration, u64, u64) {
 /// Addresses node `i` holds as active members.
 fn active_addrs(w: &World, i: usize) -> BTreeSet<std::net::SocketAddr> {
     w.node(i)
-        .map(|n| n.active().iter().map(|m| m.addr).collect())
+        .map(|n| n.active().iter().map(|m| m.addr()).collect())
         .unwrap_or_default()
 }
 
@@ -737,7 +737,7 @@ fn an_agent_without_the_key_never_becomes_a_member() {
         });
         let outsiders: Vec<std::net::SocketAddr> = [8, 9]
             .iter()
-            .filter_map(|i| w.node(*i).map(|n| n.identity().addr))
+            .filter_map(|i| w.node(*i).map(|n| n.identity().addr()))
             .collect();
         w.write(8, "m8", "app", b"+up");
         w.write(9, "m9", "app", b"+up");
@@ -822,7 +822,7 @@ fn a_rolling_enable_takes_no_member_down() {
             assert_eq!(c.dropped_no_key, 0, "node {i}");
         }
         // Plaintext is refused now: a node that lost its keyring stays out.
-        let addr = w.node(5).unwrap().identity().addr;
+        let addr = w.node(5).unwrap().identity().addr();
         w.crash(5);
         w.set_keyring(5, Keyring::default());
         w.restart(5);
@@ -869,7 +869,7 @@ fn coordinates_from_session_hellos_order_peers_as_the_true_round_trips() {
             .collect();
         let net = Net {
             loss: 0.02,
-            latency: Some(std::sync::Arc::new(matrix)),
+            latency: Some(patina_gossip::sim::Latency::matrix(matrix)),
             ..Net::lan()
         };
         // A WAN's timings: probes and suspicions far above the round trips.

@@ -121,7 +121,7 @@ impl Node {
     /// An anti-entropy session ended.
     pub fn handle_sync_done(&mut self, now: Duration, peer: Identity, end: SyncEnd) {
         self.now = now;
-        self.syncing.remove(&peer.addr);
+        self.syncing.remove(&peer.addr());
         match end {
             // Only a session the peer did not cut short counts as caught up: one that ran out
             // of budget may have left whole origins unsent, with no gap to show for them.
@@ -195,7 +195,7 @@ impl Node {
                 .or_else(|| self.random_active());
             match peer {
                 Some(peer)
-                    if !self.syncing.contains(&peer.addr)
+                    if !self.syncing.contains(&peer.addr())
                         && self.syncing.len() < MAX_SYNCS_IN_FLIGHT =>
                 {
                     self.count(|c| c.syncs_for_gaps += 1);
@@ -208,10 +208,10 @@ impl Node {
     }
 
     pub(super) fn start_sync(&mut self, peer: Identity) {
-        if self.syncing.len() >= MAX_SYNCS_IN_FLIGHT || self.syncing.contains(&peer.addr) {
+        if self.syncing.len() >= MAX_SYNCS_IN_FLIGHT || self.syncing.contains(&peer.addr()) {
             return;
         }
-        self.syncing.insert(peer.addr);
+        self.syncing.insert(peer.addr());
         self.count(|c| c.syncs_started += 1);
         self.out.push(Output::Sync { peer });
     }
@@ -227,7 +227,7 @@ impl Node {
             .lock()
             .expect("gossip shared state")
             .prune_noticed(now, ttl);
-        let members: std::collections::BTreeSet<std::net::SocketAddr> = self
+        let members: std::collections::BTreeSet<crate::identity::PeerAddr> = self
             .foca
             .iter_membership_state()
             .map(|m| m.id().addr)

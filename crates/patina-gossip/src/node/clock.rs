@@ -89,7 +89,7 @@ impl Node {
         if err_ms > bound / 2 || self.clock.last_step.is_some_and(|at| sent < at) {
             return;
         }
-        self.clock.samples.insert(peer.addr, (offset_ms, now));
+        self.clock.samples.insert(peer.addr(), (offset_ms, now));
         self.judge_clock();
     }
 
@@ -97,7 +97,7 @@ impl Node {
     pub(super) fn prune_clock_samples(&mut self) {
         let now = self.now;
         let members: std::collections::BTreeSet<SocketAddr> =
-            self.foca.iter_members().map(|m| m.id().addr).collect();
+            self.foca.iter_members().map(|m| m.id().addr()).collect();
         self.clock.samples.retain(|addr, (_, at)| {
             members.contains(addr) && now.saturating_sub(*at) < CLOCK_SAMPLE_TTL
         });

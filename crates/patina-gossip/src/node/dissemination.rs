@@ -52,7 +52,7 @@ impl Node {
             }
         }
         if push.hops > 0 {
-            let exclude = sender.map(|s| s.addr);
+            let exclude = sender.map(|s| s.addr());
             self.push(
                 fresh_bytes,
                 push.hops - 1,
@@ -142,7 +142,7 @@ impl Node {
             .foca
             .iter_members()
             .map(|m| *m.id())
-            .filter(|m| Some(m.addr) != exclude)
+            .filter(|m| Some(m.addr()) != exclude)
             .collect();
         if targets.is_empty() {
             return;

@@ -100,7 +100,10 @@ impl Node {
             // A suspicion already held corroborated here needs nothing more.
             .filter(|s| {
                 s.state() == foca::State::Alive
-                    || !self.held.get(&s.id().addr).is_some_and(|h| h.corroborated)
+                    || !self
+                        .held
+                        .get(&s.id().addr())
+                        .is_some_and(|h| h.corroborated)
             })
             .map(|s| (*s.id(), s.incarnation(), s.state() == foca::State::Suspect))
             .collect();

@@ -36,6 +36,7 @@ mod retire;
 mod shared;
 mod suspicion;
 mod tree;
+mod vecmap;
 mod view;
 
 pub use antientropy::{GAP_GRACE, MAX_SYNCS_IN_FLIGHT, SyncEnd};
@@ -398,7 +399,7 @@ pub struct Node {
     /// Numbers the rounds of the last check.
     confirm_round: u64,
     /// Live identities per owner: an owner is down once none is left.
-    live: BTreeMap<NodeId, BTreeSet<SocketAddr>>,
+    live: vecmap::VecMap<NodeId, liveness::LiveAddrs>,
     /// With `fail_static`: the owners the membership says are down (and since when), and those
     /// the store was told to hide (while this node lacks a majority, only those down well
     /// before it stopped hearing from the others).
@@ -406,7 +407,7 @@ pub struct Node {
     shown_down: BTreeSet<NodeId>,
     /// When a datagram from each member's address last arrived: members only (pruned to
     /// foca's membership each sync round), so forged sources do not pile up.
-    last_seen: BTreeMap<SocketAddr, Duration>,
+    last_seen: vecmap::VecMap<crate::identity::PeerAddr, Duration>,
     syncing: BTreeSet<SocketAddr>,
     gap_armed: bool,
     /// Who sent the latest change that we lacked: the best peer to sync a gap with.
@@ -454,7 +455,13 @@ pub struct Node {
     scaled_for: usize,
     /// Tree dissemination's links, recent changes and awaited versions (`tree.rs`).
     tree: tree::Tree,
+    /// A membership notification came in this batch (`after_foca` acts on it once).
+    membership_moved: bool,
 }
+
+/// Items foca's runtime queues may have held in one batch before their capacity is given
+/// back.
+const RUNTIME_KEEP: usize = 256;
 
 /// Sends per update for `members` others: at least `least`, and `ceil(4 × log10(N + 1))`.
 pub fn transmissions_for(least: NonZeroU8, members: usize) -> NonZeroU8 {
@@ -503,14 +510,17 @@ impl Node {
             held: BTreeMap::new(),
             swim_token: None,
             confirm_round: 0,
-            live: BTreeMap::new(),
+            live: vecmap::VecMap::default(),
             want_down: BTreeMap::new(),
             shown_down: BTreeSet::new(),
-            last_seen: BTreeMap::new(),
+            last_seen: vecmap::VecMap::default(),
             syncing: BTreeSet::new(),
             gap_armed: false,
             gap_hint: None,
-            seeds: seeds.into_iter().filter(|s| *s != identity.addr).collect(),
+            seeds: seeds
+                .into_iter()
+                .filter(|s| *s != identity.addr())
+                .collect(),
             leaving: false,
             max_item,
             gossip_now: false,
@@ -534,6 +544,7 @@ impl Node {
             transmissions: cfg_transmissions,
             scaled_for: 0,
             tree: tree::Tree::default(),
+            membership_moved: false,
         }
     }
 
@@ -799,7 +810,7 @@ impl Node {
         for seed in self.seeds.clone() {
             let placeholder = Identity {
                 node: NodeId(0),
-                addr: seed,
+                addr: seed.into(),
                 api_port: 0,
                 epoch: 0,
             };
@@ -867,14 +878,16 @@ impl Node {
 
     /// Carry out what foca asked for.
     fn after_foca(&mut self) {
+        let mut handled = 0usize;
         while self.rt.backlog() > 0 {
+            handled += self.rt.backlog();
             while let Some((to, data)) = self.rt.to_send() {
                 let mut payload = Vec::with_capacity(data.len() + 1);
                 payload.push(KIND_SWIM);
                 payload.extend_from_slice(&data);
                 let mut bytes = Vec::with_capacity(payload.len() + self.envelope.overhead());
                 self.envelope.seal(&payload, &mut bytes);
-                self.send(to.addr, bytes, Lane::Swim);
+                self.send(to.addr(), bytes, Lane::Swim);
             }
             while let Some((after, timer)) = self.rt.to_schedule() {
                 self.schedule_swim(after, timer);
@@ -896,6 +909,16 @@ impl Node {
                 // ms with one.
                 let _ = self.foca.gossip(&mut self.rt);
             }
+            if std::mem::take(&mut self.membership_moved) {
+                self.hold_unheld_suspects();
+                self.refresh_origins();
+                self.live.fit();
+            }
+        }
+        if handled > RUNTIME_KEEP {
+            // The runtime's queues keep the capacity of their largest batch (every member's
+            // notification after a join): give it back, they are empty now.
+            self.rt = AccumulatingRuntime::new();
         }
         self.update_backlog();
         self.refresh_attendance();
@@ -946,8 +969,8 @@ impl Node {
             OwnedNotification::MemberUp(id) => {
                 self.member_up(id);
                 // A member first learned as suspect: foca times out only its own probes'
-                // suspicions, so this node holds one for it too.
-                self.hold_unheld_suspects();
+                // suspicions, so this node holds one for it too (once per batch of
+                // notifications, in `after_foca`: a scan of the membership each).
             }
             OwnedNotification::MemberDown(id) => self.member_down(id),
             OwnedNotification::Rename(old, new) => {
@@ -979,7 +1002,9 @@ impl Node {
                 self.attend_stale = true;
                 self.tree_members_changed();
                 self.notified_membership(n);
-                self.refresh_origins();
+                // Once per batch (`after_foca`): each is a pass over the membership, and a
+                // batch can hold every member (a join, a formed simulation).
+                self.membership_moved = true;
             }
             OwnedNotification::Active => {
                 self.active_since.get_or_insert(self.now);

@@ -79,7 +79,7 @@ impl Node {
         };
         let member = *member_id;
         self.held.insert(
-            member.addr,
+            member.addr(),
             Held {
                 timer: timer.clone(),
                 started: self.now,
@@ -107,7 +107,9 @@ impl Node {
         let unheld: Vec<foca::Timer<Identity>> = self
             .foca
             .iter_membership_state()
-            .filter(|m| m.state() == foca::State::Suspect && !self.held.contains_key(&m.id().addr))
+            .filter(|m| {
+                m.state() == foca::State::Suspect && !self.held.contains_key(&m.id().addr())
+            })
             .map(|m| foca::Timer::ChangeSuspectToDown {
                 member_id: *m.id(),
                 incarnation: m.incarnation(),
@@ -127,12 +129,12 @@ impl Node {
         if !gone {
             return;
         }
-        let Some(held) = self.held.get(&member.addr) else {
+        let Some(held) = self.held.get(&member.addr()) else {
             return;
         };
         let due = held.started + self.stretch(self.cfg.suspicion_min);
         let after = due.saturating_sub(now);
-        self.schedule(after, TimerKind::SuspicionCut(member.addr));
+        self.schedule(after, TimerKind::SuspicionCut(member.addr()));
     }
 
     /// The answer to [`Output::Confirm`]: `incarnation` is what the suspect itself said
@@ -149,14 +151,14 @@ impl Node {
         incarnation: Option<u16>,
     ) {
         self.now = now;
-        if self.held.get(&member.addr).and_then(|h| h.confirming) != Some(round) {
+        if self.held.get(&member.addr()).and_then(|h| h.confirming) != Some(round) {
             return; // settled meanwhile, or an answer of an earlier round
         }
         self.settle_confirmation(member, incarnation);
     }
 
     pub(super) fn settle_confirmation(&mut self, member: Identity, incarnation: Option<u16>) {
-        let Some(h) = self.held.remove(&member.addr) else {
+        let Some(h) = self.held.remove(&member.addr()) else {
             return;
         };
         let suspected = self
@@ -225,24 +227,24 @@ impl Node {
         let member = *member_id;
         if !self
             .held
-            .get(&member.addr)
+            .get(&member.addr())
             .is_some_and(|h| h.timer == t && h.confirming.is_none())
         {
             return;
         }
         if !self.suspect_under(&t) {
-            self.held.remove(&member.addr); // refuted by itself meanwhile
+            self.held.remove(&member.addr()); // refuted by itself meanwhile
             return;
         }
         self.confirm_round += 1;
         let round = self.confirm_round;
-        if let Some(h) = self.held.get_mut(&member.addr) {
+        if let Some(h) = self.held.get_mut(&member.addr()) {
             h.confirming = Some(round);
         }
         self.out.push(Output::Confirm { member, round });
         self.schedule(
             CONFIRM_BACKSTOP,
-            TimerKind::ConfirmTimeout(member.addr, round),
+            TimerKind::ConfirmTimeout(member.addr(), round),
         );
     }
 }

@@ -329,7 +329,7 @@ impl Node {
                 bytes,
                 self.cfg.push_hops,
                 self.cfg.forward_fanout.get(),
-                Some(sender.addr),
+                Some(sender.addr()),
             );
             self.update_backlog();
         }

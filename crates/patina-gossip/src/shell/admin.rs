@@ -180,7 +180,7 @@ impl Admin for AdminService {
         let found = snap
             .members
             .iter()
-            .filter(|m| Some(m.identity.addr) == addr || Some(m.identity.node) == node)
+            .filter(|m| Some(m.identity.addr()) == addr || Some(m.identity.node) == node)
             .max_by_key(|m| m.identity.epoch);
         let owner = match (found, node) {
             (Some(m), _) => {

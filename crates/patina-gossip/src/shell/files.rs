@@ -91,7 +91,7 @@ pub(super) async fn remember_members(gossip: Gossip, path: PathBuf) {
             .members
             .iter()
             .filter(|m| m.state == crate::node::MemberState::Alive)
-            .map(|m| m.identity.addr)
+            .map(|m| m.identity.addr())
             .take(MAX_REMEMBERED)
             .collect();
         if alive.is_empty() || alive == written {

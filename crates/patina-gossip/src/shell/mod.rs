@@ -373,7 +373,7 @@ impl Gossip {
         cfg.node.keyring = start_keyring(keyring_file.clone(), cfg.node.keyring.clone()).await?;
         let identity = Identity {
             node: store.node(),
-            addr: advertise,
+            addr: advertise.into(),
             api_port: cfg.api_port,
             epoch,
         };

@@ -1,0 +1,232 @@
+//! `cargo xtask bench sim-scale [--nodes N] [--edges E] [--crashes K] [--only region|global]`:
+//! the deterministic simulation run directly at scale (issue 20): a region of N agents (10,000
+//! by default) and a global tier of E edges (5,000) with the 19 regions' bridges. Per world:
+//! the simulator's peak memory per node and per node pair, wall time of each phase, how long a
+//! change takes to reach 99.9 % of the nodes, idle gossip per node, and crash to excluded at
+//! every other node; the dissemination model's figure beside the region's.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use patina_gossip::sim::World;
+use patina_gossip::{ClusterName, Config};
+
+pub struct Options {
+    nodes: usize,
+    edges: usize,
+    crashes: usize,
+    region: bool,
+    global: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[&str]) -> anyhow::Result<Options> {
+        let mut o = Options {
+            nodes: 10_000,
+            edges: 5_000,
+            crashes: 10,
+            region: true,
+            global: true,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let v = it.next().context("missing value")?;
+            match *a {
+                "--nodes" => o.nodes = v.parse()?,
+                "--edges" => o.edges = v.parse()?,
+                "--crashes" => o.crashes = v.parse()?,
+                "--only" => match *v {
+                    "region" => o.global = false,
+                    "global" => o.region = false,
+                    _ => anyhow::bail!("--only region|global"),
+                },
+                _ => anyhow::bail!("unknown option {a}"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// This process's resident and peak resident bytes.
+fn rss() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+pub fn run(o: Options) -> anyhow::Result<()> {
+    let mut json = serde_json::json!({});
+    if o.region {
+        region(o.nodes, o.crashes, &mut json);
+    }
+    if o.global {
+        global(o.edges, o.crashes, &mut json);
+    }
+    println!("{json}");
+    Ok(())
+}
+
+/// 99.9 % of `others` nodes: the count that must hold a change.
+fn need(others: usize) -> usize {
+    ((others as f64) * 0.999).ceil() as usize
+}
+
+fn region(n: usize, crashes: usize, json: &mut serde_json::Value) {
+    let cfg = Config::lan(ClusterName::new("sim").expect("name"));
+    let period = cfg.probe_period;
+    let (base, _) = rss();
+    let t0 = Instant::now();
+    let mut w = World::new(n, cfg, patina_gossip::sim::Net::lan(), 0x5ca1e);
+    w.form();
+    let formed = t0.elapsed();
+    let (after_form, _) = rss();
+    w.run_for(Duration::from_secs(10));
+    let settled = t0.elapsed();
+    let converged = (0..n)
+        .filter(|i| w.node(*i).is_some_and(|nd| nd.active().len() == n - 1))
+        .count();
+    // Idle: gossip alone, per node.
+    let idle = Duration::from_secs(10);
+    let b0 = w.datagram_bytes;
+    w.run_for(idle);
+    let idle_rate = (w.datagram_bytes - b0) as f64 / idle.as_secs_f64() / n as f64;
+    // One change from one node, until 99.9 % of the others hold it (at most 10 s).
+    w.track_learning();
+    let writer = n / 2;
+    let origin = w.node_id(writer);
+    let start = w.now;
+    w.write(writer, "probe", "app", b"+v");
+    let want = need(n - 1);
+    let mut spread = f64::INFINITY;
+    for step in 1..=200u64 {
+        w.run_until(start + Duration::from_millis(step * 50));
+        let mut times: Vec<Duration> = w
+            .learned_at
+            .iter()
+            .filter(|((o, _), _)| *o == origin)
+            .flat_map(|(_, ts)| ts.iter().map(|(_, t)| *t - start))
+            .collect();
+        if times.len() >= want {
+            times.sort();
+            spread = times[want - 1].as_secs_f64() * 1e3;
+            break;
+        }
+    }
+    let spread_wall = t0.elapsed();
+    // Crashes, one at a time, spread over the region.
+    let mut down = std::collections::BTreeSet::new();
+    let mut excluded = Vec::new();
+    for k in 0..crashes {
+        let victim = (k * 7919 + 101) % n;
+        if victim == writer || !down.insert(victim) {
+            continue;
+        }
+        excluded.push(crate::sim_figures::crash_and_wait(&mut w, victim, &down));
+    }
+    excluded.sort_by(f64::total_cmp);
+    let done = t0.elapsed();
+    let (_, peak) = rss();
+    let grown = peak.saturating_sub(base);
+    let (model_rounds, model_ms, _) = crate::sim_figures::dissemination_model(n, 1);
+    let p = |q: f64| crate::harness::percentile(&excluded, q);
+    println!(
+        "simulated region of {n} agents (a formed membership, LAN 50-250 us one way): membership {converged}/{n} complete after 10 s"
+    );
+    println!(
+        "  one change to 99.9 % of the others: {spread:.1} ms ({} probe periods; the dissemination model: {model_ms:.1} ms, {model_rounds} periods)",
+        (spread / period.as_secs_f64() / 1e3).floor() as u64 + 1
+    );
+    println!("  idle gossip: {idle_rate:.0} B/s per node (goal <= 2,048)");
+    println!(
+        "  crash to excluded at every other agent ({} crashes, one at a time): p50 {:.0} / p99 {:.0} / max {:.0} ms (probe period {} ms + suspicion minimum {} ms)",
+        excluded.len(),
+        p(50.0),
+        p(99.0),
+        p(100.0),
+        period.as_millis(),
+        Config::lan(ClusterName::new("sim").expect("name"))
+            .suspicion_min
+            .as_millis()
+    );
+    println!(
+        "  simulator: peak {} MB resident ({:.0} B per node pair, {:.0} kB per node), {} MB after forming; wall {:.0} s formed, {:.0} s settled, {:.0} s spread, {:.0} s crashes",
+        grown / 1_000_000,
+        grown as f64 / (n * n) as f64,
+        grown as f64 / n as f64 / 1e3,
+        after_form.saturating_sub(base) / 1_000_000,
+        formed.as_secs_f64(),
+        (settled - formed).as_secs_f64(),
+        (spread_wall - settled).as_secs_f64(),
+        (done - spread_wall).as_secs_f64(),
+    );
+    json["region_nodes"] = n.into();
+    json["region_converged"] = converged.into();
+    json["region_spread_ms"] = spread.into();
+    json["region_model_spread_ms"] = model_ms.into();
+    json["region_idle_bytes_per_s_per_node"] = idle_rate.into();
+    json["region_crash_to_excluded_p50_ms"] = p(50.0).into();
+    json["region_crash_to_excluded_p99_ms"] = p(99.0).into();
+    json["region_sim_peak_bytes"] = grown.into();
+    json["region_sim_bytes_per_pair"] = (grown as f64 / (n * n) as f64).into();
+}
+
+fn global(edges: usize, crashes: usize, json: &mut serde_json::Value) {
+    let (base, _) = rss();
+    let t0 = Instant::now();
+    let cfg = Config {
+        dissemination: patina_gossip::Dissemination::Tree,
+        ..crate::sim_figures::wan_config()
+    };
+    let f = crate::sim_figures::wan_spread(edges, cfg, 7, crashes);
+    let (_, peak) = rss();
+    let grown = peak.saturating_sub(base);
+    let n = f.nodes;
+    let r = crate::sim_figures::ratios(&f.changes);
+    let worst_ms = f.changes.iter().map(|c| c.p999).fold(0.0, f64::max);
+    let mut excluded = f.crash_to_excluded.clone();
+    excluded.sort_by(f64::total_cmp);
+    let p = |q: f64| crate::harness::percentile(&excluded, q);
+    println!(
+        "simulated global tier of {edges} edges and 19 regions' bridges (WAN: one-way 4 ms + km/75 per ms; tree dissemination): membership {}/{n} complete",
+        f.converged
+    );
+    println!(
+        "  a change from each bridge to 99.9 % of the edges: worst {worst_ms:.1} ms; {:.2}x (median) / {:.2}x (worst) the one-way floor to the farthest edge; {:.0} B per change per node",
+        r[r.len() / 2],
+        r[r.len() - 1],
+        f.bytes_per_change_per_node
+    );
+    println!(
+        "  idle gossip: {:.0} B/s per node (goal <= 2,048)",
+        f.idle_bytes_per_s
+    );
+    println!(
+        "  crash of an edge to excluded at every other node ({} crashes): p50 {:.0} / p99 {:.0} / max {:.0} ms",
+        excluded.len(),
+        p(50.0),
+        p(99.0),
+        p(100.0)
+    );
+    println!(
+        "  simulator: peak {} MB resident ({:.0} B per node pair, {:.0} kB per node); wall {:.0} s",
+        grown / 1_000_000,
+        grown as f64 / (n * n) as f64,
+        grown as f64 / n as f64 / 1e3,
+        t0.elapsed().as_secs_f64()
+    );
+    json["global_nodes"] = n.into();
+    json["global_converged"] = f.converged.into();
+    json["global_spread_worst_ms"] = worst_ms.into();
+    json["global_ratio_median"] = r[r.len() / 2].into();
+    json["global_ratio_worst"] = r[r.len() - 1].into();
+    json["global_idle_bytes_per_s_per_node"] = f.idle_bytes_per_s.into();
+    json["global_crash_to_excluded_p99_ms"] = p(99.0).into();
+    json["global_sim_peak_bytes"] = grown.into();
+}
