@@ -94,14 +94,16 @@ fn region(n: usize, crashes: usize, json: &mut serde_json::Value) {
         .count();
     // Idle: gossip alone, per node.
     let idle = Duration::from_secs(10);
-    let b0 = w.datagram_bytes;
+    let (b0, d0) = (w.datagram_bytes, w.datagrams);
     w.run_for(idle);
     let idle_rate = (w.datagram_bytes - b0) as f64 / idle.as_secs_f64() / n as f64;
+    let idle_datagrams = (w.datagrams - d0) as f64 / idle.as_secs_f64() / n as f64;
     // One change from one node, until 99.9 % of the others hold it (at most 10 s).
     w.track_learning();
     let writer = n / 2;
     let origin = w.node_id(writer);
     let start = w.now;
+    let (b1, d1) = (w.datagram_bytes, w.datagrams);
     w.write(writer, "probe", "app", b"+v");
     let want = need(n - 1);
     let mut spread = f64::INFINITY;
@@ -119,6 +121,13 @@ fn region(n: usize, crashes: usize, json: &mut serde_json::Value) {
             break;
         }
     }
+    // What the change cost: datagrams and bytes over 5 s from the write (its pushes, its
+    // piggybacked copies, sessions that carried it), less the idle traffic, per node.
+    let window = Duration::from_secs(5);
+    w.run_until(start + window);
+    let secs = window.as_secs_f64();
+    let change_bytes = (w.datagram_bytes - b1) as f64 / n as f64 - idle_rate * secs;
+    let change_datagrams = (w.datagrams - d1) as f64 / n as f64 - idle_datagrams * secs;
     let spread_wall = t0.elapsed();
     // Crashes, one at a time, spread over the region.
     let mut down = std::collections::BTreeSet::new();
@@ -143,7 +152,12 @@ fn region(n: usize, crashes: usize, json: &mut serde_json::Value) {
         "  one change to 99.9 % of the others: {spread:.1} ms ({} probe periods; the dissemination model: {model_ms:.1} ms, {model_rounds} periods)",
         (spread / period.as_secs_f64() / 1e3).floor() as u64 + 1
     );
-    println!("  idle gossip: {idle_rate:.0} B/s per node (goal <= 2,048)");
+    println!(
+        "  what the change cost: {change_datagrams:.1} datagrams and {change_bytes:.0} B per node (over 5 s, idle traffic taken out)"
+    );
+    println!(
+        "  idle gossip: {idle_rate:.0} B/s and {idle_datagrams:.1} datagrams/s per node (goal <= 2,048 B/s)"
+    );
     println!(
         "  crash to excluded at every other agent ({} crashes, one at a time): p50 {:.0} / p99 {:.0} / max {:.0} ms (probe period {} ms + suspicion minimum {} ms)",
         excluded.len(),
@@ -171,6 +185,8 @@ fn region(n: usize, crashes: usize, json: &mut serde_json::Value) {
     json["region_spread_ms"] = spread.into();
     json["region_model_spread_ms"] = model_ms.into();
     json["region_idle_bytes_per_s_per_node"] = idle_rate.into();
+    json["region_change_bytes_per_node"] = change_bytes.into();
+    json["region_change_datagrams_per_node"] = change_datagrams.into();
     json["region_crash_to_excluded_p50_ms"] = p(50.0).into();
     json["region_crash_to_excluded_p99_ms"] = p(99.0).into();
     json["region_sim_peak_bytes"] = grown.into();
@@ -208,11 +224,13 @@ fn global(edges: usize, crashes: usize, json: &mut serde_json::Value) {
         f.idle_bytes_per_s
     );
     println!(
-        "  crash of an edge to excluded at every other node ({} crashes): p50 {:.0} / p99 {:.0} / max {:.0} ms",
+        "  crash of an edge to excluded at every other node ({} crashes): p50 {:.0} / p99 {:.0} / max {:.0} ms (probe period {} ms + suspicion minimum {} ms)",
         excluded.len(),
         p(50.0),
         p(99.0),
-        p(100.0)
+        p(100.0),
+        crate::sim_figures::wan_config().probe_period.as_millis(),
+        crate::sim_figures::wan_config().suspicion_min.as_millis()
     );
     println!(
         "  simulator: peak {} MB resident ({:.0} B per node pair, {:.0} kB per node); wall {:.0} s",

@@ -9,6 +9,8 @@
 //!   [--skip-sim | --sim-only | --wan-only]`: write-to-everywhere and crash-to-excluded latency, false downs, gossip
 //!   bandwidth on a region of real agents; the simulation's spread at 100 and 1,000 nodes;
 //!   the simulated WAN world, tree dissemination beside plain gossip.
+//! - `cargo xtask bench sim-scale [--nodes N] [--edges E] [--crashes K] [--only region|global]`:
+//!   the deterministic simulation run directly at 10,000 region agents and 5,000 edges.
 //! - `cargo xtask bench global [--regions R] [--edges E] [--events N] [--lookup-secs S]
 //!   [--summaries N]`: region-to-edge latency, LookupApp over gRPC, the edge library's
 //!   lookup and memory per summary.
@@ -82,6 +84,8 @@ fn main() -> anyhow::Result<()> {
                     cargo xtask bench frontends [--trials N] [--streams N] [--dns-secs S]\n\
                     cargo xtask bench checks [--trials N]\n\
                     cargo xtask bench catchup [--machines N] [--writes-per-s W] [--summaries N]\n\
+                    cargo xtask bench sim-scale [--nodes N] [--edges E] [--crashes K] \
+             [--only region|global]\n\
                     cargo xtask test [cargo test args]\n\
              (see docs/benchmarks.md)"
         ),
