@@ -239,7 +239,7 @@ pub fn dissemination_model(n: usize, seed: u64) -> (u64, f64, f64) {
 }
 
 /// A small deterministic generator (splitmix64) for the model.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
@@ -250,7 +250,7 @@ impl SplitMix {
         z ^ (z >> 31)
     }
 
-    fn below(&mut self, bound: u64) -> u64 {
+    pub(crate) fn below(&mut self, bound: u64) -> u64 {
         if bound == 0 { 0 } else { self.next() % bound }
     }
 
@@ -332,6 +332,10 @@ pub struct WanFigures {
     /// Per crashed edge (after the changes; `crashes` of them, one at a time): milliseconds
     /// until every other node took it for down (infinite if some never did in 20 s).
     pub crash_to_excluded: Vec<f64>,
+    /// Times some node took a member for down before any crash, and renewals (a member that
+    /// found itself declared down and came back under a new epoch): false downs.
+    pub false_downs: u64,
+    pub renewals: u64,
 }
 
 /// One change in the WAN world: milliseconds until 50 %, 90 % and 99.9 % of the edges held
@@ -355,9 +359,10 @@ pub fn ratios(changes: &[ChangeFigures]) -> Vec<f64> {
 /// spread over them (edge `e` near region `e % 19`, up to 2 degrees away each way), one-way
 /// latency 4 ms + great-circle distance / 75 km per ms, plus 0-200 µs of jitter. Every node
 /// is a member of one gossip cluster with `cfg`, formed at the start. After a minute
-/// (`PATINA_WAN_SETTLE_SECS` sets another), each bridge writes a first change (0.5 s apart),
-/// then, after 10 s of quiet, one more each, 3 s apart; each change's time to 99.9 % of the
-/// edges is compared with the one-way latency from its bridge to the farthest edge.
+/// (`PATINA_WAN_SETTLE_SECS` sets another) and 10 s of idle traffic measured, each bridge
+/// writes a first change (0.5 s apart), then, after 20 s of quiet, one more each, 3 s apart,
+/// and 20 s more for their bytes; each change's time to 99.9 % of the edges is compared with
+/// the one-way latency from its bridge to the farthest edge.
 pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFigures {
     let regions = WAN_REGIONS.len();
     let mut rng = SplitMix(seed ^ 0x3a7);
@@ -424,6 +429,12 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
                 * 1e3,
         }
     };
+    // Idle traffic, before any change (after one, its piggybacked copies go on for up to
+    // `max_transmissions` probe periods and would count as idle).
+    let idle = Duration::from_secs(10);
+    let b0 = w.datagram_bytes;
+    w.run_for(idle);
+    let idle_rate = (w.datagram_bytes - b0) as f64 / idle.as_secs_f64();
     // A first change from each bridge: its flood forms its origin's tree (measured apart).
     w.track_learning();
     let mut first_at = Vec::new();
@@ -432,16 +443,14 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
         w.write(b, &format!("first-{b}"), "app", b"+v");
         w.run_for(Duration::from_millis(500));
     }
-    w.run_for(Duration::from_secs(10));
+    // Quiet until the first changes' piggybacked copies are spent (16 sends at most, one per
+    // probe period), so that they do not count toward the next changes' bytes.
+    w.run_for(Duration::from_secs(20));
     let first: Vec<ChangeFigures> = first_at
         .iter()
         .map(|(b, at)| figures(&w, *b, *at))
         .collect();
     w.learned_at.clear();
-    let idle = Duration::from_secs(10);
-    let b0 = w.datagram_bytes;
-    w.run_for(idle);
-    let idle_rate = (w.datagram_bytes - b0) as f64 / idle.as_secs_f64();
     let spacing = Duration::from_secs(3);
     let start = w.now;
     let b1 = w.datagram_bytes;
@@ -451,7 +460,7 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
         w.write(b, &format!("change-{b}"), "app", b"+v");
         w.run_for(spacing);
     }
-    w.run_for(Duration::from_secs(10));
+    w.run_for(Duration::from_secs(20));
     let window = (w.now - start).as_secs_f64();
     let added = (w.datagram_bytes - b1) as f64 - idle_rate * window;
     let changes: Vec<ChangeFigures> = written.iter().map(|(b, at)| figures(&w, *b, *at)).collect();
@@ -459,6 +468,8 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
         let c = nd.counters();
         (p + c.tree_prunes_sent, g + c.tree_grafts_sent)
     });
+    let false_downs: u64 = w.downs.values().sum();
+    let renewals: u64 = w.renewals.values().sum();
     // Crashed edges, spread over the regions, one at a time.
     let mut crash_to_excluded = Vec::new();
     let mut down = std::collections::BTreeSet::new();
@@ -479,6 +490,8 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
         converged,
         nodes: n,
         crash_to_excluded,
+        false_downs,
+        renewals,
     }
 }
 

@@ -251,6 +251,8 @@ pub struct World {
     groups: BTreeSet<String>,
     pub datagrams: u64,
     pub datagram_bytes: u64,
+    /// Of which on the push lane (pushes, tree control).
+    pub push_bytes: u64,
     /// Per change (origin, seq): each node that committed it and did not write it, and when
     /// it first did.
     pub learned_at: BTreeMap<(NodeId, u64), Vec<(usize, Duration)>>,
@@ -339,6 +341,7 @@ impl World {
             groups: BTreeSet::new(),
             datagrams: 0,
             datagram_bytes: 0,
+            push_bytes: 0,
             learned_at: BTreeMap::new(),
             track_learning: false,
             downs: BTreeMap::new(),
@@ -379,9 +382,10 @@ impl World {
         w
     }
 
-    /// Give every running node every other as an alive member at once, as a formed
-    /// cluster holds them ([`Node::assume_members`]): for figures of a formed cluster of
-    /// thousands of nodes, whose joins would take most of the simulation's time.
+    /// Give every running node every other as an alive member, as a formed cluster holds
+    /// them ([`Node::assume_members`]), a few nodes at each moment of the first probe period
+    /// (virtual time moves on by one period): for figures of a formed cluster of thousands
+    /// of nodes, whose joins would take most of the simulation's time.
     pub fn form(&mut self) {
         let ids: Vec<Identity> = self
             .nodes
@@ -391,12 +395,17 @@ impl World {
             .collect();
         // Each node takes the list on its own (on the machine's cores: foca finds each new
         // member by a scan of those it holds, N^2 per node); what they ask for is then queued
-        // in node order, as one at a time would.
-        // In blocks, so that only a block's outputs (a notice per member each) wait at once.
-        let now = self.now;
+        // in node order, as one at a time would. A few nodes at a time, each few at a later
+        // moment of the first probe period: real agents come up at different moments, and
+        // nodes formed at one instant would probe and gossip in step, every one at the same
+        // instants, so that a change written just after them waited a whole period everywhere.
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        let block = 16 * threads;
-        for first in (0..self.nodes.len()).step_by(block) {
+        let block = 2 * threads;
+        let blocks = self.nodes.len().div_ceil(block).max(1);
+        let (start, period) = (self.now, self.cfg.probe_period);
+        for (k, first) in (0..self.nodes.len()).step_by(block).enumerate() {
+            self.run_until(start + period.mul_f64(k as f64 / blocks as f64));
+            let now = self.now;
             let end = (first + block).min(self.nodes.len());
             let chunk = (end - first).div_ceil(threads).max(1);
             std::thread::scope(|s| {
@@ -540,9 +549,12 @@ impl World {
             let life = self.nodes[i].life;
             for out in outs {
                 match out {
-                    Output::Send { to, bytes, .. } => {
+                    Output::Send { to, bytes, lane } => {
                         self.datagrams += 1;
                         self.datagram_bytes += bytes.len() as u64;
+                        if matches!(lane, crate::node::Lane::Push) {
+                            self.push_bytes += bytes.len() as u64;
+                        }
                         let Some(j) = self.index_of(to) else { continue };
                         if !self.reachable(i, j)
                             || self.udp_cut.contains(&(i, j))

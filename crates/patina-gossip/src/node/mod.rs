@@ -519,7 +519,7 @@ impl Node {
             gap_hint: None,
             seeds: seeds
                 .into_iter()
-                .filter(|s| *s != identity.addr())
+                .filter(|s| crate::identity::PeerAddr::from(*s) != identity.addr)
                 .collect(),
             leaving: false,
             max_item,
