@@ -3,8 +3,10 @@
 //! about half its room empty when keys arrive in order (a joined membership's notifications
 //! do), and every entry of a `BTreeMap` costs a pointer's share of its node; here an entry
 //! costs its own size, and room left over after growth is given back. Lookups are binary
-//! searches; an insert moves the entries after it (members join rarely; a node's whole
-//! membership arrives in key order, appended).
+//! searches; an insert moves the entries after it: members join rarely, but a node that joins
+//! a cluster of N learns N members in random key order, N²/4 entries moved (about 0.8 GB of
+//! memory copied, a fraction of a second, at 10,000 members); the simulation's node ids are
+//! sequential, so there they arrive in order and are appended.
 
 /// Spare room (as a fraction of the entries: 1/SLACK) kept after an insert or removal
 /// before the vector is shrunk to fit.
