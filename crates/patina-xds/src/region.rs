@@ -7,7 +7,7 @@
 //! or endpoints changed are published to the [`Hub`] at most once per debounce period.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
 use patina_proto::v1::Machine;
@@ -29,13 +29,22 @@ pub struct RegionSource {
     /// Per app, its routable machines as last decoded, by key, with the store revision they
     /// were decoded at: a change to one machine of a large app decodes that machine alone,
     /// not all of them again (at 1,000 writes/s into a 1,000-machine app, decoding every
-    /// machine of the app per change was most of an agent's CPU). Bounded by the region's
-    /// machines; only [`follow`]'s reads (one at a time) use it.
+    /// machine of the app per change was a large share of an agent's CPU). Bounded by the
+    /// region's machines; only [`follow`]'s reads (one at a time) use it. A source follows
+    /// one store for its life: revisions are that store's, never reused.
     decoded: Mutex<HashMap<Arc<str>, Decoded>>,
 }
 
-/// An app's routable machines as decoded: key -> (store revision, endpoint).
-type Decoded = HashMap<Box<str>, (u64, Host)>;
+/// An app's routable machines as decoded: key -> (store revision, endpoint, `None` when no
+/// address of it parses, so that such a machine is not decoded again on every read).
+type Decoded = HashMap<Box<str>, (u64, Option<Host>)>;
+
+fn decoded_lock(
+    m: &Mutex<HashMap<Arc<str>, Decoded>>,
+) -> MutexGuard<'_, HashMap<Arc<str>, Decoded>> {
+    // A panic elsewhere while holding it leaves a cache that is still consistent per entry.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// [`RegionSource`] as the store has it now (not waiting for the debounce).
 pub struct Latest(Arc<RegionSource>);
@@ -59,12 +68,7 @@ impl RegionSource {
     /// machine.
     fn read(&self, store: &Store, app: &str) -> Option<Arc<[Locality]>> {
         let entries = store.list(app, Filter::All);
-        let mut before = self
-            .decoded
-            .lock()
-            .expect("decoded lock")
-            .remove(app)
-            .unwrap_or_default();
+        let mut before = decoded_lock(&self.decoded).remove(app).unwrap_or_default();
         if entries.is_empty() {
             return None;
         }
@@ -72,7 +76,7 @@ impl RegionSource {
         let mut now: Decoded = HashMap::new();
         for e in entries.iter().filter(|e| e.routable()) {
             let host = match before.remove(e.key()) {
-                Some((rev, host)) if rev == e.rev() => Some(host),
+                Some((rev, host)) if rev == e.rev() => host,
                 _ => e
                     .value()
                     .and_then(|v| Machine::decode(v).ok())
@@ -84,16 +88,13 @@ impl RegionSource {
                         })
                     }),
             };
-            if let Some(host) = host {
+            if let Some(host) = &host {
                 hosts.push(host.clone());
-                now.insert(e.key().into(), (e.rev(), host));
             }
+            now.insert(e.key().into(), (e.rev(), host));
         }
         if !now.is_empty() {
-            self.decoded
-                .lock()
-                .expect("decoded lock")
-                .insert(Arc::from(app), now);
+            decoded_lock(&self.decoded).insert(Arc::from(app), now);
         }
         if hosts.is_empty() {
             return Some(Arc::from(Vec::new()));
@@ -353,6 +354,37 @@ mod tests {
             .unwrap();
         let first = source.read(&store, "shop");
         assert_eq!(addrs(&first).len(), 3);
+        // A machine unchanged since the last read is taken from the cache, not decoded: a
+        // planted endpoint at its current revision is what the next read shows.
+        let planted = Host {
+            addr: Addr::parse("10.9.9.9:99").expect("an address"),
+            more: Vec::new(),
+        };
+        {
+            let mut d = source.decoded.lock().unwrap();
+            let a = d
+                .get_mut("shop")
+                .and_then(|m| m.get_mut("a"))
+                .expect("a cached");
+            a.1 = Some(planted.clone());
+        }
+        assert!(
+            addrs(&source.read(&store, "shop"))
+                .iter()
+                .any(|a| a.contains("10.9.9.9"))
+        );
+        {
+            // The same endpoint under a stale revision is decoded again.
+            let mut d = source.decoded.lock().unwrap();
+            let a = d
+                .get_mut("shop")
+                .and_then(|m| m.get_mut("a"))
+                .expect("a cached");
+            a.0 = a.0.wrapping_sub(1);
+        }
+        let again = addrs(&source.read(&store, "shop"));
+        assert!(again.iter().any(|a| a.contains("10.0.0.1")), "{again:?}");
+        assert!(!again.iter().any(|a| a.contains("10.9.9.9")), "{again:?}");
         // One machine moves, one goes: the read shows both, and the third as it was.
         store
             .write(vec![machine("b", "10.0.0.9:81")])
@@ -378,7 +410,8 @@ mod tests {
             ])
             .await
             .unwrap();
-        assert!(addrs(&source.read(&store, "shop")).is_empty());
+        let gone = source.read(&store, "shop");
+        assert!(addrs(&gone).is_empty(), "{gone:?}");
         assert!(source.decoded.lock().unwrap().get("shop").is_none());
     }
 }
