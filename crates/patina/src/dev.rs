@@ -108,6 +108,10 @@ impl DevCa {
     }
 }
 
+/// How long one agent of the dev world, or one demo write, may take before `patina dev`
+/// gives up with an error naming it.
+const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(40);
+
 impl World {
     /// Start one agent with `grants` (when the world runs with TLS); returns where it is
     /// once it serves.
@@ -127,9 +131,18 @@ impl World {
         let shutdown = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
+        let host = config.host.clone();
+        tracing::info!(%host, "dev world: starting an agent");
         self.tasks
             .spawn(async move { run_agent(config, role, Some(label), Some(tx), shutdown).await });
-        match rx.await {
+        // A start that never ends is named, not waited on forever.
+        let Ok(ready) = tokio::time::timeout(START_DEADLINE, rx).await else {
+            anyhow::bail!(
+                "the dev world's agent {host} did not serve within {} s",
+                START_DEADLINE.as_secs()
+            );
+        };
+        match ready {
             Ok(ready) => Ok(ready),
             // The agent ended before it served: its error is the answer.
             Err(_) => match self.tasks.join_next().await {
@@ -374,7 +387,12 @@ async fn write_demo(
         let agents = &region_apis[*r];
         let agent = agents[n % agents.len()];
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{agent}"))?;
-        let mut client = RegionClient::new(dial.connect(endpoint).await?);
+        tracing::info!(%agent, app = %app, "dev world: writing a demo machine");
+        let mut client = RegionClient::new(
+            tokio::time::timeout(START_DEADLINE, dial.connect(endpoint))
+                .await
+                .map_err(|_| anyhow::anyhow!("dev world: no connection to {agent}"))??,
+        );
         let machine = Machine {
             id: format!("{app}-{}-{n}", REGIONS[*r].0),
             app: (*app).into(),
@@ -387,11 +405,16 @@ async fn write_demo(
             },
             ..Machine::default()
         };
-        client
-            .upsert_machine(UpsertMachineRequest {
+        tokio::time::timeout(
+            START_DEADLINE,
+            client.upsert_machine(UpsertMachineRequest {
                 machine: Some(machine),
-            })
-            .await?;
+            }),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("dev world: the demo write to {agent} was not acknowledged")
+        })??;
     }
     Ok(())
 }

@@ -16,7 +16,8 @@ async fn dev_serves_and_stops_cleanly_on_ctrl_c() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_patina"))
         .args(["dev", "--listen", "127.0.0.1:0"])
         .env_remove("RUST_LOG")
-        .env("PATINA_LOG", "warn")
+        // The dev world's steps at info: a start that hangs shows where.
+        .env("PATINA_LOG", "warn,patina::dev=info")
         // A debug build of the whole world on a loaded 2-core machine can pause a loop for
         // seconds: the watchdog ends it only after 30 s here, as in the harness.
         .env("PATINA_WATCHDOG__BUDGET_MS", "5000")
