@@ -99,16 +99,27 @@ async fn a_failed_fsync_turns_the_agent_not_serving_ends_watches_and_stops() {
     let err = ended.expect_err("ended with a status");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
-    // For a moment the agent still answers, so that health checkers see why.
+    // For a moment (FAILED_GRACE, 2 s) the agent still answers, so that health checkers see
+    // why. The watch ends with the store, the status is set a moment after by the agent's
+    // shutdown task: within half a second of the watch's end, both say NOT_SERVING.
     for service in ["", "patina.v1.Region"] {
-        let h = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(status(&h), ServingStatus::NotServing as i32, "{service:?}");
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        let last = loop {
+            let h = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if status(&h) == ServingStatus::NotServing as i32
+                || std::time::Instant::now() >= deadline
+            {
+                break status(&h);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(last, ServingStatus::NotServing as i32, "{service:?}");
     }
     let err = region
         .upsert_machine(UpsertMachineRequest {
