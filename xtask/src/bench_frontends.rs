@@ -304,7 +304,7 @@ async fn many(world: &World, streams: usize) -> anyhow::Result<serde_json::Value
         channels.push(agent.channel().await);
     }
     settle().await;
-    let before = rss(pid)?;
+    let before = patina_testkit::rss_of(pid)?;
     let bar = crate::harness::progress(streams as u64, "opening ADS streams");
     let mut all = Vec::with_capacity(streams);
     for s in 0..streams {
@@ -315,7 +315,7 @@ async fn many(world: &World, streams: usize) -> anyhow::Result<serde_json::Value
     }
     bar.finish_and_clear();
     settle().await;
-    let after = rss(pid)?;
+    let after = patina_testkit::rss_of(pid)?;
     let per_stream = (after.saturating_sub(before)) as f64 / streams as f64;
     println!(
         "{streams} idle ADS streams on one region agent: {:.1} KiB resident each ({:.1} MiB in all)",
@@ -383,16 +383,6 @@ async fn many(world: &World, streams: usize) -> anyhow::Result<serde_json::Value
         "change_to_a_stream_p50_ms": e.0,
         "change_to_a_stream_p99_ms": e.1,
     }))
-}
-
-fn rss(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .context("VmRSS")
 }
 
 /// A DNS query for `name` type A, id `id`.

@@ -50,18 +50,10 @@ impl Options {
     }
 }
 
-/// This process's resident and peak resident bytes.
+/// This process's resident and peak resident bytes (0 where unreadable).
 fn rss() -> (u64, u64) {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let field = |name| patina_testkit::proc_status_bytes(None, name).unwrap_or(0);
+    (field("VmRSS"), field("VmHWM"))
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {

@@ -251,8 +251,6 @@ pub struct World {
     groups: BTreeSet<String>,
     pub datagrams: u64,
     pub datagram_bytes: u64,
-    /// Of which on the push lane (pushes, tree control).
-    pub push_bytes: u64,
     /// Per change (origin, seq): each node that committed it and did not write it, and when
     /// it first did.
     pub learned_at: BTreeMap<(NodeId, u64), Vec<(usize, Duration)>>,
@@ -341,7 +339,6 @@ impl World {
             groups: BTreeSet::new(),
             datagrams: 0,
             datagram_bytes: 0,
-            push_bytes: 0,
             learned_at: BTreeMap::new(),
             track_learning: false,
             downs: BTreeMap::new(),
@@ -549,12 +546,9 @@ impl World {
             let life = self.nodes[i].life;
             for out in outs {
                 match out {
-                    Output::Send { to, bytes, lane } => {
+                    Output::Send { to, bytes, .. } => {
                         self.datagrams += 1;
                         self.datagram_bytes += bytes.len() as u64;
-                        if matches!(lane, crate::node::Lane::Push) {
-                            self.push_bytes += bytes.len() as u64;
-                        }
                         let Some(j) = self.index_of(to) else { continue };
                         if !self.reachable(i, j)
                             || self.udp_cut.contains(&(i, j))

@@ -317,12 +317,22 @@ pub fn wait_for_line(
 
 /// VmRSS of a process, in bytes.
 pub fn rss_of(pid: u32) -> std::io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    proc_status_bytes(Some(pid), "VmRSS")
+}
+
+/// A field of `/proc/<pid>/status` given in kB (`VmRSS`, `VmHWM`, ...), in bytes; `pid`
+/// `None`: this process.
+pub fn proc_status_bytes(pid: Option<u32>, field: &str) -> std::io::Result<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/status".to_owned(),
+        |p| format!("/proc/{p}/status"),
+    );
+    let status = std::fs::read_to_string(path)?;
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| std::io::Error::other("no VmRSS"))?;
+        .ok_or_else(|| std::io::Error::other(format!("no {field}")))?;
     Ok(kb * 1024)
 }
 

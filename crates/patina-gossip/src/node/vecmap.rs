@@ -113,15 +113,15 @@ mod tests {
             let key = ((x >> 33) % 300) as u32;
             match (x >> 20) % 4 {
                 0 => assert_eq!(v.insert(key, step), b.insert(key, step)),
-                1 => *v.or_default(key) += 1,
+                1 => {
+                    *v.or_default(key) += 1;
+                    *b.entry(key).or_default() += 1;
+                }
                 2 => assert_eq!(v.get(&key), b.get(&key)),
                 _ => {
                     v.retain(|k, _| *k != key);
                     b.remove(&key);
                 }
-            }
-            if (x >> 20) % 4 == 1 {
-                *b.entry(key).or_default() += 1;
             }
             assert_eq!(v.contains_key(&key), b.contains_key(&key));
         }
