@@ -307,7 +307,13 @@ fn latency_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     )?);
     fsync_ns.sort_unstable();
     server.stop()?;
-    latency::Latencies { agent, fsync_ns }.report(rows, json);
+    let wake_ns = latency::thread_wake_baseline(o.samples);
+    latency::Latencies {
+        agent,
+        fsync_ns,
+        wake_ns,
+    }
+    .report(rows, json);
     Ok(())
 }
 

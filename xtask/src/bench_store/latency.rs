@@ -6,10 +6,19 @@
 //! that change; its ack latency until UpsertMachine returns. The baseline, measured in the
 //! same run at the same pace on the same disk, is one 4 KiB append plus `fdatasync` per tick
 //! (`File::sync_data`): what a durable commit cannot avoid. What the agent adds is the rest.
+//!
+//! Two more baselines say what that rest is made of. Between writes, half a tick after each,
+//! the writing client sends a gRPC health check on the same connection: a round trip through
+//! the client library, HTTP/2, loopback and the agent's runtime with nothing done (the floor
+//! any unary call pays). And, after the agent's phase, one thread wakes another sleeping on
+//! a `Condvar` at the same pace: what each hand-over between threads costs on this machine
+//! (a write crosses about four: client → agent, agent → writer thread, writer → agent, agent
+//! → client).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,7 +27,11 @@ use patina_proto::v1::{
     watch_response,
 };
 
-use super::connect;
+use patina_proto::v1::region_client::RegionClient;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
 use crate::harness::percentile_us;
 
 /// Writes per second: a steady trickle, like a region's orchestrator reporting state
@@ -45,6 +58,8 @@ pub struct Latencies {
     pub agent: WriteLatencies,
     /// One `fdatasync` of a 4 KiB append, same pace, same disk; sorted nanoseconds.
     pub fsync_ns: Vec<u64>,
+    /// One thread waking another sleeping on a `Condvar`, same pace; sorted nanoseconds.
+    pub wake_ns: Vec<u64>,
 }
 
 impl Latencies {
@@ -56,6 +71,16 @@ impl Latencies {
                 format!("disk: fdatasync of a 4 KiB append, {PACE_PER_S}/s,"),
                 "fsync",
                 &self.fsync_ns,
+            ),
+            (
+                format!("gRPC round trip (health check), {PACE_PER_S}/s,"),
+                "rpc_floor",
+                &self.agent.rpc_ns,
+            ),
+            (
+                format!("thread wake-up (Condvar), {PACE_PER_S}/s,"),
+                "thread_wake",
+                &self.wake_ns,
             ),
             (
                 format!("upsert → watcher, {PACE_PER_S}/s, {n} writes,"),
@@ -81,6 +106,16 @@ impl Latencies {
             "upsert → watcher p99 beyond fdatasync p99".into(),
             format!("{over:.0} µs"),
         ));
+        // What is left at p50 once the disk and the round trip every call pays are taken off:
+        // the writer thread's two hand-overs and the agent's own work.
+        let own = percentile_us(&self.agent.watch_ns, 50.0)
+            - percentile_us(&self.fsync_ns, 50.0)
+            - percentile_us(&self.agent.rpc_ns, 50.0);
+        rows.push((
+            "upsert → watcher p50 beyond fdatasync p50 + round trip p50".into(),
+            format!("{own:.0} µs"),
+        ));
+        json.insert("watch_beyond_floors_p50_us".into(), super::round2(own));
         json.insert("latency_samples".into(), (n as u64).into());
         if self.agent.missed > 0 {
             rows.push((
@@ -120,12 +155,57 @@ pub fn fdatasync_baseline(dir: &Path, samples: u64) -> anyhow::Result<Vec<u64>> 
     Ok(ns)
 }
 
+/// The hand-over baseline: `samples` times, at [`PACE_PER_S`], this thread wakes another
+/// that sleeps on a `Condvar`; the time from just before the notification until the other
+/// thread runs. Sorted nanoseconds. Blocking.
+pub fn thread_wake_baseline(samples: u64) -> Vec<u64> {
+    // (the moment of the latest notification, if not yet taken; stop)
+    let shared = Arc::new((Mutex::new((None::<Instant>, false)), Condvar::new()));
+    let other = shared.clone();
+    let sleeper = std::thread::spawn(move || {
+        let (lock, cv) = &*other;
+        let mut ns = Vec::with_capacity(samples as usize);
+        let mut slot = lock.lock().expect("wake lock");
+        loop {
+            if let Some(t) = slot.0.take() {
+                ns.push(t.elapsed().as_nanos() as u64);
+            }
+            if slot.1 {
+                break;
+            }
+            slot = cv.wait(slot).expect("wake lock");
+        }
+        ns
+    });
+    let tick = Duration::from_secs(1) / PACE_PER_S as u32;
+    let start = Instant::now();
+    let (lock, cv) = &*shared;
+    for k in 0..WARMUP + samples {
+        if let Some(wait) = (start + tick * k as u32).checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let mut slot = lock.lock().expect("wake lock");
+        // Warm-up notifications are taken but not stamped.
+        slot.0 = (k >= WARMUP).then(Instant::now);
+        cv.notify_one();
+    }
+    // Let the last one be taken before asking the thread to stop.
+    std::thread::sleep(tick);
+    lock.lock().expect("wake lock").1 = true;
+    cv.notify_one();
+    let mut ns = sleeper.join().expect("the sleeping thread panicked");
+    ns.sort_unstable();
+    ns
+}
+
 /// The agent's side of the phase, each sorted in nanoseconds.
 pub struct WriteLatencies {
     /// From just before UpsertMachine is sent until the watcher receives the change.
     pub watch_ns: Vec<u64>,
     /// From just before UpsertMachine is sent until it returns.
     pub ack_ns: Vec<u64>,
+    /// A health check on the writer's connection, half a tick after each write.
+    pub rpc_ns: Vec<u64>,
     /// Writes the watcher never saw on their own (coalesced with a later write of the same
     /// machine, which only a watcher lagging by [`MACHINES`] writes can see).
     pub missed: u64,
@@ -152,8 +232,10 @@ fn machine(seq: u64) -> Machine {
 /// client does, and a thread hop of the load generator is not measured as the agent's.
 pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLatencies> {
     let total = WARMUP + samples;
-    let mut watcher = connect(url).await?;
-    let mut writer = connect(url).await?;
+    let mut watcher = super::connect(url).await?;
+    let channel = Channel::from_shared(url.to_owned())?.connect().await?;
+    let mut writer = RegionClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
     let mut stream = watcher
         .watch(WatchRequest {
             app: APP.into(),
@@ -198,6 +280,7 @@ pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLa
     let start = tokio::time::Instant::now();
     let mut sent = Vec::with_capacity(total as usize);
     let mut ack_ns = Vec::with_capacity(samples as usize);
+    let mut rpc_ns = Vec::with_capacity(samples as usize);
     for seq in 0..total {
         tokio::time::sleep_until(start + tick * seq as u32).await;
         let request = UpsertMachineRequest {
@@ -209,6 +292,17 @@ pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLa
         sent.push(t);
         if seq >= WARMUP {
             ack_ns.push(acked.as_nanos() as u64);
+        }
+        // The floor, half a tick later (the write's watcher has long had it by then).
+        tokio::time::sleep_until(start + tick * seq as u32 + tick / 2).await;
+        let t = Instant::now();
+        health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        if seq >= WARMUP {
+            rpc_ns.push(t.elapsed().as_nanos() as u64);
         }
     }
     let at = received.await??;
@@ -225,9 +319,11 @@ pub async fn write_to_watcher(url: &str, samples: u64) -> anyhow::Result<WriteLa
     }
     watch_ns.sort_unstable();
     ack_ns.sort_unstable();
+    rpc_ns.sort_unstable();
     Ok(WriteLatencies {
         watch_ns,
         ack_ns,
+        rpc_ns,
         missed,
     })
 }
