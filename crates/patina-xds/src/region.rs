@@ -1,17 +1,19 @@
 //! A region agent's xDS resources: per app with a live machine in the region, its routable
 //! instances (started and passing) as one locality named after the region.
 //!
-//! [`follow`] keeps them: a cursor over the whole store names the apps each change touches,
-//! which are read again from the store's index at once (the DNS front end answers from
-//! them; only the machines whose revision changed are decoded again); those whose existence
-//! or endpoints changed are published to the [`Hub`] at most once per debounce period.
+//! [`follow`] keeps them from a watch over the whole store, change by change: it holds every
+//! live machine of the region (its app and, when routable, its decoded endpoint), so a change
+//! costs what it touches (one machine decoded, its app's endpoints copied once per batch), not
+//! a read of its whole app. The DNS front end answers from what it holds at once; apps whose
+//! existence or endpoints changed are published to the [`Hub`] at most once per debounce
+//! period.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use patina_proto::v1::Machine;
-use patina_store::{Filter, Store, WatchItem};
+use patina_store::{Entry, Store, WatchItem};
 use prost::Message;
 
 use crate::hub::{Change, Hub};
@@ -26,24 +28,6 @@ pub struct RegionSource {
     region: Arc<str>,
     apps: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
     published: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
-    /// Per app, its routable machines as last decoded, by key, with the store revision they
-    /// were decoded at: a change to one machine of a large app decodes that machine alone,
-    /// not all of them again (at 1,000 writes/s into a 1,000-machine app, decoding every
-    /// machine of the app per change was a large share of an agent's CPU). Bounded by the
-    /// region's machines; only [`follow`]'s reads (one at a time) use it. A source follows
-    /// one store for its life: revisions are that store's, never reused.
-    decoded: Mutex<HashMap<Arc<str>, Decoded>>,
-}
-
-/// An app's routable machines as decoded: key -> (store revision, endpoint, `None` when no
-/// address of it parses, so that such a machine is not decoded again on every read).
-type Decoded = HashMap<Box<str>, (u64, Option<Host>)>;
-
-fn decoded_lock(
-    m: &Mutex<HashMap<Arc<str>, Decoded>>,
-) -> MutexGuard<'_, HashMap<Arc<str>, Decoded>> {
-    // A panic elsewhere while holding it leaves a cache that is still consistent per entry.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// [`RegionSource`] as the store has it now (not waiting for the debounce).
@@ -55,7 +39,6 @@ impl RegionSource {
             region: region.into(),
             apps: RwLock::new(HashMap::new()),
             published: RwLock::new(HashMap::new()),
-            decoded: Mutex::new(HashMap::new()),
         })
     }
 
@@ -63,48 +46,213 @@ impl RegionSource {
     pub fn latest(self: &Arc<Self>) -> Arc<Latest> {
         Arc::new(Latest(self.clone()))
     }
+}
 
-    /// The app's endpoints now, read from the store's index: `None` when it has no live
-    /// machine.
-    fn read(&self, store: &Store, app: &str) -> Option<Arc<[Locality]>> {
-        let entries = store.list(app, Filter::All);
-        let mut before = decoded_lock(&self.decoded).remove(app).unwrap_or_default();
-        if entries.is_empty() {
-            return None;
-        }
-        let mut hosts = Vec::new();
-        let mut now: Decoded = HashMap::new();
-        for e in entries.iter().filter(|e| e.routable()) {
-            let host = match before.remove(e.key()) {
-                Some((rev, host)) if rev == e.rev() => host,
-                _ => e
-                    .value()
-                    .and_then(|v| Machine::decode(v).ok())
-                    .and_then(|m| {
-                        let mut addrs = m.addresses.iter().filter_map(|a| Addr::parse(a));
-                        addrs.next().map(|addr| Host {
-                            addr,
-                            more: addrs.collect(),
-                        })
-                    }),
-            };
-            if let Some(host) = &host {
-                hosts.push(host.clone());
+/// Every live machine of the region as the follower last saw it: by key, the app it is in;
+/// per app, how many live machines it has and the endpoints of its routable ones, by key
+/// (so in key order, as a listing gives them). Bounded by the region's live machines.
+#[derive(Default)]
+struct Machines {
+    by_key: HashMap<Arc<str>, Arc<str>>,
+    apps: HashMap<Arc<str>, App>,
+}
+
+#[derive(Default)]
+struct App {
+    live: usize,
+    /// Routable machines whose first address parses.
+    hosts: BTreeMap<Arc<str>, Host>,
+}
+
+/// What a batch did to one app: whether it existed before the batch, and whether its
+/// endpoints may have changed.
+#[derive(Clone, Copy)]
+struct Touch {
+    existed: bool,
+    changed: bool,
+}
+
+/// A routable machine's endpoint: its first address that parses, and the others that do.
+fn endpoint(e: &Entry) -> Option<Host> {
+    let m = Machine::decode(e.value()?).ok()?;
+    let mut addrs = m.addresses.iter().filter_map(|a| Addr::parse(a));
+    addrs.next().map(|addr| Host {
+        addr,
+        more: addrs.collect(),
+    })
+}
+
+impl Machines {
+    fn touch<'a>(
+        apps: &HashMap<Arc<str>, App>,
+        touched: &'a mut HashMap<Arc<str>, Touch>,
+        app: &Arc<str>,
+    ) -> &'a mut Touch {
+        touched.entry(app.clone()).or_insert_with(|| Touch {
+            existed: apps.contains_key(app),
+            changed: false,
+        })
+    }
+
+    /// Take one change (the key's state now: live in its group, or not live at all: deleted,
+    /// or hidden by the liveness overlay). A key seen live before leaves the app it was in.
+    fn apply(&mut self, e: &Entry, touched: &mut HashMap<Arc<str>, Touch>) {
+        let key = e.key();
+        let mut old: Option<(Arc<str>, Option<Host>)> = None;
+        let mut key_arc = None;
+        if let Some((k, app_name)) = self.by_key.remove_entry(key) {
+            Self::touch(&self.apps, touched, &app_name);
+            if let Some(app) = self.apps.get_mut(&app_name) {
+                app.live -= 1;
+                let host = app.hosts.remove(key);
+                if app.live == 0 {
+                    self.apps.remove(&app_name);
+                }
+                old = Some((app_name, host));
             }
-            now.insert(e.key().into(), (e.rev(), host));
+            key_arc = Some(k);
         }
-        if !now.is_empty() {
-            decoded_lock(&self.decoded).insert(Arc::from(app), now);
+        let new = if e.is_live() {
+            let group = e.group();
+            // The app's own name, shared, when it is known.
+            let app_name = match self.apps.get_key_value(group) {
+                Some((name, _)) => name.clone(),
+                None => match &old {
+                    Some((name, _)) if &**name == group => name.clone(),
+                    _ => Arc::from(group),
+                },
+            };
+            Self::touch(&self.apps, touched, &app_name);
+            let key_arc = key_arc.unwrap_or_else(|| Arc::from(key));
+            let host = if e.routable() { endpoint(e) } else { None };
+            let app = self.apps.entry(app_name.clone()).or_default();
+            app.live += 1;
+            if let Some(h) = &host {
+                app.hosts.insert(key_arc.clone(), h.clone());
+            }
+            self.by_key.insert(key_arc, app_name.clone());
+            Some((app_name, host))
+        } else {
+            None
+        };
+        match (old, new) {
+            (Some((a, before)), Some((b, now))) if a == b => {
+                if before != now {
+                    touched.get_mut(&a).expect("touched").changed = true;
+                }
+            }
+            (old, new) => {
+                for (app, host) in old.into_iter().chain(new) {
+                    if host.is_some() {
+                        touched.get_mut(&app).expect("touched").changed = true;
+                    }
+                }
+            }
         }
-        if hosts.is_empty() {
+    }
+
+    /// The app's endpoints: `None` when it has no live machine.
+    fn localities(&self, region: &str, app: &str) -> Option<Arc<[Locality]>> {
+        let a = self.apps.get(app)?;
+        if a.hosts.is_empty() {
             return Some(Arc::from(Vec::new()));
         }
         Some(Arc::from(vec![Locality {
-            region: self.region.to_string(),
+            region: region.to_string(),
             priority: 0,
-            weight: hosts.len() as u32,
-            hosts,
+            weight: a.hosts.len() as u32,
+            hosts: a.hosts.values().cloned().collect(),
         }]))
+    }
+}
+
+/// The follower's state, moved into each blocking step and back.
+#[derive(Default)]
+struct Follower {
+    now: Machines,
+    /// A snapshot being received after a reset: it replaces `now` once complete, so that no
+    /// reader sees an app half listed.
+    building: Option<Machines>,
+}
+
+impl Follower {
+    /// Take one watch item; the apps whose state readers see changed, each with whether it
+    /// existed before and whether its endpoints changed.
+    fn take(&mut self, source: &RegionSource, item: WatchItem) -> Vec<(Arc<str>, bool, bool)> {
+        let mut touched: HashMap<Arc<str>, Touch> = HashMap::new();
+        match item {
+            WatchItem::Snapshot { reset, entries } => {
+                if reset || self.building.is_none() {
+                    self.building = Some(Machines::default());
+                }
+                let b = self.building.as_mut().expect("building");
+                let mut ignored = HashMap::new();
+                for e in &entries {
+                    b.apply(e, &mut ignored);
+                }
+                return Vec::new();
+            }
+            WatchItem::SnapshotDone { .. } => {
+                let Some(fresh) = self.building.take() else {
+                    return Vec::new();
+                };
+                let old = std::mem::replace(&mut self.now, fresh);
+                // Every app either side: its endpoints are compared when published below.
+                for app in old.apps.keys().chain(self.now.apps.keys()) {
+                    touched.entry(app.clone()).or_insert(Touch {
+                        existed: old.apps.contains_key(app),
+                        changed: true,
+                    });
+                }
+            }
+            WatchItem::Delta { changes, .. } => {
+                for c in &changes {
+                    self.now.apply(&c.entry, &mut touched);
+                }
+            }
+        }
+        self.install(source, touched)
+    }
+
+    /// Put the touched apps' state where readers see it.
+    fn install(
+        &self,
+        source: &RegionSource,
+        touched: HashMap<Arc<str>, Touch>,
+    ) -> Vec<(Arc<str>, bool, bool)> {
+        let mut out = Vec::with_capacity(touched.len());
+        for (app, t) in touched {
+            let exists = self.now.apps.contains_key(&app);
+            if !t.changed && exists == t.existed {
+                // Live machines came or went, or changed, and no endpoint with them: nothing
+                // a reader sees.
+                continue;
+            }
+            let now = self.now.localities(&source.region, &app);
+            let mut map = source.apps.write().expect("apps lock");
+            let before = map.get(&app).cloned();
+            let changed = match (&before, now) {
+                (None, None) => false,
+                (Some(_), None) => {
+                    map.remove(&app);
+                    true
+                }
+                (None, Some(l)) => {
+                    map.insert(app.clone(), l);
+                    true
+                }
+                (Some(b), Some(l)) => {
+                    let differs = **b != *l;
+                    if differs {
+                        map.insert(app.clone(), l);
+                    }
+                    differs
+                }
+            };
+            drop(map);
+            out.push((app, before.is_some(), changed));
+        }
+        out
     }
 }
 
@@ -181,9 +329,12 @@ pub async fn follow(
     debounce: Duration,
     beat: Option<patina_watchdog::Beat>,
 ) {
+    // The whole store: the follower sees every key's every state, so it knows which app a
+    // key leaves without the change naming it.
     let mut cursor = store
         .watch(None, None, 1024)
         .with_heartbeat(patina_watchdog::STAMP_EVERY);
+    let mut state = Some(Follower::default());
     // App -> (whether it existed at the last publication, whether its endpoints changed).
     let mut pending: HashMap<Arc<str>, (bool, bool)> = HashMap::new();
     let mut flush_at: Option<tokio::time::Instant> = None;
@@ -200,34 +351,21 @@ pub async fn follow(
         tokio::select! {
             item = cursor.next() => {
                 let Some(item) = item else { return };
-                let mut dirty: HashSet<Arc<str>> = HashSet::new();
-                let mut everything = false;
-                match item {
-                    WatchItem::Snapshot { reset, entries } => {
-                        everything |= reset;
-                        dirty.extend(entries.iter().map(|e| Arc::from(e.group())));
-                    }
-                    WatchItem::SnapshotDone { .. } => {}
-                    WatchItem::Delta { changes, .. } => {
-                        for c in &changes {
-                            dirty.insert(Arc::from(c.entry.group()));
-                            dirty.extend(c.left.groups.iter().map(|(g, _)| g.clone()));
-                            // Groups it left that the log no longer names: any of them.
-                            everything |= c.left.unknown_before > 0;
-                        }
-                    }
-                }
-                if everything {
-                    dirty.extend(apps_of(&source.apps));
-                }
-                if dirty.is_empty() {
+                if matches!(&item, WatchItem::Delta { changes, .. } if changes.is_empty()) {
                     continue;
                 }
-                let (st, src) = (store.clone(), source.clone());
-                // Reading the index and decoding machines: off the async threads.
-                let updated = tokio::task::spawn_blocking(move || update(&st, &src, dirty))
-                    .await
-                    .unwrap_or_default();
+                let (mut st, src) = (state.take().expect("state"), source.clone());
+                // Decoding machines and copying endpoints: off the async threads.
+                let Ok((st, updated)) = tokio::task::spawn_blocking(move || {
+                    let updated = st.take(&src, item);
+                    (st, updated)
+                })
+                .await
+                else {
+                    tracing::error!("the xDS follower's step panicked: xDS and DNS stop following the store");
+                    return;
+                };
+                state = Some(st);
                 for (app, existed, changed) in updated {
                     let e = pending.entry(app).or_insert((existed, false));
                     e.1 |= changed;
@@ -257,161 +395,250 @@ pub async fn follow(
     }
 }
 
-/// Read `apps` again into the source: each with whether it existed before and whether its
-/// endpoints changed.
-fn update(
-    store: &Store,
-    source: &RegionSource,
-    apps: HashSet<Arc<str>>,
-) -> Vec<(Arc<str>, bool, bool)> {
-    let mut out = Vec::with_capacity(apps.len());
-    for app in apps {
-        let now = source.read(store, &app);
-        let mut map = source.apps.write().expect("apps lock");
-        let before = map.get(&app).cloned();
-        let changed = match (&before, now) {
-            (None, None) => false,
-            (Some(_), None) => {
-                map.remove(&app);
-                true
-            }
-            (None, Some(l)) => {
-                map.insert(app.clone(), l);
-                true
-            }
-            (Some(b), Some(l)) => {
-                let differs = **b != *l;
-                if differs {
-                    map.insert(app.clone(), l);
-                }
-                differs
-            }
-        };
-        drop(map);
-        out.push((app, before.is_some(), changed));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patina_store::{Flags, Kind, LocalWrite, NodeId, StoreOptions};
+    use patina_proto::v1::Health;
+    use patina_store::{Filter, Flags, Kind, LocalWrite, NodeId, StoreOptions};
 
-    /// Every record routable: the test's machines are started and passing.
-    struct Routable;
+    /// Routable when passing, as the region's machine kind has it (the state left aside).
+    struct Passing;
 
-    impl Kind for Routable {
+    impl Kind for Passing {
         fn name(&self) -> &'static str {
-            "routable"
+            "passing"
         }
 
-        fn flags(&self, _value: &[u8]) -> Flags {
-            Flags { routable: true }
+        fn flags(&self, value: &[u8]) -> Flags {
+            let health = Machine::decode(value).map(|m| m.health).unwrap_or(0);
+            Flags {
+                routable: health == Health::Passing as i32,
+            }
+        }
+
+        // Moves between apps happen (a peer's record of another app may win), so the
+        // follower must take them: the test makes them with local writes.
+        fn group_change(&self) -> patina_store::GroupChange {
+            patina_store::GroupChange::Allow
         }
     }
 
-    fn machine(id: &str, addr: &str) -> LocalWrite {
+    fn machine(id: &str, app: &str, addr: &str, passing: bool, note: u64) -> LocalWrite {
         let m = Machine {
             id: id.to_owned(),
-            app: "shop".to_owned(),
+            app: app.to_owned(),
             addresses: vec![addr.to_owned()],
+            health: if passing {
+                Health::Passing as i32
+            } else {
+                Health::Critical as i32
+            },
+            metadata: [("note".to_owned(), note.to_string())]
+                .into_iter()
+                .collect(),
             ..Machine::default()
         };
         LocalWrite::Put {
             key: id.to_owned(),
-            group: "shop".to_owned(),
+            group: app.to_owned(),
             value: m.encode_to_vec(),
         }
     }
 
-    fn addrs(l: &Option<Arc<[Locality]>>) -> Vec<String> {
-        let mut out: Vec<String> = l
-            .iter()
-            .flat_map(|l| l.iter())
-            .flat_map(|l| l.hosts.iter())
-            .map(|h| format!("{:?}", h.addr))
-            .collect();
-        out.sort();
-        out
+    const APPS: [&str; 3] = ["shop", "cart", "mail"];
+
+    /// What a read of the store's index gives for every app: the reference the follower's
+    /// incremental view must equal.
+    fn from_index(store: &Store) -> HashMap<String, Option<Vec<Host>>> {
+        APPS.iter()
+            .map(|app| {
+                let entries = store.list(app, Filter::All);
+                let view = (!entries.is_empty()).then(|| {
+                    entries
+                        .iter()
+                        .filter(|e| e.routable())
+                        .filter_map(endpoint)
+                        .collect()
+                });
+                (app.to_string(), view)
+            })
+            .collect()
     }
 
-    #[tokio::test]
-    async fn a_read_decodes_changed_machines_and_keeps_the_others() {
+    fn from_source(source: &RegionSource) -> HashMap<String, Option<Vec<Host>>> {
+        APPS.iter()
+            .map(|app| {
+                let view = source.endpoints(app).map(|l| {
+                    l.iter()
+                        .flat_map(|l| l.hosts.iter().cloned())
+                        .collect::<Vec<_>>()
+                });
+                (app.to_string(), view)
+            })
+            .collect()
+    }
+
+    async fn converge(store: &Store, source: &RegionSource, step: usize) {
+        let want = from_index(store);
+        for _ in 0..500 {
+            if from_source(source) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "step {step}: the follower's view {:?} is not the index's {want:?}",
+            from_source(source)
+        );
+    }
+
+    /// Random writes, moves between apps, health flips, address changes, deletes and
+    /// metadata-only updates, some in one batch: after each, the follower's view (kept change by
+    /// change) is what a read of the whole index gives. Part of the region is written before
+    /// the follower starts, so its first snapshot is taken as well as its deltas.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_incremental_view_equals_a_read_of_the_index() {
         let opts = StoreOptions {
-            kind: Arc::new(Routable),
+            kind: Arc::new(Passing),
             ..StoreOptions::default()
         };
         let store = Store::in_memory(NodeId(1), 1, opts);
         let source = RegionSource::new("r1");
-        store
-            .write(vec![
-                machine("a", "10.0.0.1:80"),
-                machine("b", "10.0.0.2:80"),
-                machine("c", "10.0.0.3:80"),
-            ])
-            .await
-            .unwrap();
-        let first = source.read(&store, "shop");
-        assert_eq!(addrs(&first).len(), 3);
-        // A machine unchanged since the last read is taken from the cache, not decoded: a
-        // planted endpoint at its current revision is what the next read shows.
-        let planted = Host {
-            addr: Addr::parse("10.9.9.9:99").expect("an address"),
-            more: Vec::new(),
+        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
         };
-        {
-            let mut d = source.decoded.lock().unwrap();
-            let a = d
-                .get_mut("shop")
-                .and_then(|m| m.get_mut("a"))
-                .expect("a cached");
-            a.1 = Some(planted.clone());
+        let op = |next: &mut dyn FnMut(u64) -> u64, k: u64, live: &dyn Fn(&str) -> bool| {
+            let id = format!("m{}", next(12));
+            match next(10) {
+                0 | 1 if live(&id) => LocalWrite::Delete { key: id },
+                r => machine(
+                    &id,
+                    APPS[next(3) as usize],
+                    // A few addresses that do not parse: live, routable, no endpoint.
+                    &if r == 9 {
+                        "not-an-address".to_owned()
+                    } else {
+                        format!("10.0.0.{}:{}", next(4), 80 + next(2))
+                    },
+                    next(3) > 0,
+                    k,
+                ),
+            }
+        };
+        let live = |store: &Store, id: &str| {
+            APPS.iter()
+                .any(|a| store.list(a, Filter::All).iter().any(|e| e.key() == id))
+        };
+        for k in 0..20 {
+            let w = op(&mut next, k, &|id| live(&store, id));
+            store.write(vec![w]).await.unwrap();
         }
-        assert!(
-            addrs(&source.read(&store, "shop"))
-                .iter()
-                .any(|a| a.contains("10.9.9.9"))
+        let follower = tokio::spawn(follow(
+            store.clone(),
+            source.clone(),
+            hub,
+            Duration::from_millis(5),
+            None,
+        ));
+        converge(&store, &source, 0).await;
+        let mut seen_changed = 0;
+        for step in 1..300 {
+            // One to three writes at once, each to another machine (a batch is all or
+            // nothing and names a key once).
+            let mut batch: Vec<LocalWrite> = Vec::new();
+            for _ in 0..1 + next(3) {
+                let w = op(&mut next, step as u64, &|id| live(&store, id));
+                let key = match &w {
+                    LocalWrite::Put { key, .. } | LocalWrite::Delete { key } => key.clone(),
+                    #[allow(unreachable_patterns)]
+                    _ => continue,
+                };
+                if batch.iter().all(|b| match b {
+                    LocalWrite::Put { key: k, .. } | LocalWrite::Delete { key: k } => *k != key,
+                    #[allow(unreachable_patterns)]
+                    _ => true,
+                }) {
+                    batch.push(w);
+                }
+            }
+            let before = from_index(&store);
+            store.write(batch).await.unwrap();
+            converge(&store, &source, step).await;
+            if from_index(&store) != before {
+                seen_changed += 1;
+            }
+        }
+        // The run changed what readers see often, and also left it alone at times.
+        assert!(seen_changed > 100, "{seen_changed}");
+        assert!(seen_changed < 299, "{seen_changed}");
+        follower.abort();
+    }
+
+    /// A change that leaves an app's endpoints as they were (metadata only, a machine that
+    /// is not routable) is not an endpoint change; one that moves an endpoint is, and a move
+    /// to another app changes both.
+    #[tokio::test]
+    async fn only_endpoint_changes_count_as_changed() {
+        let store = Store::in_memory(
+            NodeId(1),
+            1,
+            StoreOptions {
+                kind: Arc::new(Passing),
+                ..StoreOptions::default()
+            },
         );
-        {
-            // The same endpoint under a stale revision is decoded again.
-            let mut d = source.decoded.lock().unwrap();
-            let a = d
-                .get_mut("shop")
-                .and_then(|m| m.get_mut("a"))
-                .expect("a cached");
-            a.0 = a.0.wrapping_sub(1);
-        }
-        let again = addrs(&source.read(&store, "shop"));
-        assert!(again.iter().any(|a| a.contains("10.0.0.1")), "{again:?}");
-        assert!(!again.iter().any(|a| a.contains("10.9.9.9")), "{again:?}");
-        // One machine moves, one goes: the read shows both, and the third as it was.
-        store
-            .write(vec![machine("b", "10.0.0.9:81")])
-            .await
-            .unwrap();
-        store
-            .write(vec![LocalWrite::Delete { key: "c".into() }])
-            .await
-            .unwrap();
-        let second = addrs(&source.read(&store, "shop"));
-        assert_eq!(second.len(), 2, "{second:?}");
-        assert!(second.iter().any(|a| a.contains("10.0.0.9")), "{second:?}");
-        assert!(second.iter().any(|a| a.contains("10.0.0.1")), "{second:?}");
-        assert!(!second.iter().any(|a| a.contains("10.0.0.2")), "{second:?}");
-        // The cache holds what the app has now, no more.
-        let cached = source.decoded.lock().unwrap().get("shop").map(HashMap::len);
-        assert_eq!(cached, Some(2));
-        // The app gone: nothing read, nothing kept.
-        store
-            .write(vec![
-                LocalWrite::Delete { key: "a".into() },
-                LocalWrite::Delete { key: "b".into() },
-            ])
-            .await
-            .unwrap();
-        let gone = source.read(&store, "shop");
-        assert!(addrs(&gone).is_empty(), "{gone:?}");
-        assert!(source.decoded.lock().unwrap().get("shop").is_none());
+        let mut held = Machines::default();
+        let mut step = async |w: LocalWrite, key: &str| {
+            store.write(vec![w]).await.unwrap();
+            let e = store
+                .read_latest_entry(key)
+                .await
+                .unwrap()
+                .expect("a state");
+            let mut touched = HashMap::new();
+            held.apply(&e, &mut touched);
+            let mut t: Vec<(String, bool, bool)> = touched
+                .into_iter()
+                .map(|(a, t)| (a.to_string(), t.existed, t.changed))
+                .collect();
+            t.sort();
+            t
+        };
+        let s = |a: &str, existed, changed| (a.to_owned(), existed, changed);
+        let m = |app, addr, passing, note| machine("a", app, addr, passing, note);
+        assert_eq!(
+            step(m("shop", "10.0.0.1:80", true, 0), "a").await,
+            [s("shop", false, true)]
+        );
+        assert_eq!(
+            step(m("shop", "10.0.0.1:80", true, 1), "a").await,
+            [s("shop", true, false)]
+        );
+        assert_eq!(
+            step(m("shop", "10.0.0.2:80", true, 2), "a").await,
+            [s("shop", true, true)]
+        );
+        assert_eq!(
+            step(m("cart", "10.0.0.2:80", true, 3), "a").await,
+            [s("cart", false, true), s("shop", true, true)]
+        );
+        assert_eq!(
+            step(m("cart", "10.0.0.2:80", false, 4), "a").await,
+            [s("cart", true, true)]
+        );
+        assert_eq!(
+            step(m("cart", "10.0.0.3:80", false, 5), "a").await,
+            [s("cart", true, false)]
+        );
+        assert_eq!(
+            step(LocalWrite::Delete { key: "a".into() }, "a").await,
+            [s("cart", true, false)]
+        );
+        assert!(held.apps.is_empty() && held.by_key.is_empty());
     }
 }
