@@ -34,6 +34,9 @@ pub enum Outcome {
     NxDomain,
     /// Outside this agent's zone.
     Refused,
+    /// The agent does not hold its whole first state yet (SERVFAIL: ask again or elsewhere,
+    /// not "no such app").
+    NotReady,
 }
 
 /// Which tier the zone belongs to.
@@ -155,6 +158,9 @@ impl Zone {
     }
 
     fn app(&self, app: &str, qtype: RecordType, seed: usize) -> Outcome {
+        if !self.source.is_synced() {
+            return Outcome::NotReady;
+        }
         if !patina_xds::is_app_name(app) || !self.source.exists(app) {
             return Outcome::NxDomain;
         }
@@ -319,6 +325,49 @@ mod tests {
             Outcome::Answer { answers, .. } => answers.iter().map(|r| r.data.to_string()).collect(),
             other => vec![format!("{other:?}")],
         }
+    }
+
+    /// A source still taking its first state: app names get SERVFAIL (not NXDOMAIN, which
+    /// resolvers cache as "no such app"), then answers once it holds it.
+    #[test]
+    fn app_names_are_not_ready_until_the_source_is_synced() {
+        struct Unsynced(Fixed, tokio::sync::watch::Sender<bool>);
+        impl Source for Unsynced {
+            fn apps(&self) -> Vec<Arc<str>> {
+                self.0.apps()
+            }
+            fn exists(&self, app: &str) -> bool {
+                self.0.exists(app)
+            }
+            fn localities(&self, app: &str, c: &Client, out: &mut Vec<Locality>) {
+                self.0.localities(app, c, out)
+            }
+            fn synced(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+                Some(self.1.subscribe())
+            }
+        }
+        let source = Arc::new(Unsynced(
+            Fixed(vec![("web", vec![loc("ord", 0, 1, &["10.0.0.1:80"])])]),
+            tokio::sync::watch::Sender::new(false),
+        ));
+        let z = Zone::new(Tier::Region("ord".into()), "patina", source.clone(), 0, 8);
+        for name in ["web.app.ord.patina.", "nope.app.ord.patina."] {
+            assert_eq!(
+                z.answer(name, RecordType::A, 0),
+                Outcome::NotReady,
+                "{name}"
+            );
+        }
+        assert_eq!(z.answer("example.com.", RecordType::A, 0), Outcome::Refused);
+        source.1.send_replace(true);
+        assert_eq!(
+            records(&z.answer("web.app.ord.patina.", RecordType::A, 0)),
+            ["10.0.0.1"]
+        );
+        assert_eq!(
+            z.answer("nope.app.ord.patina.", RecordType::A, 0),
+            Outcome::NxDomain
+        );
     }
 
     #[test]

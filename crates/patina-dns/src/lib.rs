@@ -61,6 +61,8 @@ pub struct Stats {
     pub answered: AtomicU64,
     pub nxdomain: AtomicU64,
     pub refused: AtomicU64,
+    /// Answered SERVFAIL: the agent did not hold its first state yet.
+    pub not_ready: AtomicU64,
     pub rate_limited: AtomicU64,
     /// Answered NOTIMP or FORMERR.
     pub other: AtomicU64,
@@ -177,6 +179,10 @@ impl RequestHandler for Handler {
                 Outcome::Refused => {
                     self.stats.refused.fetch_add(1, Ordering::Relaxed);
                     ResponseCode::Refused
+                }
+                Outcome::NotReady => {
+                    self.stats.not_ready.fetch_add(1, Ordering::Relaxed);
+                    ResponseCode::ServFail
                 }
                 Outcome::NxDomain => {
                     self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);

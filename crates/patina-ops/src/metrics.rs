@@ -642,11 +642,12 @@ pub async fn scrape(s: &Sources) -> String {
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         r.register(
             "dns_queries",
-            "DNS queries, by outcome (other: NOTIMP, FORMERR)",
+            "DNS queries, by outcome (not_ready: SERVFAIL before the agent held its first state; other: NOTIMP, FORMERR)",
             counters(&[
                 (labels(&[("outcome", "answered")]), get(&d.answered)),
                 (labels(&[("outcome", "nxdomain")]), get(&d.nxdomain)),
                 (labels(&[("outcome", "refused")]), get(&d.refused)),
+                (labels(&[("outcome", "not_ready")]), get(&d.not_ready)),
                 (labels(&[("outcome", "rate_limited")]), get(&d.rate_limited)),
                 (labels(&[("outcome", "other")]), get(&d.other)),
             ]),

@@ -1,33 +1,42 @@
 //! A region agent's xDS resources: per app with a live machine in the region, its routable
 //! instances (started and passing) as one locality named after the region.
 //!
-//! [`follow`] keeps them from a watch over the whole store, change by change: it holds every
-//! live machine of the region (its app and, when routable, its decoded endpoint), so a change
-//! costs what it touches (one machine decoded, its app's endpoints copied once per batch), not
-//! a read of its whole app. The DNS front end answers from what it holds at once; apps whose
-//! existence or endpoints changed are published to the [`Hub`] at most once per debounce
-//! period.
+//! [`follow`] keeps them from a watch over the whole store, change by change: the
+//! [`RegionSource`] holds every live machine of the region (its app and, when routable, its
+//! decoded endpoint), and a change costs one machine decoded and a few map operations. DNS
+//! answers read those machines at once; the apps whose existence or endpoints changed are
+//! published to the xDS streams (their endpoint lists built, compared with what the streams
+//! were last sent, and announced on the [`Hub`]) at most once per debounce period, so an app's
+//! list is built at most once per period however fast its machines change.
+//!
+//! Until the follower holds a whole first snapshot of the store, the source is not synced:
+//! DNS answers SERVFAIL for app names and xDS streams wait, rather than tell clients that no
+//! app exists (an Envoy would drop every cluster it had from an agent that just restarted).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use patina_proto::v1::Machine;
 use patina_store::{Entry, Store, WatchItem};
 use prost::Message;
+use tokio::sync::watch;
 
 use crate::hub::{Change, Hub};
 use crate::protocol::Client;
 use crate::resources::{Addr, Host, Locality};
 use crate::service::Source;
 
-/// The region's apps and their endpoints: as the store has them now (`apps`, what DNS
-/// answers from), and as last published to the xDS streams (`published`: a stream that
-/// subscribes between a change and its publication is not sent the same state twice).
+/// The region's apps and their endpoints: every live machine as the follower has applied the
+/// store's changes (`now`, what DNS answers from), and each app's endpoints as last published
+/// to the xDS streams (`published`: a stream that subscribes between a change and its
+/// publication is not sent the same state twice).
 pub struct RegionSource {
     region: Arc<str>,
-    apps: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
+    now: RwLock<Machines>,
     published: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
+    /// Set once the first whole snapshot is held and published.
+    synced: watch::Sender<bool>,
 }
 
 /// [`RegionSource`] as the store has it now (not waiting for the debounce).
@@ -37,14 +46,45 @@ impl RegionSource {
     pub fn new(region: &str) -> Arc<RegionSource> {
         Arc::new(RegionSource {
             region: region.into(),
-            apps: RwLock::new(HashMap::new()),
+            now: RwLock::new(Machines::default()),
             published: RwLock::new(HashMap::new()),
+            synced: watch::Sender::new(false),
         })
     }
 
     /// The same apps, as the store has them now: for the DNS front end.
     pub fn latest(self: &Arc<Self>) -> Arc<Latest> {
         Arc::new(Latest(self.clone()))
+    }
+
+    /// The app's endpoints as the follower holds them now (`None`: no live machine of it).
+    pub fn endpoints(&self, app: &str) -> Option<Arc<[Locality]>> {
+        let now = self.now.read().expect("machines lock");
+        now.localities(&self.region, app).map(Arc::from)
+    }
+
+    /// The app's state now becomes what xDS streams see; what changed for them.
+    fn publish(&self, app: &Arc<str>) -> Option<Change> {
+        let now = self.endpoints(app);
+        let mut p = self.published.write().expect("published lock");
+        match (p.get(app), now) {
+            (None, None) => None,
+            (Some(_), None) => {
+                p.remove(app);
+                Some(Change::Removed)
+            }
+            (None, Some(l)) => {
+                p.insert(app.clone(), l);
+                Some(Change::Added)
+            }
+            (Some(before), Some(l)) => {
+                if **before == *l {
+                    return None;
+                }
+                p.insert(app.clone(), l);
+                Some(Change::Endpoints)
+            }
+        }
     }
 }
 
@@ -72,6 +112,8 @@ struct Touch {
     changed: bool,
 }
 
+type Touched = HashMap<Arc<str>, Touch>;
+
 /// A routable machine's endpoint: its first address that parses, and the others that do.
 fn endpoint(e: &Entry) -> Option<Host> {
     let m = Machine::decode(e.value()?).ok()?;
@@ -82,28 +124,43 @@ fn endpoint(e: &Entry) -> Option<Host> {
     })
 }
 
+/// What a change makes of its machine in the view: its endpoint when it is live and
+/// routable (decoding is the costly part of a change, done before any lock is taken).
+fn host_of(e: &Entry) -> Option<Host> {
+    if e.is_live() && e.routable() {
+        endpoint(e)
+    } else {
+        None
+    }
+}
+
 impl Machines {
-    fn touch<'a>(
-        apps: &HashMap<Arc<str>, App>,
-        touched: &'a mut HashMap<Arc<str>, Touch>,
-        app: &Arc<str>,
-    ) -> &'a mut Touch {
-        touched.entry(app.clone()).or_insert_with(|| Touch {
-            existed: apps.contains_key(app),
-            changed: false,
-        })
+    fn touch(apps: &HashMap<Arc<str>, App>, touched: &mut Option<&mut Touched>, app: &Arc<str>) {
+        if let Some(t) = touched.as_deref_mut() {
+            t.entry(app.clone()).or_insert_with(|| Touch {
+                existed: apps.contains_key(app),
+                changed: false,
+            });
+        }
+    }
+
+    fn mark_changed(touched: &mut Option<&mut Touched>, app: &Arc<str>) {
+        if let Some(t) = touched.as_deref_mut().and_then(|t| t.get_mut(app)) {
+            t.changed = true;
+        }
     }
 
     /// Take one change (the key's state now: live in its group, or not live at all: deleted,
-    /// or hidden by the liveness overlay). A key seen live before leaves the app it was in.
-    fn apply(&mut self, e: &Entry, touched: &mut HashMap<Arc<str>, Touch>) {
+    /// or hidden by the liveness overlay), `host` being [`host_of`] it. A key seen live before
+    /// leaves the app it was in. `touched`: where to note what the change did to each app.
+    fn apply(&mut self, e: &Entry, host: Option<Host>, mut touched: Option<&mut Touched>) {
         let key = e.key();
         let mut old: Option<(Arc<str>, Option<Host>)> = None;
         let mut key_arc = None;
         if let Some((k, app_name)) = self.by_key.remove_entry(key) {
-            Self::touch(&self.apps, touched, &app_name);
+            Self::touch(&self.apps, &mut touched, &app_name);
             if let Some(app) = self.apps.get_mut(&app_name) {
-                app.live -= 1;
+                app.live = app.live.saturating_sub(1);
                 let host = app.hosts.remove(key);
                 if app.live == 0 {
                     self.apps.remove(&app_name);
@@ -122,9 +179,8 @@ impl Machines {
                     _ => Arc::from(group),
                 },
             };
-            Self::touch(&self.apps, touched, &app_name);
+            Self::touch(&self.apps, &mut touched, &app_name);
             let key_arc = key_arc.unwrap_or_else(|| Arc::from(key));
-            let host = if e.routable() { endpoint(e) } else { None };
             let app = self.apps.entry(app_name.clone()).or_default();
             app.live += 1;
             if let Some(h) = &host {
@@ -138,13 +194,13 @@ impl Machines {
         match (old, new) {
             (Some((a, before)), Some((b, now))) if a == b => {
                 if before != now {
-                    touched.get_mut(&a).expect("touched").changed = true;
+                    Self::mark_changed(&mut touched, &a);
                 }
             }
             (old, new) => {
                 for (app, host) in old.into_iter().chain(new) {
                     if host.is_some() {
-                        touched.get_mut(&app).expect("touched").changed = true;
+                        Self::mark_changed(&mut touched, &app);
                     }
                 }
             }
@@ -152,139 +208,125 @@ impl Machines {
     }
 
     /// The app's endpoints: `None` when it has no live machine.
-    fn localities(&self, region: &str, app: &str) -> Option<Arc<[Locality]>> {
+    fn localities(&self, region: &str, app: &str) -> Option<Vec<Locality>> {
         let a = self.apps.get(app)?;
         if a.hosts.is_empty() {
-            return Some(Arc::from(Vec::new()));
+            return Some(Vec::new());
         }
-        Some(Arc::from(vec![Locality {
+        Some(vec![Locality {
             region: region.to_string(),
             priority: 0,
-            weight: a.hosts.len() as u32,
+            weight: u32::try_from(a.hosts.len()).unwrap_or(u32::MAX),
             hosts: a.hosts.values().cloned().collect(),
-        }]))
+        }])
     }
 }
 
-/// The follower's state, moved into each blocking step and back.
+/// Changes applied under one hold of the view's lock (readers wait at most that many map
+/// operations; decoding is done before).
+const APPLY_CHUNK: usize = 256;
+
+/// What one watch item did.
+#[derive(Default)]
+struct Step {
+    /// Apps whose existence or endpoints may have changed for readers: to publish.
+    apps: Vec<Arc<str>>,
+    /// A whole snapshot is now held.
+    done: bool,
+}
+
+/// The follower's own state, moved into each blocking step and back.
 #[derive(Default)]
 struct Follower {
-    now: Machines,
-    /// A snapshot being received after a reset: it replaces `now` once complete, so that no
-    /// reader sees an app half listed.
+    /// A snapshot being received after a reset: it replaces the source's machines once
+    /// complete, so that no reader sees an app half listed.
     building: Option<Machines>,
 }
 
 impl Follower {
-    /// Take one watch item; the apps whose state readers see changed, each with whether it
-    /// existed before and whether its endpoints changed.
-    fn take(&mut self, source: &RegionSource, item: WatchItem) -> Vec<(Arc<str>, bool, bool)> {
-        let mut touched: HashMap<Arc<str>, Touch> = HashMap::new();
+    fn take(&mut self, source: &RegionSource, item: WatchItem) -> Step {
         match item {
             WatchItem::Snapshot { reset, entries } => {
+                // Every snapshot starts with a reset part (docs of `WatchItem`).
+                debug_assert!(
+                    reset || self.building.is_some(),
+                    "a snapshot part before its reset"
+                );
                 if reset || self.building.is_none() {
                     self.building = Some(Machines::default());
                 }
-                let b = self.building.as_mut().expect("building");
-                let mut ignored = HashMap::new();
-                for e in &entries {
-                    b.apply(e, &mut ignored);
+                if let Some(b) = self.building.as_mut() {
+                    for e in &entries {
+                        b.apply(e, host_of(e), None);
+                    }
                 }
-                return Vec::new();
+                Step::default()
             }
             WatchItem::SnapshotDone { .. } => {
                 let Some(fresh) = self.building.take() else {
-                    return Vec::new();
+                    return Step {
+                        apps: Vec::new(),
+                        done: true,
+                    };
                 };
-                let old = std::mem::replace(&mut self.now, fresh);
-                // Every app either side: its endpoints are compared when published below.
-                for app in old.apps.keys().chain(self.now.apps.keys()) {
-                    touched.entry(app.clone()).or_insert(Touch {
-                        existed: old.apps.contains_key(app),
-                        changed: true,
-                    });
+                let old =
+                    std::mem::replace(&mut *source.now.write().expect("machines lock"), fresh);
+                // Every app either side: each is compared with what was published.
+                let mut apps: HashSet<Arc<str>> = old.apps.into_keys().collect();
+                apps.extend(
+                    source
+                        .now
+                        .read()
+                        .expect("machines lock")
+                        .apps
+                        .keys()
+                        .cloned(),
+                );
+                Step {
+                    apps: apps.into_iter().collect(),
+                    done: true,
                 }
             }
             WatchItem::Delta { changes, .. } => {
-                for c in &changes {
-                    self.now.apply(&c.entry, &mut touched);
-                }
-            }
-        }
-        self.install(source, touched)
-    }
-
-    /// Put the touched apps' state where readers see it.
-    fn install(
-        &self,
-        source: &RegionSource,
-        touched: HashMap<Arc<str>, Touch>,
-    ) -> Vec<(Arc<str>, bool, bool)> {
-        let mut out = Vec::with_capacity(touched.len());
-        for (app, t) in touched {
-            let exists = self.now.apps.contains_key(&app);
-            if !t.changed && exists == t.existed {
-                // Live machines came or went, or changed, and no endpoint with them: nothing
-                // a reader sees.
-                continue;
-            }
-            let now = self.now.localities(&source.region, &app);
-            let mut map = source.apps.write().expect("apps lock");
-            let before = map.get(&app).cloned();
-            let changed = match (&before, now) {
-                (None, None) => false,
-                (Some(_), None) => {
-                    map.remove(&app);
-                    true
-                }
-                (None, Some(l)) => {
-                    map.insert(app.clone(), l);
-                    true
-                }
-                (Some(b), Some(l)) => {
-                    let differs = **b != *l;
-                    if differs {
-                        map.insert(app.clone(), l);
+                if let Some(b) = self.building.as_mut() {
+                    // (A cursor sends none within a snapshot; were it to, they belong to it.)
+                    for c in &changes {
+                        b.apply(&c.entry, host_of(&c.entry), None);
                     }
-                    differs
+                    return Step::default();
                 }
-            };
-            drop(map);
-            out.push((app, before.is_some(), changed));
+                let hosts: Vec<Option<Host>> = changes.iter().map(|c| host_of(&c.entry)).collect();
+                let mut touched = Touched::new();
+                let mut apps = Vec::new();
+                let mut items = changes.iter().zip(hosts).peekable();
+                while items.peek().is_some() {
+                    let mut now = source.now.write().expect("machines lock");
+                    for (c, host) in items.by_ref().take(APPLY_CHUNK) {
+                        now.apply(&c.entry, host, Some(&mut touched));
+                    }
+                    if items.peek().is_none() {
+                        for (app, t) in touched.drain() {
+                            // Live machines that came, went or changed with no endpoint
+                            // among them, in an app that existed before and still does:
+                            // nothing a reader sees.
+                            if t.changed || now.apps.contains_key(&app) != t.existed {
+                                apps.push(app);
+                            }
+                        }
+                    }
+                }
+                Step { apps, done: false }
+            }
         }
-        out
-    }
-}
-
-impl RegionSource {
-    /// The app's endpoints as last read (`None`: no live machine of it).
-    pub fn endpoints(&self, app: &str) -> Option<Arc<[Locality]>> {
-        self.apps.read().expect("apps lock").get(app).cloned()
-    }
-
-    /// The app's state as read now becomes what xDS streams see.
-    fn publish(&self, app: &Arc<str>) {
-        let now = self.endpoints(app);
-        let mut p = self.published.write().expect("published lock");
-        match now {
-            Some(l) => p.insert(app.clone(), l),
-            None => p.remove(app),
-        };
     }
 }
 
 fn apps_of(map: &RwLock<HashMap<Arc<str>, Arc<[Locality]>>>) -> Vec<Arc<str>> {
-    map.read().expect("apps lock").keys().cloned().collect()
-}
-
-fn localities_of(
-    map: &RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
-    app: &str,
-    out: &mut Vec<Locality>,
-) {
-    if let Some(l) = map.read().expect("apps lock").get(app) {
-        out.extend(l.iter().cloned());
-    }
+    map.read()
+        .expect("published lock")
+        .keys()
+        .cloned()
+        .collect()
 }
 
 impl Source for RegionSource {
@@ -300,28 +342,48 @@ impl Source for RegionSource {
     }
 
     fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
-        localities_of(&self.published, app, out);
+        if let Some(l) = self.published.read().expect("published lock").get(app) {
+            out.extend(l.iter().cloned());
+        }
+    }
+
+    fn synced(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.synced.subscribe())
     }
 }
 
 impl Source for Latest {
     fn apps(&self) -> Vec<Arc<str>> {
-        apps_of(&self.0.apps)
+        let now = self.0.now.read().expect("machines lock");
+        now.apps.keys().cloned().collect()
     }
 
     fn exists(&self, app: &str) -> bool {
-        self.0.apps.read().expect("apps lock").contains_key(app)
+        self.0
+            .now
+            .read()
+            .expect("machines lock")
+            .apps
+            .contains_key(app)
     }
 
     fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
-        localities_of(&self.0.apps, app, out);
+        let now = self.0.now.read().expect("machines lock");
+        if let Some(l) = now.localities(&self.0.region, app) {
+            out.extend(l);
+        }
+    }
+
+    fn synced(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.0.synced.subscribe())
     }
 }
 
 /// Keep `source` current from `store` and publish its changes to `hub`, until the store
-/// closes. The source follows every change at once (DNS answers read it); the hub hears of
-/// them at most once per `debounce` (each push to every stream costs a message). `beat`:
-/// stamped on every turn (a stuck follower stops xDS pushes).
+/// closes. The source follows every change at once (DNS answers read it); the xDS streams
+/// hear of them at most once per `debounce` (each push to every stream costs a message), and
+/// at once when a whole snapshot has been taken. `beat`: stamped on every turn (a stuck
+/// follower is a stuck agent: the watchdog ends it).
 pub async fn follow(
     store: Store,
     source: Arc<RegionSource>,
@@ -335,8 +397,10 @@ pub async fn follow(
         .watch(None, None, 1024)
         .with_heartbeat(patina_watchdog::STAMP_EVERY);
     let mut state = Some(Follower::default());
-    // App -> (whether it existed at the last publication, whether its endpoints changed).
-    let mut pending: HashMap<Arc<str>, (bool, bool)> = HashMap::new();
+    // Apps to compare with what the streams were last sent.
+    let mut pending: HashSet<Arc<str>> = HashSet::new();
+    // A whole snapshot has been taken.
+    let mut whole = false;
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         if let Some(b) = &beat {
@@ -348,49 +412,64 @@ pub async fn follow(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
+        let flush_now = tokio::select! {
             item = cursor.next() => {
                 let Some(item) = item else { return };
                 if matches!(&item, WatchItem::Delta { changes, .. } if changes.is_empty()) {
                     continue;
                 }
-                let (mut st, src) = (state.take().expect("state"), source.clone());
-                // Decoding machines and copying endpoints: off the async threads.
-                let Ok((st, updated)) = tokio::task::spawn_blocking(move || {
-                    let updated = st.take(&src, item);
-                    (st, updated)
+                let (mut st, src) = (state.take().unwrap_or_default(), source.clone());
+                // Decoding machines: off the async threads.
+                let (st, step) = match tokio::task::spawn_blocking(move || {
+                    let step = st.take(&src, item);
+                    (st, step)
                 })
                 .await
-                else {
-                    tracing::error!("the xDS follower's step panicked: xDS and DNS stop following the store");
-                    return;
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(
+                            error = %e,
+                            panicked = e.is_panic(),
+                            "the xDS follower's step failed: the agent stops (its DNS and xDS answers would no longer follow the store)"
+                        );
+                        return;
+                    }
                 };
                 state = Some(st);
-                for (app, existed, changed) in updated {
-                    let e = pending.entry(app).or_insert((existed, false));
-                    e.1 |= changed;
-                }
+                pending.extend(step.apps);
                 if !pending.is_empty() && flush_at.is_none() {
                     flush_at = Some(tokio::time::Instant::now() + debounce);
                 }
+                whole |= step.done;
+                step.done
             }
-            () = due => {
-                flush_at = None;
-                let mut changes = Vec::with_capacity(pending.len());
-                for (app, (existed, changed)) in pending.drain() {
-                    source.publish(&app);
-                    let now = source.exists(&app);
-                    let change = match (existed, now) {
-                        (false, false) => continue,
-                        (false, true) => Change::Added,
-                        (true, false) => Change::Removed,
-                        (true, true) if changed => Change::Endpoints,
-                        (true, true) => continue,
-                    };
-                    changes.push((Some(app), change));
-                }
-                hub.publish(changes);
+            () = due => true,
+        };
+        if !flush_now {
+            continue;
+        }
+        flush_at = None;
+        let src = source.clone();
+        let apps = std::mem::take(&mut pending);
+        // Building each app's list and comparing it: off the async threads too.
+        let changes = match tokio::task::spawn_blocking(move || {
+            apps.into_iter()
+                .filter_map(|app| src.publish(&app).map(|c| (Some(app), c)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "the xDS follower's publication failed: the agent stops");
+                return;
             }
+        };
+        hub.publish(changes);
+        // After a whole snapshot is published: streams and DNS answers may start.
+        if whole && !*source.synced.borrow() {
+            source.synced.send_replace(true);
         }
     }
 }
@@ -601,7 +680,7 @@ mod tests {
                 .unwrap()
                 .expect("a state");
             let mut touched = HashMap::new();
-            held.apply(&e, &mut touched);
+            held.apply(&e, host_of(&e), Some(&mut touched));
             let mut t: Vec<(String, bool, bool)> = touched
                 .into_iter()
                 .map(|(a, t)| (a.to_string(), t.existed, t.changed))
@@ -640,5 +719,200 @@ mod tests {
             [s("cart", true, false)]
         );
         assert!(held.apps.is_empty() && held.by_key.is_empty());
+    }
+
+    /// Nothing is synced (DNS would SERVFAIL, streams wait) before the first snapshot is held;
+    /// then every app is published at once (not after a debounce) and announced as added; a
+    /// change of endpoints is announced once per debounce, and a change nobody sees (metadata
+    /// only) is not announced at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publication_follows_the_view_and_waits_for_the_first_snapshot() {
+        let store = Store::in_memory(
+            NodeId(1),
+            1,
+            StoreOptions {
+                kind: Arc::new(Passing),
+                ..StoreOptions::default()
+            },
+        );
+        for (i, app) in APPS.iter().enumerate() {
+            let w = machine(&format!("m{i}"), app, &format!("10.0.0.{i}:80"), true, 0);
+            store.write(vec![w]).await.unwrap();
+        }
+        let source = RegionSource::new("r1");
+        let latest = source.latest();
+        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
+        assert!(!source.is_synced() && !latest.is_synced());
+        let (start, _rx) = hub.subscribe();
+        let mut synced = source.synced().expect("a region source starts unsynced");
+        // A debounce far longer than the test: only a whole snapshot publishes at once.
+        let follower = tokio::spawn(follow(
+            store.clone(),
+            source.clone(),
+            hub.clone(),
+            Duration::from_secs(3600),
+            None,
+        ));
+        tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s))
+            .await
+            .expect("synced after the first snapshot")
+            .unwrap();
+        assert!(latest.is_synced());
+        let mut published = Source::apps(&*source);
+        published.sort();
+        let mut want: Vec<Arc<str>> = APPS.iter().map(|a| Arc::from(*a)).collect();
+        want.sort();
+        assert_eq!(published, want);
+        let events = hub.since(start).unwrap();
+        let mut added: Vec<_> = events
+            .iter()
+            .map(|e| (e.app.clone().unwrap(), e.change))
+            .collect();
+        added.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            added,
+            want.iter()
+                .map(|a| (a.clone(), Change::Added))
+                .collect::<Vec<_>>()
+        );
+        follower.abort();
+
+        // A short debounce now, on a second follower of the same store (a fresh source).
+        let source = RegionSource::new("r1");
+        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
+        let follower = tokio::spawn(follow(
+            store.clone(),
+            source.clone(),
+            hub.clone(),
+            Duration::from_millis(20),
+            None,
+        ));
+        let mut synced = source.synced().unwrap();
+        synced.wait_for(|s| *s).await.unwrap();
+        let after_sync = hub.newest();
+        let endpoints = |s: &RegionSource, app: &str| {
+            let mut out = Vec::new();
+            Source::localities(s, app, &Client::default(), &mut out);
+            out.into_iter()
+                .flat_map(|l| l.hosts)
+                .map(|h| std::net::SocketAddr::new(h.addr.ip, h.addr.port).to_string())
+                .collect::<Vec<_>>()
+        };
+        // Metadata only: the view takes it, nothing is announced.
+        store
+            .write(vec![machine("m0", APPS[0], "10.0.0.0:80", true, 1)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(hub.newest(), after_sync, "{:?}", hub.since(after_sync));
+        // A new address: announced once, and what streams read changes with it.
+        store
+            .write(vec![machine("m0", APPS[0], "10.0.9.9:80", true, 2)])
+            .await
+            .unwrap();
+        for _ in 0..500 {
+            if hub.newest() != after_sync {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let events = hub.since(after_sync).unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].app.as_deref(), Some(APPS[0]));
+        assert_eq!(events[0].change, Change::Endpoints);
+        assert_eq!(endpoints(&source, APPS[0]), ["10.0.9.9:80"]);
+        // The last machine of an app deleted: removed for streams, gone for DNS.
+        store
+            .write(vec![LocalWrite::Delete { key: "m1".into() }])
+            .await
+            .unwrap();
+        let seen = hub.newest();
+        for _ in 0..500 {
+            if hub.newest() != seen {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let events = hub.since(seen).unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.app.as_deref(), e.change))
+                .collect::<Vec<_>>(),
+            [(Some(APPS[1]), Change::Removed)]
+        );
+        assert!(!source.exists(APPS[1]) && !source.latest().exists(APPS[1]));
+        follower.abort();
+    }
+
+    /// A reset snapshot over a view that holds machines: the view is the new snapshot's once
+    /// it is done (not before: readers never see half of it), and every app either side is
+    /// to be compared for publication.
+    #[tokio::test]
+    async fn a_reset_snapshot_replaces_the_view_whole() {
+        let opts = || StoreOptions {
+            kind: Arc::new(Passing),
+            ..StoreOptions::default()
+        };
+        let first = Store::in_memory(NodeId(1), 1, opts());
+        let second = Store::in_memory(NodeId(2), 2, opts());
+        for i in 0..30 {
+            let w = machine(
+                &format!("m{i}"),
+                APPS[i % 2],
+                &format!("10.0.0.{i}:80"),
+                true,
+                0,
+            );
+            first.write(vec![w]).await.unwrap();
+        }
+        for i in 0..25 {
+            let app = APPS[1 + i % 2];
+            let w = machine(
+                &format!("m{i}"),
+                app,
+                &format!("10.1.0.{i}:80"),
+                i % 3 > 0,
+                0,
+            );
+            second.write(vec![w]).await.unwrap();
+        }
+        let source = RegionSource::new("r1");
+        let mut f = Follower::default();
+        // Small chunks, so that the snapshot comes in several parts.
+        let snapshot = |store: &Store| {
+            let mut cursor = store.watch(None, None, 7);
+            async move {
+                let mut items = Vec::new();
+                loop {
+                    let item = cursor.next().await.expect("an item");
+                    let done = matches!(item, WatchItem::SnapshotDone { .. });
+                    items.push(item);
+                    if done {
+                        return items;
+                    }
+                }
+            }
+        };
+        for item in snapshot(&first).await {
+            f.take(&source, item);
+        }
+        assert_eq!(from_source(&source), from_index(&first));
+        let items = snapshot(&second).await;
+        assert!(items.len() > 3, "{}", items.len());
+        let n = items.len();
+        let mut step = Step::default();
+        for (i, item) in items.into_iter().enumerate() {
+            step = f.take(&source, item);
+            if i + 1 < n {
+                // Until the snapshot is done, readers see the first store's view.
+                assert_eq!(from_source(&source), from_index(&first), "part {i}");
+            }
+        }
+        assert!(step.done);
+        assert_eq!(from_source(&source), from_index(&second));
+        let mut apps: Vec<String> = step.apps.iter().map(|a| a.to_string()).collect();
+        apps.sort();
+        assert_eq!(apps, ["cart", "mail", "shop"]);
     }
 }

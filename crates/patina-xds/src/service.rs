@@ -34,6 +34,15 @@ pub trait Source: Send + Sync + 'static {
     fn exists(&self, app: &str) -> bool;
     /// The app's localities as `client` should see them (empty: no endpoints now).
     fn localities(&self, app: &str, client: &Client, out: &mut Vec<Locality>);
+    /// Whether the source holds its whole first state yet, for a source that starts empty
+    /// (`None`: always). Before, streams wait and DNS answers SERVFAIL: an empty source would
+    /// tell clients that no app exists.
+    fn synced(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+    fn is_synced(&self) -> bool {
+        self.synced().is_none_or(|r| *r.borrow())
+    }
 }
 
 /// The resource of type `ty` named `app`, if it exists. `empty_endpoints`: a missing app's
@@ -210,6 +219,25 @@ impl<S: Source + ?Sized> Driver<S> {
         Resp: Send + 'static,
         Self: Wire<Req, Resp>,
     {
+        // A source still taking its first state: nothing is read or sent until it holds it
+        // (requests wait in the stream; changes until then are in the state sent after).
+        if let Some(mut synced) = self.source.synced() {
+            tokio::select! {
+                r = synced.wait_for(|s| *s) => {
+                    if r.is_err() {
+                        return Err(Status::unavailable("the agent is stopping"));
+                    }
+                }
+                _ = stopping.wait_for(|s| *s) => {
+                    return Err(Status::unavailable("the agent is shutting down; reconnect elsewhere"));
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(Status::unavailable(
+                        "this stream reached its maximum age (limits.max_connection_age_secs): reconnect",
+                    ));
+                }
+            }
+        }
         let (seq, mut changes) = self.hub.subscribe();
         self.seq = seq;
         loop {
