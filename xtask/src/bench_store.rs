@@ -349,6 +349,7 @@ fn loaded_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     let (o, bin, work, rt) = (&b.options, &b.bin, &b.work, &b.rt);
     let Report { rows, json } = report;
     let apps = o.records / INSTANCES_PER_APP;
+    let apps_expected = apps;
     let dir = work.join("loaded");
     let mut server = start(bin, &dir)?;
     let base = rt.block_on(rss_settled(&server))?;
@@ -473,6 +474,52 @@ fn loaded_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
         (rebuilt.round() as u64).into(),
     );
     json.insert("instances_per_app".into(), INSTANCES_PER_APP.into());
+
+    // The view a region agent keeps for xDS and DNS (on by default) of the same store: every
+    // live machine, its endpoint decoded when routable, and each app's endpoints as last
+    // published to xDS streams. Taken from a whole-store watch as the agent does.
+    let before = rss_of(std::process::id())?;
+    let t = Instant::now();
+    let view = rt.block_on(async {
+        use patina_xds::Source as _;
+        let source = patina_xds::region::RegionSource::new("test");
+        let hub = std::sync::Arc::new(patina_xds::Hub::new(patina_xds::hub::DEFAULT_LOG));
+        let mut synced = source.synced().expect("a region source starts unsynced");
+        let follower = tokio::spawn(patina_xds::region::follow(
+            store.clone(),
+            source.clone(),
+            hub,
+            std::time::Duration::from_millis(100),
+            None,
+        ));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(120), synced.wait_for(|s| *s))
+            .await;
+        let rss = rss_of(std::process::id());
+        follower.abort();
+        let _ = follower.await;
+        anyhow::ensure!(
+            matches!(r, Ok(Ok(_))),
+            "the xDS view did not take the store in 120 s"
+        );
+        let apps = source.apps().len() as u64;
+        anyhow::ensure!(
+            apps == apps_expected,
+            "the view holds {apps} apps, not {apps_expected}"
+        );
+        drop(source);
+        Ok(rss?)
+    })?;
+    let view_s = t.elapsed().as_secs_f64();
+    let view_per = (view.saturating_sub(before)) as f64 / o.records as f64;
+    rows.push((
+        "region xDS/DNS view: built from the store, bytes/machine".into(),
+        format!("{view_s:.1} s, {view_per:.0}"),
+    ));
+    json.insert(
+        "xds_view_bytes_per_machine".into(),
+        (view_per.round() as u64).into(),
+    );
+    json.insert("xds_view_build_s".into(), round2(view_s));
     store.close();
     drop(store);
     Ok(())

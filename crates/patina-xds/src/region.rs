@@ -4,17 +4,18 @@
 //! [`follow`] keeps them from a watch over the whole store, change by change: the
 //! [`RegionSource`] holds every live machine of the region (its app and, when routable, its
 //! decoded endpoint), and a change costs one machine decoded and a few map operations. DNS
-//! answers read those machines at once; the apps whose existence or endpoints changed are
-//! published to the xDS streams (their endpoint lists built, compared with what the streams
-//! were last sent, and announced on the [`Hub`]) at most once per debounce period, so an app's
-//! list is built at most once per period however fast its machines change.
+//! answers and xDS responses read those machines as they are; the apps whose existence or
+//! endpoints changed are announced to the xDS streams on the [`Hub`] at most once per debounce
+//! period (each app's endpoints hashed and compared with its last announcement), so a burst of
+//! changes wakes each stream once.
 //!
 //! Until the follower holds a whole first snapshot of the store, the source is not synced:
 //! DNS answers SERVFAIL for app names and xDS streams wait, rather than tell clients that no
 //! app exists (an Envoy would drop every cluster it had from an agent that just restarted).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use patina_proto::v1::Machine;
@@ -28,31 +29,34 @@ use crate::resources::{Addr, Host, Locality};
 use crate::service::Source;
 
 /// The region's apps and their endpoints: every live machine as the follower has applied the
-/// store's changes (`now`, what DNS answers from), and each app's endpoints as last published
-/// to the xDS streams (`published`: a stream that subscribes between a change and its
-/// publication is not sent the same state twice).
+/// store's changes, and, per app announced to the xDS streams, a hash of its endpoints as last
+/// announced (so that a flush tells an endpoint change from none without a second copy of
+/// every endpoint). For xDS streams an app exists once announced (a stream that subscribes
+/// between an app's creation and its announcement is not sent it twice) and its endpoints are
+/// those held now (one that subscribes between an endpoint change and its announcement may
+/// be sent them twice, the same); [`Latest`], for DNS, is every app as held now.
 pub struct RegionSource {
     region: Arc<str>,
     now: RwLock<Machines>,
-    published: RwLock<HashMap<Arc<str>, Arc<[Locality]>>>,
-    /// Set once the first whole snapshot is held and published.
+    announced: Mutex<HashMap<Arc<str>, u64>>,
+    /// Keyed per source: the machines' writers choose the addresses hashed.
+    hasher: RandomState,
+    /// Set once the first whole snapshot is held and announced.
     synced: watch::Sender<bool>,
 }
-
-/// [`RegionSource`] as the store has it now (not waiting for the debounce).
-pub struct Latest(Arc<RegionSource>);
 
 impl RegionSource {
     pub fn new(region: &str) -> Arc<RegionSource> {
         Arc::new(RegionSource {
             region: region.into(),
             now: RwLock::new(Machines::default()),
-            published: RwLock::new(HashMap::new()),
+            announced: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
             synced: watch::Sender::new(false),
         })
     }
 
-    /// The same apps, as the store has them now: for the DNS front end.
+    /// The source the DNS front end reads: every app as held now (not as last announced).
     pub fn latest(self: &Arc<Self>) -> Arc<Latest> {
         Arc::new(Latest(self.clone()))
     }
@@ -63,37 +67,49 @@ impl RegionSource {
         now.localities(&self.region, app).map(Arc::from)
     }
 
-    /// The app's state now becomes what xDS streams see; what changed for them.
+    /// Announce the app's state now to the xDS streams: what changed for them since its last
+    /// announcement, if anything.
     fn publish(&self, app: &Arc<str>) -> Option<Change> {
-        let now = self.endpoints(app);
-        let mut p = self.published.write().expect("published lock");
-        match (p.get(app), now) {
+        let hash = {
+            let now = self.now.read().expect("machines lock");
+            now.apps.get(&**app).map(|a| {
+                let mut h = self.hasher.build_hasher();
+                for host in a.hosts.values() {
+                    host.hash(&mut h);
+                }
+                h.finish()
+            })
+        };
+        let mut announced = self.announced.lock().expect("announced lock");
+        match (announced.get(&**app).copied(), hash) {
             (None, None) => None,
             (Some(_), None) => {
-                p.remove(app);
+                announced.remove(&**app);
                 Some(Change::Removed)
             }
-            (None, Some(l)) => {
-                p.insert(app.clone(), l);
+            (None, Some(h)) => {
+                announced.insert(app.clone(), h);
                 Some(Change::Added)
             }
-            (Some(before), Some(l)) => {
-                if **before == *l {
+            (Some(before), Some(h)) => {
+                if before == h {
                     return None;
                 }
-                p.insert(app.clone(), l);
+                announced.insert(app.clone(), h);
                 Some(Change::Endpoints)
             }
         }
     }
 }
 
-/// Every live machine of the region as the follower last saw it: by key, the app it is in;
-/// per app, how many live machines it has and the endpoints of its routable ones, by key
-/// (so in key order, as a listing gives them). Bounded by the region's live machines.
+/// Every live machine of the region as the follower last saw it: its record (by key); per
+/// app, how many live machines it has and the endpoints of its routable ones, by key (so in
+/// key order, as a listing gives them). Bounded by the region's live machines; a machine costs
+/// a pointer to the record the store's index holds anyway, plus its decoded endpoint when
+/// routable (`docs/capacity.md`).
 #[derive(Default)]
 struct Machines {
-    by_key: HashMap<Arc<str>, Arc<str>>,
+    by_key: HashSet<Held>,
     apps: HashMap<Arc<str>, App>,
 }
 
@@ -101,7 +117,46 @@ struct Machines {
 struct App {
     live: usize,
     /// Routable machines whose first address parses.
-    hosts: BTreeMap<Arc<str>, Host>,
+    hosts: BTreeMap<Held, Host>,
+}
+
+/// A live machine's current record, compared, hashed and ordered by its key alone: the same
+/// allocation as the store's index holds (see [`Follower::canonical`]), so the view repeats
+/// neither key nor value.
+#[derive(Clone)]
+struct Held(Entry);
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Held) -> bool {
+        self.0.key() == other.0.key()
+    }
+}
+
+impl Eq for Held {}
+
+impl std::hash::Hash for Held {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As `str` hashes: lookups by `&str` find it (`Borrow`).
+        self.0.key().hash(h)
+    }
+}
+
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Held) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Held {
+    fn cmp(&self, other: &Held) -> std::cmp::Ordering {
+        self.0.key().cmp(other.0.key())
+    }
+}
+
+impl std::borrow::Borrow<str> for Held {
+    fn borrow(&self) -> &str {
+        self.0.key()
+    }
 }
 
 /// What a batch did to one app: whether it existed before the batch, and whether its
@@ -153,21 +208,26 @@ impl Machines {
     /// Take one change (the key's state now: live in its group, or not live at all: deleted,
     /// or hidden by the liveness overlay), `host` being [`host_of`] it. A key seen live before
     /// leaves the app it was in. `touched`: where to note what the change did to each app.
-    fn apply(&mut self, e: &Entry, host: Option<Host>, mut touched: Option<&mut Touched>) {
-        let key = e.key();
+    fn apply(&mut self, e: Entry, host: Option<Host>, mut touched: Option<&mut Touched>) {
         let mut old: Option<(Arc<str>, Option<Host>)> = None;
-        let mut key_arc = None;
-        if let Some((k, app_name)) = self.by_key.remove_entry(key) {
-            Self::touch(&self.apps, &mut touched, &app_name);
-            if let Some(app) = self.apps.get_mut(&app_name) {
-                app.live = app.live.saturating_sub(1);
-                let host = app.hosts.remove(key);
-                if app.live == 0 {
+        if let Some(Held(before)) = self.by_key.take(e.key()) {
+            let app_name = self
+                .apps
+                .get_key_value(before.group())
+                .map(|(k, _)| k.clone());
+            if let Some(app_name) = app_name {
+                Self::touch(&self.apps, &mut touched, &app_name);
+                let (mut host, mut emptied) = (None, false);
+                if let Some(app) = self.apps.get_mut(&app_name) {
+                    app.live = app.live.saturating_sub(1);
+                    host = app.hosts.remove(e.key());
+                    emptied = app.live == 0;
+                }
+                if emptied {
                     self.apps.remove(&app_name);
                 }
                 old = Some((app_name, host));
             }
-            key_arc = Some(k);
         }
         let new = if e.is_live() {
             let group = e.group();
@@ -180,13 +240,12 @@ impl Machines {
                 },
             };
             Self::touch(&self.apps, &mut touched, &app_name);
-            let key_arc = key_arc.unwrap_or_else(|| Arc::from(key));
             let app = self.apps.entry(app_name.clone()).or_default();
             app.live += 1;
             if let Some(h) = &host {
-                app.hosts.insert(key_arc.clone(), h.clone());
+                app.hosts.insert(Held(e.clone()), h.clone());
             }
-            self.by_key.insert(key_arc, app_name.clone());
+            self.by_key.insert(Held(e));
             Some((app_name, host))
         } else {
             None
@@ -241,9 +300,25 @@ struct Follower {
     /// A snapshot being received after a reset: it replaces the source's machines once
     /// complete, so that no reader sees an app half listed.
     building: Option<Machines>,
+    /// The store whose index holds the records the view points to.
+    store: Option<Store>,
 }
 
 impl Follower {
+    /// The record to hold for a change: the index's own when it is the same state (a change
+    /// the liveness overlay re-sent is a copy with another revision; holding the copy would
+    /// keep a second allocation alive until the machine next changes).
+    fn canonical(&self, e: Entry) -> Entry {
+        if !e.is_live() {
+            return e;
+        }
+        self.store
+            .as_ref()
+            .and_then(|s| s.get_live(e.key()))
+            .filter(|i| i.version() == e.version() && i.group() == e.group())
+            .unwrap_or(e)
+    }
+
     fn take(&mut self, source: &RegionSource, item: WatchItem) -> Step {
         match item {
             WatchItem::Snapshot { reset, entries } => {
@@ -256,8 +331,10 @@ impl Follower {
                     self.building = Some(Machines::default());
                 }
                 if let Some(b) = self.building.as_mut() {
-                    for e in &entries {
-                        b.apply(e, host_of(e), None);
+                    // (A snapshot's records are the index's own.)
+                    for e in entries {
+                        let host = host_of(&e);
+                        b.apply(e, host, None);
                     }
                 }
                 Step::default()
@@ -271,7 +348,7 @@ impl Follower {
                 };
                 let old =
                     std::mem::replace(&mut *source.now.write().expect("machines lock"), fresh);
-                // Every app either side: each is compared with what was published.
+                // Every app either side: each is compared with its last announcement.
                 let mut apps: HashSet<Arc<str>> = old.apps.into_keys().collect();
                 apps.extend(
                     source
@@ -288,21 +365,28 @@ impl Follower {
                 }
             }
             WatchItem::Delta { changes, .. } => {
+                // Decoded (and their records found in the index) before any lock is taken.
+                let changes: Vec<(Entry, Option<Host>)> = changes
+                    .into_iter()
+                    .map(|c| {
+                        let host = host_of(&c.entry);
+                        (self.canonical(c.entry), host)
+                    })
+                    .collect();
                 if let Some(b) = self.building.as_mut() {
                     // (A cursor sends none within a snapshot; were it to, they belong to it.)
-                    for c in &changes {
-                        b.apply(&c.entry, host_of(&c.entry), None);
+                    for (e, host) in changes {
+                        b.apply(e, host, None);
                     }
                     return Step::default();
                 }
-                let hosts: Vec<Option<Host>> = changes.iter().map(|c| host_of(&c.entry)).collect();
                 let mut touched = Touched::new();
                 let mut apps = Vec::new();
-                let mut items = changes.iter().zip(hosts).peekable();
+                let mut items = changes.into_iter().peekable();
                 while items.peek().is_some() {
                     let mut now = source.now.write().expect("machines lock");
-                    for (c, host) in items.by_ref().take(APPLY_CHUNK) {
-                        now.apply(&c.entry, host, Some(&mut touched));
+                    for (e, host) in items.by_ref().take(APPLY_CHUNK) {
+                        now.apply(e, host, Some(&mut touched));
                     }
                     if items.peek().is_none() {
                         for (app, t) in touched.drain() {
@@ -321,36 +405,39 @@ impl Follower {
     }
 }
 
-fn apps_of(map: &RwLock<HashMap<Arc<str>, Arc<[Locality]>>>) -> Vec<Arc<str>> {
-    map.read()
-        .expect("published lock")
-        .keys()
-        .cloned()
-        .collect()
+impl RegionSource {
+    fn localities_now(&self, app: &str, out: &mut Vec<Locality>) {
+        let now = self.now.read().expect("machines lock");
+        if let Some(l) = now.localities(&self.region, app) {
+            out.extend(l);
+        }
+    }
 }
 
 impl Source for RegionSource {
     fn apps(&self) -> Vec<Arc<str>> {
-        apps_of(&self.published)
+        let announced = self.announced.lock().expect("announced lock");
+        announced.keys().cloned().collect()
     }
 
     fn exists(&self, app: &str) -> bool {
-        self.published
-            .read()
-            .expect("published lock")
+        self.announced
+            .lock()
+            .expect("announced lock")
             .contains_key(app)
     }
 
     fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
-        if let Some(l) = self.published.read().expect("published lock").get(app) {
-            out.extend(l.iter().cloned());
-        }
+        self.localities_now(app, out);
     }
 
     fn synced(&self) -> Option<watch::Receiver<bool>> {
         Some(self.synced.subscribe())
     }
 }
+
+/// [`RegionSource`] as held now, every app (not waiting for the debounce): for DNS.
+pub struct Latest(Arc<RegionSource>);
 
 impl Source for Latest {
     fn apps(&self) -> Vec<Arc<str>> {
@@ -368,14 +455,11 @@ impl Source for Latest {
     }
 
     fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
-        let now = self.0.now.read().expect("machines lock");
-        if let Some(l) = now.localities(&self.0.region, app) {
-            out.extend(l);
-        }
+        self.0.localities_now(app, out);
     }
 
     fn synced(&self) -> Option<watch::Receiver<bool>> {
-        Some(self.0.synced.subscribe())
+        self.0.synced()
     }
 }
 
@@ -396,7 +480,10 @@ pub async fn follow(
     let mut cursor = store
         .watch(None, None, 1024)
         .with_heartbeat(patina_watchdog::STAMP_EVERY);
-    let mut state = Some(Follower::default());
+    let mut state = Some(Follower {
+        building: None,
+        store: Some(store.clone()),
+    });
     // Apps to compare with what the streams were last sent.
     let mut pending: HashSet<Arc<str>> = HashSet::new();
     // A whole snapshot has been taken.
@@ -467,7 +554,7 @@ pub async fn follow(
             }
         };
         hub.publish(changes);
-        // After a whole snapshot is published: streams and DNS answers may start.
+        // After a whole snapshot is announced: streams and DNS answers may start.
         if whole && !*source.synced.borrow() {
             source.synced.send_replace(true);
         }
@@ -680,7 +767,8 @@ mod tests {
                 .unwrap()
                 .expect("a state");
             let mut touched = HashMap::new();
-            held.apply(&e, host_of(&e), Some(&mut touched));
+            let host = host_of(&e);
+            held.apply(e, host, Some(&mut touched));
             let mut t: Vec<(String, bool, bool)> = touched
                 .into_iter()
                 .map(|(a, t)| (a.to_string(), t.existed, t.changed))
@@ -777,14 +865,14 @@ mod tests {
         );
         follower.abort();
 
-        // A short debounce now, on a second follower of the same store (a fresh source).
+        // A shorter debounce now, on a second follower of the same store (a fresh source).
         let source = RegionSource::new("r1");
         let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
         let follower = tokio::spawn(follow(
             store.clone(),
             source.clone(),
             hub.clone(),
-            Duration::from_millis(20),
+            Duration::from_millis(300),
             None,
         ));
         let mut synced = source.synced().unwrap();
@@ -803,7 +891,7 @@ mod tests {
             .write(vec![machine("m0", APPS[0], "10.0.0.0:80", true, 1)])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(hub.newest(), after_sync, "{:?}", hub.since(after_sync));
         // A new address: announced once, and what streams read changes with it.
         store
@@ -821,6 +909,19 @@ mod tests {
         assert_eq!(events[0].app.as_deref(), Some(APPS[0]));
         assert_eq!(events[0].change, Change::Endpoints);
         assert_eq!(endpoints(&source, APPS[0]), ["10.0.9.9:80"]);
+        // An address that changes and changes back within one debounce: each change is
+        // taken, and the announcement compares the endpoints with the last one: nothing new.
+        let seen = hub.newest();
+        store
+            .write(vec![machine("m0", APPS[0], "10.0.7.7:80", true, 3)])
+            .await
+            .unwrap();
+        store
+            .write(vec![machine("m0", APPS[0], "10.0.9.9:80", true, 4)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(hub.newest(), seen, "{:?}", hub.since(seen));
         // The last machine of an app deleted: removed for streams, gone for DNS.
         store
             .write(vec![LocalWrite::Delete { key: "m1".into() }])

@@ -77,7 +77,7 @@ impl Type {
 }
 
 /// One endpoint: an IP address and a port, with the instance's other addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Addr {
     pub ip: std::net::IpAddr,
     pub port: u16,
@@ -95,7 +95,7 @@ impl Addr {
 }
 
 /// One endpoint (an instance, or a region's ingress address) with its further addresses.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Host {
     pub addr: Addr,
     pub more: Vec<Addr>,
