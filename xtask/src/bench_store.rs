@@ -476,8 +476,7 @@ fn loaded_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
     json.insert("instances_per_app".into(), INSTANCES_PER_APP.into());
 
     // The view a region agent keeps for xDS and DNS (on by default) of the same store: every
-    // live machine, its endpoint decoded when routable, and each app's endpoints as last
-    // published to xDS streams. Taken from a whole-store watch as the agent does.
+    // live machine, its endpoint decoded when routable, and the apps announced to xDS streams. Taken from a whole-store watch as the agent does.
     let before = rss_of(std::process::id())?;
     let t = Instant::now();
     let view = rt.block_on(async {
@@ -490,6 +489,7 @@ fn loaded_phase(b: &Bench, report: &mut Report) -> anyhow::Result<()> {
             source.clone(),
             hub,
             std::time::Duration::from_millis(100),
+            None,
             None,
         ));
         let r = tokio::time::timeout(std::time::Duration::from_secs(120), synced.wait_for(|s| *s))

@@ -58,6 +58,11 @@ pub struct Sources {
     pub xds: Option<Arc<patina_xds::Stats>>,
     /// What the DNS front end did (`None`: off).
     pub dns: Option<Arc<patina_dns::Stats>>,
+    /// Set by the readiness judge the first time the agent has joined and caught up with its
+    /// peers (a region agent's xDS/DNS view waits for it: see `patina_xds::region::follow`).
+    pub caught_up_once: tokio::sync::watch::Sender<bool>,
+    /// Whether the region agent's xDS/DNS view holds its first state (`None`: no such view).
+    pub frontends: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

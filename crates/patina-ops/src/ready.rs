@@ -196,6 +196,13 @@ pub fn evaluate(
             )
         });
     checks.push(Check::of("certificates", certs));
+    checks.push(Check::of(
+        "frontends",
+        s.frontends.as_ref().filter(|f| !*f.borrow()).map(|_| {
+            "the xDS/DNS view does not hold the region yet (it waits for the store's first read and for catching up with peers)"
+                .to_owned()
+        }),
+    ));
     checks
 }
 
@@ -209,6 +216,10 @@ pub async fn judge(s: &Sources, ready: tokio::sync::watch::Sender<bool>) {
     loop {
         let checks = self::ready(s).await;
         let ok = checks.iter().all(|c| c.ok);
+        let passed = |name: &str| checks.iter().any(|c| c.name == name && c.ok);
+        if !*s.caught_up_once.borrow() && passed("gossip_joined") && passed("caught_up") {
+            s.caught_up_once.send_replace(true);
+        }
         if last != Some(ok) {
             if ok {
                 tracing::info!("ready");

@@ -14,8 +14,7 @@
 //! app exists (an Envoy would drop every cluster it had from an agent that just restarted).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use patina_proto::v1::Machine;
@@ -29,19 +28,17 @@ use crate::resources::{Addr, Host, Locality};
 use crate::service::Source;
 
 /// The region's apps and their endpoints: every live machine as the follower has applied the
-/// store's changes, and, per app announced to the xDS streams, a hash of its endpoints as last
-/// announced (so that a flush tells an endpoint change from none without a second copy of
-/// every endpoint). For xDS streams an app exists once announced (a stream that subscribes
-/// between an app's creation and its announcement is not sent it twice) and its endpoints are
-/// those held now (one that subscribes between an endpoint change and its announcement may
-/// be sent them twice, the same); [`Latest`], for DNS, is every app as held now.
+/// store's changes, and the apps announced to the xDS streams. For xDS streams an app exists
+/// once announced (a stream that subscribes between an app's creation and its announcement is
+/// not sent it twice) and its endpoints are those held now; every endpoint change is announced
+/// (after the debounce), even one undone since, so a stream that read a state in between is
+/// always sent the state after. [`Latest`], for DNS, is every app as held now.
 pub struct RegionSource {
     region: Arc<str>,
     now: RwLock<Machines>,
-    announced: Mutex<HashMap<Arc<str>, u64>>,
-    /// Keyed per source: the machines' writers choose the addresses hashed.
-    hasher: RandomState,
-    /// Set once the first whole snapshot is held and announced.
+    announced: RwLock<HashSet<Arc<str>>>,
+    /// Set once the first whole snapshot is held and announced (and the agent caught up
+    /// with its peers, when `follow` is told to wait for that).
     synced: watch::Sender<bool>,
 }
 
@@ -50,8 +47,7 @@ impl RegionSource {
         Arc::new(RegionSource {
             region: region.into(),
             now: RwLock::new(Machines::default()),
-            announced: Mutex::new(HashMap::new()),
-            hasher: RandomState::new(),
+            announced: RwLock::new(HashSet::new()),
             synced: watch::Sender::new(false),
         })
     }
@@ -67,37 +63,32 @@ impl RegionSource {
         now.localities(&self.region, app).map(Arc::from)
     }
 
+    /// Whether the source holds its first state: for readiness checks.
+    pub fn synced_watch(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.synced.subscribe())
+    }
+
     /// Announce the app's state now to the xDS streams: what changed for them since its last
-    /// announcement, if anything.
-    fn publish(&self, app: &Arc<str>) -> Option<Change> {
-        let hash = {
-            let now = self.now.read().expect("machines lock");
-            now.apps.get(&**app).map(|a| {
-                let mut h = self.hasher.build_hasher();
-                for host in a.hosts.values() {
-                    host.hash(&mut h);
-                }
-                h.finish()
-            })
-        };
-        let mut announced = self.announced.lock().expect("announced lock");
-        match (announced.get(&**app).copied(), hash) {
-            (None, None) => None,
-            (Some(_), None) => {
+    /// announcement (`changed`: its endpoints changed since, maybe back again).
+    fn publish(&self, app: &Arc<str>, changed: bool) -> Option<Change> {
+        let exists = self
+            .now
+            .read()
+            .expect("machines lock")
+            .apps
+            .contains_key(&**app);
+        let mut announced = self.announced.write().expect("announced lock");
+        match (announced.contains(&**app), exists) {
+            (false, false) => None,
+            (true, false) => {
                 announced.remove(&**app);
                 Some(Change::Removed)
             }
-            (None, Some(h)) => {
-                announced.insert(app.clone(), h);
+            (false, true) => {
+                announced.insert(app.clone());
                 Some(Change::Added)
             }
-            (Some(before), Some(h)) => {
-                if before == h {
-                    return None;
-                }
-                announced.insert(app.clone(), h);
-                Some(Change::Endpoints)
-            }
+            (true, true) => changed.then_some(Change::Endpoints),
         }
     }
 }
@@ -288,8 +279,9 @@ const APPLY_CHUNK: usize = 256;
 /// What one watch item did.
 #[derive(Default)]
 struct Step {
-    /// Apps whose existence or endpoints may have changed for readers: to publish.
-    apps: Vec<Arc<str>>,
+    /// Apps whose existence or endpoints may have changed for readers, each with whether its
+    /// endpoints did: to announce.
+    apps: Vec<(Arc<str>, bool)>,
     /// A whole snapshot is now held.
     done: bool,
 }
@@ -360,7 +352,7 @@ impl Follower {
                         .cloned(),
                 );
                 Step {
-                    apps: apps.into_iter().collect(),
+                    apps: apps.into_iter().map(|a| (a, true)).collect(),
                     done: true,
                 }
             }
@@ -394,7 +386,7 @@ impl Follower {
                             // among them, in an app that existed before and still does:
                             // nothing a reader sees.
                             if t.changed || now.apps.contains_key(&app) != t.existed {
-                                apps.push(app);
+                                apps.push((app, t.changed));
                             }
                         }
                     }
@@ -416,15 +408,12 @@ impl RegionSource {
 
 impl Source for RegionSource {
     fn apps(&self) -> Vec<Arc<str>> {
-        let announced = self.announced.lock().expect("announced lock");
-        announced.keys().cloned().collect()
+        let announced = self.announced.read().expect("announced lock");
+        announced.iter().cloned().collect()
     }
 
     fn exists(&self, app: &str) -> bool {
-        self.announced
-            .lock()
-            .expect("announced lock")
-            .contains_key(app)
+        self.announced.read().expect("announced lock").contains(app)
     }
 
     fn localities(&self, app: &str, _client: &Client, out: &mut Vec<Locality>) {
@@ -433,6 +422,10 @@ impl Source for RegionSource {
 
     fn synced(&self) -> Option<watch::Receiver<bool>> {
         Some(self.synced.subscribe())
+    }
+
+    fn is_synced(&self) -> bool {
+        *self.synced.borrow()
     }
 }
 
@@ -461,10 +454,16 @@ impl Source for Latest {
     fn synced(&self) -> Option<watch::Receiver<bool>> {
         self.0.synced()
     }
+
+    fn is_synced(&self) -> bool {
+        self.0.is_synced()
+    }
 }
 
 /// Keep `source` current from `store` and publish its changes to `hub`, until the store
-/// closes. The source follows every change at once (DNS answers read it); the xDS streams
+/// closes. `peers`: when given, the source is synced only once it also reads true (the agent
+/// has caught up with its peers once: a fresh agent's or a wiped one's store alone would have
+/// DNS and xDS clients told that no app exists). The source follows every change at once (DNS answers read it); the xDS streams
 /// hear of them at most once per `debounce` (each push to every stream costs a message), and
 /// at once when a whole snapshot has been taken. `beat`: stamped on every turn (a stuck
 /// follower is a stuck agent: the watchdog ends it).
@@ -473,8 +472,10 @@ pub async fn follow(
     source: Arc<RegionSource>,
     hub: Arc<Hub>,
     debounce: Duration,
+    peers: Option<watch::Receiver<bool>>,
     beat: Option<patina_watchdog::Beat>,
 ) {
+    let mut peers = peers.unwrap_or_else(|| watch::Sender::new(true).subscribe());
     // The whole store: the follower sees every key's every state, so it knows which app a
     // key leaves without the change naming it.
     let mut cursor = store
@@ -484,10 +485,12 @@ pub async fn follow(
         building: None,
         store: Some(store.clone()),
     });
-    // Apps to compare with what the streams were last sent.
-    let mut pending: HashSet<Arc<str>> = HashSet::new();
-    // A whole snapshot has been taken.
+    // Apps to announce, each with whether its endpoints changed.
+    let mut pending: HashMap<Arc<str>, bool> = HashMap::new();
+    // A whole snapshot has been taken; the agent has caught up with its peers once.
     let mut whole = false;
+    let mut caught_up = *peers.borrow();
+    let mut peers_gone = false;
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         if let Some(b) = &beat {
@@ -524,7 +527,9 @@ pub async fn follow(
                     }
                 };
                 state = Some(st);
-                pending.extend(step.apps);
+                for (app, changed) in step.apps {
+                    *pending.entry(app).or_default() |= changed;
+                }
                 if !pending.is_empty() && flush_at.is_none() {
                     flush_at = Some(tokio::time::Instant::now() + debounce);
                 }
@@ -532,6 +537,12 @@ pub async fn follow(
                 step.done
             }
             () = due => true,
+            ok = async { peers.wait_for(|p| *p).await.is_ok() }, if !caught_up && !peers_gone => {
+                // Gone: the agent is stopping (its store ends the watch soon).
+                peers_gone = !ok;
+                caught_up = !peers_gone;
+                whole && caught_up
+            }
         };
         if !flush_now {
             continue;
@@ -539,10 +550,10 @@ pub async fn follow(
         flush_at = None;
         let src = source.clone();
         let apps = std::mem::take(&mut pending);
-        // Building each app's list and comparing it: off the async threads too.
+        // Every app after a whole snapshot: off the async threads too.
         let changes = match tokio::task::spawn_blocking(move || {
             apps.into_iter()
-                .filter_map(|app| src.publish(&app).map(|c| (Some(app), c)))
+                .filter_map(|(app, changed)| src.publish(&app, changed).map(|c| (Some(app), c)))
                 .collect::<Vec<_>>()
         })
         .await
@@ -555,7 +566,7 @@ pub async fn follow(
         };
         hub.publish(changes);
         // After a whole snapshot is announced: streams and DNS answers may start.
-        if whole && !*source.synced.borrow() {
+        if whole && caught_up && !*source.synced.borrow() {
             source.synced.send_replace(true);
         }
     }
@@ -644,18 +655,87 @@ mod tests {
             .collect()
     }
 
-    async fn converge(store: &Store, source: &RegionSource, step: usize) {
+    /// The apps xDS streams see (announced) and the apps DNS sees (held now).
+    fn apps_seen(source: &Arc<RegionSource>) -> (Vec<String>, Vec<String>) {
+        let sorted = |mut v: Vec<Arc<str>>| {
+            v.sort();
+            v.into_iter().map(|a| a.to_string()).collect::<Vec<_>>()
+        };
+        (
+            sorted(Source::apps(&**source)),
+            sorted(Source::apps(&*source.latest())),
+        )
+    }
+
+    /// The view equals the index's, and once announced (the debounce is short), both the apps
+    /// streams see and those DNS sees are the apps with a live machine.
+    async fn converge(store: &Store, source: &Arc<RegionSource>, step: usize) {
         let want = from_index(store);
+        let mut apps: Vec<String> = want
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(a, _)| a.clone())
+            .collect();
+        apps.sort();
+        let want_apps = (apps.clone(), apps);
         for _ in 0..500 {
-            if from_source(source) == want {
+            if from_source(source) == want && apps_seen(source) == want_apps {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!(
-            "step {step}: the follower's view {:?} is not the index's {want:?}",
-            from_source(source)
+            "step {step}: the follower's view {:?} and apps {:?} are not the index's {want:?}",
+            from_source(source),
+            apps_seen(source)
         );
+    }
+
+    /// Told to wait for the agent to catch up with its peers, the source is not synced after
+    /// its first snapshot until then; it is the moment after.
+    #[tokio::test]
+    async fn a_source_waits_for_its_peers_before_it_is_synced() {
+        let store = Store::in_memory(
+            NodeId(1),
+            1,
+            StoreOptions {
+                kind: Arc::new(Passing),
+                ..StoreOptions::default()
+            },
+        );
+        store
+            .write(vec![machine("m0", "shop", "10.0.0.1:80", true, 0)])
+            .await
+            .unwrap();
+        let source = RegionSource::new("r1");
+        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
+        let (peers, rx) = watch::channel(false);
+        let follower = tokio::spawn(follow(
+            store.clone(),
+            source.clone(),
+            hub,
+            Duration::from_millis(5),
+            Some(rx),
+            None,
+        ));
+        // The snapshot is taken (DNS's view holds it) but nothing is synced.
+        for _ in 0..500 {
+            if source.endpoints("shop").is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(source.endpoints("shop").is_some());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!source.is_synced() && !source.latest().is_synced());
+        peers.send_replace(true);
+        let mut synced = source.synced().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s))
+            .await
+            .expect("synced once caught up")
+            .unwrap();
+        assert!(source.latest().is_synced());
+        follower.abort();
     }
 
     /// Random writes, moves between apps, health flips, address changes, deletes and
@@ -709,6 +789,7 @@ mod tests {
             source.clone(),
             hub,
             Duration::from_millis(5),
+            None,
             None,
         ));
         converge(&store, &source, 0).await;
@@ -810,9 +891,9 @@ mod tests {
     }
 
     /// Nothing is synced (DNS would SERVFAIL, streams wait) before the first snapshot is held;
-    /// then every app is published at once (not after a debounce) and announced as added; a
-    /// change of endpoints is announced once per debounce, and a change nobody sees (metadata
-    /// only) is not announced at all.
+    /// then every app is announced at once (not after a debounce) as added; a change of
+    /// endpoints is announced once per debounce (even one undone within it), and a change
+    /// nobody sees (metadata only) is not announced at all.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publication_follows_the_view_and_waits_for_the_first_snapshot() {
         let store = Store::in_memory(
@@ -839,6 +920,7 @@ mod tests {
             source.clone(),
             hub.clone(),
             Duration::from_secs(3600),
+            None,
             None,
         ));
         tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s))
@@ -873,6 +955,7 @@ mod tests {
             source.clone(),
             hub.clone(),
             Duration::from_millis(300),
+            None,
             None,
         ));
         let mut synced = source.synced().unwrap();
@@ -909,8 +992,8 @@ mod tests {
         assert_eq!(events[0].app.as_deref(), Some(APPS[0]));
         assert_eq!(events[0].change, Change::Endpoints);
         assert_eq!(endpoints(&source, APPS[0]), ["10.0.9.9:80"]);
-        // An address that changes and changes back within one debounce: each change is
-        // taken, and the announcement compares the endpoints with the last one: nothing new.
+        // An address that changes and changes back within one debounce: announced once all
+        // the same (a stream may have read the address in between: it must hear again).
         let seen = hub.newest();
         store
             .write(vec![machine("m0", APPS[0], "10.0.7.7:80", true, 3)])
@@ -921,7 +1004,14 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(hub.newest(), seen, "{:?}", hub.since(seen));
+        let events = hub.since(seen).unwrap();
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.app.as_deref(), e.change))
+                .collect::<Vec<_>>(),
+            [(Some(APPS[0]), Change::Endpoints)]
+        );
         // The last machine of an app deleted: removed for streams, gone for DNS.
         store
             .write(vec![LocalWrite::Delete { key: "m1".into() }])
@@ -1012,7 +1102,7 @@ mod tests {
         }
         assert!(step.done);
         assert_eq!(from_source(&source), from_index(&second));
-        let mut apps: Vec<String> = step.apps.iter().map(|a| a.to_string()).collect();
+        let mut apps: Vec<String> = step.apps.iter().map(|(a, _)| a.to_string()).collect();
         apps.sort();
         assert_eq!(apps, ["cart", "mail", "shop"]);
     }

@@ -223,6 +223,8 @@ impl<S: Source + ?Sized> Driver<S> {
         // (requests wait in the stream; changes until then are in the state sent after).
         if let Some(mut synced) = self.source.synced() {
             tokio::select! {
+                // A client that went away while it waited frees its slot.
+                () = tx.closed() => return Ok(()),
                 r = synced.wait_for(|s| *s) => {
                     if r.is_err() {
                         return Err(Status::unavailable("the agent is stopping"));

@@ -857,13 +857,20 @@ pub(crate) async fn run_agent(
     // The front ends for stock clients (docs/frontends.md): the xDS server joins the API; the
     // DNS front end listens on its own. Both read one source, kept by a follower (a part).
     let xds_stats = Arc::new(patina_xds::Stats::default());
+    // The readiness judge sets it once the agent has caught up with its peers; a region
+    // agent's xDS/DNS view waits for it (a fresh or wiped agent's store alone would tell
+    // clients that no app exists) when it has peers to catch up with: seeds, and not
+    // standalone (an agent without seeds is a cluster's first, or alone).
+    let (caught_up_once, caught_up_rx) = tokio::sync::watch::channel(false);
+    let wait_for_peers = !config.gossip.seeds.is_empty() && !config.gossip.standalone;
+    let mut frontends = None;
     let dns_stats = Arc::new(patina_dns::Stats::default());
     let dns_listen = config.dns.listen_addr()?;
     if config.xds.enabled || dns_listen.is_some() {
         let settings = config.xds.server()?;
         let hub = Arc::new(patina_xds::Hub::new(patina_xds::hub::DEFAULT_LOG));
         let debounce = settings.debounce;
-        // xDS streams read what was last published to them; DNS reads the latest.
+        // xDS streams see an app once announced (after the debounce); DNS sees the latest.
         type Src = Arc<dyn patina_xds::Source>;
         let (source, latest, tier): (Src, Src, patina_dns::Tier) = match &table {
             None => {
@@ -873,8 +880,10 @@ pub(crate) async fn run_agent(
                     source.clone(),
                     hub.clone(),
                     debounce,
+                    wait_for_peers.then(|| caught_up_rx.clone()),
                     Some(watchdog.register("xds_follower")),
                 );
+                frontends = source.synced_watch();
                 parts.spawn(async move {
                     follower.await;
                     Err(Arc::from("the xDS follower ended"))
@@ -951,6 +960,8 @@ pub(crate) async fn run_agent(
         started: std::time::SystemTime::now(),
         xds: config.xds.enabled.then(|| xds_stats.clone()),
         dns: dns_listen.map(|_| dns_stats.clone()),
+        caught_up_once,
+        frontends,
     });
     {
         let sources = sources.clone();

@@ -253,3 +253,36 @@ async fn a_global_agent_answers_the_regions_ingress_nearest_first() {
     .await;
     assert!(moved.is_some(), "{:?}", dig(&dns, name, "A", &[]));
 }
+
+/// An agent with seeds it cannot reach has never caught up with its peers: its store alone
+/// might lack every app (a fresh or wiped agent), so DNS answers SERVFAIL for app names (not
+/// NXDOMAIN, which resolvers cache as "no such app") and readiness says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_never_caught_up_answers_servfail() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_with(
+        dir.path(),
+        "127.0.0.152",
+        "[gossip]\nseeds = [\"127.0.0.1:9\"]\n[dns]\nlisten = \"127.0.0.152:0\"\n",
+    );
+    let dns = dns_addr(&agent);
+    let ops = agent.metrics_url();
+    put(&agent, "web-1", "web", "10.0.0.1:8080", Health::Passing).await;
+    // Its store holds the machine; the answer still waits for its peers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for name in ["web.app.test.patina", "nope.app.test.patina"] {
+        let d = dig(&dns, name, "A", &[]);
+        assert_eq!(d.status, "SERVFAIL", "{name}: {d:?}");
+    }
+    let (status, body) = patina_testkit::http_get(&format!("{ops}/readyz?verbose")).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("[-]frontends failed: "), "{body}");
+    let (_, metrics) = patina_testkit::http_get(&format!("{ops}/metrics")).unwrap();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("patina_dns_queries_total{outcome=\"not_ready\"} ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+}

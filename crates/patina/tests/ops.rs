@@ -88,17 +88,24 @@ async fn metrics_pass_promtool_and_probes_say_why() {
         "write_queue",
         "clock",
         "certificates",
+        "frontends",
     ] {
         assert!(body.contains(&format!("[+]{check} ok")), "{body}");
     }
     assert!(body.ends_with("readyz check ok\n"), "{body}");
     let (status, body) = http_get(&format!("{ops}/livez")).unwrap();
     assert_eq!((status, body.as_str()), (200, "livez check ok\n"));
-    // gRPC health follows readiness.
-    assert_eq!(
-        grpc_health(&agent).await,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    // gRPC health follows readiness (judged every second: within two of /readyz).
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let mut health = grpc_health(&agent).await;
+    for _ in 0..30 {
+        if health == serving {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        health = grpc_health(&agent).await;
+    }
+    assert_eq!(health, serving);
 
     // One Watch stream open, on a connection of its own.
     let mut watch = agent
