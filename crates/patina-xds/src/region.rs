@@ -108,7 +108,87 @@ struct Machines {
 struct App {
     live: usize,
     /// Routable machines whose first address parses.
-    hosts: BTreeMap<Held, Host>,
+    hosts: Hosts,
+}
+
+/// Apps with at most this many routable machines keep them in a sorted vector.
+const FEW_HOSTS: usize = 64;
+
+/// An app's routable machines' endpoints, in key order: a sorted vector while the app is small
+/// (64 bytes a machine, no tree nodes: most apps run a handful to a few dozen), a B-tree once
+/// it is large (a change then costs O(log n), not a shift of n entries).
+enum Hosts {
+    Few(Vec<(Held, Host)>),
+    Many(BTreeMap<Held, Host>),
+}
+
+impl Default for Hosts {
+    fn default() -> Hosts {
+        Hosts::Few(Vec::new())
+    }
+}
+
+impl Hosts {
+    fn len(&self) -> usize {
+        match self {
+            Hosts::Few(v) => v.len(),
+            Hosts::Many(m) => m.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&mut self, held: Held, host: Host) {
+        match self {
+            Hosts::Few(v) => match v.binary_search_by(|(k, _)| k.0.key().cmp(held.0.key())) {
+                Ok(i) => v[i] = (held, host),
+                Err(i) if v.len() < FEW_HOSTS => {
+                    // Grown one at a time: small apps hold no spare room.
+                    v.reserve_exact(1);
+                    v.insert(i, (held, host));
+                }
+                Err(_) => {
+                    let mut m: BTreeMap<Held, Host> = std::mem::take(v).into_iter().collect();
+                    m.insert(held, host);
+                    *self = Hosts::Many(m);
+                }
+            },
+            Hosts::Many(m) => {
+                m.insert(held, host);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Host> {
+        match self {
+            Hosts::Few(v) => {
+                let i = v.binary_search_by(|(k, _)| k.0.key().cmp(key)).ok()?;
+                let (_, host) = v.remove(i);
+                if v.capacity() > v.len() + 8 {
+                    v.shrink_to_fit();
+                }
+                Some(host)
+            }
+            Hosts::Many(m) => {
+                let host = m.remove(key)?;
+                // Back to a vector well below the bound (not at it: no flapping).
+                if m.len() < FEW_HOSTS / 2 {
+                    let v: Vec<(Held, Host)> = std::mem::take(m).into_iter().collect();
+                    *self = Hosts::Few(v);
+                }
+                Some(host)
+            }
+        }
+    }
+
+    fn to_vec(&self) -> Vec<Host> {
+        match self {
+            Hosts::Few(v) => v.iter().map(|(_, h)| h.clone()).collect(),
+            Hosts::Many(m) => m.values().cloned().collect(),
+        }
+    }
 }
 
 /// A live machine's current record, compared, hashed and ordered by its key alone: the same
@@ -267,7 +347,7 @@ impl Machines {
             region: region.to_string(),
             priority: 0,
             weight: u32::try_from(a.hosts.len()).unwrap_or(u32::MAX),
-            hosts: a.hosts.values().cloned().collect(),
+            hosts: a.hosts.to_vec(),
         }])
     }
 }
@@ -999,6 +1079,16 @@ mod tests {
             .write(vec![machine("m0", APPS[0], "10.0.7.7:80", true, 3)])
             .await
             .unwrap();
+        // A reader sees the address in between (a watch may also fold both changes into
+        // one: then nobody could have, and nothing need be announced).
+        for _ in 0..100 {
+            if endpoints(&source, APPS[0]) == ["10.0.7.7:80"] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(endpoints(&source, APPS[0]), ["10.0.7.7:80"]);
+        assert_eq!(hub.newest(), seen, "within the debounce");
         store
             .write(vec![machine("m0", APPS[0], "10.0.9.9:80", true, 4)])
             .await
@@ -1105,5 +1195,63 @@ mod tests {
         let mut apps: Vec<String> = step.apps.iter().map(|(a, _)| a.to_string()).collect();
         apps.sort();
         assert_eq!(apps, ["cart", "mail", "shop"]);
+    }
+
+    /// An app's endpoints through random inserts, updates and removals that cross the
+    /// vector/tree bound both ways: always the reference map's, in key order.
+    #[test]
+    fn hosts_stay_in_key_order_across_the_vector_and_tree_forms() {
+        use patina_store::{Hlc, Version};
+        let entry = |k: u64| {
+            Held(Entry::new(
+                &format!("m{k:03}"),
+                "shop",
+                Some(b"x"),
+                Flags { routable: true },
+                Version {
+                    hlc: Hlc(k + 1),
+                    origin: NodeId(1),
+                    seq: k + 1,
+                },
+                k + 1,
+            ))
+        };
+        let host = |n: u64| Host {
+            addr: Addr::parse(&format!("10.0.{}.{}:80", n / 256, n % 256)).unwrap(),
+            more: Vec::new(),
+        };
+        let mut hosts = Hosts::default();
+        let mut want: BTreeMap<String, Host> = BTreeMap::new();
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let (mut many, mut few_again) = (false, false);
+        for step in 0..20_000u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            // Grow for a while, then shrink, then grow again.
+            let phase = (step / 5_000) % 2 == 0;
+            let k = rng % 150;
+            // Growing: two inserts or updates in three; shrinking: one in four.
+            let insert = if phase {
+                !(rng >> 20).is_multiple_of(3)
+            } else {
+                (rng >> 20).is_multiple_of(4)
+            };
+            let key = format!("m{k:03}");
+            if insert {
+                hosts.insert(entry(k), host(step));
+                want.insert(key, host(step));
+            } else {
+                assert_eq!(hosts.remove(&key), want.remove(&key), "step {step}");
+            }
+            assert_eq!(hosts.len(), want.len());
+            many |= matches!(hosts, Hosts::Many(_));
+            few_again |= many && matches!(hosts, Hosts::Few(_));
+        }
+        assert_eq!(hosts.to_vec(), want.values().cloned().collect::<Vec<_>>());
+        assert!(
+            many && few_again,
+            "both forms and both conversions were taken"
+        );
     }
 }
