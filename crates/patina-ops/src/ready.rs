@@ -213,6 +213,9 @@ pub const JUDGE_EVERY: Duration = Duration::from_secs(1);
 /// each change with the checks that failed. Returns once every receiver is gone.
 pub async fn judge(s: &Sources, ready: tokio::sync::watch::Sender<bool>) {
     let mut last: Option<bool> = None;
+    // The xDS/DNS view's first state is judged at once, not at the next tick (a fresh agent
+    // would otherwise stay unready up to a tick longer than before the view waited).
+    let mut frontends = s.frontends.clone();
     loop {
         let checks = self::ready(s).await;
         let ok = checks.iter().all(|c| c.ok);
@@ -237,7 +240,20 @@ pub async fn judge(s: &Sources, ready: tokio::sync::watch::Sender<bool>) {
             return;
         }
         ready.send_if_modified(|r| std::mem::replace(r, ok) != ok);
-        tokio::time::sleep(JUDGE_EVERY).await;
+        let synced = async {
+            match frontends.as_mut() {
+                Some(f) if !*f.borrow() => {
+                    if f.wait_for(|s| *s).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(JUDGE_EVERY) => {}
+            () = synced => {}
+        }
     }
 }
 
