@@ -642,7 +642,7 @@ pub async fn scrape(s: &Sources) -> String {
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         r.register(
             "dns_queries",
-            "DNS queries, by outcome (not_ready: SERVFAIL before the agent held its first state; other: NOTIMP, FORMERR)",
+            "DNS queries, by outcome (not_ready: SERVFAIL before the xDS/DNS view held the region; other: NOTIMP, FORMERR)",
             counters(&[
                 (labels(&[("outcome", "answered")]), get(&d.answered)),
                 (labels(&[("outcome", "nxdomain")]), get(&d.nxdomain)),

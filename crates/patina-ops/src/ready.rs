@@ -220,7 +220,11 @@ pub async fn judge(s: &Sources, ready: tokio::sync::watch::Sender<bool>) {
         let checks = self::ready(s).await;
         let ok = checks.iter().all(|c| c.ok);
         let passed = |name: &str| checks.iter().any(|c| c.name == name && c.ok);
-        if !*s.caught_up_once.borrow() && passed("gossip_joined") && passed("caught_up") {
+        // And one anti-entropy session completed: without a majority in sight the view does
+        // not say "not synced", so the checks alone could pass before any session.
+        let session = s.gossip.view().is_some_and(|v| v.syncs_completed > 0);
+        if !*s.caught_up_once.borrow() && passed("gossip_joined") && passed("caught_up") && session
+        {
             s.caught_up_once.send_replace(true);
         }
         if last != Some(ok) {

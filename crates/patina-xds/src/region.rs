@@ -6,10 +6,11 @@
 //! decoded endpoint), and a change costs one machine decoded and a few map operations. DNS
 //! answers and xDS responses read those machines as they are; the apps whose existence or
 //! endpoints changed are announced to the xDS streams on the [`Hub`] at most once per debounce
-//! period (each app's endpoints hashed and compared with its last announcement), so a burst of
-//! changes wakes each stream once.
+//! period (every endpoint change, even one undone since), so a burst of changes wakes each
+//! stream once.
 //!
-//! Until the follower holds a whole first snapshot of the store, the source is not synced:
+//! Until the follower holds a whole first snapshot of the store (and, when `follow` is given
+//! `peers`, until the agent has caught up with its peers once), the source is not synced:
 //! DNS answers SERVFAIL for app names and xDS streams wait, rather than tell clients that no
 //! app exists (an Envoy would drop every cluster it had from an agent that just restarted).
 
@@ -1034,7 +1035,7 @@ mod tests {
             store.clone(),
             source.clone(),
             hub.clone(),
-            Duration::from_millis(300),
+            Duration::from_millis(1000),
             None,
             None,
         ));
@@ -1054,7 +1055,7 @@ mod tests {
             .write(vec![machine("m0", APPS[0], "10.0.0.0:80", true, 1)])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(hub.newest(), after_sync, "{:?}", hub.since(after_sync));
         // A new address: announced once, and what streams read changes with it.
         store
@@ -1081,7 +1082,7 @@ mod tests {
             .unwrap();
         // A reader sees the address in between (a watch may also fold both changes into
         // one: then nobody could have, and nothing need be announced).
-        for _ in 0..100 {
+        for _ in 0..500 {
             if endpoints(&source, APPS[0]) == ["10.0.7.7:80"] {
                 break;
             }
@@ -1093,7 +1094,7 @@ mod tests {
             .write(vec![machine("m0", APPS[0], "10.0.9.9:80", true, 4)])
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let events = hub.since(seen).unwrap();
         assert_eq!(
             events

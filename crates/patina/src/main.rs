@@ -859,10 +859,12 @@ pub(crate) async fn run_agent(
     let xds_stats = Arc::new(patina_xds::Stats::default());
     // The readiness judge sets it once the agent has caught up with its peers; a region
     // agent's xDS/DNS view waits for it (a fresh or wiped agent's store alone would tell
-    // clients that no app exists) when it has peers to catch up with: seeds, and not
-    // standalone (an agent without seeds is a cluster's first, or alone).
+    // clients that no app exists) when its store started empty and it has peers to catch up
+    // with: seeds, and not standalone (an agent without seeds is a cluster's first, or alone).
+    // An agent restarted on its data answers from it at once, as it serves ListInstances.
     let (caught_up_once, caught_up_rx) = tokio::sync::watch::channel(false);
-    let wait_for_peers = !config.gossip.seeds.is_empty() && !config.gossip.standalone;
+    let wait_for_peers =
+        !config.gossip.seeds.is_empty() && !config.gossip.standalone && store.stats().keys == 0;
     let mut frontends = None;
     let dns_stats = Arc::new(patina_dns::Stats::default());
     let dns_listen = config.dns.listen_addr()?;

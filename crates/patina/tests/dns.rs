@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -254,9 +255,10 @@ async fn a_global_agent_answers_the_regions_ingress_nearest_first() {
     assert!(moved.is_some(), "{:?}", dig(&dns, name, "A", &[]));
 }
 
-/// An agent with seeds it cannot reach has never caught up with its peers: its store alone
-/// might lack every app (a fresh or wiped agent), so DNS answers SERVFAIL for app names (not
-/// NXDOMAIN, which resolvers cache as "no such app") and readiness says why.
+/// A fresh agent with seeds it cannot reach has never caught up with its peers: its store
+/// alone might lack every app (a fresh or wiped agent), so DNS answers SERVFAIL for app names
+/// (not NXDOMAIN, which resolvers cache as "no such app") and readiness says why. Restarted
+/// on the data it then holds, it answers from it.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_that_never_caught_up_answers_servfail() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,5 +286,23 @@ async fn an_agent_that_never_caught_up_answers_servfail() {
                 && !l.ends_with(" 0")
         ),
         "{metrics}"
+    );
+
+    // Restarted on its data (the seeds still unreachable): it answers from what it holds at
+    // once, as it serves ListInstances.
+    let mut agent = agent;
+    agent.stop().unwrap();
+    agent
+        .restart(Path::new(env!("CARGO_BIN_EXE_patina")), "region")
+        .unwrap();
+    let dns = dns_addr(&agent);
+    let a = eventually(Duration::from_secs(10), || async {
+        dig(&dns, "web.app.test.patina", "A", &[]).answers == ["10.0.0.1"]
+    })
+    .await;
+    assert!(
+        a.is_some(),
+        "{:?}",
+        dig(&dns, "web.app.test.patina", "A", &[])
     );
 }
