@@ -940,35 +940,64 @@ mod tests {
         };
         let s = |a: &str, existed, changed| (a.to_owned(), existed, changed);
         let m = |app, addr, passing, note| machine("a", app, addr, passing, note);
-        assert_eq!(
-            step(m("shop", "10.0.0.1:80", true, 0), "a").await,
-            [s("shop", false, true)]
-        );
-        assert_eq!(
-            step(m("shop", "10.0.0.1:80", true, 1), "a").await,
-            [s("shop", true, false)]
-        );
-        assert_eq!(
-            step(m("shop", "10.0.0.2:80", true, 2), "a").await,
-            [s("shop", true, true)]
-        );
-        assert_eq!(
-            step(m("cart", "10.0.0.2:80", true, 3), "a").await,
-            [s("cart", false, true), s("shop", true, true)]
-        );
-        assert_eq!(
-            step(m("cart", "10.0.0.2:80", false, 4), "a").await,
-            [s("cart", true, true)]
-        );
-        assert_eq!(
-            step(m("cart", "10.0.0.3:80", false, 5), "a").await,
-            [s("cart", true, false)]
-        );
-        assert_eq!(
-            step(LocalWrite::Delete { key: "a".into() }, "a").await,
-            [s("cart", true, false)]
-        );
+        // Each write, and what it did to each app: (app, existed before, endpoints changed).
+        let cases = [
+            (
+                m("shop", "10.0.0.1:80", true, 0),
+                vec![s("shop", false, true)],
+            ),
+            // Metadata only.
+            (
+                m("shop", "10.0.0.1:80", true, 1),
+                vec![s("shop", true, false)],
+            ),
+            (
+                m("shop", "10.0.0.2:80", true, 2),
+                vec![s("shop", true, true)],
+            ),
+            // A move: both apps.
+            (
+                m("cart", "10.0.0.2:80", true, 3),
+                vec![s("cart", false, true), s("shop", true, true)],
+            ),
+            // No longer routable: its endpoint leaves.
+            (
+                m("cart", "10.0.0.2:80", false, 4),
+                vec![s("cart", true, true)],
+            ),
+            // Not routable: its address is nobody's endpoint.
+            (
+                m("cart", "10.0.0.3:80", false, 5),
+                vec![s("cart", true, false)],
+            ),
+            (
+                LocalWrite::Delete { key: "a".into() },
+                vec![s("cart", true, false)],
+            ),
+        ];
+        for (i, (write, want)) in cases.into_iter().enumerate() {
+            assert_eq!(step(write, "a").await, want, "write {i}");
+        }
         assert!(held.apps.is_empty() && held.by_key.is_empty());
+    }
+
+    /// What the hub announced after `seen`: (app, change).
+    fn announced(hub: &Hub, seen: u64) -> Vec<(String, Change)> {
+        hub.since(seen)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.app.map(|a| a.to_string()).unwrap_or_default(), e.change))
+            .collect()
+    }
+
+    /// Until the hub announces something after `seen` (5 s at most).
+    async fn wait_past(hub: &Hub, seen: u64) {
+        for _ in 0..500 {
+            if hub.newest() != seen {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Nothing is synced (DNS would SERVFAIL, streams wait) before the first snapshot is held;
@@ -1062,16 +1091,11 @@ mod tests {
             .write(vec![machine("m0", APPS[0], "10.0.9.9:80", true, 2)])
             .await
             .unwrap();
-        for _ in 0..500 {
-            if hub.newest() != after_sync {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let events = hub.since(after_sync).unwrap();
-        assert_eq!(events.len(), 1, "{events:?}");
-        assert_eq!(events[0].app.as_deref(), Some(APPS[0]));
-        assert_eq!(events[0].change, Change::Endpoints);
+        wait_past(&hub, after_sync).await;
+        assert_eq!(
+            announced(&hub, after_sync),
+            [(APPS[0].into(), Change::Endpoints)]
+        );
         assert_eq!(endpoints(&source, APPS[0]), ["10.0.9.9:80"]);
         // An address that changes and changes back within one debounce: announced once all
         // the same (a stream may have read the address in between: it must hear again).
@@ -1095,34 +1119,15 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let events = hub.since(seen).unwrap();
-        assert_eq!(
-            events
-                .iter()
-                .map(|e| (e.app.as_deref(), e.change))
-                .collect::<Vec<_>>(),
-            [(Some(APPS[0]), Change::Endpoints)]
-        );
+        assert_eq!(announced(&hub, seen), [(APPS[0].into(), Change::Endpoints)]);
         // The last machine of an app deleted: removed for streams, gone for DNS.
         store
             .write(vec![LocalWrite::Delete { key: "m1".into() }])
             .await
             .unwrap();
         let seen = hub.newest();
-        for _ in 0..500 {
-            if hub.newest() != seen {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let events = hub.since(seen).unwrap();
-        assert_eq!(
-            events
-                .iter()
-                .map(|e| (e.app.as_deref(), e.change))
-                .collect::<Vec<_>>(),
-            [(Some(APPS[1]), Change::Removed)]
-        );
+        wait_past(&hub, seen).await;
+        assert_eq!(announced(&hub, seen), [(APPS[1].into(), Change::Removed)]);
         assert!(!source.exists(APPS[1]) && !source.latest().exists(APPS[1]));
         follower.abort();
     }
