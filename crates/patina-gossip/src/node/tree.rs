@@ -44,9 +44,6 @@ pub const MAX_TREE_ORIGINS: usize = 65_536;
 const MAX_LINKS: usize = 64;
 /// Members that pushed to this node and are pushed to in turn (the view's other direction).
 pub const MAX_INBOUND: usize = 16;
-/// An inbound link not heard from (no push, no link message) for this long gives its slot to
-/// a member that asks when all are taken.
-pub const INBOUND_AGE: Duration = Duration::from_secs(60);
 /// Bytes of recent changes kept to answer grafts, and for how long.
 pub const MAX_RECENT_BYTES: usize = 1 << 20;
 pub const RECENT_AGE: Duration = Duration::from_secs(30);
@@ -70,12 +67,10 @@ pub(super) struct Tree {
     near: Vec<Identity>,
     /// Members that hold this node in their views (they said so, or pushed to it): links
     /// are made both ways, as Plumtree's are, so that a member that is nobody's nearest
-    /// still hears its neighbours' changes first. At most [`MAX_INBOUND`], the first come,
-    /// each with when it was last heard from: when all are taken, a link silent for
-    /// [`INBOUND_AGE`] gives its slot to a member that asks (active links cannot be churned
-    /// out by members naming new links). Members only (pruned each sync round, in tree mode;
-    /// a push-mode node ignores tree control and keeps none).
-    inbound: VecDeque<(NodeId, Duration)>,
+    /// still hears its neighbours' changes first. At most [`MAX_INBOUND`], the first come;
+    /// members only (pruned each sync round, in tree mode; a push-mode node ignores tree
+    /// control and keeps none).
+    inbound: VecDeque<NodeId>,
     links: BTreeMap<NodeId, Links>,
     recent: BTreeMap<(NodeId, u64), Vec<u8>>,
     recent_order: VecDeque<((NodeId, u64), Duration)>,
@@ -286,7 +281,7 @@ impl Node {
         }
         // A sender whose push held anything this node could read links to it.
         if readable || !fresh.is_empty() || !stale_origins.is_empty() {
-            self.tree.heard_from(sender.node, self.now);
+            self.tree.heard_from(sender.node);
         }
         for (origin, seq) in announced {
             self.tree_announced(origin, seq, Some(sender));
@@ -370,7 +365,7 @@ impl Node {
                     self.count(|c| c.tree_from_strangers += 1);
                     return;
                 }
-                self.tree.heard_from(sender, self.now);
+                self.tree.heard_from(sender);
             }
             TreeControl::Graft { sender, versions } => {
                 let Some(peer) = self.member_by_node(sender) else {
@@ -663,7 +658,7 @@ impl Node {
         for m in added {
             self.send_control(m, TreeControl::Link { sender: me });
         }
-        self.tree.inbound.retain(|(p, _)| nodes.contains(p));
+        self.tree.inbound.retain(|p| nodes.contains(p));
         self.tree.links.retain(|o, _| nodes.contains(o));
         for l in self.tree.links.values_mut() {
             l.pruned.retain(|p| nodes.contains(p));
@@ -733,7 +728,7 @@ impl Tree {
             .view
             .iter()
             .map(|m| m.node)
-            .chain(self.inbound.iter().map(|(p, _)| *p))
+            .chain(self.inbound.iter().copied())
             .filter_map(|m| members.get(&m).copied())
             .collect();
         out.sort_by_key(|m| m.node);
@@ -743,27 +738,13 @@ impl Tree {
 
     /// `peer` pushed to this node, or said it links to it: push to it in turn, while fewer
     /// than [`MAX_INBOUND`] do.
-    fn heard_from(&mut self, peer: NodeId, now: Duration) {
-        if let Some(l) = self.inbound.iter_mut().find(|(p, _)| *p == peer) {
-            l.1 = now;
+    fn heard_from(&mut self, peer: NodeId) {
+        if self.inbound.contains(&peer) || self.view.iter().any(|m| m.node == peer) {
             return;
         }
-        if self.view.iter().any(|m| m.node == peer) {
-            return;
-        }
+        // Full: the first ones stay (a member cannot churn them out by naming new links).
         if self.inbound.len() < MAX_INBOUND {
-            self.inbound.push_back((peer, now));
-            return;
-        }
-        // Full: the first ones stay while they are heard from; the longest silent one past
-        // the age gives way.
-        if let Some(stale) = self
-            .inbound
-            .iter_mut()
-            .filter(|(_, at)| now.saturating_sub(*at) >= INBOUND_AGE)
-            .min_by_key(|(_, at)| *at)
-        {
-            *stale = (peer, now);
+            self.inbound.push_back(peer);
         }
     }
 
@@ -945,33 +926,9 @@ mod tests {
                 }),
             );
         }
-        let inbound = |n: &Node| -> Vec<u64> { n.tree.inbound.iter().map(|(p, _)| p.0).collect() };
+        let inbound: Vec<u64> = n.tree.inbound.iter().map(|p| p.0).collect();
         let first: Vec<u64> = (2..2 + MAX_INBOUND as u64).collect();
-        assert_eq!(inbound(&n), first, "the first come stay");
-        // Past the age, one of them heard from again keeps its slot; a silent one gives its
-        // slot to the next that asks; the others stay while nobody asks.
-        let later = 41 + INBOUND_AGE.as_millis() as u64;
-        arrive(
-            &mut n,
-            later - 1_000,
-            control(TreeControl::Link {
-                sender: member(2).node,
-            }),
-        );
-        arrive(
-            &mut n,
-            later,
-            control(TreeControl::Link {
-                sender: member(30).node,
-            }),
-        );
-        let mut want = first.clone();
-        want[1] = 30;
-        assert_eq!(
-            inbound(&n),
-            want,
-            "the longest silent gives way, the refreshed stays"
-        );
+        assert_eq!(inbound, first, "the first come stay");
         // Strangers are not linked.
         arrive(
             &mut n,
