@@ -63,6 +63,8 @@ pub struct Sources {
     pub caught_up_once: tokio::sync::watch::Sender<bool>,
     /// Whether the region agent's xDS/DNS view holds its first state (`None`: no such view).
     pub frontends: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The region agent's xDS/DNS view itself (`None`: no such view), for its sizes.
+    pub view: Option<Arc<patina_xds::region::RegionSource>>,
 }
 
 /// How long a check may wait for the gossip loop to answer before it counts as stuck.

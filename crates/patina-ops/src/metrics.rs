@@ -609,6 +609,24 @@ pub async fn scrape(s: &Sources) -> String {
     }
 
     // The front ends for stock clients (docs/frontends.md).
+    if let Some(v) = &s.view {
+        let (machines, apps) = v.sizes();
+        r.register(
+            "frontend_view_machines",
+            "Live machines the region agent's xDS/DNS view holds",
+            gauge(machines as i64),
+        );
+        r.register(
+            "frontend_view_apps",
+            "Apps the region agent's xDS/DNS view holds",
+            gauge(apps as i64),
+        );
+        r.register(
+            "frontend_view_synced",
+            "1 once the xDS/DNS view holds the region (before: DNS SERVFAIL, xDS streams wait)",
+            gauge(i64::from(patina_xds::Source::is_synced(&**v))),
+        );
+    }
     if let Some(x) = &s.xds {
         let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         r.register(

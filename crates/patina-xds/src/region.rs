@@ -64,6 +64,12 @@ impl RegionSource {
         now.localities(&self.region, app).map(Arc::from)
     }
 
+    /// Live machines and apps the view holds now (for metrics).
+    pub fn sizes(&self) -> (usize, usize) {
+        let now = self.now.read().expect("machines lock");
+        (now.by_key.len(), now.apps.len())
+    }
+
     /// Whether the source holds its first state: for readiness checks.
     pub fn synced_watch(&self) -> Option<watch::Receiver<bool>> {
         Some(self.synced.subscribe())

@@ -866,6 +866,7 @@ pub(crate) async fn run_agent(
     let wait_for_peers =
         !config.gossip.seeds.is_empty() && !config.gossip.standalone && store.stats().keys == 0;
     let mut frontends = None;
+    let mut view = None;
     let dns_stats = Arc::new(patina_dns::Stats::default());
     let dns_listen = config.dns.listen_addr()?;
     if config.xds.enabled || dns_listen.is_some() {
@@ -886,6 +887,7 @@ pub(crate) async fn run_agent(
                     Some(watchdog.register("xds_follower")),
                 );
                 frontends = source.synced_watch();
+                view = Some(source.clone());
                 parts.spawn(async move {
                     follower.await;
                     Err(Arc::from("the xDS follower ended"))
@@ -964,6 +966,7 @@ pub(crate) async fn run_agent(
         dns: dns_listen.map(|_| dns_stats.clone()),
         caught_up_once,
         frontends,
+        view,
     });
     {
         let sources = sources.clone();

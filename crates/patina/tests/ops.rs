@@ -66,6 +66,20 @@ fn eventually_get(url: &str, want: u16) -> String {
     }
 }
 
+/// Whether `url`'s body passes `check` within 10 s.
+fn eventually_get_until(url: &str, check: impl Fn(&str) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok((200, body)) = http_get(url)
+            && check(&body)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_and_probes_say_why() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,6 +144,16 @@ async fn metrics_pass_promtool_and_probes_say_why() {
     );
     assert!(sample(&exposition, "patina_connections").is_some_and(|c| c >= 1.0));
     assert_eq!(sample(&exposition, "patina_xds_streams"), Some(0.0));
+    // The xDS/DNS view holds the one machine (its follower may be a moment behind).
+    assert_eq!(
+        sample(&exposition, "patina_frontend_view_synced"),
+        Some(1.0)
+    );
+    let held = eventually_get_until(&format!("{ops}/metrics"), |e| {
+        sample(e, "patina_frontend_view_machines") == Some(1.0)
+            && sample(e, "patina_frontend_view_apps") == Some(1.0)
+    });
+    assert!(held, "the view's sizes");
     assert_eq!(sample(&exposition, "patina_xds_responses_total"), Some(0.0));
     assert_eq!(
         sample(
