@@ -61,9 +61,8 @@ pub struct Sources {
     /// Set by the readiness judge the first time the agent has joined and caught up with its
     /// peers (a region agent's xDS/DNS view waits for it: see `patina_xds::region::follow`).
     pub caught_up_once: tokio::sync::watch::Sender<bool>,
-    /// Whether the region agent's xDS/DNS view holds its first state (`None`: no such view).
-    pub frontends: Option<tokio::sync::watch::Receiver<bool>>,
-    /// The region agent's xDS/DNS view itself (`None`: no such view), for its sizes.
+    /// The region agent's xDS/DNS view (`None`: no such view): whether it holds its first
+    /// state, and its sizes.
     pub view: Option<Arc<patina_xds::region::RegionSource>>,
 }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use patina_gossip::{ViewReason, ViewStatus};
 use patina_proto::v1::ClusterStatusResponse;
+use patina_xds::Source as _;
 
 use crate::{LOOP_ANSWER, Sources};
 
@@ -198,7 +199,7 @@ pub fn evaluate(
     checks.push(Check::of("certificates", certs));
     checks.push(Check::of(
         "frontends",
-        s.frontends.as_ref().filter(|f| !*f.borrow()).map(|_| {
+        s.view.as_ref().filter(|v| !v.is_synced()).map(|_| {
             "the xDS/DNS view does not hold the region yet (it waits for the store's first read and for catching up with peers)"
                 .to_owned()
         }),
@@ -215,7 +216,7 @@ pub async fn judge(s: &Sources, ready: tokio::sync::watch::Sender<bool>) {
     let mut last: Option<bool> = None;
     // The xDS/DNS view's first state is judged at once, not at the next tick (a fresh agent
     // would otherwise stay unready up to a tick longer than before the view waited).
-    let mut frontends = s.frontends.clone();
+    let mut frontends = s.view.as_ref().and_then(|v| v.synced());
     loop {
         let checks = self::ready(s).await;
         let ok = checks.iter().all(|c| c.ok);

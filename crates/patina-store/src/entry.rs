@@ -200,9 +200,9 @@ impl fmt::Debug for Entry {
     }
 }
 
-/// An entry in a set keyed (hashed, compared, ordered, looked up) by its key alone.
+/// An entry in a set keyed (hashed, compared, ordered, looked up by `&str`) by its key alone.
 #[derive(Clone)]
-pub(crate) struct ByKey(pub Entry);
+pub struct ByKey(pub Entry);
 
 impl Hash for ByKey {
     fn hash<H: Hasher>(&self, state: &mut H) {

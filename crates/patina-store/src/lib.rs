@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::oneshot;
 
-pub use entry::{Entry, MAX_KEY_LEN};
+pub use entry::{ByKey, Entry, MAX_KEY_LEN};
 pub use error::StoreError;
 pub use feed::{Behind, Change, Feed, LeftGroups, MAX_LEFT_GROUPS};
 pub use index::Filter;

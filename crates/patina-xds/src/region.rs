@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use patina_proto::v1::Machine;
-use patina_store::{Entry, Store, WatchItem};
+use patina_store::{ByKey, Entry, Store, WatchItem};
 use prost::Message;
 use tokio::sync::watch;
 
@@ -70,11 +70,6 @@ impl RegionSource {
         (now.by_key.len(), now.apps.len())
     }
 
-    /// Whether the source holds its first state: for readiness checks.
-    pub fn synced_watch(&self) -> Option<watch::Receiver<bool>> {
-        Some(self.synced.subscribe())
-    }
-
     /// Announce the app's state now to the xDS streams: what changed for them since its last
     /// announcement (`changed`: its endpoints changed since, maybe back again).
     fn publish(&self, app: &Arc<str>, changed: bool) -> Option<Change> {
@@ -100,14 +95,15 @@ impl RegionSource {
     }
 }
 
-/// Every live machine of the region as the follower last saw it: its record (by key); per
+/// Every live machine of the region as the follower last saw it: its record (by key, the
+/// index's own allocation: see [`Follower::canonical`]); per
 /// app, how many live machines it has and the endpoints of its routable ones, by key (so in
 /// key order, as a listing gives them). Bounded by the region's live machines; a machine costs
 /// a pointer to the record the store's index holds anyway, plus its decoded endpoint when
 /// routable (`docs/capacity.md`).
 #[derive(Default)]
 struct Machines {
-    by_key: HashSet<Held>,
+    by_key: HashSet<ByKey>,
     apps: HashMap<Arc<str>, App>,
 }
 
@@ -125,8 +121,8 @@ const FEW_HOSTS: usize = 64;
 /// (64 bytes a machine, no tree nodes: most apps run a handful to a few dozen), a B-tree once
 /// it is large (a change then costs O(log n), not a shift of n entries).
 enum Hosts {
-    Few(Vec<(Held, Host)>),
-    Many(BTreeMap<Held, Host>),
+    Few(Vec<(ByKey, Host)>),
+    Many(BTreeMap<ByKey, Host>),
 }
 
 impl Default for Hosts {
@@ -147,7 +143,7 @@ impl Hosts {
         self.len() == 0
     }
 
-    fn insert(&mut self, held: Held, host: Host) {
+    fn insert(&mut self, held: ByKey, host: Host) {
         match self {
             Hosts::Few(v) => match v.binary_search_by(|(k, _)| k.0.key().cmp(held.0.key())) {
                 Ok(i) => v[i] = (held, host),
@@ -157,7 +153,7 @@ impl Hosts {
                     v.insert(i, (held, host));
                 }
                 Err(_) => {
-                    let mut m: BTreeMap<Held, Host> = std::mem::take(v).into_iter().collect();
+                    let mut m: BTreeMap<ByKey, Host> = std::mem::take(v).into_iter().collect();
                     m.insert(held, host);
                     *self = Hosts::Many(m);
                 }
@@ -182,7 +178,7 @@ impl Hosts {
                 let host = m.remove(key)?;
                 // Back to a vector well below the bound (not at it: no flapping).
                 if m.len() < FEW_HOSTS / 2 {
-                    let v: Vec<(Held, Host)> = std::mem::take(m).into_iter().collect();
+                    let v: Vec<(ByKey, Host)> = std::mem::take(m).into_iter().collect();
                     *self = Hosts::Few(v);
                 }
                 Some(host)
@@ -195,45 +191,6 @@ impl Hosts {
             Hosts::Few(v) => v.iter().map(|(_, h)| h.clone()).collect(),
             Hosts::Many(m) => m.values().cloned().collect(),
         }
-    }
-}
-
-/// A live machine's current record, compared, hashed and ordered by its key alone: the same
-/// allocation as the store's index holds (see [`Follower::canonical`]), so the view repeats
-/// neither key nor value.
-#[derive(Clone)]
-struct Held(Entry);
-
-impl PartialEq for Held {
-    fn eq(&self, other: &Held) -> bool {
-        self.0.key() == other.0.key()
-    }
-}
-
-impl Eq for Held {}
-
-impl std::hash::Hash for Held {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        // As `str` hashes: lookups by `&str` find it (`Borrow`).
-        self.0.key().hash(h)
-    }
-}
-
-impl PartialOrd for Held {
-    fn partial_cmp(&self, other: &Held) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Held {
-    fn cmp(&self, other: &Held) -> std::cmp::Ordering {
-        self.0.key().cmp(other.0.key())
-    }
-}
-
-impl std::borrow::Borrow<str> for Held {
-    fn borrow(&self) -> &str {
-        self.0.key()
     }
 }
 
@@ -288,7 +245,7 @@ impl Machines {
     /// leaves the app it was in. `touched`: where to note what the change did to each app.
     fn apply(&mut self, e: Entry, host: Option<Host>, mut touched: Option<&mut Touched>) {
         let mut old: Option<(Arc<str>, Option<Host>)> = None;
-        if let Some(Held(before)) = self.by_key.take(e.key()) {
+        if let Some(ByKey(before)) = self.by_key.take(e.key()) {
             let app_name = self
                 .apps
                 .get_key_value(before.group())
@@ -321,9 +278,9 @@ impl Machines {
             let app = self.apps.entry(app_name.clone()).or_default();
             app.live += 1;
             if let Some(h) = &host {
-                app.hosts.insert(Held(e.clone()), h.clone());
+                app.hosts.insert(ByKey(e.clone()), h.clone());
             }
-            self.by_key.insert(Held(e));
+            self.by_key.insert(ByKey(e));
             Some((app_name, host))
         } else {
             None
@@ -425,8 +382,10 @@ impl Follower {
                         done: true,
                     };
                 };
-                let old =
-                    std::mem::replace(&mut *source.now.write().expect("machines lock"), fresh);
+                let old = {
+                    let mut now = source.now.write().expect("machines lock");
+                    std::mem::replace(&mut *now, fresh)
+                };
                 // Every app either side: each is compared with its last announcement.
                 let mut apps: HashSet<Arc<str>> = old.apps.into_keys().collect();
                 apps.extend(
@@ -550,9 +509,9 @@ impl Source for Latest {
 /// Keep `source` current from `store` and publish its changes to `hub`, until the store
 /// closes. `peers`: when given, the source is synced only once it also reads true (the agent
 /// has caught up with its peers once: a fresh agent's or a wiped one's store alone would have
-/// DNS and xDS clients told that no app exists). The source follows every change at once (DNS answers read it); the xDS streams
-/// hear of them at most once per `debounce` (each push to every stream costs a message), and
-/// at once when a whole snapshot has been taken. `beat`: stamped on every turn (a stuck
+/// DNS and xDS clients told that no app exists). The source follows every change at once (DNS
+/// answers read it); the xDS streams hear of them at most once per `debounce` (each push to
+/// every stream costs a message), and at once when a whole snapshot has been taken. `beat`: stamped on every turn (a stuck
 /// follower is a stuck agent: the watchdog ends it).
 pub async fn follow(
     store: Store,
@@ -1215,7 +1174,7 @@ mod tests {
     fn hosts_stay_in_key_order_across_the_vector_and_tree_forms() {
         use patina_store::{Hlc, Version};
         let entry = |k: u64| {
-            Held(Entry::new(
+            ByKey(Entry::new(
                 &format!("m{k:03}"),
                 "shop",
                 Some(b"x"),

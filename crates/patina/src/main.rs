@@ -865,7 +865,6 @@ pub(crate) async fn run_agent(
     let (caught_up_once, caught_up_rx) = tokio::sync::watch::channel(false);
     let wait_for_peers =
         !config.gossip.seeds.is_empty() && !config.gossip.standalone && store.stats().keys == 0;
-    let mut frontends = None;
     let mut view = None;
     let dns_stats = Arc::new(patina_dns::Stats::default());
     let dns_listen = config.dns.listen_addr()?;
@@ -886,7 +885,6 @@ pub(crate) async fn run_agent(
                     wait_for_peers.then(|| caught_up_rx.clone()),
                     Some(watchdog.register("xds_follower")),
                 );
-                frontends = source.synced_watch();
                 view = Some(source.clone());
                 parts.spawn(async move {
                     follower.await;
@@ -965,7 +963,6 @@ pub(crate) async fn run_agent(
         xds: config.xds.enabled.then(|| xds_stats.clone()),
         dns: dns_listen.map(|_| dns_stats.clone()),
         caught_up_once,
-        frontends,
         view,
     });
     {
