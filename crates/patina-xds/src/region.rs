@@ -382,21 +382,16 @@ impl Follower {
                         done: true,
                     };
                 };
-                let old = {
+                // The new apps read under the same hold as the swap; the old view is
+                // dropped after it.
+                let (old, mut apps) = {
                     let mut now = source.now.write().expect("machines lock");
-                    std::mem::replace(&mut *now, fresh)
+                    let old = std::mem::replace(&mut *now, fresh);
+                    let apps: HashSet<Arc<str>> = now.apps.keys().cloned().collect();
+                    (old, apps)
                 };
                 // Every app either side: each is compared with its last announcement.
-                let mut apps: HashSet<Arc<str>> = old.apps.into_keys().collect();
-                apps.extend(
-                    source
-                        .now
-                        .read()
-                        .expect("machines lock")
-                        .apps
-                        .keys()
-                        .cloned(),
-                );
+                apps.extend(old.apps.into_keys());
                 Step {
                     apps: apps.into_iter().map(|a| (a, true)).collect(),
                     done: true,
