@@ -451,3 +451,29 @@ async fn a_stream_whose_client_stops_reading_still_ends_at_its_age() {
     assert!(freed < Duration::from_secs(12), "freed after {freed:?}");
     drop((stalled, stalled_tx));
 }
+
+/// A fresh agent (empty store, seeds, not standalone) serves no ADS stream before it has
+/// caught up with its peers: its store alone might lack every app, and a proxy told "no
+/// clusters" would drop its routes. The stream's request waits; once its peer is back and a
+/// session has brought the peer's machines, the first answer holds them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_waits_until_a_fresh_agent_has_caught_up_with_its_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let (fresh_ip, peer_ip) = ("127.0.0.181", "127.0.0.182");
+    // The peer holds an app, then goes down.
+    let mut peer = common::start_member(root.path(), 2, peer_ip, &[fresh_ip.to_owned()]);
+    put(&peer, "web-1", "web", 8080, Health::Passing).await;
+    peer.stop().unwrap();
+    let fresh = common::start_member(root.path(), 1, fresh_ip, &[peer_ip.to_owned()]);
+    let mut s = Sotw::open(&fresh).await;
+    s.send(CDS, &[], "", "").await;
+    // Its only seed is down: nothing, not an empty set of clusters.
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(2000), s.rx.message()).await {
+        panic!("a fresh agent answered before catching up: {r:?}");
+    }
+    peer.restart(common::bin(), "region").unwrap();
+    // 10 s for the answer: ample for a join, a session and the readiness judge's next turn.
+    let cds = s.next().await;
+    assert_eq!(cds.type_url, CDS);
+    assert_eq!(cluster_names(&cds), ["web"], "{cds:?}");
+}
