@@ -412,6 +412,11 @@ pub async fn scrape(s: &Sources) -> String {
             counter(st.tree_from_strangers),
         );
         r.register(
+            "gossip_tree_inbound_replaced",
+            "Inbound tree links that gave their slot, all taken, to a member asking for one after a minute's silence (each goes on getting the origins it has not pruned, as a grafted link)",
+            counter(st.tree_inbound_replaced),
+        );
+        r.register(
             "sync_sessions",
             "Anti-entropy sessions, by outcome: begun, failed after beginning, or never begun",
             counters(&[

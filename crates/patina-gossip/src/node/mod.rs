@@ -347,6 +347,9 @@ pub struct Counters {
     /// Grafts not answered: more than `MAX_GRAFT_ANSWERS` arrived in one probe period.
     pub tree_grafts_refused: u64,
     pub tree_from_strangers: u64,
+    /// Inbound links that gave their slot, all taken, to a member that asked, after
+    /// `tree::INBOUND_IDLE` of silence.
+    pub tree_inbound_replaced: u64,
 }
 
 /// How many entries the node holds in each structure a peer's datagrams reach: for status

@@ -44,6 +44,10 @@ pub const MAX_TREE_ORIGINS: usize = 65_536;
 const MAX_LINKS: usize = 64;
 /// Members that pushed to this node and are pushed to in turn (the view's other direction).
 pub const MAX_INBOUND: usize = 16;
+/// How long an inbound link must have been silent before, all slots taken, it gives its slot
+/// to a member that asks (it goes on getting the origins it has not pruned, as a grafted
+/// link: see `Node::heard_from`).
+pub const INBOUND_IDLE: Duration = Duration::from_secs(60);
 /// Bytes of recent changes kept to answer grafts, and for how long.
 pub const MAX_RECENT_BYTES: usize = 1 << 20;
 pub const RECENT_AGE: Duration = Duration::from_secs(30);
@@ -67,10 +71,10 @@ pub(super) struct Tree {
     near: Vec<Identity>,
     /// Members that hold this node in their views (they said so, or pushed to it): links
     /// are made both ways, as Plumtree's are, so that a member that is nobody's nearest
-    /// still hears its neighbours' changes first. At most [`MAX_INBOUND`], the first come;
-    /// members only (pruned each sync round, in tree mode; a push-mode node ignores tree
-    /// control and keeps none).
-    inbound: VecDeque<NodeId>,
+    /// still hears its neighbours' changes first. At most [`MAX_INBOUND`], each with when it
+    /// was last heard from; the first come stay while they speak; members only (pruned each
+    /// sync round, in tree mode; a push-mode node ignores tree control and keeps none).
+    inbound: VecDeque<(NodeId, Duration)>,
     links: BTreeMap<NodeId, Links>,
     recent: BTreeMap<(NodeId, u64), Vec<u8>>,
     recent_order: VecDeque<((NodeId, u64), Duration)>,
@@ -281,7 +285,7 @@ impl Node {
         }
         // A sender whose push held anything this node could read links to it.
         if readable || !fresh.is_empty() || !stale_origins.is_empty() {
-            self.tree.heard_from(sender.node);
+            self.heard_from(sender.node);
         }
         for (origin, seq) in announced {
             self.tree_announced(origin, seq, Some(sender));
@@ -365,7 +369,7 @@ impl Node {
                     self.count(|c| c.tree_from_strangers += 1);
                     return;
                 }
-                self.tree.heard_from(sender);
+                self.heard_from(sender);
             }
             TreeControl::Graft { sender, versions } => {
                 let Some(peer) = self.member_by_node(sender) else {
@@ -567,6 +571,48 @@ impl Node {
         self.tree.members_fresh = false;
     }
 
+    /// `peer` pushed to this node, or said it links to it: push to it in turn. All
+    /// [`MAX_INBOUND`] slots taken, the longest silent link gives its slot up if it has been
+    /// silent for [`INBOUND_IDLE`], and is counted; otherwise the first come stay (a member
+    /// cannot churn out links that speak by naming new ones).
+    ///
+    /// A link given up goes on getting every origin it has not pruned, as a grafted link
+    /// (as a member leaving the view does): it may have taken this node as its parent for
+    /// some origins and pruned the others, so dropping it outright would leave it waiting
+    /// for grafts. It prunes the grafts it does not need as before, on their first duplicate.
+    fn heard_from(&mut self, peer: NodeId) {
+        let now = self.now;
+        if let Some(slot) = self.tree.inbound.iter_mut().find(|(p, _)| *p == peer) {
+            slot.1 = now;
+            return;
+        }
+        if self.tree.view.iter().any(|m| m.node == peer) {
+            return;
+        }
+        if self.tree.inbound.len() >= MAX_INBOUND {
+            let Some((i, _)) = self
+                .tree
+                .inbound
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, at))| now.saturating_sub(*at) >= INBOUND_IDLE)
+                .min_by_key(|(_, (_, at))| *at)
+            else {
+                return;
+            };
+            let Some((old, _)) = self.tree.inbound.remove(i) else {
+                return;
+            };
+            for l in self.tree.links.values_mut() {
+                if !l.pruned.contains(&old) {
+                    l.graft(old);
+                }
+            }
+            self.count(|c| c.tree_inbound_replaced += 1);
+        }
+        self.tree.inbound.push_back((peer, now));
+    }
+
     /// Choose the view again (each sync round): the nearest members by coordinates, then
     /// the random ones chosen before that are still members, topped up at random. Links of
     /// origins and peers that are no longer members are forgotten, and old recent changes.
@@ -658,7 +704,7 @@ impl Node {
         for m in added {
             self.send_control(m, TreeControl::Link { sender: me });
         }
-        self.tree.inbound.retain(|p| nodes.contains(p));
+        self.tree.inbound.retain(|(p, _)| nodes.contains(p));
         self.tree.links.retain(|o, _| nodes.contains(o));
         for l in self.tree.links.values_mut() {
             l.pruned.retain(|p| nodes.contains(p));
@@ -728,24 +774,12 @@ impl Tree {
             .view
             .iter()
             .map(|m| m.node)
-            .chain(self.inbound.iter().copied())
+            .chain(self.inbound.iter().map(|(p, _)| *p))
             .filter_map(|m| members.get(&m).copied())
             .collect();
         out.sort_by_key(|m| m.node);
         out.dedup();
         out
-    }
-
-    /// `peer` pushed to this node, or said it links to it: push to it in turn, while fewer
-    /// than [`MAX_INBOUND`] do.
-    fn heard_from(&mut self, peer: NodeId) {
-        if self.inbound.contains(&peer) || self.view.iter().any(|m| m.node == peer) {
-            return;
-        }
-        // Full: the first ones stay (a member cannot churn them out by naming new links).
-        if self.inbound.len() < MAX_INBOUND {
-            self.inbound.push_back(peer);
-        }
     }
 
     fn remember(&mut self, id: (NodeId, u64), bytes: &[u8], now: Duration) {
@@ -926,7 +960,7 @@ mod tests {
                 }),
             );
         }
-        let inbound: Vec<u64> = n.tree.inbound.iter().map(|p| p.0).collect();
+        let inbound: Vec<u64> = n.tree.inbound.iter().map(|(p, _)| p.0).collect();
         let first: Vec<u64> = (2..2 + MAX_INBOUND as u64).collect();
         assert_eq!(inbound, first, "the first come stay");
         // Strangers are not linked.
@@ -938,6 +972,80 @@ mod tests {
             }),
         );
         assert_eq!(n.counters().tree_from_strangers, 1);
+    }
+
+    #[test]
+    fn a_silent_inbound_link_gives_its_slot_up_and_stays_linked_where_not_pruned() {
+        let mut n = tree_node();
+        n.refresh_tree_view();
+        let outside: Vec<u8> = (2..=39u8)
+            .filter(|m| !n.tree.view.contains(&member(*m)))
+            .collect();
+        let link = |n: &mut Node, ms: u64, from: u8| {
+            arrive(
+                n,
+                ms,
+                control(TreeControl::Link {
+                    sender: member(from).node,
+                }),
+            )
+        };
+        let inbound =
+            |n: &Node| -> Vec<u8> { n.tree.inbound.iter().map(|(p, _)| p.0 as u8).collect() };
+        for &m in &outside[..MAX_INBOUND] {
+            link(&mut n, 10, m);
+        }
+        assert_eq!(inbound(&n), outside[..MAX_INBOUND]);
+        // The first speaks again (a change of origin 40: the node keeps links for it); the
+        // second prunes that origin.
+        arrive(
+            &mut n,
+            20,
+            tree_push(outside[0], 5, vec![Item::Record(record(40, 1))]),
+        );
+        arrive(
+            &mut n,
+            30,
+            control(TreeControl::Prune {
+                sender: member(outside[1]).node,
+                origins: vec![NodeId(40)],
+            }),
+        );
+        let _ = sent(&mut n);
+        // Before a minute of silence, the first come stay.
+        link(&mut n, 59_000, outside[16]);
+        assert_eq!(inbound(&n), outside[..MAX_INBOUND]);
+        assert_eq!(n.counters().tree_inbound_replaced, 0);
+        // After it, the longest silent give their slots up, one per member that asks; the
+        // one that spoke at 20 ms is not yet silent for a minute.
+        link(&mut n, 60_015, outside[16]);
+        link(&mut n, 60_016, outside[17]);
+        let now = inbound(&n);
+        assert_eq!(n.counters().tree_inbound_replaced, 2);
+        assert_eq!(now.len(), MAX_INBOUND);
+        assert!(now.contains(&outside[0]), "{now:?}");
+        assert!(now.ends_with(&[outside[16], outside[17]]), "{now:?}");
+        assert!(!now.contains(&outside[1]) && !now.contains(&outside[2]));
+        // The next change of origin 40 goes to the new links and, grafted, to the one given
+        // up that had not pruned it; not to the one that had.
+        arrive(
+            &mut n,
+            60_100,
+            tree_push(outside[0], 5, vec![Item::Record(record(40, 2))]),
+        );
+        let out = sent(&mut n);
+        let got = |m: u8| {
+            pushes_to(&n, &out, m)
+                .iter()
+                .any(|(_, items)| items.iter().any(|i| matches!(i, Item::Record(_))))
+        };
+        assert!(got(outside[16]) && got(outside[17]));
+        assert!(
+            got(outside[2]),
+            "a link given up stays grafted where it did not prune"
+        );
+        assert!(!got(outside[1]), "nor where it did");
+        assert!(!got(outside[0]), "not back to its sender");
     }
 
     #[test]

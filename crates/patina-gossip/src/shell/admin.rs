@@ -337,6 +337,7 @@ impl Gossip {
             tree_grafts: c.tree_grafts_sent,
             tree_grafts_refused: c.tree_grafts_refused,
             tree_from_strangers: c.tree_from_strangers,
+            tree_inbound_replaced: c.tree_inbound_replaced,
             peers: {
                 let now = std::time::Instant::now();
                 let mut peers: Vec<PeerSync> = s
