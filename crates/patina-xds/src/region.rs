@@ -1163,6 +1163,94 @@ mod tests {
         assert_eq!(apps, ["cart", "mail", "shop"]);
     }
 
+    /// Machines of another agent, hidden while it is down and shown again: the overlay re-sends
+    /// them as copies (another revision, another allocation), and the view holds the index's
+    /// own records again, not the copies (which would double their memory until each machine
+    /// next changes).
+    #[tokio::test]
+    async fn a_record_re_sent_by_the_overlay_is_held_as_the_index_s_own() {
+        use patina_store::{Hlc, Record, RemoteBatch, Version};
+        let store = Store::in_memory(
+            NodeId(1),
+            1,
+            StoreOptions {
+                kind: Arc::new(Passing),
+                ..StoreOptions::default()
+            },
+        );
+        // The owner is the origin of a record's version: records from a peer are its own.
+        let owner = NodeId(5);
+        let records = (0..3u64)
+            .map(|i| {
+                let w = machine(&format!("m{i}"), "shop", &format!("10.0.0.{i}:80"), true, 0);
+                let LocalWrite::Put { key, group, value } = w else {
+                    unreachable!("a machine is a put")
+                };
+                Record {
+                    key: key.into(),
+                    group: group.into(),
+                    value: Some(value.into()),
+                    version: Version {
+                        hlc: Hlc::from_physical_ms(store.wall_ms()),
+                        origin: owner,
+                        seq: i + 1,
+                    },
+                }
+            })
+            .collect();
+        let report = store
+            .apply(RemoteBatch {
+                records,
+                covered: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(report.applied(), 3);
+        let source = RegionSource::new("r1");
+        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
+        let follower = tokio::spawn(follow(
+            store.clone(),
+            source.clone(),
+            hub,
+            Duration::from_millis(5),
+            None,
+            None,
+        ));
+        converge(&store, &source, 0).await;
+        assert!(source.endpoints("shop").is_some());
+        assert_eq!(store.set_owner_down(owner, true).await.unwrap().records, 3);
+        converge(&store, &source, 1).await;
+        assert!(source.endpoints("shop").is_none(), "hidden while down");
+        // Shown again: the feed carries each record as a copy under a new revision (the
+        // index keeps the record it had, with its old one).
+        assert_eq!(store.set_owner_down(owner, false).await.unwrap().records, 3);
+        converge(&store, &source, 2).await;
+        let now = source.now.read().expect("machines lock");
+        let Hosts::Few(hosts) = &now.apps["shop"].hosts else {
+            panic!("three machines are few")
+        };
+        // Every record the view holds: by key, and as an app's host.
+        let held: Vec<&Entry> = now
+            .by_key
+            .iter()
+            .chain(hosts.iter().map(|(k, _)| k))
+            .map(|ByKey(e)| e)
+            .collect();
+        assert_eq!(held.len(), 6);
+        for held in held {
+            let index = store.get_live(held.key()).expect("live in the index");
+            // An entry is one allocation with its key in it: the same key address is the same
+            // allocation. Were `Follower::canonical` to keep the change it is given, the view
+            // would hold the overlay's copy (equal but for its revision) and this fails.
+            assert!(
+                std::ptr::eq(held.key(), index.key()),
+                "the view holds {held:?}, the index {index:?}"
+            );
+        }
+        drop(now);
+        follower.abort();
+    }
+
     /// An app's endpoints through random inserts, updates and removals that cross the
     /// vector/tree bound both ways: always the reference map's, in key order.
     #[test]
