@@ -452,7 +452,7 @@ fn wan_figures(json: &mut serde_json::Value) {
         let r = crate::sim_figures::ratios(&f.changes);
         let r1 = crate::sim_figures::ratios(&f.first);
         println!(
-            "  {name}: 99.9 % of edges within {:.2}x (median) / {:.2}x (worst) the one-way floor to the farthest edge ({:.2}x / {:.2}x for each bridge's first change); {:.0} B per change per node; idle {:.0} B/s per node; {} prunes and {} grafts sent; membership {}/{} ({:.0} s)",
+            "  {name}: 99.9 % of edges within {:.2}x (median) / {:.2}x (worst) the one-way floor to the farthest edge ({:.2}x / {:.2}x for each bridge's first change); {:.0} B per change per node; idle {:.0} B/s per node; {} prunes and {} grafts sent, {} inbound links replaced; membership {}/{} ({:.0} s)",
             r[r.len() / 2],
             r[r.len() - 1],
             r1[r1.len() / 2],
@@ -461,6 +461,7 @@ fn wan_figures(json: &mut serde_json::Value) {
             f.idle_bytes_per_s,
             f.prunes,
             f.grafts,
+            f.inbound_replaced,
             f.converged,
             f.nodes,
             t.elapsed().as_secs_f64()
@@ -480,6 +481,7 @@ fn wan_figures(json: &mut serde_json::Value) {
         json[format!("wan_{name}_ratio_worst")] = r[r.len() - 1].into();
         json[format!("wan_{name}_bytes_per_change_per_node")] = f.bytes_per_change_per_node.into();
         json[format!("wan_{name}_first_ratio_worst")] = r1[r1.len() - 1].into();
+        json[format!("wan_{name}_inbound_replaced")] = f.inbound_replaced.into();
     }
 }
 

@@ -322,6 +322,8 @@ pub struct WanFigures {
     /// Tree dissemination's prunes and grafts sent, summed over the nodes.
     pub prunes: u64,
     pub grafts: u64,
+    /// Inbound tree links that gave their slot to a member asking for one (silent 60 s).
+    pub inbound_replaced: u64,
     /// Datagram bytes the changes added, per change and per node (idle traffic taken out).
     pub bytes_per_change_per_node: f64,
     /// Idle datagram bytes per second per node.
@@ -464,10 +466,17 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
     let window = (w.now - start).as_secs_f64();
     let added = (w.datagram_bytes - b1) as f64 - idle_rate * window;
     let changes: Vec<ChangeFigures> = written.iter().map(|(b, at)| figures(&w, *b, *at)).collect();
-    let (prunes, grafts) = (0..n).filter_map(|i| w.node(i)).fold((0, 0), |(p, g), nd| {
-        let c = nd.counters();
-        (p + c.tree_prunes_sent, g + c.tree_grafts_sent)
-    });
+    let (prunes, grafts, inbound_replaced) =
+        (0..n)
+            .filter_map(|i| w.node(i))
+            .fold((0, 0, 0), |(p, g, r), nd| {
+                let c = nd.counters();
+                (
+                    p + c.tree_prunes_sent,
+                    g + c.tree_grafts_sent,
+                    r + c.tree_inbound_replaced,
+                )
+            });
     let false_downs: u64 = w.downs.values().sum();
     let renewals: u64 = w.renewals.values().sum();
     // Crashed edges, spread over the regions, one at a time.
@@ -485,6 +494,7 @@ pub fn wan_spread(edges: usize, cfg: Config, seed: u64, crashes: usize) -> WanFi
         first,
         prunes,
         grafts,
+        inbound_replaced,
         bytes_per_change_per_node: added / regions as f64 / n as f64,
         idle_bytes_per_s: idle_rate / n as f64,
         converged,
