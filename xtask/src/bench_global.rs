@@ -5,7 +5,8 @@
 //!   every global agent's LookupApp leaves that region out (and back up: until all list it
 //!   again), over N events; baseline: one LookupApp round trip on an idle agent;
 //! - LookupApp over gRPC: requests/s and p99 on one global agent with 64 concurrent clients
-//!   (64 connections); baseline: the standard gRPC health check, same clients, same agent;
+//!   (64 connections); baseline: the standard gRPC health check, same clients, same agent,
+//!   the two (and LookupApps) taking turns of 0.5 s;
 //! - the edge library's lookup, in process, on a table of N summaries (100 regions' worth
 //!   of apps x 10 regions): p50 and p99; baseline: the cost of the two clock reads around
 //!   each timed call;
@@ -229,70 +230,107 @@ async fn region_to_edge(w: &World, events: usize) -> anyhow::Result<(Vec<f64>, V
     Ok((down, up, rtt_us))
 }
 
-/// `clients` tasks on their own connections call `call` for `secs`; requests/s and p99 (µs).
-async fn load<F, Fut>(a: &Agent, secs: u64, call: F) -> anyhow::Result<(f64, f64)>
-where
-    F: Fn(Channel) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let mut tasks = Vec::new();
-    let start = Instant::now();
-    let end = start + Duration::from_secs(secs);
+/// One kind of call a [`load`] makes: true when it succeeded.
+type Call =
+    Arc<dyn Fn(Channel) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+/// How long each kind of call runs before the next takes its turn. The kinds alternate so
+/// that the machine's drift over the run weighs on each alike: run one after the other for
+/// S seconds each, the ratio of LookupApp to the health check moved by more than 10 % from
+/// one run to the next.
+const SLICE: Duration = Duration::from_millis(500);
+
+/// [`CLIENTS`] tasks, each on a connection of its own (opened once, before any timing), make
+/// each kind of call in turn for [`SLICE`], for `secs` seconds of each kind in all. Per kind:
+/// calls per second and p99 (µs). A failed call is an error: a rate of failures is no rate.
+async fn load(a: &Agent, secs: u64, calls: &[Call]) -> anyhow::Result<Vec<(f64, f64)>> {
+    let mut channels = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
-        let channel = a.channel().await;
-        let call = call.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            while Instant::now() < end {
-                let t = Instant::now();
-                if !call(channel.clone()).await {
-                    break;
-                }
-                lat.push(t.elapsed().as_nanos() as u64);
+        channels.push(a.channel().await);
+    }
+    let turns = (Duration::from_secs(secs).as_millis() / SLICE.as_millis()).max(1);
+    let mut lat: Vec<Vec<u64>> = vec![Vec::new(); calls.len()];
+    let mut took = vec![Duration::ZERO; calls.len()];
+    for _ in 0..turns {
+        for (k, call) in calls.iter().enumerate() {
+            let start = Instant::now();
+            let end = start + SLICE;
+            let tasks: Vec<_> = channels
+                .iter()
+                .map(|channel| {
+                    let (channel, call) = (channel.clone(), call.clone());
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        while Instant::now() < end {
+                            let t = Instant::now();
+                            if !call(channel.clone()).await {
+                                bail!("a call failed under load");
+                            }
+                            lat.push(t.elapsed().as_nanos() as u64);
+                        }
+                        anyhow::Ok(lat)
+                    })
+                })
+                .collect();
+            for t in tasks {
+                lat[k].extend(t.await??);
             }
-            lat
-        }));
+            took[k] += start.elapsed();
+        }
     }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await?);
-    }
-    let took = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    Ok((all.len() as f64 / took, percentile_us(&all, 99.0)))
+    Ok(lat
+        .into_iter()
+        .zip(took)
+        .map(|(mut l, took)| {
+            l.sort_unstable();
+            (l.len() as f64 / took.as_secs_f64(), percentile_us(&l, 99.0))
+        })
+        .collect())
 }
 
 async fn grpc_load(w: &World, secs: u64) -> anyhow::Result<GrpcLoad> {
     let a = &w.globals[0];
-    let (lookup_per_s, lookup_p99) = load(a, secs, |ch| async move {
-        GlobalClient::new(ch)
-            .lookup_app(LookupAppRequest {
-                app: APP.into(),
-                from_region: "fra".into(),
-                include_empty: false,
-            })
-            .await
-            .is_ok()
-    })
-    .await?;
-    let (health_per_s, health_p99) = load(a, secs, |ch| async move {
-        tonic_health::pb::health_client::HealthClient::new(ch)
-            .check(tonic_health::pb::HealthCheckRequest::default())
-            .await
-            .is_ok()
-    })
-    .await?;
-    let (batch_calls_per_s, batch_p99) = load(a, secs, |ch| async move {
-        GlobalClient::new(ch)
-            .lookup_apps(patina_proto::v1::LookupAppsRequest {
-                apps: vec![APP.into(); BATCH],
-                from_region: "fra".into(),
-                include_empty: false,
-            })
-            .await
-            .is_ok_and(|r| r.get_ref().apps.len() == BATCH)
-    })
-    .await?;
+    let lookup: Call = Arc::new(|ch| {
+        Box::pin(async move {
+            GlobalClient::new(ch)
+                .lookup_app(LookupAppRequest {
+                    app: APP.into(),
+                    from_region: "fra".into(),
+                    include_empty: false,
+                })
+                .await
+                .is_ok()
+        })
+    });
+    let health: Call = Arc::new(|ch| {
+        Box::pin(async move {
+            tonic_health::pb::health_client::HealthClient::new(ch)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .is_ok()
+        })
+    });
+    let batch: Call = Arc::new(|ch| {
+        Box::pin(async move {
+            GlobalClient::new(ch)
+                .lookup_apps(patina_proto::v1::LookupAppsRequest {
+                    apps: vec![APP.into(); BATCH],
+                    from_region: "fra".into(),
+                    include_empty: false,
+                })
+                .await
+                .is_ok_and(|r| r.get_ref().apps.len() == BATCH)
+        })
+    });
+    let rates = load(a, secs, &[lookup, health, batch]).await?;
+    let [
+        (lookup_per_s, lookup_p99),
+        (health_per_s, health_p99),
+        (batch_calls_per_s, batch_p99),
+    ] = rates[..]
+    else {
+        bail!("three kinds of call, three rates");
+    };
     Ok(GrpcLoad {
         lookup_per_s,
         lookup_p99,
