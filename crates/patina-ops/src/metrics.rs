@@ -413,7 +413,7 @@ pub async fn scrape(s: &Sources) -> String {
         );
         r.register(
             "gossip_tree_inbound_replaced",
-            "Inbound tree links that gave their slot, all taken, to a member asking for one after a minute's silence (each goes on getting the origins it has not pruned, as a grafted link)",
+            "Inbound tree links that gave their slot, all taken and after a minute's silence, to a member saying it holds this agent in its view (each goes on getting the origins it has not pruned, as a grafted link)",
             counter(st.tree_inbound_replaced),
         );
         r.register(

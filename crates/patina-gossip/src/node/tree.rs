@@ -285,7 +285,7 @@ impl Node {
         }
         // A sender whose push held anything this node could read links to it.
         if readable || !fresh.is_empty() || !stale_origins.is_empty() {
-            self.heard_from(sender.node);
+            self.heard_from(sender.node, false);
         }
         for (origin, seq) in announced {
             self.tree_announced(origin, seq, Some(sender));
@@ -369,7 +369,7 @@ impl Node {
                     self.count(|c| c.tree_from_strangers += 1);
                     return;
                 }
-                self.heard_from(sender);
+                self.heard_from(sender, true);
             }
             TreeControl::Graft { sender, versions } => {
                 let Some(peer) = self.member_by_node(sender) else {
@@ -571,25 +571,33 @@ impl Node {
         self.tree.members_fresh = false;
     }
 
-    /// `peer` pushed to this node, or said it links to it: push to it in turn. All
-    /// [`MAX_INBOUND`] slots taken, the longest silent link gives its slot up if it has been
-    /// silent for [`INBOUND_IDLE`], and is counted; otherwise the first come stay (a member
-    /// cannot churn out links that speak by naming new ones).
+    /// `peer` pushed to this node, or (`linked`) said it holds it in its view: push to it in
+    /// turn. All [`MAX_INBOUND`] slots taken, a member that says it holds this node in its
+    /// view (a push alone does not) takes the slot of the longest silent link if that one
+    /// has been silent for [`INBOUND_IDLE`], and the replacement is counted; otherwise the
+    /// first come stay (a member cannot churn out links that speak by naming new ones).
     ///
     /// A link given up goes on getting every origin it has not pruned, as a grafted link
     /// (as a member leaving the view does): it may have taken this node as its parent for
     /// some origins and pruned the others, so dropping it outright would leave it waiting
-    /// for grafts. It prunes the grafts it does not need as before, on their first duplicate.
-    fn heard_from(&mut self, peer: NodeId) {
+    /// for grafts. It prunes the grafts it does not need as before, on their first duplicate;
+    /// its prunes, of a member no longer a link, are forgotten.
+    fn heard_from(&mut self, peer: NodeId, linked: bool) {
+        if !self.tree_on() {
+            return;
+        }
         let now = self.now;
+        if self.tree.view.iter().any(|m| m.node == peer) {
+            return;
+        }
         if let Some(slot) = self.tree.inbound.iter_mut().find(|(p, _)| *p == peer) {
             slot.1 = now;
             return;
         }
-        if self.tree.view.iter().any(|m| m.node == peer) {
-            return;
-        }
         if self.tree.inbound.len() >= MAX_INBOUND {
+            if !linked {
+                return;
+            }
             let Some((i, _)) = self
                 .tree
                 .inbound
@@ -604,7 +612,7 @@ impl Node {
                 return;
             };
             for l in self.tree.links.values_mut() {
-                if !l.pruned.contains(&old) {
+                if !l.pruned.remove(&old) {
                     l.graft(old);
                 }
             }
@@ -704,10 +712,22 @@ impl Node {
         for m in added {
             self.send_control(m, TreeControl::Link { sender: me });
         }
-        self.tree.inbound.retain(|(p, _)| nodes.contains(p));
+        // A member now in the view needs no inbound slot.
+        let in_view: BTreeSet<NodeId> = self.tree.view.iter().map(|m| m.node).collect();
+        self.tree
+            .inbound
+            .retain(|(p, _)| nodes.contains(p) && !in_view.contains(p));
         self.tree.links.retain(|o, _| nodes.contains(o));
+        // A prune only takes a link (view or inbound) out of an origin's pushes: one by a
+        // member that is no link (any more) does nothing, and would take the room of those
+        // that do (MAX_LINKS).
+        let linked: BTreeSet<NodeId> = in_view
+            .iter()
+            .copied()
+            .chain(self.tree.inbound.iter().map(|(p, _)| *p))
+            .collect();
         for l in self.tree.links.values_mut() {
-            l.pruned.retain(|p| nodes.contains(p));
+            l.pruned.retain(|p| linked.contains(p));
             l.grafted.retain(|p| nodes.contains(p));
         }
         let now = self.now;
@@ -992,22 +1012,23 @@ mod tests {
         };
         let inbound =
             |n: &Node| -> Vec<u8> { n.tree.inbound.iter().map(|(p, _)| p.0 as u8).collect() };
-        for &m in &outside[..MAX_INBOUND] {
-            link(&mut n, 10, m);
+        // Linked at 10, 11, ... ms.
+        for (i, &m) in outside[..MAX_INBOUND].iter().enumerate() {
+            link(&mut n, 10 + i as u64, m);
         }
         assert_eq!(inbound(&n), outside[..MAX_INBOUND]);
-        // The first speaks again (a change of origin 40: the node keeps links for it); the
-        // second prunes that origin.
-        arrive(
-            &mut n,
-            20,
-            tree_push(outside[0], 5, vec![Item::Record(record(40, 1))]),
-        );
+        // The second speaks again (a change of origin 40: the node keeps links for it); the
+        // first prunes that origin.
         arrive(
             &mut n,
             30,
+            tree_push(outside[1], 5, vec![Item::Record(record(40, 1))]),
+        );
+        arrive(
+            &mut n,
+            31,
             control(TreeControl::Prune {
-                sender: member(outside[1]).node,
+                sender: member(outside[0]).node,
                 origins: vec![NodeId(40)],
             }),
         );
@@ -1015,23 +1036,36 @@ mod tests {
         // Before a minute of silence, the first come stay.
         link(&mut n, 59_000, outside[16]);
         assert_eq!(inbound(&n), outside[..MAX_INBOUND]);
+        // A push alone, even after a minute, takes no slot that is taken.
+        let announce = vec![Item::Announce {
+            origin: NodeId(40),
+            seq: 1,
+        }];
+        arrive(&mut n, 60_010, tree_push(outside[18], 0, announce));
+        assert_eq!(inbound(&n), outside[..MAX_INBOUND]);
         assert_eq!(n.counters().tree_inbound_replaced, 0);
-        // After it, the longest silent give their slots up, one per member that asks; the
-        // one that spoke at 20 ms is not yet silent for a minute.
+        // A member that links to this node takes the slot of the longest silent (the first,
+        // then the third: the second spoke at 30 ms), one per member that asks.
         link(&mut n, 60_015, outside[16]);
         link(&mut n, 60_016, outside[17]);
         let now = inbound(&n);
         assert_eq!(n.counters().tree_inbound_replaced, 2);
         assert_eq!(now.len(), MAX_INBOUND);
-        assert!(now.contains(&outside[0]), "{now:?}");
+        assert!(now.contains(&outside[1]), "{now:?}");
         assert!(now.ends_with(&[outside[16], outside[17]]), "{now:?}");
-        assert!(!now.contains(&outside[1]) && !now.contains(&outside[2]));
+        assert!(!now.contains(&outside[0]) && !now.contains(&outside[2]));
+        assert!(
+            !n.tree.links[&NodeId(40)]
+                .pruned
+                .contains(&member(outside[0]).node),
+            "the prune of a member no longer a link is forgotten"
+        );
         // The next change of origin 40 goes to the new links and, grafted, to the one given
         // up that had not pruned it; not to the one that had.
         arrive(
             &mut n,
             60_100,
-            tree_push(outside[0], 5, vec![Item::Record(record(40, 2))]),
+            tree_push(outside[1], 5, vec![Item::Record(record(40, 2))]),
         );
         let out = sent(&mut n);
         let got = |m: u8| {
@@ -1044,8 +1078,8 @@ mod tests {
             got(outside[2]),
             "a link given up stays grafted where it did not prune"
         );
-        assert!(!got(outside[1]), "nor where it did");
-        assert!(!got(outside[0]), "not back to its sender");
+        assert!(!got(outside[0]), "nor where it did");
+        assert!(!got(outside[1]), "not back to its sender");
     }
 
     #[test]
