@@ -532,6 +532,11 @@ pub async fn follow(
     let mut whole = false;
     let mut caught_up = *peers.borrow();
     let mut peers_gone = false;
+    // The store's revision when the agent was found caught up, and the revision the cursor
+    // has read up to: what the catching up brought is committed by then, but the cursor may
+    // not have read it yet, and a first answer without it is what the wait is for.
+    let mut caught_up_rev = 0;
+    let mut read_rev = 0;
     let mut flush_at: Option<tokio::time::Instant> = None;
     loop {
         if let Some(b) = &beat {
@@ -546,43 +551,51 @@ pub async fn follow(
         let flush_now = tokio::select! {
             item = cursor.next() => {
                 let Some(item) = item else { return };
-                if matches!(&item, WatchItem::Delta { changes, .. } if changes.is_empty()) {
-                    continue;
+                if let WatchItem::Delta { token, .. } | WatchItem::SnapshotDone { token } = &item {
+                    read_rev = read_rev.max(token.rev);
                 }
-                let (mut st, src) = (state.take().unwrap_or_default(), source.clone());
-                // Decoding machines: off the async threads.
-                let (st, step) = match tokio::task::spawn_blocking(move || {
-                    let step = st.take(&src, item);
-                    (st, step)
-                })
-                .await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::error!(
-                            error = %e,
-                            panicked = e.is_panic(),
-                            "the xDS follower's step failed: the agent stops (its DNS and xDS answers would no longer follow the store)"
-                        );
-                        return;
+                let empty = matches!(&item, WatchItem::Delta { changes, .. } if changes.is_empty());
+                let mut done = false;
+                if !empty {
+                    let (mut st, src) = (state.take().unwrap_or_default(), source.clone());
+                    // Decoding machines: off the async threads.
+                    let (st, step) = match tokio::task::spawn_blocking(move || {
+                        let step = st.take(&src, item);
+                        (st, step)
+                    })
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(
+                                error = %e,
+                                panicked = e.is_panic(),
+                                "the xDS follower's step failed: the agent stops (its DNS and xDS answers would no longer follow the store)"
+                            );
+                            return;
+                        }
+                    };
+                    state = Some(st);
+                    for (app, changed) in step.apps {
+                        *pending.entry(app).or_default() |= changed;
                     }
-                };
-                state = Some(st);
-                for (app, changed) in step.apps {
-                    *pending.entry(app).or_default() |= changed;
+                    if !pending.is_empty() && flush_at.is_none() {
+                        flush_at = Some(tokio::time::Instant::now() + debounce);
+                    }
+                    whole |= step.done;
+                    done = step.done;
                 }
-                if !pending.is_empty() && flush_at.is_none() {
-                    flush_at = Some(tokio::time::Instant::now() + debounce);
-                }
-                whole |= step.done;
-                step.done
+                // A whole snapshot, or the read that reaches where the agent was caught up:
+                // announce now (and sync, below).
+                done || (caught_up && whole && read_rev >= caught_up_rev && !*source.synced.borrow())
             }
             () = due => true,
             ok = async { peers.wait_for(|p| *p).await.is_ok() }, if !caught_up && !peers_gone => {
                 // Gone: the agent is stopping (its store ends the watch soon).
                 peers_gone = !ok;
                 caught_up = !peers_gone;
-                whole && caught_up
+                caught_up_rev = store.feed().revision();
+                whole && caught_up && read_rev >= caught_up_rev
             }
         };
         if !flush_now {
@@ -606,8 +619,9 @@ pub async fn follow(
             }
         };
         hub.publish(changes);
-        // After a whole snapshot is announced: streams and DNS answers may start.
-        if whole && caught_up && !*source.synced.borrow() {
+        // After a whole snapshot is announced, and read up to where the agent was caught up:
+        // streams and DNS answers may start.
+        if whole && caught_up && read_rev >= caught_up_rev && !*source.synced.borrow() {
             source.synced.send_replace(true);
         }
     }
