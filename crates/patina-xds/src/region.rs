@@ -679,6 +679,23 @@ mod tests {
 
     const APPS: [&str; 3] = ["shop", "cart", "mail"];
 
+    /// A follower of `store` into `source`, announcing to a hub of its own after 5 ms.
+    fn following(
+        store: &Store,
+        source: &Arc<RegionSource>,
+        peers: Option<watch::Receiver<bool>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
+        tokio::spawn(follow(
+            store.clone(),
+            source.clone(),
+            hub,
+            Duration::from_millis(5),
+            peers,
+            None,
+        ))
+    }
+
     /// What a read of the store's index gives for every app: the reference the follower's
     /// incremental view must equal.
     fn from_index(store: &Store) -> HashMap<String, Option<Vec<Host>>> {
@@ -763,16 +780,8 @@ mod tests {
             .await
             .unwrap();
         let source = RegionSource::new("r1");
-        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
         let (peers, rx) = watch::channel(false);
-        let follower = tokio::spawn(follow(
-            store.clone(),
-            source.clone(),
-            hub,
-            Duration::from_millis(5),
-            Some(rx),
-            None,
-        ));
+        let follower = following(&store, &source, Some(rx));
         // The snapshot is taken (DNS's view holds it) but nothing is synced.
         for _ in 0..500 {
             if source.endpoints("shop").is_some() {
@@ -805,7 +814,6 @@ mod tests {
         };
         let store = Store::in_memory(NodeId(1), 1, opts);
         let source = RegionSource::new("r1");
-        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
         let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move |n: u64| {
             rng ^= rng << 13;
@@ -839,14 +847,7 @@ mod tests {
             let w = op(&mut next, k, &|id| live(&store, id));
             store.write(vec![w]).await.unwrap();
         }
-        let follower = tokio::spawn(follow(
-            store.clone(),
-            source.clone(),
-            hub,
-            Duration::from_millis(5),
-            None,
-            None,
-        ));
+        let follower = following(&store, &source, None);
         converge(&store, &source, 0).await;
         let mut seen_changed = 0;
         for step in 1..300 {
@@ -1221,15 +1222,7 @@ mod tests {
             .unwrap();
         assert_eq!(report.applied(), 3);
         let source = RegionSource::new("r1");
-        let hub = Arc::new(Hub::new(crate::hub::DEFAULT_LOG));
-        let follower = tokio::spawn(follow(
-            store.clone(),
-            source.clone(),
-            hub,
-            Duration::from_millis(5),
-            None,
-            None,
-        ));
+        let follower = following(&store, &source, None);
         converge(&store, &source, 0).await;
         assert!(source.endpoints("shop").is_some());
         assert_eq!(store.set_owner_down(owner, true).await.unwrap().records, 3);
