@@ -48,6 +48,11 @@ pub const MAX_INBOUND: usize = 16;
 /// to a member that asks (it goes on getting the origins it has not pruned, as a grafted
 /// link: see `Node::heard_from`).
 pub const INBOUND_IDLE: Duration = Duration::from_secs(60);
+/// How often a node tells its view members again that it links to them (at its next sync
+/// round after this long): a member that still holds a node in its view keeps its inbound
+/// slot there alive, and one that asked while all slots were taken asks again. Two missed
+/// fit in [`INBOUND_IDLE`]. Costs each node its view's 8 small datagrams per period.
+pub const LINK_REFRESH: Duration = Duration::from_secs(25);
 /// Bytes of recent changes kept to answer grafts, and for how long.
 pub const MAX_RECENT_BYTES: usize = 1 << 20;
 pub const RECENT_AGE: Duration = Duration::from_secs(30);
@@ -81,6 +86,8 @@ pub(super) struct Tree {
     recent_bytes: usize,
     missing: BTreeMap<(NodeId, u64), Missing>,
     check_armed: bool,
+    /// When this node last told its whole view that it links to them ([`LINK_REFRESH`]).
+    links_told_at: Option<Duration>,
     /// Active members by store origin ([`Node::member_by_node`]), rebuilt when not
     /// `members_fresh` (after a membership change, and at first).
     members: BTreeMap<NodeId, Identity>,
@@ -709,7 +716,15 @@ impl Node {
             .collect();
         self.tree.view = view;
         let me = self.identity().node;
-        for m in added {
+        let now = self.now;
+        let tell = match self.tree.links_told_at {
+            Some(at) if now.saturating_sub(at) < LINK_REFRESH => added,
+            _ => {
+                self.tree.links_told_at = Some(now);
+                self.tree.view.clone()
+            }
+        };
+        for m in tell {
             self.send_control(m, TreeControl::Link { sender: me });
         }
         // A member now in the view needs no inbound slot.
@@ -730,7 +745,6 @@ impl Node {
             l.pruned.retain(|p| linked.contains(p));
             l.grafted.retain(|p| nodes.contains(p));
         }
-        let now = self.now;
         self.tree.expire_recent(now);
     }
 
@@ -966,6 +980,39 @@ mod tests {
             ),
         );
         assert_eq!(n.tree_sizes().missing, 1);
+    }
+
+    /// The view members a node sent a link to since the last call.
+    fn links_sent(n: &mut Node) -> BTreeSet<SocketAddr> {
+        let out = sent(n);
+        out.into_iter()
+            .filter(|(_, b)| {
+                n.envelope
+                    .open(b)
+                    .is_ok_and(|p| p.first() == Some(&crate::wire::KIND_LINK))
+            })
+            .map(|(a, _)| a)
+            .collect()
+    }
+
+    #[test]
+    fn a_node_tells_its_view_again_every_link_refresh() {
+        let mut n = tree_node();
+        n.now = Duration::from_secs(1);
+        n.refresh_tree_view();
+        let view: BTreeSet<SocketAddr> = n.tree.view.iter().map(|m| m.push_addr()).collect();
+        assert_eq!(view.len(), TREE_NEAR + TREE_RANDOM);
+        assert_eq!(links_sent(&mut n), view, "a new view is told at once");
+        // The same view, rounds later: nothing until LINK_REFRESH has passed.
+        for s in [6, 11, 16, 21] {
+            n.now = Duration::from_secs(s);
+            n.refresh_tree_view();
+            assert!(links_sent(&mut n).is_empty(), "at {s} s");
+        }
+        n.now = Duration::from_secs(1) + LINK_REFRESH;
+        n.refresh_tree_view();
+        let kept: BTreeSet<SocketAddr> = n.tree.view.iter().map(|m| m.push_addr()).collect();
+        assert_eq!(links_sent(&mut n), kept, "every view member is told again");
     }
 
     #[test]
