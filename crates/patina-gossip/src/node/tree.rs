@@ -48,11 +48,13 @@ pub const MAX_INBOUND: usize = 16;
 /// to a member that asks (it goes on getting the origins it has not pruned, as a grafted
 /// link: see `Node::heard_from`).
 pub const INBOUND_IDLE: Duration = Duration::from_secs(60);
-/// How often a node tells its view members again that it links to them (at its next sync
-/// round after this long): a member that still holds a node in its view keeps its inbound
-/// slot there alive, and one that asked while all slots were taken asks again. Two missed
-/// fit in [`INBOUND_IDLE`]. Costs each node its view's 8 small datagrams per period.
-pub const LINK_REFRESH: Duration = Duration::from_secs(25);
+/// How often a node tells its view members again that it links to them (at its first sync
+/// round on or after each multiple of this): a member that still holds a node in its view
+/// keeps its inbound slot there alive, and one that asked while all slots were taken asks
+/// again. With the default sync interval (5 s, jittered by a quarter) two refreshes are at
+/// most 26.25 s apart, so one lost link fits in [`INBOUND_IDLE`]; a much longer
+/// `sync_interval` stretches them. Costs each node its view's 8 small datagrams per period.
+pub const LINK_REFRESH: Duration = Duration::from_secs(20);
 /// Bytes of recent changes kept to answer grafts, and for how long.
 pub const MAX_RECENT_BYTES: usize = 1 << 20;
 pub const RECENT_AGE: Duration = Duration::from_secs(30);
@@ -719,8 +721,13 @@ impl Node {
         let now = self.now;
         let tell = match self.tree.links_told_at {
             Some(at) if now.saturating_sub(at) < LINK_REFRESH => added,
-            _ => {
-                self.tree.links_told_at = Some(now);
+            told => {
+                // The next one is due a period after this one was, not after this round:
+                // the rounds' delays do not add up (unless a whole period was missed).
+                let due = told
+                    .map(|at| at + LINK_REFRESH)
+                    .filter(|d| now < *d + LINK_REFRESH);
+                self.tree.links_told_at = Some(due.unwrap_or(now));
                 self.tree.view.clone()
             }
         };
@@ -1004,15 +1011,23 @@ mod tests {
         assert_eq!(view.len(), TREE_NEAR + TREE_RANDOM);
         assert_eq!(links_sent(&mut n), view, "a new view is told at once");
         // The same view, rounds later: nothing until LINK_REFRESH has passed.
-        for s in [6, 11, 16, 21] {
+        for s in [6, 11, 16, 20] {
             n.now = Duration::from_secs(s);
             n.refresh_tree_view();
             assert!(links_sent(&mut n).is_empty(), "at {s} s");
         }
-        n.now = Duration::from_secs(1) + LINK_REFRESH;
+        // A round a little late: every view member is told again, and the next is due a
+        // period after this one was due, not after the late round.
+        n.now = Duration::from_secs(4) + LINK_REFRESH;
         n.refresh_tree_view();
         let kept: BTreeSet<SocketAddr> = n.tree.view.iter().map(|m| m.push_addr()).collect();
         assert_eq!(links_sent(&mut n), kept, "every view member is told again");
+        n.now = Duration::from_secs(9) + LINK_REFRESH;
+        n.refresh_tree_view();
+        assert!(links_sent(&mut n).is_empty(), "once per period");
+        n.now = Duration::from_secs(1) + 2 * LINK_REFRESH;
+        n.refresh_tree_view();
+        assert_eq!(links_sent(&mut n), kept, "due two periods after the first");
     }
 
     #[test]
