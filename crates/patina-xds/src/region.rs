@@ -767,10 +767,14 @@ mod tests {
         );
     }
 
-    /// Told to wait for the agent to catch up with its peers, the source is not synced after
-    /// its first snapshot until then; it is the moment after.
-    #[tokio::test]
-    async fn a_source_waits_for_its_peers_before_it_is_synced() {
+    /// A store holding one passing machine of "shop", and a source following it that waits
+    /// for its peers (the sender says when they are caught up with), its first snapshot held.
+    async fn waiting_for_peers() -> (
+        Store,
+        Arc<RegionSource>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let store = Store::in_memory(
             NodeId(1),
             1,
@@ -786,65 +790,57 @@ mod tests {
         let source = RegionSource::new("r1");
         let (peers, rx) = watch::channel(false);
         let follower = following(&store, &source, Some(rx));
-        // The snapshot is taken (DNS's view holds it) but nothing is synced.
         for _ in 0..500 {
             if source.endpoints("shop").is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(source.endpoints("shop").is_some());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!source.is_synced() && !source.latest().is_synced());
-        peers.send_replace(true);
+        assert!(
+            source.endpoints("shop").is_some(),
+            "the first snapshot is held"
+        );
+        (store, source, peers, follower)
+    }
+
+    /// Until `source` is synced (5 s at most).
+    async fn until_synced(source: &RegionSource) {
         let mut synced = source.synced().unwrap();
         tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s))
             .await
             .expect("synced once caught up")
             .unwrap();
+    }
+
+    /// Told to wait for the agent to catch up with its peers, the source is not synced after
+    /// its first snapshot until then; it is the moment after.
+    #[tokio::test]
+    async fn a_source_waits_for_its_peers_before_it_is_synced() {
+        let (_store, source, peers, follower) = waiting_for_peers().await;
+        // The snapshot is taken (DNS's view holds it) but nothing is synced.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!source.is_synced() && !source.latest().is_synced());
+        peers.send_replace(true);
+        until_synced(&source).await;
         assert!(source.latest().is_synced());
         follower.abort();
     }
 
     /// What the catching up brought is in the view once it is synced: the signal may come
     /// while the follower has yet to read the last writes (its select finds both ready), and
-    /// the source must not sync before it has read up to them. Twenty rounds: with the signal
-    /// taken first, an early sync shows in about half.
+    /// the source must not sync before it has read up to them. Twenty rounds: without the
+    /// wait for the read, an early sync showed by the third.
     #[tokio::test]
     async fn a_synced_source_holds_what_was_written_before_the_signal() {
         for round in 0..20 {
-            let store = Store::in_memory(
-                NodeId(1),
-                1,
-                StoreOptions {
-                    kind: Arc::new(Passing),
-                    ..StoreOptions::default()
-                },
-            );
-            store
-                .write(vec![machine("m0", "shop", "10.0.0.1:80", true, 0)])
-                .await
-                .unwrap();
-            let source = RegionSource::new("r1");
-            let (peers, rx) = watch::channel(false);
-            let follower = following(&store, &source, Some(rx));
-            for _ in 0..500 {
-                if source.endpoints("shop").is_some() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let (store, source, peers, follower) = waiting_for_peers().await;
             // An in-memory store commits within the call: the follower has not run since.
             store
                 .write(vec![machine("m1", "cart", "10.0.0.2:80", true, 0)])
                 .await
                 .unwrap();
             peers.send_replace(true);
-            let mut synced = source.synced().unwrap();
-            tokio::time::timeout(Duration::from_secs(5), synced.wait_for(|s| *s))
-                .await
-                .expect("synced once caught up")
-                .unwrap();
+            until_synced(&source).await;
             assert!(
                 source.endpoints("cart").is_some(),
                 "round {round}: synced without the last write"
