@@ -620,11 +620,7 @@ impl Node {
             let Some((old, _)) = self.tree.inbound.remove(i) else {
                 return;
             };
-            for l in self.tree.links.values_mut() {
-                if !l.pruned.remove(&old) {
-                    l.graft(old);
-                }
-            }
+            self.tree.demote(old);
             self.count(|c| c.tree_inbound_replaced += 1);
         }
         self.tree.inbound.push_back((peer, now));
@@ -702,12 +698,8 @@ impl Node {
             .filter(|m| nodes.contains(&m.node) && !view.contains(m))
             .map(|m| m.node)
             .collect();
-        for l in self.tree.links.values_mut() {
-            for p in &left {
-                if !l.pruned.contains(p) {
-                    l.graft(*p);
-                }
-            }
+        for p in left {
+            self.tree.demote(p);
         }
         // New view members hear that this node links to them, so that they link back at once
         // (a member nobody holds in its view would miss every origin's first change).
@@ -821,6 +813,17 @@ impl Tree {
         out.sort_by_key(|m| m.node);
         out.dedup();
         out
+    }
+
+    /// `peer` is a link no more (it left the view, or gave its inbound slot up): it goes on
+    /// getting every origin whose links this node keeps and that it has not pruned, as a
+    /// grafted link (it may be a child there); its prunes, of a link no more, are forgotten.
+    fn demote(&mut self, peer: NodeId) {
+        for l in self.links.values_mut() {
+            if !l.pruned.remove(&peer) {
+                l.graft(peer);
+            }
+        }
     }
 
     fn remember(&mut self, id: (NodeId, u64), bytes: &[u8], now: Duration) {
